@@ -1,0 +1,20 @@
+"""Typed errors. Every user-facing failure is one of these, with a message naming the fix.
+
+The CLI prints ``error: <message>`` for them and exits with status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+__all__ = ["DiffkilnError", "InvalidInputError", "ModelNotFoundError"]
+
+
+class DiffkilnError(Exception):
+    """Base class of diffkiln's errors."""
+
+
+class InvalidInputError(DiffkilnError, ValueError):
+    """An argument or input file is invalid (empty prompt list, non-positive steps, ...)."""
+
+
+class ModelNotFoundError(DiffkilnError, LookupError):
+    """A target is neither a built-in model name nor a diffusers folder."""

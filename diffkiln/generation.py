@@ -1,0 +1,224 @@
+"""Load a TARGET as a diffusers pipeline and generate images from prompts, deterministically.
+
+Determinism: image ``i`` of a call is drawn from its own generator seeded ``seed + i``, so an
+image depends only on (model, prompt, seed, index, settings), never on how prompts are batched.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from diffkiln.errors import InvalidInputError
+from diffkiln.zoo.registry import ResolvedTarget, resolve_target
+
+__all__ = [
+    "GenerateConfig",
+    "GenerationResult",
+    "generate",
+    "load_pipeline",
+    "read_prompts",
+    "save_images",
+]
+
+_DEFAULT_STEPS = 20
+_DEFAULT_GUIDANCE = 5.0
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """How to sample images.
+
+    Attributes:
+        steps: denoising steps; None takes the model's documented default (20 for built-ins).
+        guidance: classifier-free guidance scale; None takes the model's default (5.0 for built-ins).
+        seed: base seed; image i uses seed + i. Default 0.
+        batch_size: prompts per pipeline call. Default 50.
+        progress: show a progress bar over denoising steps. Default True.
+    """
+
+    steps: int | None = None
+    guidance: float | None = None
+    seed: int = 0
+    batch_size: int = 50
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.steps is not None and self.steps <= 0:
+            raise InvalidInputError(f"steps must be a positive integer, got {self.steps}")
+        if self.guidance is not None and self.guidance < 0:
+            raise InvalidInputError(f"guidance must be >= 0, got {self.guidance}")
+        if self.batch_size <= 0:
+            raise InvalidInputError(f"batch_size must be a positive integer, got {self.batch_size}")
+        if self.seed < 0:
+            raise InvalidInputError(f"seed must be >= 0, got {self.seed}")
+
+    def resolved(self, target: ResolvedTarget) -> tuple[int, float]:
+        """(steps, guidance) with the target's defaults filled in."""
+        b = target.builtin
+        steps = self.steps or (b.default_steps if b else _DEFAULT_STEPS)
+        guidance = (
+            self.guidance if self.guidance is not None else (b.default_guidance if b else _DEFAULT_GUIDANCE)
+        )
+        return steps, guidance
+
+
+@dataclass
+class GenerationResult:
+    """Images and the settings that made them."""
+
+    prompts: list[str]
+    images: list[Image.Image]
+    steps: int
+    guidance: float
+    seed: int
+    scheduler: str
+    seconds: float
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def _quiet_libraries() -> None:
+    # Loading prints per-component progress bars and hub warnings; a CLI user needs neither.
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+
+
+def load_pipeline(target: str | os.PathLike[str] | ResolvedTarget, device: str = "cpu") -> Any:
+    """Load a built-in model or a local diffusers folder, offline, in float32.
+
+    Args:
+        target: a built-in name, a folder path, or an already resolved target.
+        device: torch device to move the pipeline to. Default "cpu".
+
+    Raises:
+        ModelNotFoundError: the target does not resolve.
+    """
+    from diffusers import DiffusionPipeline
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    _quiet_libraries()
+    resolved = target if isinstance(target, ResolvedTarget) else resolve_target(target)
+    pipe = DiffusionPipeline.from_pretrained(resolved.path, torch_dtype=torch.float32, local_files_only=True)
+    return pipe.to(device)
+
+
+def read_prompts(path: str | os.PathLike[str]) -> list[str]:
+    """Read prompts, one per line; blank lines and lines starting with '#' are skipped.
+
+    Raises:
+        InvalidInputError: the file is missing, unreadable, or holds no prompt.
+    """
+    p = Path(path)
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise InvalidInputError(f"prompts file {p} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidInputError(f"cannot read prompts file {p}: {exc}") from None
+    prompts = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    if not prompts:
+        raise InvalidInputError(f"prompts file {p} holds no prompt; write one prompt per line")
+    return prompts
+
+
+def _check_prompts(prompts: Sequence[str]) -> list[str]:
+    if not prompts:
+        raise InvalidInputError("no prompts given; pass --prompt TEXT or --prompts FILE")
+    blank = [i for i, p in enumerate(prompts) if not p.strip()]
+    if blank:
+        raise InvalidInputError(f"prompt(s) at position {blank} are empty; every prompt needs text")
+    return list(prompts)
+
+
+def generate(
+    pipe: Any, prompts: Sequence[str], config: GenerateConfig, target: ResolvedTarget | None = None
+) -> GenerationResult:
+    """Generate one image per prompt.
+
+    Args:
+        pipe: a loaded diffusers text-to-image pipeline.
+        prompts: the prompts, non-empty.
+        config: sampling settings.
+        target: where the pipeline came from, for its default steps and guidance.
+
+    Raises:
+        InvalidInputError: no prompts, or an empty prompt.
+    """
+    import time
+
+    prompts = _check_prompts(prompts)
+    steps, guidance = (
+        config.resolved(target)
+        if target
+        else (
+            config.steps or _DEFAULT_STEPS,
+            _DEFAULT_GUIDANCE if config.guidance is None else config.guidance,
+        )
+    )
+    device = getattr(pipe, "device", torch.device("cpu"))
+    pipe.set_progress_bar_config(disable=True)
+    bar = tqdm(total=steps * len(prompts), desc="denoising", unit="img-step", disable=not config.progress)
+    images: list[Image.Image] = []
+    t0 = time.perf_counter()
+    for start in range(0, len(prompts), config.batch_size):
+        chunk = prompts[start : start + config.batch_size]
+        gens = [torch.Generator(device="cpu").manual_seed(config.seed + start + i) for i in range(len(chunk))]
+
+        def on_step(
+            _pipe: Any, _i: int, _t: Any, kwargs: dict[str, Any], n: int = len(chunk)
+        ) -> dict[str, Any]:
+            bar.update(n)
+            return kwargs
+
+        out = pipe(
+            prompt=chunk,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=gens,
+            output_type="np",
+            callback_on_step_end=on_step,
+        )
+        images.extend(
+            Image.fromarray((np.clip(im, 0, 1) * 255).round().astype(np.uint8)) for im in out.images
+        )
+    bar.close()
+    del device
+    return GenerationResult(
+        prompts=prompts,
+        images=images,
+        steps=steps,
+        guidance=guidance,
+        seed=config.seed,
+        scheduler=type(pipe.scheduler).__name__,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def _slug(text: str, limit: int = 48) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "prompt"
+
+
+def save_images(result: GenerationResult, out_dir: str | os.PathLike[str]) -> list[Path]:
+    """Write each image as ``NNNN_<prompt-slug>.png`` under ``out_dir``; returns the paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, (prompt, image) in enumerate(zip(result.prompts, result.images, strict=True)):
+        path = out / f"{i:04d}_{_slug(prompt)}.png"
+        image.save(path)
+        paths.append(path)
+    return paths

@@ -1,0 +1,237 @@
+"""The ``report`` verb: generate evaluation images for a TARGET, judge them, write JSON and HTML.
+
+Prompt sets, when no prompts file is given: ``eval_size`` prompts each of single objects in seen
+compositions, single objects in held-out compositions, and two-object scenes (seen
+compositions). With a prompts file, each prompt the judge can parse is counted in the set its
+composition belongs to; the others are generated and shown but not scored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from diffkiln.errors import InvalidInputError
+from diffkiln.generation import GenerateConfig, generate, load_pipeline, read_prompts
+from diffkiln.report import metrics
+from diffkiln.zoo.registry import JudgeKind, ResolvedTarget, resolve_target
+from diffkiln.zoo.shapes import PairScene, PromptSet, Split, Verdict, eval_scenes, judge, parse_prompt
+
+__all__ = ["JudgedImage", "Report", "ReportConfig", "build_report", "report", "write_report"]
+
+REPORT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """What to evaluate and how.
+
+    Attributes:
+        eval_size: prompts per built-in evaluation set (three sets). Default 200.
+        eval_prompts: a prompts file (one per line) used instead of the built-in sets. Default None.
+        steps: denoising steps; None takes the model's default.
+        guidance: guidance scale; None takes the model's default.
+        seed: base seed; prompt i is generated with seed + i. Default 0.
+        judge: the content judge; None picks the built-in model's own (none for a user's folder).
+        batch_size: prompts per pipeline call. Default 50.
+        device: torch device. Default "cpu".
+        progress: show progress bars. Default True.
+    """
+
+    eval_size: int = 200
+    eval_prompts: Path | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    seed: int = 0
+    judge: JudgeKind | None = None
+    batch_size: int = 50
+    device: str = "cpu"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.eval_size <= 0:
+            raise InvalidInputError(f"eval_size must be a positive integer, got {self.eval_size}")
+        # Validates steps, guidance, seed and batch size with the same rules as generate.
+        self.generate_config()
+
+    def generate_config(self) -> GenerateConfig:
+        """The sampling settings as a GenerateConfig."""
+        return GenerateConfig(self.steps, self.guidance, self.seed, self.batch_size, self.progress)
+
+
+@dataclass
+class JudgedImage:
+    """One evaluation image with its prompt, set and (when judged) the verdict."""
+
+    prompt: str
+    image: Image.Image
+    prompt_set: str | None
+    verdict: Verdict | None
+
+    @property
+    def correct(self) -> bool | None:
+        """The judge's decision, or None when the prompt was not judged."""
+        return None if self.verdict is None else self.verdict.correct
+
+
+@dataclass
+class Report:
+    """Everything report.json and report.html show."""
+
+    data: dict[str, Any]
+    images: list[JudgedImage] = field(default_factory=list)
+
+
+def _set_of(prompt: str) -> str | None:
+    try:
+        scene = parse_prompt(prompt)
+    except ValueError:
+        return None
+    if isinstance(scene, PairScene):
+        return PromptSet.PAIRS.value if scene.split is Split.SEEN else "pairs_heldout"
+    return PromptSet.SINGLE.value if scene.split is Split.SEEN else PromptSet.SINGLE_HELDOUT.value
+
+
+def _prompt_list(config: ReportConfig) -> list[str]:
+    if config.eval_prompts is not None:
+        return read_prompts(config.eval_prompts)
+    return [s.prompt for ps in PromptSet for s in eval_scenes(ps, config.eval_size, seed=0)]
+
+
+_QUALITY_KEYS = {
+    PromptSet.SINGLE.value: "content_accuracy",
+    PromptSet.SINGLE_HELDOUT.value: "content_accuracy_heldout",
+    PromptSet.PAIRS.value: "content_accuracy_pairs",
+    "pairs_heldout": "content_accuracy_pairs_heldout",
+}
+
+
+def _quality(judged: list[JudgedImage]) -> dict[str, Any]:
+    scored = [j for j in judged if j.correct is not None]
+    q: dict[str, Any] = {}
+    counts: dict[str, int] = {}
+    for set_name, key in _QUALITY_KEYS.items():
+        members = [bool(j.correct) for j in scored if j.prompt_set == set_name]
+        q[key] = metrics.content_accuracy(members) if members else None
+        counts[set_name] = len(members)
+    q["n_prompts"] = len(scored)
+    q["n_prompts_by_set"] = counts
+    q["n_unjudged"] = len(judged) - len(scored)
+    return q
+
+
+def _attribute_accuracy(verdicts: list[Verdict]) -> dict[str, float | None]:
+    """Per-attribute accuracy over all judged objects (a pair's relation counts as position)."""
+    tallies = {"color": [0, 0], "shape": [0, 0], "position": [0, 0]}
+    for v in verdicts:
+        for o in v.objects:
+            for name, ok in (("color", o.color_ok), ("shape", o.shape_ok), ("position", o.position_ok)):
+                tallies[name][0] += ok
+                tallies[name][1] += 1
+    return {k: (v[0] / v[1] if v[1] else None) for k, v in tallies.items()}
+
+
+def _toolchain() -> dict[str, str]:
+    import diffusers
+    import torch
+    import transformers
+
+    from diffkiln import __version__
+
+    return {
+        "diffkiln": __version__,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def build_report(target: str | os.PathLike[str] | ResolvedTarget, config: ReportConfig) -> Report:
+    """Generate the evaluation images for ``target`` and measure them.
+
+    Args:
+        target: a built-in name, a diffusers folder, or a resolved target.
+        config: evaluation settings.
+
+    Raises:
+        ModelNotFoundError: the target does not resolve.
+        InvalidInputError: the prompts file is missing or empty.
+    """
+    resolved = target if isinstance(target, ResolvedTarget) else resolve_target(target)
+    judge_kind = config.judge or (resolved.builtin.judge if resolved.builtin else JudgeKind.NONE)
+    prompts = _prompt_list(config)
+    pipe = load_pipeline(resolved, config.device)
+    t0 = time.perf_counter()
+    result = generate(pipe, prompts, config.generate_config(), resolved)
+    judged: list[JudgedImage] = []
+    for prompt, image in zip(result.prompts, result.images, strict=True):
+        set_name = _set_of(prompt) if judge_kind is JudgeKind.SHAPES else None
+        verdict = judge(image, prompt) if set_name is not None else None
+        judged.append(JudgedImage(prompt, image, set_name, verdict))
+    data: dict[str, Any] = {
+        "report_version": REPORT_VERSION,
+        "target": resolved.name,
+        "target_path": str(resolved.path),
+        "pipeline_class": type(pipe).__name__,
+        "settings": {
+            "steps": result.steps,
+            "guidance": result.guidance,
+            "seed": result.seed,
+            "scheduler": result.scheduler,
+            "eval_size": None if config.eval_prompts else config.eval_size,
+            "eval_prompts": str(config.eval_prompts) if config.eval_prompts else None,
+            "judge": judge_kind.value,
+            "device": config.device,
+        },
+        "timing": {
+            "generate_seconds": round(result.seconds, 3),
+            "seconds_per_image": round(result.seconds / len(prompts), 4),
+            "total_seconds": round(time.perf_counter() - t0, 3),
+        },
+        "toolchain": _toolchain(),
+    }
+    if judge_kind is JudgeKind.SHAPES:
+        data["quality"] = _quality(judged)
+        data["quality"]["attribute_accuracy"] = _attribute_accuracy(
+            [j.verdict for j in judged if j.verdict is not None]
+        )
+    return Report(data=data, images=judged)
+
+
+def write_report(rep: Report, out_dir: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """Write ``report.json`` and a self-contained ``report.html`` into ``out_dir``.
+
+    Returns:
+        The two paths.
+    """
+    from diffkiln.report.html import render_html
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, html_path = out / "report.json", out / "report.html"
+    json_path.write_text(json.dumps(rep.data, indent=2, allow_nan=False, default=_json_default) + "\n")
+    html_path.write_text(render_html(rep), encoding="utf-8")
+    return json_path, html_path
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "__dataclass_fields__"):
+        return asdict(obj)
+    raise TypeError(f"cannot serialise {type(obj).__name__}")
+
+
+def report(
+    target: str | os.PathLike[str], config: ReportConfig, out_dir: str | os.PathLike[str]
+) -> tuple[Path, Path]:
+    """Build the report for ``target`` and write it to ``out_dir``; returns (json, html) paths."""
+    return write_report(build_report(target, config), out_dir)

@@ -1,0 +1,109 @@
+"""report.html: one self-contained page (images inline as base64 PNG, no external assets)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from typing import TYPE_CHECKING, Any
+
+from PIL import Image
+
+if TYPE_CHECKING:
+    from diffkiln.report.evaluate import JudgedImage, Report
+
+__all__ = ["image_data_uri", "render_html"]
+
+_STYLE = """
+body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1200px}
+h1{font-size:22px} h2{font-size:18px;margin-top:28px}
+table{border-collapse:collapse;margin:8px 0} td,th{border:1px solid #ccc;padding:4px 10px;text-align:left}
+th{background:#f4f4f4} .num{text-align:right;font-variant-numeric:tabular-nums}
+.grid{display:flex;flex-wrap:wrap;gap:8px}
+.cell{width:136px;font-size:11px;line-height:1.25}
+.cell img{width:128px;height:128px;image-rendering:pixelated;border:4px solid #2a2;display:block}
+.cell.miss img{border-color:#d22} .cell.unjudged img{border-color:#999}
+.why{color:#d22} .legend span{display:inline-block;padding:2px 8px;margin-right:8px;color:#fff}
+"""
+
+
+def image_data_uri(image: Image.Image) -> str:
+    """A ``data:image/png;base64,...`` URI for embedding an image in HTML."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return html.escape(str(v))
+
+
+def _table(rows: list[tuple[str, Any]]) -> str:
+    body = "".join(f"<tr><th>{html.escape(k)}</th><td class=num>{_fmt(v)}</td></tr>" for k, v in rows)
+    return f"<table>{body}</table>"
+
+
+def _cell(j: JudgedImage) -> str:
+    cls = "unjudged" if j.correct is None else ("" if j.correct else "miss")
+    why = ""
+    if j.verdict is not None and not j.verdict.correct:
+        why = f"<div class=why>{html.escape(j.verdict.reason)}</div>"
+    return (
+        f"<div class='cell {cls}'><img src='{image_data_uri(j.image)}' alt='{html.escape(j.prompt)}'>"
+        f"{html.escape(j.prompt)}{why}</div>"
+    )
+
+
+_SET_TITLES = {
+    "single": "Single objects, seen compositions",
+    "single_heldout": "Single objects, held-out compositions",
+    "pairs": "Two objects, seen compositions",
+    "pairs_heldout": "Two objects, held-out compositions",
+    None: "Not judged",
+}
+
+
+def render_html(rep: Report) -> str:
+    """Render a report as one HTML page: settings, metrics, and the image grid with misses marked."""
+    d = rep.data
+    s = d["settings"]
+    parts = [
+        "<!doctype html><html><head><meta charset=utf-8>",
+        f"<title>diffkiln report: {html.escape(d['target'])}</title><style>{_STYLE}</style></head><body>",
+        f"<h1>diffkiln report: {html.escape(d['target'])}</h1>",
+        f"<p>{html.escape(d['pipeline_class'])} at {html.escape(d['target_path'])}</p>",
+        "<h2>Settings</h2>",
+        _table([(k, v) for k, v in s.items()]),
+    ]
+    q = d.get("quality")
+    if q:
+        rows: list[tuple[str, Any]] = [
+            ("content accuracy (single, seen)", q["content_accuracy"]),
+            ("content accuracy (single, held-out)", q["content_accuracy_heldout"]),
+            ("content accuracy (pairs, seen)", q["content_accuracy_pairs"]),
+        ]
+        if q.get("content_accuracy_pairs_heldout") is not None:
+            rows.append(("content accuracy (pairs, held-out)", q["content_accuracy_pairs_heldout"]))
+        rows += [(f"{k} accuracy (all objects)", v) for k, v in q.get("attribute_accuracy", {}).items()]
+        rows.append(("prompts judged", q["n_prompts"]))
+        parts += ["<h2>Quality</h2>", _table(rows)]
+    parts += ["<h2>Timing</h2>", _table(list(d["timing"].items()))]
+    parts.append(
+        "<h2>Images</h2><p class=legend><span style='background:#2a2'>judged correct</span>"
+        "<span style='background:#d22'>judge's miss</span><span style='background:#999'>not judged</span></p>"
+    )
+    order = ["single", "single_heldout", "pairs", "pairs_heldout", None]
+    for set_name in order:
+        members = [j for j in rep.images if j.prompt_set == set_name]
+        if not members:
+            continue
+        misses = sum(1 for j in members if j.correct is False)
+        parts.append(f"<h2>{_SET_TITLES[set_name]} ({len(members)} images, {misses} misses)</h2>")
+        parts.append("<div class=grid>" + "".join(_cell(j) for j in members) + "</div>")
+    parts.append("<h2>report.json</h2><pre>" + html.escape(json.dumps(d, indent=2)) + "</pre></body></html>")
+    return "\n".join(parts)

@@ -1,0 +1,59 @@
+"""The two trained built-in models: offline loading, determinism, and a small quality check."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from diffusers import DiffusionPipeline
+
+from diffkiln.generation import GenerateConfig, generate
+from diffkiln.zoo.registry import BUILTIN_MODELS, get_builtin, resolve_target
+from diffkiln.zoo.shapes import PromptSet, eval_scenes, judge
+
+MODELS = sorted(BUILTIN_MODELS)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_folder_is_a_plain_diffusers_pipeline_that_loads_offline(name: str) -> None:
+    path = resolve_target(name).path
+    index = json.loads((path / "model_index.json").read_text())
+    assert index["_class_name"] == get_builtin(name).pipeline_class
+    pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True)
+    assert type(pipe).__name__ == get_builtin(name).pipeline_class
+    # Causal CLIP with a BOS token, as later BOS-aware quantization relies on.
+    te = pipe.text_encoder
+    assert te.config.bos_token_id == pipe.tokenizer.bos_token_id
+    assert pipe.tokenizer("a red circle").input_ids[0] == pipe.tokenizer.bos_token_id
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_generation_is_deterministic_and_batch_independent(name: str, shapes_pipelines) -> None:
+    pipe = shapes_pipelines[name]
+    target = resolve_target(name)
+    prompts = ["a red circle on the left", "a blue square above a yellow triangle"]
+    cfg = GenerateConfig(steps=3, seed=5, progress=False)
+    a = generate(pipe, prompts, cfg, target).images
+    b = generate(pipe, prompts, cfg, target).images
+    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b, strict=True))
+    # Image i depends on seed + i only, not on the batch it was generated in.
+    single = generate(pipe, prompts[1:], GenerateConfig(steps=3, seed=6, progress=False), target).images
+    assert np.abs(np.asarray(single[0], float) - np.asarray(a[1], float)).max() <= 2
+    other = generate(pipe, prompts, GenerateConfig(steps=3, seed=99, progress=False), target).images
+    assert not np.array_equal(np.asarray(a[0]), np.asarray(other[0]))
+
+
+# Thresholds well below the measured accuracy (see docs/models.md) yet far above what a broken
+# or untrained model scores (0.0), so this catches a broken model without flaking.
+SMALL_EVAL_FLOOR = {PromptSet.SINGLE: 0.6, PromptSet.PAIRS: 0.2}
+
+
+@pytest.mark.parametrize("prompt_set", list(SMALL_EVAL_FLOOR), ids=lambda p: p.value)
+@pytest.mark.parametrize("name", MODELS)
+def test_small_evaluation_is_above_a_broken_model_floor(name: str, prompt_set: PromptSet, shapes_pipelines) -> None:
+    scenes = eval_scenes(prompt_set, 32, seed=0)
+    target = resolve_target(name)
+    result = generate(shapes_pipelines[name], [s.prompt for s in scenes], GenerateConfig(progress=False), target)
+    acc = np.mean([judge(im, s).correct for im, s in zip(result.images, scenes, strict=True)])
+    assert acc >= SMALL_EVAL_FLOOR[prompt_set], f"{name} {prompt_set.value}: {acc:.3f}"

@@ -34,17 +34,36 @@ def test_help_explains_commands() -> None:
 def test_generate_writes_pngs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     prompts = tmp_path / "p.txt"
     prompts.write_text("# a comment\na green triangle at the top\n\n")
-    code = main(["generate", "shapes-unet", "--prompt", "a red circle on the left", "--prompts", str(prompts),
-                 "--steps", "2", "--out", str(tmp_path / "g"), "--no-progress"])
+    code = main(
+        [
+            "generate",
+            "shapes-unet",
+            "--prompt",
+            "a red circle on the left",
+            "--prompts",
+            str(prompts),
+            "--steps",
+            "2",
+            "--out",
+            str(tmp_path / "g"),
+            "--no-progress",
+        ]
+    )
     assert code == 0
     pngs = sorted((tmp_path / "g").glob("*.png"))
-    assert [p.name for p in pngs] == ["0000_a-red-circle-on-the-left.png", "0001_a-green-triangle-at-the-top.png"]
+    assert [p.name for p in pngs] == [
+        "0000_a-red-circle-on-the-left.png",
+        "0001_a-green-triangle-at-the-top.png",
+    ]
     assert str(pngs[0]) in capsys.readouterr().out
 
 
 def test_report_writes_json_and_self_contained_html(tmp_path: Path) -> None:
     out = tmp_path / "r"
-    assert main(["report", "shapes-dit", "--eval-size", "2", "--steps", "2", "--out", str(out), "--no-progress"]) == 0
+    assert (
+        main(["report", "shapes-dit", "--eval-size", "2", "--steps", "2", "--out", str(out), "--no-progress"])
+        == 0
+    )
     data = json.loads((out / "report.json").read_text())
     assert data["target"] == "shapes-dit"
     for key in ("steps", "guidance", "seed", "scheduler"):
@@ -62,8 +81,22 @@ def test_report_on_custom_prompts_judges_what_it_can(tmp_path: Path) -> None:
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle on the left\na photo of a cat\n")
     out = tmp_path / "r"
-    assert main(["report", "shapes-unet", "--eval-prompts", str(prompts), "--steps", "2", "--out", str(out),
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "report",
+                "shapes-unet",
+                "--eval-prompts",
+                str(prompts),
+                "--steps",
+                "2",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     q = json.loads((out / "report.json").read_text())["quality"]
     assert q["n_prompts"] == 1 and q["n_unjudged"] == 1
 

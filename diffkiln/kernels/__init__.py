@@ -1,6 +1,63 @@
-"""Kernels: integer GEMM, packing and attention per backend, each beside a pure-torch reference.
+"""Integer kernels per backend (cpu / cuda / npu), each beside a pure-torch reference.
 
-Not built yet (issue 3). Importing it is harmless; it exports nothing.
+Public entry points dispatch on the tensors' device:
+* :func:`int_mm`: exact int8 x int8 -> int32 GEMM;
+* :func:`quant_matmul`: int8 GEMM + int32 bias + float scales (``npu_quant_matmul``'s contract);
+* :func:`dynamic_quant`: symmetric per-token int8 quantisation.
 """
 
-__all__: list[str] = []
+from __future__ import annotations
+
+import torch
+
+from diffkiln.kernels.backends import KernelBackend, available_backends, get_backend, register_backend
+from diffkiln.kernels.reference import (
+    dynamic_quant_per_token_reference,
+    int_mm_reference,
+    quant_matmul_reference,
+)
+
+__all__ = [
+    "KernelBackend",
+    "available_backends",
+    "dynamic_quant",
+    "dynamic_quant_per_token_reference",
+    "get_backend",
+    "int_mm",
+    "int_mm_reference",
+    "quant_matmul",
+    "quant_matmul_reference",
+    "register_backend",
+]
+
+
+def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact int8 (M, K) @ int8 (K, N) -> int32 (M, N) on the inputs' device."""
+    return get_backend(a.device).int_mm(a, b)
+
+
+def quant_matmul(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    pertoken_scale: torch.Tensor | None = None,
+    output_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """``((x @ w + bias) * scale * pertoken_scale[:, None]).to(output_dtype)`` with an int8 GEMM.
+
+    Args:
+        x: int8 (M, K) activations.
+        w: int8 (K, N) weights.
+        scale: float32 (N,) or (1,) dequantisation scale (activation scale x weight scale).
+        bias: int32 (N,) added to the accumulator (folds the float bias and any activation zero
+            point), or None.
+        pertoken_scale: float32 (M,) per-row activation scales (dynamic mode), or None.
+        output_dtype: float dtype of the result. Default float32.
+    """
+    return get_backend(x.device).quant_matmul(x, w, scale, bias, pertoken_scale, output_dtype)
+
+
+def dynamic_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8 quantisation of a float (M, K) tensor -> (int8, float32 (M,) scales)."""
+    return get_backend(x.device).dynamic_quant(x)

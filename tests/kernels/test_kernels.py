@@ -1,0 +1,107 @@
+"""Integer kernels against their pure-torch references and against the float op."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from diffkiln.kernels import (
+    available_backends,
+    dynamic_quant,
+    dynamic_quant_per_token_reference,
+    get_backend,
+    int_mm,
+    int_mm_reference,
+    quant_matmul,
+    quant_matmul_reference,
+)
+from diffkiln.kernels import backends as backends_mod
+from diffkiln.report.metrics import sqnr_db
+from tests.kernels.npu_emulation import make_fake_torch_npu
+
+SHAPES = [(1, 8, 8), (17, 64, 32), (77, 320, 640), (5, 33, 7)]
+
+
+def _rand_int8(*shape: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(-128, 128, shape, generator=g, dtype=torch.int8)
+
+
+@pytest.mark.parametrize(("m", "k", "n"), SHAPES, ids=lambda v: str(v))
+def test_cpu_int_mm_is_bit_exact(m: int, k: int, n: int) -> None:
+    a, b = _rand_int8(m, k, seed=1), _rand_int8(k, n, seed=2)
+    assert torch.equal(int_mm(a, b), int_mm_reference(a, b))
+
+
+def _quantize_problem(m: int, k: int, n: int):
+    g = torch.Generator().manual_seed(m * 1000 + k)
+    x = torch.randn(m, k, generator=g)
+    w = torch.randn(n, k, generator=g) * 0.05
+    b = torch.randn(n, generator=g) * 0.1
+    w_scale = w.abs().amax(1) / 127
+    w_q = torch.round(w / w_scale[:, None]).clamp(-128, 127).to(torch.int8)
+    x_scale = x.abs().amax() / 127
+    x_q = torch.round(x / x_scale).clamp(-128, 127).to(torch.int8)
+    scale = (x_scale * w_scale).float()
+    bias = torch.round(b / scale).to(torch.int32)
+    dequant_ref = (x_q.float() * x_scale) @ (w_q.float() * w_scale[:, None]).T + bias.float() * scale
+    return x_q, w_q.T.contiguous(), scale, bias, dequant_ref
+
+
+@pytest.mark.parametrize(("m", "k", "n"), SHAPES, ids=lambda v: str(v))
+def test_quant_matmul_matches_float_op_on_dequantized_tensors(m: int, k: int, n: int) -> None:
+    x_q, w_t, scale, bias, dequant_ref = _quantize_problem(m, k, n)
+    out = quant_matmul(x_q, w_t, scale, bias)
+    assert sqnr_db(dequant_ref, out) >= 40.0
+    assert torch.allclose(out, quant_matmul_reference(x_q, w_t, scale, bias), rtol=1e-6, atol=1e-6)
+
+
+def test_dynamic_quant_per_token_round_trips() -> None:
+    x = torch.randn(9, 40) * torch.linspace(0.1, 10, 9)[:, None]
+    q, s = dynamic_quant(x)
+    assert q.dtype == torch.int8 and s.shape == (9,)
+    assert sqnr_db(x, q.float() * s[:, None]) >= 35.0
+    rq, rs = dynamic_quant_per_token_reference(x)
+    assert torch.equal(q, rq) and torch.equal(s, rs)
+
+
+def test_unknown_backend_lists_valid_ones() -> None:
+    with pytest.raises(KeyError, match="valid"):
+        get_backend("meta")
+    assert {"cpu", "cuda", "npu"} <= set(available_backends())
+
+
+@pytest.fixture
+def fake_npu(monkeypatch: pytest.MonkeyPatch):
+    """The npu backend with torch_npu emulated on CPU (scoped: removed after the test)."""
+    monkeypatch.setitem(sys.modules, "torch_npu", make_fake_torch_npu())
+    monkeypatch.setattr(backends_mod, "_INSTANCES", {})
+    return backends_mod._REGISTRY["npu"]()
+
+
+@pytest.mark.parametrize(("m", "k", "n"), SHAPES, ids=lambda v: str(v))
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_npu_backend_on_emulated_torch_npu(fake_npu, m: int, k: int, n: int, out_dtype: torch.dtype) -> None:
+    x_q, w_t, scale, bias, dequant_ref = _quantize_problem(m, k, n)
+    out = fake_npu.quant_matmul(x_q, w_t, scale, bias, None, out_dtype)
+    assert out.dtype == out_dtype
+    # bfloat16 output keeps ~8 bits of mantissa: SQNR about 45-50 dB against the float op.
+    assert sqnr_db(dequant_ref, out.float()) >= 40.0
+    q, s = fake_npu.dynamic_quant(dequant_ref)
+    rq, rs = dynamic_quant_per_token_reference(dequant_ref)
+    assert torch.equal(q, rq) and torch.allclose(s, rs)
+
+
+def test_npu_backend_without_torch_npu_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "torch_npu", None)
+    with pytest.raises(RuntimeError, match="diffkiln\\[npu\\]"):
+        backends_mod._REGISTRY["npu"]()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("m", "k", "n"), SHAPES, ids=lambda v: str(v))
+def test_cuda_int_mm_is_bit_exact(m: int, k: int, n: int) -> None:
+    a, b = _rand_int8(m, k, seed=1), _rand_int8(k, n, seed=2)
+    assert torch.equal(int_mm(a.cuda(), b.cuda()).cpu(), int_mm_reference(a, b))

@@ -26,3 +26,36 @@ def shapes_pipelines() -> dict[str, object]:
     from diffkiln.generation import load_pipeline
 
     return {name: load_pipeline(name) for name in ("shapes-unet", "shapes-dit")}
+
+
+@pytest.fixture(scope="session")
+def random_shapes_pipelines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """Untrained pipelines of both built-in architectures (fast, independent of trained weights)."""
+    from diffkiln.zoo.shapes_models import (
+        assemble_shapes_dit,
+        assemble_shapes_unet,
+        build_sd3_transformer,
+        build_t5_encoder,
+        build_t5_tokenizer_for_shapes,
+        build_text_encoder,
+        build_tokenizer,
+        build_unet,
+        build_vae,
+    )
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("random-pipes")
+    tok = build_tokenizer(root / "tok")
+    t5tok = build_t5_tokenizer_for_shapes(root / "t5")
+    vae = build_vae()
+    unet = assemble_shapes_unet(vae, tok, build_text_encoder(tok, 64), build_unet())
+    dit = assemble_shapes_dit(
+        vae,
+        tok,
+        build_text_encoder(tok, 32, 32),
+        build_text_encoder(tok, 32, 32),
+        t5tok,
+        build_t5_encoder(t5tok),
+        build_sd3_transformer(),
+    )
+    return {"unet": unet, "dit": dit}

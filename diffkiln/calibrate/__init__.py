@@ -1,6 +1,24 @@
-"""Calibration: run the FP pipeline on prompts and record per-layer, per-timestep statistics.
+"""Calibration: run the FP pipeline on prompts and record per-layer, per-timestep statistics."""
 
-Not built yet (issue 3, W8A8 end to end). Importing it is harmless; it exports nothing.
-"""
+from diffkiln.calibrate.hooks import HookRegistry, scoped_hooks
+from diffkiln.calibrate.stats import (
+    CalibrationConfig,
+    CalibrationStats,
+    LayerStats,
+    calibrate,
+    find_denoiser,
+    find_quantizable_layers,
+    pipeline_weight_hash,
+)
 
-__all__: list[str] = []
+__all__ = [
+    "CalibrationConfig",
+    "CalibrationStats",
+    "HookRegistry",
+    "LayerStats",
+    "calibrate",
+    "find_denoiser",
+    "find_quantizable_layers",
+    "pipeline_weight_hash",
+    "scoped_hooks",
+]

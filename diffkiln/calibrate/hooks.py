@@ -1,0 +1,76 @@
+"""Named, removable forward hooks, always removed by a context manager.
+
+Like diffusers' ``HookRegistry``: every hook has a name, ``remove(name)`` takes one away, and
+leaving the ``with`` block removes all of them, even when the body raises.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["HookRegistry", "scoped_hooks"]
+
+
+class HookRegistry:
+    """Forward (pre-)hooks on modules, keyed by a unique name."""
+
+    def __init__(self) -> None:
+        self._handles: dict[str, torch.utils.hooks.RemovableHandle] = {}
+
+    def add_forward_hook(self, name: str, module: nn.Module, fn: Callable[..., Any]) -> None:
+        """Register ``fn(module, args, kwargs, output)`` on ``module`` under ``name``.
+
+        Raises:
+            ValueError: the name is taken.
+        """
+        self._check_free(name)
+        self._handles[name] = module.register_forward_hook(fn, with_kwargs=True)
+
+    def add_forward_pre_hook(self, name: str, module: nn.Module, fn: Callable[..., Any]) -> None:
+        """Register ``fn(module, args, kwargs)`` before ``module``'s forward under ``name``.
+
+        Raises:
+            ValueError: the name is taken.
+        """
+        self._check_free(name)
+        self._handles[name] = module.register_forward_pre_hook(fn, with_kwargs=True)
+
+    def _check_free(self, name: str) -> None:
+        if name in self._handles:
+            raise ValueError(f"a hook named {name!r} is already registered; remove it first")
+
+    @property
+    def names(self) -> list[str]:
+        """Names of the hooks currently registered."""
+        return list(self._handles)
+
+    def remove(self, name: str) -> None:
+        """Remove one hook.
+
+        Raises:
+            KeyError: no such hook; the message lists the registered names.
+        """
+        if name not in self._handles:
+            raise KeyError(f"no hook named {name!r}; registered: {self.names}")
+        self._handles.pop(name).remove()
+
+    def remove_all(self) -> None:
+        """Remove every hook."""
+        for handle in self._handles.values():
+            handle.remove()
+        self._handles.clear()
+
+
+@contextmanager
+def scoped_hooks() -> Iterator[HookRegistry]:
+    """A HookRegistry whose hooks are all removed when the block exits, normally or not."""
+    registry = HookRegistry()
+    try:
+        yield registry
+    finally:
+        registry.remove_all()

@@ -1,0 +1,331 @@
+"""The ``calibrate`` verb: run the FP pipeline and record per-layer, per-timestep activation stats.
+
+For every Linear and Conv2d of the denoiser (found by type, never by name) and every sampler
+step, it records the input activation's min, max, per-channel absmax, and a seeded random sample
+of values (from which percentiles, histograms and error-minimising clipping are computed). It
+also records the text embeddings the denoiser receives, to find the token positions that do not
+vary across prompts (CLIP's BOS under its causal mask). Results are cached on disk, keyed by a
+hash of the weights, the prompts and the settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from diffkiln.calibrate.hooks import scoped_hooks
+
+__all__ = [
+    "CalibrationConfig",
+    "CalibrationStats",
+    "LayerStats",
+    "calibrate",
+    "find_denoiser",
+    "find_quantizable_layers",
+    "pipeline_weight_hash",
+]
+
+STATS_VERSION = 1
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """How to calibrate.
+
+    Attributes:
+        prompts: calibration prompts (non-empty).
+        steps: sampler steps, as at inference. Default 20.
+        guidance: classifier-free guidance scale, as at inference. Default 5.0.
+        seed: base seed; prompt i uses seed + i. Default 0.
+        batch_size: prompts per pipeline call. Default 8.
+        samples_per_step: activation values kept per (layer, step). Default 1024.
+        cache_dir: where stats are cached; None disables the cache. Default None.
+        progress: show a progress bar. Default True.
+    """
+
+    prompts: tuple[str, ...]
+    steps: int = 20
+    guidance: float = 5.0
+    seed: int = 0
+    batch_size: int = 8
+    samples_per_step: int = 1024
+    cache_dir: Path | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.prompts or any(not p.strip() for p in self.prompts):
+            raise ValueError("calibration needs at least one prompt, and no empty prompt")
+        for name in ("steps", "batch_size", "samples_per_step"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.guidance < 0:
+            raise ValueError(f"guidance must be >= 0, got {self.guidance}")
+
+    def key_fields(self) -> dict[str, Any]:
+        """The settings that change the statistics (the cache key's inputs besides the weights)."""
+        d = asdict(self)
+        d.pop("cache_dir")
+        d.pop("progress")
+        d["prompts"] = list(self.prompts)
+        d["version"] = STATS_VERSION
+        return d
+
+
+@dataclass
+class LayerStats:
+    """Input-activation statistics of one layer; the first dimension indexes sampler steps.
+
+    Attributes:
+        kind: "linear" or "conv".
+        min: (T,) minimum per step.
+        max: (T,) maximum per step.
+        channel_absmax: (T, C) absolute maximum per input channel per step.
+        samples: (T, S) random sample of values per step.
+    """
+
+    kind: str
+    min: torch.Tensor
+    max: torch.Tensor
+    channel_absmax: torch.Tensor
+    samples: torch.Tensor
+
+    def percentile(self, q: float, step: int | None = None) -> float:
+        """The q-th percentile (0..100) of the sampled values, at one step or over all steps."""
+        s = self.samples if step is None else self.samples[step]
+        return float(torch.quantile(s.flatten().float(), q / 100.0))
+
+
+@dataclass
+class CalibrationStats:
+    """Everything calibration measured.
+
+    Attributes:
+        layers: per-layer statistics, keyed by the module's qualified name in the denoiser.
+        timesteps: the sampler's timesteps, one per step.
+        text_embeds: (B, L, D) text embeddings the denoiser received (conditional and unconditional).
+        model_hash: hash of the pipeline's weights.
+        settings: the calibration settings.
+    """
+
+    layers: dict[str, LayerStats]
+    timesteps: list[float]
+    text_embeds: torch.Tensor
+    model_hash: str
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def invariant_positions(self, rel_tol: float = 1e-6) -> list[int]:
+        """Text positions whose embedding is the same for every prompt (variance ~ 0).
+
+        Args:
+            rel_tol: a position is invariant when its variance across prompts is below
+                ``rel_tol`` times the mean variance of all positions. Default 1e-6.
+        """
+        var = self.text_embeds.float().var(dim=0).mean(dim=-1)
+        threshold = rel_tol * float(var.mean()) if float(var.mean()) > 0 else 0.0
+        return [i for i, v in enumerate(var.tolist()) if v <= threshold]
+
+    def save(self, path: Path) -> None:
+        """Write as one safetensors file (tensors) with JSON metadata; no pickle."""
+        tensors = {"text_embeds": self.text_embeds.contiguous()}
+        kinds = {}
+        for name, st in self.layers.items():
+            kinds[name] = st.kind
+            for f in ("min", "max", "channel_absmax", "samples"):
+                tensors[f"{name}::{f}"] = getattr(st, f).contiguous()
+        meta = {
+            "timesteps": self.timesteps,
+            "model_hash": self.model_hash,
+            "settings": self.settings,
+            "kinds": kinds,
+            "version": STATS_VERSION,
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file(tensors, str(tmp), metadata={"diffkiln": json.dumps(meta)})
+        tmp.replace(path)  # atomic: a crash never leaves a half-written cache entry
+
+    @classmethod
+    def load(cls, path: Path) -> CalibrationStats:
+        """Read a file written by :meth:`save`."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads(f.metadata()["diffkiln"])
+        tensors = load_file(str(path))
+        layers = {
+            name: LayerStats(
+                kind, *(tensors[f"{name}::{f}"] for f in ("min", "max", "channel_absmax", "samples"))
+            )
+            for name, kind in meta["kinds"].items()
+        }
+        return cls(layers, meta["timesteps"], tensors["text_embeds"], meta["model_hash"], meta["settings"])
+
+
+def find_denoiser(pipe: Any) -> nn.Module:
+    """The pipeline's denoiser: its ``transformer`` or ``unet`` component.
+
+    Raises:
+        ValueError: neither exists; the message lists the pipeline's components.
+    """
+    for name in ("transformer", "unet"):
+        module = getattr(pipe, name, None)
+        if isinstance(module, nn.Module):
+            return module
+    raise ValueError(
+        f"{type(pipe).__name__} has no 'transformer' or 'unet' denoiser; "
+        f"components: {sorted(pipe.components)}"
+    )
+
+
+def find_quantizable_layers(denoiser: nn.Module) -> dict[str, nn.Module]:
+    """Every Linear and Conv2d of a denoiser, by qualified name, in module order."""
+    return {n: m for n, m in denoiser.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+
+
+def pipeline_weight_hash(pipe: Any) -> str:
+    """sha256 over every parameter and buffer of the pipeline's modules (names, shapes, bytes)."""
+    h = hashlib.sha256()
+    for comp_name in sorted(pipe.components):
+        comp = pipe.components[comp_name]
+        if not isinstance(comp, nn.Module):
+            continue
+        for name, t in comp.state_dict().items():
+            h.update(f"{comp_name}.{name}:{tuple(t.shape)}:{t.dtype}".encode())
+            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class _Recorder:
+    """Accumulates statistics from forward hooks; one instance per calibration run."""
+
+    def __init__(self, steps: int, samples_per_step: int, seed: int) -> None:
+        self.steps = steps
+        self.samples = samples_per_step
+        self.calls = 0
+        self.gen = torch.Generator().manual_seed(seed)
+        self.acc: dict[str, dict[str, Any]] = {}
+        self.text: list[torch.Tensor] = []
+
+    @property
+    def step(self) -> int:
+        return (self.calls - 1) % self.steps
+
+    def on_denoiser(self, _m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.calls += 1
+        ehs = kwargs.get("encoder_hidden_states")
+        if self.step == 0 and isinstance(ehs, torch.Tensor):
+            self.text.append(ehs.detach().float().cpu())
+
+    def on_layer(self, name: str, kind: str, x: torch.Tensor) -> None:
+        x = x.detach().float()
+        channel_dim = 1 if kind == "conv" else x.dim() - 1
+        dims = [d for d in range(x.dim()) if d != channel_dim]
+        a = self.acc.setdefault(name, {"kind": kind, "min": {}, "max": {}, "absmax": {}, "samples": {}})
+        t = self.step
+        flat = x.flatten()
+        idx = torch.randint(0, flat.numel(), (self.samples,), generator=self.gen)
+        mn, mx = float(flat.min()), float(flat.max())
+        cab = x.abs().amax(dim=dims).cpu()
+        a["min"][t] = min(mn, a["min"].get(t, mn))
+        a["max"][t] = max(mx, a["max"].get(t, mx))
+        a["absmax"][t] = torch.maximum(cab, a["absmax"][t]) if t in a["absmax"] else cab
+        a["samples"].setdefault(t, []).append(flat[idx.to(flat.device)].cpu())
+
+    def finish(self) -> dict[str, LayerStats]:
+        out = {}
+        g = torch.Generator().manual_seed(0)
+        for name, a in self.acc.items():
+            steps = sorted(a["min"])
+            samples = []
+            for t in steps:
+                pool = torch.cat(a["samples"][t])
+                samples.append(pool[torch.randperm(pool.numel(), generator=g)[: self.samples]])
+            out[name] = LayerStats(
+                kind=a["kind"],
+                min=torch.tensor([a["min"][t] for t in steps]),
+                max=torch.tensor([a["max"][t] for t in steps]),
+                channel_absmax=torch.stack([a["absmax"][t] for t in steps]),
+                samples=torch.stack(samples),
+            )
+        return out
+
+
+def calibrate(pipe: Any, config: CalibrationConfig) -> CalibrationStats:
+    """Run the FP pipeline on the calibration prompts and record activation statistics.
+
+    Args:
+        pipe: a loaded diffusers text-to-image pipeline.
+        config: calibration settings.
+
+    Returns:
+        The statistics, from the disk cache when the same weights, prompts and settings were
+        calibrated before.
+    """
+    model_hash = pipeline_weight_hash(pipe)
+    key = hashlib.sha256(json.dumps({"model": model_hash, **config.key_fields()}, sort_keys=True).encode())
+    cache_path = config.cache_dir / f"calib-{key.hexdigest()[:32]}.safetensors" if config.cache_dir else None
+    if cache_path is not None and cache_path.is_file():
+        return CalibrationStats.load(cache_path)
+
+    denoiser = find_denoiser(pipe)
+    layers = find_quantizable_layers(denoiser)
+    rec = _Recorder(config.steps, config.samples_per_step, config.seed)
+    pipe.set_progress_bar_config(disable=True)
+    n = len(config.prompts)
+    bar = tqdm(total=n * config.steps, desc="calibrating", unit="img-step", disable=not config.progress)
+    timesteps: list[float] = []
+    with scoped_hooks() as hooks, torch.no_grad():
+        hooks.add_forward_pre_hook("diffkiln.calib.denoiser", denoiser, rec.on_denoiser)
+        for name, module in layers.items():
+            kind = "conv" if isinstance(module, nn.Conv2d) else "linear"
+
+            def hook(
+                _m: nn.Module,
+                args: tuple[Any, ...],
+                _kw: dict[str, Any],
+                _out: Any,
+                name: str = name,
+                kind: str = kind,
+            ) -> None:
+                rec.on_layer(name, kind, args[0])
+
+            hooks.add_forward_hook(f"diffkiln.calib.{name}", module, hook)
+        for start in range(0, n, config.batch_size):
+            chunk = list(config.prompts[start : start + config.batch_size])
+            gens = [torch.Generator().manual_seed(config.seed + start + i) for i in range(len(chunk))]
+
+            def on_step(
+                _p: Any, _i: int, t: Any, kwargs: dict[str, Any], size: int = len(chunk)
+            ) -> dict[str, Any]:
+                bar.update(size)
+                if len(timesteps) < config.steps:
+                    timesteps.append(float(t))
+                return kwargs
+
+            pipe(
+                prompt=chunk,
+                num_inference_steps=config.steps,
+                guidance_scale=config.guidance,
+                generator=gens,
+                output_type="latent",
+                callback_on_step_end=on_step,
+            )
+    bar.close()
+    stats = CalibrationStats(
+        layers=rec.finish(),
+        timesteps=timesteps,
+        text_embeds=torch.cat(rec.text) if rec.text else torch.zeros(0),
+        model_hash=model_hash,
+        settings=config.key_fields(),
+    )
+    if cache_path is not None:
+        stats.save(cache_path)
+    return stats

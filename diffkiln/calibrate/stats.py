@@ -34,6 +34,7 @@ __all__ = [
 ]
 
 STATS_VERSION = 1
+_LAYER_TENSORS = ("min", "max", "channel_absmax", "samples", "sample_positions", "text_spread", "text_rows")
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,12 @@ class LayerStats:
         max: (T,) maximum per step.
         channel_absmax: (T, C) absolute maximum per input channel per step.
         samples: (T, S) random sample of values per step.
+        sample_positions: (T, S) sequence position of each sample, for layers whose input is a
+            sequence of the text's length; empty for other layers.
+        text_spread: (L,) largest spread across the batch of the input row at each position, for
+            layers whose input is a sequence of the text's length (0: same row for every prompt);
+            empty for other layers.
+        text_rows: (L, D) the input rows of the first calibration prompt, for the same layers.
     """
 
     kind: str
@@ -96,6 +103,25 @@ class LayerStats:
     max: torch.Tensor
     channel_absmax: torch.Tensor
     samples: torch.Tensor
+    sample_positions: torch.Tensor
+    text_spread: torch.Tensor
+    text_rows: torch.Tensor
+
+    def invariant_rows(self, positions: list[int], rel_tol: float = 1e-6) -> list[int]:
+        """Which of ``positions`` this layer reads as the same row for every prompt.
+
+        Only layers whose input is a text-length sequence that varies with the prompt elsewhere
+        qualify (cross-attention keys/values, text projections), so an image-token sequence that
+        happens to have the text's length is not mistaken for text.
+
+        Args:
+            positions: candidate positions, e.g. :meth:`CalibrationStats.invariant_positions`.
+            rel_tol: a row is invariant when its spread is below ``rel_tol`` times the largest.
+        """
+        if self.text_spread.numel() == 0 or float(self.text_spread.max()) == 0.0:
+            return []
+        tol = rel_tol * float(self.text_spread.max())
+        return [p for p in positions if p < self.text_spread.numel() and float(self.text_spread[p]) <= tol]
 
     def percentile(self, q: float, step: int | None = None) -> float:
         """The q-th percentile (0..100) of the sampled values, at one step or over all steps."""
@@ -138,7 +164,7 @@ class CalibrationStats:
         kinds = {}
         for name, st in self.layers.items():
             kinds[name] = st.kind
-            for f in ("min", "max", "channel_absmax", "samples"):
+            for f in _LAYER_TENSORS:
                 tensors[f"{name}::{f}"] = getattr(st, f).contiguous()
         meta = {
             "timesteps": self.timesteps,
@@ -161,9 +187,7 @@ class CalibrationStats:
             meta = json.loads(f.metadata()["diffkiln"])
         tensors = load_file(str(path))
         layers = {
-            name: LayerStats(
-                kind, *(tensors[f"{name}::{f}"] for f in ("min", "max", "channel_absmax", "samples"))
-            )
+            name: LayerStats(kind, *(tensors[f"{name}::{f}"] for f in _LAYER_TENSORS))
             for name, kind in meta["kinds"].items()
         }
         return cls(layers, meta["timesteps"], tensors["text_embeds"], meta["model_hash"], meta["settings"])
@@ -213,6 +237,7 @@ class _Recorder:
         self.gen = torch.Generator().manual_seed(seed)
         self.acc: dict[str, dict[str, Any]] = {}
         self.text: list[torch.Tensor] = []
+        self.text_len = 0
 
     @property
     def step(self) -> int:
@@ -221,17 +246,39 @@ class _Recorder:
     def on_denoiser(self, _m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self.calls += 1
         ehs = kwargs.get("encoder_hidden_states")
-        if self.step == 0 and isinstance(ehs, torch.Tensor):
-            self.text.append(ehs.detach().float().cpu())
+        if isinstance(ehs, torch.Tensor):
+            self.text_len = ehs.shape[1]
+            if self.step == 0:
+                self.text.append(ehs.detach().float().cpu())
 
     def on_layer(self, name: str, kind: str, x: torch.Tensor) -> None:
         x = x.detach().float()
         channel_dim = 1 if kind == "conv" else x.dim() - 1
         dims = [d for d in range(x.dim()) if d != channel_dim]
-        a = self.acc.setdefault(name, {"kind": kind, "min": {}, "max": {}, "absmax": {}, "samples": {}})
+        a = self.acc.setdefault(
+            name,
+            {
+                "kind": kind,
+                "min": {},
+                "max": {},
+                "absmax": {},
+                "samples": {},
+                "pos": {},
+                "spread": None,
+                "rows": None,
+            },
+        )
         t = self.step
         flat = x.flatten()
         idx = torch.randint(0, flat.numel(), (self.samples,), generator=self.gen)
+        if kind == "linear" and x.dim() == 3 and self.text_len and x.shape[1] == self.text_len:
+            # A text-token sequence: remember which position each sample came from, how much each
+            # position's row varies across prompts, and the rows themselves (for BOS precompute).
+            a["pos"].setdefault(t, []).append((idx // x.shape[2]) % x.shape[1])
+            spread = (x.amax(0) - x.amin(0)).abs().amax(-1).cpu()
+            a["spread"] = spread if a["spread"] is None else torch.maximum(a["spread"], spread)
+            if a["rows"] is None:
+                a["rows"] = x[0].cpu().clone()
         mn, mx = float(flat.min()), float(flat.max())
         cab = x.abs().amax(dim=dims).cpu()
         a["min"][t] = min(mn, a["min"].get(t, mn))
@@ -244,16 +291,23 @@ class _Recorder:
         g = torch.Generator().manual_seed(0)
         for name, a in self.acc.items():
             steps = sorted(a["min"])
-            samples = []
+            samples, positions = [], []
             for t in steps:
                 pool = torch.cat(a["samples"][t])
-                samples.append(pool[torch.randperm(pool.numel(), generator=g)[: self.samples]])
+                keep = torch.randperm(pool.numel(), generator=g)[: self.samples]
+                samples.append(pool[keep])
+                if a["pos"]:
+                    positions.append(torch.cat(a["pos"][t])[keep].to(torch.int32))
+            empty = torch.zeros(0)
             out[name] = LayerStats(
                 kind=a["kind"],
                 min=torch.tensor([a["min"][t] for t in steps]),
                 max=torch.tensor([a["max"][t] for t in steps]),
                 channel_absmax=torch.stack([a["absmax"][t] for t in steps]),
                 samples=torch.stack(samples),
+                sample_positions=torch.stack(positions) if positions else empty.to(torch.int32),
+                text_spread=a["spread"] if a["spread"] is not None else empty,
+                text_rows=a["rows"] if a["rows"] is not None else empty,
             )
         return out
 

@@ -106,3 +106,22 @@ def test_stats_round_trip_without_pickle(random_shapes_pipelines, tmp_path: Path
     back = CalibrationStats.load(tmp_path / "s.safetensors")
     assert back.invariant_positions() == stats.invariant_positions()
     assert torch.equal(back.text_embeds, stats.text_embeds)
+
+
+@pytest.mark.parametrize("arch", ["unet", "dit"])
+def test_text_layers_are_found_from_data_with_their_invariant_bos_row(
+    arch: str, random_shapes_pipelines
+) -> None:
+    stats = calibrate(random_shapes_pipelines[arch], CalibrationConfig(PROMPTS, steps=2, progress=False))
+    bos = stats.invariant_positions()
+    text_layers = {n: st for n, st in stats.layers.items() if st.invariant_rows(bos)}
+    assert text_layers, "no layer reads the text embeddings"
+    for name, st in text_layers.items():
+        assert st.invariant_rows(bos) == [0]
+        assert st.sample_positions.shape == st.samples.shape
+        # Position 0 (BOS) reads the same row for every prompt; the prompt positions do not.
+        assert float(st.text_spread[0]) == 0.0, name
+        assert float(st.text_spread[1:].max()) > 0.0, name
+    if arch == "unet":
+        # Exactly the cross-attention keys and values read the text (found by data, not names).
+        assert all(n.endswith(("attn2.to_k", "attn2.to_v")) for n in text_layers)

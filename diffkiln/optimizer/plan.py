@@ -1,0 +1,205 @@
+"""The Plan: pure, versioned, JSON-serialisable data saying how each denoiser layer is quantised.
+
+The Plan is one of the two contracts between stages (the other is the bundle manifest): the
+optimizer writes it, export reads it. It holds no tensors and no code. See docs/plan-format.md.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Any
+
+__all__ = [
+    "PLAN_FORMAT",
+    "PLAN_VERSION",
+    "ActMode",
+    "ActSpec",
+    "LayerPlan",
+    "Plan",
+    "PlanError",
+    "WeightSpec",
+]
+
+PLAN_FORMAT = "diffkiln.plan"
+PLAN_VERSION = 1
+
+
+class PlanError(ValueError):
+    """A plan file is malformed, of another format, or of an unsupported version."""
+
+
+class ActMode(str, Enum):
+    """How a layer's input activation is quantised."""
+
+    STATIC = "static"  # per tensor, asymmetric, range fixed by calibration
+    DYNAMIC = "dynamic"  # per token, symmetric, range computed at run time
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """Integer weights: symmetric, per output channel.
+
+    Attributes:
+        bits: 8 (4 and 2 come with mixed precision).
+        granularity: "per_channel".
+        symmetric: True.
+    """
+
+    bits: int = 8
+    granularity: str = "per_channel"
+    symmetric: bool = True
+
+    def __post_init__(self) -> None:
+        if self.bits not in (2, 4, 8):
+            raise ValueError(f"weight bits must be 2, 4 or 8, got {self.bits}")
+
+
+@dataclass(frozen=True)
+class ActSpec:
+    """Integer activations.
+
+    Attributes:
+        bits: 8.
+        mode: static (per tensor, asymmetric) or dynamic (per token, symmetric).
+        scale: static step size (None in dynamic mode).
+        zero_point: static zero point in [-128, 127] (None in dynamic mode).
+        clip_lo: lower end of the chosen clipping range (static), for reports.
+        clip_hi: upper end of the chosen clipping range (static), for reports.
+    """
+
+    bits: int = 8
+    mode: ActMode = ActMode.STATIC
+    scale: float | None = None
+    zero_point: int | None = None
+    clip_lo: float | None = None
+    clip_hi: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.bits != 8:
+            raise ValueError(f"activation bits must be 8, got {self.bits}")
+        if self.mode is ActMode.STATIC and (self.scale is None or self.zero_point is None):
+            raise ValueError("a static activation spec needs scale and zero_point")
+        if self.scale is not None and self.scale <= 0:
+            raise ValueError(f"activation scale must be positive, got {self.scale}")
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """The decision for one Linear or Conv2d of the denoiser.
+
+    Attributes:
+        name: qualified module name inside the denoiser.
+        kind: "linear" or "conv".
+        weight: integer weight spec, or None to keep the layer in floating point.
+        act: integer activation spec, or None (then weight is None too).
+        bos_positions: text positions whose output rows are precomputed in FP (BOS-aware).
+        reason: why the layer is kept in FP, when it is ("" otherwise).
+        params: number of weight parameters (for averages).
+    """
+
+    name: str
+    kind: str
+    weight: WeightSpec | None
+    act: ActSpec | None
+    bos_positions: tuple[int, ...] = ()
+    reason: str = ""
+    params: int = 0
+
+    @property
+    def quantized(self) -> bool:
+        """True when the layer runs on integer kernels."""
+        return self.weight is not None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How to compress one pipeline's denoiser.
+
+    Attributes:
+        recipe: e.g. "w8a8".
+        source: the model's id and weight hash.
+        layers: one LayerPlan per Linear/Conv2d of the denoiser, in module order.
+        bos_positions: the prompt-invariant text positions found by calibration.
+        notes: free-form build information (calibration settings, clipping method).
+    """
+
+    recipe: str
+    source: dict[str, str]
+    layers: tuple[LayerPlan, ...]
+    bos_positions: tuple[int, ...] = ()
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def layer(self, name: str) -> LayerPlan:
+        """The plan of one layer.
+
+        Raises:
+            KeyError: unknown layer; the message shows a few valid names.
+        """
+        for lp in self.layers:
+            if lp.name == name:
+                return lp
+        raise KeyError(f"no layer {name!r} in the plan; e.g. {[lp.name for lp in self.layers[:5]]}")
+
+    def _avg(self, bits_of: Any) -> float:
+        total = sum(lp.params for lp in self.layers)
+        if total == 0:
+            return 0.0
+        return sum(bits_of(lp) * lp.params for lp in self.layers) / total
+
+    @property
+    def avg_weight_bits(self) -> float:
+        """Parameter-weighted average weight bits (FP layers count as 16)."""
+        return self._avg(lambda lp: lp.weight.bits if lp.weight else 16)
+
+    @property
+    def avg_act_bits(self) -> float:
+        """Parameter-weighted average activation bits (FP layers count as 16)."""
+        return self._avg(lambda lp: lp.act.bits if lp.act else 16)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict, with format name and version."""
+        return {"format": PLAN_FORMAT, "version": PLAN_VERSION, **asdict(self)}
+
+    def to_json(self) -> str:
+        """The plan as a JSON document."""
+        return json.dumps(self.to_dict(), indent=2, default=lambda e: e.value)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Plan:
+        """Rebuild a plan from :meth:`to_dict` output.
+
+        Raises:
+            PlanError: another format, an unsupported version, or a malformed entry.
+        """
+        if d.get("format") != PLAN_FORMAT:
+            raise PlanError(f"not a diffkiln plan (format {d.get('format')!r}, expected {PLAN_FORMAT!r})")
+        if d.get("version") != PLAN_VERSION:
+            raise PlanError(
+                f"plan version {d.get('version')!r} is not supported; this diffkiln reads {PLAN_VERSION}"
+            )
+        try:
+            layers = tuple(
+                LayerPlan(
+                    name=lp["name"],
+                    kind=lp["kind"],
+                    weight=WeightSpec(**lp["weight"]) if lp["weight"] else None,
+                    act=ActSpec(**{**lp["act"], "mode": ActMode(lp["act"]["mode"])}) if lp["act"] else None,
+                    bos_positions=tuple(lp["bos_positions"]),
+                    reason=lp["reason"],
+                    params=lp["params"],
+                )
+                for lp in d["layers"]
+            )
+            return cls(d["recipe"], dict(d["source"]), layers, tuple(d["bos_positions"]), dict(d["notes"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PlanError(f"malformed plan: {exc}") from exc
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        """Parse a plan JSON document (see :meth:`from_dict`)."""
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as exc:
+            raise PlanError(f"plan is not valid JSON: {exc}") from exc

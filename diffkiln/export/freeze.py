@@ -1,0 +1,66 @@
+"""Freeze one float layer and its LayerPlan into the tensors a quantized module is built from."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffkiln.calibrate.stats import LayerStats
+from diffkiln.optimizer.plan import ActMode, LayerPlan
+from diffkiln.optimizer.quantizers import quantize_weight_per_channel
+
+__all__ = ["freeze_layer", "layer_meta"]
+
+
+def layer_meta(module: nn.Module, lp: LayerPlan) -> dict[str, Any]:
+    """The non-tensor construction arguments of a quantized layer (JSON-ready)."""
+    meta: dict[str, Any] = {"act_mode": lp.act.mode.value if lp.act else None, "kind": lp.kind}
+    if isinstance(module, nn.Conv2d):
+        if isinstance(module.padding, str):
+            raise ValueError(f"{lp.name}: string padding {module.padding!r} is not supported; --exclude it")
+        meta.update(
+            stride=list(module.stride),
+            padding=list(module.padding),
+            dilation=list(module.dilation),
+            groups=module.groups,
+        )
+    return meta
+
+
+def freeze_layer(module: nn.Module, lp: LayerPlan, stats: LayerStats | None) -> dict[str, torch.Tensor]:
+    """Integer weights, scales, activation params and BOS rows for one planned layer.
+
+    Args:
+        module: the float nn.Linear or nn.Conv2d.
+        lp: its plan (must be quantized).
+        stats: its calibration statistics (needed for BOS rows).
+
+    Raises:
+        ValueError: the plan keeps the layer in FP, or BOS rows are planned without statistics.
+    """
+    if lp.weight is None or lp.act is None:
+        raise ValueError(f"{lp.name} is kept in floating point by the plan; nothing to freeze")
+    if not isinstance(module, (nn.Linear, nn.Conv2d)):
+        raise ValueError(f"{lp.name}: cannot quantize a {type(module).__name__}")
+    qw = quantize_weight_per_channel(module.weight, lp.weight.bits)
+    out = {"weight_q": qw.q.contiguous(), "weight_scale": qw.scale.contiguous()}
+    if module.bias is not None:
+        out["bias"] = module.bias.detach().to(torch.float32).contiguous()
+    if lp.act.mode is ActMode.STATIC:
+        out["act_scale"] = torch.tensor(lp.act.scale, dtype=torch.float32)
+        out["act_zero_point"] = torch.tensor(lp.act.zero_point, dtype=torch.int32)
+    if lp.bos_positions:
+        if stats is None or stats.text_rows.numel() == 0:
+            raise ValueError(f"{lp.name}: BOS rows planned but calibration recorded no text rows")
+        pos = torch.tensor(lp.bos_positions, dtype=torch.int64)
+        rows = stats.text_rows[pos].to(torch.float32)
+        with torch.no_grad():
+            out["bos_rows"] = F.linear(
+                rows, module.weight.float(), None if module.bias is None else module.bias.float()
+            )
+        out["bos_positions"] = pos
+        out["text_len"] = torch.tensor(stats.text_rows.shape[0], dtype=torch.int64)
+    return out

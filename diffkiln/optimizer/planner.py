@@ -1,0 +1,161 @@
+"""The ``plan`` verb: turn calibration statistics into a Plan for a recipe (W8A8 today).
+
+Which layers stay in floating point is decided from the model's structure, never from layer
+names: the denoiser's first and last Linear/Conv (the latent input and output projections), and
+layers inside timestep/text-conditioning embedding modules (small, and their error reaches every
+token). Adaptive-norm modulation layers are quantized: in DiTs they hold a large share of the
+weights. ``include``/``exclude`` globs override these defaults.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import torch
+from torch import nn
+
+from diffkiln.calibrate.stats import CalibrationStats, find_denoiser, find_quantizable_layers
+from diffkiln.optimizer.plan import ActMode, ActSpec, LayerPlan, Plan, WeightSpec
+from diffkiln.optimizer.quantizers import ClipMethod, choose_act_params
+
+__all__ = ["QuantizeConfig", "Recipe", "fp_default_reasons", "make_plan"]
+
+
+class Recipe(str, Enum):
+    """Compression recipes."""
+
+    W8A8 = "w8a8"
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """How to quantise.
+
+    Attributes:
+        recipe: the recipe. Default W8A8.
+        act_mode: static per-tensor (from calibration) or dynamic per-token activations. Default static.
+        clip: how static activation ranges are chosen. Default MSE.
+        include: globs of layer names to quantise even if kept in FP by default. Default none.
+        exclude: globs of layer names to keep in FP. Default none.
+        bos_aware: precompute prompt-invariant text rows (BOS) in FP and leave them out of the
+            activation range. Default True.
+    """
+
+    recipe: Recipe = Recipe.W8A8
+    act_mode: ActMode = ActMode.STATIC
+    clip: ClipMethod = ClipMethod.MSE
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    bos_aware: bool = True
+
+    def __post_init__(self) -> None:
+        for field_name, enum in (("recipe", Recipe), ("act_mode", ActMode), ("clip", ClipMethod)):
+            value = getattr(self, field_name)
+            if not isinstance(value, enum):
+                raise ValueError(f"{field_name} must be one of {[e.value for e in enum]}, got {value!r}")
+
+
+_CONDITIONING_CLASS_HINTS = ("Timestep", "Embedding")
+
+
+def fp_default_reasons(denoiser: nn.Module) -> dict[str, str]:
+    """Layers kept in FP by default, with the structural reason for each."""
+    layers = find_quantizable_layers(denoiser)
+    modules = dict(denoiser.named_modules())
+    names = list(layers)
+    reasons: dict[str, str] = {}
+    if names:
+        reasons[names[0]] = "input projection (first layer)"
+        reasons[names[-1]] = "output projection (last layer)"
+    for name in names:
+        parts = name.split(".")
+        for i in range(1, len(parts)):
+            cls = type(modules[".".join(parts[:i])]).__name__
+            if any(h in cls for h in _CONDITIONING_CLASS_HINTS):
+                reasons.setdefault(name, f"conditioning layer inside {cls}")
+                break
+    return reasons
+
+
+def _matches(name: str, globs: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(name, g) for g in globs)
+
+
+def _bos_summary(stats: CalibrationStats, positions: list[int]) -> dict[str, Any]:
+    emb = stats.text_embeds.float()
+    if emb.numel() == 0 or not positions:
+        return {}
+    absmax = emb.abs().amax(dim=(0, 2))
+    others = [i for i in range(emb.shape[1]) if i not in positions]
+    return {
+        "bos_absmax": float(absmax[positions].max()),
+        "other_tokens_absmax": float(absmax[others].max()) if others else None,
+        "other_tokens_absmax_median": float(absmax[others].median()) if others else None,
+    }
+
+
+def make_plan(pipe: Any, stats: CalibrationStats, config: QuantizeConfig, source_id: str) -> Plan:
+    """Decide each denoiser layer's quantisation from calibration statistics.
+
+    Args:
+        pipe: the FP pipeline the statistics were measured on.
+        stats: output of :func:`diffkiln.calibrate.calibrate`.
+        config: the recipe and its options.
+        source_id: the model's id (a built-in name or a folder path), recorded in the plan.
+
+    Raises:
+        ValueError: the statistics do not cover a layer of this denoiser (calibrated on another model).
+    """
+    denoiser = find_denoiser(pipe)
+    layers = find_quantizable_layers(denoiser)
+    missing = [n for n in layers if n not in stats.layers]
+    if missing:
+        raise ValueError(
+            f"calibration statistics lack {len(missing)} layer(s), e.g. {missing[:3]}; recalibrate"
+        )
+    defaults = fp_default_reasons(denoiser)
+    bos = stats.invariant_positions() if config.bos_aware else []
+    out: list[LayerPlan] = []
+    for name, module in layers.items():
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):  # narrows the type; all layers are
+            continue
+        kind = "conv" if isinstance(module, nn.Conv2d) else "linear"
+        params = module.weight.numel()
+        reason = ""
+        if _matches(name, config.exclude):
+            reason = "excluded by --exclude"
+        elif name in defaults and not _matches(name, config.include):
+            reason = defaults[name]
+        if reason:
+            out.append(LayerPlan(name, kind, None, None, (), reason, params))
+            continue
+        st = stats.layers[name]
+        rows = tuple(st.invariant_rows(bos)) if bos and kind == "linear" else ()
+        if config.act_mode is ActMode.DYNAMIC:
+            act = ActSpec(mode=ActMode.DYNAMIC)
+        else:
+            samples = st.samples.flatten()
+            if rows and st.sample_positions.numel():
+                keep = ~torch.isin(st.sample_positions.flatten(), torch.tensor(rows, dtype=torch.int32))
+                samples = samples[keep]
+            p = choose_act_params(samples, config.clip)
+            act = ActSpec(
+                mode=ActMode.STATIC, scale=p.scale, zero_point=p.zero_point, clip_lo=p.lo, clip_hi=p.hi
+            )
+        out.append(LayerPlan(name, kind, WeightSpec(bits=8), act, rows, "", params))
+    return Plan(
+        recipe=config.recipe.value,
+        source={"id": source_id, "weight_hash": stats.model_hash},
+        layers=tuple(out),
+        bos_positions=tuple(bos),
+        notes={
+            "act_mode": config.act_mode.value,
+            "clip": config.clip.value,
+            "bos_aware": config.bos_aware,
+            "calibration": stats.settings,
+            "bos": _bos_summary(stats, stats.invariant_positions()),
+        },
+    )

@@ -1,0 +1,176 @@
+"""Quantized modules that keep int8 weights resident and compute with integer GEMMs.
+
+Registered by the float module type they replace (``@register_qmodule(nn.Linear)``). Each is
+built from frozen tensors (as stored in a bundle), never from float weights, so a deployment
+needs no FP checkpoint. Tensor names per layer (``<layer>.<suffix>``):
+
+Each is built as ``cls(tensors, meta)``: ``meta`` holds ``act_mode`` ("static"/"dynamic") and,
+for convolutions, ``stride``, ``padding``, ``dilation`` and ``groups``.
+
+* ``weight_q`` int8 (out, in[, kh, kw]); ``weight_scale`` float32 (out,); ``bias`` float32 (out,), optional;
+* static activations: ``act_scale`` float32 (), ``act_zero_point`` int32 ();
+* BOS-aware layers: ``bos_rows`` float32 (P, out), ``bos_positions`` int64 (P,), ``text_len`` int64 ().
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffkiln.kernels import dynamic_quant, quant_matmul
+
+__all__ = ["QConv2d", "QLinear", "qmodule_for", "register_qmodule"]
+
+_QMODULES: dict[type[nn.Module], type[nn.Module]] = {}
+
+
+def register_qmodule(float_type: type[nn.Module]) -> Callable[[type[nn.Module]], type[nn.Module]]:
+    """Class decorator: register a quantized module as the replacement for ``float_type``."""
+
+    def deco(cls: type[nn.Module]) -> type[nn.Module]:
+        _QMODULES[float_type] = cls
+        return cls
+
+    return deco
+
+
+def qmodule_for(float_type: type[nn.Module]) -> type[nn.Module]:
+    """The quantized module class that replaces ``float_type``.
+
+    Raises:
+        KeyError: no registered replacement; the message lists the supported types.
+    """
+    if float_type not in _QMODULES:
+        raise KeyError(
+            f"no quantized module for {float_type.__name__}; "
+            f"supported: {sorted(t.__name__ for t in _QMODULES)}"
+        )
+    return _QMODULES[float_type]
+
+
+def _quantize_static(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    q = torch.round(x.to(torch.float32) / scale) + zero_point
+    return torch.clamp(q, -128, 127).to(torch.int8)
+
+
+class _IntGemm(nn.Module):
+    """Shared integer GEMM of a (M, K) float input against resident int8 (K, N) weights."""
+
+    weight_t: torch.Tensor
+    weight_scale: torch.Tensor
+    colsum: torch.Tensor
+    act_scale: torch.Tensor
+    act_zero_point: torch.Tensor
+    bias: torch.Tensor | None
+
+    def __init__(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        super().__init__()
+        dynamic = meta.get("act_mode", "static") == "dynamic"
+        w = tensors["weight_q"]
+        if w.dtype != torch.int8:
+            raise TypeError(f"weight_q must be int8, got {w.dtype}")
+        w2 = w.reshape(w.shape[0], -1)
+        self.dynamic = dynamic
+        # (K, N) contiguous: the layout torch._int_mm and npu_quant_matmul take for the weight.
+        self.register_buffer("weight_t", w2.t().contiguous())
+        self.register_buffer("weight_scale", tensors["weight_scale"].to(torch.float32))
+        # Folds the activation zero point: (q - zp) @ W = q @ W - zp * colsum(W), exact in int32.
+        self.register_buffer("colsum", w2.to(torch.int32).sum(dim=1))
+        bias = tensors.get("bias")
+        self.register_buffer("bias", None if bias is None else bias.to(torch.float32))
+        if not dynamic:
+            self.register_buffer("act_scale", tensors["act_scale"].to(torch.float32).reshape(()))
+            self.register_buffer("act_zero_point", tensors["act_zero_point"].to(torch.int32).reshape(()))
+
+    def gemm(self, x2d: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        if self.dynamic:
+            q, tok_scale = dynamic_quant(x2d)
+            out = quant_matmul(q, self.weight_t, self.weight_scale, None, tok_scale, torch.float32)
+        else:
+            q = _quantize_static(x2d, self.act_scale, self.act_zero_point)
+            bias_i32 = -self.act_zero_point * self.colsum
+            out = quant_matmul(
+                q, self.weight_t, self.act_scale * self.weight_scale, bias_i32, None, torch.float32
+            )
+        if self.bias is not None:
+            out = out + self.bias
+        return out.to(out_dtype)
+
+
+@register_qmodule(nn.Linear)
+class QLinear(_IntGemm):
+    """W8A8 Linear: int8 weights resident, int8 GEMM, optional BOS rows precomputed in FP."""
+
+    bos_rows: torch.Tensor | None
+    bos_positions: torch.Tensor | None
+
+    def __init__(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        super().__init__(tensors, meta)
+        self.in_features = tensors["weight_q"].shape[1]
+        self.out_features = tensors["weight_q"].shape[0]
+        has_bos = "bos_rows" in tensors
+        self.register_buffer("bos_rows", tensors["bos_rows"].to(torch.float32) if has_bos else None)
+        self.register_buffer("bos_positions", tensors["bos_positions"].to(torch.int64) if has_bos else None)
+        self.text_len = int(tensors["text_len"]) if has_bos else 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bos_rows is not None and x.dim() == 3 and x.shape[1] == self.text_len:
+            return self._forward_bos(x)
+        out = self.gemm(x.reshape(-1, self.in_features), x.dtype)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def _forward_bos(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bos_rows is None or self.bos_positions is None:
+            raise RuntimeError("this layer has no BOS rows")
+        # The BOS rows are the same for every prompt: use the FP rows computed at export, and run
+        # the integer GEMM (whose range excludes the BOS outlier) on the other tokens only.
+        b, n, _ = x.shape
+        keep = torch.ones(n, dtype=torch.bool, device=x.device)
+        keep[self.bos_positions] = False
+        rest = x[:, keep, :].reshape(-1, self.in_features)
+        out = torch.empty(b, n, self.out_features, dtype=x.dtype, device=x.device)
+        out[:, keep, :] = self.gemm(rest, x.dtype).reshape(b, -1, self.out_features)
+        out[:, self.bos_positions, :] = self.bos_rows.to(x.dtype)
+        return out
+
+    def extra_repr(self) -> str:
+        mode = "dynamic" if self.dynamic else "static"
+        return f"in={self.in_features}, out={self.out_features}, W8A8 {mode}, bos={self.bos_rows is not None}"
+
+
+@register_qmodule(nn.Conv2d)
+class QConv2d(_IntGemm):
+    """W8A8 Conv2d as an integer GEMM over unfolded patches (im2col).
+
+    Zero padding is exact: a padded zero quantises to the zero point, as a real zero does.
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        super().__init__(tensors, meta)
+        w = tensors["weight_q"]
+        self.out_channels, self.in_channels = w.shape[0], w.shape[1]
+        self.kernel_size = tuple(w.shape[2:])
+        self.stride = tuple(meta["stride"])
+        self.padding = tuple(meta["padding"])
+        self.dilation = tuple(meta["dilation"])
+        if meta.get("groups", 1) != 1:
+            raise ValueError("grouped convolutions are not quantized; keep this layer in FP with --exclude")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        cols = F.unfold(x, self.kernel_size, dilation=self.dilation, padding=self.padding, stride=self.stride)
+        kh, kw = self.kernel_size
+        oh = (h + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
+        ow = (w + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+        out = self.gemm(cols.transpose(1, 2).reshape(-1, cols.shape[1]), x.dtype)
+        return (
+            out.reshape(b, oh * ow, self.out_channels).transpose(1, 2).reshape(b, self.out_channels, oh, ow)
+        )
+
+    def extra_repr(self) -> str:
+        mode = "dynamic" if self.dynamic else "static"
+        return f"{self.in_channels}->{self.out_channels}, kernel={self.kernel_size}, W8A8 {mode}"

@@ -1,0 +1,43 @@
+"""Helpers shared by end-to-end quantization tests."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+from diffkiln.calibrate import CalibrationConfig, calibrate, find_denoiser, find_quantizable_layers
+from diffkiln.export.freeze import freeze_layer, layer_meta
+from diffkiln.optimizer.planner import QuantizeConfig, make_plan
+from diffkiln.runtime.assemble import replace_layers
+
+PROMPTS = (
+    "a red circle on the left",
+    "a blue square above a green triangle",
+    "a yellow circle at the top",
+    "a green square right of a red triangle",
+)
+
+
+def quantize_in_memory(pipe: Any, config: QuantizeConfig, steps: int = 4) -> tuple[Any, Any]:
+    """(quantized copy of pipe, plan): calibrate, plan, freeze and swap, without a bundle."""
+    stats = calibrate(pipe, CalibrationConfig(PROMPTS, steps=steps, batch_size=4, progress=False))
+    plan = make_plan(pipe, stats, config, "test")
+    qpipe = copy.deepcopy(pipe)
+    den = find_denoiser(qpipe)
+    layers = find_quantizable_layers(den)
+    frozen, metas = {}, {}
+    for lp in plan.layers:
+        if lp.quantized:
+            frozen[lp.name] = freeze_layer(layers[lp.name], lp, stats.layers[lp.name])
+            metas[lp.name] = layer_meta(layers[lp.name], lp)
+    replace_layers(den, frozen, metas)
+    return qpipe, plan
+
+
+def latents(pipe: Any, prompts: tuple[str, ...], steps: int = 4) -> torch.Tensor:
+    gens = [torch.Generator().manual_seed(100 + i) for i in range(len(prompts))]
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        return pipe(list(prompts), num_inference_steps=steps, generator=gens, output_type="latent").images

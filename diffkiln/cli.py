@@ -45,20 +45,14 @@ _non_negative_float = _bounded(float, 0.0, False, "a number >= 0")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--steps", type=_positive_int, help="denoising steps (default: the model's, 20 for built-ins)"
-    )
+    p.add_argument("--steps", type=_positive_int, help="denoising steps (default: the model's, 20 for built-ins)")
     p.add_argument(
         "--guidance",
         type=_non_negative_float,
         help="classifier-free guidance scale (default: the model's, 5.0)",
     )
-    p.add_argument(
-        "--seed", type=_non_negative_int, default=0, help="base seed; image i uses seed+i (default 0)"
-    )
-    p.add_argument(
-        "--batch-size", type=_positive_int, default=50, help="prompts per pipeline call (default 50)"
-    )
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="base seed; image i uses seed+i (default 0)")
+    p.add_argument("--batch-size", type=_positive_int, default=50, help="prompts per pipeline call (default 50)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -83,12 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     g.add_argument("target", metavar="TARGET", help="built-in model name or diffusers folder")
     g.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a prompt (repeatable)")
-    g.add_argument(
-        "--prompts", type=Path, metavar="FILE", help="file with one prompt per line ('#' comments)"
-    )
-    g.add_argument(
-        "--out", type=Path, default=Path("out/generate"), help="output folder (default out/generate)"
-    )
+    g.add_argument("--prompts", type=Path, metavar="FILE", help="file with one prompt per line ('#' comments)")
+    g.add_argument("--out", type=Path, default=Path("out/generate"), help="output folder (default out/generate)")
     _add_sampling_args(g)
 
     r = sub.add_parser(
@@ -139,8 +129,7 @@ def _cmd_generate(a: argparse.Namespace) -> int:
     for p in paths:
         print(p)
     print(
-        f"wrote {len(paths)} image(s) to {a.out} (steps={result.steps}, guidance={result.guidance}, "
-        f"seed={result.seed})"
+        f"wrote {len(paths)} image(s) to {a.out} (steps={result.steps}, guidance={result.guidance}, seed={result.seed})"
     )
     return 0
 

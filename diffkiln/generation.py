@@ -66,9 +66,7 @@ class GenerateConfig:
         """(steps, guidance) with the target's defaults filled in."""
         b = target.builtin
         steps = self.steps or (b.default_steps if b else _DEFAULT_STEPS)
-        guidance = (
-            self.guidance if self.guidance is not None else (b.default_guidance if b else _DEFAULT_GUIDANCE)
-        )
+        guidance = self.guidance if self.guidance is not None else (b.default_guidance if b else _DEFAULT_GUIDANCE)
         return steps, guidance
 
 
@@ -178,9 +176,7 @@ def generate(
         chunk = prompts[start : start + config.batch_size]
         gens = [torch.Generator(device="cpu").manual_seed(config.seed + start + i) for i in range(len(chunk))]
 
-        def on_step(
-            _pipe: Any, _i: int, _t: Any, kwargs: dict[str, Any], n: int = len(chunk)
-        ) -> dict[str, Any]:
+        def on_step(_pipe: Any, _i: int, _t: Any, kwargs: dict[str, Any], n: int = len(chunk)) -> dict[str, Any]:
             bar.update(n)
             return kwargs
 
@@ -192,9 +188,7 @@ def generate(
             output_type="np",
             callback_on_step_end=on_step,
         )
-        images.extend(
-            Image.fromarray((np.clip(im, 0, 1) * 255).round().astype(np.uint8)) for im in out.images
-        )
+        images.extend(Image.fromarray((np.clip(im, 0, 1) * 255).round().astype(np.uint8)) for im in out.images)
     bar.close()
     del device
     return GenerationResult(

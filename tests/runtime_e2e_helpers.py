@@ -41,3 +41,12 @@ def latents(pipe: Any, prompts: tuple[str, ...], steps: int = 4) -> torch.Tensor
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
         return pipe(list(prompts), num_inference_steps=steps, generator=gens, output_type="latent").images
+
+
+def build_bundle(pipe: Any, config: QuantizeConfig, out: Any, steps: int = 4) -> tuple[Any, Any]:
+    """Calibrate, plan and export a bundle to ``out``; returns (bundle path, plan)."""
+    from diffkiln.export import ExportConfig, export_bundle
+
+    stats = calibrate(pipe, CalibrationConfig(PROMPTS, steps=steps, batch_size=4, progress=False))
+    plan = make_plan(pipe, stats, config, "test")
+    return export_bundle(pipe, plan, stats, ExportConfig(out)), plan

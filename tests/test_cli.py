@@ -13,9 +13,7 @@ from diffkiln.cli import main
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "diffkiln.cli", *args], capture_output=True, text=True, timeout=600
-    )
+    return subprocess.run([sys.executable, "-m", "diffkiln.cli", *args], capture_output=True, text=True, timeout=600)
 
 
 def test_models_lists_both_builtins(capsys: pytest.CaptureFixture[str]) -> None:
@@ -60,10 +58,7 @@ def test_generate_writes_pngs(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 
 def test_report_writes_json_and_self_contained_html(tmp_path: Path) -> None:
     out = tmp_path / "r"
-    assert (
-        main(["report", "shapes-dit", "--eval-size", "2", "--steps", "2", "--out", str(out), "--no-progress"])
-        == 0
-    )
+    assert main(["report", "shapes-dit", "--eval-size", "2", "--steps", "2", "--out", str(out), "--no-progress"]) == 0
     data = json.loads((out / "report.json").read_text())
     assert data["target"] == "shapes-dit"
     for key in ("steps", "guidance", "seed", "scheduler"):

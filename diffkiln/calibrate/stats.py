@@ -204,8 +204,7 @@ def find_denoiser(pipe: Any) -> nn.Module:
         if isinstance(module, nn.Module):
             return module
     raise ValueError(
-        f"{type(pipe).__name__} has no 'transformer' or 'unet' denoiser; "
-        f"components: {sorted(pipe.components)}"
+        f"{type(pipe).__name__} has no 'transformer' or 'unet' denoiser; components: {sorted(pipe.components)}"
     )
 
 
@@ -356,9 +355,7 @@ def calibrate(pipe: Any, config: CalibrationConfig) -> CalibrationStats:
             chunk = list(config.prompts[start : start + config.batch_size])
             gens = [torch.Generator().manual_seed(config.seed + start + i) for i in range(len(chunk))]
 
-            def on_step(
-                _p: Any, _i: int, t: Any, kwargs: dict[str, Any], size: int = len(chunk)
-            ) -> dict[str, Any]:
+            def on_step(_p: Any, _i: int, t: Any, kwargs: dict[str, Any], size: int = len(chunk)) -> dict[str, Any]:
                 bar.update(size)
                 if len(timesteps) < config.steps:
                     timesteps.append(float(t))

@@ -1,6 +1,6 @@
-"""Export: freeze a model and its Plan into a bundle (safetensors + manifest.json, ONNX, Ascend).
+"""Export: freeze a model and its Plan into a bundle (safetensors + manifest.json)."""
 
-Not built yet (issues 3 and 5). Importing it is harmless; it exports nothing.
-"""
+from diffkiln.export.bundle import ExportConfig, export_bundle
+from diffkiln.export.freeze import freeze_layer, layer_meta
 
-__all__: list[str] = []
+__all__ = ["ExportConfig", "export_bundle", "freeze_layer", "layer_meta"]

@@ -74,17 +74,13 @@ def get_backend(device: torch.device | str) -> KernelBackend:
     """
     device_type = torch.device(device).type
     if device_type not in _REGISTRY:
-        raise KeyError(
-            f"no integer-kernel backend for device type {device_type!r}; valid: {available_backends()}"
-        )
+        raise KeyError(f"no integer-kernel backend for device type {device_type!r}; valid: {available_backends()}")
     if device_type not in _INSTANCES:
         _INSTANCES[device_type] = _REGISTRY[device_type]()
     return _INSTANCES[device_type]
 
 
-def _scaled(
-    acc: torch.Tensor, scale: torch.Tensor, pertoken: torch.Tensor | None, dtype: torch.dtype
-) -> torch.Tensor:
+def _scaled(acc: torch.Tensor, scale: torch.Tensor, pertoken: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     out = acc.to(torch.float32) * scale.to(torch.float32)
     if pertoken is not None:
         out = out * pertoken.to(torch.float32)[:, None]

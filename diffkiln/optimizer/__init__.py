@@ -1,6 +1,21 @@
-"""Optimizer: quantizers, sensitivity, ILP bit allocation, sparsity and cache schedules -> a Plan.
+"""Optimizer: quantizers and planning -> a Plan (pure data)."""
 
-Not built yet (issues 3 and 4). Importing it is harmless; it exports nothing.
-"""
+from diffkiln.optimizer.plan import ActMode, ActSpec, LayerPlan, Plan, PlanError, WeightSpec
+from diffkiln.optimizer.planner import QuantizeConfig, Recipe, fp_default_reasons, make_plan
+from diffkiln.optimizer.quantizers import ClipMethod, choose_act_params, quantize_weight_per_channel
 
-__all__: list[str] = []
+__all__ = [
+    "ActMode",
+    "ActSpec",
+    "ClipMethod",
+    "LayerPlan",
+    "Plan",
+    "PlanError",
+    "QuantizeConfig",
+    "Recipe",
+    "WeightSpec",
+    "choose_act_params",
+    "fp_default_reasons",
+    "make_plan",
+    "quantize_weight_per_channel",
+]

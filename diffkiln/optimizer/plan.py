@@ -176,9 +176,7 @@ class Plan:
         if d.get("format") != PLAN_FORMAT:
             raise PlanError(f"not a diffkiln plan (format {d.get('format')!r}, expected {PLAN_FORMAT!r})")
         if d.get("version") != PLAN_VERSION:
-            raise PlanError(
-                f"plan version {d.get('version')!r} is not supported; this diffkiln reads {PLAN_VERSION}"
-            )
+            raise PlanError(f"plan version {d.get('version')!r} is not supported; this diffkiln reads {PLAN_VERSION}")
         try:
             layers = tuple(
                 LayerPlan(

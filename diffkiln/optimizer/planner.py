@@ -113,9 +113,7 @@ def make_plan(pipe: Any, stats: CalibrationStats, config: QuantizeConfig, source
     layers = find_quantizable_layers(denoiser)
     missing = [n for n in layers if n not in stats.layers]
     if missing:
-        raise ValueError(
-            f"calibration statistics lack {len(missing)} layer(s), e.g. {missing[:3]}; recalibrate"
-        )
+        raise ValueError(f"calibration statistics lack {len(missing)} layer(s), e.g. {missing[:3]}; recalibrate")
     defaults = fp_default_reasons(denoiser)
     bos = stats.invariant_positions() if config.bos_aware else []
     out: list[LayerPlan] = []
@@ -142,9 +140,7 @@ def make_plan(pipe: Any, stats: CalibrationStats, config: QuantizeConfig, source
                 keep = ~torch.isin(st.sample_positions.flatten(), torch.tensor(rows, dtype=torch.int32))
                 samples = samples[keep]
             p = choose_act_params(samples, config.clip)
-            act = ActSpec(
-                mode=ActMode.STATIC, scale=p.scale, zero_point=p.zero_point, clip_lo=p.lo, clip_hi=p.hi
-            )
+            act = ActSpec(mode=ActMode.STATIC, scale=p.scale, zero_point=p.zero_point, clip_lo=p.lo, clip_hi=p.hi)
         out.append(LayerPlan(name, kind, WeightSpec(bits=8), act, rows, "", params))
     return Plan(
         recipe=config.recipe.value,

@@ -107,9 +107,7 @@ def fake_quant_activation(x: torch.Tensor, p: ActQuantParams) -> torch.Tensor:
     return (q - p.zero_point) * p.scale
 
 
-def choose_act_params(
-    samples: torch.Tensor, method: ClipMethod = ClipMethod.MSE, grid: int = 40
-) -> ActQuantParams:
+def choose_act_params(samples: torch.Tensor, method: ClipMethod = ClipMethod.MSE, grid: int = 40) -> ActQuantParams:
     """Choose static int8 params for an activation from calibration samples.
 
     Args:

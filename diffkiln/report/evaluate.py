@@ -230,8 +230,6 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"cannot serialise {type(obj).__name__}")
 
 
-def report(
-    target: str | os.PathLike[str], config: ReportConfig, out_dir: str | os.PathLike[str]
-) -> tuple[Path, Path]:
+def report(target: str | os.PathLike[str], config: ReportConfig, out_dir: str | os.PathLike[str]) -> tuple[Path, Path]:
     """Build the report for ``target`` and write it to ``out_dir``; returns (json, html) paths."""
     return write_report(build_report(target, config), out_dir)

@@ -1,6 +1,20 @@
 """Runtime: load a bundle and run it as a diffusers pipeline on NPU, CUDA or CPU.
 
-Not built yet (issue 3). Importing it is harmless; it exports nothing.
+Imports only from :mod:`diffkiln.kernels` (never calibrate or optimizer), so a deployment needs
+runtime + kernels alone.
 """
 
-__all__: list[str] = []
+from diffkiln.runtime.load import is_bundle, load, resolve_device
+from diffkiln.runtime.manifest import BundleError
+from diffkiln.runtime.qmodules import QConv2d, QLinear, qmodule_for, register_qmodule
+
+__all__ = [
+    "BundleError",
+    "QConv2d",
+    "QLinear",
+    "is_bundle",
+    "load",
+    "qmodule_for",
+    "register_qmodule",
+    "resolve_device",
+]

@@ -30,9 +30,7 @@ def replace_layers(
     modules = dict(denoiser.named_modules())
     for name, layer_tensors in tensors.items():
         if name not in modules:
-            raise KeyError(
-                f"layer {name!r} is not in {type(denoiser).__name__}; the bundle does not fit this model"
-            )
+            raise KeyError(f"layer {name!r} is not in {type(denoiser).__name__}; the bundle does not fit this model")
         meta = metas[name]
         qcls = qmodule_for(_FLOAT_TYPES[meta["kind"]])
         parent_name, _, child = name.rpartition(".")

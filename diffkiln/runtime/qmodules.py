@@ -46,8 +46,7 @@ def qmodule_for(float_type: type[nn.Module]) -> type[nn.Module]:
     """
     if float_type not in _QMODULES:
         raise KeyError(
-            f"no quantized module for {float_type.__name__}; "
-            f"supported: {sorted(t.__name__ for t in _QMODULES)}"
+            f"no quantized module for {float_type.__name__}; supported: {sorted(t.__name__ for t in _QMODULES)}"
         )
     return _QMODULES[float_type]
 
@@ -93,9 +92,7 @@ class _IntGemm(nn.Module):
         else:
             q = _quantize_static(x2d, self.act_scale, self.act_zero_point)
             bias_i32 = -self.act_zero_point * self.colsum
-            out = quant_matmul(
-                q, self.weight_t, self.act_scale * self.weight_scale, bias_i32, None, torch.float32
-            )
+            out = quant_matmul(q, self.weight_t, self.act_scale * self.weight_scale, bias_i32, None, torch.float32)
         if self.bias is not None:
             out = out + self.bias
         return out.to(out_dtype)
@@ -167,9 +164,7 @@ class QConv2d(_IntGemm):
         oh = (h + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
         ow = (w + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
         out = self.gemm(cols.transpose(1, 2).reshape(-1, cols.shape[1]), x.dtype)
-        return (
-            out.reshape(b, oh * ow, self.out_channels).transpose(1, 2).reshape(b, self.out_channels, oh, ow)
-        )
+        return out.reshape(b, oh * ow, self.out_channels).transpose(1, 2).reshape(b, self.out_channels, oh, ow)
 
     def extra_repr(self) -> str:
         mode = "dynamic" if self.dynamic else "static"

@@ -23,11 +23,7 @@ EOS_TOKEN = "<|endoftext|>"
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP's reversible byte -> printable unicode map."""
-    bs = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -91,9 +87,7 @@ def build_clip_tokenizer(words: Iterable[str], out_dir: str | Path, max_length: 
     vocab_list += [a + b for a, b in merges]
     vocab_list += [BOS_TOKEN, EOS_TOKEN]
     (out / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab_list)}, ensure_ascii=False))
-    (out / "merges.txt").write_text(
-        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8"
-    )
+    (out / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
     tok = CLIPTokenizer(
         vocab={t: i for i, t in enumerate(vocab_list)},
         # The tokenizers backend takes (left, right) pairs; transformers' annotation says str.

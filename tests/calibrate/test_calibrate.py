@@ -39,24 +39,16 @@ def test_calibration_records_every_layer_per_step_and_finds_bos(
     for name, st in stats.layers.items():
         assert st.min.shape == (3,) and st.samples.shape == (3, 64)
         assert bool((st.min <= st.max).all())
-        channels = (
-            layers[name].in_features if isinstance(layers[name], nn.Linear) else layers[name].in_channels
-        )
+        channels = layers[name].in_features if isinstance(layers[name], nn.Linear) else layers[name].in_channels
         assert st.channel_absmax.shape == (3, channels)
-        assert float(st.samples.min()) >= float(st.min.min()) and float(st.samples.max()) <= float(
-            st.max.max()
-        )
+        assert float(st.samples.min()) >= float(st.min.min()) and float(st.samples.max()) <= float(st.max.max())
     # CLIP is causal: position 0 (BOS) is the same for every prompt, and nothing else is.
     assert stats.invariant_positions() == [0]
 
 
-def test_second_calibration_comes_from_the_cache(
-    random_shapes_pipelines, tmp_path: Path, monkeypatch
-) -> None:
+def test_second_calibration_comes_from_the_cache(random_shapes_pipelines, tmp_path: Path, monkeypatch) -> None:
     pipe = random_shapes_pipelines["unet"]
-    cfg = CalibrationConfig(
-        PROMPTS[:2], steps=2, batch_size=2, samples_per_step=32, cache_dir=tmp_path, progress=False
-    )
+    cfg = CalibrationConfig(PROMPTS[:2], steps=2, batch_size=2, samples_per_step=32, cache_dir=tmp_path, progress=False)
     first = calibrate(pipe, cfg)
     assert len(list(tmp_path.glob("calib-*.safetensors"))) == 1
 
@@ -73,9 +65,7 @@ def test_second_calibration_comes_from_the_cache(
     monkeypatch.undo()
     calibrate(
         pipe,
-        CalibrationConfig(
-            PROMPTS[:2], steps=2, batch_size=2, samples_per_step=16, cache_dir=tmp_path, progress=False
-        ),
+        CalibrationConfig(PROMPTS[:2], steps=2, batch_size=2, samples_per_step=16, cache_dir=tmp_path, progress=False),
     )
     assert len(list(tmp_path.glob("calib-*.safetensors"))) == 2
 
@@ -99,9 +89,7 @@ def test_config_rejects_bad_values(kwargs, msg) -> None:
 
 
 def test_stats_round_trip_without_pickle(random_shapes_pipelines, tmp_path: Path) -> None:
-    stats = calibrate(
-        random_shapes_pipelines["unet"], CalibrationConfig(PROMPTS[:1], steps=2, progress=False)
-    )
+    stats = calibrate(random_shapes_pipelines["unet"], CalibrationConfig(PROMPTS[:1], steps=2, progress=False))
     stats.save(tmp_path / "s.safetensors")
     back = CalibrationStats.load(tmp_path / "s.safetensors")
     assert back.invariant_positions() == stats.invariant_positions()
@@ -109,9 +97,7 @@ def test_stats_round_trip_without_pickle(random_shapes_pipelines, tmp_path: Path
 
 
 @pytest.mark.parametrize("arch", ["unet", "dit"])
-def test_text_layers_are_found_from_data_with_their_invariant_bos_row(
-    arch: str, random_shapes_pipelines
-) -> None:
+def test_text_layers_are_found_from_data_with_their_invariant_bos_row(arch: str, random_shapes_pipelines) -> None:
     stats = calibrate(random_shapes_pipelines[arch], CalibrationConfig(PROMPTS, steps=2, progress=False))
     bos = stats.invariant_positions()
     text_layers = {n: st for n, st in stats.layers.items() if st.invariant_rows(bos)}

@@ -51,13 +51,9 @@ SMALL_EVAL_FLOOR = {PromptSet.SINGLE: 0.6, PromptSet.PAIRS: 0.2}
 
 @pytest.mark.parametrize("prompt_set", list(SMALL_EVAL_FLOOR), ids=lambda p: p.value)
 @pytest.mark.parametrize("name", MODELS)
-def test_small_evaluation_is_above_a_broken_model_floor(
-    name: str, prompt_set: PromptSet, shapes_pipelines
-) -> None:
+def test_small_evaluation_is_above_a_broken_model_floor(name: str, prompt_set: PromptSet, shapes_pipelines) -> None:
     scenes = eval_scenes(prompt_set, 32, seed=0)
     target = resolve_target(name)
-    result = generate(
-        shapes_pipelines[name], [s.prompt for s in scenes], GenerateConfig(progress=False), target
-    )
+    result = generate(shapes_pipelines[name], [s.prompt for s in scenes], GenerateConfig(progress=False), target)
     acc = np.mean([judge(im, s).correct for im, s in zip(result.images, scenes, strict=True)])
     assert acc >= SMALL_EVAL_FLOOR[prompt_set], f"{name} {prompt_set.value}: {acc:.3f}"

@@ -49,9 +49,7 @@ def test_prompt_round_trips(scene) -> None:
     assert parse_prompt("  " + scene.prompt.upper() + " ") == scene
 
 
-@pytest.mark.parametrize(
-    "bad", ["", "a purple circle on the left", "a red hexagon at the top", "two red circles"]
-)
+@pytest.mark.parametrize("bad", ["", "a purple circle on the left", "a red hexagon at the top", "two red circles"])
 def test_parse_rejects_prompts_outside_the_grammar(bad: str) -> None:
     with pytest.raises(ValueError, match="outside the shapes grammar"):
         parse_prompt(bad)

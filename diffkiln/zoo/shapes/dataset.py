@@ -161,13 +161,7 @@ def all_pair_scenes(split: Split | None = None) -> list[PairScene]:
 _OBJ = r"an? (?P<{0}c>\w+) (?P<{0}s>\w+)"
 _SINGLE_RE = re.compile("^" + _OBJ.format("a") + r" (?P<pos>" + "|".join(POSITION_PHRASES.values()) + ")$")
 _PAIR_RE = re.compile(
-    "^"
-    + _OBJ.format("a")
-    + r" (?P<rel>"
-    + "|".join(r.value for r in Relation)
-    + ") "
-    + _OBJ.format("b")
-    + "$"
+    "^" + _OBJ.format("a") + r" (?P<rel>" + "|".join(r.value for r in Relation) + ") " + _OBJ.format("b") + "$"
 )
 
 

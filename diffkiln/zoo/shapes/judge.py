@@ -76,11 +76,7 @@ class Verdict:
         """A short human-readable account of what was wrong ("" when correct)."""
         parts = []
         for i, o in enumerate(self.objects):
-            bad = [
-                n
-                for n, ok in (("color", o.color_ok), ("shape", o.shape_ok), ("position", o.position_ok))
-                if not ok
-            ]
+            bad = [n for n, ok in (("color", o.color_ok), ("shape", o.shape_ok), ("position", o.position_ok)) if not ok]
             if bad:
                 parts.append(f"object {i + 1}: wrong {'/'.join(bad)}")
         if self.extra_objects:

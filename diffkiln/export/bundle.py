@@ -1,0 +1,203 @@
+"""The ``export`` verb: freeze a pipeline and its Plan into a self-contained bundle directory.
+
+Layout (see docs/bundle-format.md)::
+
+    BUNDLE/manifest.json                     contract: format, version, quant spec, checksums
+    BUNDLE/model_index.json                  the diffusers pipeline index
+    BUNDLE/<denoiser>/config.json            the denoiser's diffusers config
+    BUNDLE/<denoiser>/quantized.safetensors  int8 weights, scales, activation params, BOS rows,
+                                             and the FP tensors of layers kept in floating point
+    BUNDLE/<component>/...                   text encoders, VAE, tokenizers, scheduler (save_pretrained)
+
+Written atomically: everything goes to a temporary sibling directory that is renamed into place
+last, so an interrupted export leaves nothing that loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from diffkiln.calibrate.stats import CalibrationStats, find_denoiser, find_quantizable_layers
+from diffkiln.export.freeze import freeze_layer, layer_meta
+from diffkiln.optimizer.plan import Plan
+from diffkiln.runtime.manifest import BUNDLE_FORMAT, BUNDLE_VERSION, MANIFEST_NAME, BundleError, file_digest
+
+__all__ = ["ExportConfig", "export_bundle"]
+
+QUANT_FILE = "quantized.safetensors"
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Where and how to write a bundle.
+
+    Attributes:
+        out: the bundle directory to create.
+        overwrite: replace an existing directory. Default False (an existing one is an error).
+    """
+
+    out: Path
+    overwrite: bool = False
+
+
+def _denoiser_name(pipe: Any, denoiser: nn.Module) -> str:
+    for name, comp in pipe.components.items():
+        if comp is denoiser:
+            return str(name)
+    raise ValueError("the denoiser is not a component of the pipeline")
+
+
+def _toolchain() -> dict[str, str]:
+    import diffusers
+    import transformers
+
+    from diffkiln import __version__
+
+    return {
+        "diffkiln": __version__,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _write_denoiser(pipe: Any, plan: Plan, stats: CalibrationStats, folder: Path) -> tuple[str, dict[str, Any]]:
+    denoiser = find_denoiser(pipe)
+    name = _denoiser_name(pipe, denoiser)
+    layers = find_quantizable_layers(denoiser)
+    (folder / name).mkdir(parents=True)
+    cast(Any, denoiser).save_config(folder / name)  # a diffusers ModelMixin
+    tensors: dict[str, torch.Tensor] = {}
+    quant_layers: dict[str, Any] = {}
+    quantized_params: set[str] = set()
+    for lp in plan.layers:
+        if not lp.quantized:
+            continue
+        module = layers[lp.name]
+        frozen = freeze_layer(module, lp, stats.layers.get(lp.name))
+        for suffix, t in frozen.items():
+            tensors[f"{lp.name}::{suffix}"] = t.contiguous()
+        quantized_params.update(f"{lp.name}.{p}" for p, _ in module.named_parameters(recurse=False))
+        quant_layers[lp.name] = {
+            "bits": lp.weight.bits if lp.weight else 16,
+            "granularity": lp.weight.granularity if lp.weight else None,
+            "symmetric": lp.weight.symmetric if lp.weight else None,
+            "act": {"bits": lp.act.bits, "mode": lp.act.mode.value} if lp.act else None,
+            "tensors": sorted(f"{lp.name}::{s}" for s in frozen),
+            "meta": layer_meta(module, lp),
+            "bos_positions": list(lp.bos_positions),
+        }
+    # Everything else of the denoiser in its own dtype: FP layers, norms, embeddings, and buffers
+    # (non-persistent ones too, since the runtime builds the model without running its init).
+    fp_names = []
+    for pname, t in [*denoiser.named_parameters(), *denoiser.named_buffers()]:
+        if pname in quantized_params:
+            continue
+        tensors[f"fp::{pname}"] = t.detach().cpu().contiguous()
+        fp_names.append(pname)
+    save_file(tensors, str(folder / name / QUANT_FILE), metadata={"format": BUNDLE_FORMAT})
+    fp_layers = {lp.name: lp.reason for lp in plan.layers if not lp.quantized}
+    return name, {
+        "layers": quant_layers,
+        "fp_layers": fp_layers,
+        "fp_tensors": len(fp_names),
+        "denoiser_class": type(denoiser).__name__,
+        "weights_file": f"{name}/{QUANT_FILE}",
+    }
+
+
+def export_bundle(
+    pipe: Any,
+    plan: Plan,
+    stats: CalibrationStats,
+    config: ExportConfig,
+    build_metrics: dict[str, Any] | None = None,
+) -> Path:
+    """Write the bundle for ``pipe`` quantised by ``plan``.
+
+    Args:
+        pipe: the FP pipeline (its non-denoiser components are copied as they are).
+        plan: the quantisation plan.
+        stats: the calibration statistics the plan was made from (for BOS rows).
+        config: destination and overwrite policy.
+        build_metrics: figures measured while building, recorded in the manifest.
+
+    Returns:
+        The bundle directory.
+
+    Raises:
+        BundleError: the destination exists and ``overwrite`` is False.
+    """
+    out = Path(config.out)
+    if out.exists() and not config.overwrite:
+        raise BundleError(f"{out} already exists; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        denoiser_name, quant = _write_denoiser(pipe, plan, stats, tmp)
+        for name, comp in pipe.components.items():
+            if comp is None or name == denoiser_name or not hasattr(comp, "save_pretrained"):
+                continue
+            comp.save_pretrained(tmp / name)
+        pipe.save_config(tmp)  # model_index.json
+        files = {}
+        for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
+            rel = path.relative_to(tmp).as_posix()
+            files[rel] = {"sha256": file_digest(path), "bytes": path.stat().st_size}
+        manifest = {
+            "format": BUNDLE_FORMAT,
+            "version": BUNDLE_VERSION,
+            "source": plan.source,
+            "pipeline": {
+                "class": type(pipe).__name__,
+                "denoiser": denoiser_name,
+                "denoiser_class": quant["denoiser_class"],
+                "components": sorted(n for n, c in pipe.components.items() if c is not None),
+            },
+            "quant": {
+                "recipe": plan.recipe,
+                "weights_file": quant["weights_file"],
+                "layers": quant["layers"],
+                "fp_layers": quant["fp_layers"],
+                "avg_weight_bits": plan.avg_weight_bits,
+                "avg_act_bits": plan.avg_act_bits,
+                "simulated": False,
+            },
+            "bos": {"positions": list(plan.bos_positions), **plan.notes.get("bos", {})},
+            "plan": plan.to_dict(),
+            "sparsity": {},
+            "cache": {},
+            "toolchain": _toolchain(),
+            "build_metrics": build_metrics or {},
+            "files": files,
+        }
+        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, default=_json_default) + "\n")
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "value"):
+        return obj.value
+    raise TypeError(f"cannot serialise {type(obj).__name__}")

@@ -1,0 +1,136 @@
+"""``diffkiln.runtime.load``: a bundle -> a diffusers pipeline whose denoiser runs integer kernels.
+
+Loading checks the manifest's schema and version and every file's size and sha256 before using
+anything, reads tensors with safetensors and metadata with JSON only (never unpickles), and
+builds the denoiser without its float weights: the architecture is created on the meta device,
+quantized layers are built from int8 tensors, and the remaining tensors are assigned from the
+bundle.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from diffkiln.runtime.assemble import replace_layers
+from diffkiln.runtime.manifest import BundleError, read_manifest, verify_files
+
+__all__ = ["is_bundle", "load", "resolve_device"]
+
+
+def is_bundle(path: str | os.PathLike[str]) -> bool:
+    """True when ``path`` is a directory holding a diffkiln manifest (not yet verified)."""
+    return (Path(path) / "manifest.json").is_file()
+
+
+def resolve_device(device: str) -> torch.device:
+    """Map "auto" | "cpu" | "cuda" | "npu" (or "cuda:1", ...) to a torch device.
+
+    "auto" prefers an Ascend NPU (when torch_npu is installed and sees one), then CUDA, then CPU.
+
+    Raises:
+        ValueError: an unknown device name, or a device this machine does not have.
+    """
+    if device == "auto":
+        try:
+            importlib.import_module("torch_npu")
+            if torch.npu.is_available():  # type: ignore[attr-defined]
+                return torch.device("npu")
+        except ImportError:
+            pass
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    kind = device.split(":")[0]
+    if kind not in ("cpu", "cuda", "npu"):
+        raise ValueError(f"unknown device {device!r}; valid: auto, cpu, cuda, npu")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but no CUDA device is available; use --device cpu or auto")
+    if kind == "npu":
+        try:
+            importlib.import_module("torch_npu")
+        except ImportError:
+            raise ValueError("device 'npu' needs torch_npu; install diffkiln[npu] on an Ascend host") from None
+    return torch.device(device)
+
+
+def _set_tensor(root: nn.Module, name: str, value: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = root.get_submodule(module_name) if module_name else root
+    if attr in module._parameters:
+        module._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    else:
+        module._buffers[attr] = value
+
+
+def _build_denoiser(bundle: Path, manifest: dict[str, Any]) -> nn.Module:
+    import diffusers
+
+    pipe_info, quant = manifest["pipeline"], manifest["quant"]
+    cls = getattr(diffusers, pipe_info["denoiser_class"], None)
+    if cls is None:
+        raise BundleError(f"denoiser class {pipe_info['denoiser_class']!r} is not in diffusers {diffusers.__version__}")
+    config = cls.load_config(bundle / pipe_info["denoiser"])
+    with torch.device("meta"):
+        denoiser = cls.from_config(config)
+    try:
+        tensors = load_file(str(bundle / quant["weights_file"]))
+    except Exception as exc:  # safetensors raises several types for malformed files
+        raise BundleError(f"cannot read {quant['weights_file']}: {exc}") from None
+    per_layer: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        if key.startswith("fp::"):
+            continue
+        layer, _, suffix = key.partition("::")
+        per_layer.setdefault(layer, {})[suffix] = t
+    metas = {name: info["meta"] for name, info in quant["layers"].items()}
+    if set(per_layer) != set(metas):
+        raise BundleError("the weights file and the manifest disagree on which layers are quantized")
+    try:
+        replace_layers(denoiser, per_layer, metas)
+    except KeyError as exc:
+        raise BundleError(str(exc)) from None
+    for key, t in tensors.items():
+        if key.startswith("fp::"):
+            _set_tensor(denoiser, key[4:], t)
+    left = [n for n, t in [*denoiser.named_parameters(), *denoiser.named_buffers()] if t.is_meta]
+    if left:
+        raise BundleError(f"the bundle lacks {len(left)} denoiser tensor(s), e.g. {left[:3]}")
+    return denoiser.eval()
+
+
+def load(bundle: str | os.PathLike[str], device: str = "auto") -> Any:
+    """Load a bundle as a diffusers pipeline on ``device``.
+
+    Args:
+        bundle: the bundle directory written by ``diffkiln optimize``.
+        device: "auto" (NPU, then CUDA, then CPU), "cpu", "cuda" or "npu". Default "auto".
+
+    Returns:
+        A diffusers pipeline (the class recorded in the bundle); call it as usual with prompt,
+        num_inference_steps, guidance_scale and generator. Its ``diffkiln_manifest`` attribute
+        holds the verified manifest.
+
+    Raises:
+        BundleError: the bundle is missing, corrupt, truncated, tampered, or of a future version.
+    """
+    from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as dlog
+
+    path = Path(bundle)
+    manifest = read_manifest(path)
+    verify_files(path, manifest)
+    target = resolve_device(device)
+    denoiser = _build_denoiser(path, manifest)
+    dlog.set_verbosity_error()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    pipe = DiffusionPipeline.from_pretrained(
+        path, **{manifest["pipeline"]["denoiser"]: denoiser}, dtype=torch.float32, local_files_only=True
+    )
+    pipe = pipe.to(target)
+    pipe.diffkiln_manifest = manifest
+    return pipe

@@ -1,0 +1,87 @@
+"""The bundle manifest contract shared by export (writer) and runtime (reader).
+
+Pure JSON helpers and the typed error; imports nothing from calibrate or optimizer, so a
+deployment needs only runtime + kernels. The format is specified in docs/bundle-format.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "BUNDLE_FORMAT",
+    "BUNDLE_VERSION",
+    "MANIFEST_NAME",
+    "BundleError",
+    "file_digest",
+    "read_manifest",
+    "verify_files",
+]
+
+BUNDLE_FORMAT = "diffkiln.bundle"
+BUNDLE_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+_REQUIRED_KEYS = ("format", "version", "source", "pipeline", "quant", "bos", "sparsity", "cache", "files")
+
+
+class BundleError(Exception):
+    """A bundle cannot be used: missing, corrupt, truncated, tampered, or of a future version."""
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes, streamed."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_manifest(bundle: Path) -> dict[str, Any]:
+    """Read and check a bundle's manifest: JSON, format name, version and required sections.
+
+    Raises:
+        BundleError: the reason, naming the file or key at fault.
+    """
+    path = bundle / MANIFEST_NAME
+    if not bundle.is_dir():
+        raise BundleError(f"{bundle} is not a bundle directory")
+    if not path.is_file():
+        raise BundleError(f"{bundle} has no {MANIFEST_NAME}; it is not a diffkiln bundle or its export was interrupted")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{path} is not valid JSON (corrupt or truncated): {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{path} is not a diffkiln bundle manifest (format must be {BUNDLE_FORMAT!r})")
+    version = manifest.get("version")
+    if not isinstance(version, int) or version > BUNDLE_VERSION:
+        raise BundleError(
+            f"bundle format version {version!r} is newer than this runtime reads ({BUNDLE_VERSION}); upgrade diffkiln"
+        )
+    if version < 1:
+        raise BundleError(f"bundle format version {version!r} is invalid")
+    missing = [k for k in _REQUIRED_KEYS if k not in manifest]
+    if missing:
+        raise BundleError(f"{path} lacks required section(s) {missing}")
+    return manifest
+
+
+def verify_files(bundle: Path, manifest: dict[str, Any]) -> None:
+    """Check that every file the manifest lists exists with its recorded size and sha256.
+
+    Raises:
+        BundleError: a file is missing, truncated, or its checksum differs (tampered or corrupt).
+    """
+    for rel, info in manifest["files"].items():
+        path = bundle / rel
+        if not path.is_file():
+            raise BundleError(f"bundle file {rel} is missing")
+        size = path.stat().st_size
+        if size != info["bytes"]:
+            raise BundleError(f"bundle file {rel} has {size} bytes, the manifest says {info['bytes']} (truncated?)")
+        if file_digest(path) != info["sha256"]:
+            raise BundleError(f"bundle file {rel} fails its sha256 check (corrupt or tampered)")

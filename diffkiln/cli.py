@@ -14,6 +14,7 @@ from typing import Any
 
 from diffkiln import __version__
 from diffkiln.errors import DiffkilnError, InvalidInputError
+from diffkiln.runtime.manifest import BundleError
 
 __all__ = ["main"]
 
@@ -21,6 +22,9 @@ _EPILOG = """examples:
   diffkiln models
   diffkiln generate shapes-unet --prompt "a red circle on the left" --out out/gen
   diffkiln report shapes-dit --eval-size 200 --out out/report-dit
+  diffkiln optimize shapes-unet --recipe w8a8 --out out/shapes-unet-w8a8
+  diffkiln inspect out/shapes-unet-w8a8
+  diffkiln generate out/shapes-unet-w8a8 --prompt "a blue square at the top"
 """
 
 
@@ -100,6 +104,52 @@ def _parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--out", type=Path, default=None, help="output folder (default out/report-<target>)")
     _add_sampling_args(r)
+
+    o = sub.add_parser(
+        "optimize",
+        help="calibrate, plan and freeze a model into a deployable bundle",
+        description="Calibrate MODEL on prompts over its sampler's real timesteps, plan the "
+        "quantization (W8A8: int8 per-channel weights, int8 activations, BOS-aware text rows) and "
+        "write a self-contained bundle that `diffkiln generate|report|inspect BUNDLE` and "
+        "diffkiln.runtime.load() run with integer kernels.",
+    )
+    o.add_argument("target", metavar="MODEL", help="built-in model name or diffusers folder")
+    o.add_argument("--recipe", choices=["w8a8"], default="w8a8", help="compression recipe (default w8a8)")
+    cal = o.add_mutually_exclusive_group()
+    cal.add_argument("--calib-prompts", type=Path, metavar="FILE", help="calibration prompts, one per line")
+    cal.add_argument("--calib-size", type=_positive_int, default=32, help="default calibration prompts (32)")
+    o.add_argument("--steps", type=_positive_int, help="sampler steps for calibration (default: the model's)")
+    o.add_argument("--guidance", type=_non_negative_float, help="guidance for calibration (default: the model's)")
+    o.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="quantize layers matching GLOB although kept in FP by default (repeatable)",
+    )
+    o.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="keep layers matching GLOB in floating point (repeatable)",
+    )
+    o.add_argument("--no-bos", action="store_true", help="disable BOS-aware text rows")
+    o.add_argument(
+        "--act-mode",
+        choices=["static", "dynamic"],
+        default="static",
+        help="static per-tensor (calibrated) or dynamic per-token activations (default static)",
+    )
+    o.add_argument("--out", type=Path, required=True, metavar="BUNDLE", help="bundle directory to write")
+    o.add_argument("--overwrite", action="store_true", help="replace an existing bundle directory")
+    o.add_argument("--cache-dir", type=Path, help="calibration cache (default $DIFFKILN_CACHE or ~/.cache/diffkiln)")
+    o.add_argument("--seed", type=_non_negative_int, default=0, help="calibration seed (default 0)")
+    o.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    i = sub.add_parser("inspect", help="summarize a bundle: components, layers by bit-width, sizes, BOS")
+    i.add_argument("bundle", metavar="BUNDLE", type=Path, help="bundle directory")
+    i.add_argument("--json", action="store_true", help="print the summary as JSON")
     return parser
 
 
@@ -168,6 +218,72 @@ def _cmd_report(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_optimize(a: argparse.Namespace) -> int:
+    from diffkiln.optimize import OptimizeConfig, optimize
+    from diffkiln.optimizer import ActMode, Recipe
+
+    if a.calib_prompts is not None:
+        from diffkiln.generation import read_prompts
+
+        read_prompts(a.calib_prompts)  # fail on a bad file before loading the model
+    config = OptimizeConfig(
+        out=a.out,
+        recipe=Recipe(a.recipe),
+        calib_prompts=a.calib_prompts,
+        calib_size=a.calib_size,
+        steps=a.steps,
+        guidance=a.guidance,
+        include=tuple(a.include),
+        exclude=tuple(a.exclude),
+        bos_aware=not a.no_bos,
+        act_mode=ActMode(a.act_mode),
+        overwrite=a.overwrite,
+        cache_dir=a.cache_dir,
+        seed=a.seed,
+        progress=not a.no_progress,
+    )
+    bundle = optimize(a.target, config)
+    print(f"wrote bundle {bundle}")
+    return _cmd_inspect(argparse.Namespace(bundle=bundle, json=False))
+
+
+def _cmd_inspect(a: argparse.Namespace) -> int:
+    import json
+
+    from diffkiln.runtime.inspect import summarize
+
+    summary = summarize(a.bundle)
+    if a.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"bundle   {a.bundle}  (format v{summary['version']}, recipe {summary['recipe']})")
+    print(f"source   {summary['source']}")
+    print(f"pipeline {summary['pipeline']}  denoiser={summary['denoiser']}")
+    print(f"components {', '.join(summary['components'])}")
+    counts = ", ".join(f"{k}: {v}" for k, v in summary["layers_by_bits"].items())
+    print(
+        f"layers   {counts}  (avg weight bits {summary['avg_weight_bits']:.2f}, "
+        f"avg act bits {summary['avg_act_bits']:.2f})"
+    )
+    print(
+        f"sizes    denoiser {summary['denoiser_bytes'] / 1e6:.2f} MB stored "
+        f"(FP16 equivalent {summary['denoiser_fp16_bytes'] / 1e6:.2f} MB, "
+        f"{summary['denoiser_bytes'] / max(summary['denoiser_fp16_bytes'], 1):.2f}x); "
+        f"bundle {summary['bundle_bytes'] / 1e6:.2f} MB"
+    )
+    print(
+        f"bos      positions {summary['bos']['positions']}"
+        + (
+            f"  |BOS| {summary['bos'].get('bos_absmax'):.1f} vs others <= "
+            f"{summary['bos'].get('other_tokens_absmax'):.1f}"
+            if summary["bos"].get("bos_absmax")
+            else ""
+        )
+    )
+    print(f"build    {json.dumps(summary['build_metrics'])}")
+    return 0
+
+
 def _fmt(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.3f}"
 
@@ -180,8 +296,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_models()
         if args.command == "generate":
             return _cmd_generate(args)
+        if args.command == "optimize":
+            return _cmd_optimize(args)
+        if args.command == "inspect":
+            return _cmd_inspect(args)
         return _cmd_report(args)
-    except DiffkilnError as exc:
+    except (DiffkilnError, BundleError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

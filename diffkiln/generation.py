@@ -96,20 +96,25 @@ def _quiet_libraries() -> None:
 
 
 def load_pipeline(target: str | os.PathLike[str] | ResolvedTarget, device: str = "cpu") -> Any:
-    """Load a built-in model or a local diffusers folder, offline, in float32.
+    """Load a built-in model, a local diffusers folder (offline, float32) or a diffkiln bundle.
 
     Args:
-        target: a built-in name, a folder path, or an already resolved target.
-        device: torch device to move the pipeline to. Default "cpu".
+        target: a built-in name, a folder path, a bundle directory, or an already resolved target.
+        device: torch device to move the pipeline to ("auto" is allowed for bundles). Default "cpu".
 
     Raises:
         ModelNotFoundError: the target does not resolve.
+        BundleError: a bundle fails its checks.
     """
     from diffusers import DiffusionPipeline
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     _quiet_libraries()
     resolved = target if isinstance(target, ResolvedTarget) else resolve_target(target)
+    if resolved.bundle:
+        from diffkiln.runtime import load
+
+        return load(resolved.path, device=device)
     pipe = DiffusionPipeline.from_pretrained(resolved.path, torch_dtype=torch.float32, local_files_only=True)
     return pipe.to(device)
 

@@ -127,20 +127,19 @@ def choose_act_params(samples: torch.Tensor, method: ClipMethod = ClipMethod.MSE
     best = _params_for_range(lo, hi)
     if method is ClipMethod.MINMAX:
         return best
-    best_err = _mse(x, best)
-    factors = torch.logspace(0, -2, grid).tolist()
-    # Coordinate search: shrink the upper end first, then the lower end given the chosen upper end.
-    for f in factors:
-        cand = _params_for_range(lo, hi * f)
-        if (err := _mse(x, cand)) < best_err:
-            best, best_err = cand, err
-    upper = best.hi
-    for f in factors:
-        cand = _params_for_range(lo * f, upper)
-        if (err := _mse(x, cand)) < best_err:
-            best, best_err = cand, err
-    return best
+    factors = torch.logspace(0, -2, grid)
+    # Coordinate search, each sweep evaluated for all candidates at once: shrink the upper end
+    # first, then the lower end given the chosen upper end. Factor 1 (min/max) is a candidate.
+    hi_best = float(hi * factors[_argmin_mse(x, torch.full_like(factors, lo), hi * factors)])
+    lo_best = float(lo * factors[_argmin_mse(x, lo * factors, torch.full_like(factors, hi_best))])
+    return _params_for_range(lo_best, hi_best)
 
 
-def _mse(x: torch.Tensor, p: ActQuantParams) -> float:
-    return float(((fake_quant_activation(x, p) - x) ** 2).mean())
+def _argmin_mse(x: torch.Tensor, los: torch.Tensor, his: torch.Tensor) -> int:
+    """Index of the (lo, hi) candidate whose int8 fake quantization of ``x`` has the least MSE."""
+    los, his = torch.clamp(los, max=0.0), torch.clamp(his, min=0.0)
+    scale = torch.clamp((his - los) / (INT8_MAX - INT8_MIN), min=1e-12)[:, None]
+    zp = torch.clamp(torch.round(INT8_MIN - los[:, None] / scale), INT8_MIN, INT8_MAX)
+    q = torch.clamp(torch.round(x[None, :] / scale) + zp, INT8_MIN, INT8_MAX)
+    err = ((q - zp) * scale - x[None, :]).pow(2).mean(dim=1)
+    return int(torch.argmin(err))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from enum import Enum
@@ -87,13 +88,15 @@ class ResolvedTarget:
 
     Attributes:
         name: what the user typed (a built-in name, or the folder path).
-        path: the diffusers pipeline folder.
-        builtin: the built-in model entry, or None for a user's folder.
+        path: the diffusers pipeline folder, or the bundle directory.
+        builtin: the built-in model entry (for a bundle: of its source model), or None.
+        bundle: True when the path is a diffkiln bundle (holds manifest.json).
     """
 
     name: str
     path: Path
     builtin: BuiltinModel | None
+    bundle: bool = False
 
 
 def get_builtin(name: str) -> BuiltinModel:
@@ -110,11 +113,21 @@ def get_builtin(name: str) -> BuiltinModel:
         ) from None
 
 
+def _bundle_source(path: Path) -> BuiltinModel | None:
+    """The built-in model a bundle was built from, if any (read without verifying the bundle)."""
+    try:
+        source = json.loads((path / "manifest.json").read_text(encoding="utf-8")).get("source", {})
+    except (OSError, ValueError):
+        return None  # the runtime's verified load reports the real problem
+    return BUILTIN_MODELS.get(source.get("id", "")) if isinstance(source, dict) else None
+
+
 def resolve_target(target: str | os.PathLike[str]) -> ResolvedTarget:
     """Resolve a built-in model name or a local diffusers folder.
 
     Args:
-        target: a name from ``diffkiln models`` or a path to a folder with model_index.json.
+        target: a name from ``diffkiln models``, a path to a folder with model_index.json, or a
+            diffkiln bundle directory.
 
     Raises:
         ModelNotFoundError: neither a built-in name nor a diffusers folder; the message lists the
@@ -130,6 +143,8 @@ def resolve_target(target: str | os.PathLike[str]) -> ResolvedTarget:
             )
         return ResolvedTarget(text, model.path, model)
     path = Path(text)
+    if path.is_dir() and (path / "manifest.json").is_file():
+        return ResolvedTarget(text, path, _bundle_source(path), bundle=True)
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise ModelNotFoundError(

@@ -7,6 +7,7 @@ numbers) print one ``error: ...`` line and exit with status 2, without a traceba
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -103,6 +104,29 @@ def _parser() -> argparse.ArgumentParser:
         help="content judge: auto uses the built-in model's own; 'shapes' for a copy of a shapes model",
     )
     r.add_argument("--out", type=Path, default=None, help="output folder (default out/report-<target>)")
+    r.add_argument(
+        "--baseline",
+        metavar="MODEL",
+        help="for a bundle: the FP model to compare with (default: the source recorded in the bundle)",
+    )
+    r.add_argument(
+        "--fail-on-regression",
+        type=Path,
+        metavar="OLD_REPORT.json",
+        help="exit with status 3 when quality falls below this earlier report beyond the tolerance",
+    )
+    r.add_argument(
+        "--tolerance",
+        type=_non_negative_float,
+        default=0.02,
+        help="allowed drop of each content accuracy for --fail-on-regression (default 0.02)",
+    )
+    r.add_argument(
+        "--sqnr-tolerance",
+        type=_non_negative_float,
+        default=1.0,
+        help="allowed drop of latent SQNR in dB for --fail-on-regression (default 1.0)",
+    )
     _add_sampling_args(r)
 
     o = sub.add_parser(
@@ -199,15 +223,15 @@ def _cmd_report(a: argparse.Namespace) -> int:
         batch_size=a.batch_size,
         device=a.device,
         progress=not a.no_progress,
+        baseline=a.baseline,
     )
+    old_report = _read_old_report(a.fail_on_regression) if a.fail_on_regression else None
     if a.eval_prompts is not None:
         from diffkiln.generation import read_prompts
 
         read_prompts(a.eval_prompts)  # fail on a bad file before loading the model
     out = a.out or Path("out") / f"report-{Path(a.target).name}"
     json_path, html_path = report(a.target, config, out)
-    import json
-
     q = json.loads(json_path.read_text()).get("quality")
     if q:
         print(
@@ -215,7 +239,28 @@ def _cmd_report(a: argparse.Namespace) -> int:
             f"pairs={_fmt(q['content_accuracy_pairs'])} (n={q['n_prompts']})"
         )
     print(f"wrote {json_path} and {html_path}")
+    if old_report is not None:
+        from diffkiln.report.compare import regressions
+
+        problems = regressions(json.loads(json_path.read_text()), old_report, a.tolerance, a.sqnr_tolerance)
+        for p in problems:
+            print(f"regression: {p}", file=sys.stderr)
+        if problems:
+            return 3
+        print(f"no regression against {a.fail_on_regression}")
     return 0
+
+
+def _read_old_report(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InvalidInputError(f"--fail-on-regression: {path} does not exist") from None
+    except (OSError, ValueError) as exc:
+        raise InvalidInputError(f"--fail-on-regression: {path} is not a readable report.json ({exc})") from None
+    if not isinstance(data, dict) or "report_version" not in data:
+        raise InvalidInputError(f"--fail-on-regression: {path} is not a diffkiln report.json")
+    return data
 
 
 def _cmd_optimize(a: argparse.Namespace) -> int:
@@ -248,8 +293,6 @@ def _cmd_optimize(a: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(a: argparse.Namespace) -> int:
-    import json
-
     from diffkiln.runtime.inspect import summarize
 
     summary = summarize(a.bundle)

@@ -6,6 +6,7 @@ image depends only on (model, prompt, seed, index, settings), never on how promp
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ from diffkiln.zoo.registry import ResolvedTarget, resolve_target
 __all__ = [
     "GenerateConfig",
     "GenerationResult",
+    "PeakMemory",
     "generate",
     "load_pipeline",
     "read_prompts",
@@ -148,7 +150,11 @@ def _check_prompts(prompts: Sequence[str]) -> list[str]:
 
 
 def generate(
-    pipe: Any, prompts: Sequence[str], config: GenerateConfig, target: ResolvedTarget | None = None
+    pipe: Any,
+    prompts: Sequence[str],
+    config: GenerateConfig,
+    target: ResolvedTarget | None = None,
+    measure: bool = False,
 ) -> GenerationResult:
     """Generate one image per prompt.
 
@@ -157,6 +163,9 @@ def generate(
         prompts: the prompts, non-empty.
         config: sampling settings.
         target: where the pipeline came from, for its default steps and guidance.
+        measure: also record, in ``extras``, the final latents (``latents``), the denoiser's
+            time per call (``denoiser_ms_per_step``) and the peak memory (``peak_bytes``).
+            Default False.
 
     Raises:
         InvalidInputError: no prompts, or an empty prompt.
@@ -176,13 +185,18 @@ def generate(
     pipe.set_progress_bar_config(disable=True)
     bar = tqdm(total=steps * len(prompts), desc="denoising", unit="img-step", disable=not config.progress)
     images: list[Image.Image] = []
+    latents: list[torch.Tensor] = []
+    timer = _DenoiserTimer(pipe) if measure else None
+    peak = PeakMemory(getattr(pipe, "device", torch.device("cpu"))) if measure else None
     t0 = time.perf_counter()
     for start in range(0, len(prompts), config.batch_size):
         chunk = prompts[start : start + config.batch_size]
         gens = [torch.Generator(device="cpu").manual_seed(config.seed + start + i) for i in range(len(chunk))]
 
-        def on_step(_pipe: Any, _i: int, _t: Any, kwargs: dict[str, Any], n: int = len(chunk)) -> dict[str, Any]:
+        def on_step(_pipe: Any, i: int, _t: Any, kwargs: dict[str, Any], n: int = len(chunk)) -> dict[str, Any]:
             bar.update(n)
+            if measure and i == steps - 1 and "latents" in kwargs:
+                latents.append(kwargs["latents"].detach().float().cpu())
             return kwargs
 
         out = pipe(
@@ -196,6 +210,13 @@ def generate(
         images.extend(Image.fromarray((np.clip(im, 0, 1) * 255).round().astype(np.uint8)) for im in out.images)
     bar.close()
     del device
+    extras: dict[str, Any] = {}
+    if timer is not None and peak is not None:
+        extras = {
+            "latents": torch.cat(latents) if latents else None,
+            "denoiser_ms_per_step": timer.close(),
+            "peak_bytes": peak.read(),
+        }
     return GenerationResult(
         prompts=prompts,
         images=images,
@@ -204,7 +225,69 @@ def generate(
         seed=config.seed,
         scheduler=type(pipe.scheduler).__name__,
         seconds=time.perf_counter() - t0,
+        extras=extras,
     )
+
+
+class _DenoiserTimer:
+    """Wall time of each denoiser call, by a pre/post hook pair removed by :meth:`close`."""
+
+    def __init__(self, pipe: Any) -> None:
+        import time
+
+        den = getattr(pipe, "transformer", None) or pipe.unet
+        self.times: list[float] = []
+        self._clock = time.perf_counter
+        self._start = 0.0
+        self._device = getattr(pipe, "device", torch.device("cpu"))
+        self._handles = [den.register_forward_pre_hook(self._pre), den.register_forward_hook(self._post)]
+
+    def _sync(self) -> None:
+        if self._device.type == "cuda":
+            torch.cuda.synchronize(self._device)
+
+    def _pre(self, *_a: Any) -> None:
+        self._sync()
+        self._start = self._clock()
+
+    def _post(self, *_a: Any) -> None:
+        self._sync()
+        self.times.append(self._clock() - self._start)
+
+    def close(self) -> float:
+        """Remove the hooks; the median ms per denoiser call (one sampler step, CFG batch included)."""
+        for h in self._handles:
+            h.remove()
+        return float(np.median(self.times) * 1000.0) if self.times else float("nan")
+
+
+class PeakMemory:
+    """Peak memory from construction to :meth:`read`.
+
+    CUDA: the allocator's peak (``torch.cuda.max_memory_allocated``). CPU: the process's peak
+    resident set (Linux VmHWM), reset at construction through /proc/self/clear_refs; None where
+    that is unavailable.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        else:
+            with contextlib.suppress(OSError):
+                Path("/proc/self/clear_refs").write_text("5")
+
+    def read(self) -> int | None:
+        """Peak bytes, or None when the platform gives no reading."""
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return None
 
 
 def _slug(text: str, limit: int = 48) -> str:

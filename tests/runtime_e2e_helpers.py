@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -11,6 +13,9 @@ from diffkiln.calibrate import CalibrationConfig, calibrate, find_denoiser, find
 from diffkiln.export.freeze import freeze_layer, layer_meta
 from diffkiln.optimizer.planner import QuantizeConfig, make_plan
 from diffkiln.runtime.assemble import replace_layers
+
+# Shared calibration cache: tests that calibrate the same pipeline with the same settings reuse it.
+CACHE = Path(tempfile.mkdtemp(prefix="diffkiln-test-calib-"))
 
 PROMPTS = (
     "a red circle on the left",
@@ -22,7 +27,7 @@ PROMPTS = (
 
 def quantize_in_memory(pipe: Any, config: QuantizeConfig, steps: int = 4) -> tuple[Any, Any]:
     """(quantized copy of pipe, plan): calibrate, plan, freeze and swap, without a bundle."""
-    stats = calibrate(pipe, CalibrationConfig(PROMPTS, steps=steps, batch_size=4, progress=False))
+    stats = calibrate(pipe, CalibrationConfig(PROMPTS, steps=steps, batch_size=4, cache_dir=CACHE, progress=False))
     plan = make_plan(pipe, stats, config, "test")
     qpipe = copy.deepcopy(pipe)
     den = find_denoiser(qpipe)
@@ -47,6 +52,6 @@ def build_bundle(pipe: Any, config: QuantizeConfig, out: Any, steps: int = 4) ->
     """Calibrate, plan and export a bundle to ``out``; returns (bundle path, plan)."""
     from diffkiln.export import ExportConfig, export_bundle
 
-    stats = calibrate(pipe, CalibrationConfig(PROMPTS, steps=steps, batch_size=4, progress=False))
+    stats = calibrate(pipe, CalibrationConfig(PROMPTS, steps=steps, batch_size=4, cache_dir=CACHE, progress=False))
     plan = make_plan(pipe, stats, config, "test")
     return export_bundle(pipe, plan, stats, ExportConfig(out)), plan

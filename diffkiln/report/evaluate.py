@@ -12,7 +12,7 @@ import json
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,8 @@ class ReportConfig:
         batch_size: prompts per pipeline call. Default 50.
         device: torch device. Default "cpu".
         progress: show progress bars. Default True.
+        baseline: for a bundle, the FP model to compare against; None uses the source recorded
+            in the bundle's manifest.
     """
 
     eval_size: int = 200
@@ -54,6 +56,7 @@ class ReportConfig:
     batch_size: int = 50
     device: str = "cpu"
     progress: bool = True
+    baseline: str | None = None
 
     def __post_init__(self) -> None:
         if self.eval_size <= 0:
@@ -87,6 +90,7 @@ class Report:
 
     data: dict[str, Any]
     images: list[JudgedImage] = field(default_factory=list)
+    baseline_images: list[JudgedImage] = field(default_factory=list)
 
 
 def _set_of(prompt: str) -> str | None:
@@ -124,6 +128,7 @@ def _quality(judged: list[JudgedImage]) -> dict[str, Any]:
     q["n_prompts"] = len(scored)
     q["n_prompts_by_set"] = counts
     q["n_unjudged"] = len(judged) - len(scored)
+    q["attribute_accuracy"] = _attribute_accuracy([j.verdict for j in scored if j.verdict is not None])
     return q
 
 
@@ -168,19 +173,16 @@ def build_report(target: str | os.PathLike[str] | ResolvedTarget, config: Report
     resolved = target if isinstance(target, ResolvedTarget) else resolve_target(target)
     judge_kind = config.judge or (resolved.builtin.judge if resolved.builtin else JudgeKind.NONE)
     prompts = _prompt_list(config)
-    pipe = load_pipeline(resolved, config.device)
     t0 = time.perf_counter()
-    result = generate(pipe, prompts, config.generate_config(), resolved)
-    judged: list[JudgedImage] = []
-    for prompt, image in zip(result.prompts, result.images, strict=True):
-        set_name = _set_of(prompt) if judge_kind is JudgeKind.SHAPES else None
-        verdict = judge(image, prompt) if set_name is not None else None
-        judged.append(JudgedImage(prompt, image, set_name, verdict))
+    pipe = load_pipeline(resolved, config.device)
+    result = generate(pipe, prompts, config.generate_config(), resolved, measure=resolved.bundle)
+    judged = _judge_all(result, judge_kind)
     data: dict[str, Any] = {
         "report_version": REPORT_VERSION,
         "target": resolved.name,
         "target_path": str(resolved.path),
         "pipeline_class": type(pipe).__name__,
+        "device": str(getattr(pipe, "device", config.device)),
         "settings": {
             "steps": result.steps,
             "guidance": result.guidance,
@@ -194,16 +196,81 @@ def build_report(target: str | os.PathLike[str] | ResolvedTarget, config: Report
         "timing": {
             "generate_seconds": round(result.seconds, 3),
             "seconds_per_image": round(result.seconds / len(prompts), 4),
-            "total_seconds": round(time.perf_counter() - t0, 3),
         },
         "toolchain": _toolchain(),
     }
     if judge_kind is JudgeKind.SHAPES:
         data["quality"] = _quality(judged)
-        data["quality"]["attribute_accuracy"] = _attribute_accuracy(
-            [j.verdict for j in judged if j.verdict is not None]
-        )
-    return Report(data=data, images=judged)
+    extra_images: list[JudgedImage] = []
+    if resolved.bundle:
+        baseline_images, layer_sqnr = _compare_with_baseline(pipe, resolved, result, config, judge_kind, data)
+        extra_images = baseline_images
+        data["per_layer_sqnr_db"] = layer_sqnr
+    data["timing"]["total_seconds"] = round(time.perf_counter() - t0, 3)
+    return Report(data=data, images=judged, baseline_images=extra_images)
+
+
+def _judge_all(result: Any, judge_kind: JudgeKind) -> list[JudgedImage]:
+    judged = []
+    for prompt, image in zip(result.prompts, result.images, strict=True):
+        set_name = _set_of(prompt) if judge_kind is JudgeKind.SHAPES else None
+        verdict = judge(image, prompt) if set_name is not None else None
+        judged.append(JudgedImage(prompt, image, set_name, verdict))
+    return judged
+
+
+def _compare_with_baseline(
+    pipe: Any,
+    resolved: ResolvedTarget,
+    result: Any,
+    config: ReportConfig,
+    judge_kind: JudgeKind,
+    data: dict[str, Any],
+) -> tuple[list[JudgedImage], dict[str, float]]:
+    """Run the FP baseline on the same prompts and seeds; fill baseline, fidelity, size, latency, memory."""
+    from diffkiln.errors import ModelNotFoundError
+    from diffkiln.report.compare import fidelity, per_layer_sqnr
+    from diffkiln.runtime.inspect import denoiser_sizes
+
+    manifest = pipe.diffkiln_manifest
+    source = config.baseline or manifest["source"].get("id", "")
+    try:
+        base_target = resolve_target(source)
+    except ModelNotFoundError as exc:
+        raise ModelNotFoundError(f"cannot load the FP baseline {source!r} ({exc}); pass --baseline MODEL") from None
+    base = load_pipeline(base_target, config.device)
+    gen_cfg = replace(config.generate_config(), steps=result.steps, guidance=result.guidance)
+    base_result = generate(base, result.prompts, gen_cfg, base_target, measure=True)
+    base_judged = _judge_all(base_result, judge_kind)
+    stored, fp16 = denoiser_sizes(resolved.path, manifest)
+    data["baseline"] = {
+        "target": base_target.name,
+        "latency": {"ms_per_step": base_result.extras["denoiser_ms_per_step"]},
+        "memory": {"peak_bytes": base_result.extras["peak_bytes"]},
+    }
+    if judge_kind is JudgeKind.SHAPES:
+        data["baseline"]["quality"] = _quality(base_judged)
+    data["fidelity"] = fidelity(base_result, result)
+    data["size"] = {
+        "denoiser_bytes": stored,
+        "denoiser_fp16_bytes": fp16,
+        "denoiser_ratio_vs_fp16": stored / fp16 if fp16 else None,
+        "bundle_bytes": sum(info["bytes"] for info in manifest["files"].values()),
+    }
+    data["latency"] = {"ms_per_step": result.extras["denoiser_ms_per_step"]}
+    data["memory"] = {
+        "peak_bytes": result.extras["peak_bytes"],
+        "note": "process peak RSS on CPU (both pipelines resident), allocator peak on CUDA",
+    }
+    data["plan"] = {
+        "avg_weight_bits": manifest["quant"]["avg_weight_bits"],
+        "avg_act_bits": manifest["quant"]["avg_act_bits"],
+        "recipe": manifest["quant"]["recipe"],
+        "simulated": manifest["quant"].get("simulated", False),
+    }
+    data["bos"] = manifest["bos"]
+    layer_sqnr = per_layer_sqnr(base, pipe, result.prompts[0], result.steps, result.guidance)
+    return base_judged, layer_sqnr
 
 
 def write_report(rep: Report, out_dir: str | os.PathLike[str]) -> tuple[Path, Path]:

@@ -6,6 +6,7 @@ import base64
 import html
 import io
 import json
+import math
 from typing import TYPE_CHECKING, Any
 
 from PIL import Image
@@ -68,6 +69,83 @@ _SET_TITLES = {
 }
 
 
+def _bar_chart(values: dict[str, float], unit: str, good: float) -> str:
+    """A horizontal SVG bar chart (inline, no scripts); bars under ``good`` are drawn red."""
+    if not values:
+        return "<p>no data</p>"
+    # An exact layer has infinite SQNR; draw it at 99 dB so the scale stays readable.
+    finite = {k: (v if math.isfinite(v) else 99.0) for k, v in values.items()}
+    top = max(max(finite.values()), 1.0)
+    row, label_w, bar_w = 14, 420, 360
+    rows = []
+    for i, (name, v) in enumerate(finite.items()):
+        w = max(1.0, bar_w * max(v, 0.0) / top)
+        color = "#2a2" if v >= good else "#d22"
+        y = i * row
+        rows.append(
+            f"<text x='{label_w - 6}' y='{y + 10}' text-anchor='end' font-size='10'>{html.escape(name)}</text>"
+            f"<rect x='{label_w}' y='{y + 2}' width='{w:.1f}' height='{row - 4}' fill='{color}'/>"
+            f"<text x='{label_w + w + 4:.1f}' y='{y + 10}' font-size='10'>{v:.1f} {unit}</text>"
+        )
+    height = row * len(finite) + 4
+    return f"<svg width='{label_w + bar_w + 80}' height='{height}'>{''.join(rows)}</svg>"
+
+
+def _bundle_sections(rep: Report) -> list[str]:
+    d = rep.data
+    b = d.get("baseline", {})
+    rows: list[tuple[str, Any]] = []
+    if "quality" in d and "quality" in b:
+        for key, label in (
+            ("content_accuracy", "single, seen"),
+            ("content_accuracy_heldout", "single, held-out"),
+            ("content_accuracy_pairs", "pairs"),
+        ):
+            rows.append(
+                (f"content accuracy {label}: bundle / FP", f"{_fmt(d['quality'][key])} / {_fmt(b['quality'][key])}")
+            )
+    f, sz = d["fidelity"], d["size"]
+    rows += [
+        ("latent SQNR vs FP (dB)", f["latent_sqnr_db"]),
+        ("image PSNR vs FP (dB)", f["image_psnr_db"]),
+        ("image SSIM vs FP", f["image_ssim"]),
+        ("denoiser bytes (stored)", sz["denoiser_bytes"]),
+        ("denoiser bytes (FP16)", sz["denoiser_fp16_bytes"]),
+        ("stored / FP16", sz["denoiser_ratio_vs_fp16"]),
+        ("bundle bytes", sz["bundle_bytes"]),
+        ("denoiser ms/step: bundle / FP", f"{d['latency']['ms_per_step']:.2f} / {b['latency']['ms_per_step']:.2f}"),
+        ("peak memory bytes: bundle / FP", f"{d['memory']['peak_bytes']} / {b['memory']['peak_bytes']}"),
+        ("avg weight bits / act bits", f"{d['plan']['avg_weight_bits']:.2f} / {d['plan']['avg_act_bits']:.2f}"),
+        ("integer kernels (not simulated)", not d["plan"]["simulated"]),
+        ("device", d["device"]),
+    ]
+    out = ["<h2>Bundle against its FP baseline (" + html.escape(str(b.get("target"))) + ")</h2>", _table(rows)]
+    bos = d.get("bos", {})
+    if bos.get("positions"):
+        out.append("<h2>BOS-aware text rows</h2>")
+        out.append(
+            _table(
+                [
+                    ("invariant positions", bos["positions"]),
+                    ("|BOS| max", bos.get("bos_absmax")),
+                    ("other tokens |x| max", bos.get("other_tokens_absmax")),
+                    ("other tokens |x| median of per-position max", bos.get("other_tokens_absmax_median")),
+                ]
+            )
+        )
+    out.append("<h2>Per-layer SQNR (isolated: each layer fed its FP input, middle step)</h2>")
+    out.append(_bar_chart(d.get("per_layer_sqnr_db", {}), "dB", good=20.0))
+    if rep.baseline_images:
+        out.append("<h2>FP (left) vs bundle (right), same prompt and seed</h2><div class=grid>")
+        for fp_img, q_img in list(zip(rep.baseline_images, rep.images, strict=True))[:48]:
+            out.append(
+                f"<div class=cell style='width:272px'><div style='display:flex;gap:4px'>"
+                f"{_cell(fp_img)}{_cell(q_img)}</div></div>"
+            )
+        out.append("</div>")
+    return out
+
+
 def render_html(rep: Report) -> str:
     """Render a report as one HTML page: settings, metrics, and the image grid with misses marked."""
     d = rep.data
@@ -93,6 +171,8 @@ def render_html(rep: Report) -> str:
         rows.append(("prompts judged", q["n_prompts"]))
         parts += ["<h2>Quality</h2>", _table(rows)]
     parts += ["<h2>Timing</h2>", _table(list(d["timing"].items()))]
+    if "fidelity" in d:
+        parts += _bundle_sections(rep)
     parts.append(
         "<h2>Images</h2><p class=legend><span style='background:#2a2'>judged correct</span>"
         "<span style='background:#d22'>judge's miss</span><span style='background:#999'>not judged</span></p>"

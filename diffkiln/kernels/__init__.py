@@ -10,7 +10,13 @@ from __future__ import annotations
 
 import torch
 
-from diffkiln.kernels.backends import KernelBackend, available_backends, get_backend, register_backend
+from diffkiln.kernels.backends import (
+    KernelBackend,
+    StaticLinear,
+    available_backends,
+    get_backend,
+    register_backend,
+)
 from diffkiln.kernels.reference import (
     dynamic_quant_per_token_reference,
     int_mm_reference,
@@ -19,12 +25,14 @@ from diffkiln.kernels.reference import (
 
 __all__ = [
     "KernelBackend",
+    "StaticLinear",
     "available_backends",
     "dynamic_quant",
     "dynamic_quant_per_token_reference",
     "get_backend",
     "int_mm",
     "int_mm_reference",
+    "prepack_static_linear",
     "quant_matmul",
     "quant_matmul_reference",
     "register_backend",
@@ -61,3 +69,20 @@ def quant_matmul(
 def dynamic_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row int8 quantisation of a float (M, K) tensor -> (int8, float32 (M,) scales)."""
     return get_backend(x.device).dynamic_quant(x)
+
+
+def prepack_static_linear(
+    w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, device: torch.device | str
+) -> StaticLinear:
+    """Prepare int8 (N, K) per-channel weights for static W8A8 GEMMs on ``device``'s fastest kernel.
+
+    Args:
+        w_q: int8 (N, K) weights.
+        w_scale: float32 (N,) per-output-channel scales.
+        bias: float32 (N,) or None.
+        device: where the GEMMs will run.
+
+    Returns:
+        A callable ``(x float (M, K), act_scale, act_zero_point) -> float32 (M, N)``.
+    """
+    return get_backend(device).prepack_static_linear(w_q, w_scale, bias)

@@ -16,7 +16,15 @@ import torch
 
 from diffkiln.kernels.reference import dynamic_quant_per_token_reference
 
-__all__ = ["KernelBackend", "available_backends", "get_backend", "register_backend"]
+__all__ = [
+    "GenericStaticLinear",
+    "KernelBackend",
+    "OneDnnStaticLinear",
+    "StaticLinear",
+    "available_backends",
+    "get_backend",
+    "register_backend",
+]
 
 
 class KernelBackend(Protocol):
@@ -43,6 +51,80 @@ class KernelBackend(Protocol):
     def dynamic_quant(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Symmetric per-row int8 quantisation -> (int8, float32 scales)."""
         ...
+
+    def prepack_static_linear(
+        self, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None
+    ) -> StaticLinear:
+        """Prepare int8 (N, K) weights for repeated static-activation GEMMs on this backend."""
+        ...
+
+
+class StaticLinear(Protocol):
+    """A prepacked W8A8 linear with a static per-tensor activation grid."""
+
+    def __call__(self, x: torch.Tensor, act_scale: float, act_zero_point: int) -> torch.Tensor:
+        """float (M, K) -> float32 (M, N): quantise x on the int8 grid (scale, zero point), int GEMM, dequantise."""
+        ...
+
+
+class GenericStaticLinear:
+    """quant_matmul with the activation zero point folded into an int32 bias (any backend)."""
+
+    def __init__(self, backend: KernelBackend, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None):
+        self.backend = backend
+        self.w_t = w_q.t().contiguous()
+        self.w_scale = w_scale.to(torch.float32)
+        self.colsum = w_q.to(torch.int32).sum(dim=1)
+        self.bias = None if bias is None else bias.to(torch.float32)
+
+    def __call__(self, x: torch.Tensor, act_scale: float, act_zero_point: int) -> torch.Tensor:
+        q = torch.clamp(torch.round(x.to(torch.float32) / act_scale) + act_zero_point, -128, 127).to(torch.int8)
+        out = self.backend.quant_matmul(
+            q, self.w_t, act_scale * self.w_scale, -act_zero_point * self.colsum, None, torch.float32
+        )
+        return out if self.bias is None else out + self.bias
+
+
+class OneDnnStaticLinear:
+    """x86 CPUs: oneDNN's prepacked u8s8 GEMM (``torch.ops.onednn.qlinear_pointwise``), float32 output.
+
+    Our int8 activation grid (scale s, zero point z in [-128, 127]) is the same grid as uint8
+    with zero point z + 128, so the integers are identical; only the storage type shifts.
+    """
+
+    def __init__(self, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None):
+        self.packed = torch.ops.onednn.qlinear_prepack(w_q.contiguous(), None)
+        self.w_scale = w_scale.to(torch.float32).contiguous()
+        self.w_zp = torch.zeros(w_q.shape[0], dtype=torch.int64)
+        self.bias = None if bias is None else bias.to(torch.float32).contiguous()
+
+    def __call__(self, x: torch.Tensor, act_scale: float, act_zero_point: int) -> torch.Tensor:
+        zp = act_zero_point + 128
+        q = torch.clamp(torch.round(x.to(torch.float32) / act_scale) + zp, 0, 255).to(torch.uint8)
+        return torch.ops.onednn.qlinear_pointwise(
+            q, act_scale, zp, self.packed, self.w_scale, self.w_zp, self.bias, 1.0, 0, torch.float32, "none", [None], ""
+        )
+
+
+def _cpu_has_vnni() -> bool:
+    """True when the CPU has an int8 dot-product unit (AVX512-VNNI, AVX-VNNI or AMX)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
+            flags = set(f.read().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_vnni", "avx512vnni", "avx_vnni", "amx_int8"})
+
+
+def _onednn_exact() -> bool:
+    """oneDNN's u8s8 GEMM is exact only with VNNI/AMX.
+
+    Without them (plain AVX2) it multiplies through vpmaddubsw, whose int16 pair sums saturate for
+    activations above 127: measured here, a 77x320x640 product was off by up to 93334 (20 dB),
+    and exact with 7-bit activations. Such CPUs take the generic exact path instead.
+    """
+    ok = hasattr(torch.ops, "onednn") and hasattr(torch.ops.onednn, "qlinear_pointwise")
+    return ok and torch.backends.mkldnn.is_available() and _cpu_has_vnni()
 
 
 _REGISTRY: dict[str, Callable[[], KernelBackend]] = {}
@@ -105,6 +187,14 @@ class CpuBackend:
     def dynamic_quant(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return dynamic_quant_per_token_reference(x)
 
+    def prepack_static_linear(self, w_q, w_scale, bias):
+        # oneDNN's prepacked u8s8 GEMM is the fast integer path where it is exact (VNNI/AMX).
+        # Elsewhere torch._int_mm is exact but slow: measured ~40x slower than an fp32 GEMM on a
+        # 2-core AVX2 machine (see BENCHMARKS.md).
+        if _onednn_exact():
+            return OneDnnStaticLinear(w_q, w_scale, bias)
+        return GenericStaticLinear(self, w_q, w_scale, bias)
+
 
 @register_backend("cuda")
 class CudaBackend(CpuBackend):
@@ -122,6 +212,9 @@ class CudaBackend(CpuBackend):
             b = torch.nn.functional.pad(b, (0, pn, 0, pk))
             return torch._int_mm(a, b)[:m, :n]
         return torch._int_mm(a, b)
+
+    def prepack_static_linear(self, w_q, w_scale, bias):
+        return GenericStaticLinear(self, w_q, w_scale, bias)
 
 
 @register_backend("npu")
@@ -154,3 +247,6 @@ class NpuBackend:
     def dynamic_quant(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q, s = self._npu.npu_dynamic_quant(x)
         return q, s.to(torch.float32)
+
+    def prepack_static_linear(self, w_q, w_scale, bias):
+        return GenericStaticLinear(self, w_q, w_scale, bias)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffkiln.kernels import dynamic_quant, quant_matmul
+from diffkiln.kernels import StaticLinear, dynamic_quant, prepack_static_linear, quant_matmul
 
 __all__ = ["QConv2d", "QLinear", "qmodule_for", "register_qmodule"]
 
@@ -51,17 +51,11 @@ def qmodule_for(float_type: type[nn.Module]) -> type[nn.Module]:
     return _QMODULES[float_type]
 
 
-def _quantize_static(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
-    q = torch.round(x.to(torch.float32) / scale) + zero_point
-    return torch.clamp(q, -128, 127).to(torch.int8)
-
-
 class _IntGemm(nn.Module):
     """Shared integer GEMM of a (M, K) float input against resident int8 (K, N) weights."""
 
     weight_t: torch.Tensor
     weight_scale: torch.Tensor
-    colsum: torch.Tensor
     act_scale: torch.Tensor
     act_zero_point: torch.Tensor
     bias: torch.Tensor | None
@@ -77,24 +71,26 @@ class _IntGemm(nn.Module):
         # (K, N) contiguous: the layout torch._int_mm and npu_quant_matmul take for the weight.
         self.register_buffer("weight_t", w2.t().contiguous())
         self.register_buffer("weight_scale", tensors["weight_scale"].to(torch.float32))
-        # Folds the activation zero point: (q - zp) @ W = q @ W - zp * colsum(W), exact in int32.
-        self.register_buffer("colsum", w2.to(torch.int32).sum(dim=1))
         bias = tensors.get("bias")
         self.register_buffer("bias", None if bias is None else bias.to(torch.float32))
         if not dynamic:
             self.register_buffer("act_scale", tensors["act_scale"].to(torch.float32).reshape(()))
             self.register_buffer("act_zero_point", tensors["act_zero_point"].to(torch.int32).reshape(()))
+            self._act = (float(self.act_scale), int(self.act_zero_point))
+        # Backend-specific prepacked weights (e.g. oneDNN's layout on x86), built on first use per device.
+        self._packed: dict[str, StaticLinear] = {}
 
     def gemm(self, x2d: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         if self.dynamic:
             q, tok_scale = dynamic_quant(x2d)
             out = quant_matmul(q, self.weight_t, self.weight_scale, None, tok_scale, torch.float32)
+            if self.bias is not None:
+                out = out + self.bias
         else:
-            q = _quantize_static(x2d, self.act_scale, self.act_zero_point)
-            bias_i32 = -self.act_zero_point * self.colsum
-            out = quant_matmul(q, self.weight_t, self.act_scale * self.weight_scale, bias_i32, None, torch.float32)
-        if self.bias is not None:
-            out = out + self.bias
+            key = str(x2d.device)
+            if key not in self._packed:
+                self._packed[key] = prepack_static_linear(self.weight_t.t(), self.weight_scale, self.bias, x2d.device)
+            out = self._packed[key](x2d, *self._act)
         return out.to(out_dtype)
 
 

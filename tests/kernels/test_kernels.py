@@ -105,3 +105,26 @@ def test_npu_backend_without_torch_npu_says_how_to_install(monkeypatch: pytest.M
 def test_cuda_int_mm_is_bit_exact(m: int, k: int, n: int) -> None:
     a, b = _rand_int8(m, k, seed=1), _rand_int8(k, n, seed=2)
     assert torch.equal(int_mm(a.cuda(), b.cuda()).cpu(), int_mm_reference(a, b))
+
+
+@pytest.mark.parametrize(("m", "k", "n"), SHAPES, ids=lambda v: str(v))
+@pytest.mark.parametrize("impl", ["fastest", "generic", "onednn-7bit"])
+def test_prepacked_static_linear_matches_float_op_on_dequantized_tensors(m: int, k: int, n: int, impl: str) -> None:
+    from diffkiln.kernels import prepack_static_linear
+    from diffkiln.kernels.backends import GenericStaticLinear
+
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(m, k, generator=g)
+    w = torch.randn(n, k, generator=g) * 0.05
+    b = torch.randn(n, generator=g)
+    ws = w.abs().amax(1) / 127
+    wq = torch.round(w / ws[:, None]).clamp(-127, 127).to(torch.int8)
+    s, z = float(x.abs().max() / 127.5), -3
+    lin = (
+        prepack_static_linear(wq, ws, b, "cpu")
+        if impl == "fastest"
+        else GenericStaticLinear(get_backend("cpu"), wq, ws, b)
+    )
+    xq = torch.clamp(torch.round(x / s) + z, -128, 127)
+    ref = ((xq - z) * s) @ (wq.float() * ws[:, None]).T + b
+    assert sqnr_db(ref, lin(x, s, z)) >= 40.0

@@ -21,7 +21,7 @@ from diffkiln.kernels import backends as backends_mod
 from diffkiln.report.metrics import sqnr_db
 from tests.kernels.npu_emulation import make_fake_torch_npu
 
-SHAPES = [(1, 8, 8), (17, 64, 32), (77, 320, 640), (5, 33, 7)]
+SHAPES = [(1, 8, 8), (17, 64, 32), (77, 320, 640), (5, 33, 7), (9, 2500, 24)]
 
 
 def _rand_int8(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -128,3 +128,15 @@ def test_prepacked_static_linear_matches_float_op_on_dequantized_tensors(m: int,
     xq = torch.clamp(torch.round(x / s) + z, -128, 127)
     ref = ((xq - z) * s) @ (wq.float() * ws[:, None]).T + b
     assert sqnr_db(ref, lin(x, s, z)) >= 40.0
+
+
+@pytest.mark.parametrize("k", [1, 1024, 1025, 4096], ids=lambda k: f"K{k}")
+def test_int_mm_on_fp32_units_is_bit_exact_at_extreme_values(k: int) -> None:
+    from diffkiln.kernels.backends import int_mm_on_fp32_units
+
+    # Worst case for float32 exactness: every product at its extreme, all of one sign.
+    a = torch.full((3, k), -128, dtype=torch.int8)
+    b = torch.full((k, 5), -128, dtype=torch.int8)
+    assert torch.equal(int_mm_on_fp32_units(a, b), int_mm_reference(a, b))
+    a2, b2 = _rand_int8(4, k, seed=k), _rand_int8(k, 6, seed=k + 1)
+    assert torch.equal(int_mm_on_fp32_units(a2, b2), int_mm_reference(a2, b2))

@@ -59,3 +59,11 @@ def random_shapes_pipelines(tmp_path_factory: pytest.TempPathFactory) -> dict[st
         build_sd3_transformer(),
     )
     return {"unet": unet, "dit": dit}
+
+
+@pytest.fixture(scope="session")
+def random_unet_folder(random_shapes_pipelines, tmp_path_factory: pytest.TempPathFactory):
+    """The untrained SD1.5-class pipeline saved as a local diffusers folder."""
+    path = tmp_path_factory.mktemp("random-unet-folder") / "pipe"
+    random_shapes_pipelines["unet"].save_pretrained(path)
+    return path

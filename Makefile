@@ -1,5 +1,5 @@
 # The two set-up commands of the README. Each starts from nothing but Python 3.10+.
-#   make demo   create .venv, install, run the main job on a built-in model
+#   make demo   create .venv, install; FP report, W8A8 bundle and its report for shapes-unet
 #   make test   create .venv, install, run lint, type checks and the test suite
 PYTHON ?= python3
 VENV   := .venv
@@ -24,7 +24,9 @@ demo: $(STAMP)
 	$(BIN)/diffkiln generate shapes-unet --out $(DEMO)/images \
 		--prompt "a red circle on the left" --prompt "a blue square left of a yellow triangle"
 	$(BIN)/diffkiln report shapes-unet --out $(DEMO)/report-shapes-unet
-	@echo "open $(DEMO)/report-shapes-unet/report.html"
+	$(BIN)/diffkiln optimize shapes-unet --recipe w8a8 --out $(DEMO)/shapes-unet-w8a8 --overwrite
+	$(BIN)/diffkiln report $(DEMO)/shapes-unet-w8a8 --eval-size 50 --out $(DEMO)/report-shapes-unet-w8a8
+	@echo "open $(DEMO)/report-shapes-unet/report.html and $(DEMO)/report-shapes-unet-w8a8/report.html"
 
 test: $(STAMP)
 	$(BIN)/python -m ruff check diffkiln tests tools

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from diffkiln.calibrate.stats import CalibrationStats, find_denoiser, find_quant
 from diffkiln.export.freeze import freeze_layer, layer_meta
 from diffkiln.optimizer.plan import Plan
 from diffkiln.runtime.manifest import BUNDLE_FORMAT, BUNDLE_VERSION, MANIFEST_NAME, BundleError, file_digest
+from diffkiln.toolchain import toolchain_versions
 
 __all__ = ["ExportConfig", "export_bundle"]
 
@@ -56,21 +56,6 @@ def _denoiser_name(pipe: Any, denoiser: nn.Module) -> str:
         if comp is denoiser:
             return str(name)
     raise ValueError("the denoiser is not a component of the pipeline")
-
-
-def _toolchain() -> dict[str, str]:
-    import diffusers
-    import transformers
-
-    from diffkiln import __version__
-
-    return {
-        "diffkiln": __version__,
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-    }
 
 
 def _write_denoiser(pipe: Any, plan: Plan, stats: CalibrationStats, folder: Path) -> tuple[str, dict[str, Any]]:
@@ -179,7 +164,7 @@ def export_bundle(
             "plan": plan.to_dict(),
             "sparsity": {},
             "cache": {},
-            "toolchain": _toolchain(),
+            "toolchain": toolchain_versions(),
             "build_metrics": build_metrics or {},
             "files": files,
         }

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -21,6 +20,7 @@ from PIL import Image
 from diffkiln.errors import InvalidInputError
 from diffkiln.generation import GenerateConfig, generate, load_pipeline, read_prompts
 from diffkiln.report import metrics
+from diffkiln.toolchain import toolchain_versions
 from diffkiln.zoo.registry import JudgeKind, ResolvedTarget, resolve_target
 from diffkiln.zoo.shapes import PairScene, PromptSet, Split, Verdict, eval_scenes, judge, parse_prompt
 
@@ -143,22 +143,6 @@ def _attribute_accuracy(verdicts: list[Verdict]) -> dict[str, float | None]:
     return {k: (v[0] / v[1] if v[1] else None) for k, v in tallies.items()}
 
 
-def _toolchain() -> dict[str, str]:
-    import diffusers
-    import torch
-    import transformers
-
-    from diffkiln import __version__
-
-    return {
-        "diffkiln": __version__,
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-    }
-
-
 def build_report(target: str | os.PathLike[str] | ResolvedTarget, config: ReportConfig) -> Report:
     """Generate the evaluation images for ``target`` and measure them.
 
@@ -197,7 +181,7 @@ def build_report(target: str | os.PathLike[str] | ResolvedTarget, config: Report
             "generate_seconds": round(result.seconds, 3),
             "seconds_per_image": round(result.seconds / len(prompts), 4),
         },
-        "toolchain": _toolchain(),
+        "toolchain": toolchain_versions(),
     }
     if judge_kind is JudgeKind.SHAPES:
         data["quality"] = _quality(judged)

@@ -84,13 +84,18 @@ def _write_denoiser(pipe: Any, plan: Plan, stats: CalibrationStats, folder: Path
             "meta": layer_meta(module, lp),
             "bos_positions": list(lp.bos_positions),
         }
-    # Everything else of the denoiser in its own dtype: FP layers, norms, embeddings, and buffers
+    # Everything else of the denoiser: FP layers, norms, embeddings, and buffers
     # (non-persistent ones too, since the runtime builds the model without running its init).
     fp_names = []
     for pname, t in [*denoiser.named_parameters(), *denoiser.named_buffers()]:
         if pname in quantized_params:
             continue
-        tensors[f"fp::{pname}"] = t.detach().cpu().contiguous()
+        t = t.detach().cpu()
+        if t.dtype == torch.float32 and torch.equal(t.half().float(), t):
+            # Lossless as FP16 (e.g. a checkpoint shipped in FP16 and loaded as FP32): store half
+            # the bytes; the runtime casts back to the model's dtype on load.
+            t = t.half()
+        tensors[f"fp::{pname}"] = t.contiguous()
         fp_names.append(pname)
     save_file(tensors, str(folder / name / QUANT_FILE), metadata={"format": BUNDLE_FORMAT})
     fp_layers = {lp.name: lp.reason for lp in plan.layers if not lp.quantized}

@@ -61,6 +61,9 @@ def resolve_device(device: str) -> torch.device:
 def _set_tensor(root: nn.Module, name: str, value: torch.Tensor) -> None:
     module_name, _, attr = name.rpartition(".")
     module = root.get_submodule(module_name) if module_name else root
+    current = module._parameters.get(attr, module._buffers.get(attr))
+    if current is not None and current.is_floating_point() and value.is_floating_point():
+        value = value.to(current.dtype)  # stored as FP16; the model runs in its own dtype
     if attr in module._parameters:
         module._parameters[attr] = nn.Parameter(value, requires_grad=False)
     else:

@@ -62,6 +62,25 @@ def test_inspect_summarizes(bundle: Path, capsys: pytest.CaptureFixture[str]) ->
     assert 0.4 < s["denoiser_bytes"] / s["denoiser_fp16_bytes"] < 0.6
 
 
+def _report(bundle: Path, out: Path, *extra: str) -> int:
+    return main(
+        [
+            "report",
+            str(bundle),
+            "--judge",
+            "shapes",
+            "--eval-size",
+            "1",
+            "--steps",
+            "2",
+            "--out",
+            str(out),
+            "--no-progress",
+            *extra,
+        ]
+    )
+
+
 def test_generate_and_report_on_the_bundle_with_regression_gate(bundle: Path, tmp_path: Path) -> None:
     assert (
         main(
@@ -81,24 +100,7 @@ def test_generate_and_report_on_the_bundle_with_regression_gate(bundle: Path, tm
     )
     assert len(list((tmp_path / "g").glob("*.png"))) == 1
     out = tmp_path / "r"
-    assert (
-        main(
-            [
-                "report",
-                str(bundle),
-                "--judge",
-                "shapes",
-                "--eval-size",
-                "1",
-                "--steps",
-                "2",
-                "--out",
-                str(out),
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    assert _report(bundle, out) == 0
     data = json.loads((out / "report.json").read_text())
     for key in ("fidelity", "size", "latency", "memory", "plan", "baseline", "per_layer_sqnr_db"):
         assert key in data
@@ -107,48 +109,10 @@ def test_generate_and_report_on_the_bundle_with_regression_gate(bundle: Path, tm
     html = (out / "report.html").read_text()
     assert "<svg" in html and "Per-layer SQNR" in html
     # The gate passes against itself, and fails against a report that claims better quality.
-    assert (
-        main(
-            [
-                "report",
-                str(bundle),
-                "--judge",
-                "shapes",
-                "--eval-size",
-                "1",
-                "--steps",
-                "2",
-                "--out",
-                str(tmp_path / "r2"),
-                "--no-progress",
-                "--fail-on-regression",
-                str(out / "report.json"),
-            ]
-        )
-        == 0
-    )
+    assert _report(bundle, tmp_path / "r2", "--fail-on-regression", str(out / "report.json")) == 0
     better = dict(data, fidelity=dict(data["fidelity"], latent_sqnr_db=data["fidelity"]["latent_sqnr_db"] + 50))
     (tmp_path / "better.json").write_text(json.dumps(better))
-    assert (
-        main(
-            [
-                "report",
-                str(bundle),
-                "--judge",
-                "shapes",
-                "--eval-size",
-                "1",
-                "--steps",
-                "2",
-                "--out",
-                str(tmp_path / "r3"),
-                "--no-progress",
-                "--fail-on-regression",
-                str(tmp_path / "better.json"),
-            ]
-        )
-        == 3
-    )
+    assert _report(bundle, tmp_path / "r3", "--fail-on-regression", str(tmp_path / "better.json")) == 3
 
 
 def test_inspect_of_a_corrupt_bundle_is_a_clean_error(bundle: Path, tmp_path: Path, capsys) -> None:

@@ -48,7 +48,8 @@ def test_generation_is_deterministic_and_batch_independent(name: str, shapes_pip
 # content accuracy 0.44 (unet) / 0.41 (dit); colour accuracy 0.996 / 0.88) yet far above what a
 # broken or untrained model scores (content accuracy 0.0 measured on random weights), so this
 # catches a broken model without flaking on 32 prompts.
-FLOORS = {PromptSet.SINGLE: {"content": 0.15, "color": 0.8}, PromptSet.PAIRS: {"content": 0.0, "color": 0.6}}
+# Pairs have no content floor: shapes-dit measures 0.025 there, so only colour separates it from broken.
+FLOORS = {PromptSet.SINGLE: {"content": 0.15, "color": 0.8}, PromptSet.PAIRS: {"color": 0.6}}
 
 
 @pytest.mark.parametrize("prompt_set", list(FLOORS), ids=lambda p: p.value)
@@ -61,5 +62,6 @@ def test_small_evaluation_is_above_a_broken_model_floor(name: str, prompt_set: P
     content = np.mean([v.correct for v in verdicts])
     color = np.mean([o.color_ok for v in verdicts for o in v.objects])
     floor = FLOORS[prompt_set]
-    assert content >= floor["content"], f"{name} {prompt_set.value}: content accuracy {content:.3f}"
+    if "content" in floor:
+        assert content >= floor["content"], f"{name} {prompt_set.value}: content accuracy {content:.3f}"
     assert color >= floor["color"], f"{name} {prompt_set.value}: colour accuracy {color:.3f}"

@@ -7,9 +7,10 @@ image depends only on (model, prompt, seed, index, settings), never on how promp
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ __all__ = [
     "load_pipeline",
     "read_prompts",
     "save_images",
+    "step_callback_kwargs",
 ]
 
 _DEFAULT_STEPS = 20
@@ -84,6 +86,8 @@ class GenerationResult:
     scheduler: str
     seconds: float
     extras: dict[str, Any] = field(default_factory=dict)
+    videos: list[list[Image.Image]] | None = None
+    """For video pipelines, every frame of each clip; ``images`` then holds each clip's first frame."""
 
 
 def _quiet_libraries() -> None:
@@ -117,7 +121,7 @@ def load_pipeline(target: str | os.PathLike[str] | ResolvedTarget, device: str =
         from diffkiln.runtime import load
 
         return load(resolved.path, device=device)
-    pipe = DiffusionPipeline.from_pretrained(resolved.path, torch_dtype=torch.float32, local_files_only=True)
+    pipe = DiffusionPipeline.from_pretrained(resolved.path, dtype=torch.float32, local_files_only=True)
     return pipe.to(device)
 
 
@@ -185,6 +189,7 @@ def generate(
     pipe.set_progress_bar_config(disable=True)
     bar = tqdm(total=steps * len(prompts), desc="denoising", unit="img-step", disable=not config.progress)
     images: list[Image.Image] = []
+    videos: list[list[Image.Image]] = []
     latents: list[torch.Tensor] = []
     timer = _DenoiserTimer(pipe) if measure else None
     peak = PeakMemory(getattr(pipe, "device", torch.device("cpu"))) if measure else None
@@ -205,9 +210,15 @@ def generate(
             guidance_scale=guidance,
             generator=gens,
             output_type="np",
-            callback_on_step_end=on_step,
+            **step_callback_kwargs(pipe, on_step),
+            **(target.call_kwargs if target else {}),
         )
-        images.extend(Image.fromarray((np.clip(im, 0, 1) * 255).round().astype(np.uint8)) for im in out.images)
+        if getattr(out, "frames", None) is not None:  # video pipelines: (batch, frames, H, W, C)
+            clips = [[_to_pil(f) for f in clip] for clip in out.frames]
+            videos.extend(clips)
+            images.extend(clip[0] for clip in clips)
+        else:
+            images.extend(_to_pil(im) for im in out.images)
     bar.close()
     del device
     extras: dict[str, Any] = {}
@@ -226,7 +237,33 @@ def generate(
         scheduler=type(pipe.scheduler).__name__,
         seconds=time.perf_counter() - t0,
         extras=extras,
+        videos=videos or None,
     )
+
+
+StepCallback = Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]]
+
+
+def step_callback_kwargs(pipe: Any, on_step: StepCallback) -> dict[str, Any]:
+    """Pipeline-call arguments that run ``on_step(pipe, i, t, {"latents": ...})`` after every step.
+
+    Most diffusers pipelines take ``callback_on_step_end``; older ones (PixArt-alpha) take
+    ``callback`` with ``callback_steps``. A pipeline with neither gets no callback.
+    """
+    params = inspect.signature(pipe.__call__).parameters
+    if "callback_on_step_end" in params:
+        return {"callback_on_step_end": on_step}
+    if "callback" in params:
+
+        def legacy(i: int, t: Any, latents: torch.Tensor) -> None:
+            on_step(pipe, i, t, {"latents": latents})
+
+        return {"callback": legacy, "callback_steps": 1}
+    return {}
+
+
+def _to_pil(array: np.ndarray) -> Image.Image:
+    return Image.fromarray((np.clip(array, 0, 1) * 255).round().astype(np.uint8))
 
 
 class _DenoiserTimer:
@@ -295,12 +332,22 @@ def _slug(text: str, limit: int = 48) -> str:
 
 
 def save_images(result: GenerationResult, out_dir: str | os.PathLike[str]) -> list[Path]:
-    """Write each image as ``NNNN_<prompt-slug>.png`` under ``out_dir``; returns the paths."""
+    """Write each image as ``NNNN_<prompt-slug>.png`` (each video as an animated ``.gif``) under ``out_dir``.
+
+    Returns:
+        The paths written.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, (prompt, image) in enumerate(zip(result.prompts, result.images, strict=True)):
-        path = out / f"{i:04d}_{_slug(prompt)}.png"
-        image.save(path)
+        stem = out / f"{i:04d}_{_slug(prompt)}"
+        if result.videos is not None:
+            frames = result.videos[i]
+            path = stem.with_suffix(".gif")
+            frames[0].save(path, save_all=True, append_images=frames[1:], duration=125, loop=0)
+        else:
+            path = stem.with_suffix(".png")
+            image.save(path)
         paths.append(path)
     return paths

@@ -18,14 +18,9 @@ from diffkiln.errors import InvalidInputError
 from diffkiln.export import ExportConfig, export_bundle
 from diffkiln.generation import load_pipeline, read_prompts
 from diffkiln.optimizer import ActMode, QuantizeConfig, Recipe, make_plan
-from diffkiln.zoo.registry import resolve_target
+from diffkiln.zoo.registry import default_cache_dir, resolve_target
 
 __all__ = ["OptimizeConfig", "default_cache_dir", "optimize"]
-
-
-def default_cache_dir() -> Path:
-    """Where calibration statistics are cached: $DIFFKILN_CACHE or ~/.cache/diffkiln."""
-    return Path(os.environ.get("DIFFKILN_CACHE", Path.home() / ".cache" / "diffkiln"))
 
 
 @dataclass(frozen=True)
@@ -106,6 +101,7 @@ def optimize(target: str | os.PathLike[str], config: OptimizeConfig) -> Path:
         seed=config.seed,
         cache_dir=config.cache_dir or default_cache_dir(),
         progress=config.progress,
+        call_kwargs=tuple(resolved.call_kwargs.items()),
     )
     t1 = time.perf_counter()
     stats = calibrate(pipe, cal_cfg)

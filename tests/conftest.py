@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Tests never touch the user's cache: calibration statistics and tiny models go to a temp dir.
+os.environ["DIFFKILN_CACHE"] = tempfile.mkdtemp(prefix="diffkiln-test-cache-")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -16,10 +16,15 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "diffkiln.cli", *args], capture_output=True, text=True, timeout=600)
 
 
-def test_models_lists_both_builtins(capsys: pytest.CaptureFixture[str]) -> None:
+def test_models_lists_every_builtin(capsys: pytest.CaptureFixture[str]) -> None:
+    from diffkiln.zoo import BUILTIN_MODELS
+
     assert main(["models"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert [ln.split()[0] for ln in lines] == ["shapes-unet", "shapes-dit"]
+    names = [ln.split()[0] for ln in lines]
+    assert names[:2] == ["shapes-unet", "shapes-dit"]
+    assert names == list(BUILTIN_MODELS)
+    assert {"tiny-sd15", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-pixart", "tiny-wan"} <= set(names)
 
 
 def test_help_explains_commands() -> None:

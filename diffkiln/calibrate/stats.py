@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from diffkiln.calibrate.hooks import scoped_hooks
+from diffkiln.generation import step_callback_kwargs
 
 __all__ = [
     "CalibrationConfig",
@@ -50,6 +51,8 @@ class CalibrationConfig:
         samples_per_step: activation values kept per (layer, step). Default 1024.
         cache_dir: where stats are cached; None disables the cache. Default None.
         progress: show a progress bar. Default True.
+        call_kwargs: extra pipeline-call arguments as (name, value) pairs, e.g. height and width.
+            Default none.
     """
 
     prompts: tuple[str, ...]
@@ -60,6 +63,7 @@ class CalibrationConfig:
     samples_per_step: int = 1024
     cache_dir: Path | None = None
     progress: bool = True
+    call_kwargs: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.prompts or any(not p.strip() for p in self.prompts):
@@ -76,6 +80,7 @@ class CalibrationConfig:
         d.pop("cache_dir")
         d.pop("progress")
         d["prompts"] = list(self.prompts)
+        d["call_kwargs"] = {k: v for k, v in self.call_kwargs}
         d["version"] = STATS_VERSION
         return d
 
@@ -367,7 +372,8 @@ def calibrate(pipe: Any, config: CalibrationConfig) -> CalibrationStats:
                 guidance_scale=config.guidance,
                 generator=gens,
                 output_type="latent",
-                callback_on_step_end=on_step,
+                **step_callback_kwargs(pipe, on_step),
+                **dict(config.call_kwargs),
             )
     bar.close()
     stats = CalibrationStats(

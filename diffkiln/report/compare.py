@@ -37,11 +37,26 @@ def fidelity(reference: GenerationResult, test: GenerationResult) -> dict[str, f
     }
 
 
-def per_layer_sqnr(fp_pipe: Any, q_pipe: Any, prompt: str, steps: int, guidance: float) -> dict[str, float]:
+def per_layer_sqnr(
+    fp_pipe: Any,
+    q_pipe: Any,
+    prompt: str,
+    steps: int,
+    guidance: float,
+    call_kwargs: dict[str, Any] | None = None,
+) -> dict[str, float]:
     """Isolated SQNR of each quantized layer: its output on the FP model's own input, at the middle step.
 
     The FP pipeline runs one generation; each quantized layer of ``q_pipe`` then receives exactly
     the input its FP counterpart saw, so upstream error does not mix in.
+
+    Args:
+        fp_pipe: the FP pipeline.
+        q_pipe: the bundle's pipeline.
+        prompt: the prompt of the one generation.
+        steps: sampler steps.
+        guidance: guidance scale.
+        call_kwargs: extra pipeline-call arguments (e.g. a tiny model's size). Default none.
     """
     fp_den, q_den = find_denoiser(fp_pipe), find_denoiser(q_pipe)
     q_modules = dict(q_den.named_modules())
@@ -70,6 +85,7 @@ def per_layer_sqnr(fp_pipe: Any, q_pipe: Any, prompt: str, steps: int, guidance:
             guidance_scale=guidance,
             generator=torch.Generator().manual_seed(0),
             output_type="latent",
+            **(call_kwargs or {}),
         )
     out = {}
     with torch.no_grad():

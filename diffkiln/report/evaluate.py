@@ -253,7 +253,9 @@ def _compare_with_baseline(
         "simulated": manifest["quant"].get("simulated", False),
     }
     data["bos"] = manifest["bos"]
-    layer_sqnr = per_layer_sqnr(base, pipe, result.prompts[0], result.steps, result.guidance)
+    layer_sqnr = per_layer_sqnr(
+        base, pipe, result.prompts[0], result.steps, result.guidance, call_kwargs=base_target.call_kwargs
+    )
     return base_judged, layer_sqnr
 
 

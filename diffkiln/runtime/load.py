@@ -10,6 +10,8 @@ bundle.
 from __future__ import annotations
 
 import importlib
+import inspect
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -106,6 +108,37 @@ def _build_denoiser(bundle: Path, manifest: dict[str, Any]) -> nn.Module:
     return denoiser.eval()
 
 
+def _assemble_pipeline(path: Path, denoiser_name: str, denoiser: nn.Module) -> Any:
+    """Load every component but the denoiser from its subfolder and build the pipeline around ours.
+
+    ``DiffusionPipeline.from_pretrained(path, transformer=...)`` would also do, except for
+    pipelines whose denoiser is an optional component (Wan): those still load it from disk.
+    """
+    import diffusers
+
+    index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
+    pipeline_cls = getattr(diffusers, index["_class_name"], None)
+    if pipeline_cls is None:
+        raise BundleError(f"pipeline class {index['_class_name']!r} is not in diffusers {diffusers.__version__}")
+    accepted = set(inspect.signature(pipeline_cls.__init__).parameters)
+    kwargs: dict[str, Any] = {denoiser_name: denoiser}
+    for name, value in index.items():
+        if name.startswith("_") or name == denoiser_name or name not in accepted:
+            continue
+        if isinstance(value, list) and len(value) == 2:
+            library, cls_name = value
+            if library is None:
+                kwargs[name] = None
+                continue
+            cls = getattr(importlib.import_module(library), cls_name)
+            # float32 like the rest of the runtime; only model classes take a dtype.
+            extra = {"dtype": torch.float32} if isinstance(cls, type) and issubclass(cls, nn.Module) else {}
+            kwargs[name] = cls.from_pretrained(path / name, local_files_only=True, **extra)
+        else:
+            kwargs[name] = value  # a plain config value of the pipeline (e.g. requires_safety_checker)
+    return pipeline_cls(**kwargs)
+
+
 def load(bundle: str | os.PathLike[str], device: str = "auto") -> Any:
     """Load a bundle as a diffusers pipeline on ``device``.
 
@@ -121,7 +154,6 @@ def load(bundle: str | os.PathLike[str], device: str = "auto") -> Any:
     Raises:
         BundleError: the bundle is missing, corrupt, truncated, tampered, or of a future version.
     """
-    from diffusers import DiffusionPipeline
     from diffusers.utils import logging as dlog
 
     path = Path(bundle)
@@ -131,9 +163,7 @@ def load(bundle: str | os.PathLike[str], device: str = "auto") -> Any:
     denoiser = _build_denoiser(path, manifest)
     dlog.set_verbosity_error()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    pipe = DiffusionPipeline.from_pretrained(
-        path, **{manifest["pipeline"]["denoiser"]: denoiser}, dtype=torch.float32, local_files_only=True
-    )
+    pipe = _assemble_pipeline(path, manifest["pipeline"]["denoiser"], denoiser)
     pipe = pipe.to(target)
     pipe.diffkiln_manifest = manifest
     return pipe

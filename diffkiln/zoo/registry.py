@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 from diffkiln.errors import ModelNotFoundError
 
@@ -16,9 +17,19 @@ __all__ = [
     "BuiltinModel",
     "JudgeKind",
     "ResolvedTarget",
+    "default_cache_dir",
     "get_builtin",
     "resolve_target",
 ]
+
+TINY_VERSION = 1
+"""Bumped whenever a tiny architecture's config changes, so cached folders are rebuilt."""
+
+
+def default_cache_dir() -> Path:
+    """diffkiln's cache (calibration statistics, materialized tiny models): $DIFFKILN_CACHE or ~/.cache/diffkiln."""
+    return Path(os.environ.get("DIFFKILN_CACHE", Path.home() / ".cache" / "diffkiln"))
+
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 """Where the committed weights of the trained built-in models live."""
@@ -42,6 +53,10 @@ class BuiltinModel:
         default_steps: documented number of denoising steps.
         default_guidance: documented classifier-free guidance scale.
         judge: the content judge that scores its images.
+        call_kwargs: extra pipeline-call arguments the model needs (e.g. a tiny model's height
+            and width), as (name, value) pairs. Default none.
+        random_weights: True for the tiny random-weight architecture pipelines, which are built
+            on first use into the cache rather than shipped. Default False.
     """
 
     name: str
@@ -50,11 +65,42 @@ class BuiltinModel:
     default_steps: int
     default_guidance: float
     judge: JudgeKind
+    call_kwargs: tuple[tuple[str, Any], ...] = ()
+    random_weights: bool = False
 
     @property
     def path(self) -> Path:
-        """The model's diffusers folder inside the installed package."""
+        """The model's diffusers folder: inside the package, or (random-weight models) in the cache."""
+        if self.random_weights:
+            return default_cache_dir() / "zoo" / f"{self.name}-v{TINY_VERSION}"
         return WEIGHTS_DIR / self.name
+
+    def materialize(self) -> Path:
+        """The model's folder, built first if it is a random-weight model not yet in the cache."""
+        if self.random_weights and not (self.path / "model_index.json").is_file():
+            from diffkiln.zoo.architectures import save_tiny_pipeline
+
+            save_tiny_pipeline(self.name, self.path)
+        return self.path
+
+
+def _tiny_models() -> tuple[BuiltinModel, ...]:
+    # Described here without importing diffusers; the builders live in zoo.architectures.
+    from diffkiln.zoo.catalog import TINY_CATALOG
+
+    return tuple(
+        BuiltinModel(
+            name=entry.name,
+            description=entry.description,
+            pipeline_class=entry.pipeline_class,
+            default_steps=4,
+            default_guidance=4.0,
+            judge=JudgeKind.NONE,
+            call_kwargs=entry.call_kwargs,
+            random_weights=True,
+        )
+        for entry in TINY_CATALOG
+    )
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
@@ -78,6 +124,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
             default_guidance=5.0,
             judge=JudgeKind.SHAPES,
         ),
+        *_tiny_models(),
     )
 }
 
@@ -97,6 +144,11 @@ class ResolvedTarget:
     path: Path
     builtin: BuiltinModel | None
     bundle: bool = False
+
+    @property
+    def call_kwargs(self) -> dict[str, Any]:
+        """Extra pipeline-call arguments of the (source) built-in model; empty for other targets."""
+        return dict(self.builtin.call_kwargs) if self.builtin else {}
 
 
 def get_builtin(name: str) -> BuiltinModel:
@@ -136,6 +188,7 @@ def resolve_target(target: str | os.PathLike[str]) -> ResolvedTarget:
     text = os.fspath(target)
     if text in BUILTIN_MODELS:
         model = BUILTIN_MODELS[text]
+        model.materialize()
         if not (model.path / "model_index.json").is_file():
             raise ModelNotFoundError(
                 f"the weights of built-in model {text!r} are missing from {model.path}; "

@@ -1,0 +1,91 @@
+"""Every supported architecture end to end: optimize -> bundle -> runtime.load -> generate.
+
+Tiny random-weight pipelines of the real diffusers classes (SD1.5, SDXL, SD3, FLUX, PixArt, Wan).
+The optimizer must find their layers generically; the runtime must rebuild each denoiser from the
+bundle alone and stay close to the FP pipeline.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+from safetensors import safe_open
+
+from diffkiln.generation import GenerateConfig, generate, load_pipeline
+from diffkiln.optimize import OptimizeConfig, optimize
+from diffkiln.report.metrics import sqnr_db
+from diffkiln.zoo.architectures import FULL_SIZE_DENOISERS, TINY_ARCHITECTURES, build_full_denoiser
+from diffkiln.zoo.registry import resolve_target
+
+PROMPTS = ["a red car on a street", "a dog running on the beach"]
+
+# Random weights give wider activation ranges than trained ones; the floor still catches a broken
+# kernel, layout or BOS path (those give SQNR near 0 dB or NaN).
+MIN_LATENT_SQNR_DB = {"tiny-sdxl": 14.0}
+DEFAULT_MIN_LATENT_SQNR_DB = 20.0
+
+
+@pytest.mark.parametrize("name", sorted(TINY_ARCHITECTURES))
+def test_folder_is_a_plain_diffusers_pipeline(name: str) -> None:
+    # Built on first use into $DIFFKILN_CACHE (a temp dir under pytest, see conftest.py).
+    path = resolve_target(name).path
+    pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True)
+    assert type(pipe).__name__ == TINY_ARCHITECTURES[name].pipeline_class
+
+
+@pytest.mark.parametrize("name", sorted(TINY_ARCHITECTURES))
+def test_optimize_load_generate(name: str, tmp_path: Path) -> None:
+    bundle = optimize(name, OptimizeConfig(out=tmp_path / "bundle", calib_size=4, progress=False))
+    target = resolve_target(str(bundle))
+    assert target.bundle and target.builtin is not None and target.builtin.name == name
+
+    q_pipe = load_pipeline(target)
+    fp_target = resolve_target(name)
+    fp_pipe = load_pipeline(fp_target)
+    cfg = GenerateConfig(progress=False)
+    q = generate(q_pipe, PROMPTS, cfg, target, measure=True)
+    fp = generate(fp_pipe, PROMPTS, cfg, fp_target, measure=True)
+
+    assert len(q.images) == len(PROMPTS)
+    assert q.images[0].size == fp.images[0].size
+    if name == "tiny-wan":
+        assert q.videos is not None and len(q.videos[0]) == dict(fp_target.call_kwargs)["num_frames"]
+    manifest = q_pipe.diffkiln_manifest
+    assert sum(1 for info in manifest["quant"]["layers"].values()) > 0
+    sqnr = sqnr_db(fp.extras["latents"], q.extras["latents"])
+    assert sqnr >= MIN_LATENT_SQNR_DB.get(name, DEFAULT_MIN_LATENT_SQNR_DB), f"{name}: latent SQNR {sqnr:.1f} dB"
+    # Real integers: every quantized layer's weight is stored as int8.
+    with safe_open(str(bundle / manifest["quant"]["weights_file"]), "pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys() if k.endswith("::weight_q")}  # noqa: SIM118
+    assert len(dtypes) == len(manifest["quant"]["layers"]) and set(dtypes.values()) == {"I8"}
+
+
+def test_tiny_models_are_deterministic(tmp_path: Path) -> None:
+    from diffkiln.zoo.architectures import build_tiny_pipeline
+
+    a = build_tiny_pipeline("tiny-sd3", tmp_path / "a", seed=3).transformer.state_dict()
+    b = build_tiny_pipeline("tiny-sd3", tmp_path / "b", seed=3).transformer.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_unknown_architecture_lists_valid_names(tmp_path: Path) -> None:
+    from diffkiln.zoo.architectures import build_tiny_pipeline
+
+    with pytest.raises(KeyError, match="tiny-sd15"):
+        build_tiny_pipeline("tiny-sd9", tmp_path)
+    with pytest.raises(KeyError, match="sd15-unet"):
+        build_full_denoiser("sd9-unet")
+
+
+# Published parameter counts (millions) of the full-size denoisers, within 2%.
+_PUBLISHED_M = {"sd15-unet": 860, "sdxl-unet": 2567, "pixart-alpha": 611, "sd3-medium": 2028, "wan2.1-1.3b": 1419}
+
+
+@pytest.mark.parametrize("name", sorted(FULL_SIZE_DENOISERS))
+def test_full_size_configs_match_published_sizes(name: str) -> None:
+    model = build_full_denoiser(name, device="meta")  # no memory: shapes only
+    millions = sum(p.numel() for p in model.parameters()) / 1e6
+    assert abs(millions - _PUBLISHED_M[name]) / _PUBLISHED_M[name] < 0.02, f"{name}: {millions:.0f}M"

@@ -165,6 +165,29 @@ def _parser() -> argparse.ArgumentParser:
         default="static",
         help="static per-tensor (calibrated) or dynamic per-token activations (default static)",
     )
+    o.add_argument(
+        "--weight-bits",
+        type=int,
+        choices=[8, 7],
+        default=8,
+        help="weight grid (default 8). 7 keeps int8 storage on [-63, 63]: the only way, with 8-bit "
+        "activations, to run oneDNN's fast int8 kernels exactly on x86 CPUs without VNNI (AVX2)",
+    )
+    o.add_argument(
+        "--act-bits",
+        type=int,
+        choices=[8, 7],
+        default=8,
+        help="static activation grid (default 8); 7 is the other way to the AVX2 fast path",
+    )
+    o.add_argument(
+        "--smooth",
+        choices=["auto", "all", "off"],
+        default="auto",
+        help="SmoothQuant the input channels of Linear layers: auto = layers whose largest input "
+        "channel exceeds 8x the median one, all = every Linear, off = none (default auto)",
+    )
+    o.add_argument("--smooth-alpha", type=float, default=0.5, help="smoothing strength in (0, 1) (default 0.5)")
     o.add_argument("--out", type=Path, required=True, metavar="BUNDLE", help="bundle directory to write")
     o.add_argument("--overwrite", action="store_true", help="replace an existing bundle directory")
     o.add_argument("--cache-dir", type=Path, help="calibration cache (default $DIFFKILN_CACHE or ~/.cache/diffkiln)")
@@ -265,7 +288,7 @@ def _read_old_report(path: Path) -> dict[str, Any]:
 
 def _cmd_optimize(a: argparse.Namespace) -> int:
     from diffkiln.optimize import OptimizeConfig, optimize
-    from diffkiln.optimizer import ActMode, Recipe
+    from diffkiln.optimizer import ActMode, Recipe, SmoothMode
 
     if a.calib_prompts is not None:
         from diffkiln.generation import read_prompts
@@ -282,6 +305,10 @@ def _cmd_optimize(a: argparse.Namespace) -> int:
         exclude=tuple(a.exclude),
         bos_aware=not a.no_bos,
         act_mode=ActMode(a.act_mode),
+        weight_bits=a.weight_bits,
+        act_bits=a.act_bits,
+        smooth=SmoothMode(a.smooth),
+        smooth_alpha=a.smooth_alpha,
         overwrite=a.overwrite,
         cache_dir=a.cache_dir,
         seed=a.seed,

@@ -17,7 +17,7 @@ from diffkiln.calibrate.prompts import default_calibration_prompts
 from diffkiln.errors import InvalidInputError
 from diffkiln.export import ExportConfig, export_bundle
 from diffkiln.generation import load_pipeline, read_prompts
-from diffkiln.optimizer import ActMode, QuantizeConfig, Recipe, make_plan
+from diffkiln.optimizer import ActMode, QuantizeConfig, Recipe, SmoothMode, make_plan
 from diffkiln.zoo.registry import default_cache_dir, resolve_target
 
 __all__ = ["OptimizeConfig", "default_cache_dir", "optimize"]
@@ -38,6 +38,10 @@ class OptimizeConfig:
         exclude: globs of layers to keep in FP.
         bos_aware: precompute BOS rows in FP (MixDQ). Default True.
         act_mode: static or dynamic activations. Default static.
+        weight_bits: weight grid, 8 or 7 (see :class:`diffkiln.optimizer.QuantizeConfig`). Default 8.
+        act_bits: static activation grid, 8 or 7. Default 8.
+        smooth: which Linear layers get SmoothQuant smoothing. Default AUTO.
+        smooth_alpha: smoothing strength in (0, 1). Default 0.5.
         overwrite: replace an existing bundle. Default False.
         cache_dir: calibration cache; None uses :func:`default_cache_dir`.
         seed: base seed for calibration. Default 0.
@@ -54,6 +58,10 @@ class OptimizeConfig:
     exclude: tuple[str, ...] = ()
     bos_aware: bool = True
     act_mode: ActMode = ActMode.STATIC
+    weight_bits: int = 8
+    act_bits: int = 8
+    smooth: SmoothMode = SmoothMode.AUTO
+    smooth_alpha: float = 0.5
     overwrite: bool = False
     cache_dir: Path | None = None
     seed: int = 0
@@ -66,6 +74,13 @@ class OptimizeConfig:
             raise InvalidInputError(f"steps must be a positive integer, got {self.steps}")
         if self.guidance is not None and self.guidance < 0:
             raise InvalidInputError(f"guidance must be >= 0, got {self.guidance}")
+        if not 0.0 < self.smooth_alpha < 1.0:
+            raise InvalidInputError(f"smooth_alpha must be in (0, 1), e.g. 0.5; got {self.smooth_alpha}")
+        if self.act_bits != 8 and self.act_mode is not ActMode.STATIC:
+            raise InvalidInputError("7-bit activations need static activations; drop --act-mode dynamic")
+        for name in ("weight_bits", "act_bits"):
+            if getattr(self, name) not in (7, 8):
+                raise InvalidInputError(f"{name} must be 7 or 8, got {getattr(self, name)}")
 
 
 def optimize(target: str | os.PathLike[str], config: OptimizeConfig) -> Path:
@@ -112,6 +127,10 @@ def optimize(target: str | os.PathLike[str], config: OptimizeConfig) -> Path:
         include=config.include,
         exclude=config.exclude,
         bos_aware=config.bos_aware,
+        weight_bits=config.weight_bits,
+        act_bits=config.act_bits,
+        smooth=config.smooth,
+        smooth_alpha=config.smooth_alpha,
     )
     plan = make_plan(pipe, stats, qcfg, resolved.name)
     t3 = time.perf_counter()

@@ -34,8 +34,17 @@ __all__ = [
     "pipeline_weight_hash",
 ]
 
-STATS_VERSION = 1
-_LAYER_TENSORS = ("min", "max", "channel_absmax", "samples", "sample_positions", "text_spread", "text_rows")
+STATS_VERSION = 2
+_LAYER_TENSORS = (
+    "min",
+    "max",
+    "channel_absmax",
+    "samples",
+    "sample_positions",
+    "text_spread",
+    "text_rows",
+    "sample_channels",
+)
 
 
 @dataclass(frozen=True)
@@ -101,6 +110,7 @@ class LayerStats:
             layers whose input is a sequence of the text's length (0: same row for every prompt);
             empty for other layers.
         text_rows: (L, D) the input rows of the first calibration prompt, for the same layers.
+        sample_channels: (T, S) input channel of each sample (for per-channel smoothing).
     """
 
     kind: str
@@ -111,6 +121,7 @@ class LayerStats:
     sample_positions: torch.Tensor
     text_spread: torch.Tensor
     text_rows: torch.Tensor
+    sample_channels: torch.Tensor
 
     def invariant_rows(self, positions: list[int], rel_tol: float = 1e-6) -> list[int]:
         """Which of ``positions`` this layer reads as the same row for every prompt.
@@ -268,6 +279,7 @@ class _Recorder:
                 "absmax": {},
                 "samples": {},
                 "pos": {},
+                "chan": {},
                 "spread": None,
                 "rows": None,
             },
@@ -275,6 +287,10 @@ class _Recorder:
         t = self.step
         flat = x.flatten()
         idx = torch.randint(0, flat.numel(), (self.samples,), generator=self.gen)
+        stride = 1
+        for d in range(channel_dim + 1, x.dim()):
+            stride *= x.shape[d]
+        a["chan"].setdefault(t, []).append(((idx // stride) % x.shape[channel_dim]).to(torch.int32))
         if kind == "linear" and x.dim() == 3 and self.text_len and x.shape[1] == self.text_len:
             # A text-token sequence: remember which position each sample came from, how much each
             # position's row varies across prompts, and the rows themselves (for BOS precompute).
@@ -295,11 +311,12 @@ class _Recorder:
         g = torch.Generator().manual_seed(0)
         for name, a in self.acc.items():
             steps = sorted(a["min"])
-            samples, positions = [], []
+            samples, positions, channels = [], [], []
             for t in steps:
                 pool = torch.cat(a["samples"][t])
                 keep = torch.randperm(pool.numel(), generator=g)[: self.samples]
                 samples.append(pool[keep])
+                channels.append(torch.cat(a["chan"][t])[keep])
                 if a["pos"]:
                     positions.append(torch.cat(a["pos"][t])[keep].to(torch.int32))
             empty = torch.zeros(0)
@@ -312,6 +329,7 @@ class _Recorder:
                 sample_positions=torch.stack(positions) if positions else empty.to(torch.int32),
                 text_spread=a["spread"] if a["spread"] is not None else empty,
                 text_rows=a["rows"] if a["rows"] is not None else empty,
+                sample_channels=torch.stack(channels),
             )
         return out
 

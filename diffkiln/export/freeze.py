@@ -11,13 +11,19 @@ from torch import nn
 from diffkiln.calibrate.stats import LayerStats
 from diffkiln.optimizer.plan import ActMode, LayerPlan
 from diffkiln.optimizer.quantizers import quantize_weight_per_channel
+from diffkiln.optimizer.smoothing import smoothing_factors
 
 __all__ = ["freeze_layer", "layer_meta"]
 
 
 def layer_meta(module: nn.Module, lp: LayerPlan) -> dict[str, Any]:
     """The non-tensor construction arguments of a quantized layer (JSON-ready)."""
-    meta: dict[str, Any] = {"act_mode": lp.act.mode.value if lp.act else None, "kind": lp.kind}
+    meta: dict[str, Any] = {
+        "act_mode": lp.act.mode.value if lp.act else None,
+        "act_bits": lp.act.bits if lp.act else None,
+        "weight_bits": lp.weight.bits if lp.weight else None,
+        "kind": lp.kind,
+    }
     if isinstance(module, nn.Conv2d):
         if isinstance(module.padding, str):
             raise ValueError(f"{lp.name}: string padding {module.padding!r} is not supported; --exclude it")
@@ -45,8 +51,16 @@ def freeze_layer(module: nn.Module, lp: LayerPlan, stats: LayerStats | None) -> 
         raise ValueError(f"{lp.name} is kept in floating point by the plan; nothing to freeze")
     if not isinstance(module, (nn.Linear, nn.Conv2d)):
         raise ValueError(f"{lp.name}: cannot quantize a {type(module).__name__}")
-    qw = quantize_weight_per_channel(module.weight, lp.weight.bits)
-    out = {"weight_q": qw.q.contiguous(), "weight_scale": qw.scale.contiguous()}
+    weight = module.weight.detach().float()
+    out: dict[str, torch.Tensor] = {}
+    if lp.smooth_alpha is not None:
+        if stats is None:
+            raise ValueError(f"{lp.name}: smoothing planned but no calibration statistics given")
+        factors = smoothing_factors(stats.channel_absmax.amax(dim=0), weight, lp.smooth_alpha)
+        weight = weight * factors[None, :]  # (x / s) @ (W * s)^T == x @ W^T
+        out["smooth_inv"] = (1.0 / factors).contiguous()
+    qw = quantize_weight_per_channel(weight, lp.weight.bits)
+    out.update(weight_q=qw.q.contiguous(), weight_scale=qw.scale.contiguous())
     if module.bias is not None:
         out["bias"] = module.bias.detach().to(torch.float32).contiguous()
     if lp.act.mode is ActMode.STATIC:

@@ -11,7 +11,10 @@ from __future__ import annotations
 import torch
 
 from diffkiln.kernels.backends import (
+    ActGrid,
+    ConvGeometry,
     KernelBackend,
+    StaticConv,
     StaticLinear,
     available_backends,
     get_backend,
@@ -24,7 +27,10 @@ from diffkiln.kernels.reference import (
 )
 
 __all__ = [
+    "ActGrid",
+    "ConvGeometry",
     "KernelBackend",
+    "StaticConv",
     "StaticLinear",
     "available_backends",
     "dynamic_quant",
@@ -32,6 +38,7 @@ __all__ = [
     "get_backend",
     "int_mm",
     "int_mm_reference",
+    "prepack_static_conv",
     "prepack_static_linear",
     "quant_matmul",
     "quant_matmul_reference",
@@ -72,7 +79,7 @@ def dynamic_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def prepack_static_linear(
-    w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, device: torch.device | str
+    w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, act: ActGrid, device: torch.device | str
 ) -> StaticLinear:
     """Prepare int8 (N, K) per-channel weights for static W8A8 GEMMs on ``device``'s fastest kernel.
 
@@ -80,9 +87,34 @@ def prepack_static_linear(
         w_q: int8 (N, K) weights.
         w_scale: float32 (N,) per-output-channel scales.
         bias: float32 (N,) or None.
+        act: the static activation grid.
         device: where the GEMMs will run.
 
     Returns:
-        A callable ``(x float (M, K), act_scale, act_zero_point) -> float32 (M, N)``.
+        A callable ``x float (M, K) -> float32 (M, N)``.
     """
-    return get_backend(device).prepack_static_linear(w_q, w_scale, bias)
+    return get_backend(device).prepack_static_linear(w_q, w_scale, bias, act)
+
+
+def prepack_static_conv(
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    act: ActGrid,
+    geometry: ConvGeometry,
+    device: torch.device | str,
+) -> StaticConv | None:
+    """A direct integer convolution on ``device``, or None where the backend has none that is exact.
+
+    Args:
+        w_q: int8 (O, I, kh, kw) weights.
+        w_scale: float32 (O,) per-output-channel scales.
+        bias: float32 (O,) or None.
+        act: the static activation grid.
+        geometry: stride, padding, dilation, groups.
+        device: where the convolutions will run.
+
+    Returns:
+        A callable ``x float (B, I, H, W) -> float32 (B, O, H', W')``, or None (use im2col + GEMM).
+    """
+    return get_backend(device).prepack_static_conv(w_q, w_scale, bias, act, geometry)

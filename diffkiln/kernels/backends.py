@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import importlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -18,12 +19,17 @@ import torch
 from diffkiln.kernels.reference import dynamic_quant_per_token_reference
 
 __all__ = [
+    "ActGrid",
+    "ConvGeometry",
     "GenericStaticLinear",
     "KernelBackend",
+    "OneDnnStaticConv",
     "OneDnnStaticLinear",
+    "StaticConv",
     "StaticLinear",
     "available_backends",
     "get_backend",
+    "onednn_exact",
     "register_backend",
 ]
 
@@ -54,57 +60,148 @@ class KernelBackend(Protocol):
         ...
 
     def prepack_static_linear(
-        self, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None
+        self, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, act: ActGrid
     ) -> StaticLinear:
         """Prepare int8 (N, K) weights for repeated static-activation GEMMs on this backend."""
         ...
+
+    def prepack_static_conv(
+        self, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, act: ActGrid, geometry: ConvGeometry
+    ) -> StaticConv | None:
+        """A direct integer convolution for int8 (O, I, kh, kw) weights, or None (then: im2col + GEMM)."""
+        ...
+
+
+@dataclass(frozen=True)
+class ActGrid:
+    """A static per-tensor activation grid: ``q = clamp(round(x / scale) + zero_point, qmin, qmax)``.
+
+    Attributes:
+        scale: step size.
+        zero_point: the code of 0.0.
+        bits: 8 (codes [-128, 127]) or 7 (codes [-64, 63]). Default 8.
+    """
+
+    scale: float
+    zero_point: int
+    bits: int = 8
+
+    @property
+    def qmin(self) -> int:
+        """Lowest code."""
+        return -(2 ** (self.bits - 1))
+
+    @property
+    def qmax(self) -> int:
+        """Highest code."""
+        return 2 ** (self.bits - 1) - 1
+
+    def quantize(self, x: torch.Tensor, offset: int = 0, dtype: torch.dtype = torch.int8) -> torch.Tensor:
+        """The codes of ``x`` (plus ``offset``, e.g. to store them as uint8), as ``dtype``."""
+        q = torch.round(x.to(torch.float32) / self.scale)
+        return q.add_(self.zero_point + offset).clamp_(self.qmin + offset, self.qmax + offset).to(dtype)
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """A 2-D convolution's stride, padding, dilation and groups."""
+
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int = 1
 
 
 class StaticLinear(Protocol):
     """A prepacked W8A8 linear with a static per-tensor activation grid."""
 
-    def __call__(self, x: torch.Tensor, act_scale: float, act_zero_point: int) -> torch.Tensor:
-        """float (M, K) -> float32 (M, N): quantise x on the int8 grid (scale, zero point), int GEMM, dequantise."""
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """float (M, K) -> float32 (M, N): quantise x on the grid, integer GEMM, dequantise."""
+        ...
+
+
+class StaticConv(Protocol):
+    """A prepacked W8A8 2-D convolution with a static per-tensor activation grid."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """float (B, C, H, W) -> float32 (B, O, H', W'): quantise, integer convolution, dequantise."""
         ...
 
 
 class GenericStaticLinear:
     """quant_matmul with the activation zero point folded into an int32 bias (any backend)."""
 
-    def __init__(self, backend: KernelBackend, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(
+        self, backend: KernelBackend, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, act: ActGrid
+    ):
         self.backend = backend
+        self.act = act
         self.w_t = w_q.t().contiguous()
-        self.w_scale = w_scale.to(torch.float32)
-        self.colsum = w_q.to(torch.int32).sum(dim=1)
+        self.scale = act.scale * w_scale.to(torch.float32)
+        self.zp_bias = -act.zero_point * w_q.to(torch.int32).sum(dim=1)
         self.bias = None if bias is None else bias.to(torch.float32)
 
-    def __call__(self, x: torch.Tensor, act_scale: float, act_zero_point: int) -> torch.Tensor:
-        q = torch.clamp(torch.round(x.to(torch.float32) / act_scale) + act_zero_point, -128, 127).to(torch.int8)
-        out = self.backend.quant_matmul(
-            q, self.w_t, act_scale * self.w_scale, -act_zero_point * self.colsum, None, torch.float32
-        )
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.act.quantize(x)
+        out = self.backend.quant_matmul(q, self.w_t, self.scale, self.zp_bias, None, torch.float32)
         return out if self.bias is None else out + self.bias
 
 
+def _uint8_offset(act: ActGrid) -> int:
+    # The int8 codes [qmin, qmax] shifted to start at 0: the same integers in uint8 storage, with
+    # 8-bit codes in [0, 255] and 7-bit codes in [0, 127] (what keeps AVX2 pair sums in int16).
+    return -act.qmin
+
+
 class OneDnnStaticLinear:
-    """x86 CPUs: oneDNN's prepacked u8s8 GEMM (``torch.ops.onednn.qlinear_pointwise``), float32 output.
+    """x86 CPUs: oneDNN's prepacked u8s8 GEMM (``torch.ops.onednn.qlinear_pointwise``), float32 output."""
 
-    Our int8 activation grid (scale s, zero point z in [-128, 127]) is the same grid as uint8
-    with zero point z + 128, so the integers are identical; only the storage type shifts.
-    """
-
-    def __init__(self, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, act: ActGrid):
+        self.act = act
+        self.offset = _uint8_offset(act)
         self.packed = torch.ops.onednn.qlinear_prepack(w_q.contiguous(), None)
         self.w_scale = w_scale.to(torch.float32).contiguous()
         self.w_zp = torch.zeros(w_q.shape[0], dtype=torch.int64)
         self.bias = None if bias is None else bias.to(torch.float32).contiguous()
 
-    def __call__(self, x: torch.Tensor, act_scale: float, act_zero_point: int) -> torch.Tensor:
-        zp = act_zero_point + 128
-        q = torch.clamp(torch.round(x.to(torch.float32) / act_scale) + zp, 0, 255).to(torch.uint8)
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.act.quantize(x, self.offset, torch.uint8)
+        zp = self.act.zero_point + self.offset
         return torch.ops.onednn.qlinear_pointwise(
-            q, act_scale, zp, self.packed, self.w_scale, self.w_zp, self.bias, 1.0, 0, torch.float32, "none", [None], ""
-        )
+            q, self.act.scale, zp, self.packed, self.w_scale, self.w_zp, self.bias,
+            1.0, 0, torch.float32, "none", [None], "",
+        )  # fmt: skip
+
+
+class OneDnnStaticConv:
+    """x86 CPUs: oneDNN's prepacked u8s8 convolution (``torch.ops.onednn.qconv2d_pointwise``).
+
+    It reads channels-last uint8 input and writes channels-last float32; zero padding is exact,
+    because the padded value is the zero point, as for a real zero.
+    """
+
+    def __init__(
+        self, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, act: ActGrid, geo: ConvGeometry
+    ):
+        self.act = act
+        self.offset = _uint8_offset(act)
+        self.geo = geo
+        self.w_scale = w_scale.to(torch.float32).contiguous()
+        self.w_zp = torch.zeros(w_q.shape[0], dtype=torch.int64)
+        self.bias = None if bias is None else bias.to(torch.float32).contiguous()
+        zp = act.zero_point + self.offset
+        self.packed = torch.ops.onednn.qconv_prepack(
+            w_q.contiguous(), self.w_scale, act.scale, zp, list(geo.stride), list(geo.padding), list(geo.dilation),
+            geo.groups, None,
+        )  # fmt: skip
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.act.quantize(x.contiguous(memory_format=torch.channels_last), self.offset, torch.uint8)
+        g = self.geo
+        return torch.ops.onednn.qconv2d_pointwise(
+            q, self.act.scale, self.act.zero_point + self.offset, self.packed, self.w_scale, self.w_zp, self.bias,
+            list(g.stride), list(g.padding), list(g.dilation), g.groups, 1.0, 0, torch.float32, "none", [], "",
+        )  # fmt: skip
 
 
 @functools.cache
@@ -118,15 +215,30 @@ def _cpu_has_vnni() -> bool:
     return bool(flags & {"avx512_vnni", "avx512vnni", "avx_vnni", "amx_int8"})
 
 
-def _onednn_exact() -> bool:
-    """oneDNN's u8s8 GEMM is exact only with VNNI/AMX.
+def _onednn_available() -> bool:
+    ops = getattr(torch.ops, "onednn", None)
+    ok = ops is not None and hasattr(ops, "qlinear_pointwise") and hasattr(ops, "qconv2d_pointwise")
+    return ok and torch.backends.mkldnn.is_available()
 
-    Without them (plain AVX2) it multiplies through vpmaddubsw, whose int16 pair sums saturate for
-    activations above 127: measured here, a 77x320x640 product was off by up to 93334 (20 dB),
-    and exact with 7-bit activations. Such CPUs take the generic exact path instead.
+
+def onednn_exact(w_q: torch.Tensor, act: ActGrid) -> bool:
+    """True when oneDNN's u8s8 kernels compute these integers exactly on this CPU.
+
+    With VNNI/AMX they always do. Plain AVX2 multiplies through vpmaddubsw, whose int16 sums of
+    two u8 x s8 products saturate: measured here, a 77x320x640 product was off by up to 93,334
+    (20 dB). A pair sum stays within int16 (|sum| <= 32,767) when activations use 7 bits
+    (2 x 127 x 128 = 32,512) or weights lie in [-64, 64] (2 x 255 x 64 = 32,640); then the
+    result is exact and the kernel is 2-4x faster than fp32 (BENCHMARKS.md).
+
+    Args:
+        w_q: the int8 weights.
+        act: the activation grid.
     """
-    ok = hasattr(torch.ops, "onednn") and hasattr(torch.ops.onednn, "qlinear_pointwise")
-    return ok and torch.backends.mkldnn.is_available() and _cpu_has_vnni()
+    if not _onednn_available():
+        return False
+    if _cpu_has_vnni():
+        return True
+    return act.bits <= 7 or int(w_q.abs().max()) <= 64
 
 
 _REGISTRY: dict[str, Callable[[], KernelBackend]] = {}
@@ -211,13 +323,18 @@ class CpuBackend:
     def dynamic_quant(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return dynamic_quant_per_token_reference(x)
 
-    def prepack_static_linear(self, w_q, w_scale, bias):
-        # oneDNN's prepacked u8s8 GEMM is the fast integer path where it is exact (VNNI/AMX).
-        # Elsewhere torch._int_mm is exact but slow: measured ~40x slower than an fp32 GEMM on a
-        # 2-core AVX2 machine (see BENCHMARKS.md).
-        if _onednn_exact():
-            return OneDnnStaticLinear(w_q, w_scale, bias)
-        return GenericStaticLinear(self, w_q, w_scale, bias)
+    def prepack_static_linear(self, w_q, w_scale, bias, act):
+        # oneDNN's prepacked u8s8 GEMM is the fast integer path where it is exact. Elsewhere the
+        # exact fallback runs int8 math on fp32 units (torch._int_mm is exact too but measured
+        # ~40x slower than an fp32 GEMM on a 2-core AVX2 machine, see BENCHMARKS.md).
+        if onednn_exact(w_q, act):
+            return OneDnnStaticLinear(w_q, w_scale, bias, act)
+        return GenericStaticLinear(self, w_q, w_scale, bias, act)
+
+    def prepack_static_conv(self, w_q, w_scale, bias, act, geometry):
+        if onednn_exact(w_q, act):
+            return OneDnnStaticConv(w_q, w_scale, bias, act, geometry)
+        return None
 
 
 @register_backend("cuda")
@@ -237,8 +354,11 @@ class CudaBackend(CpuBackend):
             return torch._int_mm(a, b)[:m, :n]
         return torch._int_mm(a, b)
 
-    def prepack_static_linear(self, w_q, w_scale, bias):
-        return GenericStaticLinear(self, w_q, w_scale, bias)
+    def prepack_static_linear(self, w_q, w_scale, bias, act):
+        return GenericStaticLinear(self, w_q, w_scale, bias, act)
+
+    def prepack_static_conv(self, w_q, w_scale, bias, act, geometry):
+        return None  # im2col + cuBLASLt GEMM
 
 
 @register_backend("npu")
@@ -272,5 +392,8 @@ class NpuBackend:
         q, s = self._npu.npu_dynamic_quant(x)
         return q, s.to(torch.float32)
 
-    def prepack_static_linear(self, w_q, w_scale, bias):
-        return GenericStaticLinear(self, w_q, w_scale, bias)
+    def prepack_static_linear(self, w_q, w_scale, bias, act):
+        return GenericStaticLinear(self, w_q, w_scale, bias, act)
+
+    def prepack_static_conv(self, w_q, w_scale, bias, act, geometry):
+        return None  # im2col + npu_quant_matmul

@@ -1,7 +1,7 @@
 """Optimizer: quantizers and planning -> a Plan (pure data)."""
 
 from diffkiln.optimizer.plan import ActMode, ActSpec, LayerPlan, Plan, PlanError, WeightSpec
-from diffkiln.optimizer.planner import QuantizeConfig, Recipe, fp_default_reasons, make_plan
+from diffkiln.optimizer.planner import QuantizeConfig, Recipe, SmoothMode, fp_default_reasons, make_plan
 from diffkiln.optimizer.quantizers import ClipMethod, choose_act_params, quantize_weight_per_channel
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "PlanError",
     "QuantizeConfig",
     "Recipe",
+    "SmoothMode",
     "WeightSpec",
     "choose_act_params",
     "fp_default_reasons",

@@ -42,7 +42,9 @@ class WeightSpec:
     """Integer weights: symmetric, per output channel.
 
     Attributes:
-        bits: 8 (4 and 2 come with mixed precision).
+        bits: 8, or 7 (int8 storage on the grid [-63, 63]: with 8-bit activations, oneDNN's
+            int8 kernels are exact on x86 CPUs without VNNI only then). 4 and 2 come with mixed
+            precision.
         granularity: "per_channel".
         symmetric: True.
     """
@@ -52,8 +54,8 @@ class WeightSpec:
     symmetric: bool = True
 
     def __post_init__(self) -> None:
-        if self.bits not in (2, 4, 8):
-            raise ValueError(f"weight bits must be 2, 4 or 8, got {self.bits}")
+        if self.bits not in (2, 4, 7, 8):
+            raise ValueError(f"weight bits must be 2, 4, 7 or 8, got {self.bits}")
 
 
 @dataclass(frozen=True)
@@ -61,10 +63,10 @@ class ActSpec:
     """Integer activations.
 
     Attributes:
-        bits: 8.
+        bits: 8, or 7 (static only: codes in [-64, 63]).
         mode: static (per tensor, asymmetric) or dynamic (per token, symmetric).
         scale: static step size (None in dynamic mode).
-        zero_point: static zero point in [-128, 127] (None in dynamic mode).
+        zero_point: static zero point within the grid's codes (None in dynamic mode).
         clip_lo: lower end of the chosen clipping range (static), for reports.
         clip_hi: upper end of the chosen clipping range (static), for reports.
     """
@@ -77,8 +79,10 @@ class ActSpec:
     clip_hi: float | None = None
 
     def __post_init__(self) -> None:
-        if self.bits != 8:
-            raise ValueError(f"activation bits must be 8, got {self.bits}")
+        if self.bits not in (7, 8):
+            raise ValueError(f"activation bits must be 7 or 8, got {self.bits}")
+        if self.bits != 8 and self.mode is not ActMode.STATIC:
+            raise ValueError("7-bit activations are supported in static mode only")
         if self.mode is ActMode.STATIC and (self.scale is None or self.zero_point is None):
             raise ValueError("a static activation spec needs scale and zero_point")
         if self.scale is not None and self.scale <= 0:
@@ -97,6 +101,9 @@ class LayerPlan:
         bos_positions: text positions whose output rows are precomputed in FP (BOS-aware).
         reason: why the layer is kept in FP, when it is ("" otherwise).
         params: number of weight parameters (for averages).
+        smooth_alpha: SmoothQuant strength when the layer's input channels are smoothed, else
+            None. The factors follow from calibration and weights
+            (:func:`diffkiln.optimizer.smoothing.smoothing_factors`).
     """
 
     name: str
@@ -106,6 +113,7 @@ class LayerPlan:
     bos_positions: tuple[int, ...] = ()
     reason: str = ""
     params: int = 0
+    smooth_alpha: float | None = None
 
     @property
     def quantized(self) -> bool:
@@ -187,6 +195,7 @@ class Plan:
                     bos_positions=tuple(lp["bos_positions"]),
                     reason=lp["reason"],
                     params=lp["params"],
+                    smooth_alpha=lp.get("smooth_alpha"),
                 )
                 for lp in d["layers"]
             )

@@ -20,14 +20,23 @@ from torch import nn
 from diffkiln.calibrate.stats import CalibrationStats, find_denoiser, find_quantizable_layers
 from diffkiln.optimizer.plan import ActMode, ActSpec, LayerPlan, Plan, WeightSpec
 from diffkiln.optimizer.quantizers import ClipMethod, choose_act_params
+from diffkiln.optimizer.smoothing import channel_outlier_ratio, smoothing_factors
 
-__all__ = ["QuantizeConfig", "Recipe", "fp_default_reasons", "make_plan"]
+__all__ = ["QuantizeConfig", "Recipe", "SmoothMode", "fp_default_reasons", "make_plan"]
 
 
 class Recipe(str, Enum):
     """Compression recipes."""
 
     W8A8 = "w8a8"
+
+
+class SmoothMode(str, Enum):
+    """Which Linear layers get SmoothQuant input-channel smoothing."""
+
+    AUTO = "auto"  # layers with outlier input channels (see QuantizeConfig.smooth_min_outlier_ratio)
+    ALL = "all"
+    OFF = "off"
 
 
 @dataclass(frozen=True)
@@ -42,6 +51,16 @@ class QuantizeConfig:
         exclude: globs of layer names to keep in FP. Default none.
         bos_aware: precompute prompt-invariant text rows (BOS) in FP and leave them out of the
             activation range. Default True.
+        weight_bits: 8, or 7 for x86 CPUs without VNNI: there oneDNN's int8 GEMM and convolution
+            are exact only if weights (or activations) use 7 bits, and they run 2-4x faster than
+            fp32 (BENCHMARKS.md). Default 8.
+        act_bits: 8, or 7 (static mode only), the alternative way to the same fast path. Default 8.
+        smooth: which Linear layers get SmoothQuant input-channel smoothing (see
+            :mod:`diffkiln.optimizer.smoothing`): AUTO, those with outlier channels; ALL; OFF.
+            Default AUTO.
+        smooth_alpha: smoothing strength in (0, 1). Default 0.5.
+        smooth_min_outlier_ratio: in AUTO mode, smooth a layer when its largest input-channel
+            maximum is at least this many times the median channel's. Default 8.0.
     """
 
     recipe: Recipe = Recipe.W8A8
@@ -50,12 +69,32 @@ class QuantizeConfig:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     bos_aware: bool = True
+    weight_bits: int = 8
+    act_bits: int = 8
+    smooth: SmoothMode = SmoothMode.AUTO
+    smooth_alpha: float = 0.5
+    smooth_min_outlier_ratio: float = 8.0
 
     def __post_init__(self) -> None:
-        for field_name, enum in (("recipe", Recipe), ("act_mode", ActMode), ("clip", ClipMethod)):
+        for field_name, enum in (
+            ("recipe", Recipe),
+            ("act_mode", ActMode),
+            ("clip", ClipMethod),
+            ("smooth", SmoothMode),
+        ):
             value = getattr(self, field_name)
             if not isinstance(value, enum):
                 raise ValueError(f"{field_name} must be one of {[e.value for e in enum]}, got {value!r}")
+        if self.weight_bits not in (7, 8):
+            raise ValueError(f"weight_bits must be 7 or 8 for the W8A8 recipe, got {self.weight_bits}")
+        if self.act_bits not in (7, 8):
+            raise ValueError(f"act_bits must be 7 or 8 for the W8A8 recipe, got {self.act_bits}")
+        if self.act_bits != 8 and self.act_mode is not ActMode.STATIC:
+            raise ValueError("act_bits 7 needs static activations (act_mode static)")
+        if not 0.0 < self.smooth_alpha < 1.0:
+            raise ValueError(f"smooth_alpha must be in (0, 1), got {self.smooth_alpha}")
+        if self.smooth_min_outlier_ratio < 1.0:
+            raise ValueError(f"smooth_min_outlier_ratio must be >= 1, got {self.smooth_min_outlier_ratio}")
 
 
 _CONDITIONING_CLASS_HINTS = ("Timestep", "Embedding")
@@ -132,16 +171,36 @@ def make_plan(pipe: Any, stats: CalibrationStats, config: QuantizeConfig, source
             continue
         st = stats.layers[name]
         rows = tuple(st.invariant_rows(bos)) if bos and kind == "linear" else ()
+        act_absmax = st.channel_absmax.amax(dim=0)
+        alpha = None
+        if kind == "linear" and (
+            config.smooth is SmoothMode.ALL
+            or (
+                config.smooth is SmoothMode.AUTO
+                and channel_outlier_ratio(act_absmax) >= config.smooth_min_outlier_ratio
+            )
+        ):
+            alpha = config.smooth_alpha
         if config.act_mode is ActMode.DYNAMIC:
             act = ActSpec(mode=ActMode.DYNAMIC)
         else:
             samples = st.samples.flatten()
+            if alpha is not None:
+                factors = smoothing_factors(act_absmax, module.weight, alpha)
+                samples = samples / factors[st.sample_channels.flatten().long()]
             if rows and st.sample_positions.numel():
                 keep = ~torch.isin(st.sample_positions.flatten(), torch.tensor(rows, dtype=torch.int32))
                 samples = samples[keep]
-            p = choose_act_params(samples, config.clip)
-            act = ActSpec(mode=ActMode.STATIC, scale=p.scale, zero_point=p.zero_point, clip_lo=p.lo, clip_hi=p.hi)
-        out.append(LayerPlan(name, kind, WeightSpec(bits=8), act, rows, "", params))
+            p = choose_act_params(samples, config.clip, bits=config.act_bits)
+            act = ActSpec(
+                bits=config.act_bits,
+                mode=ActMode.STATIC,
+                scale=p.scale,
+                zero_point=p.zero_point,
+                clip_lo=p.lo,
+                clip_hi=p.hi,
+            )
+        out.append(LayerPlan(name, kind, WeightSpec(bits=config.weight_bits), act, rows, "", params, alpha))
     return Plan(
         recipe=config.recipe.value,
         source={"id": source_id, "weight_hash": stats.model_hash},
@@ -151,6 +210,11 @@ def make_plan(pipe: Any, stats: CalibrationStats, config: QuantizeConfig, source
             "act_mode": config.act_mode.value,
             "clip": config.clip.value,
             "bos_aware": config.bos_aware,
+            "weight_bits": config.weight_bits,
+            "act_bits": config.act_bits,
+            "smooth": config.smooth.value,
+            "smooth_alpha": config.smooth_alpha,
+            "smooth_min_outlier_ratio": config.smooth_min_outlier_ratio,
             "calibration": stats.settings,
             "bos": _bos_summary(stats, stats.invariant_positions()),
         },

@@ -17,12 +17,27 @@ __all__ = [
     "ActQuantParams",
     "ClipMethod",
     "QuantizedWeight",
+    "act_code_range",
     "choose_act_params",
     "fake_quant_activation",
     "quantize_weight_per_channel",
 ]
 
 INT8_MIN, INT8_MAX = -128, 127
+
+
+def act_code_range(bits: int) -> tuple[int, int]:
+    """(qmin, qmax) of an asymmetric activation grid of ``bits`` bits, as int8 codes.
+
+    8 bits use all of int8, [-128, 127]; 7 bits use [-64, 63], which on x86 CPUs without VNNI
+    keeps oneDNN's u8 x s8 pair sums inside int16 (see diffkiln.kernels.backends).
+
+    Raises:
+        ValueError: bits other than 7 or 8.
+    """
+    if bits not in (7, 8):
+        raise ValueError(f"activation bits must be 7 or 8, got {bits}")
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
 
 class ClipMethod(str, Enum):
@@ -75,71 +90,79 @@ def quantize_weight_per_channel(weight: torch.Tensor, bits: int = 8) -> Quantize
 
 @dataclass(frozen=True)
 class ActQuantParams:
-    """Static per-tensor asymmetric int8 activation quantisation: ``q = clamp(round(x/scale) + zp)``.
+    """Static per-tensor asymmetric activation quantisation: ``q = clamp(round(x/scale) + zp, qmin, qmax)``.
 
     Attributes:
         scale: step size.
-        zero_point: integer in [-128, 127] that represents 0.0.
+        zero_point: integer in [qmin, qmax] that represents 0.0.
         lo: the clipping range's lower end.
         hi: the clipping range's upper end.
+        bits: grid width, 8 ([-128, 127]) or 7 ([-64, 63]). Default 8.
     """
 
     scale: float
     zero_point: int
     lo: float
     hi: float
+    bits: int = 8
 
 
-def _params_for_range(lo: float, hi: float) -> ActQuantParams:
+def _params_for_range(lo: float, hi: float, bits: int = 8) -> ActQuantParams:
     # The range must contain 0 so that zero (padding, ReLU/SiLU floors) is exact.
+    qmin, qmax = act_code_range(bits)
     lo, hi = min(lo, 0.0), max(hi, 0.0)
     if hi - lo <= 0:
-        return ActQuantParams(1.0, 0, 0.0, 0.0)
-    scale = (hi - lo) / (INT8_MAX - INT8_MIN)
-    zp = round(INT8_MIN - lo / scale)
-    zp = max(INT8_MIN, min(INT8_MAX, zp))
-    return ActQuantParams(scale, zp, lo, hi)
+        return ActQuantParams(1.0, 0, 0.0, 0.0, bits)
+    scale = (hi - lo) / (qmax - qmin)
+    zp = round(qmin - lo / scale)
+    zp = max(qmin, min(qmax, zp))
+    return ActQuantParams(scale, zp, lo, hi, bits)
 
 
 def fake_quant_activation(x: torch.Tensor, p: ActQuantParams) -> torch.Tensor:
     """Quantise then dequantise (simulated) with static params; used to score choices, not to run."""
-    q = torch.clamp(torch.round(x / p.scale) + p.zero_point, INT8_MIN, INT8_MAX)
+    qmin, qmax = act_code_range(p.bits)
+    q = torch.clamp(torch.round(x / p.scale) + p.zero_point, qmin, qmax)
     return (q - p.zero_point) * p.scale
 
 
-def choose_act_params(samples: torch.Tensor, method: ClipMethod = ClipMethod.MSE, grid: int = 40) -> ActQuantParams:
-    """Choose static int8 params for an activation from calibration samples.
+def choose_act_params(
+    samples: torch.Tensor, method: ClipMethod = ClipMethod.MSE, grid: int = 40, bits: int = 8
+) -> ActQuantParams:
+    """Choose static integer params for an activation from calibration samples.
 
     Args:
         samples: a 1-D float tensor of observed activation values (a reservoir sample).
         method: MINMAX uses the observed range; MSE searches shrunken ranges (each end scaled
             independently by log-spaced factors from 1 down to 0.01) for the least squared error
             over the samples. Default MSE.
-        grid: grid points per end for MSE. Default 60.
+        grid: grid points per end for MSE. Default 40.
+        bits: activation grid, 8 or 7 (see :func:`act_code_range`). Default 8.
 
     Raises:
-        ValueError: no samples.
+        ValueError: no samples, or bits other than 7 or 8.
     """
     x = samples.detach().to(torch.float32).flatten()
     if x.numel() == 0:
         raise ValueError("no activation samples to choose a range from; run calibration first")
     lo, hi = float(x.min()), float(x.max())
-    best = _params_for_range(lo, hi)
+    best = _params_for_range(lo, hi, bits)
     if method is ClipMethod.MINMAX:
         return best
     factors = torch.logspace(0, -2, grid)
     # Coordinate search, each sweep evaluated for all candidates at once: shrink the upper end
     # first, then the lower end given the chosen upper end. Factor 1 (min/max) is a candidate.
-    hi_best = float(hi * factors[_argmin_mse(x, torch.full_like(factors, lo), hi * factors)])
-    lo_best = float(lo * factors[_argmin_mse(x, lo * factors, torch.full_like(factors, hi_best))])
-    return _params_for_range(lo_best, hi_best)
+    hi_best = float(hi * factors[_argmin_mse(x, torch.full_like(factors, lo), hi * factors, bits)])
+    lo_best = float(lo * factors[_argmin_mse(x, lo * factors, torch.full_like(factors, hi_best), bits)])
+    return _params_for_range(lo_best, hi_best, bits)
 
 
-def _argmin_mse(x: torch.Tensor, los: torch.Tensor, his: torch.Tensor) -> int:
-    """Index of the (lo, hi) candidate whose int8 fake quantization of ``x`` has the least MSE."""
+def _argmin_mse(x: torch.Tensor, los: torch.Tensor, his: torch.Tensor, bits: int) -> int:
+    """Index of the (lo, hi) candidate whose fake quantization of ``x`` has the least MSE."""
+    qmin, qmax = act_code_range(bits)
     los, his = torch.clamp(los, max=0.0), torch.clamp(his, min=0.0)
-    scale = torch.clamp((his - los) / (INT8_MAX - INT8_MIN), min=1e-12)[:, None]
-    zp = torch.clamp(torch.round(INT8_MIN - los[:, None] / scale), INT8_MIN, INT8_MAX)
-    q = torch.clamp(torch.round(x[None, :] / scale) + zp, INT8_MIN, INT8_MAX)
+    scale = torch.clamp((his - los) / (qmax - qmin), min=1e-12)[:, None]
+    zp = torch.clamp(torch.round(qmin - los[:, None] / scale), qmin, qmax)
+    q = torch.clamp(torch.round(x[None, :] / scale) + zp, qmin, qmax)
     err = ((q - zp) * scale - x[None, :]).pow(2).mean(dim=1)
     return int(torch.argmin(err))

@@ -4,12 +4,14 @@ Registered by the float module type they replace (``@register_qmodule(nn.Linear)
 built from frozen tensors (as stored in a bundle), never from float weights, so a deployment
 needs no FP checkpoint. Tensor names per layer (``<layer>.<suffix>``):
 
-Each is built as ``cls(tensors, meta)``: ``meta`` holds ``act_mode`` ("static"/"dynamic") and,
-for convolutions, ``stride``, ``padding``, ``dilation`` and ``groups``.
+Each is built as ``cls(tensors, meta)``: ``meta`` holds ``act_mode`` ("static"/"dynamic"),
+``act_bits`` (8 or 7; absent means 8) and, for convolutions, ``stride``, ``padding``,
+``dilation`` and ``groups``.
 
 * ``weight_q`` int8 (out, in[, kh, kw]); ``weight_scale`` float32 (out,); ``bias`` float32 (out,), optional;
 * static activations: ``act_scale`` float32 (), ``act_zero_point`` int32 ();
-* BOS-aware layers: ``bos_rows`` float32 (P, out), ``bos_positions`` int64 (P,), ``text_len`` int64 ().
+* BOS-aware layers: ``bos_rows`` float32 (P, out), ``bos_positions`` int64 (P,), ``text_len`` int64 ();
+* smoothed layers: ``smooth_inv`` float32 (in,), multiplied into the input before quantizing it.
 """
 
 from __future__ import annotations
@@ -21,7 +23,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffkiln.kernels import StaticLinear, dynamic_quant, prepack_static_linear, quant_matmul
+from diffkiln.kernels import (
+    ActGrid,
+    ConvGeometry,
+    StaticConv,
+    StaticLinear,
+    dynamic_quant,
+    prepack_static_conv,
+    prepack_static_linear,
+    quant_matmul,
+)
 
 __all__ = ["QConv2d", "QLinear", "qmodule_for", "register_qmodule"]
 
@@ -59,6 +70,7 @@ class _IntGemm(nn.Module):
     act_scale: torch.Tensor
     act_zero_point: torch.Tensor
     bias: torch.Tensor | None
+    smooth_inv: torch.Tensor | None
 
     def __init__(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         super().__init__()
@@ -73,14 +85,18 @@ class _IntGemm(nn.Module):
         self.register_buffer("weight_scale", tensors["weight_scale"].to(torch.float32))
         bias = tensors.get("bias")
         self.register_buffer("bias", None if bias is None else bias.to(torch.float32))
+        smooth = tensors.get("smooth_inv")
+        self.register_buffer("smooth_inv", None if smooth is None else smooth.to(torch.float32))
         if not dynamic:
             self.register_buffer("act_scale", tensors["act_scale"].to(torch.float32).reshape(()))
             self.register_buffer("act_zero_point", tensors["act_zero_point"].to(torch.int32).reshape(()))
-            self._act = (float(self.act_scale), int(self.act_zero_point))
+            self.act_grid = ActGrid(float(self.act_scale), int(self.act_zero_point), int(meta.get("act_bits") or 8))
         # Backend-specific prepacked weights (e.g. oneDNN's layout on x86), built on first use per device.
         self._packed: dict[str, StaticLinear] = {}
 
     def gemm(self, x2d: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        if self.smooth_inv is not None:
+            x2d = x2d * self.smooth_inv  # the weights were multiplied by the inverse at export
         if self.dynamic:
             q, tok_scale = dynamic_quant(x2d)
             out = quant_matmul(q, self.weight_t, self.weight_scale, None, tok_scale, torch.float32)
@@ -89,8 +105,10 @@ class _IntGemm(nn.Module):
         else:
             key = str(x2d.device)
             if key not in self._packed:
-                self._packed[key] = prepack_static_linear(self.weight_t.t(), self.weight_scale, self.bias, x2d.device)
-            out = self._packed[key](x2d, *self._act)
+                self._packed[key] = prepack_static_linear(
+                    self.weight_t.t(), self.weight_scale, self.bias, self.act_grid, x2d.device
+                )
+            out = self._packed[key](x2d)
         return out.to(out_dtype)
 
 
@@ -152,8 +170,24 @@ class QConv2d(_IntGemm):
         self.dilation = tuple(meta["dilation"])
         if meta.get("groups", 1) != 1:
             raise ValueError("grouped convolutions are not quantized; keep this layer in FP with --exclude")
+        # A backend's direct integer convolution (oneDNN on x86), per device; None: im2col + GEMM.
+        self._direct: dict[str, StaticConv | None] = {}
+
+    def _direct_conv(self, device: torch.device) -> StaticConv | None:
+        key = str(device)
+        if key not in self._direct:
+            conv = None
+            if not self.dynamic:
+                w = self.weight_t.t().reshape(self.out_channels, self.in_channels, *self.kernel_size)
+                geo = ConvGeometry(self.stride, self.padding, self.dilation)
+                conv = prepack_static_conv(w, self.weight_scale, self.bias, self.act_grid, geo, device)
+            self._direct[key] = conv
+        return self._direct[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        direct = self._direct_conv(x.device)
+        if direct is not None:
+            return direct(x).to(x.dtype)
         b, _, h, w = x.shape
         cols = F.unfold(x, self.kernel_size, dilation=self.dilation, padding=self.padding, stride=self.stride)
         kh, kw = self.kernel_size

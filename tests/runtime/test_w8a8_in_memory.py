@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from diffkiln.optimizer.plan import ActMode
-from diffkiln.optimizer.planner import QuantizeConfig
+from diffkiln.optimizer.planner import QuantizeConfig, SmoothMode
 from diffkiln.report.metrics import sqnr_db
 from diffkiln.runtime.qmodules import QConv2d, QLinear
 from tests.runtime_e2e_helpers import PROMPTS, latents, quantize_in_memory
@@ -13,6 +13,9 @@ from tests.runtime_e2e_helpers import PROMPTS, latents, quantize_in_memory
 CONFIGS = {
     "static-bos": QuantizeConfig(),
     "dynamic": QuantizeConfig(act_mode=ActMode.DYNAMIC),
+    # The grids that run on oneDNN's fast kernels on AVX2 CPUs, and smoothing on every Linear.
+    "static-a7-smooth-all": QuantizeConfig(act_bits=7, smooth=SmoothMode.ALL),
+    "static-w7-no-smooth": QuantizeConfig(weight_bits=7, smooth=SmoothMode.OFF),
 }
 
 
@@ -27,6 +30,17 @@ def test_w8a8_latents_track_fp(arch: str, cfg_id: str, random_shapes_pipelines) 
     assert plan.avg_weight_bits < 9.0
     ref = latents(pipe, PROMPTS[:2])
     out = latents(qpipe, PROMPTS[:2])
-    # Untrained weights give erratic activations; measured 15-51 dB. The trained models' figures
-    # are in the report; this floor catches a broken integer path (which gives < 0 dB).
-    assert sqnr_db(ref, out) >= 10.0
+    # Untrained weights give erratic activations; measured 15-51 dB with 8-bit grids and 9.6 dB
+    # for the random UNet with 7-bit activations. The trained models' figures are in the report;
+    # these floors catch a broken integer path (which gives < 0 dB).
+    floor = 5.0 if "a7" in cfg_id else 10.0
+    assert sqnr_db(ref, out) >= floor
+
+
+def test_7_bit_grids_stay_inside_their_codes(random_shapes_pipelines) -> None:
+    _, plan = quantize_in_memory(random_shapes_pipelines["unet"], CONFIGS["static-a7-smooth-all"])
+    acts = [lp.act for lp in plan.layers if lp.act is not None]
+    assert acts and all(a.bits == 7 and -64 <= (a.zero_point or 0) <= 63 for a in acts)
+    qpipe_w7, _ = quantize_in_memory(random_shapes_pipelines["unet"], CONFIGS["static-w7-no-smooth"])
+    weights = [m.weight_t for m in qpipe_w7.unet.modules() if isinstance(m, (QLinear, QConv2d))]
+    assert weights and max(int(w.abs().max()) for w in weights) <= 63

@@ -110,6 +110,11 @@ def _parser() -> argparse.ArgumentParser:
         help="for a bundle: the FP model to compare with (default: the source recorded in the bundle)",
     )
     r.add_argument(
+        "--no-bos-comparison",
+        action="store_true",
+        help="for a bundle with BOS-aware rows: skip rebuilding it without BOS-awareness for comparison",
+    )
+    r.add_argument(
         "--fail-on-regression",
         type=Path,
         metavar="OLD_REPORT.json",
@@ -247,6 +252,7 @@ def _cmd_report(a: argparse.Namespace) -> int:
         device=a.device,
         progress=not a.no_progress,
         baseline=a.baseline,
+        bos_comparison=not a.no_bos_comparison,
     )
     old_report = _read_old_report(a.fail_on_regression) if a.fail_on_regression else None
     if a.eval_prompts is not None:

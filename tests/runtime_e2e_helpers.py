@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import copy
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from diffkiln.calibrate import CalibrationConfig, calibrate, find_denoiser, find_quantizable_layers
-from diffkiln.export.freeze import freeze_layer, layer_meta
+from diffkiln.calibrate import CalibrationConfig, calibrate
+from diffkiln.export.freeze import apply_plan
 from diffkiln.optimizer.planner import QuantizeConfig, make_plan
-from diffkiln.runtime.assemble import replace_layers
 
 # Shared calibration cache: tests that calibrate the same pipeline with the same settings reuse it.
 CACHE = Path(tempfile.mkdtemp(prefix="diffkiln-test-calib-"))
@@ -29,16 +27,7 @@ def quantize_in_memory(pipe: Any, config: QuantizeConfig, steps: int = 4) -> tup
     """(quantized copy of pipe, plan): calibrate, plan, freeze and swap, without a bundle."""
     stats = calibrate(pipe, CalibrationConfig(PROMPTS, steps=steps, batch_size=4, cache_dir=CACHE, progress=False))
     plan = make_plan(pipe, stats, config, "test")
-    qpipe = copy.deepcopy(pipe)
-    den = find_denoiser(qpipe)
-    layers = find_quantizable_layers(den)
-    frozen, metas = {}, {}
-    for lp in plan.layers:
-        if lp.quantized:
-            frozen[lp.name] = freeze_layer(layers[lp.name], lp, stats.layers[lp.name])
-            metas[lp.name] = layer_meta(layers[lp.name], lp)
-    replace_layers(den, frozen, metas)
-    return qpipe, plan
+    return apply_plan(pipe, plan, stats), plan
 
 
 def latents(pipe: Any, prompts: tuple[str, ...], steps: int = 4) -> torch.Tensor:

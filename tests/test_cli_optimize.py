@@ -105,11 +105,20 @@ def test_generate_and_report_on_the_bundle_with_regression_gate(bundle: Path, tm
     for key in ("fidelity", "size", "latency", "memory", "plan", "baseline", "per_layer_sqnr_db"):
         assert key in data
     assert data["fidelity"]["latent_sqnr_db"] > 5
+    assert data["fidelity"]["latent_sqnr_db_median_prompt"] >= data["fidelity"]["latent_sqnr_db_worst_prompt"]
+    assert data["fidelity"]["prompts_below_10db"] in (0, 1, 2)
     assert data["plan"]["simulated"] is False
+    # BOS-aware against the same plan rebuilt without BOS-awareness, on the same prompts.
+    cmp = data["bos_comparison"]
+    assert cmp["bos_aware"]["latent_sqnr_db"] == data["fidelity"]["latent_sqnr_db"]
+    assert cmp["no_bos"]["latent_sqnr_db"] > 5 and "content_accuracy" in cmp["no_bos"]
     html = (out / "report.html").read_text()
-    assert "<svg" in html and "Per-layer SQNR" in html
+    assert "<svg" in html and "Per-layer SQNR" in html and "without BOS-awareness" in html
     # The gate passes against itself, and fails against a report that claims better quality.
-    assert _report(bundle, tmp_path / "r2", "--fail-on-regression", str(out / "report.json")) == 0
+    assert (
+        _report(bundle, tmp_path / "r2", "--no-bos-comparison", "--fail-on-regression", str(out / "report.json")) == 0
+    )
+    assert "bos_comparison" not in json.loads((tmp_path / "r2" / "report.json").read_text())
     better = dict(data, fidelity=dict(data["fidelity"], latent_sqnr_db=data["fidelity"]["latent_sqnr_db"] + 50))
     (tmp_path / "better.json").write_text(json.dumps(better))
     assert _report(bundle, tmp_path / "r3", "--fail-on-regression", str(tmp_path / "better.json")) == 3

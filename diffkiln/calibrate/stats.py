@@ -10,8 +10,10 @@ hash of the weights, the prompts and the settings.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ __all__ = [
     "CalibrationStats",
     "LayerStats",
     "calibrate",
+    "calibrate_denoiser",
     "find_denoiser",
     "find_quantizable_layers",
     "pipeline_weight_hash",
@@ -82,6 +85,22 @@ class CalibrationConfig:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.guidance < 0:
             raise ValueError(f"guidance must be >= 0, got {self.guidance}")
+
+    @classmethod
+    def from_key_fields(
+        cls, d: dict[str, Any], cache_dir: Path | None = None, progress: bool = False
+    ) -> CalibrationConfig:
+        """Rebuild the config whose :meth:`key_fields` gave ``d`` (e.g. from a plan's notes).
+
+        Raises:
+            ValueError: ``d`` was written by another statistics version.
+        """
+        if d.get("version") != STATS_VERSION:
+            raise ValueError(f"calibration settings of version {d.get('version')}; this diffkiln uses {STATS_VERSION}")
+        kw = {k: v for k, v in d.items() if k != "version"}
+        kw["prompts"] = tuple(kw["prompts"])
+        kw["call_kwargs"] = tuple(kw.get("call_kwargs", {}).items())
+        return cls(**kw, cache_dir=cache_dir, progress=progress)
 
     def key_fields(self) -> dict[str, Any]:
         """The settings that change the statistics (the cache key's inputs besides the weights)."""
@@ -210,11 +229,13 @@ class CalibrationStats:
 
 
 def find_denoiser(pipe: Any) -> nn.Module:
-    """The pipeline's denoiser: its ``transformer`` or ``unet`` component.
+    """The pipeline's denoiser: its ``transformer`` or ``unet`` component (a bare denoiser: itself).
 
     Raises:
         ValueError: neither exists; the message lists the pipeline's components.
     """
+    if isinstance(pipe, nn.Module):  # pipelines are not modules; a denoiser passed on its own is
+        return pipe
     for name in ("transformer", "unet"):
         module = getattr(pipe, name, None)
         if isinstance(module, nn.Module):
@@ -334,6 +355,58 @@ class _Recorder:
         return out
 
 
+@contextlib.contextmanager
+def _recording(denoiser: nn.Module, rec: _Recorder) -> Iterator[None]:
+    """Named hooks that feed ``rec`` from the denoiser and each of its layers; always removed."""
+    with scoped_hooks() as hooks:
+        hooks.add_forward_pre_hook("diffkiln.calib.denoiser", denoiser, rec.on_denoiser)
+        for name, module in find_quantizable_layers(denoiser).items():
+            kind = "conv" if isinstance(module, nn.Conv2d) else "linear"
+
+            def hook(
+                _m: nn.Module,
+                args: tuple[Any, ...],
+                _kw: dict[str, Any],
+                _out: Any,
+                name: str = name,
+                kind: str = kind,
+            ) -> None:
+                rec.on_layer(name, kind, args[0])
+
+            hooks.add_forward_hook(f"diffkiln.calib.{name}", module, hook)
+        yield
+
+
+def calibrate_denoiser(
+    denoiser: nn.Module, step_inputs: Sequence[dict[str, Any]], samples_per_step: int = 1024, seed: int = 0
+) -> CalibrationStats:
+    """Record activation statistics from direct denoiser calls, one call per "step".
+
+    For a denoiser without its pipeline (benchmarks of full-size architectures with random
+    weights): each element of ``step_inputs`` is the keyword arguments of one forward call. Not
+    cached. Use :func:`calibrate` for real models: it runs the sampler's own trajectory.
+
+    Args:
+        denoiser: a diffusers UNet or transformer.
+        step_inputs: forward keyword arguments, one dict per step.
+        samples_per_step: activation values kept per (layer, step). Default 1024.
+        seed: sampling seed. Default 0.
+    """
+    if not step_inputs:
+        raise ValueError("calibrate_denoiser needs at least one call's inputs")
+    rec = _Recorder(len(step_inputs), samples_per_step, seed)
+    with _recording(denoiser, rec), torch.no_grad():
+        for kwargs in step_inputs:
+            denoiser(**kwargs)
+    return CalibrationStats(
+        layers=rec.finish(),
+        timesteps=[float(i) for i in range(len(step_inputs))],
+        text_embeds=torch.cat(rec.text) if rec.text else torch.zeros(0),
+        model_hash="",
+        settings={"direct_calls": len(step_inputs), "samples_per_step": samples_per_step, "seed": seed},
+    )
+
+
 def calibrate(pipe: Any, config: CalibrationConfig) -> CalibrationStats:
     """Run the FP pipeline on the calibration prompts and record activation statistics.
 
@@ -352,28 +425,12 @@ def calibrate(pipe: Any, config: CalibrationConfig) -> CalibrationStats:
         return CalibrationStats.load(cache_path)
 
     denoiser = find_denoiser(pipe)
-    layers = find_quantizable_layers(denoiser)
     rec = _Recorder(config.steps, config.samples_per_step, config.seed)
     pipe.set_progress_bar_config(disable=True)
     n = len(config.prompts)
     bar = tqdm(total=n * config.steps, desc="calibrating", unit="img-step", disable=not config.progress)
     timesteps: list[float] = []
-    with scoped_hooks() as hooks, torch.no_grad():
-        hooks.add_forward_pre_hook("diffkiln.calib.denoiser", denoiser, rec.on_denoiser)
-        for name, module in layers.items():
-            kind = "conv" if isinstance(module, nn.Conv2d) else "linear"
-
-            def hook(
-                _m: nn.Module,
-                args: tuple[Any, ...],
-                _kw: dict[str, Any],
-                _out: Any,
-                name: str = name,
-                kind: str = kind,
-            ) -> None:
-                rec.on_layer(name, kind, args[0])
-
-            hooks.add_forward_hook(f"diffkiln.calib.{name}", module, hook)
+    with _recording(denoiser, rec), torch.no_grad():
         for start in range(0, n, config.batch_size):
             chunk = list(config.prompts[start : start + config.batch_size])
             gens = [torch.Generator().manual_seed(config.seed + start + i) for i in range(len(chunk))]

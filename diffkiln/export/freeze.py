@@ -8,12 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffkiln.calibrate.stats import LayerStats
-from diffkiln.optimizer.plan import ActMode, LayerPlan
+from diffkiln.calibrate.stats import CalibrationStats, LayerStats
+from diffkiln.optimizer.plan import ActMode, LayerPlan, Plan
 from diffkiln.optimizer.quantizers import quantize_weight_per_channel
 from diffkiln.optimizer.smoothing import smoothing_factors
 
-__all__ = ["freeze_layer", "layer_meta"]
+__all__ = ["apply_plan", "freeze_layer", "layer_meta"]
 
 
 def layer_meta(module: nn.Module, lp: LayerPlan) -> dict[str, Any]:
@@ -78,3 +78,33 @@ def freeze_layer(module: nn.Module, lp: LayerPlan, stats: LayerStats | None) -> 
         out["bos_positions"] = pos
         out["text_len"] = torch.tensor(stats.text_rows.shape[0], dtype=torch.int64)
     return out
+
+
+def apply_plan(pipe: Any, plan: Plan, stats: CalibrationStats, inplace: bool = False) -> Any:
+    """A copy of ``pipe`` whose denoiser runs the plan's integer modules, without writing a bundle.
+
+    The same freeze and the same runtime modules as a bundle; used to compare plans (e.g. the
+    report's BOS-aware vs plain W8A8) and by tests.
+
+    Args:
+        pipe: the FP pipeline (left unchanged).
+        plan: the plan.
+        stats: the calibration statistics the plan was made from.
+        inplace: swap the layers of ``pipe`` itself instead of a copy (saves memory on full-size
+            models). Default False.
+    """
+    import copy
+
+    from diffkiln.calibrate.stats import find_denoiser, find_quantizable_layers
+    from diffkiln.runtime.assemble import replace_layers
+
+    qpipe = pipe if inplace else copy.deepcopy(pipe)
+    den = find_denoiser(qpipe)
+    layers = find_quantizable_layers(den)
+    frozen, metas = {}, {}
+    for lp in plan.layers:
+        if lp.quantized:
+            frozen[lp.name] = freeze_layer(layers[lp.name], lp, stats.layers.get(lp.name))
+            metas[lp.name] = layer_meta(layers[lp.name], lp)
+    replace_layers(den, frozen, metas)
+    return qpipe

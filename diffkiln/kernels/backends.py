@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -25,6 +26,7 @@ __all__ = [
     "KernelBackend",
     "OneDnnStaticConv",
     "OneDnnStaticLinear",
+    "SlowKernelWarning",
     "StaticConv",
     "StaticLinear",
     "available_backends",
@@ -241,6 +243,23 @@ def onednn_exact(w_q: torch.Tensor, act: ActGrid) -> bool:
     return act.bits <= 7 or int(w_q.abs().max()) <= 64
 
 
+class SlowKernelWarning(RuntimeWarning):
+    """A bundle runs on an exact but slow integer path on this machine; the message says how to fix it."""
+
+
+@functools.cache
+def _warn_slow_fallback_once() -> None:
+    if _onednn_available() and not _cpu_has_vnni():
+        warnings.warn(
+            "this CPU has no int8 dot-product unit (AVX2 without VNNI), so oneDNN's fast int8 kernels "
+            "are exact only on a 7-bit grid; this bundle's 8-bit layers use the exact fallback, which "
+            "is slower than FP32. Rebuild with `diffkiln optimize ... --act-bits 7` for the fast path "
+            "(see docs/plan-format.md).",
+            SlowKernelWarning,
+            stacklevel=3,
+        )
+
+
 _REGISTRY: dict[str, Callable[[], KernelBackend]] = {}
 _INSTANCES: dict[str, KernelBackend] = {}
 
@@ -329,6 +348,7 @@ class CpuBackend:
         # ~40x slower than an fp32 GEMM on a 2-core AVX2 machine, see BENCHMARKS.md).
         if onednn_exact(w_q, act):
             return OneDnnStaticLinear(w_q, w_scale, bias, act)
+        _warn_slow_fallback_once()
         return GenericStaticLinear(self, w_q, w_scale, bias, act)
 
     def prepack_static_conv(self, w_q, w_scale, bias, act, geometry):

@@ -10,7 +10,7 @@ weights. ``include``/``exclude`` globs override these defaults.
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from enum import Enum
 from typing import Any
 
@@ -22,7 +22,15 @@ from diffkiln.optimizer.plan import ActMode, ActSpec, LayerPlan, Plan, WeightSpe
 from diffkiln.optimizer.quantizers import ClipMethod, choose_act_params
 from diffkiln.optimizer.smoothing import channel_outlier_ratio, smoothing_factors
 
-__all__ = ["QuantizeConfig", "Recipe", "SmoothMode", "fp_default_reasons", "make_plan"]
+__all__ = [
+    "QuantizeConfig",
+    "Recipe",
+    "SmoothMode",
+    "fp_default_reasons",
+    "make_plan",
+    "quantize_config_from_dict",
+    "quantize_config_to_dict",
+]
 
 
 class Recipe(str, Enum):
@@ -117,6 +125,31 @@ def fp_default_reasons(denoiser: nn.Module) -> dict[str, str]:
                 reasons.setdefault(name, f"conditioning layer inside {cls}")
                 break
     return reasons
+
+
+def quantize_config_to_dict(config: QuantizeConfig) -> dict[str, Any]:
+    """A JSON-ready dict of a QuantizeConfig (enums as their values), recorded in the plan's notes."""
+    return {
+        k: (v.value if isinstance(v, Enum) else list(v) if isinstance(v, tuple) else v)
+        for k, v in asdict(config).items()
+    }
+
+
+def quantize_config_from_dict(d: dict[str, Any]) -> QuantizeConfig:
+    """Rebuild a QuantizeConfig from :func:`quantize_config_to_dict` output.
+
+    Raises:
+        ValueError: an unknown field or value.
+    """
+    enums = {"recipe": Recipe, "act_mode": ActMode, "clip": ClipMethod, "smooth": SmoothMode}
+    known = {f.name for f in fields(QuantizeConfig)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"unknown QuantizeConfig field(s) {unknown}; valid: {sorted(known)}")
+    kw: dict[str, Any] = {}
+    for k, v in d.items():
+        kw[k] = enums[k](v) if k in enums else tuple(v) if k in ("include", "exclude") else v
+    return QuantizeConfig(**kw)
 
 
 def _matches(name: str, globs: tuple[str, ...]) -> bool:
@@ -215,6 +248,7 @@ def make_plan(pipe: Any, stats: CalibrationStats, config: QuantizeConfig, source
             "smooth": config.smooth.value,
             "smooth_alpha": config.smooth_alpha,
             "smooth_min_outlier_ratio": config.smooth_min_outlier_ratio,
+            "quantize_config": quantize_config_to_dict(config),
             "calibration": stats.settings,
             "bos": _bos_summary(stats, stats.invariant_positions()),
         },

@@ -23,10 +23,27 @@ QUALITY_GATE_KEYS = (
 )
 
 
+MODE_FLIP_DB = 10.0
+"""A prompt whose own latent SQNR is below this has left the FP trajectory (another layout)."""
+
+
 def fidelity(reference: GenerationResult, test: GenerationResult) -> dict[str, float | None]:
-    """Latent SQNR (all prompts together) and mean image PSNR/SSIM of ``test`` against ``reference``."""
+    """Latent SQNR and mean image PSNR/SSIM of ``test`` against ``reference``.
+
+    ``latent_sqnr_db`` pools every prompt's error (the headline figure; one prompt whose sample
+    flips to another layout can dominate it), so the per-prompt distribution is reported beside
+    it: median, worst, and how many prompts fall below :data:`MODE_FLIP_DB`.
+    """
     ref_lat, test_lat = reference.extras.get("latents"), test.extras.get("latents")
     sqnr = metrics.sqnr_db(ref_lat, test_lat) if ref_lat is not None and test_lat is not None else None
+    per_prompt: dict[str, float | None] = {}
+    if ref_lat is not None and test_lat is not None:
+        vals = [min(metrics.sqnr_db(r, t), 999.0) for r, t in zip(ref_lat, test_lat, strict=True)]
+        per_prompt = {
+            "latent_sqnr_db_median_prompt": float(np.median(vals)),
+            "latent_sqnr_db_worst_prompt": float(np.min(vals)),
+            "prompts_below_10db": int(sum(v < MODE_FLIP_DB for v in vals)),
+        }
     psnr = [metrics.psnr_db(np.asarray(a), np.asarray(b)) for a, b in zip(reference.images, test.images, strict=True)]
     ssim = [metrics.ssim(np.asarray(a), np.asarray(b)) for a, b in zip(reference.images, test.images, strict=True)]
     finite = [p for p in psnr if np.isfinite(p)]
@@ -34,6 +51,7 @@ def fidelity(reference: GenerationResult, test: GenerationResult) -> dict[str, f
         "latent_sqnr_db": sqnr if sqnr is None or np.isfinite(sqnr) else 999.0,
         "image_psnr_db": float(np.mean(finite)) if finite else 999.0,
         "image_ssim": float(np.mean(ssim)),
+        **per_prompt,
     }
 
 

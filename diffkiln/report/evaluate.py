@@ -45,6 +45,8 @@ class ReportConfig:
         progress: show progress bars. Default True.
         baseline: for a bundle, the FP model to compare against; None uses the source recorded
             in the bundle's manifest.
+        bos_comparison: for a bundle with BOS-aware rows, also build the same plan without
+            BOS-awareness in memory (from the cached calibration) and report both. Default True.
     """
 
     eval_size: int = 200
@@ -57,6 +59,7 @@ class ReportConfig:
     device: str = "cpu"
     progress: bool = True
     baseline: str | None = None
+    bos_comparison: bool = True
 
     def __post_init__(self) -> None:
         if self.eval_size <= 0:
@@ -256,7 +259,57 @@ def _compare_with_baseline(
     layer_sqnr = per_layer_sqnr(
         base, pipe, result.prompts[0], result.steps, result.guidance, call_kwargs=base_target.call_kwargs
     )
+    if config.bos_comparison and manifest["bos"].get("positions"):
+        data["bos_comparison"] = _bos_comparison(base, base_target, manifest, base_result, gen_cfg, judge_kind, data)
     return base_judged, layer_sqnr
+
+
+def _bos_comparison(
+    base: Any,
+    base_target: ResolvedTarget,
+    manifest: dict[str, Any],
+    base_result: Any,
+    gen_cfg: GenerateConfig,
+    judge_kind: JudgeKind,
+    data: dict[str, Any],
+) -> dict[str, Any]:
+    """The bundle (BOS-aware) against the same plan without BOS-awareness, on the same prompts.
+
+    The plain variant is rebuilt in memory from the bundle's recorded calibration settings and
+    quantization config (the calibration cache makes this cheap), with the same integer modules.
+    """
+    from diffkiln.calibrate import CalibrationConfig, calibrate
+    from diffkiln.export.freeze import apply_plan
+    from diffkiln.optimizer import make_plan
+    from diffkiln.optimizer.planner import quantize_config_from_dict
+    from diffkiln.report.compare import fidelity
+    from diffkiln.zoo.registry import default_cache_dir
+
+    notes = manifest["plan"].get("notes", {})
+    if "quantize_config" not in notes or "calibration" not in notes:
+        return {"skipped": "the bundle predates recorded quantization settings; rebuild it to compare"}
+    try:
+        cal = CalibrationConfig.from_key_fields(notes["calibration"], cache_dir=default_cache_dir())
+    except ValueError as exc:
+        return {"skipped": str(exc)}
+    stats = calibrate(base, cal)
+    qcfg = replace(quantize_config_from_dict(notes["quantize_config"]), bos_aware=False)
+    plain = apply_plan(base, make_plan(base, stats, qcfg, base_target.name), stats)
+    result = generate(plain, base_result.prompts, gen_cfg, base_target, measure=True)
+
+    def summary(fid: dict[str, Any], quality: dict[str, Any] | None) -> dict[str, Any]:
+        keys = ("latent_sqnr_db", "latent_sqnr_db_median_prompt", "prompts_below_10db", "image_psnr_db")
+        out = {k: fid.get(k) for k in keys}
+        if quality:
+            for k in ("content_accuracy", "content_accuracy_heldout", "content_accuracy_pairs"):
+                out[k] = quality.get(k)
+        return out
+
+    plain_quality = _quality(_judge_all(result, judge_kind)) if judge_kind is JudgeKind.SHAPES else None
+    return {
+        "bos_aware": summary(data["fidelity"], data.get("quality")),
+        "no_bos": summary(fidelity(base_result, result), plain_quality),
+    }
 
 
 def write_report(rep: Report, out_dir: str | os.PathLike[str]) -> tuple[Path, Path]:

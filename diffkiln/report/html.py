@@ -106,7 +106,12 @@ def _bundle_sections(rep: Report) -> list[str]:
             )
     f, sz = d["fidelity"], d["size"]
     rows += [
-        ("latent SQNR vs FP (dB)", f["latent_sqnr_db"]),
+        ("latent SQNR vs FP (dB), all prompts pooled", f["latent_sqnr_db"]),
+        (
+            "latent SQNR, median prompt / worst prompt (dB)",
+            f"{_fmt(f.get('latent_sqnr_db_median_prompt'))} / {_fmt(f.get('latent_sqnr_db_worst_prompt'))}",
+        ),
+        ("prompts below 10 dB (sample left the FP layout)", f.get("prompts_below_10db")),
         ("image PSNR vs FP (dB)", f["image_psnr_db"]),
         ("image SSIM vs FP", f["image_ssim"]),
         ("denoiser bytes (stored)", sz["denoiser_bytes"]),
@@ -133,6 +138,30 @@ def _bundle_sections(rep: Report) -> list[str]:
                 ]
             )
         )
+    cmp = d.get("bos_comparison", {})
+    if "bos_aware" in cmp:
+        out.append("<h2>W8A8 with and without BOS-awareness (same prompts, seeds and calibration)</h2>")
+        labels = {
+            "latent_sqnr_db": "latent SQNR, pooled (dB)",
+            "latent_sqnr_db_median_prompt": "latent SQNR, median prompt (dB)",
+            "prompts_below_10db": "prompts below 10 dB (left the FP layout)",
+            "image_psnr_db": "image PSNR (dB)",
+            "content_accuracy": "content accuracy, single seen",
+            "content_accuracy_heldout": "content accuracy, single held-out",
+            "content_accuracy_pairs": "content accuracy, pairs",
+        }
+        out.append(
+            _table(
+                [("", "BOS-aware / plain")]
+                + [
+                    (label, f"{_fmt(cmp['bos_aware'].get(k))} / {_fmt(cmp['no_bos'].get(k))}")
+                    for k, label in labels.items()
+                    if k in cmp["bos_aware"]
+                ]
+            )
+        )
+    elif cmp.get("skipped"):
+        out.append(f"<p>BOS comparison skipped: {html.escape(cmp['skipped'])}</p>")
     out.append("<h2>Per-layer SQNR (isolated: each layer fed its FP input, middle step)</h2>")
     out.append(_bar_chart(d.get("per_layer_sqnr_db", {}), "dB", good=20.0))
     if rep.baseline_images:

@@ -57,8 +57,14 @@ def main() -> None:
         row.append(_time(lambda: xb @ wb, a.repeat))
         row.append(_time(lambda: torch._int_mm(xq, wq), max(2, a.repeat // 5)))
         row.append(_time(lambda: int_mm_on_fp32_units(xq, wq), a.repeat))
-        row.append(_time(lambda: torch.ops.onednn.qlinear_pointwise(
-            xu, 1.0, 128, packed, ws, wz, None, 1.0, 0, torch.float32, "none", [None], ""), a.repeat))
+        row.append(
+            _time(
+                lambda: torch.ops.onednn.qlinear_pointwise(
+                    xu, 1.0, 128, packed, ws, wz, None, 1.0, 0, torch.float32, "none", [None], ""
+                ),
+                a.repeat,
+            )
+        )
         cells = [f"{row[0]:.2f}"] + [f"{v:.2f} ({v / fp32:.2f}x)" for v in row[1:]]
         print(f"| {m}x{k}x{n} | " + " | ".join(cells) + " |")
 

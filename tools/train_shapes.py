@@ -135,10 +135,7 @@ def stage_vae(work: Path, device: str, steps: int, batch: int, seed: int) -> Non
     with torch.no_grad():
         sample = images[:2048]
         lat = torch.cat(
-            [
-                vae.encode(_to_pixels(sample[i : i + 512], device)).latent_dist.mean
-                for i in range(0, len(sample), 512)
-            ]
+            [vae.encode(_to_pixels(sample[i : i + 512], device)).latent_dist.mean for i in range(0, len(sample), 512)]
         )
         scale = 1.0 / lat.std().item()
         vae.register_to_config(scaling_factor=scale)
@@ -341,9 +338,7 @@ def stage_dit(
         s = sigma.view(-1, 1, 1, 1)
         eps = torch.randn_like(z0)
         zt = (1 - s) * z0 + s * eps
-        pred = tr(
-            hidden_states=zt, timestep=sigma * 1000, encoder_hidden_states=pe, pooled_projections=pooled
-        ).sample
+        pred = tr(hidden_states=zt, timestep=sigma * 1000, encoder_hidden_states=pe, pooled_projections=pooled).sample
         return F.mse_loss(pred.float(), eps - z0)
 
     (te1_e, te2_e, t5_e, tr_e), info = _train_loop(
@@ -364,14 +359,10 @@ def _finish(name, pipe, out: Path, work: Path, device: str, info: dict, guidance
             chunk = [s.prompt for s in scenes[i : i + 100]]
             g = torch.Generator(device).manual_seed(1000 + i)
             imgs += list(
-                pipe(
-                    chunk, num_inference_steps=20, guidance_scale=guidance, generator=g, output_type="np"
-                ).images
+                pipe(chunk, num_inference_steps=20, guidance_scale=guidance, generator=g, output_type="np").images
             )
         imgs = [(im * 255).round().astype(np.uint8) for im in imgs]
-        results[ps.value] = sum(judge(im, s).correct for im, s in zip(imgs, scenes, strict=True)) / len(
-            scenes
-        )
+        results[ps.value] = sum(judge(im, s).correct for im, s in zip(imgs, scenes, strict=True)) / len(scenes)
     print(name, "quick eval (20 steps):", results, flush=True)
     pipe.to("cpu", torch.float16).save_pretrained(out / name)
     _log(work, name, {**info, "quick_eval": results})

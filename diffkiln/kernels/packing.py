@@ -1,0 +1,94 @@
+"""Sub-byte weight packing: 4-bit weights two per byte, 2-bit weights four per byte.
+
+Values are signed two's-complement codes (4-bit: [-8, 7], 2-bit: [-2, 1]) packed along the last
+dimension, lowest index in the lowest bits of each byte (the nibble order of
+``torch_npu.npu_convert_weight_to_int4pack`` and of most int4 GEMM kernels). A last dimension
+that is not a multiple of the codes per byte is padded with zero codes; unpacking takes the
+original length back. Pure torch, so every backend can unpack inside its kernel path; packing
+then unpacking is bit-exact.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["PACKABLE_BITS", "pack_weights", "packed_length", "unpack_weights"]
+
+PACKABLE_BITS = (2, 4)
+"""Bit-widths stored packed (8-bit weights stay plain int8)."""
+
+
+def _check_bits(bits: int) -> int:
+    if bits not in PACKABLE_BITS:
+        raise ValueError(f"packed weights have 2 or 4 bits, got {bits}; 8-bit weights are stored as int8")
+    return 8 // bits
+
+
+def packed_length(n: int, bits: int) -> int:
+    """Bytes needed along the packed dimension for ``n`` codes of ``bits`` bits.
+
+    Args:
+        n: number of codes along the last dimension.
+        bits: 2 or 4.
+    """
+    per_byte = _check_bits(bits)
+    return (n + per_byte - 1) // per_byte
+
+
+def pack_weights(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack int8 codes of ``bits`` bits along the last dimension into uint8.
+
+    Args:
+        q: int8 tensor (..., n) whose values lie in [-2^(bits-1), 2^(bits-1) - 1].
+        bits: 2 or 4.
+
+    Returns:
+        uint8 tensor (..., ceil(n * bits / 8)).
+
+    Raises:
+        ValueError: bits other than 2 or 4, a non-int8 tensor, or values outside the range
+            (the message gives the offending range).
+    """
+    per_byte = _check_bits(bits)
+    if q.dtype != torch.int8:
+        raise ValueError(f"pack_weights needs int8 codes, got {q.dtype}")
+    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    if q.numel() and (int(q.min()) < lo or int(q.max()) > hi):
+        raise ValueError(
+            f"{bits}-bit codes must lie in [{lo}, {hi}], got [{int(q.min())}, {int(q.max())}]; "
+            f"quantize to {bits} bits first"
+        )
+    n = q.shape[-1]
+    pad = packed_length(n, bits) * per_byte - n
+    if pad:
+        q = torch.nn.functional.pad(q, (0, pad))
+    mask = (1 << bits) - 1
+    codes = (q.to(torch.int16) & mask).to(torch.uint8).reshape(*q.shape[:-1], -1, per_byte)
+    out = torch.zeros(codes.shape[:-1], dtype=torch.uint8, device=q.device)
+    for i in range(per_byte):
+        out |= codes[..., i] << (i * bits)
+    return out
+
+
+def unpack_weights(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Unpack uint8 bytes written by :func:`pack_weights` back to int8 codes.
+
+    Args:
+        packed: uint8 tensor (..., m).
+        bits: 2 or 4.
+        n: the original length of the last dimension (``m == ceil(n * bits / 8)``).
+
+    Raises:
+        ValueError: bits other than 2 or 4, a non-uint8 tensor, or a length that does not match.
+    """
+    _check_bits(bits)
+    if packed.dtype != torch.uint8:
+        raise ValueError(f"unpack_weights needs uint8 bytes, got {packed.dtype}")
+    if packed.shape[-1] != packed_length(n, bits):
+        raise ValueError(f"{packed.shape[-1]} bytes cannot hold {n} codes of {bits} bits")
+    mask = (1 << bits) - 1
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+    codes = (packed.unsqueeze(-1) >> shifts) & mask  # (..., m, per_byte), unsigned codes
+    signed = codes.to(torch.int8)
+    signed = torch.where(signed >= 2 ** (bits - 1), signed - (1 << bits), signed)
+    return signed.reshape(*packed.shape[:-1], -1)[..., :n].contiguous()

@@ -58,6 +58,16 @@ def _denoiser_name(pipe: Any, denoiser: nn.Module) -> str:
     raise ValueError("the denoiser is not a component of the pipeline")
 
 
+def _half_if_lossless(t: torch.Tensor) -> torch.Tensor:
+    """FP16 when every value is exact in FP16 (a checkpoint shipped in FP16 and loaded as FP32).
+
+    Half the bytes, bit-exact: the runtime casts back to the model's dtype on load.
+    """
+    if t.dtype == torch.float32 and torch.equal(t.half().float(), t):
+        return t.half()
+    return t
+
+
 def _write_denoiser(pipe: Any, plan: Plan, stats: CalibrationStats, folder: Path) -> tuple[str, dict[str, Any]]:
     denoiser = find_denoiser(pipe)
     name = _denoiser_name(pipe, denoiser)
@@ -73,6 +83,8 @@ def _write_denoiser(pipe: Any, plan: Plan, stats: CalibrationStats, folder: Path
         module = layers[lp.name]
         frozen = freeze_layer(module, lp, stats.layers.get(lp.name))
         for suffix, t in frozen.items():
+            if suffix == "bias":
+                t = _half_if_lossless(t)  # the runtime casts it back to float32
             tensors[f"{lp.name}::{suffix}"] = t.contiguous()
         quantized_params.update(f"{lp.name}.{p}" for p, _ in module.named_parameters(recurse=False))
         quant_layers[lp.name] = {
@@ -90,12 +102,7 @@ def _write_denoiser(pipe: Any, plan: Plan, stats: CalibrationStats, folder: Path
     for pname, t in [*denoiser.named_parameters(), *denoiser.named_buffers()]:
         if pname in quantized_params:
             continue
-        t = t.detach().cpu()
-        if t.dtype == torch.float32 and torch.equal(t.half().float(), t):
-            # Lossless as FP16 (e.g. a checkpoint shipped in FP16 and loaded as FP32): store half
-            # the bytes; the runtime casts back to the model's dtype on load.
-            t = t.half()
-        tensors[f"fp::{pname}"] = t.contiguous()
+        tensors[f"fp::{pname}"] = _half_if_lossless(t.detach().cpu()).contiguous()
         fp_names.append(pname)
     save_file(tensors, str(folder / name / QUANT_FILE), metadata={"format": BUNDLE_FORMAT})
     fp_layers = {lp.name: lp.reason for lp in plan.layers if not lp.quantized}

@@ -339,7 +339,7 @@ def _cmd_inspect(a: argparse.Namespace) -> int:
     counts = ", ".join(f"{k}: {v}" for k, v in summary["layers_by_bits"].items())
     print(
         f"layers   {counts}  (avg weight bits {summary['avg_weight_bits']:.2f}, "
-        f"avg act bits {summary['avg_act_bits']:.2f})"
+        f"avg act bits {summary['avg_act_bits']:.2f}; SmoothQuant on {summary['smoothed_layers']})"
     )
     print(
         f"sizes    denoiser {summary['denoiser_bytes'] / 1e6:.2f} MB stored "

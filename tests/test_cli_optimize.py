@@ -59,6 +59,7 @@ def test_inspect_summarizes(bundle: Path, capsys: pytest.CaptureFixture[str]) ->
     s = json.loads(capsys.readouterr().out)
     assert s["layers_by_bits"]["W8A8"] > 10 and s["layers_by_bits"]["FP"] >= 2
     assert s["bos"]["positions"] == [0]
+    assert 0 <= s["smoothed_layers"] <= s["layers_by_bits"]["W8A8"]
     assert 0.4 < s["denoiser_bytes"] / s["denoiser_fp16_bytes"] < 0.6
 
 

@@ -58,6 +58,9 @@ def summarize(bundle: str | os.PathLike[str]) -> dict[str, Any]:
         "denoiser": manifest["pipeline"]["denoiser_class"],
         "components": manifest["pipeline"]["components"],
         "layers_by_bits": dict(bits),
+        "smoothed_layers": sum(
+            any(t.endswith("::smooth_inv") for t in info.get("tensors", [])) for info in quant["layers"].values()
+        ),
         "avg_weight_bits": quant["avg_weight_bits"],
         "avg_act_bits": quant["avg_act_bits"],
         "denoiser_bytes": stored,

@@ -193,6 +193,12 @@ def _parser() -> argparse.ArgumentParser:
         "channel exceeds 8x the median one, all = every Linear, off = none (default auto)",
     )
     o.add_argument("--smooth-alpha", type=float, default=0.5, help="smoothing strength in (0, 1) (default 0.5)")
+    o.add_argument(
+        "--timestep-aware",
+        action="store_true",
+        help="one static activation range per sampler step (chosen from that step's calibration samples); "
+        "the runtime uses the range of the nearest calibrated timestep",
+    )
     o.add_argument("--out", type=Path, required=True, metavar="BUNDLE", help="bundle directory to write")
     o.add_argument("--overwrite", action="store_true", help="replace an existing bundle directory")
     o.add_argument("--cache-dir", type=Path, help="calibration cache (default $DIFFKILN_CACHE or ~/.cache/diffkiln)")
@@ -315,6 +321,7 @@ def _cmd_optimize(a: argparse.Namespace) -> int:
         act_bits=a.act_bits,
         smooth=SmoothMode(a.smooth),
         smooth_alpha=a.smooth_alpha,
+        timestep_aware=a.timestep_aware,
         overwrite=a.overwrite,
         cache_dir=a.cache_dir,
         seed=a.seed,

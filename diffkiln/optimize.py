@@ -42,6 +42,7 @@ class OptimizeConfig:
         act_bits: static activation grid, 8 or 7. Default 8.
         smooth: which Linear layers get SmoothQuant smoothing. Default AUTO.
         smooth_alpha: smoothing strength in (0, 1). Default 0.5.
+        timestep_aware: one static activation range per sampler step. Default False.
         overwrite: replace an existing bundle. Default False.
         cache_dir: calibration cache; None uses :func:`default_cache_dir`.
         seed: base seed for calibration. Default 0.
@@ -62,6 +63,7 @@ class OptimizeConfig:
     act_bits: int = 8
     smooth: SmoothMode = SmoothMode.AUTO
     smooth_alpha: float = 0.5
+    timestep_aware: bool = False
     overwrite: bool = False
     cache_dir: Path | None = None
     seed: int = 0
@@ -76,6 +78,8 @@ class OptimizeConfig:
             raise InvalidInputError(f"guidance must be >= 0, got {self.guidance}")
         if not 0.0 < self.smooth_alpha < 1.0:
             raise InvalidInputError(f"smooth_alpha must be in (0, 1), e.g. 0.5; got {self.smooth_alpha}")
+        if self.timestep_aware and self.act_mode is not ActMode.STATIC:
+            raise InvalidInputError("--timestep-aware needs static activations; drop --act-mode dynamic")
         if self.act_bits != 8 and self.act_mode is not ActMode.STATIC:
             raise InvalidInputError("7-bit activations need static activations; drop --act-mode dynamic")
         for name in ("weight_bits", "act_bits"):
@@ -131,6 +135,7 @@ def optimize(target: str | os.PathLike[str], config: OptimizeConfig) -> Path:
         act_bits=config.act_bits,
         smooth=config.smooth,
         smooth_alpha=config.smooth_alpha,
+        timestep_aware=config.timestep_aware,
     )
     plan = make_plan(pipe, stats, qcfg, resolved.name)
     t3 = time.perf_counter()

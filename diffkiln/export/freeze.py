@@ -63,7 +63,12 @@ def freeze_layer(module: nn.Module, lp: LayerPlan, stats: LayerStats | None) -> 
     out.update(weight_q=qw.q.contiguous(), weight_scale=qw.scale.contiguous())
     if module.bias is not None:
         out["bias"] = module.bias.detach().to(torch.float32).contiguous()
-    if lp.act.mode is ActMode.STATIC:
+    if lp.act.mode is ActMode.STATIC and lp.act.step_timesteps:
+        # Timestep-aware: one grid per calibrated step; the runtime picks the nearest timestep's.
+        out["act_scale"] = torch.tensor(lp.act.step_scales, dtype=torch.float32)
+        out["act_zero_point"] = torch.tensor(lp.act.step_zero_points, dtype=torch.int32)
+        out["act_timesteps"] = torch.tensor(lp.act.step_timesteps, dtype=torch.float32)
+    elif lp.act.mode is ActMode.STATIC:
         out["act_scale"] = torch.tensor(lp.act.scale, dtype=torch.float32)
         out["act_zero_point"] = torch.tensor(lp.act.zero_point, dtype=torch.int32)
     if lp.bos_positions:

@@ -117,15 +117,19 @@ class ConvGeometry:
 class StaticLinear(Protocol):
     """A prepacked W8A8 linear with a static per-tensor activation grid."""
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """float (M, K) -> float32 (M, N): quantise x on the grid, integer GEMM, dequantise."""
+    def __call__(self, x: torch.Tensor, act: ActGrid | None = None) -> torch.Tensor:
+        """float (M, K) -> float32 (M, N): quantise x on the grid, integer GEMM, dequantise.
+
+        ``act`` overrides the prepacked grid for this call (timestep-aware ranges); it must
+        have the same bits.
+        """
         ...
 
 
 class StaticConv(Protocol):
     """A prepacked W8A8 2-D convolution with a static per-tensor activation grid."""
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, act: ActGrid | None = None) -> torch.Tensor:
         """float (B, C, H, W) -> float32 (B, O, H', W'): quantise, integer convolution, dequantise."""
         ...
 
@@ -139,13 +143,16 @@ class GenericStaticLinear:
         self.backend = backend
         self.act = act
         self.w_t = w_q.t().contiguous()
-        self.scale = act.scale * w_scale.to(torch.float32)
-        self.zp_bias = -act.zero_point * w_q.to(torch.int32).sum(dim=1)
+        self.w_scale = w_scale.to(torch.float32)
+        self.colsum = w_q.to(torch.int32).sum(dim=1)
         self.bias = None if bias is None else bias.to(torch.float32)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        q = self.act.quantize(x)
-        out = self.backend.quant_matmul(q, self.w_t, self.scale, self.zp_bias, None, torch.float32)
+    def __call__(self, x: torch.Tensor, act: ActGrid | None = None) -> torch.Tensor:
+        grid = act or self.act
+        q = grid.quantize(x)
+        # The zero point folds into an int32 bias: (q - z) @ W = q @ W - z * colsum(W).
+        zp_bias = -grid.zero_point * self.colsum
+        out = self.backend.quant_matmul(q, self.w_t, grid.scale * self.w_scale, zp_bias, None, torch.float32)
         return out if self.bias is None else out + self.bias
 
 
@@ -166,11 +173,12 @@ class OneDnnStaticLinear:
         self.w_zp = torch.zeros(w_q.shape[0], dtype=torch.int64)
         self.bias = None if bias is None else bias.to(torch.float32).contiguous()
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        q = self.act.quantize(x, self.offset, torch.uint8)
-        zp = self.act.zero_point + self.offset
+    def __call__(self, x: torch.Tensor, act: ActGrid | None = None) -> torch.Tensor:
+        grid = act or self.act
+        q = grid.quantize(x, self.offset, torch.uint8)
+        zp = grid.zero_point + self.offset
         return torch.ops.onednn.qlinear_pointwise(
-            q, self.act.scale, zp, self.packed, self.w_scale, self.w_zp, self.bias,
+            q, grid.scale, zp, self.packed, self.w_scale, self.w_zp, self.bias,
             1.0, 0, torch.float32, "none", [None], "",
         )  # fmt: skip
 
@@ -197,11 +205,12 @@ class OneDnnStaticConv:
             geo.groups, None,
         )  # fmt: skip
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        q = self.act.quantize(x.contiguous(memory_format=torch.channels_last), self.offset, torch.uint8)
+    def __call__(self, x: torch.Tensor, act: ActGrid | None = None) -> torch.Tensor:
+        grid = act or self.act
+        q = grid.quantize(x.contiguous(memory_format=torch.channels_last), self.offset, torch.uint8)
         g = self.geo
         return torch.ops.onednn.qconv2d_pointwise(
-            q, self.act.scale, self.act.zero_point + self.offset, self.packed, self.w_scale, self.w_zp, self.bias,
+            q, grid.scale, grid.zero_point + self.offset, self.packed, self.w_scale, self.w_zp, self.bias,
             list(g.stride), list(g.padding), list(g.dilation), g.groups, 1.0, 0, torch.float32, "none", [], "",
         )  # fmt: skip
 

@@ -69,6 +69,10 @@ class ActSpec:
         zero_point: static zero point within the grid's codes (None in dynamic mode).
         clip_lo: lower end of the chosen clipping range (static), for reports.
         clip_hi: upper end of the chosen clipping range (static), for reports.
+        step_timesteps: timestep-aware ranges only: the calibrated sampler timesteps, one per
+            step; the runtime uses the range of the nearest one. Empty: one range for all steps.
+        step_scales: one static step size per entry of ``step_timesteps``.
+        step_zero_points: one static zero point per entry of ``step_timesteps``.
     """
 
     bits: int = 8
@@ -77,8 +81,18 @@ class ActSpec:
     zero_point: int | None = None
     clip_lo: float | None = None
     clip_hi: float | None = None
+    step_timesteps: tuple[float, ...] = ()
+    step_scales: tuple[float, ...] = ()
+    step_zero_points: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        n = len(self.step_timesteps)
+        if len(self.step_scales) != n or len(self.step_zero_points) != n:
+            raise ValueError("step_timesteps, step_scales and step_zero_points need the same length")
+        if n and self.mode is not ActMode.STATIC:
+            raise ValueError("timestep-aware ranges need static activations")
+        if any(s <= 0 for s in self.step_scales):
+            raise ValueError("every step scale must be positive")
         if self.bits not in (7, 8):
             raise ValueError(f"activation bits must be 7 or 8, got {self.bits}")
         if self.bits != 8 and self.mode is not ActMode.STATIC:
@@ -87,6 +101,11 @@ class ActSpec:
             raise ValueError("a static activation spec needs scale and zero_point")
         if self.scale is not None and self.scale <= 0:
             raise ValueError(f"activation scale must be positive, got {self.scale}")
+
+
+def _act_from_dict(d: dict[str, Any]) -> ActSpec:
+    steps = {k: tuple(d.get(k, ())) for k in ("step_timesteps", "step_scales", "step_zero_points")}
+    return ActSpec(**{**d, **steps, "mode": ActMode(d["mode"])})
 
 
 @dataclass(frozen=True)
@@ -191,7 +210,7 @@ class Plan:
                     name=lp["name"],
                     kind=lp["kind"],
                     weight=WeightSpec(**lp["weight"]) if lp["weight"] else None,
-                    act=ActSpec(**{**lp["act"], "mode": ActMode(lp["act"]["mode"])}) if lp["act"] else None,
+                    act=_act_from_dict(lp["act"]) if lp["act"] else None,
                     bos_positions=tuple(lp["bos_positions"]),
                     reason=lp["reason"],
                     params=lp["params"],

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffkiln.calibrate.stats import CalibrationStats, find_denoiser, find_quantizable_layers
+from diffkiln.calibrate.stats import CalibrationStats, LayerStats, find_denoiser, find_quantizable_layers
 from diffkiln.optimizer.plan import ActMode, ActSpec, LayerPlan, Plan, WeightSpec
 from diffkiln.optimizer.quantizers import ClipMethod, choose_act_params
 from diffkiln.optimizer.smoothing import channel_outlier_ratio, smoothing_factors
@@ -69,6 +69,9 @@ class QuantizeConfig:
         smooth_alpha: smoothing strength in (0, 1). Default 0.5.
         smooth_min_outlier_ratio: in AUTO mode, smooth a layer when its largest input-channel
             maximum is at least this many times the median channel's. Default 8.0.
+        timestep_aware: static mode only: one activation range per calibrated sampler step
+            (as msModelSlim's timestep-aware W8A8), chosen from that step's samples; the runtime
+            uses the range of the nearest calibrated timestep. Default False (one range).
     """
 
     recipe: Recipe = Recipe.W8A8
@@ -82,6 +85,7 @@ class QuantizeConfig:
     smooth: SmoothMode = SmoothMode.AUTO
     smooth_alpha: float = 0.5
     smooth_min_outlier_ratio: float = 8.0
+    timestep_aware: bool = False
 
     def __post_init__(self) -> None:
         for field_name, enum in (
@@ -101,6 +105,8 @@ class QuantizeConfig:
             raise ValueError("act_bits 7 needs static activations (act_mode static)")
         if not 0.0 < self.smooth_alpha < 1.0:
             raise ValueError(f"smooth_alpha must be in (0, 1), got {self.smooth_alpha}")
+        if self.timestep_aware and self.act_mode is not ActMode.STATIC:
+            raise ValueError("timestep_aware needs static activations (act_mode static)")
         if self.smooth_min_outlier_ratio < 1.0:
             raise ValueError(f"smooth_min_outlier_ratio must be >= 1, got {self.smooth_min_outlier_ratio}")
 
@@ -169,6 +175,21 @@ def _bos_summary(stats: CalibrationStats, positions: list[int]) -> dict[str, Any
     }
 
 
+def _range_samples(
+    st: LayerStats, step: int | None, factors: torch.Tensor | None, bos_rows: tuple[int, ...]
+) -> torch.Tensor:
+    """The calibration samples an activation range is chosen from: one step's or all, divided by
+    the smoothing factors of their channels, without the BOS rows' samples."""
+    sel = slice(None) if step is None else slice(step, step + 1)
+    samples = st.samples[sel].flatten()
+    if factors is not None:
+        samples = samples / factors[st.sample_channels[sel].flatten().long()]
+    if bos_rows and st.sample_positions.numel():
+        keep = ~torch.isin(st.sample_positions[sel].flatten(), torch.tensor(bos_rows, dtype=torch.int32))
+        samples = samples[keep]
+    return samples
+
+
 def make_plan(pipe: Any, stats: CalibrationStats, config: QuantizeConfig, source_id: str) -> Plan:
     """Decide each denoiser layer's quantisation from calibration statistics.
 
@@ -217,14 +238,19 @@ def make_plan(pipe: Any, stats: CalibrationStats, config: QuantizeConfig, source
         if config.act_mode is ActMode.DYNAMIC:
             act = ActSpec(mode=ActMode.DYNAMIC)
         else:
-            samples = st.samples.flatten()
-            if alpha is not None:
-                factors = smoothing_factors(act_absmax, module.weight, alpha)
-                samples = samples / factors[st.sample_channels.flatten().long()]
-            if rows and st.sample_positions.numel():
-                keep = ~torch.isin(st.sample_positions.flatten(), torch.tensor(rows, dtype=torch.int32))
-                samples = samples[keep]
-            p = choose_act_params(samples, config.clip, bits=config.act_bits)
+            factors = smoothing_factors(act_absmax, module.weight, alpha) if alpha is not None else None
+            p = choose_act_params(_range_samples(st, None, factors, rows), config.clip, bits=config.act_bits)
+            steps: dict[str, tuple[Any, ...]] = {}
+            if config.timestep_aware:
+                per_step = [
+                    choose_act_params(_range_samples(st, t, factors, rows), config.clip, bits=config.act_bits)
+                    for t in range(st.samples.shape[0])
+                ]
+                steps = {
+                    "step_timesteps": tuple(float(t) for t in stats.timesteps[: len(per_step)]),
+                    "step_scales": tuple(q.scale for q in per_step),
+                    "step_zero_points": tuple(q.zero_point for q in per_step),
+                }
             act = ActSpec(
                 bits=config.act_bits,
                 mode=ActMode.STATIC,
@@ -232,6 +258,7 @@ def make_plan(pipe: Any, stats: CalibrationStats, config: QuantizeConfig, source
                 zero_point=p.zero_point,
                 clip_lo=p.lo,
                 clip_hi=p.hi,
+                **steps,
             )
         out.append(LayerPlan(name, kind, WeightSpec(bits=config.weight_bits), act, rows, "", params, alpha))
     return Plan(

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from diffkiln.runtime.qmodules import qmodule_for
+from diffkiln.runtime.timestep import install_step_selector
 
 __all__ = ["replace_layers"]
 
@@ -36,4 +37,5 @@ def replace_layers(
         parent_name, _, child = name.rpartition(".")
         parent = modules[parent_name] if parent_name else denoiser
         setattr(parent, child, qcls(layer_tensors, meta))
+    install_step_selector(denoiser)
     return denoiser

@@ -9,7 +9,8 @@ Each is built as ``cls(tensors, meta)``: ``meta`` holds ``act_mode`` ("static"/"
 ``dilation`` and ``groups``.
 
 * ``weight_q`` int8 (out, in[, kh, kw]); ``weight_scale`` float32 (out,); ``bias`` float32 (out,), optional;
-* static activations: ``act_scale`` float32 (), ``act_zero_point`` int32 ();
+* static activations: ``act_scale`` float32 (), ``act_zero_point`` int32 (); timestep-aware layers
+  hold one per calibrated step, (T,), with ``act_timesteps`` float32 (T,);
 * BOS-aware layers: ``bos_rows`` float32 (P, out), ``bos_positions`` int64 (P,), ``text_len`` int64 ();
 * smoothed layers: ``smooth_inv`` float32 (in,), multiplied into the input before quantizing it.
 """
@@ -71,6 +72,7 @@ class _IntGemm(nn.Module):
     act_zero_point: torch.Tensor
     bias: torch.Tensor | None
     smooth_inv: torch.Tensor | None
+    act_timesteps: torch.Tensor | None
 
     def __init__(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         super().__init__()
@@ -87,12 +89,26 @@ class _IntGemm(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.to(torch.float32))
         smooth = tensors.get("smooth_inv")
         self.register_buffer("smooth_inv", None if smooth is None else smooth.to(torch.float32))
+        self.register_buffer("act_timesteps", None)
+        self.step_selector: Any = None  # set by diffkiln.runtime.timestep.install_step_selector
         if not dynamic:
-            self.register_buffer("act_scale", tensors["act_scale"].to(torch.float32).reshape(()))
-            self.register_buffer("act_zero_point", tensors["act_zero_point"].to(torch.int32).reshape(()))
-            self.act_grid = ActGrid(float(self.act_scale), int(self.act_zero_point), int(meta.get("act_bits") or 8))
+            bits = int(meta.get("act_bits") or 8)
+            scales = tensors["act_scale"].to(torch.float32).reshape(-1)
+            zps = tensors["act_zero_point"].to(torch.int32).reshape(-1)
+            self.register_buffer("act_scale", scales if "act_timesteps" in tensors else scales.reshape(()))
+            self.register_buffer("act_zero_point", zps if "act_timesteps" in tensors else zps.reshape(()))
+            self.step_grids = [ActGrid(float(s), int(z), bits) for s, z in zip(scales, zps, strict=True)]
+            self.act_grid = self.step_grids[0]
+            if "act_timesteps" in tensors:
+                self.register_buffer("act_timesteps", tensors["act_timesteps"].to(torch.float32))
         # Backend-specific prepacked weights (e.g. oneDNN's layout on x86), built on first use per device.
         self._packed: dict[str, StaticLinear] = {}
+
+    def _current_grid(self) -> ActGrid:
+        """This call's activation grid: the selected step's for timestep-aware layers."""
+        if self.step_selector is None or len(self.step_grids) == 1:
+            return self.act_grid
+        return self.step_grids[self.step_selector.index]
 
     def gemm(self, x2d: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         if self.smooth_inv is not None:
@@ -108,7 +124,7 @@ class _IntGemm(nn.Module):
                 self._packed[key] = prepack_static_linear(
                     self.weight_t.t(), self.weight_scale, self.bias, self.act_grid, x2d.device
                 )
-            out = self._packed[key](x2d)
+            out = self._packed[key](x2d, self._current_grid())
         return out.to(out_dtype)
 
 
@@ -187,7 +203,7 @@ class QConv2d(_IntGemm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         direct = self._direct_conv(x.device)
         if direct is not None:
-            return direct(x).to(x.dtype)
+            return direct(x, self._current_grid()).to(x.dtype)
         b, _, h, w = x.shape
         cols = F.unfold(x, self.kernel_size, dilation=self.dilation, padding=self.padding, stride=self.stride)
         kh, kw = self.kernel_size

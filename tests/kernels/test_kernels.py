@@ -209,3 +209,35 @@ def test_int_mm_on_fp32_units_is_bit_exact_at_extreme_values(k: int) -> None:
     assert torch.equal(int_mm_on_fp32_units(a, b), int_mm_reference(a, b))
     a2, b2 = _rand_int8(4, k, seed=k), _rand_int8(k, 6, seed=k + 1)
     assert torch.equal(int_mm_on_fp32_units(a2, b2), int_mm_reference(a2, b2))
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("impl", ["generic", "onednn"])
+def test_a_call_time_grid_overrides_the_prepacked_one(kind: str, impl: str) -> None:
+    """Timestep-aware layers prepack once and quantize each step on that step's grid."""
+    import torch.nn.functional as F
+
+    from diffkiln.kernels import ActGrid, ConvGeometry, prepack_static_conv
+    from diffkiln.kernels.backends import GenericStaticLinear, OneDnnStaticLinear
+
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 16, 9, 9, generator=g) if kind == "conv" else torch.randn(40, 64, generator=g)
+    w = torch.randn(24, 16, 3, 3, generator=g) * 0.1 if kind == "conv" else torch.randn(24, 64, generator=g) * 0.1
+    b = torch.randn(24, generator=g)
+    wq, ws, packed_grid, _, w_dq = _quantized_operands(w, x, 8, 7)
+    step_grid = ActGrid(packed_grid.scale * 0.6, 5, 7)  # another step's range, same bits
+    if impl == "onednn" and not _onednn_usable(wq, packed_grid):
+        pytest.skip("oneDNN's u8s8 kernel is not exact for this grid on this CPU")
+    x_dq = (step_grid.quantize(x).float() - step_grid.zero_point) * step_grid.scale
+    if kind == "linear":
+        lin = (OneDnnStaticLinear if impl == "onednn" else lambda *a: GenericStaticLinear(get_backend("cpu"), *a))(
+            wq, ws, b, packed_grid
+        )
+        ref, out = x_dq @ w_dq.T + b, lin(x, step_grid)
+    else:
+        if impl == "generic":
+            pytest.skip("convolutions without a direct kernel use im2col + the linear path")
+        conv = prepack_static_conv(wq, ws, b, packed_grid, ConvGeometry((1, 1), (1, 1), (1, 1)), "cpu")
+        assert conv is not None
+        ref, out = F.conv2d(x_dq, w_dq, b, padding=1), conv(x, step_grid)
+    assert sqnr_db(ref, out) >= 80.0

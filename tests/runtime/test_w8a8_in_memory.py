@@ -16,6 +16,7 @@ CONFIGS = {
     # The grids that run on oneDNN's fast kernels on AVX2 CPUs, and smoothing on every Linear.
     "static-a7-smooth-all": QuantizeConfig(act_bits=7, smooth=SmoothMode.ALL),
     "static-w7-no-smooth": QuantizeConfig(weight_bits=7, smooth=SmoothMode.OFF),
+    "static-timestep-aware": QuantizeConfig(timestep_aware=True),
 }
 
 
@@ -44,3 +45,20 @@ def test_7_bit_grids_stay_inside_their_codes(random_shapes_pipelines) -> None:
     qpipe_w7, _ = quantize_in_memory(random_shapes_pipelines["unet"], CONFIGS["static-w7-no-smooth"])
     weights = [m.weight_t for m in qpipe_w7.unet.modules() if isinstance(m, (QLinear, QConv2d))]
     assert weights and max(int(w.abs().max()) for w in weights) <= 63
+
+
+def test_timestep_aware_layers_switch_grids_with_the_sampler_step(random_shapes_pipelines) -> None:
+    qpipe, plan = quantize_in_memory(random_shapes_pipelines["unet"], CONFIGS["static-timestep-aware"])
+    acts = [lp.act for lp in plan.layers if lp.act is not None]
+    assert acts and all(len(a.step_scales) == len(a.step_timesteps) == 4 for a in acts)
+    q = next(m for m in qpipe.unet.modules() if isinstance(m, QLinear) and m.step_selector is not None)
+    selector, timesteps = q.step_selector, q.act_timesteps
+    seen = []
+    handle = qpipe.unet.register_forward_pre_hook(lambda *_: seen.append(selector.index))
+    try:
+        latents(qpipe, PROMPTS[:1])
+    finally:
+        handle.remove()
+    # Each of the 4 sampler steps ran on its own calibrated grid, in order (CFG shares one call).
+    assert sorted(set(seen)) == list(range(len(timesteps)))
+    assert selector.select(float(timesteps[2]) + 0.4) == 2

@@ -179,7 +179,8 @@ def _range_samples(
     st: LayerStats, step: int | None, factors: torch.Tensor | None, bos_rows: tuple[int, ...]
 ) -> torch.Tensor:
     """The calibration samples an activation range is chosen from: one step's or all, divided by
-    the smoothing factors of their channels, without the BOS rows' samples."""
+    the smoothing factors of their channels, without the BOS rows' samples (plus, for one step of
+    an unsmoothed layer without BOS rows, that step's exact extremes)."""
     sel = slice(None) if step is None else slice(step, step + 1)
     samples = st.samples[sel].flatten()
     if factors is not None:
@@ -187,6 +188,12 @@ def _range_samples(
     if bos_rows and st.sample_positions.numel():
         keep = ~torch.isin(st.sample_positions[sel].flatten(), torch.tensor(bos_rows, dtype=torch.int32))
         samples = samples[keep]
+    if step is not None and factors is None and not bos_rows:
+        # One step's 1,024 samples miss its tails (measured: per-step ranges from samples alone
+        # cut shapes-unet's median-prompt SQNR from 25.5 to 19.9 dB); the recorded exact
+        # extremes of the step let the range search see them.
+        extremes = torch.stack([st.min[sel].min(), st.max[sel].max()]).to(samples.dtype)
+        samples = torch.cat([samples, extremes])
     return samples
 
 

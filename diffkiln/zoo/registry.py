@@ -22,7 +22,7 @@ __all__ = [
     "resolve_target",
 ]
 
-TINY_VERSION = 1
+TINY_VERSION = 2
 """Bumped whenever a tiny architecture's config changes, so cached folders are rebuilt."""
 
 

@@ -35,6 +35,8 @@ from transformers import (
     T5Config,
     T5EncoderModel,
     T5Tokenizer,
+    UMT5Config,
+    UMT5EncoderModel,
 )
 
 from diffkiln.zoo.shapes.vocab import IMAGE_SIZE, prompt_words
@@ -82,14 +84,17 @@ def build_t5_tokenizer_for_shapes(out_dir: str | Path) -> T5Tokenizer:
     return build_t5_tokenizer(prompt_words(), out_dir, T5_MAX_LENGTH)
 
 
-def build_t5_encoder(tokenizer: T5Tokenizer, d_model: int = 64) -> T5EncoderModel:
+def build_t5_encoder(
+    tokenizer: T5Tokenizer, d_model: int = 64, umt5: bool = False
+) -> T5EncoderModel | UMT5EncoderModel:
     """A two-layer T5 encoder; its width is the MMDiT's ``joint_attention_dim``.
 
     Args:
         tokenizer: the tokenizer it reads.
         d_model: width. Default 64.
+        umt5: build a ``UMT5EncoderModel`` (Wan's encoder) instead. Default False.
     """
-    config = T5Config(
+    fields = dict(
         vocab_size=len(tokenizer),
         d_model=d_model,
         d_kv=d_model // 4,
@@ -102,7 +107,7 @@ def build_t5_encoder(tokenizer: T5Tokenizer, d_model: int = 64) -> T5EncoderMode
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    return T5EncoderModel(config)
+    return UMT5EncoderModel(UMT5Config(**fields)) if umt5 else T5EncoderModel(T5Config(**fields))
 
 
 def build_vae() -> AutoencoderKL:
@@ -124,7 +129,7 @@ def build_vae() -> AutoencoderKL:
 
 
 def build_text_encoder(
-    tokenizer: CLIPTokenizer, hidden_size: int, projection_dim: int | None = None
+    tokenizer: CLIPTokenizer, hidden_size: int, projection_dim: int | None = None, layers: int = 3, heads: int = 4
 ) -> CLIPTextModel | CLIPTextModelWithProjection:
     """A small causal CLIP text encoder whose special-token ids match ``tokenizer``.
 
@@ -133,13 +138,15 @@ def build_text_encoder(
         hidden_size: width of the encoder.
         projection_dim: when set, a ``CLIPTextModelWithProjection`` with this projection width
             (what SD3 needs for its pooled embedding); else a plain ``CLIPTextModel``.
+        layers: transformer layers. Default 3 (the shapes models).
+        heads: attention heads. Default 4.
     """
     config = CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
-        num_hidden_layers=3,
-        num_attention_heads=4,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
         max_position_embeddings=TOKENIZER_MAX_LENGTH,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

@@ -11,18 +11,16 @@ from pathlib import Path
 
 from diffusers import AutoencoderKL
 from transformers import (
-    CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
-    T5Config,
     T5EncoderModel,
     T5Tokenizer,
-    UMT5Config,
     UMT5EncoderModel,
 )
 
 from diffkiln.zoo.catalog import TINY_IMAGE_SIZE, TINY_T5_LENGTH
+from diffkiln.zoo.shapes_models import build_t5_encoder, build_text_encoder
 from diffkiln.zoo.tokenizer import build_clip_tokenizer, build_t5_tokenizer
 
 __all__ = [
@@ -80,19 +78,7 @@ def clip_encoder(
         projection_dim: when set, a ``CLIPTextModelWithProjection`` with this projection width
             (SDXL's second and SD3's encoders); else a plain ``CLIPTextModel``. Default None.
     """
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=width,
-        intermediate_size=2 * width,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=CLIP_MAX_LENGTH,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        projection_dim=projection_dim or width,
-    )
-    return CLIPTextModelWithProjection(config) if projection_dim else CLIPTextModel(config)
+    return build_text_encoder(tokenizer, width, projection_dim, layers=2, heads=2)
 
 
 def t5_encoder(tokenizer: T5Tokenizer, width: int, umt5: bool = False) -> T5EncoderModel | UMT5EncoderModel:
@@ -103,19 +89,7 @@ def t5_encoder(tokenizer: T5Tokenizer, width: int, umt5: bool = False) -> T5Enco
         width: ``d_model``.
         umt5: build a ``UMT5EncoderModel`` instead of a ``T5EncoderModel``. Default False.
     """
-    fields = dict(
-        vocab_size=len(tokenizer),
-        d_model=width,
-        d_kv=width // 4,
-        d_ff=2 * width,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        dropout_rate=0.0,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    return UMT5EncoderModel(UMT5Config(**fields)) if umt5 else T5EncoderModel(T5Config(**fields))
+    return build_t5_encoder(tokenizer, width, umt5=umt5)
 
 
 def tiny_vae(quant_convs: bool = True) -> AutoencoderKL:

@@ -5,8 +5,8 @@ Layout (see docs/bundle-format.md)::
     BUNDLE/manifest.json                     contract: format, version, quant spec, checksums
     BUNDLE/model_index.json                  the diffusers pipeline index
     BUNDLE/<denoiser>/config.json            the denoiser's diffusers config
-    BUNDLE/<denoiser>/quantized.safetensors  int8 weights, scales, activation params, BOS rows,
-                                             and the FP tensors of layers kept in floating point
+    BUNDLE/<denoiser>/quantized.safetensors  int8 and packed int4/int2 weights, scales, activation
+                                             params, BOS rows, and the FP tensors of the rest
     BUNDLE/<component>/...                   text encoders, VAE, tokenizers, scheduler (save_pretrained)
 
 Written atomically: everything goes to a temporary sibling directory that is renamed into place
@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any, cast
 
@@ -29,13 +30,21 @@ from torch import nn
 
 from diffkiln.calibrate.stats import CalibrationStats, find_denoiser, find_quantizable_layers
 from diffkiln.export.freeze import freeze_layer, layer_meta
+from diffkiln.kernels.packing import PACKABLE_BITS
 from diffkiln.optimizer.plan import Plan
 from diffkiln.runtime.manifest import BUNDLE_FORMAT, BUNDLE_VERSION, MANIFEST_NAME, BundleError, file_digest
 from diffkiln.toolchain import toolchain_versions
 
-__all__ = ["ExportConfig", "export_bundle"]
+__all__ = ["ExportConfig", "FloatStorage", "export_bundle"]
 
 QUANT_FILE = "quantized.safetensors"
+
+
+class FloatStorage(str, Enum):
+    """How the denoiser's remaining float tensors (biases, norms, FP layers, BOS rows) are stored."""
+
+    LOSSLESS = "lossless"  # float16 where every value is exact in float16, else float32
+    FLOAT16 = "float16"  # always float16, as an FP16 checkpoint stores them (mixed precision)
 
 
 @dataclass(frozen=True)
@@ -45,10 +54,19 @@ class ExportConfig:
     Attributes:
         out: the bundle directory to create.
         overwrite: replace an existing directory. Default False (an existing one is an error).
+        float_storage: LOSSLESS keeps every float tensor exact; FLOAT16 rounds them to float16
+            like an FP16 checkpoint (the runtime computes in float32 either way). Default LOSSLESS.
     """
 
     out: Path
     overwrite: bool = False
+    float_storage: FloatStorage = FloatStorage.LOSSLESS
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.float_storage, FloatStorage):
+            raise ValueError(
+                f"float_storage must be one of {[e.value for e in FloatStorage]}, got {self.float_storage!r}"
+            )
 
 
 def _denoiser_name(pipe: Any, denoiser: nn.Module) -> str:
@@ -58,17 +76,22 @@ def _denoiser_name(pipe: Any, denoiser: nn.Module) -> str:
     raise ValueError("the denoiser is not a component of the pipeline")
 
 
-def _half_if_lossless(t: torch.Tensor) -> torch.Tensor:
-    """FP16 when every value is exact in FP16 (a checkpoint shipped in FP16 and loaded as FP32).
-
-    Half the bytes, bit-exact: the runtime casts back to the model's dtype on load.
-    """
-    if t.dtype == torch.float32 and torch.equal(t.half().float(), t):
+def _stored_float(t: torch.Tensor, storage: FloatStorage) -> torch.Tensor:
+    """A float32 tensor as stored: FP16 when lossless (a checkpoint shipped in FP16 and loaded as
+    FP32: half the bytes, bit-exact), or always FP16 under FLOAT16. The runtime casts back."""
+    if t.dtype != torch.float32:
+        return t
+    if storage is FloatStorage.FLOAT16 or torch.equal(t.half().float(), t):
         return t.half()
     return t
 
 
-def _write_denoiser(pipe: Any, plan: Plan, stats: CalibrationStats, folder: Path) -> tuple[str, dict[str, Any]]:
+_FLOAT_SUFFIXES = ("bias", "bos_rows")  # per-layer float tensors that follow float_storage
+
+
+def _write_denoiser(
+    pipe: Any, plan: Plan, stats: CalibrationStats, folder: Path, storage: FloatStorage
+) -> tuple[str, dict[str, Any]]:
     denoiser = find_denoiser(pipe)
     name = _denoiser_name(pipe, denoiser)
     layers = find_quantizable_layers(denoiser)
@@ -83,14 +106,17 @@ def _write_denoiser(pipe: Any, plan: Plan, stats: CalibrationStats, folder: Path
         module = layers[lp.name]
         frozen = freeze_layer(module, lp, stats.layers.get(lp.name))
         for suffix, t in frozen.items():
-            if suffix == "bias":
-                t = _half_if_lossless(t)  # the runtime casts it back to float32
+            if suffix in _FLOAT_SUFFIXES:
+                t = _stored_float(t, storage)  # the runtime casts it back to float32
             tensors[f"{lp.name}::{suffix}"] = t.contiguous()
         quantized_params.update(f"{lp.name}.{p}" for p, _ in module.named_parameters(recurse=False))
         quant_layers[lp.name] = {
             "bits": lp.weight.bits if lp.weight else 16,
             "granularity": lp.weight.granularity if lp.weight else None,
+            "group_size": None,  # per output channel: one scale per row
             "symmetric": lp.weight.symmetric if lp.weight else None,
+            "packed": bool(lp.weight and lp.weight.bits in PACKABLE_BITS),
+            "scale_dtype": lp.weight.scale_dtype if lp.weight else None,
             "act": {"bits": lp.act.bits, "mode": lp.act.mode.value} if lp.act else None,
             "tensors": sorted(f"{lp.name}::{s}" for s in frozen),
             "meta": layer_meta(module, lp),
@@ -102,7 +128,7 @@ def _write_denoiser(pipe: Any, plan: Plan, stats: CalibrationStats, folder: Path
     for pname, t in [*denoiser.named_parameters(), *denoiser.named_buffers()]:
         if pname in quantized_params:
             continue
-        tensors[f"fp::{pname}"] = _half_if_lossless(t.detach().cpu()).contiguous()
+        tensors[f"fp::{pname}"] = _stored_float(t.detach().cpu(), storage).contiguous()
         fp_names.append(pname)
     save_file(tensors, str(folder / name / QUANT_FILE), metadata={"format": BUNDLE_FORMAT})
     fp_layers = {lp.name: lp.reason for lp in plan.layers if not lp.quantized}
@@ -143,7 +169,7 @@ def export_bundle(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        denoiser_name, quant = _write_denoiser(pipe, plan, stats, tmp)
+        denoiser_name, quant = _write_denoiser(pipe, plan, stats, tmp, config.float_storage)
         for name, comp in pipe.components.items():
             if comp is None or name == denoiser_name or not hasattr(comp, "save_pretrained"):
                 continue
@@ -171,6 +197,7 @@ def export_bundle(
                 "avg_weight_bits": plan.avg_weight_bits,
                 "avg_act_bits": plan.avg_act_bits,
                 "simulated": False,
+                "float_storage": config.float_storage.value,
             },
             "bos": {"positions": list(plan.bos_positions), **plan.notes.get("bos", {})},
             "plan": plan.to_dict(),

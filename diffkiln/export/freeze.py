@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffkiln.calibrate.stats import CalibrationStats, LayerStats
+from diffkiln.kernels.packing import PACKABLE_BITS, pack_weights
 from diffkiln.optimizer.plan import ActMode, LayerPlan, Plan
 from diffkiln.optimizer.quantizers import quantize_weight_per_channel
 from diffkiln.optimizer.smoothing import smoothing_factors
@@ -22,6 +23,8 @@ def layer_meta(module: nn.Module, lp: LayerPlan) -> dict[str, Any]:
         "act_mode": lp.act.mode.value if lp.act else None,
         "act_bits": lp.act.bits if lp.act else None,
         "weight_bits": lp.weight.bits if lp.weight else None,
+        "weight_packed": bool(lp.weight and lp.weight.bits in PACKABLE_BITS),
+        "weight_shape": list(module.weight.shape) if isinstance(module, (nn.Linear, nn.Conv2d)) else None,
         "kind": lp.kind,
     }
     if isinstance(module, nn.Conv2d):
@@ -39,6 +42,11 @@ def layer_meta(module: nn.Module, lp: LayerPlan) -> dict[str, Any]:
 def freeze_layer(module: nn.Module, lp: LayerPlan, stats: LayerStats | None) -> dict[str, torch.Tensor]:
     """Integer weights, scales, activation params and BOS rows for one planned layer.
 
+    8- and 7-bit weights are stored as int8 ``weight_q`` with the float weight's shape; 4- and
+    2-bit weights as uint8 ``weight_packed`` (out, ceil(in * kh * kw * bits / 8)), two or four
+    codes per byte (:func:`diffkiln.kernels.packing.pack_weights`). Weight-only layers (no
+    ``act``) have no activation tensors.
+
     Args:
         module: the float nn.Linear or nn.Conv2d.
         lp: its plan (must be quantized).
@@ -47,7 +55,7 @@ def freeze_layer(module: nn.Module, lp: LayerPlan, stats: LayerStats | None) -> 
     Raises:
         ValueError: the plan keeps the layer in FP, or BOS rows are planned without statistics.
     """
-    if lp.weight is None or lp.act is None:
+    if lp.weight is None:
         raise ValueError(f"{lp.name} is kept in floating point by the plan; nothing to freeze")
     if not isinstance(module, (nn.Linear, nn.Conv2d)):
         raise ValueError(f"{lp.name}: cannot quantize a {type(module).__name__}")
@@ -59,11 +67,18 @@ def freeze_layer(module: nn.Module, lp: LayerPlan, stats: LayerStats | None) -> 
         factors = smoothing_factors(stats.channel_absmax.amax(dim=0), weight, lp.smooth_alpha)
         weight = weight * factors[None, :]  # (x / s) @ (W * s)^T == x @ W^T
         out["smooth_inv"] = (1.0 / factors).contiguous()
-    qw = quantize_weight_per_channel(weight, lp.weight.bits)
-    out.update(weight_q=qw.q.contiguous(), weight_scale=qw.scale.contiguous())
+    scale_dtype = torch.float16 if lp.weight.scale_dtype == "float16" else torch.float32
+    qw = quantize_weight_per_channel(weight, lp.weight.bits, scale_dtype)
+    if lp.weight.bits in PACKABLE_BITS:
+        out["weight_packed"] = pack_weights(qw.q.reshape(qw.q.shape[0], -1), lp.weight.bits).contiguous()
+    else:
+        out["weight_q"] = qw.q.contiguous()
+    out["weight_scale"] = qw.scale.to(scale_dtype).contiguous()
     if module.bias is not None:
         out["bias"] = module.bias.detach().to(torch.float32).contiguous()
-    if lp.act.mode is ActMode.STATIC and lp.act.step_timesteps:
+    if lp.act is None:
+        pass  # weight-only: activations stay in floating point
+    elif lp.act.mode is ActMode.STATIC and lp.act.step_timesteps:
         # Timestep-aware: one grid per calibrated step; the runtime picks the nearest timestep's.
         out["act_scale"] = torch.tensor(lp.act.step_scales, dtype=torch.float32)
         out["act_zero_point"] = torch.tensor(lp.act.step_zero_points, dtype=torch.int32)

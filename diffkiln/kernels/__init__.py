@@ -3,7 +3,11 @@
 Public entry points dispatch on the tensors' device:
 * :func:`int_mm`: exact int8 x int8 -> int32 GEMM;
 * :func:`quant_matmul`: int8 GEMM + int32 bias + float scales (``npu_quant_matmul``'s contract);
-* :func:`dynamic_quant`: symmetric per-token int8 quantisation.
+* :func:`dynamic_quant`: symmetric per-token int8 quantisation;
+* :func:`weight_only_matmul`: float activations against int8/int4/int2 weight codes
+  (``npu_weight_quant_batchmatmul``'s contract);
+* :func:`static_linear_unpacked`: a static-activation integer GEMM against weight codes
+  unpacked for this call only (sub-byte weights stay packed in memory).
 """
 
 from __future__ import annotations
@@ -19,11 +23,13 @@ from diffkiln.kernels.backends import (
     available_backends,
     get_backend,
     register_backend,
+    static_quant_linear,
 )
 from diffkiln.kernels.reference import (
     dynamic_quant_per_token_reference,
     int_mm_reference,
     quant_matmul_reference,
+    weight_only_matmul_reference,
 )
 
 __all__ = [
@@ -43,6 +49,9 @@ __all__ = [
     "quant_matmul",
     "quant_matmul_reference",
     "register_backend",
+    "static_linear_unpacked",
+    "weight_only_matmul",
+    "weight_only_matmul_reference",
 ]
 
 
@@ -118,3 +127,36 @@ def prepack_static_conv(
         A callable ``x float (B, I, H, W) -> float32 (B, O, H', W')``, or None (use im2col + GEMM).
     """
     return get_backend(device).prepack_static_conv(w_q, w_scale, bias, act, geometry)
+
+
+def weight_only_matmul(
+    x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None, bits: int = 8
+) -> torch.Tensor:
+    """``x @ (w * scale[None, :]) + bias`` in float32, dequantizing the weight inside the kernel.
+
+    Args:
+        x: float (M, K) activations (not quantized).
+        w: int8 (K, N) weight codes of ``bits`` bits (sub-byte codes unpacked to int8).
+        scale: float (N,) per-output-channel scale.
+        bias: float (N,) or None. Default None.
+        bits: the codes' bit-width, 2, 4 or 8 (backends with a native int4 kernel use it). Default 8.
+    """
+    return get_backend(x.device).weight_only_matmul(x, w, scale, bias, bits)
+
+
+def static_linear_unpacked(
+    x: torch.Tensor, w_t: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, act: ActGrid
+) -> torch.Tensor:
+    """A static-activation integer GEMM against int8 (K, N) codes that exist for this call only.
+
+    For packed 4- and 2-bit weights: the caller unpacks them to int8 just before, so the resident
+    copy stays packed; no backend prepacking (it would hold an int8 copy).
+
+    Args:
+        x: float (M, K).
+        w_t: int8 (K, N) codes.
+        w_scale: float32 (N,).
+        bias: float32 (N,) or None.
+        act: the static activation grid.
+    """
+    return static_quant_linear(get_backend(x.device), x, w_t, w_scale, bias, act)

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import torch
 
-from diffkiln.kernels.reference import dynamic_quant_per_token_reference
+from diffkiln.kernels.reference import dynamic_quant_per_token_reference, weight_only_matmul_reference
 
 __all__ = [
     "ActGrid",
@@ -33,6 +33,7 @@ __all__ = [
     "get_backend",
     "onednn_exact",
     "register_backend",
+    "static_quant_linear",
 ]
 
 
@@ -59,6 +60,12 @@ class KernelBackend(Protocol):
 
     def dynamic_quant(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Symmetric per-row int8 quantisation -> (int8, float32 scales)."""
+        ...
+
+    def weight_only_matmul(
+        self, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, bits: int
+    ) -> torch.Tensor:
+        """``x @ (w * scale) + bias`` for float x (M, K) and int8 codes w (K, N) of ``bits`` bits."""
         ...
 
     def prepack_static_linear(
@@ -134,6 +141,35 @@ class StaticConv(Protocol):
         ...
 
 
+def static_quant_linear(
+    backend: KernelBackend,
+    x: torch.Tensor,
+    w_t: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    grid: ActGrid,
+    colsum: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One static W8A8 GEMM without prepacking: quantise x on ``grid``, ``quant_matmul``, add bias.
+
+    Args:
+        backend: the kernel backend of x's device.
+        x: float (M, K).
+        w_t: int8 (K, N) weight codes.
+        w_scale: float32 (N,).
+        bias: float32 (N,) or None.
+        grid: the static activation grid.
+        colsum: int32 (N,) column sums of ``w_t`` when already known. Default None (computed).
+    """
+    q = grid.quantize(x)
+    if colsum is None:
+        colsum = w_t.to(torch.int32).sum(dim=0)
+    # The zero point folds into an int32 bias: (q - z) @ W = q @ W - z * colsum(W).
+    zp_bias = -grid.zero_point * colsum
+    out = backend.quant_matmul(q, w_t, grid.scale * w_scale, zp_bias, None, torch.float32)
+    return out if bias is None else out + bias
+
+
 class GenericStaticLinear:
     """quant_matmul with the activation zero point folded into an int32 bias (any backend)."""
 
@@ -148,12 +184,7 @@ class GenericStaticLinear:
         self.bias = None if bias is None else bias.to(torch.float32)
 
     def __call__(self, x: torch.Tensor, act: ActGrid | None = None) -> torch.Tensor:
-        grid = act or self.act
-        q = grid.quantize(x)
-        # The zero point folds into an int32 bias: (q - z) @ W = q @ W - z * colsum(W).
-        zp_bias = -grid.zero_point * self.colsum
-        out = self.backend.quant_matmul(q, self.w_t, grid.scale * self.w_scale, zp_bias, None, torch.float32)
-        return out if self.bias is None else out + self.bias
+        return static_quant_linear(self.backend, x, self.w_t, self.w_scale, self.bias, act or self.act, self.colsum)
 
 
 def _uint8_offset(act: ActGrid) -> int:
@@ -351,6 +382,11 @@ class CpuBackend:
     def dynamic_quant(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return dynamic_quant_per_token_reference(x)
 
+    def weight_only_matmul(self, x, w, scale, bias, bits):
+        # Dequantize inside the call (a transient float copy of one layer), then the float GEMM:
+        # CPUs and GPUs have no faster exact path for float x int4 here; the resident copy stays packed.
+        return weight_only_matmul_reference(x, w, scale, bias, torch.float32)
+
     def prepack_static_linear(self, w_q, w_scale, bias, act):
         # oneDNN's prepacked u8s8 GEMM is the fast integer path where it is exact. Elsewhere the
         # exact fallback runs int8 math on fp32 units (torch._int_mm is exact too but measured
@@ -420,6 +456,17 @@ class NpuBackend:
     def dynamic_quant(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q, s = self._npu.npu_dynamic_quant(x)
         return q, s.to(torch.float32)
+
+    def weight_only_matmul(self, x, w, scale, bias, bits):
+        # npu_weight_quant_batchmatmul dequantizes inside the cube kernel. It takes float16 or
+        # bfloat16 x with a scale of the same dtype; 4-bit codes go in as int32-packed int4
+        # (npu_convert_weight_to_int4pack), 8- and 2-bit codes as int8.
+        dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float16
+        weight = self._npu.npu_convert_weight_to_int4pack(w.to(torch.int32)) if bits == 4 else w
+        out = self._npu.npu_weight_quant_batchmatmul(
+            x.to(dtype), weight, scale.to(dtype), bias=None if bias is None else bias.to(torch.float32)
+        )
+        return out.to(torch.float32)
 
     def prepack_static_linear(self, w_q, w_scale, bias, act):
         return GenericStaticLinear(self, w_q, w_scale, bias, act)

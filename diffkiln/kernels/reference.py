@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["dynamic_quant_per_token_reference", "int_mm_reference", "quant_matmul_reference"]
+__all__ = [
+    "dynamic_quant_per_token_reference",
+    "int_mm_reference",
+    "quant_matmul_reference",
+    "weight_only_matmul_reference",
+]
 
 
 def int_mm_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -70,3 +75,30 @@ def dynamic_quant_per_token_reference(x: torch.Tensor) -> tuple[torch.Tensor, to
     scale = torch.where(absmax > 0, absmax / 127.0, torch.ones_like(absmax))
     q = torch.clamp(torch.round(x.to(torch.float32) / scale[..., None]), -128, 127).to(torch.int8)
     return q, scale
+
+
+def weight_only_matmul_reference(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    output_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """``x @ (w * scale) + bias``: float activations against integer weights dequantized per column.
+
+    The contract of ``torch_npu.npu_weight_quant_batchmatmul`` without offsets (symmetric
+    weights), used for layers whose activations stay in floating point (W4A16, W8A16).
+
+    Args:
+        x: float (M, K).
+        w: int8 (K, N) codes (4- and 2-bit codes unpacked to int8).
+        scale: float (N,) per-output-channel scale.
+        bias: float (N,) or None.
+        output_dtype: float dtype of the result. Default float32.
+    """
+    if w.dtype != torch.int8:
+        raise TypeError(f"weight-only matmul needs int8 weight codes, got {w.dtype}")
+    out = x.to(torch.float32) @ (w.to(torch.float32) * scale.to(torch.float32)[None, :])
+    if bias is not None:
+        out = out + bias.to(torch.float32)
+    return out.to(output_dtype)

@@ -43,19 +43,24 @@ class WeightSpec:
 
     Attributes:
         bits: 8, or 7 (int8 storage on the grid [-63, 63]: with 8-bit activations, oneDNN's
-            int8 kernels are exact on x86 CPUs without VNNI only then). 4 and 2 come with mixed
-            precision.
+            int8 kernels are exact on x86 CPUs without VNNI only then), or 4 / 2 (mixed
+            precision: stored packed two / four per byte).
         granularity: "per_channel".
         symmetric: True.
+        scale_dtype: "float32" or "float16" (mixed precision: halves the scales' bytes; the
+            codes are rounded against the float16 scale). Default "float32".
     """
 
     bits: int = 8
     granularity: str = "per_channel"
     symmetric: bool = True
+    scale_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if self.bits not in (2, 4, 7, 8):
             raise ValueError(f"weight bits must be 2, 4, 7 or 8, got {self.bits}")
+        if self.scale_dtype not in ("float32", "float16"):
+            raise ValueError(f"scale_dtype must be 'float32' or 'float16', got {self.scale_dtype!r}")
 
 
 @dataclass(frozen=True)
@@ -116,7 +121,8 @@ class LayerPlan:
         name: qualified module name inside the denoiser.
         kind: "linear" or "conv".
         weight: integer weight spec, or None to keep the layer in floating point.
-        act: integer activation spec, or None (then weight is None too).
+        act: integer activation spec, or None: float activations (weight-only quantization,
+            e.g. W4A16, when ``weight`` is set; the whole layer in FP when it is not).
         bos_positions: text positions whose output rows are precomputed in FP (BOS-aware).
         reason: why the layer is kept in FP, when it is ("" otherwise).
         params: number of weight parameters (for averages).
@@ -136,8 +142,13 @@ class LayerPlan:
 
     @property
     def quantized(self) -> bool:
-        """True when the layer runs on integer kernels."""
+        """True when the layer's weights are stored as integers."""
         return self.weight is not None
+
+    @property
+    def weight_only(self) -> bool:
+        """True when the weights are integers but the activations stay in floating point."""
+        return self.weight is not None and self.act is None
 
 
 @dataclass(frozen=True)

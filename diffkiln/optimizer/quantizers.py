@@ -67,22 +67,34 @@ class QuantizedWeight:
         return self.q.to(torch.float32) * self.scale.view(shape)
 
 
-def quantize_weight_per_channel(weight: torch.Tensor, bits: int = 8) -> QuantizedWeight:
+_FP16_TINY = 2.0**-14  # the smallest normal float16: scales below it would lose precision
+
+
+def quantize_weight_per_channel(
+    weight: torch.Tensor, bits: int = 8, scale_dtype: torch.dtype = torch.float32
+) -> QuantizedWeight:
     """Symmetric per-output-channel quantisation (dim 0 is the output channel).
 
     Args:
         weight: a Linear (out, in) or Conv (out, in, kh, kw) weight.
-        bits: 2..8. Default 8. The grid is symmetric, [-(2^(b-1) - 1), 2^(b-1) - 1].
+        bits: 2..8. Default 8. The grid is symmetric, [-(2^(b-1) - 1), 2^(b-1) - 1] (2 bits:
+            {-1, 0, 1}).
+        scale_dtype: the dtype the scales are stored in, float32 or float16. The codes are
+            rounded against the stored scale, so storing it loses nothing further. Default float32.
 
     Raises:
-        ValueError: bits outside 2..8.
+        ValueError: bits outside 2..8, or another scale dtype.
     """
     if not 2 <= bits <= 8:
         raise ValueError(f"weight bits must be within 2..8, got {bits}")
+    if scale_dtype not in (torch.float32, torch.float16):
+        raise ValueError(f"scale_dtype must be float32 or float16, got {scale_dtype}")
     qmax = 2 ** (bits - 1) - 1
     w = weight.detach().to(torch.float32)
     absmax = w.reshape(w.shape[0], -1).abs().amax(dim=1)
     scale = torch.where(absmax > 0, absmax / qmax, torch.ones_like(absmax))
+    if scale_dtype == torch.float16:
+        scale = scale.clamp(_FP16_TINY, 65504.0).to(torch.float16).to(torch.float32)
     shape = (-1,) + (1,) * (w.dim() - 1)
     q = torch.clamp(torch.round(w / scale.view(shape)), -qmax, qmax).to(torch.int8)
     return QuantizedWeight(q=q, scale=scale, bits=bits)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections import Counter
 from pathlib import Path
@@ -19,21 +20,21 @@ _BYTES = {"I8": 1, "U8": 1, "I32": 4, "I64": 8, "F32": 4, "F16": 2, "BF16": 2, "
 def denoiser_sizes(bundle: Path, manifest: dict[str, Any]) -> tuple[int, int]:
     """(stored denoiser bytes, the same denoiser's FP16 bytes).
 
-    Stored bytes count every tensor the denoiser keeps (int8 weights, scales, BOS rows, FP
+    Stored bytes count every tensor the denoiser keeps (int8 and packed weights, scales, BOS rows, FP
     tensors); the FP16 figure counts 2 bytes per element of the original float model: quantized
     weights and biases at their float shapes, plus every FP tensor.
     """
     stored = fp16 = 0
+    layers = manifest["quant"]["layers"]
     with safe_open(str(bundle / manifest["quant"]["weights_file"]), "pt") as f:
         for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
             sl = f.get_slice(key)
-            numel = 1
-            for d in sl.get_shape():
-                numel *= d
-            stored += numel * _BYTES.get(sl.get_dtype(), 4)
-            suffix = key.partition("::")[2]
+            stored += math.prod(sl.get_shape()) * _BYTES.get(sl.get_dtype(), 4)
+            layer, _, suffix = key.partition("::")
             if key.startswith("fp::") or suffix in ("weight_q", "bias"):
-                fp16 += numel * 2
+                fp16 += math.prod(sl.get_shape()) * 2
+            elif suffix == "weight_packed":  # the float weight's shape is in the layer's meta
+                fp16 += math.prod(layers[layer]["meta"]["weight_shape"]) * 2
     return stored, fp16
 
 

@@ -22,7 +22,8 @@ __all__ = [
 ]
 
 BUNDLE_FORMAT = "diffkiln.bundle"
-BUNDLE_VERSION = 1
+BUNDLE_VERSION = 2
+"""2 adds packed 4-/2-bit and weight-only layers; this runtime reads 1 and 2."""
 MANIFEST_NAME = "manifest.json"
 _REQUIRED_KEYS = ("format", "version", "source", "pipeline", "quant", "bos", "sparsity", "cache", "files")
 

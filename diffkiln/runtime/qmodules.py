@@ -1,14 +1,18 @@
-"""Quantized modules that keep int8 weights resident and compute with integer GEMMs.
+"""Quantized modules that keep integer weights resident and compute with integer GEMMs.
 
 Registered by the float module type they replace (``@register_qmodule(nn.Linear)``). Each is
 built from frozen tensors (as stored in a bundle), never from float weights, so a deployment
 needs no FP checkpoint. Tensor names per layer (``<layer>.<suffix>``):
 
-Each is built as ``cls(tensors, meta)``: ``meta`` holds ``act_mode`` ("static"/"dynamic"),
-``act_bits`` (8 or 7; absent means 8) and, for convolutions, ``stride``, ``padding``,
-``dilation`` and ``groups``.
+Each is built as ``cls(tensors, meta)``: ``meta`` holds ``act_mode`` ("static"/"dynamic", or
+None for weight-only layers whose activations stay in floating point), ``act_bits`` (8 or 7;
+absent means 8), ``weight_bits``, ``weight_shape`` (the float weight's shape) and, for
+convolutions, ``stride``, ``padding``, ``dilation`` and ``groups``.
 
-* ``weight_q`` int8 (out, in[, kh, kw]); ``weight_scale`` float32 (out,); ``bias`` float32 (out,), optional;
+* ``weight_q`` int8 (out, in[, kh, kw]) for 8- and 7-bit weights, or ``weight_packed`` uint8
+  (out, ceil(in * kh * kw * bits / 8)) for 4- and 2-bit weights, which stay packed in memory
+  and are unpacked to int8 inside each call; ``weight_scale`` float32 or float16 (out,);
+  ``bias`` float32 or float16 (out,), optional;
 * static activations: ``act_scale`` float32 (), ``act_zero_point`` int32 (); timestep-aware layers
   hold one per calibrated step, (T,), with ``act_timesteps`` float32 (T,);
 * BOS-aware layers: ``bos_rows`` float32 (P, out), ``bos_positions`` int64 (P,), ``text_len`` int64 ();
@@ -33,7 +37,10 @@ from diffkiln.kernels import (
     prepack_static_conv,
     prepack_static_linear,
     quant_matmul,
+    static_linear_unpacked,
+    weight_only_matmul,
 )
+from diffkiln.kernels.packing import unpack_weights
 
 __all__ = ["QConv2d", "QLinear", "qmodule_for", "register_qmodule"]
 
@@ -64,9 +71,14 @@ def qmodule_for(float_type: type[nn.Module]) -> type[nn.Module]:
 
 
 class _IntGemm(nn.Module):
-    """Shared integer GEMM of a (M, K) float input against resident int8 (K, N) weights."""
+    """Shared integer GEMM of a (M, K) float input against resident integer weights.
 
-    weight_t: torch.Tensor
+    8-bit weights are held as int8 (K, N); 4- and 2-bit weights stay packed (N, bytes) and are
+    unpacked to int8 per call, so resident memory is the packed size.
+    """
+
+    weight_t: torch.Tensor | None
+    weight_packed: torch.Tensor | None
     weight_scale: torch.Tensor
     act_scale: torch.Tensor
     act_zero_point: torch.Tensor
@@ -76,14 +88,26 @@ class _IntGemm(nn.Module):
 
     def __init__(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         super().__init__()
-        dynamic = meta.get("act_mode", "static") == "dynamic"
-        w = tensors["weight_q"]
-        if w.dtype != torch.int8:
-            raise TypeError(f"weight_q must be int8, got {w.dtype}")
-        w2 = w.reshape(w.shape[0], -1)
+        act_mode = meta.get("act_mode", "static")
+        dynamic = act_mode == "dynamic"
+        self.weight_only = act_mode is None
+        self.weight_bits = int(meta.get("weight_bits") or 8)
+        if "weight_packed" in tensors:
+            packed = tensors["weight_packed"]
+            if packed.dtype != torch.uint8:
+                raise TypeError(f"weight_packed must be uint8, got {packed.dtype}")
+            self.weight_shape = tuple(int(d) for d in meta["weight_shape"])
+            self.register_buffer("weight_packed", packed.contiguous())
+            self.register_buffer("weight_t", None)
+        else:
+            w = tensors["weight_q"]
+            if w.dtype != torch.int8:
+                raise TypeError(f"weight_q must be int8, got {w.dtype}")
+            self.weight_shape = tuple(w.shape)
+            # (K, N) contiguous: the layout torch._int_mm and npu_quant_matmul take for the weight.
+            self.register_buffer("weight_t", w.reshape(w.shape[0], -1).t().contiguous())
+            self.register_buffer("weight_packed", None)
         self.dynamic = dynamic
-        # (K, N) contiguous: the layout torch._int_mm and npu_quant_matmul take for the weight.
-        self.register_buffer("weight_t", w2.t().contiguous())
         self.register_buffer("weight_scale", tensors["weight_scale"].to(torch.float32))
         bias = tensors.get("bias")
         self.register_buffer("bias", None if bias is None else bias.to(torch.float32))
@@ -91,7 +115,7 @@ class _IntGemm(nn.Module):
         self.register_buffer("smooth_inv", None if smooth is None else smooth.to(torch.float32))
         self.register_buffer("act_timesteps", None)
         self.step_selector: Any = None  # set by diffkiln.runtime.timestep.install_step_selector
-        if not dynamic:
+        if not dynamic and not self.weight_only:
             bits = int(meta.get("act_bits") or 8)
             scales = tensors["act_scale"].to(torch.float32).reshape(-1)
             zps = tensors["act_zero_point"].to(torch.int32).reshape(-1)
@@ -110,19 +134,44 @@ class _IntGemm(nn.Module):
             return self.act_grid
         return self.step_grids[self.step_selector.index]
 
+    def format_name(self) -> str:
+        """E.g. "W8A8 static", "W4A8 static (packed)", "W4A16 (weight-only, packed)"."""
+        packed = self.weight_packed is not None
+        if self.weight_only:
+            return f"W{self.weight_bits}A16 (weight-only{', packed' if packed else ''})"
+        bits = 8 if self.dynamic else self.act_grid.bits
+        mode = "dynamic" if self.dynamic else "static"
+        return f"W{self.weight_bits}A{bits} {mode}{' (packed)' if packed else ''}"
+
+    def codes_t(self) -> torch.Tensor:
+        """The int8 (K, N) weight codes: the resident ones, or packed ones unpacked for this call."""
+        if self.weight_t is not None:
+            return self.weight_t
+        if self.weight_packed is None:
+            raise RuntimeError("a quantized layer without weights")
+        k = 1
+        for d in self.weight_shape[1:]:
+            k *= d
+        return unpack_weights(self.weight_packed, self.weight_bits, k).t()
+
     def gemm(self, x2d: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         if self.smooth_inv is not None:
             x2d = x2d * self.smooth_inv  # the weights were multiplied by the inverse at export
-        if self.dynamic:
+        if self.weight_only:
+            out = weight_only_matmul(x2d, self.codes_t(), self.weight_scale, self.bias, self.weight_bits)
+        elif self.dynamic:
             q, tok_scale = dynamic_quant(x2d)
-            out = quant_matmul(q, self.weight_t, self.weight_scale, None, tok_scale, torch.float32)
+            out = quant_matmul(q, self.codes_t(), self.weight_scale, None, tok_scale, torch.float32)
             if self.bias is not None:
                 out = out + self.bias
+        elif self.weight_packed is not None:
+            # No prepacking: a backend's prepacked form would hold an int8 copy of the weights.
+            out = static_linear_unpacked(x2d, self.codes_t(), self.weight_scale, self.bias, self._current_grid())
         else:
             key = str(x2d.device)
             if key not in self._packed:
                 self._packed[key] = prepack_static_linear(
-                    self.weight_t.t(), self.weight_scale, self.bias, self.act_grid, x2d.device
+                    self.codes_t().t(), self.weight_scale, self.bias, self.act_grid, x2d.device
                 )
             out = self._packed[key](x2d, self._current_grid())
         return out.to(out_dtype)
@@ -130,15 +179,14 @@ class _IntGemm(nn.Module):
 
 @register_qmodule(nn.Linear)
 class QLinear(_IntGemm):
-    """W8A8 Linear: int8 weights resident, int8 GEMM, optional BOS rows precomputed in FP."""
+    """Integer Linear (W8A8, W4A8, W2A8, or weight-only W*A16), optional BOS rows precomputed in FP."""
 
     bos_rows: torch.Tensor | None
     bos_positions: torch.Tensor | None
 
     def __init__(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         super().__init__(tensors, meta)
-        self.in_features = tensors["weight_q"].shape[1]
-        self.out_features = tensors["weight_q"].shape[0]
+        self.out_features, self.in_features = self.weight_shape[0], self.weight_shape[1]
         has_bos = "bos_rows" in tensors
         self.register_buffer("bos_rows", tensors["bos_rows"].to(torch.float32) if has_bos else None)
         self.register_buffer("bos_positions", tensors["bos_positions"].to(torch.int64) if has_bos else None)
@@ -165,8 +213,7 @@ class QLinear(_IntGemm):
         return out
 
     def extra_repr(self) -> str:
-        mode = "dynamic" if self.dynamic else "static"
-        return f"in={self.in_features}, out={self.out_features}, W8A8 {mode}, bos={self.bos_rows is not None}"
+        return f"in={self.in_features}, out={self.out_features}, {self.format_name()}, bos={self.bos_rows is not None}"
 
 
 @register_qmodule(nn.Conv2d)
@@ -178,9 +225,8 @@ class QConv2d(_IntGemm):
 
     def __init__(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         super().__init__(tensors, meta)
-        w = tensors["weight_q"]
-        self.out_channels, self.in_channels = w.shape[0], w.shape[1]
-        self.kernel_size = tuple(w.shape[2:])
+        self.out_channels, self.in_channels = self.weight_shape[0], self.weight_shape[1]
+        self.kernel_size = tuple(self.weight_shape[2:])
         self.stride = tuple(meta["stride"])
         self.padding = tuple(meta["padding"])
         self.dilation = tuple(meta["dilation"])
@@ -193,8 +239,8 @@ class QConv2d(_IntGemm):
         key = str(device)
         if key not in self._direct:
             conv = None
-            if not self.dynamic:
-                w = self.weight_t.t().reshape(self.out_channels, self.in_channels, *self.kernel_size)
+            if not self.dynamic and not self.weight_only and self.weight_t is not None:
+                w = self.codes_t().t().reshape(self.out_channels, self.in_channels, *self.kernel_size)
                 geo = ConvGeometry(self.stride, self.padding, self.dilation)
                 conv = prepack_static_conv(w, self.weight_scale, self.bias, self.act_grid, geo, device)
             self._direct[key] = conv
@@ -213,5 +259,4 @@ class QConv2d(_IntGemm):
         return out.reshape(b, oh * ow, self.out_channels).transpose(1, 2).reshape(b, self.out_channels, oh, ow)
 
     def extra_repr(self) -> str:
-        mode = "dynamic" if self.dynamic else "static"
-        return f"{self.in_channels}->{self.out_channels}, kernel={self.kernel_size}, W8A8 {mode}"
+        return f"{self.in_channels}->{self.out_channels}, kernel={self.kernel_size}, {self.format_name()}"

@@ -1,0 +1,364 @@
+"""The mixed-precision recipe: sensitivities -> ILP bit allocation -> the best measured plan (MixDQ).
+
+1. A W8A8 base plan gives every layer its static activation grid, smoothing and BOS rows. Layers
+   the W8A8 recipe keeps in FP because they sit in conditioning embeddings join the search with
+   the candidates 8 and 16 only; the first and last layer (and ``--exclude``) stay in FP.
+2. :func:`diffkiln.optimizer.sensitivity.analyze_sensitivity` measures each layer alone at each
+   candidate, content layers by SSIM of final images, quality layers by denoiser-output SQNR.
+3. The weight budget (an average over *all* the denoiser's Linear/Conv2d parameters, FP layers
+   counting 16 bits, as ``Plan.avg_weight_bits`` reports) is split between the content and the
+   quality group at several ratios; for each split one ILP per group
+   (:func:`diffkiln.optimizer.allocation.allocate_bits`) minimizes the group's summed error.
+   Errors differ in kind between groups (1 - SSIM vs noise power), which is why the split is
+   searched rather than solved in one program.
+4. Each split's plan is built and run on the real integer runtime modules over the trial prompts;
+   the plan whose final images are closest to FP (mean SSIM) wins.
+
+Activations: without an activation budget every quantized layer keeps 8-bit activations
+(W*A8). With one, a second ILP chooses 8 or 16 (weight-only) per layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from diffkiln.calibrate.stats import CalibrationStats, find_denoiser
+from diffkiln.optimizer.allocation import InfeasibleBudgetError, LayerOptions, allocate_bits
+from diffkiln.optimizer.plan import LayerPlan, Plan, WeightSpec
+from diffkiln.optimizer.planner import QuantizeConfig, fp_default_reasons, make_plan, quantize_config_to_dict
+from diffkiln.optimizer.roles import LayerRole, layer_roles
+from diffkiln.optimizer.sensitivity import SensitivityConfig, SensitivityTable, analyze_sensitivity
+from diffkiln.optimizer.simulate import layer_sims
+
+__all__ = ["MixedConfig", "MixedResult", "allocate_mixed", "make_mixed_plan", "uniform_plan"]
+
+_RESTRICTED_CANDIDATES = (8, 16)  # conditioning layers: their error reaches every token
+
+
+@dataclass(frozen=True)
+class MixedConfig:
+    """The mixed-precision search.
+
+    Attributes:
+        weight_bits: the average weight bits allowed over all the denoiser's Linear/Conv2d
+            parameters (FP layers count 16). Default 4.0.
+        act_bits: the average activation bits allowed, or None to give every quantized layer
+            8-bit activations. Default None.
+        weight_candidates: weight bit-widths to choose from (16: keep in FP). Default (2, 4, 8, 16).
+        act_candidates: activation bit-widths to choose from (16: weight-only). Default (8, 16).
+        content: globs of layers forced into the content group. Default none.
+        quality: globs of layers forced into the quality group. Default none.
+        splits: how many content/quality budget splits to solve and measure. Default 5.
+        split_step: bits between the content-group averages of neighbouring splits. Default 0.75.
+        tie_qkv: give the q, k and v projections of each attention the same width (for runtimes
+            that fuse them). Default False.
+    """
+
+    weight_bits: float = 4.0
+    act_bits: float | None = None
+    weight_candidates: tuple[int, ...] = (2, 4, 8, 16)
+    act_candidates: tuple[int, ...] = (8, 16)
+    content: tuple[str, ...] = ()
+    quality: tuple[str, ...] = ()
+    splits: int = 5
+    split_step: float = 0.75
+    tie_qkv: bool = False
+
+    def __post_init__(self) -> None:
+        bad = [b for b in self.weight_candidates if b not in (2, 4, 8, 16)]
+        if bad or not self.weight_candidates:
+            raise ValueError(f"weight candidates must be among 2, 4, 8, 16, got {self.weight_candidates}")
+        bad = [b for b in self.act_candidates if b not in (8, 16)]
+        if bad or not self.act_candidates:
+            raise ValueError(f"activation candidates must be among 8, 16, got {self.act_candidates}")
+        if not 2.0 <= self.weight_bits <= 16.0:
+            raise ValueError(f"weight_bits (an average) must be within 2..16, got {self.weight_bits}")
+        if self.act_bits is not None and not 8.0 <= self.act_bits <= 16.0:
+            raise ValueError(f"act_bits (an average) must be within 8..16, got {self.act_bits}")
+        if self.splits <= 0 or self.split_step <= 0:
+            raise ValueError(f"splits and split_step must be positive, got {self.splits} and {self.split_step}")
+
+
+@dataclass(frozen=True)
+class MixedResult:
+    """A mixed plan with what the search measured.
+
+    Attributes:
+        plan: the chosen plan.
+        table: the sensitivities it was allocated from.
+        candidates: per split tried: the content/quality averages, the plan's average bits and the
+            measured mean SSIM of its final images against FP (real integer runtime).
+        chosen: index of the chosen candidate.
+    """
+
+    plan: Plan
+    table: SensitivityTable
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+    chosen: int = 0
+
+
+def _qkv_tie(name: str) -> str:
+    parent, _, leaf = name.rpartition(".")
+    return f"qkv:{parent}" if leaf in ("to_q", "to_k", "to_v") else ""
+
+
+def _options(
+    names: Sequence[str], table: SensitivityTable, candidates: Mapping[str, Sequence[int]], target: str, tie: bool
+) -> list[LayerOptions]:
+    return [
+        LayerOptions(
+            n,
+            table.params[n],
+            {b: -table.error(n, target, b) for b in candidates[n]},
+            _qkv_tie(n) if tie else "",
+        )
+        for n in names
+    ]
+
+
+def _group_avgs(budget: float, groups: Mapping[str, list[LayerOptions]], config: MixedConfig) -> list[dict[str, float]]:
+    """The per-group averages to try: the even split first, then content +/- k * split_step."""
+    sizes = {g: sum(o.params for o in opts) for g, opts in groups.items() if opts}
+    total = sum(sizes.values())
+    even = budget / total
+    if len(sizes) < 2:
+        return [{g: even for g in sizes}]
+    lo = {g: sum(o.params * min(o.scores) for o in groups[g]) / sizes[g] for g in sizes}
+    hi = {g: sum(o.params * max(o.scores) for o in groups[g]) / sizes[g] for g in sizes}
+    out: list[dict[str, float]] = []
+    offsets = sorted(range(-config.splits, config.splits + 1), key=abs)
+    for k in offsets:
+        a_c = even + k * config.split_step
+        a_q = (budget - a_c * sizes["content"]) / sizes["quality"]
+        if lo["content"] - 1e-9 <= a_c and lo["quality"] - 1e-9 <= a_q:
+            out.append({"content": min(a_c, hi["content"]), "quality": min(a_q, hi["quality"])})
+        if len(out) == config.splits:
+            break
+    return out
+
+
+def allocate_mixed(
+    base: Plan,
+    table: SensitivityTable,
+    candidates: Mapping[str, Sequence[int]],
+    config: MixedConfig,
+) -> list[tuple[dict[str, float], dict[str, int], dict[str, int]]]:
+    """The ILP allocations to measure: per budget split, (group averages, weight bits, act bits).
+
+    Args:
+        base: the W8A8 base plan (its FP layers are fixed at 16 bits).
+        table: the measured sensitivities of every searched layer.
+        candidates: layer -> weight candidates (16 included where allowed).
+        config: budgets and candidates.
+
+    Raises:
+        InfeasibleBudgetError: the weight (or activation) budget is below the smallest feasible
+            average; the message names it.
+    """
+    total = sum(lp.params for lp in base.layers)
+    fixed = [lp for lp in base.layers if lp.name not in candidates]
+    managed = [lp.name for lp in base.layers if lp.name in candidates]
+    fixed_bits = 16 * sum(lp.params for lp in fixed)
+    budget = config.weight_bits * total - fixed_bits
+    floor = (fixed_bits + sum(table.params[n] * min(candidates[n]) for n in managed)) / total
+    if budget < sum(table.params[n] * min(candidates[n]) for n in managed) - 1e-6:
+        raise InfeasibleBudgetError(
+            f"an average of {config.weight_bits} weight bits is infeasible: with the layers kept in FP and these "
+            f"candidates the smallest feasible average is {floor:.3f}; raise --weight-bits or add lower candidates"
+        )
+    groups = {
+        role.value: _options(
+            [n for n in managed if table.roles[n] is role], table, candidates, "weight", config.tie_qkv
+        )
+        for role in LayerRole
+    }
+    results = []
+    for avgs in _group_avgs(budget, groups, config):
+        wbits: dict[str, int] = {}
+        try:
+            for g, opts in groups.items():
+                if opts:
+                    wbits.update(allocate_bits(opts, avgs[g]))
+        except InfeasibleBudgetError:
+            continue  # ties can make a split infeasible; the others remain
+        results.append((avgs, wbits, _allocate_acts(base, table, wbits, config)))
+    if not results:
+        raise InfeasibleBudgetError(
+            f"no split of {config.weight_bits} average weight bits between the content and quality layers is "
+            f"feasible (smallest feasible average: {floor:.3f}); raise --weight-bits"
+        )
+    return results
+
+
+def _allocate_acts(
+    base: Plan, table: SensitivityTable, wbits: Mapping[str, int], config: MixedConfig
+) -> dict[str, int]:
+    quantized = [n for n, b in wbits.items() if b < 16]
+    with_grid = [n for n in quantized if any(e.layer == n and e.target == "act" for e in table.entries)]
+    if config.act_bits is None:
+        return {n: 8 if n in with_grid else 16 for n in quantized}
+    total = sum(lp.params for lp in base.layers)
+    fixed_bits = 16 * sum(lp.params for lp in base.layers if lp.name not in with_grid)
+    budget = config.act_bits * total - fixed_bits
+    opts = _options(with_grid, table, {n: config.act_candidates for n in with_grid}, "act", False)
+    size = sum(o.params for o in opts)
+    if not opts:
+        return dict.fromkeys(quantized, 16)
+    if budget < size * min(config.act_candidates) - 1e-6:
+        floor = (fixed_bits + size * min(config.act_candidates)) / total
+        raise InfeasibleBudgetError(
+            f"an average of {config.act_bits} activation bits is infeasible: layers kept in FP count 16, so the "
+            f"smallest feasible average is {floor:.3f}; raise --act-bits"
+        )
+    abits = allocate_bits(opts, budget / size)
+    return {n: abits.get(n, 16) for n in quantized}
+
+
+def _mixed_layers(base: Plan, wbits: Mapping[str, int], abits: Mapping[str, int]) -> tuple[LayerPlan, ...]:
+    out = []
+    for lp in base.layers:
+        w = wbits.get(lp.name, 16)
+        if w >= 16 or lp.weight is None:
+            if lp.quantized:
+                lp = dataclasses.replace(lp, weight=None, act=None, bos_positions=(), reason="kept in FP by the ILP",
+                                         smooth_alpha=None)  # fmt: skip
+            out.append(lp)
+            continue
+        act = lp.act if abits.get(lp.name, 16) < 16 else None
+        out.append(
+            dataclasses.replace(
+                lp,
+                weight=WeightSpec(bits=w, scale_dtype="float16"),
+                act=act,
+                smooth_alpha=lp.smooth_alpha if act is not None else None,
+            )
+        )
+    return tuple(out)
+
+
+def uniform_plan(base: Plan, weight_bits: int, act: bool = True) -> Plan:
+    """Every layer the base plan quantizes at ``weight_bits`` (e.g. uniform W4A8), for comparison.
+
+    Args:
+        base: the W8A8 base plan.
+        weight_bits: 2, 4 or 8.
+        act: keep 8-bit activations (False: weight-only). Default True.
+    """
+    wbits = {lp.name: weight_bits for lp in base.layers if lp.quantized}
+    abits = {n: 8 if act else 16 for n in wbits}
+    return dataclasses.replace(base, recipe=f"uniform-w{weight_bits}a{8 if act else 16}",
+                               layers=_mixed_layers(base, wbits, abits))  # fmt: skip
+
+
+def _measure_plan(
+    pipe: Any, plan: Plan, stats: CalibrationStats, run: Callable[[Any], np.ndarray], ref: np.ndarray
+) -> float:
+    from diffkiln.export.freeze import apply_plan  # export reads plans; the optimizer only measures them
+    from diffkiln.report.metrics import ssim
+
+    qpipe = apply_plan(pipe, plan, stats)
+    imgs = run(qpipe)
+    del qpipe
+    return float(np.mean([ssim(r, t) for r, t in zip(ref, imgs, strict=True)]))
+
+
+def make_mixed_plan(
+    pipe: Any,
+    stats: CalibrationStats,
+    qconfig: QuantizeConfig,
+    config: MixedConfig,
+    sens_config: SensitivityConfig,
+    source_id: str,
+    target: str | None = None,
+) -> MixedResult:
+    """Search a mixed-precision plan (see the module docstring).
+
+    Args:
+        pipe: the FP pipeline (left unchanged).
+        stats: its calibration statistics.
+        qconfig: W8A8 settings of the base plan (exclude/include, BOS-aware, smoothing, clipping).
+        config: budgets and candidates.
+        sens_config: sensitivity measurement settings (prompts, workers, cache).
+        source_id: the model's id, recorded in the plan.
+        target: the model's name or folder, for sensitivity workers.
+
+    Raises:
+        InfeasibleBudgetError: the budget cannot be met; the message names the smallest feasible one.
+    """
+    from diffkiln.optimizer.sensitivity import _as_image_array
+
+    denoiser = find_denoiser(pipe)
+    conditioning = [n for n, r in fp_default_reasons(denoiser).items() if r.startswith("conditioning")]
+    base_cfg = dataclasses.replace(
+        qconfig, include=(*qconfig.include, *conditioning), weight_bits=8, act_bits=8, timestep_aware=False
+    )
+    base = make_plan(pipe, stats, base_cfg, source_id)
+    roles = layer_roles(denoiser, config.content, config.quality)
+    restricted = set(conditioning) - set(qconfig.include)
+    candidates: dict[str, tuple[int, ...]] = {}
+    for lp in base.layers:
+        if lp.quantized:
+            allowed = _RESTRICTED_CANDIDATES if lp.name in restricted else config.weight_candidates
+            bits = tuple(b for b in config.weight_candidates if b in allowed)
+            candidates[lp.name] = bits or (16,)
+    sims = layer_sims(base, stats, denoiser)
+    scored = dataclasses.replace(
+        sens_config,
+        weight_candidates=tuple(sorted({b for c in candidates.values() for b in c if b < 16})) or (8,),
+        act_candidates=(8,),
+    )
+    table = analyze_sensitivity(
+        pipe, stats, base, roles, sims, {n: [b for b in c if b < 16] for n, c in candidates.items()}, scored, target
+    )
+    allocations = allocate_mixed(base, table, candidates, config)
+
+    settings = stats.settings
+    n = min(scored.prompts, len(settings["prompts"]))
+    run_kwargs = {
+        "prompt": list(settings["prompts"][:n]),
+        "num_inference_steps": int(settings["steps"]),
+        "guidance_scale": float(settings["guidance"]),
+        "output_type": "np",
+        **dict(settings.get("call_kwargs", {})),
+    }
+
+    def run(p: Any) -> np.ndarray:
+        p.set_progress_bar_config(disable=True)
+        gens = [torch.Generator().manual_seed(int(settings.get("seed", 0)) + i) for i in range(n)]
+        with torch.no_grad():
+            return _as_image_array(p(**run_kwargs, generator=gens))
+
+    ref = run(pipe)
+    measured: list[dict[str, Any]] = []
+    plans: list[Plan] = []
+    for avgs, wbits, abits in allocations:
+        plan = dataclasses.replace(base, recipe="mixed", layers=_mixed_layers(base, wbits, abits))
+        score = _measure_plan(pipe, plan, stats, run, ref)
+        plans.append(plan)
+        measured.append({
+            "group_avg_bits": {g: round(a, 3) for g, a in avgs.items()},
+            "avg_weight_bits": round(plan.avg_weight_bits, 3),
+            "avg_act_bits": round(plan.avg_act_bits, 3),
+            "ssim": round(score, 5),
+        })  # fmt: skip
+    chosen = int(np.argmax([m["ssim"] for m in measured]))
+    plan = plans[chosen]
+    notes = {
+        **base.notes,
+        "recipe": "mixed",
+        "quantize_config": quantize_config_to_dict(base_cfg),
+        "mixed": {
+            **{k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()},
+            "candidates_measured": measured,
+            "chosen": chosen,
+            "selection": "max mean SSIM of final images vs FP, integer runtime, trial prompts",
+            "sensitivity": {k: v for k, v in table.settings.items() if k != "format"},
+        },
+    }
+    return MixedResult(dataclasses.replace(plan, notes=notes), table, measured, chosen)

@@ -1,0 +1,468 @@
+"""The ``sensitivity`` verb: metric-decoupled, per-layer sensitivity to each candidate bit-width.
+
+For every layer and every candidate, that layer alone is quantized (weights and activations
+scored separately; simulated, see :mod:`diffkiln.optimizer.simulate`) and the damage measured
+against the FP model, with the metric of the layer's group (:mod:`diffkiln.optimizer.roles`):
+
+* content layers: SSIM of the final images against FP images of the same prompts and seeds;
+* quality layers: SQNR of the denoiser output against FP, on denoiser inputs recorded from the
+  FP sampler trajectory of those prompts (``quality_steps`` steps, evenly spaced).
+
+Results are appended to a JSON-lines file in the cache as they arrive, so an interrupted run
+resumes where it stopped; ``workers`` > 1 shards the trials over processes, each of which loads
+the model itself (so the model must be given as a built-in name or a folder).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from diffkiln.calibrate.hooks import scoped_hooks
+from diffkiln.calibrate.stats import CalibrationStats, find_denoiser
+from diffkiln.optimizer.plan import Plan
+from diffkiln.optimizer.roles import LayerRole
+from diffkiln.optimizer.simulate import LayerSim, SimChoice, simulated
+from diffkiln.report.metrics import sqnr_db, ssim
+
+__all__ = [
+    "SENSITIVITY_FORMAT",
+    "SensitivityConfig",
+    "SensitivityEntry",
+    "SensitivityTable",
+    "Trial",
+    "analyze_sensitivity",
+]
+
+SENSITIVITY_FORMAT = "diffkiln.sensitivity"
+SENSITIVITY_VERSION = 1
+
+
+@dataclass(frozen=True)
+class SensitivityConfig:
+    """How to measure sensitivities.
+
+    Attributes:
+        weight_candidates: weight bit-widths to score, each below 16 (16, FP, costs no error).
+            Default (2, 4, 8).
+        act_candidates: activation bit-widths to score (8; 16 is FP). Default (8,).
+        prompts: how many of the calibration prompts (with their seeds) the trials use.
+            Default 4.
+        quality_steps: sampler steps whose recorded denoiser inputs score quality layers.
+            Default 5.
+        workers: processes to shard the trials over (each loads the model). Default 1.
+        cache_dir: where results are cached and resumed from; None disables caching. Default None.
+        progress: show a progress bar with ETA. Default True.
+    """
+
+    weight_candidates: tuple[int, ...] = (2, 4, 8)
+    act_candidates: tuple[int, ...] = (8,)
+    prompts: int = 4
+    quality_steps: int = 5
+    workers: int = 1
+    cache_dir: Path | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        bad_w = [b for b in self.weight_candidates if b not in (2, 4, 8)]
+        if not self.weight_candidates or bad_w:
+            raise ValueError(
+                f"weight candidates to score must be among 2, 4, 8 (16 is FP), got {self.weight_candidates}"
+            )
+        if any(b != 8 for b in self.act_candidates):
+            raise ValueError(f"activation candidates to score must be 8 (16 is FP), got {self.act_candidates}")
+        for name in ("prompts", "quality_steps", "workers"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+
+    def key_fields(self) -> dict[str, Any]:
+        """The settings that change the results (part of the cache key)."""
+        return {
+            "weight_candidates": sorted(self.weight_candidates),
+            "act_candidates": sorted(self.act_candidates),
+            "prompts": self.prompts,
+            "quality_steps": self.quality_steps,
+        }
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One measurement: ``layer`` quantized alone, its ``target`` ("weight" or "act") at ``bits``."""
+
+    layer: str
+    target: str
+    bits: int
+
+    def key(self) -> str:
+        """A stable text key, e.g. ``"down.0.attn2.to_k|weight|4"``."""
+        return f"{self.layer}|{self.target}|{self.bits}"
+
+
+@dataclass(frozen=True)
+class SensitivityEntry:
+    """One measured trial.
+
+    Attributes:
+        layer: the layer's name.
+        role: its group ("content" or "quality").
+        target: "weight" or "act".
+        bits: the bit-width tried.
+        metric: "ssim" (content) or "sqnr_db" (quality).
+        value: the measurement (SSIM in [-1, 1]; SQNR in dB, ``inf`` when exact).
+    """
+
+    layer: str
+    role: str
+    target: str
+    bits: int
+    metric: str
+    value: float
+
+    @property
+    def error(self) -> float:
+        """The damage on a common footing, >= 0: 1 - SSIM, or the noise-to-signal power ratio."""
+        if self.metric == "ssim":
+            return max(0.0, 1.0 - self.value)
+        return 0.0 if math.isinf(self.value) else 10.0 ** (-self.value / 10.0)
+
+
+@dataclass(frozen=True)
+class SensitivityTable:
+    """Every layer's measured sensitivities.
+
+    Attributes:
+        roles: layer -> its group.
+        params: layer -> its weight parameters.
+        entries: the measurements.
+        settings: how they were measured (the cache key's inputs).
+    """
+
+    roles: dict[str, LayerRole]
+    params: dict[str, int]
+    entries: tuple[SensitivityEntry, ...]
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def error(self, layer: str, target: str, bits: int) -> float:
+        """The measured error of ``layer`` with its ``target`` at ``bits`` (0 at 16 bits).
+
+        Raises:
+            KeyError: that trial was not measured; the message names the measured bit-widths.
+        """
+        if bits >= 16:
+            return 0.0
+        for e in self.entries:
+            if e.layer == layer and e.target == target and e.bits == bits:
+                return e.error
+        have = sorted(e.bits for e in self.entries if e.layer == layer and e.target == target)
+        raise KeyError(f"no {target} sensitivity of {layer!r} at {bits} bits; measured: {have}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict with format and version."""
+        return {
+            "format": SENSITIVITY_FORMAT,
+            "version": SENSITIVITY_VERSION,
+            "settings": self.settings,
+            "layers": [{"name": n, "role": r.value, "params": self.params[n]} for n, r in self.roles.items()],
+            "entries": [e.__dict__ for e in self.entries],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SensitivityTable:
+        """Rebuild a table from :meth:`to_dict` output.
+
+        Raises:
+            ValueError: another format or version, or a malformed entry.
+        """
+        if d.get("format") != SENSITIVITY_FORMAT or d.get("version") != SENSITIVITY_VERSION:
+            raise ValueError(
+                f"not a diffkiln sensitivity table of version {SENSITIVITY_VERSION} "
+                f"(format {d.get('format')!r}, version {d.get('version')!r})"
+            )
+        try:
+            roles = {lay["name"]: LayerRole(lay["role"]) for lay in d["layers"]}
+            params = {lay["name"]: int(lay["params"]) for lay in d["layers"]}
+            entries = tuple(SensitivityEntry(**e) for e in d["entries"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"malformed sensitivity table: {exc}") from exc
+        return cls(roles, params, entries, dict(d.get("settings", {})))
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per layer: name, role, params, and each trial's value as ``"<target><bits>"``."""
+        out: dict[str, dict[str, Any]] = {
+            n: {"layer": n, "role": r.value, "params": self.params[n]} for n, r in self.roles.items()
+        }
+        for e in self.entries:
+            out[e.layer][f"{'w' if e.target == 'weight' else 'a'}{e.bits}"] = e.value
+        return list(out.values())
+
+
+# --- the FP reference and the trials -------------------------------------------------------------
+
+
+def _as_image_array(out: Any) -> np.ndarray:
+    """(N, H, W, C) uint8-range floats from a pipeline output (videos: every frame)."""
+    frames = getattr(out, "frames", None)
+    arr = np.asarray(frames if frames is not None else out.images, dtype=np.float64)
+    if arr.ndim == 5:  # (batch, frames, H, W, C)
+        arr = arr.reshape(-1, *arr.shape[2:])
+    return np.clip(arr * 255.0, 0.0, 255.0)
+
+
+def _output_tensor(out: Any) -> torch.Tensor:
+    if isinstance(out, tuple):
+        out = out[0]
+    return (out.sample if hasattr(out, "sample") else out).detach().float()
+
+
+def _clone(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.detach().clone()
+    if isinstance(x, dict):
+        return {k: _clone(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_clone(v) for v in x)
+    return x
+
+
+@dataclass
+class _Context:
+    """The FP pipeline, its reference outputs and everything a trial needs (one per process)."""
+
+    pipe: Any
+    denoiser: nn.Module
+    roles: dict[str, LayerRole]
+    sims: dict[str, LayerSim]
+    run_kwargs: dict[str, Any]
+    seed: int
+    n_prompts: int
+    ref_images: np.ndarray
+    calls: list[tuple[tuple[Any, ...], dict[str, Any]]]
+    ref_outputs: list[torch.Tensor]
+
+    @classmethod
+    def build(
+        cls,
+        pipe: Any,
+        roles: dict[str, LayerRole],
+        sims: dict[str, LayerSim],
+        run_kwargs: dict[str, Any],
+        seed: int,
+        quality_steps: int,
+    ) -> _Context:
+        denoiser = find_denoiser(pipe)
+        pipe.set_progress_bar_config(disable=True)
+        n = len(run_kwargs["prompt"])
+        recorded: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+
+        def record(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            recorded.append((_clone(args), _clone(kwargs)))
+
+        with scoped_hooks() as hooks, torch.no_grad():
+            hooks.add_forward_pre_hook("diffkiln.sensitivity.record", denoiser, record)
+            out = pipe(**run_kwargs, generator=[torch.Generator().manual_seed(seed + i) for i in range(n)])
+        ref_images = _as_image_array(out)
+        picks = sorted({round(i * (len(recorded) - 1) / max(quality_steps - 1, 1)) for i in range(quality_steps)})
+        calls = [recorded[i] for i in picks]
+        ctx = cls(pipe, denoiser, roles, sims, run_kwargs, seed, n, ref_images, calls, [])
+        ctx.ref_outputs = ctx.replay()
+        return ctx
+
+    def replay(self) -> list[torch.Tensor]:
+        with torch.no_grad():
+            return [_output_tensor(self.denoiser(*a, **k)) for a, k in self.calls]
+
+    def images(self) -> np.ndarray:
+        with torch.no_grad():
+            gens = [torch.Generator().manual_seed(self.seed + i) for i in range(self.n_prompts)]
+            return _as_image_array(self.pipe(**self.run_kwargs, generator=gens))
+
+    def measure(self, trial: Trial) -> SensitivityEntry:
+        choice = SimChoice(weight_bits=trial.bits) if trial.target == "weight" else SimChoice(act_bits=trial.bits)
+        role = self.roles[trial.layer]
+        with simulated(self.denoiser, {trial.layer: choice}, self.sims):
+            if role is LayerRole.CONTENT:
+                imgs = self.images()
+                value = float(np.mean([ssim(r, t) for r, t in zip(self.ref_images, imgs, strict=True)]))
+                metric = "ssim"
+            else:
+                outs = self.replay()
+                ref = torch.cat([o.flatten() for o in self.ref_outputs]).numpy()
+                got = torch.cat([o.flatten() for o in outs]).numpy()
+                value, metric = sqnr_db(ref, got), "sqnr_db"
+        return SensitivityEntry(trial.layer, role.value, trial.target, trial.bits, metric, value)
+
+
+# --- worker processes ------------------------------------------------------------------------------
+
+_WORKER: _Context | None = None
+
+
+def _worker_init(target: str, args: tuple[Any, ...]) -> None:
+    from diffkiln.generation import load_pipeline
+
+    global _WORKER
+    torch.set_num_threads(1)  # the processes share the cores
+    _WORKER = _Context.build(load_pipeline(target), *args)
+
+
+def _worker_measure(trial: Trial) -> SensitivityEntry:
+    if _WORKER is None:
+        raise RuntimeError("sensitivity worker used before its initializer ran")
+    return _WORKER.measure(trial)
+
+
+# --- the resumable result log ----------------------------------------------------------------------
+
+
+class _ResultLog:
+    """A JSON-lines file: a header line (format, key), then one measured entry per line.
+
+    A line cut short by an interruption is dropped when the file is reopened.
+    """
+
+    def __init__(self, path: Path | None, header: dict[str, Any]):
+        self.path = path
+        self.header = header
+
+    def load(self) -> dict[str, SensitivityEntry]:
+        if self.path is None or not self.path.is_file():
+            return {}
+        raw = self.path.read_bytes()
+        complete = raw[: raw.rfind(b"\n") + 1]  # drop a partial last line
+        if len(complete) != len(raw):
+            self.path.write_bytes(complete)
+        lines = complete.decode("utf-8").splitlines()
+        if not lines or json.loads(lines[0]) != self.header:
+            self.path.unlink()
+            return {}
+        done: dict[str, SensitivityEntry] = {}
+        for line in lines[1:]:
+            e = SensitivityEntry(**json.loads(line))
+            done[Trial(e.layer, e.target, e.bits).key()] = e
+        return done
+
+    def append(self, entry: SensitivityEntry) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        new = not self.path.is_file()
+        with self.path.open("a", encoding="utf-8") as f:
+            if new:
+                f.write(json.dumps(self.header) + "\n")
+            f.write(json.dumps(entry.__dict__) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+# --- the verb -------------------------------------------------------------------------------------
+
+
+def _trials(
+    candidates: Mapping[str, Sequence[int]], act_layers: Sequence[str], config: SensitivityConfig
+) -> list[Trial]:
+    out = [Trial(n, "weight", b) for n, bits in candidates.items() for b in sorted(bits) if b < 16]
+    out += [Trial(n, "act", b) for n in act_layers for b in config.act_candidates]
+    return out
+
+
+def analyze_sensitivity(
+    pipe: Any,
+    stats: CalibrationStats,
+    base_plan: Plan,
+    roles: Mapping[str, LayerRole],
+    sims: Mapping[str, LayerSim],
+    candidates: Mapping[str, Sequence[int]],
+    config: SensitivityConfig,
+    target: str | None = None,
+    on_result: Callable[[SensitivityEntry], None] | None = None,
+) -> SensitivityTable:
+    """Measure each layer's sensitivity to each candidate bit-width, resuming cached results.
+
+    Args:
+        pipe: the FP pipeline (left unchanged).
+        stats: its calibration statistics (prompts, seed, steps, guidance are reused).
+        base_plan: the W8A8 plan whose activation grids, smoothing and BOS rows the trials use.
+        roles: layer -> content or quality group (:func:`diffkiln.optimizer.roles.layer_roles`).
+        sims: layer -> simulation inputs (:func:`diffkiln.optimizer.simulate.layer_sims`).
+        candidates: layer -> weight bit-widths to score (16 is skipped: it costs nothing).
+            Activations are scored for the layers that have a LayerSim.
+        config: the measurement settings.
+        target: the model as a built-in name or folder; needed when ``config.workers`` > 1.
+        on_result: called with each new measurement, after it is saved. Default None.
+
+    Raises:
+        ValueError: workers > 1 without ``target``.
+    """
+    if config.workers > 1 and target is None:
+        raise ValueError("sensitivity workers load the model themselves: pass the model's name or folder as target")
+    settings = stats.settings
+    prompts = list(settings.get("prompts", []))[: config.prompts]
+    if not prompts:
+        raise ValueError("the calibration statistics record no prompts; calibrate with a pipeline first")
+    run_kwargs = {
+        "prompt": prompts,
+        "num_inference_steps": int(settings["steps"]),
+        "guidance_scale": float(settings["guidance"]),
+        "output_type": "np",
+        **dict(settings.get("call_kwargs", {})),
+    }
+    seed = int(settings.get("seed", 0))
+    act_layers = [n for n in candidates if n in sims]
+    trials = _trials(candidates, act_layers, config)
+    header = {
+        "format": SENSITIVITY_FORMAT,
+        "version": SENSITIVITY_VERSION,
+        "model": stats.model_hash,
+        "calibration": hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16],
+        "plan": hashlib.sha256(base_plan.to_json().encode()).hexdigest()[:16],
+        "roles": hashlib.sha256(json.dumps({n: r.value for n, r in roles.items()}).encode()).hexdigest()[:16],
+        **config.key_fields(),
+    }
+    key = hashlib.sha256(json.dumps(header, sort_keys=True).encode()).hexdigest()[:32]
+    log = _ResultLog(config.cache_dir / "sensitivity" / f"sens-{key}.jsonl" if config.cache_dir else None, header)
+    done = log.load()
+    todo = [t for t in trials if t.key() not in done]
+    bar = tqdm(total=len(trials), initial=len(trials) - len(todo), desc="sensitivity", unit="trial",
+               disable=not config.progress)  # fmt: skip
+    ctx_args = (dict(roles), dict(sims), run_kwargs, seed, config.quality_steps)
+    try:
+        for entry in _run(pipe, todo, ctx_args, config.workers, target):
+            log.append(entry)
+            done[Trial(entry.layer, entry.target, entry.bits).key()] = entry
+            bar.update(1)
+            if on_result is not None:
+                on_result(entry)
+    finally:
+        bar.close()
+    entries = tuple(done[t.key()] for t in trials)
+    params = {lp.name: lp.params for lp in base_plan.layers if lp.name in candidates}
+    return SensitivityTable({n: roles[n] for n in candidates}, params, entries, {**header, "trials": len(trials)})
+
+
+def _run(
+    pipe: Any, todo: list[Trial], ctx_args: tuple[Any, ...], workers: int, target: str | None
+) -> Iterator[SensitivityEntry]:
+    if not todo:
+        return
+    if workers <= 1:
+        ctx = _Context.build(pipe, *ctx_args)
+        for trial in todo:
+            yield ctx.measure(trial)
+        return
+    import multiprocessing
+
+    mp = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=mp, initializer=_worker_init, initargs=(target, ctx_args)) as pool:
+        yield from pool.map(_worker_measure, todo, chunksize=1)

@@ -24,6 +24,8 @@ _EPILOG = """examples:
   diffkiln generate shapes-unet --prompt "a red circle on the left" --out out/gen
   diffkiln report shapes-dit --eval-size 200 --out out/report-dit
   diffkiln optimize shapes-unet --recipe w8a8 --out out/shapes-unet-w8a8
+  diffkiln optimize shapes-unet --recipe mixed --weight-bits 4 --out out/shapes-unet-mixed4
+  diffkiln sensitivity shapes-unet --out out/sens-unet
   diffkiln inspect out/shapes-unet-w8a8
   diffkiln generate out/shapes-unet-w8a8 --prompt "a blue square at the top"
 """
@@ -47,6 +49,62 @@ def _bounded(cast: Callable[[str], Any], lower: float, strict: bool, what: str) 
 _positive_int = _bounded(int, 0, True, "a positive integer")
 _non_negative_int = _bounded(int, 0, False, "a non-negative integer")
 _non_negative_float = _bounded(float, 0.0, False, "a number >= 0")
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    """An argparse type: comma-separated integers, e.g. ``2,4,8,16``."""
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers such as 2,4,8,16, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("needs at least one value")
+    return values
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    """An argparse type: comma-separated numbers, e.g. ``3,4,5,6,8``."""
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated numbers such as 3,4,5,6,8, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("needs at least one value")
+    return values
+
+
+def _add_mixed_args(p: argparse.ArgumentParser) -> None:
+    """Options of the mixed-precision search shared by ``optimize`` and ``sensitivity``."""
+    p.add_argument(
+        "--weight-candidates",
+        type=_int_list,
+        default=(2, 4, 8, 16),
+        metavar="LIST",
+        help="mixed: weight bit-widths to choose from, 16 = keep in FP (default 2,4,8,16)",
+    )
+    p.add_argument(
+        "--content-layers",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="mixed: force layers into the content group (scored by final-image SSIM) (repeatable)",
+    )
+    p.add_argument(
+        "--quality-layers",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="mixed: force layers into the quality group (scored by denoiser-output SQNR) (repeatable)",
+    )
+    p.add_argument(
+        "--sensitivity-prompts",
+        type=_positive_int,
+        default=4,
+        help="mixed: calibration prompts each sensitivity trial generates (default 4)",
+    )
+    p.add_argument(
+        "--workers", type=_positive_int, default=1, help="mixed: processes for the sensitivity trials (default 1)"
+    )
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -138,12 +196,14 @@ def _parser() -> argparse.ArgumentParser:
         "optimize",
         help="calibrate, plan and freeze a model into a deployable bundle",
         description="Calibrate MODEL on prompts over its sampler's real timesteps, plan the "
-        "quantization (W8A8: int8 per-channel weights, int8 activations, BOS-aware text rows) and "
-        "write a self-contained bundle that `diffkiln generate|report|inspect BUNDLE` and "
-        "diffkiln.runtime.load() run with integer kernels.",
+        "quantization and write a self-contained bundle that `diffkiln generate|report|inspect BUNDLE` "
+        "and diffkiln.runtime.load() run with integer kernels. Recipes: w8a8 (int8 per-channel "
+        "weights, int8 activations, BOS-aware text rows); mixed (per-layer 2/4/8/16-bit weights "
+        "chosen by integer programming from measured sensitivities, 4- and 2-bit weights stored "
+        "and kept packed; --weight-bits is then an average, e.g. 4).",
     )
     o.add_argument("target", metavar="MODEL", help="built-in model name or diffusers folder")
-    o.add_argument("--recipe", choices=["w8a8"], default="w8a8", help="compression recipe (default w8a8)")
+    o.add_argument("--recipe", choices=["w8a8", "mixed"], default="w8a8", help="compression recipe (default w8a8)")
     cal = o.add_mutually_exclusive_group()
     cal.add_argument("--calib-prompts", type=Path, metavar="FILE", help="calibration prompts, one per line")
     cal.add_argument("--calib-size", type=_positive_int, default=32, help="default calibration prompts (32)")
@@ -172,19 +232,29 @@ def _parser() -> argparse.ArgumentParser:
     )
     o.add_argument(
         "--weight-bits",
-        type=int,
-        choices=[8, 7],
+        type=float,
         default=8,
-        help="weight grid (default 8). 7 keeps int8 storage on [-63, 63]: the only way, with 8-bit "
-        "activations, to run oneDNN's fast int8 kernels exactly on x86 CPUs without VNNI (AVX2)",
+        metavar="BITS",
+        help="w8a8: the weight grid, 8 or 7 (default 8); 7 keeps int8 storage on [-63, 63], the only way, "
+        "with 8-bit activations, to run oneDNN's fast int8 kernels exactly on x86 CPUs without VNNI (AVX2). "
+        "mixed: the average weight bits over all Linear/Conv2d parameters, FP layers counting 16 (e.g. 4)",
     )
     o.add_argument(
         "--act-bits",
-        type=int,
-        choices=[8, 7],
-        default=8,
-        help="static activation grid (default 8); 7 is the other way to the AVX2 fast path",
+        type=float,
+        default=None,
+        metavar="BITS",
+        help="w8a8: the static activation grid, 8 or 7 (default 8; 7 is the other way to the AVX2 fast path). "
+        "mixed: the average activation bits (default: 8-bit activations on every quantized layer)",
     )
+    o.add_argument(
+        "--act-candidates",
+        type=_int_list,
+        default=(8, 16),
+        metavar="LIST",
+        help="mixed: activation bit-widths to choose from with --act-bits, 16 = weight-only (default 8,16)",
+    )
+    _add_mixed_args(o)
     o.add_argument(
         "--smooth",
         choices=["auto", "all", "off"],
@@ -204,6 +274,29 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--cache-dir", type=Path, help="calibration cache (default $DIFFKILN_CACHE or ~/.cache/diffkiln)")
     o.add_argument("--seed", type=_non_negative_int, default=0, help="calibration seed (default 0)")
     o.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    s = sub.add_parser(
+        "sensitivity",
+        help="measure each layer's sensitivity to 2/4/8-bit weights and 8-bit activations",
+        description="Run (or, when cached, read back) the metric-decoupled sensitivity analysis of the "
+        "mixed recipe alone: each layer quantized by itself, content layers (cross-attention and "
+        "feed-forward) scored by SSIM of the final images against FP, the rest by SQNR of the denoiser "
+        "output. The trials are SIMULATED (fake-quant); results are cached and resume after an "
+        "interruption. Prints a table and writes DIR/sensitivity.json and DIR/sensitivity.html.",
+    )
+    s.add_argument("target", metavar="MODEL", help="built-in model name or diffusers folder")
+    scal = s.add_mutually_exclusive_group()
+    scal.add_argument("--calib-prompts", type=Path, metavar="FILE", help="calibration prompts, one per line")
+    scal.add_argument("--calib-size", type=_positive_int, default=32, help="default calibration prompts (32)")
+    s.add_argument("--steps", type=_positive_int, help="sampler steps (default: the model's)")
+    s.add_argument("--guidance", type=_non_negative_float, help="guidance (default: the model's)")
+    s.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="keep layers in FP (repeatable)")
+    _add_mixed_args(s)
+    s.add_argument("--out", type=Path, default=None, help="output folder (default out/sensitivity-<model>)")
+    s.add_argument("--cache-dir", type=Path, help="cache (default $DIFFKILN_CACHE or ~/.cache/diffkiln)")
+    s.add_argument("--seed", type=_non_negative_int, default=0, help="calibration seed (default 0)")
+    s.add_argument("--top", type=_non_negative_int, default=20, help="table rows to print, most sensitive first (20)")
+    s.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     i = sub.add_parser("inspect", help="summarize a bundle: components, layers by bit-width, sizes, BOS")
     i.add_argument("bundle", metavar="BUNDLE", type=Path, help="bundle directory")
@@ -319,6 +412,12 @@ def _cmd_optimize(a: argparse.Namespace) -> int:
         act_mode=ActMode(a.act_mode),
         weight_bits=a.weight_bits,
         act_bits=a.act_bits,
+        weight_candidates=tuple(a.weight_candidates),
+        act_candidates=tuple(a.act_candidates),
+        content_layers=tuple(a.content_layers),
+        quality_layers=tuple(a.quality_layers),
+        sensitivity_prompts=a.sensitivity_prompts,
+        workers=a.workers,
         smooth=SmoothMode(a.smooth),
         smooth_alpha=a.smooth_alpha,
         timestep_aware=a.timestep_aware,
@@ -330,6 +429,40 @@ def _cmd_optimize(a: argparse.Namespace) -> int:
     bundle = optimize(a.target, config)
     print(f"wrote bundle {bundle}")
     return _cmd_inspect(argparse.Namespace(bundle=bundle, json=False))
+
+
+def _cmd_sensitivity(a: argparse.Namespace) -> int:
+    from diffkiln.optimize import OptimizeConfig, sensitivity
+    from diffkiln.optimizer import Recipe
+    from diffkiln.report.sensitivity_html import format_sensitivity_table
+
+    if a.calib_prompts is not None:
+        from diffkiln.generation import read_prompts
+
+        read_prompts(a.calib_prompts)
+    out = a.out or Path("out") / f"sensitivity-{Path(a.target).name}"
+    config = OptimizeConfig(
+        out=out,
+        recipe=Recipe.MIXED,
+        weight_bits=4.0,
+        calib_prompts=a.calib_prompts,
+        calib_size=a.calib_size,
+        steps=a.steps,
+        guidance=a.guidance,
+        exclude=tuple(a.exclude),
+        weight_candidates=tuple(a.weight_candidates),
+        content_layers=tuple(a.content_layers),
+        quality_layers=tuple(a.quality_layers),
+        sensitivity_prompts=a.sensitivity_prompts,
+        workers=a.workers,
+        cache_dir=a.cache_dir,
+        seed=a.seed,
+        progress=not a.no_progress,
+    )
+    table, json_path, html_path = sensitivity(a.target, config)
+    print(format_sensitivity_table(table, a.top))
+    print(f"wrote {json_path} and {html_path}")
+    return 0
 
 
 def _cmd_inspect(a: argparse.Namespace) -> int:
@@ -383,6 +516,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_optimize(args)
         if args.command == "inspect":
             return _cmd_inspect(args)
+        if args.command == "sensitivity":
+            return _cmd_sensitivity(args)
         return _cmd_report(args)
     except (DiffkilnError, BundleError) as exc:
         print(f"error: {exc}", file=sys.stderr)

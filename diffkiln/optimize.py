@@ -11,16 +11,20 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from diffkiln.calibrate import CalibrationConfig, calibrate
 from diffkiln.calibrate.prompts import default_calibration_prompts
 from diffkiln.errors import InvalidInputError
-from diffkiln.export import ExportConfig, export_bundle
+from diffkiln.export import ExportConfig, FloatStorage, export_bundle
 from diffkiln.generation import load_pipeline, read_prompts
 from diffkiln.optimizer import ActMode, QuantizeConfig, Recipe, SmoothMode, make_plan
+from diffkiln.optimizer.allocation import InfeasibleBudgetError
+from diffkiln.optimizer.mixed import MixedConfig, make_mixed_plan, mixed_sensitivity
+from diffkiln.optimizer.sensitivity import SensitivityConfig, SensitivityTable
 from diffkiln.zoo.registry import default_cache_dir, resolve_target
 
-__all__ = ["OptimizeConfig", "default_cache_dir", "optimize"]
+__all__ = ["OptimizeConfig", "default_cache_dir", "optimize", "sensitivity"]
 
 
 @dataclass(frozen=True)
@@ -38,8 +42,17 @@ class OptimizeConfig:
         exclude: globs of layers to keep in FP.
         bos_aware: precompute BOS rows in FP (MixDQ). Default True.
         act_mode: static or dynamic activations. Default static.
-        weight_bits: weight grid, 8 or 7 (see :class:`diffkiln.optimizer.QuantizeConfig`). Default 8.
-        act_bits: static activation grid, 8 or 7. Default 8.
+        weight_bits: W8A8: the weight grid, 8 or 7 (see :class:`diffkiln.optimizer.QuantizeConfig`).
+            Mixed: the average weight bits over the denoiser's Linear/Conv2d parameters (FP
+            layers count 16), e.g. 4.0. Default 8.
+        act_bits: W8A8: the static activation grid, 8 or 7 (None: 8). Mixed: the average
+            activation bits, or None for 8-bit activations on every quantized layer. Default None.
+        weight_candidates: mixed: the weight bit-widths to choose from. Default (2, 4, 8, 16).
+        act_candidates: mixed: the activation bit-widths to choose from. Default (8, 16).
+        content_layers: mixed: globs of layers forced into the content group. Default none.
+        quality_layers: mixed: globs of layers forced into the quality group. Default none.
+        sensitivity_prompts: mixed: calibration prompts the sensitivity trials use. Default 4.
+        workers: mixed: processes for the sensitivity analysis. Default 1.
         smooth: which Linear layers get SmoothQuant smoothing. Default AUTO.
         smooth_alpha: smoothing strength in (0, 1). Default 0.5.
         timestep_aware: one static activation range per sampler step. Default False.
@@ -59,8 +72,14 @@ class OptimizeConfig:
     exclude: tuple[str, ...] = ()
     bos_aware: bool = True
     act_mode: ActMode = ActMode.STATIC
-    weight_bits: int = 8
-    act_bits: int = 8
+    weight_bits: float = 8
+    act_bits: float | None = None
+    weight_candidates: tuple[int, ...] = (2, 4, 8, 16)
+    act_candidates: tuple[int, ...] = (8, 16)
+    content_layers: tuple[str, ...] = ()
+    quality_layers: tuple[str, ...] = ()
+    sensitivity_prompts: int = 4
+    workers: int = 1
     smooth: SmoothMode = SmoothMode.AUTO
     smooth_alpha: float = 0.5
     timestep_aware: bool = False
@@ -80,28 +99,63 @@ class OptimizeConfig:
             raise InvalidInputError(f"smooth_alpha must be in (0, 1), e.g. 0.5; got {self.smooth_alpha}")
         if self.timestep_aware and self.act_mode is not ActMode.STATIC:
             raise InvalidInputError("--timestep-aware needs static activations; drop --act-mode dynamic")
-        if self.act_bits != 8 and self.act_mode is not ActMode.STATIC:
+        if self.recipe is Recipe.MIXED:
+            try:
+                self.mixed_config()
+                self.sensitivity_config()
+            except ValueError as exc:
+                raise InvalidInputError(f"--recipe mixed: {exc}") from None
+            if self.act_mode is not ActMode.STATIC:
+                raise InvalidInputError("--recipe mixed uses static activations; drop --act-mode dynamic")
+            return
+        act_bits = 8 if self.act_bits is None else self.act_bits
+        if act_bits != 8 and self.act_mode is not ActMode.STATIC:
             raise InvalidInputError("7-bit activations need static activations; drop --act-mode dynamic")
-        for name in ("weight_bits", "act_bits"):
-            if getattr(self, name) not in (7, 8):
-                raise InvalidInputError(f"{name} must be 7 or 8, got {getattr(self, name)}")
+        for name, value in (("weight_bits", self.weight_bits), ("act_bits", act_bits)):
+            if value not in (7, 8):
+                raise InvalidInputError(
+                    f"{name} must be 7 or 8 for the w8a8 recipe, got {value}; "
+                    "for averages such as 4.0 use --recipe mixed"
+                )
+
+    def mixed_config(self) -> MixedConfig:
+        """The mixed-precision search settings these options give."""
+        return MixedConfig(
+            weight_bits=float(self.weight_bits),
+            act_bits=None if self.act_bits is None else float(self.act_bits),
+            weight_candidates=self.weight_candidates,
+            act_candidates=self.act_candidates,
+            content=self.content_layers,
+            quality=self.quality_layers,
+        )
+
+    def sensitivity_config(self) -> SensitivityConfig:
+        """The sensitivity-analysis settings these options give."""
+        return SensitivityConfig(
+            prompts=self.sensitivity_prompts,
+            workers=self.workers,
+            cache_dir=self.cache_dir or default_cache_dir(),
+            progress=self.progress,
+        )
 
 
-def optimize(target: str | os.PathLike[str], config: OptimizeConfig) -> Path:
-    """Build a bundle for ``target`` (a built-in name or a diffusers folder).
+@dataclass(frozen=True)
+class _Prepared:
+    """A loaded, calibrated model: what every build verb starts from."""
 
-    Returns:
-        The bundle directory.
+    resolved: Any
+    pipe: Any
+    stats: Any
+    qconfig: QuantizeConfig
+    metrics: dict[str, Any]
 
-    Raises:
-        ModelNotFoundError: the target does not resolve.
-        InvalidInputError: bad settings or prompts file.
-        BundleError: the output exists and ``overwrite`` is False.
-    """
-    from diffkiln.runtime.manifest import BundleError
+    @property
+    def worker_target(self) -> str:
+        """What sensitivity worker processes load: the built-in name, or the folder."""
+        return self.resolved.name if self.resolved.builtin is not None else str(self.resolved.path)
 
-    if Path(config.out).exists() and not config.overwrite:
-        raise BundleError(f"{config.out} already exists; pass --overwrite to replace it")
+
+def _prepare(target: str | os.PathLike[str], config: OptimizeConfig) -> _Prepared:
     resolved = resolve_target(target)
     builtin = resolved.builtin
     prompts = (
@@ -125,29 +179,98 @@ def optimize(target: str | os.PathLike[str], config: OptimizeConfig) -> Path:
     t1 = time.perf_counter()
     stats = calibrate(pipe, cal_cfg)
     t2 = time.perf_counter()
+    mixed = config.recipe is Recipe.MIXED
     qcfg = QuantizeConfig(
-        recipe=config.recipe,
         act_mode=config.act_mode,
         include=config.include,
         exclude=config.exclude,
         bos_aware=config.bos_aware,
-        weight_bits=config.weight_bits,
-        act_bits=config.act_bits,
+        weight_bits=8 if mixed else int(config.weight_bits),
+        act_bits=8 if mixed or config.act_bits is None else int(config.act_bits),
         smooth=config.smooth,
         smooth_alpha=config.smooth_alpha,
         timestep_aware=config.timestep_aware,
     )
-    plan = make_plan(pipe, stats, qcfg, resolved.name)
-    t3 = time.perf_counter()
     metrics = {
         "load_seconds": round(t1 - t0, 3),
         "calibrate_seconds": round(t2 - t1, 3),
-        "plan_seconds": round(t3 - t2, 3),
         "calibration_prompts": len(prompts),
         "calibration_steps": steps,
         "calibration_guidance": guidance,
+    }
+    return _Prepared(resolved, pipe, stats, qcfg, metrics)
+
+
+def optimize(target: str | os.PathLike[str], config: OptimizeConfig) -> Path:
+    """Build a bundle for ``target`` (a built-in name or a diffusers folder).
+
+    Returns:
+        The bundle directory.
+
+    Raises:
+        ModelNotFoundError: the target does not resolve.
+        InvalidInputError: bad settings or prompts file, or an infeasible mixed budget (the
+            message names the smallest feasible one).
+        BundleError: the output exists and ``overwrite`` is False.
+    """
+    from diffkiln.runtime.manifest import BundleError
+
+    if Path(config.out).exists() and not config.overwrite:
+        raise BundleError(f"{config.out} already exists; pass --overwrite to replace it")
+    prep = _prepare(target, config)
+    mixed = config.recipe is Recipe.MIXED
+    t0 = time.perf_counter()
+    if mixed:
+        try:
+            result = make_mixed_plan(
+                prep.pipe,
+                prep.stats,
+                prep.qconfig,
+                config.mixed_config(),
+                config.sensitivity_config(),
+                prep.resolved.name,
+                target=prep.worker_target,
+            )
+        except InfeasibleBudgetError as exc:
+            raise InvalidInputError(str(exc)) from None
+        plan = result.plan
+    else:
+        plan = make_plan(prep.pipe, prep.stats, prep.qconfig, prep.resolved.name)
+    metrics = {
+        **prep.metrics,
+        # mixed: sensitivity analysis + ILP + measuring the candidate plans
+        ("search_seconds" if mixed else "plan_seconds"): round(time.perf_counter() - t0, 3),
         "quantized_layers": sum(lp.quantized for lp in plan.layers),
         "fp_layers": sum(not lp.quantized for lp in plan.layers),
     }
-    bundle = export_bundle(pipe, plan, stats, ExportConfig(Path(config.out), config.overwrite), metrics)
-    return bundle
+    # Mixed bundles are compared with FP16: their float tensors are stored as an FP16 checkpoint would.
+    storage = FloatStorage.FLOAT16 if mixed else FloatStorage.LOSSLESS
+    export_cfg = ExportConfig(Path(config.out), config.overwrite, storage)
+    return export_bundle(prep.pipe, plan, prep.stats, export_cfg, metrics)
+
+
+def sensitivity(target: str | os.PathLike[str], config: OptimizeConfig) -> tuple[SensitivityTable, Path, Path]:
+    """Run (or read back from the cache) the mixed recipe's sensitivity analysis alone.
+
+    Writes ``config.out/sensitivity.json`` (the table) and ``config.out/sensitivity.html`` (a
+    chart and the table).
+
+    Returns:
+        (the table, the JSON path, the HTML path).
+    """
+    from diffkiln.report.sensitivity_html import write_sensitivity
+
+    prep = _prepare(target, config)
+    t0 = time.perf_counter()
+    _, table, _ = mixed_sensitivity(
+        prep.pipe,
+        prep.stats,
+        prep.qconfig,
+        config.mixed_config(),
+        config.sensitivity_config(),
+        prep.resolved.name,
+        target=prep.worker_target,
+    )
+    seconds = time.perf_counter() - t0
+    json_path, html_path = write_sensitivity(table, Path(config.out), prep.resolved.name, seconds)
+    return table, json_path, html_path

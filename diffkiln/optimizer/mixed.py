@@ -31,12 +31,12 @@ import torch
 from diffkiln.calibrate.stats import CalibrationStats, find_denoiser
 from diffkiln.optimizer.allocation import InfeasibleBudgetError, LayerOptions, allocate_bits
 from diffkiln.optimizer.plan import LayerPlan, Plan, WeightSpec
-from diffkiln.optimizer.planner import QuantizeConfig, fp_default_reasons, make_plan, quantize_config_to_dict
+from diffkiln.optimizer.planner import QuantizeConfig, fp_default_reasons, make_plan
 from diffkiln.optimizer.roles import LayerRole, layer_roles
 from diffkiln.optimizer.sensitivity import SensitivityConfig, SensitivityTable, analyze_sensitivity
 from diffkiln.optimizer.simulate import layer_sims
 
-__all__ = ["MixedConfig", "MixedResult", "allocate_mixed", "make_mixed_plan", "uniform_plan"]
+__all__ = ["MixedConfig", "MixedResult", "allocate_mixed", "make_mixed_plan", "mixed_sensitivity", "uniform_plan"]
 
 _RESTRICTED_CANDIDATES = (8, 16)  # conditioning layers: their error reaches every token
 
@@ -268,6 +268,48 @@ def _measure_plan(
     return float(np.mean([ssim(r, t) for r, t in zip(ref, imgs, strict=True)]))
 
 
+def mixed_sensitivity(
+    pipe: Any,
+    stats: CalibrationStats,
+    qconfig: QuantizeConfig,
+    config: MixedConfig,
+    sens_config: SensitivityConfig,
+    source_id: str,
+    target: str | None = None,
+) -> tuple[Plan, SensitivityTable, dict[str, tuple[int, ...]]]:
+    """Steps 1 and 2 of the search: the W8A8 base plan, and every searched layer's sensitivities.
+
+    Args: as :func:`make_mixed_plan`.
+
+    Returns:
+        (base plan, sensitivity table, layer -> its weight candidates including 16 where allowed).
+    """
+    denoiser = find_denoiser(pipe)
+    conditioning = [n for n, r in fp_default_reasons(denoiser).items() if r.startswith("conditioning")]
+    base_cfg = dataclasses.replace(
+        qconfig, include=(*qconfig.include, *conditioning), weight_bits=8, act_bits=8, timestep_aware=False
+    )
+    base = make_plan(pipe, stats, base_cfg, source_id)
+    roles = layer_roles(denoiser, config.content, config.quality)
+    restricted = set(conditioning) - set(qconfig.include)
+    candidates: dict[str, tuple[int, ...]] = {}
+    for lp in base.layers:
+        if lp.quantized:
+            allowed = _RESTRICTED_CANDIDATES if lp.name in restricted else config.weight_candidates
+            bits = tuple(b for b in config.weight_candidates if b in allowed)
+            candidates[lp.name] = bits or (16,)
+    sims = layer_sims(base, stats, denoiser)
+    scored = dataclasses.replace(
+        sens_config,
+        weight_candidates=tuple(sorted({b for c in candidates.values() for b in c if b < 16})) or (8,),
+        act_candidates=(8,),
+    )
+    table = analyze_sensitivity(
+        pipe, stats, base, roles, sims, {n: [b for b in c if b < 16] for n, c in candidates.items()}, scored, target
+    )
+    return base, table, candidates
+
+
 def make_mixed_plan(
     pipe: Any,
     stats: CalibrationStats,
@@ -293,33 +335,11 @@ def make_mixed_plan(
     """
     from diffkiln.optimizer.sensitivity import _as_image_array
 
-    denoiser = find_denoiser(pipe)
-    conditioning = [n for n, r in fp_default_reasons(denoiser).items() if r.startswith("conditioning")]
-    base_cfg = dataclasses.replace(
-        qconfig, include=(*qconfig.include, *conditioning), weight_bits=8, act_bits=8, timestep_aware=False
-    )
-    base = make_plan(pipe, stats, base_cfg, source_id)
-    roles = layer_roles(denoiser, config.content, config.quality)
-    restricted = set(conditioning) - set(qconfig.include)
-    candidates: dict[str, tuple[int, ...]] = {}
-    for lp in base.layers:
-        if lp.quantized:
-            allowed = _RESTRICTED_CANDIDATES if lp.name in restricted else config.weight_candidates
-            bits = tuple(b for b in config.weight_candidates if b in allowed)
-            candidates[lp.name] = bits or (16,)
-    sims = layer_sims(base, stats, denoiser)
-    scored = dataclasses.replace(
-        sens_config,
-        weight_candidates=tuple(sorted({b for c in candidates.values() for b in c if b < 16})) or (8,),
-        act_candidates=(8,),
-    )
-    table = analyze_sensitivity(
-        pipe, stats, base, roles, sims, {n: [b for b in c if b < 16] for n, c in candidates.items()}, scored, target
-    )
+    base, table, candidates = mixed_sensitivity(pipe, stats, qconfig, config, sens_config, source_id, target)
     allocations = allocate_mixed(base, table, candidates, config)
 
     settings = stats.settings
-    n = min(scored.prompts, len(settings["prompts"]))
+    n = min(sens_config.prompts, len(settings["prompts"]))
     run_kwargs = {
         "prompt": list(settings["prompts"][:n]),
         "num_inference_steps": int(settings["steps"]),
@@ -352,7 +372,6 @@ def make_mixed_plan(
     notes = {
         **base.notes,
         "recipe": "mixed",
-        "quantize_config": quantize_config_to_dict(base_cfg),
         "mixed": {
             **{k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()},
             "candidates_measured": measured,

@@ -37,6 +37,7 @@ class Recipe(str, Enum):
     """Compression recipes."""
 
     W8A8 = "w8a8"
+    MIXED = "mixed"  # per-layer bits by ILP from sensitivities (diffkiln.optimizer.mixed)
 
 
 class SmoothMode(str, Enum):

@@ -175,7 +175,8 @@ class SensitivityTable:
             "version": SENSITIVITY_VERSION,
             "settings": self.settings,
             "layers": [{"name": n, "role": r.value, "params": self.params[n]} for n, r in self.roles.items()],
-            "entries": [e.__dict__ for e in self.entries],
+            # JSON has no infinity: an exact trial (infinite SQNR) is written as null.
+            "entries": [{**e.__dict__, "value": None if math.isinf(e.value) else e.value} for e in self.entries],
         }
 
     @classmethod
@@ -193,7 +194,10 @@ class SensitivityTable:
         try:
             roles = {lay["name"]: LayerRole(lay["role"]) for lay in d["layers"]}
             params = {lay["name"]: int(lay["params"]) for lay in d["layers"]}
-            entries = tuple(SensitivityEntry(**e) for e in d["entries"])
+            entries = tuple(
+                SensitivityEntry(**{**e, "value": math.inf if e["value"] is None else float(e["value"])})
+                for e in d["entries"]
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"malformed sensitivity table: {exc}") from exc
         return cls(roles, params, entries, dict(d.get("settings", {})))
@@ -464,5 +468,7 @@ def _run(
     import multiprocessing
 
     mp = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=mp, initializer=_worker_init, initargs=(target, ctx_args)) as pool:
+    init: Callable[..., None] = _worker_init
+    initargs: Any = (target, ctx_args)
+    with ProcessPoolExecutor(workers, mp_context=mp, initializer=init, initargs=initargs) as pool:
         yield from pool.map(_worker_measure, todo, chunksize=1)

@@ -80,14 +80,22 @@ def layer_sims(plan: Plan, stats: CalibrationStats, denoiser: nn.Module) -> dict
     return sims
 
 
+def _weight(module: nn.Module) -> torch.Tensor:
+    w = module.weight
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"{type(module).__name__} has no weight tensor")
+    return w
+
+
 def _fake_weight(module: nn.Module, bits: int, smooth: torch.Tensor | None) -> torch.Tensor:
-    w = module.weight.detach().float()
+    weight = _weight(module)
+    w = weight.detach().float()
     if smooth is not None:
         w = w * smooth[None, :]
     deq = quantize_weight_per_channel(w, bits, torch.float16).dequantize()
     if smooth is not None:
         deq = deq / smooth[None, :]
-    return deq.to(module.weight.dtype)
+    return deq.to(weight.dtype)
 
 
 def _act_hook(sim: LayerSim) -> Any:
@@ -128,8 +136,8 @@ def simulated(denoiser: nn.Module, choices: Mapping[str, SimChoice], sims: Mappi
                 module = layers[name]
                 sim = sims.get(name)
                 if choice.weight_bits < 16:
-                    saved[name] = module.weight.data
-                    module.weight.data = _fake_weight(module, choice.weight_bits, sim.smooth if sim else None)
+                    saved[name] = _weight(module).data
+                    _weight(module).data = _fake_weight(module, choice.weight_bits, sim.smooth if sim else None)
                 if choice.act_bits < 16:
                     if sim is None:
                         raise KeyError(f"{name}: no activation grid to simulate (kept in FP by the base plan)")
@@ -137,4 +145,4 @@ def simulated(denoiser: nn.Module, choices: Mapping[str, SimChoice], sims: Mappi
             yield
     finally:
         for name, data in saved.items():
-            layers[name].weight.data = data
+            _weight(layers[name]).data = data

@@ -14,9 +14,9 @@ from PIL import Image
 if TYPE_CHECKING:
     from diffkiln.report.evaluate import JudgedImage, Report
 
-__all__ = ["image_data_uri", "render_html"]
+__all__ = ["STYLE", "bar_chart", "image_data_uri", "render_html"]
 
-_STYLE = """
+STYLE = """
 body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1200px}
 h1{font-size:22px} h2{font-size:18px;margin-top:28px}
 table{border-collapse:collapse;margin:8px 0} td,th{border:1px solid #ccc;padding:4px 10px;text-align:left}
@@ -69,7 +69,7 @@ _SET_TITLES = {
 }
 
 
-def _bar_chart(values: dict[str, float], unit: str, good: float) -> str:
+def bar_chart(values: dict[str, float], unit: str, good: float) -> str:
     """A horizontal SVG bar chart (inline, no scripts); bars under ``good`` are drawn red."""
     if not values:
         return "<p>no data</p>"
@@ -163,7 +163,7 @@ def _bundle_sections(rep: Report) -> list[str]:
     elif cmp.get("skipped"):
         out.append(f"<p>BOS comparison skipped: {html.escape(cmp['skipped'])}</p>")
     out.append("<h2>Per-layer SQNR (isolated: each layer fed its FP input, middle step)</h2>")
-    out.append(_bar_chart(d.get("per_layer_sqnr_db", {}), "dB", good=20.0))
+    out.append(bar_chart(d.get("per_layer_sqnr_db", {}), "dB", good=20.0))
     if rep.baseline_images:
         out.append("<h2>FP (left) vs bundle (right), same prompt and seed</h2><div class=grid>")
         for fp_img, q_img in list(zip(rep.baseline_images, rep.images, strict=True))[:48]:
@@ -181,7 +181,7 @@ def render_html(rep: Report) -> str:
     s = d["settings"]
     parts = [
         "<!doctype html><html><head><meta charset=utf-8>",
-        f"<title>diffkiln report: {html.escape(d['target'])}</title><style>{_STYLE}</style></head><body>",
+        f"<title>diffkiln report: {html.escape(d['target'])}</title><style>{STYLE}</style></head><body>",
         f"<h1>diffkiln report: {html.escape(d['target'])}</h1>",
         f"<p>{html.escape(d['pipeline_class'])} at {html.escape(d['target_path'])}</p>",
         "<h2>Settings</h2>",

@@ -460,9 +460,10 @@ class NpuBackend:
     def weight_only_matmul(self, x, w, scale, bias, bits):
         # npu_weight_quant_batchmatmul dequantizes inside the cube kernel. It takes float16 or
         # bfloat16 x with a scale of the same dtype; 4-bit codes go in as int32-packed int4
-        # (npu_convert_weight_to_int4pack), 8- and 2-bit codes as int8.
+        # (npu_convert_weight_to_int4pack) when N allows, other codes as int8.
         dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float16
-        weight = self._npu.npu_convert_weight_to_int4pack(w.to(torch.int32)) if bits == 4 else w
+        int4 = bits == 4 and w.shape[1] % 8 == 0  # the int4 pack holds eight values per int32 along N
+        weight = self._npu.npu_convert_weight_to_int4pack(w.to(torch.int32)) if int4 else w
         out = self._npu.npu_weight_quant_batchmatmul(
             x.to(dtype), weight, scale.to(dtype), bias=None if bias is None else bias.to(torch.float32)
         )

@@ -172,10 +172,14 @@ def allocate_mixed(
             f"an average of {config.weight_bits} weight bits is infeasible: with the layers kept in FP and these "
             f"candidates the smallest feasible average is {floor:.3f}; raise --weight-bits or add lower candidates"
         )
+    # Tied layers are solved in one program: all of them join the group of the first one.
+    group_of: dict[str, LayerRole] = {}
+    first_of_tie: dict[str, LayerRole] = {}
+    for n in managed:
+        tie = _qkv_tie(n) if config.tie_qkv else ""
+        group_of[n] = first_of_tie.setdefault(tie, table.roles[n]) if tie else table.roles[n]
     groups = {
-        role.value: _options(
-            [n for n in managed if table.roles[n] is role], table, candidates, "weight", config.tie_qkv
-        )
+        role.value: _options([n for n in managed if group_of[n] is role], table, candidates, "weight", config.tie_qkv)
         for role in LayerRole
     }
     results = []

@@ -3,6 +3,10 @@
 ``npu_quant_matmul(x1, x2, scale, *, offset=None, pertoken_scale=None, bias=None, output_dtype=None)``:
 int8 GEMM into int32, plus int32 bias, times float scale (and per-token scale), cast to
 float16/bfloat16 (int8 output is not emulated). ``npu_dynamic_quant(x)``: symmetric per-token int8.
+``npu_convert_weight_to_int4pack(w)``: int32 (K, N) holding int4 values -> int32 (K, N / 8), eight
+nibbles per word, lowest index in the lowest bits. ``npu_weight_quant_batchmatmul(x, weight,
+antiquant_scale, antiquant_offset=None, ..., bias=None)``: float16/bfloat16 x (M, K) against int8
+(K, N) or int4-packed int32 (K, N / 8) weights, ``x @ ((w + offset) * scale) + bias`` in x's dtype.
 It lets the npu backend's real code path run on CPU in tests.
 """
 
@@ -38,8 +42,53 @@ def _npu_dynamic_quant(x, smooth_scales=None):
     return torch.clamp(torch.round(x / s[..., None]), -128, 127).to(torch.int8), s
 
 
+def _npu_convert_weight_to_int4pack(weight, inner_k_tiles=0):
+    if weight.dtype != torch.int32 or weight.dim() != 2 or weight.shape[1] % 8:
+        raise TypeError("npu_convert_weight_to_int4pack emulation: int32 (K, N) with N a multiple of 8")
+    if int(weight.min()) < -8 or int(weight.max()) > 7:
+        raise ValueError("npu_convert_weight_to_int4pack: values must be int4")
+    nib = (weight & 0xF).reshape(weight.shape[0], -1, 8).to(torch.int64)
+    word = sum(nib[..., i] << (4 * i) for i in range(8))
+    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
+
+
+def _unpack_int4_words(packed):
+    words = packed.to(torch.int64) & 0xFFFFFFFF
+    nibs = torch.stack([(words >> (4 * i)) & 0xF for i in range(8)], dim=-1)
+    nibs = torch.where(nibs >= 8, nibs - 16, nibs)
+    return nibs.reshape(packed.shape[0], -1)
+
+
+def _npu_weight_quant_batchmatmul(
+    x, weight, antiquant_scale, antiquant_offset=None, quant_scale=None, quant_offset=None, bias=None,
+    antiquant_group_size=0, inner_precise=0,
+):  # fmt: skip
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(f"npu_weight_quant_batchmatmul emulation: x must be float16/bfloat16, got {x.dtype}")
+    if antiquant_scale.dtype != x.dtype:
+        raise TypeError("npu_weight_quant_batchmatmul: antiquant_scale must have x's dtype")
+    if quant_scale is not None or antiquant_group_size:
+        raise TypeError("npu_weight_quant_batchmatmul emulation: per-channel, float output only")
+    if weight.dtype == torch.int32:
+        w = _unpack_int4_words(weight)
+    elif weight.dtype == torch.int8:
+        w = weight.to(torch.int64)
+    else:
+        raise TypeError(f"npu_weight_quant_batchmatmul: weight must be int8 or int32 (int4 pack), got {weight.dtype}")
+    wf = w.to(torch.float32)
+    if antiquant_offset is not None:
+        wf = wf + antiquant_offset.to(torch.float32)
+    wf = wf * antiquant_scale.to(torch.float32).reshape(1, -1)
+    out = x.to(torch.float32) @ wf
+    if bias is not None:
+        out = out + bias.to(torch.float32)
+    return out.to(x.dtype)
+
+
 def make_fake_torch_npu() -> types.ModuleType:
     mod = types.ModuleType("torch_npu")
+    mod.npu_convert_weight_to_int4pack = _npu_convert_weight_to_int4pack  # type: ignore[attr-defined]
+    mod.npu_weight_quant_batchmatmul = _npu_weight_quant_batchmatmul  # type: ignore[attr-defined]
     mod.npu_quant_matmul = _npu_quant_matmul  # type: ignore[attr-defined]
     mod.npu_dynamic_quant = _npu_dynamic_quant  # type: ignore[attr-defined]
     return mod

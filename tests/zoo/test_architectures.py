@@ -89,3 +89,40 @@ def test_full_size_configs_match_published_sizes(name: str) -> None:
     model = build_full_denoiser(name, device="meta")  # no memory: shapes only
     millions = sum(p.numel() for p in model.parameters()) / 1e6
     assert abs(millions - _PUBLISHED_M[name]) / _PUBLISHED_M[name] < 0.02, f"{name}: {millions:.0f}M"
+
+
+@pytest.mark.parametrize("name", sorted(TINY_ARCHITECTURES))
+def test_mixed_bundle_end_to_end(name: str, tmp_path: Path) -> None:
+    from diffkiln.optimizer import Recipe
+    from diffkiln.runtime.inspect import summarize
+
+    # Two sampler steps and one trial prompt keep the sensitivity analysis to seconds.
+    config = OptimizeConfig(
+        out=tmp_path / "mixed",
+        recipe=Recipe.MIXED,
+        weight_bits=5.0,
+        calib_size=2,
+        steps=2,
+        sensitivity_prompts=1,
+        progress=False,
+    )
+    bundle = optimize(name, config)
+    summary = summarize(bundle)
+    assert summary["recipe"] == "mixed" and summary["avg_weight_bits"] <= 5.0 + 1e-9
+    manifest_layers = summary["layers_by_bits"]
+    assert any(k.startswith(("W4", "W2")) for k in manifest_layers), manifest_layers
+    target = resolve_target(str(bundle))
+    q_pipe = load_pipeline(target)
+    fp_target = resolve_target(name)
+    cfg = GenerateConfig(steps=2, progress=False)
+    q = generate(q_pipe, PROMPTS[:1], cfg, target, measure=True)
+    fp = generate(load_pipeline(fp_target), PROMPTS[:1], cfg, fp_target, measure=True)
+    sqnr = sqnr_db(fp.extras["latents"], q.extras["latents"])
+    # Random weights at ~5 bits: the floor catches a broken packed path (which gives < 0 dB or NaN).
+    assert sqnr >= MIN_MIXED_LATENT_SQNR_DB, f"{name}: latent SQNR {sqnr:.1f} dB"
+    with safe_open(str(bundle / q_pipe.diffkiln_manifest["quant"]["weights_file"]), "pt") as f:
+        packed = {k: f.get_slice(k).get_dtype() for k in f.keys() if k.endswith("::weight_packed")}  # noqa: SIM118
+    assert packed and set(packed.values()) == {"U8"}
+
+
+MIN_MIXED_LATENT_SQNR_DB = 5.0

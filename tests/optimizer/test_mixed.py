@@ -1,0 +1,86 @@
+"""Mixed-precision allocation: budgets, ties, infeasible budgets, and the plan it builds."""
+
+from __future__ import annotations
+
+import pytest
+
+from diffkiln.optimizer.allocation import InfeasibleBudgetError
+from diffkiln.optimizer.mixed import MixedConfig, _mixed_layers, allocate_mixed, uniform_plan
+from diffkiln.optimizer.plan import ActMode, ActSpec, LayerPlan, Plan, WeightSpec
+from diffkiln.optimizer.roles import LayerRole
+from diffkiln.optimizer.sensitivity import SensitivityEntry, SensitivityTable
+
+ACT = ActSpec(bits=8, mode=ActMode.STATIC, scale=0.1, zero_point=0)
+
+
+def _problem() -> tuple[Plan, SensitivityTable, dict[str, tuple[int, ...]]]:
+    names = [f"blocks.{b}.attn.{p}" for b in range(3) for p in ("to_q", "to_k", "to_v", "proj")]
+    layers = [LayerPlan("conv_in", "conv", None, None, reason="input projection (first layer)", params=100)]
+    layers += [LayerPlan(n, "linear", WeightSpec(8), ACT, params=1000 * (1 + i % 3)) for i, n in enumerate(names)]
+    base = Plan("w8a8", {"id": "t"}, tuple(layers))
+    roles = {n: (LayerRole.CONTENT if i % 2 else LayerRole.QUALITY) for i, n in enumerate(names)}
+    entries = []
+    for i, n in enumerate(names):
+        role = roles[n].value
+        for bits, base_err in ((2, 0.3), (4, 0.05), (8, 0.001)):
+            err = base_err * (1 + i)
+            if role == "content":
+                entries.append(SensitivityEntry(n, role, "weight", bits, "ssim", 1 - err))
+            else:
+                entries.append(SensitivityEntry(n, role, "weight", bits, "sqnr_db", -10 * __import__("math").log10(err)))
+        entries.append(SensitivityEntry(n, role, "act", 8, "ssim" if role == "content" else "sqnr_db", 0.99 if role == "content" else 30.0))
+    table = SensitivityTable(roles, {lp.name: lp.params for lp in layers if lp.quantized}, tuple(entries))
+    return base, table, {n: (2, 4, 8, 16) for n in names}
+
+
+@pytest.mark.parametrize("budget", [3.0, 4.0, 6.0])
+def test_every_split_respects_the_weight_budget(budget: float) -> None:
+    base, table, cands = _problem()
+    allocations = allocate_mixed(base, table, cands, MixedConfig(weight_bits=budget, splits=3))
+    assert allocations
+    for _avgs, wbits, abits in allocations:
+        plan = Plan("mixed", {}, _mixed_layers(base, wbits, abits))
+        assert plan.avg_weight_bits <= budget + 1e-9
+        assert plan.layer("conv_in").weight is None  # fixed FP layer counts 16 and stays FP
+        assert all(abits[n] == 8 for n, b in wbits.items() if b < 16)  # no act budget: W*A8
+
+
+def test_tied_qkv_share_a_width() -> None:
+    base, table, cands = _problem()
+    for _avgs, wbits, _ in allocate_mixed(base, table, cands, MixedConfig(weight_bits=4.0, tie_qkv=True, splits=3)):
+        for b in range(3):
+            assert len({wbits[f"blocks.{b}.attn.{p}"] for p in ("to_q", "to_k", "to_v")}) == 1
+
+
+def test_infeasible_budget_names_the_smallest_feasible_average() -> None:
+    base, table, cands = _problem()
+    with pytest.raises(InfeasibleBudgetError, match=r"smallest feasible average is 2\.0"):
+        allocate_mixed(base, table, cands, MixedConfig(weight_bits=2.0))
+
+
+def test_activation_budget_chooses_weight_only_layers() -> None:
+    base, table, cands = _problem()
+    (_, wbits, abits), *_ = allocate_mixed(base, table, cands, MixedConfig(weight_bits=5.0, act_bits=10.0, splits=1))
+    plan = Plan("mixed", {}, _mixed_layers(base, wbits, abits))
+    assert plan.avg_act_bits <= 10.0 + 1e-9
+    assert any(lp.weight_only for lp in plan.layers) and any(lp.act is not None for lp in plan.layers)
+    with pytest.raises(InfeasibleBudgetError, match="activation bits"):
+        allocate_mixed(base, table, cands, MixedConfig(weight_bits=5.0, act_bits=8.0, splits=1))
+
+
+def test_uniform_reference_plans() -> None:
+    base, _, _ = _problem()
+    w4 = uniform_plan(base, 4)
+    assert {lp.weight.bits for lp in w4.layers if lp.weight} == {4}
+    assert all(lp.act is not None for lp in w4.layers if lp.weight)
+    assert uniform_plan(base, 4, act=False).avg_act_bits == 16.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"weight_candidates": (3, 16)}, "2, 4, 8, 16"), ({"weight_bits": 1.0}, "2..16"), ({"act_bits": 4.0}, "8..16")],
+    ids=["3-bit-candidate", "budget-1", "act-budget-4"],
+)
+def test_bad_mixed_settings_are_rejected(kwargs: dict[str, object], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        MixedConfig(**kwargs)  # type: ignore[arg-type]

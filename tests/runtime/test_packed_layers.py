@@ -1,0 +1,141 @@
+"""Packed 4-/2-bit and weight-only layers: storage, resident memory, kernels against the float op."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from diffkiln.export.freeze import freeze_layer, layer_meta
+from diffkiln.kernels import backends as backends_mod
+from diffkiln.kernels.packing import unpack_weights
+from diffkiln.optimizer.plan import ActMode, ActSpec, LayerPlan, WeightSpec
+from diffkiln.optimizer.planner import QuantizeConfig
+from diffkiln.optimizer.quantizers import quantize_weight_per_channel
+from diffkiln.report.metrics import sqnr_db
+from diffkiln.runtime.qmodules import QConv2d, QLinear
+from tests.kernels.npu_emulation import make_fake_torch_npu
+
+# weight bits, activation bits (16: weight-only)
+FORMATS = [(4, 8), (2, 8), (4, 16), (2, 16), (8, 16)]
+
+
+def _act_spec(x: torch.Tensor) -> ActSpec:
+    lo, hi = float(x.min()), float(x.max())
+    scale = (hi - lo) / 255
+    return ActSpec(bits=8, mode=ActMode.STATIC, scale=scale, zero_point=round(-128 - lo / scale))
+
+
+def _layer(module: nn.Module, x: torch.Tensor, wbits: int, abits: int, kind: str) -> tuple[nn.Module, torch.Tensor]:
+    """The runtime module for ``module`` at (wbits, abits), and the float op on its dequantized weights."""
+    lp = LayerPlan("layer", kind, WeightSpec(wbits, scale_dtype="float16"), _act_spec(x) if abits < 16 else None)
+    tensors = freeze_layer(module, lp, None)
+    qmod = (QLinear if kind == "linear" else QConv2d)(tensors, layer_meta(module, lp))
+    w = quantize_weight_per_channel(module.weight, wbits, torch.float16).dequantize()
+    xin = x
+    if abits < 16:  # the same activation grid, simulated, for the float reference
+        a = lp.act
+        assert a is not None and a.scale is not None and a.zero_point is not None
+        q = torch.clamp(torch.round(x / a.scale) + a.zero_point, -128, 127)
+        xin = (q - a.zero_point) * a.scale
+    ref = nn.functional.linear(xin, w, module.bias) if kind == "linear" else module._conv_forward(xin, w, module.bias)
+    return qmod, ref
+
+
+@pytest.mark.parametrize(("wbits", "abits"), FORMATS, ids=lambda v: str(v))
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_packed_layer_matches_float_op_on_dequantized_weights(wbits: int, abits: int, kind: str) -> None:
+    torch.manual_seed(0)
+    if kind == "linear":
+        module: nn.Module = nn.Linear(72, 40)
+        x = torch.randn(3, 17, 72)
+    else:
+        module = nn.Conv2d(12, 20, 3, padding=1)
+        x = torch.randn(2, 12, 9, 9)
+    qmod, ref = _layer(module, x, wbits, abits, kind)
+    with torch.no_grad():
+        out = qmod(x)
+    # Same integers, same scales: the only difference is float summation order.
+    assert sqnr_db(ref.detach(), out) >= 60.0
+
+
+@pytest.mark.parametrize("wbits", [4, 2])
+def test_sub_byte_weights_stay_packed_in_memory(wbits: int) -> None:
+    module = nn.Linear(256, 128)
+    x = torch.randn(4, 256)
+    qmod, _ = _layer(module, x, wbits, 8, "linear")
+    assert qmod.weight_t is None and qmod.weight_packed is not None
+    assert qmod.weight_packed.dtype == torch.uint8
+    assert qmod.weight_packed.numel() == 128 * 256 * wbits // 8
+    qmod(x)  # running it must not leave an unpacked copy behind
+    resident = sum(b.numel() * b.element_size() for b in qmod.buffers())
+    int8_bytes = 128 * 256
+    assert resident < int8_bytes * wbits / 8 + 128 * 4 * 3  # packed codes + fp32 scale/bias/act params
+    assert not qmod._packed  # no backend prepack holding int8 weights
+
+
+def test_freeze_packs_codes_bit_exactly() -> None:
+    module = nn.Linear(37, 5)  # an odd row length exercises the padding of the last byte
+    lp = LayerPlan("l", "linear", WeightSpec(4), None)
+    t = freeze_layer(module, lp, None)
+    codes = unpack_weights(t["weight_packed"], 4, 37)
+    assert torch.equal(codes, quantize_weight_per_channel(module.weight, 4).q)
+    assert "act_scale" not in t
+
+
+@pytest.fixture
+def fake_npu(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setitem(sys.modules, "torch_npu", make_fake_torch_npu())
+    monkeypatch.setattr(backends_mod, "_INSTANCES", {})
+    return backends_mod._REGISTRY["npu"]()
+
+
+@pytest.mark.parametrize(("bits", "n"), [(4, 64), (4, 20), (2, 64), (8, 48)], ids=lambda v: str(v))
+def test_npu_weight_only_matmul_on_emulated_torch_npu(fake_npu, bits: int, n: int) -> None:
+    torch.manual_seed(1)
+    w = torch.randn(n, 96)
+    q = quantize_weight_per_channel(w, bits, torch.float16)
+    x = torch.randn(10, 96)
+    out = fake_npu.weight_only_matmul(x, q.q.t().contiguous(), q.scale, None, bits)
+    ref = x @ q.dequantize().t()
+    assert out.dtype == torch.float32
+    assert sqnr_db(ref, out) >= 40.0  # float16 inputs on the NPU path
+
+
+def test_mixed_bundle_round_trips_packed_tensors_bit_exactly(random_shapes_pipelines, tmp_path: Path) -> None:
+    from diffkiln.runtime.inspect import summarize
+    from tests.runtime_e2e_helpers import build_bundle
+
+    pipe = random_shapes_pipelines["unet"]
+    bundle, plan = build_bundle(pipe, QuantizeConfig(), tmp_path / "w8")
+    layers = []
+    for i, lp in enumerate(plan.layers):
+        if lp.quantized:
+            bits = (4, 2, 8)[i % 3]
+            lp = dataclasses.replace(lp, weight=WeightSpec(bits, scale_dtype="float16"))
+        layers.append(lp)
+    mixed_plan = dataclasses.replace(plan, layers=tuple(layers))
+    from diffkiln.calibrate import CalibrationConfig, calibrate
+    from diffkiln.export import ExportConfig, FloatStorage, export_bundle
+    from diffkiln.runtime import load
+    from tests.runtime_e2e_helpers import CACHE, PROMPTS
+
+    stats = calibrate(pipe, CalibrationConfig(PROMPTS, steps=4, batch_size=4, cache_dir=CACHE, progress=False))
+    out = export_bundle(pipe, mixed_plan, stats, ExportConfig(tmp_path / "mixed", float_storage=FloatStorage.FLOAT16))
+    qpipe = load(out, device="cpu")
+    manifest = qpipe.diffkiln_manifest
+    with safe_open(str(out / manifest["quant"]["weights_file"]), "pt") as f:
+        for name, info in manifest["quant"]["layers"].items():
+            if info["bits"] in (2, 4):
+                stored = f.get_tensor(f"{name}::weight_packed")
+                module = qpipe.unet.get_submodule(name)
+                assert info["packed"] and torch.equal(module.weight_packed, stored)
+    summary = summarize(out)
+    w8 = summarize(bundle)
+    assert summary["denoiser_fp16_bytes"] == w8["denoiser_fp16_bytes"]
+    assert summary["denoiser_bytes"] < 0.75 * w8["denoiser_bytes"]

@@ -256,6 +256,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_mixed_args(o)
     o.add_argument(
+        "--sweep",
+        type=_float_list,
+        metavar="LIST",
+        help="mixed: build bundles at each average weight bits (e.g. 3,4,5,6,8) plus uniform W4A8 and W8A8 "
+        "references under --out, evaluate them and write --out/sweep.json and sweep.html (a Pareto chart "
+        "and a per-layer bit map)",
+    )
+    o.add_argument(
+        "--sweep-eval-size",
+        type=_positive_int,
+        default=50,
+        help="mixed --sweep: evaluation prompts per set (default 50)",
+    )
+    o.add_argument(
         "--smooth",
         choices=["auto", "all", "off"],
         default="auto",
@@ -426,6 +440,25 @@ def _cmd_optimize(a: argparse.Namespace) -> int:
         seed=a.seed,
         progress=not a.no_progress,
     )
+    if a.sweep:
+        from diffkiln.report.sweep import SweepConfig, sweep
+
+        if config.recipe is not Recipe.MIXED:
+            raise InvalidInputError("--sweep needs --recipe mixed")
+        try:
+            sweep_config = SweepConfig(budgets=tuple(a.sweep), eval_size=a.sweep_eval_size)
+        except ValueError as exc:
+            raise InvalidInputError(str(exc)) from None
+        json_path, html_path = sweep(a.target, config, sweep_config)
+        for row in json.loads(json_path.read_text())["rows"]:
+            acc = (row.get("quality") or {}).get("content_accuracy")
+            sqnr = (row.get("fidelity") or {}).get("latent_sqnr_db")
+            print(
+                f"{row['name']:<14} avg W bits {row['avg_weight_bits']:5.2f}  content acc {_fmt(acc)}  "
+                f"latent SQNR {_fmt(sqnr)} dB  stored/FP16 {_fmt(row.get('size_ratio_vs_fp16'))}"
+            )
+        print(f"wrote {json_path} and {html_path}")
+        return 0
     bundle = optimize(a.target, config)
     print(f"wrote bundle {bundle}")
     return _cmd_inspect(argparse.Namespace(bundle=bundle, json=False))

@@ -49,6 +49,7 @@ __all__ = [
     "quant_matmul",
     "quant_matmul_reference",
     "register_backend",
+    "static_conv_unpacked",
     "static_linear_unpacked",
     "weight_only_matmul",
     "weight_only_matmul_reference",
@@ -160,3 +161,24 @@ def static_linear_unpacked(
         act: the static activation grid.
     """
     return static_quant_linear(get_backend(x.device), x, w_t, w_scale, bias, act)
+
+
+def static_conv_unpacked(
+    x: torch.Tensor,
+    w_codes: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    act: ActGrid,
+    geometry: ConvGeometry,
+) -> torch.Tensor | None:
+    """A direct exact integer convolution against codes unpacked for this call, or None (then im2col + GEMM).
+
+    Args:
+        x: float (B, I, H, W).
+        w_codes: int8 (O, I, kh, kw) codes.
+        w_scale: float32 (O,).
+        bias: float32 (O,) or None.
+        act: the static activation grid.
+        geometry: stride, padding, dilation, groups.
+    """
+    return get_backend(x.device).static_conv_unpacked(x, w_codes, w_scale, bias, act, geometry)

@@ -30,6 +30,7 @@ __all__ = [
     "StaticConv",
     "StaticLinear",
     "available_backends",
+    "conv2d_on_fp32_units",
     "get_backend",
     "onednn_exact",
     "register_backend",
@@ -66,6 +67,18 @@ class KernelBackend(Protocol):
         self, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, bits: int
     ) -> torch.Tensor:
         """``x @ (w * scale) + bias`` for float x (M, K) and int8 codes w (K, N) of ``bits`` bits."""
+        ...
+
+    def static_conv_unpacked(
+        self,
+        x: torch.Tensor,
+        w_codes: torch.Tensor,
+        w_scale: torch.Tensor,
+        bias: torch.Tensor | None,
+        act: ActGrid,
+        geometry: ConvGeometry,
+    ) -> torch.Tensor | None:
+        """One exact static-activation integer convolution against codes unpacked for this call, or None."""
         ...
 
     def prepack_static_linear(
@@ -342,22 +355,66 @@ def _scaled(acc: torch.Tensor, scale: torch.Tensor, pertoken: torch.Tensor | Non
     return out.to(dtype)
 
 
-_EXACT_FP32_K = 1024  # 1024 * 127 * 128 < 2**24: int8 dot products of this length are exact in fp32
+_FP32_EXACT = 2**24 - 1  # every integer up to this magnitude is exact in float32
 
 
 def int_mm_on_fp32_units(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Exact int8 GEMM computed on float32 units, for CPUs without an int8 dot-product unit.
 
-    Every int8 value and every partial sum of at most 1024 products (< 2**24) is exactly
-    representable in float32, so each K-chunk's float GEMM is the exact integer result; chunks are
-    summed in int32. Weights stay int8 in memory; one layer's chunk is widened per call.
+    Every partial sum of products whose magnitude stays below 2**24 is exact in float32, so each
+    K-chunk's float GEMM is the exact integer result; chunks are summed in int32. The chunk length
+    follows from the weights' largest magnitude: 1,032 for 8-bit weights (128 x 127 per product),
+    a whole layer for 4- and 2-bit codes (18,724 and 131,071). Weights stay integer in memory;
+    one layer's chunk is widened per call.
     """
     m, k = a.shape
-    out = torch.zeros(m, b.shape[1], dtype=torch.int32)
-    for start in range(0, k, _EXACT_FP32_K):
-        sl = slice(start, start + _EXACT_FP32_K)
+    b_max = max(int(b.abs().max()), 1) if b.numel() else 1
+    chunk = max(1, _FP32_EXACT // (128 * b_max))
+    if chunk >= k:
+        return (a.to(torch.float32) @ b.to(torch.float32)).to(torch.int32)
+    out = torch.zeros(m, b.shape[1], dtype=torch.int32, device=a.device)
+    for start in range(0, k, chunk):
+        sl = slice(start, start + chunk)
         out += (a[:, sl].to(torch.float32) @ b[sl].to(torch.float32)).to(torch.int32)
     return out
+
+
+def conv2d_on_fp32_units(
+    x: torch.Tensor,
+    w_codes: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    act: ActGrid,
+    geometry: ConvGeometry,
+) -> torch.Tensor | None:
+    """An exact integer convolution computed by the float convolution, or None where it would not be exact.
+
+    The activation codes minus the zero point (|c| <= 255) convolved with the weight codes give
+    sums of at most ``in * kh * kw`` products; when that bound times the largest product stays
+    below 2**24, every partial sum is an exact float32 integer. That holds for 4- and 2-bit
+    weights on every layer of SD-class models (4 bits: up to 9,400 inputs per output), and lets
+    packed layers skip im2col.
+
+    Args:
+        x: float (B, I, H, W).
+        w_codes: int8 (O, I, kh, kw) codes.
+        w_scale: float32 (O,).
+        bias: float32 (O,) or None.
+        act: the static activation grid.
+        geometry: stride, padding, dilation, groups.
+    """
+    per_output = w_codes[0].numel()
+    w_max = max(int(w_codes.abs().max()), 1) if w_codes.numel() else 1
+    if per_output * (act.qmax - act.qmin) * w_max > _FP32_EXACT:
+        return None
+    # Zero padding of (codes - zero point) is exactly the padding of a real zero.
+    codes = act.quantize(x, 0, torch.float32).sub_(act.zero_point)
+    g = geometry
+    acc = torch.nn.functional.conv2d(
+        codes, w_codes.to(torch.float32), None, list(g.stride), list(g.padding), list(g.dilation), g.groups
+    )
+    out = acc * (act.scale * w_scale.to(torch.float32)).view(1, -1, 1, 1)
+    return out if bias is None else out + bias.to(torch.float32).view(1, -1, 1, 1)
 
 
 @register_backend("cpu")
@@ -400,6 +457,9 @@ class CpuBackend:
         if onednn_exact(w_q, act):
             return OneDnnStaticConv(w_q, w_scale, bias, act, geometry)
         return None
+
+    def static_conv_unpacked(self, x, w_codes, w_scale, bias, act, geometry):
+        return conv2d_on_fp32_units(x, w_codes, w_scale, bias, act, geometry)
 
 
 @register_backend("cuda")
@@ -473,4 +533,7 @@ class NpuBackend:
         return GenericStaticLinear(self, w_q, w_scale, bias, act)
 
     def prepack_static_conv(self, w_q, w_scale, bias, act, geometry):
+        return None  # im2col + npu_quant_matmul
+
+    def static_conv_unpacked(self, x, w_codes, w_scale, bias, act, geometry):
         return None  # im2col + npu_quant_matmul

@@ -37,6 +37,7 @@ from diffkiln.kernels import (
     prepack_static_conv,
     prepack_static_linear,
     quant_matmul,
+    static_conv_unpacked,
     static_linear_unpacked,
     weight_only_matmul,
 )
@@ -250,6 +251,19 @@ class QConv2d(_IntGemm):
         direct = self._direct_conv(x.device)
         if direct is not None:
             return direct(x, self._current_grid()).to(x.dtype)
+        if self.weight_only and x.device.type in ("cpu", "cuda"):
+            # The float convolution on weights dequantized for this call (no im2col); the
+            # resident copy stays packed. NPUs take im2col + npu_weight_quant_batchmatmul below.
+            k = self.codes_t().t().reshape(self.out_channels, self.in_channels, *self.kernel_size)
+            w = k.to(torch.float32) * self.weight_scale.view(-1, 1, 1, 1)
+            out = F.conv2d(x.to(torch.float32), w, self.bias, self.stride, self.padding, self.dilation)
+            return out.to(x.dtype)
+        if self.weight_packed is not None and not self.dynamic and not self.weight_only:
+            codes = self.codes_t().t().reshape(self.out_channels, self.in_channels, *self.kernel_size)
+            geo = ConvGeometry(self.stride, self.padding, self.dilation)
+            out = static_conv_unpacked(x, codes, self.weight_scale, self.bias, self._current_grid(), geo)
+            if out is not None:
+                return out.to(x.dtype)
         b, _, h, w = x.shape
         cols = F.unfold(x, self.kernel_size, dilation=self.dilation, padding=self.padding, stride=self.stride)
         kh, kw = self.kernel_size

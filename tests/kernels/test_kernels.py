@@ -241,3 +241,24 @@ def test_a_call_time_grid_overrides_the_prepacked_one(kind: str, impl: str) -> N
         assert conv is not None
         ref, out = F.conv2d(x_dq, w_dq, b, padding=1), conv(x, step_grid)
     assert sqnr_db(ref, out) >= 80.0
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_conv_on_fp32_units_is_bit_exact_for_sub_byte_weights(bits: int, stride: int) -> None:
+    from diffkiln.kernels.backends import ActGrid, ConvGeometry, conv2d_on_fp32_units
+
+    gen = torch.Generator().manual_seed(bits + stride)
+    qmax = 2 ** (bits - 1) - 1
+    w = torch.randint(-qmax, qmax + 1, (6, 5, 3, 3), generator=gen, dtype=torch.int8)
+    x = torch.randn(2, 5, 8, 8, generator=gen)
+    act, geo = ActGrid(0.03, -7), ConvGeometry((stride, stride), (1, 1), (1, 1))
+    scale = torch.ones(6)
+    out = conv2d_on_fp32_units(x, w, scale, None, act, geo)
+    assert out is not None
+    # Reference: exact int64 arithmetic on the same codes (padding with code - zero point = 0).
+    codes = (act.quantize(x, 0, torch.int64) - act.zero_point).to(torch.float64)
+    ref = torch.nn.functional.conv2d(codes, w.to(torch.float64), stride=stride, padding=1) * act.scale
+    assert torch.equal(torch.round(out.double() / act.scale), torch.round(ref / act.scale))
+    wide = torch.full((6, 4000, 3, 3), qmax, dtype=torch.int8)
+    assert conv2d_on_fp32_units(torch.zeros(1, 4000, 3, 3), wide, scale, None, act, geo) is None or bits == 2

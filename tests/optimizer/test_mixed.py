@@ -27,8 +27,14 @@ def _problem() -> tuple[Plan, SensitivityTable, dict[str, tuple[int, ...]]]:
             if role == "content":
                 entries.append(SensitivityEntry(n, role, "weight", bits, "ssim", 1 - err))
             else:
-                entries.append(SensitivityEntry(n, role, "weight", bits, "sqnr_db", -10 * __import__("math").log10(err)))
-        entries.append(SensitivityEntry(n, role, "act", 8, "ssim" if role == "content" else "sqnr_db", 0.99 if role == "content" else 30.0))
+                entries.append(
+                    SensitivityEntry(n, role, "weight", bits, "sqnr_db", -10 * __import__("math").log10(err))
+                )
+        entries.append(
+            SensitivityEntry(
+                n, role, "act", 8, "ssim" if role == "content" else "sqnr_db", 0.99 if role == "content" else 30.0
+            )
+        )
     table = SensitivityTable(roles, {lp.name: lp.params for lp in layers if lp.quantized}, tuple(entries))
     return base, table, {n: (2, 4, 8, 16) for n in names}
 

@@ -256,6 +256,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_mixed_args(o)
     o.add_argument(
+        "--latency-budget",
+        type=_bounded(float, 0.0, True, "a positive number of milliseconds"),
+        metavar="MS",
+        help="mixed: bound the summed per-call latency of the searched layers, from a per-layer table "
+        "measured on this machine's CPU at each candidate width",
+    )
+    o.add_argument(
         "--sweep",
         type=_float_list,
         metavar="LIST",
@@ -432,6 +439,7 @@ def _cmd_optimize(a: argparse.Namespace) -> int:
         quality_layers=tuple(a.quality_layers),
         sensitivity_prompts=a.sensitivity_prompts,
         workers=a.workers,
+        latency_budget_ms=a.latency_budget,
         smooth=SmoothMode(a.smooth),
         smooth_alpha=a.smooth_alpha,
         timestep_aware=a.timestep_aware,

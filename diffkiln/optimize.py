@@ -53,6 +53,8 @@ class OptimizeConfig:
         quality_layers: mixed: globs of layers forced into the quality group. Default none.
         sensitivity_prompts: mixed: calibration prompts the sensitivity trials use. Default 4.
         workers: mixed: processes for the sensitivity analysis. Default 1.
+        latency_budget_ms: mixed: bound on the summed latency of the searched layers, measured
+            per layer on this machine's CPU. Default None (no bound).
         smooth: which Linear layers get SmoothQuant smoothing. Default AUTO.
         smooth_alpha: smoothing strength in (0, 1). Default 0.5.
         timestep_aware: one static activation range per sampler step. Default False.
@@ -80,6 +82,7 @@ class OptimizeConfig:
     quality_layers: tuple[str, ...] = ()
     sensitivity_prompts: int = 4
     workers: int = 1
+    latency_budget_ms: float | None = None
     smooth: SmoothMode = SmoothMode.AUTO
     smooth_alpha: float = 0.5
     timestep_aware: bool = False
@@ -127,6 +130,7 @@ class OptimizeConfig:
             act_candidates=self.act_candidates,
             content=self.content_layers,
             quality=self.quality_layers,
+            latency_budget_ms=self.latency_budget_ms,
         )
 
     def sensitivity_config(self) -> SensitivityConfig:

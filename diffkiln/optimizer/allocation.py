@@ -6,6 +6,8 @@ Formulation (docs/mixed-precision.md):
 * weight budget: ``sum_i,b params_i * b * x[i, b] <= avg_bits * sum_i params_i`` (16 = FP);
 * tied layers (which must share a format, e.g. a fused QKV) take the same bit-width:
   ``x[i, b] = x[j, b]`` for every ``b``;
+* optionally, a cost budget (e.g. a latency table measured on the target device):
+  ``sum_i,b cost[i, b] * x[i, b] <= cost_budget``;
 * objective: maximize ``sum_i,b score[i, b] * x[i, b]``, where a score is higher for a better
   choice (e.g. minus the layer's measured error at that width).
 """
@@ -51,7 +53,13 @@ def min_feasible_avg_bits(layers: Sequence[LayerOptions]) -> float:
     return sum(lo.params * min(lo.scores) for lo in layers) / total
 
 
-def allocate_bits(layers: Sequence[LayerOptions], avg_bits: float, time_limit_s: float | None = None) -> dict[str, int]:
+def allocate_bits(
+    layers: Sequence[LayerOptions],
+    avg_bits: float,
+    time_limit_s: float | None = None,
+    costs: Mapping[str, Mapping[int, float]] | None = None,
+    cost_budget: float | None = None,
+) -> dict[str, int]:
     """Choose each layer's bit-width to maximize the summed score within an average-bits budget.
 
     Args:
@@ -59,6 +67,9 @@ def allocate_bits(layers: Sequence[LayerOptions], avg_bits: float, time_limit_s:
         avg_bits: the parameter-weighted average weight bits allowed (e.g. 4.0).
         time_limit_s: stop CBC after this many seconds (the best solution found is returned).
             Default None (solve to optimality).
+        costs: layer -> candidate -> cost (e.g. measured milliseconds), for a cost budget.
+            Default None.
+        cost_budget: the summed cost allowed; needs ``costs``. Default None (no cost budget).
 
     Returns:
         layer name -> chosen bit-width.
@@ -80,6 +91,18 @@ def allocate_bits(layers: Sequence[LayerOptions], avg_bits: float, time_limit_s:
             f"an average of {avg_bits} weight bits is infeasible: the smallest feasible average with these "
             f"candidates is {floor:.3f} (every layer at its lowest width); raise --weight-bits or add lower candidates"
         )
+    if cost_budget is not None:
+        if costs is None:
+            raise ValueError("a cost budget needs a cost per layer and candidate")
+        missing = [lo.name for lo in layers if any(b not in costs.get(lo.name, {}) for b in lo.scores)]
+        if missing:
+            raise ValueError(f"no cost for every candidate of {missing[:3]}; measure them first")
+        cost_floor = sum(min(costs[lo.name][b] for b in lo.scores) for lo in layers)
+        if cost_budget < cost_floor - 1e-9:
+            raise InfeasibleBudgetError(
+                f"a cost budget of {cost_budget:.3f} is infeasible: the cheapest choice per layer sums to "
+                f"{cost_floor:.3f}; raise the budget (e.g. --latency-budget)"
+            )
     ties: dict[str, list[LayerOptions]] = {}
     for lo in layers:
         if lo.tie:
@@ -95,6 +118,8 @@ def allocate_bits(layers: Sequence[LayerOptions], avg_bits: float, time_limit_s:
         prob += pulp.lpSum(x[i, b] for b in lo.scores) == 1
     total = sum(lo.params for lo in layers)
     prob += pulp.lpSum(layers[i].params * b * v for (i, b), v in x.items()) <= avg_bits * total
+    if cost_budget is not None and costs is not None:
+        prob += pulp.lpSum(costs[layers[i].name][b] * v for (i, b), v in x.items()) <= cost_budget
     index = {lo.name: i for i, lo in enumerate(layers)}
     for members in ties.values():
         first = index[members[0].name]

@@ -30,6 +30,7 @@ import torch
 
 from diffkiln.calibrate.stats import CalibrationStats, find_denoiser
 from diffkiln.optimizer.allocation import InfeasibleBudgetError, LayerOptions, allocate_bits
+from diffkiln.optimizer.latency import LatencyTable, measure_layer_latency
 from diffkiln.optimizer.plan import LayerPlan, Plan, WeightSpec
 from diffkiln.optimizer.planner import QuantizeConfig, fp_default_reasons, make_plan
 from diffkiln.optimizer.roles import LayerRole, layer_roles
@@ -58,6 +59,10 @@ class MixedConfig:
         split_step: bits between the content-group averages of neighbouring splits. Default 0.75.
         tie_qkv: give the q, k and v projections of each attention the same width (for runtimes
             that fuse them). Default False.
+        latency_budget_ms: bound on the summed latency of the searched layers, from a table
+            measured on this machine's ``latency_device`` (:mod:`diffkiln.optimizer.latency`); each
+            group gets the share it has when every layer runs at 8 bits. Default None (no bound).
+        latency_device: where the latency table is measured. Default "cpu".
     """
 
     weight_bits: float = 4.0
@@ -69,6 +74,8 @@ class MixedConfig:
     splits: int = 5
     split_step: float = 0.75
     tie_qkv: bool = False
+    latency_budget_ms: float | None = None
+    latency_device: str = "cpu"
 
     def __post_init__(self) -> None:
         bad = [b for b in self.weight_candidates if b not in (2, 4, 8, 16)]
@@ -81,6 +88,8 @@ class MixedConfig:
             raise ValueError(f"weight_bits (an average) must be within 2..16, got {self.weight_bits}")
         if self.act_bits is not None and not 8.0 <= self.act_bits <= 16.0:
             raise ValueError(f"act_bits (an average) must be within 8..16, got {self.act_bits}")
+        if self.latency_budget_ms is not None and self.latency_budget_ms <= 0:
+            raise ValueError(f"latency_budget_ms must be positive, got {self.latency_budget_ms}")
         if self.splits <= 0 or self.split_step <= 0:
             raise ValueError(f"splits and split_step must be positive, got {self.splits} and {self.split_step}")
 
@@ -143,11 +152,23 @@ def _group_avgs(budget: float, groups: Mapping[str, list[LayerOptions]], config:
     return out
 
 
+def _group_latency_budgets(
+    groups: Mapping[str, list[LayerOptions]], latency: LatencyTable | None, config: MixedConfig
+) -> dict[str, float | None]:
+    """Each group's share of the latency budget: its share of the summed latency at 8 bits."""
+    if latency is None or config.latency_budget_ms is None:
+        return dict.fromkeys(groups)
+    ref = {g: sum(latency.ms.get(o.name, {}).get(8, 0.0) for o in opts) for g, opts in groups.items()}
+    total = sum(ref.values()) or 1.0
+    return {g: config.latency_budget_ms * ref[g] / total for g in groups}
+
+
 def allocate_mixed(
     base: Plan,
     table: SensitivityTable,
     candidates: Mapping[str, Sequence[int]],
     config: MixedConfig,
+    latency: LatencyTable | None = None,
 ) -> list[tuple[dict[str, float], dict[str, int], dict[str, int]]]:
     """The ILP allocations to measure: per budget split, (group averages, weight bits, act bits).
 
@@ -156,6 +177,8 @@ def allocate_mixed(
         table: the measured sensitivities of every searched layer.
         candidates: layer -> weight candidates (16 included where allowed).
         config: budgets and candidates.
+        latency: the measured per-layer latency table, needed for ``config.latency_budget_ms``.
+            Default None.
 
     Raises:
         InfeasibleBudgetError: the weight (or activation) budget is below the smallest feasible
@@ -182,20 +205,30 @@ def allocate_mixed(
         role.value: _options([n for n in managed if group_of[n] is role], table, candidates, "weight", config.tie_qkv)
         for role in LayerRole
     }
+    if config.latency_budget_ms is not None and latency is None:
+        raise ValueError("a latency budget needs a measured latency table (diffkiln.optimizer.latency)")
+    lat_budgets = _group_latency_budgets(groups, latency, config)
+    costs: dict[str, dict[int, float]] | None = None
+    if latency is not None:
+        # A layer the sampler never calls costs nothing at any width.
+        costs = {n: latency.ms.get(n) or dict.fromkeys(candidates[n], 0.0) for n in managed}
     results = []
+    errors: list[str] = []
     for avgs in _group_avgs(budget, groups, config):
         wbits: dict[str, int] = {}
         try:
             for g, opts in groups.items():
                 if opts:
-                    wbits.update(allocate_bits(opts, avgs[g]))
-        except InfeasibleBudgetError:
-            continue  # ties can make a split infeasible; the others remain
+                    wbits.update(allocate_bits(opts, avgs[g], costs=costs, cost_budget=lat_budgets[g]))
+        except InfeasibleBudgetError as exc:
+            errors.append(str(exc))
+            continue  # ties or the latency bound can make a split infeasible; the others remain
         results.append((avgs, wbits, _allocate_acts(base, table, wbits, config)))
     if not results:
         raise InfeasibleBudgetError(
             f"no split of {config.weight_bits} average weight bits between the content and quality layers is "
             f"feasible (smallest feasible average: {floor:.3f}); raise --weight-bits"
+            + (f" or --latency-budget ({errors[0]})" if config.latency_budget_ms is not None and errors else "")
         )
     return results
 
@@ -340,7 +373,12 @@ def make_mixed_plan(
     from diffkiln.optimizer.sensitivity import _as_image_array
 
     base, table, candidates = mixed_sensitivity(pipe, stats, qconfig, config, sens_config, source_id, target)
-    allocations = allocate_mixed(base, table, candidates, config)
+    latency = (
+        measure_layer_latency(pipe, base, stats, candidates, config.latency_device)
+        if config.latency_budget_ms is not None
+        else None
+    )
+    allocations = allocate_mixed(base, table, candidates, config, latency)
 
     settings = stats.settings
     n = min(sens_config.prompts, len(settings["prompts"]))

@@ -255,15 +255,14 @@ class QConv2d(_IntGemm):
             # The float convolution on weights dequantized for this call (no im2col); the
             # resident copy stays packed. NPUs take im2col + npu_weight_quant_batchmatmul below.
             k = self.codes_t().t().reshape(self.out_channels, self.in_channels, *self.kernel_size)
-            w = k.to(torch.float32) * self.weight_scale.view(-1, 1, 1, 1)
-            out = F.conv2d(x.to(torch.float32), w, self.bias, self.stride, self.padding, self.dilation)
-            return out.to(x.dtype)
+            deq = k.to(torch.float32) * self.weight_scale.view(-1, 1, 1, 1)
+            return F.conv2d(x.to(torch.float32), deq, self.bias, self.stride, self.padding, self.dilation).to(x.dtype)
         if self.weight_packed is not None and not self.dynamic and not self.weight_only:
             codes = self.codes_t().t().reshape(self.out_channels, self.in_channels, *self.kernel_size)
             geo = ConvGeometry(self.stride, self.padding, self.dilation)
-            out = static_conv_unpacked(x, codes, self.weight_scale, self.bias, self._current_grid(), geo)
-            if out is not None:
-                return out.to(x.dtype)
+            direct_out = static_conv_unpacked(x, codes, self.weight_scale, self.bias, self._current_grid(), geo)
+            if direct_out is not None:
+                return direct_out.to(x.dtype)
         b, _, h, w = x.shape
         cols = F.unfold(x, self.kernel_size, dilation=self.dilation, padding=self.padding, stride=self.stride)
         kh, kw = self.kernel_size

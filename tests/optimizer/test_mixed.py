@@ -90,3 +90,21 @@ def test_uniform_reference_plans() -> None:
 def test_bad_mixed_settings_are_rejected(kwargs: dict[str, object], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         MixedConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_latency_budget_bounds_the_searched_layers() -> None:
+    from diffkiln.optimizer.latency import LatencyTable
+
+    base, table, cands = _problem()
+    # Fewer bits run faster here, as on a device with native low-bit kernels.
+    ms = {n: {2: 0.5, 4: 1.0, 8: 2.0, 16: 4.0} for n in cands}
+    latency = LatencyTable(ms, "cpu")
+    free = allocate_mixed(base, table, cands, MixedConfig(weight_bits=4.0, splits=1))[0][1]
+    bound = 0.95 * latency.total(free)
+    cfg = MixedConfig(weight_bits=4.0, splits=3, latency_budget_ms=bound)
+    for _avgs, wbits, _ in allocate_mixed(base, table, cands, cfg, latency):
+        assert latency.total(wbits) <= bound + 1e-6
+    with pytest.raises(InfeasibleBudgetError, match="latency"):
+        allocate_mixed(base, table, cands, MixedConfig(weight_bits=4.0, splits=1, latency_budget_ms=1.0), latency)
+    with pytest.raises(ValueError, match="latency table"):
+        allocate_mixed(base, table, cands, cfg)

@@ -133,3 +133,49 @@ def test_inspect_of_a_corrupt_bundle_is_a_clean_error(bundle: Path, tmp_path: Pa
     (bad / "manifest.json").write_text("{")
     assert main(["inspect", str(bad)]) == 2
     assert "not valid JSON" in capsys.readouterr().err
+
+
+_MIXED_FAST = ["--calib-size", "2", "--steps", "2", "--sensitivity-prompts", "1", "--no-progress"]
+
+
+def test_mixed_sweep_and_sensitivity_from_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # tiny-pixart (25 layers) keeps the ~100 sensitivity trials and five bundles to seconds.
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    out = tmp_path / "sweep"
+    args = ["optimize", "tiny-pixart", "--recipe", "mixed", "--sweep", "5,8", "--sweep-eval-size", "1"]
+    assert main([*args, "--out", str(out), *cache, *_MIXED_FAST]) == 0
+    data = json.loads((out / "sweep.json").read_text())
+    rows = {r["name"]: r for r in data["rows"]}
+    assert set(rows) == {"mixed-w5", "mixed-w8", "uniform-w4a8", "w8a8"}  # no judge: no FP accuracy row
+    assert rows["mixed-w5"]["avg_weight_bits"] <= 5.0 + 1e-9 < rows["mixed-w8"]["avg_weight_bits"] <= 8.0 + 1e-9
+    assert rows["mixed-w5"]["size_ratio_vs_fp16"] < rows["w8a8"]["size_ratio_vs_fp16"]
+    assert rows["mixed-w5"]["resident_bytes"] < rows["w8a8"]["resident_bytes"]
+    html = (out / "sweep.html").read_text()
+    assert html.count("<svg") == 2 and "Per-layer weight bits" in html
+    # The sensitivity command reads the same analysis back from the cache.
+    sens = tmp_path / "sens"
+    capsys.readouterr()
+    sens_args = ["sensitivity", "tiny-pixart", "--out", str(sens), "--top", "5"]
+    assert main([*sens_args, *cache, *_MIXED_FAST]) == 0
+    printed = capsys.readouterr().out
+    assert "content" in printed and "quality" in printed and "simulated" in printed
+    table = json.loads((sens / "sensitivity.json").read_text())
+    assert table["format"] == "diffkiln.sensitivity" and len(table["entries"]) > 50
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--recipe", "mixed", "--weight-bits", "1"], "2..16"),
+        (["--recipe", "mixed", "--weight-candidates", "3,16"], "2, 4, 8, 16"),
+        (["--recipe", "w8a8", "--weight-bits", "4"], "--recipe mixed"),
+        (["--recipe", "w8a8", "--sweep", "4"], "--sweep needs --recipe mixed"),
+    ],
+    ids=["mixed-1-bit", "mixed-3-bit-candidate", "w8a8-4-bits", "sweep-without-mixed"],
+)
+def test_bad_mixed_options_fail_with_one_line(
+    random_unet_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
+    code = main(["optimize", str(random_unet_folder), *extra, "--out", str(tmp_path / "b"), "--no-progress"])
+    assert code == 2
+    assert message in capsys.readouterr().err

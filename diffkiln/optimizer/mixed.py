@@ -63,6 +63,11 @@ class MixedConfig:
             measured on this machine's ``latency_device`` (:mod:`diffkiln.optimizer.latency`); each
             group gets the share it has when every layer runs at 8 bits. Default None (no bound).
         latency_device: where the latency table is measured. Default "cpu".
+        select_prompts: calibration prompts (with their seeds) every candidate plan is run on,
+            on the integer runtime, to pick the final plan. Default 8.
+        uniform_candidate: also measure the widest uniform allocation that fits the budget (every
+            searched layer at one width), so the search never returns a plan that measures worse
+            than it. Default True.
     """
 
     weight_bits: float = 4.0
@@ -76,6 +81,8 @@ class MixedConfig:
     tie_qkv: bool = False
     latency_budget_ms: float | None = None
     latency_device: str = "cpu"
+    select_prompts: int = 8
+    uniform_candidate: bool = True
 
     def __post_init__(self) -> None:
         bad = [b for b in self.weight_candidates if b not in (2, 4, 8, 16)]
@@ -90,6 +97,8 @@ class MixedConfig:
             raise ValueError(f"act_bits (an average) must be within 8..16, got {self.act_bits}")
         if self.latency_budget_ms is not None and self.latency_budget_ms <= 0:
             raise ValueError(f"latency_budget_ms must be positive, got {self.latency_budget_ms}")
+        if self.select_prompts <= 0:
+            raise ValueError(f"select_prompts must be a positive integer, got {self.select_prompts}")
         if self.splits <= 0 or self.split_step <= 0:
             raise ValueError(f"splits and split_step must be positive, got {self.splits} and {self.split_step}")
 
@@ -224,6 +233,11 @@ def allocate_mixed(
             errors.append(str(exc))
             continue  # ties or the latency bound can make a split infeasible; the others remain
         results.append((avgs, wbits, _allocate_acts(base, table, wbits, config)))
+    uniform = _uniform_allocation(base, candidates, config, latency) if config.uniform_candidate else None
+    if uniform is not None and all(uniform != w for _, w, _ in results):
+        results.append(
+            ({"uniform": float(max(uniform.values()))}, uniform, _allocate_acts(base, table, uniform, config))
+        )
     if not results:
         raise InfeasibleBudgetError(
             f"no split of {config.weight_bits} average weight bits between the content and quality layers is "
@@ -231,6 +245,26 @@ def allocate_mixed(
             + (f" or --latency-budget ({errors[0]})" if config.latency_budget_ms is not None and errors else "")
         )
     return results
+
+
+def _uniform_allocation(
+    base: Plan, candidates: Mapping[str, Sequence[int]], config: MixedConfig, latency: LatencyTable | None
+) -> dict[str, int] | None:
+    """The widest single width (below 16) for every searched layer that fits the budgets, or None.
+
+    Layers whose candidates lack that width (conditioning layers: 8 or 16) take their nearest
+    wider candidate.
+    """
+    total = sum(lp.params for lp in base.layers)
+    for width in sorted({b for c in candidates.values() for b in c if b < 16}, reverse=True):
+        bits = {n: min((b for b in c if b >= width), default=16) for n, c in candidates.items()}
+        avg = sum(lp.params * bits.get(lp.name, 16) for lp in base.layers) / total
+        fits_latency = (
+            config.latency_budget_ms is None or latency is None or latency.total(bits) <= config.latency_budget_ms
+        )
+        if avg <= config.weight_bits + 1e-9 and fits_latency:
+            return bits
+    return None
 
 
 def _allocate_acts(
@@ -381,7 +415,7 @@ def make_mixed_plan(
     allocations = allocate_mixed(base, table, candidates, config, latency)
 
     settings = stats.settings
-    n = min(sens_config.prompts, len(settings["prompts"]))
+    n = min(config.select_prompts, len(settings["prompts"]))
     run_kwargs = {
         "prompt": list(settings["prompts"][:n]),
         "num_inference_steps": int(settings["steps"]),
@@ -418,7 +452,7 @@ def make_mixed_plan(
             **{k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()},
             "candidates_measured": measured,
             "chosen": chosen,
-            "selection": "max mean SSIM of final images vs FP, integer runtime, trial prompts",
+            "selection": f"max mean SSIM of final images vs FP, integer runtime, {n} calibration prompts",
             "sensitivity": {k: v for k, v in table.settings.items() if k != "format"},
         },
     }

@@ -234,10 +234,9 @@ def allocate_mixed(
             continue  # ties or the latency bound can make a split infeasible; the others remain
         results.append((avgs, wbits, _allocate_acts(base, table, wbits, config)))
     uniform = _uniform_allocation(base, candidates, config, latency) if config.uniform_candidate else None
-    if uniform is not None and all(uniform != w for _, w, _ in results):
-        results.append(
-            ({"uniform": float(max(uniform.values()))}, uniform, _allocate_acts(base, table, uniform, config))
-        )
+    if uniform is not None and all(uniform[1] != w for _, w, _ in results):
+        width, ubits = uniform
+        results.append(({"uniform": float(width)}, ubits, _allocate_acts(base, table, ubits, config)))
     if not results:
         raise InfeasibleBudgetError(
             f"no split of {config.weight_bits} average weight bits between the content and quality layers is "
@@ -249,11 +248,12 @@ def allocate_mixed(
 
 def _uniform_allocation(
     base: Plan, candidates: Mapping[str, Sequence[int]], config: MixedConfig, latency: LatencyTable | None
-) -> dict[str, int] | None:
-    """The widest single width (below 16) for every searched layer that fits the budgets, or None.
+) -> tuple[int, dict[str, int]] | None:
+    """(width, bits): every searched layer at the widest single width that fits the budgets, or None.
 
     Layers whose candidates lack that width (conditioning layers: 8 or 16) take their nearest
-    wider candidate.
+    wider candidate. A uniform allocation more than one bit below the budget is no rival to the
+    ILP's plans and is not returned.
     """
     total = sum(lp.params for lp in base.layers)
     for width in sorted({b for c in candidates.values() for b in c if b < 16}, reverse=True):
@@ -263,7 +263,7 @@ def _uniform_allocation(
             config.latency_budget_ms is None or latency is None or latency.total(bits) <= config.latency_budget_ms
         )
         if avg <= config.weight_bits + 1e-9 and fits_latency:
-            return bits
+            return (width, bits) if avg >= config.weight_bits - 1.0 else None
     return None
 
 

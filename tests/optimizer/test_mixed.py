@@ -108,3 +108,13 @@ def test_latency_budget_bounds_the_searched_layers() -> None:
         allocate_mixed(base, table, cands, MixedConfig(weight_bits=4.0, splits=1, latency_budget_ms=1.0), latency)
     with pytest.raises(ValueError, match="latency table"):
         allocate_mixed(base, table, cands, cfg)
+
+
+def test_uniform_candidate_is_measured_beside_the_splits() -> None:
+    base, table, cands = _problem()
+    allocations = allocate_mixed(base, table, cands, MixedConfig(weight_bits=4.5, splits=2))
+    uniform = [bits for avgs, bits, _ in allocations if "uniform" in avgs]
+    assert uniform and set(uniform[0].values()) == {4}
+    # More than one bit below the budget, a uniform allocation is no rival: not measured.
+    far = allocate_mixed(base, table, cands, MixedConfig(weight_bits=7.9, splits=1, weight_candidates=(2, 4, 16)))
+    assert not [a for a, _, _ in far if "uniform" in a]

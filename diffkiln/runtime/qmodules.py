@@ -109,9 +109,11 @@ class _IntGemm(nn.Module):
             self.register_buffer("weight_t", w.reshape(w.shape[0], -1).t().contiguous())
             self.register_buffer("weight_packed", None)
         self.dynamic = dynamic
-        self.register_buffer("weight_scale", tensors["weight_scale"].to(torch.float32))
+        # Scales and bias stay in their stored dtype (float16 in mixed bundles: half the resident
+        # bytes); each call widens them to float32, a copy of one row of N values.
+        self.register_buffer("weight_scale", tensors["weight_scale"])
         bias = tensors.get("bias")
-        self.register_buffer("bias", None if bias is None else bias.to(torch.float32))
+        self.register_buffer("bias", bias)
         smooth = tensors.get("smooth_inv")
         self.register_buffer("smooth_inv", None if smooth is None else smooth.to(torch.float32))
         self.register_buffer("act_timesteps", None)
@@ -155,25 +157,28 @@ class _IntGemm(nn.Module):
             k *= d
         return unpack_weights(self.weight_packed, self.weight_bits, k).t()
 
+    def scale_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The weight scale and bias as float32 (they may be stored as float16)."""
+        return self.weight_scale.float(), None if self.bias is None else self.bias.float()
+
     def gemm(self, x2d: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         if self.smooth_inv is not None:
             x2d = x2d * self.smooth_inv  # the weights were multiplied by the inverse at export
+        scale, bias = self.scale_and_bias()
         if self.weight_only:
-            out = weight_only_matmul(x2d, self.codes_t(), self.weight_scale, self.bias, self.weight_bits)
+            out = weight_only_matmul(x2d, self.codes_t(), scale, bias, self.weight_bits)
         elif self.dynamic:
             q, tok_scale = dynamic_quant(x2d)
-            out = quant_matmul(q, self.codes_t(), self.weight_scale, None, tok_scale, torch.float32)
-            if self.bias is not None:
-                out = out + self.bias
+            out = quant_matmul(q, self.codes_t(), scale, None, tok_scale, torch.float32)
+            if bias is not None:
+                out = out + bias
         elif self.weight_packed is not None:
             # No prepacking: a backend's prepacked form would hold an int8 copy of the weights.
-            out = static_linear_unpacked(x2d, self.codes_t(), self.weight_scale, self.bias, self._current_grid())
+            out = static_linear_unpacked(x2d, self.codes_t(), scale, bias, self._current_grid())
         else:
             key = str(x2d.device)
             if key not in self._packed:
-                self._packed[key] = prepack_static_linear(
-                    self.codes_t().t(), self.weight_scale, self.bias, self.act_grid, x2d.device
-                )
+                self._packed[key] = prepack_static_linear(self.codes_t().t(), scale, bias, self.act_grid, x2d.device)
             out = self._packed[key](x2d, self._current_grid())
         return out.to(out_dtype)
 
@@ -189,7 +194,7 @@ class QLinear(_IntGemm):
         super().__init__(tensors, meta)
         self.out_features, self.in_features = self.weight_shape[0], self.weight_shape[1]
         has_bos = "bos_rows" in tensors
-        self.register_buffer("bos_rows", tensors["bos_rows"].to(torch.float32) if has_bos else None)
+        self.register_buffer("bos_rows", tensors["bos_rows"] if has_bos else None)  # stored dtype; cast per call
         self.register_buffer("bos_positions", tensors["bos_positions"].to(torch.int64) if has_bos else None)
         self.text_len = int(tensors["text_len"]) if has_bos else 0
 
@@ -243,7 +248,8 @@ class QConv2d(_IntGemm):
             if not self.dynamic and not self.weight_only and self.weight_t is not None:
                 w = self.codes_t().t().reshape(self.out_channels, self.in_channels, *self.kernel_size)
                 geo = ConvGeometry(self.stride, self.padding, self.dilation)
-                conv = prepack_static_conv(w, self.weight_scale, self.bias, self.act_grid, geo, device)
+                scale, bias = self.scale_and_bias()
+                conv = prepack_static_conv(w, scale, bias, self.act_grid, geo, device)
             self._direct[key] = conv
         return self._direct[key]
 
@@ -255,12 +261,14 @@ class QConv2d(_IntGemm):
             # The float convolution on weights dequantized for this call (no im2col); the
             # resident copy stays packed. NPUs take im2col + npu_weight_quant_batchmatmul below.
             k = self.codes_t().t().reshape(self.out_channels, self.in_channels, *self.kernel_size)
-            deq = k.to(torch.float32) * self.weight_scale.view(-1, 1, 1, 1)
-            return F.conv2d(x.to(torch.float32), deq, self.bias, self.stride, self.padding, self.dilation).to(x.dtype)
+            scale, bias = self.scale_and_bias()
+            deq = k.to(torch.float32) * scale.view(-1, 1, 1, 1)
+            return F.conv2d(x.to(torch.float32), deq, bias, self.stride, self.padding, self.dilation).to(x.dtype)
         if self.weight_packed is not None and not self.dynamic and not self.weight_only:
             codes = self.codes_t().t().reshape(self.out_channels, self.in_channels, *self.kernel_size)
             geo = ConvGeometry(self.stride, self.padding, self.dilation)
-            direct_out = static_conv_unpacked(x, codes, self.weight_scale, self.bias, self._current_grid(), geo)
+            scale, bias = self.scale_and_bias()
+            direct_out = static_conv_unpacked(x, codes, scale, bias, self._current_grid(), geo)
             if direct_out is not None:
                 return direct_out.to(x.dtype)
         b, _, h, w = x.shape

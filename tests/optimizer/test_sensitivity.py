@@ -117,3 +117,46 @@ def test_fewer_bits_hurt_more_and_table_round_trips(random_shapes_pipelines) -> 
 def test_bad_sensitivity_settings_are_rejected(kwargs: dict[str, object], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         SensitivityConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_workers_give_the_same_results_as_one_process(tmp_path: Path) -> None:
+    from diffkiln.generation import load_pipeline
+    from diffkiln.zoo.registry import resolve_target
+
+    target = resolve_target("tiny-pixart")  # built on first use; workers load it by name
+    pipe = load_pipeline(target)
+    stats = calibrate(
+        pipe,
+        CalibrationConfig(
+            PROMPTS[:1], steps=2, cache_dir=CACHE, progress=False, call_kwargs=tuple(target.call_kwargs.items())
+        ),
+    )
+    base = make_plan(pipe, stats, QuantizeConfig(), "tiny-pixart")
+    den = pipe.transformer
+    roles = layer_roles(den)
+    sims = layer_sims(base, stats, den)
+    names = [n for n in sims if roles[n] is LayerRole.CONTENT][:2] + [n for n in sims if roles[n] is LayerRole.QUALITY][
+        :2
+    ]
+    cands = {n: [4] for n in names}
+    results = {}
+    for workers in (1, 2):
+        cfg = SensitivityConfig(weight_candidates=(4,), prompts=1, quality_steps=2, workers=workers, progress=False)
+        table = analyze_sensitivity(pipe, stats, base, roles, sims, cands, cfg, target="tiny-pixart")
+        results[workers] = [(e.layer, e.target, e.value) for e in table.entries]
+    assert [r[:2] for r in results[1]] == [r[:2] for r in results[2]]
+    assert [r[2] for r in results[1]] == pytest.approx([r[2] for r in results[2]], rel=1e-4, abs=1e-6)
+    with pytest.raises(ValueError, match="target"):
+        analyze_sensitivity(pipe, stats, base, roles, sims, cands, SensitivityConfig(workers=2, progress=False))
+
+
+def test_latency_table_times_every_candidate(random_shapes_pipelines) -> None:
+    from diffkiln.optimizer.latency import measure_layer_latency
+
+    pipe = random_shapes_pipelines["unet"]
+    stats, base = _setup(pipe)
+    names = [lp.name for lp in base.layers if lp.quantized][:3]
+    table = measure_layer_latency(pipe, base, stats, {n: (2, 4, 8, 16) for n in names}, repeats=2)
+    assert set(table.ms) == set(names)
+    assert all(set(v) == {2, 4, 8, 16} and min(v.values()) > 0 for v in table.ms.values())
+    assert table.total({n: 8 for n in names}) == pytest.approx(sum(table.ms[n][8] for n in names))

@@ -256,6 +256,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_mixed_args(o)
     o.add_argument(
+        "--float-storage",
+        choices=["lossless", "float16"],
+        help="how the bundle stores weight scales, biases, BOS rows and FP layers: lossless (exact) or "
+        "float16, as an FP16 checkpoint stores them (default: lossless for w8a8, float16 for mixed)",
+    )
+    o.add_argument(
         "--latency-budget",
         type=_bounded(float, 0.0, True, "a positive number of milliseconds"),
         metavar="MS",
@@ -413,6 +419,7 @@ def _read_old_report(path: Path) -> dict[str, Any]:
 
 
 def _cmd_optimize(a: argparse.Namespace) -> int:
+    from diffkiln.export import FloatStorage
     from diffkiln.optimize import OptimizeConfig, optimize
     from diffkiln.optimizer import ActMode, Recipe, SmoothMode
 
@@ -440,6 +447,7 @@ def _cmd_optimize(a: argparse.Namespace) -> int:
         sensitivity_prompts=a.sensitivity_prompts,
         workers=a.workers,
         latency_budget_ms=a.latency_budget,
+        float_storage=None if a.float_storage is None else FloatStorage(a.float_storage),
         smooth=SmoothMode(a.smooth),
         smooth_alpha=a.smooth_alpha,
         timestep_aware=a.timestep_aware,

@@ -58,6 +58,9 @@ class OptimizeConfig:
         smooth: which Linear layers get SmoothQuant smoothing. Default AUTO.
         smooth_alpha: smoothing strength in (0, 1). Default 0.5.
         timestep_aware: one static activation range per sampler step. Default False.
+        float_storage: how the bundle stores float tensors: LOSSLESS (exact), or FLOAT16 (weight
+            scales, biases, BOS rows and FP tensors in float16, as an FP16 checkpoint stores them).
+            None: the recipe's default, LOSSLESS for w8a8 and FLOAT16 for mixed. Default None.
         overwrite: replace an existing bundle. Default False.
         cache_dir: calibration cache; None uses :func:`default_cache_dir`.
         seed: base seed for calibration. Default 0.
@@ -86,6 +89,7 @@ class OptimizeConfig:
     smooth: SmoothMode = SmoothMode.AUTO
     smooth_alpha: float = 0.5
     timestep_aware: bool = False
+    float_storage: FloatStorage | None = None
     overwrite: bool = False
     cache_dir: Path | None = None
     seed: int = 0
@@ -120,6 +124,13 @@ class OptimizeConfig:
                     f"{name} must be 7 or 8 for the w8a8 recipe, got {value}; "
                     "for averages such as 4.0 use --recipe mixed"
                 )
+
+    def resolved_float_storage(self) -> FloatStorage:
+        """The float storage: as given, or the recipe's default (mixed bundles are compared with
+        FP16, so they store float tensors as an FP16 checkpoint would)."""
+        if self.float_storage is not None:
+            return self.float_storage
+        return FloatStorage.FLOAT16 if self.recipe is Recipe.MIXED else FloatStorage.LOSSLESS
 
     def mixed_config(self) -> MixedConfig:
         """The mixed-precision search settings these options give."""
@@ -194,6 +205,7 @@ def _prepare(target: str | os.PathLike[str], config: OptimizeConfig) -> _Prepare
         smooth=config.smooth,
         smooth_alpha=config.smooth_alpha,
         timestep_aware=config.timestep_aware,
+        scale_dtype="float16" if config.resolved_float_storage() is FloatStorage.FLOAT16 else "float32",
     )
     metrics = {
         "load_seconds": round(t1 - t0, 3),
@@ -247,9 +259,7 @@ def optimize(target: str | os.PathLike[str], config: OptimizeConfig) -> Path:
         "quantized_layers": sum(lp.quantized for lp in plan.layers),
         "fp_layers": sum(not lp.quantized for lp in plan.layers),
     }
-    # Mixed bundles are compared with FP16: their float tensors are stored as an FP16 checkpoint would.
-    storage = FloatStorage.FLOAT16 if mixed else FloatStorage.LOSSLESS
-    export_cfg = ExportConfig(Path(config.out), config.overwrite, storage)
+    export_cfg = ExportConfig(Path(config.out), config.overwrite, config.resolved_float_storage())
     return export_bundle(prep.pipe, plan, prep.stats, export_cfg, metrics)
 
 

@@ -357,8 +357,15 @@ def mixed_sensitivity(
     """
     denoiser = find_denoiser(pipe)
     conditioning = [n for n, r in fp_default_reasons(denoiser).items() if r.startswith("conditioning")]
+    # The base plan only lends its activation grids; every searched layer's weight spec (float16
+    # scales) is set by the allocation, so the base keeps float32 scales and stable cache keys.
     base_cfg = dataclasses.replace(
-        qconfig, include=(*qconfig.include, *conditioning), weight_bits=8, act_bits=8, timestep_aware=False
+        qconfig,
+        include=(*qconfig.include, *conditioning),
+        weight_bits=8,
+        act_bits=8,
+        timestep_aware=False,
+        scale_dtype="float32",
     )
     base = make_plan(pipe, stats, base_cfg, source_id)
     roles = layer_roles(denoiser, config.content, config.quality)

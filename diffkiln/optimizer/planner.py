@@ -73,6 +73,8 @@ class QuantizeConfig:
         timestep_aware: static mode only: one activation range per calibrated sampler step
             (as msModelSlim's timestep-aware W8A8), chosen from that step's samples; the runtime
             uses the range of the nearest calibrated timestep. Default False (one range).
+        scale_dtype: "float32" or "float16" per-channel weight scales; the codes are rounded
+            against the stored scale either way. Default "float32".
     """
 
     recipe: Recipe = Recipe.W8A8
@@ -87,6 +89,7 @@ class QuantizeConfig:
     smooth_alpha: float = 0.5
     smooth_min_outlier_ratio: float = 8.0
     timestep_aware: bool = False
+    scale_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         for field_name, enum in (
@@ -108,6 +111,8 @@ class QuantizeConfig:
             raise ValueError(f"smooth_alpha must be in (0, 1), got {self.smooth_alpha}")
         if self.timestep_aware and self.act_mode is not ActMode.STATIC:
             raise ValueError("timestep_aware needs static activations (act_mode static)")
+        if self.scale_dtype not in ("float32", "float16"):
+            raise ValueError(f"scale_dtype must be 'float32' or 'float16', got {self.scale_dtype!r}")
         if self.smooth_min_outlier_ratio < 1.0:
             raise ValueError(f"smooth_min_outlier_ratio must be >= 1, got {self.smooth_min_outlier_ratio}")
 
@@ -268,7 +273,8 @@ def make_plan(pipe: Any, stats: CalibrationStats, config: QuantizeConfig, source
                 clip_hi=p.hi,
                 **steps,
             )
-        out.append(LayerPlan(name, kind, WeightSpec(bits=config.weight_bits), act, rows, "", params, alpha))
+        weight = WeightSpec(bits=config.weight_bits, scale_dtype=config.scale_dtype)
+        out.append(LayerPlan(name, kind, weight, act, rows, "", params, alpha))
     return Plan(
         recipe=config.recipe.value,
         source={"id": source_id, "weight_hash": stats.model_hash},

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from diffkiln.errors import InvalidInputError
-from diffkiln.export import ExportConfig, FloatStorage, export_bundle
+from diffkiln.export import ExportConfig, export_bundle
 from diffkiln.generation import GenerateConfig, generate, load_pipeline
 from diffkiln.optimizer.allocation import InfeasibleBudgetError
 from diffkiln.optimizer.mixed import make_mixed_plan, mixed_sensitivity, uniform_plan
@@ -103,7 +103,8 @@ def sweep(target: str | os.PathLike[str], config: Any, sweep_config: SweepConfig
     prep, plans = _plans(target, config, sweep_config)
     bundles: dict[str, Path] = {}
     for name, plan in plans.items():
-        storage = FloatStorage.LOSSLESS if name == "w8a8" else FloatStorage.FLOAT16
+        # Every bundle of the sweep stores float tensors alike (float16 unless asked otherwise).
+        storage = config.resolved_float_storage()
         bundles[name] = export_bundle(
             prep.pipe, plan, prep.stats, ExportConfig(out / name, overwrite=config.overwrite, float_storage=storage)
         )

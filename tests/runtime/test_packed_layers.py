@@ -139,3 +139,24 @@ def test_mixed_bundle_round_trips_packed_tensors_bit_exactly(random_shapes_pipel
     w8 = summarize(bundle)
     assert summary["denoiser_fp16_bytes"] == w8["denoiser_fp16_bytes"]
     assert summary["denoiser_bytes"] < 0.75 * w8["denoiser_bytes"]
+
+
+def test_float16_storage_shrinks_a_w8a8_bundle_and_keeps_its_outputs(random_shapes_pipelines, tmp_path: Path) -> None:
+    from diffkiln.calibrate import CalibrationConfig, calibrate
+    from diffkiln.export import ExportConfig, FloatStorage, export_bundle
+    from diffkiln.optimizer.planner import make_plan
+    from diffkiln.runtime import load
+    from diffkiln.runtime.inspect import summarize
+    from tests.runtime_e2e_helpers import CACHE, PROMPTS, latents
+
+    pipe = random_shapes_pipelines["dit"]
+    stats = calibrate(pipe, CalibrationConfig(PROMPTS, steps=4, batch_size=4, cache_dir=CACHE, progress=False))
+    exact = export_bundle(pipe, make_plan(pipe, stats, QuantizeConfig(), "t"), stats, ExportConfig(tmp_path / "a"))
+    half_plan = make_plan(pipe, stats, QuantizeConfig(scale_dtype="float16"), "t")
+    half = export_bundle(pipe, half_plan, stats, ExportConfig(tmp_path / "b", float_storage=FloatStorage.FLOAT16))
+    with safe_open(str(half / "transformer" / "quantized.safetensors"), "pt") as f:
+        dtypes = {f.get_slice(k).get_dtype() for k in f.keys() if k.endswith(("::weight_scale", "::bias"))}  # noqa: SIM118
+    assert dtypes == {"F16"}
+    assert summarize(half)["denoiser_bytes"] < 0.95 * summarize(exact)["denoiser_bytes"]
+    # float16 scales, biases and norms, as an FP16 checkpoint: close to the exact bundle's output.
+    assert sqnr_db(latents(load(exact, "cpu"), PROMPTS[:1]), latents(load(half, "cpu"), PROMPTS[:1])) >= 30.0

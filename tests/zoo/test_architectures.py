@@ -101,6 +101,7 @@ def test_mixed_bundle_end_to_end(name: str, tmp_path: Path) -> None:
         out=tmp_path / "mixed",
         recipe=Recipe.MIXED,
         weight_bits=6.0,  # tiny-wan's FP and conditioning layers alone put its floor at 5.2
+        weight_candidates=(4, 8, 16),  # 2-bit packing is covered by tests/runtime; fewer trials here
         calib_size=2,
         steps=2,
         sensitivity_prompts=1,
@@ -110,7 +111,7 @@ def test_mixed_bundle_end_to_end(name: str, tmp_path: Path) -> None:
     summary = summarize(bundle)
     assert summary["recipe"] == "mixed" and summary["avg_weight_bits"] <= 6.0 + 1e-9
     manifest_layers = summary["layers_by_bits"]
-    assert any(k.startswith(("W4", "W2")) for k in manifest_layers), manifest_layers
+    assert any(k.startswith("W4") for k in manifest_layers), manifest_layers
     target = resolve_target(str(bundle))
     q_pipe = load_pipeline(target)
     fp_target = resolve_target(name)

@@ -1,0 +1,131 @@
+"""The ``export --format onnx`` verb, first part: a bundle's denoiser as an ONNX model with QDQ.
+
+Loads the bundle with the runtime (verified, no FP weights needed), swaps every quantized layer
+for its export stand-in (:mod:`diffkiln.export.onnx.modules`), records the denoiser's inputs from
+one short sampler call, and exports with ``torch.onnx.export(dynamo=True)`` and the custom-op
+translations of :mod:`diffkiln.export.onnx.ops`: int8 weight initializers, QuantizeLinear /
+DequantizeLinear around every quantized MatMul and Conv, BOS rows and SmoothQuant factors as
+constants. The result passes ``onnx.checker.check_model(full_check=True)``.
+
+Not yet: the text encoder and VAE, dynamic axes (shapes are those of the recorded call), int4
+initializers for packed layers (they are exported as int8 codes), external data above 2 GB.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from diffkiln.calibrate.hooks import scoped_hooks
+from diffkiln.export.onnx.modules import export_module_for
+from diffkiln.export.onnx.ops import TRANSLATIONS
+from diffkiln.runtime.qmodules import QConv2d, QLinear
+
+__all__ = ["OnnxExportConfig", "export_denoiser_onnx"]
+
+
+@dataclass(frozen=True)
+class OnnxExportConfig:
+    """Where and how to export.
+
+    Attributes:
+        out: the folder to write ``denoiser.onnx`` into.
+        opset: the ONNX opset. Default 20.
+        prompt: the prompt of the recorded sampler call that fixes the input shapes. Default
+            "a red circle on the left".
+    """
+
+    out: Path
+    opset: int = 20
+    prompt: str = "a red circle on the left"
+
+    def __post_init__(self) -> None:
+        if self.opset < 13:
+            raise ValueError(f"per-channel QDQ needs opset >= 13, got {self.opset}")
+
+
+class _Denoiser(nn.Module):
+    """The denoiser called with keyword tensors, returning its output tensor."""
+
+    def __init__(self, denoiser: nn.Module):
+        super().__init__()
+        self.denoiser = denoiser
+
+    def forward(self, **kwargs: torch.Tensor) -> torch.Tensor:
+        out = self.denoiser(**kwargs, return_dict=False)
+        return out[0] if isinstance(out, tuple) else out
+
+
+def _record_inputs(pipe: Any, denoiser: nn.Module, prompt: str) -> dict[str, torch.Tensor]:
+    calls: list[dict[str, torch.Tensor]] = []
+    signature = inspect.signature(denoiser.forward)
+
+    def record(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if calls:
+            return
+        bound = signature.bind_partial(*args, **kwargs).arguments
+        calls.append({k: v.detach().clone() for k, v in bound.items() if isinstance(v, torch.Tensor)})
+
+    pipe.set_progress_bar_config(disable=True)
+    with scoped_hooks() as hooks, torch.no_grad():
+        hooks.add_forward_pre_hook("diffkiln.onnx.record", denoiser, record)
+        pipe([prompt], num_inference_steps=2, output_type="latent", generator=torch.Generator().manual_seed(0))
+    return calls[0]
+
+
+def _strip_debug_metadata(model: Any) -> None:
+    """Drop the exporter's per-node stack traces (measured: 2.8 MB on a 3 MB shapes-unet model)."""
+    import onnx_ir as ir
+
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        node.metadata_props.clear()
+        node.doc_string = None
+
+
+def export_denoiser_onnx(bundle: str | os.PathLike[str], config: OnnxExportConfig) -> Path:
+    """Export a bundle's denoiser to ``config.out/denoiser.onnx`` (see the module docstring).
+
+    Returns:
+        The ONNX file.
+
+    Raises:
+        BundleError: the bundle fails its checks.
+        OnnxExportError: a layer cannot be expressed (the message names it and why).
+    """
+    import onnx
+
+    from diffkiln.runtime import load
+
+    pipe = load(bundle, device="cpu")
+    name = pipe.diffkiln_manifest["pipeline"]["denoiser"]
+    denoiser = getattr(pipe, name)
+    example = _record_inputs(pipe, denoiser, config.prompt)
+    for layer, module in list(denoiser.named_modules()):
+        if isinstance(module, (QLinear, QConv2d)):
+            parent_name, _, child = layer.rpartition(".")
+            parent = denoiser.get_submodule(parent_name) if parent_name else denoiser
+            setattr(parent, child, export_module_for(layer, module))
+    config.out.mkdir(parents=True, exist_ok=True)
+    path = config.out / "denoiser.onnx"
+    with torch.no_grad():
+        program = torch.onnx.export(
+            _Denoiser(denoiser).eval(),
+            (),
+            kwargs=example,
+            dynamo=True,
+            opset_version=config.opset,
+            custom_translation_table=TRANSLATIONS,
+            verbose=False,
+        )
+    if program is None:
+        raise RuntimeError("torch.onnx.export returned no program")
+    _strip_debug_metadata(program.model)
+    program.save(str(path))
+    onnx.checker.check_model(str(path), full_check=True)
+    return path

@@ -1,0 +1,122 @@
+"""Export-time stand-ins for the runtime's quantized modules: the same integers, as QDQ custom ops.
+
+Built from a loaded bundle's :class:`~diffkiln.runtime.qmodules.QLinear` / ``QConv2d`` (codes,
+scales, activation grid, smoothing, BOS rows), so an export needs only the bundle.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from diffkiln.export.onnx import ops
+from diffkiln.runtime.qmodules import QConv2d, QLinear
+
+__all__ = ["OnnxExportError", "OnnxQConv2d", "OnnxQLinear", "export_module_for"]
+
+
+class OnnxExportError(ValueError):
+    """A layer cannot be expressed in ONNX; the message names the layer and the reason."""
+
+
+def _check_exportable(name: str, q: QLinear | QConv2d) -> None:
+    if q.dynamic:
+        raise OnnxExportError(f"{name}: dynamic per-token activations have no static QDQ form; rebuild with static")
+    if q.act_timesteps is not None:
+        raise OnnxExportError(f"{name}: timestep-aware activation ranges are not exported yet; rebuild without them")
+
+
+def _act_buffers(module: nn.Module, q: QLinear | QConv2d) -> tuple[float, float] | None:
+    """Register the activation grid's scale and zero point; return the 7-bit clip range, if any."""
+    if q.weight_only:
+        return None
+    grid = q.act_grid
+    module.register_buffer("a_scale", torch.tensor(grid.scale, dtype=torch.float32))
+    module.register_buffer("a_zp", torch.tensor(grid.zero_point, dtype=torch.int8))
+    # A 7-bit grid is an int8 grid clipped to [-64, 63]: a Clip before QuantizeLinear.
+    if grid.bits == 8:
+        return None
+    return (grid.qmin - grid.zero_point) * grid.scale, (grid.qmax - grid.zero_point) * grid.scale
+
+
+class OnnxQLinear(nn.Module):
+    """A QLinear as ``diffkiln::qdq_linear`` (or ``wo_linear``), plus smoothing and BOS rows."""
+
+    a_scale: torch.Tensor
+    a_zp: torch.Tensor
+    smooth_inv: torch.Tensor | None
+    bos_keep: torch.Tensor | None
+    bos_rows: torch.Tensor | None
+
+    def __init__(self, name: str, q: QLinear):
+        super().__init__()
+        _check_exportable(name, q)
+        scale, bias = q.scale_and_bias()
+        self.weight_only = q.weight_only
+        self.register_buffer("w_t", q.codes_t().contiguous())
+        self.register_buffer("w_scale", scale.contiguous())
+        self.register_buffer("bias", bias if bias is not None else torch.zeros(q.out_features))
+        self.register_buffer("smooth_inv", q.smooth_inv)
+        self.act_clip = _act_buffers(self, q)
+        self.text_len = q.text_len
+        self.register_buffer("bos_keep", None)
+        self.register_buffer("bos_rows", None)
+        if q.bos_rows is not None and q.bos_positions is not None:
+            # The BOS rows become constants: out * keep + rows, with keep 0 at the BOS positions.
+            keep = torch.ones(q.text_len, 1)
+            keep[q.bos_positions] = 0.0
+            rows = torch.zeros(q.text_len, q.out_features)
+            rows[q.bos_positions] = q.bos_rows.float()
+            self.bos_keep, self.bos_rows = keep, rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xin = x if self.smooth_inv is None else x * self.smooth_inv
+        if self.act_clip is not None:
+            xin = xin.clamp(self.act_clip[0], self.act_clip[1])
+        if self.weight_only:
+            out = ops.wo_linear(xin, self.w_t, self.w_scale, self.bias)
+        else:
+            out = ops.qdq_linear(xin, self.w_t, self.w_scale, self.bias, self.a_scale, self.a_zp)
+        if self.bos_rows is not None and self.bos_keep is not None and x.dim() == 3 and x.shape[1] == self.text_len:
+            out = out * self.bos_keep + self.bos_rows
+        return out
+
+
+class OnnxQConv2d(nn.Module):
+    """A QConv2d as ``diffkiln::qdq_conv2d`` (or ``wo_conv2d``)."""
+
+    a_scale: torch.Tensor
+    a_zp: torch.Tensor
+
+    def __init__(self, name: str, q: QConv2d):
+        super().__init__()
+        _check_exportable(name, q)
+        scale, bias = q.scale_and_bias()
+        self.weight_only = q.weight_only
+        codes = q.codes_t().t().reshape(q.out_channels, q.in_channels, *q.kernel_size)
+        self.register_buffer("w", codes.contiguous())
+        self.register_buffer("w_scale", scale.contiguous())
+        self.register_buffer("bias", bias if bias is not None else torch.zeros(q.out_channels))
+        self.act_clip = _act_buffers(self, q)
+        self.geometry = (list(q.stride), list(q.padding), list(q.dilation))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        stride, padding, dilation = self.geometry
+        if self.act_clip is not None:
+            x = x.clamp(self.act_clip[0], self.act_clip[1])
+        if self.weight_only:
+            return ops.wo_conv2d(x, self.w, self.w_scale, self.bias, stride, padding, dilation)
+        return ops.qdq_conv2d(x, self.w, self.w_scale, self.bias, self.a_scale, self.a_zp, stride, padding, dilation)
+
+
+def export_module_for(name: str, module: nn.Module) -> nn.Module:
+    """The export stand-in for a runtime quantized module.
+
+    Raises:
+        OnnxExportError: the module's format cannot be expressed (the message says why).
+    """
+    if isinstance(module, QLinear):
+        return OnnxQLinear(name, module)
+    if isinstance(module, QConv2d):
+        return OnnxQConv2d(name, module)
+    raise OnnxExportError(f"{name}: no ONNX form for {type(module).__name__}")

@@ -1,0 +1,122 @@
+"""Torch custom ops for quantized layers, and their ONNX translations (QDQ around MatMul / Conv).
+
+Each op computes in float exactly what the ONNX graph computes, so the traced model runs; the
+exporter replaces it by its onnxscript translation:
+
+* ``qdq_linear``: ``QuantizeLinear -> DequantizeLinear`` on the activation (static per-tensor
+  grid), ``DequantizeLinear`` (per output channel) on the int8 weight initializer, ``MatMul``, ``Add``;
+* ``qdq_conv2d``: the same around ``Conv``;
+* ``wo_linear`` / ``wo_conv2d``: weight-only layers, ``DequantizeLinear`` on the weight only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from onnxscript import opset20 as op
+from torch import Tensor
+
+__all__ = ["TRANSLATIONS"]
+
+
+def _fake_quant(x: Tensor, a_scale: Tensor, a_zp: Tensor) -> Tensor:
+    zp = a_zp.to(torch.float32)
+    q = torch.clamp(torch.round(x / a_scale) + zp, -128, 127)
+    return (q - zp) * a_scale
+
+
+@torch.library.custom_op("diffkiln::qdq_linear", mutates_args=())
+def qdq_linear(x: Tensor, w_t: Tensor, w_scale: Tensor, bias: Tensor, a_scale: Tensor, a_zp: Tensor) -> Tensor:
+    """Static W8A8 linear: fake-quantized x against int8 (K, N) weights with per-column scales."""
+    return _fake_quant(x, a_scale, a_zp) @ (w_t.to(torch.float32) * w_scale) + bias
+
+
+@qdq_linear.register_fake
+def _(x: Tensor, w_t: Tensor, w_scale: Tensor, bias: Tensor, a_scale: Tensor, a_zp: Tensor) -> Tensor:
+    return x.new_empty(*x.shape[:-1], w_t.shape[1])
+
+
+@torch.library.custom_op("diffkiln::wo_linear", mutates_args=())
+def wo_linear(x: Tensor, w_t: Tensor, w_scale: Tensor, bias: Tensor) -> Tensor:
+    """Weight-only linear: float x against dequantized int8 (K, N) weights."""
+    return x @ (w_t.to(torch.float32) * w_scale) + bias
+
+
+@wo_linear.register_fake
+def _(x: Tensor, w_t: Tensor, w_scale: Tensor, bias: Tensor) -> Tensor:
+    return x.new_empty(*x.shape[:-1], w_t.shape[1])
+
+
+@torch.library.custom_op("diffkiln::qdq_conv2d", mutates_args=())
+def qdq_conv2d(
+    x: Tensor,
+    w: Tensor,
+    w_scale: Tensor,
+    bias: Tensor,
+    a_scale: Tensor,
+    a_zp: Tensor,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+) -> Tensor:
+    """Static W8A8 convolution: fake-quantized x against int8 (O, I, kh, kw) weights."""
+    wf = w.to(torch.float32) * w_scale.view(-1, 1, 1, 1)
+    return torch.nn.functional.conv2d(_fake_quant(x, a_scale, a_zp), wf, bias, stride, padding, dilation)
+
+
+@qdq_conv2d.register_fake
+def _(x, w, w_scale, bias, a_scale, a_zp, stride, padding, dilation):
+    wf = torch.empty(w.shape, dtype=x.dtype, device="meta")
+    return torch.nn.functional.conv2d(x.to("meta"), wf, None, stride, padding, dilation).to(x.device)
+
+
+@torch.library.custom_op("diffkiln::wo_conv2d", mutates_args=())
+def wo_conv2d(
+    x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor, stride: list[int], padding: list[int], dilation: list[int]
+) -> Tensor:
+    """Weight-only convolution: float x against dequantized int8 weights."""
+    wf = w.to(torch.float32) * w_scale.view(-1, 1, 1, 1)
+    return torch.nn.functional.conv2d(x, wf, bias, stride, padding, dilation)
+
+
+@wo_conv2d.register_fake
+def _(x, w, w_scale, bias, stride, padding, dilation):
+    wf = torch.empty(w.shape, dtype=x.dtype, device="meta")
+    return torch.nn.functional.conv2d(x.to("meta"), wf, None, stride, padding, dilation).to(x.device)
+
+
+def _qdq_linear_onnx(x: Any, w_t: Any, w_scale: Any, bias: Any, a_scale: Any, a_zp: Any) -> Any:
+    xd = op.DequantizeLinear(op.QuantizeLinear(x, a_scale, a_zp), a_scale, a_zp)
+    return op.Add(op.MatMul(xd, op.DequantizeLinear(w_t, w_scale, axis=1)), bias)
+
+
+def _wo_linear_onnx(x: Any, w_t: Any, w_scale: Any, bias: Any) -> Any:
+    return op.Add(op.MatMul(x, op.DequantizeLinear(w_t, w_scale, axis=1)), bias)
+
+
+def _conv_attrs(w: Any, stride: list[int], padding: list[int], dilation: list[int]) -> dict[str, Any]:
+    return {"strides": stride, "pads": [*padding, *padding], "dilations": dilation}
+
+
+def _qdq_conv2d_onnx(x: Any, w: Any, w_scale: Any, bias: Any, a_scale: Any, a_zp: Any, stride: list[int],
+                     padding: list[int], dilation: list[int]) -> Any:  # fmt: skip
+    xd = op.DequantizeLinear(op.QuantizeLinear(x, a_scale, a_zp), a_scale, a_zp)
+    wd = op.DequantizeLinear(w, w_scale, axis=0)
+    return op.Conv(xd, wd, bias, **_conv_attrs(w, stride, padding, dilation))
+
+
+def _wo_conv2d_onnx(x: Any, w: Any, w_scale: Any, bias: Any, stride: list[int], padding: list[int],
+                    dilation: list[int]) -> Any:  # fmt: skip
+    wd = op.DequantizeLinear(w, w_scale, axis=0)
+    return op.Conv(x, wd, bias, **_conv_attrs(w, stride, padding, dilation))
+
+
+TRANSLATIONS: dict[Callable[..., Any], Callable[..., Any]] = {
+    torch.ops.diffkiln.qdq_linear.default: _qdq_linear_onnx,
+    torch.ops.diffkiln.wo_linear.default: _wo_linear_onnx,
+    torch.ops.diffkiln.qdq_conv2d.default: _qdq_conv2d_onnx,
+    torch.ops.diffkiln.wo_conv2d.default: _wo_conv2d_onnx,
+}
+"""Custom op -> onnxscript translation, for ``torch.onnx.export(custom_translation_table=...)``."""

@@ -325,6 +325,19 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--top", type=_non_negative_int, default=20, help="table rows to print, most sensitive first (20)")
     s.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
+    e = sub.add_parser(
+        "export",
+        help="export a bundle's denoiser to ONNX (QDQ, int8/int4 weight initializers)",
+        description="Export BUNDLE's denoiser as DIR/denoiser.onnx: QuantizeLinear/DequantizeLinear around every "
+        "quantized MatMul and Conv, int8 weight initializers (INT4 for 4- and 2-bit layers at opset >= 21), BOS "
+        "rows and SmoothQuant factors as constants, checked with onnx.checker (full_check). First part of the "
+        "export work: the text encoder, VAE, dynamic axes and the MindIE-SD format are not built yet.",
+    )
+    e.add_argument("bundle", metavar="BUNDLE", type=Path, help="bundle directory")
+    e.add_argument("--format", choices=["onnx"], default="onnx", help="export format (default onnx)")
+    e.add_argument("--opset", type=_positive_int, default=21, help="ONNX opset, >= 13 (default 21)")
+    e.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
+
     i = sub.add_parser("inspect", help="summarize a bundle: components, layers by bit-width, sizes, BOS")
     i.add_argument("bundle", metavar="BUNDLE", type=Path, help="bundle directory")
     i.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -514,6 +527,18 @@ def _cmd_sensitivity(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(a: argparse.Namespace) -> int:
+    from diffkiln.export.onnx import OnnxExportConfig, OnnxExportError, export_denoiser_onnx
+
+    try:
+        config = OnnxExportConfig(a.out, opset=a.opset)
+        path = export_denoiser_onnx(a.bundle, config)
+    except (OnnxExportError, ValueError) as exc:
+        raise InvalidInputError(str(exc)) from None
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
+    return 0
+
+
 def _cmd_inspect(a: argparse.Namespace) -> int:
     from diffkiln.runtime.inspect import summarize
 
@@ -567,6 +592,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_inspect(args)
         if args.command == "sensitivity":
             return _cmd_sensitivity(args)
+        if args.command == "export":
+            return _cmd_export(args)
         return _cmd_report(args)
     except (DiffkilnError, BundleError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -7,8 +7,11 @@ translations of :mod:`diffkiln.export.onnx.ops`: int8 weight initializers, Quant
 DequantizeLinear around every quantized MatMul and Conv, BOS rows and SmoothQuant factors as
 constants. The result passes ``onnx.checker.check_model(full_check=True)``.
 
-Not yet: the text encoder and VAE, dynamic axes (shapes are those of the recorded call), int4
-initializers for packed layers (they are exported as int8 codes), external data above 2 GB.
+4- and 2-bit layers (mixed bundles) get INT4 weight initializers at opset >= 21 (2-bit codes fit
+INT4; ONNX has no 2-bit type that onnxruntime reads), int8 ones below.
+
+Not yet: the text encoder and VAE, dynamic axes (shapes are those of the recorded call),
+external data above 2 GB.
 """
 
 from __future__ import annotations
@@ -36,13 +39,13 @@ class OnnxExportConfig:
 
     Attributes:
         out: the folder to write ``denoiser.onnx`` into.
-        opset: the ONNX opset. Default 20.
+        opset: the ONNX opset; 21 or later stores 4- and 2-bit weights as INT4. Default 21.
         prompt: the prompt of the recorded sampler call that fixes the input shapes. Default
             "a red circle on the left".
     """
 
     out: Path
-    opset: int = 20
+    opset: int = 21
     prompt: str = "a red circle on the left"
 
     def __post_init__(self) -> None:
@@ -88,6 +91,21 @@ def _strip_debug_metadata(model: Any) -> None:
         node.doc_string = None
 
 
+def _int4_initializers(model: Any, names: set[str]) -> None:
+    """Store the named int8 weight initializers (codes within [-8, 7]) as INT4, two per byte."""
+    import ml_dtypes
+    import onnx_ir as ir
+
+    for name, value in model.graph.initializers.items():
+        if name not in names or value.const_value is None:
+            continue
+        codes = value.const_value.numpy()
+        if codes.min() < -8 or codes.max() > 7:
+            raise ValueError(f"{name}: codes outside int4 ([{codes.min()}, {codes.max()}])")
+        value.const_value = ir.Tensor(codes.astype(ml_dtypes.int4), name=name)
+        value.dtype = ir.DataType.INT4
+
+
 def export_denoiser_onnx(bundle: str | os.PathLike[str], config: OnnxExportConfig) -> Path:
     """Export a bundle's denoiser to ``config.out/denoiser.onnx`` (see the module docstring).
 
@@ -106,8 +124,11 @@ def export_denoiser_onnx(bundle: str | os.PathLike[str], config: OnnxExportConfi
     name = pipe.diffkiln_manifest["pipeline"]["denoiser"]
     denoiser = getattr(pipe, name)
     example = _record_inputs(pipe, denoiser, config.prompt)
+    sub_byte: set[str] = set()
     for layer, module in list(denoiser.named_modules()):
         if isinstance(module, (QLinear, QConv2d)):
+            if module.weight_bits < 8:
+                sub_byte.add(f"denoiser.{layer}.{'w_t' if isinstance(module, QLinear) else 'w'}")
             parent_name, _, child = layer.rpartition(".")
             parent = denoiser.get_submodule(parent_name) if parent_name else denoiser
             setattr(parent, child, export_module_for(layer, module))
@@ -126,6 +147,8 @@ def export_denoiser_onnx(bundle: str | os.PathLike[str], config: OnnxExportConfi
     if program is None:
         raise RuntimeError("torch.onnx.export returned no program")
     _strip_debug_metadata(program.model)
+    if config.opset >= 21:
+        _int4_initializers(program.model, sub_byte)
     program.save(str(path))
     onnx.checker.check_model(str(path), full_check=True)
     return path

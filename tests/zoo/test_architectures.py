@@ -100,8 +100,10 @@ def test_mixed_bundle_end_to_end(name: str, tmp_path: Path) -> None:
     config = OptimizeConfig(
         out=tmp_path / "mixed",
         recipe=Recipe.MIXED,
-        weight_bits=6.0,  # tiny-wan's FP and conditioning layers alone put its floor at 5.2
-        weight_candidates=(4, 8, 16),  # 2-bit packing is covered by tests/runtime; fewer trials here
+        # 2-bit packing is covered by tests/runtime; fewer trials here. With 4 as the lowest width,
+        # tiny-wan's FP and conditioning layers put its floor at 6.5 bits.
+        weight_bits=7.0,
+        weight_candidates=(4, 8, 16),
         calib_size=2,
         steps=2,
         sensitivity_prompts=1,
@@ -109,7 +111,7 @@ def test_mixed_bundle_end_to_end(name: str, tmp_path: Path) -> None:
     )
     bundle = optimize(name, config)
     summary = summarize(bundle)
-    assert summary["recipe"] == "mixed" and summary["avg_weight_bits"] <= 6.0 + 1e-9
+    assert summary["recipe"] == "mixed" and summary["avg_weight_bits"] <= 7.0 + 1e-9
     manifest_layers = summary["layers_by_bits"]
     assert any(k.startswith("W4") for k in manifest_layers), manifest_layers
     target = resolve_target(str(bundle))
@@ -119,7 +121,7 @@ def test_mixed_bundle_end_to_end(name: str, tmp_path: Path) -> None:
     q = generate(q_pipe, PROMPTS[:1], cfg, target, measure=True)
     fp = generate(load_pipeline(fp_target), PROMPTS[:1], cfg, fp_target, measure=True)
     sqnr = sqnr_db(fp.extras["latents"], q.extras["latents"])
-    # Random weights at ~6 bits: the floor catches a broken packed path (which gives < 0 dB or NaN).
+    # Random weights at ~7 bits: the floor catches a broken packed path (which gives < 0 dB or NaN).
     assert sqnr >= MIN_MIXED_LATENT_SQNR_DB, f"{name}: latent SQNR {sqnr:.1f} dB"
     with safe_open(str(bundle / q_pipe.diffkiln_manifest["quant"]["weights_file"]), "pt") as f:
         packed = {k: f.get_slice(k).get_dtype() for k in f.keys() if k.endswith("::weight_packed")}  # noqa: SIM118

@@ -51,26 +51,25 @@ _non_negative_int = _bounded(int, 0, False, "a non-negative integer")
 _non_negative_float = _bounded(float, 0.0, False, "a number >= 0")
 
 
-def _int_list(text: str) -> tuple[int, ...]:
-    """An argparse type: comma-separated integers, e.g. ``2,4,8,16``."""
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be comma-separated integers such as 2,4,8,16, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("needs at least one value")
-    return values
+def _number_list(cast: Callable[[str], Any], example: str) -> Callable[[str], tuple[Any, ...]]:
+    """An argparse type: comma-separated numbers, e.g. ``2,4,8,16``, each parsed by ``cast``."""
+
+    def parse(text: str) -> tuple[Any, ...]:
+        try:
+            values = tuple(cast(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"must be comma-separated numbers such as {example}, got {text!r}"
+            ) from None
+        if not values:
+            raise argparse.ArgumentTypeError("needs at least one value")
+        return values
+
+    return parse
 
 
-def _float_list(text: str) -> tuple[float, ...]:
-    """An argparse type: comma-separated numbers, e.g. ``3,4,5,6,8``."""
-    try:
-        values = tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be comma-separated numbers such as 3,4,5,6,8, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("needs at least one value")
-    return values
+_int_list = _number_list(int, "2,4,8,16")
+_float_list = _number_list(float, "3,4,5,6,8")
 
 
 def _add_mixed_args(p: argparse.ArgumentParser) -> None:

@@ -34,7 +34,12 @@ from diffkiln.optimizer.latency import LatencyTable, measure_layer_latency
 from diffkiln.optimizer.plan import LayerPlan, Plan, WeightSpec
 from diffkiln.optimizer.planner import QuantizeConfig, fp_default_reasons, make_plan
 from diffkiln.optimizer.roles import LayerRole, layer_roles
-from diffkiln.optimizer.sensitivity import SensitivityConfig, SensitivityTable, analyze_sensitivity
+from diffkiln.optimizer.sensitivity import (
+    SensitivityConfig,
+    SensitivityTable,
+    analyze_sensitivity,
+    calibration_run_kwargs,
+)
 from diffkiln.optimizer.simulate import layer_sims
 
 __all__ = ["MixedConfig", "MixedResult", "allocate_mixed", "make_mixed_plan", "mixed_sensitivity", "uniform_plan"]
@@ -422,14 +427,8 @@ def make_mixed_plan(
     allocations = allocate_mixed(base, table, candidates, config, latency)
 
     settings = stats.settings
-    n = min(config.select_prompts, len(settings["prompts"]))
-    run_kwargs = {
-        "prompt": list(settings["prompts"][:n]),
-        "num_inference_steps": int(settings["steps"]),
-        "guidance_scale": float(settings["guidance"]),
-        "output_type": "np",
-        **dict(settings.get("call_kwargs", {})),
-    }
+    run_kwargs = calibration_run_kwargs(settings, config.select_prompts)
+    n = len(run_kwargs["prompt"])
 
     def run(p: Any) -> np.ndarray:
         p.set_progress_bar_config(disable=True)

@@ -44,6 +44,7 @@ __all__ = [
     "SensitivityTable",
     "Trial",
     "analyze_sensitivity",
+    "calibration_run_kwargs",
 ]
 
 SENSITIVITY_FORMAT = "diffkiln.sensitivity"
@@ -373,6 +374,28 @@ class _ResultLog:
 # --- the verb -------------------------------------------------------------------------------------
 
 
+def calibration_run_kwargs(settings: Mapping[str, Any], n_prompts: int) -> dict[str, Any]:
+    """Pipeline-call arguments that replay the first ``n_prompts`` calibration prompts (final images).
+
+    Args:
+        settings: the calibration settings recorded in the statistics (``CalibrationStats.settings``).
+        n_prompts: how many of the calibration prompts.
+
+    Raises:
+        ValueError: the statistics record no prompts (calibrated by direct denoiser calls).
+    """
+    prompts = list(settings.get("prompts", []))[:n_prompts]
+    if not prompts:
+        raise ValueError("the calibration statistics record no prompts; calibrate with a pipeline first")
+    return {
+        "prompt": prompts,
+        "num_inference_steps": int(settings["steps"]),
+        "guidance_scale": float(settings["guidance"]),
+        "output_type": "np",
+        **dict(settings.get("call_kwargs", {})),
+    }
+
+
 def _trials(
     candidates: Mapping[str, Sequence[int]], act_layers: Sequence[str], config: SensitivityConfig
 ) -> list[Trial]:
@@ -412,16 +435,7 @@ def analyze_sensitivity(
     if config.workers > 1 and target is None:
         raise ValueError("sensitivity workers load the model themselves: pass the model's name or folder as target")
     settings = stats.settings
-    prompts = list(settings.get("prompts", []))[: config.prompts]
-    if not prompts:
-        raise ValueError("the calibration statistics record no prompts; calibrate with a pipeline first")
-    run_kwargs = {
-        "prompt": prompts,
-        "num_inference_steps": int(settings["steps"]),
-        "guidance_scale": float(settings["guidance"]),
-        "output_type": "np",
-        **dict(settings.get("call_kwargs", {})),
-    }
+    run_kwargs = calibration_run_kwargs(settings, config.prompts)
     seed = int(settings.get("seed", 0))
     act_layers = [n for n in candidates if n in sims]
     trials = _trials(candidates, act_layers, config)

@@ -169,6 +169,17 @@ class _Prepared:
         """What sensitivity worker processes load: the built-in name, or the folder."""
         return self.resolved.name if self.resolved.builtin is not None else str(self.resolved.path)
 
+    def search_inputs(self, config: OptimizeConfig) -> dict[str, Any]:
+        """The keyword arguments :func:`make_mixed_plan` and :func:`mixed_sensitivity` share."""
+        return {
+            "pipe": self.pipe,
+            "stats": self.stats,
+            "qconfig": self.qconfig,
+            "sens_config": config.sensitivity_config(),
+            "source_id": self.resolved.name,
+            "target": self.worker_target,
+        }
+
 
 def _prepare(target: str | os.PathLike[str], config: OptimizeConfig) -> _Prepared:
     resolved = resolve_target(target)
@@ -238,15 +249,7 @@ def optimize(target: str | os.PathLike[str], config: OptimizeConfig) -> Path:
     t0 = time.perf_counter()
     if mixed:
         try:
-            result = make_mixed_plan(
-                prep.pipe,
-                prep.stats,
-                prep.qconfig,
-                config.mixed_config(),
-                config.sensitivity_config(),
-                prep.resolved.name,
-                target=prep.worker_target,
-            )
+            result = make_mixed_plan(config=config.mixed_config(), **prep.search_inputs(config))
         except InfeasibleBudgetError as exc:
             raise InvalidInputError(str(exc)) from None
         plan = result.plan
@@ -276,15 +279,7 @@ def sensitivity(target: str | os.PathLike[str], config: OptimizeConfig) -> tuple
 
     prep = _prepare(target, config)
     t0 = time.perf_counter()
-    _, table, _ = mixed_sensitivity(
-        prep.pipe,
-        prep.stats,
-        prep.qconfig,
-        config.mixed_config(),
-        config.sensitivity_config(),
-        prep.resolved.name,
-        target=prep.worker_target,
-    )
+    _, table, _ = mixed_sensitivity(config=config.mixed_config(), **prep.search_inputs(config))
     seconds = time.perf_counter() - t0
     json_path, html_path = write_sensitivity(table, Path(config.out), prep.resolved.name, seconds)
     return table, json_path, html_path

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["HookRegistry", "scoped_hooks"]
+__all__ = ["HookRegistry", "recording_calls", "scoped_hooks"]
 
 
 class HookRegistry:
@@ -74,3 +74,32 @@ def scoped_hooks() -> Iterator[HookRegistry]:
         yield registry
     finally:
         registry.remove_all()
+
+
+def _detached_copy(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.detach().clone()
+    if isinstance(x, dict):
+        return {k: _detached_copy(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_detached_copy(v) for v in x)
+    return x
+
+
+@contextmanager
+def recording_calls(name: str, module: nn.Module) -> Iterator[list[tuple[tuple[Any, ...], dict[str, Any]]]]:
+    """Within the block, every call of ``module`` appends ``(args, kwargs)`` (detached copies) to
+    the yielded list, through a named pre-hook that is removed on exit.
+
+    Args:
+        name: the hook's name.
+        module: the module whose calls are recorded (e.g. a denoiser, to replay its inputs).
+    """
+    calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+
+    def record(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        calls.append((_detached_copy(args), _detached_copy(kwargs)))
+
+    with scoped_hooks() as hooks:
+        hooks.add_forward_pre_hook(name, module, record)
+        yield calls

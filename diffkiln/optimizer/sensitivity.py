@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from diffkiln.calibrate.hooks import scoped_hooks
+from diffkiln.calibrate.hooks import recording_calls
 from diffkiln.calibrate.stats import CalibrationStats, find_denoiser
 from diffkiln.optimizer.plan import Plan
 from diffkiln.optimizer.roles import LayerRole
@@ -231,16 +231,6 @@ def _output_tensor(out: Any) -> torch.Tensor:
     return (out.sample if hasattr(out, "sample") else out).detach().float()
 
 
-def _clone(x: Any) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.detach().clone()
-    if isinstance(x, dict):
-        return {k: _clone(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return type(x)(_clone(v) for v in x)
-    return x
-
-
 @dataclass
 class _Context:
     """The FP pipeline, its reference outputs and everything a trial needs (one per process)."""
@@ -269,13 +259,7 @@ class _Context:
         denoiser = find_denoiser(pipe)
         pipe.set_progress_bar_config(disable=True)
         n = len(run_kwargs["prompt"])
-        recorded: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
-
-        def record(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            recorded.append((_clone(args), _clone(kwargs)))
-
-        with scoped_hooks() as hooks, torch.no_grad():
-            hooks.add_forward_pre_hook("diffkiln.sensitivity.record", denoiser, record)
+        with recording_calls("diffkiln.sensitivity.record", denoiser) as recorded, torch.no_grad():
             out = pipe(**run_kwargs, generator=[torch.Generator().manual_seed(seed + i) for i in range(n)])
         ref_images = _as_image_array(out)
         picks = sorted({round(i * (len(recorded) - 1) / max(quality_steps - 1, 1)) for i in range(quality_steps)})

@@ -62,22 +62,12 @@ def _plans(target: str | os.PathLike[str], config: Any, sweep_config: SweepConfi
     from diffkiln.optimize import _prepare
 
     prep = _prepare(target, config)
-    mixed_cfg, sens_cfg = config.mixed_config(), config.sensitivity_config()
-    base, _, _ = mixed_sensitivity(
-        prep.pipe, prep.stats, prep.qconfig, mixed_cfg, sens_cfg, prep.resolved.name, prep.worker_target
-    )
+    mixed_cfg, inputs = config.mixed_config(), prep.search_inputs(config)
+    base, _, _ = mixed_sensitivity(config=mixed_cfg, **inputs)
     plans: dict[str, Plan] = {}
     for budget in sweep_config.budgets:
         try:
-            result = make_mixed_plan(
-                prep.pipe,
-                prep.stats,
-                prep.qconfig,
-                dataclasses.replace(mixed_cfg, weight_bits=float(budget)),
-                sens_cfg,
-                prep.resolved.name,
-                prep.worker_target,
-            )
+            result = make_mixed_plan(config=dataclasses.replace(mixed_cfg, weight_bits=float(budget)), **inputs)
         except InfeasibleBudgetError as exc:
             raise InvalidInputError(f"--sweep {budget:g}: {exc}") from None
         plans[f"mixed-w{budget:g}"] = result.plan

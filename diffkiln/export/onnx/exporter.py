@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffkiln.calibrate.hooks import scoped_hooks
+from diffkiln.calibrate.hooks import recording_calls
 from diffkiln.export.onnx.modules import export_module_for
 from diffkiln.export.onnx.ops import TRANSLATIONS
 from diffkiln.runtime.qmodules import QConv2d, QLinear
@@ -66,20 +66,12 @@ class _Denoiser(nn.Module):
 
 
 def _record_inputs(pipe: Any, denoiser: nn.Module, prompt: str) -> dict[str, torch.Tensor]:
-    calls: list[dict[str, torch.Tensor]] = []
-    signature = inspect.signature(denoiser.forward)
-
-    def record(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if calls:
-            return
-        bound = signature.bind_partial(*args, **kwargs).arguments
-        calls.append({k: v.detach().clone() for k, v in bound.items() if isinstance(v, torch.Tensor)})
-
     pipe.set_progress_bar_config(disable=True)
-    with scoped_hooks() as hooks, torch.no_grad():
-        hooks.add_forward_pre_hook("diffkiln.onnx.record", denoiser, record)
+    with recording_calls("diffkiln.onnx.record", denoiser) as calls, torch.no_grad():
         pipe([prompt], num_inference_steps=2, output_type="latent", generator=torch.Generator().manual_seed(0))
-    return calls[0]
+    args, kwargs = calls[0]
+    bound = inspect.signature(denoiser.forward).bind_partial(*args, **kwargs).arguments
+    return {k: v for k, v in bound.items() if isinstance(v, torch.Tensor)}
 
 
 def _strip_debug_metadata(model: Any) -> None:

@@ -96,7 +96,7 @@ def _wo_linear_onnx(x: Any, w_t: Any, w_scale: Any, bias: Any) -> Any:
     return op.Add(op.MatMul(x, op.DequantizeLinear(w_t, w_scale, axis=1)), bias)
 
 
-def _conv_attrs(w: Any, stride: list[int], padding: list[int], dilation: list[int]) -> dict[str, Any]:
+def _conv_attrs(stride: list[int], padding: list[int], dilation: list[int]) -> dict[str, Any]:
     return {"strides": stride, "pads": [*padding, *padding], "dilations": dilation}
 
 
@@ -104,13 +104,13 @@ def _qdq_conv2d_onnx(x: Any, w: Any, w_scale: Any, bias: Any, a_scale: Any, a_zp
                      padding: list[int], dilation: list[int]) -> Any:  # fmt: skip
     xd = op.DequantizeLinear(op.QuantizeLinear(x, a_scale, a_zp), a_scale, a_zp)
     wd = op.DequantizeLinear(w, w_scale, axis=0)
-    return op.Conv(xd, wd, bias, **_conv_attrs(w, stride, padding, dilation))
+    return op.Conv(xd, wd, bias, **_conv_attrs(stride, padding, dilation))
 
 
 def _wo_conv2d_onnx(x: Any, w: Any, w_scale: Any, bias: Any, stride: list[int], padding: list[int],
                     dilation: list[int]) -> Any:  # fmt: skip
     wd = op.DequantizeLinear(w, w_scale, axis=0)
-    return op.Conv(x, wd, bias, **_conv_attrs(w, stride, padding, dilation))
+    return op.Conv(x, wd, bias, **_conv_attrs(stride, padding, dilation))
 
 
 TRANSLATIONS: dict[Callable[..., Any], Callable[..., Any]] = {

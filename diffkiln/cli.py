@@ -326,16 +326,35 @@ def _parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser(
         "export",
-        help="export a bundle's denoiser to ONNX (QDQ, int8/int4 weight initializers)",
-        description="Export BUNDLE's denoiser as DIR/denoiser.onnx: QuantizeLinear/DequantizeLinear around every "
-        "quantized MatMul and Conv, int8 weight initializers (INT4 for 4- and 2-bit layers at opset >= 21), BOS "
-        "rows and SmoothQuant factors as constants, checked with onnx.checker (full_check). First part of the "
-        "export work: the text encoder, VAE, dynamic axes and the MindIE-SD format are not built yet.",
+        help="export a bundle to ONNX (QDQ, int8/int4 initializers) or the MindIE-SD / msModelSlim format",
+        description="--format onnx: one ONNX model per component in DIR (denoiser.onnx with QuantizeLinear/"
+        "DequantizeLinear around every quantized MatMul and Conv and int8 weight initializers, INT4 for 4- and "
+        "2-bit layers at opset >= 21; text_encoder*.onnx; vae_decoder.onnx), dynamic batch and resolution axes "
+        "where the model allows, checked with onnx.checker (full_check), plus the tokenizers, scheduler and a "
+        "manifest; run it with diffkiln.runtime.load(DIR, backend='onnxruntime'). "
+        "--format mindiesd: the denoiser as quant_model_weight_w8a8.safetensors + "
+        "quant_model_description_w8a8.json (w8a8_dynamic for dynamic bundles), the files MindIE-SD's "
+        "quantize(model, quant_des_path) loads. See docs/onnx-export.md and docs/mindiesd-export.md.",
     )
     e.add_argument("bundle", metavar="BUNDLE", type=Path, help="bundle directory")
-    e.add_argument("--format", choices=["onnx"], default="onnx", help="export format (default onnx)")
-    e.add_argument("--opset", type=_positive_int, default=21, help="ONNX opset, >= 13 (default 21)")
-    e.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
+    e.add_argument("--format", choices=["onnx", "mindiesd"], default="onnx", help="export format (default onnx)")
+    e.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder (written atomically)")
+    e.add_argument("--opset", type=_positive_int, default=21, help="onnx: ONNX opset, >= 13 (default 21)")
+    e.add_argument("--static-shapes", action="store_true", help="onnx: fix every axis to the recorded call's shapes")
+    e.add_argument("--denoiser-only", action="store_true", help="onnx: skip the text encoders and the VAE decoder")
+    e.add_argument(
+        "--keep-fp",
+        action="store_true",
+        help="a layer the format cannot express is kept in float (warned, and listed in the export's metadata) "
+        "instead of failing the export",
+    )
+    e.add_argument(
+        "--dtype",
+        choices=["float16", "bfloat16"],
+        default="float16",
+        help="mindiesd: float dtype of input scales/offsets and FLOAT tensors (default float16)",
+    )
+    e.add_argument("--overwrite", action="store_true", help="replace an existing DIR")
 
     i = sub.add_parser("inspect", help="summarize a bundle: components, layers by bit-width, sizes, BOS")
     i.add_argument("bundle", metavar="BUNDLE", type=Path, help="bundle directory")
@@ -527,14 +546,27 @@ def _cmd_sensitivity(a: argparse.Namespace) -> int:
 
 
 def _cmd_export(a: argparse.Namespace) -> int:
-    from diffkiln.export.onnx import OnnxExportConfig, OnnxExportError, export_denoiser_onnx
+    from diffkiln.export.mindiesd import MindieExportConfig, MindieExportError, MindieFloat, export_mindiesd
+    from diffkiln.export.onnx import OnnxExportConfig, OnnxExportError, export_onnx
 
     try:
-        config = OnnxExportConfig(a.out, opset=a.opset)
-        path = export_denoiser_onnx(a.bundle, config)
-    except (OnnxExportError, ValueError) as exc:
+        if a.format == "mindiesd":
+            out = export_mindiesd(a.bundle, MindieExportConfig(a.out, MindieFloat(a.dtype), a.keep_fp, a.overwrite))
+        else:
+            config = OnnxExportConfig(
+                a.out,
+                opset=a.opset,
+                dynamic=not a.static_shapes,
+                keep_fp=a.keep_fp,
+                components=not a.denoiser_only,
+                overwrite=a.overwrite,
+            )
+            out = export_onnx(a.bundle, config)
+    except (OnnxExportError, MindieExportError, ValueError) as exc:
         raise InvalidInputError(str(exc)) from None
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
+    for path in sorted(out.glob("*")):
+        if path.suffix in (".onnx", ".safetensors", ".data"):
+            print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
     return 0
 
 

@@ -16,9 +16,6 @@ last, so an interrupted export leaves nothing that loads.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -29,10 +26,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from diffkiln.calibrate.stats import CalibrationStats, find_denoiser, find_quantizable_layers
+from diffkiln.export.atomic import atomic_directory, file_table
 from diffkiln.export.freeze import freeze_layer, layer_meta
 from diffkiln.kernels.packing import PACKABLE_BITS
 from diffkiln.optimizer.plan import Plan
-from diffkiln.runtime.manifest import BUNDLE_FORMAT, BUNDLE_VERSION, MANIFEST_NAME, BundleError, file_digest
+from diffkiln.runtime.manifest import BUNDLE_FORMAT, BUNDLE_VERSION, MANIFEST_NAME
 from diffkiln.toolchain import toolchain_versions
 
 __all__ = ["ExportConfig", "FloatStorage", "export_bundle"]
@@ -164,21 +162,14 @@ def export_bundle(
         BundleError: the destination exists and ``overwrite`` is False.
     """
     out = Path(config.out)
-    if out.exists() and not config.overwrite:
-        raise BundleError(f"{out} already exists; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with atomic_directory(out, config.overwrite) as tmp:
         denoiser_name, quant = _write_denoiser(pipe, plan, stats, tmp, config.float_storage)
         for name, comp in pipe.components.items():
             if comp is None or name == denoiser_name or not hasattr(comp, "save_pretrained"):
                 continue
             comp.save_pretrained(tmp / name)
         pipe.save_config(tmp)  # model_index.json
-        files = {}
-        for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
-            rel = path.relative_to(tmp).as_posix()
-            files[rel] = {"sha256": file_digest(path), "bytes": path.stat().st_size}
+        files = file_table(tmp)
         manifest = {
             "format": BUNDLE_FORMAT,
             "version": BUNDLE_VERSION,
@@ -208,16 +199,6 @@ def export_bundle(
             "files": files,
         }
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, default=_json_default) + "\n")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

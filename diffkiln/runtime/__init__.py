@@ -4,11 +4,12 @@ Imports only from :mod:`diffkiln.kernels` (never calibrate or optimizer), so a d
 runtime + kernels alone.
 """
 
-from diffkiln.runtime.load import is_bundle, load, resolve_device
+from diffkiln.runtime.load import Backend, is_bundle, load, resolve_device
 from diffkiln.runtime.manifest import BundleError
 from diffkiln.runtime.qmodules import QConv2d, QLinear, qmodule_for, register_qmodule
 
 __all__ = [
+    "Backend",
     "BundleError",
     "QConv2d",
     "QLinear",

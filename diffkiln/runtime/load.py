@@ -13,6 +13,7 @@ import importlib
 import inspect
 import json
 import os
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from torch import nn
 from diffkiln.runtime.assemble import replace_layers
 from diffkiln.runtime.manifest import BundleError, read_manifest, verify_files
 
-__all__ = ["is_bundle", "load", "resolve_device"]
+__all__ = ["Backend", "assemble_pipeline", "build_denoiser", "is_bundle", "load", "resolve_device"]
 
 
 def is_bundle(path: str | os.PathLike[str]) -> bool:
@@ -72,7 +73,13 @@ def _set_tensor(root: nn.Module, name: str, value: torch.Tensor) -> None:
         module._buffers[attr] = value
 
 
-def _build_denoiser(bundle: Path, manifest: dict[str, Any]) -> nn.Module:
+def build_denoiser(bundle: Path, manifest: dict[str, Any]) -> nn.Module:
+    """The bundle's denoiser with its integer layers, built on the meta device and filled from the
+    weights file (the manifest must already be verified).
+
+    Raises:
+        BundleError: the weights file and the manifest disagree, or a tensor is missing.
+    """
     import diffusers
 
     pipe_info, quant = manifest["pipeline"], manifest["quant"]
@@ -108,11 +115,19 @@ def _build_denoiser(bundle: Path, manifest: dict[str, Any]) -> nn.Module:
     return denoiser.eval()
 
 
-def _assemble_pipeline(path: Path, denoiser_name: str, denoiser: nn.Module) -> Any:
-    """Load every component but the denoiser from its subfolder and build the pipeline around ours.
+def assemble_pipeline(path: Path, overrides: dict[str, Any]) -> Any:
+    """Build the pipeline of ``path/model_index.json``: the components in ``overrides`` as given,
+    every other one loaded from its subfolder.
 
     ``DiffusionPipeline.from_pretrained(path, transformer=...)`` would also do, except for
     pipelines whose denoiser is an optional component (Wan): those still load it from disk.
+
+    Args:
+        path: a folder with model_index.json and the components' subfolders.
+        overrides: component name -> the object to use (e.g. the quantized denoiser).
+
+    Raises:
+        BundleError: the pipeline class is not in the installed diffusers.
     """
     import diffusers
 
@@ -121,9 +136,9 @@ def _assemble_pipeline(path: Path, denoiser_name: str, denoiser: nn.Module) -> A
     if pipeline_cls is None:
         raise BundleError(f"pipeline class {index['_class_name']!r} is not in diffusers {diffusers.__version__}")
     accepted = set(inspect.signature(pipeline_cls.__init__).parameters)
-    kwargs: dict[str, Any] = {denoiser_name: denoiser}
+    kwargs: dict[str, Any] = dict(overrides)
     for name, value in index.items():
-        if name.startswith("_") or name == denoiser_name or name not in accepted:
+        if name.startswith("_") or name in overrides or name not in accepted:
             continue
         if isinstance(value, list) and len(value) == 2:
             library, cls_name = value
@@ -139,12 +154,31 @@ def _assemble_pipeline(path: Path, denoiser_name: str, denoiser: nn.Module) -> A
     return pipeline_cls(**kwargs)
 
 
-def load(bundle: str | os.PathLike[str], device: str = "auto") -> Any:
-    """Load a bundle as a diffusers pipeline on ``device``.
+class Backend(str, Enum):
+    """What runs the model components."""
+
+    TORCH = "torch"
+    """The bundle's integer kernels in PyTorch (a bundle directory)."""
+    ONNXRUNTIME = "onnxruntime"
+    """onnxruntime sessions (a folder written by ``diffkiln export BUNDLE --format onnx``)."""
+
+
+def load(
+    bundle: str | os.PathLike[str],
+    device: str = "auto",
+    backend: Backend | str = Backend.TORCH,
+    ort_optimize: bool = False,
+) -> Any:
+    """Load a bundle (or its ONNX export) as a diffusers pipeline on ``device``.
 
     Args:
-        bundle: the bundle directory written by ``diffkiln optimize``.
+        bundle: the bundle directory written by ``diffkiln optimize``; with the onnxruntime
+            backend, the folder written by ``diffkiln export BUNDLE --format onnx``.
         device: "auto" (NPU, then CUDA, then CPU), "cpu", "cuda" or "npu". Default "auto".
+        backend: "torch" or "onnxruntime" (:class:`Backend`). Default "torch".
+        ort_optimize: onnxruntime backend only: let onnxruntime fuse the QDQ graph into its
+            integer kernels. Default False (the QDQ graph as written; see
+            :func:`diffkiln.runtime.onnxruntime_backend.load_onnx_pipeline`).
 
     Returns:
         A diffusers pipeline (the class recorded in the bundle); call it as usual with prompt,
@@ -156,14 +190,24 @@ def load(bundle: str | os.PathLike[str], device: str = "auto") -> Any:
     """
     from diffusers.utils import logging as dlog
 
+    try:
+        backend = Backend(backend)
+    except ValueError:
+        raise ValueError(f"unknown backend {backend!r}; valid: {[b.value for b in Backend]}") from None
     path = Path(bundle)
+    if backend is Backend.ONNXRUNTIME:
+        from diffkiln.runtime.onnxruntime_backend import load_onnx_pipeline
+
+        dlog.set_verbosity_error()
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        return load_onnx_pipeline(path, resolve_device(device), optimize=ort_optimize)
     manifest = read_manifest(path)
     verify_files(path, manifest)
     target = resolve_device(device)
-    denoiser = _build_denoiser(path, manifest)
+    denoiser = build_denoiser(path, manifest)
     dlog.set_verbosity_error()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    pipe = _assemble_pipeline(path, manifest["pipeline"]["denoiser"], denoiser)
+    pipe = assemble_pipeline(path, {manifest["pipeline"]["denoiser"]: denoiser})
     pipe = pipe.to(target)
     pipe.diffkiln_manifest = manifest
     return pipe

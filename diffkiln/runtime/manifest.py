@@ -15,6 +15,8 @@ __all__ = [
     "BUNDLE_FORMAT",
     "BUNDLE_VERSION",
     "MANIFEST_NAME",
+    "ONNX_FORMAT",
+    "ONNX_VERSION",
     "BundleError",
     "file_digest",
     "read_manifest",
@@ -25,6 +27,9 @@ BUNDLE_FORMAT = "diffkiln.bundle"
 BUNDLE_VERSION = 2
 """2 adds packed 4-/2-bit and weight-only layers; this runtime reads 1 and 2."""
 MANIFEST_NAME = "manifest.json"
+ONNX_FORMAT = "diffkiln.onnx"
+"""The manifest format of an ONNX export folder (docs/onnx-export.md)."""
+ONNX_VERSION = 1
 _REQUIRED_KEYS = ("format", "version", "source", "pipeline", "quant", "bos", "sparsity", "cache", "files")
 
 

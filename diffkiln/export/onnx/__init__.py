@@ -1,6 +1,6 @@
-"""ONNX export of bundles (issue 5, first part: the denoiser with QDQ and int8 initializers)."""
+"""ONNX export of bundles: one QDQ model per component, int8/int4 initializers, checked."""
 
-from diffkiln.export.onnx.exporter import OnnxExportConfig, export_denoiser_onnx
+from diffkiln.export.onnx.exporter import ONNX_FORMAT, ONNX_VERSION, OnnxExportConfig, export_denoiser_onnx, export_onnx
 from diffkiln.export.onnx.modules import OnnxExportError
 
-__all__ = ["OnnxExportConfig", "OnnxExportError", "export_denoiser_onnx"]
+__all__ = ["ONNX_FORMAT", "ONNX_VERSION", "OnnxExportConfig", "OnnxExportError", "export_denoiser_onnx", "export_onnx"]

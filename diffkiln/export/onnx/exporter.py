@@ -1,23 +1,25 @@
-"""The ``export --format onnx`` verb, first part: a bundle's denoiser as an ONNX model with QDQ.
+"""The ``export --format onnx`` verb: a bundle as one ONNX model per component, plus what the
+onnxruntime backend needs to run the pipeline.
 
-Loads the bundle with the runtime (verified, no FP weights needed), swaps every quantized layer
-for its export stand-in (:mod:`diffkiln.export.onnx.modules`), records the denoiser's inputs from
-one short sampler call, and exports with ``torch.onnx.export(dynamo=True)`` and the custom-op
-translations of :mod:`diffkiln.export.onnx.ops`: int8 weight initializers, QuantizeLinear /
-DequantizeLinear around every quantized MatMul and Conv, BOS rows and SmoothQuant factors as
-constants. The result passes ``onnx.checker.check_model(full_check=True)``.
+Loads the bundle with the runtime (verified, no FP weights needed), records every model
+component's inputs from one short sampler call (:mod:`diffkiln.export.onnx.components`), swaps
+each quantized denoiser layer for its export stand-in (:mod:`diffkiln.export.onnx.modules`) and
+exports with ``torch.onnx.export(dynamo=True)`` and the custom-op translations of
+:mod:`diffkiln.export.onnx.ops`. The graphs then go through the onnx-ir passes of
+:mod:`diffkiln.export.onnx.passes` and ``onnx.checker.check_model(full_check=True)``.
 
-4- and 2-bit layers (mixed bundles) get INT4 weight initializers at opset >= 21 (2-bit codes fit
-INT4; ONNX has no 2-bit type that onnxruntime reads), int8 ones below.
-
-Not yet: the text encoder and VAE, dynamic axes (shapes are those of the recorded call),
-external data above 2 GB.
+The output folder holds ``denoiser.onnx``, ``<text encoder>.onnx`` (one per text encoder),
+``vae_decoder.onnx``, the pipeline's tokenizers, scheduler and component configs (no weights),
+and ``manifest.json`` (format ``diffkiln.onnx``; files with sizes and sha256). It is written to a
+temporary folder and renamed into place, so an interrupted export leaves nothing half-written.
 """
 
 from __future__ import annotations
 
-import inspect
+import json
+import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,12 +27,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffkiln.calibrate.hooks import recording_calls
-from diffkiln.export.onnx.modules import export_module_for
+from diffkiln.export.atomic import atomic_directory, file_table
+from diffkiln.export.onnx.components import Component, ComponentKind, record_components
+from diffkiln.export.onnx.modules import OnnxExportError, export_module_for
 from diffkiln.export.onnx.ops import TRANSLATIONS
+from diffkiln.runtime.manifest import MANIFEST_NAME, ONNX_FORMAT, ONNX_VERSION
 from diffkiln.runtime.qmodules import QConv2d, QLinear
 
-__all__ = ["OnnxExportConfig", "export_denoiser_onnx"]
+__all__ = ["ONNX_FORMAT", "ONNX_VERSION", "OnnxExportConfig", "export_denoiser_onnx", "export_onnx"]
+
+log = logging.getLogger(__name__)
+
+_EXTERNAL_DATA_BYTES = 1 << 31  # protobuf's 2 GB limit on one file
 
 
 @dataclass(frozen=True)
@@ -38,109 +46,226 @@ class OnnxExportConfig:
     """Where and how to export.
 
     Attributes:
-        out: the folder to write ``denoiser.onnx`` into.
+        out: the folder to write (created; see ``overwrite``).
         opset: the ONNX opset; 21 or later stores 4- and 2-bit weights as INT4. Default 21.
-        prompt: the prompt of the recorded sampler call that fixes the input shapes. Default
+        prompt: the prompt of the recorded sampler call that gives the example inputs. Default
             "a red circle on the left".
+        dynamic: export batch and resolution axes as dynamic where the model allows (each
+            component falls back to the recorded shapes where it does not, and the manifest says
+            which). Default True.
+        keep_fp: a layer whose activation format has no static QDQ form (dynamic per-token,
+            timestep-aware) keeps float activations (its int8 weights dequantized) with a warning,
+            recorded in the manifest, instead of failing the export. Default False.
+        components: export the text encoders and the VAE decoder too (False: the denoiser only).
+            Default True.
+        overwrite: replace an existing ``out``. Default False.
     """
 
     out: Path
     opset: int = 21
     prompt: str = "a red circle on the left"
+    dynamic: bool = True
+    keep_fp: bool = False
+    components: bool = True
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         if self.opset < 13:
             raise ValueError(f"per-channel QDQ needs opset >= 13, got {self.opset}")
 
 
-class _Denoiser(nn.Module):
-    """The denoiser called with keyword tensors, returning its output tensor."""
-
-    def __init__(self, denoiser: nn.Module):
-        super().__init__()
-        self.denoiser = denoiser
-
-    def forward(self, **kwargs: torch.Tensor) -> torch.Tensor:
-        out = self.denoiser(**kwargs, return_dict=False)
-        return out[0] if isinstance(out, tuple) else out
-
-
-def _record_inputs(pipe: Any, denoiser: nn.Module, prompt: str) -> dict[str, torch.Tensor]:
-    pipe.set_progress_bar_config(disable=True)
-    with recording_calls("diffkiln.onnx.record", denoiser) as calls, torch.no_grad():
-        pipe([prompt], num_inference_steps=2, output_type="latent", generator=torch.Generator().manual_seed(0))
-    args, kwargs = calls[0]
-    bound = inspect.signature(denoiser.forward).bind_partial(*args, **kwargs).arguments
-    return {k: v for k, v in bound.items() if isinstance(v, torch.Tensor)}
-
-
-def _strip_debug_metadata(model: Any) -> None:
-    """Drop the exporter's per-node stack traces (measured: 2.8 MB on a 3 MB shapes-unet model)."""
-    import onnx_ir as ir
-
-    for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        node.metadata_props.clear()
-        node.doc_string = None
-
-
-def _int4_initializers(model: Any, names: set[str]) -> None:
-    """Store the named int8 weight initializers (codes within [-8, 7]) as INT4, two per byte."""
-    import ml_dtypes
-    import onnx_ir as ir
-
-    for name, value in model.graph.initializers.items():
-        if name not in names or value.const_value is None:
+def _swap_quantized_layers(denoiser: nn.Module, keep_fp: bool) -> tuple[set[str], dict[str, str]]:
+    """Replace every runtime Q-module by its export stand-in; return the INT4 weight initializer
+    names and the layers kept in float (name -> reason)."""
+    sub_byte: set[str] = set()
+    kept: dict[str, str] = {}
+    for layer, module in list(denoiser.named_modules()):
+        if not isinstance(module, (QLinear, QConv2d)):
             continue
-        codes = value.const_value.numpy()
-        if codes.min() < -8 or codes.max() > 7:
-            raise ValueError(f"{name}: codes outside int4 ([{codes.min()}, {codes.max()}])")
-        value.const_value = ir.Tensor(codes.astype(ml_dtypes.int4), name=name)
-        value.dtype = ir.DataType.INT4
+        try:
+            stand_in = export_module_for(layer, module)
+        except OnnxExportError as exc:
+            if not keep_fp:
+                raise
+            kept[layer] = str(exc).split(": ", 1)[-1]
+            log.warning("keeping %s in float: %s", layer, kept[layer])
+            stand_in = export_module_for(layer, module, float_activations=True)
+        if module.weight_bits < 8:
+            sub_byte.add(f"denoiser.{layer}.{'w_t' if isinstance(module, QLinear) else 'w'}")
+        parent_name, _, child = layer.rpartition(".")
+        parent = denoiser.get_submodule(parent_name) if parent_name else denoiser
+        setattr(parent, child, stand_in)
+    return sub_byte, kept
 
 
-def export_denoiser_onnx(bundle: str | os.PathLike[str], config: OnnxExportConfig) -> Path:
-    """Export a bundle's denoiser to ``config.out/denoiser.onnx`` (see the module docstring).
+def _dynamic_shapes(component: Component) -> tuple[tuple[Any, ...]]:
+    """Batch axes of every input sharing the main input's batch; the main input's spatial axes."""
+    from torch.export import Dim
+
+    tensors = list(component.example.items())
+    main = tensors[0][1]
+    spec: dict[str, Any] = {}
+    for name, t in tensors:
+        dims: dict[int, Any] = {}
+        if t.dim() >= 1 and t.shape[0] == main.shape[0]:
+            dims[0] = Dim.AUTO
+        if t is main and t.dim() >= 4 and component.kind != ComponentKind.TEXT_ENCODER:
+            dims.update({d: Dim.AUTO for d in range(2, t.dim())})
+        spec[name] = dims or None
+    return (tuple(spec.values()),)  # the wrappers take ``*tensors``: one tuple argument
+
+
+def _export_program(component: Component, opset: int, dynamic: bool) -> tuple[Any, str | None]:
+    """torch.onnx.export with dynamic axes; on failure, again with the recorded shapes."""
+    kwargs: dict[str, Any] = {
+        "input_names": list(component.example),
+        "dynamo": True,
+        "opset_version": opset,
+        "custom_translation_table": TRANSLATIONS,
+        "verbose": False,
+    }
+    module = component.module.eval()
+    args = tuple(component.example.values())
+    with torch.no_grad():
+        if dynamic:
+            try:
+                return torch.onnx.export(module, args, dynamic_shapes=_dynamic_shapes(component), **kwargs), None
+            except Exception as exc:  # torch.export raises many types; the reason goes to the manifest
+                reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+                log.warning("%s: dynamic axes failed (%s); exporting the recorded shapes", component.name, reason)
+        else:
+            reason = "dynamic axes not requested"
+        return torch.onnx.export(module, args, **kwargs), reason
+
+
+def _io_spec(values: Any) -> list[dict[str, Any]]:
+    spec = []
+    for v in values:
+        dims = [d if isinstance(d, int) else str(d) for d in v.shape] if v.shape is not None else None
+        spec.append({"name": v.name, "dtype": v.dtype.name.lower() if v.dtype is not None else None, "shape": dims})
+    return spec
+
+
+def _finish(program: Any, sub_byte: set[str], opset: int) -> Any:
+    """Run the export passes on the ONNX program's model (in place)."""
+    import onnx_ir as ir
+    from onnx_ir.passes.common import ClearMetadataAndDocStringPass
+
+    from diffkiln.export.onnx.passes import DropShapeInfoPass, Float16InitializersPass, Int4InitializersPass
+
+    passes: list[ir.passes.PassBase] = [ClearMetadataAndDocStringPass()]
+    if sub_byte and opset >= 21:
+        passes.append(Int4InitializersPass(sub_byte))
+    passes += [Float16InitializersPass(), DropShapeInfoPass()]
+    ir.passes.PassManager(passes)(program.model)
+    return program.model
+
+
+def _save(model: Any, path: Path) -> None:
+    import onnx
+    import onnx_ir as ir
+
+    total = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    if total >= _EXTERNAL_DATA_BYTES:
+        ir.save(model, path, external_data=f"{path.name}.data")
+    else:
+        ir.save(model, path)
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+def _export_component(component: Component, path: Path, config: OnnxExportConfig, sub_byte: set[str]) -> dict[str, Any]:
+    program, static_reason = _export_program(component, config.opset, config.dynamic)
+    if program is None:
+        raise RuntimeError("torch.onnx.export returned no program")
+    model = _finish(program, sub_byte, config.opset)
+    _save(model, path)
+    entry: dict[str, Any] = {
+        "kind": component.kind,
+        "file": path.name,
+        "inputs": _io_spec(model.graph.inputs),
+        "outputs": _io_spec(model.graph.outputs),
+        "options": component.options,
+        "output_fields": [list(f) for f in component.outputs],
+        "output_class": component.output_class,
+        "call_order": component.call_order,
+        "dynamic": static_reason is None,
+    }
+    if static_reason is not None:
+        entry["static_reason"] = static_reason
+    return entry
+
+
+def _copy_pipeline_files(bundle: Path, tmp: Path, components: list[Component], manifest: dict[str, Any]) -> None:
+    """Tokenizers, scheduler and model_index.json as they are; model components' configs only."""
+    shutil.copy2(bundle / "model_index.json", tmp / "model_index.json")
+    models = {c.name for c in components} | {manifest["pipeline"]["denoiser"]}
+    for sub in sorted(p for p in bundle.iterdir() if p.is_dir()):
+        if sub.name in models:
+            (tmp / sub.name).mkdir()
+            for cfg in ("config.json", "generation_config.json"):
+                if (sub / cfg).is_file():
+                    shutil.copy2(sub / cfg, tmp / sub.name / cfg)
+        else:
+            shutil.copytree(sub, tmp / sub.name)
+
+
+def _call_kwargs(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The pipeline-call arguments the bundle was calibrated with (a tiny model's size, ...)."""
+    return dict(manifest.get("plan", {}).get("notes", {}).get("calibration", {}).get("call_kwargs", {}))
+
+
+def export_onnx(bundle: str | os.PathLike[str], config: OnnxExportConfig) -> Path:
+    """Export a bundle to ONNX (see the module docstring).
+
+    Args:
+        bundle: the bundle directory.
+        config: destination, opset, dynamic axes, float fallback.
 
     Returns:
-        The ONNX file.
+        The output folder.
 
     Raises:
-        BundleError: the bundle fails its checks.
-        OnnxExportError: a layer cannot be expressed (the message names it and why).
+        BundleError: the bundle fails its checks, or ``out`` exists without ``overwrite``.
+        OnnxExportError: a layer cannot be expressed and ``keep_fp`` is off (the message names
+            the layer and why).
     """
-    import onnx
-
     from diffkiln.runtime import load
 
     pipe = load(bundle, device="cpu")
-    name = pipe.diffkiln_manifest["pipeline"]["denoiser"]
-    denoiser = getattr(pipe, name)
-    example = _record_inputs(pipe, denoiser, config.prompt)
-    sub_byte: set[str] = set()
-    for layer, module in list(denoiser.named_modules()):
-        if isinstance(module, (QLinear, QConv2d)):
-            if module.weight_bits < 8:
-                sub_byte.add(f"denoiser.{layer}.{'w_t' if isinstance(module, QLinear) else 'w'}")
-            parent_name, _, child = layer.rpartition(".")
-            parent = denoiser.get_submodule(parent_name) if parent_name else denoiser
-            setattr(parent, child, export_module_for(layer, module))
-    config.out.mkdir(parents=True, exist_ok=True)
-    path = config.out / "denoiser.onnx"
-    with torch.no_grad():
-        program = torch.onnx.export(
-            _Denoiser(denoiser).eval(),
-            (),
-            kwargs=example,
-            dynamo=True,
-            opset_version=config.opset,
-            custom_translation_table=TRANSLATIONS,
-            verbose=False,
-        )
-    if program is None:
-        raise RuntimeError("torch.onnx.export returned no program")
-    _strip_debug_metadata(program.model)
-    if config.opset >= 21:
-        _int4_initializers(program.model, sub_byte)
-    program.save(str(path))
-    onnx.checker.check_model(str(path), full_check=True)
-    return path
+    manifest = pipe.diffkiln_manifest
+    denoiser_name = manifest["pipeline"]["denoiser"]
+    denoiser = getattr(pipe, denoiser_name)
+    # Fail on an inexpressible layer before the (slow) recording call.
+    sub_byte, kept = _swap_quantized_layers(denoiser, config.keep_fp)
+    components = record_components(pipe, denoiser_name, config.prompt, _call_kwargs(manifest))
+    if not config.components:
+        components = components[:1]
+    entries: dict[str, Any] = {}
+    with atomic_directory(Path(config.out), config.overwrite) as tmp:
+        for component in components:
+            file = tmp / f"{'denoiser' if component.kind == ComponentKind.DENOISER else component.name}.onnx"
+            if component.kind == ComponentKind.VAE_DECODER:
+                file = tmp / "vae_decoder.onnx"
+            names = sub_byte if component.kind == ComponentKind.DENOISER else set()
+            entries[component.name] = _export_component(component, file, config, names)
+        _copy_pipeline_files(Path(bundle), tmp, components, manifest)
+        onnx_manifest = {
+            "format": ONNX_FORMAT,
+            "version": ONNX_VERSION,
+            "opset": config.opset,
+            "pipeline": {"class": manifest["pipeline"]["class"], "denoiser": denoiser_name},
+            "components": entries,
+            "kept_fp": kept,
+            "bundle": {"source": manifest["source"], "recipe": manifest["quant"]["recipe"]},
+            "files": file_table(tmp),
+        }
+        (tmp / MANIFEST_NAME).write_text(json.dumps(onnx_manifest, indent=2) + "\n", encoding="utf-8")
+    return Path(config.out)
+
+
+def export_denoiser_onnx(bundle: str | os.PathLike[str], config: OnnxExportConfig) -> Path:
+    """Export only the denoiser; returns ``config.out / "denoiser.onnx"``."""
+    from dataclasses import replace
+
+    export_onnx(bundle, replace(config, components=False))
+    return Path(config.out) / "denoiser.onnx"

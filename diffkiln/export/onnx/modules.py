@@ -28,7 +28,7 @@ def _check_exportable(name: str, q: QLinear | QConv2d) -> None:
 
 def _act_buffers(module: nn.Module, q: QLinear | QConv2d) -> tuple[float, float] | None:
     """Register the activation grid's scale and zero point; return the 7-bit clip range, if any."""
-    if q.weight_only:
+    if module.weight_only:
         return None
     grid = q.act_grid
     module.register_buffer("a_scale", torch.tensor(grid.scale, dtype=torch.float32))
@@ -40,7 +40,14 @@ def _act_buffers(module: nn.Module, q: QLinear | QConv2d) -> tuple[float, float]
 
 
 class OnnxQLinear(nn.Module):
-    """A QLinear as ``diffkiln::qdq_linear`` (or ``wo_linear``), plus smoothing and BOS rows."""
+    """A QLinear as ``diffkiln::qdq_linear`` (or ``wo_linear``), plus smoothing and BOS rows.
+
+    Args:
+        name: the layer's name, for errors.
+        q: the runtime layer.
+        float_activations: keep the activations in float (``wo_linear`` on the int8 weights):
+            the fallback for activation formats without a static QDQ form. Default False.
+    """
 
     a_scale: torch.Tensor
     a_zp: torch.Tensor
@@ -48,11 +55,12 @@ class OnnxQLinear(nn.Module):
     bos_keep: torch.Tensor | None
     bos_rows: torch.Tensor | None
 
-    def __init__(self, name: str, q: QLinear):
+    def __init__(self, name: str, q: QLinear, float_activations: bool = False):
         super().__init__()
-        _check_exportable(name, q)
+        if not float_activations:
+            _check_exportable(name, q)
         scale, bias = q.scale_and_bias()
-        self.weight_only = q.weight_only
+        self.weight_only = q.weight_only or float_activations
         self.register_buffer("w_t", q.codes_t().contiguous())
         self.register_buffer("w_scale", scale.contiguous())
         self.register_buffer("bias", bias if bias is not None else torch.zeros(q.out_features))
@@ -83,16 +91,17 @@ class OnnxQLinear(nn.Module):
 
 
 class OnnxQConv2d(nn.Module):
-    """A QConv2d as ``diffkiln::qdq_conv2d`` (or ``wo_conv2d``)."""
+    """A QConv2d as ``diffkiln::qdq_conv2d`` (or ``wo_conv2d``); arguments as :class:`OnnxQLinear`."""
 
     a_scale: torch.Tensor
     a_zp: torch.Tensor
 
-    def __init__(self, name: str, q: QConv2d):
+    def __init__(self, name: str, q: QConv2d, float_activations: bool = False):
         super().__init__()
-        _check_exportable(name, q)
+        if not float_activations:
+            _check_exportable(name, q)
         scale, bias = q.scale_and_bias()
-        self.weight_only = q.weight_only
+        self.weight_only = q.weight_only or float_activations
         codes = q.codes_t().t().reshape(q.out_channels, q.in_channels, *q.kernel_size)
         self.register_buffer("w", codes.contiguous())
         self.register_buffer("w_scale", scale.contiguous())
@@ -109,14 +118,19 @@ class OnnxQConv2d(nn.Module):
         return ops.qdq_conv2d(x, self.w, self.w_scale, self.bias, self.a_scale, self.a_zp, stride, padding, dilation)
 
 
-def export_module_for(name: str, module: nn.Module) -> nn.Module:
+def export_module_for(name: str, module: nn.Module, float_activations: bool = False) -> nn.Module:
     """The export stand-in for a runtime quantized module.
+
+    Args:
+        name: the layer's name, for errors.
+        module: the runtime Q-module.
+        float_activations: keep the activations in float (see :class:`OnnxQLinear`). Default False.
 
     Raises:
         OnnxExportError: the module's format cannot be expressed (the message says why).
     """
     if isinstance(module, QLinear):
-        return OnnxQLinear(name, module)
+        return OnnxQLinear(name, module, float_activations)
     if isinstance(module, QConv2d):
-        return OnnxQConv2d(name, module)
+        return OnnxQConv2d(name, module, float_activations)
     raise OnnxExportError(f"{name}: no ONNX form for {type(module).__name__}")

@@ -1,0 +1,245 @@
+"""The pipeline's model components as export-ready modules, with example inputs recorded from one
+sampler call.
+
+* the denoiser: called with keyword tensors (dict arguments such as SDXL's ``added_cond_kwargs``
+  are flattened to ``name__key`` inputs), returning its output tensor;
+* each text encoder: called as the pipeline calls it, its output (a transformers ``ModelOutput``)
+  flattened to tensors in field order; the field layout is recorded so the onnxruntime backend
+  rebuilds the same output object;
+* the VAE decoder: ``vae.decode(latents)``, recorded at the input of ``post_quant_conv`` (or of
+  the decoder when the VAE has none), which is what ``decode`` receives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from diffkiln.calibrate.hooks import recording_calls
+
+__all__ = ["Component", "ComponentKind", "record_components", "unflatten_kwargs"]
+
+SEPARATOR = "__"
+"""Joins a dict argument's name and key in a flattened input name (``added_cond_kwargs__time_ids``)."""
+
+
+class ComponentKind:
+    """The kinds of exported components (plain strings in the ONNX manifest)."""
+
+    DENOISER = "denoiser"
+    TEXT_ENCODER = "text_encoder"
+    VAE_DECODER = "vae_decoder"
+
+
+@dataclass
+class Component:
+    """One model component to export.
+
+    Attributes:
+        name: the pipeline attribute (``unet``, ``text_encoder_2``, ``vae``).
+        kind: a :class:`ComponentKind` value.
+        module: the export-ready module (its forward takes the flattened keyword tensors).
+        example: flattened keyword tensors from the recorded call.
+        options: the recorded call's non-tensor arguments (e.g. ``output_hidden_states``), fixed
+            in the exported graph.
+        outputs: the output layout: ``[field, count]`` pairs (count None for a single tensor).
+        output_class: ``module:qualname`` of the output object to rebuild, or None for a tensor.
+        call_order: the torch module's forward parameters in order (to name positional arguments).
+    """
+
+    name: str
+    kind: str
+    module: nn.Module
+    example: dict[str, torch.Tensor]
+    options: dict[str, Any] = field(default_factory=dict)
+    outputs: list[tuple[str, int | None]] = field(default_factory=list)
+    output_class: str | None = None
+    call_order: list[str] = field(default_factory=list)
+
+
+def flatten_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split a call's keyword arguments into flattened tensors and JSON-able options (Nones dropped)."""
+    tensors: dict[str, torch.Tensor] = {}
+    options: dict[str, Any] = {}
+    for key, value in kwargs.items():
+        if isinstance(value, torch.Tensor):
+            tensors[key] = value
+        elif isinstance(value, dict) and all(isinstance(v, torch.Tensor) for v in value.values()):
+            tensors.update({f"{key}{SEPARATOR}{k}": v for k, v in value.items()})
+        elif isinstance(value, (bool, int, float, str)):
+            options[key] = value
+    return tensors, options
+
+
+def unflatten_kwargs(flat: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of the dict flattening: ``a__b`` keys become ``{"a": {"b": ...}}``."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        outer, sep, inner = key.partition(SEPARATOR)
+        if sep:
+            out.setdefault(outer, {})[inner] = value
+        else:
+            out[key] = value
+    return out
+
+
+class _Positional(nn.Module):
+    """Takes its input tensors positionally, in the order of ``names``.
+
+    torch.export's dynamic shapes do not work through a ``**kwargs`` signature (torch 2.13), so
+    the export wrappers take ``*tensors`` and name them here; the ONNX inputs get these names.
+    """
+
+    def __init__(self, names: list[str]):
+        super().__init__()
+        self.names = names
+
+    def named(self, tensors: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+        return dict(zip(self.names, tensors, strict=True))
+
+
+class _Denoiser(_Positional):
+    """The denoiser called with flattened keyword tensors, returning its output tensor."""
+
+    def __init__(self, denoiser: nn.Module, names: list[str], options: dict[str, Any]):
+        super().__init__(names)
+        self.denoiser = denoiser
+        self.options = {k: v for k, v in options.items() if k != "return_dict"}
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        out = self.denoiser(**unflatten_kwargs(self.named(tensors)), **self.options, return_dict=False)
+        return out[0] if isinstance(out, tuple) else out
+
+
+def _output_layout(output: Any) -> tuple[list[tuple[str, int | None]], str | None]:
+    if isinstance(output, torch.Tensor):
+        return [("output", None)], None
+    items = output.items() if hasattr(output, "items") else enumerate(output)
+    layout: list[tuple[str, int | None]] = []
+    for key, value in items:
+        if isinstance(value, torch.Tensor):
+            layout.append((str(key), None))
+        elif isinstance(value, (tuple, list)) and all(isinstance(v, torch.Tensor) for v in value):
+            layout.append((str(key), len(value)))
+    cls = type(output)
+    return layout, f"{cls.__module__}:{cls.__qualname__}"
+
+
+class _TextEncoder(_Positional):
+    """A text encoder called as the pipeline called it, its output flattened to a tuple of tensors."""
+
+    def __init__(self, encoder: nn.Module, names: list[str], options: dict[str, Any]):
+        super().__init__(names)
+        self.encoder = encoder
+        self.options = options
+
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        output = self.encoder(**self.named(tensors), **self.options)
+        if isinstance(output, torch.Tensor):
+            return (output,)
+        flat: list[torch.Tensor] = []
+        for value in output.values() if hasattr(output, "values") else output:
+            if isinstance(value, torch.Tensor):
+                flat.append(value)
+            elif isinstance(value, (tuple, list)):
+                flat.extend(v for v in value if isinstance(v, torch.Tensor))
+        return tuple(flat)
+
+
+class _VaeDecoder(_Positional):
+    """``vae.decode(latents)`` as a module."""
+
+    def __init__(self, vae: Any):
+        super().__init__(["latents"])
+        self.vae = vae
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(self.named(tensors)["latents"], return_dict=False)[0]
+
+
+def _bound_kwargs(module: nn.Module, call: tuple[tuple[Any, ...], dict[str, Any]]) -> dict[str, Any]:
+    args, kwargs = call
+    return dict(inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments)
+
+
+def _vae_entry(vae: Any) -> nn.Module:
+    """The submodule whose input is what ``vae.decode`` receives."""
+    post = getattr(vae, "post_quant_conv", None)
+    if isinstance(post, nn.Module) and getattr(vae.config, "use_post_quant_conv", True):
+        return post
+    decoder: nn.Module = vae.decoder
+    return decoder
+
+
+def record_components(pipe: Any, denoiser_name: str, prompt: str, call_kwargs: dict[str, Any]) -> list[Component]:
+    """Run the pipeline once (2 steps, decoded output) and record every model component's inputs.
+
+    Args:
+        pipe: the loaded pipeline.
+        denoiser_name: the pipeline attribute holding the denoiser.
+        prompt: the prompt of the recorded call.
+        call_kwargs: extra pipeline-call arguments (height, width, frames, ...).
+
+    Returns:
+        The denoiser, each text encoder (``text_encoder``, ``text_encoder_2``, ...), and the VAE
+        decoder, in that order; components the call did not use are left out.
+    """
+    from transformers import PreTrainedModel
+
+    encoders = {name: comp for name, comp in pipe.components.items() if isinstance(comp, PreTrainedModel)}
+    vae = pipe.components.get("vae")
+    denoiser = getattr(pipe, denoiser_name)
+    pipe.set_progress_bar_config(disable=True)
+    with contextlib.ExitStack() as stack, torch.no_grad():
+        record = {
+            name: stack.enter_context(recording_calls(f"diffkiln.onnx.{name}", m)) for name, m in encoders.items()
+        }
+        record[denoiser_name] = stack.enter_context(recording_calls("diffkiln.onnx.denoiser", denoiser))
+        if vae is not None:
+            record["vae"] = stack.enter_context(recording_calls("diffkiln.onnx.vae", _vae_entry(vae)))
+        pipe(
+            [prompt], num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0), **call_kwargs
+        )
+    components: list[Component] = []
+    tensors, options = flatten_kwargs(_bound_kwargs(denoiser, record[denoiser_name][0]))
+    components.append(
+        Component(
+            denoiser_name,
+            ComponentKind.DENOISER,
+            _Denoiser(denoiser, list(tensors), options),
+            tensors,
+            options,
+            [("sample", None)],
+            call_order=list(inspect.signature(denoiser.forward).parameters),
+        )
+    )
+    for name, encoder in encoders.items():
+        if not record[name]:
+            continue
+        tensors, options = flatten_kwargs(_bound_kwargs(encoder, record[name][0]))
+        with torch.no_grad():
+            output = encoder(**tensors, **options)
+        layout, output_class = _output_layout(output)
+        components.append(
+            Component(
+                name,
+                ComponentKind.TEXT_ENCODER,
+                _TextEncoder(encoder, list(tensors), options),
+                tensors,
+                options,
+                layout,
+                output_class,
+            )
+        )
+    if vae is not None and record["vae"]:
+        latents = record["vae"][0][0][0]
+        decoder = _VaeDecoder(vae)
+        components.append(
+            Component("vae", ComponentKind.VAE_DECODER, decoder, {"latents": latents}, {}, [("sample", None)])
+        )
+    return components

@@ -1,0 +1,278 @@
+"""``load(..., backend="onnxruntime")``: an ONNX export folder as a diffusers pipeline whose model
+components run in onnxruntime.
+
+The folder is what ``diffkiln export BUNDLE --format onnx`` writes. Its manifest is checked
+(format, version, every file's size and sha256) before anything is used. The pipeline is the
+bundle's own diffusers class; its text encoders, denoiser and VAE decoder are stand-ins that feed
+onnxruntime sessions and return what the torch modules return (``ModelOutput`` objects, tuples
+with ``return_dict=False``), so the scheduler loop and the caller's code are unchanged.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from diffkiln.runtime.manifest import BUNDLE_FORMAT, MANIFEST_NAME, ONNX_FORMAT, ONNX_VERSION, BundleError, verify_files
+
+__all__ = ["OrtComponent", "OrtDenoiser", "OrtTextEncoder", "OrtVaeDecoder", "load_onnx_pipeline", "read_onnx_manifest"]
+
+_SEPARATOR = "__"  # flattened dict arguments: added_cond_kwargs__time_ids
+# Output objects are rebuilt only from these libraries' classes (named in the manifest).
+_OUTPUT_LIBRARIES = ("transformers.", "diffusers.")
+_NUMPY_DTYPES = {"float": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "bool": np.bool_}
+_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "npu": "CANNExecutionProvider"}
+
+
+def read_onnx_manifest(folder: Path) -> dict[str, Any]:
+    """Read and check an ONNX export's manifest (JSON, format, version) and its files.
+
+    Raises:
+        BundleError: the folder is not an ONNX export, or a file is missing, truncated or altered.
+    """
+    path = folder / MANIFEST_NAME
+    if not path.is_file():
+        raise BundleError(f"{folder} has no manifest.json; run `diffkiln export BUNDLE --format onnx --out DIR` first")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{path} is not valid JSON (corrupt or truncated): {exc}") from None
+    fmt = manifest.get("format") if isinstance(manifest, dict) else None
+    if fmt == BUNDLE_FORMAT:
+        raise BundleError(
+            f"{folder} is a bundle, not an ONNX export; run `diffkiln export {folder} --format onnx --out DIR` "
+            "and load DIR with backend='onnxruntime' (or load the bundle with backend='torch')"
+        )
+    if fmt != ONNX_FORMAT:
+        raise BundleError(f"{path} is not a diffkiln ONNX export manifest (format must be {ONNX_FORMAT!r})")
+    version = manifest.get("version")
+    if not isinstance(version, int) or not 1 <= version <= ONNX_VERSION:
+        raise BundleError(f"ONNX export version {version!r} is not one this runtime reads ({ONNX_VERSION})")
+    verify_files(folder, manifest)
+    return manifest
+
+
+def _session_options(optimize: bool) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return options
+
+
+class OrtComponent(nn.Module):
+    """One exported model component behind an onnxruntime session.
+
+    Args:
+        folder: the export folder.
+        name: the pipeline attribute (``unet``, ``text_encoder``, ``vae``).
+        entry: its manifest entry (file, inputs, outputs, options, output layout).
+        config: the component's config (``.config`` of the torch module it replaces).
+        providers: onnxruntime execution providers.
+        optimize: let onnxruntime optimize the graph (fuse QDQ into integer kernels).
+    """
+
+    def __init__(self, folder: Path, name: str, entry: dict[str, Any], config: Any, providers: list[str],
+                 optimize: bool):  # fmt: skip
+        super().__init__()
+        import onnxruntime as ort
+
+        self.component_name = name
+        self.entry = entry
+        self.config = config
+        self.session = ort.InferenceSession(
+            str(folder / entry["file"]), _session_options(optimize), providers=providers
+        )
+        self.inputs = {i["name"]: i for i in entry["inputs"]}
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def run(self, feeds: dict[str, Any]) -> list[torch.Tensor]:
+        """Run the session on torch tensors named as the ONNX inputs; return torch tensors.
+
+        Raises:
+            ValueError: an input is missing or unexpected, or its shape is not one the export
+                accepts (the message names the input and the exported shape).
+        """
+        missing = sorted(set(self.inputs) - set(feeds))
+        extra = sorted(set(feeds) - set(self.inputs))
+        if missing or extra:
+            raise ValueError(
+                f"{self.component_name}: the ONNX model takes {sorted(self.inputs)}; "
+                f"missing {missing}, unexpected {extra}"
+            )
+        arrays: dict[str, np.ndarray] = {}
+        for key, value in feeds.items():
+            spec = self.inputs[key]
+            array = value.detach().cpu().numpy().astype(_NUMPY_DTYPES.get(spec["dtype"], np.float32), copy=False)
+            shape = spec["shape"]
+            if shape is not None and (
+                len(shape) != array.ndim
+                or any(isinstance(d, int) and d != n for d, n in zip(shape, array.shape, strict=True))
+            ):
+                raise ValueError(
+                    f"{self.component_name}: input {key!r} has shape {list(array.shape)}, the export takes {shape} "
+                    "(re-export with dynamic axes, or call with the exported batch and size)"
+                )
+            arrays[key] = array
+        return [torch.from_numpy(np.ascontiguousarray(o)) for o in self.session.run(None, arrays)]
+
+    def _check_options(self, kwargs: dict[str, Any]) -> None:
+        for key, value in kwargs.items():
+            if value is None or key == "return_dict":
+                continue
+            if key not in self.entry["options"] or self.entry["options"][key] != value:
+                raise ValueError(
+                    f"{self.component_name}: argument {key}={value!r} differs from the exported call "
+                    f"(options {self.entry['options']}); re-export calling it that way"
+                )
+
+
+def _flatten(kwargs: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors: dict[str, torch.Tensor] = {}
+    rest: dict[str, Any] = {}
+    for key, value in kwargs.items():
+        if isinstance(value, torch.Tensor):
+            tensors[key] = value
+        elif isinstance(value, dict) and value and all(isinstance(v, torch.Tensor) for v in value.values()):
+            tensors.update({f"{key}{_SEPARATOR}{k}": v for k, v in value.items()})
+        else:
+            rest[key] = value
+    return tensors, rest
+
+
+class OrtDenoiser(OrtComponent):
+    """The denoiser: ``forward(sample, timestep, encoder_hidden_states, ..., return_dict=True)``."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+        return_dict = kwargs.pop("return_dict", True)
+        names = [i for i in self.entry["call_order"] if i not in kwargs]
+        kwargs.update(dict(zip(names, args, strict=False)))  # fewer positionals than parameters
+        tensors, rest = _flatten(kwargs)
+        self._check_options(rest)
+        feeds = {k: v for k, v in tensors.items() if k in self.inputs}
+        # A scalar timestep where the export took one per batch row (or the reverse).
+        for key, value in feeds.items():
+            shape = self.inputs[key]["shape"]
+            if shape is not None and len(shape) == 1 and value.dim() == 0:
+                feeds[key] = value.reshape(1).expand(next(iter(feeds.values())).shape[0])
+            elif shape == [] and value.dim() == 1:
+                feeds[key] = value[0]
+        (sample,) = self.run(feeds)[:1]
+        return Transformer2DModelOutput(sample=sample) if return_dict else (sample,)
+
+
+class OrtTextEncoder(OrtComponent):
+    """A text encoder: returns the same ``ModelOutput`` class as the exported one."""
+
+    def forward(self, input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        return_dict = kwargs.pop("return_dict", None)
+        tensors, rest = _flatten({k: v for k, v in kwargs.items()})
+        self._check_options(rest)
+        feeds = {"input_ids": input_ids, **{k: v for k, v in tensors.items() if k in self.inputs}}
+        flat = self.run(feeds)
+        fields: dict[str, Any] = {}
+        index = 0
+        for name, count in self.entry["output_fields"]:
+            if count is None:
+                fields[name] = flat[index]
+                index += 1
+            else:
+                fields[name] = tuple(flat[index : index + count])
+                index += count
+        cls = _output_class(self.entry.get("output_class"))
+        if cls is None:
+            return flat[0]
+        output = cls(**fields)
+        return output.to_tuple() if return_dict is False else output
+
+
+class OrtVaeDecoder(OrtComponent):
+    """The VAE as far as text-to-image needs it: ``decode(latents, return_dict=True)``."""
+
+    def decode(self, z: torch.Tensor, return_dict: bool = True, generator: Any = None) -> Any:
+        from diffusers.models.autoencoders.vae import DecoderOutput
+
+        (sample,) = self.run({"latents": z})[:1]
+        return DecoderOutput(sample=sample) if return_dict else (sample,)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError("the ONNX export holds the VAE decoder only; call vae.decode(latents)")
+
+
+def _output_class(spec: str | None) -> Any:
+    if spec is None:
+        return None
+    module_name, _, qualname = spec.partition(":")
+    if not module_name.startswith(_OUTPUT_LIBRARIES):
+        raise BundleError(f"output class {spec!r} is not from transformers or diffusers")
+    return getattr(importlib.import_module(module_name), qualname)
+
+
+def _component_config(folder: Path, name: str, kind: str) -> Any:
+    from diffusers.configuration_utils import FrozenDict
+
+    path = folder / name / "config.json"
+    if kind == "text_encoder":
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(folder / name, local_files_only=True)
+    return FrozenDict(json.loads(path.read_text(encoding="utf-8")))
+
+
+_CLASSES = {"denoiser": OrtDenoiser, "text_encoder": OrtTextEncoder, "vae_decoder": OrtVaeDecoder}
+
+
+def load_onnx_pipeline(folder: Path, device: torch.device, optimize: bool = False) -> Any:
+    """Build the pipeline of an ONNX export folder (see the module docstring).
+
+    Args:
+        folder: the export folder.
+        device: where the sessions run: cpu (CPUExecutionProvider), cuda (CUDAExecutionProvider),
+            npu (CANNExecutionProvider).
+        optimize: let onnxruntime optimize the graphs. Default False: it then runs the QDQ graph
+            as written, the same integers as the torch runtime (its fused int8 kernels saturate
+            u8 x s8 pair sums on x86 CPUs without VNNI).
+
+    Raises:
+        BundleError: the folder fails its checks.
+        ValueError: onnxruntime lacks the device's execution provider.
+    """
+    import onnxruntime as ort
+
+    from diffkiln.runtime.load import assemble_pipeline
+
+    manifest = read_onnx_manifest(folder)
+    provider = _PROVIDERS[device.type]
+    if provider not in ort.get_available_providers():
+        raise ValueError(
+            f"onnxruntime here has no {provider} (available: {ort.get_available_providers()}); "
+            "install the onnxruntime build for that device or load with device='cpu'"
+        )
+    providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
+    overrides: dict[str, Any] = {}
+    for name, entry in manifest["components"].items():
+        kind = entry["kind"]
+        if kind not in _CLASSES:
+            raise BundleError(f"component {name}: unknown kind {kind!r}; valid: {sorted(_CLASSES)}")
+        config = _component_config(folder, name, kind)
+        overrides[name] = _CLASSES[kind](folder, name, entry, config, providers, optimize)
+    pipe = assemble_pipeline(folder, overrides)
+    pipe.diffkiln_manifest = manifest
+    return pipe

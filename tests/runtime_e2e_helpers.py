@@ -37,10 +37,11 @@ def latents(pipe: Any, prompts: tuple[str, ...], steps: int = 4) -> torch.Tensor
         return pipe(list(prompts), num_inference_steps=steps, generator=gens, output_type="latent").images
 
 
-def build_bundle(pipe: Any, config: QuantizeConfig, out: Any, steps: int = 4) -> tuple[Any, Any]:
-    """Calibrate, plan and export a bundle to ``out``; returns (bundle path, plan)."""
+def build_bundle(pipe: Any, config: QuantizeConfig, out: Any, steps: int = 4, **export: Any) -> tuple[Any, Any]:
+    """Calibrate, plan and export a bundle to ``out`` (``export``: more ExportConfig fields);
+    returns (bundle path, plan)."""
     from diffkiln.export import ExportConfig, export_bundle
 
     stats = calibrate(pipe, CalibrationConfig(PROMPTS, steps=steps, batch_size=4, cache_dir=CACHE, progress=False))
     plan = make_plan(pipe, stats, config, "test")
-    return export_bundle(pipe, plan, stats, ExportConfig(out)), plan
+    return export_bundle(pipe, plan, stats, ExportConfig(out, **export)), plan

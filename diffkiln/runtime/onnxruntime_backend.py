@@ -131,6 +131,13 @@ class OrtComponent(nn.Module):
             arrays[key] = array
         return [torch.from_numpy(np.ascontiguousarray(o)) for o in self.session.run(None, arrays)]
 
+    def name_positionals(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Positional arguments named after the torch module's forward parameters."""
+        names = [n for n in self.entry["call_order"] if n not in kwargs]
+        if len(args) > len(names):
+            raise TypeError(f"{self.component_name}: {len(args)} positional arguments, it takes {len(names)}")
+        return dict(zip(names, args, strict=False))  # fewer positionals than parameters
+
     def _check_options(self, kwargs: dict[str, Any]) -> None:
         for key, value in kwargs.items():
             if value is None or key == "return_dict":
@@ -162,8 +169,7 @@ class OrtDenoiser(OrtComponent):
         from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
         return_dict = kwargs.pop("return_dict", True)
-        names = [i for i in self.entry["call_order"] if i not in kwargs]
-        kwargs.update(dict(zip(names, args, strict=False)))  # fewer positionals than parameters
+        kwargs.update(self.name_positionals(args, kwargs))
         tensors, rest = _flatten(kwargs)
         self._check_options(rest)
         feeds = {k: v for k, v in tensors.items() if k in self.inputs}
@@ -181,12 +187,12 @@ class OrtDenoiser(OrtComponent):
 class OrtTextEncoder(OrtComponent):
     """A text encoder: returns the same ``ModelOutput`` class as the exported one."""
 
-    def forward(self, input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         return_dict = kwargs.pop("return_dict", None)
-        tensors, rest = _flatten({k: v for k, v in kwargs.items()})
+        kwargs.update(self.name_positionals(args, kwargs))
+        tensors, rest = _flatten(kwargs)
         self._check_options(rest)
-        feeds = {"input_ids": input_ids, **{k: v for k, v in tensors.items() if k in self.inputs}}
-        flat = self.run(feeds)
+        flat = self.run({k: v for k, v in tensors.items() if k in self.inputs})
         fields: dict[str, Any] = {}
         index = 0
         for name, count in self.entry["output_fields"]:

@@ -39,6 +39,23 @@ class _MindieLayer(nn.Module):
     def _channel(self, v: torch.Tensor) -> torch.Tensor:
         return v.view(1, -1, 1, 1) if self.conv is not None else v
 
+    def _dynamic(self, xd: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Per-token symmetric int8 activations; a convolution's tokens are its im2col patches."""
+        t = self.t
+        rows = xd
+        if self.conv is not None:
+            stride, padding, dilation = self.conv
+            b, _, h, wd = xd.shape
+            rows = F.unfold(xd, w.shape[2:], dilation=dilation, padding=padding, stride=stride).transpose(1, 2)
+        s = rows.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / 127.0
+        acc = torch.clamp(torch.round(rows / s), -128, 127) @ w.reshape(w.shape[0], -1).t()
+        out = acc * s * t["weight_scale"] + (t["bias"] if "bias" in t else 0.0)
+        if self.conv is None:
+            return out
+        oh = (h + 2 * padding[0] - dilation[0] * (w.shape[2] - 1) - 1) // stride[0] + 1
+        ow = (wd + 2 * padding[1] - dilation[1] * (w.shape[3] - 1) - 1) // stride[1] + 1
+        return out.transpose(1, 2).reshape(b, w.shape[0], oh, ow)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t, xd = self.t, x.double()
         if "div.mul_scale" in t:
@@ -52,10 +69,7 @@ class _MindieLayer(nn.Module):
             if "bias" in t:
                 out = out + self._channel(t["bias"])
         elif self.kind == "W8A8_DYNAMIC":
-            s = xd.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / 127.0
-            out = self._matmul(torch.clamp(torch.round(xd / s), -128, 127), w) * s * t["weight_scale"]
-            if "bias" in t:
-                out = out + t["bias"]
+            out = self._dynamic(xd, w)
         else:
             scale, offset = t["input_scale"].item(), t["input_offset"].item()
             xq = torch.clamp(torch.round(xd.float() / float(scale)).double() + offset, -128, 127)

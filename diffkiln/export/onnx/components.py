@@ -163,8 +163,15 @@ class _VaeDecoder(_Positional):
 
 
 def _bound_kwargs(module: nn.Module, call: tuple[tuple[Any, ...], dict[str, Any]]) -> dict[str, Any]:
+    """The call's arguments by name; a ``**kwargs`` parameter's entries are spread out (transformers
+    5 text encoders take ``output_hidden_states`` through it)."""
     args, kwargs = call
-    return dict(inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments)
+    signature = inspect.signature(module.forward)
+    bound = dict(signature.bind_partial(*args, **kwargs).arguments)
+    for name, param in signature.parameters.items():
+        if param.kind is inspect.Parameter.VAR_KEYWORD and isinstance(bound.get(name), dict):
+            bound.update(bound.pop(name))
+    return bound
 
 
 def _vae_entry(vae: Any) -> nn.Module:
@@ -234,6 +241,7 @@ def record_components(pipe: Any, denoiser_name: str, prompt: str, call_kwargs: d
                 options,
                 layout,
                 output_class,
+                call_order=list(inspect.signature(encoder.forward).parameters),
             )
         )
     if vae is not None and record["vae"]:

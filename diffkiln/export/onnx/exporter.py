@@ -125,17 +125,21 @@ def _export_program(component: Component, opset: int, dynamic: bool) -> tuple[An
         "verbose": False,
     }
     module = component.module.eval()
-    args = tuple(component.example.values())
+
+    def fresh() -> tuple[torch.Tensor, ...]:
+        # A failed dynamic attempt leaves dynamic-dimension marks on its input tensors.
+        return tuple(t.clone() for t in component.example.values())
+
     with torch.no_grad():
         if dynamic:
             try:
-                return torch.onnx.export(module, args, dynamic_shapes=_dynamic_shapes(component), **kwargs), None
+                return torch.onnx.export(module, fresh(), dynamic_shapes=_dynamic_shapes(component), **kwargs), None
             except Exception as exc:  # torch.export raises many types; the reason goes to the manifest
                 reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
                 log.warning("%s: dynamic axes failed (%s); exporting the recorded shapes", component.name, reason)
         else:
             reason = "dynamic axes not requested"
-        return torch.onnx.export(module, args, **kwargs), reason
+        return torch.onnx.export(module, fresh(), **kwargs), reason
 
 
 def _io_spec(values: Any) -> list[dict[str, Any]]:

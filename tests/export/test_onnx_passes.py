@@ -1,0 +1,83 @@
+"""The onnx-ir passes of the ONNX export, on small hand-built graphs."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from diffkiln.export.onnx.passes import DropShapeInfoPass, Float16InitializersPass, Int4InitializersPass
+
+
+def _model(opset: int = 21) -> ir.Model:
+    """y = (x @ W_exact + b_inexact) with W float32 values exact in float16, b not."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 4)).astype(np.float16).astype(np.float32)
+    b = (rng.standard_normal(4) * np.float32(1 + 2**-20)).astype(np.float32)  # not exact in float16
+    codes = rng.integers(-8, 8, size=(8, 4)).astype(np.int8)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["h"]),
+            helper.make_node("Add", ["h", "b"], ["h2"]),
+            helper.make_node("DequantizeLinear", ["codes", "s"], ["wq"], axis=1),
+            helper.make_node("MatMul", ["x", "wq"], ["h3"]),
+            helper.make_node("Add", ["h2", "h3"], ["y"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+        [
+            numpy_helper.from_array(w, "w"),
+            numpy_helper.from_array(b * np.ones(4, np.float32), "b"),
+            numpy_helper.from_array(codes, "codes"),
+            numpy_helper.from_array(np.full(4, 0.1, np.float32), "s"),
+        ],
+        value_info=[helper.make_tensor_value_info("h", TensorProto.FLOAT, [2, 4])],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    return ir.serde.deserialize_model(proto)
+
+
+def _run(model: ir.Model, x: np.ndarray) -> np.ndarray:
+    proto = ir.serde.serialize_model(model)
+    onnx.checker.check_model(proto, full_check=True)
+    return ort.InferenceSession(proto.SerializeToString()).run(None, {"x": x})[0]
+
+
+def test_float16_pass_converts_only_exact_values_and_keeps_the_result() -> None:
+    x = np.random.default_rng(1).standard_normal((2, 8)).astype(np.float32)
+    before = _run(_model(), x)
+    model = _model()
+    Float16InitializersPass(min_elements=4)(model)
+    dtypes = {name: v.dtype for name, v in model.graph.initializers.items()}
+    assert dtypes["w.f16"] == ir.DataType.FLOAT16 and "w" not in dtypes  # exact: stored as float16
+    assert dtypes["b"] == ir.DataType.FLOAT  # not exact: untouched
+    assert dtypes["s"] == ir.DataType.FLOAT  # 0.1 in float32 is not a float16 value
+    np.testing.assert_array_equal(_run(model, x), before)  # bit-identical: only exact values moved
+
+
+def test_int4_pass_retypes_codes_and_rejects_what_does_not_fit() -> None:
+    x = np.ones((2, 8), np.float32)
+    before = _run(_model(), x)
+    model = _model()
+    Int4InitializersPass({"codes"})(model)
+    assert model.graph.initializers["codes"].dtype == ir.DataType.INT4
+    np.testing.assert_array_equal(_run(model, x), before)
+    with pytest.raises(ir.passes.PreconditionError, match="opset >= 21"):
+        Int4InitializersPass({"codes"})(_model(opset=20))
+    with pytest.raises(ir.passes.PreconditionError, match="expected int8 codes"):
+        Int4InitializersPass({"w"})(_model())
+    with pytest.raises(ir.passes.PreconditionError, match="no initializer named"):
+        Int4InitializersPass({"missing"})(_model())
+
+
+def test_drop_shape_info_keeps_graph_inputs_and_outputs() -> None:
+    model = _model()
+    DropShapeInfoPass()(model)
+    proto = ir.serde.serialize_model(model)
+    assert {v.name for v in proto.graph.value_info} <= {i.name for i in proto.graph.initializer}  # no "h"
+    assert proto.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    np.testing.assert_array_equal(_run(model, np.ones((2, 8), np.float32)), _run(_model(), np.ones((2, 8), np.float32)))

@@ -47,7 +47,14 @@ def _check(name: str, work: Path, steps: int) -> dict[str, Any]:
     prompts = ("a red circle on the left", "a blue square above a green triangle", "a yellow circle", "a cat")
     stats = calibrate(
         pipe,
-        CalibrationConfig(prompts, steps=4, batch_size=4, cache_dir=work / "cache", progress=False, call_kwargs=tuple(call_kwargs.items())),
+        CalibrationConfig(
+            prompts,
+            steps=4,
+            batch_size=4,
+            cache_dir=work / "cache",
+            progress=False,
+            call_kwargs=tuple(call_kwargs.items()),
+        ),
     )
     plan = make_plan(pipe, stats, QuantizeConfig(), name)
     bundle = export_bundle(pipe, plan, stats, ExportConfig(work / "bundle", overwrite=True))

@@ -92,6 +92,23 @@ class OrtComponent(nn.Module):
             str(folder / entry["file"]), _session_options(optimize), providers=providers
         )
         self.inputs = {i["name"]: i for i in entry["inputs"]}
+        self.__dict__["_skeleton"] = None
+
+    def attach_skeleton(self, skeleton: nn.Module) -> None:
+        """Answer attribute reads this stand-in lacks from ``skeleton``: the torch class built on
+        the meta device (no weights), for pipelines that read e.g. SDXL's
+        ``unet.add_embedding.linear_1.in_features`` or call FLUX's ``transformer.cache_context``.
+        Kept out of the module tree, so ``pipe.to(...)`` never moves it."""
+        self.__dict__["_skeleton"] = skeleton
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            skeleton = self.__dict__.get("_skeleton")
+            if skeleton is None:
+                raise
+            return getattr(skeleton, name)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -242,7 +259,23 @@ def _component_config(folder: Path, name: str, kind: str) -> Any:
     return FrozenDict(json.loads(path.read_text(encoding="utf-8")))
 
 
-_CLASSES = {"denoiser": OrtDenoiser, "text_encoder": OrtTextEncoder, "vae_decoder": OrtVaeDecoder}
+def _meta_denoiser(config: Any) -> nn.Module:
+    """The denoiser's diffusers class built from its config on the meta device (no memory)."""
+    import diffusers
+
+    cls = getattr(diffusers, config["_class_name"], None)
+    if cls is None:
+        raise BundleError(f"denoiser class {config['_class_name']!r} is not in diffusers {diffusers.__version__}")
+    with torch.device("meta"):
+        module: nn.Module = cls.from_config(dict(config))
+    return module
+
+
+_CLASSES: dict[str, type[OrtComponent]] = {
+    "denoiser": OrtDenoiser,
+    "text_encoder": OrtTextEncoder,
+    "vae_decoder": OrtVaeDecoder,
+}
 
 
 def load_onnx_pipeline(folder: Path, device: torch.device, optimize: bool = False) -> Any:
@@ -278,7 +311,10 @@ def load_onnx_pipeline(folder: Path, device: torch.device, optimize: bool = Fals
         if kind not in _CLASSES:
             raise BundleError(f"component {name}: unknown kind {kind!r}; valid: {sorted(_CLASSES)}")
         config = _component_config(folder, name, kind)
-        overrides[name] = _CLASSES[kind](folder, name, entry, config, providers, optimize)
+        component: OrtComponent = _CLASSES[kind](folder, name, entry, config, providers, optimize)
+        if kind == "denoiser":
+            component.attach_skeleton(_meta_denoiser(config))
+        overrides[name] = component
     pipe = assemble_pipeline(folder, overrides)
     pipe.diffkiln_manifest = manifest
     return pipe

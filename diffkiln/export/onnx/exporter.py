@@ -155,9 +155,14 @@ def _finish(program: Any, sub_byte: set[str], opset: int) -> Any:
     import onnx_ir as ir
     from onnx_ir.passes.common import ClearMetadataAndDocStringPass
 
-    from diffkiln.export.onnx.passes import DropShapeInfoPass, Float16InitializersPass, Int4InitializersPass
+    from diffkiln.export.onnx.passes import (
+        DropShapeInfoPass,
+        Float16InitializersPass,
+        Int4InitializersPass,
+        NoopSqueezePass,
+    )
 
-    passes: list[ir.passes.PassBase] = [ClearMetadataAndDocStringPass()]
+    passes: list[ir.passes.PassBase] = [ClearMetadataAndDocStringPass(), NoopSqueezePass()]
     if sub_byte and opset >= 21:
         passes.append(Int4InitializersPass(sub_byte))
     passes += [Float16InitializersPass(), DropShapeInfoPass()]

@@ -1,0 +1,258 @@
+"""ONNX and W8A8 peers, side by side in one run on a built-in model's denoiser.
+
+Builds diffkiln's W8A8 bundle (``--float-storage float16``, default calibration prompts), then:
+
+* file size: diffkiln's ONNX denoiser (W8A8 and, with ``--mixed-bundle``, a mixed bundle)
+  against the FP16 and FP32 ONNX of the float denoiser (same exporter, same passes) and against
+  onnxruntime's ``quantize_static`` output (QDQ, per-channel int8 weights, calibrated on the
+  denoiser inputs of the same calibration prompts, steps and guidance);
+* onnxruntime CPU latency of one denoiser call (the CFG batch of 2), median of ``--repeat``, with
+  graph optimizations on and off;
+* quality: the latent SQNR against the float pipeline over ``--eval-prompts`` prompts at the
+  model's default steps, with each denoiser swapped into the same pipeline;
+* the torch side: diffkiln's integer runtime against optimum-quanto W8A8 (qint8 weights, qint8
+  activations calibrated on the same prompts, frozen), eager, latency and the same quality.
+
+Usage:
+    python tools/bench_onnx.py --model shapes-unet --work /tmp/bench-onnx [--mixed-bundle B]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _median_ms(fn: Any, repeat: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return round(statistics.median(times), 2)
+
+
+class _SessionDenoiser:
+    """A denoiser-shaped callable over an onnxruntime session (inputs by ONNX input name)."""
+
+    def __init__(self, path: Path, optimize: bool, like: Any):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if not optimize:
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        self.like = like
+        self.config = like.config
+
+    def feeds(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        import inspect
+
+        import numpy as np
+
+        bound = inspect.signature(self.like.forward).bind_partial(*args, **kwargs).arguments
+        out = {}
+        for name, info in self.inputs.items():
+            value = bound[name].detach().numpy()
+            out[name] = value.astype(np.int64 if "int64" in info.type else np.float32)
+        return out
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        import torch
+
+        kwargs.pop("return_dict", None)
+        sample = torch.from_numpy(self.session.run(None, self.feeds(args, kwargs))[0])
+        return (sample,)
+
+
+def _latents(pipe: Any, prompts: list[str], steps: int, guidance: float) -> Any:
+    import torch
+
+    pipe.set_progress_bar_config(disable=True)
+    out = []
+    for i, p in enumerate(prompts):
+        g = torch.Generator().manual_seed(1000 + i)
+        with torch.no_grad():
+            out.append(
+                pipe(p, num_inference_steps=steps, guidance_scale=guidance, output_type="latent", generator=g).images
+            )
+    return torch.cat(out)
+
+
+def _with_denoiser(pipe: Any, denoiser: Any) -> Any:
+    clone = copy.copy(pipe)
+    clone.unet = denoiser  # bypasses register_modules: the pipeline's call reads self.unet
+    return clone
+
+
+def _calibration_inputs(pipe: Any, prompts: list[str], steps: int, guidance: float) -> list[dict[str, Any]]:
+    import inspect
+
+    import torch
+
+    from diffkiln.calibrate.hooks import recording_calls
+
+    pipe.set_progress_bar_config(disable=True)
+    with recording_calls("bench.calib", pipe.unet) as calls, torch.no_grad():
+        for i, p in enumerate(prompts):
+            pipe(p, num_inference_steps=steps, guidance_scale=guidance, output_type="latent",
+                 generator=torch.Generator().manual_seed(i))  # fmt: skip
+    sig = inspect.signature(pipe.unet.forward)
+    return [
+        {k: v for k, v in sig.bind_partial(*a, **kw).arguments.items() if isinstance(v, torch.Tensor)}
+        for a, kw in calls
+    ]
+
+
+def _export_float(pipe: Any, out: Path, half: bool) -> Path:
+    """The float denoiser through diffkiln's exporter (same recording, passes and checks)."""
+    import torch
+
+    from diffkiln.export.onnx.components import record_components
+    from diffkiln.export.onnx.exporter import OnnxExportConfig, _export_component
+
+    component = record_components(pipe, "unet", "a red circle on the left", {})[0]
+    if half:
+        component.module = copy.deepcopy(component.module).half()
+        component.example = {k: v.half() if v.is_floating_point() else v for k, v in component.example.items()}
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / ("denoiser-fp16.onnx" if half else "denoiser-fp32.onnx")
+    with torch.no_grad():
+        _export_component(component, path, OnnxExportConfig(out), set())
+    return path
+
+
+def _ort_quantize_static(fp32: Path, calib: list[dict[str, Any]], out: Path) -> Path:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter([{k: v.numpy() for k, v in c.items()} for c in calib])
+
+        def get_next(self) -> dict[str, Any] | None:
+            return next(self.it, None)
+
+    pre = out / "denoiser-fp32-pre.onnx"
+    quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+    path = out / "denoiser-ort-quantize-static.onnx"
+    quantize_static(str(pre), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)  # fmt: skip
+    return path
+
+
+def _quanto(pipe: Any, calib_prompts: list[str], steps: int, guidance: float) -> Any:
+    import torch
+    from optimum.quanto import Calibration, freeze, qint8, quantize
+
+    unet = copy.deepcopy(pipe.unet)
+    quantize(unet, weights=qint8, activations=qint8)
+    calib_pipe = _with_denoiser(pipe, unet)
+    calib_pipe.set_progress_bar_config(disable=True)
+    with Calibration(), torch.no_grad():
+        for i, p in enumerate(calib_prompts):
+            calib_pipe(p, num_inference_steps=steps, guidance_scale=guidance, output_type="latent",
+                       generator=torch.Generator().manual_seed(i))  # fmt: skip
+    freeze(unet)
+    return unet
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="shapes-unet", help="a built-in UNet model (default shapes-unet)")
+    parser.add_argument("--work", type=Path, required=True, help="scratch and results folder")
+    parser.add_argument("--calib-prompts", type=int, default=32, help="calibration prompts (default 32)")
+    parser.add_argument("--eval-prompts", type=int, default=8, help="quality prompts (default 8)")
+    parser.add_argument("--repeat", type=int, default=20, help="timed denoiser calls per variant (default 20)")
+    parser.add_argument("--mixed-bundle", type=Path, default=None, help="also size a mixed bundle's ONNX export")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+
+    import torch
+
+    from diffkiln.calibrate.prompts import default_calibration_prompts
+    from diffkiln.export import FloatStorage
+    from diffkiln.export.onnx import OnnxExportConfig, export_onnx
+    from diffkiln.generation import load_pipeline
+    from diffkiln.optimize import OptimizeConfig, optimize
+    from diffkiln.report.metrics import sqnr_db
+    from diffkiln.runtime import load
+    from diffkiln.zoo.registry import resolve_target
+
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    builtin = resolve_target(args.model).builtin
+    steps, guidance = builtin.default_steps, builtin.default_guidance
+    calib_prompts = default_calibration_prompts(builtin.judge.value, args.calib_prompts)
+    eval_prompts = default_calibration_prompts(builtin.judge.value, args.calib_prompts + args.eval_prompts)[
+        args.calib_prompts :
+    ]
+    torch.set_num_threads(torch.get_num_threads())
+    results: dict[str, Any] = {"model": args.model, "steps": steps, "guidance": guidance,
+                               "threads": torch.get_num_threads(), "calib_prompts": len(calib_prompts),
+                               "eval_prompts": len(eval_prompts)}  # fmt: skip
+
+    bundle = work / "bundle-w8a8"
+    if not bundle.exists():
+        config = OptimizeConfig(
+            out=bundle, float_storage=FloatStorage.FLOAT16, calib_size=args.calib_prompts, progress=False
+        )
+        optimize(args.model, config)
+    ours = export_onnx(bundle, OnnxExportConfig(work / "onnx-w8a8", components=False, overwrite=True)) / "denoiser.onnx"
+    pipe = load_pipeline(args.model)
+    fp32 = _export_float(pipe, work / "onnx-fp", half=False)
+    fp16 = _export_float(pipe, work / "onnx-fp", half=True)
+    calib = _calibration_inputs(pipe, calib_prompts, steps, guidance)
+    ort_static = _ort_quantize_static(fp32, calib, work / "onnx-fp")
+    files = {"fp32": fp32, "fp16": fp16, "diffkiln_w8a8": ours, "ort_quantize_static": ort_static}
+    if args.mixed_bundle:
+        mixed = export_onnx(args.mixed_bundle, OnnxExportConfig(work / "onnx-mixed", components=False, overwrite=True))
+        files["diffkiln_mixed"] = mixed / "denoiser.onnx"
+    results["size_mb"] = {k: round(p.stat().st_size / 1e6, 3) for k, p in files.items()}
+    results["size_vs_fp16"] = {k: round(p.stat().st_size / fp16.stat().st_size, 3) for k, p in files.items()}
+
+    example_args, example_kwargs = (), calib[len(calib) // 2]
+    reference = _latents(pipe, eval_prompts, steps, guidance)
+    variants: dict[str, Any] = {}
+    for name, path, optimize_graph in [
+        ("ort_fp32", fp32, True),
+        ("ort_diffkiln_w8a8", ours, False),
+        ("ort_diffkiln_w8a8_optimized", ours, True),
+        ("ort_quantize_static_optimized", ort_static, True),
+        ("ort_quantize_static", ort_static, False),
+    ]:
+        denoiser = _SessionDenoiser(path, optimize_graph, pipe.unet)
+        feeds = denoiser.feeds(example_args, dict(example_kwargs))
+        ms = _median_ms(lambda d=denoiser, f=feeds: d.session.run(None, f), args.repeat)
+        got = _latents(_with_denoiser(pipe, denoiser), eval_prompts, steps, guidance)
+        variants[name] = {"ms_per_call": ms, "latent_sqnr_vs_fp_db": round(sqnr_db(reference.numpy(), got.numpy()), 2)}
+        print(name, variants[name], flush=True)
+    torch_variants = {"torch_fp32": pipe.unet, "torch_diffkiln_w8a8": load(bundle, "cpu").unet,
+                      "torch_optimum_quanto_w8a8": _quanto(pipe, calib_prompts, steps, guidance)}  # fmt: skip
+    for name, module in torch_variants.items():
+        with torch.no_grad():
+            ms = _median_ms(lambda m=module: m(**example_kwargs), args.repeat)
+        got = _latents(_with_denoiser(pipe, module), eval_prompts, steps, guidance)
+        variants[name] = {"ms_per_call": ms, "latent_sqnr_vs_fp_db": round(sqnr_db(reference.numpy(), got.numpy()), 2)}
+        print(name, variants[name], flush=True)
+    results["variants"] = variants
+    (work / "results.json").write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -157,7 +157,10 @@ class OrtComponent(nn.Module):
 
     def _check_options(self, kwargs: dict[str, Any]) -> None:
         for key, value in kwargs.items():
-            if value is None or key == "return_dict":
+            # Absent in effect: None, and dicts without a value (FLUX's joint_attention_kwargs={},
+            # PixArt's added_cond_kwargs={"resolution": None, ...}); the export dropped them too.
+            empty = isinstance(value, dict) and all(v is None for v in value.values())
+            if value is None or empty or key == "return_dict":
                 continue
             if key not in self.entry["options"] or self.entry["options"][key] != value:
                 raise ValueError(

@@ -114,3 +114,16 @@ def test_timestep_aware_layers_fail_or_stay_float(shapes_pipelines, tmp_path: Pa
 def test_bad_dtype_is_rejected(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="dtype must be one of"):
         dataclasses.replace(MindieExportConfig(tmp_path), dtype="float64")  # type: ignore[arg-type]
+
+
+def test_export_command_writes_mindiesd_and_refuses_to_overwrite(
+    unet_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from diffkiln.cli import main
+
+    argv = ["export", str(unet_bundle), "--format", "mindiesd", "--out", str(tmp_path / "md")]
+    assert main(argv) == 0
+    assert "quant_model_weight_w8a8.safetensors" in capsys.readouterr().out
+    assert main(argv) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert main([*argv, "--overwrite", "--dtype", "bfloat16"]) == 0

@@ -131,11 +131,17 @@ def _export_float(pipe: Any, out: Path, half: bool) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path = out / ("denoiser-fp16.onnx" if half else "denoiser-fp32.onnx")
     with torch.no_grad():
-        _export_component(component, path, OnnxExportConfig(out), set())
+        # A plain float32 file (no float16 initializers + Cast): what quantize_static expects.
+        _export_component(component, path, OnnxExportConfig(out), set(), float16=half)
     return path
 
 
-def _ort_quantize_static(fp32: Path, calib: list[dict[str, Any]], out: Path) -> Path:
+def _ort_quantize_static(fp32: Path, calib: list[dict[str, Any]], out: Path, matmul_conv_only: bool) -> Path:
+    """onnxruntime's quantize_static, QDQ, per-channel int8 weights, int8 activations (MinMax).
+
+    ``matmul_conv_only``: quantize only MatMul and Conv (the ops diffkiln quantizes) instead of
+    every op onnxruntime can quantize.
+    """
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -147,10 +153,12 @@ def _ort_quantize_static(fp32: Path, calib: list[dict[str, Any]], out: Path) -> 
             return next(self.it, None)
 
     pre = out / "denoiser-fp32-pre.onnx"
-    quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
-    path = out / "denoiser-ort-quantize-static.onnx"
+    if not pre.exists():
+        quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+    path = out / f"denoiser-ort-quantize-static{'-matmul-conv' if matmul_conv_only else ''}.onnx"
+    ops = {"op_types_to_quantize": ["MatMul", "Conv"]} if matmul_conv_only else {}
     quantize_static(str(pre), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)  # fmt: skip
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, **ops)  # fmt: skip
     return path
 
 
@@ -178,6 +186,7 @@ def main() -> int:
     parser.add_argument("--eval-prompts", type=int, default=8, help="quality prompts (default 8)")
     parser.add_argument("--repeat", type=int, default=20, help="timed denoiser calls per variant (default 20)")
     parser.add_argument("--mixed-bundle", type=Path, default=None, help="also size a mixed bundle's ONNX export")
+    parser.add_argument("--skip-torch", action="store_true", help="skip the torch variants (optimum-quanto, ...)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
 
@@ -195,6 +204,8 @@ def main() -> int:
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     builtin = resolve_target(args.model).builtin
+    if builtin is None:
+        parser.error(f"{args.model} is not a built-in model")
     steps, guidance = builtin.default_steps, builtin.default_guidance
     calib_prompts = default_calibration_prompts(builtin.judge.value, args.calib_prompts)
     eval_prompts = default_calibration_prompts(builtin.judge.value, args.calib_prompts + args.eval_prompts)[
@@ -216,8 +227,10 @@ def main() -> int:
     fp32 = _export_float(pipe, work / "onnx-fp", half=False)
     fp16 = _export_float(pipe, work / "onnx-fp", half=True)
     calib = _calibration_inputs(pipe, calib_prompts, steps, guidance)
-    ort_static = _ort_quantize_static(fp32, calib, work / "onnx-fp")
-    files = {"fp32": fp32, "fp16": fp16, "diffkiln_w8a8": ours, "ort_quantize_static": ort_static}
+    ort_static = _ort_quantize_static(fp32, calib, work / "onnx-fp", matmul_conv_only=False)
+    ort_static_mc = _ort_quantize_static(fp32, calib, work / "onnx-fp", matmul_conv_only=True)
+    files = {"fp32": fp32, "fp16": fp16, "diffkiln_w8a8": ours, "ort_quantize_static": ort_static,
+             "ort_quantize_static_matmul_conv": ort_static_mc}  # fmt: skip
     if args.mixed_bundle:
         mixed = export_onnx(args.mixed_bundle, OnnxExportConfig(work / "onnx-mixed", components=False, overwrite=True))
         files["diffkiln_mixed"] = mixed / "denoiser.onnx"
@@ -233,6 +246,8 @@ def main() -> int:
         ("ort_diffkiln_w8a8_optimized", ours, True),
         ("ort_quantize_static_optimized", ort_static, True),
         ("ort_quantize_static", ort_static, False),
+        ("ort_quantize_static_matmul_conv_optimized", ort_static_mc, True),
+        ("ort_quantize_static_matmul_conv", ort_static_mc, False),
     ]:
         denoiser = _SessionDenoiser(path, optimize_graph, pipe.unet)
         feeds = denoiser.feeds(example_args, dict(example_kwargs))
@@ -240,8 +255,13 @@ def main() -> int:
         got = _latents(_with_denoiser(pipe, denoiser), eval_prompts, steps, guidance)
         variants[name] = {"ms_per_call": ms, "latent_sqnr_vs_fp_db": round(sqnr_db(reference.numpy(), got.numpy()), 2)}
         print(name, variants[name], flush=True)
-    torch_variants = {"torch_fp32": pipe.unet, "torch_diffkiln_w8a8": load(bundle, "cpu").unet,
-                      "torch_optimum_quanto_w8a8": _quanto(pipe, calib_prompts, steps, guidance)}  # fmt: skip
+    torch_variants: dict[str, Any] = {}
+    if not args.skip_torch:
+        torch_variants = {
+            "torch_fp32": pipe.unet,
+            "torch_diffkiln_w8a8": load(bundle, "cpu").unet,
+            "torch_optimum_quanto_w8a8": _quanto(pipe, calib_prompts, steps, guidance),
+        }
     for name, module in torch_variants.items():
         with torch.no_grad():
             ms = _median_ms(lambda m=module: m(**example_kwargs), args.repeat)

@@ -49,7 +49,9 @@ class _MindieLayer(nn.Module):
             rows = F.unfold(xd, w.shape[2:], dilation=dilation, padding=padding, stride=stride).transpose(1, 2)
         s = rows.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / 127.0
         acc = torch.clamp(torch.round(rows / s), -128, 127) @ w.reshape(w.shape[0], -1).t()
-        out = acc * s * t["weight_scale"] + (t["bias"] if "bias" in t else 0.0)
+        out = acc * s * t["weight_scale"]
+        if "bias" in t:
+            out = out + t["bias"]
         if self.conv is None:
             return out
         oh = (h + 2 * padding[0] - dilation[0] * (w.shape[2] - 1) - 1) // stride[0] + 1

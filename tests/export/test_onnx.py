@@ -106,8 +106,15 @@ def test_onnx_export_folder_is_verified(unet_bundle: Path, unet_onnx: Path, tmp_
         export_onnx(unet_bundle, OnnxExportConfig(unet_onnx))
 
 
-def test_dynamic_activations_fail_naming_the_layer_or_stay_float(random_shapes_pipelines, tmp_path: Path) -> None:
+def test_dynamic_activations_fail_naming_the_layer_or_stay_float(
+    random_shapes_pipelines, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import onnxruntime as ort
+
+    from diffkiln.export.onnx import exporter
+
+    # Above this many initializer bytes the weights go to external data (2 GB in use; 64 KB here).
+    monkeypatch.setattr(exporter, "_EXTERNAL_DATA_BYTES", 1 << 16)
 
     bundle, _ = build_bundle(random_shapes_pipelines["unet"], QuantizeConfig(act_mode=ActMode.DYNAMIC), tmp_path / "b")
     with pytest.raises(OnnxExportError, match=r"down_blocks\..*dynamic per-token"):
@@ -116,6 +123,8 @@ def test_dynamic_activations_fail_naming_the_layer_or_stay_float(random_shapes_p
     path = export_denoiser_onnx(bundle, OnnxExportConfig(tmp_path / "onnx", keep_fp=True, dynamic=False))
     manifest = json.loads((tmp_path / "onnx" / "manifest.json").read_text())
     assert manifest["kept_fp"] and all("dynamic per-token" in r for r in manifest["kept_fp"].values())
+    assert (tmp_path / "onnx" / "denoiser.onnx.data").stat().st_size > path.stat().st_size  # weights outside
+    assert "denoiser.onnx.data" in manifest["files"]  # checksummed like the model
     model = onnx.load(str(path))
     assert "QuantizeLinear" not in {n.op_type for n in model.graph.node}  # float activations
     session = ort.InferenceSession(str(path))

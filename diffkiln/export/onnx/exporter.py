@@ -150,8 +150,9 @@ def _io_spec(values: Any) -> list[dict[str, Any]]:
     return spec
 
 
-def _finish(program: Any, sub_byte: set[str], opset: int) -> Any:
-    """Run the export passes on the ONNX program's model (in place)."""
+def _finish(program: Any, sub_byte: set[str], opset: int, float16: bool = True) -> Any:
+    """Run the export passes on the ONNX program's model (in place); ``float16``: store float32
+    initializers exact in float16 as float16."""
     import onnx_ir as ir
     from onnx_ir.passes.common import ClearMetadataAndDocStringPass
 
@@ -165,7 +166,9 @@ def _finish(program: Any, sub_byte: set[str], opset: int) -> Any:
     passes: list[ir.passes.PassBase] = [ClearMetadataAndDocStringPass(), NoopSqueezePass()]
     if sub_byte and opset >= 21:
         passes.append(Int4InitializersPass(sub_byte))
-    passes += [Float16InitializersPass(), DropShapeInfoPass()]
+    if float16:
+        passes.append(Float16InitializersPass())
+    passes.append(DropShapeInfoPass())
     ir.passes.PassManager(passes)(program.model)
     return program.model
 
@@ -182,11 +185,13 @@ def _save(model: Any, path: Path) -> None:
     onnx.checker.check_model(str(path), full_check=True)
 
 
-def _export_component(component: Component, path: Path, config: OnnxExportConfig, sub_byte: set[str]) -> dict[str, Any]:
+def _export_component(
+    component: Component, path: Path, config: OnnxExportConfig, sub_byte: set[str], float16: bool = True
+) -> dict[str, Any]:
     program, static_reason = _export_program(component, config.opset, config.dynamic)
     if program is None:
         raise RuntimeError("torch.onnx.export returned no program")
-    model = _finish(program, sub_byte, config.opset)
+    model = _finish(program, sub_byte, config.opset, float16)
     _save(model, path)
     entry: dict[str, Any] = {
         "kind": component.kind,

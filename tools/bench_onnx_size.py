@@ -1,0 +1,94 @@
+"""ONNX file size of a full-size denoiser: diffkiln's W8A8 QDQ export against the FP16 export.
+
+The denoiser is a full-size architecture with random weights (``diffkiln.zoo.architectures``),
+rounded to float16 first, as released FP16 checkpoints are. Both files come from the same
+exporter and passes: the FP16 one from the float16 module, the W8A8 one from diffkiln's runtime
+modules (calibrated on random inputs at spread timesteps, float16 scales, what a bundle written
+with ``--float-storage float16`` loads).
+
+Usage:
+    python tools/bench_onnx_size.py --model sd15-unet --latent 32 --work /tmp/onnx-size
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+
+def _component(module: Any, example: dict[str, Any]) -> Any:
+    from diffkiln.export.onnx.components import Component, ComponentKind, _Denoiser, flatten_kwargs
+
+    tensors, options = flatten_kwargs(example)
+    return Component("unet", ComponentKind.DENOISER, _Denoiser(module, list(tensors), options), tensors, options)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="sd15-unet", help="full-size architecture (default sd15-unet)")
+    parser.add_argument("--latent", type=int, default=32, help="latent side of the traced call (default 32)")
+    parser.add_argument("--work", type=Path, required=True)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+
+    import torch
+    from bench_w8a8 import _inputs
+
+    from diffkiln.calibrate import calibrate_denoiser
+    from diffkiln.export.freeze import apply_plan
+    from diffkiln.export.onnx.exporter import OnnxExportConfig, _export_component, _swap_quantized_layers
+    from diffkiln.optimizer import QuantizeConfig, make_plan
+    from diffkiln.zoo.architectures import build_full_denoiser
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    config = OnnxExportConfig(args.work, dynamic=False)
+    model = build_full_denoiser(args.model).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.half().float())  # an FP16 checkpoint's values
+    example = _inputs(args.model, 2, args.latent, 500.0, seed=0)
+    results: dict[str, Any] = {"model": args.model, "latent": args.latent}
+
+    t0 = time.perf_counter()
+    half = {k: v.half() if v.is_floating_point() else v for k, v in example.items()}
+    fp16_path = args.work / "denoiser-fp16.onnx"
+    with torch.no_grad():
+        _export_component(_component(model.half(), half), fp16_path, config, set())
+    model.float()
+    results["fp16_export_s"] = round(time.perf_counter() - t0, 1)
+
+    calls = [_inputs(args.model, 1, args.latent, t, seed=100 + i) for i, t in enumerate((999.0, 600.0, 300.0, 50.0))]
+    stats = calibrate_denoiser(model, calls, samples_per_step=512)
+    plan = make_plan(model, stats, QuantizeConfig(scale_dtype="float16"), args.model)
+    quantized = apply_plan(model, plan, stats, inplace=True)
+    sub_byte, _ = _swap_quantized_layers(quantized, keep_fp=False)
+    t0 = time.perf_counter()
+    w8_path = args.work / "denoiser-w8a8.onnx"
+    with torch.no_grad():
+        _export_component(_component(quantized, example), w8_path, config, sub_byte)
+    results["w8a8_export_s"] = round(time.perf_counter() - t0, 1)
+
+    def size(path: Path) -> int:
+        data = path.with_name(path.name + ".data")
+        return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+    results["fp16_mb"] = round(size(fp16_path) / 1e6, 1)
+    results["w8a8_mb"] = round(size(w8_path) / 1e6, 1)
+    results["w8a8_vs_fp16"] = round(size(w8_path) / size(fp16_path), 3)
+    results["quantized_layers"] = sum(lp.quantized for lp in plan.layers)
+    (args.work / "results.json").write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -7,7 +7,7 @@ modules (calibrated on random inputs at spread timesteps, float16 scales, what a
 with ``--float-storage float16`` loads).
 
 Usage:
-    python tools/bench_onnx_size.py --model sd15-unet --latent 32 --work /tmp/onnx-size
+    python tools/bench_onnx_size.py --model sd15-unet --latent 32 --work /tmp/onnx-size [--weight-bits 4]
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ def main() -> int:
     parser.add_argument("--model", default="sd15-unet", help="full-size architecture (default sd15-unet)")
     parser.add_argument("--latent", type=int, default=32, help="latent side of the traced call (default 32)")
     parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--weight-bits", type=int, default=8, help="8, or 4 (INT4 initializers; default 8)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
 
@@ -68,24 +69,24 @@ def main() -> int:
 
     calls = [_inputs(args.model, 1, args.latent, t, seed=100 + i) for i, t in enumerate((999.0, 600.0, 300.0, 50.0))]
     stats = calibrate_denoiser(model, calls, samples_per_step=512)
-    plan = make_plan(model, stats, QuantizeConfig(scale_dtype="float16"), args.model)
+    plan = make_plan(model, stats, QuantizeConfig(weight_bits=args.weight_bits, scale_dtype="float16"), args.model)
     quantized = apply_plan(model, plan, stats, inplace=True)
     sub_byte, _ = _swap_quantized_layers(quantized, keep_fp=False)
     t0 = time.perf_counter()
-    w8_path = args.work / "denoiser-w8a8.onnx"
+    w8_path = args.work / f"denoiser-w{args.weight_bits}a8.onnx"
     with torch.no_grad():
         _export_component(_component(quantized, example), w8_path, config, sub_byte)
-    results["w8a8_export_s"] = round(time.perf_counter() - t0, 1)
+    results["quantized_export_s"] = round(time.perf_counter() - t0, 1)
 
     def size(path: Path) -> int:
         data = path.with_name(path.name + ".data")
         return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
     results["fp16_mb"] = round(size(fp16_path) / 1e6, 1)
-    results["w8a8_mb"] = round(size(w8_path) / 1e6, 1)
-    results["w8a8_vs_fp16"] = round(size(w8_path) / size(fp16_path), 3)
+    results[f"w{args.weight_bits}a8_mb"] = round(size(w8_path) / 1e6, 1)
+    results[f"w{args.weight_bits}a8_vs_fp16"] = round(size(w8_path) / size(fp16_path), 3)
     results["quantized_layers"] = sum(lp.quantized for lp in plan.layers)
-    (args.work / "results.json").write_text(json.dumps(results, indent=2))
+    (args.work / f"results-w{args.weight_bits}.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
     return 0
 

@@ -169,7 +169,7 @@ def test_packed_layers_become_int4_initializers(random_shapes_pipelines, tmp_pat
         stats,
         ExportConfig(tmp_path / "b", float_storage=FloatStorage.FLOAT16),
     )
-    path = export_denoiser_onnx(bundle, OnnxExportConfig(tmp_path / "onnx", opset=21))
+    path = export_denoiser_onnx(bundle, OnnxExportConfig(tmp_path / "onnx", opset=21, dynamic=False))
     model = onnx.load(str(path))
     int4 = {i.name: i for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT4}
     assert len(int4) == sum(lp.quantized for lp in layers)

@@ -13,6 +13,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -37,7 +38,9 @@ def main() -> int:
     parser.add_argument("--model", default="sd15-unet", help="full-size architecture (default sd15-unet)")
     parser.add_argument("--latent", type=int, default=32, help="latent side of the traced call (default 32)")
     parser.add_argument("--work", type=Path, required=True)
-    parser.add_argument("--weight-bits", type=int, default=8, help="8, or 4 (INT4 initializers; default 8)")
+    parser.add_argument(
+        "--weight-bits", type=int, default=8, help="8, or 4 / 2 for every layer (INT4 initializers; default 8)"
+    )
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
 
@@ -48,6 +51,7 @@ def main() -> int:
     from diffkiln.export.freeze import apply_plan
     from diffkiln.export.onnx.exporter import OnnxExportConfig, _export_component, _swap_quantized_layers
     from diffkiln.optimizer import QuantizeConfig, make_plan
+    from diffkiln.optimizer.plan import WeightSpec
     from diffkiln.zoo.architectures import build_full_denoiser
 
     args.work.mkdir(parents=True, exist_ok=True)
@@ -69,7 +73,12 @@ def main() -> int:
 
     calls = [_inputs(args.model, 1, args.latent, t, seed=100 + i) for i, t in enumerate((999.0, 600.0, 300.0, 50.0))]
     stats = calibrate_denoiser(model, calls, samples_per_step=512)
-    plan = make_plan(model, stats, QuantizeConfig(weight_bits=args.weight_bits, scale_dtype="float16"), args.model)
+    plan = make_plan(model, stats, QuantizeConfig(scale_dtype="float16"), args.model)
+    if args.weight_bits != 8:  # every quantized layer at this width: a plan of that average
+        spec = WeightSpec(args.weight_bits, scale_dtype="float16")
+        plan = dataclasses.replace(
+            plan, layers=tuple(dataclasses.replace(lp, weight=spec) if lp.quantized else lp for lp in plan.layers)
+        )
     quantized = apply_plan(model, plan, stats, inplace=True)
     sub_byte, _ = _swap_quantized_layers(quantized, keep_fp=False)
     t0 = time.perf_counter()

@@ -8,7 +8,11 @@ another's) on a full-size denoiser with random weights from ``diffkiln.zoo.archi
               AVX512-BF16/AMX emulate it, measured 220x slower than fp32 on a 320-channel conv);
 * ``w8a8``    diffkiln's integer runtime modules (QLinear/QConv2d), built from a plan calibrated
               on the model itself (random inputs at spread timesteps), same code as a bundle;
-* ``torchao`` torchao's ``Int8DynamicActivationInt8WeightConfig`` (a peer), eager, no compile.
+* ``torchao`` torchao's ``Int8DynamicActivationInt8WeightConfig`` (a peer), eager, no compile;
+* ``quanto``  optimum-quanto W8A8 (a peer): qint8 weights, qint8 activations calibrated on the
+              same calls as ``w8a8``, frozen, eager.
+
+Each variant also reports its output's SQNR against the float32 model on the timed call.
 
 Reported per variant: median ms per denoiser call (one sampler step at the given batch, which
 includes CFG's doubled batch when --batch 2), and the peak resident memory during the calls
@@ -30,7 +34,7 @@ import threading
 import time
 from typing import Any
 
-VARIANTS = ("fp32", "bf16", "w8a8", "torchao")
+VARIANTS = ("fp32", "bf16", "w8a8", "torchao", "quanto")
 
 
 def _inputs(model: str, batch: int, latent: int, timestep: float, seed: int) -> dict[str, Any]:
@@ -139,6 +143,7 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
 
     import torch
 
+    from diffkiln.report.metrics import sqnr_db
     from diffkiln.zoo.architectures import build_full_denoiser
 
     torch.set_num_threads(a.threads)
@@ -146,6 +151,9 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     model = build_full_denoiser(a.model)
     dtype = torch.float32
+    kw = _inputs(a.model, a.batch, a.latent, 500.0, seed=1)
+    with torch.no_grad():
+        reference = model(**kw, return_dict=False)[0]
     if a.variant == "bf16":
         model = model.to(torch.bfloat16)
         dtype = torch.bfloat16
@@ -156,16 +164,24 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
 
         quantize_(model, Int8DynamicActivationInt8WeightConfig())
+    elif a.variant == "quanto":
+        from optimum.quanto import Calibration, freeze, qint8, quantize
+
+        quantize(model, weights=qint8, activations=qint8)
+        calls = [_inputs(a.model, 1, a.latent, t, seed=100 + i) for i, t in enumerate((999.0, 600.0, 300.0, 50.0))]
+        with Calibration(), torch.no_grad():
+            for call in calls:
+                model(**call)
+        freeze(model)
     gc.collect()
     _return_freed_memory()
     build_s = time.perf_counter() - t0
-    kw = _inputs(a.model, a.batch, a.latent, 500.0, seed=1)
     kw = {k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in kw.items()}
     times = []
     with torch.no_grad(), _RssPeak() as mem:
         for _ in range(a.warmup + a.repeat):
             t = time.perf_counter()
-            model(**kw)
+            out = model(**kw, return_dict=False)[0]
             times.append(time.perf_counter() - t)
     times = sorted(times[a.warmup :])
     return {
@@ -175,6 +191,7 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
         "peak_rss_bytes": mem.peak,
         "weight_bytes": _weight_bytes(model),
         "build_seconds": round(build_s, 1),
+        "output_sqnr_vs_fp32_db": round(sqnr_db(reference.float().numpy(), out.float().numpy()), 1),
     }
 
 
@@ -212,17 +229,18 @@ def _table(a: argparse.Namespace, rows: list[dict[str, Any]]) -> str:
     )
     lines = [
         head,
-        "| variant | ms/step (median) | vs fp32 | peak RSS during calls | weights |",
-        "|---|---|---|---|---|",
+        "| variant | ms/step (median) | vs fp32 | output SQNR vs fp32 | peak RSS during calls | weights |",
+        "|---|---|---|---|---|---|",
     ]
     for r in rows:
         ms = r.get("ms_per_step")
         if ms is None:
-            lines.append(f"| {r['variant']} | {r.get('note', 'n/a')} | | | |")
+            lines.append(f"| {r['variant']} | {r.get('note', 'n/a')} | | | | |")
             continue
         rel = f"{ms / base:.2f}x" if base else ""
         lines.append(
-            f"| {r['variant']} | {ms:.0f} | {rel} | {r['peak_rss_bytes'] / 2**30:.2f} GiB | "
+            f"| {r['variant']} | {ms:.0f} | {rel} | {r.get('output_sqnr_vs_fp32_db', '')} dB | "
+            f"{r['peak_rss_bytes'] / 2**30:.2f} GiB | "
             f"{r['weight_bytes'] / 2**30:.2f} GiB |"
         )
     return "\n".join(lines)

@@ -192,7 +192,7 @@ def export_mindiesd(bundle: str | os.PathLike[str], config: MindieExportConfig) 
         kind = _layer_type(module)
         if not module.weight_only:
             act_types.add(kind)
-        if module.weight_bits < 8:
+        if module.weight_bits <= 4:
             widened[name] = f"{module.weight_bits}-bit weights stored as int8 codes (same values)"
         if not module.weight_only and not module.dynamic and module.act_grid.bits < 8:
             note = "7-bit activation grid written as an int8 grid of the same step (clips at 8 bits)"

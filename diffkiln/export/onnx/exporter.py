@@ -90,7 +90,7 @@ def _swap_quantized_layers(denoiser: nn.Module, keep_fp: bool) -> tuple[set[str]
             kept[layer] = str(exc).split(": ", 1)[-1]
             log.warning("keeping %s in float: %s", layer, kept[layer])
             stand_in = export_module_for(layer, module, float_activations=True)
-        if module.weight_bits < 8:
+        if module.weight_bits <= 4:  # 4- and 2-bit codes; 7-bit (reduce-range) codes need int8
             sub_byte.add(f"denoiser.{layer}.{'w_t' if isinstance(module, QLinear) else 'w'}")
         parent_name, _, child = layer.rpartition(".")
         parent = denoiser.get_submodule(parent_name) if parent_name else denoiser

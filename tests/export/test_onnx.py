@@ -35,6 +35,7 @@ def test_every_component_is_exported_quantized_and_dynamic(unet_bundle: Path, un
     for entry in manifest["components"].values():
         assert entry["dynamic"], entry.get("static_reason")
         onnx.checker.check_model(str(unet_onnx / entry["file"]), full_check=True)
+    assert manifest["components"]["unet"]["dynamic_axes"]["sample"] == [0, 2, 3]  # batch, height, width
     sample = next(i for i in manifest["components"]["unet"]["inputs"] if i["name"] == "sample")
     assert all(isinstance(d, str) for d in (sample["shape"][0], *sample["shape"][2:])), sample  # batch, H, W
     model = onnx.load(str(unet_onnx / "denoiser.onnx"))
@@ -200,3 +201,12 @@ def test_export_command_rejects_a_missing_bundle(tmp_path: Path, capsys: pytest.
 
     assert main(["export", str(tmp_path / "missing"), "--format", "onnx", "--out", str(tmp_path / "o")]) == 2
     assert "not a bundle directory" in capsys.readouterr().err
+
+
+def test_only_four_and_two_bit_layers_become_int4(shapes_pipelines, tmp_path: Path) -> None:
+    from diffkiln.export.onnx.exporter import _swap_quantized_layers
+
+    # 7-bit (reduce-range) weights hold codes in [-63, 63]: they must stay int8.
+    bundle, _ = build_bundle(shapes_pipelines["shapes-unet"], QuantizeConfig(weight_bits=7), tmp_path / "b")
+    sub_byte, kept = _swap_quantized_layers(load(bundle, "cpu").unet, keep_fp=False)
+    assert sub_byte == set() and kept == {}

@@ -202,8 +202,13 @@ def _export_component(
         "output_fields": [list(f) for f in component.outputs],
         "output_class": component.output_class,
         "call_order": component.call_order,
-        "dynamic": static_reason is None,
+        # What the graph really takes: Dim.AUTO may still have fixed an axis the model constrains.
+        "dynamic_axes": {
+            i["name"]: [axis for axis, d in enumerate(i["shape"] or []) if isinstance(d, str)]
+            for i in _io_spec(model.graph.inputs)
+        },
     }
+    entry["dynamic"] = any(entry["dynamic_axes"].values())
     if static_reason is not None:
         entry["static_reason"] = static_reason
     return entry

@@ -41,6 +41,8 @@ class _SessionDenoiser:
 
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        # Idle sessions must not spin on the cores the other variants are timed on.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if not optimize:
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

@@ -63,6 +63,9 @@ def _session_options(optimize: bool) -> Any:
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    # The pipeline alternates sessions with torch work (scheduler, guidance): idle session
+    # threads must not spin on the cores that work needs.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return options

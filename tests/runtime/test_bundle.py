@@ -63,7 +63,7 @@ def test_existing_directory_needs_overwrite(unet_bundle, random_shapes_pipelines
 
 def test_interrupted_export_leaves_nothing_that_loads(random_shapes_pipelines, tmp_path: Path, monkeypatch) -> None:
     from diffkiln.calibrate import CalibrationConfig, calibrate
-    from diffkiln.export import bundle as bundle_mod
+    from diffkiln.export import atomic as atomic_mod
     from diffkiln.optimizer.planner import make_plan
 
     pipe = random_shapes_pipelines["unet"]
@@ -73,7 +73,7 @@ def test_interrupted_export_leaves_nothing_that_loads(random_shapes_pipelines, t
     def crash(*_a, **_k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(bundle_mod, "file_digest", crash)
+    monkeypatch.setattr(atomic_mod, "file_digest", crash)  # crash while listing the files
     out = tmp_path / "b"
     with pytest.raises(KeyboardInterrupt):
         export_bundle(pipe, plan, stats, ExportConfig(out))

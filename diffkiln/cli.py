@@ -355,6 +355,7 @@ def _parser() -> argparse.ArgumentParser:
         help="mindiesd: float dtype of input scales/offsets and FLOAT tensors (default float16)",
     )
     e.add_argument("--overwrite", action="store_true", help="replace an existing DIR")
+    e.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     i = sub.add_parser("inspect", help="summarize a bundle: components, layers by bit-width, sizes, BOS")
     i.add_argument("bundle", metavar="BUNDLE", type=Path, help="bundle directory")
@@ -560,6 +561,7 @@ def _cmd_export(a: argparse.Namespace) -> int:
                 keep_fp=a.keep_fp,
                 components=not a.denoiser_only,
                 overwrite=a.overwrite,
+                progress=not a.no_progress,
             )
             out = export_onnx(a.bundle, config)
     except (OnnxExportError, MindieExportError, ValueError) as exc:

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from diffkiln.export.atomic import atomic_directory, file_table
 from diffkiln.export.onnx.components import Component, ComponentKind, record_components
@@ -59,6 +60,7 @@ class OnnxExportConfig:
         components: export the text encoders and the VAE decoder too (False: the denoiser only).
             Default True.
         overwrite: replace an existing ``out``. Default False.
+        progress: show a progress bar over the components. Default True.
     """
 
     out: Path
@@ -68,6 +70,7 @@ class OnnxExportConfig:
     keep_fp: bool = False
     components: bool = True
     overwrite: bool = False
+    progress: bool = True
 
     def __post_init__(self) -> None:
         if self.opset < 13:
@@ -261,7 +264,9 @@ def export_onnx(bundle: str | os.PathLike[str], config: OnnxExportConfig) -> Pat
         components = components[:1]
     entries: dict[str, Any] = {}
     with atomic_directory(Path(config.out), config.overwrite) as tmp:
-        for component in components:
+        bar = tqdm(components, desc="exporting to ONNX", unit="component", disable=not config.progress)
+        for component in bar:
+            bar.set_postfix_str(component.name)
             file = tmp / f"{'denoiser' if component.kind == ComponentKind.DENOISER else component.name}.onnx"
             if component.kind == ComponentKind.VAE_DECODER:
                 file = tmp / "vae_decoder.onnx"

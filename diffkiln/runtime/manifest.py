@@ -19,6 +19,7 @@ __all__ = [
     "ONNX_VERSION",
     "BundleError",
     "file_digest",
+    "read_json",
     "read_manifest",
     "verify_files",
 ]
@@ -46,6 +47,18 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def read_json(path: Path) -> Any:
+    """Parse a JSON file (never unpickles).
+
+    Raises:
+        BundleError: the file is not valid JSON (corrupt or truncated).
+    """
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{path} is not valid JSON (corrupt or truncated): {exc}") from None
+
+
 def read_manifest(bundle: Path) -> dict[str, Any]:
     """Read and check a bundle's manifest: JSON, format name, version and required sections.
 
@@ -57,10 +70,7 @@ def read_manifest(bundle: Path) -> dict[str, Any]:
         raise BundleError(f"{bundle} is not a bundle directory")
     if not path.is_file():
         raise BundleError(f"{bundle} has no {MANIFEST_NAME}; it is not a diffkiln bundle or its export was interrupted")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{path} is not valid JSON (corrupt or truncated): {exc}") from None
+    manifest = read_json(path)
     if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
         raise BundleError(f"{path} is not a diffkiln bundle manifest (format must be {BUNDLE_FORMAT!r})")
     version = manifest.get("version")

@@ -19,11 +19,30 @@ import numpy as np
 import torch
 from torch import nn
 
-from diffkiln.runtime.manifest import BUNDLE_FORMAT, MANIFEST_NAME, ONNX_FORMAT, ONNX_VERSION, BundleError, verify_files
+from diffkiln.runtime.manifest import (
+    BUNDLE_FORMAT,
+    MANIFEST_NAME,
+    ONNX_FORMAT,
+    ONNX_VERSION,
+    BundleError,
+    read_json,
+    verify_files,
+)
 
-__all__ = ["OrtComponent", "OrtDenoiser", "OrtTextEncoder", "OrtVaeDecoder", "load_onnx_pipeline", "read_onnx_manifest"]
+__all__ = [
+    "ARG_SEPARATOR",
+    "OrtComponent",
+    "OrtDenoiser",
+    "OrtTextEncoder",
+    "OrtVaeDecoder",
+    "flatten_arguments",
+    "load_onnx_pipeline",
+    "read_onnx_manifest",
+    "unflatten_arguments",
+]
 
-_SEPARATOR = "__"  # flattened dict arguments: added_cond_kwargs__time_ids
+ARG_SEPARATOR = "__"
+"""Joins a dict argument's name and key in a flattened input name (``added_cond_kwargs__time_ids``)."""
 # Output objects are rebuilt only from these libraries' classes (named in the manifest).
 _OUTPUT_LIBRARIES = ("transformers.", "diffusers.")
 _NUMPY_DTYPES = {"float": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "bool": np.bool_}
@@ -39,10 +58,7 @@ def read_onnx_manifest(folder: Path) -> dict[str, Any]:
     path = folder / MANIFEST_NAME
     if not path.is_file():
         raise BundleError(f"{folder} has no manifest.json; run `diffkiln export BUNDLE --format onnx --out DIR` first")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{path} is not valid JSON (corrupt or truncated): {exc}") from None
+    manifest = read_json(path)
     fmt = manifest.get("format") if isinstance(manifest, dict) else None
     if fmt == BUNDLE_FORMAT:
         raise BundleError(
@@ -172,17 +188,31 @@ class OrtComponent(nn.Module):
                 )
 
 
-def _flatten(kwargs: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def flatten_arguments(kwargs: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split call arguments into tensors (a dict of tensors becomes ``name__key`` entries) and the
+    rest; the exporter names ONNX inputs the same way."""
     tensors: dict[str, torch.Tensor] = {}
     rest: dict[str, Any] = {}
     for key, value in kwargs.items():
         if isinstance(value, torch.Tensor):
             tensors[key] = value
         elif isinstance(value, dict) and value and all(isinstance(v, torch.Tensor) for v in value.values()):
-            tensors.update({f"{key}{_SEPARATOR}{k}": v for k, v in value.items()})
+            tensors.update({f"{key}{ARG_SEPARATOR}{k}": v for k, v in value.items()})
         else:
             rest[key] = value
     return tensors, rest
+
+
+def unflatten_arguments(flat: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of :func:`flatten_arguments` for tensors: ``a__b`` keys become ``{"a": {"b": ...}}``."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        outer, sep, inner = key.partition(ARG_SEPARATOR)
+        if sep:
+            out.setdefault(outer, {})[inner] = value
+        else:
+            out[key] = value
+    return out
 
 
 class OrtDenoiser(OrtComponent):
@@ -193,7 +223,7 @@ class OrtDenoiser(OrtComponent):
 
         return_dict = kwargs.pop("return_dict", True)
         kwargs.update(self.name_positionals(args, kwargs))
-        tensors, rest = _flatten(kwargs)
+        tensors, rest = flatten_arguments(kwargs)
         self._check_options(rest)
         feeds = {k: v for k, v in tensors.items() if k in self.inputs}
         # A scalar timestep where the export took one per batch row (or the reverse).
@@ -213,7 +243,7 @@ class OrtTextEncoder(OrtComponent):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return_dict = kwargs.pop("return_dict", None)
         kwargs.update(self.name_positionals(args, kwargs))
-        tensors, rest = _flatten(kwargs)
+        tensors, rest = flatten_arguments(kwargs)
         self._check_options(rest)
         flat = self.run({k: v for k, v in tensors.items() if k in self.inputs})
         fields: dict[str, Any] = {}

@@ -21,11 +21,9 @@ import torch
 from torch import nn
 
 from diffkiln.calibrate.hooks import recording_calls
+from diffkiln.runtime.onnxruntime_backend import flatten_arguments, unflatten_arguments
 
-__all__ = ["Component", "ComponentKind", "record_components", "unflatten_kwargs"]
-
-SEPARATOR = "__"
-"""Joins a dict argument's name and key in a flattened input name (``added_cond_kwargs__time_ids``)."""
+__all__ = ["Component", "ComponentKind", "flatten_kwargs", "record_components"]
 
 
 class ComponentKind:
@@ -63,29 +61,10 @@ class Component:
 
 
 def flatten_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Split a call's keyword arguments into flattened tensors and JSON-able options (Nones dropped)."""
-    tensors: dict[str, torch.Tensor] = {}
-    options: dict[str, Any] = {}
-    for key, value in kwargs.items():
-        if isinstance(value, torch.Tensor):
-            tensors[key] = value
-        elif isinstance(value, dict) and all(isinstance(v, torch.Tensor) for v in value.values()):
-            tensors.update({f"{key}{SEPARATOR}{k}": v for k, v in value.items()})
-        elif isinstance(value, (bool, int, float, str)):
-            options[key] = value
-    return tensors, options
-
-
-def unflatten_kwargs(flat: dict[str, Any]) -> dict[str, Any]:
-    """Inverse of the dict flattening: ``a__b`` keys become ``{"a": {"b": ...}}``."""
-    out: dict[str, Any] = {}
-    for key, value in flat.items():
-        outer, sep, inner = key.partition(SEPARATOR)
-        if sep:
-            out.setdefault(outer, {})[inner] = value
-        else:
-            out[key] = value
-    return out
+    """Split a call's keyword arguments into flattened tensors (named as the onnxruntime backend
+    names them) and JSON-able options (Nones and other objects dropped)."""
+    tensors, rest = flatten_arguments(kwargs)
+    return tensors, {k: v for k, v in rest.items() if isinstance(v, (bool, int, float, str))}
 
 
 class _Positional(nn.Module):
@@ -112,7 +91,7 @@ class _Denoiser(_Positional):
         self.options = {k: v for k, v in options.items() if k != "return_dict"}
 
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
-        out = self.denoiser(**unflatten_kwargs(self.named(tensors)), **self.options, return_dict=False)
+        out = self.denoiser(**unflatten_arguments(self.named(tensors)), **self.options, return_dict=False)
         return out[0] if isinstance(out, tuple) else out
 
 

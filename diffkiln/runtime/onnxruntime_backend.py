@@ -167,6 +167,14 @@ class OrtComponent(nn.Module):
             arrays[key] = array
         return [torch.from_numpy(np.ascontiguousarray(o)) for o in self.session.run(None, arrays)]
 
+    def feeds_of_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The ONNX feeds of a torch-style call (``return_dict`` already removed): positionals
+        named, dict arguments flattened, non-tensor arguments checked against the export."""
+        kwargs = {**kwargs, **self.name_positionals(args, kwargs)}
+        tensors, rest = flatten_arguments(kwargs)
+        self._check_options(rest)
+        return {k: v for k, v in tensors.items() if k in self.inputs}
+
     def name_positionals(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
         """Positional arguments named after the torch module's forward parameters."""
         names = [n for n in self.entry["call_order"] if n not in kwargs]
@@ -222,10 +230,7 @@ class OrtDenoiser(OrtComponent):
         from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
         return_dict = kwargs.pop("return_dict", True)
-        kwargs.update(self.name_positionals(args, kwargs))
-        tensors, rest = flatten_arguments(kwargs)
-        self._check_options(rest)
-        feeds = {k: v for k, v in tensors.items() if k in self.inputs}
+        feeds = self.feeds_of_call(args, kwargs)
         # A scalar timestep where the export took one per batch row (or the reverse).
         for key, value in feeds.items():
             shape = self.inputs[key]["shape"]
@@ -242,10 +247,7 @@ class OrtTextEncoder(OrtComponent):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return_dict = kwargs.pop("return_dict", None)
-        kwargs.update(self.name_positionals(args, kwargs))
-        tensors, rest = flatten_arguments(kwargs)
-        self._check_options(rest)
-        flat = self.run({k: v for k, v in tensors.items() if k in self.inputs})
+        flat = self.run(self.feeds_of_call(args, kwargs))
         fields: dict[str, Any] = {}
         index = 0
         for name, count in self.entry["output_fields"]:

@@ -26,6 +26,20 @@ def _check_exportable(name: str, q: QLinear | QConv2d) -> None:
         raise OnnxExportError(f"{name}: timestep-aware activation ranges are not exported yet; rebuild without them")
 
 
+def _weight_buffers(
+    module: nn.Module, name: str, q: QLinear | QConv2d, key: str, codes: torch.Tensor, float_activations: bool
+) -> bool:
+    """Register the int8 codes (as ``key``), per-channel scales and bias; return whether the stand-in
+    keeps float activations (weight-only layers, or the ``float_activations`` fallback)."""
+    if not float_activations:
+        _check_exportable(name, q)
+    scale, bias = q.scale_and_bias()
+    module.register_buffer(key, codes.contiguous())
+    module.register_buffer("w_scale", scale.contiguous())
+    module.register_buffer("bias", bias if bias is not None else torch.zeros(scale.shape[0]))
+    return q.weight_only or float_activations
+
+
 def _act_buffers(module: nn.Module, q: QLinear | QConv2d) -> tuple[float, float] | None:
     """Register the activation grid's scale and zero point; return the 7-bit clip range, if any."""
     if module.weight_only:
@@ -57,13 +71,7 @@ class OnnxQLinear(nn.Module):
 
     def __init__(self, name: str, q: QLinear, float_activations: bool = False):
         super().__init__()
-        if not float_activations:
-            _check_exportable(name, q)
-        scale, bias = q.scale_and_bias()
-        self.weight_only = q.weight_only or float_activations
-        self.register_buffer("w_t", q.codes_t().contiguous())
-        self.register_buffer("w_scale", scale.contiguous())
-        self.register_buffer("bias", bias if bias is not None else torch.zeros(q.out_features))
+        self.weight_only = _weight_buffers(self, name, q, "w_t", q.codes_t(), float_activations)
         self.register_buffer("smooth_inv", q.smooth_inv)
         self.act_clip = _act_buffers(self, q)
         self.text_len = q.text_len
@@ -98,14 +106,8 @@ class OnnxQConv2d(nn.Module):
 
     def __init__(self, name: str, q: QConv2d, float_activations: bool = False):
         super().__init__()
-        if not float_activations:
-            _check_exportable(name, q)
-        scale, bias = q.scale_and_bias()
-        self.weight_only = q.weight_only or float_activations
         codes = q.codes_t().t().reshape(q.out_channels, q.in_channels, *q.kernel_size)
-        self.register_buffer("w", codes.contiguous())
-        self.register_buffer("w_scale", scale.contiguous())
-        self.register_buffer("bias", bias if bias is not None else torch.zeros(q.out_channels))
+        self.weight_only = _weight_buffers(self, name, q, "w", codes, float_activations)
         self.act_clip = _act_buffers(self, q)
         self.geometry = (list(q.stride), list(q.padding), list(q.dilation))
 

@@ -341,6 +341,14 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder (written atomically)")
     e.add_argument("--opset", type=_positive_int, default=21, help="onnx: ONNX opset, >= 13 (default 21)")
     e.add_argument("--static-shapes", action="store_true", help="onnx: fix every axis to the recorded call's shapes")
+    e.add_argument(
+        "--compute",
+        choices=["qdq", "integer"],
+        default="qdq",
+        help="onnx: how quantized layers compute. qdq (default): QuantizeLinear/DequantizeLinear around float "
+        "MatMul/Conv, the form TensorRT and Ascend ATC fuse; integer: MatMulInteger/ConvInteger with int32 sums "
+        "and one scale multiply, the torch runtime's own arithmetic (closest onnxruntime parity)",
+    )
     e.add_argument("--denoiser-only", action="store_true", help="onnx: skip the text encoders and the VAE decoder")
     e.add_argument(
         "--keep-fp",
@@ -548,7 +556,7 @@ def _cmd_sensitivity(a: argparse.Namespace) -> int:
 
 def _cmd_export(a: argparse.Namespace) -> int:
     from diffkiln.export.mindiesd import MindieExportConfig, MindieExportError, MindieFloat, export_mindiesd
-    from diffkiln.export.onnx import OnnxExportConfig, OnnxExportError, export_onnx
+    from diffkiln.export.onnx import OnnxCompute, OnnxExportConfig, OnnxExportError, export_onnx
 
     try:
         if a.format == "mindiesd":
@@ -562,6 +570,7 @@ def _cmd_export(a: argparse.Namespace) -> int:
                 components=not a.denoiser_only,
                 overwrite=a.overwrite,
                 progress=not a.no_progress,
+                compute=OnnxCompute(a.compute),
             )
             out = export_onnx(a.bundle, config)
     except (OnnxExportError, MindieExportError, ValueError) as exc:

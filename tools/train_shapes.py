@@ -165,6 +165,42 @@ def stage_vae(work: Path, device: str, steps: int, batch: int, seed: int) -> Non
     )
 
 
+def stage_latents(work: Path, vae_from: Path, device: str) -> None:
+    """Encode the rendered data with an existing VAE (``--vae-from``) instead of training one."""
+    from diffusers import AutoencoderKL
+
+    t0 = time.time()
+    images, _ = _load_data(work)
+    vae = AutoencoderKL.from_pretrained(vae_from, torch_dtype=torch.float32).to(device).eval()
+    vae.save_pretrained(work / "vae")
+    means, stds = [], []
+    with torch.no_grad():
+        for i in range(0, len(images), 512):
+            d = vae.encode(_to_pixels(images[i : i + 512], device)).latent_dist
+            means.append(d.mean.cpu())
+            stds.append(d.std.cpu())
+    torch.save({"mean": torch.cat(means), "std": torch.cat(stds)}, work / "latents.pt")
+    _log(work, "latents", {"vae_from": str(vae_from), "seconds": time.time() - t0})
+
+
+def _init_from(modules: list[torch.nn.Module], folder: Path | None, names: list[str]) -> None:
+    """Start a denoiser stage from the components of an earlier pipeline folder (fine-tuning)."""
+    if folder is None:
+        return
+    from safetensors.torch import load_file
+
+    for module, name in zip(modules, names, strict=True):
+        files = sorted((folder / name).glob("*.safetensors"))
+        state = {k: v.float() for f in files for k, v in load_file(f).items()}
+        missing, unexpected = module.load_state_dict(state, strict=False)
+        # Tied weights (T5's embed_tokens is `shared`) are saved once; anything else is a mismatch.
+        own = module.state_dict()
+        loaded = {own[k].data_ptr() for k in state if k in own}
+        missing = [k for k in missing if own[k].data_ptr() not in loaded and "position_ids" not in k]
+        if unexpected or missing:
+            raise SystemExit(f"{folder / name}: missing {missing}, unexpected {unexpected}")
+
+
 def _encode_dataset(work: Path, device: str) -> tuple[torch.Tensor, torch.Tensor, list[str], float]:
     from diffusers import AutoencoderKL
 
@@ -188,12 +224,12 @@ class _EMA:
                 ps.lerp_(pm.detach(), 1 - d)
 
 
-def _train_loop(name, work, device, steps, batch, seed, modules, loss_fn, minutes, resume=False):
+def _train_loop(name, work, device, steps, batch, seed, modules, loss_fn, minutes, resume=False, lr=LR):
     """AdamW + warmup/cosine + EMA. With ``resume``, continue from ``work/<name>_ckpt.pt``
     (weights, EMA, optimizer) with a fresh cosine at half the peak learning rate."""
     ckpt_path = work / f"{name}_ckpt.pt"
     params = [p for m in modules for p in m.parameters()]
-    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.01)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     ema = _EMA(modules, 0.999)
     offset = 0
     if resume:
@@ -204,7 +240,7 @@ def _train_loop(name, work, device, steps, batch, seed, modules, loss_fn, minute
             m.load_state_dict(sd)
         opt.load_state_dict(ckpt["opt"])
         for group in opt.param_groups:
-            group["lr"] = group["initial_lr"] = LR / 2
+            group["lr"] = group["initial_lr"] = lr / 2
         offset = int(ckpt["step"])
     torch.manual_seed(seed + offset)
     gen = np.random.default_rng(seed + offset)
@@ -265,6 +301,8 @@ def stage_unet(
     minutes: float,
     n_eval: int,
     resume: bool = False,
+    init_from: Path | None = None,
+    lr: float = LR,
 ) -> None:
     from diffusers import AutoencoderKL
 
@@ -272,6 +310,7 @@ def stage_unet(
     tok = build_tokenizer(work / "tokenizer")
     te = build_text_encoder(tok, 64).to(device).train()
     unet = build_unet().to(device).train()
+    _init_from([te, unet], init_from, ["text_encoder", "unet"])
     noise_sched = ddpm_training_scheduler()
     acp = noise_sched.alphas_cumprod.to(device)
 
@@ -291,10 +330,13 @@ def stage_unet(
         a = acp[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
         pred = unet(zt, t, encoder_hidden_states=cond).sample
-        return F.mse_loss(pred.float(), eps)
+        # v-prediction on a zero-terminal-SNR schedule: at the last step the target is -z0, so the
+        # layout (where each object goes) is learnt from the prompt, not read off leftover signal.
+        target = a.sqrt() * eps - (1 - a).sqrt() * z0
+        return F.mse_loss(pred.float(), target)
 
     (te_ema, unet_ema), info = _train_loop(
-        "unet", work, device, steps, batch, seed, [te, unet], loss_fn, minutes, resume
+        "unet", work, device, steps, batch, seed, [te, unet], loss_fn, minutes, resume, lr
     )
     vae = AutoencoderKL.from_pretrained(work / "vae")
     pipe = assemble_shapes_unet(vae, tok, te_ema, unet_ema)
@@ -311,6 +353,8 @@ def stage_dit(
     minutes: float,
     n_eval: int,
     resume: bool = False,
+    init_from: Path | None = None,
+    lr: float = LR,
 ) -> None:
     from diffusers import AutoencoderKL
 
@@ -321,6 +365,7 @@ def stage_dit(
     te2 = build_text_encoder(tok, 32, 32).to(device).train()
     t5 = build_t5_encoder(t5tok).to(device).train()
     tr = build_sd3_transformer().to(device).train()
+    _init_from([te1, te2, t5, tr], init_from, ["text_encoder", "text_encoder_2", "text_encoder_3", "transformer"])
     vae = AutoencoderKL.from_pretrained(work / "vae")
     # Build the pipeline around the live modules so training encodes prompts exactly as inference.
     pipe = assemble_shapes_dit(vae, tok, te1, te2, t5tok, t5, tr)
@@ -342,7 +387,7 @@ def stage_dit(
         return F.mse_loss(pred.float(), eps - z0)
 
     (te1_e, te2_e, t5_e, tr_e), info = _train_loop(
-        "dit", work, device, steps, batch, seed, [te1, te2, t5, tr], loss_fn, minutes, resume
+        "dit", work, device, steps, batch, seed, [te1, te2, t5, tr], loss_fn, minutes, resume, lr
     )
     final = assemble_shapes_dit(vae, tok, te1_e, te2_e, t5tok, t5_e, tr_e)
     _finish("shapes-dit", final, out, work, device, info, 5.0, n_eval)
@@ -389,6 +434,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=mp.cpu_count())
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--resume", action="store_true", help="continue unet/dit from W/<stage>_ckpt.pt")
+    ap.add_argument("--vae-from", type=Path, help="stage latents: encode the data with this VAE folder")
+    ap.add_argument("--init-from", type=Path, help="unet/dit: start from this pipeline folder's weights")
+    ap.add_argument("--lr", type=float, default=LR, help="peak learning rate of a denoiser stage")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     ap.add_argument("--eval-size", type=int, default=200, help="prompts per set in the quick eval")
     a = ap.parse_args()
@@ -399,14 +447,22 @@ def main() -> None:
     for stage in a.stage.split(","):
         if stage == "data":
             stage_data(a.work, a.n_data, a.seed, a.workers, a.pair_fraction)
+        elif stage == "latents":
+            if a.vae_from is None:
+                raise SystemExit("stage latents needs --vae-from VAE_FOLDER")
+            stage_latents(a.work, a.vae_from, a.device)
         elif stage == "vae":
             stage_vae(a.work, a.device, a.vae_steps, a.vae_batch, a.seed)
         elif stage == "unet":
-            stage_unet(a.work, a.out, a.device, a.steps, a.batch, a.seed, a.minutes, a.eval_size, a.resume)
+            stage_unet(
+                a.work, a.out, a.device, a.steps, a.batch, a.seed, a.minutes, a.eval_size, a.resume, a.init_from, a.lr
+            )
         elif stage == "dit":
-            stage_dit(a.work, a.out, a.device, a.steps, a.batch, a.seed, a.minutes, a.eval_size, a.resume)
+            stage_dit(
+                a.work, a.out, a.device, a.steps, a.batch, a.seed, a.minutes, a.eval_size, a.resume, a.init_from, a.lr
+            )
         else:
-            raise SystemExit(f"unknown stage {stage!r}; valid: data, vae, unet, dit")
+            raise SystemExit(f"unknown stage {stage!r}; valid: data, latents, vae, unet, dit")
 
 
 if __name__ == "__main__":

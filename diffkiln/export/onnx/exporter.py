@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +36,25 @@ from diffkiln.export.onnx.ops import TRANSLATIONS
 from diffkiln.runtime.manifest import MANIFEST_NAME, ONNX_FORMAT, ONNX_VERSION
 from diffkiln.runtime.qmodules import QConv2d, QLinear
 
-__all__ = ["ONNX_FORMAT", "ONNX_VERSION", "OnnxExportConfig", "export_denoiser_onnx", "export_onnx"]
+__all__ = ["ONNX_FORMAT", "ONNX_VERSION", "OnnxCompute", "OnnxExportConfig", "export_denoiser_onnx", "export_onnx"]
 
 log = logging.getLogger(__name__)
 
 _EXTERNAL_DATA_BYTES = 1 << 31  # protobuf's 2 GB limit on one file
+
+
+class OnnxCompute(str, Enum):
+    """How a quantized layer computes in the graph.
+
+    * ``QDQ``: ``QuantizeLinear -> DequantizeLinear`` around a float ``MatMul`` / ``Conv``: the
+      form TensorRT, Ascend ATC and onnxruntime's QDQ fusions look for.
+    * ``INTEGER``: ``QuantizeLinear`` then ``MatMulInteger`` / ``ConvInteger`` (int32 sums), one
+      float scale multiply and the bias: the runtime's own arithmetic, so onnxruntime reproduces
+      the torch bundle closely (QDQ's float GEMM rounds differently and flips activation codes).
+    """
+
+    QDQ = "qdq"
+    INTEGER = "integer"
 
 
 @dataclass(frozen=True)
@@ -61,6 +76,7 @@ class OnnxExportConfig:
             Default True.
         overwrite: replace an existing ``out``. Default False.
         progress: show a progress bar over the components. Default True.
+        compute: how quantized layers compute (:class:`OnnxCompute`). Default ``QDQ``.
     """
 
     out: Path
@@ -71,13 +87,19 @@ class OnnxExportConfig:
     components: bool = True
     overwrite: bool = False
     progress: bool = True
+    compute: OnnxCompute = OnnxCompute.QDQ
 
     def __post_init__(self) -> None:
+        if not isinstance(self.compute, OnnxCompute):
+            valid = ", ".join(c.value for c in OnnxCompute)
+            raise ValueError(f"compute must be an OnnxCompute ({valid}), got {self.compute!r}")
         if self.opset < 13:
             raise ValueError(f"per-channel QDQ needs opset >= 13, got {self.opset}")
 
 
-def _swap_quantized_layers(denoiser: nn.Module, keep_fp: bool) -> tuple[set[str], dict[str, str]]:
+def _swap_quantized_layers(
+    denoiser: nn.Module, keep_fp: bool, integer: bool = False
+) -> tuple[set[str], dict[str, str]]:
     """Replace every runtime Q-module by its export stand-in; return the INT4 weight initializer
     names and the layers kept in float (name -> reason)."""
     sub_byte: set[str] = set()
@@ -86,7 +108,7 @@ def _swap_quantized_layers(denoiser: nn.Module, keep_fp: bool) -> tuple[set[str]
         if not isinstance(module, (QLinear, QConv2d)):
             continue
         try:
-            stand_in = export_module_for(layer, module)
+            stand_in = export_module_for(layer, module, integer=integer)
         except OnnxExportError as exc:
             if not keep_fp:
                 raise
@@ -258,7 +280,7 @@ def export_onnx(bundle: str | os.PathLike[str], config: OnnxExportConfig) -> Pat
     denoiser_name = manifest["pipeline"]["denoiser"]
     denoiser = getattr(pipe, denoiser_name)
     # Fail on an inexpressible layer before the (slow) recording call.
-    sub_byte, kept = _swap_quantized_layers(denoiser, config.keep_fp)
+    sub_byte, kept = _swap_quantized_layers(denoiser, config.keep_fp, config.compute == OnnxCompute.INTEGER)
     components = record_components(pipe, denoiser_name, config.prompt, _call_kwargs(manifest))
     if not config.components:
         components = components[:1]
@@ -277,6 +299,7 @@ def export_onnx(bundle: str | os.PathLike[str], config: OnnxExportConfig) -> Pat
             "format": ONNX_FORMAT,
             "version": ONNX_VERSION,
             "opset": config.opset,
+            "compute": config.compute.value,
             "pipeline": {"class": manifest["pipeline"]["class"], "denoiser": denoiser_name},
             "components": entries,
             "kept_fp": kept,

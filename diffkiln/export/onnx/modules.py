@@ -40,13 +40,19 @@ def _weight_buffers(
     return q.weight_only or float_activations
 
 
-def _act_buffers(module: nn.Module, q: QLinear | QConv2d) -> tuple[float, float] | None:
-    """Register the activation grid's scale and zero point; return the 7-bit clip range, if any."""
+def _act_buffers(module: nn.Module, q: QLinear | QConv2d, integer: bool) -> tuple[float, float] | None:
+    """Register the activation grid's scale and zero point (and, for integer GEMMs, the combined
+    output scale); return the 7-bit clip range, if any."""
     if module.weight_only:
         return None
     grid = q.act_grid
     module.register_buffer("a_scale", torch.tensor(grid.scale, dtype=torch.float32))
     module.register_buffer("a_zp", torch.tensor(grid.zero_point, dtype=torch.int8))
+    if integer:
+        # The same float32 product the runtime's kernels scale their int32 sums by.
+        w_scale, _ = q.scale_and_bias()
+        module.register_buffer("out_scale", (grid.scale * w_scale.to(torch.float32)).contiguous())
+        module._buffers.pop("w_scale")  # folded into out_scale; not an initializer of its own
     # A 7-bit grid is an int8 grid clipped to [-64, 63]: a Clip before QuantizeLinear.
     if grid.bits == 8:
         return None
@@ -61,6 +67,8 @@ class OnnxQLinear(nn.Module):
         q: the runtime layer.
         float_activations: keep the activations in float (``wo_linear`` on the int8 weights):
             the fallback for activation formats without a static QDQ form. Default False.
+        integer: compute with ``int_linear`` (MatMulInteger, int32 accumulation) instead of QDQ
+            around a float MatMul. Default False.
     """
 
     a_scale: torch.Tensor
@@ -69,11 +77,14 @@ class OnnxQLinear(nn.Module):
     bos_keep: torch.Tensor | None
     bos_rows: torch.Tensor | None
 
-    def __init__(self, name: str, q: QLinear, float_activations: bool = False):
+    out_scale: torch.Tensor
+
+    def __init__(self, name: str, q: QLinear, float_activations: bool = False, integer: bool = False):
         super().__init__()
         self.weight_only = _weight_buffers(self, name, q, "w_t", q.codes_t(), float_activations)
+        self.integer = integer and not self.weight_only
         self.register_buffer("smooth_inv", q.smooth_inv)
-        self.act_clip = _act_buffers(self, q)
+        self.act_clip = _act_buffers(self, q, self.integer)
         self.text_len = q.text_len
         self.register_buffer("bos_keep", None)
         self.register_buffer("bos_rows", None)
@@ -91,6 +102,8 @@ class OnnxQLinear(nn.Module):
             xin = xin.clamp(self.act_clip[0], self.act_clip[1])
         if self.weight_only:
             out = ops.wo_linear(xin, self.w_t, self.w_scale, self.bias)
+        elif self.integer:
+            out = ops.int_linear(xin, self.w_t, self.out_scale, self.bias, self.a_scale, self.a_zp)
         else:
             out = ops.qdq_linear(xin, self.w_t, self.w_scale, self.bias, self.a_scale, self.a_zp)
         if self.bos_rows is not None and self.bos_keep is not None and x.dim() == 3 and x.shape[1] == self.text_len:
@@ -103,12 +116,19 @@ class OnnxQConv2d(nn.Module):
 
     a_scale: torch.Tensor
     a_zp: torch.Tensor
+    out_scale: torch.Tensor
+    bias: torch.Tensor
 
-    def __init__(self, name: str, q: QConv2d, float_activations: bool = False):
+    def __init__(self, name: str, q: QConv2d, float_activations: bool = False, integer: bool = False):
         super().__init__()
         codes = q.codes_t().t().reshape(q.out_channels, q.in_channels, *q.kernel_size)
         self.weight_only = _weight_buffers(self, name, q, "w", codes, float_activations)
-        self.act_clip = _act_buffers(self, q)
+        self.integer = integer and not self.weight_only
+        self.act_clip = _act_buffers(self, q, self.integer)
+        if self.integer:
+            # Per output channel over NCHW: (O, 1, 1) broadcasts against (N, O, H, W).
+            self.out_scale = self.out_scale.view(-1, 1, 1)
+            self.bias = self.bias.reshape(-1, 1, 1).contiguous()
         self.geometry = (list(q.stride), list(q.padding), list(q.dilation))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -117,22 +137,28 @@ class OnnxQConv2d(nn.Module):
             x = x.clamp(self.act_clip[0], self.act_clip[1])
         if self.weight_only:
             return ops.wo_conv2d(x, self.w, self.w_scale, self.bias, stride, padding, dilation)
+        if self.integer:
+            return ops.int_conv2d(x, self.w, self.out_scale, self.bias, self.a_scale, self.a_zp, stride, padding,
+                                  dilation)  # fmt: skip
         return ops.qdq_conv2d(x, self.w, self.w_scale, self.bias, self.a_scale, self.a_zp, stride, padding, dilation)
 
 
-def export_module_for(name: str, module: nn.Module, float_activations: bool = False) -> nn.Module:
+def export_module_for(
+    name: str, module: nn.Module, float_activations: bool = False, integer: bool = False
+) -> nn.Module:
     """The export stand-in for a runtime quantized module.
 
     Args:
         name: the layer's name, for errors.
         module: the runtime Q-module.
         float_activations: keep the activations in float (see :class:`OnnxQLinear`). Default False.
+        integer: integer GEMMs (MatMulInteger / ConvInteger) instead of QDQ. Default False.
 
     Raises:
         OnnxExportError: the module's format cannot be expressed (the message says why).
     """
     if isinstance(module, QLinear):
-        return OnnxQLinear(name, module, float_activations)
+        return OnnxQLinear(name, module, float_activations, integer)
     if isinstance(module, QConv2d):
-        return OnnxQConv2d(name, module, float_activations)
+        return OnnxQConv2d(name, module, float_activations, integer)
     raise OnnxExportError(f"{name}: no ONNX form for {type(module).__name__}")

@@ -6,7 +6,12 @@ exporter replaces it by its onnxscript translation:
 * ``qdq_linear``: ``QuantizeLinear -> DequantizeLinear`` on the activation (static per-tensor
   grid), ``DequantizeLinear`` (per output channel) on the int8 weight initializer, ``MatMul``, ``Add``;
 * ``qdq_conv2d``: the same around ``Conv``;
-* ``wo_linear`` / ``wo_conv2d``: weight-only layers, ``DequantizeLinear`` on the weight only.
+* ``wo_linear`` / ``wo_conv2d``: weight-only layers, ``DequantizeLinear`` on the weight only;
+* ``int_linear`` / ``int_conv2d`` (``compute="integer"``): ``QuantizeLinear`` on the activation,
+  then ``MatMulInteger`` / ``ConvInteger`` on the int8 codes (int32 accumulation, exact, as the
+  runtime's kernels), ``Cast`` to float, one ``Mul`` by the combined scale (activation scale x
+  weight scale, per output channel) and ``Add`` of the bias: the runtime's arithmetic step by step,
+  where QDQ's float MatMul rounds differently.
 """
 
 from __future__ import annotations
@@ -87,6 +92,51 @@ def _(x, w, w_scale, bias, stride, padding, dilation):
     return torch.nn.functional.conv2d(x.to("meta"), wf, None, stride, padding, dilation).to(x.device)
 
 
+def _int_codes(x: Tensor, a_scale: Tensor, a_zp: Tensor) -> Tensor:
+    """The activation codes minus the zero point, in float64 (exact for any int8 GEMM we export)."""
+    zp = a_zp.to(torch.float64)
+    return torch.clamp(torch.round(x / a_scale).to(torch.float64) + zp, -128, 127) - zp
+
+
+@torch.library.custom_op("diffkiln::int_linear", mutates_args=())
+def int_linear(x: Tensor, w_t: Tensor, out_scale: Tensor, bias: Tensor, a_scale: Tensor, a_zp: Tensor) -> Tensor:
+    """Static W8A8 linear with integer accumulation: ``float(sum (q - z) w) * out_scale + bias``."""
+    acc = (_int_codes(x, a_scale, a_zp) @ w_t.to(torch.float64)).to(torch.int32)
+    return acc.to(torch.float32) * out_scale + bias
+
+
+@int_linear.register_fake
+def _(x: Tensor, w_t: Tensor, out_scale: Tensor, bias: Tensor, a_scale: Tensor, a_zp: Tensor) -> Tensor:
+    return x.new_empty(*x.shape[:-1], w_t.shape[1])
+
+
+@torch.library.custom_op("diffkiln::int_conv2d", mutates_args=())
+def int_conv2d(
+    x: Tensor,
+    w: Tensor,
+    out_scale: Tensor,
+    bias: Tensor,
+    a_scale: Tensor,
+    a_zp: Tensor,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+) -> Tensor:
+    """Static W8A8 convolution with integer accumulation; ``out_scale`` and ``bias`` are (O, 1, 1).
+
+    Zero padding is the zero point's code, as ONNX ConvInteger pads (a real zero's code).
+    """
+    q = _int_codes(x, a_scale, a_zp)
+    acc = torch.nn.functional.conv2d(q, w.to(torch.float64), None, stride, padding, dilation).to(torch.int32)
+    return acc.to(torch.float32) * out_scale + bias
+
+
+@int_conv2d.register_fake
+def _(x, w, out_scale, bias, a_scale, a_zp, stride, padding, dilation):
+    wf = torch.empty(w.shape, dtype=x.dtype, device="meta")
+    return torch.nn.functional.conv2d(x.to("meta"), wf, None, stride, padding, dilation).to(x.device)
+
+
 def _qdq_linear_onnx(x: Any, w_t: Any, w_scale: Any, bias: Any, a_scale: Any, a_zp: Any) -> Any:
     xd = op.DequantizeLinear(op.QuantizeLinear(x, a_scale, a_zp), a_scale, a_zp)
     return op.Add(op.MatMul(xd, op.DequantizeLinear(w_t, w_scale, axis=1)), bias)
@@ -113,10 +163,24 @@ def _wo_conv2d_onnx(x: Any, w: Any, w_scale: Any, bias: Any, stride: list[int], 
     return op.Conv(x, wd, bias, **_conv_attrs(stride, padding, dilation))
 
 
+def _int_linear_onnx(x: Any, w_t: Any, out_scale: Any, bias: Any, a_scale: Any, a_zp: Any) -> Any:
+    acc = op.MatMulInteger(op.QuantizeLinear(x, a_scale, a_zp), w_t, a_zp)
+    return op.Add(op.Mul(op.Cast(acc, to=1), out_scale), bias)  # to=1: FLOAT
+
+
+def _int_conv2d_onnx(x: Any, w: Any, out_scale: Any, bias: Any, a_scale: Any, a_zp: Any, stride: list[int],
+                     padding: list[int], dilation: list[int]) -> Any:  # fmt: skip
+    xq = op.QuantizeLinear(x, a_scale, a_zp)
+    acc = op.ConvInteger(xq, w, a_zp, **_conv_attrs(stride, padding, dilation))
+    return op.Add(op.Mul(op.Cast(acc, to=1), out_scale), bias)
+
+
 TRANSLATIONS: dict[Callable[..., Any], Callable[..., Any]] = {
     torch.ops.diffkiln.qdq_linear.default: _qdq_linear_onnx,
     torch.ops.diffkiln.wo_linear.default: _wo_linear_onnx,
     torch.ops.diffkiln.qdq_conv2d.default: _qdq_conv2d_onnx,
     torch.ops.diffkiln.wo_conv2d.default: _wo_conv2d_onnx,
+    torch.ops.diffkiln.int_linear.default: _int_linear_onnx,
+    torch.ops.diffkiln.int_conv2d.default: _int_conv2d_onnx,
 }
 """Custom op -> onnxscript translation, for ``torch.onnx.export(custom_translation_table=...)``."""

@@ -82,6 +82,15 @@ def _add_mixed_args(p: argparse.ArgumentParser) -> None:
         help="mixed: weight bit-widths to choose from, 16 = keep in FP (default 2,4,8,16)",
     )
     p.add_argument(
+        "--weight-group-size",
+        type=_positive_int,
+        default=None,
+        metavar="G",
+        help="mixed: store 4- and 2-bit weights in two-level groups of G inputs (a power of two, e.g. 64): an "
+        "integer multiplier per group on the per-channel scale, unpacked to int8 codes for the same integer GEMM "
+        "(default: per channel)",
+    )
+    p.add_argument(
         "--content-layers",
         action="append",
         default=[],
@@ -481,6 +490,7 @@ def _cmd_optimize(a: argparse.Namespace) -> int:
         weight_bits=a.weight_bits,
         act_bits=a.act_bits,
         weight_candidates=tuple(a.weight_candidates),
+        weight_group_size=a.weight_group_size,
         act_candidates=tuple(a.act_candidates),
         content_layers=tuple(a.content_layers),
         quality_layers=tuple(a.quality_layers),
@@ -540,6 +550,7 @@ def _cmd_sensitivity(a: argparse.Namespace) -> int:
         guidance=a.guidance,
         exclude=tuple(a.exclude),
         weight_candidates=tuple(a.weight_candidates),
+        weight_group_size=a.weight_group_size,
         content_layers=tuple(a.content_layers),
         quality_layers=tuple(a.quality_layers),
         sensitivity_prompts=a.sensitivity_prompts,

@@ -55,6 +55,8 @@ class OptimizeConfig:
         workers: mixed: processes for the sensitivity analysis. Default 1.
         latency_budget_ms: mixed: bound on the summed latency of the searched layers, measured
             per layer on this machine's CPU. Default None (no bound).
+        weight_group_size: mixed: two-level groups of this many inputs for 4- and 2-bit weights
+            (an integer multiplier per group on the per-channel scale). Default None (per channel).
         smooth: which Linear layers get SmoothQuant smoothing. Default AUTO.
         smooth_alpha: smoothing strength in (0, 1). Default 0.5.
         timestep_aware: one static activation range per sampler step. Default False.
@@ -86,6 +88,7 @@ class OptimizeConfig:
     sensitivity_prompts: int = 4
     workers: int = 1
     latency_budget_ms: float | None = None
+    weight_group_size: int | None = None
     smooth: SmoothMode = SmoothMode.AUTO
     smooth_alpha: float = 0.5
     timestep_aware: bool = False
@@ -142,6 +145,7 @@ class OptimizeConfig:
             content=self.content_layers,
             quality=self.quality_layers,
             latency_budget_ms=self.latency_budget_ms,
+            group_size=self.weight_group_size,
         )
 
     def sensitivity_config(self) -> SensitivityConfig:
@@ -151,6 +155,7 @@ class OptimizeConfig:
             workers=self.workers,
             cache_dir=self.cache_dir or default_cache_dir(),
             progress=self.progress,
+            group_size=self.weight_group_size,
         )
 
 

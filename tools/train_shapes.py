@@ -51,6 +51,7 @@ from diffkiln.zoo.shapes import (
     sample_training_scene,
 )
 from diffkiln.zoo.shapes_models import (
+    DIT_T5_LENGTH,
     assemble_shapes_dit,
     assemble_shapes_unet,
     build_sd3_transformer,
@@ -377,7 +378,12 @@ def stage_dit(
         z0 = (mean[ii] + std[ii] * torch.randn_like(mean[ii]) - shift) * scale
         text = _prompts_with_dropout(prompts, idx, gen)
         pe, _, pooled, _ = pipe.encode_prompt(
-            text, None, None, device=torch.device(device), do_classifier_free_guidance=False
+            text,
+            None,
+            None,
+            device=torch.device(device),
+            do_classifier_free_guidance=False,
+            max_sequence_length=DIT_T5_LENGTH,
         )
         sigma = torch.sigmoid(torch.randn(batch, device=device))
         s = sigma.view(-1, 1, 1, 1)
@@ -390,10 +396,11 @@ def stage_dit(
         "dit", work, device, steps, batch, seed, [te1, te2, t5, tr], loss_fn, minutes, resume, lr
     )
     final = assemble_shapes_dit(vae, tok, te1_e, te2_e, t5tok, t5_e, tr_e)
-    _finish("shapes-dit", final, out, work, device, info, 5.0, n_eval)
+    _finish("shapes-dit", final, out, work, device, info, 5.0, n_eval, max_sequence_length=DIT_T5_LENGTH)
 
 
-def _finish(name, pipe, out: Path, work: Path, device: str, info: dict, guidance: float, n_eval: int) -> None:
+def _finish(name, pipe, out: Path, work: Path, device: str, info: dict, guidance: float, n_eval: int,
+            **call_kwargs) -> None:
     pipe = pipe.to(device, torch.float32)
     pipe.set_progress_bar_config(disable=True)
     results = {}
@@ -404,7 +411,8 @@ def _finish(name, pipe, out: Path, work: Path, device: str, info: dict, guidance
             chunk = [s.prompt for s in scenes[i : i + 100]]
             g = torch.Generator(device).manual_seed(1000 + i)
             imgs += list(
-                pipe(chunk, num_inference_steps=20, guidance_scale=guidance, generator=g, output_type="np").images
+                pipe(chunk, num_inference_steps=20, guidance_scale=guidance, generator=g, output_type="np",
+                     **call_kwargs).images
             )
         imgs = [(im * 255).round().astype(np.uint8) for im in imgs]
         results[ps.value] = sum(judge(im, s).correct for im, s in zip(imgs, scenes, strict=True)) / len(scenes)

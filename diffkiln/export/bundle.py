@@ -111,7 +111,8 @@ def _write_denoiser(
         quant_layers[lp.name] = {
             "bits": lp.weight.bits if lp.weight else 16,
             "granularity": lp.weight.granularity if lp.weight else None,
-            "group_size": None,  # per output channel: one scale per row
+            # None: one scale per output channel; else two-level groups of this many inputs.
+            "group_size": lp.weight.group_size if lp.weight else None,
             "symmetric": lp.weight.symmetric if lp.weight else None,
             "packed": bool(lp.weight and lp.weight.bits in PACKABLE_BITS),
             "scale_dtype": lp.weight.scale_dtype if lp.weight else None,

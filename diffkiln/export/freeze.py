@@ -11,7 +11,7 @@ from torch import nn
 from diffkiln.calibrate.stats import CalibrationStats, LayerStats
 from diffkiln.kernels.packing import PACKABLE_BITS, pack_weights
 from diffkiln.optimizer.plan import ActMode, LayerPlan, Plan
-from diffkiln.optimizer.quantizers import quantize_weight_per_channel
+from diffkiln.optimizer.quantizers import quantize_weight_grouped, quantize_weight_per_channel
 from diffkiln.optimizer.smoothing import smoothing_factors
 
 __all__ = ["apply_plan", "freeze_layer", "layer_meta"]
@@ -25,6 +25,7 @@ def layer_meta(module: nn.Module, lp: LayerPlan) -> dict[str, Any]:
         "weight_bits": lp.weight.bits if lp.weight else None,
         "weight_packed": bool(lp.weight and lp.weight.bits in PACKABLE_BITS),
         "weight_shape": list(module.weight.shape) if isinstance(module, (nn.Linear, nn.Conv2d)) else None,
+        "group_size": lp.weight.group_size if lp.weight else None,
         "kind": lp.kind,
     }
     if isinstance(module, nn.Conv2d):
@@ -44,8 +45,8 @@ def freeze_layer(module: nn.Module, lp: LayerPlan, stats: LayerStats | None) -> 
 
     8- and 7-bit weights are stored as int8 ``weight_q`` with the float weight's shape; 4- and
     2-bit weights as uint8 ``weight_packed`` (out, ceil(in * kh * kw * bits / 8)), two or four
-    codes per byte (:func:`diffkiln.kernels.packing.pack_weights`). Weight-only layers (no
-    ``act``) have no activation tensors.
+    codes per byte (:func:`diffkiln.kernels.packing.pack_weights`); grouped ones add uint8
+    ``weight_group_mult`` (out, groups). Weight-only layers (no ``act``) have no activation tensors.
 
     Args:
         module: the float nn.Linear or nn.Conv2d.
@@ -68,7 +69,12 @@ def freeze_layer(module: nn.Module, lp: LayerPlan, stats: LayerStats | None) -> 
         weight = weight * factors[None, :]  # (x / s) @ (W * s)^T == x @ W^T
         out["smooth_inv"] = (1.0 / factors).contiguous()
     scale_dtype = torch.float16 if lp.weight.scale_dtype == "float16" else torch.float32
-    qw = quantize_weight_per_channel(weight, lp.weight.bits, scale_dtype)
+    if lp.weight.group_size is not None:
+        qw = quantize_weight_grouped(weight, lp.weight.bits, lp.weight.group_size, scale_dtype)
+        assert qw.group_mult is not None  # a grouped quantizer always returns multipliers
+        out["weight_group_mult"] = qw.group_mult.contiguous()
+    else:
+        qw = quantize_weight_per_channel(weight, lp.weight.bits, scale_dtype)
     if lp.weight.bits in PACKABLE_BITS:
         out["weight_packed"] = pack_weights(qw.q.reshape(qw.q.shape[0], -1), lp.weight.bits).contiguous()
     else:

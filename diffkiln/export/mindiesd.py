@@ -193,7 +193,8 @@ def export_mindiesd(bundle: str | os.PathLike[str], config: MindieExportConfig) 
         if not module.weight_only:
             act_types.add(kind)
         if module.weight_bits <= 4:
-            widened[name] = f"{module.weight_bits}-bit weights stored as int8 codes (same values)"
+            grouped = f" (x their group multipliers, groups of {module.group_size})" if module.group_size else ""
+            widened[name] = f"{module.weight_bits}-bit weights stored as int8 codes{grouped} (same values)"
         if not module.weight_only and not module.dynamic and module.act_grid.bits < 8:
             note = "7-bit activation grid written as an int8 grid of the same step (clips at 8 bits)"
             widened[name] = f"{widened[name]}; {note}" if name in widened else note

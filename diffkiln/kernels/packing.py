@@ -12,7 +12,18 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["PACKABLE_BITS", "pack_weights", "packed_length", "unpack_weights"]
+__all__ = [
+    "GROUP_MULT_MAX",
+    "PACKABLE_BITS",
+    "apply_group_mult",
+    "check_group_mult",
+    "pack_weights",
+    "packed_length",
+    "unpack_weights",
+]
+
+GROUP_MULT_MAX = 15
+"""The largest group multiplier (a uint4): a 4-bit code (|q| <= 8) times 15 stays within int8."""
 
 PACKABLE_BITS = (2, 4)
 """Bit-widths stored packed (8-bit weights stay plain int8)."""
@@ -92,3 +103,26 @@ def unpack_weights(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     signed = codes.to(torch.int8)
     signed = torch.where(signed >= 2 ** (bits - 1), signed - (1 << bits), signed)
     return signed.reshape(*packed.shape[:-1], -1)[..., :n].contiguous()
+
+
+def apply_group_mult(q: torch.Tensor, group_mult: torch.Tensor, group_size: int) -> torch.Tensor:
+    """int8 (N, K) codes ``q * group_mult``, each uint8 multiplier of ``group_mult`` (N, groups)
+    repeated over its group's ``group_size`` inputs (two-level grouped weights).
+
+    Args:
+        q: int8 (N, K) 4- or 2-bit codes.
+        group_mult: uint8 (N, ceil(K / group_size)) multipliers in 1..GROUP_MULT_MAX (checked
+            once by the caller, e.g. when a layer loads: see :func:`check_group_mult`).
+        group_size: inputs per group.
+    """
+    mult = group_mult.to(torch.int16).repeat_interleave(group_size, dim=1)[:, : q.shape[1]]
+    return (q.to(torch.int16) * mult).to(torch.int8)
+
+
+def check_group_mult(group_mult: torch.Tensor, n: int, k: int, group_size: int) -> None:
+    """Raise ValueError unless ``group_mult`` is uint8 (n, ceil(k / group_size)) within 1..15."""
+    want = (n, -(-k // group_size))
+    if group_mult.dtype != torch.uint8 or tuple(group_mult.shape) != want:
+        raise ValueError(f"group multipliers must be uint8 {want}, got {group_mult.dtype} {tuple(group_mult.shape)}")
+    if group_mult.numel() and (int(group_mult.min()) < 1 or int(group_mult.max()) > GROUP_MULT_MAX):
+        raise ValueError(f"group multipliers must lie in 1..{GROUP_MULT_MAX} so that codes stay int8")

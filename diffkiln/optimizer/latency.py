@@ -93,6 +93,7 @@ def measure_layer_latency(
     candidates: Mapping[str, Sequence[int]],
     device: str = "cpu",
     repeats: int = 5,
+    group_size: int | None = None,
 ) -> LatencyTable:
     """Time every searched layer at every candidate width on ``device``.
 
@@ -103,6 +104,8 @@ def measure_layer_latency(
         candidates: layer -> candidate widths (16: the float layer).
         device: where to measure, e.g. "cpu" or "cuda". Default "cpu".
         repeats: timed calls per measurement (median). Default 5.
+        group_size: two-level groups for 4-/2-bit candidates, as the plan will store them.
+            Default None (per channel).
     """
     from diffkiln.export.freeze import freeze_layer, layer_meta
     from diffkiln.runtime.qmodules import qmodule_for
@@ -122,7 +125,8 @@ def measure_layer_latency(
             if bits >= 16:
                 runner: nn.Module = module.to(dev)
             else:
-                lp = dataclasses.replace(plans[name], weight=WeightSpec(bits, scale_dtype="float16"))
+                group = group_size if bits in (2, 4) else None
+                lp = dataclasses.replace(plans[name], weight=WeightSpec(bits, scale_dtype="float16", group_size=group))
                 tensors = freeze_layer(module, lp, stats.layers.get(name))
                 runner = qmodule_for(type(module))(tensors, layer_meta(module, lp)).to(dev)
             table[name][bits] = _time_ms(runner, x, repeats)

@@ -73,6 +73,9 @@ class MixedConfig:
         uniform_candidate: also measure the widest uniform allocation that fits the budget (every
             searched layer at one width), so the search never returns a plan that measures worse
             than it. Default True.
+        group_size: store 4- and 2-bit weights with two-level groups of this many inputs (an
+            integer multiplier per group on the per-channel scale; see
+            :class:`~diffkiln.optimizer.plan.WeightSpec`). Default None (per channel).
     """
 
     weight_bits: float = 4.0
@@ -88,8 +91,11 @@ class MixedConfig:
     latency_device: str = "cpu"
     select_prompts: int = 8
     uniform_candidate: bool = True
+    group_size: int | None = None
 
     def __post_init__(self) -> None:
+        if self.group_size is not None and (self.group_size < 8 or self.group_size & (self.group_size - 1)):
+            raise ValueError(f"group_size must be a power of two >= 8 (e.g. 64), got {self.group_size}")
         bad = [b for b in self.weight_candidates if b not in (2, 4, 8, 16)]
         if bad or not self.weight_candidates:
             raise ValueError(f"weight candidates must be among 2, 4, 8, 16, got {self.weight_candidates}")
@@ -296,7 +302,14 @@ def _allocate_acts(
     return {n: abits.get(n, 16) for n in quantized}
 
 
-def _mixed_layers(base: Plan, wbits: Mapping[str, int], abits: Mapping[str, int]) -> tuple[LayerPlan, ...]:
+def _weight_spec(bits: int, group_size: int | None) -> WeightSpec:
+    """Mixed precision's weights: float16 scales; 4-/2-bit ones grouped when asked."""
+    return WeightSpec(bits=bits, scale_dtype="float16", group_size=group_size if bits in (2, 4) else None)
+
+
+def _mixed_layers(
+    base: Plan, wbits: Mapping[str, int], abits: Mapping[str, int], group_size: int | None = None
+) -> tuple[LayerPlan, ...]:
     out = []
     for lp in base.layers:
         w = wbits.get(lp.name, 16)
@@ -310,7 +323,7 @@ def _mixed_layers(base: Plan, wbits: Mapping[str, int], abits: Mapping[str, int]
         out.append(
             dataclasses.replace(
                 lp,
-                weight=WeightSpec(bits=w, scale_dtype="float16"),
+                weight=_weight_spec(w, group_size),
                 act=act,
                 smooth_alpha=lp.smooth_alpha if act is not None else None,
             )
@@ -318,18 +331,19 @@ def _mixed_layers(base: Plan, wbits: Mapping[str, int], abits: Mapping[str, int]
     return tuple(out)
 
 
-def uniform_plan(base: Plan, weight_bits: int, act: bool = True) -> Plan:
+def uniform_plan(base: Plan, weight_bits: int, act: bool = True, group_size: int | None = None) -> Plan:
     """Every layer the base plan quantizes at ``weight_bits`` (e.g. uniform W4A8), for comparison.
 
     Args:
         base: the W8A8 base plan.
         weight_bits: 2, 4 or 8.
         act: keep 8-bit activations (False: weight-only). Default True.
+        group_size: two-level groups for 4-/2-bit weights. Default None (per channel).
     """
     wbits = {lp.name: weight_bits for lp in base.layers if lp.quantized}
     abits = {n: 8 if act else 16 for n in wbits}
     return dataclasses.replace(base, recipe=f"uniform-w{weight_bits}a{8 if act else 16}",
-                               layers=_mixed_layers(base, wbits, abits))  # fmt: skip
+                               layers=_mixed_layers(base, wbits, abits, group_size))  # fmt: skip
 
 
 def _measure_plan(
@@ -420,7 +434,7 @@ def make_mixed_plan(
 
     base, table, candidates = mixed_sensitivity(pipe, stats, qconfig, config, sens_config, source_id, target)
     latency = (
-        measure_layer_latency(pipe, base, stats, candidates, config.latency_device)
+        measure_layer_latency(pipe, base, stats, candidates, config.latency_device, group_size=config.group_size)
         if config.latency_budget_ms is not None
         else None
     )
@@ -440,7 +454,8 @@ def make_mixed_plan(
     measured: list[dict[str, Any]] = []
     plans: list[Plan] = []
     for avgs, wbits, abits in allocations:
-        plan = dataclasses.replace(base, recipe="mixed", layers=_mixed_layers(base, wbits, abits))
+        layers = _mixed_layers(base, wbits, abits, config.group_size)
+        plan = dataclasses.replace(base, recipe="mixed", layers=layers)
         score = _measure_plan(pipe, plan, stats, run, ref)
         plans.append(plan)
         measured.append({

@@ -1,4 +1,5 @@
-"""Quantizer primitives: per-channel symmetric weights, per-tensor asymmetric activations.
+"""Quantizer primitives: per-channel (optionally two-level per-group) symmetric weights,
+per-tensor asymmetric activations.
 
 Activation ranges come from calibration samples. The clipping range is chosen by minimising the
 expected squared error over the samples (rounding noise inside the range plus clipping error
@@ -13,6 +14,8 @@ from enum import Enum
 
 import torch
 
+from diffkiln.kernels.packing import GROUP_MULT_MAX, apply_group_mult
+
 __all__ = [
     "ActQuantParams",
     "ClipMethod",
@@ -20,6 +23,7 @@ __all__ = [
     "act_code_range",
     "choose_act_params",
     "fake_quant_activation",
+    "quantize_weight_grouped",
     "quantize_weight_per_channel",
 ]
 
@@ -55,16 +59,30 @@ class QuantizedWeight:
         q: int8 tensor with the weight's shape.
         scale: float32 (out_channels,).
         bits: bit-width of the integer grid (8: values in [-127, 127]).
+        group_mult: two-level grouped weights only (see :func:`quantize_weight_grouped`): uint8
+            (out_channels, groups) integer multipliers of each group of ``group_size`` inputs;
+            the weight is ``q * group_mult * scale``. Default None (per channel).
+        group_size: inputs per group (along the flattened in * kh * kw axis). Default None.
     """
 
     q: torch.Tensor
     scale: torch.Tensor
     bits: int = 8
+    group_mult: torch.Tensor | None = None
+    group_size: int | None = None
+
+    def int8_codes(self) -> torch.Tensor:
+        """The int8 codes an 8-bit integer GEMM takes: ``q``, times the group multipliers if any."""
+        if self.group_mult is None or self.group_size is None:
+            return self.q
+        return apply_group_mult(self.q.reshape(self.q.shape[0], -1), self.group_mult, self.group_size).reshape(
+            self.q.shape
+        )
 
     def dequantize(self) -> torch.Tensor:
         """The float weight the integers represent."""
         shape = (-1,) + (1,) * (self.q.dim() - 1)
-        return self.q.to(torch.float32) * self.scale.view(shape)
+        return self.int8_codes().to(torch.float32) * self.scale.view(shape)
 
 
 _FP16_TINY = 2.0**-14  # the smallest normal float16: scales below it would lose precision
@@ -98,6 +116,50 @@ def quantize_weight_per_channel(
     shape = (-1,) + (1,) * (w.dim() - 1)
     q = torch.clamp(torch.round(w / scale.view(shape)), -qmax, qmax).to(torch.int8)
     return QuantizedWeight(q=q, scale=scale, bits=bits)
+
+
+def quantize_weight_grouped(
+    weight: torch.Tensor, bits: int, group_size: int, scale_dtype: torch.dtype = torch.float32
+) -> QuantizedWeight:
+    """Two-level symmetric quantization: a float scale per output channel, an integer multiplier
+    per group of ``group_size`` inputs, ``bits``-bit codes (QServe's progressive scheme).
+
+    Each group gets a step of ``scale * m`` with ``m`` in 1..15 (``GROUP_MULT_MAX``), so groups of small weights get a
+    finer grid than per-channel quantization gives them, and ``q * m`` is an int8 code: the
+    runtime unpacks to int8 and runs the same integer GEMM with per-channel scales, with no
+    float group scales inside the kernel.
+
+    Args:
+        weight: a Linear (out, in) or Conv (out, in, kh, kw) weight.
+        bits: 4 or 2.
+        group_size: inputs per group along the flattened input axis (a power of two >= 8).
+        scale_dtype: float32 or float16, as :func:`quantize_weight_per_channel`. Default float32.
+
+    Raises:
+        ValueError: other bits, a bad group size, or another scale dtype.
+    """
+    if bits not in (2, 4):
+        raise ValueError(f"grouped weights are 4- or 2-bit, got {bits}")
+    if group_size < 8 or group_size & (group_size - 1):
+        raise ValueError(f"group size must be a power of two >= 8, got {group_size}")
+    if scale_dtype not in (torch.float32, torch.float16):
+        raise ValueError(f"scale_dtype must be float32 or float16, got {scale_dtype}")
+    qmax = 2 ** (bits - 1) - 1
+    w = weight.detach().to(torch.float32).reshape(weight.shape[0], -1)
+    # The per-channel unit puts the largest weight at qmax * GROUP_MULT_MAX units (105 at 4 bits),
+    # so the largest multiplier still covers it and q * m stays an int8 code.
+    absmax = w.abs().amax(dim=1)
+    scale = torch.where(absmax > 0, absmax / (qmax * GROUP_MULT_MAX), torch.ones_like(absmax))
+    if scale_dtype == torch.float16:
+        scale = scale.clamp(_FP16_TINY, 65504.0).to(torch.float16).to(torch.float32)
+    units = w / scale[:, None]
+    n, k = units.shape
+    groups = -(-k // group_size)
+    padded = torch.nn.functional.pad(units.abs(), (0, groups * group_size - k)).reshape(n, groups, group_size)
+    mult = torch.clamp(torch.ceil(padded.amax(dim=2) / qmax), 1, GROUP_MULT_MAX).to(torch.uint8)
+    step = mult.to(torch.float32).repeat_interleave(group_size, dim=1)[:, :k]
+    q = torch.clamp(torch.round(units / step), -qmax, qmax).to(torch.int8)
+    return QuantizedWeight(q=q.reshape(weight.shape), scale=scale, bits=bits, group_mult=mult, group_size=group_size)
 
 
 @dataclass(frozen=True)

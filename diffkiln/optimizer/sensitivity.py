@@ -66,6 +66,9 @@ class SensitivityConfig:
         workers: processes to shard the trials over (each loads the model). Default 1.
         cache_dir: where results are cached and resumed from; None disables caching. Default None.
         progress: show a progress bar with ETA. Default True.
+        group_size: score 4- and 2-bit weights with two-level groups of this many inputs, as
+            they will be stored (:class:`~diffkiln.optimizer.plan.WeightSpec`). Default None
+            (per channel).
     """
 
     weight_candidates: tuple[int, ...] = (2, 4, 8)
@@ -75,6 +78,7 @@ class SensitivityConfig:
     workers: int = 1
     cache_dir: Path | None = None
     progress: bool = True
+    group_size: int | None = None
 
     def __post_init__(self) -> None:
         bad_w = [b for b in self.weight_candidates if b not in (2, 4, 8)]
@@ -95,6 +99,8 @@ class SensitivityConfig:
             "act_candidates": sorted(self.act_candidates),
             "prompts": self.prompts,
             "quality_steps": self.quality_steps,
+            # Per-channel tables keep their old keys (and caches); grouped ones get their own.
+            **({"group_size": self.group_size} if self.group_size is not None else {}),
         }
 
 
@@ -245,6 +251,7 @@ class _Context:
     ref_images: np.ndarray
     calls: list[tuple[tuple[Any, ...], dict[str, Any]]]
     ref_outputs: list[torch.Tensor]
+    group_size: int | None = None
 
     @classmethod
     def build(
@@ -255,6 +262,7 @@ class _Context:
         run_kwargs: dict[str, Any],
         seed: int,
         quality_steps: int,
+        group_size: int | None = None,
     ) -> _Context:
         denoiser = find_denoiser(pipe)
         pipe.set_progress_bar_config(disable=True)
@@ -264,7 +272,7 @@ class _Context:
         ref_images = _as_image_array(out)
         picks = sorted({round(i * (len(recorded) - 1) / max(quality_steps - 1, 1)) for i in range(quality_steps)})
         calls = [recorded[i] for i in picks]
-        ctx = cls(pipe, denoiser, roles, sims, run_kwargs, seed, n, ref_images, calls, [])
+        ctx = cls(pipe, denoiser, roles, sims, run_kwargs, seed, n, ref_images, calls, [], group_size)
         ctx.ref_outputs = ctx.replay()
         return ctx
 
@@ -278,7 +286,11 @@ class _Context:
             return _as_image_array(self.pipe(**self.run_kwargs, generator=gens))
 
     def measure(self, trial: Trial) -> SensitivityEntry:
-        choice = SimChoice(weight_bits=trial.bits) if trial.target == "weight" else SimChoice(act_bits=trial.bits)
+        choice = (
+            SimChoice(weight_bits=trial.bits, group_size=self.group_size)
+            if trial.target == "weight"
+            else SimChoice(act_bits=trial.bits)
+        )
         role = self.roles[trial.layer]
         with simulated(self.denoiser, {trial.layer: choice}, self.sims):
             if role is LayerRole.CONTENT:
@@ -438,7 +450,7 @@ def analyze_sensitivity(
     todo = [t for t in trials if t.key() not in done]
     bar = tqdm(total=len(trials), initial=len(trials) - len(todo), desc="sensitivity", unit="trial",
                disable=not config.progress)  # fmt: skip
-    ctx_args = (dict(roles), dict(sims), run_kwargs, seed, config.quality_steps)
+    ctx_args = (dict(roles), dict(sims), run_kwargs, seed, config.quality_steps, config.group_size)
     try:
         for entry in _run(pipe, todo, ctx_args, config.workers, target):
             log.append(entry)

@@ -23,7 +23,12 @@ from torch import nn
 from diffkiln.calibrate.hooks import scoped_hooks
 from diffkiln.calibrate.stats import CalibrationStats, find_quantizable_layers
 from diffkiln.optimizer.plan import Plan
-from diffkiln.optimizer.quantizers import ActQuantParams, fake_quant_activation, quantize_weight_per_channel
+from diffkiln.optimizer.quantizers import (
+    ActQuantParams,
+    fake_quant_activation,
+    quantize_weight_grouped,
+    quantize_weight_per_channel,
+)
 from diffkiln.optimizer.smoothing import smoothing_factors
 
 __all__ = ["LayerSim", "SimChoice", "layer_sims", "simulated"]
@@ -48,10 +53,12 @@ class LayerSim:
 
 @dataclass(frozen=True)
 class SimChoice:
-    """One layer's simulated format: weight bits (16: FP) and activation bits (16: FP, or 8)."""
+    """One layer's simulated format: weight bits (16: FP), activation bits (16: FP, or 8), and
+    the two-level group size of 4-/2-bit weights (None: per channel)."""
 
     weight_bits: int = 16
     act_bits: int = 16
+    group_size: int | None = None
 
 
 def layer_sims(plan: Plan, stats: CalibrationStats, denoiser: nn.Module) -> dict[str, LayerSim]:
@@ -87,12 +94,15 @@ def _weight(module: nn.Module) -> torch.Tensor:
     return w
 
 
-def _fake_weight(module: nn.Module, bits: int, smooth: torch.Tensor | None) -> torch.Tensor:
+def _fake_weight(module: nn.Module, bits: int, smooth: torch.Tensor | None, group_size: int | None) -> torch.Tensor:
     weight = _weight(module)
     w = weight.detach().float()
     if smooth is not None:
         w = w * smooth[None, :]
-    deq = quantize_weight_per_channel(w, bits, torch.float16).dequantize()
+    if group_size is not None and bits in (2, 4):
+        deq = quantize_weight_grouped(w, bits, group_size, torch.float16).dequantize()
+    else:
+        deq = quantize_weight_per_channel(w, bits, torch.float16).dequantize()
     if smooth is not None:
         deq = deq / smooth[None, :]
     return deq.to(weight.dtype)
@@ -137,7 +147,9 @@ def simulated(denoiser: nn.Module, choices: Mapping[str, SimChoice], sims: Mappi
                 sim = sims.get(name)
                 if choice.weight_bits < 16:
                     saved[name] = _weight(module).data
-                    _weight(module).data = _fake_weight(module, choice.weight_bits, sim.smooth if sim else None)
+                    _weight(module).data = _fake_weight(
+                        module, choice.weight_bits, sim.smooth if sim else None, choice.group_size
+                    )
                 if choice.act_bits < 16:
                     if sim is None:
                         raise KeyError(f"{name}: no activation grid to simulate (kept in FP by the base plan)")

@@ -72,7 +72,7 @@ def _plans(target: str | os.PathLike[str], config: Any, sweep_config: SweepConfi
             raise InvalidInputError(f"--sweep {budget:g}: {exc}") from None
         plans[f"mixed-w{budget:g}"] = result.plan
     if sweep_config.references:
-        plans["uniform-w4a8"] = uniform_plan(base, 4)
+        plans["uniform-w4a8"] = uniform_plan(base, 4, group_size=mixed_cfg.group_size)
         plans["w8a8"] = make_plan(prep.pipe, prep.stats, prep.qconfig, prep.resolved.name)
     return prep, plans
 

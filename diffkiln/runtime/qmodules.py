@@ -41,7 +41,7 @@ from diffkiln.kernels import (
     static_linear_unpacked,
     weight_only_matmul,
 )
-from diffkiln.kernels.packing import unpack_weights
+from diffkiln.kernels.packing import apply_group_mult, check_group_mult, unpack_weights
 
 __all__ = ["QConv2d", "QLinear", "qmodule_for", "register_qmodule"]
 
@@ -80,6 +80,7 @@ class _IntGemm(nn.Module):
 
     weight_t: torch.Tensor | None
     weight_packed: torch.Tensor | None
+    weight_group_mult: torch.Tensor | None
     weight_scale: torch.Tensor
     act_scale: torch.Tensor
     act_zero_point: torch.Tensor
@@ -100,6 +101,14 @@ class _IntGemm(nn.Module):
             self.weight_shape = tuple(int(d) for d in meta["weight_shape"])
             self.register_buffer("weight_packed", packed.contiguous())
             self.register_buffer("weight_t", None)
+            mult = tensors.get("weight_group_mult")
+            self.group_size = None if mult is None else int(meta["group_size"])
+            if mult is not None and self.group_size is not None:
+                k = 1
+                for d in self.weight_shape[1:]:
+                    k *= d
+                check_group_mult(mult, self.weight_shape[0], k, self.group_size)
+            self.register_buffer("weight_group_mult", mult)
         else:
             w = tensors["weight_q"]
             if w.dtype != torch.int8:
@@ -108,6 +117,8 @@ class _IntGemm(nn.Module):
             # (K, N) contiguous: the layout torch._int_mm and npu_quant_matmul take for the weight.
             self.register_buffer("weight_t", w.reshape(w.shape[0], -1).t().contiguous())
             self.register_buffer("weight_packed", None)
+            self.group_size = None
+            self.register_buffer("weight_group_mult", None)
         self.dynamic = dynamic
         # Scales and bias stay in their stored dtype (float16 in mixed bundles: half the resident
         # bytes); each call widens them to float32, a copy of one row of N values.
@@ -139,12 +150,14 @@ class _IntGemm(nn.Module):
 
     def format_name(self) -> str:
         """E.g. "W8A8 static", "W4A8 static (packed)", "W4A16 (weight-only, packed)"."""
-        packed = self.weight_packed is not None
+        packed = ", packed" if self.weight_packed is not None else ""
+        grouped = f", groups of {self.group_size}" if self.group_size else ""
         if self.weight_only:
-            return f"W{self.weight_bits}A16 (weight-only{', packed' if packed else ''})"
+            return f"W{self.weight_bits}A16 (weight-only{packed}{grouped})"
         bits = 8 if self.dynamic else self.act_grid.bits
         mode = "dynamic" if self.dynamic else "static"
-        return f"W{self.weight_bits}A{bits} {mode}{' (packed)' if packed else ''}"
+        detail = f" ({(packed + grouped)[2:]})" if packed or grouped else ""
+        return f"W{self.weight_bits}A{bits} {mode}{detail}"
 
     def codes_t(self) -> torch.Tensor:
         """The int8 (K, N) weight codes: the resident ones, or packed ones unpacked for this call."""
@@ -155,7 +168,18 @@ class _IntGemm(nn.Module):
         k = 1
         for d in self.weight_shape[1:]:
             k *= d
-        return unpack_weights(self.weight_packed, self.weight_bits, k).t()
+        codes = unpack_weights(self.weight_packed, self.weight_bits, k)
+        if self.weight_group_mult is not None and self.group_size is not None:
+            # Two-level groups: code x integer group multiplier is an int8 code on the per-channel
+            # scale, so the same int8 GEMM runs with no float group scales in the kernel.
+            codes = apply_group_mult(codes, self.weight_group_mult, self.group_size)
+        return codes.t()
+
+    @property
+    def code_bits(self) -> int:
+        """The width of the codes :meth:`codes_t` returns: 8 for two-level grouped layers (code x
+        group multiplier), else the weight bits."""
+        return 8 if self.group_size else self.weight_bits
 
     def scale_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The weight scale and bias as float32 (they may be stored as float16)."""
@@ -166,7 +190,7 @@ class _IntGemm(nn.Module):
             x2d = x2d * self.smooth_inv  # the weights were multiplied by the inverse at export
         scale, bias = self.scale_and_bias()
         if self.weight_only:
-            out = weight_only_matmul(x2d, self.codes_t(), scale, bias, self.weight_bits)
+            out = weight_only_matmul(x2d, self.codes_t(), scale, bias, self.code_bits)
         elif self.dynamic:
             q, tok_scale = dynamic_quant(x2d)
             out = quant_matmul(q, self.codes_t(), scale, None, tok_scale, torch.float32)

@@ -123,6 +123,8 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
             default_steps=20,
             default_guidance=5.0,
             judge=JudgeKind.SHAPES,
+            # Trained with T5 prompts padded to 32 tokens (zoo.shapes_models.DIT_T5_LENGTH).
+            call_kwargs=(("max_sequence_length", 32),),
         ),
         *_tiny_models(),
     )

@@ -43,6 +43,7 @@ from diffkiln.zoo.shapes.vocab import IMAGE_SIZE, prompt_words
 from diffkiln.zoo.tokenizer import build_clip_tokenizer, build_t5_tokenizer
 
 __all__ = [
+    "DIT_T5_LENGTH",
     "LATENT_SIZE",
     "TOKENIZER_MAX_LENGTH",
     "assemble_shapes_dit",
@@ -61,7 +62,11 @@ TOKENIZER_MAX_LENGTH = 16
 """Tokens per prompt, BOS and EOS included; the longest shapes prompt needs 10."""
 
 T5_MAX_LENGTH = 256
-"""SD3's pipeline pads T5 prompts to ``max_sequence_length`` (256 by default)."""
+"""The T5 tokenizer's own limit (SD3's default ``max_sequence_length``)."""
+
+DIT_T5_LENGTH = 32
+"""The ``max_sequence_length`` shapes-dit is trained and run with: shapes prompts need at most 10
+T5 tokens, and SD3's default 256 would make padding 80% of the joint attention's tokens."""
 
 LATENT_SIZE = IMAGE_SIZE // 4
 

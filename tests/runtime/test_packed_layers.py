@@ -160,3 +160,33 @@ def test_float16_storage_shrinks_a_w8a8_bundle_and_keeps_its_outputs(random_shap
     assert summarize(half)["denoiser_bytes"] < 0.95 * summarize(exact)["denoiser_bytes"]
     # float16 scales, biases and norms, as an FP16 checkpoint: close to the exact bundle's output.
     assert sqnr_db(latents(load(exact, "cpu"), PROMPTS[:1]), latents(load(half, "cpu"), PROMPTS[:1])) >= 30.0
+
+
+@pytest.mark.parametrize("abits", [8, 16], ids=["w4a8", "w4a16"])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_grouped_layer_matches_float_op_and_stays_packed(kind: str, abits: int) -> None:
+    from diffkiln.optimizer.quantizers import quantize_weight_grouped
+
+    torch.manual_seed(0)
+    module: nn.Module = nn.Linear(96, 40) if kind == "linear" else nn.Conv2d(16, 24, 3, padding=1)
+    x = torch.randn(3, 17, 96) if kind == "linear" else torch.randn(2, 16, 9, 9)
+    act = _act_spec(x) if abits < 16 else None
+    lp = LayerPlan("layer", kind, WeightSpec(4, scale_dtype="float16", group_size=32), act)
+    tensors = freeze_layer(module, lp, None)
+    assert tensors["weight_group_mult"].dtype == torch.uint8 and "weight_q" not in tensors
+    qmod = (QLinear if kind == "linear" else QConv2d)(tensors, layer_meta(module, lp))
+    assert qmod.weight_t is None and qmod.code_bits == 8 and "groups of 32" in qmod.format_name()
+    w = quantize_weight_grouped(module.weight, 4, 32, torch.float16).dequantize()
+    xin = x
+    if act is not None:
+        assert act.scale is not None and act.zero_point is not None
+        q = torch.clamp(torch.round(x / act.scale) + act.zero_point, -128, 127)
+        xin = (q - act.zero_point) * act.scale
+    with torch.no_grad():
+        ref = (
+            nn.functional.linear(xin, w, module.bias) if kind == "linear" else module._conv_forward(xin, w, module.bias)
+        )
+        out = qmod(x)
+    assert sqnr_db(ref, out) >= 60.0
+    resident = sum(b.numel() * b.element_size() for b in qmod.buffers())
+    assert resident < w.numel() // 2 + w.shape[0] * (w[0].numel() // 32 + 1) + 40 * 4 * 4  # codes + mults + scales

@@ -115,7 +115,9 @@ def _swap_quantized_layers(
             kept[layer] = str(exc).split(": ", 1)[-1]
             log.warning("keeping %s in float: %s", layer, kept[layer])
             stand_in = export_module_for(layer, module, float_activations=True)
-        if module.weight_bits <= 4:  # 4- and 2-bit codes; 7-bit (reduce-range) codes need int8
+        # 4- and 2-bit codes fit INT4; 7-bit (reduce-range) codes and grouped codes (code x group
+        # multiplier) need int8.
+        if module.code_bits <= 4:
             sub_byte.add(f"denoiser.{layer}.{'w_t' if isinstance(module, QLinear) else 'w'}")
         parent_name, _, child = layer.rpartition(".")
         parent = denoiser.get_submodule(parent_name) if parent_name else denoiser

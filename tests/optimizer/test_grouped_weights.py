@@ -63,5 +63,5 @@ def test_group_multipliers_are_checked_where_they_load() -> None:
     assert apply_group_mult(q, mult, 32).shape == (4, 40)
     with pytest.raises(ValueError, match="must be uint8"):
         check_group_mult(mult[:, :1], 4, 40, 32)
-    with pytest.raises(ValueError, match="1..15"):
+    with pytest.raises(ValueError, match=r"1\.\.15"):
         check_group_mult(torch.full((4, 2), 16, dtype=torch.uint8), 4, 40, 32)

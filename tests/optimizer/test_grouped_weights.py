@@ -65,3 +65,12 @@ def test_group_multipliers_are_checked_where_they_load() -> None:
         check_group_mult(mult[:, :1], 4, 40, 32)
     with pytest.raises(ValueError, match=r"1\.\.15"):
         check_group_mult(torch.full((4, 2), 16, dtype=torch.uint8), 4, 40, 32)
+
+
+def test_grouped_spec_round_trips_through_plan_json() -> None:
+    from diffkiln.optimizer.plan import LayerPlan, Plan
+
+    layer = LayerPlan("down.0.proj", "linear", WeightSpec(4, scale_dtype="float16", group_size=64), None, params=10)
+    plan = Plan("mixed", {"id": "t"}, (layer,), (), {})
+    again = Plan.from_json(plan.to_json())
+    assert again.layers[0].weight == layer.weight and again.layers[0].weight.group_size == 64

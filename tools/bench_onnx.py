@@ -6,6 +6,7 @@ Builds diffkiln's W8A8 bundle (``--float-storage float16``, default calibration 
   against the FP16 and FP32 ONNX of the float denoiser (same exporter, same passes) and against
   onnxruntime's ``quantize_static`` output (QDQ, per-channel int8 weights, calibrated on the
   denoiser inputs of the same calibration prompts, steps and guidance);
+* the same W8A8 bundle exported with ``--compute integer`` (MatMulInteger / ConvInteger);
 * onnxruntime CPU latency of one denoiser call (the CFG batch of 2), median of ``--repeat``, with
   graph optimizations on and off;
 * quality: the latent SQNR against the float pipeline over ``--eval-prompts`` prompts at the
@@ -187,7 +188,7 @@ def main() -> int:
 
     from diffkiln.calibrate.prompts import default_calibration_prompts
     from diffkiln.export import FloatStorage
-    from diffkiln.export.onnx import OnnxExportConfig, export_onnx
+    from diffkiln.export.onnx import OnnxCompute, OnnxExportConfig, export_onnx
     from diffkiln.generation import load_pipeline
     from diffkiln.optimize import OptimizeConfig, optimize
     from diffkiln.report.metrics import sqnr_db
@@ -225,6 +226,8 @@ def main() -> int:
     ours = export_onnx(bundle, OnnxExportConfig(work / "onnx-w8a8", components=False, overwrite=True)) / "denoiser.onnx"
     ours7 = export_onnx(bundles[7], OnnxExportConfig(work / "onnx-w7a8", components=False, overwrite=True))
     ours7 = ours7 / "denoiser.onnx"
+    integer = OnnxExportConfig(work / "onnx-w8a8-int", components=False, overwrite=True, compute=OnnxCompute.INTEGER)
+    ours_int = export_onnx(bundle, integer) / "denoiser.onnx"
     pipe = load_pipeline(args.model)
     fp32 = _export_float(pipe, work / "onnx-fp", half=False)
     fp16 = _export_float(pipe, work / "onnx-fp", half=True)
@@ -236,6 +239,7 @@ def main() -> int:
         "fp16": fp16,
         "diffkiln_w8a8": ours,
         "diffkiln_w7a8": ours7,
+        "diffkiln_w8a8_integer": ours_int,
         "ort_quantize_static": ort_static,
         "ort_quantize_static_matmul_conv_rr": ort_static_mc,
     }
@@ -255,6 +259,8 @@ def main() -> int:
         ("ort_diffkiln_w8a8_optimized", ours, True),
         ("ort_diffkiln_w7a8", ours7, False),
         ("ort_diffkiln_w7a8_optimized", ours7, True),
+        ("ort_diffkiln_w8a8_integer", ours_int, False),
+        ("ort_diffkiln_w8a8_integer_optimized", ours_int, True),
         ("ort_quantize_static_optimized", ort_static, True),
         ("ort_quantize_static", ort_static, False),
         ("ort_quantize_static_matmul_conv_rr_optimized", ort_static_mc, True),

@@ -399,8 +399,9 @@ def stage_dit(
     _finish("shapes-dit", final, out, work, device, info, 5.0, n_eval, max_sequence_length=DIT_T5_LENGTH)
 
 
-def _finish(name, pipe, out: Path, work: Path, device: str, info: dict, guidance: float, n_eval: int,
-            **call_kwargs) -> None:
+def _finish(
+    name, pipe, out: Path, work: Path, device: str, info: dict, guidance: float, n_eval: int, **call_kwargs
+) -> None:
     pipe = pipe.to(device, torch.float32)
     pipe.set_progress_bar_config(disable=True)
     results = {}
@@ -411,8 +412,9 @@ def _finish(name, pipe, out: Path, work: Path, device: str, info: dict, guidance
             chunk = [s.prompt for s in scenes[i : i + 100]]
             g = torch.Generator(device).manual_seed(1000 + i)
             imgs += list(
-                pipe(chunk, num_inference_steps=20, guidance_scale=guidance, generator=g, output_type="np",
-                     **call_kwargs).images
+                pipe(
+                    chunk, num_inference_steps=20, guidance_scale=guidance, generator=g, output_type="np", **call_kwargs
+                ).images
             )
         imgs = [(im * 255).round().astype(np.uint8) for im in imgs]
         results[ps.value] = sum(judge(im, s).correct for im, s in zip(imgs, scenes, strict=True)) / len(scenes)

@@ -54,6 +54,12 @@ def _(x: Tensor, w_t: Tensor, w_scale: Tensor, bias: Tensor) -> Tensor:
     return x.new_empty(*x.shape[:-1], w_t.shape[1])
 
 
+def _conv_out_like(x: Tensor, w: Tensor, stride: list[int], padding: list[int], dilation: list[int]) -> Tensor:
+    """An empty tensor of the convolution's output shape (the custom ops' fake kernels)."""
+    wf = torch.empty(w.shape, dtype=x.dtype, device="meta")
+    return torch.nn.functional.conv2d(x.to("meta"), wf, None, stride, padding, dilation).to(x.device)
+
+
 @torch.library.custom_op("diffkiln::qdq_conv2d", mutates_args=())
 def qdq_conv2d(
     x: Tensor,
@@ -73,8 +79,7 @@ def qdq_conv2d(
 
 @qdq_conv2d.register_fake
 def _(x, w, w_scale, bias, a_scale, a_zp, stride, padding, dilation):
-    wf = torch.empty(w.shape, dtype=x.dtype, device="meta")
-    return torch.nn.functional.conv2d(x.to("meta"), wf, None, stride, padding, dilation).to(x.device)
+    return _conv_out_like(x, w, stride, padding, dilation)
 
 
 @torch.library.custom_op("diffkiln::wo_conv2d", mutates_args=())
@@ -88,8 +93,7 @@ def wo_conv2d(
 
 @wo_conv2d.register_fake
 def _(x, w, w_scale, bias, stride, padding, dilation):
-    wf = torch.empty(w.shape, dtype=x.dtype, device="meta")
-    return torch.nn.functional.conv2d(x.to("meta"), wf, None, stride, padding, dilation).to(x.device)
+    return _conv_out_like(x, w, stride, padding, dilation)
 
 
 def _int_codes(x: Tensor, a_scale: Tensor, a_zp: Tensor) -> Tensor:
@@ -133,8 +137,7 @@ def int_conv2d(
 
 @int_conv2d.register_fake
 def _(x, w, out_scale, bias, a_scale, a_zp, stride, padding, dilation):
-    wf = torch.empty(w.shape, dtype=x.dtype, device="meta")
-    return torch.nn.functional.conv2d(x.to("meta"), wf, None, stride, padding, dilation).to(x.device)
+    return _conv_out_like(x, w, stride, padding, dilation)
 
 
 def _qdq_linear_onnx(x: Any, w_t: Any, w_scale: Any, bias: Any, a_scale: Any, a_zp: Any) -> Any:

@@ -4,25 +4,33 @@ Stages, each resumable from the work folder:
 
 1. ``data``: render N captioned images of *seen* compositions (multiprocess).
 2. ``vae``: train the shared AutoencoderKL (L1 + MSE + tiny KL), set its scaling factor to
-   1/std of the latents, and check that the judge still reads the reconstructions.
-3. ``unet``: train CLIPTextModel + UNet2DConditionModel jointly (epsilon prediction, SD1.5's
-   schedule, 10% empty-prompt dropout for classifier-free guidance, EMA weights).
+   1/std of the latents, and check that the judge still reads the reconstructions; or
+   ``latents``: encode the data with an existing VAE (``--vae-from``) instead.
+3. ``unet``: train CLIPTextModel + UNet2DConditionModel jointly (v-prediction on SD1.5's betas
+   rescaled to zero terminal SNR, 10% empty-prompt dropout for classifier-free guidance, EMA).
 4. ``dit``: train the two CLIP encoders + T5 encoder + SD3Transformer2DModel jointly
-   (rectified flow, logit-normal sigmas, 10% empty-prompt dropout, EMA weights).
+   (rectified flow, logit-normal sigmas, T5 prompts padded to 32 tokens, 10% empty-prompt
+   dropout, EMA weights).
 
-``unet`` and ``dit`` read only the data and the VAE, so they can run at the same time on one GPU.
-Each saves an ordinary diffusers folder (fp16 weights) under ``--out`` and prints a quick content
-evaluation with the judge.
+``unet`` and ``dit`` read only the data and the VAE, so they can run at the same time. Each saves
+an ordinary diffusers folder (fp16 weights) under ``--out`` and prints a quick content evaluation
+with the judge. ``--init-from DIR`` starts a denoiser stage from a pipeline folder's weights;
+``--resume`` continues from ``W/<stage>_ckpt.pt``.
 
-How the committed weights were made (2026-11-23, one NVIDIA H100 80GB, torch 2.11 + CUDA 13):
+How the committed weights were made (2026-12-01, the CI-class machine: 2 CPU cores, no GPU,
+torch 2.13.0 CPU), fine-tuning the 2026-11-23 weights:
 
-    python tools/train_shapes.py --stage data,vae --work W --device cuda
-    python tools/train_shapes.py --stage unet --work W --device cuda &
-    python tools/train_shapes.py --stage dit --work W --device cuda &
+    python tools/train_shapes.py --stage data,latents --work W --device cpu --n-data 20000 \
+        --workers 2 --vae-from diffkiln/zoo/weights/shapes-unet/vae                      # 2 min
+    python tools/train_shapes.py --stage unet --work W --device cpu --threads 1 --minutes 45 \
+        --init-from diffkiln/zoo/weights/shapes-unet &                                   # 52 min
+    python tools/train_shapes.py --stage dit --work W --device cpu --threads 1 --minutes 45 \
+        --init-from diffkiln/zoo/weights/shapes-dit &                                    # 44 min
+    python tools/train_shapes.py --stage unet --work W --device cpu --threads 2 --minutes 40 \
+        --resume --steps 40000                                                           # 23 min
 
-The wall-clock time of each stage is printed and recorded in ``W/<stage>.json``; the figures for
-the committed weights are in docs/models.md. On a 2-core CPU the same script runs (``--device
-cpu``) but needs many hours for the default step counts.
+The wall-clock time of each stage is printed and recorded in ``W/<stage>.json``; docs/models.md
+has the figures and the measured quality. On a GPU the same script runs with ``--device cuda``.
 """
 
 from __future__ import annotations

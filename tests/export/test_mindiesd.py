@@ -7,6 +7,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -70,9 +71,13 @@ def test_static_w8a8_files_reproduce_the_bundle(w8a8_smooth_bundle: Path, tmp_pa
     assert any(k.endswith(".div.mul_scale") for k in tensors)  # SmoothQuant factors
     assert description["conv_in.weight"] == "FLOAT"
     assert not json.loads((out / "diffkiln_export.json").read_text())["widened"]
-    # The independent loader reproduces the bundle's denoiser call by call (float16 input scales
-    # move the grid step slightly; measured 38-42 dB).
-    assert min(_per_call_sqnr(unet_bundle, load_mindiesd(out))) >= 30.0
+    # The independent loader reproduces the bundle's denoiser call by call. The format's float16 /
+    # bfloat16 input scales move each grid step slightly, which flips a few codes; measured on the
+    # 2026-12-01 shapes-unet over 8 steps: 42.7 falling to 27.2 dB at the last (low-noise) step
+    # (float16), 42.1 to 26.5 dB (bfloat16), medians 36.2 / 35.3 dB. A wrong formula or layout
+    # measures below 10 dB.
+    values = _per_call_sqnr(unet_bundle, load_mindiesd(out))
+    assert min(values) >= 24.0 and float(np.median(values)) >= 32.0, values
 
 
 def test_dynamic_bundle_writes_the_dynamic_variant(shapes_pipelines, tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ convolutions, ``stride``, ``padding``, ``dilation`` and ``groups``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -104,10 +105,7 @@ class _IntGemm(nn.Module):
             mult = tensors.get("weight_group_mult")
             self.group_size = None if mult is None else int(meta["group_size"])
             if mult is not None and self.group_size is not None:
-                k = 1
-                for d in self.weight_shape[1:]:
-                    k *= d
-                check_group_mult(mult, self.weight_shape[0], k, self.group_size)
+                check_group_mult(mult, self.weight_shape[0], self.in_flat, self.group_size)
             self.register_buffer("weight_group_mult", mult)
         else:
             w = tensors["weight_q"]
@@ -165,15 +163,17 @@ class _IntGemm(nn.Module):
             return self.weight_t
         if self.weight_packed is None:
             raise RuntimeError("a quantized layer without weights")
-        k = 1
-        for d in self.weight_shape[1:]:
-            k *= d
-        codes = unpack_weights(self.weight_packed, self.weight_bits, k)
+        codes = unpack_weights(self.weight_packed, self.weight_bits, self.in_flat)
         if self.weight_group_mult is not None and self.group_size is not None:
             # Two-level groups: code x integer group multiplier is an int8 code on the per-channel
             # scale, so the same int8 GEMM runs with no float group scales in the kernel.
             codes = apply_group_mult(codes, self.weight_group_mult, self.group_size)
         return codes.t()
+
+    @property
+    def in_flat(self) -> int:
+        """The flattened input width (in * kh * kw): the GEMM's K."""
+        return math.prod(self.weight_shape[1:])
 
     @property
     def code_bits(self) -> int:

@@ -79,14 +79,15 @@ def _add_mixed_args(p: argparse.ArgumentParser) -> None:
         type=_int_list,
         default=(2, 4, 8, 16),
         metavar="LIST",
-        help="mixed: weight bit-widths to choose from, 16 = keep in FP (default 2,4,8,16)",
+        help="mixed: weight bit-widths to choose from, among 2,3,4,8,16 (16 = keep in FP; 3-bit codes are "
+        "packed eight per three bytes; default 2,4,8,16)",
     )
     p.add_argument(
         "--weight-group-size",
         type=_positive_int,
         default=None,
         metavar="G",
-        help="mixed: store 4- and 2-bit weights in two-level groups of G inputs (a power of two, e.g. 64): an "
+        help="mixed: store 4-, 3- and 2-bit weights in two-level groups of G inputs (a power of two, e.g. 64): an "
         "integer multiplier per group on the per-channel scale, unpacked to int8 codes for the same integer GEMM "
         "(default: per channel)",
     )
@@ -206,8 +207,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Calibrate MODEL on prompts over its sampler's real timesteps, plan the "
         "quantization and write a self-contained bundle that `diffkiln generate|report|inspect BUNDLE` "
         "and diffkiln.runtime.load() run with integer kernels. Recipes: w8a8 (int8 per-channel "
-        "weights, int8 activations, BOS-aware text rows); mixed (per-layer 2/4/8/16-bit weights "
-        "chosen by integer programming from measured sensitivities, 4- and 2-bit weights stored "
+        "weights, int8 activations, BOS-aware text rows); mixed (per-layer 2/3/4/8/16-bit weights "
+        "chosen by integer programming from measured sensitivities, 4-, 3- and 2-bit weights stored "
         "and kept packed; --weight-bits is then an average, e.g. 4).",
     )
     o.add_argument("target", metavar="MODEL", help="built-in model name or diffusers folder")
@@ -312,7 +313,7 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser(
         "sensitivity",
-        help="measure each layer's sensitivity to 2/4/8-bit weights and 8-bit activations",
+        help="measure each layer's sensitivity to 2/3/4/8-bit weights and 8-bit activations",
         description="Run (or, when cached, read back) the metric-decoupled sensitivity analysis of the "
         "mixed recipe alone: each layer quantized by itself, content layers (cross-attention and "
         "feed-forward) scored by SSIM of the final images against FP, the rest by SQNR of the denoiser "

@@ -55,7 +55,7 @@ class OptimizeConfig:
         workers: mixed: processes for the sensitivity analysis. Default 1.
         latency_budget_ms: mixed: bound on the summed latency of the searched layers, measured
             per layer on this machine's CPU. Default None (no bound).
-        weight_group_size: mixed: two-level groups of this many inputs for 4- and 2-bit weights
+        weight_group_size: mixed: two-level groups of this many inputs for 4-, 3- and 2-bit weights
             (an integer multiplier per group on the per-channel scale). Default None (per channel).
         smooth: which Linear layers get SmoothQuant smoothing. Default AUTO.
         smooth_alpha: smoothing strength in (0, 1). Default 0.5.

@@ -167,7 +167,7 @@ def test_mixed_sweep_and_sensitivity_from_the_command_line(tmp_path: Path, capsy
     ("extra", "message"),
     [
         (["--recipe", "mixed", "--weight-bits", "1"], "2..16"),
-        (["--recipe", "mixed", "--weight-candidates", "3,16"], "2, 4, 8, 16"),
+        (["--recipe", "mixed", "--weight-candidates", "5,16"], "2, 3, 4, 8, 16"),
         (["--recipe", "w8a8", "--weight-bits", "4"], "--recipe mixed"),
         (["--recipe", "w8a8", "--sweep", "4"], "--sweep needs --recipe mixed"),
     ],

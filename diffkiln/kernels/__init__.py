@@ -150,7 +150,7 @@ def static_linear_unpacked(
 ) -> torch.Tensor:
     """A static-activation integer GEMM against int8 (K, N) codes that exist for this call only.
 
-    For packed 4- and 2-bit weights: the caller unpacks them to int8 just before, so the resident
+    For packed 4-, 3- and 2-bit weights: the caller unpacks them to int8 just before, so the resident
     copy stays packed; no backend prepacking (it would hold an int8 copy).
 
     Args:

@@ -206,16 +206,29 @@ def _uint8_offset(act: ActGrid) -> int:
     return -act.qmin
 
 
+@functools.cache
+def _zero_points(n: int) -> torch.Tensor:
+    """oneDNN's per-channel weight zero points (all 0, int64): one shared, never-written tensor per
+    width, so layers do not each keep 8 bytes per output channel."""
+    return torch.zeros(n, dtype=torch.int64)
+
+
 class OneDnnStaticLinear:
     """x86 CPUs: oneDNN's prepacked u8s8 GEMM (``torch.ops.onednn.qlinear_pointwise``), float32 output."""
+
+    holds_codes = True  # the prepacked weights give the int8 codes back exactly (codes_t)
 
     def __init__(self, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, act: ActGrid):
         self.act = act
         self.offset = _uint8_offset(act)
         self.packed = torch.ops.onednn.qlinear_prepack(w_q.contiguous(), None)
         self.w_scale = w_scale.to(torch.float32).contiguous()
-        self.w_zp = torch.zeros(w_q.shape[0], dtype=torch.int64)
+        self.w_zp = _zero_points(w_q.shape[0])
         self.bias = None if bias is None else bias.to(torch.float32).contiguous()
+
+    def codes_t(self) -> torch.Tensor:
+        """The int8 (K, N) weight codes, recovered bit-exactly from the prepacked copy."""
+        return self.packed.to_dense().contiguous()
 
     def __call__(self, x: torch.Tensor, act: ActGrid | None = None) -> torch.Tensor:
         grid = act or self.act
@@ -234,6 +247,8 @@ class OneDnnStaticConv:
     because the padded value is the zero point, as for a real zero.
     """
 
+    holds_codes = True  # the prepacked weights give the int8 codes back exactly (codes_t)
+
     def __init__(
         self, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, act: ActGrid, geo: ConvGeometry
     ):
@@ -241,13 +256,18 @@ class OneDnnStaticConv:
         self.offset = _uint8_offset(act)
         self.geo = geo
         self.w_scale = w_scale.to(torch.float32).contiguous()
-        self.w_zp = torch.zeros(w_q.shape[0], dtype=torch.int64)
+        self.w_zp = _zero_points(w_q.shape[0])
         self.bias = None if bias is None else bias.to(torch.float32).contiguous()
         zp = act.zero_point + self.offset
         self.packed = torch.ops.onednn.qconv_prepack(
             w_q.contiguous(), self.w_scale, act.scale, zp, list(geo.stride), list(geo.padding), list(geo.dilation),
             geo.groups, None,
         )  # fmt: skip
+
+    def codes_t(self) -> torch.Tensor:
+        """The int8 (K, N) weight codes (K = in * kh * kw), recovered bit-exactly from the prepacked copy."""
+        w = self.packed.to_dense()
+        return w.reshape(w.shape[0], -1).t().contiguous()
 
     def __call__(self, x: torch.Tensor, act: ActGrid | None = None) -> torch.Tensor:
         grid = act or self.act
@@ -519,10 +539,10 @@ class NpuBackend:
 
     def weight_only_matmul(self, x, w, scale, bias, bits):
         # npu_weight_quant_batchmatmul dequantizes inside the cube kernel. It takes float16 or
-        # bfloat16 x with a scale of the same dtype; 4-bit codes go in as int32-packed int4
-        # (npu_convert_weight_to_int4pack) when N allows, other codes as int8.
+        # bfloat16 x with a scale of the same dtype; 4-, 3- and 2-bit codes (all within int4) go in
+        # as int32-packed int4 (npu_convert_weight_to_int4pack) when N allows, other codes as int8.
         dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float16
-        int4 = bits == 4 and w.shape[1] % 8 == 0  # the int4 pack holds eight values per int32 along N
+        int4 = bits <= 4 and w.shape[1] % 8 == 0  # the int4 pack holds eight values per int32 along N
         weight = self._npu.npu_convert_weight_to_int4pack(w.to(torch.int32)) if int4 else w
         out = self._npu.npu_weight_quant_batchmatmul(
             x.to(dtype), weight, scale.to(dtype), bias=None if bias is None else bias.to(torch.float32)

@@ -1,11 +1,13 @@
-"""Sub-byte weight packing: 4-bit weights two per byte, 2-bit weights four per byte.
+"""Sub-byte weight packing: 4-bit weights two per byte, 3-bit weights eight per three bytes,
+2-bit weights four per byte.
 
-Values are signed two's-complement codes (4-bit: [-8, 7], 2-bit: [-2, 1]) packed along the last
-dimension, lowest index in the lowest bits of each byte (the nibble order of
-``torch_npu.npu_convert_weight_to_int4pack`` and of most int4 GEMM kernels). A last dimension
-that is not a multiple of the codes per byte is padded with zero codes; unpacking takes the
-original length back. Pure torch, so every backend can unpack inside its kernel path; packing
-then unpacking is bit-exact.
+Values are signed two's-complement codes (4-bit: [-8, 7], 3-bit: [-4, 3], 2-bit: [-2, 1]) packed
+along the last dimension as a little-endian bit stream: lowest index in the lowest bits (the
+nibble order of ``torch_npu.npu_convert_weight_to_int4pack`` and of most int4 GEMM kernels).
+3-bit codes go in 24-bit words of eight codes (bytes: bits 0-7, 8-15, 16-23 of the word), so a
+word never straddles a row. A last dimension that is not a multiple of the codes per unit (byte,
+or 3-byte word) is padded with zero codes; unpacking takes the original length back. Pure torch,
+so every backend can unpack inside its kernel path; packing then unpacking is bit-exact.
 """
 
 from __future__ import annotations
@@ -25,14 +27,15 @@ __all__ = [
 GROUP_MULT_MAX = 15
 """The largest group multiplier (a uint4): a 4-bit code (|q| <= 8) times 15 stays within int8."""
 
-PACKABLE_BITS = (2, 4)
+PACKABLE_BITS = (2, 3, 4)
 """Bit-widths stored packed (8-bit weights stay plain int8)."""
 
 
-def _check_bits(bits: int) -> int:
+def _unit(bits: int) -> tuple[int, int]:
+    """(codes, bytes) of one packing unit: a byte for 2 and 4 bits, a 24-bit word for 3 bits."""
     if bits not in PACKABLE_BITS:
-        raise ValueError(f"packed weights have 2 or 4 bits, got {bits}; 8-bit weights are stored as int8")
-    return 8 // bits
+        raise ValueError(f"packed weights have 2, 3 or 4 bits, got {bits}; 8-bit weights are stored as int8")
+    return (8, 3) if bits == 3 else (8 // bits, 1)
 
 
 def packed_length(n: int, bits: int) -> int:
@@ -40,10 +43,10 @@ def packed_length(n: int, bits: int) -> int:
 
     Args:
         n: number of codes along the last dimension.
-        bits: 2 or 4.
+        bits: 2, 3 or 4.
     """
-    per_byte = _check_bits(bits)
-    return (n + per_byte - 1) // per_byte
+    codes, nbytes = _unit(bits)
+    return (n + codes - 1) // codes * nbytes
 
 
 def pack_weights(q: torch.Tensor, bits: int) -> torch.Tensor:
@@ -51,16 +54,16 @@ def pack_weights(q: torch.Tensor, bits: int) -> torch.Tensor:
 
     Args:
         q: int8 tensor (..., n) whose values lie in [-2^(bits-1), 2^(bits-1) - 1].
-        bits: 2 or 4.
+        bits: 2, 3 or 4.
 
     Returns:
-        uint8 tensor (..., ceil(n * bits / 8)).
+        uint8 tensor (..., :func:`packed_length` (n, bits)).
 
     Raises:
-        ValueError: bits other than 2 or 4, a non-int8 tensor, or values outside the range
+        ValueError: bits other than 2, 3 or 4, a non-int8 tensor, or values outside the range
             (the message gives the offending range).
     """
-    per_byte = _check_bits(bits)
+    per_unit, nbytes = _unit(bits)
     if q.dtype != torch.int8:
         raise ValueError(f"pack_weights needs int8 codes, got {q.dtype}")
     lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
@@ -70,15 +73,18 @@ def pack_weights(q: torch.Tensor, bits: int) -> torch.Tensor:
             f"quantize to {bits} bits first"
         )
     n = q.shape[-1]
-    pad = packed_length(n, bits) * per_byte - n
+    pad = packed_length(n, bits) // nbytes * per_unit - n
     if pad:
         q = torch.nn.functional.pad(q, (0, pad))
     mask = (1 << bits) - 1
-    codes = (q.to(torch.int16) & mask).to(torch.uint8).reshape(*q.shape[:-1], -1, per_byte)
-    out = torch.zeros(codes.shape[:-1], dtype=torch.uint8, device=q.device)
-    for i in range(per_byte):
-        out |= codes[..., i] << (i * bits)
-    return out
+    codes = (q.to(torch.int32) & mask).reshape(*q.shape[:-1], -1, per_unit)
+    word = torch.zeros(codes.shape[:-1], dtype=torch.int32, device=q.device)
+    for i in range(per_unit):
+        word |= codes[..., i] << (i * bits)
+    if nbytes == 1:
+        return word.to(torch.uint8)
+    parts = [((word >> (8 * j)) & 0xFF).to(torch.uint8) for j in range(nbytes)]
+    return torch.stack(parts, dim=-1).reshape(*q.shape[:-1], -1)
 
 
 def unpack_weights(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
@@ -86,22 +92,26 @@ def unpack_weights(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 
     Args:
         packed: uint8 tensor (..., m).
-        bits: 2 or 4.
-        n: the original length of the last dimension (``m == ceil(n * bits / 8)``).
+        bits: 2, 3 or 4.
+        n: the original length of the last dimension (``m == packed_length(n, bits)``).
 
     Raises:
-        ValueError: bits other than 2 or 4, a non-uint8 tensor, or a length that does not match.
+        ValueError: bits other than 2, 3 or 4, a non-uint8 tensor, or a length that does not match.
     """
-    _check_bits(bits)
+    per_unit, nbytes = _unit(bits)
     if packed.dtype != torch.uint8:
         raise ValueError(f"unpack_weights needs uint8 bytes, got {packed.dtype}")
     if packed.shape[-1] != packed_length(n, bits):
         raise ValueError(f"{packed.shape[-1]} bytes cannot hold {n} codes of {bits} bits")
     mask = (1 << bits) - 1
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
-    codes = (packed.unsqueeze(-1) >> shifts) & mask  # (..., m, per_byte), unsigned codes
-    signed = codes.to(torch.int8)
-    signed = torch.where(signed >= 2 ** (bits - 1), signed - (1 << bits), signed)
+    if nbytes == 1:
+        word = packed.to(torch.int32)
+    else:
+        b = packed.to(torch.int32).reshape(*packed.shape[:-1], -1, nbytes)
+        word = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16)
+    shifts = torch.arange(0, per_unit * bits, bits, dtype=torch.int32, device=packed.device)
+    codes = (word.unsqueeze(-1) >> shifts) & mask  # (..., units, per_unit), unsigned codes
+    signed = torch.where(codes >= 2 ** (bits - 1), codes - (1 << bits), codes).to(torch.int8)
     return signed.reshape(*packed.shape[:-1], -1)[..., :n].contiguous()
 
 
@@ -110,7 +120,7 @@ def apply_group_mult(q: torch.Tensor, group_mult: torch.Tensor, group_size: int)
     repeated over its group's ``group_size`` inputs (two-level grouped weights).
 
     Args:
-        q: int8 (N, K) 4- or 2-bit codes.
+        q: int8 (N, K) 4-, 3- or 2-bit codes.
         group_mult: uint8 (N, ceil(K / group_size)) multipliers in 1..GROUP_MULT_MAX (checked
             once by the caller, e.g. when a layer loads: see :func:`check_group_mult`).
         group_size: inputs per group.

@@ -91,7 +91,7 @@ def weight_only_matmul_reference(
 
     Args:
         x: float (M, K).
-        w: int8 (K, N) codes (4- and 2-bit codes unpacked to int8).
+        w: int8 (K, N) codes (4-, 3- and 2-bit codes unpacked to int8).
         scale: float (N,) per-output-channel scale.
         bias: float (N,) or None.
         output_dtype: float dtype of the result. Default float32.

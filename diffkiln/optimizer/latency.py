@@ -23,6 +23,7 @@ from torch import nn
 
 from diffkiln.calibrate.hooks import scoped_hooks
 from diffkiln.calibrate.stats import CalibrationStats, find_denoiser, find_quantizable_layers
+from diffkiln.kernels.packing import PACKABLE_BITS
 from diffkiln.optimizer.plan import Plan, WeightSpec
 
 __all__ = ["LatencyTable", "measure_layer_latency"]
@@ -125,7 +126,7 @@ def measure_layer_latency(
             if bits >= 16:
                 runner: nn.Module = module.to(dev)
             else:
-                group = group_size if bits in (2, 4) else None
+                group = group_size if bits in PACKABLE_BITS else None
                 lp = dataclasses.replace(plans[name], weight=WeightSpec(bits, scale_dtype="float16", group_size=group))
                 tensors = freeze_layer(module, lp, stats.layers.get(name))
                 runner = qmodule_for(type(module))(tensors, layer_meta(module, lp)).to(dev)

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from diffkiln.calibrate.stats import CalibrationStats, find_denoiser
+from diffkiln.kernels.packing import PACKABLE_BITS
 from diffkiln.optimizer.allocation import InfeasibleBudgetError, LayerOptions, allocate_bits
 from diffkiln.optimizer.latency import LatencyTable, measure_layer_latency
 from diffkiln.optimizer.plan import LayerPlan, Plan, WeightSpec
@@ -44,7 +45,9 @@ from diffkiln.optimizer.simulate import layer_sims
 
 __all__ = ["MixedConfig", "MixedResult", "allocate_mixed", "make_mixed_plan", "mixed_sensitivity", "uniform_plan"]
 
-_RESTRICTED_CANDIDATES = (8, 16)  # conditioning layers: their error reaches every token
+# Conditioning layers (timestep/text embedders): their error reaches every token, so no ternary
+# (2-bit) codes; 4 bits is what the uniform W4A8 reference gives them too.
+_RESTRICTED_CANDIDATES = (4, 8, 16)
 
 
 @dataclass(frozen=True)
@@ -56,7 +59,8 @@ class MixedConfig:
             parameters (FP layers count 16). Default 4.0.
         act_bits: the average activation bits allowed, or None to give every quantized layer
             8-bit activations. Default None.
-        weight_candidates: weight bit-widths to choose from (16: keep in FP). Default (2, 4, 8, 16).
+        weight_candidates: weight bit-widths to choose from, among 2, 3, 4, 8 and 16 (16: keep in FP).
+            Default (2, 4, 8, 16).
         act_candidates: activation bit-widths to choose from (16: weight-only). Default (8, 16).
         content: globs of layers forced into the content group. Default none.
         quality: globs of layers forced into the quality group. Default none.
@@ -73,7 +77,7 @@ class MixedConfig:
         uniform_candidate: also measure the widest uniform allocation that fits the budget (every
             searched layer at one width), so the search never returns a plan that measures worse
             than it. Default True.
-        group_size: store 4- and 2-bit weights with two-level groups of this many inputs (an
+        group_size: store 4-, 3- and 2-bit weights with two-level groups of this many inputs (an
             integer multiplier per group on the per-channel scale; see
             :class:`~diffkiln.optimizer.plan.WeightSpec`). Default None (per channel).
     """
@@ -96,9 +100,9 @@ class MixedConfig:
     def __post_init__(self) -> None:
         if self.group_size is not None and (self.group_size < 8 or self.group_size & (self.group_size - 1)):
             raise ValueError(f"group_size must be a power of two >= 8 (e.g. 64), got {self.group_size}")
-        bad = [b for b in self.weight_candidates if b not in (2, 4, 8, 16)]
+        bad = [b for b in self.weight_candidates if b not in (2, 3, 4, 8, 16)]
         if bad or not self.weight_candidates:
-            raise ValueError(f"weight candidates must be among 2, 4, 8, 16, got {self.weight_candidates}")
+            raise ValueError(f"weight candidates must be among 2, 3, 4, 8, 16, got {self.weight_candidates}")
         bad = [b for b in self.act_candidates if b not in (8, 16)]
         if bad or not self.act_candidates:
             raise ValueError(f"activation candidates must be among 8, 16, got {self.act_candidates}")
@@ -304,7 +308,7 @@ def _allocate_acts(
 
 def _weight_spec(bits: int, group_size: int | None) -> WeightSpec:
     """Mixed precision's weights: float16 scales; 4-/2-bit ones grouped when asked."""
-    return WeightSpec(bits=bits, scale_dtype="float16", group_size=group_size if bits in (2, 4) else None)
+    return WeightSpec(bits=bits, scale_dtype="float16", group_size=group_size if bits in PACKABLE_BITS else None)
 
 
 def _mixed_layers(

@@ -43,13 +43,13 @@ class WeightSpec:
 
     Attributes:
         bits: 8, or 7 (int8 storage on the grid [-63, 63]: with 8-bit activations, oneDNN's
-            int8 kernels are exact on x86 CPUs without VNNI only then), or 4 / 2 (mixed
-            precision: stored packed two / four per byte).
+            int8 kernels are exact on x86 CPUs without VNNI only then), or 4 / 3 / 2 (mixed
+            precision: stored packed two per byte / eight per three bytes / four per byte).
         granularity: "per_channel".
         symmetric: True.
         scale_dtype: "float32" or "float16" (mixed precision: halves the scales' bytes; the
             codes are rounded against the float16 scale). Default "float32".
-        group_size: 4- and 2-bit weights only: two-level grouping, an integer multiplier (1..15)
+        group_size: 4-, 3- and 2-bit weights only: two-level grouping, an integer multiplier (1..15)
             per group of this many inputs on top of the per-channel scale
             (:func:`diffkiln.optimizer.quantizers.quantize_weight_grouped`); granularity is then
             "per_group". A power of two >= 8. Default None (per channel).
@@ -62,11 +62,11 @@ class WeightSpec:
     group_size: int | None = None
 
     def __post_init__(self) -> None:
-        if self.bits not in (2, 4, 7, 8):
-            raise ValueError(f"weight bits must be 2, 4, 7 or 8, got {self.bits}")
+        if self.bits not in (2, 3, 4, 7, 8):
+            raise ValueError(f"weight bits must be 2, 3, 4, 7 or 8, got {self.bits}")
         if self.group_size is not None:
-            if self.bits not in (2, 4):
-                raise ValueError(f"group_size applies to 4- and 2-bit weights, not {self.bits}-bit")
+            if self.bits not in (2, 3, 4):
+                raise ValueError(f"group_size applies to 4-, 3- and 2-bit weights, not {self.bits}-bit")
             if self.group_size < 8 or self.group_size & (self.group_size - 1):
                 raise ValueError(f"group_size must be a power of two >= 8, got {self.group_size}")
             if self.granularity != "per_group":

@@ -14,7 +14,7 @@ from enum import Enum
 
 import torch
 
-from diffkiln.kernels.packing import GROUP_MULT_MAX, apply_group_mult
+from diffkiln.kernels.packing import GROUP_MULT_MAX, PACKABLE_BITS, apply_group_mult
 
 __all__ = [
     "ActQuantParams",
@@ -131,15 +131,15 @@ def quantize_weight_grouped(
 
     Args:
         weight: a Linear (out, in) or Conv (out, in, kh, kw) weight.
-        bits: 4 or 2.
+        bits: 4, 3 or 2.
         group_size: inputs per group along the flattened input axis (a power of two >= 8).
         scale_dtype: float32 or float16, as :func:`quantize_weight_per_channel`. Default float32.
 
     Raises:
         ValueError: other bits, a bad group size, or another scale dtype.
     """
-    if bits not in (2, 4):
-        raise ValueError(f"grouped weights are 4- or 2-bit, got {bits}")
+    if bits not in PACKABLE_BITS:
+        raise ValueError(f"grouped weights are 4-, 3- or 2-bit, got {bits}")
     if group_size < 8 or group_size & (group_size - 1):
         raise ValueError(f"group size must be a power of two >= 8, got {group_size}")
     if scale_dtype not in (torch.float32, torch.float16):

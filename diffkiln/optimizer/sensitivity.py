@@ -66,7 +66,7 @@ class SensitivityConfig:
         workers: processes to shard the trials over (each loads the model). Default 1.
         cache_dir: where results are cached and resumed from; None disables caching. Default None.
         progress: show a progress bar with ETA. Default True.
-        group_size: score 4- and 2-bit weights with two-level groups of this many inputs, as
+        group_size: score 4-, 3- and 2-bit weights with two-level groups of this many inputs, as
             they will be stored (:class:`~diffkiln.optimizer.plan.WeightSpec`). Default None
             (per channel).
     """
@@ -81,10 +81,10 @@ class SensitivityConfig:
     group_size: int | None = None
 
     def __post_init__(self) -> None:
-        bad_w = [b for b in self.weight_candidates if b not in (2, 4, 8)]
+        bad_w = [b for b in self.weight_candidates if b not in (2, 3, 4, 8)]
         if not self.weight_candidates or bad_w:
             raise ValueError(
-                f"weight candidates to score must be among 2, 4, 8 (16 is FP), got {self.weight_candidates}"
+                f"weight candidates to score must be among 2, 3, 4, 8 (16 is FP), got {self.weight_candidates}"
             )
         if any(b != 8 for b in self.act_candidates):
             raise ValueError(f"activation candidates to score must be 8 (16 is FP), got {self.act_candidates}")

@@ -22,6 +22,7 @@ from torch import nn
 
 from diffkiln.calibrate.hooks import scoped_hooks
 from diffkiln.calibrate.stats import CalibrationStats, find_quantizable_layers
+from diffkiln.kernels.packing import PACKABLE_BITS
 from diffkiln.optimizer.plan import Plan
 from diffkiln.optimizer.quantizers import (
     ActQuantParams,
@@ -99,7 +100,7 @@ def _fake_weight(module: nn.Module, bits: int, smooth: torch.Tensor | None, grou
     w = weight.detach().float()
     if smooth is not None:
         w = w * smooth[None, :]
-    if group_size is not None and bits in (2, 4):
+    if group_size is not None and bits in PACKABLE_BITS:
         deq = quantize_weight_grouped(w, bits, group_size, torch.float16).dequantize()
     else:
         deq = quantize_weight_per_channel(w, bits, torch.float16).dequantize()

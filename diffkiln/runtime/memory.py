@@ -35,6 +35,10 @@ def resident_bytes(denoiser: nn.Module) -> int:
         nonlocal total
         if t is None or t.is_meta:
             return
+        if t.is_mkldnn or t.layout != torch.strided:
+            # oneDNN's prepacked weights are opaque tensors without a storage to share.
+            total += t.numel() * t.element_size()
+            return
         key = _storage_key(t)
         if key not in seen:
             seen.add(key)

@@ -10,7 +10,7 @@ absent means 8), ``weight_bits``, ``weight_shape`` (the float weight's shape) an
 convolutions, ``stride``, ``padding``, ``dilation`` and ``groups``.
 
 * ``weight_q`` int8 (out, in[, kh, kw]) for 8- and 7-bit weights, or ``weight_packed`` uint8
-  (out, ceil(in * kh * kw * bits / 8)) for 4- and 2-bit weights, which stay packed in memory
+  (out, ceil(in * kh * kw * bits / 8)) for 4-, 3- and 2-bit weights, which stay packed in memory
   and are unpacked to int8 inside each call; ``weight_scale`` float32 or float16 (out,);
   ``bias`` float32 or float16 (out,), optional;
 * static activations: ``act_scale`` float32 (), ``act_zero_point`` int32 (); timestep-aware layers
@@ -75,7 +75,7 @@ def qmodule_for(float_type: type[nn.Module]) -> type[nn.Module]:
 class _IntGemm(nn.Module):
     """Shared integer GEMM of a (M, K) float input against resident integer weights.
 
-    8-bit weights are held as int8 (K, N); 4- and 2-bit weights stay packed (N, bytes) and are
+    8-bit weights are held as int8 (K, N); 4-, 3- and 2-bit weights stay packed (N, bytes) and are
     unpacked to int8 per call, so resident memory is the packed size.
     """
 
@@ -139,6 +139,20 @@ class _IntGemm(nn.Module):
                 self.register_buffer("act_timesteps", tensors["act_timesteps"].to(torch.float32))
         # Backend-specific prepacked weights (e.g. oneDNN's layout on x86), built on first use per device.
         self._packed: dict[str, StaticLinear] = {}
+        # The prepared op that holds this layer's int8 codes once the portable buffer is released
+        # (see _adopt_codes); None while ``weight_t`` holds them.
+        self._codes_home: Any = None
+
+    def _adopt_codes(self, prepared: Any) -> None:
+        """Release the portable int8 codes when ``prepared`` holds the same values.
+
+        oneDNN's prepacked weights are an int8 copy in its own layout; keeping ``weight_t`` beside
+        it would make resident memory two bytes per 8-bit weight. The codes stay recoverable, bit
+        for bit, from the prepacked copy (``codes_t``), for exports and other devices.
+        """
+        if self.weight_t is not None and getattr(prepared, "holds_codes", False):
+            self._codes_home = prepared
+            self.weight_t = None
 
     def _current_grid(self) -> ActGrid:
         """This call's activation grid: the selected step's for timestep-aware layers."""
@@ -161,6 +175,8 @@ class _IntGemm(nn.Module):
         """The int8 (K, N) weight codes: the resident ones, or packed ones unpacked for this call."""
         if self.weight_t is not None:
             return self.weight_t
+        if self._codes_home is not None:
+            return self._codes_home.codes_t()
         if self.weight_packed is None:
             raise RuntimeError("a quantized layer without weights")
         codes = unpack_weights(self.weight_packed, self.weight_bits, self.in_flat)
@@ -202,7 +218,9 @@ class _IntGemm(nn.Module):
         else:
             key = str(x2d.device)
             if key not in self._packed:
-                self._packed[key] = prepack_static_linear(self.codes_t().t(), scale, bias, self.act_grid, x2d.device)
+                codes = self.codes_t().to(x2d.device).t()
+                self._packed[key] = prepack_static_linear(codes, scale, bias, self.act_grid, x2d.device)
+                self._adopt_codes(self._packed[key])
             out = self._packed[key](x2d, self._current_grid())
         return out.to(out_dtype)
 
@@ -269,11 +287,13 @@ class QConv2d(_IntGemm):
         key = str(device)
         if key not in self._direct:
             conv = None
-            if not self.dynamic and not self.weight_only and self.weight_t is not None:
-                w = self.codes_t().t().reshape(self.out_channels, self.in_channels, *self.kernel_size)
+            if not self.dynamic and not self.weight_only and self.weight_packed is None:
+                w = self.codes_t().to(device).t().reshape(self.out_channels, self.in_channels, *self.kernel_size)
                 geo = ConvGeometry(self.stride, self.padding, self.dilation)
                 scale, bias = self.scale_and_bias()
                 conv = prepack_static_conv(w, scale, bias, self.act_grid, geo, device)
+                if conv is not None:
+                    self._adopt_codes(conv)
             self._direct[key] = conv
         return self._direct[key]
 

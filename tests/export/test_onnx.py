@@ -162,7 +162,7 @@ def test_packed_layers_become_int4_initializers(random_shapes_pipelines, tmp_pat
     stats = calibrate(pipe, CalibrationConfig(PROMPTS, steps=4, batch_size=4, cache_dir=CACHE, progress=False))
     plan = make_plan(pipe, stats, QuantizeConfig(), "t")
     layers = tuple(
-        dataclasses.replace(lp, weight=WeightSpec(4 if i % 2 else 2, scale_dtype="float16")) if lp.quantized else lp
+        dataclasses.replace(lp, weight=WeightSpec((2, 4, 3)[i % 3], scale_dtype="float16")) if lp.quantized else lp
         for i, lp in enumerate(plan.layers)
     )
     bundle = export_bundle(
@@ -181,6 +181,11 @@ def test_packed_layers_become_int4_initializers(random_shapes_pipelines, tmp_pat
     name = "denoiser.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.w_t"
     module = qpipe.unet.get_submodule("down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k")
     assert np.array_equal(numpy_helper.to_array(int4[name]).astype(np.int8), module.codes_t().numpy())
+    three_bit = [lp.name for lp in layers if lp.weight is not None and lp.weight.bits == 3]
+    assert three_bit  # 3-bit codes ([-3, 3]) are INT4 initializers too: ONNX has no narrower type
+    m3 = qpipe.unet.get_submodule(three_bit[0])
+    codes3 = numpy_helper.to_array(int4[f"denoiser.{three_bit[0]}.w_t"]).astype(np.int8)
+    assert np.array_equal(codes3, m3.codes_t().numpy())
     # onnxruntime runs the INT4 graph as written (with its graph optimizations on, onnxruntime
     # 1.32's QDQ Gemm rewrite rejects this opset-21 graph at load: an open issue).
     ort_pipe_unet = _ort_denoiser(tmp_path / "onnx")

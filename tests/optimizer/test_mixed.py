@@ -84,7 +84,7 @@ def test_uniform_reference_plans() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"weight_candidates": (3, 16)}, "2, 4, 8, 16"), ({"weight_bits": 1.0}, "2..16"), ({"act_bits": 4.0}, "8..16")],
+    [({"weight_candidates": (5, 16)}, "2, 3, 4, 8, 16"), ({"weight_bits": 1.0}, "2..16"), ({"act_bits": 4.0}, "8..16")],
     ids=["3-bit-candidate", "budget-1", "act-budget-4"],
 )
 def test_bad_mixed_settings_are_rejected(kwargs: dict[str, object], match: str) -> None:

@@ -111,7 +111,7 @@ def test_fewer_bits_hurt_more_and_table_round_trips(random_shapes_pipelines) -> 
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"weight_candidates": (3,)}, "2, 4, 8"), ({"act_candidates": (4,)}, "8"), ({"workers": 0}, "workers")],
+    [({"weight_candidates": (5,)}, "2, 3, 4, 8"), ({"act_candidates": (4,)}, "8"), ({"workers": 0}, "workers")],
     ids=["weight-3-bits", "act-4-bits", "zero-workers"],
 )
 def test_bad_sensitivity_settings_are_rejected(kwargs: dict[str, object], match: str) -> None:

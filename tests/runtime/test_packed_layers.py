@@ -1,4 +1,4 @@
-"""Packed 4-/2-bit and weight-only layers: storage, resident memory, kernels against the float op."""
+"""Packed 4-/3-/2-bit and weight-only layers: storage, resident memory, kernels against the float op."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from diffkiln.runtime.qmodules import QConv2d, QLinear
 from tests.kernels.npu_emulation import make_fake_torch_npu
 
 # weight bits, activation bits (16: weight-only)
-FORMATS = [(4, 8), (2, 8), (4, 16), (2, 16), (8, 16)]
+FORMATS = [(4, 8), (3, 8), (2, 8), (4, 16), (3, 16), (2, 16), (8, 16)]
 
 
 def _act_spec(x: torch.Tensor) -> ActSpec:
@@ -64,7 +64,7 @@ def test_packed_layer_matches_float_op_on_dequantized_weights(wbits: int, abits:
     assert sqnr_db(ref.detach(), out) >= 60.0
 
 
-@pytest.mark.parametrize("wbits", [4, 2])
+@pytest.mark.parametrize("wbits", [4, 3, 2])
 def test_sub_byte_weights_stay_packed_in_memory(wbits: int) -> None:
     module = nn.Linear(256, 128)
     x = torch.randn(4, 256)
@@ -116,7 +116,7 @@ def test_mixed_bundle_round_trips_packed_tensors_bit_exactly(random_shapes_pipel
     layers = []
     for i, lp in enumerate(plan.layers):
         if lp.quantized:
-            bits = (4, 2, 8)[i % 3]
+            bits = (4, 2, 8, 3)[i % 4]
             lp = dataclasses.replace(lp, weight=WeightSpec(bits, scale_dtype="float16"))
         layers.append(lp)
     mixed_plan = dataclasses.replace(plan, layers=tuple(layers))
@@ -131,7 +131,7 @@ def test_mixed_bundle_round_trips_packed_tensors_bit_exactly(random_shapes_pipel
     manifest = qpipe.diffkiln_manifest
     with safe_open(str(out / manifest["quant"]["weights_file"]), "pt") as f:
         for name, info in manifest["quant"]["layers"].items():
-            if info["bits"] in (2, 4):
+            if info["bits"] in (2, 3, 4):
                 stored = f.get_tensor(f"{name}::weight_packed")
                 module = qpipe.unet.get_submodule(name)
                 assert info["packed"] and torch.equal(module.weight_packed, stored)
@@ -190,3 +190,31 @@ def test_grouped_layer_matches_float_op_and_stays_packed(kind: str, abits: int) 
     assert sqnr_db(ref, out) >= 60.0
     resident = sum(b.numel() * b.element_size() for b in qmod.buffers())
     assert resident < w.numel() // 2 + w.shape[0] * (w[0].numel() // 32 + 1) + 40 * 4 * 4  # codes + mults + scales
+
+
+@pytest.mark.skipif(not backends_mod._onednn_available(), reason="oneDNN's quantized ops are not in this torch build")
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_onednn_prepacked_layers_keep_one_int8_copy(kind: str) -> None:
+    """7-bit activations take oneDNN's prepacked path on every x86 CPU; the portable codes are then
+    released, recovered bit-exactly from the prepacked copy, and counted once as resident."""
+    from diffkiln.runtime.memory import resident_bytes
+
+    torch.manual_seed(0)
+    module: nn.Module = nn.Linear(96, 64) if kind == "linear" else nn.Conv2d(16, 24, 3, padding=1)
+    x = torch.randn(5, 96) if kind == "linear" else torch.randn(2, 16, 8, 8)
+    lo, hi = float(x.min()), float(x.max())
+    scale = (hi - lo) / 127
+    act = ActSpec(bits=7, mode=ActMode.STATIC, scale=scale, zero_point=round(-64 - lo / scale))
+    lp = LayerPlan("layer", kind, WeightSpec(8), act)
+    qmod = (QLinear if kind == "linear" else QConv2d)(freeze_layer(module, lp, None), layer_meta(module, lp))
+    codes = qmod.codes_t().clone()
+    holder = nn.Module()
+    holder.add_module("q", qmod)
+    with torch.no_grad():
+        first = qmod(x)
+        assert qmod.weight_t is None, "the portable int8 copy should be released after prepacking"
+        assert torch.equal(qmod.codes_t(), codes)
+        assert torch.equal(qmod(x), first)
+    n_weights = codes.numel()
+    # One int8 byte per weight plus per-channel scales/bias (float16 in the layer, float32 in oneDNN's copy).
+    assert n_weights <= resident_bytes(holder) < n_weights + 16 * codes.shape[1] + 4096

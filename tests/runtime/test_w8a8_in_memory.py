@@ -43,7 +43,7 @@ def test_7_bit_grids_stay_inside_their_codes(random_shapes_pipelines) -> None:
     acts = [lp.act for lp in plan.layers if lp.act is not None]
     assert acts and all(a.bits == 7 and -64 <= (a.zero_point or 0) <= 63 for a in acts)
     qpipe_w7, _ = quantize_in_memory(random_shapes_pipelines["unet"], CONFIGS["static-w7-no-smooth"])
-    weights = [m.weight_t for m in qpipe_w7.unet.modules() if isinstance(m, (QLinear, QConv2d))]
+    weights = [m.codes_t() for m in qpipe_w7.unet.modules() if isinstance(m, (QLinear, QConv2d))]
     assert weights and max(int(w.abs().max()) for w in weights) <= 63
 
 

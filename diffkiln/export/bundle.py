@@ -140,6 +140,12 @@ def _write_denoiser(
     }
 
 
+def _format_version(plan: Plan) -> int:
+    """The lowest bundle format version that describes ``plan``: 3 only when it has 3-bit layers."""
+    three_bit = any(lp.weight is not None and lp.weight.bits == 3 for lp in plan.layers)
+    return BUNDLE_VERSION if three_bit else 2
+
+
 def export_bundle(
     pipe: Any,
     plan: Plan,
@@ -173,7 +179,7 @@ def export_bundle(
         files = file_table(tmp)
         manifest = {
             "format": BUNDLE_FORMAT,
-            "version": BUNDLE_VERSION,
+            "version": _format_version(plan),
             "source": plan.source,
             "pipeline": {
                 "class": type(pipe).__name__,

@@ -9,15 +9,17 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from diffkiln.export.onnx.passes import DropShapeInfoPass, Float16InitializersPass, Int4InitializersPass
+from diffkiln.export.onnx.passes import DropShapeInfoPass, Float16InitializersPass, SubByteInitializersPass
 
 
-def _model(opset: int = 21) -> ir.Model:
-    """y = (x @ W_exact + b_inexact) with W float32 values exact in float16, b not."""
+def _model(opset: int = 21, code_bits: int = 4) -> ir.Model:
+    """y = (x @ W_exact + b_inexact) with W float32 values exact in float16, b not, plus a QDQ
+    MatMul on int8 codes of ``code_bits`` bits."""
     rng = np.random.default_rng(0)
     w = rng.standard_normal((8, 4)).astype(np.float16).astype(np.float32)
     b = (rng.standard_normal(4) * np.float32(1 + 2**-20)).astype(np.float32)  # not exact in float16
-    codes = rng.integers(-8, 8, size=(8, 4)).astype(np.int8)
+    half = 2 ** (code_bits - 1)
+    codes = rng.integers(-half, half, size=(8, 4)).astype(np.int8)
     graph = helper.make_graph(
         [
             helper.make_node("MatMul", ["x", "w"], ["h"]),
@@ -63,15 +65,30 @@ def test_int4_pass_retypes_codes_and_rejects_what_does_not_fit() -> None:
     x = np.ones((2, 8), np.float32)
     before = _run(_model(), x)
     model = _model()
-    Int4InitializersPass({"codes"})(model)
+    SubByteInitializersPass({"codes"})(model)
     assert model.graph.initializers["codes"].dtype == ir.DataType.INT4
     np.testing.assert_array_equal(_run(model, x), before)
     with pytest.raises(ir.passes.PreconditionError, match="opset >= 21"):
-        Int4InitializersPass({"codes"})(_model(opset=20))
+        SubByteInitializersPass({"codes"})(_model(opset=20))
     with pytest.raises(ir.passes.PreconditionError, match="expected int8 codes"):
-        Int4InitializersPass({"w"})(_model())
+        SubByteInitializersPass({"w"})(_model())
     with pytest.raises(ir.passes.PreconditionError, match="no initializer named"):
-        Int4InitializersPass({"missing"})(_model())
+        SubByteInitializersPass({"missing"})(_model())
+
+
+@pytest.mark.parametrize(("opset", "code_bits", "dtype"), [
+    (25, 2, ir.DataType.INT2), (21, 2, ir.DataType.INT4), (25, 3, ir.DataType.INT4), (25, 4, ir.DataType.INT4),
+], ids=["int2-opset25", "2bit-opset21-int4", "3bit-int4", "4bit-int4"])  # fmt: skip
+def test_sub_byte_pass_picks_the_narrowest_type_the_opset_has(opset: int, code_bits: int, dtype: ir.DataType) -> None:
+    x = np.random.default_rng(2).standard_normal((2, 8)).astype(np.float32)
+    before = _run(_model(opset, code_bits), x)
+    model = _model(opset, code_bits)
+    SubByteInitializersPass({"codes"})(model)
+    assert model.graph.initializers["codes"].dtype == dtype
+    proto = ir.serde.serialize_model(model)
+    stored = next(i for i in proto.graph.initializer if i.name == "codes")
+    assert len(stored.raw_data) == 32 * (2 if dtype == ir.DataType.INT2 else 4) // 8  # 32 codes, packed
+    np.testing.assert_array_equal(_run(model, x), before)  # onnxruntime reads the narrow codes exactly
 
 
 def test_drop_shape_info_keeps_graph_inputs_and_outputs() -> None:

@@ -129,6 +129,8 @@ def test_mixed_bundle_round_trips_packed_tensors_bit_exactly(random_shapes_pipel
     out = export_bundle(pipe, mixed_plan, stats, ExportConfig(tmp_path / "mixed", float_storage=FloatStorage.FLOAT16))
     qpipe = load(out, device="cpu")
     manifest = qpipe.diffkiln_manifest
+    # 3-bit layers need format version 3; bundles without them stay at 2 for older runtimes.
+    assert manifest["version"] == 3 and load(bundle, device="cpu").diffkiln_manifest["version"] == 2
     with safe_open(str(out / manifest["quant"]["weights_file"]), "pt") as f:
         for name, info in manifest["quant"]["layers"].items():
             if info["bits"] in (2, 3, 4):

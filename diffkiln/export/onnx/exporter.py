@@ -63,7 +63,8 @@ class OnnxExportConfig:
 
     Attributes:
         out: the folder to write (created; see ``overwrite``).
-        opset: the ONNX opset; 21 or later stores 4- and 2-bit weights as INT4. Default 21.
+        opset: the ONNX opset; 21 or later stores 4-, 3- and 2-bit weights as INT4, 25 or later
+            2-bit weights as INT2. Default 21.
         prompt: the prompt of the recorded sampler call that gives the example inputs. Default
             "a red circle on the left".
         dynamic: export batch and resolution axes as dynamic where the model allows (each
@@ -186,13 +187,13 @@ def _finish(program: Any, sub_byte: set[str], opset: int, float16: bool = True) 
     from diffkiln.export.onnx.passes import (
         DropShapeInfoPass,
         Float16InitializersPass,
-        Int4InitializersPass,
         NoopSqueezePass,
+        SubByteInitializersPass,
     )
 
     passes: list[ir.passes.PassBase] = [ClearMetadataAndDocStringPass(), NoopSqueezePass()]
     if sub_byte and opset >= 21:
-        passes.append(Int4InitializersPass(sub_byte))
+        passes.append(SubByteInitializersPass(sub_byte))
     if float16:
         passes.append(Float16InitializersPass())
     passes.append(DropShapeInfoPass())

@@ -3,7 +3,7 @@ contract (``onnx_ir.passes.InPlacePass``)."""
 
 from diffkiln.export.onnx.passes.drop_shape_info import DropShapeInfoPass
 from diffkiln.export.onnx.passes.float16_initializers import Float16InitializersPass
-from diffkiln.export.onnx.passes.int4_initializers import Int4InitializersPass
 from diffkiln.export.onnx.passes.noop_squeeze import NoopSqueezePass
+from diffkiln.export.onnx.passes.sub_byte_initializers import SubByteInitializersPass
 
-__all__ = ["DropShapeInfoPass", "Float16InitializersPass", "Int4InitializersPass", "NoopSqueezePass"]
+__all__ = ["DropShapeInfoPass", "Float16InitializersPass", "NoopSqueezePass", "SubByteInitializersPass"]

@@ -185,13 +185,14 @@ def _finish(program: Any, sub_byte: set[str], opset: int, float16: bool = True) 
     from onnx_ir.passes.common import ClearMetadataAndDocStringPass
 
     from diffkiln.export.onnx.passes import (
+        ClearValueMetadataPass,
         DropShapeInfoPass,
         Float16InitializersPass,
         NoopSqueezePass,
         SubByteInitializersPass,
     )
 
-    passes: list[ir.passes.PassBase] = [ClearMetadataAndDocStringPass(), NoopSqueezePass()]
+    passes: list[ir.passes.PassBase] = [ClearMetadataAndDocStringPass(), ClearValueMetadataPass(), NoopSqueezePass()]
     if sub_byte and opset >= 21:
         passes.append(SubByteInitializersPass(sub_byte))
     if float16:

@@ -1,9 +1,16 @@
 """onnx-ir graph passes of the ONNX export, one per file, each with a ``requires``/``call``/``ensures``
 contract (``onnx_ir.passes.InPlacePass``)."""
 
+from diffkiln.export.onnx.passes.clear_value_metadata import ClearValueMetadataPass
 from diffkiln.export.onnx.passes.drop_shape_info import DropShapeInfoPass
 from diffkiln.export.onnx.passes.float16_initializers import Float16InitializersPass
 from diffkiln.export.onnx.passes.noop_squeeze import NoopSqueezePass
 from diffkiln.export.onnx.passes.sub_byte_initializers import SubByteInitializersPass
 
-__all__ = ["DropShapeInfoPass", "Float16InitializersPass", "NoopSqueezePass", "SubByteInitializersPass"]
+__all__ = [
+    "ClearValueMetadataPass",
+    "DropShapeInfoPass",
+    "Float16InitializersPass",
+    "NoopSqueezePass",
+    "SubByteInitializersPass",
+]

@@ -18,7 +18,8 @@ named, scoped forward hook), in one of two forms (``--outlier``):
 The FP reference, calibration and both quantized pipelines run under the same hook and weights,
 so the comparison isolates the quantizer: latent SQNR of each W8A8 variant (smoothing off, as in
 MixDQ; plus plain W8A8 with SmoothQuant ``auto``) against the FP pipeline on the same held-out
-prompts and seeds. Scale 0 is the stock model.
+prompts and seeds. Size 0 (channel) or 1 (row): no outlier (in channel mode the blinded
+weights still apply).
 
 Usage:
     python tools/bench_bos.py --model shapes-unet --outlier channel --bos-scale 0,100,800

@@ -349,7 +349,13 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("bundle", metavar="BUNDLE", type=Path, help="bundle directory")
     e.add_argument("--format", choices=["onnx", "mindiesd"], default="onnx", help="export format (default onnx)")
     e.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder (written atomically)")
-    e.add_argument("--opset", type=_positive_int, default=21, help="onnx: ONNX opset, >= 13 (default 21)")
+    e.add_argument(
+        "--opset",
+        type=_positive_int,
+        default=21,
+        help="onnx: ONNX opset, >= 13 (default 21); >= 21 stores 4-/3-/2-bit codes as INT4, >= 25 stores 2-bit "
+        "codes as INT2 (onnxruntime 1.32 runs both; check your runtime's opset support)",
+    )
     e.add_argument("--static-shapes", action="store_true", help="onnx: fix every axis to the recorded call's shapes")
     e.add_argument(
         "--compute",

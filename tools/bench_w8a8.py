@@ -8,6 +8,8 @@ another's) on a full-size denoiser with random weights from ``diffkiln.zoo.archi
               AVX512-BF16/AMX emulate it, measured 220x slower than fp32 on a 320-channel conv);
 * ``w8a8``    diffkiln's integer runtime modules (QLinear/QConv2d), built from a plan calibrated
               on the model itself (random inputs at spread timesteps), same code as a bundle;
+* ``w8a8-bf16`` the same, with everything outside the integer layers (attention, norms, layers
+              kept in FP) in bfloat16 (``load(..., dtype="bfloat16")``; fast where bf16 is);
 * ``torchao`` torchao's ``Int8DynamicActivationInt8WeightConfig`` (a peer), eager, no compile;
 * ``quanto``  optimum-quanto W8A8 (a peer): qint8 weights, qint8 activations calibrated on the
               same calls as ``w8a8``, frozen, eager.
@@ -34,7 +36,7 @@ import threading
 import time
 from typing import Any
 
-VARIANTS = ("fp32", "bf16", "w8a8", "torchao", "quanto")
+VARIANTS = ("fp32", "bf16", "w8a8", "w8a8-bf16", "torchao", "quanto")
 
 
 def _inputs(model: str, batch: int, latent: int, timestep: float, seed: int) -> dict[str, Any]:
@@ -134,7 +136,15 @@ def _return_freed_memory() -> None:
 
 
 def _weight_bytes(model: Any) -> int:
-    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    """Resident bytes of the model after its calls (``diffkiln.runtime.memory.resident_bytes``, which
+    counts oneDNN's prepacked weights too), or the plain tensor sum where that cannot read a tensor
+    (torchao's and quanto's tensor subclasses)."""
+    from diffkiln.runtime.memory import resident_bytes
+
+    try:
+        return resident_bytes(model)
+    except (NotImplementedError, RuntimeError, TypeError):
+        return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
 def worker(a: argparse.Namespace) -> dict[str, Any]:
@@ -157,9 +167,14 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
     if a.variant == "bf16":
         model = model.to(torch.bfloat16)
         dtype = torch.bfloat16
-    elif a.variant == "w8a8":
+    elif a.variant in ("w8a8", "w8a8-bf16"):
         with torch.no_grad():
             model = _build_w8a8(model, a.model, a)
+        if a.variant == "w8a8-bf16":
+            from diffkiln.runtime.dtype import cast_float_parts
+
+            cast_float_parts(model, torch.bfloat16)
+            dtype = torch.bfloat16
     elif a.variant == "torchao":
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
 

@@ -168,6 +168,7 @@ def load(
     device: str = "auto",
     backend: Backend | str = Backend.TORCH,
     ort_optimize: bool = False,
+    dtype: torch.dtype | str | None = None,
 ) -> Any:
     """Load a bundle (or its ONNX export) as a diffusers pipeline on ``device``.
 
@@ -179,6 +180,11 @@ def load(
         ort_optimize: onnxruntime backend only: let onnxruntime fuse the QDQ graph into its
             integer kernels. Default False (the QDQ graph as written; see
             :func:`diffkiln.runtime.onnxruntime_backend.load_onnx_pipeline`).
+        dtype: torch backend only: the compute dtype of everything outside the integer layers
+            (attention, norms, layers kept in FP, text encoders, VAE): torch.bfloat16 or
+            torch.float16 (or their names) where the device has fast units for it (AMX/AVX-512
+            BF16 CPUs, GPUs, NPUs); see :mod:`diffkiln.runtime.dtype`. Default None: as stored
+            (float32).
 
     Returns:
         A diffusers pipeline (the class recorded in the bundle); call it as usual with prompt,
@@ -187,8 +193,16 @@ def load(
 
     Raises:
         BundleError: the bundle is missing, corrupt, truncated, tampered, or of a future version.
+        ValueError: an unknown backend or dtype, or a dtype with the onnxruntime backend.
     """
     from diffusers.utils import logging as dlog
+
+    from diffkiln.runtime.dtype import COMPUTE_DTYPES, cast_float_parts
+
+    if isinstance(dtype, str):
+        if dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; valid: {sorted(COMPUTE_DTYPES)}")
+        dtype = COMPUTE_DTYPES[dtype]
 
     try:
         backend = Backend(backend)
@@ -197,6 +211,9 @@ def load(
     path = Path(bundle)
     if backend is Backend.ONNXRUNTIME:
         from diffkiln.runtime.onnxruntime_backend import load_onnx_pipeline
+
+        if dtype is not None:
+            raise ValueError("dtype applies to the torch backend; an ONNX export fixes its dtypes when exported")
 
         dlog.set_verbosity_error()
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -209,5 +226,9 @@ def load(
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     pipe = assemble_pipeline(path, {manifest["pipeline"]["denoiser"]: denoiser})
     pipe = pipe.to(target)
+    if dtype is not None:
+        for component in pipe.components.values():
+            if isinstance(component, nn.Module):
+                cast_float_parts(component, dtype)
     pipe.diffkiln_manifest = manifest
     return pipe

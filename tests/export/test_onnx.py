@@ -147,7 +147,8 @@ def test_bad_opset_is_rejected(tmp_path: Path) -> None:
         OnnxExportConfig(tmp_path, opset=11)
 
 
-def test_packed_layers_become_int4_initializers(random_shapes_pipelines, tmp_path: Path) -> None:
+@pytest.mark.parametrize("opset", [21, 25], ids=["opset21-int4", "opset25-int2"])
+def test_packed_layers_become_sub_byte_initializers(random_shapes_pipelines, tmp_path: Path, opset: int) -> None:
     import dataclasses
 
     from onnx import numpy_helper
@@ -171,17 +172,21 @@ def test_packed_layers_become_int4_initializers(random_shapes_pipelines, tmp_pat
         stats,
         ExportConfig(tmp_path / "b", float_storage=FloatStorage.FLOAT16),
     )
-    path = export_denoiser_onnx(bundle, OnnxExportConfig(tmp_path / "onnx", opset=21, dynamic=False))
+    path = export_denoiser_onnx(bundle, OnnxExportConfig(tmp_path / "onnx", opset=opset, dynamic=False))
     model = onnx.load(str(path))
     int4 = {i.name: i for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT4}
-    assert len(int4) == sum(lp.quantized for lp in layers)
+    int2 = {i.name: i for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT2}
+    two_bit = sum(lp.quantized and lp.weight is not None and lp.weight.bits == 2 for lp in layers)
+    assert len(int2) == (two_bit if opset >= 25 else 0) and two_bit
+    assert len(int4) + len(int2) == sum(lp.quantized for lp in layers)
+    int4.update(int2)
     halves = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT16]
     assert halves  # float16-stored scales and FP tensors stay float16 (Cast in the graph)
     qpipe = load(bundle, "cpu")
     name = "denoiser.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.w_t"
     module = qpipe.unet.get_submodule("down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k")
     assert np.array_equal(numpy_helper.to_array(int4[name]).astype(np.int8), module.codes_t().numpy())
-    three_bit = [lp.name for lp in layers if lp.weight is not None and lp.weight.bits == 3]
+    three_bit = [lp.name for lp in layers if lp.weight is not None and lp.weight.bits == 3 and lp.kind == "linear"]
     assert three_bit  # 3-bit codes ([-3, 3]) are INT4 initializers too: ONNX has no narrower type
     m3 = qpipe.unet.get_submodule(three_bit[0])
     codes3 = numpy_helper.to_array(int4[f"denoiser.{three_bit[0]}.w_t"]).astype(np.int8)
@@ -193,6 +198,10 @@ def test_packed_layers_become_int4_initializers(random_shapes_pipelines, tmp_pat
     args, kwargs = calls[0]
     out = ort_pipe_unet(*args, **kwargs)[0]
     assert np.isfinite(out.numpy()).all() and out.shape == args[0].shape
+    with torch.no_grad():
+        ref = qpipe.unet(*args, **kwargs)[0]
+    # Same codes and scales; QDQ sums in float32 where the runtime sums in int32.
+    assert sqnr_db(ref, out) >= 30.0
 
 
 def _ort_denoiser(folder: Path):

@@ -64,6 +64,7 @@ def _ulp_floor(pipe: Any, prompts: list[str]) -> list[float]:
 
     from diffkiln.report.metrics import sqnr_db
 
+    pipe.set_progress_bar_config(disable=True)
     out = []
     for i, p in enumerate(prompts):
         z = _initial_noise(pipe, i)

@@ -120,8 +120,11 @@ class ActGrid:
 
     def quantize(self, x: torch.Tensor, offset: int = 0, dtype: torch.dtype = torch.int8) -> torch.Tensor:
         """The codes of ``x`` (plus ``offset``, e.g. to store them as uint8), as ``dtype``."""
-        q = torch.round(x.to(torch.float32) / self.scale)
-        return q.add_(self.zero_point + offset).clamp_(self.qmin + offset, self.qmax + offset).to(dtype)
+        # One float32 working copy, then in place: the same operations as
+        # clamp(round(x / scale) + zp), without a fresh full-size tensor per step.
+        q = x.to(torch.float32, copy=True)
+        q.div_(self.scale).round_().add_(self.zero_point + offset).clamp_(self.qmin + offset, self.qmax + offset)
+        return q.to(dtype)
 
 
 @dataclass(frozen=True)
@@ -206,6 +209,13 @@ def _uint8_offset(act: ActGrid) -> int:
     return -act.qmin
 
 
+def _onednn_out_dtype(x: torch.Tensor) -> torch.dtype:
+    """oneDNN writes bfloat16 directly for bfloat16 activations: the same values as its float32
+    output rounded to bfloat16 (measured bit-identical) without a float32 tensor and a cast (3.6x
+    faster on an 8192x640x1920 layer); float32 otherwise."""
+    return torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
+
+
 @functools.cache
 def _zero_points(n: int) -> torch.Tensor:
     """oneDNN's per-channel weight zero points (all 0, int64): one shared, never-written tensor per
@@ -236,7 +246,7 @@ class OneDnnStaticLinear:
         zp = grid.zero_point + self.offset
         return torch.ops.onednn.qlinear_pointwise(
             q, grid.scale, zp, self.packed, self.w_scale, self.w_zp, self.bias,
-            1.0, 0, torch.float32, "none", [None], "",
+            1.0, 0, _onednn_out_dtype(x), "none", [None], "",
         )  # fmt: skip
 
 
@@ -275,7 +285,7 @@ class OneDnnStaticConv:
         g = self.geo
         return torch.ops.onednn.qconv2d_pointwise(
             q, grid.scale, grid.zero_point + self.offset, self.packed, self.w_scale, self.w_zp, self.bias,
-            list(g.stride), list(g.padding), list(g.dilation), g.groups, 1.0, 0, torch.float32, "none", [], "",
+            list(g.stride), list(g.padding), list(g.dilation), g.groups, 1.0, 0, _onednn_out_dtype(x), "none", [], "",
         )  # fmt: skip
 
 

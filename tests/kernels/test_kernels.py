@@ -262,3 +262,26 @@ def test_conv_on_fp32_units_is_bit_exact_for_sub_byte_weights(bits: int, stride:
     assert torch.equal(torch.round(out.double() / act.scale), torch.round(ref / act.scale))
     wide = torch.full((6, 4000, 3, 3), qmax, dtype=torch.int8)
     assert conv2d_on_fp32_units(torch.zeros(1, 4000, 3, 3), wide, scale, None, act, geo) is None or bits == 2
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_onednn_writes_bfloat16_for_bfloat16_activations_bit_identically(kind: str) -> None:
+    """With bfloat16 float parts (load(..., dtype="bfloat16")) oneDNN writes bfloat16 directly:
+    the same values as its float32 output cast to bfloat16."""
+    from diffkiln.kernels.backends import ConvGeometry, OneDnnStaticConv, OneDnnStaticLinear
+
+    g = torch.Generator().manual_seed(3)
+    if kind == "linear":
+        w, x = torch.randn(48, 96, generator=g) * 0.05, torch.randn(21, 96, generator=g)
+    else:
+        w, x = torch.randn(24, 16, 3, 3, generator=g) * 0.05, torch.randn(2, 16, 9, 9, generator=g)
+    wq, ws, act, _, _ = _quantized_operands(w, x, 8, 7)  # 7-bit grid: oneDNN is exact on every x86 CPU
+    if not _onednn_usable(wq, act):
+        pytest.skip("oneDNN's quantized ops are not available here")
+    b = torch.randn(w.shape[0], generator=g)
+    geo = ConvGeometry((1, 1), (1, 1), (1, 1))
+    op = OneDnnStaticLinear(wq, ws, b, act) if kind == "linear" else OneDnnStaticConv(wq, ws, b, act, geo)
+    xb = x.to(torch.bfloat16)
+    out = op(xb)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, op(xb.float()).to(torch.bfloat16))

@@ -224,7 +224,8 @@ def _zero_points(n: int) -> torch.Tensor:
 
 
 class OneDnnStaticLinear:
-    """x86 CPUs: oneDNN's prepacked u8s8 GEMM (``torch.ops.onednn.qlinear_pointwise``), float32 output."""
+    """x86 CPUs: oneDNN's prepacked u8s8 GEMM (``torch.ops.onednn.qlinear_pointwise``), float32 output
+    (bfloat16 for bfloat16 activations)."""
 
     holds_codes = True  # the prepacked weights give the int8 codes back exactly (codes_t)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from diffkiln.runtime.qmodules import QConv2d, QLinear
+from diffkiln.runtime.qmodules import quantized_module_types
 
 __all__ = ["COMPUTE_DTYPES", "cast_float_parts"]
 
@@ -23,7 +23,8 @@ COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16
 
 
 def cast_float_parts(module: nn.Module, dtype: torch.dtype) -> int:
-    """Cast the floating-point parameters and buffers of every submodule except quantized layers.
+    """Cast the floating-point parameters and buffers of every submodule except quantized layers
+    (every class registered with ``register_qmodule``).
 
     Args:
         module: a component of a loaded bundle (denoiser, text encoder, VAE).
@@ -38,8 +39,9 @@ def cast_float_parts(module: nn.Module, dtype: torch.dtype) -> int:
     if dtype not in COMPUTE_DTYPES.values():
         raise ValueError(f"compute dtype must be one of {sorted(COMPUTE_DTYPES)}, got {dtype}")
     kept = 0
+    quantized = quantized_module_types()
     for sub in module.modules():
-        if isinstance(sub, (QLinear, QConv2d)):
+        if isinstance(sub, quantized):
             kept += 1
             continue
         for p in sub.parameters(recurse=False):

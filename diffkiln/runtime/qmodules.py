@@ -44,7 +44,7 @@ from diffkiln.kernels import (
 )
 from diffkiln.kernels.packing import apply_group_mult, check_group_mult, unpack_weights
 
-__all__ = ["QConv2d", "QLinear", "qmodule_for", "register_qmodule"]
+__all__ = ["QConv2d", "QLinear", "qmodule_for", "quantized_module_types", "register_qmodule"]
 
 _QMODULES: dict[type[nn.Module], type[nn.Module]] = {}
 
@@ -70,6 +70,11 @@ def qmodule_for(float_type: type[nn.Module]) -> type[nn.Module]:
             f"no quantized module for {float_type.__name__}; supported: {sorted(t.__name__ for t in _QMODULES)}"
         )
     return _QMODULES[float_type]
+
+
+def quantized_module_types() -> tuple[type[nn.Module], ...]:
+    """Every registered quantized module class (for code that must leave them alone)."""
+    return tuple(_QMODULES.values())
 
 
 class _IntGemm(nn.Module):

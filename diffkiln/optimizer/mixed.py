@@ -266,7 +266,7 @@ def _uniform_allocation(
 ) -> tuple[int, dict[str, int]] | None:
     """(width, bits): every searched layer at the widest single width that fits the budgets, or None.
 
-    Layers whose candidates lack that width (conditioning layers: 8 or 16) take their nearest
+    Layers whose candidates lack that width (conditioning layers: 4, 8 or 16) take their nearest
     wider candidate. A uniform allocation more than one bit below the budget is no rival to the
     ILP's plans and is not returned.
     """

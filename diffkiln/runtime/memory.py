@@ -2,14 +2,13 @@
 
 Counted after at least one call, so backend caches built on first use are included: unique
 storages of parameters and buffers (int8 and packed weights, scales, FP layers), plus each
-quantized layer's backend-prepared weights. oneDNN's prepacked weights are opaque objects; they
-hold the same int8 values reordered, so they count as one int8 byte per weight. Tensors that a
+quantized layer's backend-prepared weights. oneDNN's prepacked weights are opaque tensors without
+a shareable storage; they hold the same int8 values reordered and count as their element bytes
+(one per weight). Tensors that a
 call creates and frees (sub-byte weights unpacked for that call) are not resident.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import nn
@@ -54,8 +53,4 @@ def resident_bytes(denoiser: nn.Module) -> int:
                 for value in vars(prepared).values():
                     if isinstance(value, torch.Tensor):
                         add(value)
-                packed = getattr(prepared, "packed", None)
-                shape = getattr(module, "weight_shape", None)
-                if packed is not None and not isinstance(packed, torch.Tensor) and shape is not None:
-                    total += math.prod(shape)  # an opaque oneDNN prepacked int8 weight
     return total

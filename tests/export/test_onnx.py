@@ -59,8 +59,9 @@ def test_denoiser_text_encoder_and_vae_match_the_torch_runtime(unet_bundle: Path
         got = ort_pipe.unet(*args, **kwargs)[0]
         # Per call the graph is the same integer math; float rounding differs: measured 38-129 dB on
         # an AVX2 CPU (the runtime's exact fallback), 31.7 dB at the lowest on an AVX-512 VNNI CPU,
-        # where the runtime takes oneDNN's kernels and a few more activation codes flip.
-        assert sqnr_db(ref.numpy(), got.numpy()) >= 28.0
+        # where the runtime takes oneDNN's kernels and a few more activation codes flip. 30 dB is
+        # issue 5's parity bar.
+        assert sqnr_db(ref.numpy(), got.numpy()) >= 30.0
     # Dynamic batch: one row of the CFG batch runs through the same graph.
     args, kwargs = calls[0]
     one = {k: v[:1] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in kwargs.items()}

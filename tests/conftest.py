@@ -11,6 +11,10 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Tests never touch the user's cache: calibration statistics and tiny models go to a temp dir.
 os.environ["DIFFKILN_CACHE"] = tempfile.mkdtemp(prefix="diffkiln-test-cache-")
+# Without a GPU, Triton kernels run in Triton's CPU interpreter. Triton reads this when it (and each
+# @jit function) is first imported, so it is set for the whole session, before anything imports it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

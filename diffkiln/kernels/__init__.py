@@ -6,8 +6,9 @@ Public entry points dispatch on the tensors' device:
 * :func:`dynamic_quant`: symmetric per-token int8 quantisation;
 * :func:`weight_only_matmul`: float activations against int8/int4/int2 weight codes
   (``npu_weight_quant_batchmatmul``'s contract);
-* :func:`static_linear_unpacked`: a static-activation integer GEMM against weight codes
-  unpacked for this call only (sub-byte weights stay packed in memory).
+* :func:`packed_quant_matmul`: ``quant_matmul`` against 4-, 3- and 2-bit weights that stay packed
+  (read packed inside a Triton kernel on CUDA; elsewhere unpacked to int8 for the call only);
+* :func:`static_linear_packed`: a static-activation integer GEMM against packed weights.
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ from diffkiln.kernels.backends import (
     ActGrid,
     ConvGeometry,
     KernelBackend,
+    PackedWeights,
     StaticConv,
     StaticLinear,
     available_backends,
     get_backend,
     register_backend,
-    static_quant_linear,
 )
 from diffkiln.kernels.reference import (
     dynamic_quant_per_token_reference,
@@ -36,6 +37,7 @@ __all__ = [
     "ActGrid",
     "ConvGeometry",
     "KernelBackend",
+    "PackedWeights",
     "StaticConv",
     "StaticLinear",
     "available_backends",
@@ -44,13 +46,14 @@ __all__ = [
     "get_backend",
     "int_mm",
     "int_mm_reference",
+    "packed_quant_matmul",
     "prepack_static_conv",
     "prepack_static_linear",
     "quant_matmul",
     "quant_matmul_reference",
     "register_backend",
     "static_conv_unpacked",
-    "static_linear_unpacked",
+    "static_linear_packed",
     "weight_only_matmul",
     "weight_only_matmul_reference",
 ]
@@ -145,22 +148,49 @@ def weight_only_matmul(
     return get_backend(x.device).weight_only_matmul(x, w, scale, bias, bits)
 
 
-def static_linear_unpacked(
-    x: torch.Tensor, w_t: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, act: ActGrid
+def packed_quant_matmul(
+    x: torch.Tensor,
+    w: PackedWeights,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    pertoken_scale: torch.Tensor | None = None,
+    output_dtype: torch.dtype = torch.float32,
+    zero_point: int = 0,
 ) -> torch.Tensor:
-    """A static-activation integer GEMM against int8 (K, N) codes that exist for this call only.
+    """``(((x - zero_point) @ W + bias) * scale * pertoken_scale[:, None]).to(output_dtype)``
+    against sub-byte weights that stay packed.
 
-    For packed 4-, 3- and 2-bit weights: the caller unpacks them to int8 just before, so the resident
-    copy stays packed; no backend prepacking (it would hold an int8 copy).
+    Args:
+        x: int8 (M, K) activations.
+        w: the packed 4-, 3- or 2-bit weights (N rows).
+        scale: float32 (N,) or (1,) dequantisation scale.
+        bias: int32 (N,) added to the accumulator, or None. Default None.
+        pertoken_scale: float32 (M,) per-row activation scales, or None. Default None.
+        output_dtype: float dtype of the result. Default float32.
+        zero_point: the activation codes' zero point (static asymmetric grids). Default 0.
+    """
+    return get_backend(x.device).packed_quant_matmul(x, w, scale, bias, pertoken_scale, output_dtype, zero_point)
+
+
+def static_linear_packed(
+    x: torch.Tensor,
+    w: PackedWeights,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    act: ActGrid,
+) -> torch.Tensor:
+    """A static-activation integer GEMM against packed 4-, 3- or 2-bit weights (no int8 copy kept).
 
     Args:
         x: float (M, K).
-        w_t: int8 (K, N) codes.
+        w: the packed weights.
         w_scale: float32 (N,).
         bias: float32 (N,) or None.
         act: the static activation grid.
     """
-    return static_quant_linear(get_backend(x.device), x, w_t, w_scale, bias, act)
+    q = act.quantize(x)
+    out = packed_quant_matmul(q, w, act.scale * w_scale, None, None, torch.float32, act.zero_point)
+    return out if bias is None else out + bias
 
 
 def static_conv_unpacked(

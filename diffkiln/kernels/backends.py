@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import torch
 
+from diffkiln.kernels.packing import unpack_codes
 from diffkiln.kernels.reference import dynamic_quant_per_token_reference, weight_only_matmul_reference
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "KernelBackend",
     "OneDnnStaticConv",
     "OneDnnStaticLinear",
+    "PackedWeights",
     "SlowKernelWarning",
     "StaticConv",
     "StaticLinear",
@@ -35,6 +37,7 @@ __all__ = [
     "onednn_exact",
     "register_backend",
     "static_quant_linear",
+    "unpacked_quant_matmul",
 ]
 
 
@@ -61,6 +64,20 @@ class KernelBackend(Protocol):
 
     def dynamic_quant(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Symmetric per-row int8 quantisation -> (int8, float32 scales)."""
+        ...
+
+    def packed_quant_matmul(
+        self,
+        x: torch.Tensor,
+        w: PackedWeights,
+        scale: torch.Tensor,
+        bias: torch.Tensor | None,
+        pertoken_scale: torch.Tensor | None,
+        output_dtype: torch.dtype,
+        zero_point: int,
+    ) -> torch.Tensor:
+        """``(((x - zero_point) @ W + bias) * scale * pertoken_scale[:, None]).to(output_dtype)`` for
+        int8 x (M, K) against sub-byte weights ``w`` that stay packed."""
         ...
 
     def weight_only_matmul(
@@ -92,6 +109,49 @@ class KernelBackend(Protocol):
     ) -> StaticConv | None:
         """A direct integer convolution for int8 (O, I, kh, kw) weights, or None (then: im2col + GEMM)."""
         ...
+
+
+@dataclass(frozen=True)
+class PackedWeights:
+    """A layer's 4-, 3- or 2-bit weights as they stay resident: packed rows, optional group multipliers.
+
+    Attributes:
+        packed: uint8 (N, packed_length(k, bits)), :func:`diffkiln.kernels.packing.pack_weights` layout.
+        bits: 2, 3 or 4.
+        k: the unpacked row length (the GEMM's K).
+        group_mult: uint8 (N, ceil(k / group_size)) two-level group multipliers, or None.
+        group_size: inputs per group when ``group_mult`` is given, else None.
+    """
+
+    packed: torch.Tensor
+    bits: int
+    k: int
+    group_mult: torch.Tensor | None = None
+    group_size: int | None = None
+
+    def codes(self) -> torch.Tensor:
+        """int8 (N, K) GEMM codes (code x group multiplier), a transient copy for this call."""
+        return unpack_codes(self.packed, self.bits, self.k, self.group_mult, self.group_size)
+
+
+def unpacked_quant_matmul(
+    backend: KernelBackend,
+    x: torch.Tensor,
+    w: PackedWeights,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    pertoken_scale: torch.Tensor | None,
+    output_dtype: torch.dtype,
+    zero_point: int = 0,
+) -> torch.Tensor:
+    """``packed_quant_matmul`` for backends without a packed kernel: unpack to int8 for this call only
+    (the resident copy stays packed), then the backend's int8 ``quant_matmul``."""
+    w_t = w.codes().t()
+    if zero_point:
+        # (x - z) @ W = x @ W - z * colsum(W): the zero point becomes an int32 bias.
+        zp_bias = -zero_point * w_t.to(torch.int32).sum(dim=0)
+        bias = zp_bias if bias is None else bias + zp_bias
+    return backend.quant_matmul(x, w_t, scale, bias, pertoken_scale, output_dtype)
 
 
 @dataclass(frozen=True)
@@ -470,6 +530,9 @@ class CpuBackend:
     def dynamic_quant(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return dynamic_quant_per_token_reference(x)
 
+    def packed_quant_matmul(self, x, w, scale, bias, pertoken_scale, output_dtype, zero_point):
+        return unpacked_quant_matmul(self, x, w, scale, bias, pertoken_scale, output_dtype, zero_point)
+
     def weight_only_matmul(self, x, w, scale, bias, bits):
         # Dequantize inside the call (a transient float copy of one layer), then the float GEMM:
         # CPUs and GPUs have no faster exact path for float x int4 here; the resident copy stays packed.
@@ -510,11 +573,34 @@ class CudaBackend(CpuBackend):
             return torch._int_mm(a, b)[:m, :n]
         return torch._int_mm(a, b)
 
+    def packed_quant_matmul(self, x, w, scale, bias, pertoken_scale, output_dtype, zero_point):
+        kernel = _triton_packed_kernel()
+        if kernel is None:
+            return unpacked_quant_matmul(self, x, w, scale, bias, pertoken_scale, output_dtype, zero_point)
+        return kernel(x, w, scale, bias, pertoken_scale, output_dtype, zero_point)
+
     def prepack_static_linear(self, w_q, w_scale, bias, act):
         return GenericStaticLinear(self, w_q, w_scale, bias, act)
 
     def prepack_static_conv(self, w_q, w_scale, bias, act, geometry):
         return None  # im2col + cuBLASLt GEMM
+
+
+@functools.cache
+def _triton_packed_kernel() -> Callable[..., torch.Tensor] | None:
+    """The Triton packed W{4,3,2}A8 kernel, or None (with a SlowKernelWarning) where triton is missing."""
+    try:
+        module = importlib.import_module("diffkiln.kernels.triton_lowbit")
+    except ImportError:
+        warnings.warn(
+            "triton is not installed, so 4-, 3- and 2-bit layers on CUDA unpack their weights to int8 "
+            "on every call before cuBLASLt; `pip install triton` reads them packed inside the kernel",
+            SlowKernelWarning,
+            stacklevel=3,
+        )
+        return None
+    kernel: Callable[..., torch.Tensor] = module.packed_quant_matmul_triton
+    return kernel
 
 
 @register_backend("npu")
@@ -547,6 +633,11 @@ class NpuBackend:
     def dynamic_quant(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q, s = self._npu.npu_dynamic_quant(x)
         return q, s.to(torch.float32)
+
+    def packed_quant_matmul(self, x, w, scale, bias, pertoken_scale, output_dtype, zero_point):
+        # npu_quant_matmul's int4 form needs int4 activations too; with int8 activations the codes
+        # are widened to int8 for this call (the resident copy stays packed).
+        return unpacked_quant_matmul(self, x, w, scale, bias, pertoken_scale, output_dtype, zero_point)
 
     def weight_only_matmul(self, x, w, scale, bias, bits):
         # npu_weight_quant_batchmatmul dequantizes inside the cube kernel. It takes float16 or

@@ -21,6 +21,7 @@ __all__ = [
     "check_group_mult",
     "pack_weights",
     "packed_length",
+    "unpack_codes",
     "unpack_weights",
 ]
 
@@ -136,3 +137,24 @@ def check_group_mult(group_mult: torch.Tensor, n: int, k: int, group_size: int) 
         raise ValueError(f"group multipliers must be uint8 {want}, got {group_mult.dtype} {tuple(group_mult.shape)}")
     if group_mult.numel() and (int(group_mult.min()) < 1 or int(group_mult.max()) > GROUP_MULT_MAX):
         raise ValueError(f"group multipliers must lie in 1..{GROUP_MULT_MAX} so that codes stay int8")
+
+
+def unpack_codes(
+    packed: torch.Tensor, bits: int, k: int, group_mult: torch.Tensor | None = None, group_size: int | None = None
+) -> torch.Tensor:
+    """The int8 (N, K) GEMM codes of packed (N, bytes) weights: unpacked, times their two-level group
+    multipliers where there are any (then each code x multiplier is an int8 code on the per-channel scale).
+
+    Args:
+        packed: uint8 (N, packed_length(k, bits)).
+        bits: 2, 3 or 4.
+        k: the unpacked row length.
+        group_mult: uint8 (N, ceil(k / group_size)) multipliers, or None. Default None.
+        group_size: inputs per group when ``group_mult`` is given. Default None.
+    """
+    codes = unpack_weights(packed, bits, k)
+    if group_mult is None:
+        return codes
+    if group_size is None:
+        raise ValueError("group multipliers need their group_size")
+    return apply_group_mult(codes, group_mult, group_size)

@@ -32,17 +32,19 @@ from torch import nn
 from diffkiln.kernels import (
     ActGrid,
     ConvGeometry,
+    PackedWeights,
     StaticConv,
     StaticLinear,
     dynamic_quant,
+    packed_quant_matmul,
     prepack_static_conv,
     prepack_static_linear,
     quant_matmul,
     static_conv_unpacked,
-    static_linear_unpacked,
+    static_linear_packed,
     weight_only_matmul,
 )
-from diffkiln.kernels.packing import apply_group_mult, check_group_mult, unpack_weights
+from diffkiln.kernels.packing import check_group_mult
 
 __all__ = ["QConv2d", "QLinear", "qmodule_for", "quantized_module_types", "register_qmodule"]
 
@@ -182,14 +184,16 @@ class _IntGemm(nn.Module):
             return self.weight_t
         if self._codes_home is not None:
             return self._codes_home.codes_t()
+        return self._packed_weights().codes().t()
+
+    def _packed_weights(self) -> PackedWeights:
+        """This layer's resident packed weights (raises for 8-bit layers, which hold int8 codes)."""
         if self.weight_packed is None:
-            raise RuntimeError("a quantized layer without weights")
-        codes = unpack_weights(self.weight_packed, self.weight_bits, self.in_flat)
-        if self.weight_group_mult is not None and self.group_size is not None:
-            # Two-level groups: code x integer group multiplier is an int8 code on the per-channel
-            # scale, so the same int8 GEMM runs with no float group scales in the kernel.
-            codes = apply_group_mult(codes, self.weight_group_mult, self.group_size)
-        return codes.t()
+            raise RuntimeError("a quantized layer without packed weights")
+        # Two-level groups: code x integer group multiplier is an int8 code on the per-channel
+        # scale, so the same int8 GEMM runs with no float group scales in the kernel.
+        mult, group = self.weight_group_mult, self.group_size
+        return PackedWeights(self.weight_packed, self.weight_bits, self.in_flat, mult, group)
 
     @property
     def in_flat(self) -> int:
@@ -214,12 +218,15 @@ class _IntGemm(nn.Module):
             out = weight_only_matmul(x2d, self.codes_t(), scale, bias, self.code_bits)
         elif self.dynamic:
             q, tok_scale = dynamic_quant(x2d)
-            out = quant_matmul(q, self.codes_t(), scale, None, tok_scale, torch.float32)
+            if self.weight_packed is not None:
+                out = packed_quant_matmul(q, self._packed_weights(), scale, None, tok_scale, torch.float32)
+            else:
+                out = quant_matmul(q, self.codes_t(), scale, None, tok_scale, torch.float32)
             if bias is not None:
                 out = out + bias
         elif self.weight_packed is not None:
             # No prepacking: a backend's prepacked form would hold an int8 copy of the weights.
-            out = static_linear_unpacked(x2d, self.codes_t(), scale, bias, self._current_grid())
+            out = static_linear_packed(x2d, self._packed_weights(), scale, bias, self._current_grid())
         else:
             key = str(x2d.device)
             if key not in self._packed:

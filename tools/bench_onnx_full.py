@@ -1,0 +1,222 @@
+"""diffkiln's W8A8 ONNX against onnxruntime's own ``quantize_static`` on a full-size denoiser.
+
+The full-size SD1.5 UNet (about 860M parameters, random weights from ``diffkiln.zoo.architectures``)
+has no pipeline to calibrate through, so both quantizers calibrate on the same denoiser calls:
+random latents and text states at four spread timesteps, the CFG batch of 2 (``--latent`` x
+``--latent`` latents). Each stage runs in its own process (the FP32 weights are 3.4 GB):
+
+1. ``float``: the FP32 and FP16 ONNX of the float denoiser (diffkiln's exporter and passes, fixed
+   shapes), and the float torch outputs on held-out calls (the quality reference);
+2. ``diffkiln``: calibrate, plan W8A8 (defaults) and freeze in memory with diffkiln's own modules,
+   then export the integer layers as QDQ with int8 initializers;
+3. ``ort``: ``quantize_static`` of the FP32 ONNX (QDQ, per-channel int8 weights, int8 activations,
+   MinMax) on the same calibration calls, both the default op set and MatMul/Conv only with
+   reduce_range (as tools/bench_onnx.py);
+4. ``time``: every file in one onnxruntime CPU session after another: latency of one call (median
+   of ``--repeat``), and the output SQNR against the float torch outputs on the held-out calls.
+
+Usage:
+    python tools/bench_onnx_full.py --work /tmp/bench-onnx-full [--latent 64] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+_MODEL = "sd15-unet"
+_CALIB_TIMESTEPS = (999.0, 600.0, 300.0, 50.0)
+_EVAL_TIMESTEPS = (800.0, 400.0)
+
+
+def _calls(latent: int, timesteps: tuple[float, ...], seed: int) -> list[dict[str, Any]]:
+    from bench_w8a8 import _inputs
+
+    return [_inputs(_MODEL, 2, latent, t, seed=seed + i) for i, t in enumerate(timesteps)]
+
+
+def _component(denoiser: Any, call: dict[str, Any]) -> Any:
+    from diffkiln.export.onnx.components import Component, ComponentKind, _Denoiser, flatten_kwargs
+
+    example, options = flatten_kwargs(call)
+    return Component("unet", ComponentKind.DENOISER, _Denoiser(denoiser, list(example), options), example)
+
+
+def _export(denoiser: Any, call: dict[str, Any], path: Path, sub_byte: set[str], float16: bool) -> None:
+    import torch
+
+    from diffkiln.export.onnx.exporter import OnnxExportConfig, _export_component
+
+    with torch.no_grad():
+        _export_component(_component(denoiser, call), path, OnnxExportConfig(path.parent, dynamic=False), sub_byte,
+                          float16=float16)  # fmt: skip
+
+
+def _build(seed: int = 0) -> Any:
+    import torch
+
+    from diffkiln.zoo.architectures import build_full_denoiser
+
+    torch.manual_seed(seed)
+    return build_full_denoiser(_MODEL).eval()
+
+
+def stage_float(a: argparse.Namespace) -> dict[str, Any]:
+    import copy
+
+    import torch
+
+    model = _build()
+    call = _calls(a.latent, _CALIB_TIMESTEPS, 100)[0]
+    t0 = time.perf_counter()
+    _export(model, call, a.work / "fp32" / "denoiser.onnx", set(), float16=False)
+    fp32_s = time.perf_counter() - t0
+    with torch.no_grad():
+        refs = [model(**c, return_dict=False)[0] for c in _calls(a.latent, _EVAL_TIMESTEPS, 500)]
+    torch.save(refs, a.work / "reference.pt")
+    half = copy.deepcopy(model).half()
+    del model
+    call16 = {k: v.half() if v.is_floating_point() else v for k, v in call.items()}
+    _export(half, call16, a.work / "fp16" / "denoiser.onnx", set(), float16=False)
+    return {"fp32_export_s": fp32_s}
+
+
+def stage_diffkiln(a: argparse.Namespace) -> dict[str, Any]:
+    from diffkiln.calibrate import calibrate_denoiser
+    from diffkiln.export.freeze import apply_plan
+    from diffkiln.export.onnx.exporter import _swap_quantized_layers
+    from diffkiln.optimizer import QuantizeConfig, make_plan
+
+    model = _build()
+    calib = _calls(a.latent, _CALIB_TIMESTEPS, 100)
+    t0 = time.perf_counter()
+    stats = calibrate_denoiser(model, calib, samples_per_step=512)
+    plan = make_plan(model, stats, QuantizeConfig(), _MODEL)
+    qmodel = apply_plan(model, plan, stats, inplace=True)
+    build_s = time.perf_counter() - t0
+    sub_byte, kept = _swap_quantized_layers(qmodel, keep_fp=False)
+    if kept or sub_byte:
+        raise SystemExit(f"unexpected: kept {kept}, sub-byte {sorted(sub_byte)[:3]}")
+    t0 = time.perf_counter()
+    _export(qmodel, calib[0], a.work / "diffkiln" / "denoiser.onnx", set(), float16=True)
+    quantized = sum(1 for lp in plan.layers if lp.quantized)
+    return {"build_s": build_s, "export_s": time.perf_counter() - t0, "layers": [quantized, len(plan.layers)]}
+
+
+def stage_ort(a: argparse.Namespace) -> dict[str, Any]:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from diffkiln.export.onnx.components import flatten_kwargs
+
+    feeds = [{k: v.numpy() for k, v in flatten_kwargs(c)[0].items()} for c in _calls(a.latent, _CALIB_TIMESTEPS, 100)]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter(feeds)
+
+        def get_next(self) -> dict[str, Any] | None:
+            return next(self.it, None)
+
+    fp32 = a.work / "fp32" / "denoiser.onnx"
+    pre = a.work / "fp32-pre" / "denoiser.onnx"
+    pre.parent.mkdir(exist_ok=True)
+    t0 = time.perf_counter()
+    quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True, save_as_external_data=True,
+                      external_data_location="denoiser.onnx.data")  # fmt: skip
+    out: dict[str, Any] = {"pre_process_s": time.perf_counter() - t0}
+    for name, ops in (
+        ("ort-default", {}),
+        ("ort-matmul-conv-rr", {"op_types_to_quantize": ["MatMul", "Conv"], "reduce_range": True}),
+    ):
+        path = a.work / name / "denoiser.onnx"
+        path.parent.mkdir(exist_ok=True)
+        t0 = time.perf_counter()
+        quantize_static(str(pre), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, use_external_data_format=True,
+                        extra_options={"CalibMaxIntermediateOutputs": 1}, **ops)  # fmt: skip
+        out[f"{name}_s"] = time.perf_counter() - t0
+    return out
+
+
+def _file_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+
+
+def stage_time(a: argparse.Namespace) -> dict[str, Any]:
+    import onnxruntime as ort
+    import torch
+
+    from diffkiln.export.onnx.components import flatten_kwargs
+    from diffkiln.report.metrics import sqnr_db
+
+    refs = torch.load(a.work / "reference.pt")
+    evals = [{k: v.numpy() for k, v in flatten_kwargs(c)[0].items()} for c in _calls(a.latent, _EVAL_TIMESTEPS, 500)]
+    out: dict[str, Any] = {}
+    for name in ("fp32", "fp16", "diffkiln", "ort-default", "ort-matmul-conv-rr"):
+        folder = a.work / name
+        entry: dict[str, Any] = {"bytes": _file_bytes(folder)}
+        if name != "fp16":  # the FP16 file is sized only (CPU onnxruntime runs float16 slowly)
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
+            session = ort.InferenceSession(str(folder / "denoiser.onnx"), options, providers=["CPUExecutionProvider"])
+            outs = [torch.from_numpy(session.run(None, feed)[0]) for feed in evals]
+            entry["sqnr_db"] = [round(sqnr_db(r, o), 2) for r, o in zip(refs, outs, strict=True)]
+            times = []
+            for _ in range(a.repeat):
+                t0 = time.perf_counter()
+                session.run(None, evals[0])
+                times.append(time.perf_counter() - t0)
+            entry["ms"] = round(1000 * statistics.median(times), 1)
+            del session
+        out[name] = entry
+        print(name, entry, flush=True)
+    return out
+
+
+STAGES = {"float": stage_float, "diffkiln": stage_diffkiln, "ort": stage_ort, "time": stage_time}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, required=True, help="scratch and results folder")
+    ap.add_argument("--latent", type=int, default=64, help="latent height and width (default 64)")
+    ap.add_argument("--repeat", type=int, default=3, help="timed calls per file (default 3)")
+    ap.add_argument("--stages", default=",".join(STAGES), help=f"comma list from {', '.join(STAGES)} (default all)")
+    ap.add_argument("--stage", default=None, help=argparse.SUPPRESS)  # one stage, in a child process
+    a = ap.parse_args()
+    a.work.mkdir(parents=True, exist_ok=True)
+    if a.stage is not None:
+        result = STAGES[a.stage](a)
+        (a.work / f"stage-{a.stage}.json").write_text(json.dumps(result, indent=2))
+        return 0
+    stages = a.stages.split(",")
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise SystemExit(f"unknown stage(s) {unknown}; valid: {', '.join(STAGES)}")
+    results: dict[str, Any] = {"model": _MODEL, "latent": a.latent, "batch": 2}
+    for stage in stages:
+        t0 = time.perf_counter()
+        cmd = [sys.executable, __file__, "--work", str(a.work), "--latent", str(a.latent), "--repeat", str(a.repeat),
+               "--stage", stage]  # fmt: skip
+        subprocess.run(cmd, check=True)
+        results[stage] = json.loads((a.work / f"stage-{stage}.json").read_text())
+        results[stage]["wall_s"] = round(time.perf_counter() - t0, 1)
+        print(f"{stage}: {results[stage]}", flush=True)
+    (a.work / "results.json").write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -8,7 +8,8 @@ random latents and text states at four spread timesteps, the CFG batch of 2 (``-
 1. ``float``: the FP32 and FP16 ONNX of the float denoiser (diffkiln's exporter and passes, fixed
    shapes), and the float torch outputs on held-out calls (the quality reference);
 2. ``diffkiln``: calibrate, plan W8A8 (defaults) and freeze in memory with diffkiln's own modules,
-   then export the integer layers as QDQ with int8 initializers;
+   then export the integer layers as QDQ with int8 initializers; ``diffkiln-integer``: the same
+   with ``compute="integer"`` (MatMulInteger / ConvInteger);
 3. ``ort``: ``quantize_static`` of the FP32 ONNX (QDQ, per-channel int8 weights, int8 activations,
    MinMax) on the same calibration calls, both the default op set and MatMul/Conv only with
    reduce_range (as tools/bench_onnx.py);
@@ -57,6 +58,7 @@ def _export(denoiser: Any, call: dict[str, Any], path: Path, sub_byte: set[str],
 
     from diffkiln.export.onnx.exporter import OnnxExportConfig, _export_component
 
+    path.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         _export_component(_component(denoiser, call), path, OnnxExportConfig(path.parent, dynamic=False), sub_byte,
                           float16=float16)  # fmt: skip
@@ -91,7 +93,7 @@ def stage_float(a: argparse.Namespace) -> dict[str, Any]:
     return {"fp32_export_s": fp32_s}
 
 
-def stage_diffkiln(a: argparse.Namespace) -> dict[str, Any]:
+def stage_diffkiln(a: argparse.Namespace, integer: bool = False) -> dict[str, Any]:
     from diffkiln.calibrate import calibrate_denoiser
     from diffkiln.export.freeze import apply_plan
     from diffkiln.export.onnx.exporter import _swap_quantized_layers
@@ -104,11 +106,12 @@ def stage_diffkiln(a: argparse.Namespace) -> dict[str, Any]:
     plan = make_plan(model, stats, QuantizeConfig(), _MODEL)
     qmodel = apply_plan(model, plan, stats, inplace=True)
     build_s = time.perf_counter() - t0
-    sub_byte, kept = _swap_quantized_layers(qmodel, keep_fp=False)
+    sub_byte, kept = _swap_quantized_layers(qmodel, keep_fp=False, integer=integer)
     if kept or sub_byte:
         raise SystemExit(f"unexpected: kept {kept}, sub-byte {sorted(sub_byte)[:3]}")
     t0 = time.perf_counter()
-    _export(qmodel, calib[0], a.work / "diffkiln" / "denoiser.onnx", set(), float16=True)
+    folder = "diffkiln-integer" if integer else "diffkiln"
+    _export(qmodel, calib[0], a.work / folder / "denoiser.onnx", set(), float16=True)
     quantized = sum(1 for lp in plan.layers if lp.quantized)
     return {"build_s": build_s, "export_s": time.perf_counter() - t0, "layers": [quantized, len(plan.layers)]}
 
@@ -144,7 +147,7 @@ def stage_ort(a: argparse.Namespace) -> dict[str, Any]:
         t0 = time.perf_counter()
         quantize_static(str(pre), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, use_external_data_format=True,
-                        extra_options={"CalibMaxIntermediateOutputs": 1}, **ops)  # fmt: skip
+                        **ops)  # fmt: skip
         out[f"{name}_s"] = time.perf_counter() - t0
     return out
 
@@ -159,17 +162,18 @@ def stage_time(a: argparse.Namespace) -> dict[str, Any]:
 
     from diffkiln.export.onnx.components import flatten_kwargs
     from diffkiln.report.metrics import sqnr_db
+    from diffkiln.runtime.onnxruntime_backend import open_session
 
     refs = torch.load(a.work / "reference.pt")
     evals = [{k: v.numpy() for k, v in flatten_kwargs(c)[0].items()} for c in _calls(a.latent, _EVAL_TIMESTEPS, 500)]
     out: dict[str, Any] = {}
-    for name in ("fp32", "fp16", "diffkiln", "ort-default", "ort-matmul-conv-rr"):
+    for name in ("fp32", "fp16", "diffkiln", "diffkiln-integer", "ort-default", "ort-matmul-conv-rr"):
         folder = a.work / name
         entry: dict[str, Any] = {"bytes": _file_bytes(folder)}
         if name != "fp16":  # the FP16 file is sized only (CPU onnxruntime runs float16 slowly)
             options = ort.SessionOptions()
             options.log_severity_level = 3
-            session = ort.InferenceSession(str(folder / "denoiser.onnx"), options, providers=["CPUExecutionProvider"])
+            session = open_session(folder / "denoiser.onnx", options, ["CPUExecutionProvider"])
             outs = [torch.from_numpy(session.run(None, feed)[0]) for feed in evals]
             entry["sqnr_db"] = [round(sqnr_db(r, o), 2) for r, o in zip(refs, outs, strict=True)]
             times = []
@@ -184,7 +188,17 @@ def stage_time(a: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-STAGES = {"float": stage_float, "diffkiln": stage_diffkiln, "ort": stage_ort, "time": stage_time}
+def stage_diffkiln_integer(a: argparse.Namespace) -> dict[str, Any]:
+    return stage_diffkiln(a, integer=True)
+
+
+STAGES = {
+    "float": stage_float,
+    "diffkiln": stage_diffkiln,
+    "diffkiln-integer": stage_diffkiln_integer,
+    "ort": stage_ort,
+    "time": stage_time,
+}
 
 
 def main() -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ __all__ = [
     "OrtVaeDecoder",
     "flatten_arguments",
     "load_onnx_pipeline",
+    "open_session",
     "read_onnx_manifest",
     "unflatten_arguments",
 ]
@@ -47,6 +49,20 @@ ARG_SEPARATOR = "__"
 _OUTPUT_LIBRARIES = ("transformers.", "diffusers.")
 _NUMPY_DTYPES = {"float": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "bool": np.bool_}
 _PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "npu": "CANNExecutionProvider"}
+log = logging.getLogger(__name__)
+# onnxruntime (1.32) breaks some QDQ graphs while optimizing them: a QuantizeLinear that one of its
+# rewrites inserts gets an output_dtype that contradicts its zero point (after the s8 -> u8
+# conversion), and the session fails to build with the error of onnxruntime issue 25526. Measured:
+# MatMulAddFusion on a QDQ MatMul + Add with a static 3-D input (diffkiln's static-shape exports:
+# dynamic=False, or a component whose dynamic export fell back to the recorded shapes), and QDQ
+# propagation through Transpose in onnxruntime's own quantize_static output of the SD1.5 UNet.
+# The session is then built without the first of these rewrites that lets it build.
+_BROKEN_REWRITE_MARK = "does not match y_zero_point type"
+_REWRITE_FALLBACKS = (
+    ["MatMulAddFusion"],
+    ["QDQPropagationTransformer"],
+    ["MatMulAddFusion", "QDQPropagationTransformer"],
+)
 
 
 def read_onnx_manifest(folder: Path) -> dict[str, Any]:
@@ -87,6 +103,35 @@ def _session_options(optimize: bool) -> Any:
     return options
 
 
+def open_session(path: Path, options: Any, providers: list[str]) -> Any:
+    """An onnxruntime InferenceSession; where onnxruntime's own optimizer breaks the graph (see
+    ``_REWRITE_FALLBACKS``), built again without the offending rewrite, with a warning that names it.
+
+    Args:
+        path: the .onnx file.
+        options: onnxruntime SessionOptions.
+        providers: execution providers.
+    """
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as exc:  # onnxruntime raises its own Fail type
+        if _BROKEN_REWRITE_MARK not in str(exc):
+            raise
+        error = exc
+    for disabled in _REWRITE_FALLBACKS:
+        try:
+            session = ort.InferenceSession(str(path), options, providers=providers, disabled_optimizers=disabled)
+        except Exception as exc:
+            if _BROKEN_REWRITE_MARK not in str(exc):
+                raise
+            continue
+        log.warning("%s: onnxruntime's optimizer breaks this graph; built without %s", path.name, ", ".join(disabled))
+        return session
+    raise error
+
+
 class OrtComponent(nn.Module):
     """One exported model component behind an onnxruntime session.
 
@@ -102,14 +147,10 @@ class OrtComponent(nn.Module):
     def __init__(self, folder: Path, name: str, entry: dict[str, Any], config: Any, providers: list[str],
                  optimize: bool):  # fmt: skip
         super().__init__()
-        import onnxruntime as ort
-
         self.component_name = name
         self.entry = entry
         self.config = config
-        self.session = ort.InferenceSession(
-            str(folder / entry["file"]), _session_options(optimize), providers=providers
-        )
+        self.session = open_session(folder / entry["file"], _session_options(optimize), providers)
         self.inputs = {i["name"]: i for i in entry["inputs"]}
         self.__dict__["_skeleton"] = None
 

@@ -40,13 +40,16 @@ class _SessionDenoiser:
     def __init__(self, path: Path, optimize: bool, like: Any):
         import onnxruntime as ort
 
+        from diffkiln.runtime.onnxruntime_backend import open_session
+
         options = ort.SessionOptions()
         options.log_severity_level = 3
         # Idle sessions must not spin on the cores the other variants are timed on.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if not optimize:
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        # open_session: where onnxruntime's optimizer breaks a graph, built without that rewrite.
+        self.session = open_session(path, options, ["CPUExecutionProvider"])
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.like = like
         self.config = like.config

@@ -3,7 +3,8 @@
 The full-size SD1.5 UNet (about 860M parameters, random weights from ``diffkiln.zoo.architectures``)
 has no pipeline to calibrate through, so both quantizers calibrate on the same denoiser calls:
 random latents and text states at four spread timesteps, the CFG batch of 2 (``--latent`` x
-``--latent`` latents). Each stage runs in its own process (the FP32 weights are 3.4 GB):
+``--latent`` latents; default 32: at 64, onnxruntime's calibration session for ``quantize_static``
+ran out of 23 GB of memory). Each stage runs in its own process (the FP32 weights are 3.4 GB):
 
 1. ``float``: the FP32 and FP16 ONNX of the float denoiser (diffkiln's exporter and passes, fixed
    shapes), and the float torch outputs on held-out calls (the quality reference);
@@ -17,7 +18,7 @@ random latents and text states at four spread timesteps, the CFG batch of 2 (``-
    of ``--repeat``), and the output SQNR against the float torch outputs on the held-out calls.
 
 Usage:
-    python tools/bench_onnx_full.py --work /tmp/bench-onnx-full [--latent 64] [--repeat 3]
+    python tools/bench_onnx_full.py --work /tmp/bench-onnx-full [--latent 32] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -204,7 +205,7 @@ STAGES = {
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, required=True, help="scratch and results folder")
-    ap.add_argument("--latent", type=int, default=64, help="latent height and width (default 64)")
+    ap.add_argument("--latent", type=int, default=32, help="latent height and width (default 32)")
     ap.add_argument("--repeat", type=int, default=3, help="timed calls per file (default 3)")
     ap.add_argument("--stages", default=",".join(STAGES), help=f"comma list from {', '.join(STAGES)} (default all)")
     ap.add_argument("--stage", default=None, help=argparse.SUPPRESS)  # one stage, in a child process

@@ -8,6 +8,8 @@ Public entry points dispatch on the tensors' device:
   (``npu_weight_quant_batchmatmul``'s contract);
 * :func:`packed_quant_matmul`: ``quant_matmul`` against 4-, 3- and 2-bit weights that stay packed
   (read packed inside a Triton kernel on CUDA; elsewhere unpacked to int8 for the call only);
+* :func:`packed_weight_only_matmul`: ``weight_only_matmul`` against packed weights (the same
+  Triton route on CUDA);
 * :func:`static_linear_packed`: a static-activation integer GEMM against packed weights.
 """
 
@@ -47,6 +49,7 @@ __all__ = [
     "int_mm",
     "int_mm_reference",
     "packed_quant_matmul",
+    "packed_weight_only_matmul",
     "prepack_static_conv",
     "prepack_static_linear",
     "quant_matmul",
@@ -170,6 +173,20 @@ def packed_quant_matmul(
         zero_point: the activation codes' zero point (static asymmetric grids). Default 0.
     """
     return get_backend(x.device).packed_quant_matmul(x, w, scale, bias, pertoken_scale, output_dtype, zero_point)
+
+
+def packed_weight_only_matmul(
+    x: torch.Tensor, w: PackedWeights, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """:func:`weight_only_matmul` (float32 result) against sub-byte weights that stay packed.
+
+    Args:
+        x: float (M, K) activations (not quantized).
+        w: the packed 4-, 3- or 2-bit weights (N rows).
+        scale: float (N,) per-output-channel scale.
+        bias: float (N,) or None. Default None.
+    """
+    return get_backend(x.device).packed_weight_only_matmul(x, w, scale, bias)
 
 
 def static_linear_packed(

@@ -38,6 +38,7 @@ __all__ = [
     "register_backend",
     "static_quant_linear",
     "unpacked_quant_matmul",
+    "unpacked_weight_only_matmul",
 ]
 
 
@@ -78,6 +79,12 @@ class KernelBackend(Protocol):
     ) -> torch.Tensor:
         """``(((x - zero_point) @ W + bias) * scale * pertoken_scale[:, None]).to(output_dtype)`` for
         int8 x (M, K) against sub-byte weights ``w`` that stay packed."""
+        ...
+
+    def packed_weight_only_matmul(
+        self, x: torch.Tensor, w: PackedWeights, scale: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """``weight_only_matmul`` (float x, float32 result) against sub-byte weights that stay packed."""
         ...
 
     def weight_only_matmul(
@@ -152,6 +159,15 @@ def unpacked_quant_matmul(
         zp_bias = -zero_point * w_t.to(torch.int32).sum(dim=0)
         bias = zp_bias if bias is None else bias + zp_bias
     return backend.quant_matmul(x, w_t, scale, bias, pertoken_scale, output_dtype)
+
+
+def unpacked_weight_only_matmul(
+    backend: KernelBackend, x: torch.Tensor, w: PackedWeights, scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """``packed_weight_only_matmul`` for backends without a packed kernel: unpack for this call only,
+    then the backend's ``weight_only_matmul`` (which takes the codes' bit-width)."""
+    bits = 8 if w.group_mult is not None else w.bits  # code x group multiplier is an int8 code
+    return backend.weight_only_matmul(x, w.codes().t(), scale, bias, bits)
 
 
 @dataclass(frozen=True)
@@ -533,6 +549,9 @@ class CpuBackend:
     def packed_quant_matmul(self, x, w, scale, bias, pertoken_scale, output_dtype, zero_point):
         return unpacked_quant_matmul(self, x, w, scale, bias, pertoken_scale, output_dtype, zero_point)
 
+    def packed_weight_only_matmul(self, x, w, scale, bias):
+        return unpacked_weight_only_matmul(self, x, w, scale, bias)
+
     def weight_only_matmul(self, x, w, scale, bias, bits):
         # Dequantize inside the call (a transient float copy of one layer), then the float GEMM:
         # CPUs and GPUs have no faster exact path for float x int4 here; the resident copy stays packed.
@@ -574,10 +593,16 @@ class CudaBackend(CpuBackend):
         return torch._int_mm(a, b)
 
     def packed_quant_matmul(self, x, w, scale, bias, pertoken_scale, output_dtype, zero_point):
-        kernel = _triton_packed_kernel()
+        kernel = _triton_kernel("packed_quant_matmul_triton")
         if kernel is None:
             return unpacked_quant_matmul(self, x, w, scale, bias, pertoken_scale, output_dtype, zero_point)
         return kernel(x, w, scale, bias, pertoken_scale, output_dtype, zero_point)
+
+    def packed_weight_only_matmul(self, x, w, scale, bias):
+        kernel = _triton_kernel("packed_weight_only_matmul_triton")
+        if kernel is None:
+            return unpacked_weight_only_matmul(self, x, w, scale, bias)
+        return kernel(x, w, scale, bias)
 
     def prepack_static_linear(self, w_q, w_scale, bias, act):
         return GenericStaticLinear(self, w_q, w_scale, bias, act)
@@ -587,8 +612,9 @@ class CudaBackend(CpuBackend):
 
 
 @functools.cache
-def _triton_packed_kernel() -> Callable[..., torch.Tensor] | None:
-    """The Triton packed W{4,3,2}A8 kernel, or None (with a SlowKernelWarning) where triton is missing."""
+def _triton_kernel(name: str) -> Callable[..., torch.Tensor] | None:
+    """A Triton packed-weight kernel of diffkiln.kernels.triton_lowbit by name, or None (with a
+    SlowKernelWarning, once) where triton is missing."""
     try:
         module = importlib.import_module("diffkiln.kernels.triton_lowbit")
     except ImportError:
@@ -599,7 +625,7 @@ def _triton_packed_kernel() -> Callable[..., torch.Tensor] | None:
             stacklevel=3,
         )
         return None
-    kernel: Callable[..., torch.Tensor] = module.packed_quant_matmul_triton
+    kernel: Callable[..., torch.Tensor] = getattr(module, name)
     return kernel
 
 
@@ -638,6 +664,10 @@ class NpuBackend:
         # npu_quant_matmul's int4 form needs int4 activations too; with int8 activations the codes
         # are widened to int8 for this call (the resident copy stays packed).
         return unpacked_quant_matmul(self, x, w, scale, bias, pertoken_scale, output_dtype, zero_point)
+
+    def packed_weight_only_matmul(self, x, w, scale, bias):
+        # Unpacked for the call, then int4-packed for npu_weight_quant_batchmatmul (weight_only_matmul).
+        return unpacked_weight_only_matmul(self, x, w, scale, bias)
 
     def weight_only_matmul(self, x, w, scale, bias, bits):
         # npu_weight_quant_batchmatmul dequantizes inside the cube kernel. It takes float16 or

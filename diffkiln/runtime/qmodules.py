@@ -37,6 +37,7 @@ from diffkiln.kernels import (
     StaticLinear,
     dynamic_quant,
     packed_quant_matmul,
+    packed_weight_only_matmul,
     prepack_static_conv,
     prepack_static_linear,
     quant_matmul,
@@ -214,7 +215,9 @@ class _IntGemm(nn.Module):
         if self.smooth_inv is not None:
             x2d = x2d * self.smooth_inv  # the weights were multiplied by the inverse at export
         scale, bias = self.scale_and_bias()
-        if self.weight_only:
+        if self.weight_only and self.weight_packed is not None:
+            out = packed_weight_only_matmul(x2d, self._packed_weights(), scale, bias)
+        elif self.weight_only:
             out = weight_only_matmul(x2d, self.codes_t(), scale, bias, self.code_bits)
         elif self.dynamic:
             q, tok_scale = dynamic_quant(x2d)

@@ -23,7 +23,7 @@ Imported lazily by the CUDA backend, only where triton is installed.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import triton
@@ -54,6 +54,14 @@ def _decode_tile(p_ptr, mult_ptr, rk, rn, K, N, KB, G, GROUP: tl.constexpr, BITS
 
 
 @triton.jit
+def _tile_rows_cols(M, N, BM: tl.constexpr, BN: tl.constexpr):
+    """This program's output rows and columns, and which of them lie inside the (M, N) result."""
+    rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    rn = tl.program_id(1) * BN + tl.arange(0, BN)
+    return rm, rn, rm < M, rn < N
+
+
+@triton.jit
 def _packed_a8_kernel(
     x_ptr,
     p_ptr,
@@ -78,12 +86,7 @@ def _packed_a8_kernel(
     BN: tl.constexpr,
     BK: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    rm = pid_m * BM + tl.arange(0, BM)
-    rn = pid_n * BN + tl.arange(0, BN)
-    m_ok = rm < M
-    n_ok = rn < N
+    rm, rn, m_ok, n_ok = _tile_rows_cols(M, N, BM, BN)
     acc = tl.zeros((BM, BN), dtype=tl.int32)
     colsum = tl.zeros((BN,), dtype=tl.int32)
     for k0 in range(0, K, BK):
@@ -127,12 +130,7 @@ def _packed_a16_kernel(
     BN: tl.constexpr,
     BK: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    rm = pid_m * BM + tl.arange(0, BM)
-    rn = pid_n * BN + tl.arange(0, BN)
-    m_ok = rm < M
-    n_ok = rn < N
+    rm, rn, m_ok, n_ok = _tile_rows_cols(M, N, BM, BN)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, K, BK):
         rk = k0 + tl.arange(0, BK)
@@ -154,6 +152,30 @@ def _packed_a16_kernel(
 def _block_m(m: int) -> int:
     # tl.dot needs tiles of at least 16 rows; small batches (M <= 32) waste less with smaller tiles.
     return 16 if m <= 16 else 32 if m <= 32 else 64
+
+
+def _launch(x: torch.Tensor, w: PackedWeights, scale: torch.Tensor, output_dtype: torch.dtype) -> tuple[Any, ...]:
+    """What both kernels take alike: (grid, out, leading arguments, scale, trailing arguments,
+    constexpr keywords). Checks the packed weights.
+
+    Raises:
+        ValueError: packed weights that are not uint8 (N, bytes), or multipliers without a group size.
+    """
+    packed, mult = w.packed, w.group_mult
+    if packed.dtype != torch.uint8 or packed.dim() != 2:
+        raise ValueError(f"packed weights must be uint8 (N, bytes), got {packed.dtype} {tuple(packed.shape)}")
+    if (mult is None) != (w.group_size is None):
+        raise ValueError("group multipliers and group_size go together")
+    m, n = x.shape[0], packed.shape[0]
+    bm, bn, bk = _block_m(m), 64, 64
+    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
+    out = torch.empty(m, n, dtype=output_dtype, device=x.device)
+    scale = scale.to(device=x.device, dtype=torch.float32).reshape(-1).expand(n).contiguous()
+    # An absent multiplier tensor gets a valid pointer; its loads are compiled out by HAS_MULT.
+    lead = (x.contiguous(), packed.contiguous(), packed if mult is None else mult.contiguous())
+    sizes = (m, n, w.k, packed.shape[1], 1 if mult is None else mult.shape[1])
+    meta = {"GROUP": w.group_size or 1, "BITS": w.bits, "HAS_MULT": mult is not None, "BM": bm, "BN": bn, "BK": bk}
+    return grid, out, lead, scale, sizes, meta
 
 
 def packed_quant_matmul_triton(
@@ -179,42 +201,22 @@ def packed_quant_matmul_triton(
     Raises:
         ValueError: mismatched shapes or dtypes (the message names the tensor).
     """
-    packed, mult = w.packed, w.group_mult
     if x.dtype != torch.int8 or x.dim() != 2 or x.shape[1] != w.k:
         raise ValueError(f"x must be int8 (M, {w.k}), got {x.dtype} {tuple(x.shape)}")
-    if packed.dtype != torch.uint8 or packed.dim() != 2:
-        raise ValueError(f"packed weights must be uint8 (N, bytes), got {packed.dtype} {tuple(packed.shape)}")
-    if (mult is None) != (w.group_size is None):
-        raise ValueError("group multipliers and group_size go together")
-    m, n = x.shape[0], packed.shape[0]
-    scale = scale.to(device=x.device, dtype=torch.float32).reshape(-1).expand(n).contiguous()
-    out = torch.empty(m, n, dtype=output_dtype, device=x.device)
-    bm, bn, bk = _block_m(m), 64, 64
-    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
+    grid, out, lead, scale, sizes, meta = _launch(x, w, scale, output_dtype)
     # Unused pointer arguments get a valid tensor; their loads are compiled out by the flags.
     _packed_a8_kernel[grid](
-        x.contiguous(),
-        packed.contiguous(),
-        packed if mult is None else mult.contiguous(),
+        *lead,
         scale,
         scale if bias is None else bias.to(torch.int32).contiguous(),
         scale if pertoken_scale is None else pertoken_scale.to(torch.float32).contiguous(),
         out,
-        m,
-        n,
-        w.k,
-        packed.shape[1],
-        1 if mult is None else mult.shape[1],
+        *sizes,
         int(zero_point),
-        GROUP=w.group_size or 1,
-        BITS=w.bits,
-        HAS_MULT=mult is not None,
         HAS_BIAS=bias is not None,
         HAS_TOK=pertoken_scale is not None,
         HAS_ZP=zero_point != 0,
-        BM=bm,
-        BN=bn,
-        BK=bk,
+        **meta,
     )
     return out
 
@@ -236,31 +238,15 @@ def packed_weight_only_matmul_triton(
     """
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or x.dim() != 2 or x.shape[1] != w.k:
         raise ValueError(f"x must be float (M, {w.k}), got {x.dtype} {tuple(x.shape)}")
-    packed, mult = w.packed, w.group_mult
-    m, n = x.shape[0], packed.shape[0]
-    scale = scale.to(device=x.device, dtype=torch.float32).reshape(-1).expand(n).contiguous()
-    out = torch.empty(m, n, dtype=torch.float32, device=x.device)
-    bm, bn, bk = _block_m(m), 64, 64
-    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
+    grid, out, lead, scale, sizes, meta = _launch(x, w, scale, torch.float32)
     _packed_a16_kernel[grid](
-        x.contiguous(),
-        packed.contiguous(),
-        packed if mult is None else mult.contiguous(),
+        *lead,
         scale,
         scale if bias is None else bias.to(torch.float32).contiguous(),
         out,
-        m,
-        n,
-        w.k,
-        packed.shape[1],
-        1 if mult is None else mult.shape[1],
-        GROUP=w.group_size or 1,
-        BITS=w.bits,
-        HAS_MULT=mult is not None,
+        *sizes,
         HAS_BIAS=bias is not None,
         IEEE=x.dtype == torch.float32,
-        BM=bm,
-        BN=bn,
-        BK=bk,
+        **meta,
     )
     return out

@@ -257,6 +257,14 @@ def _parser() -> argparse.ArgumentParser:
         "mixed: the average activation bits (default: 8-bit activations on every quantized layer)",
     )
     o.add_argument(
+        "--weight-budget",
+        choices=["stored", "codes"],
+        default="stored",
+        help="mixed: what --weight-bits averages: stored = the bits the bundle stores per weight, float16 "
+        "scales and group multipliers included (a budget in weight bytes); codes = code bits only, as "
+        "MixDQ counts, scales on top (default stored)",
+    )
+    o.add_argument(
         "--act-candidates",
         type=_int_list,
         default=(8, 16),
@@ -478,6 +486,7 @@ def _cmd_optimize(a: argparse.Namespace) -> int:
     from diffkiln.export import FloatStorage
     from diffkiln.optimize import OptimizeConfig, optimize
     from diffkiln.optimizer import ActMode, Recipe, SmoothMode
+    from diffkiln.optimizer.mixed import WeightBudget
 
     if a.calib_prompts is not None:
         from diffkiln.generation import read_prompts
@@ -498,6 +507,7 @@ def _cmd_optimize(a: argparse.Namespace) -> int:
         act_bits=a.act_bits,
         weight_candidates=tuple(a.weight_candidates),
         weight_group_size=a.weight_group_size,
+        weight_budget=WeightBudget(a.weight_budget),
         act_candidates=tuple(a.act_candidates),
         content_layers=tuple(a.content_layers),
         quality_layers=tuple(a.quality_layers),

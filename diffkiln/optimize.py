@@ -20,7 +20,7 @@ from diffkiln.export import ExportConfig, FloatStorage, export_bundle
 from diffkiln.generation import load_pipeline, read_prompts
 from diffkiln.optimizer import ActMode, QuantizeConfig, Recipe, SmoothMode, make_plan
 from diffkiln.optimizer.allocation import InfeasibleBudgetError
-from diffkiln.optimizer.mixed import MixedConfig, make_mixed_plan, mixed_sensitivity
+from diffkiln.optimizer.mixed import MixedConfig, WeightBudget, make_mixed_plan, mixed_sensitivity
 from diffkiln.optimizer.sensitivity import SensitivityConfig, SensitivityTable
 from diffkiln.zoo.registry import default_cache_dir, resolve_target
 
@@ -57,6 +57,8 @@ class OptimizeConfig:
             per layer on this machine's CPU. Default None (no bound).
         weight_group_size: mixed: two-level groups of this many inputs for 4-, 3- and 2-bit weights
             (an integer multiplier per group on the per-channel scale). Default None (per channel).
+        weight_budget: mixed: what ``weight_bits`` averages, stored bits per weight (codes, scales,
+            group multipliers) or code bits only. Default STORED.
         smooth: which Linear layers get SmoothQuant smoothing. Default AUTO.
         smooth_alpha: smoothing strength in (0, 1). Default 0.5.
         timestep_aware: one static activation range per sampler step. Default False.
@@ -89,6 +91,7 @@ class OptimizeConfig:
     workers: int = 1
     latency_budget_ms: float | None = None
     weight_group_size: int | None = None
+    weight_budget: WeightBudget = WeightBudget.STORED
     smooth: SmoothMode = SmoothMode.AUTO
     smooth_alpha: float = 0.5
     timestep_aware: bool = False
@@ -146,6 +149,7 @@ class OptimizeConfig:
             quality=self.quality_layers,
             latency_budget_ms=self.latency_budget_ms,
             group_size=self.weight_group_size,
+            budget=self.weight_budget,
         )
 
     def sensitivity_config(self) -> SensitivityConfig:

@@ -193,6 +193,7 @@ def export_bundle(
                 "layers": quant["layers"],
                 "fp_layers": quant["fp_layers"],
                 "avg_weight_bits": plan.avg_weight_bits,
+                "avg_stored_weight_bits": _stored_bits_or_none(plan),
                 "avg_act_bits": plan.avg_act_bits,
                 "simulated": False,
                 "float_storage": config.float_storage.value,
@@ -213,3 +214,11 @@ def _json_default(obj: Any) -> Any:
     if hasattr(obj, "value"):
         return obj.value
     raise TypeError(f"cannot serialise {type(obj).__name__}")
+
+
+def _stored_bits_or_none(plan: Plan) -> float | None:
+    """The plan's average stored weight bits, or None for a plan that does not record its shapes."""
+    try:
+        return plan.avg_stored_weight_bits
+    except ValueError:
+        return None

@@ -3,7 +3,10 @@
 Formulation (docs/mixed-precision.md):
 
 * one binary ``x[i, b]`` per layer ``i`` and candidate bit-width ``b``; ``sum_b x[i, b] = 1``;
-* weight budget: ``sum_i,b params_i * b * x[i, b] <= avg_bits * sum_i params_i`` (16 = FP);
+* weight budget: ``sum_i,b params_i * w[i, b] * x[i, b] <= avg_bits * sum_i params_i``, where
+  ``w[i, b]`` is the bits stored per weight of layer ``i`` at width ``b``: ``b`` itself when only
+  code bits count (16 = FP), or codes plus scales and group multipliers per weight
+  (:meth:`diffkiln.optimizer.plan.LayerPlan.stored_bits_as`) when the budget is in stored bytes;
 * tied layers (which must share a format, e.g. a fused QKV) take the same bit-width:
   ``x[i, b] = x[j, b]`` for every ``b``;
 * optionally, a cost budget (e.g. a latency table measured on the target device):
@@ -33,24 +36,35 @@ class LayerOptions:
         params: its weight parameters (the budget weighs bits by them).
         scores: candidate bit-width -> score (higher is better).
         tie: layers with the same non-empty tie key must take the same bit-width. Default "".
+        stored: candidate bit-width -> bits stored per weight at that width (scales and
+            multipliers included), for a budget in stored bytes. A candidate missing here costs
+            its width. Default empty (the budget counts code bits).
     """
 
     name: str
     params: int
     scores: Mapping[int, float] = field(default_factory=dict)
     tie: str = ""
+    stored: Mapping[int, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.scores:
             raise ValueError(f"{self.name}: no candidate bit-widths")
         if self.params <= 0:
             raise ValueError(f"{self.name}: params must be positive, got {self.params}")
+        extra = sorted(set(self.stored) - set(self.scores))
+        if extra:
+            raise ValueError(f"{self.name}: stored sizes for {extra}, which are not candidates {sorted(self.scores)}")
+
+    def bits(self, width: int) -> float:
+        """Bits per weight the budget charges for ``width``: its stored size, else the width itself."""
+        return float(self.stored.get(width, width))
 
 
 def min_feasible_avg_bits(layers: Sequence[LayerOptions]) -> float:
-    """The smallest parameter-weighted average reachable (every layer at its lowest candidate)."""
+    """The smallest parameter-weighted average reachable (every layer at its cheapest candidate)."""
     total = sum(lo.params for lo in layers)
-    return sum(lo.params * min(lo.scores) for lo in layers) / total
+    return sum(lo.params * min(lo.bits(b) for b in lo.scores) for lo in layers) / total
 
 
 def allocate_bits(
@@ -64,7 +78,8 @@ def allocate_bits(
 
     Args:
         layers: every layer with its candidates and scores.
-        avg_bits: the parameter-weighted average weight bits allowed (e.g. 4.0).
+        avg_bits: the parameter-weighted average weight bits allowed (e.g. 4.0), as each layer's
+            :meth:`LayerOptions.bits` charges them.
         time_limit_s: stop CBC after this many seconds (the best solution found is returned).
             Default None (solve to optimality).
         costs: layer -> candidate -> cost (e.g. measured milliseconds), for a cost budget.
@@ -117,7 +132,7 @@ def allocate_bits(
     for i, lo in enumerate(layers):
         prob += pulp.lpSum(x[i, b] for b in lo.scores) == 1
     total = sum(lo.params for lo in layers)
-    prob += pulp.lpSum(layers[i].params * b * v for (i, b), v in x.items()) <= avg_bits * total
+    prob += pulp.lpSum(layers[i].params * layers[i].bits(b) * v for (i, b), v in x.items()) <= avg_bits * total
     if cost_budget is not None and costs is not None:
         prob += pulp.lpSum(costs[layers[i].name][b] * v for (i, b), v in x.items()) <= cost_budget
     index = {lo.name: i for i, lo in enumerate(layers)}

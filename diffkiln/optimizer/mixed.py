@@ -6,7 +6,9 @@
 2. :func:`diffkiln.optimizer.sensitivity.analyze_sensitivity` measures each layer alone at each
    candidate, content layers by SSIM of final images, quality layers by denoiser-output SQNR.
 3. The weight budget (an average over *all* the denoiser's Linear/Conv2d parameters, FP layers
-   counting 16 bits, as ``Plan.avg_weight_bits`` reports) is split between the content and the
+   counting 16 bits; by default in stored bits, scales and group multipliers included, as
+   ``Plan.avg_stored_weight_bits`` reports, or in code bits, as ``Plan.avg_weight_bits`` and
+   MixDQ count) is split between the content and the
    quality group at several ratios; for each split one ILP per group
    (:func:`diffkiln.optimizer.allocation.allocate_bits`) minimizes the group's summed error.
    Errors differ in kind between groups (1 - SSIM vs noise power), which is why the split is
@@ -23,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 import numpy as np
@@ -43,11 +46,26 @@ from diffkiln.optimizer.sensitivity import (
 )
 from diffkiln.optimizer.simulate import layer_sims
 
-__all__ = ["MixedConfig", "MixedResult", "allocate_mixed", "make_mixed_plan", "mixed_sensitivity", "uniform_plan"]
+__all__ = [
+    "MixedConfig",
+    "MixedResult",
+    "WeightBudget",
+    "allocate_mixed",
+    "make_mixed_plan",
+    "mixed_sensitivity",
+    "uniform_plan",
+]
 
 # Conditioning layers (timestep/text embedders): their error reaches every token, so no ternary
 # (2-bit) codes; 4 bits is what the uniform W4A8 reference gives them too.
 _RESTRICTED_CANDIDATES = (4, 8, 16)
+
+
+class WeightBudget(str, Enum):
+    """What ``--weight-bits`` averages."""
+
+    STORED = "stored"  # the bits the bundle stores per weight: codes, scales, group multipliers
+    CODES = "codes"  # code bits only (MixDQ's convention); scales come on top
 
 
 @dataclass(frozen=True)
@@ -80,6 +98,9 @@ class MixedConfig:
         group_size: store 4-, 3- and 2-bit weights with two-level groups of this many inputs (an
             integer multiplier per group on the per-channel scale; see
             :class:`~diffkiln.optimizer.plan.WeightSpec`). Default None (per channel).
+        budget: what ``weight_bits`` averages: ``stored`` bits per weight (codes, float16
+            scales and group multipliers, so the budget is the bundle's weight bytes) or ``codes``
+            only. Default ``stored``.
     """
 
     weight_bits: float = 4.0
@@ -96,8 +117,14 @@ class MixedConfig:
     select_prompts: int = 8
     uniform_candidate: bool = True
     group_size: int | None = None
+    budget: WeightBudget = WeightBudget.STORED
 
     def __post_init__(self) -> None:
+        if not isinstance(self.budget, WeightBudget):
+            valid = [b.value for b in WeightBudget]
+            if self.budget not in valid:
+                raise ValueError(f"budget must be one of {valid}, got {self.budget!r}")
+            object.__setattr__(self, "budget", WeightBudget(self.budget))
         if self.group_size is not None and (self.group_size < 8 or self.group_size & (self.group_size - 1)):
             raise ValueError(f"group_size must be a power of two >= 8 (e.g. 64), got {self.group_size}")
         bad = [b for b in self.weight_candidates if b not in (2, 3, 4, 8, 16)]
@@ -142,7 +169,12 @@ def _qkv_tie(name: str) -> str:
 
 
 def _options(
-    names: Sequence[str], table: SensitivityTable, candidates: Mapping[str, Sequence[int]], target: str, tie: bool
+    names: Sequence[str],
+    table: SensitivityTable,
+    candidates: Mapping[str, Sequence[int]],
+    target: str,
+    tie: bool,
+    stored: Mapping[str, Mapping[int, float]] | None = None,
 ) -> list[LayerOptions]:
     return [
         LayerOptions(
@@ -150,9 +182,31 @@ def _options(
             table.params[n],
             {b: -table.error(n, target, b) for b in candidates[n]},
             _qkv_tie(n) if tie else "",
+            dict((stored or {}).get(n, {})),
         )
         for n in names
     ]
+
+
+def stored_bits_per_weight(
+    base: Plan, candidates: Mapping[str, Sequence[int]], config: MixedConfig
+) -> dict[str, dict[int, float]]:
+    """layer -> candidate -> bits the budget charges per weight (``config.budget``).
+
+    ``stored``: the bundle's bits per weight in the format the allocation would give the layer
+    (:func:`_weight_spec`, :meth:`~diffkiln.optimizer.plan.LayerPlan.stored_bits_as`);
+    ``codes``: the width itself.
+    """
+    by_name = {lp.name: lp for lp in base.layers}
+    if config.budget is WeightBudget.CODES:
+        return {n: {b: float(b) for b in c} for n, c in candidates.items()}
+    return {
+        n: {
+            b: by_name[n].stored_bits_as(None if b >= 16 else _weight_spec(b, config.group_size)) / by_name[n].params
+            for b in c
+        }
+        for n, c in candidates.items()
+    }
 
 
 def _group_avgs(budget: float, groups: Mapping[str, list[LayerOptions]], config: MixedConfig) -> list[dict[str, float]]:
@@ -162,8 +216,8 @@ def _group_avgs(budget: float, groups: Mapping[str, list[LayerOptions]], config:
     even = budget / total
     if len(sizes) < 2:
         return [{g: even for g in sizes}]
-    lo = {g: sum(o.params * min(o.scores) for o in groups[g]) / sizes[g] for g in sizes}
-    hi = {g: sum(o.params * max(o.scores) for o in groups[g]) / sizes[g] for g in sizes}
+    lo = {g: sum(o.params * min(map(o.bits, o.scores)) for o in groups[g]) / sizes[g] for g in sizes}
+    hi = {g: sum(o.params * max(map(o.bits, o.scores)) for o in groups[g]) / sizes[g] for g in sizes}
     out: list[dict[str, float]] = []
     offsets = sorted(range(-config.splits, config.splits + 1), key=abs)
     for k in offsets:
@@ -211,10 +265,12 @@ def allocate_mixed(
     total = sum(lp.params for lp in base.layers)
     fixed = [lp for lp in base.layers if lp.name not in candidates]
     managed = [lp.name for lp in base.layers if lp.name in candidates]
+    stored = stored_bits_per_weight(base, candidates, config)
     fixed_bits = 16 * sum(lp.params for lp in fixed)
     budget = config.weight_bits * total - fixed_bits
-    floor = (fixed_bits + sum(table.params[n] * min(candidates[n]) for n in managed)) / total
-    if budget < sum(table.params[n] * min(candidates[n]) for n in managed) - 1e-6:
+    least = sum(table.params[n] * min(stored[n].values()) for n in managed)
+    floor = (fixed_bits + least) / total
+    if budget < least - 1e-6:
         raise InfeasibleBudgetError(
             f"an average of {config.weight_bits} weight bits is infeasible: with the layers kept in FP and these "
             f"candidates the smallest feasible average is {floor:.3f}; raise --weight-bits or add lower candidates"
@@ -226,7 +282,9 @@ def allocate_mixed(
         tie = _qkv_tie(n) if config.tie_qkv else ""
         group_of[n] = first_of_tie.setdefault(tie, table.roles[n]) if tie else table.roles[n]
     groups = {
-        role.value: _options([n for n in managed if group_of[n] is role], table, candidates, "weight", config.tie_qkv)
+        role.value: _options(
+            [n for n in managed if group_of[n] is role], table, candidates, "weight", config.tie_qkv, stored
+        )
         for role in LayerRole
     }
     if config.latency_budget_ms is not None and latency is None:
@@ -248,7 +306,7 @@ def allocate_mixed(
             errors.append(str(exc))
             continue  # ties or the latency bound can make a split infeasible; the others remain
         results.append((avgs, wbits, _allocate_acts(base, table, wbits, config)))
-    uniform = _uniform_allocation(base, candidates, config, latency) if config.uniform_candidate else None
+    uniform = _uniform_allocation(base, candidates, stored, config, latency) if config.uniform_candidate else None
     if uniform is not None and all(uniform[1] != w for _, w, _ in results):
         width, ubits = uniform
         results.append(({"uniform": float(width)}, ubits, _allocate_acts(base, table, ubits, config)))
@@ -262,7 +320,11 @@ def allocate_mixed(
 
 
 def _uniform_allocation(
-    base: Plan, candidates: Mapping[str, Sequence[int]], config: MixedConfig, latency: LatencyTable | None
+    base: Plan,
+    candidates: Mapping[str, Sequence[int]],
+    stored: Mapping[str, Mapping[int, float]],
+    config: MixedConfig,
+    latency: LatencyTable | None,
 ) -> tuple[int, dict[str, int]] | None:
     """(width, bits): every searched layer at the widest single width that fits the budgets, or None.
 
@@ -273,7 +335,8 @@ def _uniform_allocation(
     total = sum(lp.params for lp in base.layers)
     for width in sorted({b for c in candidates.values() for b in c if b < 16}, reverse=True):
         bits = {n: min((b for b in c if b >= width), default=16) for n, c in candidates.items()}
-        avg = sum(lp.params * bits.get(lp.name, 16) for lp in base.layers) / total
+        per_weight = {n: stored[n].get(b, float(b)) for n, b in bits.items()}
+        avg = sum(lp.params * per_weight.get(lp.name, 16.0) for lp in base.layers) / total
         fits_latency = (
             config.latency_budget_ms is None or latency is None or latency.total(bits) <= config.latency_budget_ms
         )
@@ -465,6 +528,7 @@ def make_mixed_plan(
         measured.append({
             "group_avg_bits": {g: round(a, 3) for g, a in avgs.items()},
             "avg_weight_bits": round(plan.avg_weight_bits, 3),
+            "avg_stored_weight_bits": round(plan.avg_stored_weight_bits, 3),
             "avg_act_bits": round(plan.avg_act_bits, 3),
             "ssim": round(score, 5),
         })  # fmt: skip

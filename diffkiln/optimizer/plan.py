@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
+from diffkiln.kernels.packing import PACKABLE_BITS, packed_length
+
 __all__ = [
     "PLAN_FORMAT",
     "PLAN_VERSION",
@@ -141,6 +143,9 @@ class LayerPlan:
         smooth_alpha: SmoothQuant strength when the layer's input channels are smoothed, else
             None. The factors follow from calibration and weights
             (:func:`diffkiln.optimizer.smoothing.smoothing_factors`).
+        out_channels: the weight's first dimension (output features or channels), which sizes
+            the scales; 0 in plans written before it was recorded (stored sizes then unknown).
+            Default 0.
     """
 
     name: str
@@ -151,6 +156,7 @@ class LayerPlan:
     reason: str = ""
     params: int = 0
     smooth_alpha: float | None = None
+    out_channels: int = 0
 
     @property
     def quantized(self) -> bool:
@@ -161,6 +167,38 @@ class LayerPlan:
     def weight_only(self) -> bool:
         """True when the weights are integers but the activations stay in floating point."""
         return self.weight is not None and self.act is None
+
+    def stored_bits(self) -> int:
+        """Bits the bundle stores for this layer's weight as planned (see :meth:`stored_bits_as`)."""
+        return self.stored_bits_as(self.weight)
+
+    def stored_bits_as(self, spec: WeightSpec | None) -> int:
+        """Bits the bundle would store for this layer's weight in the format ``spec``.
+
+        Counts what differs between weight formats, exactly as ``export.freeze`` writes it:
+        codes (int8, or packed rows of 4/3/2 bits), per-channel scales, group multipliers
+        (uint8), smoothing factors (float32) and BOS rows (float32). A layer kept in FP counts
+        16 bits per weight (FP16, the reference of every size ratio). Biases and the scalar
+        activation grid are left out: every format stores them alike.
+
+        Args:
+            spec: the weight format to size; None sizes the layer kept in FP.
+
+        Raises:
+            ValueError: the plan does not record ``out_channels`` (written by an older diffkiln).
+        """
+        if spec is None:
+            return 16 * self.params
+        n = self.out_channels
+        if n <= 0 or self.params % n:
+            raise ValueError(f"{self.name}: the plan records no output channels; re-plan to size its storage")
+        k = self.params // n
+        codes = n * (packed_length(k, spec.bits) if spec.bits in PACKABLE_BITS else k) * 8
+        scales = n * (16 if spec.scale_dtype == "float16" else 32)
+        mults = n * -(-k // spec.group_size) * 8 if spec.group_size else 0
+        smooth = 32 * k if self.smooth_alpha is not None else 0
+        bos = 32 * n * len(self.bos_positions)
+        return codes + scales + mults + smooth + bos
 
 
 @dataclass(frozen=True)
@@ -204,6 +242,13 @@ class Plan:
         return self._avg(lambda lp: lp.weight.bits if lp.weight else 16)
 
     @property
+    def avg_stored_weight_bits(self) -> float:
+        """Parameter-weighted average of the weight bits stored, scales and multipliers included
+        (:meth:`LayerPlan.stored_bits`; FP layers count 16)."""
+        total = sum(lp.params for lp in self.layers)
+        return sum(lp.stored_bits() for lp in self.layers) / total if total else 0.0
+
+    @property
     def avg_act_bits(self) -> float:
         """Parameter-weighted average activation bits (FP layers count as 16)."""
         return self._avg(lambda lp: lp.act.bits if lp.act else 16)
@@ -238,6 +283,7 @@ class Plan:
                     reason=lp["reason"],
                     params=lp["params"],
                     smooth_alpha=lp.get("smooth_alpha"),
+                    out_channels=lp.get("out_channels", 0),
                 )
                 for lp in d["layers"]
             )

@@ -234,7 +234,7 @@ def make_plan(pipe: Any, stats: CalibrationStats, config: QuantizeConfig, source
         elif name in defaults and not _matches(name, config.include):
             reason = defaults[name]
         if reason:
-            out.append(LayerPlan(name, kind, None, None, (), reason, params))
+            out.append(LayerPlan(name, kind, None, None, (), reason, params, out_channels=module.weight.shape[0]))
             continue
         st = stats.layers[name]
         rows = tuple(st.invariant_rows(bos)) if bos and kind == "linear" else ()
@@ -274,7 +274,7 @@ def make_plan(pipe: Any, stats: CalibrationStats, config: QuantizeConfig, source
                 **steps,
             )
         weight = WeightSpec(bits=config.weight_bits, scale_dtype=config.scale_dtype)
-        out.append(LayerPlan(name, kind, weight, act, rows, "", params, alpha))
+        out.append(LayerPlan(name, kind, weight, act, rows, "", params, alpha, module.weight.shape[0]))
     return Plan(
         recipe=config.recipe.value,
         source={"id": source_id, "weight_hash": stats.model_hash},

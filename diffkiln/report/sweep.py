@@ -120,6 +120,7 @@ def sweep(target: str | os.PathLike[str], config: Any, sweep_config: SweepConfig
             "name": name,
             "bundle": str(path),
             "avg_weight_bits": manifest["quant"]["avg_weight_bits"],
+            "avg_stored_weight_bits": manifest["quant"].get("avg_stored_weight_bits"),
             "avg_act_bits": manifest["quant"]["avg_act_bits"],
             "fidelity": fidelity(fp, result),
             "denoiser_bytes": stored,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from diffkiln.optimizer.allocation import InfeasibleBudgetError
-from diffkiln.optimizer.mixed import MixedConfig, _mixed_layers, allocate_mixed, uniform_plan
+from diffkiln.optimizer.mixed import MixedConfig, WeightBudget, _mixed_layers, allocate_mixed, uniform_plan
 from diffkiln.optimizer.plan import ActMode, ActSpec, LayerPlan, Plan, WeightSpec
 from diffkiln.optimizer.roles import LayerRole
 from diffkiln.optimizer.sensitivity import SensitivityEntry, SensitivityTable
@@ -15,8 +15,13 @@ ACT = ActSpec(bits=8, mode=ActMode.STATIC, scale=0.1, zero_point=0)
 
 def _problem() -> tuple[Plan, SensitivityTable, dict[str, tuple[int, ...]]]:
     names = [f"blocks.{b}.attn.{p}" for b in range(3) for p in ("to_q", "to_k", "to_v", "proj")]
-    layers = [LayerPlan("conv_in", "conv", None, None, reason="input projection (first layer)", params=100)]
-    layers += [LayerPlan(n, "linear", WeightSpec(8), ACT, params=1000 * (1 + i % 3)) for i, n in enumerate(names)]
+    layers = [
+        LayerPlan("conv_in", "conv", None, None, reason="input projection (first layer)", params=100, out_channels=4)
+    ]
+    layers += [
+        LayerPlan(n, "linear", WeightSpec(8), ACT, params=1000 * (1 + i % 3), out_channels=10)
+        for i, n in enumerate(names)
+    ]
     base = Plan("w8a8", {"id": "t"}, tuple(layers))
     roles = {n: (LayerRole.CONTENT if i % 2 else LayerRole.QUALITY) for i, n in enumerate(names)}
     entries = []
@@ -39,29 +44,50 @@ def _problem() -> tuple[Plan, SensitivityTable, dict[str, tuple[int, ...]]]:
     return base, table, {n: (2, 4, 8, 16) for n in names}
 
 
+@pytest.mark.parametrize("group_size", [None, 64], ids=["per-channel", "group64"])
+@pytest.mark.parametrize("budget_kind", list(WeightBudget), ids=lambda b: b.value)
 @pytest.mark.parametrize("budget", [3.0, 4.0, 6.0])
-def test_every_split_respects_the_weight_budget(budget: float) -> None:
+def test_every_split_respects_the_weight_budget(
+    budget: float, budget_kind: WeightBudget, group_size: int | None
+) -> None:
     base, table, cands = _problem()
-    allocations = allocate_mixed(base, table, cands, MixedConfig(weight_bits=budget, splits=3))
+    config = MixedConfig(weight_bits=budget, splits=3, budget=budget_kind, group_size=group_size)
+    allocations = allocate_mixed(base, table, cands, config)
     assert allocations
     for _avgs, wbits, abits in allocations:
-        plan = Plan("mixed", {}, _mixed_layers(base, wbits, abits))
-        assert plan.avg_weight_bits <= budget + 1e-9
+        plan = Plan("mixed", {}, _mixed_layers(base, wbits, abits, group_size))
+        spent = plan.avg_stored_weight_bits if budget_kind is WeightBudget.STORED else plan.avg_weight_bits
+        assert spent <= budget + 1e-9
+        assert plan.avg_weight_bits <= plan.avg_stored_weight_bits  # scales only add
         assert plan.layer("conv_in").weight is None  # fixed FP layer counts 16 and stays FP
         assert all(abits[n] == 8 for n, b in wbits.items() if b < 16)  # no act budget: W*A8
 
 
-def test_tied_qkv_share_a_width() -> None:
+def test_a_code_budget_overspends_bytes_where_a_stored_one_does_not() -> None:
     base, table, cands = _problem()
-    for _avgs, wbits, _ in allocate_mixed(base, table, cands, MixedConfig(weight_bits=4.0, tie_qkv=True, splits=3)):
-        for b in range(3):
-            assert len({wbits[f"blocks.{b}.attn.{p}"] for p in ("to_q", "to_k", "to_v")}) == 1
+    overspent = []
+    for budget in (3.0, 3.5, 4.0, 4.05, 4.5, 5.0, 6.0):
+        for kind in WeightBudget:
+            (_, wbits, abits), *_ = allocate_mixed(
+                base, table, cands, MixedConfig(weight_bits=budget, splits=1, budget=kind)
+            )
+            stored = Plan("mixed", {}, _mixed_layers(base, wbits, abits)).avg_stored_weight_bits
+            if kind is WeightBudget.STORED:
+                assert stored <= budget + 1e-9
+            elif stored > budget:
+                overspent.append(budget)
+    assert overspent  # scales come on top of a code budget
 
 
-def test_infeasible_budget_names_the_smallest_feasible_average() -> None:
+@pytest.mark.parametrize(
+    ("budget_kind", "floor"),
+    [(WeightBudget.CODES, r"2\.0"), (WeightBudget.STORED, r"2\.1[0-9]+")],
+    ids=["codes", "stored"],
+)
+def test_infeasible_budget_names_the_smallest_feasible_average(budget_kind: WeightBudget, floor: str) -> None:
     base, table, cands = _problem()
-    with pytest.raises(InfeasibleBudgetError, match=r"smallest feasible average is 2\.0"):
-        allocate_mixed(base, table, cands, MixedConfig(weight_bits=2.0))
+    with pytest.raises(InfeasibleBudgetError, match=rf"smallest feasible average is {floor}"):
+        allocate_mixed(base, table, cands, MixedConfig(weight_bits=2.0, budget=budget_kind))
 
 
 def test_activation_budget_chooses_weight_only_layers() -> None:
@@ -84,8 +110,13 @@ def test_uniform_reference_plans() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"weight_candidates": (5, 16)}, "2, 3, 4, 8, 16"), ({"weight_bits": 1.0}, "2..16"), ({"act_bits": 4.0}, "8..16")],
-    ids=["3-bit-candidate", "budget-1", "act-budget-4"],
+    [
+        ({"weight_candidates": (5, 16)}, "2, 3, 4, 8, 16"),
+        ({"weight_bits": 1.0}, "2..16"),
+        ({"act_bits": 4.0}, "8..16"),
+        ({"budget": "bytes"}, "stored"),
+    ],
+    ids=["5-bit-candidate", "budget-1", "act-budget-4", "unknown-budget-kind"],
 )
 def test_bad_mixed_settings_are_rejected(kwargs: dict[str, object], match: str) -> None:
     with pytest.raises(ValueError, match=match):

@@ -7,6 +7,7 @@ bundle alone and stay close to the FP pipeline.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -102,8 +103,9 @@ def test_mixed_bundle_end_to_end(name: str, tmp_path: Path) -> None:
         recipe=Recipe.MIXED,
         # 2-bit packing is covered by tests/runtime; fewer trials here. The tiny models' large FP
         # layers (first and last) keep their floor high: tiny-wan's was 6.5 bits with 4 as the
-        # lowest width while conditioning layers were held at 8 (they may now take 4).
-        weight_bits=7.0,
+        # lowest width while conditioning layers were held at 8 (they may now take 4); counting
+        # the float16 scales of its narrow layers (the default stored-bits budget) it is 7.1.
+        weight_bits=7.5,
         weight_candidates=(4, 8, 16),
         calib_size=2,
         steps=2,
@@ -112,7 +114,8 @@ def test_mixed_bundle_end_to_end(name: str, tmp_path: Path) -> None:
     )
     bundle = optimize(name, config)
     summary = summarize(bundle)
-    assert summary["recipe"] == "mixed" and summary["avg_weight_bits"] <= 7.0 + 1e-9
+    stored_bits = json.loads((bundle / "manifest.json").read_text())["quant"]["avg_stored_weight_bits"]
+    assert summary["recipe"] == "mixed" and summary["avg_weight_bits"] <= stored_bits <= 7.5 + 1e-9
     manifest_layers = summary["layers_by_bits"]
     assert any(k.startswith("W4") for k in manifest_layers), manifest_layers
     target = resolve_target(str(bundle))

@@ -373,6 +373,13 @@ def _parser() -> argparse.ArgumentParser:
         "MatMul/Conv, the form TensorRT and Ascend ATC fuse; integer: MatMulInteger/ConvInteger with int32 sums "
         "and one scale multiply, the torch runtime's own arithmetic (closest onnxruntime parity)",
     )
+    e.add_argument(
+        "--matmulnbits",
+        action="store_true",
+        help="onnx: store 4- and 2-bit Linear weights as onnxruntime's com.microsoft.MatMulNBits (packed blocks, "
+        "run by its low-bit kernels; grouped weights stay 4-/2-bit) instead of standard INT4/INT2 "
+        "DequantizeLinear; for onnxruntime only",
+    )
     e.add_argument("--denoiser-only", action="store_true", help="onnx: skip the text encoders and the VAE decoder")
     e.add_argument(
         "--keep-fp",
@@ -599,6 +606,7 @@ def _cmd_export(a: argparse.Namespace) -> int:
                 overwrite=a.overwrite,
                 progress=not a.no_progress,
                 compute=OnnxCompute(a.compute),
+                matmulnbits=a.matmulnbits,
             )
             out = export_onnx(a.bundle, config)
     except (OnnxExportError, MindieExportError, ValueError) as exc:

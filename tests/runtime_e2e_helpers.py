@@ -45,3 +45,20 @@ def build_bundle(pipe: Any, config: QuantizeConfig, out: Any, steps: int = 4, **
     stats = calibrate(pipe, CalibrationConfig(PROMPTS, steps=steps, batch_size=4, cache_dir=CACHE, progress=False))
     plan = make_plan(pipe, stats, config, "test")
     return export_bundle(pipe, plan, stats, ExportConfig(out, **export)), plan
+
+
+def build_packed_bundle(pipe: Any, out: Any, specs: Any, steps: int = 4) -> tuple[Any, Any]:
+    """A bundle whose quantized layers take the weight specs ``specs`` in turn (W*A8, float16
+    storage): sub-byte layouts in one model. Returns (bundle path, plan)."""
+    import dataclasses
+
+    from diffkiln.export import ExportConfig, FloatStorage, export_bundle
+
+    stats = calibrate(pipe, CalibrationConfig(PROMPTS, steps=steps, batch_size=4, cache_dir=CACHE, progress=False))
+    plan = make_plan(pipe, stats, QuantizeConfig(), "t")
+    layers = tuple(
+        dataclasses.replace(lp, weight=specs[i % len(specs)]) if lp.quantized else lp
+        for i, lp in enumerate(plan.layers)
+    )
+    plan = dataclasses.replace(plan, layers=layers)
+    return export_bundle(pipe, plan, stats, ExportConfig(out, float_storage=FloatStorage.FLOAT16)), plan

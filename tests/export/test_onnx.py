@@ -152,29 +152,14 @@ def test_bad_opset_is_rejected(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("opset", [21, 25], ids=["opset21-int4", "opset25-int2"])
 def test_packed_layers_become_sub_byte_initializers(random_shapes_pipelines, tmp_path: Path, opset: int) -> None:
-    import dataclasses
-
     from onnx import numpy_helper
 
-    from diffkiln.calibrate import CalibrationConfig, calibrate
-    from diffkiln.export import ExportConfig, FloatStorage, export_bundle
     from diffkiln.optimizer.plan import WeightSpec
-    from diffkiln.optimizer.planner import make_plan
-    from tests.runtime_e2e_helpers import CACHE, PROMPTS
+    from tests.runtime_e2e_helpers import build_packed_bundle
 
-    pipe = random_shapes_pipelines["unet"]
-    stats = calibrate(pipe, CalibrationConfig(PROMPTS, steps=4, batch_size=4, cache_dir=CACHE, progress=False))
-    plan = make_plan(pipe, stats, QuantizeConfig(), "t")
-    layers = tuple(
-        dataclasses.replace(lp, weight=WeightSpec((2, 4, 3)[i % 3], scale_dtype="float16")) if lp.quantized else lp
-        for i, lp in enumerate(plan.layers)
-    )
-    bundle = export_bundle(
-        pipe,
-        dataclasses.replace(plan, layers=layers),
-        stats,
-        ExportConfig(tmp_path / "b", float_storage=FloatStorage.FLOAT16),
-    )
+    specs = [WeightSpec(b, scale_dtype="float16") for b in (2, 4, 3)]
+    bundle, plan = build_packed_bundle(random_shapes_pipelines["unet"], tmp_path / "b", specs)
+    layers = plan.layers
     path = export_denoiser_onnx(bundle, OnnxExportConfig(tmp_path / "onnx", opset=opset, dynamic=False))
     model = onnx.load(str(path))
     int4 = {i.name: i for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT4}

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from diffkiln.export.atomic import atomic_directory, file_table
 from diffkiln.export.onnx.components import Component, ComponentKind, record_components
-from diffkiln.export.onnx.modules import OnnxExportError, export_module_for
+from diffkiln.export.onnx.modules import OnnxExportError, OnnxQLinear, export_module_for
 from diffkiln.export.onnx.ops import TRANSLATIONS
 from diffkiln.runtime.manifest import MANIFEST_NAME, ONNX_FORMAT, ONNX_VERSION
 from diffkiln.runtime.qmodules import QConv2d, QLinear
@@ -78,6 +78,11 @@ class OnnxExportConfig:
         overwrite: replace an existing ``out``. Default False.
         progress: show a progress bar over the components. Default True.
         compute: how quantized layers compute (:class:`OnnxCompute`). Default ``QDQ``.
+        matmulnbits: store 4- and 2-bit Linear weights as onnxruntime's contrib op
+            ``com.microsoft.MatMulNBits`` (packed blocks with float scales, run by onnxruntime's
+            low-bit kernels; grouped weights keep their 4-/2-bit codes) instead of standard ONNX
+            INT4/INT2 ``DequantizeLinear``. Other runtimes may lack the op. 3-bit layers, layers
+            with groups of 8 and convolutions keep the standard form. Default False.
     """
 
     out: Path
@@ -89,6 +94,7 @@ class OnnxExportConfig:
     overwrite: bool = False
     progress: bool = True
     compute: OnnxCompute = OnnxCompute.QDQ
+    matmulnbits: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.compute, OnnxCompute):
@@ -99,26 +105,27 @@ class OnnxExportConfig:
 
 
 def _swap_quantized_layers(
-    denoiser: nn.Module, keep_fp: bool, integer: bool = False
+    denoiser: nn.Module, keep_fp: bool, integer: bool = False, matmulnbits: bool = False
 ) -> tuple[set[str], dict[str, str]]:
     """Replace every runtime Q-module by its export stand-in; return the INT4 weight initializer
     names and the layers kept in float (name -> reason)."""
+
     sub_byte: set[str] = set()
     kept: dict[str, str] = {}
     for layer, module in list(denoiser.named_modules()):
         if not isinstance(module, (QLinear, QConv2d)):
             continue
         try:
-            stand_in = export_module_for(layer, module, integer=integer)
+            stand_in = export_module_for(layer, module, integer=integer, matmulnbits=matmulnbits)
         except OnnxExportError as exc:
             if not keep_fp:
                 raise
             kept[layer] = str(exc).split(": ", 1)[-1]
             log.warning("keeping %s in float: %s", layer, kept[layer])
-            stand_in = export_module_for(layer, module, float_activations=True)
+            stand_in = export_module_for(layer, module, float_activations=True, matmulnbits=matmulnbits)
         # 4- and 2-bit codes fit INT4; 7-bit (reduce-range) codes and grouped codes (code x group
         # multiplier) need int8.
-        if module.code_bits <= 4:
+        if module.code_bits <= 4 and not (isinstance(stand_in, OnnxQLinear) and stand_in.nbits is not None):
             sub_byte.add(f"denoiser.{layer}.{'w_t' if isinstance(module, QLinear) else 'w'}")
         parent_name, _, child = layer.rpartition(".")
         parent = denoiser.get_submodule(parent_name) if parent_name else denoiser
@@ -284,7 +291,9 @@ def export_onnx(bundle: str | os.PathLike[str], config: OnnxExportConfig) -> Pat
     denoiser_name = manifest["pipeline"]["denoiser"]
     denoiser = getattr(pipe, denoiser_name)
     # Fail on an inexpressible layer before the (slow) recording call.
-    sub_byte, kept = _swap_quantized_layers(denoiser, config.keep_fp, config.compute == OnnxCompute.INTEGER)
+    sub_byte, kept = _swap_quantized_layers(
+        denoiser, config.keep_fp, config.compute == OnnxCompute.INTEGER, config.matmulnbits
+    )
     components = record_components(pipe, denoiser_name, config.prompt, _call_kwargs(manifest))
     if not config.components:
         components = components[:1]
@@ -304,6 +313,7 @@ def export_onnx(bundle: str | os.PathLike[str], config: OnnxExportConfig) -> Pat
             "version": ONNX_VERSION,
             "opset": config.opset,
             "compute": config.compute.value,
+            "matmulnbits": config.matmulnbits,
             "pipeline": {"class": manifest["pipeline"]["class"], "denoiser": denoiser_name},
             "components": entries,
             "kept_fp": kept,

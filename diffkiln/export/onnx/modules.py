@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from diffkiln.export.onnx import ops
+from diffkiln.export.onnx.nbits import to_matmulnbits
 from diffkiln.runtime.qmodules import QConv2d, QLinear
 
 __all__ = ["OnnxExportError", "OnnxQConv2d", "OnnxQLinear", "export_module_for"]
@@ -69,6 +70,9 @@ class OnnxQLinear(nn.Module):
             the fallback for activation formats without a static QDQ form. Default False.
         integer: compute with ``int_linear`` (MatMulInteger, int32 accumulation) instead of QDQ
             around a float MatMul. Default False.
+        matmulnbits: store 4- and 2-bit weights for onnxruntime's ``com.microsoft.MatMulNBits``
+            (``nbits_linear``; :mod:`diffkiln.export.onnx.nbits`) where their layout allows. Check
+            :attr:`nbits` for whether this layer took it. Default False.
     """
 
     a_scale: torch.Tensor
@@ -79,10 +83,29 @@ class OnnxQLinear(nn.Module):
 
     out_scale: torch.Tensor
 
-    def __init__(self, name: str, q: QLinear, float_activations: bool = False, integer: bool = False):
+    nbits_b: torch.Tensor
+    nbits_scales: torch.Tensor
+    bias: torch.Tensor
+
+    def __init__(
+        self, name: str, q: QLinear, float_activations: bool = False, integer: bool = False, matmulnbits: bool = False
+    ):
         super().__init__()
-        self.weight_only = _weight_buffers(self, name, q, "w_t", q.codes_t(), float_activations)
-        self.integer = integer and not self.weight_only
+        nbits = None
+        if matmulnbits and q.weight_packed is not None:
+            nbits = to_matmulnbits(q._packed_weights(), q.weight_scale)
+        # MatMulNBits layers hold their codes in B; the int8 codes are not an initializer then.
+        codes = q.codes_t() if nbits is None else torch.zeros(0, 0, dtype=torch.int8)
+        self.weight_only = _weight_buffers(self, name, q, "w_t", codes, float_activations)
+        self.nbits: tuple[int, int, int, int] | None = None  # (k, n, bits, block_size)
+        if nbits is not None:
+            b, scales, block = nbits
+            self.register_buffer("nbits_b", b)
+            self.register_buffer("nbits_scales", scales)
+            self._buffers.pop("w_t")
+            self._buffers.pop("w_scale")
+            self.nbits = (q.in_flat, q.out_features, q.weight_bits, block)
+        self.integer = integer and not self.weight_only and nbits is None
         self.register_buffer("smooth_inv", q.smooth_inv)
         self.act_clip = _act_buffers(self, q, self.integer)
         self.text_len = q.text_len
@@ -100,7 +123,10 @@ class OnnxQLinear(nn.Module):
         xin = x if self.smooth_inv is None else x * self.smooth_inv
         if self.act_clip is not None:
             xin = xin.clamp(self.act_clip[0], self.act_clip[1])
-        if self.weight_only:
+        if self.nbits is not None:
+            xd = xin if self.weight_only else ops.act_qdq(xin, self.a_scale, self.a_zp)
+            out = ops.matmulnbits(xd, self.nbits_b, self.nbits_scales, *self.nbits) + self.bias
+        elif self.weight_only:
             out = ops.wo_linear(xin, self.w_t, self.w_scale, self.bias)
         elif self.integer:
             out = ops.int_linear(xin, self.w_t, self.out_scale, self.bias, self.a_scale, self.a_zp)
@@ -144,7 +170,7 @@ class OnnxQConv2d(nn.Module):
 
 
 def export_module_for(
-    name: str, module: nn.Module, float_activations: bool = False, integer: bool = False
+    name: str, module: nn.Module, float_activations: bool = False, integer: bool = False, matmulnbits: bool = False
 ) -> nn.Module:
     """The export stand-in for a runtime quantized module.
 
@@ -153,12 +179,14 @@ def export_module_for(
         module: the runtime Q-module.
         float_activations: keep the activations in float (see :class:`OnnxQLinear`). Default False.
         integer: integer GEMMs (MatMulInteger / ConvInteger) instead of QDQ. Default False.
+        matmulnbits: 4- and 2-bit Linear weights as MatMulNBits (see :class:`OnnxQLinear`).
+            Default False.
 
     Raises:
         OnnxExportError: the module's format cannot be expressed (the message says why).
     """
     if isinstance(module, QLinear):
-        return OnnxQLinear(name, module, float_activations, integer)
+        return OnnxQLinear(name, module, float_activations, integer, matmulnbits)
     if isinstance(module, QConv2d):
         return OnnxQConv2d(name, module, float_activations, integer)
     raise OnnxExportError(f"{name}: no ONNX form for {type(module).__name__}")

@@ -11,7 +11,10 @@ exporter replaces it by its onnxscript translation:
   then ``MatMulInteger`` / ``ConvInteger`` on the int8 codes (int32 accumulation, exact, as the
   runtime's kernels), ``Cast`` to float, one ``Mul`` by the combined scale (activation scale x
   weight scale, per output channel) and ``Add`` of the bias: the runtime's arithmetic step by step,
-  where QDQ's float MatMul rounds differently.
+  where QDQ's float MatMul rounds differently;
+* ``matmulnbits=True``: 4- and 2-bit Linear weights as onnxruntime's ``com.microsoft.MatMulNBits``
+  (packed unsigned codes in blocks along K, one float scale per block; :func:`matmulnbits`),
+  after ``act_qdq``, the activation's QDQ alone: the form onnxruntime's low-bit kernels take.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ import torch
 from onnxscript import opset20 as op
 from torch import Tensor
 
-__all__ = ["TRANSLATIONS"]
+from diffkiln.kernels.packing import unpack_weights
+
+__all__ = ["TRANSLATIONS", "matmulnbits", "nbits_dequantize"]
 
 
 def _fake_quant(x: Tensor, a_scale: Tensor, a_zp: Tensor) -> Tensor:
@@ -94,6 +99,48 @@ def wo_conv2d(
 @wo_conv2d.register_fake
 def _(x, w, w_scale, bias, stride, padding, dilation):
     return _conv_out_like(x, w, stride, padding, dilation)
+
+
+def nbits_dequantize(b: Tensor, scales: Tensor, k: int, bits: int) -> Tensor:
+    """The float (N, K) weight a MatMulNBits ``B`` (N, blocks, blob) and ``scales`` (N * blocks) hold.
+
+    Codes are unsigned with the default zero point ``2^(bits-1)``: flipping each code's top bit
+    gives the signed two's-complement code in diffkiln's packing (the same low-first bit order).
+    """
+    n, blocks, blob = b.shape
+    block = blob * 8 // bits
+    flip = {4: 0x88, 2: 0xAA}[bits]
+    q = unpack_weights(b.reshape(n, blocks * blob) ^ flip, bits, blocks * block)[:, :k]
+    per_block = scales.to(torch.float32).reshape(n, blocks)
+    return q.to(torch.float32) * per_block.repeat_interleave(block, dim=1)[:, :k]
+
+
+@torch.library.custom_op("diffkiln::act_qdq", mutates_args=())
+def act_qdq(x: Tensor, a_scale: Tensor, a_zp: Tensor) -> Tensor:
+    """The static activation grid alone (``QuantizeLinear -> DequantizeLinear``), for layers whose
+    GEMM is another node (MatMulNBits)."""
+    return _fake_quant(x, a_scale, a_zp)
+
+
+@act_qdq.register_fake
+def _(x: Tensor, a_scale: Tensor, a_zp: Tensor) -> Tensor:
+    return torch.empty_like(x)
+
+
+def matmulnbits(x: Tensor, b: Tensor, scales: Tensor, k: int, n: int, bits: int, block_size: int) -> Tensor:
+    """``x @ W^T`` for the MatMulNBits weight ``(b, scales)``: the contrib node while exporting
+    (``torch.onnx.ops.symbolic``), the dequantized float op otherwise.
+
+    accuracy_level 0 (unset): onnxruntime computes in float on the dequantized blocks, as
+    DequantizeLinear + MatMul does; level 4 would re-quantize the activations to int8 per block,
+    off the QDQ grid.
+    """
+    if torch.onnx.is_in_onnx_export():
+        attrs: dict[str, Any] = {"K": k, "N": n, "bits": bits, "block_size": block_size, "accuracy_level": 0}
+        return torch.onnx.ops.symbolic(
+            "com.microsoft::MatMulNBits", (x, b, scales), attrs, dtype=x.dtype, shape=(*x.shape[:-1], n), version=1
+        )
+    return x @ nbits_dequantize(b, scales, k, bits).t()
 
 
 def _int_codes(x: Tensor, a_scale: Tensor, a_zp: Tensor) -> Tensor:
@@ -178,6 +225,10 @@ def _int_conv2d_onnx(x: Any, w: Any, out_scale: Any, bias: Any, a_scale: Any, a_
     return op.Add(op.Mul(op.Cast(acc, to=1), out_scale), bias)
 
 
+def _act_qdq_onnx(x: Any, a_scale: Any, a_zp: Any) -> Any:
+    return op.DequantizeLinear(op.QuantizeLinear(x, a_scale, a_zp), a_scale, a_zp)
+
+
 TRANSLATIONS: dict[Callable[..., Any], Callable[..., Any]] = {
     torch.ops.diffkiln.qdq_linear.default: _qdq_linear_onnx,
     torch.ops.diffkiln.wo_linear.default: _wo_linear_onnx,
@@ -185,5 +236,6 @@ TRANSLATIONS: dict[Callable[..., Any], Callable[..., Any]] = {
     torch.ops.diffkiln.wo_conv2d.default: _wo_conv2d_onnx,
     torch.ops.diffkiln.int_linear.default: _int_linear_onnx,
     torch.ops.diffkiln.int_conv2d.default: _int_conv2d_onnx,
+    torch.ops.diffkiln.act_qdq.default: _act_qdq_onnx,
 }
 """Custom op -> onnxscript translation, for ``torch.onnx.export(custom_translation_table=...)``."""

@@ -121,10 +121,8 @@ class MixedConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.budget, WeightBudget):
-            valid = [b.value for b in WeightBudget]
-            if self.budget not in valid:
-                raise ValueError(f"budget must be one of {valid}, got {self.budget!r}")
-            object.__setattr__(self, "budget", WeightBudget(self.budget))
+            valid = ", ".join(f"WeightBudget.{b.name}" for b in WeightBudget)
+            raise ValueError(f"budget must be a WeightBudget ({valid}), got {self.budget!r}")
         if self.group_size is not None and (self.group_size < 8 or self.group_size & (self.group_size - 1)):
             raise ValueError(f"group_size must be a power of two >= 8 (e.g. 64), got {self.group_size}")
         bad = [b for b in self.weight_candidates if b not in (2, 3, 4, 8, 16)]
@@ -188,7 +186,7 @@ def _options(
     ]
 
 
-def stored_bits_per_weight(
+def _stored_bits_per_weight(
     base: Plan, candidates: Mapping[str, Sequence[int]], config: MixedConfig
 ) -> dict[str, dict[int, float]]:
     """layer -> candidate -> bits the budget charges per weight (``config.budget``).
@@ -265,7 +263,7 @@ def allocate_mixed(
     total = sum(lp.params for lp in base.layers)
     fixed = [lp for lp in base.layers if lp.name not in candidates]
     managed = [lp.name for lp in base.layers if lp.name in candidates]
-    stored = stored_bits_per_weight(base, candidates, config)
+    stored = _stored_bits_per_weight(base, candidates, config)
     fixed_bits = 16 * sum(lp.params for lp in fixed)
     budget = config.weight_bits * total - fixed_bits
     least = sum(table.params[n] * min(stored[n].values()) for n in managed)

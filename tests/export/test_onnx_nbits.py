@@ -12,8 +12,7 @@ import torch
 
 from diffkiln.export.onnx import OnnxExportConfig
 from diffkiln.export.onnx.exporter import export_denoiser_onnx
-from diffkiln.export.onnx.nbits import nbits_block_size, to_matmulnbits
-from diffkiln.export.onnx.ops import nbits_dequantize
+from diffkiln.export.onnx.nbits import nbits_block_size, nbits_dequantize, to_matmulnbits
 from diffkiln.kernels.backends import PackedWeights
 from diffkiln.kernels.packing import GROUP_MULT_MAX, pack_weights
 from diffkiln.optimizer.plan import WeightSpec

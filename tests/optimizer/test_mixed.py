@@ -114,9 +114,9 @@ def test_uniform_reference_plans() -> None:
         ({"weight_candidates": (5, 16)}, "2, 3, 4, 8, 16"),
         ({"weight_bits": 1.0}, "2..16"),
         ({"act_bits": 4.0}, "8..16"),
-        ({"budget": "bytes"}, "stored"),
+        ({"budget": "stored"}, "WeightBudget"),
     ],
-    ids=["5-bit-candidate", "budget-1", "act-budget-4", "unknown-budget-kind"],
+    ids=["5-bit-candidate", "budget-1", "act-budget-4", "budget-kind-as-string"],
 )
 def test_bad_mixed_settings_are_rejected(kwargs: dict[str, object], match: str) -> None:
     with pytest.raises(ValueError, match=match):

@@ -18,9 +18,9 @@ from __future__ import annotations
 import torch
 
 from diffkiln.kernels.backends import PackedWeights
-from diffkiln.kernels.packing import packed_length
+from diffkiln.kernels.packing import packed_length, unpack_weights
 
-__all__ = ["NBITS_BITS", "NBITS_BLOCK_SIZES", "nbits_block_size", "to_matmulnbits"]
+__all__ = ["NBITS_BITS", "NBITS_BLOCK_SIZES", "nbits_block_size", "nbits_dequantize", "to_matmulnbits"]
 
 NBITS_BITS = (2, 4)
 """Code widths exported as MatMulNBits (onnxruntime 1.32's CPU kernel runs 2, 4 and 8; 3-bit codes
@@ -79,3 +79,16 @@ def to_matmulnbits(w: PackedWeights, scale: torch.Tensor) -> tuple[torch.Tensor,
     if w.group_mult is not None:
         per_block = per_block * w.group_mult.to(torch.float32)
     return b.contiguous(), per_block.reshape(-1).contiguous(), block
+
+
+def nbits_dequantize(b: torch.Tensor, scales: torch.Tensor, k: int, bits: int) -> torch.Tensor:
+    """The float (N, K) weight a MatMulNBits ``B`` (N, blocks, blob) and ``scales`` (N * blocks) hold.
+
+    Codes are unsigned with the default zero point ``2^(bits-1)``: flipping each code's top bit
+    gives the signed two's-complement code in diffkiln's packing (the same low-first bit order).
+    """
+    n, blocks, blob = b.shape
+    block = blob * 8 // bits
+    q = unpack_weights(b.reshape(n, blocks * blob) ^ _TOP_BITS[bits], bits, blocks * block)[:, :k]
+    per_block = scales.to(torch.float32).reshape(n, blocks)
+    return q.to(torch.float32) * per_block.repeat_interleave(block, dim=1)[:, :k]

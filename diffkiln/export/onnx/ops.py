@@ -26,9 +26,9 @@ import torch
 from onnxscript import opset20 as op
 from torch import Tensor
 
-from diffkiln.kernels.packing import unpack_weights
+from diffkiln.export.onnx.nbits import nbits_dequantize
 
-__all__ = ["TRANSLATIONS", "matmulnbits", "nbits_dequantize"]
+__all__ = ["TRANSLATIONS", "matmulnbits"]
 
 
 def _fake_quant(x: Tensor, a_scale: Tensor, a_zp: Tensor) -> Tensor:
@@ -99,20 +99,6 @@ def wo_conv2d(
 @wo_conv2d.register_fake
 def _(x, w, w_scale, bias, stride, padding, dilation):
     return _conv_out_like(x, w, stride, padding, dilation)
-
-
-def nbits_dequantize(b: Tensor, scales: Tensor, k: int, bits: int) -> Tensor:
-    """The float (N, K) weight a MatMulNBits ``B`` (N, blocks, blob) and ``scales`` (N * blocks) hold.
-
-    Codes are unsigned with the default zero point ``2^(bits-1)``: flipping each code's top bit
-    gives the signed two's-complement code in diffkiln's packing (the same low-first bit order).
-    """
-    n, blocks, blob = b.shape
-    block = blob * 8 // bits
-    flip = {4: 0x88, 2: 0xAA}[bits]
-    q = unpack_weights(b.reshape(n, blocks * blob) ^ flip, bits, blocks * block)[:, :k]
-    per_block = scales.to(torch.float32).reshape(n, blocks)
-    return q.to(torch.float32) * per_block.repeat_interleave(block, dim=1)[:, :k]
 
 
 @torch.library.custom_op("diffkiln::act_qdq", mutates_args=())

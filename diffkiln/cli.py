@@ -639,6 +639,8 @@ def _cmd_inspect(a: argparse.Namespace) -> int:
         f"{summary['denoiser_bytes'] / max(summary['denoiser_fp16_bytes'], 1):.2f}x); "
         f"bundle {summary['bundle_bytes'] / 1e6:.2f} MB"
     )
+    if summary["derived_buffers"]:
+        print(f"derived  {', '.join(summary['derived_buffers'])} (rebuilt from the config at load, not stored)")
     print(
         f"bos      positions {summary['bos']['positions']}"
         + (

@@ -225,7 +225,7 @@ def _prepare(target: str | os.PathLike[str], config: OptimizeConfig) -> _Prepare
         smooth=config.smooth,
         smooth_alpha=config.smooth_alpha,
         timestep_aware=config.timestep_aware,
-        scale_dtype="float16" if config.resolved_float_storage() is FloatStorage.FLOAT16 else "float32",
+        scale_dtype="float16" if config.resolved_float_storage() is FloatStorage.FLOAT16 else "auto",
     )
     metrics = {
         "load_seconds": round(t1 - t0, 3),

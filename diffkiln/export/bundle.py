@@ -6,7 +6,8 @@ Layout (see docs/bundle-format.md)::
     BUNDLE/model_index.json                  the diffusers pipeline index
     BUNDLE/<denoiser>/config.json            the denoiser's diffusers config
     BUNDLE/<denoiser>/quantized.safetensors  int8 and packed int4/int2 weights, scales, activation
-                                             params, BOS rows, and the FP tensors of the rest
+                                             params, BOS rows, and the FP tensors of the rest (but
+                                             the buffers its constructor rebuilds exactly)
     BUNDLE/<component>/...                   text encoders, VAE, tokenizers, scheduler (save_pretrained)
 
 Written atomically: everything goes to a temporary sibling directory that is renamed into place
@@ -27,10 +28,11 @@ from torch import nn
 
 from diffkiln.calibrate.stats import CalibrationStats, find_denoiser, find_quantizable_layers
 from diffkiln.export.atomic import atomic_directory, file_table
+from diffkiln.export.derived import find_derived_buffers
 from diffkiln.export.freeze import freeze_layer, layer_meta
 from diffkiln.kernels.packing import PACKABLE_BITS
 from diffkiln.optimizer.plan import Plan
-from diffkiln.runtime.manifest import BUNDLE_FORMAT, BUNDLE_VERSION, MANIFEST_NAME
+from diffkiln.runtime.manifest import BUNDLE_FORMAT, MANIFEST_NAME
 from diffkiln.toolchain import toolchain_versions
 
 __all__ = ["ExportConfig", "FloatStorage", "export_bundle"]
@@ -121,11 +123,12 @@ def _write_denoiser(
             "meta": layer_meta(module, lp),
             "bos_positions": list(lp.bos_positions),
         }
-    # Everything else of the denoiser: FP layers, norms, embeddings, and buffers
-    # (non-persistent ones too, since the runtime builds the model without running its init).
+    # Everything else of the denoiser: FP layers, norms, embeddings, and the buffers its
+    # constructor does not rebuild exactly (the runtime rebuilds and checks the derived ones).
+    derived = find_derived_buffers(denoiser)
     fp_names = []
     for pname, t in [*denoiser.named_parameters(), *denoiser.named_buffers()]:
-        if pname in quantized_params:
+        if pname in quantized_params or pname in derived:
             continue
         tensors[f"fp::{pname}"] = _stored_float(t.detach().cpu(), storage).contiguous()
         fp_names.append(pname)
@@ -135,15 +138,19 @@ def _write_denoiser(
         "layers": quant_layers,
         "fp_layers": fp_layers,
         "fp_tensors": len(fp_names),
+        "derived_buffers": {n: d.to_dict() for n, d in sorted(derived.items())},
         "denoiser_class": type(denoiser).__name__,
         "weights_file": f"{name}/{QUANT_FILE}",
     }
 
 
-def _format_version(plan: Plan) -> int:
-    """The lowest bundle format version that describes ``plan``: 3 only when it has 3-bit layers."""
+def _format_version(plan: Plan, derived_buffers: dict[str, Any]) -> int:
+    """The lowest bundle format version that describes the bundle: 4 with derived buffers, 3 with
+    3-bit layers, else 2."""
+    if derived_buffers:
+        return 4
     three_bit = any(lp.weight is not None and lp.weight.bits == 3 for lp in plan.layers)
-    return BUNDLE_VERSION if three_bit else 2
+    return 3 if three_bit else 2
 
 
 def export_bundle(
@@ -179,7 +186,7 @@ def export_bundle(
         files = file_table(tmp)
         manifest = {
             "format": BUNDLE_FORMAT,
-            "version": _format_version(plan),
+            "version": _format_version(plan, quant["derived_buffers"]),
             "source": plan.source,
             "pipeline": {
                 "class": type(pipe).__name__,
@@ -192,6 +199,7 @@ def export_bundle(
                 "weights_file": quant["weights_file"],
                 "layers": quant["layers"],
                 "fp_layers": quant["fp_layers"],
+                "derived_buffers": quant["derived_buffers"],
                 "avg_weight_bits": plan.avg_weight_bits,
                 "avg_stored_weight_bits": _stored_bits_or_none(plan),
                 "avg_act_bits": plan.avg_act_bits,

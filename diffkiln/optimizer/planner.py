@@ -19,7 +19,7 @@ from torch import nn
 
 from diffkiln.calibrate.stats import CalibrationStats, LayerStats, find_denoiser, find_quantizable_layers
 from diffkiln.optimizer.plan import ActMode, ActSpec, LayerPlan, Plan, WeightSpec
-from diffkiln.optimizer.quantizers import ClipMethod, choose_act_params
+from diffkiln.optimizer.quantizers import ClipMethod, choose_act_params, float16_scales_exact
 from diffkiln.optimizer.smoothing import channel_outlier_ratio, smoothing_factors
 
 __all__ = [
@@ -73,8 +73,11 @@ class QuantizeConfig:
         timestep_aware: static mode only: one activation range per calibrated sampler step
             (as msModelSlim's timestep-aware W8A8), chosen from that step's samples; the runtime
             uses the range of the nearest calibrated timestep. Default False (one range).
-        scale_dtype: "float32" or "float16" per-channel weight scales; the codes are rounded
-            against the stored scale either way. Default "float32".
+        scale_dtype: "float32", "float16" or "auto" per-channel weight scales; the codes are
+            rounded against the stored scale either way. "auto" takes float16 for a layer whose
+            scales all lie in float16's normal range (half the scale bytes, nothing lost: see
+            :func:`~diffkiln.optimizer.quantizers.float16_scales_exact`) and float32 for the
+            others. Default "auto".
     """
 
     recipe: Recipe = Recipe.W8A8
@@ -89,7 +92,7 @@ class QuantizeConfig:
     smooth_alpha: float = 0.5
     smooth_min_outlier_ratio: float = 8.0
     timestep_aware: bool = False
-    scale_dtype: str = "float32"
+    scale_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         for field_name, enum in (
@@ -111,11 +114,13 @@ class QuantizeConfig:
             raise ValueError(f"smooth_alpha must be in (0, 1), got {self.smooth_alpha}")
         if self.timestep_aware and self.act_mode is not ActMode.STATIC:
             raise ValueError("timestep_aware needs static activations (act_mode static)")
-        if self.scale_dtype not in ("float32", "float16"):
-            raise ValueError(f"scale_dtype must be 'float32' or 'float16', got {self.scale_dtype!r}")
+        if self.scale_dtype not in _SCALE_DTYPES:
+            raise ValueError(f"scale_dtype must be one of {list(_SCALE_DTYPES)}, got {self.scale_dtype!r}")
         if self.smooth_min_outlier_ratio < 1.0:
             raise ValueError(f"smooth_min_outlier_ratio must be >= 1, got {self.smooth_min_outlier_ratio}")
 
+
+_SCALE_DTYPES = ("auto", "float32", "float16")
 
 _CONDITIONING_CLASS_HINTS = ("Timestep", "Embedding")
 
@@ -203,6 +208,18 @@ def _range_samples(
     return samples
 
 
+def _layer_scale_dtype(
+    module: nn.Linear | nn.Conv2d, config: QuantizeConfig, act_absmax: torch.Tensor, alpha: float | None
+) -> str:
+    """The layer's weight-scale dtype: as configured, or for "auto" float16 where it is exact."""
+    if config.scale_dtype != "auto":
+        return config.scale_dtype
+    weight = module.weight.detach().float()
+    if alpha is not None:  # the scales are those of the smoothed weight the bundle stores
+        weight = weight * smoothing_factors(act_absmax, weight, alpha)[None, :]
+    return "float16" if float16_scales_exact(weight, config.weight_bits) else "float32"
+
+
 def make_plan(pipe: Any, stats: CalibrationStats, config: QuantizeConfig, source_id: str) -> Plan:
     """Decide each denoiser layer's quantisation from calibration statistics.
 
@@ -273,7 +290,7 @@ def make_plan(pipe: Any, stats: CalibrationStats, config: QuantizeConfig, source
                 clip_hi=p.hi,
                 **steps,
             )
-        weight = WeightSpec(bits=config.weight_bits, scale_dtype=config.scale_dtype)
+        weight = WeightSpec(bits=config.weight_bits, scale_dtype=_layer_scale_dtype(module, config, act_absmax, alpha))
         out.append(LayerPlan(name, kind, weight, act, rows, "", params, alpha, module.weight.shape[0]))
     return Plan(
         recipe=config.recipe.value,

@@ -23,6 +23,7 @@ __all__ = [
     "act_code_range",
     "choose_act_params",
     "fake_quant_activation",
+    "float16_scales_exact",
     "quantize_weight_grouped",
     "quantize_weight_per_channel",
 ]
@@ -86,6 +87,24 @@ class QuantizedWeight:
 
 
 _FP16_TINY = 2.0**-14  # the smallest normal float16: scales below it would lose precision
+_FP16_MAX = 65504.0
+
+
+def float16_scales_exact(weight: torch.Tensor, bits: int = 8) -> bool:
+    """True when every per-channel scale of ``weight`` at ``bits`` lies in float16's normal range.
+
+    Then storing the scales in float16 costs nothing but the rounding of each scale, against
+    which the codes are computed (:func:`quantize_weight_per_channel`), so the stored layer is
+    exact; outside that range float16 would clamp or lose precision, and float32 is kept.
+
+    Args:
+        weight: a Linear (out, in) or Conv (out, in, kh, kw) weight, as it will be quantized
+            (smoothing factors applied).
+        bits: 2..8. Default 8.
+    """
+    absmax = weight.detach().to(torch.float32).reshape(weight.shape[0], -1).abs().amax(dim=1)
+    scale = absmax[absmax > 0] / (2 ** (bits - 1) - 1)
+    return bool(((scale >= _FP16_TINY) & (scale <= _FP16_MAX)).all())
 
 
 def quantize_weight_per_channel(
@@ -112,7 +131,7 @@ def quantize_weight_per_channel(
     absmax = w.reshape(w.shape[0], -1).abs().amax(dim=1)
     scale = torch.where(absmax > 0, absmax / qmax, torch.ones_like(absmax))
     if scale_dtype == torch.float16:
-        scale = scale.clamp(_FP16_TINY, 65504.0).to(torch.float16).to(torch.float32)
+        scale = scale.clamp(_FP16_TINY, _FP16_MAX).to(torch.float16).to(torch.float32)
     shape = (-1,) + (1,) * (w.dim() - 1)
     q = torch.clamp(torch.round(w / scale.view(shape)), -qmax, qmax).to(torch.int8)
     return QuantizedWeight(q=q, scale=scale, bits=bits)
@@ -151,7 +170,7 @@ def quantize_weight_grouped(
     absmax = w.abs().amax(dim=1)
     scale = torch.where(absmax > 0, absmax / (qmax * GROUP_MULT_MAX), torch.ones_like(absmax))
     if scale_dtype == torch.float16:
-        scale = scale.clamp(_FP16_TINY, 65504.0).to(torch.float16).to(torch.float32)
+        scale = scale.clamp(_FP16_TINY, _FP16_MAX).to(torch.float16).to(torch.float32)
     units = w / scale[:, None]
     n, k = units.shape
     groups = -(-k // group_size)

@@ -22,7 +22,8 @@ def denoiser_sizes(bundle: Path, manifest: dict[str, Any]) -> tuple[int, int]:
 
     Stored bytes count every tensor the denoiser keeps (int8 and packed weights, scales, BOS rows, FP
     tensors); the FP16 figure counts 2 bytes per element of the original float model: quantized
-    weights and biases at their float shapes, plus every FP tensor.
+    weights and biases at their float shapes, every FP tensor, and the derived buffers an FP16
+    checkpoint holds (persistent ones; the bundle rebuilds them instead of storing them).
     """
     stored = fp16 = 0
     layers = manifest["quant"]["layers"]
@@ -35,6 +36,9 @@ def denoiser_sizes(bundle: Path, manifest: dict[str, Any]) -> tuple[int, int]:
                 fp16 += math.prod(sl.get_shape()) * 2
             elif suffix == "weight_packed":  # the float weight's shape is in the layer's meta
                 fp16 += math.prod(layers[layer]["meta"]["weight_shape"]) * 2
+    for record in manifest["quant"].get("derived_buffers", {}).values():  # format version 4
+        if record["persistent"]:
+            fp16 += math.prod(record["shape"]) * 2
     return stored, fp16
 
 
@@ -67,6 +71,7 @@ def summarize(bundle: str | os.PathLike[str]) -> dict[str, Any]:
         "denoiser_bytes": stored,
         "denoiser_fp16_bytes": fp16,
         "bundle_bytes": sum(info["bytes"] for info in manifest["files"].values()),
+        "derived_buffers": sorted(quant.get("derived_buffers", {})),
         "bos": manifest["bos"],
         "build_metrics": manifest.get("build_metrics", {}),
     }

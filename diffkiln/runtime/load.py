@@ -2,9 +2,10 @@
 
 Loading checks the manifest's schema and version and every file's size and sha256 before using
 anything, reads tensors with safetensors and metadata with JSON only (never unpickles), and
-builds the denoiser without its float weights: the architecture is created on the meta device,
-quantized layers are built from int8 tensors, and the remaining tensors are assigned from the
-bundle.
+builds the denoiser without its float weights: the architecture is created on the meta device
+(but for the buffers its constructor rebuilds, which are checked against the bundle's
+fingerprints), quantized layers are built from int8 tensors, and the remaining tensors are
+assigned from the bundle.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from diffkiln.runtime.assemble import replace_layers
+from diffkiln.runtime.derived import check_derived_buffers, real_buffers_meta_params
 from diffkiln.runtime.manifest import BundleError, read_manifest, verify_files
 
 __all__ = ["Backend", "assemble_pipeline", "build_denoiser", "is_bundle", "load", "resolve_device"]
@@ -87,8 +89,16 @@ def build_denoiser(bundle: Path, manifest: dict[str, Any]) -> nn.Module:
     if cls is None:
         raise BundleError(f"denoiser class {pipe_info['denoiser_class']!r} is not in diffusers {diffusers.__version__}")
     config = cls.load_config(bundle / pipe_info["denoiser"])
-    with torch.device("meta"):
+    derived = quant.get("derived_buffers", {})
+    # Parameters on meta (they come from the bundle); buffers real when the constructor's tables
+    # are used instead of stored ones.
+    with real_buffers_meta_params() if derived else torch.device("meta"):
         denoiser = cls.from_config(config)
+    check_derived_buffers(denoiser, derived)
+    for name, buf in list(denoiser.named_buffers()):
+        if name not in derived:  # must come from the bundle: left on meta, a missing one is an error below
+            module_name, _, attr = name.rpartition(".")
+            denoiser.get_submodule(module_name)._buffers[attr] = torch.empty_like(buf, device="meta")
     try:
         tensors = load_file(str(bundle / quant["weights_file"]))
     except Exception as exc:  # safetensors raises several types for malformed files

@@ -25,10 +25,10 @@ __all__ = [
 ]
 
 BUNDLE_FORMAT = "diffkiln.bundle"
-BUNDLE_VERSION = 3
-"""2 adds packed 4-/2-bit and weight-only layers, 3 adds packed 3-bit layers; this runtime reads 1 to 3.
-Exports write the lowest version that describes the bundle, so bundles without 3-bit layers stay
-readable by version-2 runtimes."""
+BUNDLE_VERSION = 4
+"""2 adds packed 4-/2-bit and weight-only layers, 3 adds packed 3-bit layers, 4 adds derived buffers
+(rebuilt by the runtime, not stored); this runtime reads 1 to 4. Exports write the lowest version
+that describes the bundle, so bundles without those features stay readable by older runtimes."""
 MANIFEST_NAME = "manifest.json"
 ONNX_FORMAT = "diffkiln.onnx"
 """The manifest format of an ONNX export folder (docs/onnx-export.md)."""

@@ -7,6 +7,7 @@ from diffkiln.optimizer.quantizers import (
     ClipMethod,
     choose_act_params,
     fake_quant_activation,
+    float16_scales_exact,
     quantize_weight_per_channel,
 )
 from diffkiln.report.metrics import sqnr_db
@@ -22,6 +23,21 @@ def test_weight_per_channel_int8_sqnr_and_exact_grid(shape: tuple[int, ...]) -> 
     # Quantising the dequantised weight again is a fixed point (bit-exact).
     again = quantize_weight_per_channel(qw.dequantize())
     assert torch.equal(again.q, qw.q)
+
+
+@pytest.mark.parametrize(
+    ("absmax", "exact"),
+    [(1.0, True), (127 * 2.0**-14, True), (127 * 2.0**-15, False), (127 * 70000.0, False)],
+    ids=["typical", "smallest-normal", "subnormal", "overflow"],
+)
+def test_float16_scales_exact_only_inside_the_normal_range(absmax: float, exact: bool) -> None:
+    w = torch.randn(8, 16)
+    w = w / w.abs().amax(dim=1, keepdim=True) * torch.tensor([1.0] * 7 + [absmax])[:, None]
+    assert float16_scales_exact(w) is exact
+    if exact:  # storing float16 scales then loses nothing: the codes are computed against them
+        half = quantize_weight_per_channel(w, scale_dtype=torch.float16)
+        assert torch.equal(half.scale, half.scale.half().float())
+        assert sqnr_db(w, half.dequantize()) >= sqnr_db(w, quantize_weight_per_channel(w).dequantize()) - 0.05
 
 
 def test_weight_bits_are_validated() -> None:

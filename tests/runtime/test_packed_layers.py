@@ -220,3 +220,25 @@ def test_onednn_prepacked_layers_keep_one_int8_copy(kind: str) -> None:
     n_weights = codes.numel()
     # One int8 byte per weight plus per-channel scales/bias (float16 in the layer, float32 in oneDNN's copy).
     assert n_weights <= resident_bytes(holder) < n_weights + 16 * codes.shape[1] + 4096
+
+
+def test_auto_scale_dtype_takes_float16_where_it_is_exact(random_shapes_pipelines, tmp_path: Path) -> None:
+    import copy
+
+    from diffkiln.calibrate import CalibrationConfig, calibrate
+    from diffkiln.export import ExportConfig, export_bundle
+    from diffkiln.optimizer.planner import make_plan
+    from tests.runtime_e2e_helpers import CACHE, PROMPTS
+
+    pipe = copy.deepcopy(random_shapes_pipelines["dit"])
+    stats = calibrate(pipe, CalibrationConfig(PROMPTS, steps=4, batch_size=4, cache_dir=CACHE, progress=False))
+    tiny = "transformer_blocks.0.attn.to_q"
+    with torch.no_grad():  # scales of 1e-6: below float16's normal range
+        pipe.transformer.get_submodule(tiny).weight.mul_(1e-6 / pipe.transformer.get_submodule(tiny).weight.abs().max())
+    plan = make_plan(pipe, stats, QuantizeConfig(), "t")
+    dtypes = {lp.name: lp.weight.scale_dtype for lp in plan.layers if lp.weight is not None}
+    assert dtypes.pop(tiny) == "float32" and set(dtypes.values()) == {"float16"}
+    bundle = export_bundle(pipe, plan, stats, ExportConfig(tmp_path / "b"))
+    with safe_open(str(bundle / "transformer" / "quantized.safetensors"), "pt") as f:
+        stored = {k.partition("::")[0]: f.get_slice(k).get_dtype() for k in f.keys() if k.endswith("::weight_scale")}  # noqa: SIM118
+    assert stored.pop(tiny) == "F32" and set(stored.values()) == {"F16"}

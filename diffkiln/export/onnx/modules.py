@@ -111,13 +111,21 @@ class OnnxQLinear(nn.Module):
         self.text_len = q.text_len
         self.register_buffer("bos_keep", None)
         self.register_buffer("bos_rows", None)
+        self.bos_prefix = 0
         if q.bos_rows is not None and q.bos_positions is not None:
-            # The BOS rows become constants: out * keep + rows, with keep 0 at the BOS positions.
-            keep = torch.ones(q.text_len, 1)
-            keep[q.bos_positions] = 0.0
-            rows = torch.zeros(q.text_len, q.out_features)
-            rows[q.bos_positions] = q.bos_rows.float()
-            self.bos_keep, self.bos_rows = keep, rows
+            positions = [int(p) for p in q.bos_positions]
+            if positions == list(range(len(positions))):
+                # CLIP's BOS (a prefix of positions): the rows as they are, concatenated before the
+                # other tokens' outputs; nothing of text_len size is stored.
+                self.bos_prefix = len(positions)
+                self.bos_rows = q.bos_rows.float().unsqueeze(0)
+            else:
+                # Elsewhere: out * keep + rows, with keep 0 at the BOS positions.
+                keep = torch.ones(q.text_len, 1)
+                keep[positions] = 0.0
+                rows = torch.zeros(q.text_len, q.out_features)
+                rows[positions] = q.bos_rows.float()
+                self.bos_keep, self.bos_rows = keep, rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xin = x if self.smooth_inv is None else x * self.smooth_inv
@@ -132,9 +140,13 @@ class OnnxQLinear(nn.Module):
             out = ops.int_linear(xin, self.w_t, self.out_scale, self.bias, self.a_scale, self.a_zp)
         else:
             out = ops.qdq_linear(xin, self.w_t, self.w_scale, self.bias, self.a_scale, self.a_zp)
-        if self.bos_rows is not None and self.bos_keep is not None and x.dim() == 3 and x.shape[1] == self.text_len:
-            out = out * self.bos_keep + self.bos_rows
-        return out
+        if self.bos_rows is None or x.dim() != 3 or x.shape[1] != self.text_len:
+            return out
+        if self.bos_prefix:
+            rows = self.bos_rows.expand(out.shape[0], -1, -1)
+            return torch.cat([rows, out[:, self.bos_prefix :]], dim=1)
+        assert self.bos_keep is not None  # set with bos_rows when the positions are no prefix
+        return out * self.bos_keep + self.bos_rows
 
 
 class OnnxQConv2d(nn.Module):

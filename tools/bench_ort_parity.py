@@ -10,7 +10,11 @@ For each prompt (seed = its index), 20 sampler steps:
   one ulp up (``torch.nextafter``), and the same for the FP model the bundle came from. A quantized
   sampler's trajectory is discontinuous in its input (a rounding boundary flips a code, the
   sampler amplifies it), so no second implementation that is not bit-identical can match the
-  bundle more closely than this floor.
+  bundle more closely than this floor;
+* **the torch bundle on another CPU**: on a CPU with an int8 dot-product unit (VNNI/AMX), the same
+  bundle loaded as a CPU without one (AVX2) runs it, 8-bit layers on the exact integer fallback
+  instead of oneDNN's kernels, against the bundle as loaded here: how far the reference itself
+  moves between two machines (null on a CPU without VNNI, where both are the same path).
 
 Usage:
     python tools/bench_ort_parity.py --bundle B --onnx DIR [--prompts 4] [--out tools/results/ort_parity.json]
@@ -74,6 +78,28 @@ def _ulp_floor(pipe: Any, prompts: list[str]) -> list[float]:
     return out
 
 
+def _other_cpu_path(bundle: Path, prompts: list[str], reference: list[Any]) -> list[float] | None:
+    """Per-prompt SQNR of the bundle run as an AVX2 CPU runs it against ``reference`` (this CPU's)."""
+    from unittest import mock
+
+    import torch
+
+    from diffkiln.kernels import backends
+    from diffkiln.report.metrics import sqnr_db
+    from diffkiln.runtime import load
+
+    if not backends._cpu_has_vnni():
+        return None
+    out = []
+    with mock.patch.object(backends, "_cpu_has_vnni", lambda: False):  # scoped to this comparison
+        pipe = load(bundle, device="cpu")
+        pipe.set_progress_bar_config(disable=True)
+        for i, (prompt, ref) in enumerate(zip(prompts, reference, strict=True)):
+            got, _ = _run(pipe, prompt, i)
+            out.append(BIT_IDENTICAL_DB if torch.equal(ref, got) else round(sqnr_db(ref, got), 2))
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", type=Path, required=True, help="a diffkiln bundle (a UNet pipeline)")
@@ -115,6 +141,7 @@ def main() -> int:
         "ort_vs_torch_pooled_db": round(sqnr_db(torch.cat(latents_t), torch.cat(latents_o)), 2),
         "ort_vs_torch_per_call_db": per_call,
         "bundle_one_ulp_floor_db": _ulp_floor(torch_pipe, prompts),
+        "bundle_avx2_path_vs_this_cpu_db": _other_cpu_path(args.bundle, prompts, latents_t),
         "fp_one_ulp_floor_db": _ulp_floor(load_pipeline(source), prompts),
     }
     print(json.dumps(results, indent=2))

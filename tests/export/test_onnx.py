@@ -177,13 +177,13 @@ def test_packed_layers_become_sub_byte_initializers(random_shapes_pipelines, tmp
     halves = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT16]
     assert halves  # float16-stored scales and FP tensors stay float16 (Cast in the graph)
     qpipe = load(bundle, "cpu")
-    name = "denoiser.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.w_t"
+    name = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.w_t"
     module = qpipe.unet.get_submodule("down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k")
     assert np.array_equal(numpy_helper.to_array(int4[name]).astype(np.int8), module.codes_t().numpy())
     three_bit = [lp.name for lp in layers if lp.weight is not None and lp.weight.bits == 3 and lp.kind == "linear"]
     assert three_bit  # 3-bit codes ([-3, 3]) are INT4 initializers too: ONNX has no narrower type
     m3 = qpipe.unet.get_submodule(three_bit[0])
-    codes3 = numpy_helper.to_array(int4[f"denoiser.{three_bit[0]}.w_t"]).astype(np.int8)
+    codes3 = numpy_helper.to_array(int4[f"{three_bit[0]}.w_t"]).astype(np.int8)
     assert np.array_equal(codes3, m3.codes_t().numpy())
     # onnxruntime runs the sub-byte graph as written and optimized (its optimizer breaks a rewrite
     # of this graph, so open_session builds the optimized session without it).

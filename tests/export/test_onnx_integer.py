@@ -110,7 +110,7 @@ def test_grouped_bundle_round_trips_and_exports_int8_codes(random_shapes_pipelin
     weights = {i.name: i for i in model.graph.initializer if i.name.endswith((".w_t", ".w"))}
     assert weights and all(i.data_type == onnx.TensorProto.INT8 for i in weights.values())
     layer = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
-    stored = onnx.numpy_helper.to_array(weights[f"denoiser.{layer}.w_t"])
+    stored = onnx.numpy_helper.to_array(weights[f"{layer}.w_t"])
     assert np.array_equal(stored, qpipe.unet.get_submodule(layer).codes_t().numpy())  # code x multiplier
     got = _ort_denoiser(tmp_path / "onnx")(*args, **kwargs)[0]
     with torch.no_grad():

@@ -9,7 +9,12 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from diffkiln.export.onnx.passes import DropShapeInfoPass, Float16InitializersPass, SubByteInitializersPass
+from diffkiln.export.onnx.passes import (
+    DropShapeInfoPass,
+    Float16InitializersPass,
+    StripNamePrefixPass,
+    SubByteInitializersPass,
+)
 
 
 def _model(opset: int = 21, code_bits: int = 4) -> ir.Model:
@@ -118,3 +123,17 @@ def test_drop_shape_info_keeps_graph_inputs_and_outputs() -> None:
     assert not proto.graph.value_info  # neither "h" nor the initializers (their tensors carry dtype and dims)
     assert proto.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
     np.testing.assert_array_equal(_run(model, np.ones((2, 8), np.float32)), _run(_model(), np.ones((2, 8), np.float32)))
+
+
+def test_strip_prefix_renames_initializers_and_their_uses_but_never_onto_a_taken_name() -> None:
+    x = np.random.default_rng(2).standard_normal((2, 8)).astype(np.float32)
+    before = _run(_model(), x)
+    model = _model()
+    for old in ("w", "b", "codes"):
+        model.graph.initializers[old].name = f"denoiser.{old}"
+    model.graph.initializers["s"].name = "denoiser.x"  # stripped, it would be the graph input's name
+    StripNamePrefixPass("denoiser.")(model)
+    assert set(model.graph.initializers) == {"w", "b", "codes", "denoiser.x"}
+    np.testing.assert_array_equal(_run(model, x), before)  # every use follows its initializer
+    with pytest.raises(ValueError, match="ending with"):
+        StripNamePrefixPass("denoiser")

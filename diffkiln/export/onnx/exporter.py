@@ -185,9 +185,10 @@ def _io_spec(values: Any) -> list[dict[str, Any]]:
     return spec
 
 
-def _finish(program: Any, sub_byte: set[str], opset: int, float16: bool = True) -> Any:
+def _finish(program: Any, sub_byte: set[str], opset: int, float16: bool = True, prefix: str | None = None) -> Any:
     """Run the export passes on the ONNX program's model (in place); ``float16``: store float32
-    initializers exact in float16 as float16."""
+    initializers exact in float16 as float16; ``prefix``: the export wrapper's attribute path to
+    drop from initializer names (``sub_byte`` names still carry it)."""
     import onnx_ir as ir
     from onnx_ir.passes.common import ClearMetadataAndDocStringPass
 
@@ -196,12 +197,15 @@ def _finish(program: Any, sub_byte: set[str], opset: int, float16: bool = True) 
         DropShapeInfoPass,
         Float16InitializersPass,
         NoopSqueezePass,
+        StripNamePrefixPass,
         SubByteInitializersPass,
     )
 
     passes: list[ir.passes.PassBase] = [ClearMetadataAndDocStringPass(), ClearValueMetadataPass(), NoopSqueezePass()]
     if sub_byte and opset >= 21:
         passes.append(SubByteInitializersPass(sub_byte))
+    if prefix:
+        passes.append(StripNamePrefixPass(prefix))
     if float16:
         passes.append(Float16InitializersPass())
     passes.append(DropShapeInfoPass())
@@ -221,13 +225,19 @@ def _save(model: Any, path: Path) -> None:
     onnx.checker.check_model(str(path), full_check=True)
 
 
+def _wrapper_prefix(module: Any) -> str | None:
+    """``"<attribute>."`` of the model an export wrapper holds (its only child module), or None."""
+    children = [name for name, _ in module.named_children()]
+    return f"{children[0]}." if len(children) == 1 else None
+
+
 def _export_component(
     component: Component, path: Path, config: OnnxExportConfig, sub_byte: set[str], float16: bool = True
 ) -> dict[str, Any]:
     program, static_reason = _export_program(component, config.opset, config.dynamic)
     if program is None:
         raise RuntimeError("torch.onnx.export returned no program")
-    model = _finish(program, sub_byte, config.opset, float16)
+    model = _finish(program, sub_byte, config.opset, float16, _wrapper_prefix(component.module))
     _save(model, path)
     entry: dict[str, Any] = {
         "kind": component.kind,

@@ -146,7 +146,11 @@ def test_mixed_sweep_and_sensitivity_from_the_command_line(tmp_path: Path, capsy
     assert main([*args, "--out", str(out), *cache, *_MIXED_FAST]) == 0
     data = json.loads((out / "sweep.json").read_text())
     rows = {r["name"]: r for r in data["rows"]}
-    assert set(rows) == {"mixed-w5", "mixed-w8", "uniform-w4a8", "w8a8"}  # no judge: no FP accuracy row
+    # No judge: no FP accuracy row. mixed-at-uniform-w4a8 spends uniform W4A8's stored bits.
+    assert set(rows) == {"mixed-w5", "mixed-w8", "uniform-w4a8", "w8a8", "mixed-at-uniform-w4a8"}
+    matched, uniform = rows["mixed-at-uniform-w4a8"], rows["uniform-w4a8"]
+    assert matched["avg_stored_weight_bits"] <= uniform["avg_stored_weight_bits"] + 1e-9
+    assert matched["denoiser_bytes"] <= uniform["denoiser_bytes"]
     assert rows["mixed-w5"]["avg_weight_bits"] <= 5.0 + 1e-9 < rows["mixed-w8"]["avg_weight_bits"] <= 8.0 + 1e-9
     assert rows["mixed-w5"]["size_ratio_vs_fp16"] < rows["w8a8"]["size_ratio_vs_fp16"]
     assert rows["mixed-w5"]["resident_bytes"] < rows["w8a8"]["resident_bytes"]

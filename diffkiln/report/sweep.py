@@ -21,7 +21,7 @@ from diffkiln.errors import InvalidInputError
 from diffkiln.export import ExportConfig, export_bundle
 from diffkiln.generation import GenerateConfig, generate, load_pipeline
 from diffkiln.optimizer.allocation import InfeasibleBudgetError
-from diffkiln.optimizer.mixed import make_mixed_plan, mixed_sensitivity, uniform_plan
+from diffkiln.optimizer.mixed import WeightBudget, make_mixed_plan, mixed_sensitivity, uniform_plan
 from diffkiln.optimizer.plan import Plan
 from diffkiln.optimizer.planner import make_plan
 from diffkiln.report.compare import fidelity
@@ -45,11 +45,15 @@ class SweepConfig:
         eval_size: prompts per evaluation set (built-in judged models; others: the calibration
             prompts' count). Default 50.
         references: also build uniform W4A8 and W8A8 bundles. Default True.
+        match_uniform: with ``references``, also build ``mixed-at-uniform-w4a8``: a mixed bundle
+            whose budget is what uniform W4A8 spends (its average stored bits, or code bits under
+            the code budget), so the two compare at the same bytes. Default True.
     """
 
     budgets: tuple[float, ...] = (3.0, 4.0, 5.0, 6.0, 8.0)
     eval_size: int = 50
     references: bool = True
+    match_uniform: bool = True
 
     def __post_init__(self) -> None:
         if not self.budgets or any(not 2.0 <= b <= 16.0 for b in self.budgets):
@@ -72,8 +76,15 @@ def _plans(target: str | os.PathLike[str], config: Any, sweep_config: SweepConfi
             raise InvalidInputError(f"--sweep {budget:g}: {exc}") from None
         plans[f"mixed-w{budget:g}"] = result.plan
     if sweep_config.references:
-        plans["uniform-w4a8"] = uniform_plan(base, 4, group_size=mixed_cfg.group_size)
+        uniform = uniform_plan(base, 4, group_size=mixed_cfg.group_size)
+        plans["uniform-w4a8"] = uniform
         plans["w8a8"] = make_plan(prep.pipe, prep.stats, prep.qconfig, prep.resolved.name)
+        if sweep_config.match_uniform:
+            stored = mixed_cfg.budget is WeightBudget.STORED
+            spent = uniform.avg_stored_weight_bits if stored else uniform.avg_weight_bits
+            # Uniform W4A8 is one point of the search space, so its budget is always feasible.
+            matched = make_mixed_plan(config=dataclasses.replace(mixed_cfg, weight_bits=spent), **inputs)
+            plans["mixed-at-uniform-w4a8"] = matched.plan
     return prep, plans
 
 

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from diffkiln.optimizer.allocation import InfeasibleBudgetError
-from diffkiln.optimizer.mixed import MixedConfig, WeightBudget, _mixed_layers, allocate_mixed, uniform_plan
+from diffkiln.optimizer.mixed import (
+    MixedConfig,
+    WeightBudget,
+    _mixed_layers,
+    allocate_mixed,
+    select_candidate,
+    uniform_plan,
+)
 from diffkiln.optimizer.plan import ActMode, ActSpec, LayerPlan, Plan, WeightSpec
 from diffkiln.optimizer.roles import LayerRole
 from diffkiln.optimizer.sensitivity import SensitivityEntry, SensitivityTable
@@ -115,8 +123,9 @@ def test_uniform_reference_plans() -> None:
         ({"weight_bits": 1.0}, "2..16"),
         ({"act_bits": 4.0}, "8..16"),
         ({"budget": "stored"}, "WeightBudget"),
+        ({"select_confidence": -1.0}, "standard errors"),
     ],
-    ids=["5-bit-candidate", "budget-1", "act-budget-4", "budget-kind-as-string"],
+    ids=["5-bit-candidate", "budget-1", "act-budget-4", "budget-kind-as-string", "negative-confidence"],
 )
 def test_bad_mixed_settings_are_rejected(kwargs: dict[str, object], match: str) -> None:
     with pytest.raises(ValueError, match=match):
@@ -149,3 +158,19 @@ def test_uniform_candidate_is_measured_beside_the_splits() -> None:
     # More than one bit below the budget, a uniform allocation is no rival: not measured.
     far = allocate_mixed(base, table, cands, MixedConfig(weight_bits=7.9, splits=1, weight_candidates=(2, 4, 16)))
     assert not [a for a, _, _ in far if "uniform" in a]
+
+
+def test_selection_keeps_the_even_split_unless_another_is_measurably_better() -> None:
+    rng = np.random.default_rng(0)
+    even = 0.92 + 0.02 * rng.standard_normal(32)
+    swing = np.tile([0.02, -0.02], 16)  # paired differences with a standard error of 0.0036
+    noisy_winner = even + 0.003 + swing  # a higher mean, within 2 standard errors
+    clear_winner = even + 0.03 + swing / 4
+    worse = even - 0.1
+    assert np.mean(noisy_winner) > np.mean(even)
+    assert select_candidate([even, noisy_winner, worse], confidence=2.0) == 0
+    assert select_candidate([even, noisy_winner, worse], confidence=0.0) == 1  # the plain maximum
+    assert select_candidate([even, noisy_winner, clear_winner], confidence=2.0) == 2
+    assert select_candidate([worse, even], confidence=2.0) == 1  # a bad first candidate is replaced
+    with pytest.raises(ValueError, match="same length"):
+        select_candidate([even, even[:8]], confidence=2.0)

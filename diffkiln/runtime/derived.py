@@ -42,6 +42,9 @@ ROUNDINGS = (None, "float16")
 """How a derived buffer relates to the constructor's: as is, or rounded to float16 (a model loaded
 from an FP16 checkpoint)."""
 
+_FLOAT_DTYPES = {
+    str(t).removeprefix("torch."): t for t in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+}
 _SAMPLES = 64
 _ULPS = 4.0  # tolerance of the sample check, in float32 ulps of the buffer's largest magnitude
 
@@ -71,6 +74,8 @@ class DerivedBuffer:
     def __post_init__(self) -> None:
         if self.round not in ROUNDINGS:
             raise ValueError(f"derived buffer rounding must be one of {list(ROUNDINGS)}, got {self.round!r}")
+        if self.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"derived buffer dtype must be one of {sorted(_FLOAT_DTYPES)}, got {self.dtype!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (the manifest's ``quant.derived_buffers`` values)."""
@@ -127,10 +132,15 @@ def _sample_index(numel: int) -> torch.Tensor:
     return torch.linspace(0, numel - 1, steps=min(_SAMPLES, numel)).round().long()
 
 
+def _digest(value: torch.Tensor) -> str:
+    """sha256 of a tensor's bytes (row-major)."""
+    return hashlib.sha256(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
 def fingerprint(value: torch.Tensor, rounding: str | None, persistent: bool) -> DerivedBuffer:
     """The record of ``value`` (the buffer as the FP model holds it)."""
     flat = value.detach().cpu().contiguous().reshape(-1)
-    digest = hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).hexdigest()
+    digest = _digest(flat)
     return DerivedBuffer(
         round=rounding,
         persistent=persistent,
@@ -142,7 +152,7 @@ def fingerprint(value: torch.Tensor, rounding: str | None, persistent: bool) -> 
     )
 
 
-def _mismatch(name: str, value: torch.Tensor, record: DerivedBuffer) -> str | None:
+def _mismatch(value: torch.Tensor, record: DerivedBuffer) -> str | None:
     """None when ``value`` matches ``record`` within float32 ulps, else the reason."""
     if tuple(value.shape) != record.shape or str(value.dtype).removeprefix("torch.") != record.dtype:
         return f"shape/dtype {tuple(value.shape)}/{value.dtype}, the bundle recorded {record.shape}/{record.dtype}"
@@ -177,8 +187,8 @@ def check_derived_buffers(denoiser: nn.Module, records: dict[str, Any]) -> None:
         current = buffers.get(name)
         if current is None or current.is_meta:
             raise BundleError(f"the bundle derives buffer {name!r}, but {type(denoiser).__name__} does not build it")
-        value = derived_value(current, record.round, getattr(torch, record.dtype))
-        reason = _mismatch(name, value, record)
+        value = derived_value(current, record.round, _FLOAT_DTYPES[record.dtype])
+        reason = _mismatch(value, record)
         if reason is not None:
             import diffusers
 
@@ -186,7 +196,7 @@ def check_derived_buffers(denoiser: nn.Module, records: dict[str, Any]) -> None:
                 f"derived buffer {name!r} rebuilt by diffusers {diffusers.__version__} does not match the "
                 f"bundle's: {reason}; load it with the diffusers version it was built with"
             )
-        if hashlib.sha256(value.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest() != record.sha256:
+        if _digest(value) != record.sha256:
             inexact.append(name)
         module_name, _, attr = name.rpartition(".")
         denoiser.get_submodule(module_name)._buffers[attr] = value

@@ -111,3 +111,5 @@ def test_malformed_record_is_a_bundle_error() -> None:
         DerivedBuffer.from_dict({"round": None})
     with pytest.raises(ValueError, match="rounding"):
         DerivedBuffer("bfloat8", True, (1,), "float32", "", (0.0,), 0.0)
+    with pytest.raises(BundleError, match="dtype"):
+        DerivedBuffer.from_dict({**fingerprint(torch.ones(3), None, True).to_dict(), "dtype": "nn"})

@@ -208,15 +208,14 @@ def _range_samples(
     return samples
 
 
-def _layer_scale_dtype(
-    module: nn.Linear | nn.Conv2d, config: QuantizeConfig, act_absmax: torch.Tensor, alpha: float | None
-) -> str:
-    """The layer's weight-scale dtype: as configured, or for "auto" float16 where it is exact."""
+def _layer_scale_dtype(module: nn.Linear | nn.Conv2d, config: QuantizeConfig, factors: torch.Tensor | None) -> str:
+    """The layer's weight-scale dtype: as configured, or for "auto" float16 where it is exact
+    (``factors``: the layer's smoothing factors, if smoothed)."""
     if config.scale_dtype != "auto":
         return config.scale_dtype
     weight = module.weight.detach().float()
-    if alpha is not None:  # the scales are those of the smoothed weight the bundle stores
-        weight = weight * smoothing_factors(act_absmax, weight, alpha)[None, :]
+    if factors is not None:  # the scales are those of the smoothed weight the bundle stores
+        weight = weight * factors[None, :]
     return "float16" if float16_scales_exact(weight, config.weight_bits) else "float32"
 
 
@@ -265,10 +264,10 @@ def make_plan(pipe: Any, stats: CalibrationStats, config: QuantizeConfig, source
             )
         ):
             alpha = config.smooth_alpha
+        factors = smoothing_factors(act_absmax, module.weight, alpha) if alpha is not None else None
         if config.act_mode is ActMode.DYNAMIC:
             act = ActSpec(mode=ActMode.DYNAMIC)
         else:
-            factors = smoothing_factors(act_absmax, module.weight, alpha) if alpha is not None else None
             p = choose_act_params(_range_samples(st, None, factors, rows), config.clip, bits=config.act_bits)
             steps: dict[str, tuple[Any, ...]] = {}
             if config.timestep_aware:
@@ -290,7 +289,7 @@ def make_plan(pipe: Any, stats: CalibrationStats, config: QuantizeConfig, source
                 clip_hi=p.hi,
                 **steps,
             )
-        weight = WeightSpec(bits=config.weight_bits, scale_dtype=_layer_scale_dtype(module, config, act_absmax, alpha))
+        weight = WeightSpec(bits=config.weight_bits, scale_dtype=_layer_scale_dtype(module, config, factors))
         out.append(LayerPlan(name, kind, weight, act, rows, "", params, alpha, module.weight.shape[0]))
     return Plan(
         recipe=config.recipe.value,

@@ -96,7 +96,7 @@ def build_denoiser(bundle: Path, manifest: dict[str, Any]) -> nn.Module:
         denoiser = cls.from_config(config)
     check_derived_buffers(denoiser, derived)
     for name, buf in list(denoiser.named_buffers()):
-        if name not in derived:  # must come from the bundle: left on meta, a missing one is an error below
+        if name not in derived and not buf.is_meta:  # from the bundle: on meta until filled, missing is an error
             module_name, _, attr = name.rpartition(".")
             denoiser.get_submodule(module_name)._buffers[attr] = torch.empty_like(buf, device="meta")
     try:

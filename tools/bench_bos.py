@@ -2,8 +2,9 @@
 
 Real CLIP's last hidden state has a BOS row far larger than the other tokens' (reported at about
 828 against 10-15 in the MixDQ write-up), and that row is what MixDQ's BOS-aware quantization keeps out of
-the cross-attention to_k/to_v activation range. The built-in models' tiny CLIPs have no such
-outlier (|BOS| 3.6 vs 3.8 on shapes-unet), so on them BOS-awareness cannot show an effect.
+the cross-attention to_k/to_v activation range. Until 2026-12-03 the built-in models' tiny
+CLIPs had no such outlier (|BOS| 3.6 vs 3.8 on shapes-unet), so on them BOS-awareness could not
+show an effect; shapes-unet's has one now (|BOS| about 265 vs 5), and shapes-dit's CLIPs still do not.
 
 This benchmark gives the model's text encoder a CLIP-like outlier (``diffkiln.zoo.outliers``: a
 named, scoped forward hook), in one of two forms (``--outlier``):
@@ -13,16 +14,20 @@ named, scoped forward hook), in one of two forms (``--outlier``):
 * ``channel`` (default): each ``--bos-scale`` is added to two channels of the BOS row, and the
   cross-attention to_k/to_v weights of those two input channels are zeroed, so the FP model's
   output does not depend on the outlier at all (as an attention sink's value is near zero) and
-  only the quantizer's activation range sees it. This isolates what BOS-awareness is for.
+  only the quantizer's activation range sees it. This isolates what BOS-awareness is for;
+* ``none``: the model as shipped, no hook, no blinded weights. Since 2026-12-03 the built-in
+  shapes-unet's own CLIP carries a CLIP-like BOS outlier in its weights (one residual channel,
+  ``diffkiln.zoo.outliers.impose_bos_massive_activation``), so this measures the real thing.
 
-The FP reference, calibration and both quantized pipelines run under the same hook and weights,
+The FP reference, calibration and every quantized pipeline run under the same hook and weights,
 so the comparison isolates the quantizer: latent SQNR of each W8A8 variant (smoothing off, as in
-MixDQ; plus plain W8A8 with SmoothQuant ``auto``) against the FP pipeline on the same held-out
+MixDQ; plus both with SmoothQuant ``auto``, diffkiln's default) against the FP pipeline on the same held-out
 prompts and seeds. Size 0 (channel) or 1 (row): no outlier (in channel mode the blinded
 weights still apply).
 
 Usage:
     python tools/bench_bos.py --model shapes-unet --outlier channel --bos-scale 0,100,800
+    python tools/bench_bos.py --model shapes-unet --outlier none
 """
 
 from __future__ import annotations
@@ -63,7 +68,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="shapes-unet", help="a built-in model or folder with a CLIP text encoder")
     parser.add_argument(
-        "--outlier", choices=("channel", "row"), default="channel", help="outlier form (default channel)"
+        "--outlier",
+        choices=("channel", "row", "none"),
+        default="channel",
+        help="outlier form; none: the model as shipped (default channel)",
     )
     parser.add_argument("--bos-scale", default="0,100,800", help="outlier sizes to measure (default 0,100,800)")
     parser.add_argument("--calib-prompts", type=int, default=16, help="calibration prompts (default 16)")
@@ -85,12 +93,14 @@ def main() -> int:
 
     pipe = load_pipeline(args.model)
     blinded = blind_cross_attention(pipe.unet) if args.outlier == "channel" else 0
+    kind = "channel" if args.outlier == "none" else args.outlier  # none: size 0, so no hook at all
+    scales = [0.0] if args.outlier == "none" else [float(s) for s in args.bos_scale.split(",")]
     prompts = default_calibration_prompts("shapes", args.calib_prompts + args.eval_prompts)
     calib, evals = prompts[: args.calib_prompts], prompts[args.calib_prompts :]
     rows = []
-    for scale in [float(s) for s in args.bos_scale.split(",")]:
+    for scale in scales:
         t0 = time.perf_counter()
-        with bos_outlier(pipe, scale, args.outlier):
+        with bos_outlier(pipe, scale, kind):
             bos, others = _bos_ratio(pipe, evals)
             # No disk cache: the hook changes the activations but not the weights the key hashes.
             stats = calibrate(pipe, CalibrationConfig(tuple(calib), steps=args.steps, guidance=args.guidance,
@@ -102,11 +112,12 @@ def main() -> int:
             "bos_aware": QuantizeConfig(bos_aware=True, smooth=SmoothMode.OFF),
             "plain": QuantizeConfig(bos_aware=False, smooth=SmoothMode.OFF),
             "plain_smooth_auto": QuantizeConfig(bos_aware=False, smooth=SmoothMode.AUTO),
+            "bos_aware_smooth_auto": QuantizeConfig(bos_aware=True, smooth=SmoothMode.AUTO),
         }
         for label, qconfig in variants.items():
             plan = make_plan(pipe, stats, qconfig, args.model)
             qpipe = apply_plan(pipe, plan, stats)  # copied outside the hook, then hooked like the FP one
-            with bos_outlier(qpipe, scale, args.outlier):
+            with bos_outlier(qpipe, scale, kind):
                 out = _latents(qpipe, evals, args.steps, args.guidance)
             per = [sqnr_db(r, o) for r, o in zip(ref, out, strict=True)]
             row[label] = {"latent_sqnr_db": round(sqnr_db(ref, out), 2),
@@ -122,11 +133,12 @@ def main() -> int:
                                     "calib_prompts": len(calib), "eval_prompts": len(evals), "rows": rows},
                                    indent=2))  # fmt: skip
     print(f"outlier: {args.outlier}; latent SQNR vs FP, pooled / median prompt / worst prompt")
-    print("| outlier | \\|BOS\\| vs others | BOS-aware W8A8 | plain W8A8 | plain W8A8 + SmoothQuant auto |")
-    print("|---|---|---|---|---|")
+    print("| outlier | \\|BOS\\| vs others | BOS-aware W8A8 | plain W8A8 | plain W8A8 + SmoothQuant auto "
+          "| BOS-aware + SmoothQuant auto (default) |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
     for r in rows:
         cells = [f"{v['latent_sqnr_db']} / {v['median_prompt_db']} / {v['worst_prompt_db']} dB"
-                 for v in (r["bos_aware"], r["plain"], r["plain_smooth_auto"])]  # fmt: skip
+                 for v in (r["bos_aware"], r["plain"], r["plain_smooth_auto"], r["bos_aware_smooth_auto"])]  # fmt: skip
         print(f"| {r['bos_scale']:g} | {r['bos_absmax']} vs {r['others_absmax']} | " + " | ".join(cells) + " |")
     return 0
 

@@ -29,6 +29,13 @@ torch 2.13.0 CPU), fine-tuning the 2026-11-23 weights:
     python tools/train_shapes.py --stage unet --work W --device cpu --threads 2 --minutes 40 \
         --resume --steps 40000                                                           # 23 min
 
+and on 2026-12-03 shapes-unet was fine-tuned from those weights with CLIP's BOS outlier built into
+its text encoder (docs/models.md):
+
+    python tools/train_shapes.py --stage unet --work W --out OUT --device cpu --threads 2 \
+        --minutes 45 --lr 5e-4 --init-from diffkiln/zoo/weights/shapes-unet \
+        --bos-massive-activation 37,100,40                                               # 39 min
+
 The wall-clock time of each stage is printed and recorded in ``W/<stage>.json``; docs/models.md
 has the figures and the measured quality. On a GPU the same script runs with ``--device cuda``.
 """
@@ -37,6 +44,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
+import functools
 import json
 import math
 import multiprocessing as mp
@@ -50,6 +59,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from diffkiln.zoo.outliers import BosMassiveActivation, blind_cross_attention, impose_bos_massive_activation
 from diffkiln.zoo.shapes import (
     PromptSet,
     content_accuracy,
@@ -233,9 +243,13 @@ class _EMA:
                 ps.lerp_(pm.detach(), 1 - d)
 
 
-def _train_loop(name, work, device, steps, batch, seed, modules, loss_fn, minutes, resume=False, lr=LR):
+def _train_loop(
+    name, work, device, steps, batch, seed, modules, loss_fn, minutes, resume=False, lr=LR, after_step=None
+):
     """AdamW + warmup/cosine + EMA. With ``resume``, continue from ``work/<name>_ckpt.pt``
-    (weights, EMA, optimizer) with a fresh cosine at half the peak learning rate."""
+    (weights, EMA, optimizer) with a fresh cosine at half the peak learning rate. ``after_step``
+    (no arguments) runs after every optimizer step, before the EMA update: a projection that keeps
+    fixed structure (the BOS outlier) exactly in place."""
     ckpt_path = work / f"{name}_ckpt.pt"
     params = [p for m in modules for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
@@ -274,6 +288,8 @@ def _train_loop(name, work, device, steps, batch, seed, modules, loss_fn, minute
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
+        if after_step is not None:
+            after_step()
         ema.update(offset + step)
         if step % 100 == 0:
             print(f"{name} step {offset + step} loss {loss.item():.4f} {time.time() - t0:.0f}s", flush=True)
@@ -312,6 +328,7 @@ def stage_unet(
     resume: bool = False,
     init_from: Path | None = None,
     lr: float = LR,
+    bos: BosMassiveActivation | None = None,
 ) -> None:
     from diffusers import AutoencoderKL
 
@@ -320,6 +337,14 @@ def stage_unet(
     te = build_text_encoder(tok, 64).to(device).train()
     unet = build_unet().to(device).train()
     _init_from([te, unet], init_from, ["text_encoder", "unet"])
+    after_step = None
+    if bos is not None:
+        # CLIP's BOS outlier, put in by construction and held fixed (trained CLIP learns it; a
+        # 2.7M-parameter encoder on the shapes world does not). The cross-attentions start blind to
+        # that channel, so the fine-tune begins from the old model's behaviour, then learn freely.
+        impose_bos_massive_activation(te, bos)
+        blind_cross_attention(unet, (bos.channel,))
+        after_step = functools.partial(impose_bos_massive_activation, te, bos)
     noise_sched = ddpm_training_scheduler()
     acp = noise_sched.alphas_cumprod.to(device)
 
@@ -345,8 +370,11 @@ def stage_unet(
         return F.mse_loss(pred.float(), target)
 
     (te_ema, unet_ema), info = _train_loop(
-        "unet", work, device, steps, batch, seed, [te, unet], loss_fn, minutes, resume, lr
+        "unet", work, device, steps, batch, seed, [te, unet], loss_fn, minutes, resume, lr, after_step
     )
+    if bos is not None:
+        impose_bos_massive_activation(te_ema, bos)  # exact already (EMA of a constant); stated, not assumed
+        info["bos_massive_activation"] = dataclasses.asdict(bos)
     vae = AutoencoderKL.from_pretrained(work / "vae")
     pipe = assemble_shapes_unet(vae, tok, te_ema, unet_ema)
     _finish("shapes-unet", pipe, out, work, device, info, 5.0, n_eval)
@@ -457,7 +485,21 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=LR, help="peak learning rate of a denoiser stage")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     ap.add_argument("--eval-size", type=int, default=200, help="prompts per set in the quick eval")
+    ap.add_argument(
+        "--bos-massive-activation",
+        metavar="CHANNEL,RESIDUAL,GAIN",
+        help="unet: give the CLIP text encoder CLIP's BOS outlier in this residual channel, of this "
+        "residual size, amplified by this final-LayerNorm gain, held fixed while training "
+        "(diffkiln.zoo.outliers.impose_bos_massive_activation); e.g. 37,100,40",
+    )
     a = ap.parse_args()
+    bos = None
+    if a.bos_massive_activation:
+        try:
+            c, r, g = a.bos_massive_activation.split(",")
+            bos = BosMassiveActivation(int(c), float(r), float(g))
+        except ValueError as err:
+            raise SystemExit(f"--bos-massive-activation wants CHANNEL,RESIDUAL,GAIN (e.g. 37,100,40): {err}") from err
     if a.threads:
         torch.set_num_threads(a.threads)
     a.work.mkdir(parents=True, exist_ok=True)
@@ -473,7 +515,18 @@ def main() -> None:
             stage_vae(a.work, a.device, a.vae_steps, a.vae_batch, a.seed)
         elif stage == "unet":
             stage_unet(
-                a.work, a.out, a.device, a.steps, a.batch, a.seed, a.minutes, a.eval_size, a.resume, a.init_from, a.lr
+                a.work,
+                a.out,
+                a.device,
+                a.steps,
+                a.batch,
+                a.seed,
+                a.minutes,
+                a.eval_size,
+                a.resume,
+                a.init_from,
+                a.lr,
+                bos,
             )
         elif stage == "dit":
             stage_dit(

@@ -277,11 +277,14 @@ def _bos_comparison(
 
     The plain variant is rebuilt in memory from the bundle's recorded calibration settings and
     quantization config (the calibration cache makes this cheap), with the same integer modules.
+    When the bundle uses SmoothQuant, both are also built with smoothing off (``smoothing_off``):
+    smoothing can move a BOS outlier that sits in a few channels into the weights, so with it on the
+    two may tie; MixDQ compares them without smoothing.
     """
     from diffkiln.calibrate import CalibrationConfig, calibrate
     from diffkiln.export.freeze import apply_plan
     from diffkiln.optimizer import make_plan
-    from diffkiln.optimizer.planner import quantize_config_from_dict
+    from diffkiln.optimizer.planner import SmoothMode, quantize_config_from_dict
     from diffkiln.report.compare import fidelity
     from diffkiln.zoo.registry import default_cache_dir
 
@@ -293,9 +296,7 @@ def _bos_comparison(
     except ValueError as exc:
         return {"skipped": str(exc)}
     stats = calibrate(base, cal)
-    qcfg = replace(quantize_config_from_dict(notes["quantize_config"]), bos_aware=False)
-    plain = apply_plan(base, make_plan(base, stats, qcfg, base_target.name), stats)
-    result = generate(plain, base_result.prompts, gen_cfg, base_target, measure=True)
+    recorded = quantize_config_from_dict(notes["quantize_config"])
 
     def summary(fid: dict[str, Any], quality: dict[str, Any] | None) -> dict[str, Any]:
         keys = ("latent_sqnr_db", "latent_sqnr_db_median_prompt", "prompts_below_10db", "image_psnr_db")
@@ -305,11 +306,22 @@ def _bos_comparison(
                 out[k] = quality.get(k)
         return out
 
-    plain_quality = _quality(_judge_all(result, judge_kind)) if judge_kind is JudgeKind.SHAPES else None
-    return {
+    def variant(**changes: Any) -> dict[str, Any]:
+        qpipe = apply_plan(base, make_plan(base, stats, replace(recorded, **changes), base_target.name), stats)
+        result = generate(qpipe, base_result.prompts, gen_cfg, base_target, measure=True)
+        quality = _quality(_judge_all(result, judge_kind)) if judge_kind is JudgeKind.SHAPES else None
+        return summary(fidelity(base_result, result), quality)
+
+    comparison: dict[str, Any] = {
         "bos_aware": summary(data["fidelity"], data.get("quality")),
-        "no_bos": summary(fidelity(base_result, result), plain_quality),
+        "no_bos": variant(bos_aware=False),
     }
+    if recorded.smooth is not SmoothMode.OFF:
+        comparison["smoothing_off"] = {
+            "bos_aware": variant(bos_aware=True, smooth=SmoothMode.OFF),
+            "no_bos": variant(bos_aware=False, smooth=SmoothMode.OFF),
+        }
+    return comparison
 
 
 def write_report(rep: Report, out_dir: str | os.PathLike[str]) -> tuple[Path, Path]:

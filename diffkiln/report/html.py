@@ -44,8 +44,12 @@ def _fmt(v: Any) -> str:
     return html.escape(str(v))
 
 
-def _table(rows: list[tuple[str, Any]]) -> str:
-    body = "".join(f"<tr><th>{html.escape(k)}</th><td class=num>{_fmt(v)}</td></tr>" for k, v in rows)
+def _table(rows: list[tuple[Any, ...]]) -> str:
+    """Rows of (label, value, ...): the label a header cell, each value a number cell."""
+    body = "".join(
+        f"<tr><th>{html.escape(str(k))}</th>" + "".join(f"<td class=num>{_fmt(v)}</td>" for v in vals) + "</tr>"
+        for k, *vals in rows
+    )
     return f"<table>{body}</table>"
 
 
@@ -150,16 +154,17 @@ def _bundle_sections(rep: Report) -> list[str]:
             "content_accuracy_heldout": "content accuracy, single held-out",
             "content_accuracy_pairs": "content accuracy, pairs",
         }
-        out.append(
-            _table(
-                [("", "BOS-aware / plain")]
-                + [
-                    (label, f"{_fmt(cmp['bos_aware'].get(k))} / {_fmt(cmp['no_bos'].get(k))}")
-                    for k, label in labels.items()
-                    if k in cmp["bos_aware"]
-                ]
-            )
-        )
+        off = cmp.get("smoothing_off")
+        header = ("", "BOS-aware / plain") + (("BOS-aware / plain, SmoothQuant off",) if off else ())
+        cmp_rows: list[tuple[str, ...]] = []
+        for k, label in labels.items():
+            if k not in cmp["bos_aware"]:
+                continue
+            row: tuple[str, ...] = (label, f"{_fmt(cmp['bos_aware'].get(k))} / {_fmt(cmp['no_bos'].get(k))}")
+            if off:
+                row += (f"{_fmt(off['bos_aware'].get(k))} / {_fmt(off['no_bos'].get(k))}",)
+            cmp_rows.append(row)
+        out.append(_table([header, *cmp_rows]))
     elif cmp.get("skipped"):
         out.append(f"<p>BOS comparison skipped: {html.escape(cmp['skipped'])}</p>")
     out.append("<h2>Per-layer SQNR (isolated: each layer fed its FP input, middle step)</h2>")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,8 @@ log = logging.getLogger(__name__)
 # propagation through Transpose in onnxruntime's own quantize_static output of the SD1.5 UNet.
 # The session is then built without the first of these rewrites that lets it build.
 _BROKEN_REWRITE_MARK = "does not match y_zero_point type"
+_PROTOBUF_BYTES = 1_800_000_000
+"""Below this many initializer bytes a folded graph is handed to onnxruntime as one protobuf (2 GB cap)."""
 _REWRITE_FALLBACKS = (
     ["MatMulAddFusion"],
     ["QDQPropagationTransformer"],
@@ -103,7 +106,7 @@ def _session_options(optimize: bool) -> Any:
     return options
 
 
-def open_session(path: Path, options: Any, providers: list[str]) -> Any:
+def open_session(path: Path, options: Any, providers: list[str], fold_conv_weights: bool = False) -> Any:
     """An onnxruntime InferenceSession; where onnxruntime's own optimizer breaks the graph (see
     ``_REWRITE_FALLBACKS``), built again without the offending rewrite, with a warning that names it.
 
@@ -111,25 +114,57 @@ def open_session(path: Path, options: Any, providers: list[str]) -> Any:
         path: the .onnx file.
         options: onnxruntime SessionOptions.
         providers: execution providers.
+        fold_conv_weights: apply ``FoldConvWeightDequantizePass`` to the loaded graph first (for
+            onnxruntime's CPU provider: its convolutions then get constant float weights, dequantized
+            once; the file on disk is unchanged). Default False.
     """
     import onnxruntime as ort
 
+    source: str | bytes = str(path)
+    keep_alive = None
+    if fold_conv_weights:
+        source, keep_alive = _folded_source(path)
     try:
-        return ort.InferenceSession(str(path), options, providers=providers)
+        session = ort.InferenceSession(source, options, providers=providers)
     except Exception as exc:  # onnxruntime raises its own Fail type
         if _BROKEN_REWRITE_MARK not in str(exc):
             raise
         error = exc
-    for disabled in _REWRITE_FALLBACKS:
+        session = None
+    for disabled in () if session is not None else _REWRITE_FALLBACKS:
         try:
-            session = ort.InferenceSession(str(path), options, providers=providers, disabled_optimizers=disabled)
+            session = ort.InferenceSession(source, options, providers=providers, disabled_optimizers=disabled)
         except Exception as exc:
             if _BROKEN_REWRITE_MARK not in str(exc):
                 raise
             continue
         log.warning("%s: onnxruntime's optimizer breaks this graph; built without %s", path.name, ", ".join(disabled))
-        return session
-    raise error
+        break
+    if session is None:
+        raise error
+    # A folded graph too large for one protobuf lives in a temporary folder as long as its session.
+    session.diffkiln_folded_files = keep_alive
+    return session
+
+
+def _folded_source(path: Path) -> tuple[str | bytes, Any]:
+    """The graph at ``path`` with its convolution weights dequantized: serialized bytes, or, above
+    protobuf's 2 GB or with external data, a file in a temporary folder (returned to keep alive)."""
+    import onnx_ir as ir
+
+    from diffkiln.runtime.onnx_passes import FoldConvWeightDequantizePass
+
+    model = ir.load(path)
+    if not FoldConvWeightDequantizePass()(model).modified:
+        return str(path), None
+    tensors = [v.const_value for v in model.graph.initializers.values() if v.const_value is not None]
+    external = any(isinstance(t, ir.ExternalTensor) for t in tensors)
+    if not external and sum(t.nbytes for t in tensors) < _PROTOBUF_BYTES:
+        return ir.to_proto(model).SerializeToString(), None
+    folder = tempfile.TemporaryDirectory(prefix="diffkiln-ort-")
+    out = Path(folder.name) / path.name
+    ir.save(model, out, external_data=f"{path.stem}.folded.data")
+    return str(out), folder
 
 
 class OrtComponent(nn.Module):
@@ -150,7 +185,10 @@ class OrtComponent(nn.Module):
         self.component_name = name
         self.entry = entry
         self.config = config
-        self.session = open_session(folder / entry["file"], _session_options(optimize), providers)
+        # Optimized on the CPU provider, convolution weights are dequantized once (the provider has
+        # no integer convolution with a float output; see FoldConvWeightDequantizePass).
+        fold = optimize and providers[0] == "CPUExecutionProvider"
+        self.session = open_session(folder / entry["file"], _session_options(optimize), providers, fold)
         self.inputs = {i["name"]: i for i in entry["inputs"]}
         self.__dict__["_skeleton"] = None
 

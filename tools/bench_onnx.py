@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 class _SessionDenoiser:
     """A denoiser-shaped callable over an onnxruntime session (inputs by ONNX input name)."""
 
-    def __init__(self, path: Path, optimize: bool, like: Any):
+    def __init__(self, path: Path, optimize: bool, like: Any, fold_conv_weights: bool = False):
         import onnxruntime as ort
 
         from diffkiln.runtime.onnxruntime_backend import open_session
@@ -49,7 +49,8 @@ class _SessionDenoiser:
         if not optimize:
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         # open_session: where onnxruntime's optimizer breaks a graph, built without that rewrite.
-        self.session = open_session(path, options, ["CPUExecutionProvider"])
+        # fold_conv_weights: what diffkiln's onnxruntime backend does when it optimizes on CPU.
+        self.session = open_session(path, options, ["CPUExecutionProvider"], fold_conv_weights)
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.like = like
         self.config = like.config
@@ -256,21 +257,22 @@ def main() -> int:
     reference = _latents(pipe, eval_prompts, steps, guidance)
     runners: dict[str, Any] = {}  # name -> (denoiser for the pipeline, one timed call)
     failures: dict[str, str] = {}
-    for name, path, optimize_graph in [
-        ("ort_fp32", fp32, True),
-        ("ort_diffkiln_w8a8", ours, False),
-        ("ort_diffkiln_w8a8_optimized", ours, True),
-        ("ort_diffkiln_w7a8", ours7, False),
-        ("ort_diffkiln_w7a8_optimized", ours7, True),
-        ("ort_diffkiln_w8a8_integer", ours_int, False),
-        ("ort_diffkiln_w8a8_integer_optimized", ours_int, True),
-        ("ort_quantize_static_optimized", ort_static, True),
-        ("ort_quantize_static", ort_static, False),
-        ("ort_quantize_static_matmul_conv_rr_optimized", ort_static_mc, True),
-        ("ort_quantize_static_matmul_conv_rr", ort_static_mc, False),
+    for name, path, optimize_graph, fold in [
+        ("ort_fp32", fp32, True, False),
+        ("ort_diffkiln_w8a8", ours, False, False),
+        ("ort_diffkiln_w8a8_optimized", ours, True, False),
+        ("ort_diffkiln_w8a8_optimized_conv_folded", ours, True, True),
+        ("ort_diffkiln_w7a8", ours7, False, False),
+        ("ort_diffkiln_w7a8_optimized", ours7, True, False),
+        ("ort_diffkiln_w8a8_integer", ours_int, False, False),
+        ("ort_diffkiln_w8a8_integer_optimized", ours_int, True, False),
+        ("ort_quantize_static_optimized", ort_static, True, False),
+        ("ort_quantize_static", ort_static, False, False),
+        ("ort_quantize_static_matmul_conv_rr_optimized", ort_static_mc, True, False),
+        ("ort_quantize_static_matmul_conv_rr", ort_static_mc, False, False),
     ]:
         try:
-            denoiser = _SessionDenoiser(path, optimize_graph, pipe.unet)
+            denoiser = _SessionDenoiser(path, optimize_graph, pipe.unet, fold)
         except Exception as exc:  # onnxruntime rejecting a model is a result of the comparison
             failures[name] = f"{type(exc).__name__}: {str(exc)[:300]}"
             print(name, "fails to load:", failures[name], flush=True)

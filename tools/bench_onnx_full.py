@@ -168,13 +168,16 @@ def stage_time(a: argparse.Namespace) -> dict[str, Any]:
     refs = torch.load(a.work / "reference.pt")
     evals = [{k: v.numpy() for k, v in flatten_kwargs(c)[0].items()} for c in _calls(a.latent, _EVAL_TIMESTEPS, 500)]
     out: dict[str, Any] = {}
-    for name in ("fp32", "fp16", "diffkiln", "diffkiln-integer", "ort-default", "ort-matmul-conv-rr"):
-        folder = a.work / name
+    # diffkiln-conv-folded: the diffkiln file as diffkiln's onnxruntime backend opens it when it
+    # optimizes on CPU (convolution weights dequantized once, FoldConvWeightDequantizePass).
+    for name, fold in (("fp32", False), ("fp16", False), ("diffkiln", False), ("diffkiln-conv-folded", True),
+                       ("diffkiln-integer", False), ("ort-default", False), ("ort-matmul-conv-rr", False)):  # fmt: skip
+        folder = a.work / name.removesuffix("-conv-folded")
         entry: dict[str, Any] = {"bytes": _file_bytes(folder)}
         if name != "fp16":  # the FP16 file is sized only (CPU onnxruntime runs float16 slowly)
             options = ort.SessionOptions()
             options.log_severity_level = 3
-            session = open_session(folder / "denoiser.onnx", options, ["CPUExecutionProvider"])
+            session = open_session(folder / "denoiser.onnx", options, ["CPUExecutionProvider"], fold)
             outs = [torch.from_numpy(session.run(None, feed)[0]) for feed in evals]
             entry["sqnr_db"] = [round(sqnr_db(r, o), 2) for r, o in zip(refs, outs, strict=True)]
             times = []

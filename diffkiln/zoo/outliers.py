@@ -106,8 +106,9 @@ class BosMassiveActivation:
             0 there). Default 100.0: about 30x the other channels, so every LayerNorm of the BOS row
             is dominated by it, as in trained CLIP ("massive activations").
         gain: the final LayerNorm's weight on that channel (its bias there is 0). The BOS output
-            is then about ``gain * sqrt(hidden_size)`` in that channel (316 at width 64 with the
-            default 40.0), and another token's value there is ``-gain * mean / std`` of its own row
+            is then at most ``gain * sqrt(hidden_size)`` in that channel (316 at width 64 with the
+            default 40.0; 265 on the trained shapes-unet, whose BOS row keeps some energy in other
+            channels), and another token's value there is ``-gain * mean / std`` of its own row
             (a few units). Default 40.0.
 
     Raises:

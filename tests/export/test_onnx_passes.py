@@ -12,6 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 from diffkiln.export.onnx.passes import (
     DropShapeInfoPass,
     Float16InitializersPass,
+    ShortNodeNamesPass,
     StripNamePrefixPass,
     SubByteInitializersPass,
 )
@@ -137,3 +138,17 @@ def test_strip_prefix_renames_initializers_and_their_uses_but_never_onto_a_taken
     np.testing.assert_array_equal(_run(model, x), before)  # every use follows its initializer
     with pytest.raises(ValueError, match="ending with"):
         StripNamePrefixPass("denoiser")
+
+
+def test_short_node_names_are_unique_and_change_nothing_computed() -> None:
+    x = np.random.default_rng(3).standard_normal((2, 8)).astype(np.float32)
+    model = _model()
+    for i, node in enumerate(model.graph):
+        node.name = f"node_{node.op_type}_{100 + i}"
+    before_bytes = len(ir.serde.serialize_model(model).SerializeToString())
+    before = _run(model, x)
+    assert ShortNodeNamesPass()(model).modified
+    assert [n.name for n in model.graph] == [f"n{i}" for i in range(len(model.graph))]
+    np.testing.assert_array_equal(_run(model, x), before)
+    assert len(ir.serde.serialize_model(model).SerializeToString()) < before_bytes
+    assert not ShortNodeNamesPass()(model).modified  # idempotent

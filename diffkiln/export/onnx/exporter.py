@@ -197,6 +197,7 @@ def _finish(program: Any, sub_byte: set[str], opset: int, float16: bool = True, 
         DropShapeInfoPass,
         Float16InitializersPass,
         NoopSqueezePass,
+        ShortNodeNamesPass,
         StripNamePrefixPass,
         SubByteInitializersPass,
     )
@@ -208,7 +209,7 @@ def _finish(program: Any, sub_byte: set[str], opset: int, float16: bool = True, 
         passes.append(StripNamePrefixPass(prefix))
     if float16:
         passes.append(Float16InitializersPass())
-    passes.append(DropShapeInfoPass())
+    passes += [DropShapeInfoPass(), ShortNodeNamesPass()]
     ir.passes.PassManager(passes)(program.model)
     return program.model
 

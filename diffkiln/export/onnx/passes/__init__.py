@@ -5,6 +5,7 @@ from diffkiln.export.onnx.passes.clear_value_metadata import ClearValueMetadataP
 from diffkiln.export.onnx.passes.drop_shape_info import DropShapeInfoPass
 from diffkiln.export.onnx.passes.float16_initializers import Float16InitializersPass
 from diffkiln.export.onnx.passes.noop_squeeze import NoopSqueezePass
+from diffkiln.export.onnx.passes.short_node_names import ShortNodeNamesPass
 from diffkiln.export.onnx.passes.strip_name_prefix import StripNamePrefixPass
 from diffkiln.export.onnx.passes.sub_byte_initializers import SubByteInitializersPass
 
@@ -13,6 +14,7 @@ __all__ = [
     "DropShapeInfoPass",
     "Float16InitializersPass",
     "NoopSqueezePass",
+    "ShortNodeNamesPass",
     "StripNamePrefixPass",
     "SubByteInitializersPass",
 ]

@@ -3,6 +3,8 @@ a graph, never what it computes."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -99,3 +101,21 @@ def test_open_session_folds_and_matches(tmp_path):
     err = float(np.abs(plain - folded).max())
     assert err <= 1e-4 * float(np.abs(plain).max()), err
     assert path.read_bytes() == proto.SerializeToString()  # the file on disk is untouched
+
+
+def test_open_session_folds_a_large_graph_through_a_temporary_file(tmp_path, monkeypatch):
+    # Above protobuf's 2 GB (here: any size) the folded graph goes through a file with external
+    # data that lives as long as the session.
+    import diffkiln.runtime.onnxruntime_backend as backend
+
+    monkeypatch.setattr(backend, "_PROTOBUF_BYTES", 0)
+    proto = _qdq_conv_model(True, True)
+    path = tmp_path / "m.onnx"
+    onnx.save(proto, path)
+    feeds = {"x": RNG.standard_normal((1, 4, 6, 6)).astype(np.float32)}
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = open_session(path, options, ["CPUExecutionProvider"], fold_conv_weights=True)
+    folder = session.diffkiln_folded_files
+    assert folder is not None and any(p.suffix == ".data" for p in Path(folder.name).iterdir())
+    np.testing.assert_array_equal(session.run(None, feeds)[0], _run(proto, feeds))

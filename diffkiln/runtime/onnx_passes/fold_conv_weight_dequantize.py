@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 __all__ = ["FoldConvWeightDequantizePass"]
 
@@ -66,8 +67,9 @@ def _foldable(conv: ir.Node) -> np.ndarray | None:
 class FoldConvWeightDequantizePass(ir.passes.InPlacePass):
     """Each ``Conv`` weight computed by ``DequantizeLinear`` from constants becomes a float32 initializer.
 
-    The ``DequantizeLinear`` nodes left without users, and then their inputs' ``Cast`` nodes, are
-    removed. Convolutions whose weight is anything else are left as they are.
+    The nodes and initializers left without users (the weights' ``DequantizeLinear`` and their
+    scales' ``Cast``) are removed (onnx-ir's ``RemoveUnusedNodesPass``). Convolutions whose
+    weight is anything else are left as they are.
     """
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -89,26 +91,11 @@ class FoldConvWeightDequantizePass(ir.passes.InPlacePass):
             node.replace_input_with(1, value)
             folded += 1
         if folded:
-            _remove_unused(graph)
+            # The weight DequantizeLinear nodes (and the Casts of their scales) are now dead code.
+            RemoveUnusedNodesPass()(model)
         return ir.passes.PassResult(model, modified=bool(folded))
 
     def ensures(self, model: ir.Model) -> None:
         left = [n.name for n in model.graph if _foldable(n) is not None]
         if left:
             raise ir.passes.PostconditionError(f"convolutions still dequantize constant weights: {left[:3]}")
-
-
-def _remove_unused(graph: ir.Graph) -> None:
-    """Drop nodes whose outputs nobody reads (repeatedly: a Cast behind a removed DequantizeLinear),
-    and initializers nobody reads."""
-    outputs = set(graph.outputs)
-    changed = True
-    while changed:
-        changed = False
-        for node in reversed(list(graph)):
-            if node.op_type in ("DequantizeLinear", "Cast") and not any(o.uses() or o in outputs for o in node.outputs):
-                graph.remove(node, safe=True)
-                changed = True
-    for name, value in list(graph.initializers.items()):
-        if not value.uses() and value not in outputs:
-            del graph.initializers[name]

@@ -62,6 +62,9 @@ class OptimizeConfig:
         smooth: which Linear layers get SmoothQuant smoothing. Default AUTO.
         smooth_alpha: smoothing strength in (0, 1). Default 0.5.
         timestep_aware: one static activation range per sampler step. Default False.
+        requantize_conv_outputs: w8a8, static only: round each integer convolution's output onto
+            a calibrated int8 grid, so that onnxruntime runs the convolutions as int8 QLinearConv
+            (see ``QuantizeConfig.requantize_conv_outputs``). Default False.
         float_storage: how the bundle stores float tensors: LOSSLESS (exact), or FLOAT16 (weight
             scales, biases, BOS rows and FP tensors in float16, as an FP16 checkpoint stores them).
             None: the recipe's default, LOSSLESS for w8a8 and FLOAT16 for mixed. Default None.
@@ -95,6 +98,7 @@ class OptimizeConfig:
     smooth: SmoothMode = SmoothMode.AUTO
     smooth_alpha: float = 0.5
     timestep_aware: bool = False
+    requantize_conv_outputs: bool = False
     float_storage: FloatStorage | None = None
     overwrite: bool = False
     cache_dir: Path | None = None
@@ -112,6 +116,10 @@ class OptimizeConfig:
             raise InvalidInputError(f"smooth_alpha must be in (0, 1), e.g. 0.5; got {self.smooth_alpha}")
         if self.timestep_aware and self.act_mode is not ActMode.STATIC:
             raise InvalidInputError("--timestep-aware needs static activations; drop --act-mode dynamic")
+        if self.requantize_conv_outputs and (self.act_mode is not ActMode.STATIC or self.recipe is not Recipe.W8A8):
+            raise InvalidInputError(
+                "--requantize-conv-outputs needs --recipe w8a8 with static activations; drop it or those options"
+            )
         if self.recipe is Recipe.MIXED:
             try:
                 self.mixed_config()
@@ -225,6 +233,7 @@ def _prepare(target: str | os.PathLike[str], config: OptimizeConfig) -> _Prepare
         smooth=config.smooth,
         smooth_alpha=config.smooth_alpha,
         timestep_aware=config.timestep_aware,
+        requantize_conv_outputs=config.requantize_conv_outputs,
         scale_dtype="float16" if config.resolved_float_storage() is FloatStorage.FLOAT16 else "auto",
     )
     metrics = {

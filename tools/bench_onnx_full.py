@@ -8,14 +8,26 @@ ran out of 23 GB of memory). Each stage runs in its own process (the FP32 weight
 
 1. ``float``: the FP32 and FP16 ONNX of the float denoiser (diffkiln's exporter and passes, fixed
    shapes), and the float torch outputs on held-out calls (the quality reference);
-2. ``diffkiln``: calibrate, plan W8A8 (defaults) and freeze in memory with diffkiln's own modules,
-   then export the integer layers as QDQ with int8 initializers; ``diffkiln-integer``: the same
-   with ``compute="integer"`` (MatMulInteger / ConvInteger);
+2. ``diffkiln``: calibrate (``--samples-per-step`` values kept per layer and call), plan W8A8
+   (defaults) and freeze in memory with diffkiln's own modules, then export the integer layers as
+   QDQ with int8 initializers; ``diffkiln-rq``: the same with ``requantize_conv_outputs`` (each
+   convolution's output on a calibrated int8 grid: onnxruntime runs them as QLinearConv);
+   ``diffkiln-integer``: the same as ``diffkiln`` with ``compute="integer"`` (MatMulInteger /
+   ConvInteger);
 3. ``ort``: ``quantize_static`` of the FP32 ONNX (QDQ, per-channel int8 weights, int8 activations,
    MinMax) on the same calibration calls, both the default op set and MatMul/Conv only with
    reduce_range (as tools/bench_onnx.py);
 4. ``time``: every file in one onnxruntime CPU session after another: latency of one call (median
-   of ``--repeat``), and the output SQNR against the float torch outputs on the held-out calls.
+   of ``--repeat``), and the output SQNR against the float torch outputs on the held-out calls;
+5. ``pairs``: the files the comparison is about (diffkiln as its backend opens it, diffkiln-rq,
+   and ``quantize_static``'s tuned output) open side by side and timed in turns, ``--repeat``
+   rounds: the median of each and of the per-round ratios, robust to the machine's drift.
+
+Calibration samples: diffkiln keeps a reservoir of ``--samples-per-step`` activation values per
+layer and calibration call, and chooses ranges from them. ``diffkiln optimize`` keeps 1,024 per
+sampler step over 20 steps (20,480 per layer); this benchmark calibrates on 4 calls, so it keeps
+4,096 per call (16,384) to match. With 512 per call (2,048), as before 2026-12-04, the sample
+misses the tails the ranges need: 23.8 / 24.7 dB against 29.8 / 30.0 dB (measured 2026-12-03).
 
 Usage:
     python tools/bench_onnx_full.py --work /tmp/bench-onnx-full [--latent 32] [--repeat 3]
@@ -94,7 +106,7 @@ def stage_float(a: argparse.Namespace) -> dict[str, Any]:
     return {"fp32_export_s": fp32_s}
 
 
-def stage_diffkiln(a: argparse.Namespace, integer: bool = False) -> dict[str, Any]:
+def stage_diffkiln(a: argparse.Namespace, integer: bool = False, requantize: bool = False) -> dict[str, Any]:
     from diffkiln.calibrate import calibrate_denoiser
     from diffkiln.export.freeze import apply_plan
     from diffkiln.export.onnx.exporter import _swap_quantized_layers
@@ -103,15 +115,15 @@ def stage_diffkiln(a: argparse.Namespace, integer: bool = False) -> dict[str, An
     model = _build()
     calib = _calls(a.latent, _CALIB_TIMESTEPS, 100)
     t0 = time.perf_counter()
-    stats = calibrate_denoiser(model, calib, samples_per_step=512)
-    plan = make_plan(model, stats, QuantizeConfig(), _MODEL)
+    stats = calibrate_denoiser(model, calib, samples_per_step=a.samples_per_step)
+    plan = make_plan(model, stats, QuantizeConfig(requantize_conv_outputs=requantize), _MODEL)
     qmodel = apply_plan(model, plan, stats, inplace=True)
     build_s = time.perf_counter() - t0
     sub_byte, kept = _swap_quantized_layers(qmodel, keep_fp=False, integer=integer)
     if kept or sub_byte:
         raise SystemExit(f"unexpected: kept {kept}, sub-byte {sorted(sub_byte)[:3]}")
     t0 = time.perf_counter()
-    folder = "diffkiln-integer" if integer else "diffkiln"
+    folder = "diffkiln-integer" if integer else "diffkiln-rq" if requantize else "diffkiln"
     _export(qmodel, calib[0], a.work / folder / "denoiser.onnx", set(), float16=True)
     quantized = sum(1 for lp in plan.layers if lp.quantized)
     return {"build_s": build_s, "export_s": time.perf_counter() - t0, "layers": [quantized, len(plan.layers)]}
@@ -171,7 +183,8 @@ def stage_time(a: argparse.Namespace) -> dict[str, Any]:
     # diffkiln-conv-folded: the diffkiln file as diffkiln's onnxruntime backend opens it when it
     # optimizes on CPU (convolution weights dequantized once, FoldConvWeightDequantizePass).
     for name, fold in (("fp32", False), ("fp16", False), ("diffkiln", False), ("diffkiln-conv-folded", True),
-                       ("diffkiln-integer", False), ("ort-default", False), ("ort-matmul-conv-rr", False)):  # fmt: skip
+                       ("diffkiln-rq", True), ("diffkiln-integer", False), ("ort-default", False),
+                       ("ort-matmul-conv-rr", False)):  # fmt: skip
         folder = a.work / name.removesuffix("-conv-folded")
         entry: dict[str, Any] = {"bytes": _file_bytes(folder)}
         if name != "fp16":  # the FP16 file is sized only (CPU onnxruntime runs float16 slowly)
@@ -196,12 +209,52 @@ def stage_diffkiln_integer(a: argparse.Namespace) -> dict[str, Any]:
     return stage_diffkiln(a, integer=True)
 
 
+def stage_diffkiln_rq(a: argparse.Namespace) -> dict[str, Any]:
+    return stage_diffkiln(a, requantize=True)
+
+
+def stage_pairs(a: argparse.Namespace) -> dict[str, Any]:
+    import onnxruntime as ort
+
+    from diffkiln.export.onnx.components import flatten_kwargs
+    from diffkiln.runtime.onnxruntime_backend import open_session
+
+    feed = {k: v.numpy() for k, v in flatten_kwargs(_calls(a.latent, _EVAL_TIMESTEPS, 500)[0])[0].items()}
+    # As diffkiln's onnxruntime backend opens its files on CPU (conv weights folded where the
+    # convolution is not requantized), and quantize_static's file as it is.
+    files = {"diffkiln-conv-folded": ("diffkiln", True), "diffkiln-rq": ("diffkiln-rq", True),
+             "ort-matmul-conv-rr": ("ort-matmul-conv-rr", False)}  # fmt: skip
+    sessions = {}
+    for name, (folder, fold) in files.items():
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        sessions[name] = open_session(a.work / folder / "denoiser.onnx", options, ["CPUExecutionProvider"], fold)
+        sessions[name].run(None, feed)  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    for _ in range(a.repeat):
+        for name, session in sessions.items():
+            t0 = time.perf_counter()
+            session.run(None, feed)
+            times[name].append(time.perf_counter() - t0)
+    base = times["ort-matmul-conv-rr"]
+    return {
+        name: {
+            "ms": round(1000 * statistics.median(ts), 1),
+            "ratio_to_ort_tuned": round(statistics.median(t / b for t, b in zip(ts, base, strict=True)), 3),
+            "all_ms": [round(1000 * t) for t in ts],
+        }
+        for name, ts in times.items()
+    }
+
+
 STAGES = {
     "float": stage_float,
     "diffkiln": stage_diffkiln,
+    "diffkiln-rq": stage_diffkiln_rq,
     "diffkiln-integer": stage_diffkiln_integer,
     "ort": stage_ort,
     "time": stage_time,
+    "pairs": stage_pairs,
 }
 
 
@@ -210,6 +263,8 @@ def main() -> int:
     ap.add_argument("--work", type=Path, required=True, help="scratch and results folder")
     ap.add_argument("--latent", type=int, default=32, help="latent height and width (default 32)")
     ap.add_argument("--repeat", type=int, default=3, help="timed calls per file (default 3)")
+    ap.add_argument("--samples-per-step", type=int, default=4096,
+                    help="diffkiln's calibration values kept per layer and call (default 4096; see above)")  # fmt: skip
     ap.add_argument("--stages", default=",".join(STAGES), help=f"comma list from {', '.join(STAGES)} (default all)")
     ap.add_argument("--stage", default=None, help=argparse.SUPPRESS)  # one stage, in a child process
     a = ap.parse_args()
@@ -226,7 +281,7 @@ def main() -> int:
     for stage in stages:
         t0 = time.perf_counter()
         cmd = [sys.executable, __file__, "--work", str(a.work), "--latent", str(a.latent), "--repeat", str(a.repeat),
-               "--stage", stage]  # fmt: skip
+               "--samples-per-step", str(a.samples_per_step), "--stage", stage]  # fmt: skip
         subprocess.run(cmd, check=True)
         results[stage] = json.loads((a.work / f"stage-{stage}.json").read_text())
         results[stage]["wall_s"] = round(time.perf_counter() - t0, 1)

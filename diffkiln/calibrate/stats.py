@@ -2,7 +2,9 @@
 
 For every Linear and Conv2d of the denoiser (found by type, never by name) and every sampler
 step, it records the input activation's min, max, per-channel absmax, and a seeded random sample
-of values (from which percentiles, histograms and error-minimising clipping are computed). It
+of values (from which percentiles, histograms and error-minimising clipping are computed); for
+every Conv2d, the output's min, max and sample too (for convolutions whose output is
+requantized, ``QuantizeConfig.requantize_conv_outputs``). It
 also records the text embeddings the denoiser receives, to find the token positions that do not
 vary across prompts (CLIP's BOS under its causal mask). Results are cached on disk, keyed by a
 hash of the weights, the prompts and the settings.
@@ -37,7 +39,10 @@ __all__ = [
     "pipeline_weight_hash",
 ]
 
-STATS_VERSION = 2
+STATS_VERSION = 3
+# Versions whose settings (CalibrationConfig.key_fields) mean what this version's do; 3 added
+# the convolutions' output statistics to the same settings.
+_COMPATIBLE_SETTINGS = (2, 3)
 _LAYER_TENSORS = (
     "min",
     "max",
@@ -47,6 +52,9 @@ _LAYER_TENSORS = (
     "text_spread",
     "text_rows",
     "sample_channels",
+    "out_min",
+    "out_max",
+    "out_samples",
 )
 
 
@@ -95,7 +103,7 @@ class CalibrationConfig:
         Raises:
             ValueError: ``d`` was written by another statistics version.
         """
-        if d.get("version") != STATS_VERSION:
+        if d.get("version") not in _COMPATIBLE_SETTINGS:
             raise ValueError(f"calibration settings of version {d.get('version')}; this diffkiln uses {STATS_VERSION}")
         kw = {k: v for k, v in d.items() if k != "version"}
         kw["prompts"] = tuple(kw["prompts"])
@@ -130,6 +138,10 @@ class LayerStats:
             empty for other layers.
         text_rows: (L, D) the input rows of the first calibration prompt, for the same layers.
         sample_channels: (T, S) input channel of each sample (for per-channel smoothing).
+        out_min: convolutions: (T,) minimum of the output per step; empty for other layers.
+        out_max: convolutions: (T,) maximum of the output per step; empty for other layers.
+        out_samples: convolutions: (T, S) random sample of output values per step; empty for
+            other layers.
     """
 
     kind: str
@@ -141,6 +153,14 @@ class LayerStats:
     text_spread: torch.Tensor
     text_rows: torch.Tensor
     sample_channels: torch.Tensor
+    out_min: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    out_max: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    out_samples: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+
+    @property
+    def has_output(self) -> bool:
+        """True when the output was recorded (convolutions, statistics version 3 and later)."""
+        return self.out_samples.numel() > 0
 
     def invariant_rows(self, positions: list[int], rel_tol: float = 1e-6) -> list[int]:
         """Which of ``positions`` this layer reads as the same row for every prompt.
@@ -220,6 +240,9 @@ class CalibrationStats:
 
         with safe_open(str(path), "pt") as f:
             meta = json.loads(f.metadata()["diffkiln"])
+        if meta.get("version") != STATS_VERSION:
+            raise ValueError(f"{path}: statistics of version {meta.get('version')}; this diffkiln uses "
+                             f"{STATS_VERSION}: recalibrate (delete the file)")  # fmt: skip
         tensors = load_file(str(path))
         layers = {
             name: LayerStats(kind, *(tensors[f"{name}::{f}"] for f in _LAYER_TENSORS))
@@ -271,6 +294,9 @@ class _Recorder:
         self.samples = samples_per_step
         self.calls = 0
         self.gen = torch.Generator().manual_seed(seed)
+        # Output samples draw from their own generator, so the input samples (and every plan made
+        # from them) are the same as when outputs were not recorded.
+        self.out_gen = torch.Generator().manual_seed(seed + 1)
         self.acc: dict[str, dict[str, Any]] = {}
         self.text: list[torch.Tensor] = []
         self.text_len = 0
@@ -287,7 +313,7 @@ class _Recorder:
             if self.step == 0:
                 self.text.append(ehs.detach().float().cpu())
 
-    def on_layer(self, name: str, kind: str, x: torch.Tensor) -> None:
+    def on_layer(self, name: str, kind: str, x: torch.Tensor, out: torch.Tensor | None = None) -> None:
         x = x.detach().float()
         channel_dim = 1 if kind == "conv" else x.dim() - 1
         dims = [d for d in range(x.dim()) if d != channel_dim]
@@ -303,6 +329,9 @@ class _Recorder:
                 "chan": {},
                 "spread": None,
                 "rows": None,
+                "out_min": {},
+                "out_max": {},
+                "out_samples": {},
             },
         )
         t = self.step
@@ -326,13 +355,21 @@ class _Recorder:
         a["max"][t] = max(mx, a["max"].get(t, mx))
         a["absmax"][t] = torch.maximum(cab, a["absmax"][t]) if t in a["absmax"] else cab
         a["samples"].setdefault(t, []).append(flat[idx.to(flat.device)].cpu())
+        if out is not None:
+            y = out.detach().float().flatten()
+            oidx = torch.randint(0, y.numel(), (self.samples,), generator=self.out_gen)
+            omn, omx = float(y.min()), float(y.max())
+            a["out_min"][t] = min(omn, a["out_min"].get(t, omn))
+            a["out_max"][t] = max(omx, a["out_max"].get(t, omx))
+            a["out_samples"].setdefault(t, []).append(y[oidx.to(y.device)].cpu())
 
     def finish(self) -> dict[str, LayerStats]:
         out = {}
         g = torch.Generator().manual_seed(0)
+        out_g = torch.Generator().manual_seed(1)
         for name, a in self.acc.items():
             steps = sorted(a["min"])
-            samples, positions, channels = [], [], []
+            samples, positions, channels, out_samples = [], [], [], []
             for t in steps:
                 pool = torch.cat(a["samples"][t])
                 keep = torch.randperm(pool.numel(), generator=g)[: self.samples]
@@ -340,6 +377,9 @@ class _Recorder:
                 channels.append(torch.cat(a["chan"][t])[keep])
                 if a["pos"]:
                     positions.append(torch.cat(a["pos"][t])[keep].to(torch.int32))
+                if a["out_samples"]:
+                    opool = torch.cat(a["out_samples"][t])
+                    out_samples.append(opool[torch.randperm(opool.numel(), generator=out_g)[: self.samples]])
             empty = torch.zeros(0)
             out[name] = LayerStats(
                 kind=a["kind"],
@@ -351,6 +391,9 @@ class _Recorder:
                 text_spread=a["spread"] if a["spread"] is not None else empty,
                 text_rows=a["rows"] if a["rows"] is not None else empty,
                 sample_channels=torch.stack(channels),
+                out_min=torch.tensor([a["out_min"][t] for t in steps]) if out_samples else empty,
+                out_max=torch.tensor([a["out_max"][t] for t in steps]) if out_samples else empty,
+                out_samples=torch.stack(out_samples) if out_samples else empty,
             )
         return out
 
@@ -367,11 +410,11 @@ def _recording(denoiser: nn.Module, rec: _Recorder) -> Iterator[None]:
                 _m: nn.Module,
                 args: tuple[Any, ...],
                 _kw: dict[str, Any],
-                _out: Any,
+                out: Any,
                 name: str = name,
                 kind: str = kind,
             ) -> None:
-                rec.on_layer(name, kind, args[0])
+                rec.on_layer(name, kind, args[0], out if kind == "conv" else None)
 
             hooks.add_forward_hook(f"diffkiln.calib.{name}", module, hook)
         yield

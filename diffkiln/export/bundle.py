@@ -145,8 +145,10 @@ def _write_denoiser(
 
 
 def _format_version(plan: Plan, derived_buffers: dict[str, Any]) -> int:
-    """The lowest bundle format version that describes the bundle: 4 with derived buffers, 3 with
-    3-bit layers, else 2."""
+    """The lowest bundle format version that describes the bundle: 5 with requantized outputs, 4
+    with derived buffers, 3 with 3-bit layers, else 2."""
+    if any(lp.output is not None for lp in plan.layers):
+        return 5
     if derived_buffers:
         return 4
     three_bit = any(lp.weight is not None and lp.weight.bits == 3 for lp in plan.layers)

@@ -28,6 +28,8 @@ def layer_meta(module: nn.Module, lp: LayerPlan) -> dict[str, Any]:
         "group_size": lp.weight.group_size if lp.weight else None,
         "kind": lp.kind,
     }
+    if lp.output is not None:
+        meta["output_bits"] = lp.output.bits
     if isinstance(module, nn.Conv2d):
         if isinstance(module.padding, str):
             raise ValueError(f"{lp.name}: string padding {module.padding!r} is not supported; --exclude it")
@@ -47,6 +49,8 @@ def freeze_layer(module: nn.Module, lp: LayerPlan, stats: LayerStats | None) -> 
     2-bit weights as uint8 ``weight_packed`` (out, ceil(in * kh * kw * bits / 8)), two or four
     codes per byte (:func:`diffkiln.kernels.packing.pack_weights`); grouped ones add uint8
     ``weight_group_mult`` (out, groups). Weight-only layers (no ``act``) have no activation tensors.
+    Convolutions with a requantized output add ``output_scale`` float32 () and
+    ``output_zero_point`` int32 ().
 
     Args:
         module: the float nn.Linear or nn.Conv2d.
@@ -92,6 +96,9 @@ def freeze_layer(module: nn.Module, lp: LayerPlan, stats: LayerStats | None) -> 
     elif lp.act.mode is ActMode.STATIC:
         out["act_scale"] = torch.tensor(lp.act.scale, dtype=torch.float32)
         out["act_zero_point"] = torch.tensor(lp.act.zero_point, dtype=torch.int32)
+    if lp.output is not None:
+        out["output_scale"] = torch.tensor(lp.output.scale, dtype=torch.float32)
+        out["output_zero_point"] = torch.tensor(lp.output.zero_point, dtype=torch.int32)
     if lp.bos_positions:
         if stats is None or stats.text_rows.numel() == 0:
             raise ValueError(f"{lp.name}: BOS rows planned but calibration recorded no text rows")

@@ -33,6 +33,11 @@ What the format cannot hold, and what the exporter does then (also in docs/mindi
 * BOS rows: MindIE-SD's layers have no slot for them; written as ``L.bos_rows`` /
   ``L.bos_positions`` (FLOAT) for loaders that apply them, listed under ``bos``; a loader that
   ignores them quantizes those positions like the other tokens;
+* requantized convolution outputs (``--requantize-conv-outputs``): MindIE-SD's layers have no
+  output quantization; written as ``L.output_scale`` / ``L.output_offset`` (1,) (FLOAT) for
+  loaders that apply them (``y = (clamp(round(y / output_scale + output_offset)) - output_offset)
+  * output_scale``), listed under ``requantized_outputs``; a loader that ignores them keeps the
+  output in float, one rounding closer to the FP model than the bundle;
 * timestep-aware activation ranges: not written; the export fails naming the layer, or with
   ``keep_fp`` the layer is written ``FLOAT`` (dequantized weights) and listed under ``kept_fp``.
 """
@@ -172,6 +177,7 @@ def export_mindiesd(bundle: str | os.PathLike[str], config: MindieExportConfig) 
     widened: dict[str, str] = {}
     kept: dict[str, str] = {}
     bos: list[str] = []
+    requantized: list[str] = []
     q_names: set[str] = set()
     act_types: set[str] = set()
     for name, module in denoiser.named_modules():
@@ -200,8 +206,13 @@ def export_mindiesd(bundle: str | os.PathLike[str], config: MindieExportConfig) 
             widened[name] = f"{widened[name]}; {note}" if name in widened else note
         if f"{name}.bos_rows" in layer:
             bos.append(name)
+        if isinstance(module, QConv2d) and module.output_grid is not None:
+            layer[f"{name}.output_scale"] = torch.tensor([module.output_grid.scale], dtype=torch.float32)
+            layer[f"{name}.output_offset"] = torch.tensor([float(module.output_grid.zero_point)], dtype=torch.float32)
+            requantized.append(name)
         for key in layer:
-            description[key] = "FLOAT" if key.endswith((".bos_rows", ".bos_positions")) else kind
+            extra = (".bos_rows", ".bos_positions", ".output_scale", ".output_offset")
+            description[key] = "FLOAT" if key.endswith(extra) else kind
         tensors.update(layer)
     for key, t in [*denoiser.named_parameters(), *denoiser.named_buffers()]:
         if key.rpartition(".")[0] in q_names:
@@ -223,6 +234,7 @@ def export_mindiesd(bundle: str | os.PathLike[str], config: MindieExportConfig) 
             "widened": widened,
             "kept_fp": kept,
             "bos": bos,
+            "requantized_outputs": requantized,
             "bundle": {"source": manifest["source"], "recipe": manifest["quant"]["recipe"]},
         }
         meta["files"] = file_table(tmp)

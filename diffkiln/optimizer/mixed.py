@@ -472,6 +472,10 @@ def mixed_sensitivity(
     Returns:
         (base plan, sensitivity table, layer -> its weight candidates including 16 where allowed).
     """
+    if qconfig.requantize_conv_outputs:
+        # Requantized outputs pay off where the convolution itself is int8 (onnxruntime's
+        # QLinearConv); the ILP's 4- and 2-bit convolutions are not, so it is not offered here.
+        raise ValueError("requantize_conv_outputs applies to the w8a8 recipe, not mixed; leave it off")
     denoiser = find_denoiser(pipe)
     conditioning = [n for n, r in fp_default_reasons(denoiser).items() if r.startswith("conditioning")]
     # The base plan only lends its activation grids; every searched layer's weight spec (float16

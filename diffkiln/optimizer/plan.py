@@ -25,7 +25,9 @@ __all__ = [
 ]
 
 PLAN_FORMAT = "diffkiln.plan"
-PLAN_VERSION = 1
+PLAN_VERSION = 2
+# Version 2 added LayerPlan.output; a version-1 plan reads as one without it.
+_READABLE_VERSIONS = (1, 2)
 
 
 class PlanError(ValueError):
@@ -146,6 +148,10 @@ class LayerPlan:
         out_channels: the weight's first dimension (output features or channels), which sizes
             the scales; 0 in plans written before it was recorded (stored sizes then unknown).
             Default 0.
+        output: convolutions with static integer activations only: the static int8 grid the
+            output is requantized onto (``QuantizeLinear -> DequantizeLinear`` after the
+            convolution), so that runtimes whose integer convolutions produce int8 (onnxruntime's
+            QLinearConv) run it in integer. None: the output stays in float. Default None.
     """
 
     name: str
@@ -157,6 +163,15 @@ class LayerPlan:
     params: int = 0
     smooth_alpha: float | None = None
     out_channels: int = 0
+    output: ActSpec | None = None
+
+    def __post_init__(self) -> None:
+        if self.output is None:
+            return
+        if self.kind != "conv" or self.act is None or self.act.mode is not ActMode.STATIC:
+            raise ValueError(f"{self.name}: an output grid needs a convolution with static integer activations")
+        if self.output.mode is not ActMode.STATIC or self.output.bits != 8 or self.output.step_timesteps:
+            raise ValueError(f"{self.name}: the output grid must be static, 8-bit and one range for all steps")
 
     @property
     def quantized(self) -> bool:
@@ -270,8 +285,10 @@ class Plan:
         """
         if d.get("format") != PLAN_FORMAT:
             raise PlanError(f"not a diffkiln plan (format {d.get('format')!r}, expected {PLAN_FORMAT!r})")
-        if d.get("version") != PLAN_VERSION:
-            raise PlanError(f"plan version {d.get('version')!r} is not supported; this diffkiln reads {PLAN_VERSION}")
+        if d.get("version") not in _READABLE_VERSIONS:
+            raise PlanError(
+                f"plan version {d.get('version')!r} is not supported; this diffkiln reads {list(_READABLE_VERSIONS)}"
+            )
         try:
             layers = tuple(
                 LayerPlan(
@@ -284,6 +301,7 @@ class Plan:
                     params=lp["params"],
                     smooth_alpha=lp.get("smooth_alpha"),
                     out_channels=lp.get("out_channels", 0),
+                    output=_act_from_dict(lp["output"]) if lp.get("output") else None,
                 )
                 for lp in d["layers"]
             )

@@ -78,6 +78,13 @@ class QuantizeConfig:
             scales all lie in float16's normal range (half the scale bytes, nothing lost: see
             :func:`~diffkiln.optimizer.quantizers.float16_scales_exact`) and float32 for the
             others. Default "auto".
+        requantize_conv_outputs: static mode only: requantize each integer convolution's output
+            onto a static int8 grid chosen from calibration (``LayerPlan.output``), as
+            onnxruntime's ``quantize_static`` does. Runtimes whose integer convolutions produce
+            int8 then run them in integer: onnxruntime's CPU provider fuses the QDQ into
+            QLinearConv (3-4x faster than its float convolution; BENCHMARKS.md), and it has no
+            fast integer convolution with a float output. Costs one more rounding per
+            convolution. Default False (float outputs).
     """
 
     recipe: Recipe = Recipe.W8A8
@@ -93,6 +100,7 @@ class QuantizeConfig:
     smooth_min_outlier_ratio: float = 8.0
     timestep_aware: bool = False
     scale_dtype: str = "auto"
+    requantize_conv_outputs: bool = False
 
     def __post_init__(self) -> None:
         for field_name, enum in (
@@ -116,6 +124,8 @@ class QuantizeConfig:
             raise ValueError("timestep_aware needs static activations (act_mode static)")
         if self.scale_dtype not in _SCALE_DTYPES:
             raise ValueError(f"scale_dtype must be one of {list(_SCALE_DTYPES)}, got {self.scale_dtype!r}")
+        if self.requantize_conv_outputs and self.act_mode is not ActMode.STATIC:
+            raise ValueError("requantize_conv_outputs needs static activations (act_mode static)")
         if self.smooth_min_outlier_ratio < 1.0:
             raise ValueError(f"smooth_min_outlier_ratio must be >= 1, got {self.smooth_min_outlier_ratio}")
 
@@ -208,6 +218,19 @@ def _range_samples(
     return samples
 
 
+def _output_spec(name: str, st: LayerStats, clip: ClipMethod) -> ActSpec:
+    """The static int8 grid a convolution's output is requantized onto, chosen (as the input's)
+    from the output samples of all steps.
+
+    Raises:
+        ValueError: the statistics hold no output samples (calibrated by an older diffkiln).
+    """
+    if not st.has_output:
+        raise ValueError(f"{name}: the calibration statistics hold no output samples; recalibrate")
+    p = choose_act_params(st.out_samples.flatten(), clip, bits=8)
+    return ActSpec(bits=8, mode=ActMode.STATIC, scale=p.scale, zero_point=p.zero_point, clip_lo=p.lo, clip_hi=p.hi)
+
+
 def _layer_scale_dtype(module: nn.Linear | nn.Conv2d, config: QuantizeConfig, factors: torch.Tensor | None) -> str:
     """The layer's weight-scale dtype: as configured, or for "auto" float16 where it is exact
     (``factors``: the layer's smoothing factors, if smoothed)."""
@@ -290,7 +313,8 @@ def make_plan(pipe: Any, stats: CalibrationStats, config: QuantizeConfig, source
                 **steps,
             )
         weight = WeightSpec(bits=config.weight_bits, scale_dtype=_layer_scale_dtype(module, config, factors))
-        out.append(LayerPlan(name, kind, weight, act, rows, "", params, alpha, module.weight.shape[0]))
+        output = _output_spec(name, st, config.clip) if kind == "conv" and config.requantize_conv_outputs else None
+        out.append(LayerPlan(name, kind, weight, act, rows, "", params, alpha, module.weight.shape[0], output))
     return Plan(
         recipe=config.recipe.value,
         source={"id": source_id, "weight_hash": stats.model_hash},
@@ -305,6 +329,7 @@ def make_plan(pipe: Any, stats: CalibrationStats, config: QuantizeConfig, source
             "smooth": config.smooth.value,
             "smooth_alpha": config.smooth_alpha,
             "smooth_min_outlier_ratio": config.smooth_min_outlier_ratio,
+            "requantize_conv_outputs": config.requantize_conv_outputs,
             "quantize_config": quantize_config_to_dict(config),
             "calibration": stats.settings,
             "bos": _bos_summary(stats, stats.invariant_positions()),

@@ -25,9 +25,10 @@ __all__ = [
 ]
 
 BUNDLE_FORMAT = "diffkiln.bundle"
-BUNDLE_VERSION = 4
+BUNDLE_VERSION = 5
 """2 adds packed 4-/2-bit and weight-only layers, 3 adds packed 3-bit layers, 4 adds derived buffers
-(rebuilt by the runtime, not stored); this runtime reads 1 to 4. Exports write the lowest version
+(rebuilt by the runtime, not stored), 5 adds requantized convolution outputs (``output_scale``);
+this runtime reads 1 to 5. Exports write the lowest version
 that describes the bundle, so bundles without those features stay readable by older runtimes."""
 MANIFEST_NAME = "manifest.json"
 ONNX_FORMAT = "diffkiln.onnx"

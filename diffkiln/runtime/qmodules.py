@@ -16,7 +16,10 @@ convolutions, ``stride``, ``padding``, ``dilation`` and ``groups``.
 * static activations: ``act_scale`` float32 (), ``act_zero_point`` int32 (); timestep-aware layers
   hold one per calibrated step, (T,), with ``act_timesteps`` float32 (T,);
 * BOS-aware layers: ``bos_rows`` float32 (P, out), ``bos_positions`` int64 (P,), ``text_len`` int64 ();
-* smoothed layers: ``smooth_inv`` float32 (in,), multiplied into the input before quantizing it.
+* smoothed layers: ``smooth_inv`` float32 (in,), multiplied into the input before quantizing it;
+* convolutions with a requantized output: ``output_scale`` float32 (), ``output_zero_point``
+  int32 (): the float output is rounded onto this int8 grid (``QuantizeLinear ->
+  DequantizeLinear``), as integer runtimes whose convolutions produce int8 compute it.
 """
 
 from __future__ import annotations
@@ -297,6 +300,16 @@ class QConv2d(_IntGemm):
             raise ValueError("grouped convolutions are not quantized; keep this layer in FP with --exclude")
         # A backend's direct integer convolution (oneDNN on x86), per device; None: im2col + GEMM.
         self._direct: dict[str, StaticConv | None] = {}
+        has_output = "output_scale" in tensors
+        self.output_grid = (
+            ActGrid(float(tensors["output_scale"]), int(tensors["output_zero_point"]), 8) if has_output else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self._conv(x)
+        if self.output_grid is None:
+            return out
+        return requantize(out, self.output_grid)
 
     def _direct_conv(self, device: torch.device) -> StaticConv | None:
         key = str(device)
@@ -312,7 +325,7 @@ class QConv2d(_IntGemm):
             self._direct[key] = conv
         return self._direct[key]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _conv(self, x: torch.Tensor) -> torch.Tensor:
         direct = self._direct_conv(x.device)
         if direct is not None:
             return direct(x, self._current_grid()).to(x.dtype)
@@ -339,4 +352,13 @@ class QConv2d(_IntGemm):
         return out.reshape(b, oh * ow, self.out_channels).transpose(1, 2).reshape(b, self.out_channels, oh, ow)
 
     def extra_repr(self) -> str:
-        return f"{self.in_channels}->{self.out_channels}, kernel={self.kernel_size}, {self.format_name()}"
+        requant = ", output requantized to int8" if self.output_grid is not None else ""
+        return f"{self.in_channels}->{self.out_channels}, kernel={self.kernel_size}, {self.format_name()}{requant}"
+
+
+def requantize(y: torch.Tensor, grid: ActGrid) -> torch.Tensor:
+    """``y`` rounded onto ``grid`` and back: ONNX's ``QuantizeLinear -> DequantizeLinear`` (round
+    half to even, saturate), computed in float32 and returned in ``y``'s dtype."""
+    yf = y.to(torch.float32)
+    q = torch.clamp(torch.round(yf / grid.scale) + grid.zero_point, grid.qmin, grid.qmax)
+    return ((q - grid.zero_point) * grid.scale).to(y.dtype)

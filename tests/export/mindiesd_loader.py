@@ -80,6 +80,9 @@ class _MindieLayer(nn.Module):
         if "bos_rows" in t and x.dim() == 3:
             out = out.clone()
             out[:, t["bos_positions"]] = t["bos_rows"]
+        if "output_scale" in t:  # a requantized convolution output (docs/mindiesd-export.md)
+            scale, offset = float(t["output_scale"]), float(t["output_offset"])
+            out = (torch.clamp(torch.round(out.float() / scale) + offset, -128, 127) - offset) * scale
         return out.to(x.dtype)
 
 
@@ -99,7 +102,8 @@ def load_mindiesd(folder: Path) -> nn.Module:
     floats = {
         k: v.float()
         for k, v in tensors.items()
-        if description.get(k) == "FLOAT" and not k.endswith((".bos_rows", ".bos_positions"))
+        if description.get(k) == "FLOAT"
+        and not k.endswith((".bos_rows", ".bos_positions", ".output_scale", ".output_offset"))
     }
     missing, unexpected = model.load_state_dict(floats, strict=False)
     if unexpected:

@@ -86,6 +86,38 @@ def test_weight_that_is_not_constant_is_left_alone():
     assert [n.op_type for n in model.graph].count("DequantizeLinear") == 2
 
 
+def _requantize_output(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """The same graph with the convolution's output requantized: y -> Q -> DQ (as
+    ``QuantizeConfig.requantize_conv_outputs`` exports it)."""
+    graph = proto.graph
+    graph.node[-1].output[0] = "y_float"
+    graph.initializer.extend([numpy_helper.from_array(np.array(0.1, np.float32), "y_scale"),
+                              numpy_helper.from_array(np.array(0, np.int8), "y_zero")])  # fmt: skip
+    graph.node.extend([helper.make_node("QuantizeLinear", ["y_float", "y_scale", "y_zero"], ["yq"]),
+                       helper.make_node("DequantizeLinear", ["yq", "y_scale", "y_zero"], ["y"])])  # fmt: skip
+    return proto
+
+
+def test_requantized_convolution_is_left_for_onnxruntimes_qlinearconv(tmp_path):
+    proto = _requantize_output(_qdq_conv_model(False, False))
+    model = ir.from_proto(proto)
+    # A float weight would stop onnxruntime fusing DQ -> Conv -> Q into an integer QLinearConv.
+    assert not FoldConvWeightDequantizePass()(model).modified
+    path = tmp_path / "m.onnx"
+    onnx.save(proto, path)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    session = open_session(path, options, ["CPUExecutionProvider"], fold_conv_weights=True)
+    feeds = {"x": RNG.standard_normal((1, 4, 6, 6)).astype(np.float32)}
+    fused = session.run(None, feeds)[0]
+    ops = [n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node]
+    assert "QLinearConv" in ops and "Conv" not in ops, ops
+    reference = _run(proto, feeds)  # QDQ as written: float convolution, then the output grid
+    # Same grid; the integer convolution's own rounding may move a value by one step of 0.1.
+    assert float(np.abs(fused - reference).max()) <= 0.1 + 1e-6
+
+
 def test_open_session_folds_and_matches(tmp_path):
     proto = _qdq_conv_model(True, False)
     path = tmp_path / "m.onnx"

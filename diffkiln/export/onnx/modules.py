@@ -150,12 +150,18 @@ class OnnxQLinear(nn.Module):
 
 
 class OnnxQConv2d(nn.Module):
-    """A QConv2d as ``diffkiln::qdq_conv2d`` (or ``wo_conv2d``); arguments as :class:`OnnxQLinear`."""
+    """A QConv2d as ``diffkiln::qdq_conv2d`` (or ``wo_conv2d``); arguments as :class:`OnnxQLinear`.
+
+    A requantized output (``QConv2d.output_grid``) adds ``act_qdq`` on the output: onnxruntime
+    then fuses input, weight and output QDQ into one QLinearConv.
+    """
 
     a_scale: torch.Tensor
     a_zp: torch.Tensor
     out_scale: torch.Tensor
     bias: torch.Tensor
+    o_scale: torch.Tensor
+    o_zp: torch.Tensor
 
     def __init__(self, name: str, q: QConv2d, float_activations: bool = False, integer: bool = False):
         super().__init__()
@@ -168,8 +174,16 @@ class OnnxQConv2d(nn.Module):
             self.out_scale = self.out_scale.view(-1, 1, 1)
             self.bias = self.bias.reshape(-1, 1, 1).contiguous()
         self.geometry = (list(q.stride), list(q.padding), list(q.dilation))
+        self.requantize = q.output_grid is not None and not self.weight_only
+        if q.output_grid is not None and self.requantize:
+            self.register_buffer("o_scale", torch.tensor(q.output_grid.scale, dtype=torch.float32))
+            self.register_buffer("o_zp", torch.tensor(q.output_grid.zero_point, dtype=torch.int8))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self._conv(x)
+        return ops.act_qdq(out, self.o_scale, self.o_zp) if self.requantize else out
+
+    def _conv(self, x: torch.Tensor) -> torch.Tensor:
         stride, padding, dilation = self.geometry
         if self.act_clip is not None:
             x = x.clamp(self.act_clip[0], self.act_clip[1])

@@ -13,7 +13,9 @@ This pass replaces each such weight by the float32 initializer that ``Dequantize
 the same values as before. Activations keep their QuantizeLinear/DequantizeLinear, so the graph
 still computes W8A8. Cost: the folded weights are resident in float32 (4x their int8 bytes).
 A scale or zero point stored as float16 behind a ``Cast`` (``Float16InitializersPass``) is read
-through it.
+through it. A convolution whose output is requantized (consumed only by ``QuantizeLinear``,
+``QuantizeConfig.requantize_conv_outputs``) is left alone: onnxruntime fuses it, with its input,
+weight and output QDQ, into an integer QLinearConv, which a float weight would prevent.
 """
 
 from __future__ import annotations
@@ -40,12 +42,25 @@ def _constant(value: ir.Value | None) -> np.ndarray | None:
     return None
 
 
+def _requantized(conv: ir.Node) -> bool:
+    """True when every use of the convolution's output is a ``QuantizeLinear`` (and it is no graph
+    output): onnxruntime's QLinearConv fusion then applies."""
+    uses = list(conv.outputs[0].uses())
+    return (
+        bool(uses)
+        and not conv.outputs[0].is_graph_output()
+        and all(u.node.op_type == "QuantizeLinear" and u.node.domain == "" for u in uses)
+    )
+
+
 def _foldable(conv: ir.Node) -> np.ndarray | None:
     """The float32 weight that ``conv``'s weight ``DequantizeLinear`` computes, when all its inputs are constant."""
     if conv.op_type != "Conv" or conv.domain != "" or len(conv.inputs) < 2 or conv.inputs[1] is None:
         return None
     dq = conv.inputs[1].producer()
     if dq is None or dq.op_type != "DequantizeLinear" or dq.domain != "":
+        return None
+    if _requantized(conv):
         return None
     if dq.attributes.get_int("block_size", 0):
         return None  # blocked scales: left for onnxruntime to run

@@ -1,0 +1,149 @@
+"""``QuantizeConfig.requantize_conv_outputs`` through every stage: calibration records the
+convolutions' outputs, the plan gives each an int8 grid, the torch runtime rounds onto it, the ONNX
+export puts QDQ after the convolution (onnxruntime then runs QLinearConv), and the MindIE-SD export
+writes the grid for loaders that apply it."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffkiln.calibrate import CalibrationConfig, calibrate
+from diffkiln.errors import InvalidInputError
+from diffkiln.export.mindiesd import MindieExportConfig, export_mindiesd
+from diffkiln.export.onnx import OnnxExportConfig, export_onnx
+from diffkiln.optimizer import make_plan
+from diffkiln.optimizer.plan import ActMode
+from diffkiln.optimizer.planner import QuantizeConfig
+from diffkiln.report.metrics import sqnr_db
+from diffkiln.runtime import load
+from diffkiln.runtime.onnxruntime_backend import open_session
+from diffkiln.runtime.qmodules import QConv2d, requantize
+from tests.export.mindiesd_loader import load_mindiesd
+from tests.export.test_mindiesd import _per_call_sqnr
+from tests.export.test_onnx import _denoiser_calls
+from tests.runtime_e2e_helpers import CACHE, PROMPTS, build_bundle
+
+CONFIG = QuantizeConfig(requantize_conv_outputs=True)
+
+
+@pytest.fixture(scope="module")
+def rq_bundle(shapes_pipelines, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    bundle, _ = build_bundle(shapes_pipelines["shapes-unet"], CONFIG, tmp_path_factory.mktemp("rq") / "b")
+    return Path(bundle)
+
+
+@pytest.fixture(scope="module")
+def rq_onnx(rq_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_onnx(rq_bundle, OnnxExportConfig(tmp_path_factory.mktemp("rq-onnx") / "o"))
+
+
+def test_calibration_records_conv_outputs_and_the_plan_gives_them_a_grid(shapes_pipelines) -> None:
+    pipe = shapes_pipelines["shapes-unet"]
+    stats = calibrate(pipe, CalibrationConfig(PROMPTS, steps=4, batch_size=4, cache_dir=CACHE, progress=False))
+    conv = stats.layers["down_blocks.0.resnets.0.conv1"]
+    linear = stats.layers["down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"]
+    assert conv.has_output and conv.out_samples.shape == conv.samples.shape
+    assert (conv.out_min <= conv.out_samples.amin(1)).all() and (conv.out_max >= conv.out_samples.amax(1)).all()
+    assert not linear.has_output
+    plan = make_plan(pipe, stats, CONFIG, "t")
+    quantized_convs = [lp for lp in plan.layers if lp.kind == "conv" and lp.quantized]
+    assert quantized_convs and all(lp.output is not None for lp in quantized_convs)
+    assert all(lp.output is None for lp in plan.layers if lp.kind == "linear" or not lp.quantized)
+    out = quantized_convs[0].output
+    assert out is not None and out.mode is ActMode.STATIC and out.scale is not None and out.scale > 0
+    # The default plan is unchanged by the recorded outputs: no grids.
+    assert all(lp.output is None for lp in make_plan(pipe, stats, QuantizeConfig(), "t").layers)
+
+
+def test_runtime_rounds_conv_outputs_onto_the_grid(rq_bundle: Path) -> None:
+    pipe = load(rq_bundle, "cpu")
+    convs = {n: m for n, m in pipe.unet.named_modules() if isinstance(m, QConv2d)}
+    assert convs and all(m.output_grid is not None for m in convs.values())
+    name, conv = next(iter(convs.items()))
+    x = torch.randn(2, conv.in_channels, 12, 12, generator=torch.Generator().manual_seed(0))
+    grid = conv.output_grid
+    assert grid is not None
+    with torch.no_grad():
+        out = conv(x)
+        unrounded = conv._conv(x)
+    assert torch.equal(out, requantize(unrounded, grid))  # bit-exact: the same rounding, once
+    codes = out / grid.scale + grid.zero_point
+    assert torch.allclose(codes, codes.round(), atol=1e-3), name  # every value on the int8 grid
+    assert not torch.equal(out, unrounded)
+    manifest = json.loads((rq_bundle / "manifest.json").read_text())
+    assert manifest["version"] == 5  # older runtimes would ignore the grid, so they must refuse
+
+
+def test_onnx_export_requantizes_and_onnxruntime_runs_qlinearconv(rq_bundle: Path, rq_onnx: Path,
+                                                                  tmp_path: Path) -> None:  # fmt: skip
+    model = onnx.load(str(rq_onnx / "denoiser.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    consumers: dict[str, list[str]] = {}
+    for node in model.graph.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node.op_type)
+    requantized = [
+        n for n in model.graph.node if n.op_type == "Conv" and consumers.get(n.output[0]) == ["QuantizeLinear"]
+    ]
+    n_layers = sum(1 for _, m in load(rq_bundle, "cpu").unet.named_modules() if isinstance(m, QConv2d))
+    assert len(requantized) == n_layers, (len(requantized), n_layers)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    open_session(rq_onnx / "denoiser.onnx", options, ["CPUExecutionProvider"], fold_conv_weights=True)
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False).graph.node]
+    # onnxruntime 1.32 fuses 46 of shapes-unet's 48: the two stride-2 downsampling convolutions
+    # keep a float Conv between their QDQ (their bias is quantized, but the fusion stops there).
+    assert ops.count("QLinearConv") >= n_layers - 2, (ops.count("QLinearConv"), n_layers)
+
+
+def test_onnxruntime_matches_the_torch_runtime_per_call(rq_bundle: Path, rq_onnx: Path) -> None:
+    pipe = load(rq_bundle, "cpu")
+    ort_pipe = load(rq_onnx, "cpu", backend="onnxruntime")
+    calls, _ = _denoiser_calls(pipe)
+    per_call = []
+    for args, kwargs in calls:
+        with torch.no_grad():
+            ref = pipe.unet(*args, **kwargs)[0]
+        per_call.append(sqnr_db(ref.numpy(), ort_pipe.unet(*args, **kwargs)[0].numpy()))
+    # The bars of test_onnx's W8A8 per-call test: the same integer math, float rounding around it
+    # that may flip a code (QLinearConv rounds its int32 sums straight onto the output grid).
+    assert statistics.median(per_call) >= 35.0, per_call
+    assert min(per_call) >= 20.0, per_call
+
+
+def test_mindiesd_export_writes_the_grids_and_an_applying_loader_reproduces(rq_bundle: Path, tmp_path: Path) -> None:
+    out = export_mindiesd(rq_bundle, MindieExportConfig(tmp_path / "md"))
+    meta = json.loads((out / "diffkiln_export.json").read_text())
+    description = json.loads((out / "quant_model_description_w8a8.json").read_text())
+    tensors = load_file(str(out / "quant_model_weight_w8a8.safetensors"))
+    assert meta["requantized_outputs"]
+    for name in meta["requantized_outputs"]:
+        assert description[f"{name}.output_scale"] == "FLOAT" and tensors[f"{name}.output_scale"].shape == (1,)
+    values = _per_call_sqnr(rq_bundle, load_mindiesd(out))
+    # The bars of test_mindiesd's static W8A8 test (bfloat16 / float16 input scales there).
+    assert min(values) >= 24.0 and statistics.median(values) >= 32.0, values
+
+
+def test_bad_combinations_are_refused() -> None:
+    from diffkiln.optimize import OptimizeConfig
+    from diffkiln.optimizer import Recipe
+    from diffkiln.optimizer.plan import ActSpec, LayerPlan, WeightSpec
+
+    with pytest.raises(ValueError, match="static activations"):
+        QuantizeConfig(act_mode=ActMode.DYNAMIC, requantize_conv_outputs=True)
+    with pytest.raises(InvalidInputError, match="--recipe w8a8"):
+        OptimizeConfig(out=Path("x"), recipe=Recipe.MIXED, requantize_conv_outputs=True)
+    grid = ActSpec(scale=0.1, zero_point=0)
+    with pytest.raises(ValueError, match="convolution with static integer activations"):
+        LayerPlan("l", "linear", WeightSpec(8), grid, output=grid)
+    with pytest.raises(ValueError, match="convolution with static integer activations"):
+        LayerPlan("c", "conv", WeightSpec(8), None, output=grid)

@@ -214,22 +214,27 @@ def main() -> int:
                                "threads": torch.get_num_threads(), "calib_prompts": len(calib_prompts),
                                "eval_prompts": len(eval_prompts)}  # fmt: skip
 
-    bundles = {}
-    for bits in (8, 7):  # 7: reduce range, for fused int8 kernels on x86 CPUs without VNNI
-        bundles[bits] = work / f"bundle-w{bits}a8"
-        if not bundles[bits].exists():
+    bundles: dict[str, Path] = {}
+    # 7: reduce range, for fused int8 kernels on x86 CPUs without VNNI; "8rq": convolution outputs
+    # requantized (onnxruntime then runs the convolutions as QLinearConv).
+    for key, bits, requantize in (("8", 8, False), ("7", 7, False), ("8rq", 8, True)):
+        bundles[key] = work / f"bundle-w{bits}a8{'-rq' if requantize else ''}"
+        if not bundles[key].exists():
             config = OptimizeConfig(
-                out=bundles[bits],
+                out=bundles[key],
                 weight_bits=bits,
                 float_storage=FloatStorage.FLOAT16,
                 calib_size=args.calib_prompts,
+                requantize_conv_outputs=requantize,
                 progress=False,
             )
             optimize(args.model, config)
-    bundle = bundles[8]
+    bundle = bundles["8"]
     ours = export_onnx(bundle, OnnxExportConfig(work / "onnx-w8a8", components=False, overwrite=True)) / "denoiser.onnx"
-    ours7 = export_onnx(bundles[7], OnnxExportConfig(work / "onnx-w7a8", components=False, overwrite=True))
+    ours7 = export_onnx(bundles["7"], OnnxExportConfig(work / "onnx-w7a8", components=False, overwrite=True))
     ours7 = ours7 / "denoiser.onnx"
+    rq = OnnxExportConfig(work / "onnx-w8a8-rq", components=False, overwrite=True)
+    ours_rq = export_onnx(bundles["8rq"], rq) / "denoiser.onnx"
     integer = OnnxExportConfig(work / "onnx-w8a8-int", components=False, overwrite=True, compute=OnnxCompute.INTEGER)
     ours_int = export_onnx(bundle, integer) / "denoiser.onnx"
     pipe = load_pipeline(args.model)
@@ -243,6 +248,7 @@ def main() -> int:
         "fp16": fp16,
         "diffkiln_w8a8": ours,
         "diffkiln_w7a8": ours7,
+        "diffkiln_w8a8_rq": ours_rq,
         "diffkiln_w8a8_integer": ours_int,
         "ort_quantize_static": ort_static,
         "ort_quantize_static_matmul_conv_rr": ort_static_mc,
@@ -262,6 +268,7 @@ def main() -> int:
         ("ort_diffkiln_w8a8", ours, False, False),
         ("ort_diffkiln_w8a8_optimized", ours, True, False),
         ("ort_diffkiln_w8a8_optimized_conv_folded", ours, True, True),
+        ("ort_diffkiln_w8a8_rq_optimized", ours_rq, True, True),
         ("ort_diffkiln_w7a8", ours7, False, False),
         ("ort_diffkiln_w7a8_optimized", ours7, True, False),
         ("ort_diffkiln_w8a8_integer", ours_int, False, False),

@@ -19,7 +19,9 @@ ran out of 23 GB of memory). Each stage runs in its own process (the FP32 weight
    reduce_range (as tools/bench_onnx.py);
 4. ``time``: every file in one onnxruntime CPU session after another: latency of one call (median
    of ``--repeat``), and the output SQNR against the float torch outputs on the held-out calls;
-5. ``pairs``: the files the comparison is about (diffkiln as its backend opens it, diffkiln-rq,
+5. ``memory``: each of those files in a fresh process: resident memory (RSS) after building the
+   session and after one call, and the process's peak, against the process before the session;
+6. ``pairs``: the files the comparison is about (diffkiln as its backend opens it, diffkiln-rq,
    and ``quantize_static``'s tuned output) open side by side and timed in turns, ``--repeat``
    rounds: the median of each and of the per-round ratios, robust to the machine's drift.
 
@@ -213,6 +215,50 @@ def stage_diffkiln_rq(a: argparse.Namespace) -> dict[str, Any]:
     return stage_diffkiln(a, requantize=True)
 
 
+# The files the comparison is about, as (folder, fold the conv weights): diffkiln as its backend
+# opens it on CPU (weights folded where the convolution is not requantized), quantize_static's as is.
+_COMPARED = {"diffkiln-conv-folded": ("diffkiln", True), "diffkiln": ("diffkiln", False),
+             "diffkiln-rq": ("diffkiln-rq", True), "ort-matmul-conv-rr": ("ort-matmul-conv-rr", False)}  # fmt: skip
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 1e6
+
+
+def _memory_of(a: argparse.Namespace) -> dict[str, Any]:
+    """One file's session memory, in this (fresh) process."""
+    import resource
+
+    import onnxruntime as ort
+
+    from diffkiln.export.onnx.components import flatten_kwargs
+    from diffkiln.runtime.onnxruntime_backend import open_session
+
+    folder, fold = _COMPARED[a.memory_of]
+    feed = {k: v.numpy() for k, v in flatten_kwargs(_calls(a.latent, _EVAL_TIMESTEPS, 500)[0])[0].items()}
+    before = _rss_mb()
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = open_session(a.work / folder / "denoiser.onnx", options, ["CPUExecutionProvider"], fold)
+    built = _rss_mb()
+    session.run(None, feed)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3  # KB on Linux
+    return {"session_mb": round(built - before, 1), "after_call_mb": round(_rss_mb() - before, 1),
+            "peak_mb": round(peak - before, 1)}  # fmt: skip
+
+
+def stage_memory(a: argparse.Namespace) -> dict[str, Any]:
+    out = {}
+    for name in _COMPARED:
+        cmd = [sys.executable, __file__, "--work", str(a.work), "--latent", str(a.latent), "--memory-of", name,
+               "--stage", "memory"]  # fmt: skip
+        subprocess.run(cmd, check=True)
+        out[name] = json.loads((a.work / f"memory-{name}.json").read_text())
+        print(name, out[name], flush=True)
+    return out
+
+
 def stage_pairs(a: argparse.Namespace) -> dict[str, Any]:
     import onnxruntime as ort
 
@@ -222,12 +268,14 @@ def stage_pairs(a: argparse.Namespace) -> dict[str, Any]:
     feed = {k: v.numpy() for k, v in flatten_kwargs(_calls(a.latent, _EVAL_TIMESTEPS, 500)[0])[0].items()}
     # As diffkiln's onnxruntime backend opens its files on CPU (conv weights folded where the
     # convolution is not requantized), and quantize_static's file as it is.
-    files = {"diffkiln-conv-folded": ("diffkiln", True), "diffkiln-rq": ("diffkiln-rq", True),
-             "ort-matmul-conv-rr": ("ort-matmul-conv-rr", False)}  # fmt: skip
     sessions = {}
-    for name, (folder, fold) in files.items():
+    for name, (folder, fold) in _COMPARED.items():
+        if name == "diffkiln":
+            continue  # timed unfolded in ``time``
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        # An idle session's threads must not spin on the cores the next one is timed on.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         sessions[name] = open_session(a.work / folder / "denoiser.onnx", options, ["CPUExecutionProvider"], fold)
         sessions[name].run(None, feed)  # warm-up
     times: dict[str, list[float]] = {name: [] for name in sessions}
@@ -254,6 +302,7 @@ STAGES = {
     "diffkiln-integer": stage_diffkiln_integer,
     "ort": stage_ort,
     "time": stage_time,
+    "memory": stage_memory,
     "pairs": stage_pairs,
 }
 
@@ -267,8 +316,12 @@ def main() -> int:
                     help="diffkiln's calibration values kept per layer and call (default 4096; see above)")  # fmt: skip
     ap.add_argument("--stages", default=",".join(STAGES), help=f"comma list from {', '.join(STAGES)} (default all)")
     ap.add_argument("--stage", default=None, help=argparse.SUPPRESS)  # one stage, in a child process
+    ap.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)  # one file's memory, in a child
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
+    if a.memory_of is not None:
+        (a.work / f"memory-{a.memory_of}.json").write_text(json.dumps(_memory_of(a)))
+        return 0
     if a.stage is not None:
         result = STAGES[a.stage](a)
         (a.work / f"stage-{a.stage}.json").write_text(json.dumps(result, indent=2))

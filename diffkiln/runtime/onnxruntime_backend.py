@@ -144,7 +144,31 @@ def open_session(path: Path, options: Any, providers: list[str], fold_conv_weigh
         raise error
     # A folded graph too large for one protobuf lives in a temporary folder as long as its session.
     session.diffkiln_folded_files = keep_alive
+    del source  # the serialized folded graph: onnxruntime holds its own copy now
+    _return_freed_memory()
     return session
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap that loading freed back to the operating system (glibc's ``malloc_trim``).
+
+    Parsing the graph (ours for the conv-weight fold, onnxruntime's own) leaves gigabytes of freed
+    heap that glibc keeps resident. Measured on the full-size SD1.5 UNet (2026-12-03): 3.7 GB
+    resident after building the requantized file's session, 1.1 GB after the trim. No-op where the
+    C library has no ``malloc_trim`` (macOS, Windows, musl).
+    """
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()  # an onnx-ir graph is full of reference cycles (nodes <-> values)
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        trim = None
+    if trim is not None:
+        trim(0)
 
 
 def _folded_source(path: Path) -> tuple[str | bytes, Any]:

@@ -639,7 +639,9 @@ def _cmd_inspect(a: argparse.Namespace) -> int:
     counts = ", ".join(f"{k}: {v}" for k, v in summary["layers_by_bits"].items())
     print(
         f"layers   {counts}  (avg weight bits {summary['avg_weight_bits']:.2f}, "
-        f"avg act bits {summary['avg_act_bits']:.2f}; SmoothQuant on {summary['smoothed_layers']})"
+        f"avg act bits {summary['avg_act_bits']:.2f}; SmoothQuant on {summary['smoothed_layers']}"
+        + (f"; int8 outputs on {summary['requantized_outputs']}" if summary["requantized_outputs"] else "")
+        + ")"
     )
     print(
         f"sizes    denoiser {summary['denoiser_bytes'] / 1e6:.2f} MB stored "

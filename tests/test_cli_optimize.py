@@ -60,6 +60,7 @@ def test_inspect_summarizes(bundle: Path, capsys: pytest.CaptureFixture[str]) ->
     assert s["layers_by_bits"]["W8A8"] > 10 and s["layers_by_bits"]["FP"] >= 2
     assert s["bos"]["positions"] == [0]
     assert 0 <= s["smoothed_layers"] <= s["layers_by_bits"]["W8A8"]
+    assert s["requantized_outputs"] == 0  # only with --requantize-conv-outputs
     assert 0.4 < s["denoiser_bytes"] / s["denoiser_fp16_bytes"] < 0.6
 
 

@@ -66,6 +66,9 @@ def summarize(bundle: str | os.PathLike[str]) -> dict[str, Any]:
         "smoothed_layers": sum(
             any(t.endswith("::smooth_inv") for t in info.get("tensors", [])) for info in quant["layers"].values()
         ),
+        "requantized_outputs": sum(
+            any(t.endswith("::output_scale") for t in info.get("tensors", [])) for info in quant["layers"].values()
+        ),
         "avg_weight_bits": quant["avg_weight_bits"],
         "avg_act_bits": quant["avg_act_bits"],
         "denoiser_bytes": stored,

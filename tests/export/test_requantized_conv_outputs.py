@@ -24,6 +24,7 @@ from diffkiln.optimizer.plan import ActMode
 from diffkiln.optimizer.planner import QuantizeConfig
 from diffkiln.report.metrics import sqnr_db
 from diffkiln.runtime import load
+from diffkiln.runtime.inspect import summarize
 from diffkiln.runtime.onnxruntime_backend import open_session
 from diffkiln.runtime.qmodules import QConv2d, requantize
 from tests.export.mindiesd_loader import load_mindiesd
@@ -80,6 +81,7 @@ def test_runtime_rounds_conv_outputs_onto_the_grid(rq_bundle: Path) -> None:
     assert not torch.equal(out, unrounded)
     manifest = json.loads((rq_bundle / "manifest.json").read_text())
     assert manifest["version"] == 5  # older runtimes would ignore the grid, so they must refuse
+    assert summarize(rq_bundle)["requantized_outputs"] == len(convs)  # diffkiln inspect
 
 
 def test_onnx_export_requantizes_and_onnxruntime_runs_qlinearconv(rq_bundle: Path, rq_onnx: Path,

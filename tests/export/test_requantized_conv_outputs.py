@@ -102,9 +102,8 @@ def test_onnx_export_requantizes_and_onnxruntime_runs_qlinearconv(rq_bundle: Pat
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     open_session(rq_onnx / "denoiser.onnx", options, ["CPUExecutionProvider"], fold_conv_weights=True)
     ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False).graph.node]
-    # onnxruntime 1.32 fuses 46 of shapes-unet's 48: the two stride-2 downsampling convolutions
-    # keep a float Conv between their QDQ (their bias is quantized, but the fusion stops there).
-    assert ops.count("QLinearConv") >= n_layers - 2, (ops.count("QLinearConv"), n_layers)
+    # Every one, the downsamplers (whose output feeds two blocks) included: the uint8 output grid.
+    assert ops.count("QLinearConv") == n_layers, (ops.count("QLinearConv"), n_layers)
 
 
 def test_onnxruntime_matches_the_torch_runtime_per_call(rq_bundle: Path, rq_onnx: Path) -> None:
@@ -153,3 +152,14 @@ def test_bad_combinations_are_refused() -> None:
         LayerPlan("l", "linear", WeightSpec(8), grid, output=grid)
     with pytest.raises(ValueError, match="convolution with static integer activations"):
         LayerPlan("c", "conv", WeightSpec(8), None, output=grid)
+
+
+def test_uint8_output_grid_is_the_int8_grid_shifted() -> None:
+    from diffkiln.export.onnx import ops
+
+    x = torch.linspace(-30.0, 30.0, 4001)
+    scale = torch.tensor(0.1)
+    for zp in (-20, 0, 37):
+        as_int8 = ops.act_qdq(x, scale, torch.tensor(zp, dtype=torch.int8))
+        as_uint8 = ops.act_qdq(x, scale, torch.tensor(zp + 128, dtype=torch.uint8))
+        assert torch.equal(as_int8, as_uint8), zp  # saturation included (x reaches +-300 codes)

@@ -153,7 +153,11 @@ class OnnxQConv2d(nn.Module):
     """A QConv2d as ``diffkiln::qdq_conv2d`` (or ``wo_conv2d``); arguments as :class:`OnnxQLinear`.
 
     A requantized output (``QConv2d.output_grid``) adds ``act_qdq`` on the output: onnxruntime
-    then fuses input, weight and output QDQ into one QLinearConv.
+    then fuses input, weight and output QDQ into one QLinearConv. The output grid is written as
+    uint8 with the zero point moved by 128 (the same grid: ``q_u8 = q_s8 + 128``), the type
+    onnxruntime gives the convolution's input QDQ on x86; an int8 output whose QDQ feeds several
+    nodes (UNet downsamplers: the next block and the skip connection) keeps int8 there, and a
+    convolution whose input and output types differ is not fused.
     """
 
     a_scale: torch.Tensor
@@ -177,7 +181,7 @@ class OnnxQConv2d(nn.Module):
         self.requantize = q.output_grid is not None and not self.weight_only
         if q.output_grid is not None and self.requantize:
             self.register_buffer("o_scale", torch.tensor(q.output_grid.scale, dtype=torch.float32))
-            self.register_buffer("o_zp", torch.tensor(q.output_grid.zero_point, dtype=torch.int8))
+            self.register_buffer("o_zp", torch.tensor(q.output_grid.zero_point + 128, dtype=torch.uint8))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self._conv(x)

@@ -32,8 +32,10 @@ __all__ = ["TRANSLATIONS", "matmulnbits"]
 
 
 def _fake_quant(x: Tensor, a_scale: Tensor, a_zp: Tensor) -> Tensor:
+    """QuantizeLinear -> DequantizeLinear; the zero point's dtype (int8 or uint8) sets the codes."""
     zp = a_zp.to(torch.float32)
-    q = torch.clamp(torch.round(x / a_scale) + zp, -128, 127)
+    lo, hi = (0, 255) if a_zp.dtype == torch.uint8 else (-128, 127)
+    q = torch.clamp(torch.round(x / a_scale) + zp, lo, hi)
     return (q - zp) * a_scale
 
 

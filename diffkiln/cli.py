@@ -318,7 +318,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="w8a8: round each integer convolution's output onto a calibrated int8 grid, as onnxruntime's "
         "quantize_static does, so that onnxruntime runs the convolutions as int8 QLinearConv (full-size SD1.5 UNet: "
-        "0.78x the time of onnxruntime's own quantize_static), at the cost of one more rounding per convolution",
+        "0.58x the time of onnxruntime's own quantize_static), at the cost of one more rounding per convolution",
     )
     o.add_argument("--out", type=Path, required=True, metavar="BUNDLE", help="bundle directory to write")
     o.add_argument("--overwrite", action="store_true", help="replace an existing bundle directory")

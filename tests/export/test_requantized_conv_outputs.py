@@ -106,18 +106,22 @@ def test_onnx_export_requantizes_and_onnxruntime_runs_qlinearconv(rq_bundle: Pat
     assert ops.count("QLinearConv") == n_layers, (ops.count("QLinearConv"), n_layers)
 
 
-def test_onnxruntime_matches_the_torch_runtime_per_call(rq_bundle: Path, rq_onnx: Path) -> None:
+@pytest.mark.parametrize("optimize", [False, True], ids=["qdq-as-written", "qlinearconv-fused"])
+def test_onnxruntime_matches_the_torch_runtime_per_call(rq_bundle: Path, rq_onnx: Path, optimize: bool) -> None:
     pipe = load(rq_bundle, "cpu")
-    ort_pipe = load(rq_onnx, "cpu", backend="onnxruntime")
+    ort_pipe = load(rq_onnx, "cpu", backend="onnxruntime", ort_optimize=optimize)
     calls, _ = _denoiser_calls(pipe)
     per_call = []
     for args, kwargs in calls:
         with torch.no_grad():
             ref = pipe.unet(*args, **kwargs)[0]
         per_call.append(sqnr_db(ref.numpy(), ort_pipe.unet(*args, **kwargs)[0].numpy()))
-    # The bars of test_onnx's W8A8 per-call test: the same integer math, float rounding around it
-    # that may flip a code (QLinearConv rounds its int32 sums straight onto the output grid).
-    assert statistics.median(per_call) >= 35.0, per_call
+    # As written: the bars of test_onnx's W8A8 per-call test (the same integer math, float rounding
+    # around it that may flip a code). Fused, QLinearConv rounds its int32 sums straight onto the
+    # output grid (torch: a float convolution, then the grid), so more codes flip: measured on the
+    # 2026-12-03 shapes-unet 37.9, 35.4, 29.2, 23.7 dB over the 4 steps (as written: median >= 35).
+    # In quality against FP the two agree (21.9 dB fused, 21.7 dB torch; BENCHMARKS.md).
+    assert statistics.median(per_call) >= (28.0 if optimize else 35.0), per_call
     assert min(per_call) >= 20.0, per_call
 
 

@@ -35,8 +35,8 @@ What the format cannot hold, and what the exporter does then (also in docs/mindi
   ignores them quantizes those positions like the other tokens;
 * requantized convolution outputs (``--requantize-conv-outputs``): MindIE-SD's layers have no
   output quantization; written as ``L.output_scale`` / ``L.output_offset`` (1,) (FLOAT) for
-  loaders that apply them (``y = (clamp(round(y / output_scale + output_offset)) - output_offset)
-  * output_scale``), listed under ``requantized_outputs``; a loader that ignores them keeps the
+  loaders that apply them (``y = (clamp(round(y / output_scale + output_offset), -128, 127) -
+  output_offset) * output_scale``), listed under ``requantized_outputs``; a loader that ignores them keeps the
   output in float, one rounding closer to the FP model than the bundle;
 * timestep-aware activation ranges: not written; the export fails naming the layer, or with
   ``keep_fp`` the layer is written ``FLOAT`` (dequantized weights) and listed under ``kept_fp``.

@@ -28,7 +28,7 @@ ran out of 23 GB of memory). Each stage runs in its own process (the FP32 weight
 Calibration samples: diffkiln keeps a reservoir of ``--samples-per-step`` activation values per
 layer and calibration call, and chooses ranges from them. ``diffkiln optimize`` keeps 1,024 per
 sampler step over 20 steps (20,480 per layer); this benchmark calibrates on 4 calls, so it keeps
-4,096 per call (16,384) to match. With 512 per call (2,048), as before 2026-12-04, the sample
+4,096 per call (16,384) to match. With 512 per call (2,048), as until 2026-12-03, the sample
 misses the tails the ranges need: 23.8 / 24.7 dB against 29.8 / 30.0 dB (measured 2026-12-03).
 
 Usage:
@@ -221,6 +221,13 @@ _COMPARED = {"diffkiln-conv-folded": ("diffkiln", True), "diffkiln": ("diffkiln"
              "diffkiln-rq": ("diffkiln-rq", True), "ort-matmul-conv-rr": ("ort-matmul-conv-rr", False)}  # fmt: skip
 
 
+def _eval_feed(a: argparse.Namespace) -> dict[str, Any]:
+    """The first held-out call as onnxruntime feeds (the call ``time`` times)."""
+    from diffkiln.export.onnx.components import flatten_kwargs
+
+    return {k: v.numpy() for k, v in flatten_kwargs(_calls(a.latent, _EVAL_TIMESTEPS, 500)[0])[0].items()}
+
+
 def _rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096 / 1e6
@@ -232,11 +239,10 @@ def _memory_of(a: argparse.Namespace) -> dict[str, Any]:
 
     import onnxruntime as ort
 
-    from diffkiln.export.onnx.components import flatten_kwargs
     from diffkiln.runtime.onnxruntime_backend import open_session
 
     folder, fold = _COMPARED[a.memory_of]
-    feed = {k: v.numpy() for k, v in flatten_kwargs(_calls(a.latent, _EVAL_TIMESTEPS, 500)[0])[0].items()}
+    feed = _eval_feed(a)
     before = _rss_mb()
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -251,8 +257,7 @@ def _memory_of(a: argparse.Namespace) -> dict[str, Any]:
 def stage_memory(a: argparse.Namespace) -> dict[str, Any]:
     out = {}
     for name in _COMPARED:
-        cmd = [sys.executable, __file__, "--work", str(a.work), "--latent", str(a.latent), "--memory-of", name,
-               "--stage", "memory"]  # fmt: skip
+        cmd = [sys.executable, __file__, "--work", str(a.work), "--latent", str(a.latent), "--memory-of", name]
         subprocess.run(cmd, check=True)
         out[name] = json.loads((a.work / f"memory-{name}.json").read_text())
         print(name, out[name], flush=True)
@@ -262,10 +267,9 @@ def stage_memory(a: argparse.Namespace) -> dict[str, Any]:
 def stage_pairs(a: argparse.Namespace) -> dict[str, Any]:
     import onnxruntime as ort
 
-    from diffkiln.export.onnx.components import flatten_kwargs
     from diffkiln.runtime.onnxruntime_backend import open_session
 
-    feed = {k: v.numpy() for k, v in flatten_kwargs(_calls(a.latent, _EVAL_TIMESTEPS, 500)[0])[0].items()}
+    feed = _eval_feed(a)
     # As diffkiln's onnxruntime backend opens its files on CPU (conv weights folded where the
     # convolution is not requantized), and quantize_static's file as it is.
     sessions = {}

@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from diffkiln import __version__
-from diffkiln.errors import DiffkilnError, InvalidInputError
-from diffkiln.runtime.manifest import BundleError
+from diffkiln.core.errors import BundleError, DiffkilnError, InvalidInputError
 
 __all__ = ["main"]
 

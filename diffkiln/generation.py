@@ -7,10 +7,9 @@ image depends only on (model, prompt, seed, index, settings), never on how promp
 from __future__ import annotations
 
 import contextlib
-import inspect
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from diffkiln.errors import InvalidInputError
+from diffkiln.core.errors import InvalidInputError
+from diffkiln.core.pipelines import step_callback_kwargs
 from diffkiln.zoo.registry import ResolvedTarget, resolve_target
 
 __all__ = [
@@ -31,7 +31,6 @@ __all__ = [
     "load_pipeline",
     "read_prompts",
     "save_images",
-    "step_callback_kwargs",
 ]
 
 _DEFAULT_STEPS = 20
@@ -239,27 +238,6 @@ def generate(
         extras=extras,
         videos=videos or None,
     )
-
-
-StepCallback = Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]]
-
-
-def step_callback_kwargs(pipe: Any, on_step: StepCallback) -> dict[str, Any]:
-    """Pipeline-call arguments that run ``on_step(pipe, i, t, {"latents": ...})`` after every step.
-
-    Most diffusers pipelines take ``callback_on_step_end``; older ones (PixArt-alpha) take
-    ``callback`` with ``callback_steps``. A pipeline with neither gets no callback.
-    """
-    params = inspect.signature(pipe.__call__).parameters
-    if "callback_on_step_end" in params:
-        return {"callback_on_step_end": on_step}
-    if "callback" in params:
-
-        def legacy(i: int, t: Any, latents: torch.Tensor) -> None:
-            on_step(pipe, i, t, {"latents": latents})
-
-        return {"callback": legacy, "callback_steps": 1}
-    return {}
 
 
 def _to_pil(array: np.ndarray) -> Image.Image:

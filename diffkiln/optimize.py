@@ -15,7 +15,7 @@ from typing import Any
 
 from diffkiln.calibrate import CalibrationConfig, calibrate
 from diffkiln.calibrate.prompts import default_calibration_prompts
-from diffkiln.errors import InvalidInputError
+from diffkiln.core.errors import InvalidInputError
 from diffkiln.export import ExportConfig, FloatStorage, export_bundle
 from diffkiln.generation import load_pipeline, read_prompts
 from diffkiln.optimizer import ActMode, QuantizeConfig, Recipe, SmoothMode, make_plan
@@ -258,7 +258,7 @@ def optimize(target: str | os.PathLike[str], config: OptimizeConfig) -> Path:
             message names the smallest feasible one).
         BundleError: the output exists and ``overwrite`` is False.
     """
-    from diffkiln.runtime.manifest import BundleError
+    from diffkiln.core.errors import BundleError
 
     if Path(config.out).exists() and not config.overwrite:
         raise BundleError(f"{config.out} already exists; pass --overwrite to replace it")

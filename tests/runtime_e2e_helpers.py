@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from diffkiln.calibrate import CalibrationConfig, calibrate
-from diffkiln.export.freeze import apply_plan
+from diffkiln.nn.freeze import apply_plan
 from diffkiln.optimizer.planner import QuantizeConfig, make_plan
 
 # Shared calibration cache: tests that calibrate the same pipeline with the same settings reuse it.

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from diffkiln.errors import InvalidInputError
+from diffkiln.core.errors import InvalidInputError
 from diffkiln.generation import GenerateConfig, generate, read_prompts
 from diffkiln.report import ReportConfig
 from diffkiln.zoo.registry import resolve_target

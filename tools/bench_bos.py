@@ -85,10 +85,10 @@ def main() -> int:
 
     from diffkiln.calibrate import CalibrationConfig, calibrate
     from diffkiln.calibrate.prompts import default_calibration_prompts
-    from diffkiln.export.freeze import apply_plan
+    from diffkiln.core.metrics import sqnr_db
     from diffkiln.generation import load_pipeline
+    from diffkiln.nn.freeze import apply_plan
     from diffkiln.optimizer.planner import QuantizeConfig, SmoothMode, make_plan
-    from diffkiln.report.metrics import sqnr_db
     from diffkiln.zoo.outliers import blind_cross_attention, bos_outlier
 
     pipe = load_pipeline(args.model)

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diffkiln.kernels.backends import _cpu_has_vnni, int_mm_on_fp32_units
+from diffkiln.kernels.backends import cpu_has_vnni, int_mm_on_fp32_units
 
 SHAPES = [(2 * 4096, 320, 320), (2 * 1024, 640, 1920), (2 * 256, 1280, 1280), (2 * 77, 768, 320)]
 
@@ -39,7 +39,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeat", type=int, default=10)
     a = ap.parse_args()
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, VNNI/AMX: {_cpu_has_vnni()}")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, VNNI/AMX: {cpu_has_vnni()}")
     print("| M x K x N | fp32 ms | bf16 | torch._int_mm | int8 on fp32 units | oneDNN u8s8 (prepacked) |")
     print("|---|---|---|---|---|---|")
     for m, k, n in SHAPES:

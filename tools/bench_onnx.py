@@ -100,7 +100,7 @@ def _calibration_inputs(pipe: Any, prompts: list[str], steps: int, guidance: flo
 
     import torch
 
-    from diffkiln.calibrate.hooks import recording_calls
+    from diffkiln.core.hooks import recording_calls
 
     pipe.set_progress_bar_config(disable=True)
     with recording_calls("bench.calib", pipe.unet) as calls, torch.no_grad():
@@ -191,11 +191,11 @@ def main() -> int:
     import torch
 
     from diffkiln.calibrate.prompts import default_calibration_prompts
+    from diffkiln.core.metrics import sqnr_db
     from diffkiln.export import FloatStorage
     from diffkiln.export.onnx import OnnxCompute, OnnxExportConfig, export_onnx
     from diffkiln.generation import load_pipeline
     from diffkiln.optimize import OptimizeConfig, optimize
-    from diffkiln.report.metrics import sqnr_db
     from diffkiln.runtime import load
     from diffkiln.zoo.registry import resolve_target
 

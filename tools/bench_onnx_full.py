@@ -110,8 +110,8 @@ def stage_float(a: argparse.Namespace) -> dict[str, Any]:
 
 def stage_diffkiln(a: argparse.Namespace, integer: bool = False, requantize: bool = False) -> dict[str, Any]:
     from diffkiln.calibrate import calibrate_denoiser
-    from diffkiln.export.freeze import apply_plan
     from diffkiln.export.onnx.exporter import _swap_quantized_layers
+    from diffkiln.nn.freeze import apply_plan
     from diffkiln.optimizer import QuantizeConfig, make_plan
 
     model = _build()
@@ -175,8 +175,8 @@ def stage_time(a: argparse.Namespace) -> dict[str, Any]:
     import onnxruntime as ort
     import torch
 
+    from diffkiln.core.metrics import sqnr_db
     from diffkiln.export.onnx.components import flatten_kwargs
-    from diffkiln.report.metrics import sqnr_db
     from diffkiln.runtime.onnxruntime_backend import open_session
 
     refs = torch.load(a.work / "reference.pt")

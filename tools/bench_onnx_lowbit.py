@@ -48,10 +48,10 @@ def _fp16_onnx(bundle: Path, work: Path) -> Path:
     """The float source model's denoiser as FP16 ONNX, through diffkiln's exporter."""
     import torch
 
+    from diffkiln.core.schema import read_json
     from diffkiln.export.onnx.components import record_components
     from diffkiln.export.onnx.exporter import OnnxExportConfig, _call_kwargs, _export_component
     from diffkiln.generation import load_pipeline
-    from diffkiln.runtime.manifest import read_json
     from diffkiln.zoo.registry import resolve_target
 
     manifest = read_json(bundle / "manifest.json")
@@ -90,13 +90,13 @@ def main() -> int:
     import numpy as np
     import torch
 
-    from diffkiln.calibrate.hooks import recording_calls
     from diffkiln.calibrate.prompts import default_calibration_prompts
+    from diffkiln.core.hooks import recording_calls
+    from diffkiln.core.metrics import sqnr_db
+    from diffkiln.core.schema import read_json
     from diffkiln.export.onnx import OnnxExportConfig, export_onnx
     from diffkiln.export.onnx.exporter import _call_kwargs
-    from diffkiln.report.metrics import sqnr_db
     from diffkiln.runtime import load
-    from diffkiln.runtime.manifest import read_json
 
     args.work.mkdir(parents=True, exist_ok=True)
     manifest = read_json(args.bundle / "manifest.json")

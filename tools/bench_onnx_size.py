@@ -48,10 +48,10 @@ def main() -> int:
     from bench_w8a8 import _inputs
 
     from diffkiln.calibrate import calibrate_denoiser
-    from diffkiln.export.freeze import apply_plan
+    from diffkiln.core.plan import WeightSpec
     from diffkiln.export.onnx.exporter import OnnxExportConfig, _export_component, _swap_quantized_layers
+    from diffkiln.nn.freeze import apply_plan
     from diffkiln.optimizer import QuantizeConfig, make_plan
-    from diffkiln.optimizer.plan import WeightSpec
     from diffkiln.zoo.architectures import build_full_denoiser
 
     args.work.mkdir(parents=True, exist_ok=True)

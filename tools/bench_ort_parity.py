@@ -45,7 +45,7 @@ BIT_IDENTICAL_DB = 200.0  # reported for calls whose outputs are equal
 def _run(pipe: Any, prompt: str, seed: int, latents: Any = None, record: bool = False) -> tuple[Any, list[Any]]:
     import torch
 
-    from diffkiln.calibrate.hooks import recording_calls
+    from diffkiln.core.hooks import recording_calls
 
     denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
     kwargs: dict[str, Any] = {"num_inference_steps": 20, "guidance_scale": 5.0, "output_type": "latent"}
@@ -66,7 +66,7 @@ def _initial_noise(pipe: Any, seed: int) -> Any:
 def _ulp_floor(pipe: Any, prompts: list[str]) -> list[float]:
     import torch
 
-    from diffkiln.report.metrics import sqnr_db
+    from diffkiln.core.metrics import sqnr_db
 
     pipe.set_progress_bar_config(disable=True)
     out = []
@@ -84,14 +84,14 @@ def _other_cpu_path(bundle: Path, prompts: list[str], reference: list[Any]) -> l
 
     import torch
 
+    from diffkiln.core.metrics import sqnr_db
     from diffkiln.kernels import backends
-    from diffkiln.report.metrics import sqnr_db
     from diffkiln.runtime import load
 
-    if not backends._cpu_has_vnni():
+    if not backends.cpu_has_vnni():
         return None
     out = []
-    with mock.patch.object(backends, "_cpu_has_vnni", lambda: False):  # scoped to this comparison
+    with mock.patch.object(backends, "cpu_has_vnni", lambda: False):  # scoped to this comparison
         pipe = load(bundle, device="cpu")
         pipe.set_progress_bar_config(disable=True)
         for i, (prompt, ref) in enumerate(zip(prompts, reference, strict=True)):
@@ -110,8 +110,8 @@ def main() -> int:
 
     import torch
 
+    from diffkiln.core.metrics import sqnr_db
     from diffkiln.generation import load_pipeline
-    from diffkiln.report.metrics import sqnr_db
     from diffkiln.runtime import load
 
     prompts = list(PROMPTS[: args.prompts])

@@ -106,7 +106,7 @@ class _RssPeak:
 def _build_w8a8(model: Any, name: str, a: argparse.Namespace) -> Any:
     """Calibrate, plan and freeze in memory with diffkiln's own modules (what a bundle loads)."""
     from diffkiln.calibrate import calibrate_denoiser
-    from diffkiln.export.freeze import apply_plan
+    from diffkiln.nn.freeze import apply_plan
     from diffkiln.optimizer import QuantizeConfig, SmoothMode, make_plan
 
     # Calibration at a small batch over spread timesteps (the plan needs ranges, not accuracy).
@@ -153,7 +153,7 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
 
     import torch
 
-    from diffkiln.report.metrics import sqnr_db
+    from diffkiln.core.metrics import sqnr_db
     from diffkiln.zoo.architectures import build_full_denoiser
 
     torch.set_num_threads(a.threads)
@@ -234,12 +234,12 @@ def _shared_args(a: argparse.Namespace) -> list[str]:
 def _table(a: argparse.Namespace, rows: list[dict[str, Any]]) -> str:
     import torch
 
-    from diffkiln.kernels.backends import _cpu_has_vnni
+    from diffkiln.kernels.backends import cpu_has_vnni
 
     base = next((r["ms_per_step"] for r in rows if r["variant"] == "fp32" and r["ms_per_step"]), None)
     head = (
         f"{a.model}, batch {a.batch}, {a.latent}x{a.latent} latents, torch {torch.__version__}, "
-        f"{a.threads} threads, VNNI/AMX: {_cpu_has_vnni()}, W8A8 grid: w{a.weight_bits}a{a.act_bits}, "
+        f"{a.threads} threads, VNNI/AMX: {cpu_has_vnni()}, W8A8 grid: w{a.weight_bits}a{a.act_bits}, "
         f"smooth {a.smooth}\n"
     )
     lines = [

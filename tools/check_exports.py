@@ -32,12 +32,12 @@ def _check(name: str, work: Path, steps: int) -> dict[str, Any]:
     import torch
 
     from diffkiln.calibrate import CalibrationConfig, calibrate
-    from diffkiln.calibrate.hooks import recording_calls
+    from diffkiln.core.hooks import recording_calls
+    from diffkiln.core.metrics import sqnr_db
     from diffkiln.export import ExportConfig, export_bundle
     from diffkiln.export.mindiesd import MindieExportConfig, export_mindiesd
     from diffkiln.export.onnx import OnnxExportConfig, export_onnx
     from diffkiln.optimizer.planner import QuantizeConfig, make_plan
-    from diffkiln.report.metrics import sqnr_db
     from diffkiln.runtime import load
     from diffkiln.zoo.architectures import build_tiny_pipeline
     from diffkiln.zoo.catalog import TINY_CATALOG

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 import diffkiln.runtime as rt
-from diffkiln.calibrate.stats import find_denoiser
+from diffkiln.core.pipelines import find_denoiser
 from diffkiln.runtime.inspect import denoiser_sizes
 from diffkiln.runtime.memory import resident_bytes
 

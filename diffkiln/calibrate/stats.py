@@ -25,8 +25,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from diffkiln.calibrate.hooks import scoped_hooks
-from diffkiln.generation import step_callback_kwargs
+from diffkiln.core.hooks import scoped_hooks
+from diffkiln.core.layers import find_quantizable_layers
+from diffkiln.core.pipelines import find_denoiser, pipeline_weight_hash, step_callback_kwargs
 
 __all__ = [
     "CalibrationConfig",
@@ -249,41 +250,6 @@ class CalibrationStats:
             for name, kind in meta["kinds"].items()
         }
         return cls(layers, meta["timesteps"], tensors["text_embeds"], meta["model_hash"], meta["settings"])
-
-
-def find_denoiser(pipe: Any) -> nn.Module:
-    """The pipeline's denoiser: its ``transformer`` or ``unet`` component (a bare denoiser: itself).
-
-    Raises:
-        ValueError: neither exists; the message lists the pipeline's components.
-    """
-    if isinstance(pipe, nn.Module):  # pipelines are not modules; a denoiser passed on its own is
-        return pipe
-    for name in ("transformer", "unet"):
-        module = getattr(pipe, name, None)
-        if isinstance(module, nn.Module):
-            return module
-    raise ValueError(
-        f"{type(pipe).__name__} has no 'transformer' or 'unet' denoiser; components: {sorted(pipe.components)}"
-    )
-
-
-def find_quantizable_layers(denoiser: nn.Module) -> dict[str, nn.Module]:
-    """Every Linear and Conv2d of a denoiser, by qualified name, in module order."""
-    return {n: m for n, m in denoiser.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
-
-
-def pipeline_weight_hash(pipe: Any) -> str:
-    """sha256 over every parameter and buffer of the pipeline's modules (names, shapes, bytes)."""
-    h = hashlib.sha256()
-    for comp_name in sorted(pipe.components):
-        comp = pipe.components[comp_name]
-        if not isinstance(comp, nn.Module):
-            continue
-        for name, t in comp.state_dict().items():
-            h.update(f"{comp_name}.{name}:{tuple(t.shape)}:{t.dtype}".encode())
-            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 class _Recorder:

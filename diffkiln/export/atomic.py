@@ -9,7 +9,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from diffkiln.runtime.manifest import BundleError, file_digest
+from diffkiln.core.errors import BundleError
+from diffkiln.core.schema import file_digest
 
 __all__ = ["atomic_directory", "file_table"]
 

@@ -26,14 +26,16 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from diffkiln.calibrate.stats import CalibrationStats, find_denoiser, find_quantizable_layers
+from diffkiln.calibrate.stats import CalibrationStats
+from diffkiln.core.layers import find_quantizable_layers
+from diffkiln.core.pipelines import find_denoiser
+from diffkiln.core.plan import Plan
+from diffkiln.core.schema import BUNDLE_FORMAT, MANIFEST_NAME
+from diffkiln.core.toolchain import toolchain_versions
 from diffkiln.export.atomic import atomic_directory, file_table
 from diffkiln.export.derived import find_derived_buffers
-from diffkiln.export.freeze import freeze_layer, layer_meta
 from diffkiln.kernels.packing import PACKABLE_BITS
-from diffkiln.optimizer.plan import Plan
-from diffkiln.runtime.manifest import BUNDLE_FORMAT, MANIFEST_NAME
-from diffkiln.toolchain import toolchain_versions
+from diffkiln.nn.freeze import freeze_layer, layer_meta
 
 __all__ = ["ExportConfig", "FloatStorage", "export_bundle"]
 

@@ -1,11 +1,11 @@
-"""Find the denoiser buffers a bundle need not store (see :mod:`diffkiln.runtime.derived`)."""
+"""Find the denoiser buffers a bundle need not store (see :mod:`diffkiln.core.derived`)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from diffkiln.runtime.derived import ROUNDINGS, DerivedBuffer, derived_value, fingerprint, real_buffers_meta_params
+from diffkiln.core.derived import ROUNDINGS, DerivedBuffer, derived_value, fingerprint, real_buffers_meta_params
 
 __all__ = ["find_derived_buffers"]
 

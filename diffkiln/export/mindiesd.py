@@ -56,10 +56,10 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from diffkiln.core.schema import read_manifest, verify_files
 from diffkiln.export.atomic import atomic_directory, file_table
+from diffkiln.nn.qmodules import QConv2d, QLinear
 from diffkiln.runtime.load import build_denoiser
-from diffkiln.runtime.manifest import read_manifest, verify_files
-from diffkiln.runtime.qmodules import QConv2d, QLinear
 
 __all__ = ["MindieExportConfig", "MindieExportError", "MindieFloat", "export_mindiesd"]
 

@@ -1,8 +1,8 @@
 """Optimizer: quantizers and planning -> a Plan (pure data)."""
 
-from diffkiln.optimizer.plan import ActMode, ActSpec, LayerPlan, Plan, PlanError, WeightSpec
+from diffkiln.core.plan import ActMode, ActSpec, LayerPlan, Plan, PlanError, WeightSpec
+from diffkiln.core.quantizers import ClipMethod, choose_act_params, quantize_weight_per_channel
 from diffkiln.optimizer.planner import QuantizeConfig, Recipe, SmoothMode, fp_default_reasons, make_plan
-from diffkiln.optimizer.quantizers import ClipMethod, choose_act_params, quantize_weight_per_channel
 
 __all__ = [
     "ActMode",

@@ -6,7 +6,7 @@ Formulation (docs/mixed-precision.md):
 * weight budget: ``sum_i,b params_i * w[i, b] * x[i, b] <= avg_bits * sum_i params_i``, where
   ``w[i, b]`` is the bits stored per weight of layer ``i`` at width ``b``: ``b`` itself when only
   code bits count (16 = FP), or codes plus scales and group multipliers per weight
-  (:meth:`diffkiln.optimizer.plan.LayerPlan.stored_bits_as`) when the budget is in stored bytes;
+  (:meth:`diffkiln.core.plan.LayerPlan.stored_bits_as`) when the budget is in stored bytes;
 * tied layers (which must share a format, e.g. a fused QKV) take the same bit-width:
   ``x[i, b] = x[j, b]`` for every ``b``;
 * optionally, a cost budget (e.g. a latency table measured on the target device):

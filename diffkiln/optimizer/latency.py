@@ -21,10 +21,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffkiln.calibrate.hooks import scoped_hooks
-from diffkiln.calibrate.stats import CalibrationStats, find_denoiser, find_quantizable_layers
+from diffkiln.calibrate.stats import CalibrationStats
+from diffkiln.core.hooks import scoped_hooks
+from diffkiln.core.layers import find_quantizable_layers
+from diffkiln.core.pipelines import find_denoiser
+from diffkiln.core.plan import Plan, WeightSpec
 from diffkiln.kernels.packing import PACKABLE_BITS
-from diffkiln.optimizer.plan import Plan, WeightSpec
 
 __all__ = ["LatencyTable", "measure_layer_latency"]
 
@@ -108,8 +110,8 @@ def measure_layer_latency(
         group_size: two-level groups for 4-/2-bit candidates, as the plan will store them.
             Default None (per channel).
     """
-    from diffkiln.export.freeze import freeze_layer, layer_meta
-    from diffkiln.runtime.qmodules import qmodule_for
+    from diffkiln.nn.freeze import freeze_layer, layer_meta
+    from diffkiln.nn.qmodules import qmodule_for
 
     layers = find_quantizable_layers(find_denoiser(pipe))
     shapes = _input_shapes(pipe, stats, list(candidates))

@@ -31,11 +31,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffkiln.calibrate.stats import CalibrationStats, find_denoiser
+from diffkiln.calibrate.stats import CalibrationStats
+from diffkiln.core.pipelines import find_denoiser
+from diffkiln.core.plan import LayerPlan, Plan, WeightSpec
 from diffkiln.kernels.packing import PACKABLE_BITS
 from diffkiln.optimizer.allocation import InfeasibleBudgetError, LayerOptions, allocate_bits
 from diffkiln.optimizer.latency import LatencyTable, measure_layer_latency
-from diffkiln.optimizer.plan import LayerPlan, Plan, WeightSpec
 from diffkiln.optimizer.planner import QuantizeConfig, fp_default_reasons, make_plan
 from diffkiln.optimizer.roles import LayerRole, layer_roles
 from diffkiln.optimizer.sensitivity import (
@@ -103,7 +104,7 @@ class MixedConfig:
             than it. Default True.
         group_size: store 4-, 3- and 2-bit weights with two-level groups of this many inputs (an
             integer multiplier per group on the per-channel scale; see
-            :class:`~diffkiln.optimizer.plan.WeightSpec`). Default None (per channel).
+            :class:`~diffkiln.core.plan.WeightSpec`). Default None (per channel).
         budget: what ``weight_bits`` averages: ``stored`` bits per weight (codes, float16
             scales and group multipliers, so the budget is the bundle's weight bytes) or ``codes``
             only. Default ``stored``.
@@ -201,7 +202,7 @@ def _stored_bits_per_weight(
     """layer -> candidate -> bits the budget charges per weight (``config.budget``).
 
     ``stored``: the bundle's bits per weight in the format the allocation would give the layer
-    (:func:`_weight_spec`, :meth:`~diffkiln.optimizer.plan.LayerPlan.stored_bits_as`);
+    (:func:`_weight_spec`, :meth:`~diffkiln.core.plan.LayerPlan.stored_bits_as`);
     ``codes``: the width itself.
     """
     by_name = {lp.name: lp for lp in base.layers}
@@ -424,8 +425,8 @@ def _measure_plan(
     pipe: Any, plan: Plan, stats: CalibrationStats, run: Callable[[Any], np.ndarray], ref: np.ndarray
 ) -> np.ndarray:
     """Per-prompt SSIM of the plan's final images against FP's, on the integer runtime."""
-    from diffkiln.export.freeze import apply_plan  # export reads plans; the optimizer only measures them
-    from diffkiln.report.metrics import ssim
+    from diffkiln.core.metrics import ssim
+    from diffkiln.nn.freeze import apply_plan  # export reads plans; the optimizer only measures them
 
     qpipe = apply_plan(pipe, plan, stats)
     imgs = run(qpipe)

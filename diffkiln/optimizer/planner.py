@@ -17,10 +17,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffkiln.calibrate.stats import CalibrationStats, LayerStats, find_denoiser, find_quantizable_layers
-from diffkiln.optimizer.plan import ActMode, ActSpec, LayerPlan, Plan, WeightSpec
-from diffkiln.optimizer.quantizers import ClipMethod, choose_act_params, float16_scales_exact
-from diffkiln.optimizer.smoothing import channel_outlier_ratio, smoothing_factors
+from diffkiln.calibrate.stats import CalibrationStats, LayerStats
+from diffkiln.core.layers import find_quantizable_layers
+from diffkiln.core.pipelines import find_denoiser
+from diffkiln.core.plan import ActMode, ActSpec, LayerPlan, Plan, WeightSpec
+from diffkiln.core.quantizers import ClipMethod, choose_act_params, float16_scales_exact
+from diffkiln.core.smoothing import channel_outlier_ratio, smoothing_factors
 
 __all__ = [
     "QuantizeConfig",
@@ -65,7 +67,7 @@ class QuantizeConfig:
             fp32 (BENCHMARKS.md). Default 8.
         act_bits: 8, or 7 (static mode only), the alternative way to the same fast path. Default 8.
         smooth: which Linear layers get SmoothQuant input-channel smoothing (see
-            :mod:`diffkiln.optimizer.smoothing`): AUTO, those with outlier channels; ALL; OFF.
+            :mod:`diffkiln.core.smoothing`): AUTO, those with outlier channels; ALL; OFF.
             Default AUTO.
         smooth_alpha: smoothing strength in (0, 1). Default 0.5.
         smooth_min_outlier_ratio: in AUTO mode, smooth a layer when its largest input-channel
@@ -76,7 +78,7 @@ class QuantizeConfig:
         scale_dtype: "float32", "float16" or "auto" per-channel weight scales; the codes are
             rounded against the stored scale either way. "auto" takes float16 for a layer whose
             scales all lie in float16's normal range (half the scale bytes, nothing lost: see
-            :func:`~diffkiln.optimizer.quantizers.float16_scales_exact`) and float32 for the
+            :func:`~diffkiln.core.quantizers.float16_scales_exact`) and float32 for the
             others. Default "auto".
         requantize_conv_outputs: static mode only: requantize each integer convolution's output
             onto a static int8 grid chosen from calibration (``LayerPlan.output``), as

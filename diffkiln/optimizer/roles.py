@@ -20,7 +20,7 @@ from enum import Enum
 
 from torch import nn
 
-from diffkiln.calibrate.stats import find_quantizable_layers
+from diffkiln.core.layers import find_quantizable_layers
 
 __all__ = ["LayerRole", "layer_roles"]
 

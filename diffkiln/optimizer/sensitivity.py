@@ -30,12 +30,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from diffkiln.calibrate.hooks import recording_calls
-from diffkiln.calibrate.stats import CalibrationStats, find_denoiser
-from diffkiln.optimizer.plan import Plan
+from diffkiln.calibrate.stats import CalibrationStats
+from diffkiln.core.hooks import recording_calls
+from diffkiln.core.metrics import sqnr_db, ssim
+from diffkiln.core.pipelines import find_denoiser
+from diffkiln.core.plan import Plan
 from diffkiln.optimizer.roles import LayerRole
 from diffkiln.optimizer.simulate import LayerSim, SimChoice, simulated
-from diffkiln.report.metrics import sqnr_db, ssim
 
 __all__ = [
     "SENSITIVITY_FORMAT",
@@ -67,7 +68,7 @@ class SensitivityConfig:
         cache_dir: where results are cached and resumed from; None disables caching. Default None.
         progress: show a progress bar with ETA. Default True.
         group_size: score 4-, 3- and 2-bit weights with two-level groups of this many inputs, as
-            they will be stored (:class:`~diffkiln.optimizer.plan.WeightSpec`). Default None
+            they will be stored (:class:`~diffkiln.core.plan.WeightSpec`). Default None
             (per channel).
     """
 

@@ -4,7 +4,7 @@ SIMULATED: the layers keep float weights and float math; their weights are repla
 dequantized values of a per-channel integer grid, and their inputs by the dequantized values of
 the static activation grid. This is what the search needs (hundreds of single-layer trials
 without building modules); the plan it picks runs on the integer kernels of
-:mod:`diffkiln.runtime.qmodules`, and the final candidates are measured there.
+:mod:`diffkiln.nn.qmodules`, and the final candidates are measured there.
 
 Everything is scoped by :func:`simulated`: on exit the original weights are restored and the
 named activation hooks removed, even when the body raises.
@@ -20,17 +20,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffkiln.calibrate.hooks import scoped_hooks
-from diffkiln.calibrate.stats import CalibrationStats, find_quantizable_layers
-from diffkiln.kernels.packing import PACKABLE_BITS
-from diffkiln.optimizer.plan import Plan
-from diffkiln.optimizer.quantizers import (
+from diffkiln.calibrate.stats import CalibrationStats
+from diffkiln.core.hooks import scoped_hooks
+from diffkiln.core.layers import find_quantizable_layers
+from diffkiln.core.plan import Plan
+from diffkiln.core.quantizers import (
     ActQuantParams,
     fake_quant_activation,
     quantize_weight_grouped,
     quantize_weight_per_channel,
 )
-from diffkiln.optimizer.smoothing import smoothing_factors
+from diffkiln.core.smoothing import smoothing_factors
+from diffkiln.kernels.packing import PACKABLE_BITS
 
 __all__ = ["LayerSim", "SimChoice", "layer_sims", "simulated"]
 

@@ -8,10 +8,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from diffkiln.calibrate.hooks import scoped_hooks
-from diffkiln.calibrate.stats import find_denoiser
+from diffkiln.core import metrics
+from diffkiln.core.hooks import scoped_hooks
+from diffkiln.core.pipelines import find_denoiser
 from diffkiln.generation import GenerationResult
-from diffkiln.report import metrics
 
 __all__ = ["QUALITY_GATE_KEYS", "fidelity", "per_layer_sqnr", "regressions"]
 

@@ -17,10 +17,10 @@ from typing import Any
 
 from PIL import Image
 
-from diffkiln.errors import InvalidInputError
+from diffkiln.core import metrics
+from diffkiln.core.errors import InvalidInputError
+from diffkiln.core.toolchain import toolchain_versions
 from diffkiln.generation import GenerateConfig, generate, load_pipeline, read_prompts
-from diffkiln.report import metrics
-from diffkiln.toolchain import toolchain_versions
 from diffkiln.zoo.registry import JudgeKind, ResolvedTarget, resolve_target
 from diffkiln.zoo.shapes import PairScene, PromptSet, Split, Verdict, eval_scenes, judge, parse_prompt
 
@@ -215,7 +215,7 @@ def _compare_with_baseline(
     data: dict[str, Any],
 ) -> tuple[list[JudgedImage], dict[str, float]]:
     """Run the FP baseline on the same prompts and seeds; fill baseline, fidelity, size, latency, memory."""
-    from diffkiln.errors import ModelNotFoundError
+    from diffkiln.core.errors import ModelNotFoundError
     from diffkiln.report.compare import fidelity, per_layer_sqnr
     from diffkiln.runtime.inspect import denoiser_sizes
 
@@ -282,7 +282,7 @@ def _bos_comparison(
     two may tie; MixDQ compares them without smoothing.
     """
     from diffkiln.calibrate import CalibrationConfig, calibrate
-    from diffkiln.export.freeze import apply_plan
+    from diffkiln.nn.freeze import apply_plan
     from diffkiln.optimizer import make_plan
     from diffkiln.optimizer.planner import SmoothMode, quantize_config_from_dict
     from diffkiln.report.compare import fidelity

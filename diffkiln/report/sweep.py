@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from diffkiln.errors import InvalidInputError
+from diffkiln.core.errors import InvalidInputError
+from diffkiln.core.plan import Plan
 from diffkiln.export import ExportConfig, export_bundle
 from diffkiln.generation import GenerateConfig, generate, load_pipeline
 from diffkiln.optimizer.allocation import InfeasibleBudgetError
 from diffkiln.optimizer.mixed import WeightBudget, make_mixed_plan, mixed_sensitivity, uniform_plan
-from diffkiln.optimizer.plan import Plan
 from diffkiln.optimizer.planner import make_plan
 from diffkiln.report.compare import fidelity
 from diffkiln.report.evaluate import ReportConfig, _judge_all, _prompt_list, _quality

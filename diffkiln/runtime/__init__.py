@@ -4,9 +4,9 @@ Imports only from :mod:`diffkiln.kernels` (never calibrate or optimizer), so a d
 runtime + kernels alone.
 """
 
+from diffkiln.core.errors import BundleError
+from diffkiln.nn.qmodules import QConv2d, QLinear, qmodule_for, register_qmodule
 from diffkiln.runtime.load import Backend, is_bundle, load, resolve_device
-from diffkiln.runtime.manifest import BundleError
-from diffkiln.runtime.qmodules import QConv2d, QLinear, qmodule_for, register_qmodule
 
 __all__ = [
     "Backend",

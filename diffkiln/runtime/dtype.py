@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from diffkiln.runtime.qmodules import quantized_module_types
+from diffkiln.nn.qmodules import quantized_module_types
 
 __all__ = ["COMPUTE_DTYPES", "cast_float_parts"]
 

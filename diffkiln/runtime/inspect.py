@@ -10,7 +10,7 @@ from typing import Any
 
 from safetensors import safe_open
 
-from diffkiln.runtime.manifest import read_manifest, verify_files
+from diffkiln.core.schema import read_manifest, verify_files
 
 __all__ = ["denoiser_sizes", "summarize"]
 

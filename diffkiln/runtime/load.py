@@ -11,8 +11,6 @@ assigned from the bundle.
 from __future__ import annotations
 
 import importlib
-import inspect
-import json
 import os
 from enum import Enum
 from pathlib import Path
@@ -22,11 +20,13 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from diffkiln.runtime.assemble import replace_layers
-from diffkiln.runtime.derived import check_derived_buffers, real_buffers_meta_params
-from diffkiln.runtime.manifest import BundleError, read_manifest, verify_files
+from diffkiln.core.derived import check_derived_buffers, real_buffers_meta_params
+from diffkiln.core.errors import BundleError, InvalidInputError
+from diffkiln.core.pipelines import assemble_pipeline, resolve_component_class
+from diffkiln.core.schema import read_json, read_manifest, verify_files
+from diffkiln.nn.swap import replace_layers
 
-__all__ = ["Backend", "assemble_pipeline", "build_denoiser", "is_bundle", "load", "resolve_device"]
+__all__ = ["Backend", "build_denoiser", "is_bundle", "load", "resolve_device"]
 
 
 def is_bundle(path: str | os.PathLike[str]) -> bool:
@@ -75,6 +75,21 @@ def _set_tensor(root: nn.Module, name: str, value: torch.Tensor) -> None:
         module._buffers[attr] = value
 
 
+def _denoiser_class(bundle: Path, pipe_info: dict[str, Any]) -> Any:
+    """The denoiser's class: from its ``model_index.json`` entry (diffusers, or a diffusers
+    pipeline module such as ``stable_audio``), else diffusers' top level."""
+    library = "diffusers"
+    index_path = bundle / "model_index.json"
+    if index_path.is_file():
+        entry = read_json(index_path).get(pipe_info["denoiser"])
+        if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str):
+            library = entry[0]
+    try:
+        return resolve_component_class(library, str(pipe_info["denoiser_class"]))
+    except InvalidInputError as exc:
+        raise BundleError(f"cannot build the denoiser: {exc}") from None
+
+
 def build_denoiser(bundle: Path, manifest: dict[str, Any]) -> nn.Module:
     """The bundle's denoiser with its integer layers, built on the meta device and filled from the
     weights file (the manifest must already be verified).
@@ -82,12 +97,9 @@ def build_denoiser(bundle: Path, manifest: dict[str, Any]) -> nn.Module:
     Raises:
         BundleError: the weights file and the manifest disagree, or a tensor is missing.
     """
-    import diffusers
 
     pipe_info, quant = manifest["pipeline"], manifest["quant"]
-    cls = getattr(diffusers, pipe_info["denoiser_class"], None)
-    if cls is None:
-        raise BundleError(f"denoiser class {pipe_info['denoiser_class']!r} is not in diffusers {diffusers.__version__}")
+    cls = _denoiser_class(bundle, pipe_info)
     config = cls.load_config(bundle / pipe_info["denoiser"])
     derived = quant.get("derived_buffers", {})
     # Parameters on meta (they come from the bundle); buffers real when the constructor's tables
@@ -123,45 +135,6 @@ def build_denoiser(bundle: Path, manifest: dict[str, Any]) -> nn.Module:
     if left:
         raise BundleError(f"the bundle lacks {len(left)} denoiser tensor(s), e.g. {left[:3]}")
     return denoiser.eval()
-
-
-def assemble_pipeline(path: Path, overrides: dict[str, Any]) -> Any:
-    """Build the pipeline of ``path/model_index.json``: the components in ``overrides`` as given,
-    every other one loaded from its subfolder.
-
-    ``DiffusionPipeline.from_pretrained(path, transformer=...)`` would also do, except for
-    pipelines whose denoiser is an optional component (Wan): those still load it from disk.
-
-    Args:
-        path: a folder with model_index.json and the components' subfolders.
-        overrides: component name -> the object to use (e.g. the quantized denoiser).
-
-    Raises:
-        BundleError: the pipeline class is not in the installed diffusers.
-    """
-    import diffusers
-
-    index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
-    pipeline_cls = getattr(diffusers, index["_class_name"], None)
-    if pipeline_cls is None:
-        raise BundleError(f"pipeline class {index['_class_name']!r} is not in diffusers {diffusers.__version__}")
-    accepted = set(inspect.signature(pipeline_cls.__init__).parameters)
-    kwargs: dict[str, Any] = dict(overrides)
-    for name, value in index.items():
-        if name.startswith("_") or name in overrides or name not in accepted:
-            continue
-        if isinstance(value, list) and len(value) == 2:
-            library, cls_name = value
-            if library is None:
-                kwargs[name] = None
-                continue
-            cls = getattr(importlib.import_module(library), cls_name)
-            # float32 like the rest of the runtime; only model classes take a dtype.
-            extra = {"dtype": torch.float32} if isinstance(cls, type) and issubclass(cls, nn.Module) else {}
-            kwargs[name] = cls.from_pretrained(path / name, local_files_only=True, **extra)
-        else:
-            kwargs[name] = value  # a plain config value of the pipeline (e.g. requires_safety_checker)
-    return pipeline_cls(**kwargs)
 
 
 class Backend(str, Enum):
@@ -234,7 +207,10 @@ def load(
     denoiser = build_denoiser(path, manifest)
     dlog.set_verbosity_error()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    pipe = assemble_pipeline(path, {manifest["pipeline"]["denoiser"]: denoiser})
+    try:
+        pipe = assemble_pipeline(path, {manifest["pipeline"]["denoiser"]: denoiser})
+    except InvalidInputError as exc:
+        raise BundleError(f"cannot assemble the pipeline: {exc}") from None
     pipe = pipe.to(target)
     if dtype is not None:
         for component in pipe.components.values():

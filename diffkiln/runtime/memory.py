@@ -24,7 +24,7 @@ def resident_bytes(denoiser: nn.Module) -> int:
     """Bytes the denoiser keeps resident (see the module docstring).
 
     Args:
-        denoiser: a runtime denoiser (quantized layers from :mod:`diffkiln.runtime.qmodules`) or
+        denoiser: a runtime denoiser (quantized layers from :mod:`diffkiln.nn.qmodules`) or
             a float one.
     """
     seen: set[tuple[int, str]] = set()

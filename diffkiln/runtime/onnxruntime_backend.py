@@ -21,15 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from diffkiln.runtime.manifest import (
-    BUNDLE_FORMAT,
-    MANIFEST_NAME,
-    ONNX_FORMAT,
-    ONNX_VERSION,
-    BundleError,
-    read_json,
-    verify_files,
-)
+from diffkiln.core.errors import BundleError
+from diffkiln.core.schema import BUNDLE_FORMAT, MANIFEST_NAME, ONNX_FORMAT, ONNX_VERSION, read_json, verify_files
 
 __all__ = [
     "ARG_SEPARATOR",
@@ -437,7 +430,7 @@ def load_onnx_pipeline(folder: Path, device: torch.device, optimize: bool = Fals
     """
     import onnxruntime as ort
 
-    from diffkiln.runtime.load import assemble_pipeline
+    from diffkiln.core.pipelines import assemble_pipeline
 
     manifest = read_onnx_manifest(folder)
     provider = _PROVIDERS[device.type]

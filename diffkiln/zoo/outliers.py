@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffkiln.calibrate.hooks import scoped_hooks
+from diffkiln.core.hooks import scoped_hooks
 
 __all__ = [
     "OUTLIER_CHANNELS",

@@ -9,7 +9,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from diffkiln.errors import ModelNotFoundError
+from diffkiln.core.errors import ModelNotFoundError
 
 __all__ = [
     "BUILTIN_MODELS",

@@ -6,14 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from diffkiln.calibrate import (
-    CalibrationConfig,
-    CalibrationStats,
-    calibrate,
-    find_denoiser,
-    find_quantizable_layers,
-    scoped_hooks,
-)
+from diffkiln.calibrate import CalibrationConfig, CalibrationStats, calibrate
+from diffkiln.core.hooks import scoped_hooks
+from diffkiln.core.layers import find_quantizable_layers
+from diffkiln.core.pipelines import find_denoiser
 
 PROMPTS = ("a red circle on the left", "a blue square above a green triangle", "a yellow circle at the top")
 

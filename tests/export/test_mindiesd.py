@@ -12,12 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffkiln.calibrate.hooks import recording_calls
+from diffkiln.core.hooks import recording_calls
+from diffkiln.core.metrics import sqnr_db
+from diffkiln.core.plan import ActMode
 from diffkiln.export import FloatStorage
 from diffkiln.export.mindiesd import MindieExportConfig, MindieExportError, MindieFloat, export_mindiesd
-from diffkiln.optimizer.plan import ActMode
 from diffkiln.optimizer.planner import QuantizeConfig, SmoothMode
-from diffkiln.report.metrics import sqnr_db
 from diffkiln.runtime import load
 from tests.export.mindiesd_loader import load_mindiesd
 from tests.runtime_e2e_helpers import build_bundle

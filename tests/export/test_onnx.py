@@ -13,12 +13,13 @@ import onnx
 import pytest
 import torch
 
-from diffkiln.calibrate.hooks import recording_calls
+from diffkiln.core.errors import BundleError
+from diffkiln.core.hooks import recording_calls
+from diffkiln.core.metrics import sqnr_db
+from diffkiln.core.plan import ActMode
 from diffkiln.export.onnx import OnnxExportConfig, OnnxExportError, export_denoiser_onnx, export_onnx
-from diffkiln.optimizer.plan import ActMode
 from diffkiln.optimizer.planner import QuantizeConfig
-from diffkiln.report.metrics import sqnr_db
-from diffkiln.runtime import BundleError, load
+from diffkiln.runtime import load
 from tests.runtime_e2e_helpers import build_bundle
 
 
@@ -160,7 +161,7 @@ def test_bad_opset_is_rejected(tmp_path: Path) -> None:
 def test_packed_layers_become_sub_byte_initializers(random_shapes_pipelines, tmp_path: Path, opset: int) -> None:
     from onnx import numpy_helper
 
-    from diffkiln.optimizer.plan import WeightSpec
+    from diffkiln.core.plan import WeightSpec
     from tests.runtime_e2e_helpers import build_packed_bundle
 
     specs = [WeightSpec(b, scale_dtype="float16") for b in (2, 4, 3)]

@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import nn
 
+from diffkiln.core.metrics import sqnr_db
 from diffkiln.export.onnx import OnnxCompute, OnnxExportConfig
 from diffkiln.export.onnx.exporter import _finish
 from diffkiln.export.onnx.modules import export_module_for
 from diffkiln.export.onnx.ops import TRANSLATIONS
-from diffkiln.report.metrics import sqnr_db
 from tests.runtime.test_packed_layers import _layer
 
 
@@ -79,10 +79,10 @@ def test_grouped_bundle_round_trips_and_exports_int8_codes(random_shapes_pipelin
     import json
 
     from diffkiln.calibrate import CalibrationConfig, calibrate
+    from diffkiln.core.plan import WeightSpec
     from diffkiln.export import ExportConfig, export_bundle
-    from diffkiln.export.freeze import apply_plan
     from diffkiln.export.onnx import export_denoiser_onnx
-    from diffkiln.optimizer.plan import WeightSpec
+    from diffkiln.nn.freeze import apply_plan
     from diffkiln.optimizer.planner import QuantizeConfig, make_plan
     from diffkiln.runtime import load
     from tests.export.test_onnx import _denoiser_calls, _ort_denoiser

@@ -16,17 +16,17 @@ import torch
 from safetensors.torch import load_file
 
 from diffkiln.calibrate import CalibrationConfig, calibrate
-from diffkiln.errors import InvalidInputError
+from diffkiln.core.errors import InvalidInputError
+from diffkiln.core.metrics import sqnr_db
+from diffkiln.core.plan import ActMode
 from diffkiln.export.mindiesd import MindieExportConfig, export_mindiesd
 from diffkiln.export.onnx import OnnxExportConfig, export_onnx
+from diffkiln.nn.qmodules import QConv2d, requantize
 from diffkiln.optimizer import make_plan
-from diffkiln.optimizer.plan import ActMode
 from diffkiln.optimizer.planner import QuantizeConfig
-from diffkiln.report.metrics import sqnr_db
 from diffkiln.runtime import load
 from diffkiln.runtime.inspect import summarize
 from diffkiln.runtime.onnxruntime_backend import open_session
-from diffkiln.runtime.qmodules import QConv2d, requantize
 from tests.export.mindiesd_loader import load_mindiesd
 from tests.export.test_mindiesd import _per_call_sqnr
 from tests.export.test_onnx import _denoiser_calls
@@ -143,9 +143,9 @@ def test_mindiesd_export_writes_the_grids_and_an_applying_loader_reproduces(rq_b
 
 
 def test_bad_combinations_are_refused() -> None:
+    from diffkiln.core.plan import ActSpec, LayerPlan, WeightSpec
     from diffkiln.optimize import OptimizeConfig
     from diffkiln.optimizer import Recipe
-    from diffkiln.optimizer.plan import ActSpec, LayerPlan, WeightSpec
 
     with pytest.raises(ValueError, match="static activations"):
         QuantizeConfig(act_mode=ActMode.DYNAMIC, requantize_conv_outputs=True)

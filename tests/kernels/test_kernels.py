@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import torch
 
+from diffkiln.core.metrics import sqnr_db
 from diffkiln.kernels import (
     available_backends,
     dynamic_quant,
@@ -19,7 +20,7 @@ from diffkiln.kernels import (
     quant_matmul_reference,
 )
 from diffkiln.kernels import backends as backends_mod
-from diffkiln.report.metrics import sqnr_db
+from diffkiln.kernels.backends import base as backends_base
 from tests.kernels.npu_emulation import make_fake_torch_npu
 
 SHAPES = [(1, 8, 8), (17, 64, 32), (77, 320, 640), (5, 33, 7), (9, 2500, 24)]
@@ -78,8 +79,8 @@ def test_unknown_backend_lists_valid_ones() -> None:
 def fake_npu(monkeypatch: pytest.MonkeyPatch):
     """The npu backend with torch_npu emulated on CPU (scoped: removed after the test)."""
     monkeypatch.setitem(sys.modules, "torch_npu", make_fake_torch_npu())
-    monkeypatch.setattr(backends_mod, "_INSTANCES", {})
-    return backends_mod._REGISTRY["npu"]()
+    monkeypatch.setattr(backends_base, "_INSTANCES", {})
+    return backends_mod.NpuBackend()
 
 
 @pytest.mark.parametrize(("m", "k", "n"), SHAPES, ids=lambda v: str(v))
@@ -98,7 +99,7 @@ def test_npu_backend_on_emulated_torch_npu(fake_npu, m: int, k: int, n: int, out
 def test_npu_backend_without_torch_npu_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "torch_npu", None)
     with pytest.raises(RuntimeError, match="diffkiln\\[npu\\]"):
-        backends_mod._REGISTRY["npu"]()
+        backends_mod.NpuBackend()
 
 
 @pytest.mark.gpu
@@ -159,15 +160,15 @@ def test_prepacked_static_linear_matches_float_op_on_dequantized_tensors(
 
 def test_the_fastest_path_on_avx2_is_onednn_exactly_when_a_grid_is_7_bit() -> None:
     from diffkiln.kernels import prepack_static_linear
-    from diffkiln.kernels.backends import OneDnnStaticLinear, _cpu_has_vnni, _onednn_available
+    from diffkiln.kernels.backends import OneDnnStaticLinear, cpu_has_vnni, onednn_available
 
-    if not _onednn_available():
+    if not onednn_available():
         pytest.skip("this torch build has no oneDNN int8 kernels")
     x, w = torch.randn(16, 64), torch.randn(32, 64)
     for grid, (wbits, abits) in GRIDS.items():
         wq, ws, act, _, _ = _quantized_operands(w, x, wbits, abits)
         fast = isinstance(prepack_static_linear(wq, ws, None, act, "cpu"), OneDnnStaticLinear)
-        assert fast == (_cpu_has_vnni() or grid != "w8a8"), grid
+        assert fast == (cpu_has_vnni() or grid != "w8a8"), grid
 
 
 CONVS = {

@@ -15,10 +15,11 @@ from types import ModuleType
 import pytest
 import torch
 
+from diffkiln.core.metrics import sqnr_db
 from diffkiln.kernels import ActGrid, PackedWeights, get_backend
 from diffkiln.kernels import backends as backends_mod
+from diffkiln.kernels.backends import cuda as cuda_backend
 from diffkiln.kernels.packing import GROUP_MULT_MAX, pack_weights
-from diffkiln.report.metrics import sqnr_db
 
 pytest.importorskip("triton")
 
@@ -120,7 +121,7 @@ def test_cuda_backend_routes_packed_layers_to_triton(interpreted: ModuleType, mo
         calls.append(1)
         return interpreted.packed_weight_only_matmul_triton(*args)
 
-    monkeypatch.setattr(backends_mod, "_triton_kernel", lambda name: spy if "quant" in name else spy_wo)
+    monkeypatch.setattr(cuda_backend, "_triton_kernel", lambda name: spy if "quant" in name else spy_wo)
     w, _ = _weights(24, 50, 4, None, seed=1)
     x = torch.randint(-128, 128, (20, 50), dtype=torch.int8)
     scale = torch.full((24,), 1e-3)
@@ -131,7 +132,7 @@ def test_cuda_backend_routes_packed_layers_to_triton(interpreted: ModuleType, mo
 
 
 def test_cuda_backend_without_triton_warns_and_unpacks(monkeypatch: pytest.MonkeyPatch) -> None:
-    backends_mod._triton_kernel.cache_clear()
+    cuda_backend._triton_kernel.cache_clear()
     real_import = importlib.import_module
 
     def no_triton(name: str, *args: object) -> ModuleType:
@@ -139,7 +140,7 @@ def test_cuda_backend_without_triton_warns_and_unpacks(monkeypatch: pytest.Monke
             raise ImportError("No module named 'triton'")
         return real_import(name, *args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(backends_mod.importlib, "import_module", no_triton)
+    monkeypatch.setattr(cuda_backend.importlib, "import_module", no_triton)
     w, _ = _weights(8, 40, 2, 16, seed=3)
     x = torch.randint(-128, 128, (18, 40), dtype=torch.int8)
     scale = torch.full((8,), 1e-2)
@@ -148,7 +149,7 @@ def test_cuda_backend_without_triton_warns_and_unpacks(monkeypatch: pytest.Monke
             warnings.simplefilter("always")
             out = backends_mod.CudaBackend().packed_quant_matmul(x, w, scale, None, None, torch.float32, 2)
     finally:
-        backends_mod._triton_kernel.cache_clear()
+        cuda_backend._triton_kernel.cache_clear()
     assert any(issubclass(c.category, backends_mod.SlowKernelWarning) and "pip install triton" in str(c.message)
                for c in caught)  # fmt: skip
     assert torch.equal(out, get_backend("cpu").packed_quant_matmul(x, w, scale, None, None, torch.float32, 2))

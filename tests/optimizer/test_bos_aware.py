@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from diffkiln.calibrate import CalibrationConfig, calibrate
-from diffkiln.export.freeze import apply_plan
+from diffkiln.core.metrics import sqnr_db
+from diffkiln.nn.freeze import apply_plan
 from diffkiln.optimizer.planner import QuantizeConfig, SmoothMode, make_plan
-from diffkiln.report.metrics import sqnr_db
 from diffkiln.zoo.outliers import blind_cross_attention, bos_outlier
 
 CALIB = ("a red circle on the left", "a blue square at the top", "a green triangle on the right",

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from diffkiln.core.metrics import sqnr_db
+from diffkiln.core.plan import WeightSpec
+from diffkiln.core.quantizers import quantize_weight_grouped, quantize_weight_per_channel
 from diffkiln.kernels.packing import GROUP_MULT_MAX, apply_group_mult, check_group_mult
-from diffkiln.optimizer.plan import WeightSpec
-from diffkiln.optimizer.quantizers import quantize_weight_grouped, quantize_weight_per_channel
-from diffkiln.report.metrics import sqnr_db
 
 
 def _weight_with_uneven_groups(shape: tuple[int, ...]) -> torch.Tensor:
@@ -68,7 +68,7 @@ def test_group_multipliers_are_checked_where_they_load() -> None:
 
 
 def test_grouped_spec_round_trips_through_plan_json() -> None:
-    from diffkiln.optimizer.plan import LayerPlan, Plan
+    from diffkiln.core.plan import LayerPlan, Plan
 
     layer = LayerPlan("down.0.proj", "linear", WeightSpec(4, scale_dtype="float16", group_size=64), None, params=10)
     plan = Plan("mixed", {"id": "t"}, (layer,), (), {})

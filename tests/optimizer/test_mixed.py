@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from diffkiln.core.plan import ActMode, ActSpec, LayerPlan, Plan, WeightSpec
 from diffkiln.optimizer.allocation import InfeasibleBudgetError
 from diffkiln.optimizer.mixed import (
     MixedConfig,
@@ -14,7 +15,6 @@ from diffkiln.optimizer.mixed import (
     select_candidate,
     uniform_plan,
 )
-from diffkiln.optimizer.plan import ActMode, ActSpec, LayerPlan, Plan, WeightSpec
 from diffkiln.optimizer.roles import LayerRole
 from diffkiln.optimizer.sensitivity import SensitivityEntry, SensitivityTable
 

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from diffkiln.calibrate.stats import LayerStats
-from diffkiln.export.freeze import freeze_layer
-from diffkiln.optimizer.plan import ActMode, ActSpec, LayerPlan, Plan, WeightSpec
+from diffkiln.core.plan import ActMode, ActSpec, LayerPlan, Plan, WeightSpec
+from diffkiln.nn.freeze import freeze_layer
 
 ACT = ActSpec(bits=8, mode=ActMode.STATIC, scale=0.05, zero_point=0)
 # Tensors whose size depends on the weight format (biases and the activation grid do not).

@@ -3,14 +3,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffkiln.optimizer.quantizers import (
+from diffkiln.core.metrics import sqnr_db
+from diffkiln.core.quantizers import (
     ClipMethod,
     choose_act_params,
     fake_quant_activation,
     float16_scales_exact,
     quantize_weight_per_channel,
 )
-from diffkiln.report.metrics import sqnr_db
 
 
 @pytest.mark.parametrize("shape", [(64, 32), (16, 8, 3, 3)], ids=["linear", "conv"])

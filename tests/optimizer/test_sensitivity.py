@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from diffkiln.calibrate import CalibrationConfig, calibrate
-from diffkiln.calibrate.stats import find_quantizable_layers
+from diffkiln.core.layers import find_quantizable_layers
 from diffkiln.optimizer.planner import QuantizeConfig, make_plan
 from diffkiln.optimizer.roles import LayerRole, layer_roles
 from diffkiln.optimizer.sensitivity import SensitivityConfig, SensitivityTable, analyze_sensitivity

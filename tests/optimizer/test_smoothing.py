@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffkiln.optimizer.quantizers import (
+from diffkiln.core.metrics import sqnr_db
+from diffkiln.core.quantizers import (
     ActQuantParams,
     choose_act_params,
     fake_quant_activation,
     quantize_weight_per_channel,
 )
-from diffkiln.optimizer.smoothing import channel_outlier_ratio, smoothing_factors
-from diffkiln.report.metrics import sqnr_db
+from diffkiln.core.smoothing import channel_outlier_ratio, smoothing_factors
 
 
 def _outlier_input(tokens: int = 512, channels: int = 64, seed: int = 0) -> torch.Tensor:

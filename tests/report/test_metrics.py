@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffkiln.report.metrics import content_accuracy, cosine_similarity, psnr_db, sqnr_db, ssim
+from diffkiln.core.metrics import content_accuracy, cosine_similarity, psnr_db, sqnr_db, ssim
 
 
 def test_sqnr_known_value() -> None:

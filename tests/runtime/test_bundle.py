@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from diffkiln.core.errors import BundleError
+from diffkiln.core.metrics import sqnr_db
 from diffkiln.export import ExportConfig, export_bundle
 from diffkiln.optimizer.planner import QuantizeConfig
-from diffkiln.report.metrics import sqnr_db
-from diffkiln.runtime import BundleError, QConv2d, QLinear, load
+from diffkiln.runtime import QConv2d, QLinear, load
 from tests.runtime_e2e_helpers import PROMPTS, build_bundle, latents, quantize_in_memory
 
 

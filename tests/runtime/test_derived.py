@@ -11,10 +11,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from diffkiln.core.derived import DerivedBuffer, check_derived_buffers, fingerprint
+from diffkiln.core.errors import BundleError
 from diffkiln.export.derived import find_derived_buffers
 from diffkiln.optimizer.planner import QuantizeConfig
-from diffkiln.runtime import BundleError, load
-from diffkiln.runtime.derived import DerivedBuffer, check_derived_buffers, fingerprint
+from diffkiln.runtime import load
 from diffkiln.runtime.inspect import denoiser_sizes
 from tests.runtime_e2e_helpers import PROMPTS, build_bundle, latents
 

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from diffkiln.core.metrics import sqnr_db
+from diffkiln.nn.qmodules import QConv2d, QLinear
 from diffkiln.optimizer.planner import QuantizeConfig
-from diffkiln.report.metrics import sqnr_db
 from diffkiln.runtime import load
-from diffkiln.runtime.qmodules import QConv2d, QLinear
 from tests.runtime_e2e_helpers import PROMPTS, build_bundle, latents
 
 

@@ -11,14 +11,15 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from diffkiln.export.freeze import freeze_layer, layer_meta
+from diffkiln.core.metrics import sqnr_db
+from diffkiln.core.plan import ActMode, ActSpec, LayerPlan, WeightSpec
+from diffkiln.core.quantizers import quantize_weight_per_channel
 from diffkiln.kernels import backends as backends_mod
+from diffkiln.kernels.backends import base as backends_base
 from diffkiln.kernels.packing import unpack_weights
-from diffkiln.optimizer.plan import ActMode, ActSpec, LayerPlan, WeightSpec
+from diffkiln.nn.freeze import freeze_layer, layer_meta
+from diffkiln.nn.qmodules import QConv2d, QLinear
 from diffkiln.optimizer.planner import QuantizeConfig
-from diffkiln.optimizer.quantizers import quantize_weight_per_channel
-from diffkiln.report.metrics import sqnr_db
-from diffkiln.runtime.qmodules import QConv2d, QLinear
 from tests.kernels.npu_emulation import make_fake_torch_npu
 
 # weight bits, activation bits (16: weight-only)
@@ -91,8 +92,8 @@ def test_freeze_packs_codes_bit_exactly() -> None:
 @pytest.fixture
 def fake_npu(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setitem(sys.modules, "torch_npu", make_fake_torch_npu())
-    monkeypatch.setattr(backends_mod, "_INSTANCES", {})
-    return backends_mod._REGISTRY["npu"]()
+    monkeypatch.setattr(backends_base, "_INSTANCES", {})
+    return backends_mod.NpuBackend()
 
 
 @pytest.mark.parametrize(("bits", "n"), [(4, 64), (4, 20), (2, 64), (8, 48)], ids=lambda v: str(v))
@@ -167,7 +168,7 @@ def test_float16_storage_shrinks_a_w8a8_bundle_and_keeps_its_outputs(random_shap
 @pytest.mark.parametrize("abits", [8, 16], ids=["w4a8", "w4a16"])
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 def test_grouped_layer_matches_float_op_and_stays_packed(kind: str, abits: int) -> None:
-    from diffkiln.optimizer.quantizers import quantize_weight_grouped
+    from diffkiln.core.quantizers import quantize_weight_grouped
 
     torch.manual_seed(0)
     module: nn.Module = nn.Linear(96, 40) if kind == "linear" else nn.Conv2d(16, 24, 3, padding=1)
@@ -194,7 +195,7 @@ def test_grouped_layer_matches_float_op_and_stays_packed(kind: str, abits: int) 
     assert resident < w.numel() // 2 + w.shape[0] * (w[0].numel() // 32 + 1) + 40 * 4 * 4  # codes + mults + scales
 
 
-@pytest.mark.skipif(not backends_mod._onednn_available(), reason="oneDNN's quantized ops are not in this torch build")
+@pytest.mark.skipif(not backends_mod.onednn_available(), reason="oneDNN's quantized ops are not in this torch build")
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 def test_onednn_prepacked_layers_keep_one_int8_copy(kind: str) -> None:
     """7-bit activations take oneDNN's prepacked path on every x86 CPU; the portable codes are then

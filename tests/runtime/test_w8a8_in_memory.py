@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from diffkiln.optimizer.plan import ActMode
+from diffkiln.core.metrics import sqnr_db
+from diffkiln.core.plan import ActMode
+from diffkiln.nn.qmodules import QConv2d, QLinear
 from diffkiln.optimizer.planner import QuantizeConfig, SmoothMode
-from diffkiln.report.metrics import sqnr_db
-from diffkiln.runtime.qmodules import QConv2d, QLinear
 from tests.runtime_e2e_helpers import PROMPTS, latents, quantize_in_memory
 
 CONFIGS = {

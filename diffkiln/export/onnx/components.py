@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffkiln.calibrate.hooks import recording_calls
+from diffkiln.core.hooks import recording_calls
 from diffkiln.runtime.onnxruntime_backend import flatten_arguments, unflatten_arguments
 
 __all__ = ["Component", "ComponentKind", "flatten_kwargs", "record_components"]

@@ -29,12 +29,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from diffkiln.core.schema import MANIFEST_NAME, ONNX_FORMAT, ONNX_VERSION
 from diffkiln.export.atomic import atomic_directory, file_table
 from diffkiln.export.onnx.components import Component, ComponentKind, record_components
 from diffkiln.export.onnx.modules import OnnxExportError, OnnxQLinear, export_module_for
 from diffkiln.export.onnx.ops import TRANSLATIONS
-from diffkiln.runtime.manifest import MANIFEST_NAME, ONNX_FORMAT, ONNX_VERSION
-from diffkiln.runtime.qmodules import QConv2d, QLinear
+from diffkiln.nn.qmodules import QConv2d, QLinear
 
 __all__ = ["ONNX_FORMAT", "ONNX_VERSION", "OnnxCompute", "OnnxExportConfig", "export_denoiser_onnx", "export_onnx"]
 

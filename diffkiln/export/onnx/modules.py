@@ -1,6 +1,6 @@
 """Export-time stand-ins for the runtime's quantized modules: the same integers, as QDQ custom ops.
 
-Built from a loaded bundle's :class:`~diffkiln.runtime.qmodules.QLinear` / ``QConv2d`` (codes,
+Built from a loaded bundle's :class:`~diffkiln.nn.qmodules.QLinear` / ``QConv2d`` (codes,
 scales, activation grid, smoothing, BOS rows), so an export needs only the bundle.
 """
 
@@ -11,7 +11,7 @@ from torch import nn
 
 from diffkiln.export.onnx import ops
 from diffkiln.export.onnx.nbits import to_matmulnbits
-from diffkiln.runtime.qmodules import QConv2d, QLinear
+from diffkiln.nn.qmodules import QConv2d, QLinear
 
 __all__ = ["OnnxExportError", "OnnxQConv2d", "OnnxQLinear", "export_module_for"]
 

@@ -224,7 +224,7 @@ def content_accuracy(images: Sequence[Image.Image | np.ndarray], prompts: Sequen
         prompts: their prompts, same length.
     """
     # Imported here: diffkiln.report imports this package, so a top-level import would be circular.
-    from diffkiln.report import metrics
+    from diffkiln.core import metrics
 
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images but {len(prompts)} prompts; pass one prompt per image")

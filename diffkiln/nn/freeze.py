@@ -2,19 +2,39 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffkiln.calibrate.stats import CalibrationStats, LayerStats
+from diffkiln.core.plan import ActMode, LayerPlan, Plan
+from diffkiln.core.quantizers import quantize_weight_grouped, quantize_weight_per_channel
+from diffkiln.core.smoothing import smoothing_factors
 from diffkiln.kernels.packing import PACKABLE_BITS, pack_weights
-from diffkiln.optimizer.plan import ActMode, LayerPlan, Plan
-from diffkiln.optimizer.quantizers import quantize_weight_grouped, quantize_weight_per_channel
-from diffkiln.optimizer.smoothing import smoothing_factors
 
-__all__ = ["apply_plan", "freeze_layer", "layer_meta"]
+__all__ = ["LayerInputs", "PlanInputs", "apply_plan", "freeze_layer", "layer_meta"]
+
+
+class LayerInputs(Protocol):
+    """What freezing a layer reads from calibration (``diffkiln.calibrate.LayerStats`` has it)."""
+
+    @property
+    def channel_absmax(self) -> torch.Tensor:
+        """(T, C) largest |input| per channel per step (smoothing factors)."""
+
+    @property
+    def text_rows(self) -> torch.Tensor:
+        """(L, D) the input rows of one prompt (BOS rows); empty for non-text inputs."""
+
+
+class PlanInputs(Protocol):
+    """Per-layer calibration inputs of a plan (``diffkiln.calibrate.CalibrationStats`` has them)."""
+
+    @property
+    def layers(self) -> Mapping[str, LayerInputs]:
+        """Layer name -> its inputs."""
 
 
 def layer_meta(module: nn.Module, lp: LayerPlan) -> dict[str, Any]:
@@ -42,7 +62,7 @@ def layer_meta(module: nn.Module, lp: LayerPlan) -> dict[str, Any]:
     return meta
 
 
-def freeze_layer(module: nn.Module, lp: LayerPlan, stats: LayerStats | None) -> dict[str, torch.Tensor]:
+def freeze_layer(module: nn.Module, lp: LayerPlan, stats: LayerInputs | None) -> dict[str, torch.Tensor]:
     """Integer weights, scales, activation params and BOS rows for one planned layer.
 
     8- and 7-bit weights are stored as int8 ``weight_q`` with the float weight's shape; 4- and
@@ -113,7 +133,7 @@ def freeze_layer(module: nn.Module, lp: LayerPlan, stats: LayerStats | None) -> 
     return out
 
 
-def apply_plan(pipe: Any, plan: Plan, stats: CalibrationStats, inplace: bool = False) -> Any:
+def apply_plan(pipe: Any, plan: Plan, stats: PlanInputs, inplace: bool = False) -> Any:
     """A copy of ``pipe`` whose denoiser runs the plan's integer modules, without writing a bundle.
 
     The same freeze and the same runtime modules as a bundle; used to compare plans (e.g. the
@@ -128,8 +148,9 @@ def apply_plan(pipe: Any, plan: Plan, stats: CalibrationStats, inplace: bool = F
     """
     import copy
 
-    from diffkiln.calibrate.stats import find_denoiser, find_quantizable_layers
-    from diffkiln.runtime.assemble import replace_layers
+    from diffkiln.core.layers import find_quantizable_layers
+    from diffkiln.core.pipelines import find_denoiser
+    from diffkiln.nn.swap import replace_layers
 
     qpipe = pipe if inplace else copy.deepcopy(pipe)
     den = find_denoiser(qpipe)

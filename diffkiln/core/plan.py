@@ -55,7 +55,7 @@ class WeightSpec:
             codes are rounded against the float16 scale). Default "float32".
         group_size: 4-, 3- and 2-bit weights only: two-level grouping, an integer multiplier (1..15)
             per group of this many inputs on top of the per-channel scale
-            (:func:`diffkiln.optimizer.quantizers.quantize_weight_grouped`); granularity is then
+            (:func:`diffkiln.core.quantizers.quantize_weight_grouped`); granularity is then
             "per_group". A power of two >= 8. Default None (per channel).
     """
 
@@ -144,7 +144,7 @@ class LayerPlan:
         params: number of weight parameters (for averages).
         smooth_alpha: SmoothQuant strength when the layer's input channels are smoothed, else
             None. The factors follow from calibration and weights
-            (:func:`diffkiln.optimizer.smoothing.smoothing_factors`).
+            (:func:`diffkiln.core.smoothing.smoothing_factors`).
         out_channels: the weight's first dimension (output features or channels), which sizes
             the scales; 0 in plans written before it was recorded (stored sizes then unknown).
             Default 0.

@@ -7,8 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffkiln.runtime.qmodules import qmodule_for
-from diffkiln.runtime.timestep import install_step_selector
+from diffkiln.nn.qmodules import qmodule_for
+from diffkiln.nn.timestep import install_step_selector
 
 __all__ = ["replace_layers"]
 
@@ -22,7 +22,7 @@ def replace_layers(
 
     Args:
         denoiser: the model whose layers are replaced (its float weights for those layers are dropped).
-        tensors: per layer name, the frozen tensors (see :mod:`diffkiln.runtime.qmodules`).
+        tensors: per layer name, the frozen tensors (see :mod:`diffkiln.nn.qmodules`).
         metas: per layer name, the construction metadata, including ``kind`` ("linear"/"conv").
 
     Raises:

@@ -5,7 +5,7 @@ The CLI prints ``error: <message>`` for them and exits with status 2, never a tr
 
 from __future__ import annotations
 
-__all__ = ["DiffkilnError", "InvalidInputError", "ModelNotFoundError"]
+__all__ = ["BundleError", "DiffkilnError", "InvalidInputError", "ModelNotFoundError"]
 
 
 class DiffkilnError(Exception):
@@ -18,3 +18,7 @@ class InvalidInputError(DiffkilnError, ValueError):
 
 class ModelNotFoundError(DiffkilnError, LookupError):
     """A target is neither a built-in model name nor a diffusers folder."""
+
+
+class BundleError(DiffkilnError):
+    """A bundle cannot be used: missing, corrupt, truncated, tampered, or of a future version."""

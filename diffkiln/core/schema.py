@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from diffkiln.core.errors import BundleError
+
 __all__ = [
     "BUNDLE_FORMAT",
     "BUNDLE_VERSION",
@@ -35,10 +37,6 @@ ONNX_FORMAT = "diffkiln.onnx"
 """The manifest format of an ONNX export folder (docs/onnx-export.md)."""
 ONNX_VERSION = 1
 _REQUIRED_KEYS = ("format", "version", "source", "pipeline", "quant", "bos", "sparsity", "cache", "files")
-
-
-class BundleError(Exception):
-    """A bundle cannot be used: missing, corrupt, truncated, tampered, or of a future version."""
 
 
 def file_digest(path: Path) -> str:

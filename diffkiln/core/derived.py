@@ -11,7 +11,7 @@ against its fingerprint before use.
 The check is bit-exact where the two machines compute the table alike (the sha256), and within a
 float32 ulp otherwise (a strided sample and the absolute sum), because the math library's sine and
 cosine may differ in the last bit between CPUs; a buffer that differs by more (another diffusers
-formula) is a :class:`~diffkiln.runtime.manifest.BundleError`.
+formula) is a :class:`~diffkiln.core.schema.BundleError`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffkiln.runtime.manifest import BundleError
+from diffkiln.core.errors import BundleError
 
 __all__ = [
     "ROUNDINGS",

@@ -137,7 +137,7 @@ class _IntGemm(nn.Module):
         smooth = tensors.get("smooth_inv")
         self.register_buffer("smooth_inv", None if smooth is None else smooth.to(torch.float32))
         self.register_buffer("act_timesteps", None)
-        self.step_selector: Any = None  # set by diffkiln.runtime.timestep.install_step_selector
+        self.step_selector: Any = None  # set by diffkiln.nn.timestep.install_step_selector
         if not dynamic and not self.weight_only:
             bits = int(meta.get("act_bits") or 8)
             scales = tensors["act_scale"].to(torch.float32).reshape(-1)

@@ -1,10 +1,22 @@
 """diffkiln: an offline compiler for diffusion models.
 
-Stages (one verb each): calibrate -> optimize (plan) -> export (bundle) -> runtime.load.
-This release ships the foundation: built-in trained models, the content judge, FP generation
-and evaluation reports.
+Stages (one verb each): calibrate -> make_plan -> export_bundle -> load; in memory, quantize_.
+``import diffkiln as dk`` gives the public API of :mod:`diffkiln.api` (loaded on first use, so
+the command line starts fast).
 """
 
-__version__ = "0.1.0"
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.2.0"
 
 __all__ = ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    import diffkiln.api as api
+
+    if name in api.__all__:
+        return getattr(api, name)
+    raise AttributeError(f"module 'diffkiln' has no attribute {name!r}")

@@ -1,7 +1,10 @@
-"""Load a TARGET as a diffusers pipeline and generate images from prompts, deterministically.
+"""Load a TARGET as a diffusers pipeline and generate from it, deterministically, whatever it makes.
 
-Determinism: image ``i`` of a call is drawn from its own generator seeded ``seed + i``, so an
-image depends only on (model, prompt, seed, index, settings), never on how prompts are batched.
+Determinism: sample ``i`` of a call is drawn from its own generator seeded ``seed + i``, so a sample
+depends only on (model, input, seed, index, settings), never on how samples are batched. Inputs
+come from the pipeline's own signature (:mod:`diffkiln.calibrate.sources`): prompts, synthetic
+images for image-to-video pipelines, class labels, or none; outputs are images, video frames or
+audio (:func:`diffkiln.core.pipelines.pipeline_media`).
 """
 
 from __future__ import annotations
@@ -9,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import time
+import wave
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +24,10 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from diffkiln.calibrate.sources import CallSource, PromptSource, batch_kwargs, source_for
 from diffkiln.core.errors import InvalidInputError
-from diffkiln.core.pipelines import step_callback_kwargs
+from diffkiln.core.hooks import scoped_hooks
+from diffkiln.core.pipelines import accepted_call_kwargs, find_denoiser, pipeline_media, step_callback_kwargs
 from diffkiln.zoo.registry import ResolvedTarget, resolve_target
 
 __all__ = [
@@ -30,7 +37,7 @@ __all__ = [
     "generate",
     "load_pipeline",
     "read_prompts",
-    "save_images",
+    "save_outputs",
 ]
 
 _DEFAULT_STEPS = 20
@@ -39,14 +46,17 @@ _DEFAULT_GUIDANCE = 5.0
 
 @dataclass(frozen=True)
 class GenerateConfig:
-    """How to sample images.
+    """How to sample.
 
     Attributes:
         steps: denoising steps; None takes the model's documented default (20 for built-ins).
         guidance: classifier-free guidance scale; None takes the model's default (5.0 for built-ins).
-        seed: base seed; image i uses seed + i. Default 0.
-        batch_size: prompts per pipeline call. Default 50.
+        seed: base seed; sample i uses seed + i. Default 0.
+        batch_size: samples per pipeline call. Default 50.
         progress: show a progress bar over denoising steps. Default True.
+        call_kwargs: pipeline-call arguments for every call (height, num_frames, ...), as
+            (name, value) pairs; they override a built-in model's own. Default none.
+        denoiser: the pipeline component timed as denoiser; None finds it. Default None.
     """
 
     steps: int | None = None
@@ -54,6 +64,8 @@ class GenerateConfig:
     seed: int = 0
     batch_size: int = 50
     progress: bool = True
+    call_kwargs: tuple[tuple[str, Any], ...] = ()
+    denoiser: str | None = None
 
     def __post_init__(self) -> None:
         if self.steps is not None and self.steps <= 0:
@@ -65,9 +77,9 @@ class GenerateConfig:
         if self.seed < 0:
             raise InvalidInputError(f"seed must be >= 0, got {self.seed}")
 
-    def resolved(self, target: ResolvedTarget) -> tuple[int, float]:
+    def resolved(self, target: ResolvedTarget | None) -> tuple[int, float]:
         """(steps, guidance) with the target's defaults filled in."""
-        b = target.builtin
+        b = target.builtin if target else None
         steps = self.steps or (b.default_steps if b else _DEFAULT_STEPS)
         guidance = self.guidance if self.guidance is not None else (b.default_guidance if b else _DEFAULT_GUIDANCE)
         return steps, guidance
@@ -75,7 +87,15 @@ class GenerateConfig:
 
 @dataclass
 class GenerationResult:
-    """Images and the settings that made them."""
+    """What a pipeline generated and the settings that made it.
+
+    Attributes:
+        prompts: one label per sample: its prompt, or ``"sample i"`` for pipelines without text.
+        images: one image per sample (a video's first frame); empty for audio.
+        videos: every frame of each clip, for video pipelines.
+        audios: each sample's waveform (channels, samples) in [-1, 1], for audio pipelines.
+        sample_rate: the audio's sampling rate, when the pipeline records one.
+    """
 
     prompts: list[str]
     images: list[Image.Image]
@@ -86,7 +106,8 @@ class GenerationResult:
     seconds: float
     extras: dict[str, Any] = field(default_factory=dict)
     videos: list[list[Image.Image]] | None = None
-    """For video pipelines, every frame of each clip; ``images`` then holds each clip's first frame."""
+    audios: list[np.ndarray] | None = None
+    sample_rate: int | None = None
 
 
 def _quiet_libraries() -> None:
@@ -143,13 +164,29 @@ def read_prompts(path: str | os.PathLike[str]) -> list[str]:
     return prompts
 
 
-def _check_prompts(prompts: Sequence[str]) -> list[str]:
-    if not prompts:
-        raise InvalidInputError("no prompts given; pass --prompt TEXT or --prompts FILE")
+def _source(pipe: Any, prompts: Sequence[str], samples: int | None, seed: int, call_kwargs: dict[str, Any]) -> Any:
     blank = [i for i, p in enumerate(prompts) if not p.strip()]
     if blank:
         raise InvalidInputError(f"prompt(s) at position {blank} are empty; every prompt needs text")
-    return list(prompts)
+    count = samples or len(prompts) or 1
+    source = source_for(pipe, prompts or ["."], count, seed, (int(call_kwargs.get("height", 64)),
+                                                              int(call_kwargs.get("width", 64))))  # fmt: skip
+    if isinstance(source, PromptSource) and not prompts:
+        raise InvalidInputError("no prompts given; pass --prompt TEXT or --prompts FILE")
+    return source
+
+
+def _sample_rate(pipe: Any) -> int | None:
+    for comp in getattr(pipe, "components", {}).values():
+        rate = getattr(getattr(comp, "config", None), "sampling_rate", None)
+        if isinstance(rate, int):
+            return rate
+    return None
+
+
+def _denoiser_name(pipe: Any, config: GenerateConfig) -> str | None:
+    manifest = getattr(pipe, "diffkiln_manifest", None)
+    return config.denoiser or (manifest["pipeline"]["denoiser"] if manifest else None)
 
 
 def generate(
@@ -158,121 +195,122 @@ def generate(
     config: GenerateConfig,
     target: ResolvedTarget | None = None,
     measure: bool = False,
+    samples: int | None = None,
+    source: CallSource | None = None,
 ) -> GenerationResult:
-    """Generate one image per prompt.
+    """Generate one sample per prompt (or ``samples`` samples for pipelines without text).
 
     Args:
-        pipe: a loaded diffusers text-to-image pipeline.
-        prompts: the prompts, non-empty.
+        pipe: a loaded diffusers pipeline.
+        prompts: the prompts (for pipelines that take text).
         config: sampling settings.
-        target: where the pipeline came from, for its default steps and guidance.
-        measure: also record, in ``extras``, the final latents (``latents``), the denoiser's
-            time per call (``denoiser_ms_per_step``) and the peak memory (``peak_bytes``).
-            Default False.
+        target: where the pipeline came from, for its defaults and call arguments.
+        measure: also record, in ``extras``, the final latents (``latents``), the denoiser's time
+            per call (``denoiser_ms_per_step``) and the peak memory (``peak_bytes``). Default False.
+        samples: how many samples for pipelines without text; None: one per prompt (or 1).
+        source: the per-sample inputs; None: from the pipeline's signature.
 
     Raises:
-        InvalidInputError: no prompts, or an empty prompt.
+        InvalidInputError: a text pipeline without prompts, an empty prompt, or a call argument
+            the pipeline does not take.
     """
-    import time
-
-    prompts = _check_prompts(prompts)
-    steps, guidance = (
-        config.resolved(target)
-        if target
-        else (
-            config.steps or _DEFAULT_STEPS,
-            _DEFAULT_GUIDANCE if config.guidance is None else config.guidance,
-        )
-    )
-    device = getattr(pipe, "device", torch.device("cpu"))
+    steps, guidance = config.resolved(target)
+    call_kwargs = {**(target.call_kwargs if target else {}), **dict(config.call_kwargs)}
+    source = source or _source(pipe, prompts, samples, config.seed, call_kwargs)
+    n = len(source)
+    labels = [s.get("prompt", f"sample {i}") if isinstance(s.get("prompt"), str) else f"sample {i}"
+              for i, s in ((i, source.sample(i)) for i in range(n))]  # fmt: skip
+    common = {
+        **accepted_call_kwargs(pipe, {"num_inference_steps": steps, "guidance_scale": guidance, "output_type": "np"}),
+        **accepted_call_kwargs(pipe, call_kwargs, strict=True),
+    }
     pipe.set_progress_bar_config(disable=True)
-    bar = tqdm(total=steps * len(prompts), desc="denoising", unit="img-step", disable=not config.progress)
-    images: list[Image.Image] = []
-    videos: list[list[Image.Image]] = []
+    bar = tqdm(total=steps * n, desc="denoising", unit="sample-step", disable=not config.progress)
+    arrays: list[np.ndarray] = []
+    kind = "images"
     latents: list[torch.Tensor] = []
-    timer = _DenoiserTimer(pipe) if measure else None
+    denoiser = find_denoiser(pipe, _denoiser_name(pipe, config))
+    timer = _DenoiserTimer(denoiser, getattr(pipe, "device", torch.device("cpu"))) if measure else None
     peak = PeakMemory(getattr(pipe, "device", torch.device("cpu"))) if measure else None
     t0 = time.perf_counter()
-    for start in range(0, len(prompts), config.batch_size):
-        chunk = prompts[start : start + config.batch_size]
-        gens = [torch.Generator(device="cpu").manual_seed(config.seed + start + i) for i in range(len(chunk))]
+    with contextlib.ExitStack() as stack:
+        if timer is not None:
+            stack.enter_context(timer.hooks())
+        for start in range(0, n, config.batch_size):
+            chunk = [source.sample(i) for i in range(start, min(start + config.batch_size, n))]
+            gens = [torch.Generator(device="cpu").manual_seed(config.seed + start + i) for i in range(len(chunk))]
 
-        def on_step(_pipe: Any, i: int, _t: Any, kwargs: dict[str, Any], n: int = len(chunk)) -> dict[str, Any]:
-            bar.update(n)
-            if measure and i == steps - 1 and "latents" in kwargs:
-                latents.append(kwargs["latents"].detach().float().cpu())
-            return kwargs
+            def on_step(_p: Any, i: int, _t: Any, kwargs: dict[str, Any], size: int = len(chunk)) -> dict[str, Any]:
+                bar.update(size)
+                if measure and i == steps - 1 and isinstance(kwargs.get("latents"), torch.Tensor):
+                    latents.append(kwargs["latents"].detach().float().cpu())
+                return kwargs
 
-        out = pipe(
-            prompt=chunk,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            generator=gens,
-            output_type="np",
-            **step_callback_kwargs(pipe, on_step),
-            **(target.call_kwargs if target else {}),
-        )
-        if getattr(out, "frames", None) is not None:  # video pipelines: (batch, frames, H, W, C)
-            clips = [[_to_pil(f) for f in clip] for clip in out.frames]
-            videos.extend(clips)
-            images.extend(clip[0] for clip in clips)
-        else:
-            images.extend(_to_pil(im) for im in out.images)
+            with torch.no_grad():
+                out = pipe(**batch_kwargs(pipe, chunk), generator=gens, **common, **step_callback_kwargs(pipe, on_step))
+            media = pipeline_media(out)
+            kind = media.kind
+            arrays.extend(media.items())
     bar.close()
-    del device
-    extras: dict[str, Any] = {}
+    result = GenerationResult(labels, [], steps, guidance, config.seed, type(pipe.scheduler).__name__,
+                              time.perf_counter() - t0)  # fmt: skip
+    if kind == "audios":
+        result.audios = [np.clip(a, -1.0, 1.0) for a in arrays]
+        result.sample_rate = _sample_rate(pipe)
+    elif kind == "frames":
+        result.videos = [[_to_pil(f) for f in clip] for clip in arrays]
+        result.images = [clip[0] for clip in result.videos]
+    else:
+        result.images = [_to_pil(im) for im in arrays]
     if timer is not None and peak is not None:
-        extras = {
-            "latents": torch.cat(latents) if latents else None,
-            "denoiser_ms_per_step": timer.close(),
+        result.extras = {
+            "latents": torch.cat(latents) if latents and all(t.shape[1:] == latents[0].shape[1:] for t in latents)
+            else None,
+            "denoiser_ms_per_step": timer.median_ms(),
             "peak_bytes": peak.read(),
-        }
-    return GenerationResult(
-        prompts=prompts,
-        images=images,
-        steps=steps,
-        guidance=guidance,
-        seed=config.seed,
-        scheduler=type(pipe.scheduler).__name__,
-        seconds=time.perf_counter() - t0,
-        extras=extras,
-        videos=videos or None,
-    )
+        }  # fmt: skip
+    return result
 
 
 def _to_pil(array: np.ndarray) -> Image.Image:
-    return Image.fromarray((np.clip(array, 0, 1) * 255).round().astype(np.uint8))
+    arr = np.asarray(array)
+    if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
+        arr = arr.transpose(1, 2, 0)  # channels first
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    return Image.fromarray((np.clip(arr, 0, 1) * 255).round().astype(np.uint8))
 
 
 class _DenoiserTimer:
-    """Wall time of each denoiser call, by a pre/post hook pair removed by :meth:`close`."""
+    """Wall time of each denoiser call, from a named pre/post hook pair."""
 
-    def __init__(self, pipe: Any) -> None:
-        import time
-
-        den = getattr(pipe, "transformer", None) or pipe.unet
+    def __init__(self, denoiser: torch.nn.Module, device: torch.device) -> None:
+        self.denoiser = denoiser
+        self.device = device
         self.times: list[float] = []
-        self._clock = time.perf_counter
         self._start = 0.0
-        self._device = getattr(pipe, "device", torch.device("cpu"))
-        self._handles = [den.register_forward_pre_hook(self._pre), den.register_forward_hook(self._post)]
 
     def _sync(self) -> None:
-        if self._device.type == "cuda":
-            torch.cuda.synchronize(self._device)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _pre(self, *_a: Any) -> None:
         self._sync()
-        self._start = self._clock()
+        self._start = time.perf_counter()
 
     def _post(self, *_a: Any) -> None:
         self._sync()
-        self.times.append(self._clock() - self._start)
+        self.times.append(time.perf_counter() - self._start)
 
-    def close(self) -> float:
-        """Remove the hooks; the median ms per denoiser call (one sampler step, CFG batch included)."""
-        for h in self._handles:
-            h.remove()
+    @contextlib.contextmanager
+    def hooks(self) -> Any:
+        with scoped_hooks() as hooks:
+            hooks.add_forward_pre_hook("diffkiln.generate.timer.pre", self.denoiser, self._pre)
+            hooks.add_forward_hook("diffkiln.generate.timer.post", self.denoiser, self._post)
+            yield
+
+    def median_ms(self) -> float:
+        """The median ms per denoiser call (one sampler step, CFG batch included)."""
         return float(np.median(self.times) * 1000.0) if self.times else float("nan")
 
 
@@ -306,11 +344,24 @@ class PeakMemory:
 
 
 def _slug(text: str, limit: int = 48) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "prompt"
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "sample"
 
 
-def save_images(result: GenerationResult, out_dir: str | os.PathLike[str]) -> list[Path]:
-    """Write each image as ``NNNN_<prompt-slug>.png`` (each video as an animated ``.gif``) under ``out_dir``.
+def _write_wav(path: Path, audio: np.ndarray, rate: int) -> None:
+    data = np.clip(np.asarray(audio, dtype=np.float64), -1.0, 1.0)
+    if data.ndim == 1:
+        data = data[None]
+    pcm = (data.T * 32767.0).round().astype("<i2")
+    with wave.open(str(path), "wb") as f:
+        f.setnchannels(data.shape[0])
+        f.setsampwidth(2)
+        f.setframerate(rate)
+        f.writeframes(pcm.tobytes())
+
+
+def save_outputs(result: GenerationResult, out_dir: str | os.PathLike[str]) -> list[Path]:
+    """Write each sample under ``out_dir`` as ``NNNN_<slug>``: ``.png`` images, animated ``.gif``
+    videos, 16-bit ``.wav`` audio.
 
     Returns:
         The paths written.
@@ -318,14 +369,17 @@ def save_images(result: GenerationResult, out_dir: str | os.PathLike[str]) -> li
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for i, (prompt, image) in enumerate(zip(result.prompts, result.images, strict=True)):
-        stem = out / f"{i:04d}_{_slug(prompt)}"
-        if result.videos is not None:
+    for i, label in enumerate(result.prompts):
+        stem = out / f"{i:04d}_{_slug(label)}"
+        if result.audios is not None:
+            path = stem.with_suffix(".wav")
+            _write_wav(path, result.audios[i], result.sample_rate or 44100)
+        elif result.videos is not None:
             frames = result.videos[i]
             path = stem.with_suffix(".gif")
             frames[0].save(path, save_all=True, append_images=frames[1:], duration=125, loop=0)
         else:
             path = stem.with_suffix(".png")
-            image.save(path)
+            result.images[i].save(path)
         paths.append(path)
     return paths

@@ -10,7 +10,7 @@ import torch
 
 from diffkiln.calibrate import CalibrationConfig, calibrate
 from diffkiln.nn.freeze import apply_plan
-from diffkiln.optimizer.planner import QuantizeConfig, make_plan
+from diffkiln.optimizer import SearchContext, W8A8Config, make_plan
 
 # Shared calibration cache: tests that calibrate the same pipeline with the same settings reuse it.
 CACHE = Path(tempfile.mkdtemp(prefix="diffkiln-test-calib-"))
@@ -23,10 +23,10 @@ PROMPTS = (
 )
 
 
-def quantize_in_memory(pipe: Any, config: QuantizeConfig, steps: int = 4) -> tuple[Any, Any]:
+def quantize_in_memory(pipe: Any, config: W8A8Config, steps: int = 4) -> tuple[Any, Any]:
     """(quantized copy of pipe, plan): calibrate, plan, freeze and swap, without a bundle."""
     stats = calibrate(pipe, CalibrationConfig(PROMPTS, steps=steps, batch_size=4, cache_dir=CACHE, progress=False))
-    plan = make_plan(pipe, stats, config, "test")
+    plan = make_plan(pipe, stats, config, SearchContext(source_id="test"))
     return apply_plan(pipe, plan, stats), plan
 
 
@@ -37,13 +37,13 @@ def latents(pipe: Any, prompts: tuple[str, ...], steps: int = 4) -> torch.Tensor
         return pipe(list(prompts), num_inference_steps=steps, generator=gens, output_type="latent").images
 
 
-def build_bundle(pipe: Any, config: QuantizeConfig, out: Any, steps: int = 4, **export: Any) -> tuple[Any, Any]:
+def build_bundle(pipe: Any, config: W8A8Config, out: Any, steps: int = 4, **export: Any) -> tuple[Any, Any]:
     """Calibrate, plan and export a bundle to ``out`` (``export``: more ExportConfig fields);
     returns (bundle path, plan)."""
     from diffkiln.export import ExportConfig, export_bundle
 
     stats = calibrate(pipe, CalibrationConfig(PROMPTS, steps=steps, batch_size=4, cache_dir=CACHE, progress=False))
-    plan = make_plan(pipe, stats, config, "test")
+    plan = make_plan(pipe, stats, config, SearchContext(source_id="test"))
     return export_bundle(pipe, plan, stats, ExportConfig(out, **export)), plan
 
 
@@ -55,7 +55,7 @@ def build_packed_bundle(pipe: Any, out: Any, specs: Any, steps: int = 4) -> tupl
     from diffkiln.export import ExportConfig, FloatStorage, export_bundle
 
     stats = calibrate(pipe, CalibrationConfig(PROMPTS, steps=steps, batch_size=4, cache_dir=CACHE, progress=False))
-    plan = make_plan(pipe, stats, QuantizeConfig(), "t")
+    plan = make_plan(pipe, stats, W8A8Config(), SearchContext(source_id="t"))
     layers = tuple(
         dataclasses.replace(lp, weight=specs[i % len(specs)]) if lp.quantized else lp
         for i, lp in enumerate(plan.layers)

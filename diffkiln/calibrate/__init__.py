@@ -1,11 +1,39 @@
-"""Calibration: run the FP pipeline (or a bare module) and record per-layer, per-step statistics."""
+"""Calibration: run the FP pipeline (or a bare module) and record per-layer, per-step statistics,
+the traced data flow and the verified prompt-invariant text positions."""
 
-from diffkiln.calibrate.stats import (
-    CalibrationConfig,
-    CalibrationStats,
-    LayerStats,
-    calibrate,
-    calibrate_denoiser,
+from diffkiln.calibrate.config import STATS_VERSION, CalibrationConfig
+from diffkiln.calibrate.dataflow import AttentionFlow, DataflowGraph, LayerFlow, trace_dataflow
+from diffkiln.calibrate.run import ModuleInputs, calibrate, pipeline_call_kwargs
+from diffkiln.calibrate.sources import (
+    CallSource,
+    ClassLabelSource,
+    ImageSource,
+    PromptSource,
+    UnconditionalSource,
+    batch_kwargs,
+    source_for,
+    source_from_description,
 )
+from diffkiln.calibrate.stats import CalibrationStats, LayerStats
 
-__all__ = ["CalibrationConfig", "CalibrationStats", "LayerStats", "calibrate", "calibrate_denoiser"]
+__all__ = [
+    "STATS_VERSION",
+    "AttentionFlow",
+    "CalibrationConfig",
+    "CalibrationStats",
+    "CallSource",
+    "ClassLabelSource",
+    "DataflowGraph",
+    "ImageSource",
+    "LayerFlow",
+    "LayerStats",
+    "ModuleInputs",
+    "PromptSource",
+    "UnconditionalSource",
+    "batch_kwargs",
+    "calibrate",
+    "pipeline_call_kwargs",
+    "source_for",
+    "source_from_description",
+    "trace_dataflow",
+]

@@ -1,14 +1,12 @@
-"""Default calibration prompts when the user gives none.
+"""Default calibration prompts when the user gives none, and the probe prompts of BOS verification.
 
-Built-in shapes models calibrate on their own world (seen compositions only). Any other model
-gets a fixed list of everyday captions written for diffkiln (no dataset download).
+Any model without prompts of its own gets a fixed list of everyday captions written for diffkiln
+(no dataset download); built-in models bring their own (:mod:`diffkiln.zoo`).
 """
 
 from __future__ import annotations
 
-from diffkiln.zoo.shapes import PromptSet, eval_scenes
-
-__all__ = ["GENERIC_PROMPTS", "default_calibration_prompts"]
+__all__ = ["GENERIC_PROMPTS", "PROBE_PROMPTS", "generic_prompts"]
 
 GENERIC_PROMPTS: tuple[str, ...] = (
     "a photo of a dog running on a beach at sunset",
@@ -45,18 +43,22 @@ GENERIC_PROMPTS: tuple[str, ...] = (
     "an aerial view of a tropical island",
 )
 
+_PROBE_WORDS = (
+    "red green blue yellow dog cat horse bird tree river mountain city street house window book",
+    "small tall old young night morning sun moon snow rain field flower garden bridge road train",
+)
+PROBE_PROMPTS: tuple[str, ...] = tuple(" ".join(words.split() * 40) for words in _PROBE_WORDS)
+"""Two long prompts of different words, longer than any text encoder's window: in them every text
+position holds a real token, so a position that stays the same in both is prompt-invariant
+whatever the prompt's length (padding is not)."""
 
-def default_calibration_prompts(builtin_judge: str | None, n: int) -> list[str]:
-    """``n`` calibration prompts: shapes-world scenes for shapes models, else the generic list.
 
-    Args:
-        builtin_judge: the built-in model's judge name ("shapes") or None for other models.
-        n: how many prompts (the generic list repeats if n is larger).
+def generic_prompts(n: int) -> list[str]:
+    """``n`` everyday captions (the list repeats if ``n`` is larger).
+
+    Raises:
+        ValueError: ``n`` is not positive.
     """
     if n <= 0:
         raise ValueError(f"calibration size must be positive, got {n}")
-    if builtin_judge == "shapes":
-        half = (n + 1) // 2
-        scenes = eval_scenes(PromptSet.SINGLE, half, seed=7) + eval_scenes(PromptSet.PAIRS, n - half, seed=7)
-        return [s.prompt for s in scenes]
     return [GENERIC_PROMPTS[i % len(GENERIC_PROMPTS)] for i in range(n)]

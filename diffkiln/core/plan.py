@@ -11,7 +11,8 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
-from diffkiln.kernels.packing import PACKABLE_BITS, packed_length
+from diffkiln.core.layers import CONV_KINDS, LAYER_KINDS
+from diffkiln.core.packing import PACKABLE_BITS, packed_length
 
 __all__ = [
     "PLAN_FORMAT",
@@ -25,9 +26,10 @@ __all__ = [
 ]
 
 PLAN_FORMAT = "diffkiln.plan"
-PLAN_VERSION = 2
-# Version 2 added LayerPlan.output; a version-1 plan reads as one without it.
-_READABLE_VERSIONS = (1, 2)
+PLAN_VERSION = 3
+# Version 2 added LayerPlan.output; 3 added LayerPlan.role / evidence, Plan.denoiser and the kinds
+# conv1d / conv3d. Older plans read as ones without them.
+_READABLE_VERSIONS = (1, 2, 3)
 
 
 class PlanError(ValueError):
@@ -131,11 +133,11 @@ def _act_from_dict(d: dict[str, Any]) -> ActSpec:
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """The decision for one Linear or Conv2d of the denoiser.
+    """The decision for one quantizable layer of the denoiser.
 
     Attributes:
         name: qualified module name inside the denoiser.
-        kind: "linear" or "conv".
+        kind: "linear", "conv1d", "conv" (2-D) or "conv3d" (:mod:`diffkiln.core.layers`).
         weight: integer weight spec, or None to keep the layer in floating point.
         act: integer activation spec, or None: float activations (weight-only quantization,
             e.g. W4A16, when ``weight`` is set; the whole layer in FP when it is not).
@@ -152,6 +154,10 @@ class LayerPlan:
             output is requantized onto (``QuantizeLinear -> DequantizeLinear`` after the
             convolution), so that runtimes whose integer convolutions produce int8 (onnxruntime's
             QLinearConv) run it in integer. None: the output stays in float. Default None.
+        role: the layer's structural role when it has one (``input_projection``,
+            ``output_projection``, ``conditioning_embedder``, ``weight_read_by_parent``, ``unused``,
+            ``unsupported``), found from the data flow; "" otherwise. Default "".
+        evidence: the data-flow evidence for ``role``. Default "".
     """
 
     name: str
@@ -164,11 +170,15 @@ class LayerPlan:
     smooth_alpha: float | None = None
     out_channels: int = 0
     output: ActSpec | None = None
+    role: str = ""
+    evidence: str = ""
 
     def __post_init__(self) -> None:
+        if self.kind not in LAYER_KINDS:
+            raise ValueError(f"{self.name}: unknown layer kind {self.kind!r}; valid: {list(LAYER_KINDS)}")
         if self.output is None:
             return
-        if self.kind != "conv" or self.act is None or self.act.mode is not ActMode.STATIC:
+        if self.kind not in CONV_KINDS or self.act is None or self.act.mode is not ActMode.STATIC:
             raise ValueError(f"{self.name}: an output grid needs a convolution with static integer activations")
         if self.output.mode is not ActMode.STATIC or self.output.bits != 8 or self.output.step_timesteps:
             raise ValueError(f"{self.name}: the output grid must be static, 8-bit and one range for all steps")
@@ -223,9 +233,11 @@ class Plan:
     Attributes:
         recipe: e.g. "w8a8".
         source: the model's id and weight hash.
-        layers: one LayerPlan per Linear/Conv2d of the denoiser, in module order.
+        layers: one LayerPlan per quantizable layer of the denoiser, in module order.
         bos_positions: the prompt-invariant text positions found by calibration.
         notes: free-form build information (calibration settings, clipping method).
+        denoiser: the pipeline component the plan quantizes ("" for a bare module or a plan
+            written before it was recorded). Default "".
     """
 
     recipe: str
@@ -233,6 +245,7 @@ class Plan:
     layers: tuple[LayerPlan, ...]
     bos_positions: tuple[int, ...] = ()
     notes: dict[str, Any] = field(default_factory=dict)
+    denoiser: str = ""
 
     def layer(self, name: str) -> LayerPlan:
         """The plan of one layer.
@@ -302,10 +315,19 @@ class Plan:
                     smooth_alpha=lp.get("smooth_alpha"),
                     out_channels=lp.get("out_channels", 0),
                     output=_act_from_dict(lp["output"]) if lp.get("output") else None,
+                    role=lp.get("role", ""),
+                    evidence=lp.get("evidence", ""),
                 )
                 for lp in d["layers"]
             )
-            return cls(d["recipe"], dict(d["source"]), layers, tuple(d["bos_positions"]), dict(d["notes"]))
+            return cls(
+                d["recipe"],
+                dict(d["source"]),
+                layers,
+                tuple(d["bos_positions"]),
+                dict(d["notes"]),
+                str(d.get("denoiser", "")),
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise PlanError(f"malformed plan: {exc}") from exc
 

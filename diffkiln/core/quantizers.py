@@ -14,7 +14,7 @@ from enum import Enum
 
 import torch
 
-from diffkiln.kernels.packing import GROUP_MULT_MAX, PACKABLE_BITS, apply_group_mult
+from diffkiln.core.packing import GROUP_MULT_MAX, PACKABLE_BITS, apply_group_mult
 
 __all__ = [
     "ActQuantParams",

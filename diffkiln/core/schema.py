@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ __all__ = [
     "ONNX_FORMAT",
     "ONNX_VERSION",
     "BundleError",
+    "LoadedBundle",
     "file_digest",
     "read_json",
     "read_manifest",
@@ -27,11 +29,12 @@ __all__ = [
 ]
 
 BUNDLE_FORMAT = "diffkiln.bundle"
-BUNDLE_VERSION = 5
+BUNDLE_VERSION = 6
 """2 adds packed 4-/2-bit and weight-only layers, 3 adds packed 3-bit layers, 4 adds derived buffers
-(rebuilt by the runtime, not stored), 5 adds requantized convolution outputs (``output_scale``);
-this runtime reads 1 to 5. Exports write the lowest version
-that describes the bundle, so bundles without those features stay readable by older runtimes."""
+(rebuilt by the runtime, not stored), 5 adds requantized convolution outputs (``output_scale``), 6
+adds module bundles (``kind: "module"``) and 1-D / 3-D convolutions; this runtime reads 1 to 6.
+Exports write the lowest version that describes the bundle, so bundles without those features stay
+readable by older runtimes."""
 MANIFEST_NAME = "manifest.json"
 ONNX_FORMAT = "diffkiln.onnx"
 """The manifest format of an ONNX export folder (docs/onnx-export.md)."""
@@ -102,3 +105,20 @@ def verify_files(bundle: Path, manifest: dict[str, Any]) -> None:
             raise BundleError(f"bundle file {rel} has {size} bytes, the manifest says {info['bytes']} (truncated?)")
         if file_digest(path) != info["sha256"]:
             raise BundleError(f"bundle file {rel} fails its sha256 check (corrupt or tampered)")
+
+
+@dataclass(frozen=True)
+class LoadedBundle:
+    """A verified bundle, loaded by the runtime: what bundle converters (ONNX, MindIE-SD) read.
+
+    Attributes:
+        path: the bundle directory.
+        manifest: its verified manifest.
+        denoiser: the denoiser with its integer modules.
+        pipeline: the diffusers pipeline around it, or None for a module bundle.
+    """
+
+    path: Path
+    manifest: dict[str, Any]
+    denoiser: Any
+    pipeline: Any = None

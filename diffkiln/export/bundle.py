@@ -34,12 +34,14 @@ from diffkiln.core.schema import BUNDLE_FORMAT, MANIFEST_NAME
 from diffkiln.core.toolchain import toolchain_versions
 from diffkiln.export.atomic import atomic_directory, file_table
 from diffkiln.export.derived import find_derived_buffers
-from diffkiln.kernels.packing import PACKABLE_BITS
+from diffkiln.core.packing import PACKABLE_BITS
 from diffkiln.nn.freeze import freeze_layer, layer_meta
 
 __all__ = ["ExportConfig", "FloatStorage", "export_bundle"]
 
 QUANT_FILE = "quantized.safetensors"
+MODULE_FOLDER = "module"
+"""Where a module bundle keeps its one module's tensors."""
 
 
 class FloatStorage(str, Enum):
@@ -92,13 +94,14 @@ _FLOAT_SUFFIXES = ("bias", "bos_rows")  # per-layer float tensors that follow fl
 
 
 def _write_denoiser(
-    pipe: Any, plan: Plan, stats: CalibrationStats, folder: Path, storage: FloatStorage
+    model: Any, plan: Plan, stats: CalibrationStats, folder: Path, storage: FloatStorage
 ) -> tuple[str, dict[str, Any]]:
-    denoiser = find_denoiser(pipe)
-    name = _denoiser_name(pipe, denoiser)
+    denoiser = find_denoiser(model, plan.denoiser or None)
+    name = MODULE_FOLDER if isinstance(model, nn.Module) else _denoiser_name(model, denoiser)
     layers = find_quantizable_layers(denoiser)
     (folder / name).mkdir(parents=True)
-    cast(Any, denoiser).save_config(folder / name)  # a diffusers ModelMixin
+    if callable(getattr(denoiser, "save_config", None)):
+        cast(Any, denoiser).save_config(folder / name)  # a diffusers ModelMixin: the runtime rebuilds it
     tensors: dict[str, torch.Tensor] = {}
     quant_layers: dict[str, Any] = {}
     quantized_params: set[str] = set()
@@ -146,9 +149,11 @@ def _write_denoiser(
     }
 
 
-def _format_version(plan: Plan, derived_buffers: dict[str, Any]) -> int:
-    """The lowest bundle format version that describes the bundle: 5 with requantized outputs, 4
-    with derived buffers, 3 with 3-bit layers, else 2."""
+def _format_version(plan: Plan, derived_buffers: dict[str, Any], module: bool) -> int:
+    """The lowest bundle format version that describes the bundle: 6 for a module bundle or 1-D/3-D
+    convolutions, 5 with requantized outputs, 4 with derived buffers, 3 with 3-bit layers, else 2."""
+    if module or any(lp.quantized and lp.kind in ("conv1d", "conv3d") for lp in plan.layers):
+        return 6
     if any(lp.output is not None for lp in plan.layers):
         return 5
     if derived_buffers:
@@ -158,7 +163,7 @@ def _format_version(plan: Plan, derived_buffers: dict[str, Any]) -> int:
 
 
 def export_bundle(
-    pipe: Any,
+    model: Any,
     plan: Plan,
     stats: CalibrationStats,
     config: ExportConfig,
@@ -167,7 +172,9 @@ def export_bundle(
     """Write the bundle for ``pipe`` quantised by ``plan``.
 
     Args:
-        pipe: the FP pipeline (its non-denoiser components are copied as they are).
+        model: the FP pipeline (its other components are copied as they are), or a bare module
+            (the bundle then holds that module alone: ``diffkiln.runtime.load_into`` puts it back
+            into the user's own model object).
         plan: the quantisation plan.
         stats: the calibration statistics the plan was made from (for BOS rows).
         config: destination and overwrite policy.
@@ -180,23 +187,26 @@ def export_bundle(
         BundleError: the destination exists and ``overwrite`` is False.
     """
     out = Path(config.out)
+    module = isinstance(model, nn.Module)
     with atomic_directory(out, config.overwrite) as tmp:
-        denoiser_name, quant = _write_denoiser(pipe, plan, stats, tmp, config.float_storage)
-        for name, comp in pipe.components.items():
-            if comp is None or name == denoiser_name or not hasattr(comp, "save_pretrained"):
-                continue
-            comp.save_pretrained(tmp / name)
-        pipe.save_config(tmp)  # model_index.json
+        denoiser_name, quant = _write_denoiser(model, plan, stats, tmp, config.float_storage)
+        if not module:
+            for name, comp in model.components.items():
+                if comp is None or name == denoiser_name or not hasattr(comp, "save_pretrained"):
+                    continue
+                comp.save_pretrained(tmp / name)
+            model.save_config(tmp)  # model_index.json
         files = file_table(tmp)
         manifest = {
             "format": BUNDLE_FORMAT,
-            "version": _format_version(plan, quant["derived_buffers"]),
+            "version": _format_version(plan, quant["derived_buffers"], module),
+            "kind": "module" if module else "pipeline",
             "source": plan.source,
             "pipeline": {
-                "class": type(pipe).__name__,
+                "class": None if module else type(model).__name__,
                 "denoiser": denoiser_name,
                 "denoiser_class": quant["denoiser_class"],
-                "components": sorted(n for n, c in pipe.components.items() if c is not None),
+                "components": [] if module else sorted(n for n, c in model.components.items() if c is not None),
             },
             "quant": {
                 "recipe": plan.recipe,

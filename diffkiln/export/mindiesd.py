@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from dataclasses import dataclass
 from enum import Enum
@@ -56,10 +55,9 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from diffkiln.core.schema import read_manifest, verify_files
+from diffkiln.core.schema import LoadedBundle
 from diffkiln.export.atomic import atomic_directory, file_table
-from diffkiln.nn.qmodules import QConv2d, QLinear
-from diffkiln.runtime.load import build_denoiser
+from diffkiln.nn import QConv, QLinear
 
 __all__ = ["MindieExportConfig", "MindieExportError", "MindieFloat", "export_mindiesd"]
 
@@ -100,18 +98,18 @@ class MindieExportConfig:
             raise ValueError(f"dtype must be one of {[d.value for d in MindieFloat]}, got {self.dtype!r}")
 
 
-def _layer_type(q: QLinear | QConv2d) -> str:
+def _layer_type(q: QLinear | QConv) -> str:
     if q.weight_only:
         return "W8A16"
     return "W8A8_DYNAMIC" if q.dynamic else "W8A8"
 
 
-def _weight_codes(q: QLinear | QConv2d) -> torch.Tensor:
+def _weight_codes(q: QLinear | QConv) -> torch.Tensor:
     """int8 codes in the layer's own weight shape (N, K) or (O, I, kh, kw)."""
     return q.codes_t().t().contiguous().reshape(q.weight_shape)
 
 
-def _layer_tensors(name: str, q: QLinear | QConv2d, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _layer_tensors(name: str, q: QLinear | QConv, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     weight = _weight_codes(q)
     scale, bias = q.scale_and_bias()
     out: dict[str, torch.Tensor] = {f"{name}.weight": weight}
@@ -145,7 +143,7 @@ def _layer_tensors(name: str, q: QLinear | QConv2d, dtype: torch.dtype) -> dict[
     return out
 
 
-def _float_layer_tensors(name: str, q: QLinear | QConv2d, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _float_layer_tensors(name: str, q: QLinear | QConv, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """A layer kept in float: dequantized weight (smoothing folded back out) and bias."""
     scale, bias = q.scale_and_bias()
     codes = q.codes_t().float() * scale  # (K, N)
@@ -157,20 +155,17 @@ def _float_layer_tensors(name: str, q: QLinear | QConv2d, dtype: torch.dtype) ->
     return out
 
 
-def export_mindiesd(bundle: str | os.PathLike[str], config: MindieExportConfig) -> Path:
-    """Write a bundle's denoiser in the msModelSlim / MindIE-SD format (see the module docstring).
+def export_mindiesd(bundle: LoadedBundle, config: MindieExportConfig) -> Path:
+    """Write a loaded bundle's denoiser in the msModelSlim / MindIE-SD format (see the module docstring).
 
     Returns:
         The output folder.
 
     Raises:
-        BundleError: the bundle fails its checks, or ``out`` exists without ``overwrite``.
+        BundleError: ``out`` exists without ``overwrite``.
         MindieExportError: a layer the format cannot hold, without ``keep_fp``.
     """
-    path = Path(bundle)
-    manifest = read_manifest(path)
-    verify_files(path, manifest)
-    denoiser = build_denoiser(path, manifest)  # only the denoiser is exported
+    path, manifest, denoiser = bundle.path, bundle.manifest, bundle.denoiser  # only the denoiser is exported
     dtype = getattr(torch, config.dtype.value)
     tensors: dict[str, torch.Tensor] = {}
     description: dict[str, str] = {}
@@ -181,7 +176,7 @@ def export_mindiesd(bundle: str | os.PathLike[str], config: MindieExportConfig) 
     q_names: set[str] = set()
     act_types: set[str] = set()
     for name, module in denoiser.named_modules():
-        if not isinstance(module, (QLinear, QConv2d)):
+        if not isinstance(module, (QLinear, QConv)):
             continue
         q_names.add(name)
         if module.act_timesteps is not None:
@@ -206,7 +201,7 @@ def export_mindiesd(bundle: str | os.PathLike[str], config: MindieExportConfig) 
             widened[name] = f"{widened[name]}; {note}" if name in widened else note
         if f"{name}.bos_rows" in layer:
             bos.append(name)
-        if isinstance(module, QConv2d) and module.output_grid is not None:
+        if isinstance(module, QConv) and module.output_grid is not None:
             layer[f"{name}.output_scale"] = torch.tensor([module.output_grid.scale], dtype=torch.float32)
             layer[f"{name}.output_offset"] = torch.tensor([float(module.output_grid.zero_point)], dtype=torch.float32)
             requantized.append(name)

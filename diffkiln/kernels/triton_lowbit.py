@@ -11,7 +11,7 @@ weights' row sums for the zero point taken from the same decoded tiles (nothing 
 The weight-only kernel decodes the same tiles to the activations' float dtype and accumulates in
 float32 (``packed_weight_only_matmul``'s contract: ``x @ (W * scale) + bias``).
 
-The weights are :func:`diffkiln.kernels.packing.pack_weights`'s little-endian bit stream, so code
+The weights are :func:`diffkiln.core.packing.pack_weights`'s little-endian bit stream, so code
 ``k`` of a row starts at bit ``k * bits``; a 3-bit code may straddle two bytes, which the kernel
 reads together as a 16-bit window.
 

@@ -9,10 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffkiln.core.layers import conv_padding, layer_kind
 from diffkiln.core.plan import ActMode, LayerPlan, Plan
 from diffkiln.core.quantizers import quantize_weight_grouped, quantize_weight_per_channel
 from diffkiln.core.smoothing import smoothing_factors
-from diffkiln.kernels.packing import PACKABLE_BITS, pack_weights
+from diffkiln.core.packing import PACKABLE_BITS, pack_weights
 
 __all__ = ["LayerInputs", "PlanInputs", "apply_plan", "freeze_layer", "layer_meta"]
 
@@ -44,18 +45,19 @@ def layer_meta(module: nn.Module, lp: LayerPlan) -> dict[str, Any]:
         "act_bits": lp.act.bits if lp.act else None,
         "weight_bits": lp.weight.bits if lp.weight else None,
         "weight_packed": bool(lp.weight and lp.weight.bits in PACKABLE_BITS),
-        "weight_shape": list(module.weight.shape) if isinstance(module, (nn.Linear, nn.Conv2d)) else None,
+        "weight_shape": list(module.weight.shape) if isinstance(module.weight, torch.Tensor) else None,
         "group_size": lp.weight.group_size if lp.weight else None,
         "kind": lp.kind,
     }
     if lp.output is not None:
         meta["output_bits"] = lp.output.bits
-    if isinstance(module, nn.Conv2d):
-        if isinstance(module.padding, str):
-            raise ValueError(f"{lp.name}: string padding {module.padding!r} is not supported; --exclude it")
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        padding = conv_padding(module)
+        if padding is None:
+            raise ValueError(f"{lp.name}: padding {module.padding!r} pads unevenly; --exclude it")
         meta.update(
             stride=list(module.stride),
-            padding=list(module.padding),
+            padding=list(padding),
             dilation=list(module.dilation),
             groups=module.groups,
         )
@@ -67,7 +69,7 @@ def freeze_layer(module: nn.Module, lp: LayerPlan, stats: LayerInputs | None) ->
 
     8- and 7-bit weights are stored as int8 ``weight_q`` with the float weight's shape; 4- and
     2-bit weights as uint8 ``weight_packed`` (out, ceil(in * kh * kw * bits / 8)), two or four
-    codes per byte (:func:`diffkiln.kernels.packing.pack_weights`); grouped ones add uint8
+    codes per byte (:func:`diffkiln.core.packing.pack_weights`); grouped ones add uint8
     ``weight_group_mult`` (out, groups). Weight-only layers (no ``act``) have no activation tensors.
     Convolutions with a requantized output add ``output_scale`` float32 () and
     ``output_zero_point`` int32 ().
@@ -82,8 +84,9 @@ def freeze_layer(module: nn.Module, lp: LayerPlan, stats: LayerInputs | None) ->
     """
     if lp.weight is None:
         raise ValueError(f"{lp.name} is kept in floating point by the plan; nothing to freeze")
-    if not isinstance(module, (nn.Linear, nn.Conv2d)):
+    if layer_kind(module) is None:
         raise ValueError(f"{lp.name}: cannot quantize a {type(module).__name__}")
+    assert isinstance(module.weight, torch.Tensor)  # every quantizable layer type has one
     weight = module.weight.detach().float()
     out: dict[str, torch.Tensor] = {}
     if lp.smooth_alpha is not None:
@@ -104,8 +107,9 @@ def freeze_layer(module: nn.Module, lp: LayerPlan, stats: LayerInputs | None) ->
     else:
         out["weight_q"] = qw.q.contiguous()
     out["weight_scale"] = qw.scale.to(scale_dtype).contiguous()
-    if module.bias is not None:
-        out["bias"] = module.bias.detach().to(torch.float32).contiguous()
+    bias = module.bias if isinstance(module.bias, torch.Tensor) else None
+    if bias is not None:
+        out["bias"] = bias.detach().to(torch.float32).contiguous()
     if lp.act is None:
         pass  # weight-only: activations stay in floating point
     elif lp.act.mode is ActMode.STATIC and lp.act.step_timesteps:
@@ -125,26 +129,23 @@ def freeze_layer(module: nn.Module, lp: LayerPlan, stats: LayerInputs | None) ->
         pos = torch.tensor(lp.bos_positions, dtype=torch.int64)
         rows = stats.text_rows[pos].to(torch.float32)
         with torch.no_grad():
-            out["bos_rows"] = F.linear(
-                rows, module.weight.float(), None if module.bias is None else module.bias.float()
-            )
+            out["bos_rows"] = F.linear(rows, module.weight.float(), None if bias is None else bias.float())
         out["bos_positions"] = pos
         out["text_len"] = torch.tensor(stats.text_rows.shape[0], dtype=torch.int64)
     return out
 
 
-def apply_plan(pipe: Any, plan: Plan, stats: PlanInputs, inplace: bool = False) -> Any:
-    """A copy of ``pipe`` whose denoiser runs the plan's integer modules, without writing a bundle.
+def apply_plan(model: Any, plan: Plan, stats: PlanInputs, inplace: bool = False) -> Any:
+    """``model`` (a pipeline or a bare module) with its denoiser running the plan's integer modules.
 
-    The same freeze and the same runtime modules as a bundle; used to compare plans (e.g. the
-    report's BOS-aware vs plain W8A8) and by tests.
+    The same freeze and the same runtime modules as a bundle, without writing one.
 
     Args:
-        pipe: the FP pipeline (left unchanged).
-        plan: the plan.
+        model: the FP pipeline or module.
+        plan: the plan (its ``denoiser`` names the pipeline component).
         stats: the calibration statistics the plan was made from.
-        inplace: swap the layers of ``pipe`` itself instead of a copy (saves memory on full-size
-            models). Default False.
+        inplace: swap the layers of ``model`` itself instead of a copy's (saves memory on
+            full-size models). Default False.
     """
     import copy
 
@@ -152,8 +153,8 @@ def apply_plan(pipe: Any, plan: Plan, stats: PlanInputs, inplace: bool = False) 
     from diffkiln.core.pipelines import find_denoiser
     from diffkiln.nn.swap import replace_layers
 
-    qpipe = pipe if inplace else copy.deepcopy(pipe)
-    den = find_denoiser(qpipe)
+    qpipe = model if inplace else copy.deepcopy(model)
+    den = find_denoiser(qpipe, plan.denoiser or None)
     layers = find_quantizable_layers(den)
     frozen, metas = {}, {}
     for lp in plan.layers:

@@ -29,28 +29,23 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from diffkiln.kernels import (
     ActGrid,
-    ConvGeometry,
     PackedWeights,
-    StaticConv,
     StaticLinear,
     dynamic_quant,
     packed_quant_matmul,
     packed_weight_only_matmul,
-    prepack_static_conv,
     prepack_static_linear,
     quant_matmul,
-    static_conv_unpacked,
     static_linear_packed,
     weight_only_matmul,
 )
-from diffkiln.kernels.packing import check_group_mult
+from diffkiln.core.packing import check_group_mult
 
-__all__ = ["QConv2d", "QLinear", "qmodule_for", "quantized_module_types", "register_qmodule"]
+__all__ = ["IntGemm", "QLinear", "qmodule_for", "quantized_module_types", "register_qmodule"]
 
 _QMODULES: dict[type[nn.Module], type[nn.Module]] = {}
 
@@ -83,7 +78,7 @@ def quantized_module_types() -> tuple[type[nn.Module], ...]:
     return tuple(_QMODULES.values())
 
 
-class _IntGemm(nn.Module):
+class IntGemm(nn.Module):
     """Shared integer GEMM of a (M, K) float input against resident integer weights.
 
     8-bit weights are held as int8 (K, N); 4-, 3- and 2-bit weights stay packed (N, bytes) and are
@@ -244,7 +239,7 @@ class _IntGemm(nn.Module):
 
 
 @register_qmodule(nn.Linear)
-class QLinear(_IntGemm):
+class QLinear(IntGemm):
     """Integer Linear (W8A8, W4A8, W2A8, or weight-only W*A16), optional BOS rows precomputed in FP."""
 
     bos_rows: torch.Tensor | None
@@ -280,85 +275,3 @@ class QLinear(_IntGemm):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, {self.format_name()}, bos={self.bos_rows is not None}"
-
-
-@register_qmodule(nn.Conv2d)
-class QConv2d(_IntGemm):
-    """W8A8 Conv2d as an integer GEMM over unfolded patches (im2col).
-
-    Zero padding is exact: a padded zero quantises to the zero point, as a real zero does.
-    """
-
-    def __init__(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        super().__init__(tensors, meta)
-        self.out_channels, self.in_channels = self.weight_shape[0], self.weight_shape[1]
-        self.kernel_size = tuple(self.weight_shape[2:])
-        self.stride = tuple(meta["stride"])
-        self.padding = tuple(meta["padding"])
-        self.dilation = tuple(meta["dilation"])
-        if meta.get("groups", 1) != 1:
-            raise ValueError("grouped convolutions are not quantized; keep this layer in FP with --exclude")
-        # A backend's direct integer convolution (oneDNN on x86), per device; None: im2col + GEMM.
-        self._direct: dict[str, StaticConv | None] = {}
-        has_output = "output_scale" in tensors
-        self.output_grid = (
-            ActGrid(float(tensors["output_scale"]), int(tensors["output_zero_point"]), 8) if has_output else None
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self._conv(x)
-        if self.output_grid is None:
-            return out
-        return requantize(out, self.output_grid)
-
-    def _direct_conv(self, device: torch.device) -> StaticConv | None:
-        key = str(device)
-        if key not in self._direct:
-            conv = None
-            if not self.dynamic and not self.weight_only and self.weight_packed is None:
-                w = self.codes_t().to(device).t().reshape(self.out_channels, self.in_channels, *self.kernel_size)
-                geo = ConvGeometry(self.stride, self.padding, self.dilation)
-                scale, bias = self.scale_and_bias()
-                conv = prepack_static_conv(w, scale, bias, self.act_grid, geo, device)
-                if conv is not None:
-                    self._adopt_codes(conv)
-            self._direct[key] = conv
-        return self._direct[key]
-
-    def _conv(self, x: torch.Tensor) -> torch.Tensor:
-        direct = self._direct_conv(x.device)
-        if direct is not None:
-            return direct(x, self._current_grid()).to(x.dtype)
-        if self.weight_only and x.device.type in ("cpu", "cuda"):
-            # The float convolution on weights dequantized for this call (no im2col); the
-            # resident copy stays packed. NPUs take im2col + npu_weight_quant_batchmatmul below.
-            k = self.codes_t().t().reshape(self.out_channels, self.in_channels, *self.kernel_size)
-            scale, bias = self.scale_and_bias()
-            deq = k.to(torch.float32) * scale.view(-1, 1, 1, 1)
-            return F.conv2d(x.to(torch.float32), deq, bias, self.stride, self.padding, self.dilation).to(x.dtype)
-        if self.weight_packed is not None and not self.dynamic and not self.weight_only:
-            codes = self.codes_t().t().reshape(self.out_channels, self.in_channels, *self.kernel_size)
-            geo = ConvGeometry(self.stride, self.padding, self.dilation)
-            scale, bias = self.scale_and_bias()
-            direct_out = static_conv_unpacked(x, codes, scale, bias, self._current_grid(), geo)
-            if direct_out is not None:
-                return direct_out.to(x.dtype)
-        b, _, h, w = x.shape
-        cols = F.unfold(x, self.kernel_size, dilation=self.dilation, padding=self.padding, stride=self.stride)
-        kh, kw = self.kernel_size
-        oh = (h + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
-        ow = (w + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
-        out = self.gemm(cols.transpose(1, 2).reshape(-1, cols.shape[1]), x.dtype)
-        return out.reshape(b, oh * ow, self.out_channels).transpose(1, 2).reshape(b, self.out_channels, oh, ow)
-
-    def extra_repr(self) -> str:
-        requant = ", output requantized to int8" if self.output_grid is not None else ""
-        return f"{self.in_channels}->{self.out_channels}, kernel={self.kernel_size}, {self.format_name()}{requant}"
-
-
-def requantize(y: torch.Tensor, grid: ActGrid) -> torch.Tensor:
-    """``y`` rounded onto ``grid`` and back: ONNX's ``QuantizeLinear -> DequantizeLinear`` (round
-    half to even, saturate), computed in float32 and returned in ``y``'s dtype."""
-    yf = y.to(torch.float32)
-    q = torch.clamp(torch.round(yf / grid.scale) + grid.zero_point, grid.qmin, grid.qmax)
-    return ((q - grid.zero_point) * grid.scale).to(y.dtype)

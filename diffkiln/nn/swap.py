@@ -7,12 +7,18 @@ from typing import Any
 import torch
 from torch import nn
 
+import diffkiln.nn.conv  # noqa: F401 - registers the integer convolutions
 from diffkiln.nn.qmodules import qmodule_for
 from diffkiln.nn.timestep import install_step_selector
 
 __all__ = ["replace_layers"]
 
-_FLOAT_TYPES = {"linear": nn.Linear, "conv": nn.Conv2d}
+_FLOAT_TYPES: dict[str, type[nn.Module]] = {
+    "linear": nn.Linear,
+    "conv1d": nn.Conv1d,
+    "conv": nn.Conv2d,
+    "conv3d": nn.Conv3d,
+}
 
 
 def replace_layers(
@@ -23,7 +29,8 @@ def replace_layers(
     Args:
         denoiser: the model whose layers are replaced (its float weights for those layers are dropped).
         tensors: per layer name, the frozen tensors (see :mod:`diffkiln.nn.qmodules`).
-        metas: per layer name, the construction metadata, including ``kind`` ("linear"/"conv").
+        metas: per layer name, the construction metadata, including ``kind``
+            (:data:`diffkiln.core.layers.LAYER_KINDS`).
 
     Raises:
         KeyError: a named layer does not exist in the denoiser, or its kind has no quantized module.

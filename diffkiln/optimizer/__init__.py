@@ -1,22 +1,51 @@
-"""Optimizer: quantizers and planning -> a Plan (pure data)."""
+"""Optimizer: recipes, registered by config type, turn calibration statistics into a Plan (pure data).
 
-from diffkiln.core.plan import ActMode, ActSpec, LayerPlan, Plan, PlanError, WeightSpec
-from diffkiln.core.quantizers import ClipMethod, choose_act_params, quantize_weight_per_channel
-from diffkiln.optimizer.planner import QuantizeConfig, Recipe, SmoothMode, fp_default_reasons, make_plan
+``make_plan(model, stats, W8A8Config())`` or ``make_plan(model, stats, MixedConfig(...))``; the
+Plan itself is defined in :mod:`diffkiln.core.plan`, the contract between stages.
+"""
+
+from diffkiln.optimizer.allocation import InfeasibleBudgetError
+from diffkiln.optimizer.mixed import MixedResult, make_mixed_plan, mixed_sensitivity, search_mixed, uniform_plan
+from diffkiln.optimizer.mixed_config import MixedConfig, WeightBudget
+from diffkiln.optimizer.registry import (
+    SearchContext,
+    make_plan,
+    recipe_config_from_options,
+    recipe_config_type,
+    recipe_float_storage,
+    recipe_name,
+    recipe_names,
+    register_recipe,
+)
+from diffkiln.optimizer.roles import LayerRole, RoleFinding, StructuralRole, structural_roles
+from diffkiln.optimizer.sensitivity import SensitivityConfig, SensitivityTable
+from diffkiln.optimizer.w8a8 import SmoothMode, W8A8Config, fp_reasons, plan_w8a8
 
 __all__ = [
-    "ActMode",
-    "ActSpec",
-    "ClipMethod",
-    "LayerPlan",
-    "Plan",
-    "PlanError",
-    "QuantizeConfig",
-    "Recipe",
+    "InfeasibleBudgetError",
+    "LayerRole",
+    "MixedConfig",
+    "MixedResult",
+    "RoleFinding",
+    "SearchContext",
+    "SensitivityConfig",
+    "SensitivityTable",
     "SmoothMode",
-    "WeightSpec",
-    "choose_act_params",
-    "fp_default_reasons",
+    "StructuralRole",
+    "W8A8Config",
+    "WeightBudget",
+    "fp_reasons",
+    "make_mixed_plan",
     "make_plan",
-    "quantize_weight_per_channel",
+    "mixed_sensitivity",
+    "plan_w8a8",
+    "recipe_config_from_options",
+    "recipe_config_type",
+    "recipe_float_storage",
+    "recipe_name",
+    "recipe_names",
+    "register_recipe",
+    "search_mixed",
+    "structural_roles",
+    "uniform_plan",
 ]

@@ -2,11 +2,9 @@
 
 Each searched layer is timed at every candidate width as the runtime will run it: the integer
 module built from its frozen tensors (W{b}A8, or the float layer at 16 bits), on an input of the
-shape the layer sees in the FP sampler (recorded from one short pipeline call). The ILP then
+shape the layer sees in the FP sampler (recorded in the calibration's traced call). The ILP then
 bounds the summed latency of the searched layers (``MixedConfig.latency_budget_ms``).
 
-Building the runtime modules needs :mod:`diffkiln.export` and :mod:`diffkiln.runtime`; they are
-imported inside the function, only when a latency budget is asked for.
 """
 
 from __future__ import annotations
@@ -22,11 +20,10 @@ import torch
 from torch import nn
 
 from diffkiln.calibrate.stats import CalibrationStats
-from diffkiln.core.hooks import scoped_hooks
 from diffkiln.core.layers import find_quantizable_layers
 from diffkiln.core.pipelines import find_denoiser
 from diffkiln.core.plan import Plan, WeightSpec
-from diffkiln.kernels.packing import PACKABLE_BITS
+from diffkiln.core.packing import PACKABLE_BITS
 
 __all__ = ["LatencyTable", "measure_layer_latency"]
 
@@ -52,28 +49,13 @@ class LatencyTable:
         return sum(self.ms[n][b] for n, b in bits.items() if n in self.ms)
 
 
-def _input_shapes(pipe: Any, stats: CalibrationStats, names: Sequence[str]) -> dict[str, torch.Size]:
-    denoiser = find_denoiser(pipe)
-    layers = find_quantizable_layers(denoiser)
-    shapes: dict[str, torch.Size] = {}
-    settings = stats.settings
-    with scoped_hooks() as hooks, torch.no_grad():
-        for n in names:
-
-            def record(_m: nn.Module, args: tuple[Any, ...], _kw: dict[str, Any], name: str = n) -> None:
-                shapes.setdefault(name, args[0].shape)
-
-            hooks.add_forward_pre_hook(f"diffkiln.latency.{n}", layers[n], record)
-        pipe.set_progress_bar_config(disable=True)
-        pipe(
-            prompt=[settings["prompts"][0]],
-            num_inference_steps=2,
-            guidance_scale=float(settings["guidance"]),
-            output_type="latent",
-            generator=torch.Generator().manual_seed(0),
-            **dict(settings.get("call_kwargs", {})),
-        )
-    return shapes
+def _input_shapes(stats: CalibrationStats, names: Sequence[str]) -> dict[str, torch.Size]:
+    """Each layer's input shape in the traced sampler call (layers that never ran are left out)."""
+    graph = stats.graph
+    if graph is None:
+        return {}
+    flows = {n: graph.layers[n] for n in names if n in graph.layers}
+    return {n: torch.Size(f.input_shape) for n, f in flows.items() if f.input_shape}
 
 
 def _time_ms(module: nn.Module, x: torch.Tensor, repeats: int) -> float:
@@ -101,7 +83,7 @@ def measure_layer_latency(
     """Time every searched layer at every candidate width on ``device``.
 
     Args:
-        pipe: the FP pipeline.
+        pipe: the FP pipeline or bare module.
         base: the W8A8 base plan (activation grids, smoothing, BOS rows).
         stats: its calibration statistics.
         candidates: layer -> candidate widths (16: the float layer).
@@ -113,8 +95,8 @@ def measure_layer_latency(
     from diffkiln.nn.freeze import freeze_layer, layer_meta
     from diffkiln.nn.qmodules import qmodule_for
 
-    layers = find_quantizable_layers(find_denoiser(pipe))
-    shapes = _input_shapes(pipe, stats, list(candidates))
+    layers = find_quantizable_layers(find_denoiser(pipe, stats.denoiser or None))
+    shapes = _input_shapes(stats, list(candidates))
     plans = {lp.name: lp for lp in base.layers}
     dev = torch.device(device)
     table: dict[str, dict[int, float]] = {}

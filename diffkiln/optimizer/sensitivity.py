@@ -4,13 +4,15 @@ For every layer and every candidate, that layer alone is quantized (weights and 
 scored separately; simulated, see :mod:`diffkiln.optimizer.simulate`) and the damage measured
 against the FP model, with the metric of the layer's group (:mod:`diffkiln.optimizer.roles`):
 
-* content layers: SSIM of the final images against FP images of the same prompts and seeds;
-* quality layers: SQNR of the denoiser output against FP, on denoiser inputs recorded from the
-  FP sampler trajectory of those prompts (``quality_steps`` steps, evenly spaced).
+* content layers: the final outputs against FP's for the same samples and seeds
+  (:mod:`diffkiln.optimizer.workload`: SSIM of images and video frames, SQNR of audio and of a
+  bare module's outputs);
+* quality layers: SQNR of the denoiser output against FP, on denoiser calls recorded from the FP
+  sampler trajectory (``quality_steps`` calls, evenly spaced).
 
 Results are appended to a JSON-lines file in the cache as they arrive, so an interrupted run
-resumes where it stopped; ``workers`` > 1 shards the trials over processes, each of which loads
-the model itself (so the model must be given as a built-in name or a folder).
+resumes where it stopped; ``workers`` > 1 shards the trials over processes, each of which
+rebuilds the model with a picklable ``reload`` callable.
 """
 
 from __future__ import annotations
@@ -27,16 +29,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from diffkiln.calibrate.stats import CalibrationStats
-from diffkiln.core.hooks import recording_calls
-from diffkiln.core.metrics import sqnr_db, ssim
-from diffkiln.core.pipelines import find_denoiser
 from diffkiln.core.plan import Plan
 from diffkiln.optimizer.roles import LayerRole
 from diffkiln.optimizer.simulate import LayerSim, SimChoice, simulated
+from diffkiln.optimizer.workload import Workload, build_workload
 
 __all__ = [
     "SENSITIVITY_FORMAT",
@@ -45,7 +44,6 @@ __all__ = [
     "SensitivityTable",
     "Trial",
     "analyze_sensitivity",
-    "calibration_run_kwargs",
 ]
 
 SENSITIVITY_FORMAT = "diffkiln.sensitivity"
@@ -220,71 +218,17 @@ class SensitivityTable:
         return list(out.values())
 
 
-# --- the FP reference and the trials -------------------------------------------------------------
-
-
-def _as_image_array(out: Any) -> np.ndarray:
-    """(N, H, W, C) uint8-range floats from a pipeline output (videos: every frame)."""
-    frames = getattr(out, "frames", None)
-    arr = np.asarray(frames if frames is not None else out.images, dtype=np.float64)
-    if arr.ndim == 5:  # (batch, frames, H, W, C)
-        arr = arr.reshape(-1, *arr.shape[2:])
-    return np.clip(arr * 255.0, 0.0, 255.0)
-
-
-def _output_tensor(out: Any) -> torch.Tensor:
-    if isinstance(out, tuple):
-        out = out[0]
-    return (out.sample if hasattr(out, "sample") else out).detach().float()
+# --- the trials, in this process or in workers -----------------------------------------------------
 
 
 @dataclass
-class _Context:
-    """The FP pipeline, its reference outputs and everything a trial needs (one per process)."""
+class _Trials:
+    """The reference run and everything a trial needs (one per process)."""
 
-    pipe: Any
-    denoiser: nn.Module
+    workload: Workload
     roles: dict[str, LayerRole]
     sims: dict[str, LayerSim]
-    run_kwargs: dict[str, Any]
-    seed: int
-    n_prompts: int
-    ref_images: np.ndarray
-    calls: list[tuple[tuple[Any, ...], dict[str, Any]]]
-    ref_outputs: list[torch.Tensor]
     group_size: int | None = None
-
-    @classmethod
-    def build(
-        cls,
-        pipe: Any,
-        roles: dict[str, LayerRole],
-        sims: dict[str, LayerSim],
-        run_kwargs: dict[str, Any],
-        seed: int,
-        quality_steps: int,
-        group_size: int | None = None,
-    ) -> _Context:
-        denoiser = find_denoiser(pipe)
-        pipe.set_progress_bar_config(disable=True)
-        n = len(run_kwargs["prompt"])
-        with recording_calls("diffkiln.sensitivity.record", denoiser) as recorded, torch.no_grad():
-            out = pipe(**run_kwargs, generator=[torch.Generator().manual_seed(seed + i) for i in range(n)])
-        ref_images = _as_image_array(out)
-        picks = sorted({round(i * (len(recorded) - 1) / max(quality_steps - 1, 1)) for i in range(quality_steps)})
-        calls = [recorded[i] for i in picks]
-        ctx = cls(pipe, denoiser, roles, sims, run_kwargs, seed, n, ref_images, calls, [], group_size)
-        ctx.ref_outputs = ctx.replay()
-        return ctx
-
-    def replay(self) -> list[torch.Tensor]:
-        with torch.no_grad():
-            return [_output_tensor(self.denoiser(*a, **k)) for a, k in self.calls]
-
-    def images(self) -> np.ndarray:
-        with torch.no_grad():
-            gens = [torch.Generator().manual_seed(self.seed + i) for i in range(self.n_prompts)]
-            return _as_image_array(self.pipe(**self.run_kwargs, generator=gens))
 
     def measure(self, trial: Trial) -> SensitivityEntry:
         choice = (
@@ -293,30 +237,24 @@ class _Context:
             else SimChoice(act_bits=trial.bits)
         )
         role = self.roles[trial.layer]
-        with simulated(self.denoiser, {trial.layer: choice}, self.sims):
+        w = self.workload
+        with simulated(w.denoiser, {trial.layer: choice}, self.sims):
             if role is LayerRole.CONTENT:
-                imgs = self.images()
-                value = float(np.mean([ssim(r, t) for r, t in zip(self.ref_images, imgs, strict=True)]))
-                metric = "ssim"
+                value, metric = float(np.mean(w.scores(w.final()))), w.metric
             else:
-                outs = self.replay()
-                ref = torch.cat([o.flatten() for o in self.ref_outputs]).numpy()
-                got = torch.cat([o.flatten() for o in outs]).numpy()
-                value, metric = sqnr_db(ref, got), "sqnr_db"
+                value, metric = w.replay_sqnr(), "sqnr_db"
         return SensitivityEntry(trial.layer, role.value, trial.target, trial.bits, metric, value)
 
 
-# --- worker processes ------------------------------------------------------------------------------
-
-_WORKER: _Context | None = None
+_WORKER: _Trials | None = None
 
 
-def _worker_init(target: str, args: tuple[Any, ...]) -> None:
-    from diffkiln.generation import load_pipeline
-
+def _worker_init(reload: Callable[[], Any], stats: CalibrationStats, args: tuple[Any, ...]) -> None:
     global _WORKER
     torch.set_num_threads(1)  # the processes share the cores
-    _WORKER = _Context.build(load_pipeline(target), *args)
+    roles, sims, prompts, quality_steps, group_size = args
+    model = reload()
+    _WORKER = _Trials(build_workload(model, stats, prompts, quality_steps), roles, sims, group_size)
 
 
 def _worker_measure(trial: Trial) -> SensitivityEntry:
@@ -371,28 +309,6 @@ class _ResultLog:
 # --- the verb -------------------------------------------------------------------------------------
 
 
-def calibration_run_kwargs(settings: Mapping[str, Any], n_prompts: int) -> dict[str, Any]:
-    """Pipeline-call arguments that replay the first ``n_prompts`` calibration prompts (final images).
-
-    Args:
-        settings: the calibration settings recorded in the statistics (``CalibrationStats.settings``).
-        n_prompts: how many of the calibration prompts.
-
-    Raises:
-        ValueError: the statistics record no prompts (calibrated by direct denoiser calls).
-    """
-    prompts = list(settings.get("prompts", []))[:n_prompts]
-    if not prompts:
-        raise ValueError("the calibration statistics record no prompts; calibrate with a pipeline first")
-    return {
-        "prompt": prompts,
-        "num_inference_steps": int(settings["steps"]),
-        "guidance_scale": float(settings["guidance"]),
-        "output_type": "np",
-        **dict(settings.get("call_kwargs", {})),
-    }
-
-
 def _trials(
     candidates: Mapping[str, Sequence[int]], act_layers: Sequence[str], config: SensitivityConfig
 ) -> list[Trial]:
@@ -402,38 +318,39 @@ def _trials(
 
 
 def analyze_sensitivity(
-    pipe: Any,
+    model: Any,
     stats: CalibrationStats,
     base_plan: Plan,
     roles: Mapping[str, LayerRole],
     sims: Mapping[str, LayerSim],
     candidates: Mapping[str, Sequence[int]],
     config: SensitivityConfig,
-    target: str | None = None,
+    reload: Callable[[], Any] | None = None,
     on_result: Callable[[SensitivityEntry], None] | None = None,
+    inputs: Any = None,
 ) -> SensitivityTable:
     """Measure each layer's sensitivity to each candidate bit-width, resuming cached results.
 
     Args:
-        pipe: the FP pipeline (left unchanged).
-        stats: its calibration statistics (prompts, seed, steps, guidance are reused).
+        model: the FP pipeline or bare module (left unchanged).
+        stats: its calibration statistics (inputs, seeds, steps, guidance are reused).
         base_plan: the W8A8 plan whose activation grids, smoothing and BOS rows the trials use.
         roles: layer -> content or quality group (:func:`diffkiln.optimizer.roles.layer_roles`).
         sims: layer -> simulation inputs (:func:`diffkiln.optimizer.simulate.layer_sims`).
         candidates: layer -> weight bit-widths to score (16 is skipped: it costs nothing).
             Activations are scored for the layers that have a LayerSim.
         config: the measurement settings.
-        target: the model as a built-in name or folder; needed when ``config.workers`` > 1.
+        reload: builds a fresh copy of the model in a worker process (picklable); needed when
+            ``config.workers`` > 1.
         on_result: called with each new measurement, after it is saved. Default None.
+        inputs: a bare module's calibration calls (the workload drives it with them). Default None.
 
     Raises:
-        ValueError: workers > 1 without ``target``.
+        ValueError: workers > 1 without ``reload``.
     """
-    if config.workers > 1 and target is None:
-        raise ValueError("sensitivity workers load the model themselves: pass the model's name or folder as target")
+    if config.workers > 1 and reload is None:
+        raise ValueError("sensitivity workers load the model themselves: pass a picklable reload callable")
     settings = stats.settings
-    run_kwargs = calibration_run_kwargs(settings, config.prompts)
-    seed = int(settings.get("seed", 0))
     act_layers = [n for n in candidates if n in sims]
     trials = _trials(candidates, act_layers, config)
     header = {
@@ -451,9 +368,9 @@ def analyze_sensitivity(
     todo = [t for t in trials if t.key() not in done]
     bar = tqdm(total=len(trials), initial=len(trials) - len(todo), desc="sensitivity", unit="trial",
                disable=not config.progress)  # fmt: skip
-    ctx_args = (dict(roles), dict(sims), run_kwargs, seed, config.quality_steps, config.group_size)
+    ctx_args = (dict(roles), dict(sims), config.prompts, config.quality_steps, config.group_size)
     try:
-        for entry in _run(pipe, todo, ctx_args, config.workers, target):
+        for entry in _run(model, stats, todo, ctx_args, config.workers, reload, inputs):
             log.append(entry)
             done[Trial(entry.layer, entry.target, entry.bits).key()] = entry
             bar.update(1)
@@ -467,19 +384,25 @@ def analyze_sensitivity(
 
 
 def _run(
-    pipe: Any, todo: list[Trial], ctx_args: tuple[Any, ...], workers: int, target: str | None
+    model: Any,
+    stats: CalibrationStats,
+    todo: list[Trial],
+    ctx_args: tuple[Any, ...],
+    workers: int,
+    reload: Callable[[], Any] | None,
+    inputs: Any,
 ) -> Iterator[SensitivityEntry]:
     if not todo:
         return
-    if workers <= 1:
-        ctx = _Context.build(pipe, *ctx_args)
+    roles, sims, prompts, quality_steps, group_size = ctx_args
+    if workers <= 1 or reload is None:
+        trials = _Trials(build_workload(model, stats, prompts, quality_steps, inputs), roles, sims, group_size)
         for trial in todo:
-            yield ctx.measure(trial)
+            yield trials.measure(trial)
         return
     import multiprocessing
 
     mp = multiprocessing.get_context("spawn")
     init: Callable[..., None] = _worker_init
-    initargs: Any = (target, ctx_args)
-    with ProcessPoolExecutor(workers, mp_context=mp, initializer=init, initargs=initargs) as pool:
+    with ProcessPoolExecutor(workers, mp_context=mp, initializer=init, initargs=(reload, stats, ctx_args)) as pool:
         yield from pool.map(_worker_measure, todo, chunksize=1)

@@ -31,7 +31,7 @@ from diffkiln.core.quantizers import (
     quantize_weight_per_channel,
 )
 from diffkiln.core.smoothing import smoothing_factors
-from diffkiln.kernels.packing import PACKABLE_BITS
+from diffkiln.core.packing import PACKABLE_BITS
 
 __all__ = ["LayerSim", "SimChoice", "layer_sims", "simulated"]
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -9,11 +11,13 @@ import torch
 from torch import nn
 
 from diffkiln.core import metrics
+from diffkiln.core.errors import InvalidInputError
 from diffkiln.core.hooks import scoped_hooks
 from diffkiln.core.pipelines import find_denoiser
 from diffkiln.generation import GenerationResult
+from diffkiln.nn import QConv, QLinear
 
-__all__ = ["QUALITY_GATE_KEYS", "fidelity", "per_layer_sqnr", "regressions"]
+__all__ = ["QUALITY_GATE_KEYS", "fidelity", "format_quality", "per_layer_sqnr", "read_report", "regressions"]
 
 QUALITY_GATE_KEYS = (
     "quality.content_accuracy",
@@ -28,41 +32,42 @@ MODE_FLIP_DB = 10.0
 
 
 def fidelity(reference: GenerationResult, test: GenerationResult) -> dict[str, float | None]:
-    """Latent SQNR and mean image PSNR/SSIM of ``test`` against ``reference``.
+    """Fidelity of ``test`` against ``reference`` (the same inputs and seeds).
 
-    ``latent_sqnr_db`` pools every prompt's error (the headline figure; one prompt whose sample
-    flips to another layout can dominate it), so the per-prompt distribution is reported beside
-    it: median, worst, and how many prompts fall below :data:`MODE_FLIP_DB`.
+    * ``latent_sqnr_db``: the final latents, every sample's error pooled (the headline figure; one
+      sample that flips to another layout can dominate it), with the per-sample distribution beside
+      it: median, worst, and how many fall below :data:`MODE_FLIP_DB`;
+    * images and video frames: mean ``image_psnr_db`` and ``image_ssim``;
+    * audio: mean ``audio_snr_db`` of the waveforms.
     """
     ref_lat, test_lat = reference.extras.get("latents"), test.extras.get("latents")
-    sqnr = metrics.sqnr_db(ref_lat, test_lat) if ref_lat is not None and test_lat is not None else None
-    per_prompt: dict[str, float | None] = {}
-    if ref_lat is not None and test_lat is not None:
+    out: dict[str, float | None] = {"latent_sqnr_db": None}
+    if ref_lat is not None and test_lat is not None and ref_lat.shape == test_lat.shape:
+        sqnr = metrics.sqnr_db(ref_lat, test_lat)
         vals = [min(metrics.sqnr_db(r, t), 999.0) for r, t in zip(ref_lat, test_lat, strict=True)]
-        per_prompt = {
+        out.update({
+            "latent_sqnr_db": sqnr if np.isfinite(sqnr) else 999.0,
             "latent_sqnr_db_median_prompt": float(np.median(vals)),
             "latent_sqnr_db_worst_prompt": float(np.min(vals)),
             "prompts_below_10db": int(sum(v < MODE_FLIP_DB for v in vals)),
-        }
-    psnr = [metrics.psnr_db(np.asarray(a), np.asarray(b)) for a, b in zip(reference.images, test.images, strict=True)]
-    ssim = [metrics.ssim(np.asarray(a), np.asarray(b)) for a, b in zip(reference.images, test.images, strict=True)]
+        })  # fmt: skip
+    if reference.audios is not None and test.audios is not None:
+        snr = [min(metrics.sqnr_db(r, t), 999.0) for r, t in zip(reference.audios, test.audios, strict=True)]
+        out["audio_snr_db"] = float(np.mean(snr))
+        return out
+    ref_frames = [f for clip in reference.videos for f in clip] if reference.videos else reference.images
+    test_frames = [f for clip in test.videos for f in clip] if test.videos else test.images
+    pairs = list(zip(ref_frames, test_frames, strict=True))
+    psnr = [metrics.psnr_db(np.asarray(a), np.asarray(b)) for a, b in pairs]
     finite = [p for p in psnr if np.isfinite(p)]
-    return {
-        "latent_sqnr_db": sqnr if sqnr is None or np.isfinite(sqnr) else 999.0,
-        "image_psnr_db": float(np.mean(finite)) if finite else 999.0,
-        "image_ssim": float(np.mean(ssim)),
-        **per_prompt,
-    }
+    small = any(min(np.asarray(a).shape[:2]) < 11 for a, _ in pairs)
+    out["image_psnr_db"] = float(np.mean(finite)) if finite else 999.0
+    ssim = [metrics.ssim(np.asarray(a), np.asarray(b)) for a, b in pairs] if not small else []
+    out["image_ssim"] = float(np.mean(ssim)) if ssim else None
+    return out
 
 
-def per_layer_sqnr(
-    fp_pipe: Any,
-    q_pipe: Any,
-    prompt: str,
-    steps: int,
-    guidance: float,
-    call_kwargs: dict[str, Any] | None = None,
-) -> dict[str, float]:
+def per_layer_sqnr(fp_pipe: Any, q_pipe: Any, call: dict[str, Any], denoiser: str | None = None) -> dict[str, float]:
     """Isolated SQNR of each quantized layer: its output on the FP model's own input, at the middle step.
 
     The FP pipeline runs one generation; each quantized layer of ``q_pipe`` then receives exactly
@@ -71,18 +76,16 @@ def per_layer_sqnr(
     Args:
         fp_pipe: the FP pipeline.
         q_pipe: the bundle's pipeline.
-        prompt: the prompt of the one generation.
-        steps: sampler steps.
-        guidance: guidance scale.
-        call_kwargs: extra pipeline-call arguments (e.g. a tiny model's size). Default none.
+        call: the full arguments of the one FP pipeline call (one sample, steps, call arguments).
+        denoiser: the denoiser component's name; None finds it.
     """
-    fp_den, q_den = find_denoiser(fp_pipe), find_denoiser(q_pipe)
+    fp_den, q_den = find_denoiser(fp_pipe, denoiser), find_denoiser(q_pipe, denoiser)
     q_modules = dict(q_den.named_modules())
     fp_modules = dict(fp_den.named_modules())
-    names = [n for n, m in q_modules.items() if type(m).__name__ in ("QLinear", "QConv2d") and n in fp_modules]
+    names = [n for n, m in q_modules.items() if isinstance(m, (QLinear, QConv)) and n in fp_modules]
     captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     calls = {"n": 0}
-    target_call = steps // 2
+    target_call = int(call.get("num_inference_steps", 2)) // 2
 
     def count(*_a: Any) -> None:
         calls["n"] += 1
@@ -97,14 +100,7 @@ def per_layer_sqnr(
 
             hooks.add_forward_hook(f"diffkiln.report.{name}", fp_modules[name], grab)
         fp_pipe.set_progress_bar_config(disable=True)
-        fp_pipe(
-            prompt=[prompt],
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            generator=torch.Generator().manual_seed(0),
-            output_type="latent",
-            **(call_kwargs or {}),
-        )
+        fp_pipe(**call)
     out = {}
     with torch.no_grad():
         for name, (x, y) in captured.items():
@@ -138,3 +134,35 @@ def regressions(new: dict[str, Any], old: dict[str, Any], tolerance: float, sqnr
         if a < b - tol:
             problems.append(f"{key} fell from {b:.4g} to {a:.4g} (tolerance {tol:g})")
     return problems
+
+
+def read_report(path: Path) -> dict[str, Any]:
+    """An earlier ``report.json``, for :func:`regressions`.
+
+    Raises:
+        InvalidInputError: the file is missing, unreadable, or not a diffkiln report.
+    """
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InvalidInputError(f"--fail-on-regression: {path} does not exist") from None
+    except (OSError, ValueError) as exc:
+        raise InvalidInputError(f"--fail-on-regression: {path} is not a readable report.json ({exc})") from None
+    if not isinstance(data, dict) or "report_version" not in data:
+        raise InvalidInputError(f"--fail-on-regression: {path} is not a diffkiln report.json")
+    return data
+
+
+def format_quality(data: dict[str, Any]) -> str | None:
+    """One line of a report's judged quality, or None when it has none."""
+    q = data.get("quality")
+    if not q:
+        return None
+
+    def fmt(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.3f}"
+
+    return (
+        f"content_accuracy={fmt(q['content_accuracy'])} heldout={fmt(q['content_accuracy_heldout'])} "
+        f"pairs={fmt(q['content_accuracy_pairs'])} (n={q['n_prompts']})"
+    )

@@ -17,6 +17,7 @@ from typing import Any
 
 from PIL import Image
 
+from diffkiln.calibrate.prompts import generic_prompts
 from diffkiln.core import metrics
 from diffkiln.core.errors import InvalidInputError
 from diffkiln.core.toolchain import toolchain_versions
@@ -24,7 +25,17 @@ from diffkiln.generation import GenerateConfig, generate, load_pipeline, read_pr
 from diffkiln.zoo.registry import JudgeKind, ResolvedTarget, resolve_target
 from diffkiln.zoo.shapes import PairScene, PromptSet, Split, Verdict, eval_scenes, judge, parse_prompt
 
-__all__ = ["JudgedImage", "Report", "ReportConfig", "build_report", "report", "write_report"]
+__all__ = [
+    "JudgedImage",
+    "Report",
+    "ReportConfig",
+    "build_report",
+    "judge_all",
+    "prompt_list",
+    "quality",
+    "report",
+    "write_report",
+]
 
 REPORT_VERSION = 1
 
@@ -47,6 +58,8 @@ class ReportConfig:
             in the bundle's manifest.
         bos_comparison: for a bundle with BOS-aware rows, also build the same plan without
             BOS-awareness in memory (from the cached calibration) and report both. Default True.
+        call_kwargs: pipeline-call arguments for every call, as (name, value) pairs; they override
+            the built-in model's and, for a bundle, those it was calibrated with. Default none.
     """
 
     eval_size: int = 200
@@ -60,6 +73,7 @@ class ReportConfig:
     progress: bool = True
     baseline: str | None = None
     bos_comparison: bool = True
+    call_kwargs: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         if self.eval_size <= 0:
@@ -69,7 +83,7 @@ class ReportConfig:
 
     def generate_config(self) -> GenerateConfig:
         """The sampling settings as a GenerateConfig."""
-        return GenerateConfig(self.steps, self.guidance, self.seed, self.batch_size, self.progress)
+        return GenerateConfig(self.steps, self.guidance, self.seed, self.batch_size, self.progress, self.call_kwargs)
 
 
 @dataclass
@@ -106,10 +120,21 @@ def _set_of(prompt: str) -> str | None:
     return PromptSet.SINGLE.value if scene.split is Split.SEEN else PromptSet.SINGLE_HELDOUT.value
 
 
-def _prompt_list(config: ReportConfig) -> list[str]:
+def prompt_list(config: ReportConfig, judged: bool = True) -> list[str]:
+    """The evaluation prompts: the prompts file, else for the shapes judge ``eval_size`` prompts of
+    each of its three sets, else ``eval_size`` everyday captions."""
     if config.eval_prompts is not None:
         return read_prompts(config.eval_prompts)
+    if not judged:
+        return generic_prompts(config.eval_size)
     return [s.prompt for ps in PromptSet for s in eval_scenes(ps, config.eval_size, seed=0)]
+
+
+def _bundle_call_kwargs(pipe: Any) -> tuple[tuple[str, Any], ...]:
+    """The call arguments a bundle was calibrated with (a user folder's size, frames, ...)."""
+    manifest = getattr(pipe, "diffkiln_manifest", None) or {}
+    recorded = manifest.get("plan", {}).get("notes", {}).get("calibration", {}).get("call_kwargs", {})
+    return tuple(recorded.items()) if isinstance(recorded, dict) else ()
 
 
 _QUALITY_KEYS = {
@@ -120,7 +145,7 @@ _QUALITY_KEYS = {
 }
 
 
-def _quality(judged: list[JudgedImage]) -> dict[str, Any]:
+def quality(judged: list[JudgedImage]) -> dict[str, Any]:
     scored = [j for j in judged if j.correct is not None]
     q: dict[str, Any] = {}
     counts: dict[str, int] = {}
@@ -159,11 +184,13 @@ def build_report(target: str | os.PathLike[str] | ResolvedTarget, config: Report
     """
     resolved = target if isinstance(target, ResolvedTarget) else resolve_target(target)
     judge_kind = config.judge or (resolved.builtin.judge if resolved.builtin else JudgeKind.NONE)
-    prompts = _prompt_list(config)
+    prompts = prompt_list(config, judge_kind is JudgeKind.SHAPES)
     t0 = time.perf_counter()
     pipe = load_pipeline(resolved, config.device)
-    result = generate(pipe, prompts, config.generate_config(), resolved, measure=resolved.bundle)
-    judged = _judge_all(result, judge_kind)
+    config = replace(config, call_kwargs=(*_bundle_call_kwargs(pipe), *config.call_kwargs))
+    result = generate(pipe, prompts, config.generate_config(), resolved, measure=resolved.bundle,
+                      samples=None if config.eval_prompts else config.eval_size)  # fmt: skip
+    judged = judge_all(result, judge_kind)
     data: dict[str, Any] = {
         "report_version": REPORT_VERSION,
         "target": resolved.name,
@@ -182,12 +209,12 @@ def build_report(target: str | os.PathLike[str] | ResolvedTarget, config: Report
         },
         "timing": {
             "generate_seconds": round(result.seconds, 3),
-            "seconds_per_image": round(result.seconds / len(prompts), 4),
+            "seconds_per_sample": round(result.seconds / max(len(result.prompts), 1), 4),
         },
         "toolchain": toolchain_versions(),
     }
     if judge_kind is JudgeKind.SHAPES:
-        data["quality"] = _quality(judged)
+        data["quality"] = quality(judged)
     extra_images: list[JudgedImage] = []
     if resolved.bundle:
         baseline_images, layer_sqnr = _compare_with_baseline(pipe, resolved, result, config, judge_kind, data)
@@ -197,7 +224,7 @@ def build_report(target: str | os.PathLike[str] | ResolvedTarget, config: Report
     return Report(data=data, images=judged, baseline_images=extra_images)
 
 
-def _judge_all(result: Any, judge_kind: JudgeKind) -> list[JudgedImage]:
+def judge_all(result: Any, judge_kind: JudgeKind) -> list[JudgedImage]:
     judged = []
     for prompt, image in zip(result.prompts, result.images, strict=True):
         set_name = _set_of(prompt) if judge_kind is JudgeKind.SHAPES else None
@@ -227,8 +254,9 @@ def _compare_with_baseline(
         raise ModelNotFoundError(f"cannot load the FP baseline {source!r} ({exc}); pass --baseline MODEL") from None
     base = load_pipeline(base_target, config.device)
     gen_cfg = replace(config.generate_config(), steps=result.steps, guidance=result.guidance)
-    base_result = generate(base, result.prompts, gen_cfg, base_target, measure=True)
-    base_judged = _judge_all(base_result, judge_kind)
+    samples = len(result.prompts)
+    base_result = generate(base, result.prompts, gen_cfg, base_target, measure=True, samples=samples)
+    base_judged = judge_all(base_result, judge_kind)
     stored, fp16 = denoiser_sizes(resolved.path, manifest)
     data["baseline"] = {
         "target": base_target.name,
@@ -236,7 +264,7 @@ def _compare_with_baseline(
         "memory": {"peak_bytes": base_result.extras["peak_bytes"]},
     }
     if judge_kind is JudgeKind.SHAPES:
-        data["baseline"]["quality"] = _quality(base_judged)
+        data["baseline"]["quality"] = quality(base_judged)
     data["fidelity"] = fidelity(base_result, result)
     data["size"] = {
         "denoiser_bytes": stored,
@@ -256,12 +284,28 @@ def _compare_with_baseline(
         "simulated": manifest["quant"].get("simulated", False),
     }
     data["bos"] = manifest["bos"]
-    layer_sqnr = per_layer_sqnr(
-        base, pipe, result.prompts[0], result.steps, result.guidance, call_kwargs=base_target.call_kwargs
-    )
+    call = _one_call(base, result, gen_cfg, base_target)
+    layer_sqnr = per_layer_sqnr(base, pipe, call, manifest["pipeline"]["denoiser"])
     if config.bos_comparison and manifest["bos"].get("positions"):
         data["bos_comparison"] = _bos_comparison(base, base_target, manifest, base_result, gen_cfg, judge_kind, data)
     return base_judged, layer_sqnr
+
+
+def _one_call(pipe: Any, result: Any, config: GenerateConfig, target: ResolvedTarget) -> dict[str, Any]:
+    """The full arguments of one FP call on the first evaluation sample (latent output)."""
+    import torch
+
+    from diffkiln.calibrate.sources import batch_kwargs, source_for
+    from diffkiln.core.pipelines import accepted_call_kwargs
+
+    source = source_for(pipe, result.prompts, 1, config.seed)
+    defaults = {"num_inference_steps": result.steps, "guidance_scale": result.guidance, "output_type": "latent"}
+    return {
+        **batch_kwargs(pipe, [source.sample(0)]),
+        **accepted_call_kwargs(pipe, defaults),
+        **accepted_call_kwargs(pipe, {**target.call_kwargs, **dict(config.call_kwargs)}, strict=True),
+        "generator": [torch.Generator().manual_seed(config.seed)],
+    }
 
 
 def _bos_comparison(
@@ -281,36 +325,39 @@ def _bos_comparison(
     smoothing can move a BOS outlier that sits in a few channels into the weights, so with it on the
     two may tie; MixDQ compares them without smoothing.
     """
-    from diffkiln.calibrate import CalibrationConfig, calibrate
-    from diffkiln.nn.freeze import apply_plan
-    from diffkiln.optimizer import make_plan
-    from diffkiln.optimizer.planner import SmoothMode, quantize_config_from_dict
+    from diffkiln.calibrate import CalibrationConfig, calibrate, source_from_description
+    from diffkiln.core.configs import config_from_dict
+    from diffkiln.nn import apply_plan
+    from diffkiln.optimizer import SearchContext, SmoothMode, W8A8Config, make_plan
     from diffkiln.report.compare import fidelity
     from diffkiln.zoo.registry import default_cache_dir
 
     notes = manifest["plan"].get("notes", {})
-    if "quantize_config" not in notes or "calibration" not in notes:
-        return {"skipped": "the bundle predates recorded quantization settings; rebuild it to compare"}
+    calibration = dict(notes.get("calibration", {}))
+    if "recipe_config" not in notes or "source" not in calibration or manifest["quant"]["recipe"] != "w8a8":
+        return {"skipped": "the bundle records no W8A8 settings of this version; rebuild it to compare"}
     try:
-        cal = CalibrationConfig.from_key_fields(notes["calibration"], cache_dir=default_cache_dir())
+        source = source_from_description(calibration.pop("source"))
+        cal = CalibrationConfig.from_key_fields(calibration, cache_dir=default_cache_dir())
     except ValueError as exc:
         return {"skipped": str(exc)}
-    stats = calibrate(base, cal)
-    recorded = quantize_config_from_dict(notes["quantize_config"])
+    stats = calibrate(base, cal, source=source)
+    recorded = config_from_dict(W8A8Config, notes["recipe_config"])
 
-    def summary(fid: dict[str, Any], quality: dict[str, Any] | None) -> dict[str, Any]:
+    def summary(fid: dict[str, Any], judged: dict[str, Any] | None) -> dict[str, Any]:
         keys = ("latent_sqnr_db", "latent_sqnr_db_median_prompt", "prompts_below_10db", "image_psnr_db")
         out = {k: fid.get(k) for k in keys}
-        if quality:
+        if judged:
             for k in ("content_accuracy", "content_accuracy_heldout", "content_accuracy_pairs"):
-                out[k] = quality.get(k)
+                out[k] = judged.get(k)
         return out
 
     def variant(**changes: Any) -> dict[str, Any]:
-        qpipe = apply_plan(base, make_plan(base, stats, replace(recorded, **changes), base_target.name), stats)
+        plan = make_plan(base, stats, replace(recorded, **changes), SearchContext(source_id=base_target.name))
+        qpipe = apply_plan(base, plan, stats)
         result = generate(qpipe, base_result.prompts, gen_cfg, base_target, measure=True)
-        quality = _quality(_judge_all(result, judge_kind)) if judge_kind is JudgeKind.SHAPES else None
-        return summary(fidelity(base_result, result), quality)
+        judged = quality(judge_all(result, judge_kind)) if judge_kind is JudgeKind.SHAPES else None
+        return summary(fidelity(base_result, result), judged)
 
     comparison: dict[str, Any] = {
         "bos_aware": summary(data["fidelity"], data.get("quality")),

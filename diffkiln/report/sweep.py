@@ -1,132 +1,66 @@
-"""The Pareto sweep: mixed bundles at several average weight bits, against uniform W4A8 and W8A8.
+"""Measuring and rendering the Pareto sweep (built by :func:`diffkiln.api.sweep.build_sweep`).
 
-``diffkiln optimize MODEL --recipe mixed --sweep 3,4,5,6,8 --out DIR`` writes one bundle per
-average (``DIR/mixed-w4`` ...), the two uniform reference bundles (``DIR/uniform-w4a8``,
-``DIR/w8a8``), and ``DIR/sweep.json`` + ``DIR/sweep.html``: average bits against content accuracy
-(when the model has a judge), latent SQNR against FP, stored size and resident memory, plus a
-per-layer bit map. The sensitivity analysis runs once (cached) for all averages.
+``diffkiln optimize MODEL --recipe mixed --sweep 3,4,5,6,8 --out DIR`` builds one bundle per
+average (``DIR/mixed-w4`` ...) and the two uniform reference bundles (``DIR/uniform-w4a8``,
+``DIR/w8a8``); :func:`evaluate_sweep` then writes ``DIR/sweep.json`` + ``DIR/sweep.html``: average
+bits against content accuracy (when the model has a judge), latent SQNR against FP, stored size
+and resident memory, plus a per-layer bit map.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import html
 import json
-import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from diffkiln.core.errors import InvalidInputError
-from diffkiln.core.plan import Plan
-from diffkiln.export import ExportConfig, export_bundle
+from diffkiln.api.sweep import SweepBuild
+from diffkiln.core.pipelines import find_denoiser
 from diffkiln.generation import GenerateConfig, generate, load_pipeline
-from diffkiln.optimizer.allocation import InfeasibleBudgetError
-from diffkiln.optimizer.mixed import WeightBudget, make_mixed_plan, mixed_sensitivity, uniform_plan
-from diffkiln.optimizer.planner import make_plan
 from diffkiln.report.compare import fidelity
-from diffkiln.report.evaluate import ReportConfig, _judge_all, _prompt_list, _quality
+from diffkiln.report.evaluate import ReportConfig, judge_all, prompt_list, quality
 from diffkiln.report.html import STYLE
 from diffkiln.runtime.inspect import denoiser_sizes
 from diffkiln.runtime.memory import resident_bytes
 from diffkiln.zoo.registry import JudgeKind, resolve_target
 
-__all__ = ["SweepConfig", "sweep"]
+__all__ = ["evaluate_sweep", "format_sweep_rows"]
 
 _BIT_COLORS = {2: "#d7301f", 4: "#fc8d59", 7: "#91cf60", 8: "#1a9850", 16: "#bbbbbb"}
 
 
-@dataclass(frozen=True)
-class SweepConfig:
-    """What the sweep builds and how it evaluates.
-
-    Attributes:
-        budgets: the average weight bits to build mixed bundles at. Default (3, 4, 5, 6, 8).
-        eval_size: prompts per evaluation set (built-in judged models; others: the calibration
-            prompts' count). Default 50.
-        references: also build uniform W4A8 and W8A8 bundles. Default True.
-        match_uniform: with ``references``, also build ``mixed-at-uniform-w4a8``: a mixed bundle
-            whose budget is what uniform W4A8 spends (its average stored bits, or code bits under
-            the code budget), so the two compare at the same bytes. Default True.
-    """
-
-    budgets: tuple[float, ...] = (3.0, 4.0, 5.0, 6.0, 8.0)
-    eval_size: int = 50
-    references: bool = True
-    match_uniform: bool = True
-
-    def __post_init__(self) -> None:
-        if not self.budgets or any(not 2.0 <= b <= 16.0 for b in self.budgets):
-            raise ValueError(f"sweep budgets must be averages within 2..16, got {self.budgets}")
-        if self.eval_size <= 0:
-            raise ValueError(f"eval_size must be a positive integer, got {self.eval_size}")
-
-
-def _plans(target: str | os.PathLike[str], config: Any, sweep_config: SweepConfig) -> tuple[Any, dict[str, Plan]]:
-    from diffkiln.optimize import _prepare
-
-    prep = _prepare(target, config)
-    mixed_cfg, inputs = config.mixed_config(), prep.search_inputs(config)
-    base, _, _ = mixed_sensitivity(config=mixed_cfg, **inputs)
-    plans: dict[str, Plan] = {}
-    for budget in sweep_config.budgets:
-        try:
-            result = make_mixed_plan(config=dataclasses.replace(mixed_cfg, weight_bits=float(budget)), **inputs)
-        except InfeasibleBudgetError as exc:
-            raise InvalidInputError(f"--sweep {budget:g}: {exc}") from None
-        plans[f"mixed-w{budget:g}"] = result.plan
-    if sweep_config.references:
-        uniform = uniform_plan(base, 4, group_size=mixed_cfg.group_size)
-        plans["uniform-w4a8"] = uniform
-        plans["w8a8"] = make_plan(prep.pipe, prep.stats, prep.qconfig, prep.resolved.name)
-        if sweep_config.match_uniform:
-            stored = mixed_cfg.budget is WeightBudget.STORED
-            spent = uniform.avg_stored_weight_bits if stored else uniform.avg_weight_bits
-            # Uniform W4A8 is one point of the search space, so its budget is always feasible.
-            matched = make_mixed_plan(config=dataclasses.replace(mixed_cfg, weight_bits=spent), **inputs)
-            plans["mixed-at-uniform-w4a8"] = matched.plan
-    return prep, plans
-
-
-def sweep(target: str | os.PathLike[str], config: Any, sweep_config: SweepConfig) -> tuple[Path, Path]:
-    """Build and evaluate the sweep's bundles (see the module docstring).
+def evaluate_sweep(build: SweepBuild, eval_size: int = 50, progress: bool = True) -> tuple[Path, Path]:
+    """Measure every bundle of a sweep against FP on the same samples and seeds, and write
+    ``sweep.json`` and ``sweep.html`` into the sweep's folder.
 
     Args:
-        target: a built-in name or a diffusers folder.
-        config: an :class:`diffkiln.optimize.OptimizeConfig` with ``recipe`` mixed; ``out`` is the
-            sweep's folder.
-        sweep_config: the averages and the evaluation size.
+        build: the built sweep (:func:`diffkiln.api.sweep.build_sweep`).
+        eval_size: evaluation prompts per set (judged built-in models; others: the calibration
+            prompts). Default 50.
+        progress: show progress bars. Default True.
 
     Returns:
         (sweep.json, sweep.html).
     """
-    out = Path(config.out)
-    prep, plans = _plans(target, config, sweep_config)
-    bundles: dict[str, Path] = {}
-    for name, plan in plans.items():
-        # Every bundle of the sweep stores float tensors alike (float16 unless asked otherwise).
-        storage = config.resolved_float_storage()
-        bundles[name] = export_bundle(
-            prep.pipe, plan, prep.stats, ExportConfig(out / name, overwrite=config.overwrite, float_storage=storage)
-        )
+    prep = build.prepared
     judge_kind = prep.resolved.builtin.judge if prep.resolved.builtin else JudgeKind.NONE
     prompts = (
-        _prompt_list(ReportConfig(eval_size=sweep_config.eval_size))
+        prompt_list(ReportConfig(eval_size=eval_size))
         if judge_kind is JudgeKind.SHAPES
         else list(prep.stats.settings["prompts"])
     )
-    gen_cfg = GenerateConfig(progress=config.progress)
+    gen_cfg = GenerateConfig(progress=progress)
     fp = generate(prep.pipe, prompts, gen_cfg, prep.resolved, measure=True)
     rows: list[dict[str, Any]] = []
     if judge_kind is JudgeKind.SHAPES:
-        rows.append({"name": "fp", "avg_weight_bits": 16.0, "quality": _quality(_judge_all(fp, judge_kind))})
-    for name, path in bundles.items():
+        rows.append({"name": "fp", "avg_weight_bits": 16.0, "quality": quality(judge_all(fp, judge_kind))})
+    for name, path in build.bundles.items():
         resolved = resolve_target(str(path))
         pipe = load_pipeline(resolved)
         result = generate(pipe, prompts, gen_cfg, resolved, measure=True)
         manifest = pipe.diffkiln_manifest
         stored, fp16 = denoiser_sizes(path, manifest)
-        denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+        denoiser = find_denoiser(pipe, manifest["pipeline"]["denoiser"])
         row: dict[str, Any] = {
             "name": name,
             "bundle": str(path),
@@ -143,19 +77,32 @@ def sweep(target: str | os.PathLike[str], config: Any, sweep_config: SweepConfig
             "bits": {n: info["bits"] for n, info in manifest["quant"]["layers"].items()},
         }
         if judge_kind is JudgeKind.SHAPES:
-            row["quality"] = _quality(_judge_all(result, judge_kind))
+            row["quality"] = quality(judge_all(result, judge_kind))
         rows.append(row)
-    data = {
-        "target": prep.resolved.name,
-        "eval_prompts": len(prompts),
-        "layers": [lp.name for lp in next(iter(plans.values())).layers],
-        "rows": rows,
-    }
+    data = {"target": prep.resolved.name, "eval_prompts": len(prompts), "layers": build.layers, "rows": rows}
+    out = Path(next(iter(build.bundles.values()))).parent
     out.mkdir(parents=True, exist_ok=True)
     json_path, html_path = out / "sweep.json", out / "sweep.html"
     json_path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
     html_path.write_text(_render(data), encoding="utf-8")
     return json_path, html_path
+
+
+def format_sweep_rows(data: dict[str, Any]) -> list[str]:
+    """One line per bundle of a ``sweep.json``: average bits, content accuracy, SQNR, size."""
+
+    def fmt(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.3f}"
+
+    lines = []
+    for row in data["rows"]:
+        acc = (row.get("quality") or {}).get("content_accuracy")
+        sqnr = (row.get("fidelity") or {}).get("latent_sqnr_db")
+        lines.append(
+            f"{row['name']:<22} avg W bits {row['avg_weight_bits']:5.2f}  content acc {fmt(acc)}  "
+            f"latent SQNR {fmt(sqnr)} dB  stored/FP16 {fmt(row.get('size_ratio_vs_fp16'))}"
+        )
+    return lines
 
 
 def _accuracy(row: dict[str, Any]) -> float | None:

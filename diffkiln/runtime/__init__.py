@@ -1,21 +1,23 @@
-"""Runtime: load a bundle and run it as a diffusers pipeline on NPU, CUDA or CPU.
+"""Runtime: load a bundle and run it as a diffusers pipeline on NPU, CUDA or CPU, or put a bundle's
+layers into the user's own model object.
 
-Imports only from :mod:`diffkiln.kernels` (never calibrate or optimizer), so a deployment needs
-runtime + kernels alone.
+Imports only :mod:`diffkiln.core`, :mod:`diffkiln.nn` and :mod:`diffkiln.kernels` (never a stage),
+so a deployment needs those alone.
 """
 
 from diffkiln.core.errors import BundleError
-from diffkiln.nn.qmodules import QConv2d, QLinear, qmodule_for, register_qmodule
+from diffkiln.core.schema import LoadedBundle
 from diffkiln.runtime.load import Backend, is_bundle, load, resolve_device
+from diffkiln.runtime.reader import build_denoiser, load_into, open_bundle
 
 __all__ = [
     "Backend",
     "BundleError",
-    "QConv2d",
-    "QLinear",
+    "LoadedBundle",
+    "build_denoiser",
     "is_bundle",
     "load",
-    "qmodule_for",
-    "register_qmodule",
+    "load_into",
+    "open_bundle",
     "resolve_device",
 ]

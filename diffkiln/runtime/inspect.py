@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections import Counter
@@ -12,7 +13,7 @@ from safetensors import safe_open
 
 from diffkiln.core.schema import read_manifest, verify_files
 
-__all__ = ["denoiser_sizes", "summarize"]
+__all__ = ["denoiser_sizes", "format_summary", "summarize"]
 
 _BYTES = {"I8": 1, "U8": 1, "I32": 4, "I64": 8, "F32": 4, "F16": 2, "BF16": 2, "F64": 8, "BOOL": 1}
 
@@ -59,7 +60,7 @@ def summarize(bundle: str | os.PathLike[str]) -> dict[str, Any]:
         "version": manifest["version"],
         "recipe": quant["recipe"],
         "source": manifest["source"],
-        "pipeline": manifest["pipeline"]["class"],
+        "pipeline": manifest["pipeline"]["class"] or "(a bare module)",
         "denoiser": manifest["pipeline"]["denoiser_class"],
         "components": manifest["pipeline"]["components"],
         "layers_by_bits": dict(bits),
@@ -76,5 +77,46 @@ def summarize(bundle: str | os.PathLike[str]) -> dict[str, Any]:
         "bundle_bytes": sum(info["bytes"] for info in manifest["files"].values()),
         "derived_buffers": sorted(quant.get("derived_buffers", {})),
         "bos": manifest["bos"],
+        "fp_layers": _fp_layers(manifest),
         "build_metrics": manifest.get("build_metrics", {}),
     }
+
+
+def _fp_layers(manifest: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """Each layer kept in FP: its reason, and its data-flow role and evidence where the plan has them."""
+    plan_layers = {lp["name"]: lp for lp in manifest.get("plan", {}).get("layers", []) if isinstance(lp, dict)}
+    out = {}
+    for name, reason in manifest["quant"]["fp_layers"].items():
+        lp = plan_layers.get(name, {})
+        out[name] = {"reason": str(reason), "role": str(lp.get("role", "")), "evidence": str(lp.get("evidence", ""))}
+    return out
+
+
+def format_summary(summary: dict[str, Any], bundle: str | os.PathLike[str]) -> list[str]:
+    """The lines ``diffkiln inspect`` prints for a :func:`summarize` result."""
+    counts = ", ".join(f"{k}: {v}" for k, v in summary["layers_by_bits"].items())
+    requant = f"; int8 outputs on {summary['requantized_outputs']}" if summary["requantized_outputs"] else ""
+    ratio = summary["denoiser_bytes"] / max(summary["denoiser_fp16_bytes"], 1)
+    bos = summary["bos"]
+    bos_values = (
+        f"  |BOS| {bos.get('bos_absmax'):.1f} vs others <= {bos.get('other_tokens_absmax'):.1f}"
+        if bos.get("bos_absmax") and bos.get("other_tokens_absmax") is not None
+        else ""
+    )
+    lines = [
+        f"bundle   {bundle}  (format v{summary['version']}, recipe {summary['recipe']})",
+        f"source   {summary['source']}",
+        f"pipeline {summary['pipeline']}  denoiser={summary['denoiser']}",
+        f"components {', '.join(summary['components'])}",
+        f"layers   {counts}  (avg weight bits {summary['avg_weight_bits']:.2f}, avg act bits "
+        f"{summary['avg_act_bits']:.2f}; SmoothQuant on {summary['smoothed_layers']}{requant})",
+        f"sizes    denoiser {summary['denoiser_bytes'] / 1e6:.2f} MB stored (FP16 equivalent "
+        f"{summary['denoiser_fp16_bytes'] / 1e6:.2f} MB, {ratio:.2f}x); bundle {summary['bundle_bytes'] / 1e6:.2f} MB",
+    ]
+    if summary["derived_buffers"]:
+        lines.append(f"derived  {', '.join(summary['derived_buffers'])} (rebuilt from the config at load, not stored)")
+    lines.append(f"bos      positions {bos['positions']}{bos_values}")
+    for name, info in summary["fp_layers"].items():
+        lines.append(f"fp       {name}: {info['reason']}")
+    lines.append(f"build    {json.dumps(summary['build_metrics'])}")
+    return lines

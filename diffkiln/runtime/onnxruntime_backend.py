@@ -21,24 +21,20 @@ import numpy as np
 import torch
 from torch import nn
 
+from diffkiln.core.arguments import flatten_arguments
 from diffkiln.core.errors import BundleError
 from diffkiln.core.schema import BUNDLE_FORMAT, MANIFEST_NAME, ONNX_FORMAT, ONNX_VERSION, read_json, verify_files
 
 __all__ = [
-    "ARG_SEPARATOR",
     "OrtComponent",
     "OrtDenoiser",
     "OrtTextEncoder",
     "OrtVaeDecoder",
-    "flatten_arguments",
     "load_onnx_pipeline",
     "open_session",
     "read_onnx_manifest",
-    "unflatten_arguments",
 ]
 
-ARG_SEPARATOR = "__"
-"""Joins a dict argument's name and key in a flattened input name (``added_cond_kwargs__time_ids``)."""
 # Output objects are rebuilt only from these libraries' classes (named in the manifest).
 _OUTPUT_LIBRARIES = ("transformers.", "diffusers.")
 _NUMPY_DTYPES = {"float": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "bool": np.bool_}
@@ -291,33 +287,6 @@ class OrtComponent(nn.Module):
                     f"{self.component_name}: argument {key}={value!r} differs from the exported call "
                     f"(options {self.entry['options']}); re-export calling it that way"
                 )
-
-
-def flatten_arguments(kwargs: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Split call arguments into tensors (a dict of tensors becomes ``name__key`` entries) and the
-    rest; the exporter names ONNX inputs the same way."""
-    tensors: dict[str, torch.Tensor] = {}
-    rest: dict[str, Any] = {}
-    for key, value in kwargs.items():
-        if isinstance(value, torch.Tensor):
-            tensors[key] = value
-        elif isinstance(value, dict) and value and all(isinstance(v, torch.Tensor) for v in value.values()):
-            tensors.update({f"{key}{ARG_SEPARATOR}{k}": v for k, v in value.items()})
-        else:
-            rest[key] = value
-    return tensors, rest
-
-
-def unflatten_arguments(flat: dict[str, Any]) -> dict[str, Any]:
-    """Inverse of :func:`flatten_arguments` for tensors: ``a__b`` keys become ``{"a": {"b": ...}}``."""
-    out: dict[str, Any] = {}
-    for key, value in flat.items():
-        outer, sep, inner = key.partition(ARG_SEPARATOR)
-        if sep:
-            out.setdefault(outer, {})[inner] = value
-        else:
-            out[key] = value
-    return out
 
 
 class OrtDenoiser(OrtComponent):

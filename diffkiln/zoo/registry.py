@@ -75,6 +75,23 @@ class BuiltinModel:
             return default_cache_dir() / "zoo" / f"{self.name}-v{TINY_VERSION}"
         return WEIGHTS_DIR / self.name
 
+    def calibration_prompts(self, n: int) -> list[str] | None:
+        """``n`` prompts from the model's own world (shapes-world scenes in seen compositions for
+        the shapes models), or None when it has none (the caller uses generic captions).
+
+        Raises:
+            ValueError: ``n`` is not positive.
+        """
+        if n <= 0:
+            raise ValueError(f"calibration size must be positive, got {n}")
+        if self.judge is not JudgeKind.SHAPES:
+            return None
+        from diffkiln.zoo.shapes import PromptSet, eval_scenes
+
+        half = (n + 1) // 2
+        scenes = eval_scenes(PromptSet.SINGLE, half, seed=7) + eval_scenes(PromptSet.PAIRS, n - half, seed=7)
+        return [s.prompt for s in scenes]
+
     def materialize(self) -> Path:
         """The model's folder, built first if it is a random-weight model not yet in the cache."""
         if self.random_weights and not (self.path / "model_index.json").is_file():

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from diffkiln.export import FloatStorage
-from diffkiln.optimizer.planner import QuantizeConfig, SmoothMode
+from diffkiln.optimizer import SmoothMode, W8A8Config
 from tests.runtime_e2e_helpers import build_bundle
 
 
@@ -17,7 +17,7 @@ def unet_bundle(shapes_pipelines, tmp_path_factory: pytest.TempPathFactory) -> P
     before QuantizeLinear), smoothing (a Mul / ``div.mul_scale``) and BOS rows cover every branch
     of the exporters. The trained model: in a random-weight UNet, float rounding differences flip
     activation codes and amplify (measured 22 dB there, 46 dB here)."""
-    config = QuantizeConfig(act_bits=7, smooth=SmoothMode.ALL)
+    config = W8A8Config(act_bits=7, smooth=SmoothMode.ALL)
     out = tmp_path_factory.mktemp("unet") / "b"
     # float16 storage, as an FP16 deployment stores its floats (the exports keep them float16).
     bundle, _ = build_bundle(shapes_pipelines["shapes-unet"], config, out, float_storage=FloatStorage.FLOAT16)

@@ -17,7 +17,7 @@ from diffkiln.core.metrics import sqnr_db
 from diffkiln.core.plan import ActMode
 from diffkiln.export import FloatStorage
 from diffkiln.export.mindiesd import MindieExportConfig, MindieExportError, MindieFloat, export_mindiesd
-from diffkiln.optimizer.planner import QuantizeConfig, SmoothMode
+from diffkiln.optimizer import SearchContext, SmoothMode, W8A8Config
 from diffkiln.runtime import load
 from tests.export.mindiesd_loader import load_mindiesd
 from tests.runtime_e2e_helpers import build_bundle
@@ -39,7 +39,7 @@ def _per_call_sqnr(bundle: Path, model: torch.nn.Module, steps: int = 8) -> list
 @pytest.fixture(scope="module")
 def w8a8_smooth_bundle(shapes_pipelines, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """shapes-unet W8A8 static, SmoothQuant on every Linear, BOS rows, float16 storage."""
-    config = QuantizeConfig(smooth=SmoothMode.ALL)
+    config = W8A8Config(smooth=SmoothMode.ALL)
     out = tmp_path_factory.mktemp("md-bundle") / "b"
     bundle, _ = build_bundle(shapes_pipelines["shapes-unet"], config, out, float_storage=FloatStorage.FLOAT16)
     return Path(bundle)
@@ -81,7 +81,7 @@ def test_static_w8a8_files_reproduce_the_bundle(w8a8_smooth_bundle: Path, tmp_pa
 
 
 def test_dynamic_bundle_writes_the_dynamic_variant(shapes_pipelines, tmp_path: Path) -> None:
-    config = QuantizeConfig(act_mode=ActMode.DYNAMIC)
+    config = W8A8Config(act_mode=ActMode.DYNAMIC)
     pipe = shapes_pipelines["shapes-unet"]
     bundle, _ = build_bundle(pipe, config, tmp_path / "b", float_storage=FloatStorage.FLOAT16)
     out = export_mindiesd(bundle, MindieExportConfig(tmp_path / "md"))
@@ -97,12 +97,12 @@ def test_dynamic_bundle_writes_the_dynamic_variant(shapes_pipelines, tmp_path: P
 def test_timestep_aware_layers_fail_or_stay_float(shapes_pipelines, tmp_path: Path) -> None:
     from diffkiln.calibrate import CalibrationConfig, calibrate
     from diffkiln.export import ExportConfig, export_bundle
-    from diffkiln.optimizer.planner import make_plan
+    from diffkiln.optimizer import make_plan
     from tests.runtime_e2e_helpers import CACHE, PROMPTS
 
     pipe = shapes_pipelines["shapes-unet"]
     stats = calibrate(pipe, CalibrationConfig(PROMPTS, steps=4, batch_size=4, cache_dir=CACHE, progress=False))
-    plan = make_plan(pipe, stats, QuantizeConfig(timestep_aware=True), "t")
+    plan = make_plan(pipe, stats, W8A8Config(timestep_aware=True), SearchContext(source_id="t"))
     bundle = export_bundle(pipe, plan, stats, ExportConfig(tmp_path / "b"))
     with pytest.raises(MindieExportError, match=r"\w+\.\w+.*timestep-aware.*--keep-fp"):
         export_mindiesd(bundle, MindieExportConfig(tmp_path / "md"))

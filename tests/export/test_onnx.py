@@ -18,7 +18,7 @@ from diffkiln.core.hooks import recording_calls
 from diffkiln.core.metrics import sqnr_db
 from diffkiln.core.plan import ActMode
 from diffkiln.export.onnx import OnnxExportConfig, OnnxExportError, export_denoiser_onnx, export_onnx
-from diffkiln.optimizer.planner import QuantizeConfig
+from diffkiln.optimizer import W8A8Config
 from diffkiln.runtime import load
 from tests.runtime_e2e_helpers import build_bundle
 
@@ -128,7 +128,7 @@ def test_dynamic_activations_fail_naming_the_layer_or_stay_float(
     # Above this many initializer bytes the weights go to external data (2 GB in use; 64 KB here).
     monkeypatch.setattr(exporter, "_EXTERNAL_DATA_BYTES", 1 << 16)
 
-    bundle, _ = build_bundle(random_shapes_pipelines["unet"], QuantizeConfig(act_mode=ActMode.DYNAMIC), tmp_path / "b")
+    bundle, _ = build_bundle(random_shapes_pipelines["unet"], W8A8Config(act_mode=ActMode.DYNAMIC), tmp_path / "b")
     with pytest.raises(OnnxExportError, match=r"down_blocks\..*dynamic per-token"):
         export_denoiser_onnx(bundle, OnnxExportConfig(tmp_path / "onnx"))
     assert not (tmp_path / "onnx").exists()  # nothing half-written
@@ -217,7 +217,7 @@ def test_only_four_and_two_bit_layers_become_int4(shapes_pipelines, tmp_path: Pa
     from diffkiln.export.onnx.exporter import _swap_quantized_layers
 
     # 7-bit (reduce-range) weights hold codes in [-63, 63]: they must stay int8.
-    bundle, _ = build_bundle(shapes_pipelines["shapes-unet"], QuantizeConfig(weight_bits=7), tmp_path / "b")
+    bundle, _ = build_bundle(shapes_pipelines["shapes-unet"], W8A8Config(weight_bits=7), tmp_path / "b")
     sub_byte, kept = _swap_quantized_layers(load(bundle, "cpu").unet, keep_fp=False)
     assert sub_byte == set() and kept == {}
 

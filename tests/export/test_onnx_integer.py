@@ -15,6 +15,7 @@ from diffkiln.export.onnx import OnnxCompute, OnnxExportConfig
 from diffkiln.export.onnx.exporter import _finish
 from diffkiln.export.onnx.modules import export_module_for
 from diffkiln.export.onnx.ops import TRANSLATIONS
+from diffkiln.optimizer import SearchContext
 from tests.runtime.test_packed_layers import _layer
 
 
@@ -83,14 +84,14 @@ def test_grouped_bundle_round_trips_and_exports_int8_codes(random_shapes_pipelin
     from diffkiln.export import ExportConfig, export_bundle
     from diffkiln.export.onnx import export_denoiser_onnx
     from diffkiln.nn.freeze import apply_plan
-    from diffkiln.optimizer.planner import QuantizeConfig, make_plan
+    from diffkiln.optimizer import W8A8Config, make_plan
     from diffkiln.runtime import load
     from tests.export.test_onnx import _denoiser_calls, _ort_denoiser
     from tests.runtime_e2e_helpers import CACHE, PROMPTS
 
     pipe = random_shapes_pipelines["unet"]
     stats = calibrate(pipe, CalibrationConfig(PROMPTS, steps=4, batch_size=4, cache_dir=CACHE, progress=False))
-    plan = make_plan(pipe, stats, QuantizeConfig(), "t")
+    plan = make_plan(pipe, stats, W8A8Config(), SearchContext(source_id="t"))
     spec = WeightSpec(4, scale_dtype="float16", group_size=16)
     plan = dataclasses.replace(
         plan, layers=tuple(dataclasses.replace(lp, weight=spec) if lp.quantized else lp for lp in plan.layers)

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from diffkiln.core.metrics import sqnr_db
+from diffkiln.core.packing import GROUP_MULT_MAX, pack_weights
 from diffkiln.core.plan import WeightSpec
 from diffkiln.export.onnx import OnnxExportConfig
 from diffkiln.export.onnx.exporter import export_denoiser_onnx
 from diffkiln.export.onnx.nbits import nbits_block_size, nbits_dequantize, to_matmulnbits
 from diffkiln.kernels.backends import PackedWeights
-from diffkiln.kernels.packing import GROUP_MULT_MAX, pack_weights
 from diffkiln.runtime import load
 
 
@@ -119,7 +119,7 @@ def nbits_exports(random_shapes_pipelines, tmp_path_factory: pytest.TempPathFact
 
 
 def test_four_and_two_bit_linears_become_matmulnbits(nbits_exports: dict[str, Path]) -> None:
-    from diffkiln.nn.qmodules import QLinear
+    from diffkiln.nn import QLinear
 
     model = onnx.load(str(nbits_exports["matmulnbits"]))
     nodes = [n for n in model.graph.node if n.op_type == "MatMulNBits"]

@@ -1,4 +1,4 @@
-"""``QuantizeConfig.requantize_conv_outputs`` through every stage: calibration records the
+"""``W8A8Config.requantize_conv_outputs`` through every stage: calibration records the
 convolutions' outputs, the plan gives each an int8 grid, the torch runtime rounds onto it, the ONNX
 export puts QDQ after the convolution (onnxruntime then runs QLinearConv), and the MindIE-SD export
 writes the grid for loaders that apply it."""
@@ -21,9 +21,8 @@ from diffkiln.core.metrics import sqnr_db
 from diffkiln.core.plan import ActMode
 from diffkiln.export.mindiesd import MindieExportConfig, export_mindiesd
 from diffkiln.export.onnx import OnnxExportConfig, export_onnx
-from diffkiln.nn.qmodules import QConv2d, requantize
-from diffkiln.optimizer import make_plan
-from diffkiln.optimizer.planner import QuantizeConfig
+from diffkiln.nn import QConv2d, requantize
+from diffkiln.optimizer import SearchContext, W8A8Config, make_plan
 from diffkiln.runtime import load
 from diffkiln.runtime.inspect import summarize
 from diffkiln.runtime.onnxruntime_backend import open_session
@@ -32,7 +31,7 @@ from tests.export.test_mindiesd import _per_call_sqnr
 from tests.export.test_onnx import _denoiser_calls
 from tests.runtime_e2e_helpers import CACHE, PROMPTS, build_bundle
 
-CONFIG = QuantizeConfig(requantize_conv_outputs=True)
+CONFIG = W8A8Config(requantize_conv_outputs=True)
 
 
 @pytest.fixture(scope="module")
@@ -54,14 +53,14 @@ def test_calibration_records_conv_outputs_and_the_plan_gives_them_a_grid(shapes_
     assert conv.has_output and conv.out_samples.shape == conv.samples.shape
     assert (conv.out_min <= conv.out_samples.amin(1)).all() and (conv.out_max >= conv.out_samples.amax(1)).all()
     assert not linear.has_output
-    plan = make_plan(pipe, stats, CONFIG, "t")
+    plan = make_plan(pipe, stats, CONFIG, SearchContext(source_id="t"))
     quantized_convs = [lp for lp in plan.layers if lp.kind == "conv" and lp.quantized]
     assert quantized_convs and all(lp.output is not None for lp in quantized_convs)
     assert all(lp.output is None for lp in plan.layers if lp.kind == "linear" or not lp.quantized)
     out = quantized_convs[0].output
     assert out is not None and out.mode is ActMode.STATIC and out.scale is not None and out.scale > 0
     # The default plan is unchanged by the recorded outputs: no grids.
-    assert all(lp.output is None for lp in make_plan(pipe, stats, QuantizeConfig(), "t").layers)
+    assert all(lp.output is None for lp in make_plan(pipe, stats, W8A8Config(), SearchContext(source_id="t")).layers)
 
 
 def test_runtime_rounds_conv_outputs_onto_the_grid(rq_bundle: Path) -> None:
@@ -143,12 +142,12 @@ def test_mindiesd_export_writes_the_grids_and_an_applying_loader_reproduces(rq_b
 
 
 def test_bad_combinations_are_refused() -> None:
+    from diffkiln.api import OptimizeConfig
     from diffkiln.core.plan import ActSpec, LayerPlan, WeightSpec
-    from diffkiln.optimize import OptimizeConfig
     from diffkiln.optimizer import Recipe
 
     with pytest.raises(ValueError, match="static activations"):
-        QuantizeConfig(act_mode=ActMode.DYNAMIC, requantize_conv_outputs=True)
+        W8A8Config(act_mode=ActMode.DYNAMIC, requantize_conv_outputs=True)
     with pytest.raises(InvalidInputError, match="--recipe w8a8"):
         OptimizeConfig(out=Path("x"), recipe=Recipe.MIXED, requantize_conv_outputs=True)
     grid = ActSpec(scale=0.1, zero_point=0)

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from diffkiln.kernels.packing import pack_weights, packed_length, unpack_weights
+from diffkiln.core.packing import pack_weights, packed_length, unpack_weights
 
 
 @settings(max_examples=60, deadline=None)

@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from diffkiln.core.metrics import sqnr_db
+from diffkiln.core.packing import GROUP_MULT_MAX, pack_weights
 from diffkiln.kernels import ActGrid, PackedWeights, get_backend
 from diffkiln.kernels import backends as backends_mod
 from diffkiln.kernels.backends import cuda as cuda_backend
-from diffkiln.kernels.packing import GROUP_MULT_MAX, pack_weights
 
 pytest.importorskip("triton")
 

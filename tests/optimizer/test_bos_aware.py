@@ -11,7 +11,7 @@ import torch
 from diffkiln.calibrate import CalibrationConfig, calibrate
 from diffkiln.core.metrics import sqnr_db
 from diffkiln.nn.freeze import apply_plan
-from diffkiln.optimizer.planner import QuantizeConfig, SmoothMode, make_plan
+from diffkiln.optimizer import SearchContext, SmoothMode, W8A8Config, make_plan
 from diffkiln.zoo.outliers import blind_cross_attention, bos_outlier
 
 CALIB = ("a red circle on the left", "a blue square at the top", "a green triangle on the right",
@@ -39,7 +39,8 @@ def _quantized_sqnr(pipe, magnitude: float, bos_aware: bool) -> float:
     with bos_outlier(pipe, magnitude):
         stats = calibrate(pipe, CalibrationConfig(CALIB, steps=STEPS, batch_size=4, cache_dir=None, progress=False))
     assert stats.invariant_positions() == [0]
-    plan = make_plan(pipe, stats, QuantizeConfig(bos_aware=bos_aware, smooth=SmoothMode.OFF), "test")
+    config = W8A8Config(bos_aware=bos_aware, smooth=SmoothMode.OFF)
+    plan = make_plan(pipe, stats, config, SearchContext(source_id="test"))
     ref = _latents(pipe, magnitude)
     out = _latents(apply_plan(pipe, plan, stats), magnitude)
     return float(torch.tensor([sqnr_db(r, o) for r, o in zip(ref, out, strict=True)]).median())

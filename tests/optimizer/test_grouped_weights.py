@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from diffkiln.core.metrics import sqnr_db
+from diffkiln.core.packing import GROUP_MULT_MAX, apply_group_mult, check_group_mult
 from diffkiln.core.plan import WeightSpec
 from diffkiln.core.quantizers import quantize_weight_grouped, quantize_weight_per_channel
-from diffkiln.kernels.packing import GROUP_MULT_MAX, apply_group_mult, check_group_mult
 
 
 def _weight_with_uneven_groups(shape: tuple[int, ...]) -> torch.Tensor:

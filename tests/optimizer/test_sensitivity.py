@@ -1,4 +1,4 @@
-"""Layer roles, simulated quantization, and the resumable sensitivity analysis."""
+"""Sensitivity groups from the data flow, simulated quantization, and the resumable sensitivity analysis."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 
 from diffkiln.calibrate import CalibrationConfig, calibrate
 from diffkiln.core.layers import find_quantizable_layers
-from diffkiln.optimizer.planner import QuantizeConfig, make_plan
-from diffkiln.optimizer.roles import LayerRole, layer_roles
+from diffkiln.optimizer import SearchContext, W8A8Config, make_plan
+from diffkiln.optimizer.roles import LayerRole, sensitivity_groups
 from diffkiln.optimizer.sensitivity import SensitivityConfig, SensitivityTable, analyze_sensitivity
 from diffkiln.optimizer.simulate import SimChoice, layer_sims, simulated
 from tests.runtime_e2e_helpers import CACHE, PROMPTS
@@ -18,24 +18,32 @@ from tests.runtime_e2e_helpers import CACHE, PROMPTS
 
 def _setup(pipe):
     stats = calibrate(pipe, CalibrationConfig(PROMPTS, steps=4, batch_size=4, cache_dir=CACHE, progress=False))
-    base = make_plan(pipe, stats, QuantizeConfig(), "test")
+    base = make_plan(pipe, stats, W8A8Config(), SearchContext(source_id="test"))
     return stats, base
 
 
-def test_roles_follow_module_structure_not_names(random_shapes_pipelines) -> None:
-    unet_roles = layer_roles(random_shapes_pipelines["unet"].unet)
-    content = [n for n, r in unet_roles.items() if r is LayerRole.CONTENT]
-    assert content and all(".attn2." in n or ".ff." in n for n in content)
-    assert all(unet_roles[n] is LayerRole.QUALITY for n in unet_roles if ".attn1." in n or "conv" in n)
-    # SD3-style joint attention mixes text and image tokens: all of it is content.
-    dit_roles = layer_roles(random_shapes_pipelines["dit"].transformer)
+def _groups(pipe, den, **overrides):
+    stats, _ = _setup(pipe)
+    return sensitivity_groups(stats.graph, find_quantizable_layers(den), **overrides)
+
+
+def test_groups_follow_the_data_flow_not_names(random_shapes_pipelines) -> None:
+    # The names only check the result: the groups come from which tensors meet where.
+    unet_roles = _groups(random_shapes_pipelines["unet"], random_shapes_pipelines["unet"].unet)
+    content = {n for n, r in unet_roles.items() if r is LayerRole.CONTENT}
+    expected = {n for n in unet_roles if ".attn2." in n or ".ff." in n}
+    assert content == expected
+    # SD3-style joint attention mixes text and image tokens: all of it is content, and so are
+    # both feed-forward pairs; adaptive-norm modulation is quality.
+    dit = random_shapes_pipelines["dit"]
+    dit_roles = _groups(dit, dit.transformer)
     assert all(r is LayerRole.CONTENT for n, r in dit_roles.items() if ".attn." in n or ".ff" in n)
     assert all(r is LayerRole.QUALITY for n, r in dit_roles.items() if "norm1" in n)
 
 
-def test_role_overrides(random_shapes_pipelines) -> None:
-    den = random_shapes_pipelines["unet"].unet
-    roles = layer_roles(den, content=("*attn1.to_q",), quality=("*attn2.to_k",))
+def test_group_overrides(random_shapes_pipelines) -> None:
+    pipe = random_shapes_pipelines["unet"]
+    roles = _groups(pipe, pipe.unet, content=("*attn1.to_q",), quality=("*attn2.to_k",))
     assert all(r is LayerRole.CONTENT for n, r in roles.items() if n.endswith("attn1.to_q"))
     assert all(r is LayerRole.QUALITY for n, r in roles.items() if n.endswith("attn2.to_k"))
 
@@ -60,7 +68,7 @@ def test_simulation_is_scoped_and_restores_weights(random_shapes_pipelines) -> N
 def _analysis(pipe, cache: Path | None, on_result=None) -> SensitivityTable:
     stats, base = _setup(pipe)
     den = pipe.unet
-    roles = layer_roles(den)
+    roles = sensitivity_groups(stats.graph, find_quantizable_layers(den))
     sims = layer_sims(base, stats, den)
     content = [n for n in sims if roles[n] is LayerRole.CONTENT][:2]
     quality = [n for n in sims if roles[n] is LayerRole.QUALITY][:2]
@@ -120,20 +128,23 @@ def test_bad_sensitivity_settings_are_rejected(kwargs: dict[str, object], match:
 
 
 def test_workers_give_the_same_results_as_one_process(tmp_path: Path) -> None:
+    import functools
+
     from diffkiln.generation import load_pipeline
     from diffkiln.zoo.registry import resolve_target
 
     target = resolve_target("tiny-pixart")  # built on first use; workers load it by name
     pipe = load_pipeline(target)
+    reload = functools.partial(load_pipeline, "tiny-pixart")
     stats = calibrate(
         pipe,
         CalibrationConfig(
             PROMPTS[:1], steps=2, cache_dir=CACHE, progress=False, call_kwargs=tuple(target.call_kwargs.items())
         ),
     )
-    base = make_plan(pipe, stats, QuantizeConfig(), "tiny-pixart")
+    base = make_plan(pipe, stats, W8A8Config(), SearchContext(source_id="tiny-pixart"))
     den = pipe.transformer
-    roles = layer_roles(den)
+    roles = sensitivity_groups(stats.graph, find_quantizable_layers(den))
     sims = layer_sims(base, stats, den)
     names = [n for n in sims if roles[n] is LayerRole.CONTENT][:2] + [n for n in sims if roles[n] is LayerRole.QUALITY][
         :2
@@ -142,11 +153,11 @@ def test_workers_give_the_same_results_as_one_process(tmp_path: Path) -> None:
     results = {}
     for workers in (1, 2):
         cfg = SensitivityConfig(weight_candidates=(4,), prompts=1, quality_steps=2, workers=workers, progress=False)
-        table = analyze_sensitivity(pipe, stats, base, roles, sims, cands, cfg, target="tiny-pixart")
+        table = analyze_sensitivity(pipe, stats, base, roles, sims, cands, cfg, reload=reload)
         results[workers] = [(e.layer, e.target, e.value) for e in table.entries]
     assert [r[:2] for r in results[1]] == [r[:2] for r in results[2]]
     assert [r[2] for r in results[1]] == pytest.approx([r[2] for r in results[2]], rel=1e-4, abs=1e-6)
-    with pytest.raises(ValueError, match="target"):
+    with pytest.raises(ValueError, match="reload"):
         analyze_sensitivity(pipe, stats, base, roles, sims, cands, SensitivityConfig(workers=2, progress=False))
 
 

@@ -13,15 +13,16 @@ import torch
 from diffkiln.core.errors import BundleError
 from diffkiln.core.metrics import sqnr_db
 from diffkiln.export import ExportConfig, export_bundle
-from diffkiln.optimizer.planner import QuantizeConfig
-from diffkiln.runtime import QConv2d, QLinear, load
+from diffkiln.nn import QConv2d, QLinear
+from diffkiln.optimizer import SearchContext, W8A8Config
+from diffkiln.runtime import load
 from tests.runtime_e2e_helpers import PROMPTS, build_bundle, latents, quantize_in_memory
 
 
 @pytest.fixture(scope="module")
 def unet_bundle(random_shapes_pipelines, tmp_path_factory) -> tuple[Path, object]:
     out = tmp_path_factory.mktemp("bundles") / "unet-w8a8"
-    return build_bundle(random_shapes_pipelines["unet"], QuantizeConfig(), out)
+    return build_bundle(random_shapes_pipelines["unet"], W8A8Config(), out)
 
 
 @pytest.mark.parametrize("arch", ["unet", "dit"])
@@ -29,7 +30,7 @@ def test_bundle_loads_without_fp_denoiser_and_matches_in_memory_quantization(
     arch: str, random_shapes_pipelines, tmp_path: Path
 ) -> None:
     pipe = random_shapes_pipelines[arch]
-    bundle, plan = build_bundle(pipe, QuantizeConfig(), tmp_path / "b")
+    bundle, plan = build_bundle(pipe, W8A8Config(), tmp_path / "b")
     loaded = load(bundle, device="cpu")
     assert type(loaded).__name__ == type(pipe).__name__
     den = loaded.unet if arch == "unet" else loaded.transformer
@@ -37,7 +38,7 @@ def test_bundle_loads_without_fp_denoiser_and_matches_in_memory_quantization(
     assert len(qmods) == sum(lp.quantized for lp in plan.layers)
     assert all(m.weight_t.dtype == torch.int8 for m in qmods)
     # Same integers as the in-memory path: the bundle round trip is exact.
-    qpipe, _ = quantize_in_memory(pipe, QuantizeConfig())
+    qpipe, _ = quantize_in_memory(pipe, W8A8Config())
     assert torch.equal(latents(loaded, PROMPTS[:2]), latents(qpipe, PROMPTS[:2]))
     assert sqnr_db(latents(pipe, PROMPTS[:2]), latents(loaded, PROMPTS[:2])) >= 10.0
     manifest = json.loads((bundle / "manifest.json").read_text())
@@ -59,17 +60,17 @@ def test_int8_weights_are_stored_as_int8(unet_bundle) -> None:
 def test_existing_directory_needs_overwrite(unet_bundle, random_shapes_pipelines, tmp_path: Path) -> None:
     bundle, _ = unet_bundle
     with pytest.raises(BundleError, match="--overwrite"):
-        build_bundle(random_shapes_pipelines["unet"], QuantizeConfig(), bundle)
+        build_bundle(random_shapes_pipelines["unet"], W8A8Config(), bundle)
 
 
 def test_interrupted_export_leaves_nothing_that_loads(random_shapes_pipelines, tmp_path: Path, monkeypatch) -> None:
     from diffkiln.calibrate import CalibrationConfig, calibrate
     from diffkiln.export import atomic as atomic_mod
-    from diffkiln.optimizer.planner import make_plan
+    from diffkiln.optimizer import make_plan
 
     pipe = random_shapes_pipelines["unet"]
     stats = calibrate(pipe, CalibrationConfig(PROMPTS[:1], steps=2, progress=False))
-    plan = make_plan(pipe, stats, QuantizeConfig(), "t")
+    plan = make_plan(pipe, stats, W8A8Config(), SearchContext(source_id="t"))
 
     def crash(*_a, **_k):
         raise KeyboardInterrupt

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from diffkiln.core.derived import DerivedBuffer, check_derived_buffers, fingerprint
 from diffkiln.core.errors import BundleError
 from diffkiln.export.derived import find_derived_buffers
-from diffkiln.optimizer.planner import QuantizeConfig
+from diffkiln.optimizer import W8A8Config
 from diffkiln.runtime import load
 from diffkiln.runtime.inspect import denoiser_sizes
 from tests.runtime_e2e_helpers import PROMPTS, build_bundle, latents
@@ -23,7 +23,7 @@ from tests.runtime_e2e_helpers import PROMPTS, build_bundle, latents
 @pytest.fixture(scope="module")
 def dit_bundle(random_shapes_pipelines, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("derived") / "dit-w8a8"
-    return build_bundle(random_shapes_pipelines["dit"], QuantizeConfig(), out)[0]
+    return build_bundle(random_shapes_pipelines["dit"], W8A8Config(), out)[0]
 
 
 def _copy(bundle: Path, tmp_path: Path) -> Path:

@@ -8,15 +8,15 @@ import pytest
 import torch
 
 from diffkiln.core.metrics import sqnr_db
-from diffkiln.nn.qmodules import QConv2d, QLinear
-from diffkiln.optimizer.planner import QuantizeConfig
+from diffkiln.nn import QConv2d, QLinear
+from diffkiln.optimizer import W8A8Config
 from diffkiln.runtime import load
 from tests.runtime_e2e_helpers import PROMPTS, build_bundle, latents
 
 
 @pytest.fixture(scope="module")
 def w8a8_bundle(random_shapes_pipelines, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    bundle, _ = build_bundle(random_shapes_pipelines["unet"], QuantizeConfig(), tmp_path_factory.mktemp("dt") / "b")
+    bundle, _ = build_bundle(random_shapes_pipelines["unet"], W8A8Config(), tmp_path_factory.mktemp("dt") / "b")
     return bundle
 
 

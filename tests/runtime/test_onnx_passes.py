@@ -88,7 +88,7 @@ def test_weight_that_is_not_constant_is_left_alone():
 
 def _requantize_output(proto: onnx.ModelProto) -> onnx.ModelProto:
     """The same graph with the convolution's output requantized: y -> Q -> DQ (as
-    ``QuantizeConfig.requantize_conv_outputs`` exports it)."""
+    ``W8A8Config.requantize_conv_outputs`` exports it)."""
     graph = proto.graph
     graph.node[-1].output[0] = "y_float"
     graph.initializer.extend([numpy_helper.from_array(np.array(0.1, np.float32), "y_scale"),

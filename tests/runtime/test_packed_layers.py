@@ -12,14 +12,14 @@ from safetensors import safe_open
 from torch import nn
 
 from diffkiln.core.metrics import sqnr_db
+from diffkiln.core.packing import unpack_weights
 from diffkiln.core.plan import ActMode, ActSpec, LayerPlan, WeightSpec
 from diffkiln.core.quantizers import quantize_weight_per_channel
 from diffkiln.kernels import backends as backends_mod
 from diffkiln.kernels.backends import base as backends_base
-from diffkiln.kernels.packing import unpack_weights
+from diffkiln.nn import QConv2d, QLinear
 from diffkiln.nn.freeze import freeze_layer, layer_meta
-from diffkiln.nn.qmodules import QConv2d, QLinear
-from diffkiln.optimizer.planner import QuantizeConfig
+from diffkiln.optimizer import SearchContext, W8A8Config
 from tests.kernels.npu_emulation import make_fake_torch_npu
 
 # weight bits, activation bits (16: weight-only)
@@ -113,7 +113,7 @@ def test_mixed_bundle_round_trips_packed_tensors_bit_exactly(random_shapes_pipel
     from tests.runtime_e2e_helpers import build_bundle
 
     pipe = random_shapes_pipelines["unet"]
-    bundle, plan = build_bundle(pipe, QuantizeConfig(), tmp_path / "w8")
+    bundle, plan = build_bundle(pipe, W8A8Config(), tmp_path / "w8")
     layers = []
     for i, lp in enumerate(plan.layers):
         if lp.quantized:
@@ -147,15 +147,16 @@ def test_mixed_bundle_round_trips_packed_tensors_bit_exactly(random_shapes_pipel
 def test_float16_storage_shrinks_a_w8a8_bundle_and_keeps_its_outputs(random_shapes_pipelines, tmp_path: Path) -> None:
     from diffkiln.calibrate import CalibrationConfig, calibrate
     from diffkiln.export import ExportConfig, FloatStorage, export_bundle
-    from diffkiln.optimizer.planner import make_plan
+    from diffkiln.optimizer import make_plan
     from diffkiln.runtime import load
     from diffkiln.runtime.inspect import summarize
     from tests.runtime_e2e_helpers import CACHE, PROMPTS, latents
 
     pipe = random_shapes_pipelines["dit"]
     stats = calibrate(pipe, CalibrationConfig(PROMPTS, steps=4, batch_size=4, cache_dir=CACHE, progress=False))
-    exact = export_bundle(pipe, make_plan(pipe, stats, QuantizeConfig(), "t"), stats, ExportConfig(tmp_path / "a"))
-    half_plan = make_plan(pipe, stats, QuantizeConfig(scale_dtype="float16"), "t")
+    plan = make_plan(pipe, stats, W8A8Config(), SearchContext(source_id="t"))
+    exact = export_bundle(pipe, plan, stats, ExportConfig(tmp_path / "a"))
+    half_plan = make_plan(pipe, stats, W8A8Config(scale_dtype="float16"), SearchContext(source_id="t"))
     half = export_bundle(pipe, half_plan, stats, ExportConfig(tmp_path / "b", float_storage=FloatStorage.FLOAT16))
     with safe_open(str(half / "transformer" / "quantized.safetensors"), "pt") as f:
         dtypes = {f.get_slice(k).get_dtype() for k in f.keys() if k.endswith(("::weight_scale", "::bias"))}  # noqa: SIM118
@@ -228,7 +229,7 @@ def test_auto_scale_dtype_takes_float16_where_it_is_exact(random_shapes_pipeline
 
     from diffkiln.calibrate import CalibrationConfig, calibrate
     from diffkiln.export import ExportConfig, export_bundle
-    from diffkiln.optimizer.planner import make_plan
+    from diffkiln.optimizer import make_plan
     from tests.runtime_e2e_helpers import CACHE, PROMPTS
 
     pipe = copy.deepcopy(random_shapes_pipelines["dit"])
@@ -236,7 +237,7 @@ def test_auto_scale_dtype_takes_float16_where_it_is_exact(random_shapes_pipeline
     tiny = "transformer_blocks.0.attn.to_q"
     with torch.no_grad():  # scales of 1e-6: below float16's normal range
         pipe.transformer.get_submodule(tiny).weight.mul_(1e-6 / pipe.transformer.get_submodule(tiny).weight.abs().max())
-    plan = make_plan(pipe, stats, QuantizeConfig(), "t")
+    plan = make_plan(pipe, stats, W8A8Config(), SearchContext(source_id="t"))
     dtypes = {lp.name: lp.weight.scale_dtype for lp in plan.layers if lp.weight is not None}
     assert dtypes.pop(tiny) == "float32" and set(dtypes.values()) == {"float16"}
     bundle = export_bundle(pipe, plan, stats, ExportConfig(tmp_path / "b"))

@@ -6,17 +6,17 @@ import pytest
 
 from diffkiln.core.metrics import sqnr_db
 from diffkiln.core.plan import ActMode
-from diffkiln.nn.qmodules import QConv2d, QLinear
-from diffkiln.optimizer.planner import QuantizeConfig, SmoothMode
+from diffkiln.nn import QConv, QLinear
+from diffkiln.optimizer import SmoothMode, W8A8Config
 from tests.runtime_e2e_helpers import PROMPTS, latents, quantize_in_memory
 
 CONFIGS = {
-    "static-bos": QuantizeConfig(),
-    "dynamic": QuantizeConfig(act_mode=ActMode.DYNAMIC),
+    "static-bos": W8A8Config(),
+    "dynamic": W8A8Config(act_mode=ActMode.DYNAMIC),
     # The grids that run on oneDNN's fast kernels on AVX2 CPUs, and smoothing on every Linear.
-    "static-a7-smooth-all": QuantizeConfig(act_bits=7, smooth=SmoothMode.ALL),
-    "static-w7-no-smooth": QuantizeConfig(weight_bits=7, smooth=SmoothMode.OFF),
-    "static-timestep-aware": QuantizeConfig(timestep_aware=True),
+    "static-a7-smooth-all": W8A8Config(act_bits=7, smooth=SmoothMode.ALL),
+    "static-w7-no-smooth": W8A8Config(weight_bits=7, smooth=SmoothMode.OFF),
+    "static-timestep-aware": W8A8Config(timestep_aware=True),
 }
 
 
@@ -26,7 +26,7 @@ def test_w8a8_latents_track_fp(arch: str, cfg_id: str, random_shapes_pipelines) 
     pipe = random_shapes_pipelines[arch]
     qpipe, plan = quantize_in_memory(pipe, CONFIGS[cfg_id])
     den = qpipe.unet if arch == "unet" else qpipe.transformer
-    qmods = [m for m in den.modules() if isinstance(m, (QLinear, QConv2d))]
+    qmods = [m for m in den.modules() if isinstance(m, (QLinear, QConv))]
     assert len(qmods) == sum(lp.quantized for lp in plan.layers) > 10
     assert plan.avg_weight_bits < 9.0
     ref = latents(pipe, PROMPTS[:2])
@@ -43,7 +43,7 @@ def test_7_bit_grids_stay_inside_their_codes(random_shapes_pipelines) -> None:
     acts = [lp.act for lp in plan.layers if lp.act is not None]
     assert acts and all(a.bits == 7 and -64 <= (a.zero_point or 0) <= 63 for a in acts)
     qpipe_w7, _ = quantize_in_memory(random_shapes_pipelines["unet"], CONFIGS["static-w7-no-smooth"])
-    weights = [m.codes_t() for m in qpipe_w7.unet.modules() if isinstance(m, (QLinear, QConv2d))]
+    weights = [m.codes_t() for m in qpipe_w7.unet.modules() if isinstance(m, (QLinear, QConv))]
     assert weights and max(int(w.abs().max()) for w in weights) <= 63
 
 

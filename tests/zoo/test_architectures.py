@@ -15,9 +15,9 @@ import torch
 from diffusers import DiffusionPipeline
 from safetensors import safe_open
 
+from diffkiln.api import OptimizeConfig, optimize
 from diffkiln.core.metrics import sqnr_db
 from diffkiln.generation import GenerateConfig, generate, load_pipeline
-from diffkiln.optimize import OptimizeConfig, optimize
 from diffkiln.zoo.architectures import FULL_SIZE_DENOISERS, TINY_ARCHITECTURES, build_full_denoiser
 from diffkiln.zoo.registry import resolve_target
 

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from diffkiln.core.arguments import flatten_arguments, unflatten_arguments
 from diffkiln.core.hooks import recording_calls
-from diffkiln.runtime.onnxruntime_backend import flatten_arguments, unflatten_arguments
 
 __all__ = ["Component", "ComponentKind", "flatten_kwargs", "record_components"]
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from dataclasses import dataclass
 from enum import Enum
@@ -29,12 +28,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from diffkiln.core.schema import MANIFEST_NAME, ONNX_FORMAT, ONNX_VERSION
+from diffkiln.core.errors import BundleError
+from diffkiln.core.schema import MANIFEST_NAME, ONNX_FORMAT, ONNX_VERSION, LoadedBundle
 from diffkiln.export.atomic import atomic_directory, file_table
 from diffkiln.export.onnx.components import Component, ComponentKind, record_components
 from diffkiln.export.onnx.modules import OnnxExportError, OnnxQLinear, export_module_for
 from diffkiln.export.onnx.ops import TRANSLATIONS
-from diffkiln.nn.qmodules import QConv2d, QLinear
+from diffkiln.nn import QConv, QLinear
 
 __all__ = ["ONNX_FORMAT", "ONNX_VERSION", "OnnxCompute", "OnnxExportConfig", "export_denoiser_onnx", "export_onnx"]
 
@@ -113,7 +113,7 @@ def _swap_quantized_layers(
     sub_byte: set[str] = set()
     kept: dict[str, str] = {}
     for layer, module in list(denoiser.named_modules()):
-        if not isinstance(module, (QLinear, QConv2d)):
+        if not isinstance(module, (QLinear, QConv)):
             continue
         try:
             stand_in = export_module_for(layer, module, integer=integer, matmulnbits=matmulnbits)
@@ -280,27 +280,26 @@ def _call_kwargs(manifest: dict[str, Any]) -> dict[str, Any]:
     return dict(manifest.get("plan", {}).get("notes", {}).get("calibration", {}).get("call_kwargs", {}))
 
 
-def export_onnx(bundle: str | os.PathLike[str], config: OnnxExportConfig) -> Path:
-    """Export a bundle to ONNX (see the module docstring).
+def export_onnx(bundle: LoadedBundle, config: OnnxExportConfig) -> Path:
+    """Export a loaded bundle to ONNX (see the module docstring).
 
     Args:
-        bundle: the bundle directory.
+        bundle: the verified bundle, loaded on CPU (``diffkiln.runtime.open_bundle``).
         config: destination, opset, dynamic axes, float fallback.
 
     Returns:
         The output folder.
 
     Raises:
-        BundleError: the bundle fails its checks, or ``out`` exists without ``overwrite``.
+        BundleError: ``out`` exists without ``overwrite``, or a module bundle (no pipeline).
         OnnxExportError: a layer cannot be expressed and ``keep_fp`` is off (the message names
             the layer and why).
     """
-    from diffkiln.runtime import load
-
-    pipe = load(bundle, device="cpu")
-    manifest = pipe.diffkiln_manifest
+    pipe, manifest = bundle.pipeline, bundle.manifest
+    if pipe is None:
+        raise BundleError("an ONNX export needs a pipeline bundle; this bundle holds a bare module")
     denoiser_name = manifest["pipeline"]["denoiser"]
-    denoiser = getattr(pipe, denoiser_name)
+    denoiser = bundle.denoiser
     # Fail on an inexpressible layer before the (slow) recording call.
     sub_byte, kept = _swap_quantized_layers(
         denoiser, config.keep_fp, config.compute == OnnxCompute.INTEGER, config.matmulnbits
@@ -318,7 +317,7 @@ def export_onnx(bundle: str | os.PathLike[str], config: OnnxExportConfig) -> Pat
                 file = tmp / "vae_decoder.onnx"
             names = sub_byte if component.kind == ComponentKind.DENOISER else set()
             entries[component.name] = _export_component(component, file, config, names)
-        _copy_pipeline_files(Path(bundle), tmp, components, manifest)
+        _copy_pipeline_files(bundle.path, tmp, components, manifest)
         onnx_manifest = {
             "format": ONNX_FORMAT,
             "version": ONNX_VERSION,
@@ -335,7 +334,7 @@ def export_onnx(bundle: str | os.PathLike[str], config: OnnxExportConfig) -> Pat
     return Path(config.out)
 
 
-def export_denoiser_onnx(bundle: str | os.PathLike[str], config: OnnxExportConfig) -> Path:
+def export_denoiser_onnx(bundle: LoadedBundle, config: OnnxExportConfig) -> Path:
     """Export only the denoiser; returns ``config.out / "denoiser.onnx"``."""
     from dataclasses import replace
 

@@ -1,6 +1,6 @@
 """Export-time stand-ins for the runtime's quantized modules: the same integers, as QDQ custom ops.
 
-Built from a loaded bundle's :class:`~diffkiln.nn.qmodules.QLinear` / ``QConv2d`` (codes,
+Built from a loaded bundle's :class:`~diffkiln.nn.QLinear` / :class:`~diffkiln.nn.QConv` (codes,
 scales, activation grid, smoothing, BOS rows), so an export needs only the bundle.
 """
 
@@ -11,16 +11,16 @@ from torch import nn
 
 from diffkiln.export.onnx import ops
 from diffkiln.export.onnx.nbits import to_matmulnbits
-from diffkiln.nn.qmodules import QConv2d, QLinear
+from diffkiln.nn import QConv, QConv1d, QLinear
 
-__all__ = ["OnnxExportError", "OnnxQConv2d", "OnnxQLinear", "export_module_for"]
+__all__ = ["OnnxExportError", "OnnxQConv", "OnnxQLinear", "export_module_for"]
 
 
 class OnnxExportError(ValueError):
     """A layer cannot be expressed in ONNX; the message names the layer and the reason."""
 
 
-def _check_exportable(name: str, q: QLinear | QConv2d) -> None:
+def _check_exportable(name: str, q: QLinear | QConv) -> None:
     if q.dynamic:
         raise OnnxExportError(f"{name}: dynamic per-token activations have no static QDQ form; rebuild with static")
     if q.act_timesteps is not None:
@@ -28,7 +28,7 @@ def _check_exportable(name: str, q: QLinear | QConv2d) -> None:
 
 
 def _weight_buffers(
-    module: nn.Module, name: str, q: QLinear | QConv2d, key: str, codes: torch.Tensor, float_activations: bool
+    module: nn.Module, name: str, q: QLinear | QConv, key: str, codes: torch.Tensor, float_activations: bool
 ) -> bool:
     """Register the int8 codes (as ``key``), per-channel scales and bias; return whether the stand-in
     keeps float activations (weight-only layers, or the ``float_activations`` fallback)."""
@@ -41,7 +41,7 @@ def _weight_buffers(
     return q.weight_only or float_activations
 
 
-def _act_buffers(module: nn.Module, q: QLinear | QConv2d, integer: bool) -> tuple[float, float] | None:
+def _act_buffers(module: nn.Module, q: QLinear | QConv, integer: bool) -> tuple[float, float] | None:
     """Register the activation grid's scale and zero point (and, for integer GEMMs, the combined
     output scale); return the 7-bit clip range, if any."""
     if module.weight_only:
@@ -149,8 +149,11 @@ class OnnxQLinear(nn.Module):
         return out * self.bos_keep + self.bos_rows
 
 
-class OnnxQConv2d(nn.Module):
-    """A QConv2d as ``diffkiln::qdq_conv2d`` (or ``wo_conv2d``); arguments as :class:`OnnxQLinear`.
+class OnnxQConv(nn.Module):
+    """A QConv1d/2d/3d as ``diffkiln::qdq_conv`` (or ``wo_conv``); arguments as :class:`OnnxQLinear`.
+
+    A 1-D convolution runs, as in the runtime, as a 2-D one on a height-1 image (``Unsqueeze`` and
+    ``Squeeze`` around the ``Conv``).
 
     A requantized output (``QConv2d.output_grid``) adds ``act_qdq`` on the output: onnxruntime
     then fuses input, weight and output QDQ into one QLinearConv. The output grid is written as
@@ -167,16 +170,18 @@ class OnnxQConv2d(nn.Module):
     o_scale: torch.Tensor
     o_zp: torch.Tensor
 
-    def __init__(self, name: str, q: QConv2d, float_activations: bool = False, integer: bool = False):
+    def __init__(self, name: str, q: QConv, float_activations: bool = False, integer: bool = False):
         super().__init__()
         codes = q.codes_t().t().reshape(q.out_channels, q.in_channels, *q.kernel_size)
         self.weight_only = _weight_buffers(self, name, q, "w", codes, float_activations)
         self.integer = integer and not self.weight_only
         self.act_clip = _act_buffers(self, q, self.integer)
+        self.height_one = isinstance(q, QConv1d)
         if self.integer:
-            # Per output channel over NCHW: (O, 1, 1) broadcasts against (N, O, H, W).
-            self.out_scale = self.out_scale.view(-1, 1, 1)
-            self.bias = self.bias.reshape(-1, 1, 1).contiguous()
+            # Per output channel over NC...: (O, 1, ...) broadcasts against (N, O, ...).
+            ones = [1] * len(q.kernel_size)
+            self.out_scale = self.out_scale.view(-1, *ones)
+            self.bias = self.bias.reshape(-1, *ones).contiguous()
         self.geometry = (list(q.stride), list(q.padding), list(q.dilation))
         self.requantize = q.output_grid is not None and not self.weight_only
         if q.output_grid is not None and self.requantize:
@@ -184,7 +189,7 @@ class OnnxQConv2d(nn.Module):
             self.register_buffer("o_zp", torch.tensor(q.output_grid.zero_point + 128, dtype=torch.uint8))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self._conv(x)
+        out = self._conv(x.unsqueeze(2)).squeeze(2) if self.height_one else self._conv(x)
         return ops.act_qdq(out, self.o_scale, self.o_zp) if self.requantize else out
 
     def _conv(self, x: torch.Tensor) -> torch.Tensor:
@@ -192,11 +197,11 @@ class OnnxQConv2d(nn.Module):
         if self.act_clip is not None:
             x = x.clamp(self.act_clip[0], self.act_clip[1])
         if self.weight_only:
-            return ops.wo_conv2d(x, self.w, self.w_scale, self.bias, stride, padding, dilation)
+            return ops.wo_conv(x, self.w, self.w_scale, self.bias, stride, padding, dilation)
         if self.integer:
-            return ops.int_conv2d(x, self.w, self.out_scale, self.bias, self.a_scale, self.a_zp, stride, padding,
+            return ops.int_conv(x, self.w, self.out_scale, self.bias, self.a_scale, self.a_zp, stride, padding,
                                   dilation)  # fmt: skip
-        return ops.qdq_conv2d(x, self.w, self.w_scale, self.bias, self.a_scale, self.a_zp, stride, padding, dilation)
+        return ops.qdq_conv(x, self.w, self.w_scale, self.bias, self.a_scale, self.a_zp, stride, padding, dilation)
 
 
 def export_module_for(
@@ -217,6 +222,6 @@ def export_module_for(
     """
     if isinstance(module, QLinear):
         return OnnxQLinear(name, module, float_activations, integer, matmulnbits)
-    if isinstance(module, QConv2d):
-        return OnnxQConv2d(name, module, float_activations, integer)
+    if isinstance(module, QConv):
+        return OnnxQConv(name, module, float_activations, integer)
     raise OnnxExportError(f"{name}: no ONNX form for {type(module).__name__}")

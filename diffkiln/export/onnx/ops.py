@@ -5,9 +5,9 @@ exporter replaces it by its onnxscript translation:
 
 * ``qdq_linear``: ``QuantizeLinear -> DequantizeLinear`` on the activation (static per-tensor
   grid), ``DequantizeLinear`` (per output channel) on the int8 weight initializer, ``MatMul``, ``Add``;
-* ``qdq_conv2d``: the same around ``Conv``;
-* ``wo_linear`` / ``wo_conv2d``: weight-only layers, ``DequantizeLinear`` on the weight only;
-* ``int_linear`` / ``int_conv2d`` (``compute="integer"``): ``QuantizeLinear`` on the activation,
+* ``qdq_conv``: the same around ``Conv``;
+* ``wo_linear`` / ``wo_conv``: weight-only layers, ``DequantizeLinear`` on the weight only;
+* ``int_linear`` / ``int_conv`` (``compute="integer"``): ``QuantizeLinear`` on the activation,
   then ``MatMulInteger`` / ``ConvInteger`` on the int8 codes (int32 accumulation, exact, as the
   runtime's kernels), ``Cast`` to float, one ``Mul`` by the combined scale (activation scale x
   weight scale, per output channel) and ``Add`` of the bias: the runtime's arithmetic step by step,
@@ -61,14 +61,28 @@ def _(x: Tensor, w_t: Tensor, w_scale: Tensor, bias: Tensor) -> Tensor:
     return x.new_empty(*x.shape[:-1], w_t.shape[1])
 
 
+_CONV = {3: torch.nn.functional.conv1d, 4: torch.nn.functional.conv2d, 5: torch.nn.functional.conv3d}
+
+
+def _convnd(x: Tensor, w: Tensor, bias: Tensor | None, stride: list[int], padding: list[int],
+            dilation: list[int]) -> Tensor:  # fmt: skip
+    """The float 1-, 2- or 3-D convolution (by the weight's rank)."""
+    return _CONV[w.dim()](x, w, bias, stride, padding, dilation)
+
+
+def _per_out(scale: Tensor, w: Tensor) -> Tensor:
+    """A per-output-channel vector shaped to broadcast against the weight ``w``."""
+    return scale.view(-1, *([1] * (w.dim() - 1)))
+
+
 def _conv_out_like(x: Tensor, w: Tensor, stride: list[int], padding: list[int], dilation: list[int]) -> Tensor:
     """An empty tensor of the convolution's output shape (the custom ops' fake kernels)."""
     wf = torch.empty(w.shape, dtype=x.dtype, device="meta")
-    return torch.nn.functional.conv2d(x.to("meta"), wf, None, stride, padding, dilation).to(x.device)
+    return _convnd(x.to("meta"), wf, None, stride, padding, dilation).to(x.device)
 
 
-@torch.library.custom_op("diffkiln::qdq_conv2d", mutates_args=())
-def qdq_conv2d(
+@torch.library.custom_op("diffkiln::qdq_conv", mutates_args=())
+def qdq_conv(
     x: Tensor,
     w: Tensor,
     w_scale: Tensor,
@@ -79,26 +93,26 @@ def qdq_conv2d(
     padding: list[int],
     dilation: list[int],
 ) -> Tensor:
-    """Static W8A8 convolution: fake-quantized x against int8 (O, I, kh, kw) weights."""
-    wf = w.to(torch.float32) * w_scale.view(-1, 1, 1, 1)
-    return torch.nn.functional.conv2d(_fake_quant(x, a_scale, a_zp), wf, bias, stride, padding, dilation)
+    """Static W8A8 convolution (1-, 2- or 3-D): fake-quantized x against int8 (O, I, *kernel) weights."""
+    wf = w.to(torch.float32) * _per_out(w_scale, w)
+    return _convnd(_fake_quant(x, a_scale, a_zp), wf, bias, stride, padding, dilation)
 
 
-@qdq_conv2d.register_fake
+@qdq_conv.register_fake
 def _(x, w, w_scale, bias, a_scale, a_zp, stride, padding, dilation):
     return _conv_out_like(x, w, stride, padding, dilation)
 
 
-@torch.library.custom_op("diffkiln::wo_conv2d", mutates_args=())
-def wo_conv2d(
+@torch.library.custom_op("diffkiln::wo_conv", mutates_args=())
+def wo_conv(
     x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor, stride: list[int], padding: list[int], dilation: list[int]
 ) -> Tensor:
-    """Weight-only convolution: float x against dequantized int8 weights."""
-    wf = w.to(torch.float32) * w_scale.view(-1, 1, 1, 1)
-    return torch.nn.functional.conv2d(x, wf, bias, stride, padding, dilation)
+    """Weight-only convolution (1-, 2- or 3-D): float x against dequantized int8 weights."""
+    wf = w.to(torch.float32) * _per_out(w_scale, w)
+    return _convnd(x, wf, bias, stride, padding, dilation)
 
 
-@wo_conv2d.register_fake
+@wo_conv.register_fake
 def _(x, w, w_scale, bias, stride, padding, dilation):
     return _conv_out_like(x, w, stride, padding, dilation)
 
@@ -149,8 +163,8 @@ def _(x: Tensor, w_t: Tensor, out_scale: Tensor, bias: Tensor, a_scale: Tensor, 
     return x.new_empty(*x.shape[:-1], w_t.shape[1])
 
 
-@torch.library.custom_op("diffkiln::int_conv2d", mutates_args=())
-def int_conv2d(
+@torch.library.custom_op("diffkiln::int_conv", mutates_args=())
+def int_conv(
     x: Tensor,
     w: Tensor,
     out_scale: Tensor,
@@ -161,16 +175,16 @@ def int_conv2d(
     padding: list[int],
     dilation: list[int],
 ) -> Tensor:
-    """Static W8A8 convolution with integer accumulation; ``out_scale`` and ``bias`` are (O, 1, 1).
+    """Static W8A8 convolution with integer accumulation; ``out_scale`` and ``bias`` are (O, 1, ...).
 
     Zero padding is the zero point's code, as ONNX ConvInteger pads (a real zero's code).
     """
     q = _int_codes(x, a_scale, a_zp)
-    acc = torch.nn.functional.conv2d(q, w.to(torch.float64), None, stride, padding, dilation).to(torch.int32)
+    acc = _convnd(q, w.to(torch.float64), None, stride, padding, dilation).to(torch.int32)
     return acc.to(torch.float32) * out_scale + bias
 
 
-@int_conv2d.register_fake
+@int_conv.register_fake
 def _(x, w, out_scale, bias, a_scale, a_zp, stride, padding, dilation):
     return _conv_out_like(x, w, stride, padding, dilation)
 
@@ -188,14 +202,14 @@ def _conv_attrs(stride: list[int], padding: list[int], dilation: list[int]) -> d
     return {"strides": stride, "pads": [*padding, *padding], "dilations": dilation}
 
 
-def _qdq_conv2d_onnx(x: Any, w: Any, w_scale: Any, bias: Any, a_scale: Any, a_zp: Any, stride: list[int],
+def _qdq_conv_onnx(x: Any, w: Any, w_scale: Any, bias: Any, a_scale: Any, a_zp: Any, stride: list[int],
                      padding: list[int], dilation: list[int]) -> Any:  # fmt: skip
     xd = op.DequantizeLinear(op.QuantizeLinear(x, a_scale, a_zp), a_scale, a_zp)
     wd = op.DequantizeLinear(w, w_scale, axis=0)
     return op.Conv(xd, wd, bias, **_conv_attrs(stride, padding, dilation))
 
 
-def _wo_conv2d_onnx(x: Any, w: Any, w_scale: Any, bias: Any, stride: list[int], padding: list[int],
+def _wo_conv_onnx(x: Any, w: Any, w_scale: Any, bias: Any, stride: list[int], padding: list[int],
                     dilation: list[int]) -> Any:  # fmt: skip
     wd = op.DequantizeLinear(w, w_scale, axis=0)
     return op.Conv(x, wd, bias, **_conv_attrs(stride, padding, dilation))
@@ -206,7 +220,7 @@ def _int_linear_onnx(x: Any, w_t: Any, out_scale: Any, bias: Any, a_scale: Any, 
     return op.Add(op.Mul(op.Cast(acc, to=1), out_scale), bias)  # to=1: FLOAT
 
 
-def _int_conv2d_onnx(x: Any, w: Any, out_scale: Any, bias: Any, a_scale: Any, a_zp: Any, stride: list[int],
+def _int_conv_onnx(x: Any, w: Any, out_scale: Any, bias: Any, a_scale: Any, a_zp: Any, stride: list[int],
                      padding: list[int], dilation: list[int]) -> Any:  # fmt: skip
     xq = op.QuantizeLinear(x, a_scale, a_zp)
     acc = op.ConvInteger(xq, w, a_zp, **_conv_attrs(stride, padding, dilation))
@@ -220,10 +234,10 @@ def _act_qdq_onnx(x: Any, a_scale: Any, a_zp: Any) -> Any:
 TRANSLATIONS: dict[Callable[..., Any], Callable[..., Any]] = {
     torch.ops.diffkiln.qdq_linear.default: _qdq_linear_onnx,
     torch.ops.diffkiln.wo_linear.default: _wo_linear_onnx,
-    torch.ops.diffkiln.qdq_conv2d.default: _qdq_conv2d_onnx,
-    torch.ops.diffkiln.wo_conv2d.default: _wo_conv2d_onnx,
+    torch.ops.diffkiln.qdq_conv.default: _qdq_conv_onnx,
+    torch.ops.diffkiln.wo_conv.default: _wo_conv_onnx,
     torch.ops.diffkiln.int_linear.default: _int_linear_onnx,
-    torch.ops.diffkiln.int_conv2d.default: _int_conv2d_onnx,
+    torch.ops.diffkiln.int_conv.default: _int_conv_onnx,
     torch.ops.diffkiln.act_qdq.default: _act_qdq_onnx,
 }
 """Custom op -> onnxscript translation, for ``torch.onnx.export(custom_translation_table=...)``."""

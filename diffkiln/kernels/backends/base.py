@@ -13,7 +13,7 @@ from typing import Protocol
 
 import torch
 
-from diffkiln.kernels.packing import unpack_codes
+from diffkiln.core.packing import unpack_codes
 
 __all__ = [
     "ActGrid",
@@ -115,7 +115,7 @@ class PackedWeights:
     """A layer's 4-, 3- or 2-bit weights as they stay resident: packed rows, optional group multipliers.
 
     Attributes:
-        packed: uint8 (N, packed_length(k, bits)), :func:`diffkiln.kernels.packing.pack_weights` layout.
+        packed: uint8 (N, packed_length(k, bits)), :func:`diffkiln.core.packing.pack_weights` layout.
         bits: 2, 3 or 4.
         k: the unpacked row length (the GEMM's K).
         group_mult: uint8 (N, ceil(k / group_size)) two-level group multipliers, or None.

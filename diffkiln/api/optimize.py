@@ -1,0 +1,214 @@
+"""``optimize``: a TARGET (built-in name or diffusers folder) to a bundle in one call, and the
+pieces it strings together: load -> calibrate -> plan (any recipe) -> export.
+
+Each stage is also a verb of its own (:func:`diffkiln.calibrate.calibrate`,
+:func:`diffkiln.optimizer.make_plan`, :func:`diffkiln.export.export_bundle`,
+:func:`diffkiln.runtime.load`); this module only strings them together with the settings
+``diffkiln optimize`` takes.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from diffkiln.calibrate import CalibrationConfig, CalibrationStats, calibrate
+from diffkiln.calibrate.prompts import generic_prompts
+from diffkiln.core.errors import BundleError, InvalidInputError
+from diffkiln.export import ExportConfig, FloatStorage, export_bundle
+from diffkiln.generation import load_pipeline, read_prompts
+from diffkiln.optimizer import (
+    MixedConfig,
+    SearchContext,
+    SensitivityTable,
+    W8A8Config,
+    make_plan,
+    mixed_sensitivity,
+    recipe_float_storage,
+    recipe_name,
+)
+from diffkiln.zoo.registry import ResolvedTarget, default_cache_dir, resolve_target
+
+__all__ = ["OptimizeConfig", "Prepared", "optimize", "prepare", "sensitivity"]
+
+
+@dataclass(frozen=True)
+class OptimizeConfig:
+    """Everything ``diffkiln optimize`` takes besides the model.
+
+    Attributes:
+        out: the bundle directory to write.
+        recipe: the recipe's config; its type selects the recipe (:class:`W8A8Config`,
+            :class:`MixedConfig`, ...). Default W8A8.
+        calib_prompts: a prompts file; None uses ``calib_size`` default prompts. Default None.
+        calib_size: how many samples to calibrate on (default prompts, or images / seeds for
+            pipelines without text). Default 32.
+        steps: sampler steps for calibration; None takes the model's default.
+        guidance: guidance scale for calibration; None takes the model's default.
+        call_kwargs: pipeline-call arguments for every call, as (name, value) pairs (height,
+            width, num_frames, max_sequence_length, ...); they override a built-in model's own.
+            Default none.
+        denoiser: the pipeline component to quantize; None finds it. Default None.
+        float_storage: how the bundle stores float tensors; None: the recipe's default (lossless
+            for w8a8, float16 for mixed). Default None.
+        overwrite: replace an existing bundle. Default False.
+        cache_dir: calibration and search cache; None uses :func:`default_cache_dir`.
+        seed: base seed for calibration. Default 0.
+        progress: show progress bars. Default True.
+    """
+
+    out: Path
+    recipe: Any = field(default_factory=W8A8Config)
+    calib_prompts: Path | None = None
+    calib_size: int = 32
+    steps: int | None = None
+    guidance: float | None = None
+    call_kwargs: tuple[tuple[str, Any], ...] = ()
+    denoiser: str | None = None
+    float_storage: FloatStorage | None = None
+    overwrite: bool = False
+    cache_dir: Path | None = None
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        recipe_name(self.recipe)  # an unregistered config type lists the valid ones
+        if self.calib_size <= 0:
+            raise InvalidInputError(f"calib_size must be a positive integer, got {self.calib_size}")
+        if self.steps is not None and self.steps <= 0:
+            raise InvalidInputError(f"steps must be a positive integer, got {self.steps}")
+        if self.guidance is not None and self.guidance < 0:
+            raise InvalidInputError(f"guidance must be >= 0, got {self.guidance}")
+
+    def resolved_float_storage(self) -> FloatStorage:
+        """The float storage: as given, or the recipe's default."""
+        return self.float_storage or FloatStorage(recipe_float_storage(self.recipe))
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A loaded, calibrated model: what every build verb starts from.
+
+    Attributes:
+        resolved: where the model came from.
+        pipe: the FP pipeline.
+        stats: its calibration statistics.
+        metrics: load and calibration timings and settings.
+    """
+
+    resolved: ResolvedTarget
+    pipe: Any
+    stats: CalibrationStats
+    metrics: dict[str, Any]
+
+    def context(self, config: OptimizeConfig) -> SearchContext:
+        """The search context of this model: its id, the cache, and a reload for worker processes."""
+        target = self.resolved.name if self.resolved.builtin is not None else str(self.resolved.path)
+        return SearchContext(
+            source_id=self.resolved.name,
+            cache_dir=config.cache_dir or default_cache_dir(),
+            progress=config.progress,
+            reload=functools.partial(load_pipeline, target),
+        )
+
+
+def _call_kwargs(resolved: ResolvedTarget, given: tuple[tuple[str, Any], ...]) -> tuple[tuple[str, Any], ...]:
+    merged: dict[str, Any] = {**resolved.call_kwargs, **dict(given)}
+    return tuple(merged.items())
+
+
+def prepare(target: str | os.PathLike[str], config: OptimizeConfig) -> Prepared:
+    """Load ``target`` and calibrate it with ``config``'s settings (statistics come from the cache
+    when the same weights, inputs and settings were calibrated before).
+
+    Raises:
+        ModelNotFoundError: the target does not resolve.
+        InvalidInputError: bad prompts file or settings, or a call argument the pipeline does not take.
+    """
+    resolved = resolve_target(target)
+    builtin = resolved.builtin
+    if config.calib_prompts:
+        prompts = read_prompts(config.calib_prompts)
+    else:
+        prompts = (builtin.calibration_prompts(config.calib_size) if builtin else None) or generic_prompts(
+            config.calib_size
+        )
+    steps = config.steps or (builtin.default_steps if builtin else 20)
+    guidance = config.guidance if config.guidance is not None else (builtin.default_guidance if builtin else 5.0)
+    t0 = time.perf_counter()
+    pipe = load_pipeline(resolved)
+    cal_cfg = CalibrationConfig(
+        tuple(prompts),
+        samples=len(prompts),
+        steps=steps,
+        guidance=guidance,
+        seed=config.seed,
+        cache_dir=config.cache_dir or default_cache_dir(),
+        progress=config.progress,
+        call_kwargs=_call_kwargs(resolved, config.call_kwargs),
+        denoiser=config.denoiser,
+    )
+    t1 = time.perf_counter()
+    stats = calibrate(pipe, cal_cfg)
+    t2 = time.perf_counter()
+    metrics = {
+        "load_seconds": round(t1 - t0, 3),
+        "calibrate_seconds": round(t2 - t1, 3),
+        "calibration_samples": len(prompts),
+        "calibration_steps": steps,
+        "calibration_guidance": guidance,
+        "denoiser": stats.denoiser,
+    }
+    return Prepared(resolved, pipe, stats, metrics)
+
+
+def optimize(target: str | os.PathLike[str], config: OptimizeConfig) -> Path:
+    """Build a bundle for ``target`` (a built-in name or a diffusers folder).
+
+    Returns:
+        The bundle directory.
+
+    Raises:
+        ModelNotFoundError: the target does not resolve.
+        InvalidInputError: bad settings or inputs, or an infeasible budget (the message names the
+            smallest feasible one).
+        BundleError: the output exists and ``overwrite`` is False.
+    """
+    if Path(config.out).exists() and not config.overwrite:
+        raise BundleError(f"{config.out} already exists; pass --overwrite to replace it")
+    prep = prepare(target, config)
+    t0 = time.perf_counter()
+    plan = make_plan(prep.pipe, prep.stats, config.recipe, prep.context(config))
+    metrics = {
+        **prep.metrics,
+        "plan_seconds": round(time.perf_counter() - t0, 3),
+        "quantized_layers": sum(lp.quantized for lp in plan.layers),
+        "fp_layers": sum(not lp.quantized for lp in plan.layers),
+    }
+    export_cfg = ExportConfig(Path(config.out), config.overwrite, config.resolved_float_storage())
+    return export_bundle(prep.pipe, plan, prep.stats, export_cfg, metrics)
+
+
+def sensitivity(target: str | os.PathLike[str], config: OptimizeConfig) -> tuple[SensitivityTable, float, str]:
+    """Run (or read back from the cache) the mixed recipe's sensitivity analysis alone.
+
+    Args:
+        target: a built-in name or a diffusers folder.
+        config: the settings; ``recipe`` must be a :class:`MixedConfig`.
+
+    Returns:
+        (the table, the seconds the analysis took, the model's name).
+
+    Raises:
+        InvalidInputError: ``config.recipe`` is not a MixedConfig.
+    """
+    if not isinstance(config.recipe, MixedConfig):
+        raise InvalidInputError("the sensitivity analysis belongs to the mixed recipe; pass a MixedConfig")
+    prep = prepare(target, config)
+    t0 = time.perf_counter()
+    _, table, _ = mixed_sensitivity(prep.pipe, prep.stats, config.recipe, prep.context(config))
+    return table, time.perf_counter() - t0, prep.resolved.name

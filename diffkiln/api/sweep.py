@@ -1,0 +1,102 @@
+"""Building the Pareto sweep: mixed bundles at several average weight bits, plus uniform W4A8 and
+W8A8 references, all from one calibration and one (cached) sensitivity analysis.
+
+``diffkiln.report.sweep`` then measures and renders them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from diffkiln.api.optimize import OptimizeConfig, Prepared, prepare
+from diffkiln.core.errors import InvalidInputError
+from diffkiln.core.plan import Plan
+from diffkiln.export import ExportConfig, export_bundle
+from diffkiln.optimizer import MixedConfig, WeightBudget, mixed_sensitivity, plan_w8a8, search_mixed, uniform_plan
+
+__all__ = ["SweepBuild", "SweepConfig", "build_sweep"]
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """What the sweep builds.
+
+    Attributes:
+        budgets: the average weight bits to build mixed bundles at. Default (3, 4, 5, 6, 8).
+        references: also build uniform W4A8 and W8A8 bundles. Default True.
+        match_uniform: with ``references``, also build ``mixed-at-uniform-w4a8``: a mixed bundle
+            whose budget is what uniform W4A8 spends, so the two compare at the same bytes.
+            Default True.
+    """
+
+    budgets: tuple[float, ...] = (3.0, 4.0, 5.0, 6.0, 8.0)
+    references: bool = True
+    match_uniform: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.budgets or any(not 2.0 <= b <= 16.0 for b in self.budgets):
+            raise InvalidInputError(f"sweep budgets must be averages within 2..16, got {self.budgets}")
+
+
+@dataclass(frozen=True)
+class SweepBuild:
+    """The sweep's bundles, by name (``mixed-w4``, ``uniform-w4a8``, ``w8a8``, ...), with the
+    calibrated model they were built from."""
+
+    prepared: Prepared
+    bundles: dict[str, Path]
+    layers: list[str]
+
+
+def _plans(prep: Prepared, config: OptimizeConfig, sweep: SweepConfig) -> dict[str, Plan]:
+    mixed: MixedConfig = config.recipe
+    context = prep.context(config)
+    base, _, _ = mixed_sensitivity(prep.pipe, prep.stats, mixed, context)
+    plans: dict[str, Plan] = {}
+    for budget in sweep.budgets:
+        cfg = dataclasses.replace(mixed, avg_weight_bits=float(budget))
+        try:
+            plans[f"mixed-w{budget:g}"] = search_mixed(prep.pipe, prep.stats, cfg, context).plan
+        except InvalidInputError as exc:
+            raise InvalidInputError(f"--sweep {budget:g}: {exc}") from None
+    if sweep.references:
+        uniform = uniform_plan(base, 4, group_size=mixed.group_size)
+        plans["uniform-w4a8"] = uniform
+        plans["w8a8"] = plan_w8a8(prep.pipe, prep.stats, dataclasses.replace(mixed.base_config(), scale_dtype="auto"),
+                                  context)  # fmt: skip
+        if sweep.match_uniform:
+            stored = mixed.budget is WeightBudget.STORED
+            spent = uniform.avg_stored_weight_bits if stored else uniform.avg_weight_bits
+            # Uniform W4A8 is one point of the search space, so its budget is always feasible.
+            matched = search_mixed(prep.pipe, prep.stats, dataclasses.replace(mixed, avg_weight_bits=spent), context)
+            plans["mixed-at-uniform-w4a8"] = matched.plan
+    return plans
+
+
+def build_sweep(target: str | os.PathLike[str], config: OptimizeConfig, sweep: SweepConfig) -> SweepBuild:
+    """Build the sweep's bundles under ``config.out`` (one folder each).
+
+    Args:
+        target: a built-in name or a diffusers folder.
+        config: the settings; ``recipe`` must be a :class:`MixedConfig` (the sweep varies its budget).
+        sweep: the budgets and references.
+
+    Raises:
+        InvalidInputError: ``config.recipe`` is not a MixedConfig, or a budget is infeasible.
+    """
+    if not isinstance(config.recipe, MixedConfig):
+        raise InvalidInputError("--sweep varies the mixed recipe's budget; use --recipe mixed")
+    prep = prepare(target, config)
+    plans = _plans(prep, config, sweep)
+    out = Path(config.out)
+    storage = config.resolved_float_storage()  # every bundle of the sweep stores floats alike
+    bundles: dict[str, Path] = {}
+    for name, plan in plans.items():
+        export_cfg = ExportConfig(out / name, overwrite=config.overwrite, float_storage=storage)
+        bundles[name] = export_bundle(prep.pipe, plan, prep.stats, export_cfg)
+    layers: list[Any] = [lp.name for lp in next(iter(plans.values())).layers]
+    return SweepBuild(prep, bundles, layers)

@@ -1,0 +1,178 @@
+"""Accumulate per-layer, per-step activation statistics from named forward hooks.
+
+Steps are told apart by the denoiser's timestep input (the data flow names it): within one
+pipeline call, each new timestep value starts the next step, so pipelines that call the denoiser
+twice per step (conditional and unconditional apart) or once per step both index right. A
+denoiser without a timestep input counts its calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from diffkiln.calibrate.dataflow import DataflowGraph, bind_call
+from diffkiln.calibrate.stats import LayerStats
+from diffkiln.core.hooks import scoped_hooks
+from diffkiln.core.layers import CONV_KINDS, find_quantizable_layers, layer_kind
+
+__all__ = ["Recorder", "recording"]
+
+
+def _timestep_value(value: Any) -> float | None:
+    if isinstance(value, torch.Tensor) and value.numel() > 0:
+        return float(value.detach().flatten()[0])
+    if isinstance(value, (int, float)):
+        return float(value)
+    return None
+
+
+def text_layers(graph: DataflowGraph) -> set[str]:
+    """Layers whose input is a text sequence: 3-D and derived from sequence inputs only."""
+    seq = set(graph.sequence_inputs)
+    return {n for n, f in graph.layers.items() if f.deps and set(f.deps) <= seq and len(f.input_shape) == 3}
+
+
+class Recorder:
+    """Accumulates statistics from forward hooks; one instance per calibration run.
+
+    Args:
+        graph: the denoiser's data flow (names the timestep and sequence inputs, and the layers
+            that read text).
+        samples_per_step: activation values kept per (layer, step).
+        seed: sampling seed.
+    """
+
+    def __init__(self, graph: DataflowGraph, samples_per_step: int, seed: int) -> None:
+        self.graph = graph
+        self.samples = samples_per_step
+        self.gen = torch.Generator().manual_seed(seed)
+        # Output samples draw from their own generator, so the input samples (and every plan made
+        # from them) do not depend on whether outputs are recorded.
+        self.out_gen = torch.Generator().manual_seed(seed + 1)
+        self.acc: dict[str, dict[str, Any]] = {}
+        self.sequences: dict[str, list[torch.Tensor]] = {}
+        self.text_layers = text_layers(graph)
+        self.timesteps: list[float] = []
+        self.calls = 0
+        self._call_steps: list[float] = []
+        self._call_count = 0
+        self.step = 0
+
+    def start_call(self) -> None:
+        """A new pipeline call begins: its steps count from 0 again."""
+        self._call_steps = []
+        self._call_count = 0
+
+    def on_denoiser(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.calls += 1
+        self._call_count += 1
+        bound = bind_call(module, args, kwargs)
+        t = _timestep_value(bound.get(self.graph.timestep_input)) if self.graph.timestep_input else None
+        if t is None:
+            self.step = self._call_count - 1
+        else:
+            if t not in self._call_steps:
+                self._call_steps.append(t)
+            self.step = self._call_steps.index(t)
+        if len(self.timesteps) <= self.step:
+            self.timesteps.append(t if t is not None else float(self.step))
+        if self.step == 0:
+            for name in self.graph.sequence_inputs:
+                value = bound.get(name)
+                if isinstance(value, torch.Tensor) and value.dim() == 3:
+                    self.sequences.setdefault(name, []).append(value.detach().float().cpu())
+
+    def on_layer(self, name: str, kind: str, x: torch.Tensor, out: torch.Tensor | None = None) -> None:
+        x = x.detach().float()
+        channel_dim = 1 if kind in CONV_KINDS else x.dim() - 1
+        dims = [d for d in range(x.dim()) if d != channel_dim]
+        a = self.acc.setdefault(
+            name,
+            {"kind": kind, "min": {}, "max": {}, "absmax": {}, "samples": {}, "pos": {}, "chan": {},
+             "spread": None, "rows": None, "out_min": {}, "out_max": {}, "out_samples": {}},
+        )  # fmt: skip
+        t = self.step
+        flat = x.flatten()
+        idx = torch.randint(0, flat.numel(), (self.samples,), generator=self.gen)
+        stride = 1
+        for d in range(channel_dim + 1, x.dim()):
+            stride *= x.shape[d]
+        a["chan"].setdefault(t, []).append(((idx // stride) % x.shape[channel_dim]).to(torch.int32))
+        if name in self.text_layers and x.dim() == 3:
+            # A text sequence: remember which position each sample came from, how much each
+            # position's row varies across prompts, and the rows themselves (for BOS rows).
+            a["pos"].setdefault(t, []).append((idx // x.shape[2]) % x.shape[1])
+            spread = (x.amax(0) - x.amin(0)).abs().amax(-1).cpu()
+            a["spread"] = spread if a["spread"] is None else torch.maximum(a["spread"], spread)
+            if a["rows"] is None:
+                a["rows"] = x[0].cpu().clone()
+        mn, mx = float(flat.min()), float(flat.max())
+        cab = x.abs().amax(dim=dims).cpu()
+        a["min"][t] = min(mn, a["min"].get(t, mn))
+        a["max"][t] = max(mx, a["max"].get(t, mx))
+        a["absmax"][t] = torch.maximum(cab, a["absmax"][t]) if t in a["absmax"] else cab
+        a["samples"].setdefault(t, []).append(flat[idx.to(flat.device)].cpu())
+        if out is not None:
+            y = out.detach().float().flatten()
+            oidx = torch.randint(0, y.numel(), (self.samples,), generator=self.out_gen)
+            omn, omx = float(y.min()), float(y.max())
+            a["out_min"][t] = min(omn, a["out_min"].get(t, omn))
+            a["out_max"][t] = max(omx, a["out_max"].get(t, omx))
+            a["out_samples"].setdefault(t, []).append(y[oidx.to(y.device)].cpu())
+
+    def finish(self) -> dict[str, LayerStats]:
+        """The accumulated statistics, one LayerStats per layer that ran."""
+        out = {}
+        g = torch.Generator().manual_seed(0)
+        out_g = torch.Generator().manual_seed(1)
+        for name, a in self.acc.items():
+            steps = sorted(a["min"])
+            samples, positions, channels, out_samples = [], [], [], []
+            for t in steps:
+                pool = torch.cat(a["samples"][t])
+                keep = torch.randperm(pool.numel(), generator=g)[: self.samples]
+                samples.append(pool[keep])
+                channels.append(torch.cat(a["chan"][t])[keep])
+                if a["pos"]:
+                    positions.append(torch.cat(a["pos"][t])[keep].to(torch.int32))
+                if a["out_samples"]:
+                    opool = torch.cat(a["out_samples"][t])
+                    out_samples.append(opool[torch.randperm(opool.numel(), generator=out_g)[: self.samples]])
+            empty = torch.zeros(0)
+            out[name] = LayerStats(
+                kind=a["kind"],
+                min=torch.tensor([a["min"][t] for t in steps]),
+                max=torch.tensor([a["max"][t] for t in steps]),
+                channel_absmax=torch.stack([a["absmax"][t] for t in steps]),
+                samples=torch.stack(samples),
+                sample_positions=torch.stack(positions) if positions else empty.to(torch.int32),
+                text_spread=a["spread"] if a["spread"] is not None else empty,
+                text_rows=a["rows"] if a["rows"] is not None else empty,
+                sample_channels=torch.stack(channels),
+                out_min=torch.tensor([a["out_min"][t] for t in steps]) if out_samples else empty,
+                out_max=torch.tensor([a["out_max"][t] for t in steps]) if out_samples else empty,
+                out_samples=torch.stack(out_samples) if out_samples else empty,
+            )
+        return out
+
+
+@contextlib.contextmanager
+def recording(denoiser: nn.Module, rec: Recorder) -> Iterator[None]:
+    """Named hooks that feed ``rec`` from the denoiser and each of its layers; always removed."""
+    with scoped_hooks() as hooks:
+        hooks.add_forward_pre_hook("diffkiln.calib.denoiser", denoiser, rec.on_denoiser)
+        for name, module in find_quantizable_layers(denoiser).items():
+            kind = layer_kind(module) or ""
+
+            def hook(
+                _m: nn.Module, args: tuple[Any, ...], _kw: dict[str, Any], out: Any, name: str = name, kind: str = kind
+            ) -> None:
+                rec.on_layer(name, kind, args[0], out if kind in CONV_KINDS else None)
+
+            hooks.add_forward_hook(f"diffkiln.calib.{name}", module, hook)
+        yield

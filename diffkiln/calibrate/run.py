@@ -1,0 +1,249 @@
+"""The ``calibrate`` verb: run the FP pipeline (or drive a bare module) and record its statistics.
+
+For a pipeline: the denoiser is found (:func:`diffkiln.core.pipelines.choose_denoiser`), the
+per-sample inputs come from a source (:mod:`diffkiln.calibrate.sources`: prompts, images, class
+labels, or none), and the user's call arguments go to every call. Before the run, the sampler's
+first denoiser call is captured (the pipeline stops there) and its data flow traced
+(:mod:`diffkiln.calibrate.dataflow`); for text pipelines, two long probe prompts are captured the
+same way, so that only text positions that stay the same when every position holds a real token
+count as prompt-invariant (BOS), never padding. Results are cached on disk, keyed by a hash of
+the weights, the inputs and the settings.
+
+For a bare module: the calls are the user's (a list of keyword-argument dicts, or a callable that
+drives the module); nothing is cached and no text position is verified (no tokens to probe).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from diffkiln.calibrate.config import CalibrationConfig
+from diffkiln.calibrate.dataflow import DataflowGraph, bind_call, trace_dataflow
+from diffkiln.calibrate.prompts import PROBE_PROMPTS
+from diffkiln.calibrate.recorder import Recorder, recording
+from diffkiln.calibrate.sources import CallSource, PromptSource, batch_kwargs, source_for
+from diffkiln.calibrate.stats import CalibrationStats
+from diffkiln.core.errors import InvalidInputError
+from diffkiln.core.hooks import scoped_hooks
+from diffkiln.core.pipelines import (
+    DenoiserChoice,
+    accepted_call_kwargs,
+    choose_denoiser,
+    pipeline_weight_hash,
+    step_callback_kwargs,
+)
+
+__all__ = ["ModuleInputs", "calibrate", "pipeline_call_kwargs"]
+
+ModuleInputs = Sequence[dict[str, Any]] | Callable[[nn.Module], Any]
+"""A bare module's calibration calls: keyword-argument dicts, one per call, or a callable that
+drives the module (e.g. the user's own sampling loop)."""
+
+_REL_TOL = 1e-6
+
+
+class _Captured(Exception):
+    """Raised by a pre-hook to stop a pipeline at the denoiser's first call, carrying its inputs."""
+
+    def __init__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        super().__init__("first denoiser call captured")
+        self.args, self.kwargs = args, kwargs
+
+
+def _capture_first_call(denoiser: nn.Module, run: Callable[[], Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The inputs of the denoiser's first call when ``run()`` runs; ``run`` stops right there."""
+
+    def stop(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        raise _Captured(args, dict(kwargs))
+
+    with scoped_hooks() as hooks, torch.no_grad():
+        hooks.add_forward_pre_hook("diffkiln.calib.capture", denoiser, stop)
+        try:
+            run()
+        except _Captured as cap:
+            return cap.args, cap.kwargs
+    raise InvalidInputError(f"the run never called the denoiser ({type(denoiser).__name__}); name it with --denoiser")
+
+
+def pipeline_call_kwargs(pipe: Any, config: CalibrationConfig, output_type: str = "latent") -> dict[str, Any]:
+    """The arguments every calibration call of ``pipe`` gets besides its samples and generators:
+    steps, guidance and output type where the pipeline takes them, and the user's call arguments
+    (each must be one the pipeline takes).
+
+    Raises:
+        InvalidInputError: a call argument the pipeline does not take.
+    """
+    defaults: dict[str, Any] = {"num_inference_steps": config.steps, "output_type": output_type}
+    if config.guidance is not None:
+        defaults["guidance_scale"] = config.guidance
+    return {**accepted_call_kwargs(pipe, defaults), **accepted_call_kwargs(pipe, dict(config.call_kwargs), strict=True)}
+
+
+def _size_hint(config: CalibrationConfig) -> tuple[int, int]:
+    kw = dict(config.call_kwargs)
+    return int(kw.get("height", 64)), int(kw.get("width", 64))
+
+
+def _verified_positions(rows: torch.Tensor, probes: torch.Tensor | None) -> list[int]:
+    """Positions whose row is the same in every calibration row and every probe row."""
+    if rows.numel() == 0 or probes is None or probes.shape[1:] != rows.shape[1:]:
+        return []
+    allrows = torch.cat([rows, probes]).float()
+    spread = (allrows.amax(0) - allrows.amin(0)).abs().amax(-1)
+    scale = float(allrows.abs().amax()) or 1.0
+    return [i for i, v in enumerate(spread.tolist()) if v <= _REL_TOL * scale]
+
+
+def _bos(graph: DataflowGraph, sequences: dict[str, torch.Tensor], probes: dict[str, torch.Tensor]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, rows in sequences.items():
+        positions = _verified_positions(rows, probes.get(name))
+        out[name] = {
+            "positions": positions,
+            "evidence": (
+                f"rows identical across {rows.shape[0]} calibration rows and {probes[name].shape[0]} rows of two "
+                "full-length probe prompts (every position a real token)"
+                if name in probes
+                else "not verified: no probe prompts"
+            ),
+        }
+    return out
+
+
+def _run_pipeline(
+    pipe: Any, choice: DenoiserChoice, source: CallSource, config: CalibrationConfig, model_hash: str
+) -> CalibrationStats:
+    denoiser = choice.module
+    common = pipeline_call_kwargs(pipe, config)
+    pipe.set_progress_bar_config(disable=True)
+    n = len(source)
+
+    def call(samples: list[dict[str, Any]], first_seed: int, **extra: Any) -> Any:
+        gens = [torch.Generator().manual_seed(first_seed + i) for i in range(len(samples))]
+        return pipe(**batch_kwargs(pipe, samples), generator=gens, **common, **extra)
+
+    first_batch = [source.sample(i) for i in range(min(config.batch_size, n))]
+    args, kwargs = _capture_first_call(denoiser, lambda: call(first_batch, config.seed))
+    graph = trace_dataflow(denoiser, args, kwargs)
+    probes: dict[str, torch.Tensor] = {}
+    if config.bos_probe and isinstance(source, PromptSource) and graph.sequence_inputs:
+        probe_samples = [{**first_batch[0], "prompt": p} for p in PROBE_PROMPTS]
+        pargs, pkwargs = _capture_first_call(denoiser, lambda: call(probe_samples, config.seed))
+        bound = bind_call(denoiser, pargs, pkwargs)
+        probes = {
+            k: bound[k].detach().float().cpu() for k in graph.sequence_inputs if isinstance(bound.get(k), torch.Tensor)
+        }
+    rec = Recorder(graph, config.samples_per_step, config.seed)
+    bar = tqdm(total=n * config.steps, desc="calibrating", unit="sample-step", disable=not config.progress)
+    with recording(denoiser, rec), torch.no_grad():
+        for start in range(0, n, config.batch_size):
+            samples = [source.sample(i) for i in range(start, min(start + config.batch_size, n))]
+            rec.start_call()
+
+            def on_step(_p: Any, _i: int, _t: Any, kw: dict[str, Any], size: int = len(samples)) -> dict[str, Any]:
+                bar.update(size)
+                return kw
+
+            call(samples, config.seed + start, **step_callback_kwargs(pipe, on_step))
+    bar.close()
+    if rec.calls == 0:
+        name = choice.name or "the denoiser"
+        raise InvalidInputError(f"the sampler never called {name}; name the denoiser with --denoiser")
+    sequences = {k: torch.cat(v) for k, v in rec.sequences.items()}
+    return CalibrationStats(
+        layers=rec.finish(),
+        timesteps=rec.timesteps,
+        model_hash=model_hash,
+        settings={**config.key_fields(), "source": source.describe()},
+        sequences=sequences,
+        graph=graph,
+        bos=_bos(graph, sequences, probes),
+        denoiser=choice.name,
+    )
+
+
+def _run_module(module: nn.Module, inputs: ModuleInputs, config: CalibrationConfig) -> CalibrationStats:
+    if callable(inputs):
+        drive = inputs
+        args, kwargs = _capture_first_call(module, lambda: drive(module))
+    else:
+        calls = list(inputs)
+        if not calls or not all(isinstance(c, dict) for c in calls):
+            raise InvalidInputError("module calibration needs a non-empty list of keyword-argument dicts, one per call")
+
+        def drive(m: nn.Module) -> None:
+            for kw in calls:
+                m(**kw)
+
+        args, kwargs = (), dict(calls[0])
+    graph = trace_dataflow(module, args, kwargs)
+    rec = Recorder(graph, config.samples_per_step, config.seed)
+    rec.start_call()
+    with recording(module, rec), torch.no_grad():
+        drive(module)
+    if rec.calls == 0:
+        raise InvalidInputError("the calibration inputs never called the module")
+    return CalibrationStats(
+        layers=rec.finish(),
+        timesteps=rec.timesteps,
+        model_hash="",
+        settings={"module_calls": rec.calls, "samples_per_step": config.samples_per_step, "seed": config.seed},
+        sequences={k: torch.cat(v) for k, v in rec.sequences.items()},
+        graph=graph,
+        bos={},
+        denoiser="",
+    )
+
+
+def calibrate(
+    target: Any,
+    config: CalibrationConfig | None = None,
+    *,
+    inputs: ModuleInputs | None = None,
+    source: CallSource | None = None,
+) -> CalibrationStats:
+    """Record the activation statistics of a pipeline's denoiser, or of a bare module.
+
+    Args:
+        target: a diffusers pipeline, or an ``nn.Module`` (with ``inputs``).
+        config: calibration settings; for a module, only ``samples_per_step`` and ``seed`` apply
+            (default: those defaults).
+        inputs: a module's calls (:data:`ModuleInputs`); pipelines take none.
+        source: a pipeline's per-sample inputs; None picks them from its signature
+            (:func:`diffkiln.calibrate.sources.source_for`) with ``config.prompts``.
+
+    Returns:
+        The statistics; for a pipeline, from the disk cache when the same weights, inputs and
+        settings were calibrated before.
+
+    Raises:
+        InvalidInputError: bad inputs or settings, a call argument the pipeline does not take, or
+            a denoiser the sampler never calls.
+    """
+    if isinstance(target, nn.Module):
+        if inputs is None:
+            raise InvalidInputError("calibrating a bare module needs inputs: a list of forward kwargs or a callable")
+        return _run_module(target, inputs, config or CalibrationConfig(samples=1))
+    if inputs is not None:
+        raise InvalidInputError("a pipeline is calibrated from its own calls; pass a source, not inputs")
+    if config is None:
+        raise InvalidInputError("calibrating a pipeline needs a CalibrationConfig (prompts or samples)")
+    choice = choose_denoiser(target, config.denoiser)
+    source = source or source_for(target, config.prompts, config.count, config.seed, _size_hint(config))
+    model_hash = pipeline_weight_hash(target)
+    key_data = {"model": model_hash, **config.key_fields(), "source": source.describe()}
+    key = hashlib.sha256(json.dumps(key_data, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    cache_path = config.cache_dir / f"calib-{key}.safetensors" if config.cache_dir else None
+    if cache_path is not None and cache_path.is_file():
+        return CalibrationStats.load(cache_path)
+    stats = _run_pipeline(target, choice, source, config, model_hash)
+    if cache_path is not None:
+        stats.save(cache_path)
+    return stats

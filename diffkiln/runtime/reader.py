@@ -1,0 +1,176 @@
+"""Read a verified bundle into modules: the denoiser built without its float weights, or the
+bundle's layers put into the user's own model object.
+
+Loading never unpickles and never imports code a bundle names beyond diffusers, transformers and
+diffusers' pipeline modules: tensors come from safetensors, metadata from JSON.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from diffkiln.core.derived import check_derived_buffers, real_buffers_meta_params
+from diffkiln.core.errors import BundleError, InvalidInputError
+from diffkiln.core.layers import find_quantizable_layers, layer_kind
+from diffkiln.core.pipelines import assemble_pipeline, resolve_component_class
+from diffkiln.core.schema import LoadedBundle, read_json, read_manifest, verify_files
+from diffkiln.nn.swap import replace_layers
+
+__all__ = ["build_denoiser", "load_into", "open_bundle"]
+
+
+def _set_tensor(root: nn.Module, name: str, value: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = root.get_submodule(module_name) if module_name else root
+    current = module._parameters.get(attr, module._buffers.get(attr))
+    if current is not None and current.is_floating_point() and value.is_floating_point():
+        value = value.to(current.dtype)  # stored as FP16; the model runs in its own dtype
+    if attr in module._parameters:
+        module._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    else:
+        module._buffers[attr] = value
+
+
+def _denoiser_class(bundle: Path, pipe_info: dict[str, Any]) -> Any:
+    """The denoiser's class: from its ``model_index.json`` entry (diffusers, or a diffusers
+    pipeline module such as ``stable_audio``), else diffusers' top level."""
+    library = "diffusers"
+    index_path = bundle / "model_index.json"
+    if index_path.is_file():
+        entry = read_json(index_path).get(pipe_info["denoiser"])
+        if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str):
+            library = entry[0]
+    try:
+        return resolve_component_class(library, str(pipe_info["denoiser_class"]))
+    except InvalidInputError as exc:
+        raise BundleError(f"cannot build the denoiser: {exc}") from None
+
+
+def build_denoiser(bundle: Path, manifest: dict[str, Any]) -> nn.Module:
+    """The bundle's denoiser with its integer layers, built on the meta device and filled from the
+    weights file (the manifest must already be verified).
+
+    Raises:
+        BundleError: the weights file and the manifest disagree, or a tensor is missing.
+    """
+
+    pipe_info, quant = manifest["pipeline"], manifest["quant"]
+    cls = _denoiser_class(bundle, pipe_info)
+    config = cls.load_config(bundle / pipe_info["denoiser"])
+    derived = quant.get("derived_buffers", {})
+    # Parameters on meta (they come from the bundle); buffers real when the constructor's tables
+    # are used instead of stored ones.
+    with real_buffers_meta_params() if derived else torch.device("meta"):
+        denoiser = cls.from_config(config)
+    check_derived_buffers(denoiser, derived)
+    for name, buf in list(denoiser.named_buffers()):
+        if name not in derived and not buf.is_meta:  # from the bundle: on meta until filled, missing is an error
+            module_name, _, attr = name.rpartition(".")
+            denoiser.get_submodule(module_name)._buffers[attr] = torch.empty_like(buf, device="meta")
+    per_layer, fp = _read_tensors(bundle, manifest)
+    metas = {name: info["meta"] for name, info in quant["layers"].items()}
+    try:
+        replace_layers(denoiser, per_layer, metas)
+    except KeyError as exc:
+        raise BundleError(str(exc)) from None
+    for key, t in fp.items():
+        _set_tensor(denoiser, key, t)
+    left = [n for n, t in [*denoiser.named_parameters(), *denoiser.named_buffers()] if t.is_meta]
+    if left:
+        raise BundleError(f"the bundle lacks {len(left)} denoiser tensor(s), e.g. {left[:3]}")
+    return denoiser.eval()
+
+
+def _read_tensors(
+    bundle: Path, manifest: dict[str, Any]
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """(per quantized layer: its tensors by suffix; FP tensors by parameter name)."""
+    quant = manifest["quant"]
+    try:
+        tensors = load_file(str(bundle / quant["weights_file"]))
+    except Exception as exc:  # safetensors raises several types for malformed files
+        raise BundleError(f"cannot read {quant['weights_file']}: {exc}") from None
+    per_layer: dict[str, dict[str, torch.Tensor]] = {}
+    fp: dict[str, torch.Tensor] = {}
+    for key, t in tensors.items():
+        if key.startswith("fp::"):
+            fp[key[4:]] = t
+        else:
+            layer, _, suffix = key.partition("::")
+            per_layer.setdefault(layer, {})[suffix] = t
+    if set(per_layer) != set(quant["layers"]):
+        raise BundleError("the weights file and the manifest disagree on which layers are quantized")
+    return per_layer, fp
+
+
+def load_into(model: nn.Module, bundle: str | os.PathLike[str]) -> nn.Module:
+    """Put a bundle's quantized layers and float tensors into ``model`` itself (in place).
+
+    For a module bundle (``diffkiln.export_bundle`` of a bare module) or a pipeline bundle's
+    denoiser, and the user's own model object of the same architecture: every quantized layer
+    must be a quantizable layer of the same kind and weight shape in ``model``, and every float
+    tensor a parameter or buffer of the same shape. Nothing is changed until all of that is checked.
+
+    Returns:
+        ``model``, its layers replaced by integer modules.
+
+    Raises:
+        BundleError: the bundle fails its checks, or does not fit ``model`` (the message names the
+            first mismatch).
+    """
+    path = Path(bundle)
+    manifest = read_manifest(path)
+    verify_files(path, manifest)
+    per_layer, fp = _read_tensors(path, manifest)
+    metas = {name: info["meta"] for name, info in manifest["quant"]["layers"].items()}
+    layers = find_quantizable_layers(model)
+    for name, meta in metas.items():
+        module = layers.get(name)
+        if module is None or layer_kind(module) != meta.get("kind"):
+            raise BundleError(f"the bundle's layer {name!r} ({meta.get('kind')}) is not a layer of this model")
+        weight = module.weight
+        if isinstance(weight, torch.Tensor) and list(weight.shape) != list(meta.get("weight_shape") or []):
+            shape = meta.get("weight_shape")
+            raise BundleError(f"{name}: the bundle's weight shape {shape} is not this model's {list(weight.shape)}")
+    own = dict([*model.named_parameters(), *model.named_buffers()])
+    for key, t in fp.items():
+        if key not in own or tuple(own[key].shape) != tuple(t.shape):
+            raise BundleError(f"the bundle's tensor {key!r} {tuple(t.shape)} does not fit this model")
+    derived = manifest["quant"].get("derived_buffers", {})
+    check_derived_buffers(model, derived)
+    quantized = {f"{layer}.{p}" for layer in metas for p, _ in layers[layer].named_parameters(recurse=False)}
+    missing = sorted(set(own) - set(fp) - set(derived) - quantized)
+    if missing:
+        raise BundleError(f"the bundle lacks {len(missing)} tensor(s) of this model, e.g. {missing[:3]}")
+    replace_layers(model, per_layer, metas)
+    with torch.no_grad():
+        for key, t in fp.items():
+            _set_tensor(model, key, t)
+    return model.eval()
+
+
+def open_bundle(bundle: str | os.PathLike[str]) -> LoadedBundle:
+    """Verify and load a bundle on CPU: its denoiser, and for a pipeline bundle the pipeline.
+
+    Raises:
+        BundleError: the bundle is missing, corrupt, truncated, tampered, of a future version, or
+            names a class diffkiln does not import.
+    """
+    path = Path(bundle)
+    manifest = read_manifest(path)
+    verify_files(path, manifest)
+    if manifest.get("kind") == "module":
+        raise BundleError(f"{path} holds a bare module; put it into your model with diffkiln.runtime.load_into")
+    denoiser = build_denoiser(path, manifest)
+    try:
+        pipe = assemble_pipeline(path, {manifest["pipeline"]["denoiser"]: denoiser})
+    except InvalidInputError as exc:
+        raise BundleError(f"cannot assemble the pipeline: {exc}") from None
+    pipe.diffkiln_manifest = manifest
+    return LoadedBundle(path, manifest, denoiser, pipe)

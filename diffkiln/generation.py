@@ -27,7 +27,13 @@ from tqdm.auto import tqdm
 from diffkiln.calibrate.sources import CallSource, PromptSource, batch_kwargs, source_for
 from diffkiln.core.errors import InvalidInputError
 from diffkiln.core.hooks import scoped_hooks
-from diffkiln.core.pipelines import accepted_call_kwargs, find_denoiser, pipeline_media, step_callback_kwargs
+from diffkiln.core.pipelines import (
+    accepted_call_kwargs,
+    call_parameters,
+    find_denoiser,
+    pipeline_media,
+    step_callback_kwargs,
+)
 from diffkiln.zoo.registry import ResolvedTarget, resolve_target
 
 __all__ = [
@@ -168,7 +174,8 @@ def _source(pipe: Any, prompts: Sequence[str], samples: int | None, seed: int, c
     blank = [i for i, p in enumerate(prompts) if not p.strip()]
     if blank:
         raise InvalidInputError(f"prompt(s) at position {blank} are empty; every prompt needs text")
-    count = samples or len(prompts) or 1
+    takes_text = "prompt" in call_parameters(pipe)
+    count = len(prompts) if takes_text and prompts else (samples or len(prompts) or 1)
     source = source_for(pipe, prompts or ["."], count, seed, (int(call_kwargs.get("height", 64)),
                                                               int(call_kwargs.get("width", 64))))  # fmt: skip
     if isinstance(source, PromptSource) and not prompts:

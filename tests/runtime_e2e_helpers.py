@@ -62,3 +62,12 @@ def build_packed_bundle(pipe: Any, out: Any, specs: Any, steps: int = 4) -> tupl
     )
     plan = dataclasses.replace(plan, layers=layers)
     return export_bundle(pipe, plan, stats, ExportConfig(out, float_storage=FloatStorage.FLOAT16)), plan
+
+
+def onnx_denoiser(bundle: Any, config: Any) -> Path:
+    """Export only a bundle's denoiser to ONNX (through the public ``convert``); its file."""
+    import dataclasses
+
+    from diffkiln.api import convert
+
+    return convert(bundle, dataclasses.replace(config, components=False)) / "denoiser.onnx"

@@ -116,7 +116,7 @@ def test_generate_and_report_on_the_bundle_with_regression_gate(bundle: Path, tm
     assert cmp["no_bos"]["latent_sqnr_db"] > 5 and "content_accuracy" in cmp["no_bos"]
     # The bundle smooths (the default), so the pair is also built without smoothing, where a BOS
     # outlier that smoothing could move into the weights stays in the activations.
-    assert json.loads((bundle / "manifest.json").read_text())["plan"]["notes"]["quantize_config"]["smooth"] == "auto"
+    assert json.loads((bundle / "manifest.json").read_text())["plan"]["notes"]["recipe_config"]["smooth"] == "auto"
     off = cmp["smoothing_off"]
     assert off["bos_aware"]["latent_sqnr_db"] > 5 and off["no_bos"]["latent_sqnr_db"] > 5
     html = (out / "report.html").read_text()
@@ -177,12 +177,23 @@ def test_mixed_sweep_and_sensitivity_from_the_command_line(tmp_path: Path, capsy
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--recipe", "mixed", "--weight-bits", "1"], "2..16"),
+        (["--recipe", "mixed", "--avg-weight-bits", "1"], "2..16"),
+        (["--recipe", "mixed", "--weight-bits", "4"], "--weight-bits does not apply to --recipe mixed"),
         (["--recipe", "mixed", "--weight-candidates", "5,16"], "2, 3, 4, 8, 16"),
         (["--recipe", "w8a8", "--weight-bits", "4"], "--recipe mixed"),
-        (["--recipe", "w8a8", "--sweep", "4"], "--sweep needs --recipe mixed"),
+        (["--recipe", "w8a8", "--sweep", "4"], "use --recipe mixed"),
+        (["--recipe", "w8a8", "--avg-weight-bits", "4"], "--avg-weight-bits does not apply to --recipe w8a8"),
+        (["--recipe", "w4"], "unknown recipe 'w4'; valid: mixed, w8a8"),
     ],
-    ids=["mixed-1-bit", "mixed-3-bit-candidate", "w8a8-4-bits", "sweep-without-mixed"],
+    ids=[
+        "mixed-1-bit",
+        "mixed-grid-option",
+        "mixed-3-bit-candidate",
+        "w8a8-4-bits",
+        "sweep-without-mixed",
+        "w8a8-average-option",
+        "unknown-recipe",
+    ],
 )
 def test_bad_mixed_options_fail_with_one_line(
     random_unet_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str

@@ -62,7 +62,7 @@ class QConv(IntGemm):
     def _dequantized_weight(self) -> torch.Tensor:
         k = self.codes_t().t().reshape(self.out_channels, self.in_channels, *self.kernel_size)
         scale, _ = self.scale_and_bias()
-        return k.to(torch.float32) * scale.view(-1, *([1] * len(self.kernel_size)))
+        return k.to(torch.float32) * scale.view(-1, *([1] * (k.dim() - 1)))
 
     def extra_repr(self) -> str:
         requant = ", output requantized to int8" if self.output_grid is not None else ""

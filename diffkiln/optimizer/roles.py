@@ -8,8 +8,8 @@ Two kinds of role:
   carries no latent and its output feeds other layers before it meets the latent), has its weight
   read by its parent, never ran, or has no integer kernel here. Each comes with its evidence.
 * **MixDQ's sensitivity groups** (:func:`sensitivity_groups`): *content* layers, where text meets
-  image (the query, key, value and output layers of attentions whose key/value come from another
-  tensor than their query: cross and joint attention) and the two layers of each feed-forward
+  image (the query, key, value and output layers of attentions whose projections read more than
+  one tensor: cross and joint attention) and the two layers of each feed-forward
   pair (a Linear whose output feeds exactly one Linear that reads nothing else), are scored by
   final-image SSIM; every other layer is a *quality* layer, scored by denoiser-output SQNR.
 
@@ -117,13 +117,13 @@ class LayerRole(str, Enum):
 
 
 def _text_meets_image(graph: DataflowGraph) -> set[str]:
-    """Query, key, value and output layers of attentions whose key/value read another tensor than
-    their query."""
+    """Query, key, value and output layers of attentions whose projections read more than one
+    tensor: cross attention (query from one, key/value from another) and joint attention (each
+    projected from both and concatenated); a self-attention's projections all read one tensor."""
     out: set[str] = set()
     for att in graph.attentions:
-        q_groups = {graph.layers[n].input_group for n in att.query if n in graph.layers}
-        kv_groups = {graph.layers[n].input_group for n in (*att.key, *att.value) if n in graph.layers}
-        if kv_groups and kv_groups != q_groups:
+        groups = {graph.layers[n].input_group for n in (*att.query, *att.key, *att.value) if n in graph.layers}
+        if len(groups) > 1:
             out.update(att.query, att.key, att.value, graph.attention_outputs(att.index))
     return out
 

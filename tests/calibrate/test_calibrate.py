@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,7 @@ def test_second_calibration_comes_from_the_cache(random_shapes_pipelines, tmp_pa
     first = calibrate(pipe, cfg)
     assert len(list(tmp_path.glob("calib-*.safetensors"))) == 1
 
+    @functools.wraps(type(pipe).__call__)  # keeps the signature the inputs are chosen from
     def refuse(*_a, **_k):
         raise AssertionError("recalibrated although the cache holds these stats")
 
@@ -77,7 +79,8 @@ def test_hooks_are_removed_even_when_the_body_raises() -> None:
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "msg"), [({"prompts": ()}, "at least one prompt"), ({"prompts": ("x",), "steps": 0}, "steps")]
+    ("kwargs", "msg"),
+    [({"prompts": ()}, "needs prompts, or a number of samples"), ({"prompts": ("x",), "steps": 0}, "steps")],
 )
 def test_config_rejects_bad_values(kwargs, msg) -> None:
     with pytest.raises(ValueError, match=msg):

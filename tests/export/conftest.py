@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from diffkiln.api import convert
 from diffkiln.export import FloatStorage
 from diffkiln.optimizer import SmoothMode, W8A8Config
 from tests.runtime_e2e_helpers import build_bundle
@@ -27,6 +28,6 @@ def unet_bundle(shapes_pipelines, tmp_path_factory: pytest.TempPathFactory) -> P
 @pytest.fixture(scope="session")
 def unet_onnx(unet_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The bundle exported to ONNX: every component, dynamic axes."""
-    from diffkiln.export.onnx import OnnxExportConfig, export_onnx
+    from diffkiln.export.onnx import OnnxExportConfig
 
-    return export_onnx(unet_bundle, OnnxExportConfig(tmp_path_factory.mktemp("onnx") / "o"))
+    return convert(unet_bundle, OnnxExportConfig(tmp_path_factory.mktemp("onnx") / "o"))

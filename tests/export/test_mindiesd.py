@@ -12,11 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from diffkiln.api import convert
 from diffkiln.core.hooks import recording_calls
 from diffkiln.core.metrics import sqnr_db
 from diffkiln.core.plan import ActMode
 from diffkiln.export import FloatStorage
-from diffkiln.export.mindiesd import MindieExportConfig, MindieExportError, MindieFloat, export_mindiesd
+from diffkiln.export.mindiesd import MindieExportConfig, MindieExportError, MindieFloat
 from diffkiln.optimizer import SearchContext, SmoothMode, W8A8Config
 from diffkiln.runtime import load
 from tests.export.mindiesd_loader import load_mindiesd
@@ -46,7 +47,7 @@ def w8a8_smooth_bundle(shapes_pipelines, tmp_path_factory: pytest.TempPathFactor
 
 
 def test_seven_bit_grids_are_listed_as_widened(unet_bundle: Path, tmp_path: Path) -> None:
-    out = export_mindiesd(unet_bundle, MindieExportConfig(tmp_path / "md"))
+    out = convert(unet_bundle, MindieExportConfig(tmp_path / "md"))
     meta = json.loads((out / "diffkiln_export.json").read_text())
     layers = json.loads((unet_bundle / "manifest.json").read_text())["quant"]["layers"]
     assert set(meta["widened"]) == set(layers) and all("7-bit" in v for v in meta["widened"].values())
@@ -55,7 +56,7 @@ def test_seven_bit_grids_are_listed_as_widened(unet_bundle: Path, tmp_path: Path
 @pytest.mark.parametrize("dtype", [MindieFloat.FLOAT16, MindieFloat.BFLOAT16], ids=["float16", "bfloat16"])
 def test_static_w8a8_files_reproduce_the_bundle(w8a8_smooth_bundle: Path, tmp_path: Path, dtype: MindieFloat) -> None:
     unet_bundle = w8a8_smooth_bundle
-    out = export_mindiesd(unet_bundle, MindieExportConfig(tmp_path / "md", dtype=dtype))
+    out = convert(unet_bundle, MindieExportConfig(tmp_path / "md", dtype=dtype))
     description = json.loads((out / "quant_model_description_w8a8.json").read_text())
     tensors = load_file(str(out / "quant_model_weight_w8a8.safetensors"))
     assert description["model_quant_type"] == "W8A8"
@@ -84,7 +85,7 @@ def test_dynamic_bundle_writes_the_dynamic_variant(shapes_pipelines, tmp_path: P
     config = W8A8Config(act_mode=ActMode.DYNAMIC)
     pipe = shapes_pipelines["shapes-unet"]
     bundle, _ = build_bundle(pipe, config, tmp_path / "b", float_storage=FloatStorage.FLOAT16)
-    out = export_mindiesd(bundle, MindieExportConfig(tmp_path / "md"))
+    out = convert(bundle, MindieExportConfig(tmp_path / "md"))
     description = json.loads((out / "quant_model_description_w8a8_dynamic.json").read_text())
     tensors = load_file(str(out / "quant_model_weight_w8a8_dynamic.safetensors"))
     assert description["model_quant_type"] == "W8A8_DYNAMIC"
@@ -105,9 +106,9 @@ def test_timestep_aware_layers_fail_or_stay_float(shapes_pipelines, tmp_path: Pa
     plan = make_plan(pipe, stats, W8A8Config(timestep_aware=True), SearchContext(source_id="t"))
     bundle = export_bundle(pipe, plan, stats, ExportConfig(tmp_path / "b"))
     with pytest.raises(MindieExportError, match=r"\w+\.\w+.*timestep-aware.*--keep-fp"):
-        export_mindiesd(bundle, MindieExportConfig(tmp_path / "md"))
+        convert(bundle, MindieExportConfig(tmp_path / "md"))
     assert not (tmp_path / "md").exists()
-    out = export_mindiesd(bundle, MindieExportConfig(tmp_path / "md", keep_fp=True))
+    out = convert(bundle, MindieExportConfig(tmp_path / "md", keep_fp=True))
     meta = json.loads((out / "diffkiln_export.json").read_text())
     assert meta["kept_fp"] and len(meta["kept_fp"]) == sum(lp.quantized for lp in plan.layers)
     description = json.loads((out / "quant_model_description_w8a8.json").read_text())

@@ -13,14 +13,15 @@ import onnx
 import pytest
 import torch
 
+from diffkiln.api import convert
 from diffkiln.core.errors import BundleError
 from diffkiln.core.hooks import recording_calls
 from diffkiln.core.metrics import sqnr_db
 from diffkiln.core.plan import ActMode
-from diffkiln.export.onnx import OnnxExportConfig, OnnxExportError, export_denoiser_onnx, export_onnx
+from diffkiln.export.onnx import OnnxExportConfig, OnnxExportError
 from diffkiln.optimizer import W8A8Config
 from diffkiln.runtime import load
-from tests.runtime_e2e_helpers import build_bundle
+from tests.runtime_e2e_helpers import build_bundle, onnx_denoiser
 
 
 def _denoiser_calls(pipe, steps: int = 4, prompt: str = "a red circle on the left"):
@@ -115,7 +116,7 @@ def test_onnx_export_folder_is_verified(unet_bundle: Path, unet_onnx: Path, tmp_
     with pytest.raises(BundleError, match=r"denoiser\.onnx fails its sha256 check"):
         load(copy, "cpu", backend="onnxruntime")
     with pytest.raises(BundleError, match="already exists"):
-        export_onnx(unet_bundle, OnnxExportConfig(unet_onnx))
+        convert(unet_bundle, OnnxExportConfig(unet_onnx))
 
 
 def test_dynamic_activations_fail_naming_the_layer_or_stay_float(
@@ -130,9 +131,9 @@ def test_dynamic_activations_fail_naming_the_layer_or_stay_float(
 
     bundle, _ = build_bundle(random_shapes_pipelines["unet"], W8A8Config(act_mode=ActMode.DYNAMIC), tmp_path / "b")
     with pytest.raises(OnnxExportError, match=r"down_blocks\..*dynamic per-token"):
-        export_denoiser_onnx(bundle, OnnxExportConfig(tmp_path / "onnx"))
+        onnx_denoiser(bundle, OnnxExportConfig(tmp_path / "onnx"))
     assert not (tmp_path / "onnx").exists()  # nothing half-written
-    path = export_denoiser_onnx(bundle, OnnxExportConfig(tmp_path / "onnx", keep_fp=True, dynamic=False))
+    path = onnx_denoiser(bundle, OnnxExportConfig(tmp_path / "onnx", keep_fp=True, dynamic=False))
     manifest = json.loads((tmp_path / "onnx" / "manifest.json").read_text())
     assert manifest["kept_fp"] and all("dynamic per-token" in r for r in manifest["kept_fp"].values())
     assert (tmp_path / "onnx" / "denoiser.onnx.data").stat().st_size > path.stat().st_size  # weights outside
@@ -167,7 +168,7 @@ def test_packed_layers_become_sub_byte_initializers(random_shapes_pipelines, tmp
     specs = [WeightSpec(b, scale_dtype="float16") for b in (2, 4, 3)]
     bundle, plan = build_packed_bundle(random_shapes_pipelines["unet"], tmp_path / "b", specs)
     layers = plan.layers
-    path = export_denoiser_onnx(bundle, OnnxExportConfig(tmp_path / "onnx", opset=opset, dynamic=False))
+    path = onnx_denoiser(bundle, OnnxExportConfig(tmp_path / "onnx", opset=opset, dynamic=False))
     model = onnx.load(str(path))
     int4 = {i.name: i for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT4}
     int2 = {i.name: i for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT2}
@@ -227,7 +228,7 @@ def test_static_shape_export_builds_an_optimized_session(unet_bundle: Path, tmp_
     # rebuilds without it); the optimized session must build and compute what the QDQ graph does.
     from diffkiln.runtime.onnxruntime_backend import OrtDenoiser, read_onnx_manifest
 
-    folder = export_denoiser_onnx(unet_bundle, OnnxExportConfig(tmp_path / "static", dynamic=False)).parent
+    folder = onnx_denoiser(unet_bundle, OnnxExportConfig(tmp_path / "static", dynamic=False)).parent
     entry = read_onnx_manifest(folder)["components"]["unet"]
     assert not entry["dynamic"]
     optimized = OrtDenoiser(folder, "unet", entry, None, ["CPUExecutionProvider"], True)

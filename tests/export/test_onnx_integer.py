@@ -17,6 +17,7 @@ from diffkiln.export.onnx.modules import export_module_for
 from diffkiln.export.onnx.ops import TRANSLATIONS
 from diffkiln.optimizer import SearchContext
 from tests.runtime.test_packed_layers import _layer
+from tests.runtime_e2e_helpers import onnx_denoiser
 
 
 def _ort_run(model: onnx.ModelProto, x: torch.Tensor) -> np.ndarray:
@@ -82,7 +83,6 @@ def test_grouped_bundle_round_trips_and_exports_int8_codes(random_shapes_pipelin
     from diffkiln.calibrate import CalibrationConfig, calibrate
     from diffkiln.core.plan import WeightSpec
     from diffkiln.export import ExportConfig, export_bundle
-    from diffkiln.export.onnx import export_denoiser_onnx
     from diffkiln.nn.freeze import apply_plan
     from diffkiln.optimizer import W8A8Config, make_plan
     from diffkiln.runtime import load
@@ -106,7 +106,7 @@ def test_grouped_bundle_round_trips_and_exports_int8_codes(random_shapes_pipelin
     args, kwargs = calls[0]
     with torch.no_grad():
         assert torch.equal(qpipe.unet(*args, **kwargs)[0], memory.unet(*args, **kwargs)[0])
-    path = export_denoiser_onnx(bundle, OnnxExportConfig(tmp_path / "onnx", dynamic=False, compute=OnnxCompute.INTEGER))
+    path = onnx_denoiser(bundle, OnnxExportConfig(tmp_path / "onnx", dynamic=False, compute=OnnxCompute.INTEGER))
     model = onnx.load(str(path))
     weights = {i.name: i for i in model.graph.initializer if i.name.endswith((".w_t", ".w"))}
     assert weights and all(i.data_type == onnx.TensorProto.INT8 for i in weights.values())

@@ -14,10 +14,10 @@ from diffkiln.core.metrics import sqnr_db
 from diffkiln.core.packing import GROUP_MULT_MAX, pack_weights
 from diffkiln.core.plan import WeightSpec
 from diffkiln.export.onnx import OnnxExportConfig
-from diffkiln.export.onnx.exporter import export_denoiser_onnx
 from diffkiln.export.onnx.nbits import nbits_block_size, nbits_dequantize, to_matmulnbits
 from diffkiln.kernels.backends import PackedWeights
 from diffkiln.runtime import load
+from tests.runtime_e2e_helpers import onnx_denoiser
 
 
 def _packed(
@@ -114,7 +114,7 @@ def nbits_exports(random_shapes_pipelines, tmp_path_factory: pytest.TempPathFact
     bundle, _ = build_packed_bundle(random_shapes_pipelines["unet"], tmp / "b", SPECS)
     out = {"bundle": bundle}
     for key, nbits in (("standard", False), ("matmulnbits", True)):
-        out[key] = export_denoiser_onnx(bundle, OnnxExportConfig(tmp / key, matmulnbits=nbits, progress=False))
+        out[key] = onnx_denoiser(bundle, OnnxExportConfig(tmp / key, matmulnbits=nbits, progress=False))
     return out
 
 

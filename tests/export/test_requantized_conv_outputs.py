@@ -15,12 +15,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from diffkiln.api import convert
 from diffkiln.calibrate import CalibrationConfig, calibrate
 from diffkiln.core.errors import InvalidInputError
 from diffkiln.core.metrics import sqnr_db
 from diffkiln.core.plan import ActMode
-from diffkiln.export.mindiesd import MindieExportConfig, export_mindiesd
-from diffkiln.export.onnx import OnnxExportConfig, export_onnx
+from diffkiln.export.mindiesd import MindieExportConfig
+from diffkiln.export.onnx import OnnxExportConfig
 from diffkiln.nn import QConv2d, requantize
 from diffkiln.optimizer import SearchContext, W8A8Config, make_plan
 from diffkiln.runtime import load
@@ -42,7 +43,7 @@ def rq_bundle(shapes_pipelines, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 @pytest.fixture(scope="module")
 def rq_onnx(rq_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return export_onnx(rq_bundle, OnnxExportConfig(tmp_path_factory.mktemp("rq-onnx") / "o"))
+    return convert(rq_bundle, OnnxExportConfig(tmp_path_factory.mktemp("rq-onnx") / "o"))
 
 
 def test_calibration_records_conv_outputs_and_the_plan_gives_them_a_grid(shapes_pipelines) -> None:
@@ -125,7 +126,7 @@ def test_onnxruntime_matches_the_torch_runtime_per_call(rq_bundle: Path, rq_onnx
 
 
 def test_mindiesd_export_writes_the_grids_and_an_applying_loader_reproduces(rq_bundle: Path, tmp_path: Path) -> None:
-    out = export_mindiesd(rq_bundle, MindieExportConfig(tmp_path / "md"))
+    out = convert(rq_bundle, MindieExportConfig(tmp_path / "md"))
     meta = json.loads((out / "diffkiln_export.json").read_text())
     description = json.loads((out / "quant_model_description_w8a8.json").read_text())
     tensors = load_file(str(out / "quant_model_weight_w8a8.safetensors"))
@@ -142,14 +143,13 @@ def test_mindiesd_export_writes_the_grids_and_an_applying_loader_reproduces(rq_b
 
 
 def test_bad_combinations_are_refused() -> None:
-    from diffkiln.api import OptimizeConfig
     from diffkiln.core.plan import ActSpec, LayerPlan, WeightSpec
-    from diffkiln.optimizer import Recipe
+    from diffkiln.optimizer import recipe_config_from_options
 
     with pytest.raises(ValueError, match="static activations"):
         W8A8Config(act_mode=ActMode.DYNAMIC, requantize_conv_outputs=True)
-    with pytest.raises(InvalidInputError, match="--recipe w8a8"):
-        OptimizeConfig(out=Path("x"), recipe=Recipe.MIXED, requantize_conv_outputs=True)
+    with pytest.raises(InvalidInputError, match="does not apply to --recipe mixed"):
+        recipe_config_from_options("mixed", {"requantize_conv_outputs": True})
     grid = ActSpec(scale=0.1, zero_point=0)
     with pytest.raises(ValueError, match="convolution with static integer activations"):
         LayerPlan("l", "linear", WeightSpec(8), grid, output=grid)

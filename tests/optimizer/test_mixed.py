@@ -6,15 +6,9 @@ import numpy as np
 import pytest
 
 from diffkiln.core.plan import ActMode, ActSpec, LayerPlan, Plan, WeightSpec
+from diffkiln.optimizer.allocate import allocate_mixed
 from diffkiln.optimizer.allocation import InfeasibleBudgetError
-from diffkiln.optimizer.mixed import (
-    MixedConfig,
-    WeightBudget,
-    _mixed_layers,
-    allocate_mixed,
-    select_candidate,
-    uniform_plan,
-)
+from diffkiln.optimizer.mixed import MixedConfig, WeightBudget, _mixed_layers, select_candidate, uniform_plan
 from diffkiln.optimizer.roles import LayerRole
 from diffkiln.optimizer.sensitivity import SensitivityEntry, SensitivityTable
 
@@ -59,7 +53,7 @@ def test_every_split_respects_the_weight_budget(
     budget: float, budget_kind: WeightBudget, group_size: int | None
 ) -> None:
     base, table, cands = _problem()
-    config = MixedConfig(weight_bits=budget, splits=3, budget=budget_kind, group_size=group_size)
+    config = MixedConfig(avg_weight_bits=budget, splits=3, budget=budget_kind, group_size=group_size)
     allocations = allocate_mixed(base, table, cands, config)
     assert allocations
     for _avgs, wbits, abits in allocations:
@@ -77,7 +71,7 @@ def test_a_code_budget_overspends_bytes_where_a_stored_one_does_not() -> None:
     for budget in (3.0, 3.5, 4.0, 4.05, 4.5, 5.0, 6.0):
         for kind in WeightBudget:
             (_, wbits, abits), *_ = allocate_mixed(
-                base, table, cands, MixedConfig(weight_bits=budget, splits=1, budget=kind)
+                base, table, cands, MixedConfig(avg_weight_bits=budget, splits=1, budget=kind)
             )
             stored = Plan("mixed", {}, _mixed_layers(base, wbits, abits)).avg_stored_weight_bits
             if kind is WeightBudget.STORED:
@@ -95,17 +89,18 @@ def test_a_code_budget_overspends_bytes_where_a_stored_one_does_not() -> None:
 def test_infeasible_budget_names_the_smallest_feasible_average(budget_kind: WeightBudget, floor: str) -> None:
     base, table, cands = _problem()
     with pytest.raises(InfeasibleBudgetError, match=rf"smallest feasible average is {floor}"):
-        allocate_mixed(base, table, cands, MixedConfig(weight_bits=2.0, budget=budget_kind))
+        allocate_mixed(base, table, cands, MixedConfig(avg_weight_bits=2.0, budget=budget_kind))
 
 
 def test_activation_budget_chooses_weight_only_layers() -> None:
     base, table, cands = _problem()
-    (_, wbits, abits), *_ = allocate_mixed(base, table, cands, MixedConfig(weight_bits=5.0, act_bits=10.0, splits=1))
+    config = MixedConfig(avg_weight_bits=5.0, avg_act_bits=10.0, splits=1)
+    (_, wbits, abits), *_ = allocate_mixed(base, table, cands, config)
     plan = Plan("mixed", {}, _mixed_layers(base, wbits, abits))
     assert plan.avg_act_bits <= 10.0 + 1e-9
     assert any(lp.weight_only for lp in plan.layers) and any(lp.act is not None for lp in plan.layers)
     with pytest.raises(InfeasibleBudgetError, match="activation bits"):
-        allocate_mixed(base, table, cands, MixedConfig(weight_bits=5.0, act_bits=8.0, splits=1))
+        allocate_mixed(base, table, cands, MixedConfig(avg_weight_bits=5.0, avg_act_bits=8.0, splits=1))
 
 
 def test_uniform_reference_plans() -> None:
@@ -120,8 +115,8 @@ def test_uniform_reference_plans() -> None:
     ("kwargs", "match"),
     [
         ({"weight_candidates": (5, 16)}, "2, 3, 4, 8, 16"),
-        ({"weight_bits": 1.0}, "2..16"),
-        ({"act_bits": 4.0}, "8..16"),
+        ({"avg_weight_bits": 1.0}, "2..16"),
+        ({"avg_act_bits": 4.0}, "8..16"),
         ({"budget": "stored"}, "WeightBudget"),
         ({"select_confidence": -1.0}, "standard errors"),
     ],
@@ -139,24 +134,24 @@ def test_latency_budget_bounds_the_searched_layers() -> None:
     # Fewer bits run faster here, as on a device with native low-bit kernels.
     ms = {n: {2: 0.5, 4: 1.0, 8: 2.0, 16: 4.0} for n in cands}
     latency = LatencyTable(ms, "cpu")
-    free = allocate_mixed(base, table, cands, MixedConfig(weight_bits=4.0, splits=1))[0][1]
+    free = allocate_mixed(base, table, cands, MixedConfig(avg_weight_bits=4.0, splits=1))[0][1]
     bound = 0.95 * latency.total(free)
-    cfg = MixedConfig(weight_bits=4.0, splits=3, latency_budget_ms=bound)
+    cfg = MixedConfig(avg_weight_bits=4.0, splits=3, latency_budget_ms=bound)
     for _avgs, wbits, _ in allocate_mixed(base, table, cands, cfg, latency):
         assert latency.total(wbits) <= bound + 1e-6
     with pytest.raises(InfeasibleBudgetError, match="latency"):
-        allocate_mixed(base, table, cands, MixedConfig(weight_bits=4.0, splits=1, latency_budget_ms=1.0), latency)
+        allocate_mixed(base, table, cands, MixedConfig(avg_weight_bits=4.0, splits=1, latency_budget_ms=1.0), latency)
     with pytest.raises(ValueError, match="latency table"):
         allocate_mixed(base, table, cands, cfg)
 
 
 def test_uniform_candidate_is_measured_beside_the_splits() -> None:
     base, table, cands = _problem()
-    allocations = allocate_mixed(base, table, cands, MixedConfig(weight_bits=4.5, splits=2))
+    allocations = allocate_mixed(base, table, cands, MixedConfig(avg_weight_bits=4.5, splits=2))
     uniform = [bits for avgs, bits, _ in allocations if "uniform" in avgs]
     assert uniform and set(uniform[0].values()) == {4}
     # More than one bit below the budget, a uniform allocation is no rival: not measured.
-    far = allocate_mixed(base, table, cands, MixedConfig(weight_bits=7.9, splits=1, weight_candidates=(2, 4, 16)))
+    far = allocate_mixed(base, table, cands, MixedConfig(avg_weight_bits=7.9, splits=1, weight_candidates=(2, 4, 16)))
     assert not [a for a, _, _ in far if "uniform" in a]
 
 

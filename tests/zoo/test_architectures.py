@@ -94,22 +94,19 @@ def test_full_size_configs_match_published_sizes(name: str) -> None:
 
 @pytest.mark.parametrize("name", sorted(TINY_ARCHITECTURES))
 def test_mixed_bundle_end_to_end(name: str, tmp_path: Path) -> None:
-    from diffkiln.optimizer import Recipe
+    from diffkiln.optimizer import MixedConfig
     from diffkiln.runtime.inspect import summarize
 
     # Two sampler steps and one trial prompt keep the sensitivity analysis to seconds.
     config = OptimizeConfig(
         out=tmp_path / "mixed",
-        recipe=Recipe.MIXED,
+        recipe=MixedConfig(avg_weight_bits=7.5, weight_candidates=(4, 8, 16), sensitivity_prompts=1),
         # 2-bit packing is covered by tests/runtime; fewer trials here. The tiny models' large FP
         # layers (first and last) keep their floor high: tiny-wan's was 6.5 bits with 4 as the
         # lowest width while conditioning layers were held at 8 (they may now take 4); counting
         # the float16 scales of its narrow layers (the default stored-bits budget) it is 7.1.
-        weight_bits=7.5,
-        weight_candidates=(4, 8, 16),
         calib_size=2,
         steps=2,
-        sensitivity_prompts=1,
         progress=False,
     )
     bundle = optimize(name, config)

@@ -172,7 +172,7 @@ def _named_tensors(bound: Mapping[str, Any]) -> dict[str, torch.Tensor]:
 def _function_name(func: Any) -> str:
     """A readable name of a torch function: ``torch.matmul``, ``Tensor.t``, or ``Tensor.dtype`` for a
     property read."""
-    attribute = getattr(func, "__self__", None)
+    attribute: Any = getattr(func, "__self__", None)
     if type(func).__name__ == "method-wrapper" and hasattr(attribute, "__name__"):
         return f"Tensor.{attribute.__name__} (read)"
     name = getattr(func, "__name__", repr(func))

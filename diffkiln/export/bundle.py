@@ -28,13 +28,13 @@ from torch import nn
 
 from diffkiln.calibrate.stats import CalibrationStats
 from diffkiln.core.layers import find_quantizable_layers
+from diffkiln.core.packing import PACKABLE_BITS
 from diffkiln.core.pipelines import find_denoiser
 from diffkiln.core.plan import Plan
 from diffkiln.core.schema import BUNDLE_FORMAT, MANIFEST_NAME
 from diffkiln.core.toolchain import toolchain_versions
 from diffkiln.export.atomic import atomic_directory, file_table
 from diffkiln.export.derived import find_derived_buffers
-from diffkiln.core.packing import PACKABLE_BITS
 from diffkiln.nn.freeze import freeze_layer, layer_meta
 
 __all__ = ["ExportConfig", "FloatStorage", "export_bundle"]

@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffkiln.core.layers import conv_padding, layer_kind
+from diffkiln.core.packing import PACKABLE_BITS, pack_weights
 from diffkiln.core.plan import ActMode, LayerPlan, Plan
 from diffkiln.core.quantizers import quantize_weight_grouped, quantize_weight_per_channel
 from diffkiln.core.smoothing import smoothing_factors
-from diffkiln.core.packing import PACKABLE_BITS, pack_weights
 
 __all__ = ["LayerInputs", "PlanInputs", "apply_plan", "freeze_layer", "layer_meta"]
 

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from diffkiln.core.packing import check_group_mult
 from diffkiln.kernels import (
     ActGrid,
     PackedWeights,
@@ -43,7 +44,6 @@ from diffkiln.kernels import (
     static_linear_packed,
     weight_only_matmul,
 )
-from diffkiln.core.packing import check_group_mult
 
 __all__ = ["IntGemm", "QLinear", "qmodule_for", "quantized_module_types", "register_qmodule"]
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from diffkiln.core.plan import Plan, WeightSpec
 from diffkiln.core.packing import PACKABLE_BITS
+from diffkiln.core.plan import Plan, WeightSpec
 from diffkiln.optimizer.allocation import InfeasibleBudgetError, LayerOptions, allocate_bits
 from diffkiln.optimizer.latency import LatencyTable
 from diffkiln.optimizer.mixed_config import MixedConfig, WeightBudget

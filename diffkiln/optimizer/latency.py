@@ -21,9 +21,9 @@ from torch import nn
 
 from diffkiln.calibrate.stats import CalibrationStats
 from diffkiln.core.layers import find_quantizable_layers
+from diffkiln.core.packing import PACKABLE_BITS
 from diffkiln.core.pipelines import find_denoiser
 from diffkiln.core.plan import Plan, WeightSpec
-from diffkiln.core.packing import PACKABLE_BITS
 
 __all__ = ["LatencyTable", "measure_layer_latency"]
 

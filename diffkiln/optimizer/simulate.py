@@ -23,6 +23,7 @@ from torch import nn
 from diffkiln.calibrate.stats import CalibrationStats
 from diffkiln.core.hooks import scoped_hooks
 from diffkiln.core.layers import find_quantizable_layers
+from diffkiln.core.packing import PACKABLE_BITS
 from diffkiln.core.plan import Plan
 from diffkiln.core.quantizers import (
     ActQuantParams,
@@ -31,7 +32,6 @@ from diffkiln.core.quantizers import (
     quantize_weight_per_channel,
 )
 from diffkiln.core.smoothing import smoothing_factors
-from diffkiln.core.packing import PACKABLE_BITS
 
 __all__ = ["LayerSim", "SimChoice", "layer_sims", "simulated"]
 

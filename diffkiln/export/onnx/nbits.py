@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from diffkiln.kernels.backends import PackedWeights
 from diffkiln.core.packing import packed_length, unpack_weights
+from diffkiln.kernels.backends import PackedWeights
 
 __all__ = ["NBITS_BITS", "NBITS_BLOCK_SIZES", "nbits_block_size", "nbits_dequantize", "to_matmulnbits"]
 

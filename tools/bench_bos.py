@@ -34,13 +34,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def _latents(pipe: Any, prompts: list[str], steps: int, guidance: float) -> Any:
@@ -84,18 +82,18 @@ def main() -> int:
     import torch
 
     from diffkiln.calibrate import CalibrationConfig, calibrate
-    from diffkiln.calibrate.prompts import default_calibration_prompts
     from diffkiln.core.metrics import sqnr_db
     from diffkiln.generation import load_pipeline
-    from diffkiln.nn.freeze import apply_plan
-    from diffkiln.optimizer.planner import QuantizeConfig, SmoothMode, make_plan
+    from diffkiln.nn import apply_plan
+    from diffkiln.optimizer import SearchContext, SmoothMode, W8A8Config, make_plan
     from diffkiln.zoo.outliers import blind_cross_attention, bos_outlier
+    from diffkiln.zoo.registry import get_builtin
 
     pipe = load_pipeline(args.model)
     blinded = blind_cross_attention(pipe.unet) if args.outlier == "channel" else 0
     kind = "channel" if args.outlier == "none" else args.outlier  # none: size 0, so no hook at all
     scales = [0.0] if args.outlier == "none" else [float(s) for s in args.bos_scale.split(",")]
-    prompts = default_calibration_prompts("shapes", args.calib_prompts + args.eval_prompts)
+    prompts = get_builtin("shapes-unet").calibration_prompts(args.calib_prompts + args.eval_prompts) or []
     calib, evals = prompts[: args.calib_prompts], prompts[args.calib_prompts :]
     rows = []
     for scale in scales:
@@ -109,13 +107,13 @@ def main() -> int:
         row: dict[str, Any] = {"bos_scale": scale, "bos_absmax": round(bos, 2), "others_absmax": round(others, 2),
                                "invariant_positions": stats.invariant_positions()}  # fmt: skip
         variants = {
-            "bos_aware": QuantizeConfig(bos_aware=True, smooth=SmoothMode.OFF),
-            "plain": QuantizeConfig(bos_aware=False, smooth=SmoothMode.OFF),
-            "plain_smooth_auto": QuantizeConfig(bos_aware=False, smooth=SmoothMode.AUTO),
-            "bos_aware_smooth_auto": QuantizeConfig(bos_aware=True, smooth=SmoothMode.AUTO),
+            "bos_aware": W8A8Config(bos_aware=True, smooth=SmoothMode.OFF),
+            "plain": W8A8Config(bos_aware=False, smooth=SmoothMode.OFF),
+            "plain_smooth_auto": W8A8Config(bos_aware=False, smooth=SmoothMode.AUTO),
+            "bos_aware_smooth_auto": W8A8Config(bos_aware=True, smooth=SmoothMode.AUTO),
         }
         for label, qconfig in variants.items():
-            plan = make_plan(pipe, stats, qconfig, args.model)
+            plan = make_plan(pipe, stats, qconfig, SearchContext(source_id=args.model))
             qpipe = apply_plan(pipe, plan, stats)  # copied outside the hook, then hooked like the FP one
             with bos_outlier(qpipe, scale, kind):
                 out = _latents(qpipe, evals, args.steps, args.guidance)

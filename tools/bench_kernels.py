@@ -11,14 +11,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffkiln.kernels.backends import cpu_has_vnni, int_mm_on_fp32_units
 

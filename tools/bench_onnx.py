@@ -24,14 +24,12 @@ import argparse
 import copy
 import json
 import statistics
-import sys
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 class _SessionDenoiser:
@@ -114,22 +112,20 @@ def _calibration_inputs(pipe: Any, prompts: list[str], steps: int, guidance: flo
     ]
 
 
-def _export_float(pipe: Any, out: Path, half: bool) -> Path:
-    """The float denoiser through diffkiln's exporter (same recording, passes and checks)."""
+def _export_float(pipe: Any, call: dict[str, Any], out: Path, half: bool) -> Path:
+    """The float denoiser through diffkiln's exporter (same passes and checks as a bundle's)."""
     import torch
 
-    from diffkiln.export.onnx.components import record_components
-    from diffkiln.export.onnx.exporter import OnnxExportConfig, _export_component
+    from diffkiln.export.onnx import OnnxExportConfig, export_module_onnx
 
-    component = record_components(pipe, "unet", "a red circle on the left", {})[0]
+    module = copy.deepcopy(pipe.unet)
     if half:
-        component.module = copy.deepcopy(component.module).half()
-        component.example = {k: v.half() if v.is_floating_point() else v for k, v in component.example.items()}
-    out.mkdir(parents=True, exist_ok=True)
+        module = module.half()
+        call = {k: v.half() if v.is_floating_point() else v for k, v in call.items()}
     path = out / ("denoiser-fp16.onnx" if half else "denoiser-fp32.onnx")
     with torch.no_grad():
         # A plain float32 file (no float16 initializers + Cast): what quantize_static expects.
-        _export_component(component, path, OnnxExportConfig(out), set(), float16=half)
+        export_module_onnx(module, call, path, OnnxExportConfig(out), float16=half)
     return path
 
 
@@ -190,14 +186,16 @@ def main() -> int:
 
     import torch
 
-    from diffkiln.calibrate.prompts import default_calibration_prompts
+    from diffkiln.api import OptimizeConfig, W8A8Config, convert, optimize
     from diffkiln.core.metrics import sqnr_db
     from diffkiln.export import FloatStorage
-    from diffkiln.export.onnx import OnnxCompute, OnnxExportConfig, export_onnx
+    from diffkiln.export.onnx import OnnxCompute, OnnxExportConfig
     from diffkiln.generation import load_pipeline
-    from diffkiln.optimize import OptimizeConfig, optimize
     from diffkiln.runtime import load
     from diffkiln.zoo.registry import resolve_target
+
+    def export_onnx(bundle: Path, config: Any) -> Path:
+        return convert(bundle, config)
 
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
@@ -205,10 +203,8 @@ def main() -> int:
     if builtin is None:
         parser.error(f"{args.model} is not a built-in model")
     steps, guidance = builtin.default_steps, builtin.default_guidance
-    calib_prompts = default_calibration_prompts(builtin.judge.value, args.calib_prompts)
-    eval_prompts = default_calibration_prompts(builtin.judge.value, args.calib_prompts + args.eval_prompts)[
-        args.calib_prompts :
-    ]
+    calib_prompts = builtin.calibration_prompts(args.calib_prompts) or []
+    eval_prompts = (builtin.calibration_prompts(args.calib_prompts + args.eval_prompts) or [])[args.calib_prompts :]
     torch.set_num_threads(torch.get_num_threads())
     results: dict[str, Any] = {"model": args.model, "steps": steps, "guidance": guidance,
                                "threads": torch.get_num_threads(), "calib_prompts": len(calib_prompts),
@@ -222,10 +218,9 @@ def main() -> int:
         if not bundles[key].exists():
             config = OptimizeConfig(
                 out=bundles[key],
-                weight_bits=bits,
+                recipe=W8A8Config(weight_bits=bits, requantize_conv_outputs=requantize),
                 float_storage=FloatStorage.FLOAT16,
                 calib_size=args.calib_prompts,
-                requantize_conv_outputs=requantize,
                 progress=False,
             )
             optimize(args.model, config)
@@ -238,9 +233,9 @@ def main() -> int:
     integer = OnnxExportConfig(work / "onnx-w8a8-int", components=False, overwrite=True, compute=OnnxCompute.INTEGER)
     ours_int = export_onnx(bundle, integer) / "denoiser.onnx"
     pipe = load_pipeline(args.model)
-    fp32 = _export_float(pipe, work / "onnx-fp", half=False)
-    fp16 = _export_float(pipe, work / "onnx-fp", half=True)
     calib = _calibration_inputs(pipe, calib_prompts, steps, guidance)
+    fp32 = _export_float(pipe, calib[0], work / "onnx-fp", half=False)
+    fp16 = _export_float(pipe, calib[0], work / "onnx-fp", half=True)
     ort_static = _ort_quantize_static(fp32, calib, work / "onnx-fp", matmul_conv_only=False)
     ort_static_mc = _ort_quantize_static(fp32, calib, work / "onnx-fp", matmul_conv_only=True)
     files = {

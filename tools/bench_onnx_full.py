@@ -47,8 +47,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
 
 _MODEL = "sd15-unet"
 _CALIB_TIMESTEPS = (999.0, 600.0, 300.0, 50.0)
@@ -56,27 +54,20 @@ _EVAL_TIMESTEPS = (800.0, 400.0)
 
 
 def _calls(latent: int, timesteps: tuple[float, ...], seed: int) -> list[dict[str, Any]]:
-    from bench_w8a8 import _inputs
+    from diffkiln.zoo.architectures import full_denoiser_inputs
 
-    return [_inputs(_MODEL, 2, latent, t, seed=seed + i) for i, t in enumerate(timesteps)]
-
-
-def _component(denoiser: Any, call: dict[str, Any]) -> Any:
-    from diffkiln.export.onnx.components import Component, ComponentKind, _Denoiser, flatten_kwargs
-
-    example, options = flatten_kwargs(call)
-    return Component("unet", ComponentKind.DENOISER, _Denoiser(denoiser, list(example), options), example)
+    return [full_denoiser_inputs(_MODEL, 2, latent, t, seed=seed + i) for i, t in enumerate(timesteps)]
 
 
-def _export(denoiser: Any, call: dict[str, Any], path: Path, sub_byte: set[str], float16: bool) -> None:
+def _export(denoiser: Any, call: dict[str, Any], path: Path, float16: bool, integer: bool = False) -> None:
     import torch
 
-    from diffkiln.export.onnx.exporter import OnnxExportConfig, _export_component
+    from diffkiln.export.onnx import OnnxCompute, OnnxExportConfig, export_module_onnx
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+    compute = OnnxCompute.INTEGER if integer else OnnxCompute.QDQ
     with torch.no_grad():
-        _export_component(_component(denoiser, call), path, OnnxExportConfig(path.parent, dynamic=False), sub_byte,
-                          float16=float16)  # fmt: skip
+        export_module_onnx(denoiser, call, path, OnnxExportConfig(path.parent, dynamic=False, compute=compute),
+                           float16=float16)  # fmt: skip
 
 
 def _build(seed: int = 0) -> Any:
@@ -96,7 +87,7 @@ def stage_float(a: argparse.Namespace) -> dict[str, Any]:
     model = _build()
     call = _calls(a.latent, _CALIB_TIMESTEPS, 100)[0]
     t0 = time.perf_counter()
-    _export(model, call, a.work / "fp32" / "denoiser.onnx", set(), float16=False)
+    _export(model, call, a.work / "fp32" / "denoiser.onnx", float16=False)
     fp32_s = time.perf_counter() - t0
     with torch.no_grad():
         refs = [model(**c, return_dict=False)[0] for c in _calls(a.latent, _EVAL_TIMESTEPS, 500)]
@@ -104,29 +95,24 @@ def stage_float(a: argparse.Namespace) -> dict[str, Any]:
     half = copy.deepcopy(model).half()
     del model
     call16 = {k: v.half() if v.is_floating_point() else v for k, v in call.items()}
-    _export(half, call16, a.work / "fp16" / "denoiser.onnx", set(), float16=False)
+    _export(half, call16, a.work / "fp16" / "denoiser.onnx", float16=False)
     return {"fp32_export_s": fp32_s}
 
 
 def stage_diffkiln(a: argparse.Namespace, integer: bool = False, requantize: bool = False) -> dict[str, Any]:
-    from diffkiln.calibrate import calibrate_denoiser
-    from diffkiln.export.onnx.exporter import _swap_quantized_layers
-    from diffkiln.nn.freeze import apply_plan
-    from diffkiln.optimizer import QuantizeConfig, make_plan
+    import diffkiln.api as dk
 
     model = _build()
     calib = _calls(a.latent, _CALIB_TIMESTEPS, 100)
     t0 = time.perf_counter()
-    stats = calibrate_denoiser(model, calib, samples_per_step=a.samples_per_step)
-    plan = make_plan(model, stats, QuantizeConfig(requantize_conv_outputs=requantize), _MODEL)
-    qmodel = apply_plan(model, plan, stats, inplace=True)
+    stats = dk.calibrate(model, dk.CalibrationConfig(samples=1, samples_per_step=a.samples_per_step), inputs=calib)
+    config = dk.W8A8Config(requantize_conv_outputs=requantize)
+    plan = dk.make_plan(model, stats, config, dk.SearchContext(source_id=_MODEL))
+    qmodel = dk.quantize_(model, plan, stats)
     build_s = time.perf_counter() - t0
-    sub_byte, kept = _swap_quantized_layers(qmodel, keep_fp=False, integer=integer)
-    if kept or sub_byte:
-        raise SystemExit(f"unexpected: kept {kept}, sub-byte {sorted(sub_byte)[:3]}")
     t0 = time.perf_counter()
     folder = "diffkiln-integer" if integer else "diffkiln-rq" if requantize else "diffkiln"
-    _export(qmodel, calib[0], a.work / folder / "denoiser.onnx", set(), float16=True)
+    _export(qmodel, calib[0], a.work / folder / "denoiser.onnx", float16=True, integer=integer)
     quantized = sum(1 for lp in plan.layers if lp.quantized)
     return {"build_s": build_s, "export_s": time.perf_counter() - t0, "layers": [quantized, len(plan.layers)]}
 

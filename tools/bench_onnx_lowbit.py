@@ -24,14 +24,12 @@ import argparse
 import copy
 import json
 import statistics
-import sys
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 VARIANTS = {
     "int4": {"opset": 21, "matmulnbits": False},
@@ -40,28 +38,27 @@ VARIANTS = {
 }
 
 
-def _denoiser_name(pipe: Any) -> str:
-    return "unet" if getattr(pipe, "unet", None) is not None else "transformer"
+def _call_kwargs(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The pipeline-call arguments the bundle was calibrated with."""
+    return dict(manifest.get("plan", {}).get("notes", {}).get("calibration", {}).get("call_kwargs", {}))
 
 
-def _fp16_onnx(bundle: Path, work: Path) -> Path:
+def _fp16_onnx(bundle: Path, call: dict[str, Any], work: Path) -> Path:
     """The float source model's denoiser as FP16 ONNX, through diffkiln's exporter."""
     import torch
 
     from diffkiln.core.schema import read_json
-    from diffkiln.export.onnx.components import record_components
-    from diffkiln.export.onnx.exporter import OnnxExportConfig, _call_kwargs, _export_component
+    from diffkiln.export.onnx import OnnxExportConfig, export_module_onnx
     from diffkiln.generation import load_pipeline
     from diffkiln.zoo.registry import resolve_target
 
     manifest = read_json(bundle / "manifest.json")
     pipe = load_pipeline(resolve_target(manifest["source"]["id"]))
-    component = record_components(pipe, _denoiser_name(pipe), "a red circle on the left", _call_kwargs(manifest))[0]
-    component.module = copy.deepcopy(component.module).half()
-    component.example = {k: v.half() if v.is_floating_point() else v for k, v in component.example.items()}
+    module = copy.deepcopy(getattr(pipe, manifest["pipeline"]["denoiser"])).half()
+    call = {k: v.half() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in call.items()}
     path = work / "denoiser-fp16.onnx"
     with torch.no_grad():
-        _export_component(component, path, OnnxExportConfig(work), set(), float16=True)
+        export_module_onnx(module, call, path, OnnxExportConfig(work), float16=True)
     return path
 
 
@@ -90,20 +87,21 @@ def main() -> int:
     import numpy as np
     import torch
 
-    from diffkiln.calibrate.prompts import default_calibration_prompts
+    from diffkiln.api import convert
+    from diffkiln.calibrate.dataflow import bind_call
     from diffkiln.core.hooks import recording_calls
     from diffkiln.core.metrics import sqnr_db
     from diffkiln.core.schema import read_json
-    from diffkiln.export.onnx import OnnxExportConfig, export_onnx
-    from diffkiln.export.onnx.exporter import _call_kwargs
+    from diffkiln.export.onnx import OnnxExportConfig
     from diffkiln.runtime import load
+    from diffkiln.zoo.registry import get_builtin
 
     args.work.mkdir(parents=True, exist_ok=True)
     manifest = read_json(args.bundle / "manifest.json")
     call_kwargs = _call_kwargs(manifest)
-    prompts = default_calibration_prompts("shapes", 64 + args.prompts)[64:]
+    prompts = (get_builtin("shapes-unet").calibration_prompts(64 + args.prompts) or [])[64:]
     torch_pipe = load(args.bundle, device="cpu")
-    name = _denoiser_name(torch_pipe)
+    name = manifest["pipeline"]["denoiser"]
     torch_pipe.set_progress_bar_config(disable=True)
     with recording_calls("bench.lowbit", getattr(torch_pipe, name)) as calls, torch.no_grad():
         torch_pipe(prompts[0], output_type="latent", generator=torch.Generator().manual_seed(0), **call_kwargs)
@@ -112,7 +110,7 @@ def main() -> int:
     with torch.no_grad():
         torch_out = [torch_denoiser(*a, **kw)[0] for a, kw in calls]
 
-    fp16 = _fp16_onnx(args.bundle, args.work)
+    fp16 = _fp16_onnx(args.bundle, bind_call(torch_denoiser, *calls[0]), args.work)
     results: dict[str, Any] = {
         "bundle": str(args.bundle),
         "source": manifest["source"]["id"],
@@ -126,7 +124,7 @@ def main() -> int:
     runners: dict[str, Any] = {"torch_bundle": torch_denoiser}
     for variant, opts in VARIANTS.items():
         folder = args.work / f"onnx-{variant}"
-        export_onnx(args.bundle, OnnxExportConfig(folder, overwrite=True, progress=False, **opts))  # type: ignore[arg-type]
+        convert(args.bundle, OnnxExportConfig(folder, overwrite=True, progress=False, **opts))  # type: ignore[arg-type]
         file = folder / "denoiser.onnx"
         ort_pipe = load(folder, backend="onnxruntime", ort_optimize=True)
         denoiser = getattr(ort_pipe, name)

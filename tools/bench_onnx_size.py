@@ -15,22 +15,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 import time
 import warnings
 from pathlib import Path
 from typing import Any
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
-
-
-def _component(module: Any, example: dict[str, Any]) -> Any:
-    from diffkiln.export.onnx.components import Component, ComponentKind, _Denoiser, flatten_kwargs
-
-    tensors, options = flatten_kwargs(example)
-    return Component("unet", ComponentKind.DENOISER, _Denoiser(module, list(tensors), options), tensors, options)
 
 
 def main() -> int:
@@ -45,14 +33,11 @@ def main() -> int:
     warnings.filterwarnings("ignore")
 
     import torch
-    from bench_w8a8 import _inputs
 
-    from diffkiln.calibrate import calibrate_denoiser
+    import diffkiln.api as dk
     from diffkiln.core.plan import WeightSpec
-    from diffkiln.export.onnx.exporter import OnnxExportConfig, _export_component, _swap_quantized_layers
-    from diffkiln.nn.freeze import apply_plan
-    from diffkiln.optimizer import QuantizeConfig, make_plan
-    from diffkiln.zoo.architectures import build_full_denoiser
+    from diffkiln.export.onnx import OnnxExportConfig, export_module_onnx
+    from diffkiln.zoo.architectures import build_full_denoiser, full_denoiser_inputs
 
     args.work.mkdir(parents=True, exist_ok=True)
     config = OnnxExportConfig(args.work, dynamic=False)
@@ -60,31 +45,31 @@ def main() -> int:
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(p.half().float())  # an FP16 checkpoint's values
-    example = _inputs(args.model, 2, args.latent, 500.0, seed=0)
+    example = full_denoiser_inputs(args.model, 2, args.latent, 500.0, seed=0)
     results: dict[str, Any] = {"model": args.model, "latent": args.latent}
 
     t0 = time.perf_counter()
     half = {k: v.half() if v.is_floating_point() else v for k, v in example.items()}
     fp16_path = args.work / "denoiser-fp16.onnx"
     with torch.no_grad():
-        _export_component(_component(model.half(), half), fp16_path, config, set())
+        export_module_onnx(model.half(), half, fp16_path, config)
     model.float()
     results["fp16_export_s"] = round(time.perf_counter() - t0, 1)
 
-    calls = [_inputs(args.model, 1, args.latent, t, seed=100 + i) for i, t in enumerate((999.0, 600.0, 300.0, 50.0))]
-    stats = calibrate_denoiser(model, calls, samples_per_step=512)
-    plan = make_plan(model, stats, QuantizeConfig(scale_dtype="float16"), args.model)
+    timesteps = (999.0, 600.0, 300.0, 50.0)
+    calls = [full_denoiser_inputs(args.model, 1, args.latent, t, seed=100 + i) for i, t in enumerate(timesteps)]
+    stats = dk.calibrate(model, dk.CalibrationConfig(samples=1, samples_per_step=512), inputs=calls)
+    plan = dk.make_plan(model, stats, dk.W8A8Config(scale_dtype="float16"), dk.SearchContext(source_id=args.model))
     if args.weight_bits != 8:  # every quantized layer at this width: a plan of that average
         spec = WeightSpec(args.weight_bits, scale_dtype="float16")
         plan = dataclasses.replace(
             plan, layers=tuple(dataclasses.replace(lp, weight=spec) if lp.quantized else lp for lp in plan.layers)
         )
-    quantized = apply_plan(model, plan, stats, inplace=True)
-    sub_byte, _ = _swap_quantized_layers(quantized, keep_fp=False)
+    quantized = dk.quantize_(model, plan, stats)
     t0 = time.perf_counter()
     w8_path = args.work / f"denoiser-w{args.weight_bits}a8.onnx"
     with torch.no_grad():
-        _export_component(_component(quantized, example), w8_path, config, sub_byte)
+        export_module_onnx(quantized, example, w8_path, config)
     results["quantized_export_s"] = round(time.perf_counter() - t0, 1)
 
     def size(path: Path) -> int:

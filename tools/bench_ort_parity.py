@@ -24,12 +24,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 PROMPTS = (
     "a red circle on the left",
@@ -47,7 +45,7 @@ def _run(pipe: Any, prompt: str, seed: int, latents: Any = None, record: bool = 
 
     from diffkiln.core.hooks import recording_calls
 
-    denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+    denoiser = getattr(pipe, pipe.diffkiln_manifest["pipeline"]["denoiser"])
     kwargs: dict[str, Any] = {"num_inference_steps": 20, "guidance_scale": 5.0, "output_type": "latent"}
     kwargs.update({"latents": latents} if latents is not None else {"generator": torch.Generator().manual_seed(seed)})
     with recording_calls("bench.parity", denoiser) as calls, torch.no_grad():

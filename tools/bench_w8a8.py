@@ -40,39 +40,9 @@ VARIANTS = ("fp32", "bf16", "w8a8", "w8a8-bf16", "torchao", "quanto")
 
 
 def _inputs(model: str, batch: int, latent: int, timestep: float, seed: int) -> dict[str, Any]:
-    """Forward keyword arguments of one denoiser call for a full-size architecture."""
-    import torch
+    from diffkiln.zoo.architectures import full_denoiser_inputs
 
-    g = torch.Generator().manual_seed(seed)
-    t = torch.full((batch,), timestep)
-    if model in ("sd15-unet", "sdxl-unet"):
-        width, tokens = (768, 77) if model == "sd15-unet" else (2048, 77)
-        kw: dict[str, Any] = {
-            "sample": torch.randn(batch, 4, latent, latent, generator=g),
-            "timestep": t,
-            "encoder_hidden_states": torch.randn(batch, tokens, width, generator=g),
-        }
-        if model == "sdxl-unet":
-            kw["added_cond_kwargs"] = {
-                "text_embeds": torch.randn(batch, 1280, generator=g),
-                "time_ids": torch.tensor([[latent * 8, latent * 8, 0, 0, latent * 8, latent * 8]] * batch).float(),
-            }
-        return kw
-    if model == "pixart-alpha":
-        return {
-            "hidden_states": torch.randn(batch, 4, latent, latent, generator=g),
-            "encoder_hidden_states": torch.randn(batch, 120, 4096, generator=g),
-            "timestep": t,
-            "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},
-        }
-    if model == "sd3-medium":
-        return {
-            "hidden_states": torch.randn(batch, 16, latent, latent, generator=g),
-            "encoder_hidden_states": torch.randn(batch, 154, 4096, generator=g),
-            "pooled_projections": torch.randn(batch, 2048, generator=g),
-            "timestep": t,
-        }
-    raise SystemExit(f"no benchmark inputs for {model!r}; valid: sd15-unet, sdxl-unet, pixart-alpha, sd3-medium")
+    return full_denoiser_inputs(model, batch, latent, timestep, seed)
 
 
 class _RssPeak:
@@ -104,21 +74,16 @@ class _RssPeak:
 
 
 def _build_w8a8(model: Any, name: str, a: argparse.Namespace) -> Any:
-    """Calibrate, plan and freeze in memory with diffkiln's own modules (what a bundle loads)."""
-    from diffkiln.calibrate import calibrate_denoiser
-    from diffkiln.nn.freeze import apply_plan
-    from diffkiln.optimizer import QuantizeConfig, SmoothMode, make_plan
+    """Calibrate, plan and quantize in memory with diffkiln's public API (the modules a bundle loads)."""
+    import diffkiln.api as dk
+    from diffkiln.optimizer import SmoothMode
 
     # Calibration at a small batch over spread timesteps (the plan needs ranges, not accuracy).
     calls = [_inputs(name, 1, a.latent, t, seed=100 + i) for i, t in enumerate((999.0, 600.0, 300.0, 50.0))]
-    stats = calibrate_denoiser(model, calls, samples_per_step=512)
-    plan = make_plan(
-        model,
-        stats,
-        QuantizeConfig(weight_bits=a.weight_bits, act_bits=a.act_bits, smooth=SmoothMode(a.smooth)),
-        name,
-    )
-    return apply_plan(model, plan, stats, inplace=True)
+    stats = dk.calibrate(model, dk.CalibrationConfig(samples=1, samples_per_step=512), inputs=calls)
+    config = dk.W8A8Config(weight_bits=a.weight_bits, act_bits=a.act_bits, smooth=SmoothMode(a.smooth))
+    plan = dk.make_plan(model, stats, config, dk.SearchContext(source_id=name))
+    return dk.quantize_(model, plan, stats)
 
 
 def _return_freed_memory() -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 import traceback
@@ -25,19 +24,19 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def _check(name: str, work: Path, steps: int) -> dict[str, Any]:
     import torch
 
+    from diffkiln.api import convert
     from diffkiln.calibrate import CalibrationConfig, calibrate
     from diffkiln.core.hooks import recording_calls
     from diffkiln.core.metrics import sqnr_db
     from diffkiln.export import ExportConfig, export_bundle
-    from diffkiln.export.mindiesd import MindieExportConfig, export_mindiesd
-    from diffkiln.export.onnx import OnnxExportConfig, export_onnx
-    from diffkiln.optimizer.planner import QuantizeConfig, make_plan
+    from diffkiln.export.mindiesd import MindieExportConfig
+    from diffkiln.export.onnx import OnnxExportConfig
+    from diffkiln.optimizer import SearchContext, W8A8Config, make_plan
     from diffkiln.runtime import load
     from diffkiln.zoo.architectures import build_tiny_pipeline
     from diffkiln.zoo.catalog import TINY_CATALOG
@@ -56,11 +55,11 @@ def _check(name: str, work: Path, steps: int) -> dict[str, Any]:
             call_kwargs=tuple(call_kwargs.items()),
         ),
     )
-    plan = make_plan(pipe, stats, QuantizeConfig(), name)
+    plan = make_plan(pipe, stats, W8A8Config(), SearchContext(source_id=name))
     bundle = export_bundle(pipe, plan, stats, ExportConfig(work / "bundle", overwrite=True))
     row: dict[str, Any] = {"model": name}
     t0 = time.perf_counter()
-    out = export_onnx(bundle, OnnxExportConfig(work / "onnx", overwrite=True))
+    out = convert(bundle, OnnxExportConfig(work / "onnx", overwrite=True))
     row["onnx_export_s"] = round(time.perf_counter() - t0, 1)
     manifest = json.loads((out / "manifest.json").read_text())
     row["components"] = {k: {"dynamic": v["dynamic"], "mb": round((out / v["file"]).stat().st_size / 1e6, 3)}
@@ -84,7 +83,7 @@ def _check(name: str, work: Path, steps: int) -> dict[str, Any]:
             b = getattr(ort_pipe, denoiser)(*args, **kwargs)[0]
         per_call.append(sqnr_db(a.numpy(), b.numpy()))
     row["denoiser_call_sqnr_db_min"] = round(min(per_call), 1)
-    md = export_mindiesd(bundle, MindieExportConfig(work / "mindiesd", overwrite=True))
+    md = convert(bundle, MindieExportConfig(work / "mindiesd", overwrite=True))
     meta = json.loads((md / "diffkiln_export.json").read_text())
     row["mindiesd"] = {"algo": meta["algo"], "widened": len(meta["widened"]), "bos_layers": len(meta["bos"])}
     return row

@@ -49,15 +49,12 @@ import functools
 import json
 import math
 import multiprocessing as mp
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffkiln.zoo.outliers import BosMassiveActivation, blind_cross_attention, impose_bos_massive_activation
 from diffkiln.zoo.shapes import (

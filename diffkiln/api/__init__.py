@@ -2,7 +2,7 @@
 
 In memory, on any denoiser (a pipeline's, or a bare ``nn.Module`` in your own serving code)::
 
-    import diffkiln as dk
+    import diffkiln.api as dk
 
     stats = dk.calibrate(module, inputs=[{"hidden_states": x, "timestep": t, ...}, ...])
     plan = dk.make_plan(module, stats, dk.W8A8Config())          # or dk.MixedConfig(avg_weight_bits=4)

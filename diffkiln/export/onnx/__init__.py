@@ -6,6 +6,7 @@ from diffkiln.export.onnx.exporter import (
     OnnxCompute,
     OnnxExportConfig,
     export_denoiser_onnx,
+    export_module_onnx,
     export_onnx,
 )
 from diffkiln.export.onnx.modules import OnnxExportError
@@ -17,5 +18,6 @@ __all__ = [
     "OnnxExportConfig",
     "OnnxExportError",
     "export_denoiser_onnx",
+    "export_module_onnx",
     "export_onnx",
 ]

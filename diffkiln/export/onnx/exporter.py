@@ -31,12 +31,20 @@ from tqdm.auto import tqdm
 from diffkiln.core.errors import BundleError
 from diffkiln.core.schema import MANIFEST_NAME, ONNX_FORMAT, ONNX_VERSION, LoadedBundle
 from diffkiln.export.atomic import atomic_directory, file_table
-from diffkiln.export.onnx.components import Component, ComponentKind, record_components
+from diffkiln.export.onnx.components import Component, ComponentKind, _Denoiser, flatten_kwargs, record_components
 from diffkiln.export.onnx.modules import OnnxExportError, OnnxQLinear, export_module_for
 from diffkiln.export.onnx.ops import TRANSLATIONS
 from diffkiln.nn import QConv, QLinear
 
-__all__ = ["ONNX_FORMAT", "ONNX_VERSION", "OnnxCompute", "OnnxExportConfig", "export_denoiser_onnx", "export_onnx"]
+__all__ = [
+    "ONNX_FORMAT",
+    "ONNX_VERSION",
+    "OnnxCompute",
+    "OnnxExportConfig",
+    "export_denoiser_onnx",
+    "export_module_onnx",
+    "export_onnx",
+]
 
 log = logging.getLogger(__name__)
 
@@ -332,6 +340,37 @@ def export_onnx(bundle: LoadedBundle, config: OnnxExportConfig) -> Path:
         }
         (tmp / MANIFEST_NAME).write_text(json.dumps(onnx_manifest, indent=2) + "\n", encoding="utf-8")
     return Path(config.out)
+
+
+def export_module_onnx(
+    module: nn.Module, call: dict[str, Any], path: Path, config: OnnxExportConfig, float16: bool = True
+) -> dict[str, Any]:
+    """Export a bare module, float or quantized in memory (``diffkiln.quantize_``), to one ONNX file.
+
+    Its diffkiln integer modules become their QDQ (or integer) stand-ins, as in a bundle's export;
+    ``module`` is changed in place (export a copy to keep it). For denoisers outside a pipeline, e.g.
+    benchmarks of full-size architectures.
+
+    Args:
+        module: the model.
+        call: one call's keyword arguments (tensors, dicts of tensors, and fixed options).
+        path: the ``.onnx`` file to write (its folder is created).
+        config: opset, dynamic axes (``out`` is not used), compute form, float fallback.
+        float16: store float32 initializers that are exact in float16 as float16. Default True.
+
+    Returns:
+        The export's record: inputs, outputs, dynamic axes (as in an ONNX folder's manifest).
+
+    Raises:
+        OnnxExportError: a layer cannot be expressed and ``keep_fp`` is off.
+    """
+    sub_byte, _ = _swap_quantized_layers(module, config.keep_fp, config.compute == OnnxCompute.INTEGER,
+                                         config.matmulnbits)  # fmt: skip
+    tensors, options = flatten_kwargs(call)
+    wrapper = _Denoiser(module, list(tensors), options)
+    component = Component(path.stem, ComponentKind.DENOISER, wrapper, tensors, options)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return _export_component(component, path, config, sub_byte, float16)
 
 
 def export_denoiser_onnx(bundle: LoadedBundle, config: OnnxExportConfig) -> Path:

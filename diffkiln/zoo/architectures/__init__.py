@@ -35,6 +35,7 @@ __all__ = [
     "TINY_ARCHITECTURES",
     "build_full_denoiser",
     "build_tiny_pipeline",
+    "full_denoiser_inputs",
     "save_tiny_pipeline",
 ]
 
@@ -125,3 +126,55 @@ def build_full_denoiser(name: str, device: str | torch.device = "cpu") -> nn.Mod
     factory = _lookup(FULL_SIZE_DENOISERS, name, "full-size denoiser")
     with torch.device(device):
         return factory().eval()
+
+
+def full_denoiser_inputs(name: str, batch: int, latent: int, timestep: float, seed: int = 0) -> dict[str, Any]:
+    """Forward keyword arguments of one call of a full-size denoiser: random latents and text
+    embeddings of the published shapes (for benchmarks; calibrate with several).
+
+    Args:
+        name: a key of :data:`FULL_SIZE_DENOISERS`.
+        batch: the batch (2 for classifier-free guidance).
+        latent: the latent side (64 for SD1.5 at 512 px); for Wan, the height and width of each frame.
+        timestep: the sampler timestep of the call.
+        seed: seed of the random tensors. Default 0.
+
+    Raises:
+        KeyError: unknown name; the message lists the valid ones.
+    """
+    _lookup(FULL_SIZE_DENOISERS, name, "full-size denoiser")
+    g = torch.Generator().manual_seed(seed)
+    t = torch.full((batch,), timestep)
+    if name in ("sd15-unet", "sdxl-unet"):
+        width = 768 if name == "sd15-unet" else 2048
+        kw: dict[str, Any] = {
+            "sample": torch.randn(batch, 4, latent, latent, generator=g),
+            "timestep": t,
+            "encoder_hidden_states": torch.randn(batch, 77, width, generator=g),
+        }
+        if name == "sdxl-unet":
+            size = float(latent * 8)
+            kw["added_cond_kwargs"] = {
+                "text_embeds": torch.randn(batch, 1280, generator=g),
+                "time_ids": torch.tensor([[size, size, 0.0, 0.0, size, size]] * batch),
+            }
+        return kw
+    if name == "pixart-alpha":
+        return {
+            "hidden_states": torch.randn(batch, 4, latent, latent, generator=g),
+            "encoder_hidden_states": torch.randn(batch, 120, 4096, generator=g),
+            "timestep": t,
+            "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},
+        }
+    if name == "sd3-medium":
+        return {
+            "hidden_states": torch.randn(batch, 16, latent, latent, generator=g),
+            "encoder_hidden_states": torch.randn(batch, 154, 4096, generator=g),
+            "pooled_projections": torch.randn(batch, 2048, generator=g),
+            "timestep": t,
+        }
+    return {  # wan2.1-1.3b: 5 latent frames
+        "hidden_states": torch.randn(batch, 16, 5, latent, latent, generator=g),
+        "timestep": t,
+        "encoder_hidden_states": torch.randn(batch, 512, 4096, generator=g),
+    }

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +95,8 @@ class CalibrationConfig:
         """
         if d.get("version") != STATS_VERSION:
             raise ValueError(f"calibration settings of version {d.get('version')}; this diffkiln uses {STATS_VERSION}")
-        kw = {k: v for k, v in d.items() if k != "version"}
+        names = {f.name for f in fields(cls)} - {"cache_dir", "progress"}
+        kw = {k: v for k, v in d.items() if k in names}  # recorded extras (the source, evidence) are not settings
         kw["prompts"] = tuple(kw["prompts"])
         kw["call_kwargs"] = tuple(kw.get("call_kwargs", {}).items())
         return cls(**kw, cache_dir=cache_dir, progress=progress)

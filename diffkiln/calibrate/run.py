@@ -33,9 +33,9 @@ from diffkiln.calibrate.stats import CalibrationStats
 from diffkiln.core.errors import InvalidInputError
 from diffkiln.core.hooks import scoped_hooks
 from diffkiln.core.pipelines import (
-    DenoiserChoice,
     accepted_call_kwargs,
     choose_denoiser,
+    denoiser_by_calls,
     pipeline_weight_hash,
     step_callback_kwargs,
 )
@@ -92,12 +92,15 @@ def _size_hint(config: CalibrationConfig) -> tuple[int, int]:
 
 
 def _verified_positions(rows: torch.Tensor, probes: torch.Tensor | None) -> list[int]:
-    """Positions whose row is the same in every calibration row and every probe row."""
+    """Positions whose row is the same in every calibration row and every probe row, in an input
+    that does vary with the prompt elsewhere (text; not a prompt-independent conditioning row)."""
     if rows.numel() == 0 or probes is None or probes.shape[1:] != rows.shape[1:]:
         return []
     allrows = torch.cat([rows, probes]).float()
     spread = (allrows.amax(0) - allrows.amin(0)).abs().amax(-1)
     scale = float(allrows.abs().amax()) or 1.0
+    if float(spread.max()) <= _REL_TOL * scale:
+        return []  # nothing varies with the prompt: not a text sequence
     return [i for i, v in enumerate(spread.tolist()) if v <= _REL_TOL * scale]
 
 
@@ -117,19 +120,25 @@ def _bos(graph: DataflowGraph, sequences: dict[str, torch.Tensor], probes: dict[
     return out
 
 
-def _run_pipeline(
-    pipe: Any, choice: DenoiserChoice, source: CallSource, config: CalibrationConfig, model_hash: str
-) -> CalibrationStats:
-    denoiser = choice.module
+def _run_pipeline(pipe: Any, source: CallSource, config: CalibrationConfig, model_hash: str) -> CalibrationStats:
     common = pipeline_call_kwargs(pipe, config)
     pipe.set_progress_bar_config(disable=True)
     n = len(source)
 
     def call(samples: list[dict[str, Any]], first_seed: int, **extra: Any) -> Any:
         gens = [torch.Generator().manual_seed(first_seed + i) for i in range(len(samples))]
-        return pipe(**batch_kwargs(pipe, samples), generator=gens, **common, **extra)
+        return pipe(**batch_kwargs(pipe, samples), generator=gens, **{**common, **extra})
 
     first_batch = [source.sample(i) for i in range(min(config.batch_size, n))]
+    if config.denoiser is not None:
+        choice = choose_denoiser(pipe, config.denoiser)
+    else:
+
+        def short(steps: int) -> Any:
+            return call(first_batch[:1], config.seed, **accepted_call_kwargs(pipe, {"num_inference_steps": steps}))
+
+        choice = denoiser_by_calls(pipe, short)
+    denoiser = choice.module
     args, kwargs = _capture_first_call(denoiser, lambda: call(first_batch, config.seed))
     graph = trace_dataflow(denoiser, args, kwargs)
     probes: dict[str, torch.Tensor] = {}
@@ -161,7 +170,7 @@ def _run_pipeline(
         layers=rec.finish(),
         timesteps=rec.timesteps,
         model_hash=model_hash,
-        settings={**config.key_fields(), "source": source.describe()},
+        settings={**config.key_fields(), "source": source.describe(), "denoiser_evidence": choice.evidence},
         sequences=sequences,
         graph=graph,
         bos=_bos(graph, sequences, probes),
@@ -235,7 +244,6 @@ def calibrate(
         raise InvalidInputError("a pipeline is calibrated from its own calls; pass a source, not inputs")
     if config is None:
         raise InvalidInputError("calibrating a pipeline needs a CalibrationConfig (prompts or samples)")
-    choice = choose_denoiser(target, config.denoiser)
     source = source or source_for(target, config.prompts, config.count, config.seed, _size_hint(config))
     model_hash = pipeline_weight_hash(target)
     key_data = {"model": model_hash, **config.key_fields(), "source": source.describe()}
@@ -243,7 +251,7 @@ def calibrate(
     cache_path = config.cache_dir / f"calib-{key}.safetensors" if config.cache_dir else None
     if cache_path is not None and cache_path.is_file():
         return CalibrationStats.load(cache_path)
-    stats = _run_pipeline(target, choice, source, config, model_hash)
+    stats = _run_pipeline(target, source, config, model_hash)
     if cache_path is not None:
         stats.save(cache_path)
     return stats

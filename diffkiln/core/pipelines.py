@@ -3,7 +3,8 @@
 * :func:`find_denoiser`: the denoiser is found by what the pipeline's components *are*, never by
   attribute names: the diffusers models (``ModelMixin``) that are not autoencoders (no
   ``encode``/``decode`` pair) and not transformers models (text and image encoders, vocoders);
-  of several, the one with the most parameters. Calibration then checks that the sampler calls it.
+  of several, :func:`denoiser_by_calls` picks the one called at every sampler step in two short
+  runs (calibration does; without a run, the largest).
 * :func:`accepted_call_kwargs`: only the arguments a pipeline's ``__call__`` takes are passed.
 * :func:`step_callback_kwargs`: the per-step callback in whatever form the pipeline takes.
 * :func:`pipeline_media`: the generated images, video frames or audio of a pipeline output.
@@ -38,6 +39,7 @@ __all__ = [
     "assemble_pipeline",
     "call_parameters",
     "choose_denoiser",
+    "denoiser_by_calls",
     "denoiser_candidates",
     "find_denoiser",
     "model_weight_hash",
@@ -126,6 +128,47 @@ def choose_denoiser(pipe: Any, name: str | None = None) -> DenoiserChoice:
         if len(sizes) == 1
         else f"the largest diffusers model that is not an autoencoder, of: {listing}"
     )
+    return DenoiserChoice(chosen, candidates[chosen], evidence)
+
+
+def denoiser_by_calls(pipe: Any, run: Callable[[int], Any]) -> DenoiserChoice:
+    """The candidate whose calls grow with the number of sampler steps: the denoiser runs at every
+    step, conditioning models (text projections, image encoders) a fixed number of times.
+    ``run(steps)`` makes one short pipeline call; it is called with 2 and with 3 steps. Ties go to
+    the larger model.
+
+    A pipeline with one candidate is not run (:func:`choose_denoiser`).
+
+    Raises:
+        InvalidInputError: no candidate's calls grow with the steps.
+    """
+    from diffkiln.core.hooks import scoped_hooks
+
+    candidates = denoiser_candidates(pipe)
+    if len(candidates) <= 1:
+        return choose_denoiser(pipe)
+    counts: dict[int, dict[str, int]] = {}
+    for steps in (2, 3):
+        counts[steps] = dict.fromkeys(candidates, 0)
+
+        def counter(name: str, tally: dict[str, int] = counts[steps]) -> Callable[..., None]:
+            def count(*_a: Any) -> None:
+                tally[name] += 1
+
+            return count
+
+        with scoped_hooks() as hooks:
+            for name, module in candidates.items():
+                hooks.add_forward_pre_hook(f"diffkiln.denoiser_probe.{name}", module, counter(name))
+            run(steps)
+    growth = {n: counts[3][n] - counts[2][n] for n in candidates}
+    chosen = max(candidates, key=lambda n: (growth[n], _params(candidates[n])))
+    if growth[chosen] <= 0:
+        raise InvalidInputError(
+            f"none of {sorted(candidates)} is called once more per extra sampler step; name it with --denoiser"
+        )
+    calls = ", ".join(f"{n} {counts[2][n]} -> {counts[3][n]}" for n in sorted(candidates))
+    evidence = f"the model called at every sampler step (calls at 2 -> 3 steps: {calls})"
     return DenoiserChoice(chosen, candidates[chosen], evidence)
 
 

@@ -83,13 +83,15 @@ def structural_roles(denoiser: nn.Module, graph: DataflowGraph | None) -> dict[s
     for name, flow in graph.layers.items():
         if name in out:
             continue
-        if flow.calls == 0:
-            out[name] = RoleFinding(StructuralRole.UNUSED, "never ran in the traced denoiser call")
-        elif flow.reads:
+        if flow.reads:
+            ran = "" if flow.calls else "; its own forward never runs"
             out[name] = RoleFinding(
                 StructuralRole.READ_BY_PARENT,
-                f"its weight is used outside its own forward ({', '.join(flow.reads)}); an integer module has none",
+                f"its weight is used outside its own forward ({', '.join(flow.reads)}){ran}; an integer module has "
+                "no float weight",
             )
+        elif flow.calls == 0:
+            out[name] = RoleFinding(StructuralRole.UNUSED, "never ran in the traced denoiser call")
         elif f"input:{main}" in flow.sources:
             out[name] = RoleFinding(
                 StructuralRole.INPUT_PROJECTION, f"reads the latent input '{main}' with no quantizable layer between"

@@ -99,7 +99,7 @@ class PipelineWorkload(Workload):
         if "source" not in settings:
             raise InvalidInputError("the calibration statistics record no pipeline inputs; calibrate a pipeline")
         self.pipe = pipe
-        self.config = CalibrationConfig.from_key_fields({k: v for k, v in settings.items() if k != "source"})
+        self.config = CalibrationConfig.from_key_fields(settings)
         self.source = source_from_description(settings["source"])
         self.n = min(samples, len(self.source))
         self.samples = [self.source.sample(i) for i in range(self.n)]

@@ -9,6 +9,7 @@ composition belongs to; the others are generated and shown but not scored.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -108,6 +109,10 @@ class Report:
     data: dict[str, Any]
     images: list[JudgedImage] = field(default_factory=list)
     baseline_images: list[JudgedImage] = field(default_factory=list)
+    audio: list[tuple[str, Any]] = field(default_factory=list)
+    """(label, waveform) per generated audio sample."""
+    baseline_audio: list[tuple[str, Any]] = field(default_factory=list)
+    sample_rate: int = 44100
 
 
 def _set_of(prompt: str) -> str | None:
@@ -215,16 +220,21 @@ def build_report(target: str | os.PathLike[str] | ResolvedTarget, config: Report
     }
     if judge_kind is JudgeKind.SHAPES:
         data["quality"] = quality(judged)
-    extra_images: list[JudgedImage] = []
+    rep = Report(data=data, images=judged, sample_rate=result.sample_rate or 44100)
+    rep.audio = list(zip(result.prompts, result.audios or [], strict=False))
     if resolved.bundle:
-        baseline_images, layer_sqnr = _compare_with_baseline(pipe, resolved, result, config, judge_kind, data)
-        extra_images = baseline_images
-        data["per_layer_sqnr_db"] = layer_sqnr
+        base_result, rep.baseline_images, data["per_layer_sqnr_db"] = _compare_with_baseline(
+            pipe, resolved, result, config, judge_kind, data
+        )
+        rep.baseline_audio = list(zip(base_result.prompts, base_result.audios or [], strict=False))
     data["timing"]["total_seconds"] = round(time.perf_counter() - t0, 3)
-    return Report(data=data, images=judged, baseline_images=extra_images)
+    return rep
 
 
 def judge_all(result: Any, judge_kind: JudgeKind) -> list[JudgedImage]:
+    """Each generated image with its prompt, set and (for the shapes judge) verdict; none for audio."""
+    if not result.images:
+        return []
     judged = []
     for prompt, image in zip(result.prompts, result.images, strict=True):
         set_name = _set_of(prompt) if judge_kind is JudgeKind.SHAPES else None
@@ -240,8 +250,12 @@ def _compare_with_baseline(
     config: ReportConfig,
     judge_kind: JudgeKind,
     data: dict[str, Any],
-) -> tuple[list[JudgedImage], dict[str, float]]:
-    """Run the FP baseline on the same prompts and seeds; fill baseline, fidelity, size, latency, memory."""
+) -> tuple[Any, list[JudgedImage], dict[str, float]]:
+    """Run the FP baseline on the same inputs and seeds; fill baseline, fidelity, size, latency, memory.
+
+    Returns:
+        (the baseline's generation, its judged images, the per-layer SQNR chart's values).
+    """
     from diffkiln.core.errors import ModelNotFoundError
     from diffkiln.report.compare import fidelity, per_layer_sqnr
     from diffkiln.runtime.inspect import denoiser_sizes
@@ -253,7 +267,8 @@ def _compare_with_baseline(
     except ModelNotFoundError as exc:
         raise ModelNotFoundError(f"cannot load the FP baseline {source!r} ({exc}); pass --baseline MODEL") from None
     base = load_pipeline(base_target, config.device)
-    gen_cfg = replace(config.generate_config(), steps=result.steps, guidance=result.guidance)
+    gen_cfg = replace(config.generate_config(), steps=result.steps, guidance=result.guidance,
+                      denoiser=manifest["pipeline"]["denoiser"])  # fmt: skip
     samples = len(result.prompts)
     base_result = generate(base, result.prompts, gen_cfg, base_target, measure=True, samples=samples)
     base_judged = judge_all(base_result, judge_kind)
@@ -288,7 +303,7 @@ def _compare_with_baseline(
     layer_sqnr = per_layer_sqnr(base, pipe, call, manifest["pipeline"]["denoiser"])
     if config.bos_comparison and manifest["bos"].get("positions"):
         data["bos_comparison"] = _bos_comparison(base, base_target, manifest, base_result, gen_cfg, judge_kind, data)
-    return base_judged, layer_sqnr
+    return base_result, base_judged, layer_sqnr
 
 
 def _one_call(pipe: Any, result: Any, config: GenerateConfig, target: ResolvedTarget) -> dict[str, Any]:
@@ -382,9 +397,22 @@ def write_report(rep: Report, out_dir: str | os.PathLike[str]) -> tuple[Path, Pa
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path, html_path = out / "report.json", out / "report.html"
+    rep.data = _finite(rep.data)
     json_path.write_text(json.dumps(rep.data, indent=2, allow_nan=False, default=_json_default) + "\n")
     html_path.write_text(render_html(rep), encoding="utf-8")
     return json_path, html_path
+
+
+def _finite(obj: Any) -> Any:
+    """``obj`` with infinite or NaN floats (an exact layer's SQNR, an unreadable memory figure) as
+    None: JSON has no such numbers."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def _json_default(obj: Any) -> Any:

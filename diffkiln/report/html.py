@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
+from diffkiln.report.audio_html import audio_cells
+
 if TYPE_CHECKING:
     from diffkiln.report.evaluate import JudgedImage, Report
 
@@ -116,8 +118,8 @@ def _bundle_sections(rep: Report) -> list[str]:
             f"{_fmt(f.get('latent_sqnr_db_median_prompt'))} / {_fmt(f.get('latent_sqnr_db_worst_prompt'))}",
         ),
         ("prompts below 10 dB (sample left the FP layout)", f.get("prompts_below_10db")),
-        ("image PSNR vs FP (dB)", f["image_psnr_db"]),
-        ("image SSIM vs FP", f["image_ssim"]),
+        *([("image PSNR vs FP (dB)", f.get("image_psnr_db")), ("image SSIM vs FP", f.get("image_ssim"))]
+          if "image_psnr_db" in f else [("audio SNR vs FP (dB)", f.get("audio_snr_db"))]),
         ("denoiser bytes (stored)", sz["denoiser_bytes"]),
         ("denoiser bytes (FP16)", sz["denoiser_fp16_bytes"]),
         ("stored / FP16", sz["denoiser_ratio_vs_fp16"]),
@@ -169,6 +171,8 @@ def _bundle_sections(rep: Report) -> list[str]:
         out.append(f"<p>BOS comparison skipped: {html.escape(cmp['skipped'])}</p>")
     out.append("<h2>Per-layer SQNR (isolated: each layer fed its FP input, middle step)</h2>")
     out.append(bar_chart(d.get("per_layer_sqnr_db", {}), "dB", good=20.0))
+    if rep.baseline_audio:
+        out.append("<h2>FP audio, same prompts and seeds</h2>" + audio_cells(rep.baseline_audio, rep.sample_rate))
     if rep.baseline_images:
         out.append("<h2>FP (left) vs bundle (right), same prompt and seed</h2><div class=grid>")
         for fp_img, q_img in list(zip(rep.baseline_images, rep.images, strict=True))[:48]:
@@ -207,6 +211,8 @@ def render_html(rep: Report) -> str:
     parts += ["<h2>Timing</h2>", _table(list(d["timing"].items()))]
     if "fidelity" in d:
         parts += _bundle_sections(rep)
+    if rep.audio:
+        parts.append("<h2>Audio</h2>" + audio_cells(rep.audio, rep.sample_rate))
     parts.append(
         "<h2>Images</h2><p class=legend><span style='background:#2a2'>judged correct</span>"
         "<span style='background:#d22'>judge's miss</span><span style='background:#999'>not judged</span></p>"

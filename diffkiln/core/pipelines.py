@@ -42,6 +42,7 @@ __all__ = [
     "denoiser_by_calls",
     "denoiser_candidates",
     "find_denoiser",
+    "is_autoencoder",
     "model_weight_hash",
     "pipeline_media",
     "pipeline_weight_hash",
@@ -58,7 +59,8 @@ def _is_transformers_model(module: nn.Module) -> bool:
     return isinstance(module, PreTrainedModel)
 
 
-def _is_autoencoder(module: nn.Module) -> bool:
+def is_autoencoder(module: Any) -> bool:
+    """True for a model with an ``encode``/``decode`` pair (a VAE)."""
     return callable(getattr(module, "encode", None)) and callable(getattr(module, "decode", None))
 
 
@@ -71,7 +73,7 @@ def denoiser_candidates(pipe: Any) -> dict[str, nn.Module]:
     autoencoders nor transformers models, by component name."""
     out: dict[str, nn.Module] = {}
     for name, comp in getattr(pipe, "components", {}).items():
-        if isinstance(comp, nn.Module) and not _is_transformers_model(comp) and not _is_autoencoder(comp):
+        if isinstance(comp, nn.Module) and not _is_transformers_model(comp) and not is_autoencoder(comp):
             out[str(name)] = comp
     return out
 

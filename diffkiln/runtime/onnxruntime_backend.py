@@ -363,13 +363,18 @@ def _component_config(folder: Path, name: str, kind: str) -> Any:
     return FrozenDict(json.loads(path.read_text(encoding="utf-8")))
 
 
-def _meta_denoiser(config: Any) -> nn.Module:
-    """The denoiser's diffusers class built from its config on the meta device (no memory)."""
-    import diffusers
+def _meta_denoiser(folder: Path, name: str, config: Any) -> nn.Module:
+    """The denoiser's class (from its ``model_index.json`` entry) built from its config on the meta
+    device (no memory)."""
+    from diffkiln.core.errors import InvalidInputError
+    from diffkiln.core.pipelines import resolve_component_class
 
-    cls = getattr(diffusers, config["_class_name"], None)
-    if cls is None:
-        raise BundleError(f"denoiser class {config['_class_name']!r} is not in diffusers {diffusers.__version__}")
+    entry = read_json(folder / "model_index.json").get(name)
+    library = entry[0] if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str) else "diffusers"
+    try:
+        cls: Any = resolve_component_class(library, str(config["_class_name"]))
+    except InvalidInputError as exc:
+        raise BundleError(f"cannot build the denoiser: {exc}") from None
     with torch.device("meta"):
         module: nn.Module = cls.from_config(dict(config))
     return module
@@ -402,6 +407,13 @@ def load_onnx_pipeline(folder: Path, device: torch.device, optimize: bool = Fals
     from diffkiln.core.pipelines import assemble_pipeline
 
     manifest = read_onnx_manifest(folder)
+    skipped = manifest.get("skipped_components") or {}
+    if skipped:
+        name, reason = next(iter(skipped.items()))
+        raise BundleError(
+            f"{folder} holds no ONNX graph for {sorted(skipped)} (e.g. {name}: {reason}); run this pipeline with the "
+            "torch runtime, or use the exported denoiser graph on its own"
+        )
     provider = _PROVIDERS[device.type]
     if provider not in ort.get_available_providers():
         raise ValueError(
@@ -417,7 +429,7 @@ def load_onnx_pipeline(folder: Path, device: torch.device, optimize: bool = Fals
         config = _component_config(folder, name, kind)
         component: OrtComponent = _CLASSES[kind](folder, name, entry, config, providers, optimize)
         if kind == "denoiser":
-            component.attach_skeleton(_meta_denoiser(config))
+            component.attach_skeleton(_meta_denoiser(folder, name, config))
         overrides[name] = component
     pipe = assemble_pipeline(folder, overrides)
     pipe.diffkiln_manifest = manifest

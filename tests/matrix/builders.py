@@ -100,9 +100,12 @@ def cogvideox(scratch: Path) -> CogVideoXPipeline:
         text_embed_dim=32, num_layers=2, sample_width=4, sample_height=4, sample_frames=9, patch_size=2,
         temporal_compression_ratio=4, max_text_seq_length=32,
     )  # fmt: skip
+    # An 8x VAE: at 32x32 pixels and 9 frames the latent grid is the transformer's own (4x4x3), where
+    # its positional table is a buffer (at other sizes it is rebuilt in forward, which torch.export
+    # cannot trace).
     vae = AutoencoderKLCogVideoX(
-        down_block_types=("CogVideoXDownBlock3D",) * 2, up_block_types=("CogVideoXUpBlock3D",) * 2,
-        block_out_channels=(8, 8), latent_channels=4, layers_per_block=1, norm_num_groups=2,
+        down_block_types=("CogVideoXDownBlock3D",) * 4, up_block_types=("CogVideoXUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1, norm_num_groups=2,
         temporal_compression_ratio=4,
     )  # fmt: skip
     return CogVideoXPipeline(tokenizer=tok, text_encoder=t5_encoder(tok, 32), vae=vae, transformer=transformer,
@@ -263,8 +266,8 @@ _T5 = {"max_sequence_length": 32}
 MATRIX: dict[str, MatrixEntry] = {
     e.name: e
     for e in (
-        MatrixEntry("cogvideox", cogvideox, {"height": 32, "width": 32, "num_frames": 5, **_T5},
-                    {"height": 48, "width": 32, "num_frames": 5, **_T5}, "video"),  # fmt: skip
+        MatrixEntry("cogvideox", cogvideox, {"height": 32, "width": 32, "num_frames": 9, **_T5},
+                    {"height": 64, "width": 32, "num_frames": 9, **_T5}, "video"),  # fmt: skip
         MatrixEntry("ltx", ltx, {"height": 32, "width": 32, "num_frames": 9, "max_sequence_length": 16},
                     {"height": 64, "width": 32, "num_frames": 9, "max_sequence_length": 16}, "video"),  # fmt: skip
         MatrixEntry("svd", svd, {"height": 32, "width": 32, "num_frames": 4, "decode_chunk_size": 4},

@@ -22,6 +22,7 @@ from torch import nn
 
 from diffkiln.core.arguments import flatten_arguments, unflatten_arguments
 from diffkiln.core.hooks import recording_calls
+from diffkiln.core.pipelines import is_autoencoder
 
 __all__ = ["Component", "ComponentKind", "flatten_kwargs", "record_components"]
 
@@ -153,32 +154,33 @@ def _bound_kwargs(module: nn.Module, call: tuple[tuple[Any, ...], dict[str, Any]
     return bound
 
 
-def _vae_entry(vae: Any) -> nn.Module:
-    """The submodule whose input is what ``vae.decode`` receives."""
+def _vae_entry(vae: Any) -> nn.Module | None:
+    """The submodule whose input is what ``vae.decode(z)`` receives (an AutoencoderKL-style VAE:
+    a post-quantization convolution, else the decoder), or None for a VAE of another form."""
     post = getattr(vae, "post_quant_conv", None)
     if isinstance(post, nn.Module) and getattr(vae.config, "use_post_quant_conv", True):
         return post
-    decoder: nn.Module = vae.decoder
-    return decoder
+    decoder = getattr(vae, "decoder", None)
+    return decoder if isinstance(decoder, nn.Module) else None
 
 
-def record_components(pipe: Any, denoiser_name: str, prompt: str, call_kwargs: dict[str, Any]) -> list[Component]:
-    """Run the pipeline once (2 steps, decoded output) and record every model component's inputs.
+def record_components(pipe: Any, denoiser_name: str, call: dict[str, Any]) -> list[Component]:
+    """Run ``pipe(**call)`` once and record every model component's inputs.
 
     Args:
         pipe: the loaded pipeline.
-        denoiser_name: the pipeline attribute holding the denoiser.
-        prompt: the prompt of the recorded call.
-        call_kwargs: extra pipeline-call arguments (height, width, frames, ...).
+        denoiser_name: the pipeline component that is the denoiser.
+        call: the full pipeline-call arguments (a short, decoded call).
 
     Returns:
-        The denoiser, each text encoder (``text_encoder``, ``text_encoder_2``, ...), and the VAE
-        decoder, in that order; components the call did not use are left out.
+        The denoiser, each transformers encoder the call used (text encoders, image encoders), and
+        the VAE decoder (the autoencoder whose decoder ran), in that order.
     """
     from transformers import PreTrainedModel
 
     encoders = {name: comp for name, comp in pipe.components.items() if isinstance(comp, PreTrainedModel)}
-    vae = pipe.components.get("vae")
+    vaes = {n: c for n, c in pipe.components.items() if is_autoencoder(c) and _vae_entry(c) is not None}
+    vae_name, vae = next(iter(vaes.items()), (None, None))
     denoiser = getattr(pipe, denoiser_name)
     pipe.set_progress_bar_config(disable=True)
     with contextlib.ExitStack() as stack, torch.no_grad():
@@ -186,11 +188,10 @@ def record_components(pipe: Any, denoiser_name: str, prompt: str, call_kwargs: d
             name: stack.enter_context(recording_calls(f"diffkiln.onnx.{name}", m)) for name, m in encoders.items()
         }
         record[denoiser_name] = stack.enter_context(recording_calls("diffkiln.onnx.denoiser", denoiser))
-        if vae is not None:
-            record["vae"] = stack.enter_context(recording_calls("diffkiln.onnx.vae", _vae_entry(vae)))
-        pipe(
-            [prompt], num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0), **call_kwargs
-        )
+        entry = _vae_entry(vae) if vae is not None else None
+        if entry is not None:
+            record["vae"] = stack.enter_context(recording_calls("diffkiln.onnx.vae", entry))
+        pipe(**call)
     components: list[Component] = []
     tensors, options = flatten_kwargs(_bound_kwargs(denoiser, record[denoiser_name][0]))
     components.append(
@@ -223,10 +224,10 @@ def record_components(pipe: Any, denoiser_name: str, prompt: str, call_kwargs: d
                 call_order=list(inspect.signature(encoder.forward).parameters),
             )
         )
-    if vae is not None and record["vae"]:
+    if vae is not None and vae_name is not None and record.get("vae"):
         latents = record["vae"][0][0][0]
         decoder = _VaeDecoder(vae)
         components.append(
-            Component("vae", ComponentKind.VAE_DECODER, decoder, {"latents": latents}, {}, [("sample", None)])
+            Component(vae_name, ComponentKind.VAE_DECODER, decoder, {"latents": latents}, {}, [("sample", None)])
         )
     return components

@@ -16,6 +16,7 @@ temporary folder and renamed into place, so an interrupted export leaves nothing
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -31,6 +32,7 @@ from tqdm.auto import tqdm
 from diffkiln.core.errors import BundleError
 from diffkiln.core.schema import MANIFEST_NAME, ONNX_FORMAT, ONNX_VERSION, LoadedBundle
 from diffkiln.export.atomic import atomic_directory, file_table
+from diffkiln.export.onnx.check import bundle_call, capture_call, flatten_call, run_check, second_shape
 from diffkiln.export.onnx.components import Component, ComponentKind, _Denoiser, flatten_kwargs, record_components
 from diffkiln.export.onnx.modules import OnnxExportError, OnnxQLinear, export_module_for
 from diffkiln.export.onnx.ops import TRANSLATIONS
@@ -91,6 +93,9 @@ class OnnxExportConfig:
             low-bit kernels; grouped weights keep their 4-/2-bit codes) instead of standard ONNX
             INT4/INT2 ``DequantizeLinear``. Other runtimes may lack the op. 3-bit layers, layers
             with groups of 8 and convolutions keep the standard form. Default False.
+        check_call_kwargs: pipeline-call arguments of the second shape a dynamic denoiser graph is
+            run at before it is declared dynamic (with a batch of 2), as (name, value) pairs; none:
+            twice the recorded height and width where the pipeline takes them. Default none.
     """
 
     out: Path
@@ -103,6 +108,7 @@ class OnnxExportConfig:
     progress: bool = True
     compute: OnnxCompute = OnnxCompute.QDQ
     matmulnbits: bool = False
+    check_call_kwargs: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.compute, OnnxCompute):
@@ -141,25 +147,30 @@ def _swap_quantized_layers(
     return sub_byte, kept
 
 
-def _dynamic_shapes(component: Component) -> tuple[tuple[Any, ...]]:
-    """Batch axes of every input sharing the main input's batch; the main input's spatial axes."""
+def _dynamic_shapes(component: Component, batch_only: bool = False) -> tuple[tuple[Any, ...]]:
+    """The axes to export as ``Dim.AUTO`` (dynamic where the model allows, static where it
+    constrains them: channels a weight fixes, a position table): every axis of every input, but a
+    text encoder's token axis; with ``batch_only``, the batch axis of the inputs that share the
+    main input's batch. Which axes really vary is established by running the graph at a second shape."""
     from torch.export import Dim
 
-    tensors = list(component.example.items())
-    main = tensors[0][1]
-    spec: dict[str, Any] = {}
-    for name, t in tensors:
-        dims: dict[int, Any] = {}
-        if t.dim() >= 1 and t.shape[0] == main.shape[0]:
-            dims[0] = Dim.AUTO
-        if t is main and t.dim() >= 4 and component.kind != ComponentKind.TEXT_ENCODER:
-            dims.update({d: Dim.AUTO for d in range(2, t.dim())})
-        spec[name] = dims or None
-    return (tuple(spec.values()),)  # the wrappers take ``*tensors``: one tuple argument
+    tensors = list(component.example.values())
+    batch = tensors[0].shape[0] if tensors and tensors[0].dim() else None
+    spec: list[Any] = []
+    for t in tensors:
+        if batch_only or component.kind == ComponentKind.TEXT_ENCODER:
+            dims = [0] if t.dim() and t.shape[0] == batch else []
+        else:
+            dims = list(range(t.dim()))
+        spec.append({d: Dim.AUTO for d in dims} or None)
+    return (tuple(spec),)  # the wrappers take ``*tensors``: one tuple argument
 
 
-def _export_program(component: Component, opset: int, dynamic: bool) -> tuple[Any, str | None]:
-    """torch.onnx.export with dynamic axes; on failure, again with the recorded shapes."""
+def _export_program(
+    component: Component, opset: int, dynamic: bool, batch_only: bool = False
+) -> tuple[Any, str | None]:
+    """torch.onnx.export with dynamic axes (:func:`_dynamic_shapes`); on failure, again with the
+    recorded shapes."""
     kwargs: dict[str, Any] = {
         "input_names": list(component.example),
         "dynamo": True,
@@ -176,13 +187,23 @@ def _export_program(component: Component, opset: int, dynamic: bool) -> tuple[An
     with torch.no_grad():
         if dynamic:
             try:
-                return torch.onnx.export(module, fresh(), dynamic_shapes=_dynamic_shapes(component), **kwargs), None
+                shapes = _dynamic_shapes(component, batch_only)
+                return torch.onnx.export(module, fresh(), dynamic_shapes=shapes, **kwargs), None
             except Exception as exc:  # torch.export raises many types; the reason goes to the manifest
-                reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+                reason = f"{type(exc).__name__}: {_summary(exc)}"
                 log.warning("%s: dynamic axes failed (%s); exporting the recorded shapes", component.name, reason)
         else:
             reason = "dynamic axes not requested"
         return torch.onnx.export(module, fresh(), **kwargs), reason
+
+
+def _summary(exc: BaseException) -> str:
+    """The line of an exporter error that says what failed (torch.onnx puts it under "Exception summary")."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    for i, line in enumerate(lines):
+        if "Exception summary" in line and i + 1 < len(lines):
+            return lines[i + 1][:300]
+    return (lines[0] if lines else repr(exc))[:300]
 
 
 def _io_spec(values: Any) -> list[dict[str, Any]]:
@@ -241,9 +262,14 @@ def _wrapper_prefix(module: Any) -> str | None:
 
 
 def _export_component(
-    component: Component, path: Path, config: OnnxExportConfig, sub_byte: set[str], float16: bool = True
+    component: Component,
+    path: Path,
+    config: OnnxExportConfig,
+    sub_byte: set[str],
+    float16: bool = True,
+    batch_only: bool = False,
 ) -> dict[str, Any]:
-    program, static_reason = _export_program(component, config.opset, config.dynamic)
+    program, static_reason = _export_program(component, config.opset, config.dynamic, batch_only)
     if program is None:
         raise RuntimeError("torch.onnx.export returned no program")
     model = _finish(program, sub_byte, config.opset, float16, _wrapper_prefix(component.module))
@@ -283,9 +309,50 @@ def _copy_pipeline_files(bundle: Path, tmp: Path, components: list[Component], m
             shutil.copytree(sub, tmp / sub.name)
 
 
-def _call_kwargs(manifest: dict[str, Any]) -> dict[str, Any]:
-    """The pipeline-call arguments the bundle was calibrated with (a tiny model's size, ...)."""
-    return dict(manifest.get("plan", {}).get("notes", {}).get("calibration", {}).get("call_kwargs", {}))
+def _checked_denoiser(
+    component: Component, file: Path, config: OnnxExportConfig, names: set[str], bundle: LoadedBundle
+) -> dict[str, Any]:
+    """Export the denoiser; a graph exported with dynamic axes is run at a second shape first
+    (:mod:`diffkiln.export.onnx.check`). Every axis dynamic is tried first, checked at another batch
+    and size; then the batch axis alone, checked at another batch; then the recorded shapes."""
+    pipe, manifest = bundle.pipeline, bundle.manifest
+    failures: list[str] = []
+    for batch_only in (False, True) if config.dynamic else ():
+        entry = _export_component(component, file, config, names, batch_only=batch_only)
+        if not entry["dynamic"]:
+            failures.append(entry.get("static_reason", "no axis stayed dynamic"))
+            continue
+        overrides = {} if batch_only else second_shape(pipe, manifest, dict(config.check_call_kwargs))
+        try:
+            call = bundle_call(pipe, manifest, config.prompt, batch=2, overrides=overrides)
+            tensors = flatten_call(bundle.denoiser, *capture_call(pipe, bundle.denoiser, call))
+            check = run_check(file, list(component.example), component.module, tensors)
+        except Exception as exc:  # the pipeline may not run at another size: then that axis is static
+            check = {"ok": False, "shapes": overrides, "sqnr_db": None, "error": f"{type(exc).__name__}: {exc}"[:300]}
+        if check["ok"]:
+            return _verified(entry, component, tensors, check, failures)
+        failures.append(f"{'batch' if batch_only else 'every'} axis dynamic failed at a second shape: {check['error']}")
+        log.warning("%s: %s", component.name, failures[-1])
+    static = _export_component(component, file, dataclasses.replace(config, dynamic=False), names)
+    return {**static, "static_reason": "; ".join(failures) or "dynamic axes not requested"}
+
+
+def _verified(
+    entry: dict[str, Any], component: Component, tensors: dict[str, Any], check: dict[str, Any], failures: list[str]
+) -> dict[str, Any]:
+    """The entry with only the symbolic axes the check really varied declared dynamic (the others
+    listed as unverified), and the check's result."""
+    varied = {
+        n: [a for a, (x, y) in enumerate(zip(component.example[n].shape, tensors[n].shape, strict=True)) if x != y]
+        for n in component.example
+    }
+    dynamic = {n: [a for a in axes if a in varied.get(n, [])] for n, axes in entry["dynamic_axes"].items()}
+    unverified = {n: [a for a in axes if a not in dynamic[n]] for n, axes in entry["dynamic_axes"].items()}
+    out = {**entry, "dynamic_axes": dynamic, "dynamic": any(dynamic.values()), "check": check,
+           "unverified_axes": {n: a for n, a in unverified.items() if a}}  # fmt: skip
+    if failures:
+        out["wider_axes_failed"] = failures
+    return out
 
 
 def export_onnx(bundle: LoadedBundle, config: OnnxExportConfig) -> Path:
@@ -312,20 +379,27 @@ def export_onnx(bundle: LoadedBundle, config: OnnxExportConfig) -> Path:
     sub_byte, kept = _swap_quantized_layers(
         denoiser, config.keep_fp, config.compute == OnnxCompute.INTEGER, config.matmulnbits
     )
-    components = record_components(pipe, denoiser_name, config.prompt, _call_kwargs(manifest))
+    components = record_components(pipe, denoiser_name, bundle_call(pipe, manifest, config.prompt))
     if not config.components:
         components = components[:1]
     entries: dict[str, Any] = {}
+    skipped: dict[str, str] = {}
     with atomic_directory(Path(config.out), config.overwrite) as tmp:
         bar = tqdm(components, desc="exporting to ONNX", unit="component", disable=not config.progress)
         for component in bar:
             bar.set_postfix_str(component.name)
-            file = tmp / f"{'denoiser' if component.kind == ComponentKind.DENOISER else component.name}.onnx"
-            if component.kind == ComponentKind.VAE_DECODER:
-                file = tmp / "vae_decoder.onnx"
-            names = sub_byte if component.kind == ComponentKind.DENOISER else set()
-            entries[component.name] = _export_component(component, file, config, names)
-        _copy_pipeline_files(bundle.path, tmp, components, manifest)
+            if component.kind == ComponentKind.DENOISER:
+                entries[component.name] = _checked_denoiser(component, tmp / "denoiser.onnx", config, sub_byte, bundle)
+                continue
+            vae = component.kind == ComponentKind.VAE_DECODER
+            file = tmp / ("vae_decoder.onnx" if vae else f"{component.name}.onnx")
+            try:
+                entries[component.name] = _export_component(component, file, config, set())
+            except Exception as exc:  # torch.export raises many types; the reason goes to the manifest
+                skipped[component.name] = f"{type(exc).__name__}: {_summary(exc)}"
+                log.warning("%s is not exported: %s", component.name, skipped[component.name])
+                file.unlink(missing_ok=True)
+        _copy_pipeline_files(bundle.path, tmp, [c for c in components if c.name in entries], manifest)
         onnx_manifest = {
             "format": ONNX_FORMAT,
             "version": ONNX_VERSION,
@@ -334,6 +408,7 @@ def export_onnx(bundle: LoadedBundle, config: OnnxExportConfig) -> Path:
             "matmulnbits": config.matmulnbits,
             "pipeline": {"class": manifest["pipeline"]["class"], "denoiser": denoiser_name},
             "components": entries,
+            "skipped_components": skipped,
             "kept_fp": kept,
             "bundle": {"source": manifest["source"], "recipe": manifest["quant"]["recipe"]},
             "files": file_table(tmp),

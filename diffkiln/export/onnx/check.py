@@ -1,0 +1,143 @@
+"""A dynamic ONNX graph is declared dynamic only after it ran at a second shape.
+
+``torch.export`` may accept dynamic axes and still produce a graph that fails in onnxruntime at
+another shape (a broadcast or reshape it specialised). So after exporting the denoiser with
+dynamic axes, the exporter records a second sampler call at another batch and (when the
+pipeline takes a size) another resolution, runs the graph on it in onnxruntime and compares the
+result with the same modules in torch. A graph that fails or disagrees is exported again with the
+recorded shapes, and the manifest says why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from diffkiln.calibrate.dataflow import bind_call
+from diffkiln.calibrate.sources import batch_kwargs, source_for, source_from_description
+from diffkiln.core.arguments import flatten_arguments
+from diffkiln.core.hooks import scoped_hooks
+from diffkiln.core.metrics import sqnr_db
+from diffkiln.core.pipelines import accepted_call_kwargs, call_parameters
+
+__all__ = ["MIN_CHECK_SQNR_DB", "bundle_call", "capture_call", "flatten_call", "run_check", "second_shape"]
+
+MIN_CHECK_SQNR_DB = 20.0
+"""The least SQNR of the graph's output against torch at the second shape (the same QDQ
+arithmetic: measured 35-60 dB; a wrong broadcast or stale positional table gives 0 dB or less)."""
+
+
+def _calibration(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    return dict(manifest.get("plan", {}).get("notes", {}).get("calibration", {}))
+
+
+def bundle_call(
+    pipe: Any, manifest: Mapping[str, Any], prompt: str, batch: int = 1, overrides: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """A short pipeline call (2 steps, decoded output) on the bundle's own kind of input.
+
+    The inputs come from the bundle's recorded calibration source (its first samples), else from
+    the pipeline's signature with ``prompt``; the call arguments are those it was calibrated with,
+    then ``overrides``.
+    """
+    calibration = _calibration(manifest)
+    try:
+        source = source_from_description(calibration["source"])
+    except (KeyError, ValueError):
+        source = source_for(pipe, [prompt], batch)
+    samples = [source.sample(i % len(source)) for i in range(batch)]
+    defaults: dict[str, Any] = {"num_inference_steps": 2, "output_type": "np"}
+    if calibration.get("guidance") is not None:
+        defaults["guidance_scale"] = calibration["guidance"]
+    given = {**dict(calibration.get("call_kwargs", {})), **dict(overrides or {})}
+    return {
+        **batch_kwargs(pipe, samples),
+        **accepted_call_kwargs(pipe, defaults),
+        **accepted_call_kwargs(pipe, given, strict=True),
+        "generator": [torch.Generator().manual_seed(i) for i in range(batch)],
+    }
+
+
+class _Captured(Exception):
+    def __init__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        super().__init__("captured")
+        self.args, self.kwargs = args, kwargs
+
+
+def capture_call(pipe: Any, denoiser: nn.Module, call: Mapping[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The inputs of the denoiser's first call in ``pipe(**call)`` (the pipeline stops there).
+
+    Raises:
+        RuntimeError: the call never reached the denoiser.
+    """
+
+    def stop(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        raise _Captured(args, dict(kwargs))
+
+    with scoped_hooks() as hooks, torch.no_grad():
+        hooks.add_forward_pre_hook("diffkiln.onnx.capture", denoiser, stop)
+        try:
+            pipe.set_progress_bar_config(disable=True)
+            pipe(**call)
+        except _Captured as cap:
+            return cap.args, cap.kwargs
+    raise RuntimeError("the pipeline call never reached the denoiser")
+
+
+def second_shape(pipe: Any, manifest: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
+    """The call arguments of the check's second shape: ``given`` when set, else twice the
+    recorded height and width where the pipeline takes both (diffusers' standard size arguments)."""
+    if given:
+        return dict(given)
+    recorded = dict(_calibration(manifest).get("call_kwargs", {}))
+    params = call_parameters(pipe)
+    height, width = recorded.get("height"), recorded.get("width")
+    if "height" in params and "width" in params and isinstance(height, int) and isinstance(width, int):
+        return {"height": 2 * height, "width": 2 * width}
+    return {}
+
+
+def run_check(path: Path, names: list[str], module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """Run the graph at ``path`` on ``tensors`` and compare with ``module`` (the export wrapper) in torch.
+
+    Returns:
+        ``{"ok": bool, "shapes": {input: shape}, "sqnr_db": float | None, "error": str | None}``.
+    """
+    import onnxruntime as ort
+
+    shapes = {k: list(v.shape) for k, v in tensors.items()}
+    if set(tensors) != set(names):
+        missing = sorted(set(names) ^ set(tensors))
+        return {"ok": False, "shapes": shapes, "sqnr_db": None, "error": f"the inputs differ: {missing}"}
+    try:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        # The graph as written, as the onnxruntime backend runs it by default.
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        feeds = {}
+        for spec in session.get_inputs():
+            value = tensors[spec.name].detach().cpu().numpy()
+            feeds[spec.name] = value.astype(np.int64 if "int64" in spec.type else np.float32)
+        got = session.run(None, feeds)[0]
+    except Exception as exc:  # onnxruntime raises its own exception types for failed runs
+        return {"ok": False, "shapes": shapes, "sqnr_db": None, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+    with torch.no_grad():
+        ref = module(*(tensors[n] for n in names))
+    ref_np = (ref[0] if isinstance(ref, (tuple, list)) else ref).detach().float().numpy()
+    if ref_np.shape != got.shape:
+        return {"ok": False, "shapes": shapes, "sqnr_db": None, "error": f"output {got.shape}, torch {ref_np.shape}"}
+    db = float(sqnr_db(ref_np, np.asarray(got)))
+    ok = bool(np.isfinite(got).all()) and db >= MIN_CHECK_SQNR_DB
+    error = None if ok else f"SQNR {db:.1f} dB against torch, below {MIN_CHECK_SQNR_DB} dB"
+    return {"ok": ok, "shapes": shapes, "sqnr_db": round(min(db, 999.0), 2), "error": error}
+
+
+def flatten_call(module: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """A captured call's tensors as the export names its graph inputs."""
+    return flatten_arguments(bind_call(module, args, kwargs))[0]

@@ -183,8 +183,12 @@ def _add_layer_args(p: argparse.ArgumentParser) -> None:
                    "conditioning embedders (repeatable)")  # fmt: skip
     p.add_argument("--exclude", action="append", metavar="GLOB", help="keep layers matching GLOB in FP (repeatable)")
     p.add_argument("--no-bos", action="store_const", const=False, help="disable BOS-aware text rows")
-    p.add_argument("--bos-positions", type=int_list, metavar="LIST",
-                   help="text positions to treat as prompt-invariant instead of the verified ones, e.g. 0")
+    p.add_argument(
+        "--bos-positions",
+        type=int_list,
+        metavar="LIST",
+        help="text positions to treat as prompt-invariant instead of the verified ones, e.g. 0",
+    )
     p.add_argument("--smooth", choices=["auto", "all", "off"],
                    help="SmoothQuant the input channels of Linear layers: auto = layers whose largest input channel "
                    "exceeds 8x the median one (default), all, off")  # fmt: skip
@@ -195,22 +199,42 @@ def _add_mixed_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--avg-weight-bits", type=float, metavar="BITS",
                    help="mixed: the average weight bits over all quantizable parameters, FP layers counting 16 "
                    "(default 4)")  # fmt: skip
-    p.add_argument("--avg-act-bits", type=float, metavar="BITS",
-                   help="mixed: the average activation bits (default: 8-bit activations on every quantized layer)")
-    p.add_argument("--weight-candidates", type=int_list, metavar="LIST",
-                   help="mixed: weight bit-widths to choose from, among 2,3,4,8,16 (16 = FP; default 2,4,8,16)")
-    p.add_argument("--act-candidates", type=int_list, metavar="LIST",
-                   help="mixed: activation bit-widths with --avg-act-bits, 16 = weight-only (default 8,16)")
+    p.add_argument(
+        "--avg-act-bits",
+        type=float,
+        metavar="BITS",
+        help="mixed: the average activation bits (default: 8-bit activations on every quantized layer)",
+    )
+    p.add_argument(
+        "--weight-candidates",
+        type=int_list,
+        metavar="LIST",
+        help="mixed: weight bit-widths to choose from, among 2,3,4,8,16 (16 = FP; default 2,4,8,16)",
+    )
+    p.add_argument(
+        "--act-candidates",
+        type=int_list,
+        metavar="LIST",
+        help="mixed: activation bit-widths with --avg-act-bits, 16 = weight-only (default 8,16)",
+    )
     p.add_argument("--weight-group-size", type=positive_int, metavar="G",
                    help="mixed: store 4-, 3- and 2-bit weights in two-level groups of G inputs (a power of two, "
                    "e.g. 64; default: per channel)")  # fmt: skip
     p.add_argument("--weight-budget", choices=["stored", "codes"],
                    help="mixed: what --avg-weight-bits averages: stored bits per weight, scales included (default), "
                    "or code bits only (MixDQ's count)")  # fmt: skip
-    p.add_argument("--content-layers", action="append", metavar="GLOB",
-                   help="mixed: force layers into the content group (scored by final outputs; repeatable)")
-    p.add_argument("--quality-layers", action="append", metavar="GLOB",
-                   help="mixed: force layers into the quality group (scored by denoiser-output SQNR; repeatable)")
+    p.add_argument(
+        "--content-layers",
+        action="append",
+        metavar="GLOB",
+        help="mixed: force layers into the content group (scored by final outputs; repeatable)",
+    )
+    p.add_argument(
+        "--quality-layers",
+        action="append",
+        metavar="GLOB",
+        help="mixed: force layers into the quality group (scored by denoiser-output SQNR; repeatable)",
+    )
     p.add_argument("--sensitivity-prompts", type=positive_int, help="mixed: samples each sensitivity trial runs (2)")
     p.add_argument("--select-prompts", type=positive_int, help="mixed: samples each candidate plan is measured on (16)")
     p.add_argument("--workers", type=positive_int, help="mixed: processes for the sensitivity trials (default 1)")
@@ -234,14 +258,21 @@ def _add_optimize(sub: Any) -> None:
     o.add_argument("--recipe", default="w8a8", help="compression recipe: w8a8 (default) or mixed")
     _add_calibration_args(o)
     _add_layer_args(o)
-    o.add_argument("--act-mode", choices=["static", "dynamic"],
-                   help="w8a8: static per-tensor (calibrated, default) or dynamic per-token activations")
+    o.add_argument(
+        "--act-mode",
+        choices=["static", "dynamic"],
+        help="w8a8: static per-tensor (calibrated, default) or dynamic per-token activations",
+    )
     o.add_argument("--weight-bits", type=int,
                    help="w8a8: the weight grid, 8 (default) or 7; with 8-bit activations, 7-bit weights are the way "
                    "to oneDNN's exact fast int8 kernels on x86 CPUs without VNNI")  # fmt: skip
     o.add_argument("--act-bits", type=int, help="w8a8: the static activation grid, 8 (default) or 7")
-    o.add_argument("--timestep-aware", action="store_const", const=True,
-                   help="w8a8: one static activation range per sampler step; the runtime uses the nearest one's")
+    o.add_argument(
+        "--timestep-aware",
+        action="store_const",
+        const=True,
+        help="w8a8: one static activation range per sampler step; the runtime uses the nearest one's",
+    )
     o.add_argument("--requantize-conv-outputs", action="store_const", const=True,
                    help="w8a8: round each integer convolution's output onto a calibrated int8 grid, as onnxruntime's "
                    "quantize_static does, so that onnxruntime runs the convolutions as int8 QLinearConv, at the cost "
@@ -270,17 +301,33 @@ def _add_report(sub: Any) -> None:
     src = r.add_mutually_exclusive_group()
     src.add_argument("--eval-size", type=positive_int, default=200, help="prompts per set (default 200)")
     src.add_argument("--eval-prompts", type=Path, metavar="FILE", help="evaluate these prompts instead")
-    r.add_argument("--judge", choices=["auto", "shapes", "none"], default="auto",
-                   help="content judge: auto uses the built-in model's own; 'shapes' for a copy of a shapes model")
+    r.add_argument(
+        "--judge",
+        choices=["auto", "shapes", "none"],
+        default="auto",
+        help="content judge: auto uses the built-in model's own; 'shapes' for a copy of a shapes model",
+    )
     r.add_argument("--out", type=Path, default=None, help="output folder (default out/report-<target>)")
     r.add_argument("--baseline", metavar="MODEL", help="for a bundle: the FP model to compare with")
     r.add_argument("--no-bos-comparison", action="store_true", help="for a bundle: skip the BOS on/off comparison")
-    r.add_argument("--fail-on-regression", type=Path, metavar="OLD_REPORT.json",
-                   help="exit with status 3 when quality falls below this earlier report beyond the tolerance")
-    r.add_argument("--tolerance", type=non_negative_float, default=0.02,
-                   help="allowed drop of each content accuracy for --fail-on-regression (default 0.02)")
-    r.add_argument("--sqnr-tolerance", type=non_negative_float, default=1.0,
-                   help="allowed drop of latent SQNR in dB for --fail-on-regression (default 1.0)")
+    r.add_argument(
+        "--fail-on-regression",
+        type=Path,
+        metavar="OLD_REPORT.json",
+        help="exit with status 3 when quality falls below this earlier report beyond the tolerance",
+    )
+    r.add_argument(
+        "--tolerance",
+        type=non_negative_float,
+        default=0.02,
+        help="allowed drop of each content accuracy for --fail-on-regression (default 0.02)",
+    )
+    r.add_argument(
+        "--sqnr-tolerance",
+        type=non_negative_float,
+        default=1.0,
+        help="allowed drop of latent SQNR in dB for --fail-on-regression (default 1.0)",
+    )
     _add_sampling_args(r)
 
 
@@ -300,14 +347,25 @@ def _add_export(sub: Any) -> None:
     e.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder (written atomically)")
     e.add_argument("--opset", type=positive_int, help="onnx: opset >= 13 (default 21; >= 21 INT4, >= 25 INT2)")
     e.add_argument("--static-shapes", action="store_const", const=False, help="onnx: fix every axis as recorded")
-    e.add_argument("--compute", choices=["qdq", "integer"],
-                   help="onnx: qdq (default): QuantizeLinear/DequantizeLinear around float MatMul/Conv, the form "
-                   "TensorRT and Ascend ATC fuse; integer: MatMulInteger/ConvInteger, the runtime's own arithmetic")
-    e.add_argument("--matmulnbits", action="store_const", const=True,
-                   help="onnx: store 4- and 2-bit Linear weights as onnxruntime's com.microsoft.MatMulNBits")
+    e.add_argument(
+        "--compute",
+        choices=["qdq", "integer"],
+        help="onnx: qdq (default): QuantizeLinear/DequantizeLinear around float MatMul/Conv, the form "
+        "TensorRT and Ascend ATC fuse; integer: MatMulInteger/ConvInteger, the runtime's own arithmetic",
+    )
+    e.add_argument(
+        "--matmulnbits",
+        action="store_const",
+        const=True,
+        help="onnx: store 4- and 2-bit Linear weights as onnxruntime's com.microsoft.MatMulNBits",
+    )
     e.add_argument("--denoiser-only", action="store_const", const=False, help="onnx: skip text encoders and the VAE")
-    e.add_argument("--keep-fp", action="store_const", const=True,
-                   help="a layer the format cannot express is kept in float (warned and listed) instead of failing")
+    e.add_argument(
+        "--keep-fp",
+        action="store_const",
+        const=True,
+        help="a layer the format cannot express is kept in float (warned and listed) instead of failing",
+    )
     e.add_argument("--dtype", choices=["float16", "bfloat16"], help="mindiesd: float dtype (default float16)")
     e.add_argument("--overwrite", action="store_const", const=True, help="replace an existing DIR")
     e.add_argument("--no-progress", action="store_const", const=False, help="hide the progress bar")
@@ -325,8 +383,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"diffkiln {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     sub.add_parser("models", help="list the built-in models, one per line")
-    g = sub.add_parser("generate", help="generate samples (images, videos, audio) from prompts",
-                       description="One output per prompt (PNG, GIF for video, WAV for audio); sample i uses seed+i.")
+    g = sub.add_parser(
+        "generate",
+        help="generate samples (images, videos, audio) from prompts",
+        description="One output per prompt (PNG, GIF for video, WAV for audio); sample i uses seed+i.",
+    )
     g.add_argument("target", metavar="TARGET", help="built-in model name, diffusers folder or bundle")
     g.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a prompt (repeatable)")
     g.add_argument("--prompts", type=Path, metavar="FILE", help="file with one prompt per line ('#' comments)")

@@ -139,6 +139,7 @@ class DataflowGraph:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DataflowGraph:
         """Rebuild from :meth:`to_dict` output."""
+
         def tuples(record: Mapping[str, Any]) -> dict[str, Any]:
             return {k: tuple(v) if isinstance(v, list) else v for k, v in record.items()}
 

@@ -5,17 +5,22 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
-__all__ = ["ARG_SEPARATOR", "flatten_arguments", "unflatten_arguments"]
+__all__ = ["ARG_SEPARATOR", "feed_array", "flatten_arguments", "unflatten_arguments"]
 
 ARG_SEPARATOR = "__"
-"""Joins a dict argument's name and key into one input name (``added_cond_kwargs__text_embeds``)."""
+"""Joins a dict argument's name and key (``added_cond_kwargs__text_embeds``), or a tuple argument's
+name and index (``image_rotary_emb__0``), into one input name."""
 
 
 def flatten_arguments(kwargs: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Split call arguments into tensors (a dict of tensors becomes ``name__key`` entries) and the
-    rest; the exporter names ONNX inputs the same way."""
+    """Split call arguments into tensors and the rest; the exporter names ONNX inputs the same way.
+
+    A dict of tensors becomes ``name__key`` entries and a tuple or list of tensors (HunyuanDiT's
+    rotary tables) ``name__0``, ``name__1``, ...; an empty dict, tuple or list goes with the rest.
+    """
     tensors: dict[str, torch.Tensor] = {}
     rest: dict[str, Any] = {}
     for key, value in kwargs.items():
@@ -23,13 +28,16 @@ def flatten_arguments(kwargs: dict[str, Any]) -> tuple[dict[str, torch.Tensor], 
             tensors[key] = value
         elif isinstance(value, dict) and value and all(isinstance(v, torch.Tensor) for v in value.values()):
             tensors.update({f"{key}{ARG_SEPARATOR}{k}": v for k, v in value.items()})
+        elif isinstance(value, (tuple, list)) and value and all(isinstance(v, torch.Tensor) for v in value):
+            tensors.update({f"{key}{ARG_SEPARATOR}{i}": v for i, v in enumerate(value)})
         else:
             rest[key] = value
     return tensors, rest
 
 
 def unflatten_arguments(flat: dict[str, Any]) -> dict[str, Any]:
-    """Inverse of :func:`flatten_arguments` for tensors: ``a__b`` keys become ``{"a": {"b": ...}}``."""
+    """Inverse of :func:`flatten_arguments` for tensors: ``a__b`` keys become ``{"a": {"b": ...}}``,
+    and ``a__0 .. a__n`` keys (every index from 0) the tuple ``a``."""
     out: dict[str, Any] = {}
     for key, value in flat.items():
         outer, sep, inner = key.partition(ARG_SEPARATOR)
@@ -37,4 +45,25 @@ def unflatten_arguments(flat: dict[str, Any]) -> dict[str, Any]:
             out.setdefault(outer, {})[inner] = value
         else:
             out[key] = value
+    for key, value in out.items():
+        if isinstance(value, dict) and sorted(value) == [str(i) for i in range(len(value))]:
+            out[key] = tuple(value[str(i)] for i in range(len(value)))
     return out
+
+
+_NUMPY_DTYPES = {
+    "float": np.float32,
+    "float16": np.float16,
+    "double": np.float64,
+    "int64": np.int64,
+    "int32": np.int32,
+    "bool": np.bool_,
+}
+
+
+def feed_array(value: torch.Tensor, dtype: str) -> np.ndarray:
+    """``value`` as the array an ONNX input of element type ``dtype`` takes (``"int64"`` as the
+    export's manifest writes it, or ``"tensor(int64)"`` as onnxruntime reports it); unknown
+    types get float32."""
+    name = dtype[len("tensor(") : -1] if dtype.startswith("tensor(") else dtype
+    return value.detach().cpu().numpy().astype(_NUMPY_DTYPES.get(name, np.float32), copy=False)

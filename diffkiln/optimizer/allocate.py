@@ -203,9 +203,7 @@ def _uniform_allocation(
     return None
 
 
-def allocate_acts(
-    base: Plan, table: SensitivityTable, wbits: Mapping[str, int], config: MixedConfig
-) -> dict[str, int]:
+def allocate_acts(base: Plan, table: SensitivityTable, wbits: Mapping[str, int], config: MixedConfig) -> dict[str, int]:
     quantized = [n for n, b in wbits.items() if b < 16]
     with_grid = [n for n in quantized if any(e.layer == n and e.target == "act" for e in table.entries)]
     if config.avg_act_bits is None:
@@ -230,5 +228,3 @@ def allocate_acts(
 def weight_spec_for(bits: int, group_size: int | None) -> WeightSpec:
     """Mixed precision's weights: float16 scales; 4-/2-bit ones grouped when asked."""
     return WeightSpec(bits=bits, scale_dtype="float16", group_size=group_size if bits in PACKABLE_BITS else None)
-
-

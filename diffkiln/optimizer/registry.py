@@ -68,9 +68,7 @@ _BY_TYPE: dict[type, _Entry] = {}
 _BY_NAME: dict[str, _Entry] = {}
 
 
-def register_recipe(
-    name: str, config_type: type, float_storage: str = "lossless"
-) -> Callable[[RecipeFn], RecipeFn]:
+def register_recipe(name: str, config_type: type, float_storage: str = "lossless") -> Callable[[RecipeFn], RecipeFn]:
     """Decorator: register ``fn`` as the recipe for configs of ``config_type``, named ``name``.
 
     Args:

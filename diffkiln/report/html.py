@@ -118,8 +118,11 @@ def _bundle_sections(rep: Report) -> list[str]:
             f"{_fmt(f.get('latent_sqnr_db_median_prompt'))} / {_fmt(f.get('latent_sqnr_db_worst_prompt'))}",
         ),
         ("prompts below 10 dB (sample left the FP layout)", f.get("prompts_below_10db")),
-        *([("image PSNR vs FP (dB)", f.get("image_psnr_db")), ("image SSIM vs FP", f.get("image_ssim"))]
-          if "image_psnr_db" in f else [("audio SNR vs FP (dB)", f.get("audio_snr_db"))]),
+        *(
+            [("image PSNR vs FP (dB)", f.get("image_psnr_db")), ("image SSIM vs FP", f.get("image_ssim"))]
+            if "image_psnr_db" in f
+            else [("audio SNR vs FP (dB)", f.get("audio_snr_db"))]
+        ),
         ("denoiser bytes (stored)", sz["denoiser_bytes"]),
         ("denoiser bytes (FP16)", sz["denoiser_fp16_bytes"]),
         ("stored / FP16", sz["denoiser_ratio_vs_fp16"]),

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from diffkiln.core.arguments import flatten_arguments
+from diffkiln.core.arguments import feed_array, flatten_arguments
 from diffkiln.core.errors import BundleError
 from diffkiln.core.schema import BUNDLE_FORMAT, MANIFEST_NAME, ONNX_FORMAT, ONNX_VERSION, read_json, verify_files
 
@@ -37,7 +37,6 @@ __all__ = [
 
 # Output objects are rebuilt only from these libraries' classes (named in the manifest).
 _OUTPUT_LIBRARIES = ("transformers.", "diffusers.")
-_NUMPY_DTYPES = {"float": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "bool": np.bool_}
 _PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "npu": "CANNExecutionProvider"}
 log = logging.getLogger(__name__)
 # onnxruntime (1.32) breaks some QDQ graphs while optimizing them: a QuantizeLinear that one of its
@@ -247,7 +246,7 @@ class OrtComponent(nn.Module):
         arrays: dict[str, np.ndarray] = {}
         for key, value in feeds.items():
             spec = self.inputs[key]
-            array = value.detach().cpu().numpy().astype(_NUMPY_DTYPES.get(spec["dtype"], np.float32), copy=False)
+            array = feed_array(value, spec["dtype"] or "float")
             shape = spec["shape"]
             if shape is not None and (
                 len(shape) != array.ndim

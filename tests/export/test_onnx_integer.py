@@ -12,9 +12,9 @@ from torch import nn
 
 from diffkiln.core.metrics import sqnr_db
 from diffkiln.export.onnx import OnnxCompute, OnnxExportConfig
-from diffkiln.export.onnx.exporter import _finish
 from diffkiln.export.onnx.modules import export_module_for
 from diffkiln.export.onnx.ops import TRANSLATIONS
+from diffkiln.export.onnx.write import finish_model
 from diffkiln.optimizer import SearchContext
 from tests.runtime.test_packed_layers import _layer
 from tests.runtime_e2e_helpers import onnx_denoiser
@@ -33,7 +33,7 @@ def _export(stand_in: nn.Module, x: torch.Tensor, sub_byte: set[str]) -> onnx.Mo
     program = torch.onnx.export(stand_in.eval(), (x,), dynamo=True, opset_version=21,
                                 custom_translation_table=TRANSLATIONS, verbose=False)  # fmt: skip
     assert program is not None
-    return ir.serde.serialize_model(_finish(program, sub_byte, 21))
+    return ir.serde.serialize_model(finish_model(program, sub_byte, 21))
 
 
 @pytest.mark.parametrize("wbits", [8, 4], ids=["w8a8", "w4a8"])

@@ -96,40 +96,77 @@ def cogvideox(scratch: Path) -> CogVideoXPipeline:
     """CogVideoX text-to-video: T5, a 3D transformer with 3D positional embeddings, a causal 3D VAE."""
     tok = t5_tokenizer(scratch / "tokenizer")
     transformer = CogVideoXTransformer3DModel(
-        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=8,
-        text_embed_dim=32, num_layers=2, sample_width=4, sample_height=4, sample_frames=9, patch_size=2,
-        temporal_compression_ratio=4, max_text_seq_length=32,
-    )  # fmt: skip
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=4,
+        time_embed_dim=8,
+        text_embed_dim=32,
+        num_layers=2,
+        sample_width=4,
+        sample_height=4,
+        sample_frames=9,
+        patch_size=2,
+        temporal_compression_ratio=4,
+        max_text_seq_length=32,
+    )
     # An 8x VAE: at 32x32 pixels and 9 frames the latent grid is the transformer's own (4x4x3), where
     # its positional table is a buffer (at other sizes it is rebuilt in forward, which torch.export
     # cannot trace).
     vae = AutoencoderKLCogVideoX(
-        down_block_types=("CogVideoXDownBlock3D",) * 4, up_block_types=("CogVideoXUpBlock3D",) * 4,
-        block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1, norm_num_groups=2,
+        down_block_types=("CogVideoXDownBlock3D",) * 4,
+        up_block_types=("CogVideoXUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=2,
         temporal_compression_ratio=4,
-    )  # fmt: skip
-    return CogVideoXPipeline(tokenizer=tok, text_encoder=t5_encoder(tok, 32), vae=vae, transformer=transformer,
-                             scheduler=DDIMScheduler())  # fmt: skip
+    )
+    return CogVideoXPipeline(
+        tokenizer=tok, text_encoder=t5_encoder(tok, 32), vae=vae, transformer=transformer, scheduler=DDIMScheduler()
+    )
 
 
 def ltx(scratch: Path) -> LTXPipeline:
     """LTX-Video text-to-video: T5, a 3D transformer over patchified latent tokens, a video VAE."""
     tok = t5_tokenizer(scratch / "tokenizer")
     transformer = LTXVideoTransformer3DModel(
-        in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=8,
-        cross_attention_dim=16, num_layers=2, caption_channels=32,
-    )  # fmt: skip
+        in_channels=8,
+        out_channels=8,
+        patch_size=1,
+        patch_size_t=1,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        cross_attention_dim=16,
+        num_layers=2,
+        caption_channels=32,
+    )
     vae = AutoencoderKLLTXVideo(
-        latent_channels=8, block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
-        layers_per_block=(1, 1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1, 1),
-        spatio_temporal_scaling=(True, True, False, False), decoder_spatio_temporal_scaling=(True, True, False, False),
-        decoder_inject_noise=(False,) * 5, upsample_residual=(False,) * 4, upsample_factor=(1,) * 4,
-        timestep_conditioning=False, patch_size=1, patch_size_t=1, encoder_causal=True, decoder_causal=False,
-    )  # fmt: skip
+        latent_channels=8,
+        block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8),
+        layers_per_block=(1, 1, 1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1, 1, 1),
+        spatio_temporal_scaling=(True, True, False, False),
+        decoder_spatio_temporal_scaling=(True, True, False, False),
+        decoder_inject_noise=(False,) * 5,
+        upsample_residual=(False,) * 4,
+        upsample_factor=(1,) * 4,
+        timestep_conditioning=False,
+        patch_size=1,
+        patch_size_t=1,
+        encoder_causal=True,
+        decoder_causal=False,
+    )
     vae.use_framewise_encoding = False
     vae.use_framewise_decoding = False
-    return LTXPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=t5_encoder(tok, 32),
-                       tokenizer=tok, transformer=transformer)  # fmt: skip
+    return LTXPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=t5_encoder(tok, 32),
+        tokenizer=tok,
+        transformer=transformer,
+    )
 
 
 def svd(scratch: Path) -> StableVideoDiffusionPipeline:
@@ -138,29 +175,52 @@ def svd(scratch: Path) -> StableVideoDiffusionPipeline:
 
     # Its group norms have 32 groups: 32 channels at least.
     unet = UNetSpatioTemporalConditionModel(
-        block_out_channels=(32, 32), layers_per_block=1, sample_size=8, in_channels=8, out_channels=4,
+        block_out_channels=(32, 32),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=8,
+        out_channels=4,
         down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
         up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
-        cross_attention_dim=16, num_attention_heads=2, projection_class_embeddings_input_dim=24,
-        addition_time_embed_dim=8, num_frames=4,
-    )  # fmt: skip
+        cross_attention_dim=16,
+        num_attention_heads=2,
+        projection_class_embeddings_input_dim=24,
+        addition_time_embed_dim=8,
+        num_frames=4,
+    )
     scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", interpolation_type="linear",
-        prediction_type="v_prediction", sigma_max=700.0, sigma_min=0.002, steps_offset=1, timestep_spacing="leading",
-        timestep_type="continuous", use_karras_sigmas=True,
-    )  # fmt: skip
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        interpolation_type="linear",
+        prediction_type="v_prediction",
+        sigma_max=700.0,
+        sigma_min=0.002,
+        steps_offset=1,
+        timestep_spacing="leading",
+        timestep_type="continuous",
+        use_karras_sigmas=True,
+    )
     # Its decoder's group norms have 32 groups: 32 channels at least.
     vae = AutoencoderKLTemporalDecoder(
         block_out_channels=[32, 32], down_block_types=["DownEncoderBlock2D"] * 2, latent_channels=4, layers_per_block=1
     )
     image_encoder = CLIPVisionModelWithProjection(
         # The pipeline resizes every image to 224 px for the encoder.
-        CLIPVisionConfig(hidden_size=16, projection_dim=16, num_hidden_layers=2, num_attention_heads=2, image_size=224,
-                         intermediate_size=32, patch_size=32)  # fmt: skip
+        CLIPVisionConfig(
+            hidden_size=16,
+            projection_dim=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=224,
+            intermediate_size=32,
+            patch_size=32,
+        )
     )
     processor = CLIPImageProcessor(crop_size=16, size=16)
-    return StableVideoDiffusionPipeline(vae=vae, image_encoder=image_encoder, unet=unet, scheduler=scheduler,
-                                        feature_extractor=processor)  # fmt: skip
+    return StableVideoDiffusionPipeline(
+        vae=vae, image_encoder=image_encoder, unet=unet, scheduler=scheduler, feature_extractor=processor
+    )
 
 
 def stable_audio(scratch: Path) -> StableAudioPipeline:
@@ -168,86 +228,174 @@ def stable_audio(scratch: Path) -> StableAudioPipeline:
     tok = t5_tokenizer(scratch / "tokenizer")
     text_encoder = t5_encoder(tok, 16)
     transformer = StableAudioDiTModel(
-        sample_size=8, in_channels=3, num_layers=2, attention_head_dim=4, num_attention_heads=2,
-        num_key_value_attention_heads=1, out_channels=3, cross_attention_dim=8, time_proj_dim=8,
-        global_states_input_dim=16, cross_attention_input_dim=8,
-    )  # fmt: skip
+        sample_size=8,
+        in_channels=3,
+        num_layers=2,
+        attention_head_dim=4,
+        num_attention_heads=2,
+        num_key_value_attention_heads=1,
+        out_channels=3,
+        cross_attention_dim=8,
+        time_proj_dim=8,
+        global_states_input_dim=16,
+        cross_attention_input_dim=8,
+    )
     vae = AutoencoderOobleck(
-        encoder_hidden_size=6, downsampling_ratios=[1, 2], decoder_channels=3, decoder_input_channels=3,
-        audio_channels=2, channel_multiples=[2, 4], sampling_rate=16,
-    )  # fmt: skip
+        encoder_hidden_size=6,
+        downsampling_ratios=[1, 2],
+        decoder_channels=3,
+        decoder_input_channels=3,
+        audio_channels=2,
+        channel_multiples=[2, 4],
+        sampling_rate=16,
+    )
     projection = StableAudioProjectionModel(text_encoder_dim=16, conditioning_dim=8, min_value=0, max_value=32)
     # Stable Audio's own cosine scheduler needs torchsde; the EDM DPM-Solver is the same family.
     scheduler = EDMDPMSolverMultistepScheduler(solver_order=2, prediction_type="v_prediction", sigma_data=1.0)
-    return StableAudioPipeline(vae=vae, text_encoder=text_encoder, projection_model=projection, tokenizer=tok,
-                               transformer=transformer, scheduler=scheduler)  # fmt: skip
+    return StableAudioPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        projection_model=projection,
+        tokenizer=tok,
+        transformer=transformer,
+        scheduler=scheduler,
+    )
 
 
 def hunyuan_dit(scratch: Path) -> HunyuanDiTPipeline:
     """HunyuanDiT: a BERT and a T5 text encoder, an attention-pool text embedder, skip connections."""
     bert_tok = _bert_tokenizer(scratch / "bert")
     bert = BertModel(
-        BertConfig(vocab_size=len(bert_tok), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                   intermediate_size=32, max_position_embeddings=80)  # fmt: skip
+        BertConfig(
+            vocab_size=len(bert_tok),
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=80,
+        )
     )
     t5tok = t5_tokenizer(scratch / "t5")
     transformer = HunyuanDiT2DModel(
-        sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=2, in_channels=4,
-        cross_attention_dim=16, cross_attention_dim_t5=32, pooled_projection_dim=8, hidden_size=16,
-        text_len=77, text_len_t5=256, activation_fn="gelu-approximate",
-    )  # fmt: skip
+        sample_size=8,
+        num_layers=2,
+        patch_size=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        in_channels=4,
+        cross_attention_dim=16,
+        cross_attention_dim_t5=32,
+        pooled_projection_dim=8,
+        hidden_size=16,
+        text_len=77,
+        text_len_t5=256,
+        activation_fn="gelu-approximate",
+    )
     # The pipeline's rotary grid assumes an 8x VAE: four levels.
-    return HunyuanDiTPipeline(vae=_tiny_kl_vae(levels=4), text_encoder=bert, tokenizer=bert_tok, transformer=transformer,
-                              scheduler=DDPMScheduler(), safety_checker=None, feature_extractor=None,
-                              requires_safety_checker=False, text_encoder_2=t5_encoder(t5tok, 32),
-                              tokenizer_2=t5tok)  # fmt: skip
+    return HunyuanDiTPipeline(
+        vae=_tiny_kl_vae(levels=4),
+        text_encoder=bert,
+        tokenizer=bert_tok,
+        transformer=transformer,
+        scheduler=DDPMScheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+        text_encoder_2=t5_encoder(t5tok, 32),
+        tokenizer_2=t5tok,
+    )
 
 
 def aura_flow(scratch: Path) -> AuraFlowPipeline:
     """AuraFlow: UMT5, joint (MMDiT) and single DiT blocks with register tokens."""
     tok = t5_tokenizer(scratch / "tokenizer")
     transformer = AuraFlowTransformer2DModel(
-        sample_size=16, patch_size=2, in_channels=4, num_mmdit_layers=1, num_single_dit_layers=1,
-        attention_head_dim=8, num_attention_heads=2, caption_projection_dim=16, joint_attention_dim=32,
-        out_channels=4, pos_embed_max_size=64,
-    )  # fmt: skip
-    return AuraFlowPipeline(tokenizer=tok, text_encoder=t5_encoder(tok, 32, umt5=True), vae=_tiny_kl_vae(),
-                            transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler())  # fmt: skip
+        sample_size=16,
+        patch_size=2,
+        in_channels=4,
+        num_mmdit_layers=1,
+        num_single_dit_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        caption_projection_dim=16,
+        joint_attention_dim=32,
+        out_channels=4,
+        pos_embed_max_size=64,
+    )
+    return AuraFlowPipeline(
+        tokenizer=tok,
+        text_encoder=t5_encoder(tok, 32, umt5=True),
+        vae=_tiny_kl_vae(),
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+    )
 
 
 def latte(scratch: Path) -> LattePipeline:
     """Latte text-to-video: T5, alternating spatial and temporal transformer blocks (adaLN-single)."""
     tok = t5_tokenizer(scratch / "tokenizer")
     transformer = LatteTransformer3DModel(
-        sample_size=8, num_layers=1, patch_size=2, attention_head_dim=8, num_attention_heads=2, caption_channels=32,
-        in_channels=4, cross_attention_dim=16, out_channels=8, attention_bias=True, activation_fn="gelu-approximate",
-        num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
+        sample_size=8,
+        num_layers=1,
+        patch_size=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        caption_channels=32,
+        in_channels=4,
+        cross_attention_dim=16,
+        out_channels=8,
+        attention_bias=True,
+        activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000,
+        norm_type="ada_norm_single",
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,
         video_length=2,  # its temporal position table has one row per frame
-    )  # fmt: skip
-    return LattePipeline(tokenizer=tok, text_encoder=t5_encoder(tok, 32), vae=_tiny_kl_vae(), transformer=transformer,
-                         scheduler=DDIMScheduler())  # fmt: skip
+    )
+    return LattePipeline(
+        tokenizer=tok,
+        text_encoder=t5_encoder(tok, 32),
+        vae=_tiny_kl_vae(),
+        transformer=transformer,
+        scheduler=DDIMScheduler(),
+    )
 
 
 def text_to_video_sd(scratch: Path) -> TextToVideoSDPipeline:
     """ModelScope text-to-video: CLIP, a 3D UNet with temporal convolutions (Conv3d) and attention."""
     tok = clip_tokenizer(scratch / "tokenizer")
     unet = UNet3DConditionModel(
-        sample_size=8, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
-        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"), up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
-        cross_attention_dim=32, attention_head_dim=8,
-    )  # fmt: skip
-    return TextToVideoSDPipeline(vae=_tiny_kl_vae(), text_encoder=clip_encoder(tok, 32), tokenizer=tok, unet=unet,
-                                 scheduler=DDIMScheduler())  # fmt: skip
+        sample_size=8,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+    )
+    return TextToVideoSDPipeline(
+        vae=_tiny_kl_vae(), text_encoder=clip_encoder(tok, 32), tokenizer=tok, unet=unet, scheduler=DDIMScheduler()
+    )
 
 
 def dit(scratch: Path) -> DiTPipeline:
     """DiT class-conditional image generation: no text at all, adaLN-zero with class labels."""
     del scratch
     transformer = DiTTransformer2DModel(
-        sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=2, in_channels=4,
-        out_channels=8, attention_bias=True, activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
-        norm_type="ada_norm_zero", norm_elementwise_affine=False,
-    )  # fmt: skip
+        sample_size=8,
+        num_layers=2,
+        patch_size=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        in_channels=4,
+        out_channels=8,
+        attention_bias=True,
+        activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000,
+        norm_type="ada_norm_zero",
+        norm_elementwise_affine=False,
+    )
     return DiTPipeline(transformer=transformer, vae=_tiny_kl_vae(), scheduler=DDIMScheduler())
 
 
@@ -255,9 +403,15 @@ def ddpm(scratch: Path) -> DDPMPipeline:
     """DDPM unconditional image generation: a pixel-space UNet2DModel, no conditioning but the timestep."""
     del scratch
     unet = UNet2DModel(
-        block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, sample_size=16, in_channels=3,
-        out_channels=3, down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-    )  # fmt: skip
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=16,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    )
     return DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=50))
 
 
@@ -266,20 +420,49 @@ _T5 = {"max_sequence_length": 32}
 MATRIX: dict[str, MatrixEntry] = {
     e.name: e
     for e in (
-        MatrixEntry("cogvideox", cogvideox, {"height": 32, "width": 32, "num_frames": 9, **_T5},
-                    {"height": 64, "width": 32, "num_frames": 9, **_T5}, "video"),  # fmt: skip
-        MatrixEntry("ltx", ltx, {"height": 32, "width": 32, "num_frames": 9, "max_sequence_length": 16},
-                    {"height": 64, "width": 32, "num_frames": 9, "max_sequence_length": 16}, "video"),  # fmt: skip
-        MatrixEntry("svd", svd, {"height": 32, "width": 32, "num_frames": 4, "decode_chunk_size": 4},
-                    {"height": 48, "width": 32, "num_frames": 4, "decode_chunk_size": 4}, "image-to-video"),  # fmt: skip
+        MatrixEntry(
+            "cogvideox",
+            cogvideox,
+            {"height": 32, "width": 32, "num_frames": 9, **_T5},
+            {"height": 64, "width": 32, "num_frames": 9, **_T5},
+            "video",
+        ),
+        MatrixEntry(
+            "ltx",
+            ltx,
+            {"height": 32, "width": 32, "num_frames": 9, "max_sequence_length": 16},
+            {"height": 64, "width": 32, "num_frames": 9, "max_sequence_length": 16},
+            "video",
+        ),
+        MatrixEntry(
+            "svd",
+            svd,
+            {"height": 32, "width": 32, "num_frames": 4, "decode_chunk_size": 4},
+            {"height": 48, "width": 32, "num_frames": 4, "decode_chunk_size": 4},
+            "image-to-video",
+        ),
         MatrixEntry("stable-audio", stable_audio, {"audio_end_in_s": 1.0}, {"audio_end_in_s": 2.0}, "audio"),
-        MatrixEntry("hunyuan-dit", hunyuan_dit, {"height": 32, "width": 32, "use_resolution_binning": False},
-                    {"height": 48, "width": 32, "use_resolution_binning": False}),  # fmt: skip
+        MatrixEntry(
+            "hunyuan-dit",
+            hunyuan_dit,
+            {"height": 32, "width": 32, "use_resolution_binning": False},
+            {"height": 48, "width": 32, "use_resolution_binning": False},
+        ),
         MatrixEntry("aura-flow", aura_flow, {"height": 32, "width": 32, **_T5}, {"height": 48, "width": 32, **_T5}),
-        MatrixEntry("latte", latte, {"height": 32, "width": 32, "video_length": 2, "clean_caption": False},
-                    {"height": 48, "width": 32, "video_length": 2, "clean_caption": False}, "video"),  # fmt: skip
-        MatrixEntry("text-to-video-sd", text_to_video_sd, {"height": 32, "width": 32, "num_frames": 2},
-                    {"height": 48, "width": 32, "num_frames": 3}, "video"),  # fmt: skip
+        MatrixEntry(
+            "latte",
+            latte,
+            {"height": 32, "width": 32, "video_length": 2, "clean_caption": False},
+            {"height": 48, "width": 32, "video_length": 2, "clean_caption": False},
+            "video",
+        ),
+        MatrixEntry(
+            "text-to-video-sd",
+            text_to_video_sd,
+            {"height": 32, "width": 32, "num_frames": 2},
+            {"height": 48, "width": 32, "num_frames": 3},
+            "video",
+        ),
         MatrixEntry("dit", dit, {}, None, "class"),
         MatrixEntry("ddpm", ddpm, {}, None, "unconditional"),
     )

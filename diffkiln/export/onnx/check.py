@@ -20,7 +20,7 @@ from torch import nn
 
 from diffkiln.calibrate.dataflow import bind_call
 from diffkiln.calibrate.sources import batch_kwargs, source_for, source_from_description
-from diffkiln.core.arguments import flatten_arguments
+from diffkiln.core.arguments import feed_array, flatten_arguments
 from diffkiln.core.hooks import scoped_hooks
 from diffkiln.core.metrics import sqnr_db
 from diffkiln.core.pipelines import accepted_call_kwargs, call_parameters
@@ -89,14 +89,27 @@ def capture_call(pipe: Any, denoiser: nn.Module, call: Mapping[str, Any]) -> tup
     raise RuntimeError("the pipeline call never reached the denoiser")
 
 
+def _default_size(pipe: Any, manifest: Mapping[str, Any]) -> int | None:
+    """The pipeline's default output size in pixels, by diffusers' convention: ``default_sample_size``
+    (or the denoiser config's ``sample_size``) times ``vae_scale_factor``; None where either is missing."""
+    denoiser = getattr(pipe, manifest.get("pipeline", {}).get("denoiser", ""), None)
+    latent = getattr(pipe, "default_sample_size", None) or getattr(
+        getattr(denoiser, "config", None), "sample_size", None
+    )
+    factor = getattr(pipe, "vae_scale_factor", None)
+    return latent * factor if isinstance(latent, int) and isinstance(factor, int) else None
+
+
 def second_shape(pipe: Any, manifest: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
     """The call arguments of the check's second shape: ``given`` when set, else twice the
-    recorded height and width where the pipeline takes both (diffusers' standard size arguments)."""
+    recorded height and width (or the pipeline's default size) where the pipeline takes both
+    (diffusers' standard size arguments)."""
     if given:
         return dict(given)
     recorded = dict(_calibration(manifest).get("call_kwargs", {}))
     params = call_parameters(pipe)
-    height, width = recorded.get("height"), recorded.get("width")
+    default = _default_size(pipe, manifest)
+    height, width = recorded.get("height", default), recorded.get("width", default)
     if "height" in params and "width" in params and isinstance(height, int) and isinstance(width, int):
         return {"height": 2 * height, "width": 2 * width}
     return {}
@@ -120,11 +133,7 @@ def run_check(path: Path, names: list[str], module: nn.Module, tensors: Mapping[
         # The graph as written, as the onnxruntime backend runs it by default.
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        feeds = {}
-        for spec in session.get_inputs():
-            value = tensors[spec.name].detach().cpu().numpy()
-            feeds[spec.name] = value.astype(np.int64 if "int64" in spec.type else np.float32)
-        got = session.run(None, feeds)[0]
+        got = session.run(None, {s.name: feed_array(tensors[s.name], s.type) for s in session.get_inputs()})[0]
     except Exception as exc:  # onnxruntime raises its own exception types for failed runs
         return {"ok": False, "shapes": shapes, "sqnr_db": None, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
     with torch.no_grad():

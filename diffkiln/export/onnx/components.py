@@ -61,11 +61,35 @@ class Component:
     call_order: list[str] = field(default_factory=list)
 
 
+def _plain(value: Any) -> bool:
+    """JSON-able: a number, string, bool or None, or a non-empty tuple, list or string-keyed dict of
+    them (LTX's ``rope_interpolation_scale``, PixArt's ``added_cond_kwargs`` of Nones)."""
+    if isinstance(value, (tuple, list)):
+        return bool(value) and all(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return bool(value) and all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
 def flatten_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Split a call's keyword arguments into flattened tensors (named as the onnxruntime backend
-    names them) and JSON-able options (Nones and other objects dropped)."""
+    names them) and JSON-able options (fixed in the graph); Nones and empty containers are left out.
+
+    Raises:
+        ValueError: an argument is neither tensors nor a plain option (it would be silently
+            dropped from the graph, which then computes something else); the message names it.
+    """
     tensors, rest = flatten_arguments(kwargs)
-    return tensors, {k: v for k, v in rest.items() if isinstance(v, (bool, int, float, str))}
+    options: dict[str, Any] = {}
+    for key, value in rest.items():
+        if value is not None and _plain(value):
+            options[key] = value
+        elif value is not None and not (isinstance(value, (dict, tuple, list)) and not value):
+            raise ValueError(
+                f"argument {key!r} ({type(value).__name__}) is neither tensors nor a plain option and has "
+                "no ONNX input form; export a call without it"
+            )
+    return tensors, options
 
 
 class _Positional(nn.Module):

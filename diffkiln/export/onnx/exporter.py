@@ -36,6 +36,7 @@ from diffkiln.export.onnx.check import bundle_call, capture_call, flatten_call, 
 from diffkiln.export.onnx.components import Component, ComponentKind, _Denoiser, flatten_kwargs, record_components
 from diffkiln.export.onnx.modules import OnnxExportError, OnnxQLinear, export_module_for
 from diffkiln.export.onnx.ops import TRANSLATIONS
+from diffkiln.export.onnx.write import error_summary, finish_model, io_spec, save_model
 from diffkiln.nn import QConv, QLinear
 
 __all__ = [
@@ -49,8 +50,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-_EXTERNAL_DATA_BYTES = 1 << 31  # protobuf's 2 GB limit on one file
 
 
 class OnnxCompute(str, Enum):
@@ -190,69 +189,11 @@ def _export_program(
                 shapes = _dynamic_shapes(component, batch_only)
                 return torch.onnx.export(module, fresh(), dynamic_shapes=shapes, **kwargs), None
             except Exception as exc:  # torch.export raises many types; the reason goes to the manifest
-                reason = f"{type(exc).__name__}: {_summary(exc)}"
+                reason = f"{type(exc).__name__}: {error_summary(exc)}"
                 log.warning("%s: dynamic axes failed (%s); exporting the recorded shapes", component.name, reason)
         else:
             reason = "dynamic axes not requested"
         return torch.onnx.export(module, fresh(), **kwargs), reason
-
-
-def _summary(exc: BaseException) -> str:
-    """The line of an exporter error that says what failed (torch.onnx puts it under "Exception summary")."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    for i, line in enumerate(lines):
-        if "Exception summary" in line and i + 1 < len(lines):
-            return lines[i + 1][:300]
-    return (lines[0] if lines else repr(exc))[:300]
-
-
-def _io_spec(values: Any) -> list[dict[str, Any]]:
-    spec = []
-    for v in values:
-        dims = [d if isinstance(d, int) else str(d) for d in v.shape] if v.shape is not None else None
-        spec.append({"name": v.name, "dtype": v.dtype.name.lower() if v.dtype is not None else None, "shape": dims})
-    return spec
-
-
-def _finish(program: Any, sub_byte: set[str], opset: int, float16: bool = True, prefix: str | None = None) -> Any:
-    """Run the export passes on the ONNX program's model (in place); ``float16``: store float32
-    initializers exact in float16 as float16; ``prefix``: the export wrapper's attribute path to
-    drop from initializer names (``sub_byte`` names still carry it)."""
-    import onnx_ir as ir
-    from onnx_ir.passes.common import ClearMetadataAndDocStringPass
-
-    from diffkiln.export.onnx.passes import (
-        ClearValueMetadataPass,
-        DropShapeInfoPass,
-        Float16InitializersPass,
-        NoopSqueezePass,
-        ShortNodeNamesPass,
-        StripNamePrefixPass,
-        SubByteInitializersPass,
-    )
-
-    passes: list[ir.passes.PassBase] = [ClearMetadataAndDocStringPass(), ClearValueMetadataPass(), NoopSqueezePass()]
-    if sub_byte and opset >= 21:
-        passes.append(SubByteInitializersPass(sub_byte))
-    if prefix:
-        passes.append(StripNamePrefixPass(prefix))
-    if float16:
-        passes.append(Float16InitializersPass())
-    passes += [DropShapeInfoPass(), ShortNodeNamesPass()]
-    ir.passes.PassManager(passes)(program.model)
-    return program.model
-
-
-def _save(model: Any, path: Path) -> None:
-    import onnx
-    import onnx_ir as ir
-
-    total = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
-    if total >= _EXTERNAL_DATA_BYTES:
-        ir.save(model, path, external_data=f"{path.name}.data")
-    else:
-        ir.save(model, path)
-    onnx.checker.check_model(str(path), full_check=True)
 
 
 def _wrapper_prefix(module: Any) -> str | None:
@@ -272,13 +213,13 @@ def _export_component(
     program, static_reason = _export_program(component, config.opset, config.dynamic, batch_only)
     if program is None:
         raise RuntimeError("torch.onnx.export returned no program")
-    model = _finish(program, sub_byte, config.opset, float16, _wrapper_prefix(component.module))
-    _save(model, path)
+    model = finish_model(program, sub_byte, config.opset, float16, _wrapper_prefix(component.module))
+    save_model(model, path)
     entry: dict[str, Any] = {
         "kind": component.kind,
         "file": path.name,
-        "inputs": _io_spec(model.graph.inputs),
-        "outputs": _io_spec(model.graph.outputs),
+        "inputs": io_spec(model.graph.inputs),
+        "outputs": io_spec(model.graph.outputs),
         "options": component.options,
         "output_fields": [list(f) for f in component.outputs],
         "output_class": component.output_class,
@@ -286,7 +227,7 @@ def _export_component(
         # What the graph really takes: Dim.AUTO may still have fixed an axis the model constrains.
         "dynamic_axes": {
             i["name"]: [axis for axis, d in enumerate(i["shape"] or []) if isinstance(d, str)]
-            for i in _io_spec(model.graph.inputs)
+            for i in io_spec(model.graph.inputs)
         },
     }
     entry["dynamic"] = any(entry["dynamic_axes"].values())
@@ -396,7 +337,7 @@ def export_onnx(bundle: LoadedBundle, config: OnnxExportConfig) -> Path:
             try:
                 entries[component.name] = _export_component(component, file, config, set())
             except Exception as exc:  # torch.export raises many types; the reason goes to the manifest
-                skipped[component.name] = f"{type(exc).__name__}: {_summary(exc)}"
+                skipped[component.name] = f"{type(exc).__name__}: {error_summary(exc)}"
                 log.warning("%s is not exported: %s", component.name, skipped[component.name])
                 file.unlink(missing_ok=True)
         _copy_pipeline_files(bundle.path, tmp, [c for c in components if c.name in entries], manifest)

@@ -271,10 +271,8 @@ class GenericStaticLinear:
         return static_quant_linear(self.backend, x, self.w_t, self.w_scale, self.bias, act or self.act, self.colsum)
 
 
-
 class SlowKernelWarning(RuntimeWarning):
     """A bundle runs on an exact but slow integer path on this machine; the message says how to fix it."""
-
 
 
 _REGISTRY: dict[str, Callable[[], KernelBackend]] = {}
@@ -318,5 +316,3 @@ def scaled(acc: torch.Tensor, scale: torch.Tensor, pertoken: torch.Tensor | None
     if pertoken is not None:
         out = out * pertoken.to(torch.float32)[:, None]
     return out.to(dtype)
-
-

@@ -155,8 +155,6 @@ def onednn_exact(w_q: torch.Tensor, act: ActGrid) -> bool:
     return act.bits <= 7 or int(w_q.abs().max()) <= 64
 
 
-
-
 @functools.cache
 def _warn_slow_fallback_once() -> None:
     if onednn_available() and not cpu_has_vnni():
@@ -281,5 +279,3 @@ class CpuBackend:
 
     def static_conv_unpacked(self, x, w_codes, w_scale, bias, act, geometry):
         return conv2d_on_fp32_units(x, w_codes, w_scale, bias, act, geometry)
-
-

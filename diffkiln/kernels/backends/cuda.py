@@ -73,5 +73,3 @@ def _triton_kernel(name: str) -> Callable[..., torch.Tensor] | None:
         return None
     kernel: Callable[..., torch.Tensor] = getattr(module, name)
     return kernel
-
-

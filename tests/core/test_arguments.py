@@ -1,0 +1,27 @@
+"""The flat naming of call arguments that the ONNX export and its onnxruntime backend share."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffkiln.core.arguments import feed_array, flatten_arguments, unflatten_arguments
+
+
+def test_dicts_and_tuples_of_tensors_round_trip() -> None:
+    cos, sin, ids = torch.randn(4, 8), torch.randn(4, 8), torch.ones(2, 3)
+    call = {"x": ids, "image_rotary_emb": (cos, sin), "added": {"text_embeds": ids}, "steps": 3, "none": None}
+    tensors, rest = flatten_arguments(call)
+    assert list(tensors) == ["x", "image_rotary_emb__0", "image_rotary_emb__1", "added__text_embeds"]
+    assert rest == {"steps": 3, "none": None}
+    back = unflatten_arguments(tensors)
+    assert isinstance(back["image_rotary_emb"], tuple) and back["image_rotary_emb"][1] is sin
+    assert back["added"] == {"text_embeds": ids}
+
+
+@pytest.mark.parametrize(
+    ("onnx_type", "dtype"),
+    [("tensor(bool)", "bool"), ("int64", "int64"), ("tensor(int32)", "int32"), ("float16", "float16"), ("", "float32")],
+)
+def test_feeds_take_the_graph_input_type(onnx_type: str, dtype: str) -> None:
+    assert str(feed_array(torch.tensor([1, 0]), onnx_type).dtype) == dtype

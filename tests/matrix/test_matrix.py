@@ -1,0 +1,200 @@
+"""Every stage on sixteen diffusers denoiser classes built tiny, none of them known to diffkiln.
+
+For each: calibrate -> plan -> bundle (``optimize`` on the folder, with its call arguments only),
+the runtime's pipeline, the bundle's denoiser against the FP one call by call, the float layers
+against the architecture's real input and output projections, and the ONNX denoiser run in
+onnxruntime at its recorded shape and, where it is declared dynamic, at a second one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from diffkiln.api import OptimizeConfig, W8A8Config, convert, optimize
+from diffkiln.core.arguments import feed_array
+from diffkiln.core.hooks import recording_calls
+from diffkiln.core.metrics import sqnr_db
+from diffkiln.export.onnx import OnnxExportConfig
+from diffkiln.export.onnx.check import bundle_call, flatten_call
+from diffkiln.generation import load_pipeline
+from diffkiln.nn import QConv, QLinear
+from diffkiln.zoo.catalog import TINY_CATALOG
+from tests.matrix.builders import MATRIX, build
+
+# The built-in tiny architectures (their builders live in the zoo), as folders like any other.
+BUILTIN = {e.name: dict(e.call_kwargs) for e in TINY_CATALOG}
+NAMES = sorted(BUILTIN) + sorted(MATRIX)
+
+# The architectures' real latent input and output projections (what the data flow must find).
+PROJECTIONS: dict[str, tuple[set[str], set[str]]] = {
+    "tiny-sd15": ({"conv_in"}, {"conv_out"}),
+    "tiny-sdxl": ({"conv_in"}, {"conv_out"}),
+    "tiny-sd3": ({"pos_embed.proj"}, {"proj_out"}),
+    "tiny-flux": ({"x_embedder"}, {"proj_out"}),
+    "tiny-pixart": ({"pos_embed.proj"}, {"proj_out"}),
+    "tiny-wan": ({"patch_embedding"}, {"proj_out"}),
+    "cogvideox": ({"patch_embed.proj"}, {"proj_out"}),
+    "ltx": ({"proj_in"}, {"proj_out"}),
+    "svd": ({"conv_in"}, {"conv_out"}),
+    "stable-audio": ({"preprocess_conv", "proj_in"}, {"proj_out", "postprocess_conv"}),
+    "hunyuan-dit": ({"pos_embed.proj"}, {"proj_out"}),
+    "aura-flow": ({"pos_embed.proj"}, {"proj_out"}),
+    "latte": ({"pos_embed.proj"}, {"proj_out"}),
+    "text-to-video-sd": ({"conv_in"}, {"conv_out"}),
+    "dit": ({"pos_embed.proj"}, {"proj_out_2"}),
+    "ddpm": ({"conv_in"}, {"conv_out"}),
+}
+# UNet2DModel and UNet3DConditionModel read their first parameter's dtype (``self.dtype``), which
+# the data flow records as a weight read: conv_in is kept in FP for that reason instead.
+READ_BY_PARENT = {"text-to-video-sd": {"conv_in"}, "ddpm": {"conv_in"}}
+
+# Per-call SQNR of the bundle's denoiser against the FP one on the same inputs: the floor catches a
+# broken layer, layout or kernel (0 dB or less). Measured on a held-out prompt: the DiTs 35-50 dB.
+MIN_CALL_SQNR_DB = 20.0
+# Two UNets whose random-weight activations grow about tenfold between the two sampler steps: one
+# static range per layer leaves the first step few codes (measured 18.5 dB tiny-sdxl, 18.8 dB svd;
+# more calibration samples do not change it). Timestep-aware ranges lift them above the common
+# floor (test_timestep_aware_ranges_lift_the_unets).
+STEP_RANGE_BOUND = {"tiny-sdxl": 17.5, "svd": 17.5}
+
+# Denoisers whose dynamic ONNX graph fails at a second shape in onnxruntime (or torch.export
+# rejects its dynamic axes): exported static, with the reason in the manifest.
+STATIC_ONNX = {"tiny-flux", "tiny-pixart", "ltx", "latte"}
+
+
+def _call_kwargs(name: str) -> dict[str, Any]:
+    return BUILTIN[name] if name in BUILTIN else MATRIX[name].call_kwargs
+
+
+def _per_call_sqnr(name: str, fp_pipe: Any, q_pipe: Any, den_name: str) -> list[float]:
+    """The bundle's denoiser against the FP one, call by call, on the FP sampler's own inputs
+    (a prompt that calibration did not see)."""
+    from diffkiln.calibrate import batch_kwargs, source_for
+
+    fp_den, q_den = getattr(fp_pipe, den_name), getattr(q_pipe, den_name)
+    source = source_for(fp_pipe, ["a red car on a street"], 1)
+    call = {**batch_kwargs(fp_pipe, [source.sample(0)]), **_call_kwargs(name)}
+    fp_pipe.set_progress_bar_config(disable=True)
+    with recording_calls("matrix.record", fp_den) as calls, torch.no_grad():
+        fp_pipe(**call, num_inference_steps=2, output_type="latent", generator=torch.Generator().manual_seed(0))
+    assert calls
+    values: list[float] = []
+    for args, kwargs in calls:
+        kwargs = {**kwargs, "return_dict": False}
+        with torch.no_grad():
+            ref, got = fp_den(*args, **kwargs)[0], q_den(*args, **kwargs)[0]
+        values.append(round(float(sqnr_db(ref, got)), 1))
+    return values
+
+
+class _Lazy(dict[str, Path]):
+    """Built on first use, so a selection of the tests builds only its own classes."""
+
+    def __init__(self, make: Callable[[str], Path]):
+        super().__init__()
+        self.make = make
+
+    def __missing__(self, name: str) -> Path:
+        self[name] = self.make(name)
+        return self[name]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from diffkiln.zoo.registry import resolve_target
+
+    root = tmp_path_factory.mktemp("matrix")
+    return _Lazy(lambda n: resolve_target(n).path if n in BUILTIN else build(n, root / n))
+
+
+@pytest.fixture(scope="module")
+def bundles(folders: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("matrix-bundles")
+    config = OptimizeConfig(out=root, calib_size=2, steps=2, progress=False)
+    return _Lazy(
+        lambda n: optimize(str(folders[n]), replace(config, out=root / n, call_kwargs=tuple(_call_kwargs(n).items())))
+    )
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_stage_on_the_denoiser_class(name: str, folders: dict[str, Path], bundles: dict[str, Path]) -> None:
+    bundle = bundles[name]
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    q_pipe = load_pipeline(str(bundle))
+    fp_pipe = load_pipeline(str(folders[name]))
+    den_name = manifest["pipeline"]["denoiser"]
+    q_den = getattr(q_pipe, den_name)
+    assert type(q_pipe) is type(fp_pipe)
+    # Real integers: every quantized layer is an integer module holding int8 (or packed) codes.
+    qmods = [m for m in q_den.modules() if isinstance(m, (QLinear, QConv))]
+    assert len(qmods) == len(manifest["quant"]["layers"]) > 0
+    assert all(m.codes_t().dtype == torch.int8 for m in qmods)
+
+    values = _per_call_sqnr(name, fp_pipe, q_pipe, den_name)
+    print(f"{name}: per-call SQNR {values} dB")
+    assert min(values) >= STEP_RANGE_BOUND.get(name, MIN_CALL_SQNR_DB), f"{name}: per-call SQNR {values} dB"
+
+    # The float layers are the architecture's real projections, found from the data flow.
+    plan = {lp["name"]: lp for lp in manifest["plan"]["layers"]}
+    inputs, outputs = PROJECTIONS[name]
+    read = READ_BY_PARENT.get(name, set())
+    assert {n for n, lp in plan.items() if lp["role"] == "input_projection"} == inputs - read
+    assert {n for n, lp in plan.items() if lp["role"] == "output_projection"} == outputs
+    assert {n for n, lp in plan.items() if lp["role"] == "weight_read_by_parent"} >= read
+    assert all(plan[n]["weight"] is None for n in inputs | outputs)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_onnx_denoiser_runs_at_two_shapes(name: str, bundles: dict[str, Path], tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    second = MATRIX[name].second_call_kwargs if name in MATRIX else None
+    config = OnnxExportConfig(
+        tmp_path / "onnx", components=False, progress=False, check_call_kwargs=tuple((second or {}).items())
+    )
+    out = convert(bundles[name], config)
+    entry = next(v for v in json.loads((out / "manifest.json").read_text())["components"].values())
+    # The recorded shape (the export's own sampler call): the graph against the bundle's torch denoiser.
+    pipe = load_pipeline(str(bundles[name]))
+    den = getattr(pipe, pipe.diffkiln_manifest["pipeline"]["denoiser"])
+    with recording_calls("matrix.onnx", den) as calls, torch.no_grad():
+        pipe(**bundle_call(pipe, pipe.diffkiln_manifest, config.prompt))
+    args, kwargs = calls[-1]
+    feeds = flatten_call(den, args, kwargs)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(out / "denoiser.onnx"), options, providers=["CPUExecutionProvider"])
+    got = session.run(None, {i.name: feed_array(feeds[i.name], i.type) for i in session.get_inputs()})[0]
+    with torch.no_grad():
+        ref = den(*args, **{**kwargs, "return_dict": False})[0]
+    assert sqnr_db(ref, got) >= MIN_CALL_SQNR_DB, name
+    # A second shape: declared dynamic only after running there; otherwise static, with the reason.
+    if name in STATIC_ONNX:
+        assert not entry["dynamic"] and entry["static_reason"]
+    else:
+        assert entry["dynamic"] and entry["check"]["ok"] and entry["check"]["sqnr_db"] >= MIN_CALL_SQNR_DB
+        assert any(entry["dynamic_axes"].values())
+
+
+@pytest.mark.parametrize("name", sorted(STEP_RANGE_BOUND))
+def test_timestep_aware_ranges_lift_the_unets(name: str, folders: dict[str, Path], tmp_path: Path) -> None:
+    config = OptimizeConfig(
+        out=tmp_path / "b",
+        calib_size=2,
+        steps=2,
+        progress=False,
+        call_kwargs=tuple(_call_kwargs(name).items()),
+        recipe=W8A8Config(timestep_aware=True),
+    )
+    bundle = optimize(str(folders[name]), config)
+    q_pipe, fp_pipe = load_pipeline(str(bundle)), load_pipeline(str(folders[name]))
+    values = _per_call_sqnr(name, fp_pipe, q_pipe, q_pipe.diffkiln_manifest["pipeline"]["denoiser"])
+    print(f"{name} (timestep-aware): per-call SQNR {values} dB")
+    assert min(values) >= MIN_CALL_SQNR_DB, values

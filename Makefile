@@ -31,7 +31,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m ruff check diffkiln tests tools
 	$(BIN)/python -m mypy diffkiln
-	$(BIN)/python -m pytest -q
+	# Two workers: the CI machine's two cores (most of an export is single-threaded Python).
+	$(BIN)/python -m pytest -q -n 2
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .mypy_cache .ruff_cache

@@ -15,6 +15,10 @@ os.environ["DIFFKILN_CACHE"] = tempfile.mkdtemp(prefix="diffkiln-test-cache-")
 # @jit function) is first imported, so it is set for the whole session, before anything imports it.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Under pytest-xdist each worker takes one core's share of threads, so workers do not oversubscribe.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

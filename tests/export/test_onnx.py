@@ -124,10 +124,10 @@ def test_dynamic_activations_fail_naming_the_layer_or_stay_float(
 ) -> None:
     import onnxruntime as ort
 
-    from diffkiln.export.onnx import exporter
+    from diffkiln.export.onnx import write
 
     # Above this many initializer bytes the weights go to external data (2 GB in use; 64 KB here).
-    monkeypatch.setattr(exporter, "_EXTERNAL_DATA_BYTES", 1 << 16)
+    monkeypatch.setattr(write, "_EXTERNAL_DATA_BYTES", 1 << 16)
 
     bundle, _ = build_bundle(random_shapes_pipelines["unet"], W8A8Config(act_mode=ActMode.DYNAMIC), tmp_path / "b")
     with pytest.raises(OnnxExportError, match=r"down_blocks\..*dynamic per-token"):

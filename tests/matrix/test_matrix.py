@@ -51,6 +51,10 @@ PROJECTIONS: dict[str, tuple[set[str], set[str]]] = {
     "dit": ({"pos_embed.proj"}, {"proj_out_2"}),
     "ddpm": ({"conv_in"}, {"conv_out"}),
 }
+# The component the sampler calls at every step (stable-audio also holds a projection model and a
+# VAE that the probe must not take).
+UNETS = {"tiny-sd15", "tiny-sdxl", "svd", "text-to-video-sd", "ddpm"}
+
 # UNet2DModel and UNet3DConditionModel read their first parameter's dtype (``self.dtype``), which
 # the data flow records as a weight read: conv_in is kept in FP for that reason instead.
 READ_BY_PARENT = {"text-to-video-sd": {"conv_in"}, "ddpm": {"conv_in"}}
@@ -130,6 +134,7 @@ def test_every_stage_on_the_denoiser_class(name: str, folders: dict[str, Path], 
     q_pipe = load_pipeline(str(bundle))
     fp_pipe = load_pipeline(str(folders[name]))
     den_name = manifest["pipeline"]["denoiser"]
+    assert den_name == ("unet" if name in UNETS else "transformer")
     q_den = getattr(q_pipe, den_name)
     assert type(q_pipe) is type(fp_pipe)
     # Real integers: every quantized layer is an integer module holding int8 (or packed) codes.

@@ -235,8 +235,8 @@ def _add_mixed_args(p: argparse.ArgumentParser) -> None:
         metavar="GLOB",
         help="mixed: force layers into the quality group (scored by denoiser-output SQNR; repeatable)",
     )
-    p.add_argument("--sensitivity-prompts", type=positive_int, help="mixed: samples each sensitivity trial runs (2)")
-    p.add_argument("--select-prompts", type=positive_int, help="mixed: samples each candidate plan is measured on (16)")
+    p.add_argument("--sensitivity-prompts", type=positive_int, help="mixed: samples each sensitivity trial runs (4)")
+    p.add_argument("--select-prompts", type=positive_int, help="mixed: samples per candidate plan (32)")
     p.add_argument("--workers", type=positive_int, help="mixed: processes for the sensitivity trials (default 1)")
     p.add_argument("--latency-budget", type=_bounded(float, 0.0, True, "a positive number of milliseconds"),
                    metavar="MS", help="mixed: bound the summed per-call latency of the searched layers, from a "

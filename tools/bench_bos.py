@@ -76,7 +76,7 @@ def main() -> int:
     parser.add_argument("--eval-prompts", type=int, default=16, help="held-out evaluation prompts (default 16)")
     parser.add_argument("--steps", type=int, default=20, help="sampler steps (default 20)")
     parser.add_argument("--guidance", type=float, default=5.0, help="guidance scale (default 5.0)")
-    parser.add_argument("--out", type=Path, default=ROOT / "tools" / "results" / "bench_bos.json")
+    parser.add_argument("--out", type=Path, default=ROOT / "tools" / "results" / "bos_vs_plain_imposed_outlier.json")
     args = parser.parse_args()
 
     import torch

@@ -39,7 +39,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from diffkiln.core.hooks import scoped_hooks
+from diffkiln.core.hooks import layer_input, scoped_hooks
 from diffkiln.core.layers import find_quantizable_layers, layer_kind
 
 __all__ = ["AttentionFlow", "DataflowGraph", "LayerFlow", "bind_call", "trace_dataflow"]
@@ -304,8 +304,8 @@ def trace_dataflow(denoiser: nn.Module, args: tuple[Any, ...], kwargs: Mapping[s
     with scoped_hooks() as hooks:
         for name, module in layers.items():
 
-            def pre(_m: nn.Module, a: tuple[Any, ...], _k: dict[str, Any], name: str = name) -> None:
-                tracer.enter_layer(name, a[0] if a else None)
+            def pre(_m: nn.Module, a: tuple[Any, ...], k: dict[str, Any], name: str = name) -> None:
+                tracer.enter_layer(name, layer_input(a, k))
 
             def post(_m: nn.Module, _a: tuple[Any, ...], _k: dict[str, Any], out: Any, name: str = name) -> None:
                 tracer.leave_layer(name, out)

@@ -17,7 +17,7 @@ from torch import nn
 
 from diffkiln.calibrate.dataflow import DataflowGraph, bind_call
 from diffkiln.calibrate.stats import LayerStats
-from diffkiln.core.hooks import scoped_hooks
+from diffkiln.core.hooks import layer_input, scoped_hooks
 from diffkiln.core.layers import CONV_KINDS, find_quantizable_layers, layer_kind
 
 __all__ = ["Recorder", "recording"]
@@ -172,7 +172,7 @@ def recording(denoiser: nn.Module, rec: Recorder) -> Iterator[None]:
             def hook(
                 _m: nn.Module, args: tuple[Any, ...], _kw: dict[str, Any], out: Any, name: str = name, kind: str = kind
             ) -> None:
-                rec.on_layer(name, kind, args[0], out if kind in CONV_KINDS else None)
+                rec.on_layer(name, kind, layer_input(args, _kw), out if kind in CONV_KINDS else None)
 
             hooks.add_forward_hook(f"diffkiln.calib.{name}", module, hook)
         yield

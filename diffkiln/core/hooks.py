@@ -13,7 +13,22 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["HookRegistry", "recording_calls", "scoped_hooks"]
+__all__ = ["HookRegistry", "layer_input", "recording_calls", "replace_layer_input", "scoped_hooks"]
+
+
+def layer_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The input of a Linear or convolution call as a hook sees it: the first positional argument,
+    or ``input=`` (AnimateDiff's motion modules call ``proj_in(input=x)``); None when neither."""
+    return args[0] if args else kwargs.get("input")
+
+
+def replace_layer_input(
+    args: tuple[Any, ...], kwargs: dict[str, Any], x: torch.Tensor
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A pre-hook's return value: the call's arguments with its input replaced by ``x``."""
+    if args:
+        return (x, *args[1:]), kwargs
+    return args, {**kwargs, "input": x}
 
 
 class HookRegistry:

@@ -52,7 +52,9 @@ class QConv(IntGemm):
             ActGrid(float(tensors["output_scale"]), int(tensors["output_zero_point"]), 8) if has_output else None
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        # nn.Linear's and nn.Conv*'s argument name: some models call ``proj_in(input=x)``.
+        x = input
         out = self._conv(x)
         return out if self.output_grid is None else requantize(out, self.output_grid)
 

@@ -253,7 +253,9 @@ class QLinear(IntGemm):
         self.register_buffer("bos_positions", tensors["bos_positions"].to(torch.int64) if has_bos else None)
         self.text_len = int(tensors["text_len"]) if has_bos else 0
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        # nn.Linear's and nn.Conv*'s argument name: some models call ``proj_in(input=x)``.
+        x = input
         if self.bos_rows is not None and x.dim() == 3 and x.shape[1] == self.text_len:
             return self._forward_bos(x)
         out = self.gemm(x.reshape(-1, self.in_features), x.dtype)

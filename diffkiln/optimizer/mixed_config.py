@@ -46,7 +46,7 @@ class MixedConfig:
             Default None (no bound).
         latency_device: where the latency table is measured. Default "cpu".
         select_prompts: calibration samples (with their seeds) every candidate plan is run on, on
-            the integer runtime, to pick the final plan. Default 16.
+            the integer runtime, to pick the final plan. Default 32.
         select_confidence: standard errors by which another candidate's mean score must beat the
             first candidate's (the split nearest the even one), paired per sample, to be chosen over
             it; 0 picks the plain maximum. Default 2.0.
@@ -56,7 +56,7 @@ class MixedConfig:
             Default None (per channel).
         budget: what ``avg_weight_bits`` averages: stored bits per weight or code bits only.
             Default ``stored``.
-        sensitivity_prompts: calibration samples each sensitivity trial runs. Default 2.
+        sensitivity_prompts: calibration samples each sensitivity trial runs. Default 4.
         quality_steps: denoiser calls the quality layers' trials replay. Default 5.
         workers: processes for the sensitivity trials (each rebuilds the model). Default 1.
         include: as :attr:`W8A8Config.include`.
@@ -80,12 +80,12 @@ class MixedConfig:
     tie_qkv: bool = False
     latency_budget_ms: float | None = None
     latency_device: str = "cpu"
-    select_prompts: int = 16
+    select_prompts: int = 32
     select_confidence: float = 2.0
     uniform_candidate: bool = True
     group_size: int | None = None
     budget: WeightBudget = WeightBudget.STORED
-    sensitivity_prompts: int = 2
+    sensitivity_prompts: int = 4
     quality_steps: int = 5
     workers: int = 1
     include: tuple[str, ...] = ()

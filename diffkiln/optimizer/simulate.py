@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from diffkiln.calibrate.stats import CalibrationStats
-from diffkiln.core.hooks import scoped_hooks
+from diffkiln.core.hooks import layer_input, replace_layer_input, scoped_hooks
 from diffkiln.core.layers import find_quantizable_layers
 from diffkiln.core.packing import PACKABLE_BITS
 from diffkiln.core.plan import Plan
@@ -112,7 +112,7 @@ def _fake_weight(module: nn.Module, bits: int, smooth: torch.Tensor | None, grou
 
 def _act_hook(sim: LayerSim) -> Any:
     def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        x = args[0]
+        x = layer_input(args, kwargs)
         xs = x.float() if sim.smooth is None else x.float() / sim.smooth
         q = fake_quant_activation(xs, sim.act)
         if sim.smooth is not None:
@@ -120,7 +120,7 @@ def _act_hook(sim: LayerSim) -> Any:
         if sim.bos_positions and x.dim() == 3 and x.shape[1] == sim.text_len:
             pos = list(sim.bos_positions)
             q[:, pos, :] = x[:, pos, :].float()  # BOS rows stay in FP, as at run time
-        return (q.to(x.dtype), *args[1:]), kwargs
+        return replace_layer_input(args, kwargs, q.to(x.dtype))
 
     return hook
 

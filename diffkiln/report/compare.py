@@ -12,7 +12,7 @@ from torch import nn
 
 from diffkiln.core import metrics
 from diffkiln.core.errors import InvalidInputError
-from diffkiln.core.hooks import scoped_hooks
+from diffkiln.core.hooks import layer_input, scoped_hooks
 from diffkiln.core.pipelines import find_denoiser
 from diffkiln.generation import GenerationResult
 from diffkiln.nn import QConv, QLinear
@@ -94,9 +94,9 @@ def per_layer_sqnr(fp_pipe: Any, q_pipe: Any, call: dict[str, Any], denoiser: st
         hooks.add_forward_pre_hook("diffkiln.report.count", fp_den, lambda m, a, k: count())
         for name in names:
 
-            def grab(_m: nn.Module, args: tuple[Any, ...], _k: dict[str, Any], out: Any, name: str = name) -> None:
+            def grab(_m: nn.Module, args: tuple[Any, ...], k: dict[str, Any], out: Any, name: str = name) -> None:
                 if calls["n"] - 1 == target_call and name not in captured:
-                    captured[name] = (args[0].detach(), out.detach())
+                    captured[name] = (layer_input(args, k).detach(), out.detach())
 
             hooks.add_forward_hook(f"diffkiln.report.{name}", fp_modules[name], grab)
         fp_pipe.set_progress_bar_config(disable=True)

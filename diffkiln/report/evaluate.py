@@ -334,30 +334,21 @@ def _bos_comparison(
 ) -> dict[str, Any]:
     """The bundle (BOS-aware) against the same plan without BOS-awareness, on the same prompts.
 
-    The plain variant is rebuilt in memory from the bundle's recorded calibration settings and
-    quantization config (the calibration cache makes this cheap), with the same integer modules.
+    The variants are rebuilt in memory from the bundle's recorded settings
+    (:func:`diffkiln.api.variants.w8a8_variants`); this function only measures them.
     When the bundle uses SmoothQuant, both are also built with smoothing off (``smoothing_off``):
     smoothing can move a BOS outlier that sits in a few channels into the weights, so with it on the
     two may tie; MixDQ compares them without smoothing.
     """
-    from diffkiln.calibrate import CalibrationConfig, calibrate, source_from_description
-    from diffkiln.core.configs import config_from_dict
-    from diffkiln.nn import apply_plan
-    from diffkiln.optimizer import SearchContext, SmoothMode, W8A8Config, make_plan
+    from diffkiln.api.variants import w8a8_variants
+    from diffkiln.optimizer import SmoothMode
     from diffkiln.report.compare import fidelity
-    from diffkiln.zoo.registry import default_cache_dir
 
-    notes = manifest["plan"].get("notes", {})
-    calibration = dict(notes.get("calibration", {}))
-    if "recipe_config" not in notes or "source" not in calibration or manifest["quant"]["recipe"] != "w8a8":
-        return {"skipped": "the bundle records no W8A8 settings of this version; rebuild it to compare"}
     try:
-        source = source_from_description(calibration.pop("source"))
-        cal = CalibrationConfig.from_key_fields(calibration, cache_dir=default_cache_dir())
+        variants = w8a8_variants(base, manifest, base_target.name)
     except ValueError as exc:
         return {"skipped": str(exc)}
-    stats = calibrate(base, cal, source=source)
-    recorded = config_from_dict(W8A8Config, notes["recipe_config"])
+    recorded = variants.recorded
 
     def summary(fid: dict[str, Any], judged: dict[str, Any] | None) -> dict[str, Any]:
         keys = ("latent_sqnr_db", "latent_sqnr_db_median_prompt", "prompts_below_10db", "image_psnr_db")
@@ -368,9 +359,7 @@ def _bos_comparison(
         return out
 
     def variant(**changes: Any) -> dict[str, Any]:
-        plan = make_plan(base, stats, replace(recorded, **changes), SearchContext(source_id=base_target.name))
-        qpipe = apply_plan(base, plan, stats)
-        result = generate(qpipe, base_result.prompts, gen_cfg, base_target, measure=True)
+        result = generate(variants.build(**changes), base_result.prompts, gen_cfg, base_target, measure=True)
         judged = quality(judge_all(result, judge_kind)) if judge_kind is JudgeKind.SHAPES else None
         return summary(fidelity(base_result, result), judged)
 

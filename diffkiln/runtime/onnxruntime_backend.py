@@ -141,9 +141,8 @@ def _return_freed_memory() -> None:
     """Hand the heap that loading freed back to the operating system (glibc's ``malloc_trim``).
 
     Parsing the graph (ours for the conv-weight fold, onnxruntime's own) leaves gigabytes of freed
-    heap that glibc keeps resident. Measured on the full-size SD1.5 UNet (2026-12-03,
-    BENCHMARKS.md): resident after building the session 5.9 GB before the trim, 2.7 GB after it
-    (conv weights folded); 3.6 and 1.8 GB (requantized file). No-op where the C library has no
+    heap that glibc keeps resident: on the full-size SD1.5 UNet, more than half of what the process
+    holds after building the session (BENCHMARKS.md). No-op where the C library has no
     ``malloc_trim`` (macOS, Windows, musl).
     """
     import ctypes

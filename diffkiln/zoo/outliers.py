@@ -2,8 +2,8 @@
 
 Real CLIP's last hidden state has a BOS row far larger than the other tokens' (reported at about
 828 against 10-15 in the MixDQ write-up). A tiny CLIP trained on the shapes world does not grow one
-(|BOS| 3.6 vs 3.8; shapes-dit's encoders still have none), so since 2026-12-03 the built-in
-shapes-unet's encoder carries one by construction (|BOS| about 265 vs 5).
+(|BOS| 3.6 vs 3.8; shapes-dit's encoders have none), so the built-in shapes-unet's encoder
+carries one by construction (|BOS| about 265 vs 5).
 These helpers give a pipeline such an outlier, for benchmarks
 (``tools/bench_bos.py``) and tests:
 

@@ -55,7 +55,8 @@ class ToyDenoiser(nn.Module):
         x = (x + self.b(x)).transpose(1, 2)
         freqs = torch.exp(-torch.arange(8) / 8)[None] * timestep[:, None]
         x = x + self.c(torch.cat([freqs.sin(), freqs.cos()], -1))[:, None] + self.e(x)[:, None]
-        x = x + self.d2(F.gelu(self.d1(x)))
+        # By keyword, as AnimateDiff's motion modules call their projections (``proj_in(input=x)``).
+        x = x + self.d2(F.gelu(self.d1(input=x)))
         return self.g(x).transpose(1, 2).reshape(b, c * 4, f, h // 2, w // 2)
 
 

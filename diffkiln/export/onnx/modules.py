@@ -127,7 +127,9 @@ class OnnxQLinear(nn.Module):
                 rows[positions] = q.bos_rows.float()
                 self.bos_keep, self.bos_rows = keep, rows
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        # nn.Linear's and nn.Conv*'s argument name: some models call ``proj_in(input=x)``.
+        x = input
         xin = x if self.smooth_inv is None else x * self.smooth_inv
         if self.act_clip is not None:
             xin = xin.clamp(self.act_clip[0], self.act_clip[1])
@@ -188,7 +190,9 @@ class OnnxQConv(nn.Module):
             self.register_buffer("o_scale", torch.tensor(q.output_grid.scale, dtype=torch.float32))
             self.register_buffer("o_zp", torch.tensor(q.output_grid.zero_point + 128, dtype=torch.uint8))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        # nn.Linear's and nn.Conv*'s argument name: some models call ``proj_in(input=x)``.
+        x = input
         out = self._conv(x.unsqueeze(2)).squeeze(2) if self.height_one else self._conv(x)
         return ops.act_qdq(out, self.o_scale, self.o_zp) if self.requantize else out
 

@@ -113,6 +113,7 @@ def _optimize_config(a: argparse.Namespace, recipe: Any, out: Path) -> Any:
         guidance=a.guidance,
         call_kwargs=_call_kwargs(a),
         denoiser=a.denoiser,
+        deploy_target=getattr(a, "deploy_target", None),
         float_storage=FloatStorage(a.float_storage) if getattr(a, "float_storage", None) else None,
         overwrite=getattr(a, "overwrite", False),
         cache_dir=a.cache_dir,

@@ -56,6 +56,9 @@ RECIPE_OPTIONS: dict[str, str] = {
 }
 """Parsed option (argparse dest) -> recipe config field."""
 
+DEPLOY_TARGETS = ("mindiesd",)
+"""The names of ``diffkiln.optimizer.TARGETS`` (kept here so parsing arguments imports no torch)."""
+
 FORMAT_OPTIONS: dict[str, str] = {
     "out": "out",
     "opset": "opset",
@@ -65,6 +68,7 @@ FORMAT_OPTIONS: dict[str, str] = {
     "denoiser_only": "components",
     "keep_fp": "keep_fp",
     "dtype": "dtype",
+    "ranks": "ranks",
     "overwrite": "overwrite",
     "no_progress": "progress",
 }
@@ -285,6 +289,13 @@ def _add_optimize(sub: Any) -> None:
                    help="mixed: build bundles at each average weight bits (e.g. 3,4,5,6,8) plus uniform W4A8 and W8A8 "
                    "references under --out, evaluate them and write sweep.json and sweep.html")  # fmt: skip
     o.add_argument("--sweep-eval-size", type=positive_int, default=50, help="--sweep: prompts per set (default 50)")
+    o.add_argument(
+        "--target",
+        dest="deploy_target",
+        choices=DEPLOY_TARGETS,
+        help="plan only what this runtime executes quantized, so the bundle and its report are the deployed "
+        "model (mindiesd: Linear layers, no BOS rows; its convolutions stay float)",
+    )
     o.add_argument("--out", type=Path, required=True, metavar="BUNDLE", help="bundle directory to write")
     o.add_argument("--overwrite", action="store_true", help="replace an existing bundle directory")
 
@@ -366,7 +377,12 @@ def _add_export(sub: Any) -> None:
         const=True,
         help="a layer the format cannot express is kept in float (warned and listed) instead of failing",
     )
-    e.add_argument("--dtype", choices=["float16", "bfloat16"], help="mindiesd: float dtype (default float16)")
+    e.add_argument(
+        "--dtype",
+        choices=["float16", "bfloat16"],
+        help="mindiesd: the dtype the model runs in; pass the same to quantize() (default float16)",
+    )
+    e.add_argument("--ranks", type=positive_int, help="mindiesd: one description and weight file per rank (_0 .. _N-1)")
     e.add_argument("--overwrite", action="store_const", const=True, help="replace an existing DIR")
     e.add_argument("--no-progress", action="store_const", const=False, help="hide the progress bar")
 

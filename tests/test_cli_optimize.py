@@ -201,3 +201,14 @@ def test_bad_mixed_options_fail_with_one_line(
     code = main(["optimize", str(random_unet_folder), *extra, "--out", str(tmp_path / "b"), "--no-progress"])
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+def test_optimize_target_mindiesd_plans_linear_layers_only(random_unet_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "b"
+    argv = ["optimize", str(random_unet_folder), "--target", "mindiesd", "--calib-size", "1", "--steps", "1",
+            "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["build_metrics"]["deploy_target"] == "mindiesd"
+    kinds = {layer["meta"]["kind"] for layer in manifest["quant"]["layers"].values()}
+    assert kinds == {"linear"}, kinds

@@ -26,6 +26,7 @@ from diffkiln.optimizer import (
     SearchContext,
     SensitivityTable,
     W8A8Config,
+    for_target,
     make_plan,
     mixed_sensitivity,
     recipe_float_storage,
@@ -53,6 +54,9 @@ class OptimizeConfig:
             width, num_frames, max_sequence_length, ...); they override a built-in model's own.
             Default none.
         denoiser: the pipeline component to quantize; None finds it. Default None.
+        deploy_target: a runtime the plan must be executable on as a whole (``"mindiesd"``: Linear
+            layers only, no BOS rows; :data:`diffkiln.optimizer.TARGETS`), so the bundle and its
+            report are the deployed model. None: diffkiln's runtimes. Default None.
         float_storage: how the bundle stores float tensors; None: the recipe's default (lossless
             for w8a8, float16 for mixed). Default None.
         overwrite: replace an existing bundle. Default False.
@@ -69,6 +73,7 @@ class OptimizeConfig:
     guidance: float | None = None
     call_kwargs: tuple[tuple[str, Any], ...] = ()
     denoiser: str | None = None
+    deploy_target: str | None = None
     float_storage: FloatStorage | None = None
     overwrite: bool = False
     cache_dir: Path | None = None
@@ -77,12 +82,17 @@ class OptimizeConfig:
 
     def __post_init__(self) -> None:
         recipe_name(self.recipe)  # an unregistered config type lists the valid ones
+        self.resolved_recipe()  # an unknown target, or a setting it cannot run, fails here
         if self.calib_size <= 0:
             raise InvalidInputError(f"calib_size must be a positive integer, got {self.calib_size}")
         if self.steps is not None and self.steps <= 0:
             raise InvalidInputError(f"steps must be a positive integer, got {self.steps}")
         if self.guidance is not None and self.guidance < 0:
             raise InvalidInputError(f"guidance must be >= 0, got {self.guidance}")
+
+    def resolved_recipe(self) -> Any:
+        """The recipe config with :attr:`deploy_target`'s settings applied."""
+        return for_target(self.recipe, self.deploy_target)
 
     def resolved_float_storage(self) -> FloatStorage:
         """The float storage: as given, or the recipe's default."""
@@ -182,9 +192,10 @@ def optimize(target: str | os.PathLike[str], config: OptimizeConfig) -> Path:
         raise BundleError(f"{config.out} already exists; pass --overwrite to replace it")
     prep = prepare(target, config)
     t0 = time.perf_counter()
-    plan = make_plan(prep.pipe, prep.stats, config.recipe, prep.context(config))
+    plan = make_plan(prep.pipe, prep.stats, config.resolved_recipe(), prep.context(config))
     metrics = {
         **prep.metrics,
+        "deploy_target": config.deploy_target,
         "plan_seconds": round(time.perf_counter() - t0, 3),
         "quantized_layers": sum(lp.quantized for lp in plan.layers),
         "fp_layers": sum(not lp.quantized for lp in plan.layers),
@@ -210,5 +221,5 @@ def sensitivity(target: str | os.PathLike[str], config: OptimizeConfig) -> tuple
         raise InvalidInputError("the sensitivity analysis belongs to the mixed recipe; pass a MixedConfig")
     prep = prepare(target, config)
     t0 = time.perf_counter()
-    _, table, _ = mixed_sensitivity(prep.pipe, prep.stats, config.recipe, prep.context(config))
+    _, table, _ = mixed_sensitivity(prep.pipe, prep.stats, config.resolved_recipe(), prep.context(config))
     return table, time.perf_counter() - t0, prep.resolved.name

@@ -53,7 +53,7 @@ class SweepBuild:
 
 
 def _plans(prep: Prepared, config: OptimizeConfig, sweep: SweepConfig) -> dict[str, Plan]:
-    mixed: MixedConfig = config.recipe
+    mixed: MixedConfig = config.resolved_recipe()
     context = prep.context(config)
     base, _, _ = mixed_sensitivity(prep.pipe, prep.stats, mixed, context)
     plans: dict[str, Plan] = {}

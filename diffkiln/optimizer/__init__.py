@@ -19,9 +19,11 @@ from diffkiln.optimizer.registry import (
 )
 from diffkiln.optimizer.roles import LayerRole, RoleFinding, StructuralRole, structural_roles
 from diffkiln.optimizer.sensitivity import SensitivityConfig, SensitivityTable
+from diffkiln.optimizer.targets import TARGETS, for_target
 from diffkiln.optimizer.w8a8 import SmoothMode, W8A8Config, fp_reasons, plan_w8a8
 
 __all__ = [
+    "TARGETS",
     "InfeasibleBudgetError",
     "LayerRole",
     "MixedConfig",
@@ -34,6 +36,7 @@ __all__ = [
     "StructuralRole",
     "W8A8Config",
     "WeightBudget",
+    "for_target",
     "fp_reasons",
     "make_mixed_plan",
     "make_plan",

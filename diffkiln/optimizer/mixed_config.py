@@ -61,6 +61,7 @@ class MixedConfig:
         workers: processes for the sensitivity trials (each rebuilds the model). Default 1.
         include: as :attr:`W8A8Config.include`.
         exclude: as :attr:`W8A8Config.exclude`.
+        layer_kinds: as :attr:`W8A8Config.layer_kinds`.
         bos_aware: as :attr:`W8A8Config.bos_aware`.
         bos_positions: as :attr:`W8A8Config.bos_positions`.
         clip: as :attr:`W8A8Config.clip`.
@@ -90,6 +91,7 @@ class MixedConfig:
     workers: int = 1
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    layer_kinds: tuple[str, ...] | None = None
     bos_aware: bool = True
     bos_positions: tuple[int, ...] | None = None
     clip: ClipMethod = ClipMethod.MSE
@@ -131,6 +133,7 @@ class MixedConfig:
             clip=self.clip,
             include=self.include,
             exclude=self.exclude,
+            layer_kinds=self.layer_kinds,
             bos_aware=self.bos_aware,
             bos_positions=self.bos_positions,
             smooth=self.smooth,

@@ -20,7 +20,7 @@ from torch import nn
 from diffkiln.calibrate.stats import CalibrationStats, LayerStats
 from diffkiln.core.configs import config_to_dict
 from diffkiln.core.errors import InvalidInputError
-from diffkiln.core.layers import find_quantizable_layers, layer_kind
+from diffkiln.core.layers import LAYER_KINDS, find_quantizable_layers, layer_kind
 from diffkiln.core.pipelines import find_denoiser
 from diffkiln.core.plan import ActMode, ActSpec, LayerPlan, Plan, WeightSpec
 from diffkiln.core.quantizers import ClipMethod, choose_act_params, float16_scales_exact
@@ -52,6 +52,9 @@ class W8A8Config:
         include: globs of layer names to quantize although kept in FP by default (input/output
             projections, conditioning embedders). Default none.
         exclude: globs of layer names to keep in FP. Default none.
+        layer_kinds: the layer kinds to quantize ("linear", "conv1d", "conv", "conv3d"); the others
+            stay in FP, e.g. ``("linear",)`` for a runtime that quantizes nn.Linear only
+            (MindIE-SD). None: every kind. Default None.
         bos_aware: precompute verified prompt-invariant text rows (BOS) in FP and leave them out
             of the activation range. Default True.
         bos_positions: text positions to treat as prompt-invariant instead of the ones calibration
@@ -83,6 +86,7 @@ class W8A8Config:
     clip: ClipMethod = ClipMethod.MSE
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    layer_kinds: tuple[str, ...] | None = None
     bos_aware: bool = True
     bos_positions: tuple[int, ...] | None = None
     weight_bits: int = 8
@@ -119,6 +123,7 @@ class W8A8Config:
             raise InvalidInputError("--requantize-conv-outputs needs static activations; drop --act-mode dynamic")
         if self.smooth_min_outlier_ratio < 1.0:
             raise InvalidInputError(f"smooth_min_outlier_ratio must be >= 1, got {self.smooth_min_outlier_ratio}")
+        check_layer_kinds(self.layer_kinds)
 
 
 def _matches(name: str, globs: tuple[str, ...]) -> bool:
@@ -130,20 +135,33 @@ def stats_denoiser(model: Any, stats: CalibrationStats) -> nn.Module:
     return find_denoiser(model, stats.denoiser or None)
 
 
+def check_layer_kinds(kinds: tuple[str, ...] | None) -> None:
+    """Raise InvalidInputError naming the valid kinds when ``kinds`` holds another."""
+    if kinds is not None and (not kinds or set(kinds) - set(LAYER_KINDS)):
+        raise InvalidInputError(f"layer_kinds must be some of {list(LAYER_KINDS)}, got {kinds!r}")
+
+
 def fp_reasons(
-    denoiser: nn.Module, stats: CalibrationStats, include: tuple[str, ...], exclude: tuple[str, ...]
+    denoiser: nn.Module,
+    stats: CalibrationStats,
+    include: tuple[str, ...],
+    exclude: tuple[str, ...],
+    layer_kinds: tuple[str, ...] | None = None,
 ) -> dict[str, tuple[str, RoleFinding | None]]:
     """The layers kept in FP and why: ``name -> (reason, role finding or None)``.
 
-    ``exclude`` first; then roles that are always FP; then default roles unless ``include`` names
-    the layer.
+    ``exclude`` first; then layers of kinds outside ``layer_kinds``; then roles that are always FP;
+    then default roles unless ``include`` names the layer.
     """
     roles = structural_roles(denoiser, stats.graph)
     out: dict[str, tuple[str, RoleFinding | None]] = {}
-    for name in find_quantizable_layers(denoiser):
+    for name, module in find_quantizable_layers(denoiser).items():
         finding = roles.get(name)
+        kind = layer_kind(module)
         if _matches(name, exclude):
             out[name] = ("excluded by --exclude", finding)
+        elif layer_kinds is not None and kind not in layer_kinds:
+            out[name] = (f"a {kind} layer; the plan quantizes only {', '.join(layer_kinds)}", finding)
         elif finding is not None and (finding.role.always_fp or not _matches(name, include)):
             out[name] = (finding.reason, finding)
     return out
@@ -257,7 +275,7 @@ def plan_w8a8(model: Any, stats: CalibrationStats, config: W8A8Config, context: 
     """
     denoiser = stats_denoiser(model, stats)
     layers = find_quantizable_layers(denoiser)
-    fp = fp_reasons(denoiser, stats, config.include, config.exclude)
+    fp = fp_reasons(denoiser, stats, config.include, config.exclude, config.layer_kinds)
     missing = [n for n in layers if n not in fp and n not in stats.layers]
     if missing:
         raise InvalidInputError(

@@ -7,7 +7,10 @@ float16/bfloat16 (int8 output is not emulated). ``npu_dynamic_quant(x)``: symmet
 nibbles per word, lowest index in the lowest bits. ``npu_weight_quant_batchmatmul(x, weight,
 antiquant_scale, antiquant_offset=None, ..., bias=None)``: float16/bfloat16 x (M, K) against int8
 (K, N) or int4-packed int32 (K, N / 8) weights, ``x @ ((w + offset) * scale) + bias`` in x's dtype.
-It lets the npu backend's real code path run on CPU in tests.
+``npu_quantize(x, scales, zero_points, dtype, axis, div_mode=True)``: ``round(x / scales +
+zero_points)`` saturated to int8 (qint8 output as int8). A ``scale`` of dtype int64 holds float32
+bits (``npu_trans_quant_param``); an integer ``bias`` is added to the int32 sums, a float one after
+the scales. It lets the npu backend's real code path, and MindIE-SD's layers, run on CPU in tests.
 """
 
 from __future__ import annotations
@@ -25,12 +28,28 @@ def _npu_quant_matmul(x1, x2, scale, *, offset=None, pertoken_scale=None, bias=N
     if offset is not None:
         raise TypeError("npu_quant_matmul: offset is only valid with int8 output")
     acc = x1.to(torch.int64) @ x2.to(torch.int64)
-    if bias is not None:
+    int_bias = bias is not None and not bias.is_floating_point()
+    if int_bias:
         acc = acc + bias.to(torch.int64)
+    if scale.dtype == torch.int64:  # float32 bits, as npu_trans_quant_param packs them
+        scale = scale.to(torch.int32).view(torch.float32)
     out = acc.to(torch.float32) * scale.to(torch.float32)
     if pertoken_scale is not None:
         out = out * pertoken_scale.to(torch.float32)[:, None]
+    if bias is not None and not int_bias:
+        out = out + bias.to(torch.float32)
     return out.to(output_dtype)
+
+
+def _npu_quantize(x, scales, zero_points, dtype, axis=1, div_mode=True):
+    if not div_mode or dtype not in (torch.qint8, torch.int8):
+        raise TypeError("npu_quantize emulation: div_mode=True with int8 output only")
+    if axis not in (-1, x.dim() - 1):
+        raise TypeError("npu_quantize: the elementwise axis must be the last one")
+    y = x.to(torch.float32) / scales.to(torch.float32)
+    if zero_points is not None:
+        y = y + zero_points.to(torch.float32)
+    return torch.clamp(torch.round(y), -128, 127).to(torch.int8)
 
 
 def _npu_dynamic_quant(x, smooth_scales=None):
@@ -91,4 +110,5 @@ def make_fake_torch_npu() -> types.ModuleType:
     mod.npu_weight_quant_batchmatmul = _npu_weight_quant_batchmatmul  # type: ignore[attr-defined]
     mod.npu_quant_matmul = _npu_quant_matmul  # type: ignore[attr-defined]
     mod.npu_dynamic_quant = _npu_dynamic_quant  # type: ignore[attr-defined]
+    mod.npu_quantize = _npu_quantize  # type: ignore[attr-defined]
     return mod

@@ -1,0 +1,221 @@
+"""The ``export --format mindiesd`` verb: a bundle's denoiser as the files MindIE-SD's
+``quantize(model, quant_des_path)`` loads, unchanged (per-layer encodings: :mod:`.encode`).
+
+Writes, into ``out`` (atomically; every file mode 0o640, the folder 0o750, as MindIE-SD's
+``file_utils.check_file_safety`` requires):
+
+* ``quant_model_weight_{algo}.safetensors`` and ``quant_model_description_{algo}.json``, ``algo``
+  being ``model_quant_type`` lower-cased (the weight file name MindIE-SD derives from it); with
+  ``ranks``, one pair per rank, ``..._{algo}_{rank}.*``, which MindIE-SD picks by
+  ``dist.get_rank()`` when the description name ends in a rank;
+* ``config.json`` (the denoiser's) and ``diffkiln_export.json``: what runs quantized on MindIE-SD
+  and what does not, what was widened, the float dtype the files are made for, file checksums.
+
+What MindIE-SD runs quantized is only the ``nn.Linear`` layers. The bundle's integer
+convolutions stay float there (its quant map has no other type): the export warns, names them and
+the fraction of the bundle's quantized weights they hold, and records them. MindIE-SD never
+reads ``FLOAT`` tensors: the float model comes from the original checkpoint
+(``from_pretrained``), and ``quantize`` swaps the Linear layers described here. The ``FLOAT``
+entries (the denoiser's other tensors, convolutions dequantized) are kept for other loaders.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from diffkiln.core.schema import LoadedBundle
+from diffkiln.export.atomic import atomic_directory, file_table
+from diffkiln.export.mindiesd.encode import MindieExportError, encode_linear
+from diffkiln.nn import QConv, QLinear
+
+__all__ = ["FILE_MODE", "MindieExportConfig", "MindieFloat", "export_mindiesd"]
+
+log = logging.getLogger(__name__)
+
+FILE_MODE = 0o640
+"""The loosest mode MindIE-SD accepts on the description and the weights (``MODELDATA_FILE_PERMISSION``)."""
+_DIR_MODE = 0o750
+
+
+class MindieFloat(str, Enum):
+    """The dtype the MindIE-SD model runs in (``quantize(..., dtype=...)``); it decides
+    ``deq_scale``'s encoding and the input-scale rounding MindIE-SD applies."""
+
+    FLOAT16 = "float16"
+    BFLOAT16 = "bfloat16"
+
+
+@dataclass(frozen=True)
+class MindieExportConfig:
+    """Where and how to export.
+
+    Attributes:
+        out: the folder to write.
+        dtype: the dtype the model runs in on MindIE-SD; pass the same to ``quantize``. Default
+            float16.
+        keep_fp: write Linear layers the format cannot hold as FLOAT with a warning, instead of
+            failing. Default False.
+        ranks: write one description and weight file per rank, ``..._{rank}``, for a
+            distributed MindIE-SD run; 0 writes one unsuffixed pair. Default 0.
+        overwrite: replace an existing ``out``. Default False.
+    """
+
+    out: Path
+    dtype: MindieFloat = MindieFloat.FLOAT16
+    keep_fp: bool = False
+    ranks: int = 0
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.dtype, MindieFloat):
+            raise ValueError(f"dtype must be one of {[d.value for d in MindieFloat]}, got {self.dtype!r}")
+        if self.ranks < 0:
+            raise ValueError(f"ranks must be >= 0, got {self.ranks}")
+
+
+def _float_layer_tensors(name: str, q: QLinear | QConv, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A quantized layer written as float: dequantized weight (smoothing folded back out) and bias."""
+    scale, bias = q.scale_and_bias()
+    codes = q.codes_t().float() * scale  # (K, N)
+    if q.smooth_inv is not None:
+        codes = codes * q.smooth_inv[:, None]
+    out = {f"{name}.weight": codes.t().contiguous().reshape(q.weight_shape).to(dtype)}
+    if bias is not None:
+        out[f"{name}.bias"] = bias.to(dtype)
+    return out
+
+
+def _widened(q: QLinear) -> str | None:
+    notes = []
+    if q.weight_bits <= 4:
+        grouped = f" (x their group multipliers, groups of {q.group_size})" if q.group_size else ""
+        notes.append(f"{q.weight_bits}-bit weights stored as int8 codes{grouped} (same values)")
+    if not q.weight_only and not q.dynamic and q.act_grid.bits < 8:
+        notes.append("7-bit activation grid written as an int8 grid of the same step (clips at 8 bits)")
+    return "; ".join(notes) or None
+
+
+def _model_quant_type(kinds: set[str]) -> str:
+    for kind in ("W8A8_TIMESTEP", "W8A8", "W8A8_DYNAMIC", "W8A16"):
+        if kind in kinds:
+            return kind
+    return "W8A8"
+
+
+def _write(tmp: Path, algo: str, tensors: dict[str, torch.Tensor], description: dict[str, str], ranks: int) -> None:
+    suffixes = [f"_{r}" for r in range(ranks)] if ranks else [""]
+    first = tmp / f"quant_model_weight_{algo}{suffixes[0]}.safetensors"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(first))
+    text = json.dumps({"model_quant_type": algo.upper(), **dict(sorted(description.items()))}, indent=2) + "\n"
+    for suffix in suffixes:
+        weight = tmp / f"quant_model_weight_{algo}{suffix}.safetensors"
+        if weight != first:
+            try:  # a hard link is a regular file to MindIE-SD's symlink check, and costs no space
+                os.link(first, weight)
+            except OSError:
+                shutil.copy2(first, weight)
+        (tmp / f"quant_model_description_{algo}{suffix}.json").write_text(text)
+
+
+def export_mindiesd(bundle: LoadedBundle, config: MindieExportConfig) -> Path:
+    """Write a loaded bundle's denoiser in the msModelSlim / MindIE-SD format (see the module docstring).
+
+    Returns:
+        The output folder.
+
+    Raises:
+        BundleError: ``out`` exists without ``overwrite``.
+        MindieExportError: a Linear layer the format cannot hold, without ``keep_fp``.
+    """
+    path, manifest, denoiser = bundle.path, bundle.manifest, bundle.denoiser
+    dtype = getattr(torch, config.dtype.value)
+    tensors: dict[str, torch.Tensor] = {}
+    description: dict[str, str] = {}
+    widened: dict[str, str] = {}
+    kept: dict[str, str] = {}
+    float_on_target: dict[str, str] = {}
+    bos: list[str] = []
+    kinds: set[str] = set()
+    q_params = {"total": 0, "float_on_target": 0}
+    quantized: dict[str, str] = {}
+    for name, module in denoiser.named_modules():
+        if not isinstance(module, (QLinear, QConv)):
+            continue
+        q_params["total"] += module.in_flat * module.weight_shape[0]
+        if isinstance(module, QConv):
+            float_on_target[name] = f"{type(module).__name__[1:]}: MindIE-SD quantizes nn.Linear only"
+            q_params["float_on_target"] += module.in_flat * module.weight_shape[0]
+            layer = _float_layer_tensors(name, module, dtype)
+            tensors.update(layer)
+            description.update({k: "FLOAT" for k in layer})
+            continue
+        try:
+            enc = encode_linear(name, module, dtype)
+        except MindieExportError as exc:
+            if not config.keep_fp:
+                raise
+            kept[name] = str(exc).split(": ", 1)[-1]
+            log.warning("writing %s as FLOAT: %s", name, kept[name])
+            layer = _float_layer_tensors(name, module, dtype)
+            tensors.update(layer)
+            description.update({k: "FLOAT" for k in layer})
+            continue
+        tensors.update(enc.tensors)
+        description.update(enc.description)
+        kinds.add(enc.kind)
+        quantized[name] = enc.kind
+        if (note := _widened(module)) is not None:
+            widened[name] = note
+        if module.bos_rows is not None:
+            bos.append(name)
+    q_names = {n for n, m in denoiser.named_modules() if isinstance(m, (QLinear, QConv))}
+    for key, t in [*denoiser.named_parameters(), *denoiser.named_buffers()]:
+        if key.rpartition(".")[0] in q_names:
+            continue
+        tensors[key] = t.detach().to(dtype) if t.is_floating_point() else t.detach()
+        description[key] = "FLOAT"
+    share = q_params["float_on_target"] / max(q_params["total"], 1)
+    if float_on_target:
+        log.warning(
+            "%d quantized layers (%.0f%% of the bundle's quantized weights) are convolutions, which MindIE-SD "
+            "runs in float: %s. Build with `diffkiln optimize --target mindiesd` so the plan (and its report) "
+            "is what MindIE-SD runs.", len(float_on_target), 100 * share, ", ".join(sorted(float_on_target)[:8]),
+        )  # fmt: skip
+    if bos:
+        log.warning("%d layers have BOS rows, which MindIE-SD does not apply (it quantizes those rows too)", len(bos))
+    algo = _model_quant_type(kinds).lower()
+    with atomic_directory(Path(config.out), config.overwrite) as tmp:
+        _write(tmp, algo, tensors, description, config.ranks)
+        shutil.copy2(path / manifest["pipeline"]["denoiser"] / "config.json", tmp / "config.json")
+        meta: dict[str, Any] = {
+            "format": "diffkiln.mindiesd",
+            "version": 2,
+            "model_quant_type": algo.upper(),
+            "denoiser_class": manifest["pipeline"]["denoiser_class"],
+            "dtype": config.dtype.value,
+            "ranks": config.ranks,
+            "quantized_on_target": quantized,
+            "float_on_target": float_on_target,
+            "quantized_weight_fraction_float_on_target": round(share, 4),
+            "bos_rows_not_applied": bos,
+            "widened": widened,
+            "kept_fp": kept,
+            "requires_original_checkpoint": True,
+            "bundle": {"source": manifest["source"], "recipe": manifest["quant"]["recipe"]},
+        }  # fmt: skip
+        meta["files"] = file_table(tmp)
+        (tmp / "diffkiln_export.json").write_text(json.dumps(meta, indent=2) + "\n")
+        for f in tmp.iterdir():
+            f.chmod(FILE_MODE)
+        tmp.chmod(_DIR_MODE)
+    return Path(config.out)

@@ -9,6 +9,7 @@ Each stage is also a verb of its own (:func:`diffkiln.calibrate.calibrate`,
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import time
@@ -22,6 +23,7 @@ from diffkiln.core.errors import BundleError, InvalidInputError
 from diffkiln.export import ExportConfig, FloatStorage, export_bundle
 from diffkiln.generation import load_pipeline, read_prompts
 from diffkiln.optimizer import (
+    CacheConfig,
     MixedConfig,
     SearchContext,
     SensitivityTable,
@@ -31,6 +33,7 @@ from diffkiln.optimizer import (
     mixed_sensitivity,
     recipe_float_storage,
     recipe_name,
+    search_cache,
 )
 from diffkiln.zoo.registry import ResolvedTarget, default_cache_dir, resolve_target
 
@@ -57,6 +60,8 @@ class OptimizeConfig:
         deploy_target: a runtime the plan must be executable on as a whole (``"mindiesd"``: Linear
             layers only, no BOS rows; :data:`diffkiln.optimizer.TARGETS`), so the bundle and its
             report are the deployed model. None: diffkiln's runtimes. Default None.
+        cache: a cache-schedule search composed with the recipe (``--cache-budget`` with w8a8 or
+            mixed); None: no cache, unless the recipe is :class:`CacheConfig` itself. Default None.
         float_storage: how the bundle stores float tensors; None: the recipe's default (lossless
             for w8a8, float16 for mixed). Default None.
         overwrite: replace an existing bundle. Default False.
@@ -74,6 +79,7 @@ class OptimizeConfig:
     call_kwargs: tuple[tuple[str, Any], ...] = ()
     denoiser: str | None = None
     deploy_target: str | None = None
+    cache: CacheConfig | None = None
     float_storage: FloatStorage | None = None
     overwrite: bool = False
     cache_dir: Path | None = None
@@ -89,6 +95,13 @@ class OptimizeConfig:
             raise InvalidInputError(f"steps must be a positive integer, got {self.steps}")
         if self.guidance is not None and self.guidance < 0:
             raise InvalidInputError(f"guidance must be >= 0, got {self.guidance}")
+        if self.cache is not None and isinstance(self.recipe, CacheConfig):
+            raise InvalidInputError("the cache recipe searches its own schedule; drop the separate cache config")
+
+    @property
+    def wants_cache(self) -> bool:
+        """True when the build searches a cache schedule (the cache recipe, or ``cache`` given)."""
+        return self.cache is not None or isinstance(self.recipe, CacheConfig)
 
     def resolved_recipe(self) -> Any:
         """The recipe config with :attr:`deploy_target`'s settings applied."""
@@ -161,6 +174,7 @@ def prepare(target: str | os.PathLike[str], config: OptimizeConfig) -> Prepared:
         progress=config.progress,
         call_kwargs=_call_kwargs(resolved, config.call_kwargs),
         denoiser=config.denoiser,
+        cache_stats=config.wants_cache,
     )
     t1 = time.perf_counter()
     stats = calibrate(pipe, cal_cfg)
@@ -193,6 +207,8 @@ def optimize(target: str | os.PathLike[str], config: OptimizeConfig) -> Path:
     prep = prepare(target, config)
     t0 = time.perf_counter()
     plan = make_plan(prep.pipe, prep.stats, config.resolved_recipe(), prep.context(config))
+    if config.cache is not None:
+        plan = dataclasses.replace(plan, cache=search_cache(prep.pipe, prep.stats, config.cache, prep.context(config)))
     metrics = {
         **prep.metrics,
         "deploy_target": config.deploy_target,

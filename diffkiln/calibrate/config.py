@@ -49,6 +49,9 @@ class CalibrationConfig:
         bos_probe: verify prompt-invariant text positions with two long probe prompts (a
             position is kept only if it stays the same when every position holds a real token).
             Default True.
+        cache_stats: also record what a cache-schedule search needs (the blocks and, for the
+            first batch, each step's block inputs and outputs; :mod:`diffkiln.calibrate.cache_stats`).
+            Default False.
     """
 
     prompts: tuple[str, ...] = ()
@@ -63,6 +66,7 @@ class CalibrationConfig:
     call_kwargs: tuple[tuple[str, Any], ...] = ()
     denoiser: str | None = None
     bos_probe: bool = True
+    cache_stats: bool = False
 
     def __post_init__(self) -> None:
         if any(not p.strip() for p in self.prompts):

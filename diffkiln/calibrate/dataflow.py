@@ -28,7 +28,6 @@ starts afresh as ``layer:<name>``. From that:
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -39,6 +38,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakTensorKeyDictionary
 
+from diffkiln.core.arguments import bind_call
 from diffkiln.core.hooks import layer_input, scoped_hooks
 from diffkiln.core.layers import find_quantizable_layers, layer_kind
 
@@ -147,16 +147,6 @@ class DataflowGraph:
         attentions = tuple(AttentionFlow(**tuples(a)) for a in d["attentions"])
         notes = dict(d.get("notes", {}))
         return cls(d["main_input"], dict(d["inputs"]), d["timestep_input"], layers, attentions, notes)
-
-
-def bind_call(module: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """A call's arguments by the forward's parameter names (``**kwargs`` entries spread out)."""
-    signature = inspect.signature(module.forward)
-    bound = dict(signature.bind_partial(*args, **kwargs).arguments)
-    for name, param in signature.parameters.items():
-        if param.kind is inspect.Parameter.VAR_KEYWORD and isinstance(bound.get(name), dict):
-            bound.update(bound.pop(name))
-    return bound
 
 
 def _named_tensors(bound: Mapping[str, Any]) -> dict[str, torch.Tensor]:

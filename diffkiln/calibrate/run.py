@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from diffkiln.calibrate.blocks import find_blocks
+from diffkiln.calibrate.cache_stats import CacheRecorder, cache_recording
 from diffkiln.calibrate.config import CalibrationConfig
 from diffkiln.calibrate.dataflow import DataflowGraph, bind_call, trace_dataflow
 from diffkiln.calibrate.prompts import PROBE_PROMPTS
@@ -150,8 +153,9 @@ def _run_pipeline(pipe: Any, source: CallSource, config: CalibrationConfig, mode
             k: bound[k].detach().float().cpu() for k in graph.sequence_inputs if isinstance(bound.get(k), torch.Tensor)
         }
     rec = Recorder(graph, config.samples_per_step, config.seed)
+    cache_rec = CacheRecorder(find_blocks(denoiser, args, kwargs), config.seed) if config.cache_stats else None
     bar = tqdm(total=n * config.steps, desc="calibrating", unit="sample-step", disable=not config.progress)
-    with recording(denoiser, rec), torch.no_grad():
+    with recording(denoiser, rec), _maybe_cache_recording(denoiser, cache_rec), torch.no_grad():
         for start in range(0, n, config.batch_size):
             samples = [source.sample(i) for i in range(start, min(start + config.batch_size, n))]
             rec.start_call()
@@ -161,7 +165,13 @@ def _run_pipeline(pipe: Any, source: CallSource, config: CalibrationConfig, mode
                 return kw
 
             call(samples, config.seed + start, **step_callback_kwargs(pipe, on_step))
+            if cache_rec is not None:
+                cache_rec.active = False  # the first batch is enough for the proxies
     bar.close()
+    cache = None
+    if cache_rec is not None:
+        timesteps = getattr(getattr(pipe, "scheduler", None), "timesteps", None)
+        cache = cache_rec.finish(len(timesteps) if timesteps is not None else config.steps)
     if rec.calls == 0:
         name = choice.name or "the denoiser"
         raise InvalidInputError(f"the sampler never called {name}; name the denoiser with --denoiser")
@@ -175,7 +185,17 @@ def _run_pipeline(pipe: Any, source: CallSource, config: CalibrationConfig, mode
         graph=graph,
         bos=_bos(graph, sequences, probes),
         denoiser=choice.name,
+        cache=cache,
     )
+
+
+@contextmanager
+def _maybe_cache_recording(denoiser: nn.Module, recorder: CacheRecorder | None) -> Iterator[None]:
+    if recorder is None:
+        yield
+        return
+    with cache_recording(denoiser, recorder):
+        yield
 
 
 def _run_module(module: nn.Module, inputs: ModuleInputs, config: CalibrationConfig) -> CalibrationStats:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from diffkiln.calibrate.cache_stats import CacheStats
 from diffkiln.calibrate.config import STATS_VERSION
 from diffkiln.calibrate.dataflow import DataflowGraph
 
@@ -115,6 +116,8 @@ class CalibrationStats:
         bos: per sequence input, the verified prompt-invariant positions and their evidence:
             ``{"positions": [...], "evidence": "..."}``.
         denoiser: the calibrated pipeline component's name ("" for a bare module).
+        cache: what a cache-schedule search needs, when recorded
+            (``CalibrationConfig.cache_stats``); else None.
     """
 
     layers: dict[str, LayerStats]
@@ -125,6 +128,7 @@ class CalibrationStats:
     graph: DataflowGraph | None = None
     bos: dict[str, dict[str, Any]] = field(default_factory=dict)
     denoiser: str = ""
+    cache: CacheStats | None = None
 
     @property
     def text_embeds(self) -> torch.Tensor:
@@ -173,8 +177,11 @@ class CalibrationStats:
             "graph": self.graph.to_dict() if self.graph is not None else None,
             "bos": self.bos,
             "denoiser": self.denoiser,
+            "cache": self.cache.to_meta() if self.cache is not None else None,
             "version": STATS_VERSION,
         }
+        if self.cache is not None:
+            tensors["cache::distances"] = self.cache.distances.contiguous()
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         save_file(tensors, str(tmp), metadata={"diffkiln": json.dumps(meta)})
@@ -201,5 +208,6 @@ class CalibrationStats:
         }
         sequences = {k[5:]: v for k, v in tensors.items() if k.startswith("seq::")}
         graph = DataflowGraph.from_dict(meta["graph"]) if meta.get("graph") else None
+        cache = CacheStats.from_meta(meta["cache"], tensors["cache::distances"]) if meta.get("cache") else None
         return cls(layers, meta["timesteps"], meta["model_hash"], meta["settings"], sequences, graph,
-                   meta.get("bos", {}), meta.get("denoiser", ""))  # fmt: skip
+                   meta.get("bos", {}), meta.get("denoiser", ""), cache)  # fmt: skip

@@ -3,12 +3,15 @@ inputs this way and the onnxruntime backend feeds them back (a contract of the O
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
-__all__ = ["ARG_SEPARATOR", "feed_array", "flatten_arguments", "unflatten_arguments"]
+__all__ = ["ARG_SEPARATOR", "bind_call", "feed_array", "flatten_arguments", "unflatten_arguments"]
 
 ARG_SEPARATOR = "__"
 """Joins a dict argument's name and key (``added_cond_kwargs__text_embeds``), or a tuple argument's
@@ -67,3 +70,13 @@ def feed_array(value: torch.Tensor, dtype: str) -> np.ndarray:
     types get float32."""
     name = dtype[len("tensor(") : -1] if dtype.startswith("tensor(") else dtype
     return value.detach().cpu().numpy().astype(_NUMPY_DTYPES.get(name, np.float32), copy=False)
+
+
+def bind_call(module: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """A call's arguments by the forward's parameter names (``**kwargs`` entries spread out)."""
+    signature = inspect.signature(module.forward)
+    bound = dict(signature.bind_partial(*args, **kwargs).arguments)
+    for name, param in signature.parameters.items():
+        if param.kind is inspect.Parameter.VAR_KEYWORD and isinstance(bound.get(name), dict):
+            bound.update(bound.pop(name))
+    return bound

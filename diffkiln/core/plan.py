@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
+from diffkiln.core.cache_schedule import CacheSchedule, CacheScheduleError
 from diffkiln.core.layers import CONV_KINDS, LAYER_KINDS
 from diffkiln.core.packing import PACKABLE_BITS, packed_length
 
@@ -26,10 +27,10 @@ __all__ = [
 ]
 
 PLAN_FORMAT = "diffkiln.plan"
-PLAN_VERSION = 3
+PLAN_VERSION = 4
 # Version 2 added LayerPlan.output; 3 added LayerPlan.role / evidence, Plan.denoiser and the kinds
-# conv1d / conv3d. Older plans read as ones without them.
-_READABLE_VERSIONS = (1, 2, 3)
+# conv1d / conv3d; 4 added Plan.cache. Older plans read as ones without them.
+_READABLE_VERSIONS = (1, 2, 3, 4)
 
 
 class PlanError(ValueError):
@@ -238,6 +239,8 @@ class Plan:
         notes: free-form build information (calibration settings, clipping method).
         denoiser: the pipeline component the plan quantizes ("" for a bare module or a plan
             written before it was recorded). Default "".
+        cache: the searched cache schedule (:class:`~diffkiln.core.cache_schedule.CacheSchedule`),
+            or None: every step computes every block. Default None.
     """
 
     recipe: str
@@ -246,6 +249,7 @@ class Plan:
     bos_positions: tuple[int, ...] = ()
     notes: dict[str, Any] = field(default_factory=dict)
     denoiser: str = ""
+    cache: CacheSchedule | None = None
 
     def layer(self, name: str) -> LayerPlan:
         """The plan of one layer.
@@ -283,7 +287,9 @@ class Plan:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict, with format name and version."""
-        return {"format": PLAN_FORMAT, "version": PLAN_VERSION, **asdict(self)}
+        d = {"format": PLAN_FORMAT, "version": PLAN_VERSION, **asdict(self)}
+        d["cache"] = self.cache.to_dict() if self.cache is not None else None
+        return d
 
     def to_json(self) -> str:
         """The plan as a JSON document."""
@@ -327,7 +333,10 @@ class Plan:
                 tuple(d["bos_positions"]),
                 dict(d["notes"]),
                 str(d.get("denoiser", "")),
+                CacheSchedule.from_dict(d["cache"]) if d.get("cache") is not None else None,
             )
+        except CacheScheduleError as exc:
+            raise PlanError(f"malformed plan: its cache schedule: {exc}") from exc
         except (KeyError, TypeError, ValueError) as exc:
             raise PlanError(f"malformed plan: {exc}") from exc
 

@@ -150,8 +150,11 @@ def _write_denoiser(
 
 
 def _format_version(plan: Plan, derived_buffers: dict[str, Any], module: bool) -> int:
-    """The lowest bundle format version that describes the bundle: 6 for a module bundle or 1-D/3-D
-    convolutions, 5 with requantized outputs, 4 with derived buffers, 3 with 3-bit layers, else 2."""
+    """The lowest bundle format version that describes the bundle: 7 with a cache schedule, 6 for a
+    module bundle or 1-D/3-D convolutions, 5 with requantized outputs, 4 with derived buffers, 3
+    with 3-bit layers, else 2."""
+    if plan.cache is not None:
+        return 7
     if module or any(lp.quantized and lp.kind in ("conv1d", "conv3d") for lp in plan.layers):
         return 6
     if any(lp.output is not None for lp in plan.layers):
@@ -223,7 +226,7 @@ def export_bundle(
             "bos": {"positions": list(plan.bos_positions), **plan.notes.get("bos", {})},
             "plan": plan.to_dict(),
             "sparsity": {},
-            "cache": {},
+            "cache": plan.cache.to_dict() if plan.cache is not None else {},
             "toolchain": toolchain_versions(),
             "build_metrics": build_metrics or {},
             "files": files,

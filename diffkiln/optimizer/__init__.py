@@ -5,6 +5,7 @@ Plan itself is defined in :mod:`diffkiln.core.plan`, the contract between stages
 """
 
 from diffkiln.optimizer.allocation import InfeasibleBudgetError
+from diffkiln.optimizer.cache_search import CacheConfig, plan_cache, search_cache
 from diffkiln.optimizer.mixed import MixedResult, make_mixed_plan, mixed_sensitivity, search_mixed, uniform_plan
 from diffkiln.optimizer.mixed_config import MixedConfig, WeightBudget
 from diffkiln.optimizer.registry import (
@@ -24,6 +25,7 @@ from diffkiln.optimizer.w8a8 import SmoothMode, W8A8Config, fp_reasons, plan_w8a
 
 __all__ = [
     "TARGETS",
+    "CacheConfig",
     "InfeasibleBudgetError",
     "LayerRole",
     "MixedConfig",
@@ -41,6 +43,7 @@ __all__ = [
     "make_mixed_plan",
     "make_plan",
     "mixed_sensitivity",
+    "plan_cache",
     "plan_w8a8",
     "recipe_config_from_options",
     "recipe_config_type",
@@ -48,6 +51,7 @@ __all__ = [
     "recipe_name",
     "recipe_names",
     "register_recipe",
+    "search_cache",
     "search_mixed",
     "structural_roles",
     "uniform_plan",

@@ -19,6 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from diffkiln.core.cache_schedule import CacheSchedule, CacheScheduleError
+from diffkiln.core.errors import BundleError
+from diffkiln.nn.cache import apply_cache_schedule
 from diffkiln.runtime.reader import open_bundle
 
 __all__ = ["Backend", "is_bundle", "load", "resolve_device"]
@@ -73,6 +76,7 @@ def load(
     backend: Backend | str = Backend.TORCH,
     ort_optimize: bool = False,
     dtype: torch.dtype | str | None = None,
+    cache: bool = True,
 ) -> Any:
     """Load a bundle (or its ONNX export) as a diffusers pipeline on ``device``.
 
@@ -89,14 +93,18 @@ def load(
             torch.float16 (or their names) where the device has fast units for it (AMX/AVX-512
             BF16 CPUs, GPUs, NPUs); see :mod:`diffkiln.runtime.dtype`. Default None: as stored
             (float32).
+        cache: torch backend only: apply the bundle's frozen cache schedule, when it has one
+            (:mod:`diffkiln.nn.cache`). False runs every step in full. Default True.
 
     Returns:
         A diffusers pipeline (the class recorded in the bundle); call it as usual with prompt,
         num_inference_steps, guidance_scale and generator. Its ``diffkiln_manifest`` attribute
-        holds the verified manifest.
+        holds the verified manifest; ``diffkiln_cache`` the applied schedule's run state and counts
+        (:class:`~diffkiln.nn.cache.CacheRun`), or None.
 
     Raises:
-        BundleError: the bundle is missing, corrupt, truncated, tampered, or of a future version.
+        BundleError: the bundle is missing, corrupt, truncated, tampered, of a future version, or
+            its cache schedule is malformed or names blocks its denoiser lacks.
         ValueError: an unknown backend or dtype, or a dtype with the onnxruntime backend.
     """
     from diffusers.utils import logging as dlog
@@ -133,4 +141,12 @@ def load(
             if isinstance(component, nn.Module):
                 cast_float_parts(component, dtype)
     pipe.diffkiln_manifest = manifest
+    pipe.diffkiln_cache = None
+    if cache and manifest.get("cache"):
+        try:
+            schedule = CacheSchedule.from_dict(manifest["cache"])
+            denoiser = getattr(pipe, manifest["pipeline"]["denoiser"])
+            pipe.diffkiln_cache = apply_cache_schedule(denoiser, schedule, getattr(pipe, "scheduler", None))
+        except CacheScheduleError as exc:
+            raise BundleError(f"{path}: the manifest's cache schedule: {exc}") from None
     return pipe

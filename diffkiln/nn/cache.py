@@ -1,0 +1,301 @@
+"""Apply a frozen cache schedule to a denoiser with diffusers' ``HookRegistry``: named, removable
+hooks, no host sync (each step's decision is a Python bool read from the schedule).
+
+``apply_cache_schedule(denoiser, schedule, scheduler)`` registers ``diffkiln.cache.denoiser`` on
+the denoiser and ``diffkiln.cache.block`` on each of the schedule's blocks, and returns the
+:class:`CacheRun` that holds the state and the counts. ``remove_cache_schedule`` takes them away;
+``cache_schedule_applied`` does both around a block.
+
+Steps are counted per *branch*: per diffusers cache context when the pipeline names its CFG calls
+(``with transformer.cache_context("cond")``), else per position in a step's ``calls_per_step``
+calls. A branch's count resets after its last step, and when diffusers resets stateful hooks at the
+end of a pipeline call. At a branch's first call the step count is checked against the pipeline's
+scheduler (``len(scheduler.timesteps)``): another count raises :class:`CacheScheduleError` before
+anything runs, naming the count the schedule is for. Another stateful (cache) hook on the denoiser
+or its blocks raises too.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import StateManager
+from torch import nn
+
+from diffkiln.core.cache_schedule import CacheMechanism, CacheSchedule, CacheScheduleError
+
+__all__ = ["CacheRun", "apply_cache_schedule", "cache_schedule_applied", "remove_cache_schedule"]
+
+DENOISER_HOOK = "diffkiln.cache.denoiser"
+BLOCK_HOOK = "diffkiln.cache.block"
+
+
+@dataclass
+class _Branch:
+    calls: int = 0
+    outputs: dict[int, Any] = field(default_factory=dict)  # deep: block index -> last output
+    inputs: list[torch.Tensor] = field(default_factory=list)  # residual: streams entering the range
+    history: list[tuple[int, list[torch.Tensor]]] = field(default_factory=list)  # last two computed values
+
+
+@dataclass
+class CacheRun:
+    """The state of one applied schedule and what its hooks counted.
+
+    Attributes:
+        schedule: the schedule applied.
+        scheduler: the pipeline's scheduler, whose timesteps the step count is checked against
+            (None for a bare module: the count is then checked as the calls come).
+        evaluated: block evaluations that ran.
+        uncached: block evaluations the uncached denoiser would have run over the same calls.
+        steps_run: denoiser calls, per branch and position, that computed (True) or reused (False).
+    """
+
+    schedule: CacheSchedule
+    scheduler: Any = None
+    evaluated: int = 0
+    uncached: int = 0
+    steps_run: list[bool] = field(default_factory=list)
+    branches: dict[tuple[str, int], _Branch] = field(default_factory=dict)
+    current: tuple[_Branch, int, bool] | None = None
+
+    @property
+    def compute_fraction(self) -> float | None:
+        """Block evaluations run over the uncached denoiser's, as counted; None before any call."""
+        return self.evaluated / self.uncached if self.uncached else None
+
+    def reset(self) -> None:
+        """Forget every branch's cached values (the counts stay)."""
+        self.branches.clear()
+        self.current = None
+
+
+class _ContextName(StateManager):
+    """Receives diffusers' cache context (``_set_cache_context`` looks for StateManagers); keeps its name."""
+
+    def __init__(self) -> None:
+        super().__init__(dict)  # type: ignore[arg-type]  # the per-context states are not used
+        self.name = ""
+
+    def set_context(self, context: Any) -> None:
+        self.name = "" if context is None else str(context.name)
+
+
+def _extrapolated(history: list[tuple[int, list[torch.Tensor]]], step: int, extrapolate: bool) -> list[torch.Tensor]:
+    (j, vj) = history[-1]
+    if not extrapolate or len(history) < 2:
+        return vj
+    (i, vi) = history[-2]
+    w = (step - j) / (j - i)
+    return [b + (b - a) * w for a, b in zip(vi, vj, strict=True)]
+
+
+def _remember(branch: _Branch, step: int, values: list[torch.Tensor]) -> None:
+    branch.history = [*branch.history[-1:], (step, values)]
+
+
+def _first_tensor(out: Any) -> tuple[torch.Tensor, Any]:
+    """The denoiser output's sample and a function of a new sample giving the same kind of output."""
+    if isinstance(out, torch.Tensor):
+        return out, lambda t: t
+    if isinstance(out, tuple):
+        return out[0], lambda t: (t, *out[1:])
+    key = next(iter(out.keys()))
+    return out[key], lambda t: replace(out, **{key: t})
+
+
+class _Skipping(ModelHook):
+    """A hook that may skip the module: ``new_forward`` runs the original forward only when needed."""
+
+    def _original(self, *args: Any, **kwargs: Any) -> Any:
+        forward = self.fn_ref.original_forward
+        assert forward is not None  # set by HookRegistry.register_hook for hooks with new_forward
+        return forward(*args, **kwargs)
+
+
+class _DenoiserHook(_Skipping):
+    _is_stateful = True
+
+    def __init__(self, run: CacheRun, foreign_check: Any) -> None:
+        super().__init__()
+        self.run = run
+        self.context = _ContextName()
+        self.foreign_check = foreign_check
+
+    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        run, schedule = self.run, self.run.schedule
+        cps = schedule.calls_per_step if not self.context.name else 1
+        counter = run.branches.setdefault((self.context.name, -1), _Branch())
+        step, position = divmod(counter.calls, cps)
+        branch = run.branches.setdefault((self.context.name, position), _Branch())
+        if counter.calls == 0:
+            self.foreign_check()
+            _check_steps(schedule, run.scheduler)
+        if step >= schedule.steps:
+            raise CacheScheduleError(
+                f"the denoiser ran a step past the {schedule.steps} its cache schedule is for; call the pipeline "
+                f"with num_inference_steps={schedule.steps} or rebuild the bundle for your step count"
+            )
+        compute = schedule.compute[step]
+        run.current = (branch, step, compute)
+        run.uncached += len(schedule.blocks)
+        run.steps_run.append(compute)
+        counter.calls += 1
+        try:
+            if schedule.mechanism is CacheMechanism.WHOLE and not compute:
+                _, rebuild = _first_tensor(branch.outputs[-1])
+                return rebuild(_extrapolated(branch.history, step, schedule.extrapolate)[0])
+            out = self._original(*args, **kwargs)
+            if schedule.mechanism is CacheMechanism.WHOLE:
+                branch.outputs[-1] = out
+                _remember(branch, step, [_first_tensor(out)[0]])
+            return out
+        finally:
+            run.current = None
+            if counter.calls == schedule.steps * cps:
+                for key in [k for k in run.branches if k[0] == self.context.name]:
+                    del run.branches[key]
+
+    def reset_state(self, module: nn.Module) -> nn.Module:
+        self.run.reset()
+        return module
+
+
+def _check_steps(schedule: CacheSchedule, scheduler: Any) -> None:
+    timesteps = getattr(scheduler, "timesteps", None)
+    if timesteps is None:
+        return
+    if len(timesteps) != schedule.steps:
+        raise CacheScheduleError(
+            f"this cache schedule is for {schedule.steps} sampler steps, but the pipeline runs {len(timesteps)}; call "
+            f"it with num_inference_steps={schedule.steps}, rebuild the bundle with --steps {len(timesteps)}, or load "
+            "it with cache=False"
+        )
+
+
+class _BlockHook(_Skipping):
+    def __init__(self, run: CacheRun, index: int, module: nn.Module) -> None:
+        super().__init__()
+        self.run, self.index = run, index
+        self.signature = inspect.signature(module.forward)
+
+    def _streams_in(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[torch.Tensor]:
+        bound = self.signature.bind_partial(*args, **kwargs).arguments
+        return [bound[s.argument] for s in self.run.schedule.streams]
+
+    def _arrange(self, streams: list[torch.Tensor]) -> Any:
+        schedule = self.run.schedule
+        if schedule.output_arity == 0:
+            return streams[0]
+        out: list[Any] = [None] * schedule.output_arity
+        for s, t in zip(schedule.streams, streams, strict=True):
+            out[s.output_index] = t
+        return tuple(out)
+
+    def _streams_out(self, out: Any) -> list[torch.Tensor]:
+        if self.run.schedule.output_arity == 0:
+            return [out]
+        return [out[s.output_index] for s in self.run.schedule.streams]
+
+    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        run, schedule, i = self.run, self.run.schedule, self.index
+        if run.current is None:  # called outside the denoiser's hooked forward
+            return self._original(*args, **kwargs)
+        branch, step, compute = run.current
+        inside = schedule.start <= i < schedule.end
+        if compute or not inside:
+            if compute and inside and schedule.mechanism is CacheMechanism.RESIDUAL and i == schedule.start:
+                branch.inputs = self._streams_in(args, kwargs)
+            out = self._original(*args, **kwargs)
+            run.evaluated += 1
+            if compute and inside:
+                if schedule.mechanism is CacheMechanism.DEEP:
+                    branch.outputs[i] = out
+                elif schedule.mechanism is CacheMechanism.RESIDUAL and i == schedule.end - 1:
+                    residual = [o - x for o, x in zip(self._streams_out(out), branch.inputs, strict=True)]
+                    _remember(branch, step, residual)
+                    branch.inputs = []
+            return out
+        if schedule.mechanism is CacheMechanism.DEEP:
+            return branch.outputs[i]
+        streams = self._streams_in(args, kwargs)
+        if i == schedule.start:
+            residual = _extrapolated(branch.history, step, schedule.extrapolate)
+            streams = [x + r for x, r in zip(streams, residual, strict=True)]
+        return self._arrange(streams)
+
+
+def _blocks(denoiser: nn.Module, schedule: CacheSchedule) -> list[nn.Module]:
+    modules = dict(denoiser.named_modules())
+    missing = [b for b in schedule.blocks if b not in modules]
+    if missing:
+        raise CacheScheduleError(f"the denoiser has no block(s) {missing[:3]} the cache schedule names")
+    return [modules[b] for b in schedule.blocks]
+
+
+def _foreign_stateful(modules: list[nn.Module]) -> list[str]:
+    names = []
+    for m in modules:
+        registry = getattr(m, "_diffusers_hook", None)
+        if isinstance(registry, HookRegistry):
+            names += [n for n, h in registry.hooks.items() if h._is_stateful and not n.startswith("diffkiln.")]
+    return names
+
+
+def apply_cache_schedule(denoiser: nn.Module, schedule: CacheSchedule, scheduler: Any = None) -> CacheRun:
+    """Hook ``schedule`` onto ``denoiser`` (see the module docstring).
+
+    Args:
+        denoiser: the denoiser the schedule was searched for (its blocks by name).
+        schedule: the frozen schedule.
+        scheduler: the pipeline's scheduler, to check each run's step count before it starts.
+
+    Returns:
+        The run state, whose counts the hooks update.
+
+    Raises:
+        CacheScheduleError: a block the schedule names is missing, a schedule is applied already,
+            or another cache is on the denoiser.
+    """
+    blocks = _blocks(denoiser, schedule)
+    registry = HookRegistry.check_if_exists_or_initialize(denoiser)
+    if registry.get_hook(DENOISER_HOOK) is not None:
+        raise CacheScheduleError("a cache schedule is applied to this denoiser already; remove it first")
+
+    def foreign_check() -> None:
+        if names := _foreign_stateful([denoiser, *blocks]):
+            raise CacheScheduleError(
+                f"another cache ({', '.join(sorted(set(names)))}) runs on top of diffkiln's frozen cache schedule; "
+                "remove it (e.g. disable_cache()), or load the bundle with cache=False to use your own"
+            )
+
+    foreign_check()
+    run = CacheRun(schedule, scheduler)
+    for i, block in enumerate(blocks):
+        HookRegistry.check_if_exists_or_initialize(block).register_hook(_BlockHook(run, i, block), BLOCK_HOOK)
+    registry.register_hook(_DenoiserHook(run, foreign_check), DENOISER_HOOK)
+    return run
+
+
+def remove_cache_schedule(denoiser: nn.Module) -> None:
+    """Remove the schedule's hooks from ``denoiser`` and its blocks (nothing happens without them)."""
+    registry = getattr(denoiser, "_diffusers_hook", None)
+    if isinstance(registry, HookRegistry):
+        registry.remove_hook(DENOISER_HOOK, recurse=False)
+        registry.remove_hook(BLOCK_HOOK, recurse=True)
+
+
+@contextmanager
+def cache_schedule_applied(denoiser: nn.Module, schedule: CacheSchedule, scheduler: Any = None) -> Iterator[CacheRun]:
+    """:func:`apply_cache_schedule` for the block; the hooks are removed on exit, normally or not."""
+    run = apply_cache_schedule(denoiser, schedule, scheduler)
+    try:
+        yield run
+    finally:
+        remove_cache_schedule(denoiser)

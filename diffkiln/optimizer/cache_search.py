@@ -1,0 +1,234 @@
+"""Search a cache schedule offline: which steps compute every block and which reuse, under a
+compute budget, by proxies first and by really sampling the calibration prompts last.
+
+1. **Proxies** (:mod:`diffkiln.calibrate.cache_stats`): for each candidate (reuse the whole output,
+   skip a residual range of a block list, reuse the deep blocks' outputs) the error of reusing step
+   ``j`` at step ``t``, ``D[j, t]``, measured on the FP run.
+2. **Dynamic programming** over steps, per candidate: with ``L`` blocks, a reusing step running
+   ``L - r`` of them and a budget ``b``, at most ``K = floor((b N L - N (L - r)) / r)`` steps compute;
+   choose them (step 0 always) to minimise the summed ``D[last computed, t]`` over reusing steps.
+3. **Validation**: the best schedules (the best few candidates by proxy, each mechanism's best, a
+   TaylorSeer-style extrapolating variant of the best, and the uniform interval) run the FP
+   pipeline on the calibration samples with their seeds; the schedule whose final outputs score
+   best against the uncached run (SSIM for images and frames) is kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from diffkiln.calibrate.cache_stats import CacheCandidate, CacheStats
+from diffkiln.calibrate.stats import CalibrationStats
+from diffkiln.core.cache_schedule import CacheMechanism, CacheSchedule
+from diffkiln.core.configs import config_to_dict
+from diffkiln.core.errors import InvalidInputError
+from diffkiln.core.layers import find_quantizable_layers, layer_kind
+from diffkiln.core.pipelines import find_denoiser
+from diffkiln.core.plan import LayerPlan, Plan
+from diffkiln.nn.cache import cache_schedule_applied
+from diffkiln.optimizer.registry import SearchContext, register_recipe
+from diffkiln.optimizer.workload import PipelineWorkload
+
+__all__ = ["CacheConfig", "dp_schedule", "full_steps_allowed", "plan_cache", "search_cache", "uniform_schedule"]
+
+_MECHANISMS = tuple(m.value for m in CacheMechanism)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The cache-schedule search.
+
+    Attributes:
+        budget: the compute fraction allowed: block evaluations over the uncached denoiser's, in
+            (0, 1] (0.5: half of them). Default 0.5.
+        mechanisms: which mechanisms to consider, among ``whole``, ``residual`` and ``deep``.
+            Default all three.
+        validate: how many of the best schedules by proxy to validate by sampling, besides each
+            mechanism's best, its extrapolating variant and the uniform interval. Default 3.
+        validate_samples: calibration samples (with their seeds) each validated schedule samples.
+            Default 4.
+        extrapolate: also validate the best schedule with first-order extrapolation from the last
+            two computed steps (TaylorSeer-style). Default True.
+    """
+
+    budget: float = 0.5
+    mechanisms: tuple[str, ...] = _MECHANISMS
+    validate: int = 3
+    validate_samples: int = 4
+    extrapolate: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.budget <= 1.0:
+            raise InvalidInputError(
+                f"the cache budget must be in (0, 1] (0.5: half the block evaluations), got {self.budget}"
+            )
+        bad = [m for m in self.mechanisms if m not in _MECHANISMS]
+        if bad or not self.mechanisms:
+            raise InvalidInputError(f"cache mechanisms must be some of {list(_MECHANISMS)}, got {self.mechanisms!r}")
+        if self.validate < 0 or self.validate_samples <= 0:
+            raise InvalidInputError("validate must be >= 0 and validate_samples > 0")
+
+
+def full_steps_allowed(n_steps: int, blocks: int, skipped: int, budget: float) -> int:
+    """The most computing steps a budget allows when reusing steps skip ``skipped`` of ``blocks``
+    (0 when even one computing step is over budget)."""
+    total = budget * n_steps * blocks + 1e-9
+    k = math.floor((total - n_steps * (blocks - skipped)) / skipped)
+    return max(0, min(n_steps, k))
+
+
+def dp_schedule(dist: torch.Tensor, k_max: int) -> tuple[tuple[bool, ...], float]:
+    """The computing steps (at most ``k_max``, step 0 first) minimising the summed proxy error
+    ``dist[last computed, t]`` of the reusing steps; returns (compute flags, proxy cost)."""
+    n = dist.shape[0]
+    d = dist.double().numpy()
+    cum = np.zeros((n, n + 1))  # cum[j, t] = sum_{s=j+1}^{t-1} d[j, s]
+    for j in range(n):
+        row = np.concatenate([[0.0], np.cumsum(d[j, j + 1 :])])
+        for t in range(j + 1, n + 1):
+            cum[j, t] = row[t - j - 1]
+    inf = float("inf")
+    best = np.full((k_max + 1, n), inf)
+    back = np.full((k_max + 1, n), -1, dtype=np.int64)
+    best[1, 0] = 0.0
+    for k in range(2, k_max + 1):
+        for t in range(1, n):
+            costs = best[k - 1, :t] + cum[np.arange(t), t]
+            j = int(np.argmin(costs))
+            best[k, t] = costs[j]
+            back[k, t] = j
+    final = best + cum[np.arange(n), n][None, :]
+    flat = int(np.argmin(final[1:]))
+    k, t = flat // n + 1, flat % n
+    cost = float(final[k, t])
+    chosen = []
+    while t >= 0 and k >= 1:
+        chosen.append(t)
+        t, k = int(back[k, t]), k - 1
+    return tuple(i in chosen for i in range(n)), cost
+
+
+def uniform_schedule(n_steps: int, k: int) -> tuple[bool, ...]:
+    """``k`` computing steps spread evenly from step 0 (reuse every other one at half)."""
+    picks = {round(i * n_steps / max(k, 1)) for i in range(k)}
+    return tuple(i in picks for i in range(n_steps))
+
+
+def _schedule(cache: CacheStats, cand: CacheCandidate, compute: tuple[bool, ...], budget: float,
+              extrapolate: bool = False) -> CacheSchedule:  # fmt: skip
+    blist = cache.layout.lists[cand.list_index] if cand.list_index >= 0 else None
+    return CacheSchedule(
+        mechanism=CacheMechanism(cand.mechanism),
+        blocks=cache.layout.blocks,
+        start=cand.start,
+        end=cand.end,
+        compute=compute,
+        calls_per_step=cache.calls_per_step,
+        streams=blist.streams if blist is not None else (),
+        output_arity=blist.output_arity if blist is not None else 0,
+        extrapolate=extrapolate,
+        budget=budget,
+    )
+
+
+def _proposals(cache: CacheStats, config: CacheConfig) -> list[tuple[str, CacheSchedule, float]]:
+    """(label, schedule, proxy cost) of every schedule to validate, best proxies first."""
+    blocks = len(cache.layout.blocks)
+    ranked: list[tuple[float, CacheCandidate, tuple[bool, ...]]] = []
+    for cand, dist in zip(cache.candidates, cache.distances, strict=True):
+        if cand.mechanism not in config.mechanisms:
+            continue
+        k = full_steps_allowed(cache.steps, blocks, cand.end - cand.start, config.budget)
+        if k < 1:
+            continue
+        compute, cost = dp_schedule(dist, k)
+        ranked.append((cost, cand, compute))
+    if not ranked:
+        raise InvalidInputError(
+            f"no cache mechanism fits a budget of {config.budget} on this denoiser ({blocks} blocks); raise "
+            "--cache-budget"
+        )
+    ranked.sort(key=lambda r: r[0])
+    picked = ranked[: config.validate]
+    for mech in config.mechanisms:
+        best = next((r for r in ranked if r[1].mechanism == mech), None)
+        if best is not None and best not in picked:
+            picked.append(best)
+    out = [(f"{c.name} (proxy)", _schedule(cache, c, comp, config.budget), cost) for cost, c, comp in picked]
+    if config.extrapolate:
+        cost, c, comp = ranked[0]
+        if c.mechanism != CacheMechanism.DEEP.value:
+            out.append((f"{c.name} extrapolated", _schedule(cache, c, comp, config.budget, True), cost))
+    whole = next((r for r in ranked if r[1].mechanism == CacheMechanism.WHOLE.value), None)
+    if whole is not None:
+        k = full_steps_allowed(cache.steps, blocks, blocks, config.budget)
+        uniform = _schedule(cache, whole[1], uniform_schedule(cache.steps, k), config.budget)
+        out.append(("whole uniform interval", uniform, float("nan")))
+    return out
+
+
+def search_cache(model: Any, stats: CalibrationStats, config: CacheConfig, context: SearchContext) -> CacheSchedule:
+    """Search a schedule for ``model``'s denoiser (see the module docstring).
+
+    Raises:
+        InvalidInputError: a bare module (the search samples the pipeline), statistics recorded
+            without ``cache_stats``, or a budget no mechanism fits.
+    """
+    if isinstance(model, torch.nn.Module):
+        raise InvalidInputError("the cache search samples the pipeline; pass a pipeline, not a bare module")
+    cache = stats.cache
+    if cache is None:
+        raise InvalidInputError("the calibration statistics hold no cache proxies; calibrate with cache_stats=True")
+    t0 = time.perf_counter()
+    proposals = _proposals(cache, config)
+    workload = PipelineWorkload(model, stats, config.validate_samples, replay_calls=1)
+    rows = []
+    best: tuple[float, CacheSchedule] | None = None
+    bar = tqdm(proposals, desc="validating cache schedules", unit="schedule", disable=not context.progress)
+    for label, schedule, proxy in bar:
+        with cache_schedule_applied(workload.denoiser, schedule, getattr(model, "scheduler", None)) as run:
+            score = float(np.mean(workload.scores(workload.final())))
+        rows.append({"schedule": label, "proxy": None if math.isnan(proxy) else round(proxy, 4),
+                     "score": round(score, 5), "compute_fraction": round(run.compute_fraction or 0.0, 4),
+                     "compute": "".join("C" if c else "r" for c in schedule.compute)})  # fmt: skip
+        if best is None or score > best[0]:
+            best = (score, schedule)
+    assert best is not None
+    search = {
+        "metric": workload.metric,
+        "validate_samples": workload.n,
+        "candidates_with_proxies": len(cache.candidates),
+        "validated": rows,
+        "layout": cache.layout.evidence,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    return dataclasses.replace(best[1], search=search)
+
+
+def plan_cache(model: Any, stats: CalibrationStats, config: CacheConfig, context: SearchContext) -> Plan:
+    """The ``cache`` recipe: every layer kept in floating point, and a searched cache schedule."""
+    denoiser = find_denoiser(model, stats.denoiser or None) if not isinstance(model, torch.nn.Module) else model
+    layers = []
+    for name, module in find_quantizable_layers(denoiser).items():
+        weight: torch.Tensor = module.weight  # type: ignore[assignment]
+        layers.append(LayerPlan(name, layer_kind(module) or "", None, None, (), "the cache recipe keeps float weights",
+                                weight.numel(), out_channels=int(weight.shape[0])))  # fmt: skip
+    return Plan(
+        recipe="cache",
+        source={"id": context.source_id, "weight_hash": stats.model_hash},
+        layers=tuple(layers),
+        notes={"recipe_config": config_to_dict(config), "calibration": stats.settings},
+        denoiser=stats.denoiser,
+        cache=search_cache(model, stats, config, context),
+    )
+
+
+register_recipe("cache", CacheConfig)(plan_cache)

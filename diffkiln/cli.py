@@ -101,12 +101,29 @@ def _cmd_report(a: argparse.Namespace) -> int:
     return 0
 
 
-def _optimize_config(a: argparse.Namespace, recipe: Any, out: Path) -> Any:
+def _cache_options(a: argparse.Namespace) -> dict[str, Any]:
+    """The cache options given, by CacheConfig field (``--cache-speedup X`` is a budget of 1/X)."""
+    out: dict[str, Any] = {}
+    if getattr(a, "cache_budget", None) is not None and getattr(a, "cache_speedup", None) is not None:
+        raise InvalidInputError("give --cache-budget or --cache-speedup, not both")
+    if getattr(a, "cache_budget", None) is not None:
+        out["budget"] = a.cache_budget
+    if getattr(a, "cache_speedup", None) is not None:
+        if a.cache_speedup < 1.0:
+            raise InvalidInputError(f"--cache-speedup must be >= 1, got {a.cache_speedup}")
+        out["budget"] = 1.0 / a.cache_speedup
+    if getattr(a, "cache_mechanisms", None) is not None:
+        out["mechanisms"] = a.cache_mechanisms
+    return out
+
+
+def _optimize_config(a: argparse.Namespace, recipe: Any, out: Path, cache: Any = None) -> Any:
     from diffkiln.api import FloatStorage, OptimizeConfig
 
     return OptimizeConfig(
         out=out,
         recipe=recipe,
+        cache=cache,
         calib_prompts=a.calib_prompts,
         calib_size=a.calib_size,
         steps=a.steps,
@@ -123,11 +140,25 @@ def _optimize_config(a: argparse.Namespace, recipe: Any, out: Path) -> Any:
 
 
 def _cmd_optimize(a: argparse.Namespace) -> int:
-    from diffkiln.api import SweepConfig, build_sweep, optimize
+    from diffkiln.api import CacheConfig, SweepConfig, build_cache_sweep, build_sweep, optimize
     from diffkiln.optimizer import recipe_config_from_options
 
-    recipe = recipe_config_from_options(a.recipe, _options(a, RECIPE_OPTIONS))
-    config = _optimize_config(a, recipe, a.out)
+    cache_options = _cache_options(a)
+    if a.recipe == "cache":
+        recipe = recipe_config_from_options(a.recipe, {**_options(a, RECIPE_OPTIONS), **cache_options})
+        cache = None
+    else:
+        recipe = recipe_config_from_options(a.recipe, _options(a, RECIPE_OPTIONS))
+        cache = CacheConfig(**cache_options) if cache_options else None
+    config = _optimize_config(a, recipe, a.out, cache)
+    if a.sweep_cache:
+        from diffkiln.report.sweep import evaluate_sweep, format_sweep_rows
+
+        build = build_cache_sweep(a.target, config, tuple(a.sweep_cache))
+        json_path, html_path = evaluate_sweep(build, a.sweep_eval_size, not a.no_progress)
+        print("\n".join(format_sweep_rows(json.loads(json_path.read_text()))))
+        print(f"wrote {json_path} and {html_path}")
+        return 0
     if a.sweep:
         from diffkiln.report.sweep import evaluate_sweep, format_sweep_rows
 

@@ -259,7 +259,9 @@ def _add_optimize(sub: Any) -> None:
         "folder works: pass its call arguments with --call-arg.",
     )
     o.add_argument("target", metavar="MODEL", help="built-in model name or diffusers folder")
-    o.add_argument("--recipe", default="w8a8", help="compression recipe: w8a8 (default) or mixed")
+    o.add_argument("--recipe", default="w8a8",
+                   help="compression recipe: w8a8 (default), mixed, or cache (float weights, a searched cache "
+                   "schedule)")  # fmt: skip
     _add_calibration_args(o)
     _add_layer_args(o)
     o.add_argument(
@@ -288,7 +290,9 @@ def _add_optimize(sub: Any) -> None:
     o.add_argument("--sweep", type=float_list, metavar="LIST",
                    help="mixed: build bundles at each average weight bits (e.g. 3,4,5,6,8) plus uniform W4A8 and W8A8 "
                    "references under --out, evaluate them and write sweep.json and sweep.html")  # fmt: skip
-    o.add_argument("--sweep-eval-size", type=positive_int, default=50, help="--sweep: prompts per set (default 50)")
+    o.add_argument("--sweep-eval-size", type=positive_int, default=50,
+                   help="--sweep / --sweep-cache: prompts per set (default 50)")  # fmt: skip
+    _add_cache_args(o)
     o.add_argument(
         "--target",
         dest="deploy_target",
@@ -385,6 +389,30 @@ def _add_export(sub: Any) -> None:
     e.add_argument("--ranks", type=positive_int, help="mindiesd: one description and weight file per rank (_0 .. _N-1)")
     e.add_argument("--overwrite", action="store_const", const=True, help="replace an existing DIR")
     e.add_argument("--no-progress", action="store_const", const=False, help="hide the progress bar")
+
+
+def _add_cache_args(o: argparse.ArgumentParser) -> None:
+    """The cache-schedule options: the cache recipe's own, or composed with w8a8 / mixed."""
+    o.add_argument("--cache-budget", type=float, metavar="FRACTION",
+                   help="search a cache schedule (which steps reuse the last computed step's blocks) that runs this "
+                   "fraction of the denoiser's block evaluations, e.g. 0.5; with --recipe cache alone (float weights) "
+                   "or composed with w8a8 / mixed")  # fmt: skip
+    o.add_argument(
+        "--cache-speedup",
+        type=float,
+        metavar="X",
+        help="the same as --cache-budget 1/X (2: half the block evaluations)",
+    )
+    o.add_argument(
+        "--cache-mechanisms",
+        type=lambda v: tuple(v.split(",")),
+        metavar="LIST",
+        help="mechanisms to search among: whole (reuse the denoiser output), residual (skip a range of a "
+        "block list, add back its residual), deep (reuse the deep blocks' outputs); default all",
+    )
+    o.add_argument("--sweep-cache", type=float_list, metavar="LIST",
+                   help="build one bundle per cache budget (e.g. 0.35,0.5,0.7) under --out, evaluate them against FP "
+                   "and write sweep.json and sweep.html (the Pareto front)")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

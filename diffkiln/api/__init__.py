@@ -21,15 +21,16 @@ from pathlib import Path
 from typing import Any
 
 from diffkiln.api.optimize import OptimizeConfig, Prepared, optimize, prepare, sensitivity
-from diffkiln.api.sweep import SweepBuild, SweepConfig, build_sweep
+from diffkiln.api.sweep import SweepBuild, SweepConfig, build_cache_sweep, build_sweep
 from diffkiln.calibrate import CalibrationConfig, CalibrationStats, calibrate
 from diffkiln.core.plan import Plan
 from diffkiln.export import ExportConfig, FloatStorage, convert_bundle, export_bundle
 from diffkiln.nn import apply_plan
-from diffkiln.optimizer import MixedConfig, SearchContext, W8A8Config, make_plan
+from diffkiln.optimizer import CacheConfig, MixedConfig, SearchContext, W8A8Config, make_plan
 from diffkiln.runtime import load, load_into, open_bundle
 
 __all__ = [
+    "CacheConfig",
     "CalibrationConfig",
     "CalibrationStats",
     "ExportConfig",
@@ -42,6 +43,7 @@ __all__ = [
     "SweepBuild",
     "SweepConfig",
     "W8A8Config",
+    "build_cache_sweep",
     "build_sweep",
     "calibrate",
     "convert",

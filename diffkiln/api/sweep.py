@@ -16,9 +16,19 @@ from diffkiln.api.optimize import OptimizeConfig, Prepared, prepare
 from diffkiln.core.errors import InvalidInputError
 from diffkiln.core.plan import Plan
 from diffkiln.export import ExportConfig, export_bundle
-from diffkiln.optimizer import MixedConfig, WeightBudget, mixed_sensitivity, plan_w8a8, search_mixed, uniform_plan
+from diffkiln.optimizer import (
+    CacheConfig,
+    MixedConfig,
+    WeightBudget,
+    make_plan,
+    mixed_sensitivity,
+    plan_w8a8,
+    search_cache,
+    search_mixed,
+    uniform_plan,
+)
 
-__all__ = ["SweepBuild", "SweepConfig", "build_sweep"]
+__all__ = ["SweepBuild", "SweepConfig", "build_cache_sweep", "build_sweep"]
 
 
 @dataclass(frozen=True)
@@ -100,3 +110,38 @@ def build_sweep(target: str | os.PathLike[str], config: OptimizeConfig, sweep: S
         bundles[name] = export_bundle(prep.pipe, plan, prep.stats, export_cfg)
     layers: list[Any] = [lp.name for lp in next(iter(plans.values())).layers]
     return SweepBuild(prep, bundles, layers)
+
+
+def build_cache_sweep(target: str | os.PathLike[str], config: OptimizeConfig, budgets: tuple[float, ...]) -> SweepBuild:
+    """Build one bundle per cache budget (``cache-0.5`` ...) under ``config.out``, from one
+    calibration: the recipe's plan (FP weights for the cache recipe) with a schedule searched at
+    each budget, plus the recipe's bundle without a cache (``uncached``) unless the recipe is the
+    cache recipe (FP is then the uncached reference).
+
+    Raises:
+        InvalidInputError: a budget outside (0, 1], or one no mechanism fits.
+    """
+    if not budgets or any(not 0.0 < b <= 1.0 for b in budgets):
+        raise InvalidInputError(f"--sweep-cache budgets must be compute fractions in (0, 1], got {budgets}")
+    base_cache = config.cache or (config.recipe if isinstance(config.recipe, CacheConfig) else CacheConfig())
+    if config.cache is None and not isinstance(config.recipe, CacheConfig):
+        config = dataclasses.replace(config, cache=base_cache)
+    prep = prepare(target, config)
+    context = prep.context(config)
+    plans: dict[str, Plan] = {}
+    for budget in budgets:
+        cache_cfg = dataclasses.replace(base_cache, budget=float(budget))
+        if isinstance(config.recipe, CacheConfig):
+            plans[f"cache-{budget:g}"] = make_plan(prep.pipe, prep.stats, cache_cfg, context)
+        else:
+            base = plans.get("uncached") or make_plan(prep.pipe, prep.stats, config.resolved_recipe(), context)
+            plans["uncached"] = base
+            schedule = search_cache(prep.pipe, prep.stats, cache_cfg, context)
+            plans[f"cache-{budget:g}"] = dataclasses.replace(base, cache=schedule)
+    out = Path(config.out)
+    storage = config.resolved_float_storage()
+    bundles: dict[str, Path] = {}
+    for name, plan in plans.items():
+        export_cfg = ExportConfig(out / name, overwrite=config.overwrite, float_storage=storage)
+        bundles[name] = export_bundle(prep.pipe, plan, prep.stats, export_cfg)
+    return SweepBuild(prep, bundles, [lp.name for lp in next(iter(plans.values())).layers])

@@ -17,10 +17,12 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
+from diffkiln.core.errors import InvalidInputError
+
 __all__ = ["CacheMechanism", "CacheSchedule", "CacheScheduleError", "Stream"]
 
 
-class CacheScheduleError(ValueError):
+class CacheScheduleError(InvalidInputError):
     """A schedule is malformed, or does not fit the call it is applied to; the message says how."""
 
 
@@ -146,12 +148,12 @@ class CacheSchedule:
                 if not isinstance(d.get(key, 0), int) or isinstance(d.get(key, 0), bool):
                     raise CacheScheduleError(f"cache schedule field {key!r} must be an integer")
             blocks, compute = d["blocks"], d["compute"]
-            if not isinstance(blocks, list) or not all(isinstance(b, str) for b in blocks):
+            if not isinstance(blocks, (list, tuple)) or not all(isinstance(b, str) for b in blocks):
                 raise CacheScheduleError("cache schedule field 'blocks' must be a list of module names")
-            if not isinstance(compute, list) or not all(isinstance(c, bool) for c in compute):
+            if not isinstance(compute, (list, tuple)) or not all(isinstance(c, bool) for c in compute):
                 raise CacheScheduleError("cache schedule field 'compute' must be a list of booleans")
             streams = d.get("streams", [])
-            if not isinstance(streams, list) or not all(
+            if not isinstance(streams, (list, tuple)) or not all(
                 isinstance(s, dict) and isinstance(s.get("output_index"), int) and isinstance(s.get("argument"), str)
                 for s in streams
             ):

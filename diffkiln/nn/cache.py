@@ -8,11 +8,12 @@ the denoiser and ``diffkiln.cache.block`` on each of the schedule's blocks, and 
 
 Steps are counted per *branch*: per diffusers cache context when the pipeline names its CFG calls
 (``with transformer.cache_context("cond")``), else per position in a step's ``calls_per_step``
-calls. A branch's count resets after its last step, and when diffusers resets stateful hooks at the
-end of a pipeline call. At a branch's first call the step count is checked against the pipeline's
-scheduler (``len(scheduler.timesteps)``): another count raises :class:`CacheScheduleError` before
-anything runs, naming the count the schedule is for. Another stateful (cache) hook on the denoiser
-or its blocks raises too.
+calls. With a pipeline's scheduler, a branch's count resets after its last step (and when diffusers
+resets stateful hooks at the end of a pipeline call), and at a branch's first call the step count is
+checked against the scheduler's (``len(scheduler.timesteps)``): another count raises
+:class:`CacheScheduleError` before anything runs, naming the count the schedule is for. Without a
+scheduler (a bare module), the caller resets the run before each sampling run; a call past the
+schedule's last step raises. Another stateful (cache) hook on the denoiser or its blocks raises too.
 """
 
 from __future__ import annotations
@@ -139,8 +140,9 @@ class _DenoiserHook(_Skipping):
             _check_steps(schedule, run.scheduler)
         if step >= schedule.steps:
             raise CacheScheduleError(
-                f"the denoiser ran a step past the {schedule.steps} its cache schedule is for; call the pipeline "
-                f"with num_inference_steps={schedule.steps} or rebuild the bundle for your step count"
+                f"the denoiser ran a step past the {schedule.steps} its cache schedule is for; run "
+                f"{schedule.steps} steps, and call reset() on the CacheRun before each new sampling run of a bare "
+                "module (a pipeline's scheduler lets the hooks see where a run starts)"
             )
         compute = schedule.compute[step]
         run.current = (branch, step, compute)
@@ -158,7 +160,7 @@ class _DenoiserHook(_Skipping):
             return out
         finally:
             run.current = None
-            if counter.calls == schedule.steps * cps:
+            if run.scheduler is not None and counter.calls == schedule.steps * cps:
                 for key in [k for k in run.branches if k[0] == self.context.name]:
                     del run.branches[key]
 

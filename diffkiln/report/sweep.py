@@ -29,6 +29,12 @@ __all__ = ["evaluate_sweep", "format_sweep_rows"]
 _BIT_COLORS = {2: "#d7301f", 4: "#fc8d59", 7: "#91cf60", 8: "#1a9850", 16: "#bbbbbb"}
 
 
+def _measured_fraction(pipe: Any) -> float | None:
+    """The block evaluations the cache hooks counted over the uncached denoiser's, or None."""
+    run = getattr(pipe, "diffkiln_cache", None)
+    return round(run.compute_fraction, 4) if run is not None and run.compute_fraction is not None else None
+
+
 def evaluate_sweep(build: SweepBuild, eval_size: int = 50, progress: bool = True) -> tuple[Path, Path]:
     """Measure every bundle of a sweep against FP on the same samples and seeds, and write
     ``sweep.json`` and ``sweep.html`` into the sweep's folder.
@@ -74,6 +80,7 @@ def evaluate_sweep(build: SweepBuild, eval_size: int = 50, progress: bool = True
             "resident_bytes": resident_bytes(denoiser),
             "resident_ratio_vs_fp16": resident_bytes(denoiser) / fp16,
             "ms_per_step": result.extras["denoiser_ms_per_step"],
+            "cache_compute_fraction": _measured_fraction(pipe),
             "bits": {n: info["bits"] for n, info in manifest["quant"]["layers"].items()},
         }
         if judge_kind is JudgeKind.SHAPES:
@@ -101,6 +108,7 @@ def format_sweep_rows(data: dict[str, Any]) -> list[str]:
         lines.append(
             f"{row['name']:<22} avg W bits {row['avg_weight_bits']:5.2f}  content acc {fmt(acc)}  "
             f"latent SQNR {fmt(sqnr)} dB  stored/FP16 {fmt(row.get('size_ratio_vs_fp16'))}"
+            + (f"  compute {fmt(row['cache_compute_fraction'])}" if row.get("cache_compute_fraction") else "")
         )
     return lines
 

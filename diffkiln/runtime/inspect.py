@@ -79,6 +79,24 @@ def summarize(bundle: str | os.PathLike[str]) -> dict[str, Any]:
         "bos": manifest["bos"],
         "fp_layers": _fp_layers(manifest),
         "build_metrics": manifest.get("build_metrics", {}),
+        "cache": _cache_summary(manifest.get("cache") or {}),
+    }
+
+
+def _cache_summary(cache: dict[str, Any]) -> dict[str, Any] | None:
+    """The cache schedule in brief: mechanism, reused blocks, per-step decisions, planned fraction."""
+    if not cache:
+        return None
+    from diffkiln.core.cache_schedule import CacheSchedule
+
+    schedule = CacheSchedule.from_dict(cache)
+    return {
+        "mechanism": schedule.mechanism.value,
+        "reused_blocks": list(schedule.blocks[schedule.start : schedule.end]),
+        "steps": schedule.steps,
+        "schedule": "".join("C" if c else "r" for c in schedule.compute),
+        "extrapolate": schedule.extrapolate,
+        "compute_fraction": round(schedule.compute_fraction, 4),
     }
 
 
@@ -118,5 +136,13 @@ def format_summary(summary: dict[str, Any], bundle: str | os.PathLike[str]) -> l
     lines.append(f"bos      positions {bos['positions']}{bos_values}")
     for name, info in summary["fp_layers"].items():
         lines.append(f"fp       {name}: {info['reason']}")
+    if cache := summary.get("cache"):
+        reused = cache["reused_blocks"]
+        span = f"{reused[0]}..{reused[-1]}" if len(reused) > 1 else reused[0]
+        lines.append(
+            f"cache    {cache['mechanism']} over {span}, {cache['steps']} steps {cache['schedule']} (C computes, r "
+            f"reuses{', extrapolated' if cache['extrapolate'] else ''}); compute fraction "
+            f"{cache['compute_fraction']:.3f}"
+        )
     lines.append(f"build    {json.dumps(summary['build_metrics'])}")
     return lines

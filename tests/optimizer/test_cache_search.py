@@ -1,0 +1,100 @@
+"""The cache-schedule search: the dynamic programme against brute force, budgets, validation."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from diffkiln.calibrate import CalibrationConfig, calibrate
+from diffkiln.core.errors import InvalidInputError
+from diffkiln.generation import load_pipeline
+from diffkiln.nn.cache import cache_schedule_applied
+from diffkiln.optimizer import CacheConfig, SearchContext, search_cache
+from diffkiln.optimizer.cache_search import dp_schedule, full_steps_allowed, uniform_schedule
+from tests.runtime_e2e_helpers import CACHE, PROMPTS
+
+
+def _brute_force(d: torch.Tensor, k_max: int) -> float:
+    n = d.shape[0]
+    best = float("inf")
+    for k in range(1, k_max + 1):
+        for rest in itertools.combinations(range(1, n), k - 1):
+            computed, last, cost = {0, *rest}, 0, 0.0
+            for t in range(n):
+                if t in computed:
+                    last = t
+                else:
+                    cost += float(d[last, t])
+            best = min(best, cost)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_dp_finds_the_brute_force_optimum(seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    n = 7
+    d = torch.rand(n, n, generator=gen)
+    k = 1 + seed % n
+    compute, cost = dp_schedule(d, k)
+    assert compute[0] and sum(compute) <= k
+    assert cost == pytest.approx(_brute_force(d, k))
+    last, recomputed = 0, 0.0
+    for t in range(n):  # the flags it returns cost what it says
+        last, recomputed = (t, recomputed) if compute[t] else (last, recomputed + float(d[last, t]))
+    assert recomputed == pytest.approx(cost)
+
+
+def test_budget_arithmetic() -> None:
+    assert full_steps_allowed(20, 4, 4, 0.5) == 10  # whole: half the steps
+    assert full_steps_allowed(20, 7, 5, 0.5) == 6  # DeepCache on a 7-block UNet: 6 full, 14 shallow
+    assert full_steps_allowed(20, 4, 1, 0.5) == 0  # skipping one block of four cannot reach half
+    assert full_steps_allowed(20, 4, 4, 1.0) == 20
+    assert uniform_schedule(10, 5) == (True, False) * 5
+
+
+@pytest.mark.parametrize("budget", [0.0, -0.1, 1.01])
+def test_bad_budgets_are_refused(budget: float) -> None:
+    with pytest.raises(InvalidInputError, match=r"budget must be in \(0, 1\]"):
+        CacheConfig(budget=budget)
+
+
+def test_unknown_mechanism_is_refused() -> None:
+    with pytest.raises(InvalidInputError, match="mechanisms must be some of"):
+        CacheConfig(mechanisms=("teacache",))
+
+
+@pytest.fixture(scope="module")
+def dit() -> tuple[object, object]:
+    pipe = load_pipeline("shapes-dit")
+    stats = calibrate(pipe, CalibrationConfig(PROMPTS[:4], steps=10, batch_size=4, cache_dir=CACHE, progress=False,
+                                              cache_stats=True))  # fmt: skip
+    return pipe, stats
+
+
+@pytest.mark.parametrize("budget", [0.35, 0.5, 0.7])
+def test_search_keeps_the_best_measured_schedule_within_budget(dit, budget: float) -> None:
+    pipe, stats = dit
+    schedule = search_cache(pipe, stats, CacheConfig(budget=budget, validate_samples=2),
+                            SearchContext(progress=False))  # fmt: skip
+    assert schedule.compute_fraction <= budget + 1e-9 and schedule.steps == 10
+    rows = schedule.search["validated"]
+    assert any(r["schedule"] == "whole uniform interval" for r in rows)
+    assert max(r["score"] for r in rows) == pytest.approx(
+        next(
+            r["score"]
+            for r in rows
+            if r["compute"] == "".join("C" if c else "r" for c in schedule.compute)
+            and r["compute_fraction"] == pytest.approx(schedule.compute_fraction, abs=1e-3)
+        )  # fmt: skip
+    )
+    with cache_schedule_applied(pipe.transformer, schedule, pipe.scheduler) as run:
+        pipe("a red circle", num_inference_steps=10, output_type="latent", generator=torch.Generator().manual_seed(0))
+    assert run.compute_fraction == pytest.approx(schedule.compute_fraction)
+
+
+def test_a_budget_no_mechanism_fits_is_refused(dit) -> None:
+    pipe, stats = dit
+    with pytest.raises(InvalidInputError, match="no cache mechanism fits a budget of 0.5"):
+        search_cache(pipe, stats, CacheConfig(budget=0.5, mechanisms=("deep",)), SearchContext(progress=False))

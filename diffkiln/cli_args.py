@@ -8,12 +8,20 @@ from exactly the options the user gave, and an option that does not apply is an 
 from __future__ import annotations
 
 import argparse
-import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from diffkiln import __version__
+from diffkiln.cli_values import (
+    bounded,
+    call_arg,
+    float_list,
+    int_list,
+    non_negative_float,
+    non_negative_int,
+    parse_call_args,
+    positive_int,
+)
 
 __all__ = ["FORMAT_OPTIONS", "RECIPE_OPTIONS", "build_parser", "parse_call_args"]
 
@@ -75,81 +83,12 @@ FORMAT_OPTIONS: dict[str, str] = {
 """Parsed option (argparse dest) -> export format config field (flags that negate are inverted)."""
 
 
-def _bounded(cast: Callable[[str], Any], lower: float, strict: bool, what: str) -> Callable[[str], Any]:
-    """An argparse type: ``cast`` the text and require it above (``strict``) or at least ``lower``."""
-
-    def parse(text: str) -> Any:
-        try:
-            value = cast(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
-        if value < lower or (strict and value == lower):
-            raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
-        return value
-
-    return parse
-
-
-positive_int = _bounded(int, 0, True, "a positive integer")
-non_negative_int = _bounded(int, 0, False, "a non-negative integer")
-non_negative_float = _bounded(float, 0.0, False, "a number >= 0")
-
-
-def _number_list(cast: Callable[[str], Any], example: str) -> Callable[[str], tuple[Any, ...]]:
-    def parse(text: str) -> tuple[Any, ...]:
-        try:
-            values = tuple(cast(v) for v in text.split(",") if v.strip())
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be comma-separated numbers, e.g. {example}; got {text!r}") from None
-        if not values:
-            raise argparse.ArgumentTypeError("needs at least one value")
-        return values
-
-    return parse
-
-
-int_list = _number_list(int, "2,4,8,16")
-float_list = _number_list(float, "3,4,5,6,8")
-
-
-def _call_arg(text: str) -> tuple[str, Any]:
-    key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
-        raise argparse.ArgumentTypeError(f"must be KEY=VALUE (e.g. num_frames=9), got {text!r}")
-    try:
-        value = json.loads(raw)
-    except ValueError:
-        value = raw  # a plain string (e.g. a scheduler mode)
-    return key.strip(), value
-
-
-def parse_call_args(pairs: list[tuple[str, Any]], path: Path | None) -> tuple[tuple[str, Any], ...]:
-    """The pipeline-call arguments of ``--call-args FILE.json`` then ``--call-arg KEY=VALUE`` (which win).
-
-    Raises:
-        ValueError: the file is missing, not JSON, or not a JSON object.
-    """
-    merged: dict[str, Any] = {}
-    if path is not None:
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ValueError(f"--call-args: {path} does not exist") from None
-        except ValueError as exc:
-            raise ValueError(f"--call-args: {path} is not JSON ({exc})") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"--call-args: {path} must hold a JSON object of argument names and values")
-        merged.update(data)
-    merged.update(dict(pairs))
-    return tuple(merged.items())
-
-
 def _add_call_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--call-arg",
         action="append",
         default=[],
-        type=_call_arg,
+        type=call_arg,
         metavar="KEY=VALUE",
         help="a pipeline-call argument for every call, e.g. num_frames=9, height=64, max_sequence_length=64, "
         "audio_end_in_s=2.0 (VALUE is JSON, else text; repeatable)",
@@ -242,7 +181,7 @@ def _add_mixed_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sensitivity-prompts", type=positive_int, help="mixed: samples each sensitivity trial runs (4)")
     p.add_argument("--select-prompts", type=positive_int, help="mixed: samples per candidate plan (32)")
     p.add_argument("--workers", type=positive_int, help="mixed: processes for the sensitivity trials (default 1)")
-    p.add_argument("--latency-budget", type=_bounded(float, 0.0, True, "a positive number of milliseconds"),
+    p.add_argument("--latency-budget", type=bounded(float, 0.0, True, "a positive number of milliseconds"),
                    metavar="MS", help="mixed: bound the summed per-call latency of the searched layers, from a "
                    "table measured per layer on this machine's CPU")  # fmt: skip
 

@@ -33,7 +33,7 @@ ALLOWED: dict[str, set[str]] = {
     "cli": {"core", "kernels", "nn", "calibrate", "optimizer", "export", "runtime", "zoo", "api", "report"},
 }
 # Top-level modules and the part they belong to.
-TOP_LEVEL = {"__init__": "api", "api": "api", "generation": "api", "cli": "cli", "cli_args": "cli"}
+TOP_LEVEL = {"__init__": "api", "api": "api", "generation": "api", "cli": "cli", "cli_args": "cli", "cli_values": "cli"}
 
 
 def _part(module: str) -> str | None:

@@ -120,7 +120,7 @@ def test_another_cache_on_top_is_refused() -> None:
     apply_cache_schedule(denoiser, schedule, pipe.scheduler)
     try:
         denoiser.enable_cache(FirstBlockCacheConfig(threshold=0.2))
-        with pytest.raises(CacheScheduleError, match="another cache .*fbc.* runs on top"):
+        with pytest.raises(CacheScheduleError, match=r"another cache .*fbc.* runs on top"):
             _run(pipe, "tiny-wan")
         denoiser.disable_cache()
         _run(pipe, "tiny-wan")

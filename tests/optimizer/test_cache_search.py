@@ -81,14 +81,9 @@ def test_search_keeps_the_best_measured_schedule_within_budget(dit, budget: floa
     assert schedule.compute_fraction <= budget + 1e-9 and schedule.steps == 10
     rows = schedule.search["validated"]
     assert any(r["schedule"] == "whole uniform interval" for r in rows)
-    assert max(r["score"] for r in rows) == pytest.approx(
-        next(
-            r["score"]
-            for r in rows
-            if r["compute"] == "".join("C" if c else "r" for c in schedule.compute)
-            and r["compute_fraction"] == pytest.approx(schedule.compute_fraction, abs=1e-3)
-        )  # fmt: skip
-    )
+    flags = "".join("C" if c else "r" for c in schedule.compute)
+    chosen = [r["score"] for r in rows if r["compute"] == flags]
+    assert chosen and max(chosen) == max(r["score"] for r in rows)  # the best measured one is kept
     with cache_schedule_applied(pipe.transformer, schedule, pipe.scheduler) as run:
         pipe("a red circle", num_inference_steps=10, output_type="latent", generator=torch.Generator().manual_seed(0))
     assert run.compute_fraction == pytest.approx(schedule.compute_fraction)
@@ -96,5 +91,5 @@ def test_search_keeps_the_best_measured_schedule_within_budget(dit, budget: floa
 
 def test_a_budget_no_mechanism_fits_is_refused(dit) -> None:
     pipe, stats = dit
-    with pytest.raises(InvalidInputError, match="no cache mechanism fits a budget of 0.5"):
+    with pytest.raises(InvalidInputError, match=r"no cache mechanism fits a budget of 0\.5"):
         search_cache(pipe, stats, CacheConfig(budget=0.5, mechanisms=("deep",)), SearchContext(progress=False))

@@ -193,8 +193,13 @@ def build_report(target: str | os.PathLike[str] | ResolvedTarget, config: Report
     t0 = time.perf_counter()
     pipe = load_pipeline(resolved, config.device)
     config = replace(config, call_kwargs=(*_bundle_call_kwargs(pipe), *config.call_kwargs))
+    cache_run = getattr(pipe, "diffkiln_cache", None)
+    if cache_run is not None and config.steps is None:
+        config = replace(config, steps=cache_run.schedule.steps)  # a frozen schedule is for its step count
+    before = (cache_run.evaluated, cache_run.uncached) if cache_run is not None else (0, 0)
     result = generate(pipe, prompts, config.generate_config(), resolved, measure=resolved.bundle,
                       samples=None if config.eval_prompts else config.eval_size)  # fmt: skip
+    counts = (cache_run.evaluated - before[0], cache_run.uncached - before[1]) if cache_run is not None else None
     judged = judge_all(result, judge_kind)
     data: dict[str, Any] = {
         "report_version": REPORT_VERSION,
@@ -224,7 +229,7 @@ def build_report(target: str | os.PathLike[str] | ResolvedTarget, config: Report
     rep.audio = list(zip(result.prompts, result.audios or [], strict=False))
     if resolved.bundle:
         base_result, rep.baseline_images, data["per_layer_sqnr_db"] = _compare_with_baseline(
-            pipe, resolved, result, config, judge_kind, data
+            pipe, resolved, result, config, judge_kind, data, counts
         )
         rep.baseline_audio = list(zip(base_result.prompts, base_result.audios or [], strict=False))
     data["timing"]["total_seconds"] = round(time.perf_counter() - t0, 3)
@@ -250,8 +255,10 @@ def _compare_with_baseline(
     config: ReportConfig,
     judge_kind: JudgeKind,
     data: dict[str, Any],
+    cache_counts: tuple[int, int] | None = None,
 ) -> tuple[Any, list[JudgedImage], dict[str, float]]:
-    """Run the FP baseline on the same inputs and seeds; fill baseline, fidelity, size, latency, memory.
+    """Run the FP baseline on the same inputs and seeds; fill baseline, fidelity, size, latency, memory
+    (and, for a bundle with a cache schedule whose hooks counted ``cache_counts``, the cache section).
 
     Returns:
         (the baseline's generation, its judged images, the per-layer SQNR chart's values).
@@ -299,6 +306,15 @@ def _compare_with_baseline(
         "simulated": manifest["quant"].get("simulated", False),
     }
     data["bos"] = manifest["bos"]
+    if cache_counts is not None:
+        from diffkiln.report.cache import cache_section
+
+        def judged_quality(generation: Any) -> dict[str, Any] | None:
+            return quality(judge_all(generation, judge_kind)) if judge_kind is JudgeKind.SHAPES else None
+
+        data["cache"] = cache_section(pipe, resolved, result, base_result, gen_cfg, cache_counts, judged_quality)
+        data["cache"]["fidelity_vs_fp"] = data["fidelity"]
+        data["cache"]["quality_cached"] = data.get("quality")
     call = _one_call(base, result, gen_cfg, base_target)
     layer_sqnr = per_layer_sqnr(base, pipe, call, manifest["pipeline"]["denoiser"])
     if config.bos_comparison and manifest["bos"].get("positions"):

@@ -172,6 +172,10 @@ def _bundle_sections(rep: Report) -> list[str]:
         out.append(_table([header, *cmp_rows]))
     elif cmp.get("skipped"):
         out.append(f"<p>BOS comparison skipped: {html.escape(cmp['skipped'])}</p>")
+    if d.get("cache"):
+        from diffkiln.report.cache import cache_html
+
+        out += cache_html(d["cache"], _fmt, _table)
     out.append("<h2>Per-layer SQNR (isolated: each layer fed its FP input, middle step)</h2>")
     out.append(bar_chart(d.get("per_layer_sqnr_db", {}), "dB", good=20.0))
     if rep.baseline_audio:

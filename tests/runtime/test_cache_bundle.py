@@ -112,3 +112,20 @@ def test_cli_builds_cache_bundles_and_refuses_bad_options(tmp_path: Path, capsys
     argv = ["optimize", "shapes-dit", "--cache-budget", "0.5", "--cache-speedup", "2", "--out", str(tmp_path / "c2")]
     assert main([*argv, *common]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+def test_report_counts_the_schedule_and_compares_with_the_uncached_bundle(bundles, tmp_path: Path) -> None:
+    from diffkiln.report.evaluate import ReportConfig, report
+
+    json_path, html_path = report(str(bundles["w8a8"]), ReportConfig(eval_size=2, progress=False, batch_size=6),
+                                  tmp_path / "r")  # fmt: skip
+    data = json.loads(json_path.read_text())
+    cache = data["cache"]
+    schedule = CacheSchedule.from_dict(json.loads((bundles["w8a8"] / "manifest.json").read_text())["cache"])
+    assert data["settings"]["steps"] == STEPS  # the schedule's step count, not the model's default
+    assert cache["compute_fraction"] == pytest.approx(schedule.compute_fraction)  # counted by the hooks
+    assert cache["schedule"] == "".join("C" if c else "r" for c in schedule.compute)
+    assert cache["uncached"]["fidelity_vs_fp"]["latent_sqnr_db"] > cache["fidelity_vs_fp"]["latent_sqnr_db"]
+    assert set(cache["uncached"]["quality"]) >= {"content_accuracy", "content_accuracy_pairs"}
+    page = html_path.read_text()
+    assert "Cache schedule" in page and "<svg" in page

@@ -114,6 +114,8 @@ def _cache_options(a: argparse.Namespace) -> dict[str, Any]:
         out["budget"] = 1.0 / a.cache_speedup
     if getattr(a, "cache_mechanisms", None) is not None:
         out["mechanisms"] = a.cache_mechanisms
+    if getattr(a, "cache_periodic", None):
+        out["periodic"] = True
     return out
 
 

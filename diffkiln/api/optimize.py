@@ -208,7 +208,8 @@ def optimize(target: str | os.PathLike[str], config: OptimizeConfig) -> Path:
     t0 = time.perf_counter()
     plan = make_plan(prep.pipe, prep.stats, config.resolved_recipe(), prep.context(config))
     if config.cache is not None:
-        plan = dataclasses.replace(plan, cache=search_cache(prep.pipe, prep.stats, config.cache, prep.context(config)))
+        cache = for_target(config.cache, config.deploy_target)
+        plan = dataclasses.replace(plan, cache=search_cache(prep.pipe, prep.stats, cache, prep.context(config)))
     metrics = {
         **prep.metrics,
         "deploy_target": config.deploy_target,

@@ -9,8 +9,10 @@ compute budget, by proxies first and by really sampling the calibration prompts 
    choose them (step 0 always) to minimise the summed ``D[last computed, t]`` over reusing steps.
 3. **Validation**: the best schedules (the best few candidates by proxy, each mechanism's best, a
    TaylorSeer-style extrapolating variant of the best, and the uniform interval) run the FP
-   pipeline on the calibration samples with their seeds; the schedule whose final outputs score
-   best against the uncached run (SSIM for images and frames) is kept.
+   pipeline on the calibration samples with their seeds, scored by the final latent's SQNR against
+   the uncached run (:mod:`diffkiln.optimizer.cache_validate`).
+4. **Local search** from the best one: one computing step moved at a time, kept when the measured
+   score improves.
 """
 
 from __future__ import annotations
@@ -33,9 +35,8 @@ from diffkiln.core.errors import InvalidInputError
 from diffkiln.core.layers import find_quantizable_layers, layer_kind
 from diffkiln.core.pipelines import find_denoiser
 from diffkiln.core.plan import LayerPlan, Plan
-from diffkiln.nn.cache import cache_schedule_applied
+from diffkiln.optimizer.cache_validate import LatentRun, refine
 from diffkiln.optimizer.registry import SearchContext, register_recipe
-from diffkiln.optimizer.workload import PipelineWorkload
 
 __all__ = ["CacheConfig", "dp_schedule", "full_steps_allowed", "plan_cache", "search_cache", "uniform_schedule"]
 
@@ -54,16 +55,23 @@ class CacheConfig:
         validate: how many of the best schedules by proxy to validate by sampling, besides each
             mechanism's best, its extrapolating variant and the uniform interval. Default 3.
         validate_samples: calibration samples (with their seeds) each validated schedule samples.
-            Default 4.
+            Default 8.
         extrapolate: also validate the best schedule with first-order extrapolation from the last
             two computed steps (TaylorSeer-style). Default True.
+        refine: measured moves of single computing steps tried from the best validated schedule
+            (:func:`diffkiln.optimizer.cache_validate.refine`); 0 disables. Default 40.
+        periodic: only schedules that compute every step before a start step and every k-th step
+            after it (the form MindIE-SD's ``CacheConfig`` takes: step_start, step_interval). Default
+            False (any set of steps).
     """
 
     budget: float = 0.5
     mechanisms: tuple[str, ...] = _MECHANISMS
     validate: int = 3
-    validate_samples: int = 4
+    validate_samples: int = 8
     extrapolate: bool = True
+    refine: int = 40
+    periodic: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 < self.budget <= 1.0:
@@ -73,8 +81,8 @@ class CacheConfig:
         bad = [m for m in self.mechanisms if m not in _MECHANISMS]
         if bad or not self.mechanisms:
             raise InvalidInputError(f"cache mechanisms must be some of {list(_MECHANISMS)}, got {self.mechanisms!r}")
-        if self.validate < 0 or self.validate_samples <= 0:
-            raise InvalidInputError("validate must be >= 0 and validate_samples > 0")
+        if self.validate < 0 or self.validate_samples <= 0 or self.refine < 0:
+            raise InvalidInputError("validate and refine must be >= 0, and validate_samples > 0")
 
 
 def full_steps_allowed(n_steps: int, blocks: int, skipped: int, budget: float) -> int:
@@ -116,6 +124,24 @@ def dp_schedule(dist: torch.Tensor, k_max: int) -> tuple[tuple[bool, ...], float
     return tuple(i in chosen for i in range(n)), cost
 
 
+def periodic_schedule(dist: torch.Tensor, k_max: int) -> tuple[tuple[bool, ...], float] | None:
+    """The best schedule of the form ``t < start or (t - start) % interval == 0`` with at most
+    ``k_max`` computing steps, by the summed proxy error; None when none fits."""
+    n = dist.shape[0]
+    best: tuple[tuple[bool, ...], float] | None = None
+    for start in range(n + 1):
+        for interval in range(2, n + 1):
+            compute = tuple(t < start or (t - start) % interval == 0 for t in range(n))
+            if sum(compute) > k_max:
+                continue
+            last, cost = 0, 0.0
+            for t in range(n):
+                last, cost = (t, cost) if compute[t] else (last, cost + float(dist[last, t]))
+            if best is None or cost < best[1]:
+                best = (compute, cost)
+    return best
+
+
 def uniform_schedule(n_steps: int, k: int) -> tuple[bool, ...]:
     """``k`` computing steps spread evenly from step 0 (reuse every other one at half)."""
     picks = {round(i * n_steps / max(k, 1)) for i in range(k)}
@@ -149,8 +175,9 @@ def _proposals(cache: CacheStats, config: CacheConfig) -> list[tuple[str, CacheS
         k = full_steps_allowed(cache.steps, blocks, cand.end - cand.start, config.budget)
         if k < 1:
             continue
-        compute, cost = dp_schedule(dist, k)
-        ranked.append((cost, cand, compute))
+        found = periodic_schedule(dist, k) if config.periodic else dp_schedule(dist, k)
+        if found is not None:
+            ranked.append((found[1], cand, found[0]))
     if not ranked:
         raise InvalidInputError(
             f"no cache mechanism fits a budget of {config.budget} on this denoiser ({blocks} blocks); raise "
@@ -163,12 +190,12 @@ def _proposals(cache: CacheStats, config: CacheConfig) -> list[tuple[str, CacheS
         if best is not None and best not in picked:
             picked.append(best)
     out = [(f"{c.name} (proxy)", _schedule(cache, c, comp, config.budget), cost) for cost, c, comp in picked]
-    if config.extrapolate:
+    if config.extrapolate and not config.periodic:
         cost, c, comp = ranked[0]
         if c.mechanism != CacheMechanism.DEEP.value:
             out.append((f"{c.name} extrapolated", _schedule(cache, c, comp, config.budget, True), cost))
     whole = next((r for r in ranked if r[1].mechanism == CacheMechanism.WHOLE.value), None)
-    if whole is not None:
+    if whole is not None and not config.periodic:
         k = full_steps_allowed(cache.steps, blocks, blocks, config.budget)
         uniform = _schedule(cache, whole[1], uniform_schedule(cache.steps, k), config.budget)
         out.append(("whole uniform interval", uniform, float("nan")))
@@ -189,28 +216,32 @@ def search_cache(model: Any, stats: CalibrationStats, config: CacheConfig, conte
         raise InvalidInputError("the calibration statistics hold no cache proxies; calibrate with cache_stats=True")
     t0 = time.perf_counter()
     proposals = _proposals(cache, config)
-    workload = PipelineWorkload(model, stats, config.validate_samples, replay_calls=1)
+    measure = LatentRun(model, stats, config.validate_samples)
     rows = []
     best: tuple[float, CacheSchedule] | None = None
     bar = tqdm(proposals, desc="validating cache schedules", unit="schedule", disable=not context.progress)
     for label, schedule, proxy in bar:
-        with cache_schedule_applied(workload.denoiser, schedule, getattr(model, "scheduler", None)) as run:
-            score = float(np.mean(workload.scores(workload.final())))
+        score, fraction = measure.score(schedule)
         rows.append({"schedule": label, "proxy": None if math.isnan(proxy) else round(proxy, 4),
-                     "score": round(score, 5), "compute_fraction": round(run.compute_fraction or 0.0, 4),
+                     "score": round(score, 4), "compute_fraction": round(fraction, 4),
                      "compute": "".join("C" if c else "r" for c in schedule.compute)})  # fmt: skip
         if best is None or score > best[0]:
             best = (score, schedule)
     assert best is not None
+    chosen, score = best[1], best[0]
+    if config.refine and not config.periodic:
+        chosen, score, moves = refine(chosen, score, measure.score, config.refine)
+        rows += moves
     search = {
-        "metric": workload.metric,
-        "validate_samples": workload.n,
+        "metric": "mean per-sample SQNR (dB) of the final latent against the uncached run",
+        "validate_samples": len(measure.samples),
         "candidates_with_proxies": len(cache.candidates),
         "validated": rows,
+        "score": round(score, 4),
         "layout": cache.layout.evidence,
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    return dataclasses.replace(best[1], search=search)
+    return dataclasses.replace(chosen, search=search)
 
 
 def plan_cache(model: Any, stats: CalibrationStats, config: CacheConfig, context: SearchContext) -> Plan:

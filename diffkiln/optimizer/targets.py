@@ -3,7 +3,9 @@
 A plan made for a target quantizes only what that runtime runs quantized, so the bundle (and the
 report measured on it) is the model deployed there. ``mindiesd``: MindIE-SD's ``quantize`` swaps
 ``nn.Linear`` layers only, with int8 activation grids (static per tensor, per step, or dynamic per
-token) and no BOS rows; its convolutions stay float.
+token) and no BOS rows; its convolutions stay float. Its cache (``CacheConfig(method=
+"dit_block_cache", ...)``) skips a residual block range on every step but each ``step_interval``-th
+after ``step_start``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from diffkiln.core.errors import InvalidInputError
+from diffkiln.optimizer.cache_search import CacheConfig
 from diffkiln.optimizer.mixed_config import MixedConfig
 from diffkiln.optimizer.w8a8 import W8A8Config
 
@@ -20,6 +23,9 @@ __all__ = ["TARGETS", "for_target"]
 
 
 def _mindiesd(config: Any) -> Any:
+    if isinstance(config, CacheConfig):
+        # MindIE-SD's dit_block_cache: a residual block range, computing every k-th step after a start.
+        return dataclasses.replace(config, mechanisms=("residual",), periodic=True, extrapolate=False)
     if isinstance(config, W8A8Config):
         if config.act_bits != 8:
             raise InvalidInputError("--target mindiesd runs int8 activation grids; drop --act-bits 7")

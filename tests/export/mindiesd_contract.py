@@ -243,3 +243,66 @@ def quantize(model: nn.Module, quant_des_path: Path, dtype: torch.dtype = torch.
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
     return model, {n: a for n, (_, a) in replaced.items()}
+
+
+class DiTBlockCacheAgent:
+    """``CacheAgent(CacheConfig(method="dit_block_cache", ...))`` from MindIE-SD's source
+    (``cache_agent/cache_agent.py``, ``cache.py``, ``dit_block_cache.py``): ``apply(block, **kwargs)``
+    wraps one block call; blocks return ``hidden_states`` or ``(hidden_states, encoder_hidden_states)``."""
+
+    FIELDS = ("method", "blocks_count", "steps_count", "step_start", "step_interval", "step_end", "block_start",
+              "block_end")  # fmt: skip
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        if set(config) != set(self.FIELDS):
+            raise ContractError(f"CacheConfig takes {self.FIELDS}, got {sorted(config)}")
+        if config["method"] not in ("attention_cache", "dit_block_cache"):
+            raise ContractError(f"Method '{config['method']}' is not supported")
+        if config["blocks_count"] <= 0 or config["steps_count"] <= 0 or config["step_interval"] <= 0:
+            raise ContractError("blocks_count, steps_count and step_interval must be > 0")
+        if config["step_end"] < config["step_start"] or config["block_end"] < config["block_start"]:
+            raise ContractError("step_end must be >= step_start and block_end >= block_start")
+        if config["block_end"] > config["blocks_count"]:
+            raise ContractError("block_end must be <= blocks_count")
+        self.c = config
+        self.step = self.block = 0
+        self.cache: list[Any] = [None, None]
+        self.output_count = 1
+
+    def apply(self, func: Any, **kwargs: Any) -> Any:
+        c = self.c
+        if c["step_start"] >= c["steps_count"] or c["step_end"] == c["step_start"] or c["step_interval"] == 1 \
+                or c["block_start"] >= c["blocks_count"] or c["block_end"] == c["block_start"]:  # fmt: skip
+            return func(**kwargs)
+        out = self._apply(func, kwargs)
+        self.block += 1
+        if self.block == c["blocks_count"]:
+            self.step, self.block = self.step + 1, 0
+            if self.step == c["steps_count"]:
+                self.step, self.cache = 0, [None, None]
+        return out
+
+    def _computing(self) -> bool:
+        c = self.c
+        return self.step < c["step_start"] or (self.step - c["step_start"]) % c["step_interval"] == 0
+
+    def _apply(self, func: Any, kwargs: dict[str, Any]) -> Any:
+        c = self.c
+        hidden = kwargs.pop("hidden_states")
+        encoder = kwargs.pop("encoder_hidden_states", None)
+        if self._computing() or not c["block_start"] <= self.block < c["block_end"]:
+            res = func(hidden_states=hidden, encoder_hidden_states=encoder, **kwargs)
+            if self._computing() and self.step >= c["step_start"]:
+                self.output_count = len(res) if isinstance(res, (list, tuple)) else 1
+                if self.block == c["block_start"]:
+                    self.cache = [hidden, encoder]
+                if self.block == c["block_end"] - 1:
+                    if self.output_count == 2:
+                        self.cache = [res[0] - self.cache[0], res[1] - self.cache[1]]
+                    else:
+                        self.cache[0] = res - self.cache[0]
+            return res
+        add = self.cache if self.block == c["block_start"] else [0, 0]
+        if self.output_count == 2:
+            return hidden + add[0], encoder + add[1]
+        return hidden + add[0]

@@ -9,7 +9,9 @@ Writes, into ``out`` (atomically; every file mode 0o640, the folder 0o750, as Mi
   ``ranks``, one pair per rank, ``..._{algo}_{rank}.*``, which MindIE-SD picks by
   ``dist.get_rank()`` when the description name ends in a rank;
 * ``config.json`` (the denoiser's) and ``diffkiln_export.json``: what runs quantized on MindIE-SD
-  and what does not, what was widened, the float dtype the files are made for, file checksums.
+  and what does not, what was widened, the float dtype the files are made for, file checksums;
+* ``mindiesd_cache_config.json``: the bundle's cache schedule as MindIE-SD's ``CacheConfig`` fields,
+  when it has that form (:mod:`.cache`); otherwise the metadata says why not.
 
 What MindIE-SD runs quantized is only the ``nn.Linear`` layers. The bundle's integer
 convolutions stay float there (its quant map has no other type): the export warns, names them and
@@ -33,12 +35,17 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from diffkiln.core.cache_schedule import CacheSchedule
 from diffkiln.core.schema import LoadedBundle
 from diffkiln.export.atomic import atomic_directory, file_table
+from diffkiln.export.mindiesd.cache import mindiesd_cache_config
 from diffkiln.export.mindiesd.encode import MindieExportError, encode_linear
 from diffkiln.nn import QConv, QLinear
 
-__all__ = ["FILE_MODE", "MindieExportConfig", "MindieFloat", "export_mindiesd"]
+__all__ = ["CACHE_CONFIG_FILE", "FILE_MODE", "MindieExportConfig", "MindieFloat", "export_mindiesd"]
+
+CACHE_CONFIG_FILE = "mindiesd_cache_config.json"
+"""The bundle's cache schedule as the fields of MindIE-SD's ``CacheConfig``, when it has that form."""
 
 log = logging.getLogger(__name__)
 
@@ -194,9 +201,18 @@ def export_mindiesd(bundle: LoadedBundle, config: MindieExportConfig) -> Path:
     if bos:
         log.warning("%d layers have BOS rows, which MindIE-SD does not apply (it quantizes those rows too)", len(bos))
     algo = _model_quant_type(kinds).lower()
+    cache_meta: dict[str, Any] | None = None
+    cache_config: dict[str, Any] | None = None
+    if manifest.get("cache"):
+        cache_config, why = mindiesd_cache_config(CacheSchedule.from_dict(manifest["cache"]))
+        cache_meta = {"expressible": cache_config is not None, "note": why}
+        if cache_config is None:
+            log.warning("the bundle's cache schedule cannot be expressed as MindIE-SD's CacheConfig: %s", why)
     with atomic_directory(Path(config.out), config.overwrite) as tmp:
         _write(tmp, algo, tensors, description, config.ranks)
         shutil.copy2(path / manifest["pipeline"]["denoiser"] / "config.json", tmp / "config.json")
+        if cache_config is not None:
+            (tmp / CACHE_CONFIG_FILE).write_text(json.dumps(cache_config, indent=2) + "\n")
         meta: dict[str, Any] = {
             "format": "diffkiln.mindiesd",
             "version": 2,
@@ -211,6 +227,7 @@ def export_mindiesd(bundle: LoadedBundle, config: MindieExportConfig) -> Path:
             "widened": widened,
             "kept_fp": kept,
             "requires_original_checkpoint": True,
+            "cache": cache_meta,
             "bundle": {"source": manifest["source"], "recipe": manifest["quant"]["recipe"]},
         }  # fmt: skip
         meta["files"] = file_table(tmp)

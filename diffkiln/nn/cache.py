@@ -2,7 +2,8 @@
 hooks, no host sync (each step's decision is a Python bool read from the schedule).
 
 ``apply_cache_schedule(denoiser, schedule, scheduler)`` registers ``diffkiln.cache.denoiser`` on
-the denoiser and ``diffkiln.cache.block`` on each of the schedule's blocks, and returns the
+the denoiser and, unless the schedule reuses the whole output, ``diffkiln.cache.block`` on each of
+the schedule's blocks, and returns the
 :class:`CacheRun` that holds the state and the counts. ``remove_cache_schedule`` takes them away;
 ``cache_schedule_applied`` does both around a block.
 
@@ -155,6 +156,9 @@ class _DenoiserHook(_Skipping):
                 return rebuild(_extrapolated(branch.history, step, schedule.extrapolate)[0])
             out = self._original(*args, **kwargs)
             if schedule.mechanism is CacheMechanism.WHOLE:
+                # Every block ran inside this call; 'whole' needs no block hooks (so it also runs on a
+                # denoiser without torch blocks, e.g. an onnxruntime session).
+                run.evaluated += len(schedule.blocks)
                 branch.outputs[-1] = out
                 _remember(branch, step, [_first_tensor(out)[0]])
             return out
@@ -250,13 +254,18 @@ def _foreign_stateful(modules: list[nn.Module]) -> list[str]:
     return names
 
 
-def apply_cache_schedule(denoiser: nn.Module, schedule: CacheSchedule, scheduler: Any = None) -> CacheRun:
+def apply_cache_schedule(
+    denoiser: nn.Module, schedule: CacheSchedule, scheduler: Any = None, check_blocks: bool = True
+) -> CacheRun:
     """Hook ``schedule`` onto ``denoiser`` (see the module docstring).
 
     Args:
         denoiser: the denoiser the schedule was searched for (its blocks by name).
         schedule: the frozen schedule.
         scheduler: the pipeline's scheduler, to check each run's step count before it starts.
+        check_blocks: require the blocks the schedule names (a ``whole`` schedule does not hook
+            them; False lets it run on a denoiser without torch blocks, e.g. an onnxruntime session).
+            Default True.
 
     Returns:
         The run state, whose counts the hooks update.
@@ -265,13 +274,16 @@ def apply_cache_schedule(denoiser: nn.Module, schedule: CacheSchedule, scheduler
         CacheScheduleError: a block the schedule names is missing, a schedule is applied already,
             or another cache is on the denoiser.
     """
-    blocks = _blocks(denoiser, schedule)
+    whole = schedule.mechanism is CacheMechanism.WHOLE
+    blocks = _blocks(denoiser, schedule) if check_blocks or not whole else []
+    modules = dict(denoiser.named_modules())
+    watched = [modules[b] for b in schedule.blocks if b in modules]  # another cache may hook them
     registry = HookRegistry.check_if_exists_or_initialize(denoiser)
     if registry.get_hook(DENOISER_HOOK) is not None:
         raise CacheScheduleError("a cache schedule is applied to this denoiser already; remove it first")
 
     def foreign_check() -> None:
-        if names := _foreign_stateful([denoiser, *blocks]):
+        if names := _foreign_stateful([denoiser, *watched]):
             raise CacheScheduleError(
                 f"another cache ({', '.join(sorted(set(names)))}) runs on top of diffkiln's frozen cache schedule; "
                 "remove it (e.g. disable_cache()), or load the bundle with cache=False to use your own"
@@ -279,7 +291,7 @@ def apply_cache_schedule(denoiser: nn.Module, schedule: CacheSchedule, scheduler
 
     foreign_check()
     run = CacheRun(schedule, scheduler)
-    for i, block in enumerate(blocks):
+    for i, block in enumerate([] if whole else blocks):
         HookRegistry.check_if_exists_or_initialize(block).register_hook(_BlockHook(run, i, block), BLOCK_HOOK)
     registry.register_hook(_DenoiserHook(run, foreign_check), DENOISER_HOOK)
     return run

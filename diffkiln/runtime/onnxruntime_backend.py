@@ -22,8 +22,10 @@ import torch
 from torch import nn
 
 from diffkiln.core.arguments import feed_array, flatten_arguments
+from diffkiln.core.cache_schedule import CacheSchedule, CacheScheduleError
 from diffkiln.core.errors import BundleError
 from diffkiln.core.schema import BUNDLE_FORMAT, MANIFEST_NAME, ONNX_FORMAT, ONNX_VERSION, read_json, verify_files
+from diffkiln.nn.cache import apply_cache_schedule
 
 __all__ = [
     "OrtComponent",
@@ -431,4 +433,12 @@ def load_onnx_pipeline(folder: Path, device: torch.device, optimize: bool = Fals
         overrides[name] = component
     pipe = assemble_pipeline(folder, overrides)
     pipe.diffkiln_manifest = manifest
+    pipe.diffkiln_cache = None
+    if manifest.get("cache"):
+        try:
+            schedule = CacheSchedule.from_dict(manifest["cache"])
+            denoiser = overrides[manifest["pipeline"]["denoiser"]]
+            pipe.diffkiln_cache = apply_cache_schedule(denoiser, schedule, pipe.scheduler, check_blocks=False)
+        except CacheScheduleError as exc:
+            raise BundleError(f"{folder}: the manifest's cache schedule: {exc}") from None
     return pipe

@@ -341,6 +341,7 @@ def export_onnx(bundle: LoadedBundle, config: OnnxExportConfig) -> Path:
                 log.warning("%s is not exported: %s", component.name, skipped[component.name])
                 file.unlink(missing_ok=True)
         _copy_pipeline_files(bundle.path, tmp, [c for c in components if c.name in entries], manifest)
+        cache, cache_note = _cache_for_onnx(manifest.get("cache") or {})
         onnx_manifest = {
             "format": ONNX_FORMAT,
             "version": ONNX_VERSION,
@@ -352,10 +353,25 @@ def export_onnx(bundle: LoadedBundle, config: OnnxExportConfig) -> Path:
             "skipped_components": skipped,
             "kept_fp": kept,
             "bundle": {"source": manifest["source"], "recipe": manifest["quant"]["recipe"]},
+            "cache": cache,
+            "cache_not_exported": cache_note,
             "files": file_table(tmp),
         }
         (tmp / MANIFEST_NAME).write_text(json.dumps(onnx_manifest, indent=2) + "\n", encoding="utf-8")
     return Path(config.out)
+
+
+def _cache_for_onnx(cache: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """The bundle's cache schedule for the ONNX folder: a ``whole`` schedule runs on the one
+    denoiser graph (the backend reuses its output); block-range schedules would need the graph cut
+    at the reused blocks, which this export does not write: it says so, and the folder runs uncached."""
+    if not cache or cache.get("mechanism") == "whole":
+        return cache, None
+    note = (f"the bundle's '{cache.get('mechanism')}' cache schedule reuses blocks inside the denoiser; the ONNX "
+            "denoiser is one graph, so this folder runs every step in full (rebuild with --cache-mechanisms whole "
+            "for a schedule onnxruntime follows)")  # fmt: skip
+    log.warning("%s", note)
+    return {}, note
 
 
 def export_module_onnx(

@@ -46,5 +46,5 @@ def test_onnx_folder_follows_a_whole_schedule_and_names_the_others(tmp_path: Pat
         reference = _latents(load(bundle, "cpu", cache=False))
     # onnxruntime's QDQ graph against the torch runtime, both on the same schedule (or none); its
     # end-to-end parity on this 2-sample W8A8 bundle measured 24.3 dB with the schedule, 22.1 dB
-    # without (flips of codes on grid boundaries, compounding over steps); a wrong schedule < 12 dB.
+    # without (flips of codes on grid boundaries, compounding over steps).
     assert sqnr_db(reference.numpy(), got.numpy()) > 18.0

@@ -24,7 +24,7 @@ from diffkiln.core.metrics import sqnr_db
 from diffkiln.core.pipelines import find_denoiser
 from diffkiln.nn.cache import cache_schedule_applied
 
-__all__ = ["LatentRun", "refine"]
+__all__ = ["LatentRun", "longest_reuse", "refine"]
 
 
 class LatentRun:
@@ -58,8 +58,18 @@ class LatentRun:
         return min(sqnr_db(self.reference.numpy(), got.numpy()), 200.0), float(run.compute_fraction or 0.0)
 
 
-def _moves(compute: tuple[bool, ...]) -> list[tuple[bool, ...]]:
-    """Schedules with one computing step (never step 0) moved by one or two steps, either way."""
+def longest_reuse(compute: tuple[bool, ...]) -> int:
+    """The longest run of reusing steps."""
+    longest = run = 0
+    for c in compute:
+        run = 0 if c else run + 1
+        longest = max(longest, run)
+    return longest
+
+
+def _moves(compute: tuple[bool, ...], max_run: int | None = None) -> list[tuple[bool, ...]]:
+    """Schedules with one computing step (never step 0) moved by one or two steps, either way,
+    keeping runs of reusing steps at most ``max_run`` long."""
     out = []
     for t, c in enumerate(compute):
         if not c or t == 0:
@@ -69,13 +79,15 @@ def _moves(compute: tuple[bool, ...]) -> list[tuple[bool, ...]]:
             if 0 < u < len(compute) and not compute[u]:
                 moved = list(compute)
                 moved[t], moved[u] = False, True
-                out.append(tuple(moved))
+                if max_run is None or longest_reuse(tuple(moved)) <= max_run:
+                    out.append(tuple(moved))
     return out
 
 
 def refine(start: CacheSchedule, score: float, measure: Callable[[CacheSchedule], tuple[float, float]],
-           trials: int) -> tuple[CacheSchedule, float, list[dict[str, Any]]]:  # fmt: skip
-    """Hill-climb from ``start`` (measured ``score``) for at most ``trials`` measurements.
+           trials: int, max_run: int | None = None) -> tuple[CacheSchedule, float, list[dict[str, Any]]]:  # fmt: skip
+    """Hill-climb from ``start`` (measured ``score``) for at most ``trials`` measurements, keeping
+    runs of reusing steps at most ``max_run`` long.
 
     Returns:
         (the best schedule, its score, one row per trial).
@@ -85,7 +97,7 @@ def refine(start: CacheSchedule, score: float, measure: Callable[[CacheSchedule]
     improved = True
     while improved and len(rows) < trials:
         improved = False
-        for compute in _moves(best.compute):
+        for compute in _moves(best.compute, max_run):
             if len(rows) >= trials:
                 break
             candidate = CacheSchedule(best.mechanism, best.blocks, best.start, best.end, compute, best.calls_per_step,

@@ -13,15 +13,19 @@ from diffkiln.generation import load_pipeline
 from diffkiln.nn.cache import cache_schedule_applied
 from diffkiln.optimizer import CacheConfig, SearchContext, search_cache
 from diffkiln.optimizer.cache_search import dp_schedule, full_steps_allowed, uniform_schedule
+from diffkiln.optimizer.cache_validate import longest_reuse
 from tests.runtime_e2e_helpers import CACHE, PROMPTS
 
 
-def _brute_force(d: torch.Tensor, k_max: int) -> float:
+def _brute_force(d: torch.Tensor, k_max: int, max_run: int | None = None) -> float:
     n = d.shape[0]
     best = float("inf")
     for k in range(1, k_max + 1):
         for rest in itertools.combinations(range(1, n), k - 1):
             computed, last, cost = {0, *rest}, 0, 0.0
+            flags = tuple(t in computed for t in range(n))
+            if max_run is not None and longest_reuse(flags) > max_run:
+                continue
             for t in range(n):
                 if t in computed:
                     last = t
@@ -37,9 +41,15 @@ def test_dp_finds_the_brute_force_optimum(seed: int) -> None:
     n = 7
     d = torch.rand(n, n, generator=gen)
     k = 1 + seed % n
-    compute, cost = dp_schedule(d, k)
+    max_run = None if seed % 2 else 1 + seed % 3
+    compute, cost = dp_schedule(d, k, max_run)
+    expected = _brute_force(d, k, max_run)
+    if expected == float("inf"):
+        assert cost == float("inf")
+        return
     assert compute[0] and sum(compute) <= k
-    assert cost == pytest.approx(_brute_force(d, k))
+    assert max_run is None or longest_reuse(compute) <= max_run
+    assert cost == pytest.approx(expected)
     last, recomputed = 0, 0.0
     for t in range(n):  # the flags it returns cost what it says
         last, recomputed = (t, recomputed) if compute[t] else (last, recomputed + float(d[last, t]))

@@ -129,3 +129,20 @@ def test_report_counts_the_schedule_and_compares_with_the_uncached_bundle(bundle
     assert set(cache["uncached"]["quality"]) >= {"content_accuracy", "content_accuracy_pairs"}
     page = html_path.read_text()
     assert "Cache schedule" in page and "<svg" in page
+
+
+def test_cache_sweep_builds_one_bundle_per_budget_from_one_calibration(tmp_path: Path) -> None:
+    from diffkiln.api import build_cache_sweep
+
+    config = OptimizeConfig(out=tmp_path / "sweep", recipe=W8A8Config(), calib_size=2, steps=STEPS, progress=False,
+                            cache_dir=tmp_path / "c")  # fmt: skip
+    build = build_cache_sweep("shapes-dit", config, (0.4, 0.7))
+    assert set(build.bundles) == {"uncached", "cache-0.4", "cache-0.7"}
+    fractions = {}
+    for name in ("cache-0.4", "cache-0.7"):
+        schedule = CacheSchedule.from_dict(json.loads((build.bundles[name] / "manifest.json").read_text())["cache"])
+        fractions[name] = schedule.compute_fraction
+    assert fractions["cache-0.4"] <= 0.4 + 1e-9 < fractions["cache-0.7"] <= 0.7 + 1e-9
+    assert json.loads((build.bundles["uncached"] / "manifest.json").read_text())["cache"] == {}
+    with pytest.raises(Exception, match=r"compute fractions in \(0, 1\]"):
+        build_cache_sweep("shapes-dit", config, (0.5, 1.5))

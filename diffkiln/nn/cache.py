@@ -56,7 +56,8 @@ class CacheRun:
             (None for a bare module: the count is then checked as the calls come).
         evaluated: block evaluations that ran.
         uncached: block evaluations the uncached denoiser would have run over the same calls.
-        steps_run: denoiser calls, per branch and position, that computed (True) or reused (False).
+        steps_run: the current (or last) sampling run's denoiser calls, in order: True computed,
+            False reused. Cleared when a run starts with no other branch in progress.
     """
 
     schedule: CacheSchedule
@@ -148,6 +149,8 @@ class _DenoiserHook(_Skipping):
         compute = schedule.compute[step]
         run.current = (branch, step, compute)
         run.uncached += len(schedule.blocks)
+        if counter.calls == 0 and sum(1 for key in run.branches if key[1] == -1) == 1:
+            run.steps_run.clear()  # a new sampling run: keep one run's flags, not every call ever made
         run.steps_run.append(compute)
         counter.calls += 1
         try:

@@ -242,6 +242,7 @@ def search_cache(model: Any, stats: CalibrationStats, config: CacheConfig, conte
         chosen, score, moves = refine(chosen, score, measure.score, config.refine, max_run)
         rows += moves
     search = {
+        "config": config_to_dict(config),
         "metric": "SQNR (dB) of the final latents against the uncached run, pooled over the samples",
         "validate_samples": len(measure.samples),
         "candidates_with_proxies": len(cache.candidates),

@@ -146,3 +146,22 @@ def test_cache_sweep_builds_one_bundle_per_budget_from_one_calibration(tmp_path:
     assert json.loads((build.bundles["uncached"] / "manifest.json").read_text())["cache"] == {}
     with pytest.raises(Exception, match=r"compute fractions in \(0, 1\]"):
         build_cache_sweep("shapes-dit", config, (0.5, 1.5))
+
+
+def test_mixed_recipe_composes_with_a_cache(tmp_path: Path) -> None:
+    from diffkiln.cli import main
+
+    out = tmp_path / "b"
+    argv = ["optimize", "tiny-pixart", "--recipe", "mixed", "--avg-weight-bits", "6", "--cache-budget", "0.5",
+            "--calib-size", "2", "--steps", "4", "--select-prompts", "2", "--sensitivity-prompts", "2",
+            "--cache-dir", str(tmp_path / "c"), "--out", str(out), "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["quant"]["recipe"] == "mixed" and manifest["version"] == 7
+    pipe = load(out)
+    pipe.set_progress_bar_config(disable=True)
+    from diffkiln.zoo.catalog import TINY_CATALOG
+
+    kwargs = next(dict(e.call_kwargs) for e in TINY_CATALOG if e.name == "tiny-pixart")
+    pipe("a cat", num_inference_steps=4, output_type="latent", **kwargs)
+    assert pipe.diffkiln_cache.compute_fraction == CacheSchedule.from_dict(manifest["cache"]).compute_fraction

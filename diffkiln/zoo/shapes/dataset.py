@@ -37,6 +37,7 @@ __all__ = [
     "Split",
     "all_pair_scenes",
     "all_single_scenes",
+    "draw_object",
     "eval_scenes",
     "parse_prompt",
     "render",
@@ -196,7 +197,9 @@ def parse_prompt(prompt: str) -> Scene:
     )
 
 
-def _draw_object(draw: ImageDraw.ImageDraw, obj: ObjectSpec, cx: float, cy: float, size: float) -> None:
+def draw_object(draw: ImageDraw.ImageDraw, obj: ObjectSpec, cx: float, cy: float, size: float) -> None:
+    """Draw ``obj`` centred at (cx, cy) with bounding-box side ``size`` (canvas pixels) onto a
+    ``_SUPERSAMPLE``-times larger drawing (shared by the image and the video renderers)."""
     k = _SUPERSAMPLE
     h = size / 2.0
     box = [(cx - h) * k, (cy - h) * k, (cx + h) * k, (cy + h) * k]
@@ -239,7 +242,7 @@ def render(scene: Scene, seed: int | np.random.Generator) -> Image.Image:
     img = Image.new("RGB", (big, big), BACKGROUND_RGB)
     draw = ImageDraw.Draw(img)
     for obj, cx, cy, size in _layout(scene, rng):
-        _draw_object(draw, obj, cx, cy, size)
+        draw_object(draw, obj, cx, cy, size)
     return img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX)
 
 

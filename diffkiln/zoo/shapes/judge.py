@@ -27,7 +27,7 @@ from diffkiln.zoo.shapes.vocab import (
     Shape,
 )
 
-__all__ = ["Blob", "ObjectVerdict", "Verdict", "content_accuracy", "detect", "judge"]
+__all__ = ["Blob", "ObjectVerdict", "Verdict", "content_accuracy", "detect", "judge", "nearest_position"]
 
 _MIN_BRIGHTNESS = 90.0  # a pixel whose brightest channel is below this is background
 _MIN_AREA = 20  # blobs smaller than this many pixels are noise, not objects
@@ -162,6 +162,11 @@ def detect(image: Image.Image | np.ndarray) -> list[Blob]:
         shape, iou, cx, cy = _classify_shape(comp)
         blobs.append(Blob(color, shape, cx, cy, area, iou))
     return sorted(blobs, key=lambda b: -b.area)
+
+
+def nearest_position(blob: Blob) -> Position:
+    """The named position whose anchor is nearest the blob's centre."""
+    return _position_of(blob)
 
 
 def _position_of(blob: Blob) -> Position:

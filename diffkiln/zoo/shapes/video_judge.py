@@ -1,0 +1,102 @@
+"""The video judge of the moving-shapes world: ``judge_video(frames, prompt)``, built on the image
+judge's detector (:func:`diffkiln.zoo.shapes.judge.detect`).
+
+Per frame, each object is found by its colour and its shape classified. Across frames:
+
+* colour: the object is found in at least 80% of the frames;
+* shape: the majority of the frames where it is found classify it as the prompt's shape;
+* motion: from its box centres, the displacement between the mean of the first three and of the
+  last three frames where it is found. A moving object must cover at least ``MIN_TRAVEL`` pixels in
+  the named direction, more than twice its movement across, and move that way (or hold still) in
+  at least 80% of its frame-to-frame steps; an object that stays must move at most ``MAX_DRIFT``
+  pixels and sit nearest its named position;
+* nothing else: no other colour is found in half of the frames or more.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from diffkiln.zoo.shapes.judge import Blob, detect, nearest_position
+from diffkiln.zoo.shapes.video import Motion, MovingObject, VideoScene, parse_video_prompt
+from diffkiln.zoo.shapes.vocab import Color
+
+__all__ = ["MAX_DRIFT", "MIN_TRAVEL", "MovingVerdict", "VideoVerdict", "judge_video"]
+
+MIN_TRAVEL = 8.0
+"""Pixels a moving object must cover along its direction (clips move 20-28)."""
+MAX_DRIFT = 4.0
+"""Pixels an object that stays may drift."""
+_PRESENT, _MONOTONE, _STILL_STEP = 0.8, 0.8, 0.5
+
+
+@dataclass(frozen=True)
+class MovingVerdict:
+    """Per-attribute verdict for one object of the prompt."""
+
+    color_ok: bool
+    shape_ok: bool
+    motion_ok: bool
+    displacement: tuple[float, float]
+
+
+@dataclass(frozen=True)
+class VideoVerdict:
+    """The judge's decision on one clip."""
+
+    prompt: str
+    objects: tuple[MovingVerdict, ...]
+    extra_objects: int
+
+    @property
+    def correct(self) -> bool:
+        """Every attribute of every object right and nothing extra."""
+        return self.extra_objects == 0 and all(o.color_ok and o.shape_ok and o.motion_ok for o in self.objects)
+
+
+def _motion_ok(o: MovingObject, track: list[Blob]) -> tuple[bool, tuple[float, float]]:
+    xs = np.array([b.cx for b in track])
+    ys = np.array([b.cy for b in track])
+    k = min(3, len(track))
+    dx, dy = float(xs[-k:].mean() - xs[:k].mean()), float(ys[-k:].mean() - ys[:k].mean())
+    if o.motion is Motion.STAYS:
+        assert o.position is not None
+        centre = Blob(track[0].color, track[0].shape, float(xs.mean()), float(ys.mean()), 0, 0.0)
+        return (abs(dx) <= MAX_DRIFT and abs(dy) <= MAX_DRIFT and nearest_position(centre) == o.position), (dx, dy)
+    ux, uy = o.motion.direction
+    along, across = dx * ux + dy * uy, abs(dx * uy) + abs(dy * ux)
+    steps = np.diff(xs) * ux + np.diff(ys) * uy
+    monotone = float(np.mean(steps >= -_STILL_STEP)) if len(steps) else 0.0
+    return (along >= MIN_TRAVEL and along > 2 * across and monotone >= _MONOTONE), (dx, dy)
+
+
+def judge_video(frames: Sequence[Image.Image | np.ndarray], prompt: str | VideoScene) -> VideoVerdict:
+    """Judge whether ``frames`` show ``prompt`` (see the module docstring).
+
+    Raises:
+        ValueError: the prompt is outside the grammar, or there are no frames.
+    """
+    scene = parse_video_prompt(prompt) if isinstance(prompt, str) else prompt
+    if not frames:
+        raise ValueError("judge_video needs at least one frame")
+    per_frame = [{b.color: b for b in detect(f)} for f in frames]
+    n = len(per_frame)
+    counts: Counter[Color] = Counter(c for blobs in per_frame for c in blobs)
+    verdicts = []
+    for o in scene.objects:
+        track = [blobs[o.obj.color] for blobs in per_frame if o.obj.color in blobs]
+        present = len(track) >= _PRESENT * n
+        if not present:
+            verdicts.append(MovingVerdict(False, False, False, (0.0, 0.0)))
+            continue
+        shape, _ = Counter(b.shape for b in track).most_common(1)[0]
+        motion_ok, disp = _motion_ok(o, track)
+        verdicts.append(MovingVerdict(True, shape == o.obj.shape, motion_ok, disp))
+    wanted = {o.obj.color for o in scene.objects}
+    extra = sum(1 for c, k in counts.items() if c not in wanted and k >= 0.5 * n)
+    return VideoVerdict(scene.prompt, tuple(verdicts), extra)

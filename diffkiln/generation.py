@@ -55,7 +55,8 @@ class GenerateConfig:
     """How to sample.
 
     Attributes:
-        steps: denoising steps; None takes the model's documented default (20 for built-ins).
+        steps: denoising steps; None takes the model's documented default (20 for built-ins), or
+            for a bundle with a cache schedule the step count the schedule is for.
         guidance: classifier-free guidance scale; None takes the model's default (5.0 for built-ins).
         seed: base seed; sample i uses seed + i. Default 0.
         batch_size: samples per pipeline call. Default 50.
@@ -223,6 +224,9 @@ def generate(
             the pipeline does not take.
     """
     steps, guidance = config.resolved(target)
+    cache_run = getattr(pipe, "diffkiln_cache", None)
+    if cache_run is not None and config.steps is None:
+        steps = cache_run.schedule.steps  # a bundle's frozen cache schedule is for its own step count
     call_kwargs = {**(target.call_kwargs if target else {}), **dict(config.call_kwargs)}
     source = source or _source(pipe, prompts, samples, config.seed, call_kwargs)
     n = len(source)

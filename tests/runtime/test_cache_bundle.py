@@ -165,3 +165,13 @@ def test_mixed_recipe_composes_with_a_cache(tmp_path: Path) -> None:
     kwargs = next(dict(e.call_kwargs) for e in TINY_CATALOG if e.name == "tiny-pixart")
     pipe("a cat", num_inference_steps=4, output_type="latent", **kwargs)
     assert pipe.diffkiln_cache.compute_fraction == CacheSchedule.from_dict(manifest["cache"]).compute_fraction
+
+
+def test_generate_defaults_to_the_schedule_step_count(bundles, tmp_path: Path) -> None:
+    from diffkiln.cli import main
+
+    assert main(["generate", str(bundles["cache"]), "--prompt", "a red circle on the left", "--out", str(tmp_path),
+                 "--no-progress"]) == 0  # fmt: skip
+    assert any(tmp_path.glob("*.png"))
+    assert main(["generate", str(bundles["cache"]), "--prompt", "a red circle", "--steps", "12", "--out",
+                 str(tmp_path / "x"), "--no-progress"]) == 2  # fmt: skip

@@ -36,6 +36,7 @@ __all__ = [
     "parse_video_prompt",
     "render_clip",
     "sample_training_clip",
+    "video_prompt_words",
 ]
 
 VIDEO_FRAMES = 17
@@ -238,3 +239,13 @@ def sample_training_clip(rng: np.random.Generator, pair_fraction: float = 0.5) -
 
 _SEEN_SINGLES = all_video_scenes(False, Split.SEEN)
 _SEEN_PAIRS = all_video_scenes(True, Split.SEEN)
+
+
+def video_prompt_words() -> list[str]:
+    """Every word a caption of the moving-shapes world can hold (sorted, unique)."""
+    words = {"a", "moving", "stays", "while", *(m.value for m in Motion)}
+    words.update(c.value for c in Color)
+    words.update(s.value for s in Shape)
+    for phrase in POSITION_PHRASES.values():
+        words.update(phrase.split())
+    return sorted(words)

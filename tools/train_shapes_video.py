@@ -1,0 +1,259 @@
+"""Train the built-in shapes-video pipeline (a ``WanPipeline``) from scratch, seeded and resumable.
+
+Stages, each resumable from the work folder:
+
+1. ``vae``: train the ``AutoencoderKLWan`` (no temporal compression) on short windows of rendered
+   clips of *seen* compositions (L1 + MSE + tiny KL), then check that the video judge still reads
+   its reconstructions of whole clips.
+2. ``latents``: render ``--n-data`` clips of seen compositions and store the VAE's latent mean and
+   std (float16) and the captions.
+3. ``dit``: train the UMT5 encoder and the ``WanTransformer3DModel`` jointly with rectified flow
+   (logit-normal sigmas, 10% empty-prompt dropout, EMA), checkpointing every ``--ckpt-every``
+   steps; ``--resume`` continues from ``W/dit_ckpt.pt``; ``--minutes`` caps a run.
+4. ``finish``: assemble the pipeline from the EMA weights, judge a quick evaluation with
+   ``judge_video`` and save the folder in float16 under ``--out``.
+
+Usage: python tools/train_shapes_video.py --stage vae,latents,dit,finish --work W [--minutes 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from diffkiln.zoo.shapes.dataset import Split
+from diffkiln.zoo.shapes.video import VIDEO_FRAMES, all_video_scenes, render_clip, sample_training_clip
+from diffkiln.zoo.shapes.video_judge import judge_video
+from diffkiln.zoo.shapes_models import build_t5_encoder
+from diffkiln.zoo.shapes_video_model import (
+    VIDEO_TEXT_LENGTH,
+    assemble_shapes_video,
+    build_video_tokenizer,
+    build_video_transformer,
+    build_video_vae,
+)
+
+
+def _clip_tensor(frames: list) -> torch.Tensor:
+    """(3, T, H, W) in [-1, 1]."""
+    arr = np.stack([np.asarray(f) for f in frames]).astype(np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(3, 0, 1, 2)
+
+
+def _batch(rng: np.random.Generator, n: int, window: int) -> torch.Tensor:
+    clips = []
+    for _ in range(n):
+        frames = render_clip(sample_training_clip(rng), int(rng.integers(1 << 31)))
+        start = int(rng.integers(VIDEO_FRAMES - window + 1))
+        clips.append(_clip_tensor(frames[start : start + window]))
+    return torch.stack(clips)
+
+
+def _log(work: Path, stage: str, info: dict) -> None:
+    print(stage, json.dumps(info), flush=True)
+    (work / f"{stage}.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def _frames_of(video: torch.Tensor) -> list[np.ndarray]:
+    """(3, T, H, W) in [-1, 1] -> T uint8 frames."""
+    return list(((video.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).cpu().numpy())
+
+
+def stage_vae(work: Path, steps: int, batch: int, seed: int, window: int) -> None:
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    vae = build_video_vae().train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3)
+    t0 = time.time()
+    loss = torch.zeros(())
+    for step in range(steps):
+        x = _batch(rng, batch, window)
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-6 * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        for group in opt.param_groups:
+            group["lr"] = 2e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        if step % 50 == 0:
+            print(f"vae step {step} loss {loss.item():.4f} {time.time() - t0:.0f}s", flush=True)
+    vae.eval()
+    scenes = all_video_scenes(False, Split.SEEN)[:40]
+    with torch.no_grad():
+        ok = sum(judge_video(_frames_of(vae.decode(vae.encode(_clip_tensor(render_clip(s, i))[None]).latent_dist.mode()
+                                                   ).sample[0]), s).correct for i, s in enumerate(scenes))  # fmt: skip
+    vae.save_pretrained(work / "vae")
+    _log(work, "vae", {"steps": steps, "seconds": time.time() - t0, "final_loss": loss.item(),
+                       "judge_on_reconstructions": ok / len(scenes)})  # fmt: skip
+
+
+def stage_latents(work: Path, n: int, seed: int) -> None:
+    from diffusers import AutoencoderKLWan
+
+    vae = AutoencoderKLWan.from_pretrained(work / "vae").eval()
+    rng = np.random.default_rng(seed + 1)
+    means, stds, prompts = [], [], []
+    t0 = time.time()
+    with torch.no_grad():
+        for i in range(0, n, 16):
+            scenes = [sample_training_clip(rng) for _ in range(min(16, n - i))]
+            x = torch.stack([_clip_tensor(render_clip(s, int(rng.integers(1 << 31)))) for s in scenes])
+            d = vae.encode(x).latent_dist
+            means.append(d.mean.half())
+            stds.append(d.std.half())
+            prompts += [s.prompt for s in scenes]
+    mean = torch.cat(means)
+    torch.save({"mean": mean, "std": torch.cat(stds), "prompts": prompts, "scale": 1.0 / mean.float().std().item()},
+               work / "latents.pt")  # fmt: skip
+    _log(work, "latents", {"clips": n, "seconds": time.time() - t0})
+
+
+class _EMA:
+    def __init__(self, modules: list[torch.nn.Module], decay: float) -> None:
+        self.decay, self.modules = decay, modules
+        self.shadow = [copy.deepcopy(m).eval().requires_grad_(False) for m in modules]
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for s, m in zip(self.shadow, self.modules, strict=True):
+            for ps, pm in zip(s.parameters(), m.parameters(), strict=True):
+                ps.lerp_(pm.detach(), 1 - d)
+
+
+def _modules(work: Path) -> tuple[object, torch.nn.Module, torch.nn.Module]:
+    tok = build_video_tokenizer(work / "tokenizer")
+    encoder = build_t5_encoder(tok, 64, umt5=True)
+    return tok, encoder, build_video_transformer(encoder.config.d_model)
+
+
+def stage_dit(work: Path, steps: int, batch: int, seed: int, minutes: float, resume: bool, ckpt_every: int,
+              lr: float) -> None:  # fmt: skip
+    from diffusers import AutoencoderKLWan
+
+    data = torch.load(work / "latents.pt", weights_only=False)
+    mean, std, prompts, scale = data["mean"], data["std"], data["prompts"], data["scale"]
+    _, encoder, transformer = _modules(work)
+    pipe = assemble_shapes_video(work, AutoencoderKLWan.from_pretrained(work / "vae"), transformer, encoder)
+    modules = [encoder.train(), transformer.train()]
+    params = [p for m in modules for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    ema = _EMA(modules, 0.999)
+    ckpt_path, offset = work / "dit_ckpt.pt", 0
+    if resume and ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, weights_only=True)
+        for m, sd in zip(modules, ckpt["modules"], strict=True):
+            m.load_state_dict(sd)
+        for m, sd in zip(ema.shadow, ckpt["ema"], strict=True):
+            m.load_state_dict(sd)
+        opt.load_state_dict(ckpt["opt"])
+        offset = int(ckpt["step"])
+    gen = np.random.default_rng(seed + offset)
+    torch.manual_seed(seed + offset)
+    t0 = time.time()
+
+    def save(step: int) -> None:
+        torch.save({"modules": [m.state_dict() for m in modules], "ema": [m.state_dict() for m in ema.shadow],
+                    "opt": opt.state_dict(), "step": step}, ckpt_path)  # fmt: skip
+
+    step = offset
+    loss = torch.zeros(())
+    for step in range(offset, steps):
+        if minutes and time.time() - t0 > minutes * 60:
+            break
+        idx = gen.integers(len(prompts), size=batch)
+        ii = torch.from_numpy(idx)
+        z0 = (mean[ii].float() + std[ii].float() * torch.randn(mean[ii].shape)) * scale
+        text = ["" if gen.random() < 0.1 else prompts[i] for i in idx]
+        emb, _ = pipe.encode_prompt(text, do_classifier_free_guidance=False, max_sequence_length=VIDEO_TEXT_LENGTH,
+                                    device=torch.device("cpu"))  # fmt: skip
+        sigma = torch.sigmoid(torch.randn(batch))
+        s = sigma.view(-1, 1, 1, 1, 1)
+        eps = torch.randn_like(z0)
+        pred = transformer(hidden_states=(1 - s) * z0 + s * eps, timestep=sigma * 1000, encoder_hidden_states=emb,
+                           return_dict=False)[0]  # fmt: skip
+        loss = F.mse_loss(pred.float(), eps - z0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        ema.update(step)
+        if step % 50 == 0:
+            print(f"dit step {step} loss {loss.item():.4f} {time.time() - t0:.0f}s", flush=True)
+        if (step + 1) % ckpt_every == 0:
+            save(step + 1)
+    save(step + 1)
+    _log(work, "dit", {"step": step + 1, "seconds_this_run": time.time() - t0, "final_loss": loss.item(),
+                       "resumed_from_step": offset or None})  # fmt: skip
+
+
+def stage_finish(work: Path, out: Path, n_eval: int, steps: int) -> None:
+    from diffusers import AutoencoderKLWan
+
+    _, encoder, transformer = _modules(work)
+    ckpt = torch.load(work / "dit_ckpt.pt", weights_only=True)
+    encoder.load_state_dict(ckpt["ema"][0])
+    transformer.load_state_dict(ckpt["ema"][1])
+    pipe = assemble_shapes_video(work, AutoencoderKLWan.from_pretrained(work / "vae"), transformer.eval(),
+                                 encoder.eval())  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    results = {}
+    for label, pairs, split in (("single", False, Split.SEEN), ("single_heldout", False, Split.HELDOUT),
+                                ("pairs", True, Split.SEEN)):  # fmt: skip
+        scenes = all_video_scenes(pairs, split)
+        picks = [scenes[i] for i in np.random.default_rng(1).permutation(len(scenes))[:n_eval]]
+        g = torch.Generator().manual_seed(1000)
+        out_frames = pipe([s.prompt for s in picks], num_frames=VIDEO_FRAMES - 1, height=64, width=64,
+                          num_inference_steps=steps, max_sequence_length=VIDEO_TEXT_LENGTH, guidance_scale=5.0,
+                          generator=g, output_type="np").frames  # fmt: skip
+        clips = [[(f * 255).round().astype(np.uint8) for f in clip] for clip in out_frames]
+        results[label] = sum(judge_video(c, s).correct for c, s in zip(clips, picks, strict=True)) / len(picks)
+    print("shapes-video quick eval:", results, flush=True)
+    pipe.to(torch.float16).save_pretrained(out / "shapes-video")
+    _log(work, "finish", {"quick_eval": results, "steps": steps, "trained_steps": int(ckpt["step"])})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stage", default="vae,latents,dit,finish")
+    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--out", type=Path, default=Path("diffkiln/zoo/weights"))
+    ap.add_argument("--vae-steps", type=int, default=1500)
+    ap.add_argument("--vae-batch", type=int, default=8)
+    ap.add_argument("--vae-window", type=int, default=5, help="frames per VAE training window")
+    ap.add_argument("--n-data", type=int, default=4000)
+    ap.add_argument("--steps", type=int, default=20000)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--minutes", type=float, default=0.0, help="cap the dit stage's time (0: none)")
+    ap.add_argument("--ckpt-every", type=int, default=200)
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--eval-size", type=int, default=20)
+    ap.add_argument("--eval-steps", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    a.work.mkdir(parents=True, exist_ok=True)
+    stages = a.stage.split(",")
+    if "vae" in stages:
+        stage_vae(a.work, a.vae_steps, a.vae_batch, a.seed, a.vae_window)
+    if "latents" in stages:
+        stage_latents(a.work, a.n_data, a.seed)
+    if "dit" in stages:
+        stage_dit(a.work, a.steps, a.batch, a.seed, a.minutes, a.resume, a.ckpt_every, a.lr)
+    if "finish" in stages:
+        stage_finish(a.work, a.out, a.eval_size, a.eval_steps)
+
+
+if __name__ == "__main__":
+    main()

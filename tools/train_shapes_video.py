@@ -14,6 +14,9 @@ Stages, each resumable from the work folder:
    ``judge_video`` and save the folder in float16 under ``--out``.
 
 Usage: python tools/train_shapes_video.py --stage vae,latents,dit,finish --work W [--minutes 60]
+
+``--vae-from DIR`` (latents) encodes with a saved VAE; ``--init-from DIR`` (dit) starts from a saved
+pipeline folder; ``--save-vae DIR`` keeps the trained VAE in float16.
 """
 
 from __future__ import annotations
@@ -96,10 +99,12 @@ def stage_vae(work: Path, steps: int, batch: int, seed: int, window: int) -> Non
                        "judge_on_reconstructions": ok / len(scenes)})  # fmt: skip
 
 
-def stage_latents(work: Path, n: int, seed: int) -> None:
+def stage_latents(work: Path, n: int, seed: int, vae_from: Path | None = None) -> None:
     from diffusers import AutoencoderKLWan
 
-    vae = AutoencoderKLWan.from_pretrained(work / "vae").eval()
+    vae = AutoencoderKLWan.from_pretrained(vae_from or work / "vae", torch_dtype=torch.float32).eval()
+    if vae_from is not None:
+        vae.save_pretrained(work / "vae")  # the later stages read it from the work folder
     rng = np.random.default_rng(seed + 1)
     means, stds, prompts = [], [], []
     t0 = time.time()
@@ -137,13 +142,21 @@ def _modules(work: Path) -> tuple[object, torch.nn.Module, torch.nn.Module]:
 
 
 def stage_dit(work: Path, steps: int, batch: int, seed: int, minutes: float, resume: bool, ckpt_every: int,
-              lr: float) -> None:  # fmt: skip
+              lr: float, init_from: Path | None = None) -> None:  # fmt: skip
     from diffusers import AutoencoderKLWan
 
     data = torch.load(work / "latents.pt", weights_only=False)
     mean, std, prompts, scale = data["mean"], data["std"], data["prompts"], data["scale"]
     _, encoder, transformer = _modules(work)
     pipe = assemble_shapes_video(work, AutoencoderKLWan.from_pretrained(work / "vae"), transformer, encoder)
+    if init_from is not None and not resume:  # continue from a saved pipeline folder's weights
+        from diffusers import WanTransformer3DModel
+        from transformers import UMT5EncoderModel
+
+        encoder.load_state_dict(UMT5EncoderModel.from_pretrained(init_from / "text_encoder").float().state_dict())
+        transformer.load_state_dict(
+            WanTransformer3DModel.from_pretrained(init_from / "transformer").float().state_dict()
+        )
     modules = [encoder.train(), transformer.train()]
     params = [p for m in modules for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
@@ -242,15 +255,22 @@ def main() -> None:
     ap.add_argument("--eval-size", type=int, default=20)
     ap.add_argument("--eval-steps", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--vae-from", type=Path, help="latents: encode with this AutoencoderKLWan folder")
+    ap.add_argument("--init-from", type=Path, help="dit: start from this pipeline folder's weights")
+    ap.add_argument("--save-vae", type=Path, help="vae: also save the trained VAE here in float16")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     stages = a.stage.split(",")
     if "vae" in stages:
         stage_vae(a.work, a.vae_steps, a.vae_batch, a.seed, a.vae_window)
+    if a.save_vae is not None:
+        from diffusers import AutoencoderKLWan
+
+        AutoencoderKLWan.from_pretrained(a.work / "vae").to(torch.float16).save_pretrained(a.save_vae)
     if "latents" in stages:
-        stage_latents(a.work, a.n_data, a.seed)
+        stage_latents(a.work, a.n_data, a.seed, a.vae_from)
     if "dit" in stages:
-        stage_dit(a.work, a.steps, a.batch, a.seed, a.minutes, a.resume, a.ckpt_every, a.lr)
+        stage_dit(a.work, a.steps, a.batch, a.seed, a.minutes, a.resume, a.ckpt_every, a.lr, a.init_from)
     if "finish" in stages:
         stage_finish(a.work, a.out, a.eval_size, a.eval_steps)
 

@@ -175,13 +175,15 @@ def parse_video_prompt(prompt: str) -> VideoScene:
 def _path(o: MovingObject, size: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Start and end centre of one object."""
     lo, hi = _MARGIN + size / 2 - 4, IMAGE_SIZE - _MARGIN - size / 2 + 4
+    # Across the motion an object may go nearer the border, so that it can pass one that stays.
+    across_lo, across_hi = size / 2 + 2, IMAGE_SIZE - size / 2 - 2
     if o.motion is Motion.STAYS:
         assert o.position is not None
         start = np.asarray(POSITION_ANCHORS[o.position]) + rng.uniform(-_JITTER, _JITTER, size=2)
         return start, start
     dx, dy = o.motion.direction
     travel = rng.uniform(*_TRAVEL)
-    across = rng.uniform(lo, hi)
+    across = rng.uniform(across_lo, across_hi)
     begin = rng.uniform(lo, hi - travel)
     along = np.array([begin, begin + travel])
     if dx + dy < 0:
@@ -209,7 +211,7 @@ def render_clip(scene: VideoScene, seed: int | np.random.Generator) -> list[Imag
     """
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     sizes = _SINGLE_SIZE if len(scene.objects) == 1 else _PAIR_SIZE
-    for _ in range(200):
+    for _ in range(2000):
         paths = []
         for o in scene.objects:
             size = float(rng.uniform(*sizes))

@@ -32,7 +32,7 @@ import json
 import re
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -134,11 +134,6 @@ def _bisect(run: Callable[[float], float], target: float, lo: float, hi: float, 
         else:
             hi = mid
     return best
-
-
-@contextlib.contextmanager
-def _nothing() -> Iterator[None]:
-    yield
 
 
 def _baselines(model: str, schedule: CacheSchedule, budget: float, prompts: list[str], tune: list[str], steps: int,

@@ -24,7 +24,7 @@ from diffkiln.calibrate.blocks import BlockLayout
 from diffkiln.core.arguments import bind_call
 from diffkiln.core.cache_schedule import CacheMechanism
 from diffkiln.core.errors import InvalidInputError
-from diffkiln.core.hooks import scoped_hooks
+from diffkiln.core.hooks import output_sample, scoped_hooks
 
 __all__ = ["CacheCandidate", "CacheRecorder", "CacheStats", "cache_recording"]
 
@@ -170,13 +170,6 @@ def _reused(call: dict[str, torch.Tensor], cand: CacheCandidate) -> tuple[torch.
     return out, out
 
 
-def _sample_of(out: Any) -> torch.Tensor:
-    """A denoiser output's sample: the tensor, a tuple's first entry, or an output object's first field."""
-    if isinstance(out, torch.Tensor):
-        return out
-    return out[0] if isinstance(out, tuple) else next(iter(out.values()))
-
-
 @contextmanager
 def cache_recording(denoiser: nn.Module, recorder: CacheRecorder) -> Iterator[CacheRecorder]:
     """Named forward hooks on the denoiser and its blocks feeding ``recorder`` while
@@ -189,7 +182,7 @@ def cache_recording(denoiser: nn.Module, recorder: CacheRecorder) -> Iterator[Ca
 
     def end(_m: nn.Module, _a: tuple[Any, ...], _k: dict[str, Any], out: Any) -> None:
         if recorder.current is not None:
-            recorder.keep("out", [_sample_of(out)])
+            recorder.keep("out", [output_sample(out)])
             recorder.calls.append(recorder.current)
         recorder.current = None
 

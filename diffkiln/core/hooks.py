@@ -13,13 +13,23 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["HookRegistry", "layer_input", "recording_calls", "replace_layer_input", "scoped_hooks"]
+__all__ = ["HookRegistry", "layer_input", "output_sample", "recording_calls", "replace_layer_input", "scoped_hooks"]
 
 
 def layer_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """The input of a Linear or convolution call as a hook sees it: the first positional argument,
     or ``input=`` (AnimateDiff's motion modules call ``proj_in(input=x)``); None when neither."""
     return args[0] if args else kwargs.get("input")
+
+
+def output_sample(out: Any) -> torch.Tensor:
+    """A denoiser call's sample as a hook sees its output: the tensor, the first entry of a tuple
+    or list, ``.sample`` of an output object, or the first field of another output mapping."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    return out.sample if hasattr(out, "sample") else next(iter(out.values()))
 
 
 def replace_layer_input(

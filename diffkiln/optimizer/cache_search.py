@@ -131,12 +131,7 @@ def max_reuse_run(n_steps: int, k: int) -> int:
     runs of 3 beat the uniform interval's latent error but moved shapes and colours (content
     accuracy fell 6-10 points); at 0.5, runs of 2 (the uniform interval has 1) gave the best latent
     error with content kept."""
-    compute = uniform_schedule(n_steps, k)
-    longest = run = 0
-    for c in compute:
-        run = 0 if c else run + 1
-        longest = max(longest, run)
-    return max(longest, 2)
+    return max(longest_reuse(uniform_schedule(n_steps, k)), 2)
 
 
 def periodic_schedule(dist: torch.Tensor, k_max: int) -> tuple[tuple[bool, ...], float] | None:

@@ -14,15 +14,12 @@ from typing import Any
 
 import torch
 
-from diffkiln.calibrate.config import CalibrationConfig
-from diffkiln.calibrate.run import pipeline_call_kwargs
-from diffkiln.calibrate.sources import batch_kwargs, source_from_description
 from diffkiln.calibrate.stats import CalibrationStats
 from diffkiln.core.cache_schedule import CacheSchedule
-from diffkiln.core.errors import InvalidInputError
 from diffkiln.core.metrics import sqnr_db
 from diffkiln.core.pipelines import find_denoiser
 from diffkiln.nn.cache import cache_schedule_applied
+from diffkiln.optimizer.workload import CalibrationCalls, output_tensor
 
 __all__ = ["LatentRun", "longest_reuse", "refine"]
 
@@ -31,23 +28,15 @@ class LatentRun:
     """The pipeline on the first ``samples`` calibration samples, final latents out."""
 
     def __init__(self, pipe: Any, stats: CalibrationStats, samples: int) -> None:
-        settings = stats.settings
-        if "source" not in settings:
-            raise InvalidInputError("the calibration statistics record no pipeline inputs; calibrate a pipeline")
-        config = CalibrationConfig.from_key_fields(settings)
-        source = source_from_description(settings["source"])
-        self.pipe, self.seed = pipe, config.seed
-        self.samples = [source.sample(i) for i in range(min(samples, len(source)))]
-        self.common = pipeline_call_kwargs(pipe, config, output_type="latent")
+        self.pipe = pipe
+        self.sampling = CalibrationCalls.of(pipe, stats, samples, output_type="latent")
+        self.samples = self.sampling.samples
         self.denoiser = find_denoiser(pipe, stats.denoiser or None)
         pipe.set_progress_bar_config(disable=True)
         self.reference = self._run()
 
     def _run(self) -> torch.Tensor:
-        gens = [torch.Generator().manual_seed(self.seed + i) for i in range(len(self.samples))]
-        with torch.no_grad():
-            out = self.pipe(**batch_kwargs(self.pipe, self.samples), generator=gens, **self.common)
-        return (out[0] if isinstance(out, tuple) else out[next(iter(out.keys()))]).detach().float()
+        return output_tensor(self.sampling.run(self.pipe))
 
     def score(self, schedule: CacheSchedule) -> tuple[float, float]:
         """(latent SQNR in dB against the uncached run, pooled over the samples; compute fraction counted)."""

@@ -26,20 +26,54 @@ from diffkiln.calibrate.run import ModuleInputs, pipeline_call_kwargs
 from diffkiln.calibrate.sources import batch_kwargs, source_from_description
 from diffkiln.calibrate.stats import CalibrationStats
 from diffkiln.core.errors import InvalidInputError
-from diffkiln.core.hooks import recording_calls, scoped_hooks
+from diffkiln.core.hooks import output_sample, recording_calls, scoped_hooks
 from diffkiln.core.metrics import sqnr_db, ssim
 from diffkiln.core.pipelines import find_denoiser, pipeline_media
 
-__all__ = ["ModuleWorkload", "PipelineWorkload", "Workload", "build_workload", "output_tensor"]
+__all__ = ["CalibrationCalls", "ModuleWorkload", "PipelineWorkload", "Workload", "build_workload", "output_tensor"]
 
 Call = tuple[tuple[Any, ...], dict[str, Any]]
 
 
 def output_tensor(out: Any) -> torch.Tensor:
-    """A denoiser output as one float tensor (the first of a tuple, ``.sample`` of an output object)."""
-    if isinstance(out, (tuple, list)):
-        out = out[0]
-    return (out.sample if hasattr(out, "sample") else out).detach().float()
+    """A denoiser output as one detached float tensor (:func:`diffkiln.core.hooks.output_sample`)."""
+    return output_sample(out).detach().float()
+
+
+@dataclass(frozen=True)
+class CalibrationCalls:
+    """The first calibration samples of a pipeline's statistics, re-created with their seeds.
+
+    Attributes:
+        samples: the per-sample inputs (prompts, images, class labels).
+        common: the other call arguments the calibration used, with the requested output type.
+        seed: the base seed; sample i is generated with seed + i.
+    """
+
+    samples: list[dict[str, Any]]
+    common: dict[str, Any]
+    seed: int
+
+    @classmethod
+    def of(cls, pipe: Any, stats: CalibrationStats, samples: int, output_type: str) -> CalibrationCalls:
+        """From the statistics' recorded settings and source.
+
+        Raises:
+            InvalidInputError: statistics of a bare module (no recorded pipeline inputs).
+        """
+        settings = stats.settings
+        if "source" not in settings:
+            raise InvalidInputError("the calibration statistics record no pipeline inputs; calibrate a pipeline")
+        config = CalibrationConfig.from_key_fields(settings)
+        source = source_from_description(settings["source"])
+        picked = [source.sample(i) for i in range(min(samples, len(source)))]
+        return cls(picked, pipeline_call_kwargs(pipe, config, output_type=output_type), config.seed)
+
+    def run(self, pipe: Any) -> Any:
+        """One pipeline call on every sample, seeded as calibration seeded it; returns its output."""
+        gens = [torch.Generator().manual_seed(self.seed + i) for i in range(len(self.samples))]
+        with torch.no_grad():
+            return pipe(**batch_kwargs(pipe, self.samples), generator=gens, **self.common)
 
 
 @dataclass
@@ -95,16 +129,10 @@ class PipelineWorkload(Workload):
     """A pipeline run on the first ``samples`` calibration samples, with their seeds."""
 
     def __init__(self, pipe: Any, stats: CalibrationStats, samples: int, replay_calls: int) -> None:
-        settings = stats.settings
-        if "source" not in settings:
-            raise InvalidInputError("the calibration statistics record no pipeline inputs; calibrate a pipeline")
         self.pipe = pipe
-        self.config = CalibrationConfig.from_key_fields(settings)
-        self.source = source_from_description(settings["source"])
-        self.n = min(samples, len(self.source))
-        self.samples = [self.source.sample(i) for i in range(self.n)]
         # Final outputs decoded as arrays: the media the metrics compare.
-        self.common = pipeline_call_kwargs(pipe, self.config, output_type="np")
+        self.sampling = CalibrationCalls.of(pipe, stats, samples, output_type="np")
+        self.n = len(self.sampling.samples)
         pipe.set_progress_bar_config(disable=True)
         denoiser = find_denoiser(pipe, stats.denoiser or None)
         with recording_calls("diffkiln.workload.record", denoiser) as recorded:
@@ -114,9 +142,7 @@ class PipelineWorkload(Workload):
         self._pick(recorded, replay_calls)
 
     def _run(self, pipe: Any) -> Any:
-        gens = [torch.Generator().manual_seed(self.config.seed + i) for i in range(self.n)]
-        with torch.no_grad():
-            return pipeline_media(pipe(**batch_kwargs(pipe, self.samples), generator=gens, **self.common))
+        return pipeline_media(self.sampling.run(pipe))
 
     def _split(self, media: Any) -> list[np.ndarray]:
         if media.kind == "audios":

@@ -284,7 +284,7 @@ def main() -> None:
                 manifest = json.loads((bundle / "manifest.json").read_text())
                 schedule = CacheSchedule.from_dict(manifest["cache"])
                 rows = _baselines(model, schedule, budget, prompts, tune, steps, fp_result)
-                rows["diffkiln"]["schedule"] = "".join("C" if c else "r" for c in schedule.compute)
+                rows["diffkiln"]["schedule"] = schedule.pattern
                 rows["diffkiln"]["mechanism"] = schedule.mechanism.value
                 rows["diffkiln"]["search_seconds"] = manifest["build_metrics"]["plan_seconds"]
                 record["budgets"][str(budget)] = {"rows": rows, "seconds": round(time.perf_counter() - t0, 1)}

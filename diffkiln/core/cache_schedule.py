@@ -117,6 +117,11 @@ class CacheSchedule:
         """Blocks a reusing step skips."""
         return self.end - self.start
 
+    @property
+    def pattern(self) -> str:
+        """The decisions as one letter per step: ``C`` computes, ``r`` reuses (``"CrCrr..."``)."""
+        return "".join("C" if c else "r" for c in self.compute)
+
     def block_evaluations(self) -> int:
         """Block evaluations per branch over all steps, as planned."""
         n = len(self.blocks)

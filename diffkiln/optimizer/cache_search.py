@@ -234,7 +234,7 @@ def search_cache(model: Any, stats: CalibrationStats, config: CacheConfig, conte
         score, fraction = measure.score(schedule)
         rows.append({"schedule": label, "proxy": None if math.isnan(proxy) else round(proxy, 4),
                      "score": round(score, 4), "compute_fraction": round(fraction, 4),
-                     "compute": "".join("C" if c else "r" for c in schedule.compute)})  # fmt: skip
+                     "compute": schedule.pattern})  # fmt: skip
         if best is None or score > best[0]:
             best = (score, schedule)
     assert best is not None

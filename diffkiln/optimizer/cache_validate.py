@@ -9,6 +9,7 @@ keeping a move when the measure improves, until no move helps or the trial budge
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -89,11 +90,10 @@ def refine(start: CacheSchedule, score: float, measure: Callable[[CacheSchedule]
         for compute in _moves(best.compute, max_run):
             if len(rows) >= trials:
                 break
-            candidate = CacheSchedule(best.mechanism, best.blocks, best.start, best.end, compute, best.calls_per_step,
-                                      best.streams, best.output_arity, best.extrapolate, best.budget)  # fmt: skip
+            candidate = dataclasses.replace(best, compute=compute)
             value, fraction = measure(candidate)
             rows.append({"schedule": "local move", "score": round(value, 4), "compute_fraction": round(fraction, 4),
-                         "compute": "".join("C" if c else "r" for c in compute)})  # fmt: skip
+                         "compute": candidate.pattern})  # fmt: skip
             if value > best_score + 1e-6:
                 best, best_score, improved = candidate, value, True
                 break

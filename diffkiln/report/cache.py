@@ -41,7 +41,7 @@ def cache_section(pipe: Any, resolved: Any, result: Any, base_result: Any, gen_c
     plain = generate(uncached, result.prompts, gen_cfg, resolved, measure=True, samples=len(result.prompts))
     return {
         "mechanism": schedule.mechanism.value,
-        "schedule": "".join("C" if c else "r" for c in schedule.compute),
+        "schedule": schedule.pattern,
         "reused_blocks": list(schedule.blocks[schedule.start : schedule.end]),
         "blocks": list(schedule.blocks),
         "extrapolate": schedule.extrapolate,

@@ -94,7 +94,7 @@ def _cache_summary(cache: dict[str, Any]) -> dict[str, Any] | None:
         "mechanism": schedule.mechanism.value,
         "reused_blocks": list(schedule.blocks[schedule.start : schedule.end]),
         "steps": schedule.steps,
-        "schedule": "".join("C" if c else "r" for c in schedule.compute),
+        "schedule": schedule.pattern,
         "extrapolate": schedule.extrapolate,
         "compute_fraction": round(schedule.compute_fraction, 4),
     }

@@ -91,7 +91,7 @@ def test_search_keeps_the_best_measured_schedule_within_budget(dit, budget: floa
     assert schedule.compute_fraction <= budget + 1e-9 and schedule.steps == 10
     rows = schedule.search["validated"]
     assert any(r["schedule"] == "whole uniform interval" for r in rows)
-    flags = "".join("C" if c else "r" for c in schedule.compute)
+    flags = schedule.pattern
     chosen = [r["score"] for r in rows if r["compute"] == flags]
     assert chosen and max(chosen) == max(r["score"] for r in rows)  # the best measured one is kept
     with cache_schedule_applied(pipe.transformer, schedule, pipe.scheduler) as run:

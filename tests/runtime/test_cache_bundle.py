@@ -124,7 +124,7 @@ def test_report_counts_the_schedule_and_compares_with_the_uncached_bundle(bundle
     schedule = CacheSchedule.from_dict(json.loads((bundles["w8a8"] / "manifest.json").read_text())["cache"])
     assert data["settings"]["steps"] == STEPS  # the schedule's step count, not the model's default
     assert cache["compute_fraction"] == pytest.approx(schedule.compute_fraction)  # counted by the hooks
-    assert cache["schedule"] == "".join("C" if c else "r" for c in schedule.compute)
+    assert cache["schedule"] == schedule.pattern
     assert cache["uncached"]["fidelity_vs_fp"]["latent_sqnr_db"] > cache["fidelity_vs_fp"]["latent_sqnr_db"]
     assert set(cache["uncached"]["quality"]) >= {"content_accuracy", "content_accuracy_pairs"}
     page = html_path.read_text()

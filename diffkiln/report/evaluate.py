@@ -194,8 +194,6 @@ def build_report(target: str | os.PathLike[str] | ResolvedTarget, config: Report
     pipe = load_pipeline(resolved, config.device)
     config = replace(config, call_kwargs=(*_bundle_call_kwargs(pipe), *config.call_kwargs))
     cache_run = getattr(pipe, "diffkiln_cache", None)
-    if cache_run is not None and config.steps is None:
-        config = replace(config, steps=cache_run.schedule.steps)  # a frozen schedule is for its step count
     before = (cache_run.evaluated, cache_run.uncached) if cache_run is not None else (0, 0)
     result = generate(pipe, prompts, config.generate_config(), resolved, measure=resolved.bundle,
                       samples=None if config.eval_prompts else config.eval_size)  # fmt: skip

@@ -15,18 +15,27 @@ Per frame, each object is found by its colour and its shape classified. Across f
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
 
+from diffkiln.zoo.shapes.dataset import ObjectSpec
 from diffkiln.zoo.shapes.judge import Blob, detect, nearest_position
-from diffkiln.zoo.shapes.video import Motion, MovingObject, VideoScene, parse_video_prompt
+from diffkiln.zoo.shapes.video import (
+    Motion,
+    MovingObject,
+    VideoScene,
+    all_video_scenes,
+    parse_video_prompt,
+    render_clip,
+)
 from diffkiln.zoo.shapes.vocab import Color
 
-__all__ = ["MAX_DRIFT", "MIN_TRAVEL", "MovingVerdict", "VideoVerdict", "judge_video"]
+__all__ = ["MAX_DRIFT", "MIN_TRAVEL", "JudgeCheck", "MovingVerdict", "VideoVerdict", "check_judge", "judge_video"]
 
 MIN_TRAVEL = 8.0
 """Pixels a moving object must cover along its direction (clips move 20-28)."""
@@ -100,3 +109,55 @@ def judge_video(frames: Sequence[Image.Image | np.ndarray], prompt: str | VideoS
     wanted = {o.obj.color for o in scene.objects}
     extra = sum(1 for c, k in counts.items() if c not in wanted and k >= 0.5 * n)
     return VideoVerdict(scene.prompt, tuple(verdicts), extra)
+
+
+@dataclass
+class JudgeCheck:
+    """The judge against freshly rendered clips (:func:`check_judge`).
+
+    Attributes:
+        agree: per attribute (``color_ok``, ``shape_ok``, ``motion_ok``, ``no_extra``), how many
+            ground-truth objects (or clips, for ``no_extra``) the judge found right.
+        total: how many were judged, per attribute.
+        rejected: per corruption (``reversed``, ``colour swapped``), how many wrong clips it rejected.
+        tried: how many wrong clips of each kind it was shown.
+    """
+
+    agree: Counter[str] = field(default_factory=Counter)
+    total: Counter[str] = field(default_factory=Counter)
+    rejected: Counter[str] = field(default_factory=Counter)
+    tried: Counter[str] = field(default_factory=Counter)
+
+    def agreement(self, attribute: str) -> float:
+        """The share of ``attribute`` the judge got right."""
+        return self.agree[attribute] / self.total[attribute]
+
+
+def check_judge(clips: int, seed: int) -> JudgeCheck:
+    """Render ``clips`` random compositions (alternately pairs and single objects, seen and
+    held-out) with new seeds; judge each against its own caption, played backwards (clips with a
+    moving object), and with the first object's colour swapped for an unused one."""
+    rng = np.random.default_rng(seed)
+    singles, pairs = all_video_scenes(False), all_video_scenes(True)
+    out = JudgeCheck()
+    for i in range(clips):
+        pool = singles if i % 2 else pairs
+        scene = pool[int(rng.integers(len(pool)))]
+        clip_seed = int(rng.integers(1 << 31))
+        frames = render_clip(scene, clip_seed)
+        verdict = judge_video(frames, scene)
+        for o in verdict.objects:
+            for attr in ("color_ok", "shape_ok", "motion_ok"):
+                out.agree[attr] += getattr(o, attr)
+                out.total[attr] += 1
+        out.agree["no_extra"] += verdict.extra_objects == 0
+        out.total["no_extra"] += 1
+        if any(o.motion is not Motion.STAYS for o in scene.objects):
+            out.tried["reversed"] += 1
+            out.rejected["reversed"] += not judge_video(frames[::-1], scene).correct
+        other = next(c for c in Color if c not in {o.obj.color for o in scene.objects})
+        first = dataclasses.replace(scene.objects[0], obj=ObjectSpec(other, scene.objects[0].obj.shape))
+        out.tried["colour swapped"] += 1
+        swapped = render_clip(VideoScene((first, *scene.objects[1:])), clip_seed)
+        out.rejected["colour swapped"] += not judge_video(swapped, scene).correct
+    return out

@@ -257,9 +257,10 @@ def _add_report(sub: Any) -> None:
     src.add_argument("--eval-prompts", type=Path, metavar="FILE", help="evaluate these prompts instead")
     r.add_argument(
         "--judge",
-        choices=["auto", "shapes", "none"],
+        choices=["auto", "shapes", "shapes-video", "none"],
         default="auto",
-        help="content judge: auto uses the built-in model's own; 'shapes' for a copy of a shapes model",
+        help="content judge: auto uses the built-in model's own; 'shapes' (images) or 'shapes-video' (clips) "
+        "for a copy of a shapes model",
     )
     r.add_argument("--out", type=Path, default=None, help="output folder (default out/report-<target>)")
     r.add_argument("--baseline", metavar="MODEL", help="for a bundle: the FP model to compare with")

@@ -40,6 +40,7 @@ __all__ = [
     "GenerateConfig",
     "GenerationResult",
     "PeakMemory",
+    "frame_strip",
     "generate",
     "load_pipeline",
     "read_prompts",
@@ -376,12 +377,27 @@ def _write_wav(path: Path, audio: np.ndarray, rate: int) -> None:
         f.writeframes(pcm.tobytes())
 
 
+def frame_strip(frames: list[Image.Image], every: int = 2, gap: int = 2) -> Image.Image:
+    """The frames of a clip side by side (every ``every``-th one, the last always included),
+    separated by ``gap`` grey pixels: what a report or ``generate`` shows of a clip in one image."""
+    if not frames:
+        raise ValueError("frame_strip needs at least one frame")
+    picks = list(range(0, len(frames), max(1, every)))
+    if picks[-1] != len(frames) - 1:
+        picks.append(len(frames) - 1)
+    w, h = frames[0].size
+    strip = Image.new("RGB", (len(picks) * (w + gap) - gap, h), (96, 96, 96))
+    for k, i in enumerate(picks):
+        strip.paste(frames[i].convert("RGB"), (k * (w + gap), 0))
+    return strip
+
+
 def save_outputs(result: GenerationResult, out_dir: str | os.PathLike[str]) -> list[Path]:
     """Write each sample under ``out_dir`` as ``NNNN_<slug>``: ``.png`` images, animated ``.gif``
-    videos, 16-bit ``.wav`` audio.
+    videos (each beside a ``.strip.png`` of its frames), 16-bit ``.wav`` audio.
 
     Returns:
-        The paths written.
+        The paths written (a video's strip right after its GIF).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -395,6 +411,9 @@ def save_outputs(result: GenerationResult, out_dir: str | os.PathLike[str]) -> l
             frames = result.videos[i]
             path = stem.with_suffix(".gif")
             frames[0].save(path, save_all=True, append_images=frames[1:], duration=125, loop=0)
+            frame_strip(frames).save(stem.with_suffix(".strip.png"))
+            paths += [path, stem.with_suffix(".strip.png")]
+            continue
         else:
             path = stem.with_suffix(".png")
             result.images[i].save(path)

@@ -16,15 +16,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
-from diffkiln.calibrate.prompts import generic_prompts
-from diffkiln.core import metrics
 from diffkiln.core.errors import InvalidInputError
 from diffkiln.core.toolchain import toolchain_versions
-from diffkiln.generation import GenerateConfig, generate, load_pipeline, read_prompts
+from diffkiln.generation import GenerateConfig, generate, load_pipeline
+from diffkiln.report.judging import JudgedImage, judge_all, prompt_list, quality
 from diffkiln.zoo.registry import JudgeKind, ResolvedTarget, resolve_target
-from diffkiln.zoo.shapes import PairScene, PromptSet, Split, Verdict, eval_scenes, judge, parse_prompt
 
 __all__ = [
     "JudgedImage",
@@ -88,21 +84,6 @@ class ReportConfig:
 
 
 @dataclass
-class JudgedImage:
-    """One evaluation image with its prompt, set and (when judged) the verdict."""
-
-    prompt: str
-    image: Image.Image
-    prompt_set: str | None
-    verdict: Verdict | None
-
-    @property
-    def correct(self) -> bool | None:
-        """The judge's decision, or None when the prompt was not judged."""
-        return None if self.verdict is None else self.verdict.correct
-
-
-@dataclass
 class Report:
     """Everything report.json and report.html show."""
 
@@ -115,65 +96,11 @@ class Report:
     sample_rate: int = 44100
 
 
-def _set_of(prompt: str) -> str | None:
-    try:
-        scene = parse_prompt(prompt)
-    except ValueError:
-        return None
-    if isinstance(scene, PairScene):
-        return PromptSet.PAIRS.value if scene.split is Split.SEEN else "pairs_heldout"
-    return PromptSet.SINGLE.value if scene.split is Split.SEEN else PromptSet.SINGLE_HELDOUT.value
-
-
-def prompt_list(config: ReportConfig, judged: bool = True) -> list[str]:
-    """The evaluation prompts: the prompts file, else for the shapes judge ``eval_size`` prompts of
-    each of its three sets, else ``eval_size`` everyday captions."""
-    if config.eval_prompts is not None:
-        return read_prompts(config.eval_prompts)
-    if not judged:
-        return generic_prompts(config.eval_size)
-    return [s.prompt for ps in PromptSet for s in eval_scenes(ps, config.eval_size, seed=0)]
-
-
 def _bundle_call_kwargs(pipe: Any) -> tuple[tuple[str, Any], ...]:
     """The call arguments a bundle was calibrated with (a user folder's size, frames, ...)."""
     manifest = getattr(pipe, "diffkiln_manifest", None) or {}
     recorded = manifest.get("plan", {}).get("notes", {}).get("calibration", {}).get("call_kwargs", {})
     return tuple(recorded.items()) if isinstance(recorded, dict) else ()
-
-
-_QUALITY_KEYS = {
-    PromptSet.SINGLE.value: "content_accuracy",
-    PromptSet.SINGLE_HELDOUT.value: "content_accuracy_heldout",
-    PromptSet.PAIRS.value: "content_accuracy_pairs",
-    "pairs_heldout": "content_accuracy_pairs_heldout",
-}
-
-
-def quality(judged: list[JudgedImage]) -> dict[str, Any]:
-    scored = [j for j in judged if j.correct is not None]
-    q: dict[str, Any] = {}
-    counts: dict[str, int] = {}
-    for set_name, key in _QUALITY_KEYS.items():
-        members = [bool(j.correct) for j in scored if j.prompt_set == set_name]
-        q[key] = metrics.content_accuracy(members) if members else None
-        counts[set_name] = len(members)
-    q["n_prompts"] = len(scored)
-    q["n_prompts_by_set"] = counts
-    q["n_unjudged"] = len(judged) - len(scored)
-    q["attribute_accuracy"] = _attribute_accuracy([j.verdict for j in scored if j.verdict is not None])
-    return q
-
-
-def _attribute_accuracy(verdicts: list[Verdict]) -> dict[str, float | None]:
-    """Per-attribute accuracy over all judged objects (a pair's relation counts as position)."""
-    tallies = {"color": [0, 0], "shape": [0, 0], "position": [0, 0]}
-    for v in verdicts:
-        for o in v.objects:
-            for name, ok in (("color", o.color_ok), ("shape", o.shape_ok), ("position", o.position_ok)):
-                tallies[name][0] += ok
-                tallies[name][1] += 1
-    return {k: (v[0] / v[1] if v[1] else None) for k, v in tallies.items()}
 
 
 def build_report(target: str | os.PathLike[str] | ResolvedTarget, config: ReportConfig) -> Report:
@@ -189,7 +116,7 @@ def build_report(target: str | os.PathLike[str] | ResolvedTarget, config: Report
     """
     resolved = target if isinstance(target, ResolvedTarget) else resolve_target(target)
     judge_kind = config.judge or (resolved.builtin.judge if resolved.builtin else JudgeKind.NONE)
-    prompts = prompt_list(config, judge_kind is JudgeKind.SHAPES)
+    prompts = prompt_list(config, judge_kind)
     t0 = time.perf_counter()
     pipe = load_pipeline(resolved, config.device)
     config = replace(config, call_kwargs=(*_bundle_call_kwargs(pipe), *config.call_kwargs))
@@ -221,7 +148,7 @@ def build_report(target: str | os.PathLike[str] | ResolvedTarget, config: Report
         },
         "toolchain": toolchain_versions(),
     }
-    if judge_kind is JudgeKind.SHAPES:
+    if judge_kind.scores:
         data["quality"] = quality(judged)
     rep = Report(data=data, images=judged, sample_rate=result.sample_rate or 44100)
     rep.audio = list(zip(result.prompts, result.audios or [], strict=False))
@@ -232,18 +159,6 @@ def build_report(target: str | os.PathLike[str] | ResolvedTarget, config: Report
         rep.baseline_audio = list(zip(base_result.prompts, base_result.audios or [], strict=False))
     data["timing"]["total_seconds"] = round(time.perf_counter() - t0, 3)
     return rep
-
-
-def judge_all(result: Any, judge_kind: JudgeKind) -> list[JudgedImage]:
-    """Each generated image with its prompt, set and (for the shapes judge) verdict; none for audio."""
-    if not result.images:
-        return []
-    judged = []
-    for prompt, image in zip(result.prompts, result.images, strict=True):
-        set_name = _set_of(prompt) if judge_kind is JudgeKind.SHAPES else None
-        verdict = judge(image, prompt) if set_name is not None else None
-        judged.append(JudgedImage(prompt, image, set_name, verdict))
-    return judged
 
 
 def _compare_with_baseline(
@@ -283,7 +198,7 @@ def _compare_with_baseline(
         "latency": {"ms_per_step": base_result.extras["denoiser_ms_per_step"]},
         "memory": {"peak_bytes": base_result.extras["peak_bytes"]},
     }
-    if judge_kind is JudgeKind.SHAPES:
+    if judge_kind.scores:
         data["baseline"]["quality"] = quality(base_judged)
     data["fidelity"] = fidelity(base_result, result)
     data["size"] = {
@@ -308,7 +223,7 @@ def _compare_with_baseline(
         from diffkiln.report.cache import cache_section
 
         def judged_quality(generation: Any) -> dict[str, Any] | None:
-            return quality(judge_all(generation, judge_kind)) if judge_kind is JudgeKind.SHAPES else None
+            return quality(judge_all(generation, judge_kind)) if judge_kind.scores else None
 
         data["cache"] = cache_section(pipe, resolved, result, base_result, gen_cfg, cache_counts, judged_quality)
         data["cache"]["fidelity_vs_fp"] = data["fidelity"]
@@ -374,7 +289,7 @@ def _bos_comparison(
 
     def variant(**changes: Any) -> dict[str, Any]:
         result = generate(variants.build(**changes), base_result.prompts, gen_cfg, base_target, measure=True)
-        judged = quality(judge_all(result, judge_kind)) if judge_kind is JudgeKind.SHAPES else None
+        judged = quality(judge_all(result, judge_kind)) if judge_kind.scores else None
         return summary(fidelity(base_result, result), judged)
 
     comparison: dict[str, Any] = {

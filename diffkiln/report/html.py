@@ -27,6 +27,7 @@ th{background:#f4f4f4} .num{text-align:right;font-variant-numeric:tabular-nums}
 .cell{width:136px;font-size:11px;line-height:1.25}
 .cell img{width:128px;height:128px;image-rendering:pixelated;border:4px solid #2a2;display:block}
 .cell.miss img{border-color:#d22} .cell.unjudged img{border-color:#999}
+.cell.strip{width:auto} .cell.strip img{width:auto;height:96px}
 .why{color:#d22} .legend span{display:inline-block;padding:2px 8px;margin-right:8px;color:#fff}
 """
 
@@ -55,8 +56,14 @@ def _table(rows: list[tuple[Any, ...]]) -> str:
     return f"<table>{body}</table>"
 
 
+def _is_strip(image: Any) -> bool:
+    """A clip's frame strip (much wider than tall) rather than one image."""
+    return bool(image.width > 2 * image.height)
+
+
 def _cell(j: JudgedImage) -> str:
     cls = "unjudged" if j.correct is None else ("" if j.correct else "miss")
+    cls += " strip" if _is_strip(j.image) else ""
     why = ""
     if j.verdict is not None and not j.verdict.correct:
         why = f"<div class=why>{html.escape(j.verdict.reason)}</div>"
@@ -181,11 +188,14 @@ def _bundle_sections(rep: Report) -> list[str]:
     if rep.baseline_audio:
         out.append("<h2>FP audio, same prompts and seeds</h2>" + audio_cells(rep.baseline_audio, rep.sample_rate))
     if rep.baseline_images:
-        out.append("<h2>FP (left) vs bundle (right), same prompt and seed</h2><div class=grid>")
+        # Clips' frame strips are too wide to sit side by side: FP above, bundle below.
+        strips = _is_strip(rep.images[0].image) if rep.images else False
+        where, pair = ("above", "column") if strips else ("left", "row")
+        out.append(f"<h2>FP ({where}) vs bundle, same prompt and seed</h2><div class=grid>")
         for fp_img, q_img in list(zip(rep.baseline_images, rep.images, strict=True))[:48]:
             out.append(
-                f"<div class=cell style='width:272px'><div style='display:flex;gap:4px'>"
-                f"{_cell(fp_img)}{_cell(q_img)}</div></div>"
+                f"<div class=cell style='width:{'auto' if strips else '272px'}'>"
+                f"<div style='display:flex;flex-direction:{pair};gap:4px'>{_cell(fp_img)}{_cell(q_img)}</div></div>"
             )
         out.append("</div>")
     return out
@@ -230,7 +240,8 @@ def render_html(rep: Report) -> str:
         if not members:
             continue
         misses = sum(1 for j in members if j.correct is False)
-        parts.append(f"<h2>{_SET_TITLES[set_name]} ({len(members)} images, {misses} misses)</h2>")
+        kind = "clips" if _is_strip(members[0].image) else "images"
+        parts.append(f"<h2>{_SET_TITLES[set_name]} ({len(members)} {kind}, {misses} misses)</h2>")
         parts.append("<div class=grid>" + "".join(_cell(j) for j in members) + "</div>")
     parts.append("<h2>report.json</h2><pre>" + html.escape(json.dumps(d, indent=2)) + "</pre></body></html>")
     return "\n".join(parts)

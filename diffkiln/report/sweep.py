@@ -18,8 +18,9 @@ from diffkiln.api.sweep import SweepBuild
 from diffkiln.core.pipelines import find_denoiser
 from diffkiln.generation import GenerateConfig, generate, load_pipeline
 from diffkiln.report.compare import fidelity
-from diffkiln.report.evaluate import ReportConfig, judge_all, prompt_list, quality
+from diffkiln.report.evaluate import ReportConfig
 from diffkiln.report.html import STYLE
+from diffkiln.report.judging import judge_all, prompt_list, quality
 from diffkiln.runtime.inspect import denoiser_sizes
 from diffkiln.runtime.memory import resident_bytes
 from diffkiln.zoo.registry import JudgeKind, resolve_target
@@ -51,14 +52,14 @@ def evaluate_sweep(build: SweepBuild, eval_size: int = 50, progress: bool = True
     prep = build.prepared
     judge_kind = prep.resolved.builtin.judge if prep.resolved.builtin else JudgeKind.NONE
     prompts = (
-        prompt_list(ReportConfig(eval_size=eval_size))
-        if judge_kind is JudgeKind.SHAPES
+        prompt_list(ReportConfig(eval_size=eval_size), judge_kind)
+        if judge_kind.scores
         else list(prep.stats.settings["prompts"])
     )
     gen_cfg = GenerateConfig(progress=progress)
     fp = generate(prep.pipe, prompts, gen_cfg, prep.resolved, measure=True)
     rows: list[dict[str, Any]] = []
-    if judge_kind is JudgeKind.SHAPES:
+    if judge_kind.scores:
         rows.append({"name": "fp", "avg_weight_bits": 16.0, "quality": quality(judge_all(fp, judge_kind))})
     for name, path in build.bundles.items():
         resolved = resolve_target(str(path))
@@ -83,7 +84,7 @@ def evaluate_sweep(build: SweepBuild, eval_size: int = 50, progress: bool = True
             "cache_compute_fraction": _measured_fraction(pipe),
             "bits": {n: info["bits"] for n, info in manifest["quant"]["layers"].items()},
         }
-        if judge_kind is JudgeKind.SHAPES:
+        if judge_kind.scores:
             row["quality"] = quality(judge_all(result, judge_kind))
         rows.append(row)
     data = {"target": prep.resolved.name, "eval_prompts": len(prompts), "layers": build.layers, "rows": rows}

@@ -40,6 +40,12 @@ class JudgeKind(str, Enum):
 
     NONE = "none"
     SHAPES = "shapes"
+    SHAPES_VIDEO = "shapes-video"
+
+    @property
+    def scores(self) -> bool:
+        """True for a judge that scores content (every kind but NONE)."""
+        return self is not JudgeKind.NONE
 
 
 @dataclass(frozen=True)
@@ -77,20 +83,22 @@ class BuiltinModel:
 
     def calibration_prompts(self, n: int) -> list[str] | None:
         """``n`` prompts from the model's own world (shapes-world scenes in seen compositions for
-        the shapes models), or None when it has none (the caller uses generic captions).
+        the shapes models, moving-shapes scenes for shapes-video), or None when it has none (the
+        caller uses generic captions). Half are single objects, half pairs.
 
         Raises:
             ValueError: ``n`` is not positive.
         """
         if n <= 0:
             raise ValueError(f"calibration size must be positive, got {n}")
-        if self.judge is not JudgeKind.SHAPES:
+        if not self.judge.scores:
             return None
         from diffkiln.zoo.shapes import PromptSet, eval_scenes
+        from diffkiln.zoo.shapes.video import eval_video_scenes
 
+        pick = eval_video_scenes if self.judge is JudgeKind.SHAPES_VIDEO else eval_scenes
         half = (n + 1) // 2
-        scenes = eval_scenes(PromptSet.SINGLE, half, seed=7) + eval_scenes(PromptSet.PAIRS, n - half, seed=7)
-        return [s.prompt for s in scenes]
+        return [s.prompt for s in (*pick(PromptSet.SINGLE, half, seed=7), *pick(PromptSet.PAIRS, n - half, seed=7))]
 
     def materialize(self) -> Path:
         """The model's folder, built first if it is a random-weight model not yet in the cache."""
@@ -142,6 +150,18 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
             judge=JudgeKind.SHAPES,
             # Trained with T5 prompts padded to 32 tokens (zoo.shapes_models.DIT_T5_LENGTH).
             call_kwargs=(("max_sequence_length", 32),),
+        ),
+        BuiltinModel(
+            name="shapes-video",
+            description="trained 17-frame 64x64 text-to-video on the moving-shapes world; Wan 2.1-class "
+            "(UMT5, WanTransformer3DModel, AutoencoderKLWan, flow-matching Euler)",
+            pipeline_class="WanPipeline",
+            default_steps=20,
+            default_guidance=5.0,
+            judge=JudgeKind.SHAPES_VIDEO,
+            # Wan rounds num_frames up to 1 + a multiple of the VAE's temporal factor (1 here): 16 -> 17;
+            # prompts are padded to zoo.shapes_video_model.VIDEO_TEXT_LENGTH tokens.
+            call_kwargs=(("height", 64), ("width", 64), ("num_frames", 16), ("max_sequence_length", 24)),
         ),
         *_tiny_models(),
     )

@@ -16,7 +16,7 @@ from itertools import product
 import numpy as np
 from PIL import Image, ImageDraw
 
-from diffkiln.zoo.shapes.dataset import ObjectSpec, Split, draw_object
+from diffkiln.zoo.shapes.dataset import ObjectSpec, PromptSet, Split, draw_object
 from diffkiln.zoo.shapes.vocab import (
     BACKGROUND_RGB,
     IMAGE_SIZE,
@@ -33,6 +33,7 @@ __all__ = [
     "MovingObject",
     "VideoScene",
     "all_video_scenes",
+    "eval_video_scenes",
     "parse_video_prompt",
     "render_clip",
     "sample_training_clip",
@@ -241,6 +242,34 @@ def sample_training_clip(rng: np.random.Generator, pair_fraction: float = 0.5) -
 
 _SEEN_SINGLES = all_video_scenes(False, Split.SEEN)
 _SEEN_PAIRS = all_video_scenes(True, Split.SEEN)
+
+
+def eval_video_scenes(prompt_set: PromptSet, n: int, seed: int = 0) -> list[VideoScene]:
+    """A deterministic evaluation list of ``n`` clips' scenes, covering the set's compositions evenly
+    (as :func:`diffkiln.zoo.shapes.eval_scenes` does for images).
+
+    Args:
+        prompt_set: single (seen compositions), single_heldout, or pairs (seen compositions).
+        n: number of scenes; compositions repeat once all have been used.
+        seed: shuffles the order of compositions. Default 0.
+
+    Raises:
+        ValueError: ``n`` is not positive.
+    """
+    if n <= 0:
+        raise ValueError(f"n must be positive, got {n}")
+    if prompt_set is PromptSet.SINGLE:
+        pool = _SEEN_SINGLES
+    elif prompt_set is PromptSet.SINGLE_HELDOUT:
+        pool = all_video_scenes(False, Split.HELDOUT)
+    else:
+        pool = _SEEN_PAIRS
+    rng = np.random.default_rng(seed)
+    out: list[VideoScene] = []
+    while len(out) < n:
+        order = rng.permutation(len(pool))
+        out.extend(pool[i] for i in order[: n - len(out)])
+    return out
 
 
 def video_prompt_words() -> list[str]:

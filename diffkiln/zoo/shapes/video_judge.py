@@ -67,6 +67,18 @@ class VideoVerdict:
         """Every attribute of every object right and nothing extra."""
         return self.extra_objects == 0 and all(o.color_ok and o.shape_ok and o.motion_ok for o in self.objects)
 
+    @property
+    def reason(self) -> str:
+        """A short human-readable account of what was wrong ("" when correct)."""
+        parts = []
+        for i, o in enumerate(self.objects):
+            bad = [n for n, ok in (("color", o.color_ok), ("shape", o.shape_ok), ("motion", o.motion_ok)) if not ok]
+            if bad:
+                parts.append(f"object {i + 1}: wrong {'/'.join(bad)}")
+        if self.extra_objects:
+            parts.append(f"{self.extra_objects} extra object(s)")
+        return "; ".join(parts)
+
 
 def _motion_ok(o: MovingObject, track: list[Blob]) -> tuple[bool, tuple[float, float]]:
     xs = np.array([b.cx for b in track])

@@ -61,7 +61,7 @@ def test_ground_truth_clips_score_right_and_reversed_ones_are_missed() -> None:
 def test_image_judge_still_scores_images_and_ignores_foreign_prompts() -> None:
     scenes = eval_scenes(PromptSet.SINGLE, 4, seed=0)
     images = [render(s, i) for i, s in enumerate(scenes)]
-    judged = judge_all(_result([s.prompt for s in scenes] + ["a cat"], None, images + [images[0]]), JudgeKind.SHAPES)
+    judged = judge_all(_result([*(s.prompt for s in scenes), "a cat"], None, [*images, images[0]]), JudgeKind.SHAPES)
     q = quality(judged)
     assert q["content_accuracy"] == 1.0 and q["n_unjudged"] == 1
     assert set(q["attribute_accuracy"]) == {"color", "shape", "position"}

@@ -2,9 +2,11 @@
 
 Stages, each resumable from the work folder:
 
-1. ``vae``: train the ``AutoencoderKLWan`` (no temporal compression) on short windows of rendered
-   clips of *seen* compositions (L1 + MSE weighted 10x on object pixels, tiny KL; warmup), then
-   check that the video judge still reads its reconstructions of whole clips.
+1. ``vae``: train the ``AutoencoderKLWan`` (no temporal compression) on windows of rendered clips
+   of *seen* compositions (L1 + MSE weighted 10x on object pixels, tiny KL; warmup), then check
+   that the video judge still reads its reconstructions of whole clips. Its causal convolutions
+   drift past the window it was trained on (colours turned after frame 9 of 17 with 5-frame
+   windows), so the shipped VAE continues (``--vae-init``) on whole 17-frame clips.
 2. ``latents``: render ``--n-data`` clips of seen compositions and store the VAE's latent mean and
    std (float16) and the captions.
 3. ``dit``: train the UMT5 encoder and the ``WanTransformer3DModel`` jointly with rectified flow
@@ -70,11 +72,14 @@ def _frames_of(video: torch.Tensor) -> list[np.ndarray]:
     return list(((video.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).cpu().numpy())
 
 
-def stage_vae(work: Path, steps: int, batch: int, seed: int, window: int) -> None:
+def stage_vae(work: Path, steps: int, batch: int, seed: int, window: int, init: Path | None = None,
+              lr: float = 1e-3) -> None:  # fmt: skip
+    from diffusers import AutoencoderKLWan
+
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    vae = build_video_vae().train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3)
+    vae = (AutoencoderKLWan.from_pretrained(init, torch_dtype=torch.float32) if init else build_video_vae()).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr)
     t0 = time.time()
     loss = torch.zeros(())
     for step in range(steps):
@@ -92,7 +97,7 @@ def stage_vae(work: Path, steps: int, batch: int, seed: int, window: int) -> Non
         opt.step()
         for group in opt.param_groups:
             warm = min(1.0, (step + 1) / 100)
-            group["lr"] = 1e-3 * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+            group["lr"] = lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         if step % 50 == 0:
             print(f"vae step {step} loss {loss.item():.4f} {time.time() - t0:.0f}s", flush=True)
     vae.eval()
@@ -251,6 +256,8 @@ def main() -> None:
     ap.add_argument("--vae-steps", type=int, default=1500)
     ap.add_argument("--vae-batch", type=int, default=8)
     ap.add_argument("--vae-window", type=int, default=5, help="frames per VAE training window")
+    ap.add_argument("--vae-init", type=Path, help="vae: continue from this AutoencoderKLWan folder")
+    ap.add_argument("--vae-lr", type=float, default=1e-3)
     ap.add_argument("--n-data", type=int, default=4000)
     ap.add_argument("--steps", type=int, default=20000)
     ap.add_argument("--batch", type=int, default=16)
@@ -268,7 +275,7 @@ def main() -> None:
     a.work.mkdir(parents=True, exist_ok=True)
     stages = a.stage.split(",")
     if "vae" in stages:
-        stage_vae(a.work, a.vae_steps, a.vae_batch, a.seed, a.vae_window)
+        stage_vae(a.work, a.vae_steps, a.vae_batch, a.seed, a.vae_window, a.vae_init, a.vae_lr)
     if a.save_vae is not None:
         from diffusers import AutoencoderKLWan
 

@@ -39,7 +39,8 @@ readable by older runtimes."""
 MANIFEST_NAME = "manifest.json"
 ONNX_FORMAT = "diffkiln.onnx"
 """The manifest format of an ONNX export folder (docs/onnx-export.md)."""
-ONNX_VERSION = 1
+ONNX_VERSION = 2
+"""2: a block-range cache schedule exports its reuse graph (``cache_graph``)."""
 _REQUIRED_KEYS = ("format", "version", "source", "pipeline", "quant", "bos", "sparsity", "cache", "files")
 
 

@@ -32,7 +32,13 @@ from torch import nn
 
 from diffkiln.core.cache_schedule import CacheMechanism, CacheSchedule, CacheScheduleError
 
-__all__ = ["CacheRun", "apply_cache_schedule", "cache_schedule_applied", "remove_cache_schedule"]
+__all__ = [
+    "CacheRun",
+    "CacheStepTracer",
+    "apply_cache_schedule",
+    "cache_schedule_applied",
+    "remove_cache_schedule",
+]
 
 DENOISER_HOOK = "diffkiln.cache.denoiser"
 BLOCK_HOOK = "diffkiln.cache.block"
@@ -58,10 +64,14 @@ class CacheRun:
         uncached: block evaluations the uncached denoiser would have run over the same calls.
         steps_run: the current (or last) sampling run's denoiser calls, in order: True computed,
             False reused. Cleared when a run starts with no other branch in progress.
+        graph: the denoiser computes and takes the cached values itself (an exported pair of step
+            graphs, :class:`CacheStepTracer`): no block hooks; it reads :attr:`step_computes` and
+            calls :meth:`store` / :meth:`cached`.
     """
 
     schedule: CacheSchedule
     scheduler: Any = None
+    graph: bool = False
     evaluated: int = 0
     uncached: int = 0
     steps_run: list[bool] = field(default_factory=list)
@@ -77,6 +87,28 @@ class CacheRun:
         """Forget every branch's cached values (the counts stay)."""
         self.branches.clear()
         self.current = None
+
+    def _now(self) -> tuple[_Branch, int, bool]:
+        if self.current is None:
+            raise CacheScheduleError("no denoiser step is in progress (call inside the hooked denoiser's forward)")
+        return self.current
+
+    @property
+    def step_computes(self) -> bool | None:
+        """Whether the step in progress computes every block (None outside a denoiser call)."""
+        return None if self.current is None else self.current[2]
+
+    def store(self, values: list[torch.Tensor]) -> None:
+        """Graph mode: keep the values a computing step's graph returned, for the branch in progress."""
+        branch, step, _ = self._now()
+        _remember(branch, step, list(values))
+
+    def cached(self) -> list[torch.Tensor]:
+        """Graph mode: the values a reusing step's graph takes: the last computed step's, extrapolated
+        from the last two where the schedule says so (residual schedules; deep reuses as stored)."""
+        branch, step, _ = self._now()
+        extrapolate = self.schedule.extrapolate and self.schedule.mechanism is not CacheMechanism.DEEP
+        return _extrapolated(branch.history, step, extrapolate)
 
 
 class _ContextName(StateManager):
@@ -154,6 +186,9 @@ class _DenoiserHook(_Skipping):
         run.steps_run.append(compute)
         counter.calls += 1
         try:
+            if run.graph and schedule.mechanism is not CacheMechanism.WHOLE:
+                run.evaluated += len(schedule.blocks) - (0 if compute else schedule.end - schedule.start)
+                return self._original(*args, **kwargs)
             if schedule.mechanism is CacheMechanism.WHOLE and not compute:
                 _, rebuild = _first_tensor(branch.outputs[-1])
                 return rebuild(_extrapolated(branch.history, step, schedule.extrapolate)[0])
@@ -258,7 +293,7 @@ def _foreign_stateful(modules: list[nn.Module]) -> list[str]:
 
 
 def apply_cache_schedule(
-    denoiser: nn.Module, schedule: CacheSchedule, scheduler: Any = None, check_blocks: bool = True
+    denoiser: nn.Module, schedule: CacheSchedule, scheduler: Any = None, check_blocks: bool = True, graph: bool = False
 ) -> CacheRun:
     """Hook ``schedule`` onto ``denoiser`` (see the module docstring).
 
@@ -269,6 +304,9 @@ def apply_cache_schedule(
         check_blocks: require the blocks the schedule names (a ``whole`` schedule does not hook
             them; False lets it run on a denoiser without torch blocks, e.g. an onnxruntime session).
             Default True.
+        graph: the denoiser runs the schedule's two step graphs itself (an onnxruntime denoiser of
+            an export with a block-range schedule; :attr:`CacheRun.graph`): only the denoiser hook
+            is registered, and no block is required. Default False.
 
     Returns:
         The run state, whose counts the hooks update.
@@ -277,8 +315,9 @@ def apply_cache_schedule(
         CacheScheduleError: a block the schedule names is missing, a schedule is applied already,
             or another cache is on the denoiser.
     """
-    whole = schedule.mechanism is CacheMechanism.WHOLE
-    blocks = _blocks(denoiser, schedule) if check_blocks or not whole else []
+    # 'whole' and graph-mode schedules hook the denoiser only.
+    hook_blocks = schedule.mechanism is not CacheMechanism.WHOLE and not graph
+    blocks = _blocks(denoiser, schedule) if hook_blocks or (check_blocks and not graph) else []
     modules = dict(denoiser.named_modules())
     watched = [modules[b] for b in schedule.blocks if b in modules]  # another cache may hook them
     registry = HookRegistry.check_if_exists_or_initialize(denoiser)
@@ -293,8 +332,8 @@ def apply_cache_schedule(
             )
 
     foreign_check()
-    run = CacheRun(schedule, scheduler)
-    for i, block in enumerate([] if whole else blocks):
+    run = CacheRun(schedule, scheduler, graph=graph)
+    for i, block in enumerate(blocks if hook_blocks else []):
         HookRegistry.check_if_exists_or_initialize(block).register_hook(_BlockHook(run, i, block), BLOCK_HOOK)
     registry.register_hook(_DenoiserHook(run, foreign_check), DENOISER_HOOK)
     return run
@@ -316,3 +355,72 @@ def cache_schedule_applied(denoiser: nn.Module, schedule: CacheSchedule, schedul
         yield run
     finally:
         remove_cache_schedule(denoiser)
+
+
+class CacheStepTracer:
+    """A block-range schedule's two step graphs, for export: ``fill`` runs a computing step and also
+    returns the values reusing steps need (the residual the range adds, per stream; or every reused
+    block's output, flattened); ``reuse`` runs a reusing step on such values. Both run the block hooks
+    the runtime runs, so an exported pair computes what the torch runtime does.
+
+    Args:
+        denoiser: the denoiser (its blocks by name).
+        schedule: a ``residual`` or ``deep`` schedule.
+
+    Raises:
+        CacheScheduleError: a ``whole`` schedule (it needs no graphs), or a block is missing.
+    """
+
+    def __init__(self, denoiser: nn.Module, schedule: CacheSchedule) -> None:
+        if schedule.mechanism is CacheMechanism.WHOLE:
+            raise CacheScheduleError("a 'whole' cache schedule reuses the denoiser's output; it has no step graphs")
+        self.run = CacheRun(schedule)
+        self.blocks = _blocks(denoiser, schedule)
+        self.specs: list[Any] = []  # deep: each reused block's output structure (from the last fill)
+        for i, block in enumerate(self.blocks):
+            HookRegistry.check_if_exists_or_initialize(block).register_hook(_BlockHook(self.run, i, block), BLOCK_HOOK)
+
+    def fill(self, call: Any) -> tuple[Any, list[torch.Tensor]]:
+        """``call()`` (the denoiser's forward) as a computing step; returns its output and the values."""
+        from torch.utils._pytree import tree_flatten
+
+        schedule, branch = self.run.schedule, _Branch()
+        self.run.current = (branch, 0, True)
+        try:
+            out = call()
+        finally:
+            self.run.current = None
+        if schedule.mechanism is CacheMechanism.RESIDUAL:
+            return out, list(branch.history[-1][1])
+        values: list[torch.Tensor] = []
+        self.specs = []
+        for i in range(schedule.start, schedule.end):
+            leaves, spec = tree_flatten(branch.outputs[i])
+            values += leaves
+            self.specs.append((len(leaves), spec))
+        return out, values
+
+    def reuse(self, call: Any, values: list[torch.Tensor]) -> Any:
+        """``call()`` as a reusing step on ``values`` (as :meth:`fill` returned them)."""
+        from torch.utils._pytree import tree_unflatten
+
+        schedule, branch = self.run.schedule, _Branch()
+        if schedule.mechanism is CacheMechanism.RESIDUAL:
+            branch.history = [(0, list(values))]
+        else:
+            at = 0
+            for i, (n, spec) in zip(range(schedule.start, schedule.end), self.specs, strict=True):
+                branch.outputs[i] = tree_unflatten(list(values[at : at + n]), spec)
+                at += n
+        self.run.current = (branch, 1, False)
+        try:
+            return call()
+        finally:
+            self.run.current = None
+
+    def remove(self) -> None:
+        """Remove the block hooks."""
+        for block in self.blocks:
+            registry = getattr(block, "_diffusers_hook", None)
+            if isinstance(registry, HookRegistry):
+                registry.remove_hook(BLOCK_HOOK, recurse=False)

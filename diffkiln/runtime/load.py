@@ -93,7 +93,7 @@ def load(
             torch.float16 (or their names) where the device has fast units for it (AMX/AVX-512
             BF16 CPUs, GPUs, NPUs); see :mod:`diffkiln.runtime.dtype`. Default None: as stored
             (float32).
-        cache: torch backend only: apply the bundle's frozen cache schedule, when it has one
+        cache: apply the bundle's (or ONNX export's) frozen cache schedule, when it has one
             (:mod:`diffkiln.nn.cache`). False runs every step in full. Default True.
 
     Returns:
@@ -129,7 +129,7 @@ def load(
 
         dlog.set_verbosity_error()
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        return load_onnx_pipeline(path, resolve_device(device), optimize=ort_optimize)
+        return load_onnx_pipeline(path, resolve_device(device), optimize=ort_optimize, cache=cache)
     target = resolve_device(device)
     dlog.set_verbosity_error()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib
 import json
 import logging
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +21,11 @@ import torch
 from torch import nn
 
 from diffkiln.core.arguments import feed_array, flatten_arguments
-from diffkiln.core.cache_schedule import CacheSchedule, CacheScheduleError
+from diffkiln.core.cache_schedule import CacheMechanism, CacheSchedule, CacheScheduleError
 from diffkiln.core.errors import BundleError
 from diffkiln.core.schema import BUNDLE_FORMAT, MANIFEST_NAME, ONNX_FORMAT, ONNX_VERSION, read_json, verify_files
-from diffkiln.nn.cache import apply_cache_schedule
+from diffkiln.nn.cache import CacheRun, apply_cache_schedule
+from diffkiln.runtime.onnxruntime_session import open_session, session_options
 
 __all__ = [
     "OrtComponent",
@@ -33,7 +33,7 @@ __all__ = [
     "OrtTextEncoder",
     "OrtVaeDecoder",
     "load_onnx_pipeline",
-    "open_session",
+    "open_session",  # re-exported from onnxruntime_session
     "read_onnx_manifest",
 ]
 
@@ -41,21 +41,6 @@ __all__ = [
 _OUTPUT_LIBRARIES = ("transformers.", "diffusers.")
 _PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "npu": "CANNExecutionProvider"}
 log = logging.getLogger(__name__)
-# onnxruntime (1.32) breaks some QDQ graphs while optimizing them: a QuantizeLinear that one of its
-# rewrites inserts gets an output_dtype that contradicts its zero point (after the s8 -> u8
-# conversion), and the session fails to build with the error of onnxruntime issue 25526. Measured:
-# MatMulAddFusion on a QDQ MatMul + Add with a static 3-D input (diffkiln's static-shape exports:
-# dynamic=False, or a component whose dynamic export fell back to the recorded shapes), and QDQ
-# propagation through Transpose in onnxruntime's own quantize_static output of the SD1.5 UNet.
-# The session is then built without the first of these rewrites that lets it build.
-_BROKEN_REWRITE_MARK = "does not match y_zero_point type"
-_PROTOBUF_BYTES = 1_800_000_000
-"""Below this many initializer bytes a folded graph is handed to onnxruntime as one protobuf (2 GB cap)."""
-_REWRITE_FALLBACKS = (
-    ["MatMulAddFusion"],
-    ["QDQPropagationTransformer"],
-    ["MatMulAddFusion", "QDQPropagationTransformer"],
-)
 
 
 def read_onnx_manifest(folder: Path) -> dict[str, Any]:
@@ -83,104 +68,6 @@ def read_onnx_manifest(folder: Path) -> dict[str, Any]:
     return manifest
 
 
-def _session_options(optimize: bool) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    # The pipeline alternates sessions with torch work (scheduler, guidance): idle session
-    # threads must not spin on the cores that work needs.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if not optimize:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return options
-
-
-def open_session(path: Path, options: Any, providers: list[str], fold_conv_weights: bool = False) -> Any:
-    """An onnxruntime InferenceSession; where onnxruntime's own optimizer breaks the graph (see
-    ``_REWRITE_FALLBACKS``), built again without the offending rewrite, with a warning that names it.
-
-    Args:
-        path: the .onnx file.
-        options: onnxruntime SessionOptions.
-        providers: execution providers.
-        fold_conv_weights: apply ``FoldConvWeightDequantizePass`` to the loaded graph first (for
-            onnxruntime's CPU provider: its convolutions then get constant float weights, dequantized
-            once; the file on disk is unchanged). Default False.
-    """
-    import onnxruntime as ort
-
-    source: str | bytes = str(path)
-    keep_alive = None
-    if fold_conv_weights:
-        source, keep_alive = _folded_source(path)
-    try:
-        session = ort.InferenceSession(source, options, providers=providers)
-    except Exception as exc:  # onnxruntime raises its own Fail type
-        if _BROKEN_REWRITE_MARK not in str(exc):
-            raise
-        error = exc
-        session = None
-    for disabled in () if session is not None else _REWRITE_FALLBACKS:
-        try:
-            session = ort.InferenceSession(source, options, providers=providers, disabled_optimizers=disabled)
-        except Exception as exc:
-            if _BROKEN_REWRITE_MARK not in str(exc):
-                raise
-            continue
-        log.warning("%s: onnxruntime's optimizer breaks this graph; built without %s", path.name, ", ".join(disabled))
-        break
-    if session is None:
-        raise error
-    # A folded graph too large for one protobuf lives in a temporary folder as long as its session.
-    session.diffkiln_folded_files = keep_alive
-    del source  # the serialized folded graph: onnxruntime holds its own copy now
-    _return_freed_memory()
-    return session
-
-
-def _return_freed_memory() -> None:
-    """Hand the heap that loading freed back to the operating system (glibc's ``malloc_trim``).
-
-    Parsing the graph (ours for the conv-weight fold, onnxruntime's own) leaves gigabytes of freed
-    heap that glibc keeps resident: on the full-size SD1.5 UNet, more than half of what the process
-    holds after building the session (BENCHMARKS.md). No-op where the C library has no
-    ``malloc_trim`` (macOS, Windows, musl).
-    """
-    import ctypes
-    import ctypes.util
-    import gc
-
-    gc.collect()  # an onnx-ir graph is full of reference cycles (nodes <-> values)
-    name = ctypes.util.find_library("c")
-    try:
-        trim = ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):
-        trim = None
-    if trim is not None:
-        trim(0)
-
-
-def _folded_source(path: Path) -> tuple[str | bytes, Any]:
-    """The graph at ``path`` with its convolution weights dequantized: serialized bytes, or, above
-    protobuf's 2 GB or with external data, a file in a temporary folder (returned to keep alive)."""
-    import onnx_ir as ir
-
-    from diffkiln.runtime.onnx_passes import FoldConvWeightDequantizePass
-
-    model = ir.load(path)
-    if not FoldConvWeightDequantizePass()(model).modified:
-        return str(path), None
-    tensors = [v.const_value for v in model.graph.initializers.values() if v.const_value is not None]
-    external = any(isinstance(t, ir.ExternalTensor) for t in tensors)
-    if not external and sum(t.nbytes for t in tensors) < _PROTOBUF_BYTES:
-        return ir.to_proto(model).SerializeToString(), None
-    folder = tempfile.TemporaryDirectory(prefix="diffkiln-ort-")
-    out = Path(folder.name) / path.name
-    ir.save(model, out, external_data=f"{path.stem}.folded.data")
-    return str(out), folder
-
-
 class OrtComponent(nn.Module):
     """One exported model component behind an onnxruntime session.
 
@@ -202,7 +89,7 @@ class OrtComponent(nn.Module):
         # Optimized on the CPU provider, convolution weights are dequantized once (the provider has
         # no integer convolution with a float output; see FoldConvWeightDequantizePass).
         fold = optimize and providers[0] == "CPUExecutionProvider"
-        self.session = open_session(folder / entry["file"], _session_options(optimize), providers, fold)
+        self.session = open_session(folder / entry["file"], session_options(optimize), providers, fold)
         self.inputs = {i["name"]: i for i in entry["inputs"]}
         self.__dict__["_skeleton"] = None
 
@@ -290,7 +177,32 @@ class OrtComponent(nn.Module):
 
 
 class OrtDenoiser(OrtComponent):
-    """The denoiser: ``forward(sample, timestep, encoder_hidden_states, ..., return_dict=True)``."""
+    """The denoiser: ``forward(sample, timestep, encoder_hidden_states, ..., return_dict=True)``.
+
+    With a block-range cache schedule (:meth:`follow_cache`), a computing step runs the fill graph
+    and keeps its extra outputs; a reusing step runs the reuse graph on them.
+    """
+
+    cache_run: CacheRun | None = None
+
+    def follow_cache(self, reuse: OrtComponent, values: list[str], run: CacheRun) -> None:
+        """Run ``run``'s schedule with the reuse graph ``reuse``, which takes the denoiser's inputs
+        and the cached ``values`` (named as in its graph)."""
+        self.reuse_graph = reuse
+        self.cache_values = values
+        self.cache_run = run
+
+    def _sample(self, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
+        run = self.cache_run
+        computes = run.step_computes if run is not None else None
+        if run is None or computes is None:
+            return self.run(feeds)[0]
+        if computes:
+            sample, *values = self.run(feeds)
+            run.store(values)
+            return sample
+        cached = dict(zip(self.cache_values, run.cached(), strict=True))
+        return self.reuse_graph.run({**feeds, **cached})[0]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         from diffusers.models.modeling_outputs import Transformer2DModelOutput
@@ -304,7 +216,7 @@ class OrtDenoiser(OrtComponent):
                 feeds[key] = value.reshape(1).expand(next(iter(feeds.values())).shape[0])
             elif shape == [] and value.dim() == 1:
                 feeds[key] = value[0]
-        (sample,) = self.run(feeds)[:1]
+        sample = self._sample(feeds)
         return Transformer2DModelOutput(sample=sample) if return_dict else (sample,)
 
 
@@ -387,7 +299,7 @@ _CLASSES: dict[str, type[OrtComponent]] = {
 }
 
 
-def load_onnx_pipeline(folder: Path, device: torch.device, optimize: bool = False) -> Any:
+def load_onnx_pipeline(folder: Path, device: torch.device, optimize: bool = False, cache: bool = True) -> Any:
     """Build the pipeline of an ONNX export folder (see the module docstring).
 
     Args:
@@ -397,6 +309,7 @@ def load_onnx_pipeline(folder: Path, device: torch.device, optimize: bool = Fals
         optimize: let onnxruntime optimize the graphs. Default False: it then runs the QDQ graph
             as written, the same integers as the torch runtime (its fused int8 kernels saturate
             u8 x s8 pair sums on x86 CPUs without VNNI).
+        cache: follow the export's frozen cache schedule, when it has one. Default True.
 
     Raises:
         BundleError: the folder fails its checks.
@@ -434,11 +347,37 @@ def load_onnx_pipeline(folder: Path, device: torch.device, optimize: bool = Fals
     pipe = assemble_pipeline(folder, overrides)
     pipe.diffkiln_manifest = manifest
     pipe.diffkiln_cache = None
-    if manifest.get("cache"):
-        try:
-            schedule = CacheSchedule.from_dict(manifest["cache"])
-            denoiser = overrides[manifest["pipeline"]["denoiser"]]
-            pipe.diffkiln_cache = apply_cache_schedule(denoiser, schedule, pipe.scheduler, check_blocks=False)
-        except CacheScheduleError as exc:
-            raise BundleError(f"{folder}: the manifest's cache schedule: {exc}") from None
+    if cache and manifest.get("cache"):
+        name = manifest["pipeline"]["denoiser"]
+        pipe.diffkiln_cache = _follow_schedule(folder, manifest, overrides[name], pipe.scheduler, providers, optimize)
     return pipe
+
+
+def _follow_schedule(
+    folder: Path, manifest: dict[str, Any], denoiser: OrtDenoiser, scheduler: Any, providers: list[str], optimize: bool
+) -> CacheRun:
+    """Apply the manifest's cache schedule to the onnxruntime denoiser: a ``whole`` schedule on its
+    output; a block-range one through the export's graph pair (``cache_graph``).
+
+    Raises:
+        BundleError: the schedule is invalid, or a block-range schedule has no reuse graph.
+    """
+    try:
+        schedule = CacheSchedule.from_dict(manifest["cache"])
+    except CacheScheduleError as exc:
+        raise BundleError(f"{folder}: the manifest's cache schedule: {exc}") from None
+    if schedule.mechanism is CacheMechanism.WHOLE:
+        return apply_cache_schedule(denoiser, schedule, scheduler, check_blocks=False)
+    graph = manifest.get("cache_graph")
+    ok = isinstance(graph, dict) and isinstance(graph.get("file"), str) and graph["file"] in manifest["files"]
+    values = graph.get("cache_values") if ok and isinstance(graph, dict) else None
+    if not ok or not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        raise BundleError(
+            f"{folder}: its '{schedule.mechanism.value}' cache schedule needs the reuse graph the export writes "
+            "(manifest 'cache_graph' naming one of its files); re-export the bundle, or load with cache=False"
+        )
+    assert isinstance(graph, dict)
+    reuse = OrtComponent(folder, f"{denoiser.component_name} (reuse)", graph, denoiser.config, providers, optimize)
+    run = apply_cache_schedule(denoiser, schedule, scheduler, check_blocks=False, graph=True)
+    denoiser.follow_cache(reuse, list(values), run)
+    return run

@@ -1,5 +1,6 @@
-"""A cache schedule in the ONNX export: a 'whole' schedule runs on onnxruntime through the same
-hooks; a block-range schedule is named as not exported and the folder runs in full."""
+"""A cache schedule in the ONNX export: onnxruntime follows it as the torch runtime does, a 'whole'
+schedule on the one denoiser graph, a block-range one ('residual', 'deep') through the fill graph's
+extra outputs and the reuse graph that leaves the reused blocks out."""
 
 from __future__ import annotations
 
@@ -24,27 +25,58 @@ def _latents(pipe: object) -> torch.Tensor:
                 max_sequence_length=32, generator=torch.Generator().manual_seed(0)).images  # fmt: skip
 
 
-@pytest.mark.parametrize("mechanisms", [("whole",), ("residual",)])
-def test_onnx_folder_follows_a_whole_schedule_and_names_the_others(tmp_path: Path, mechanisms: tuple[str]) -> None:
-    cache = CacheConfig(budget=0.5 if mechanisms == ("whole",) else 0.7, mechanisms=mechanisms, validate_samples=2,
+@pytest.mark.parametrize(
+    ("model", "mechanism"), [("shapes-dit", "whole"), ("shapes-dit", "residual"), ("shapes-unet", "deep")]
+)
+def test_onnx_folder_follows_the_bundles_schedule_as_the_torch_runtime_does(
+    tmp_path: Path, model: str, mechanism: str
+) -> None:
+    cache = CacheConfig(budget=0.5 if mechanism == "whole" else 0.7, mechanisms=(mechanism,), validate_samples=2,
                         refine=0)  # fmt: skip
-    bundle = optimize("shapes-dit", OptimizeConfig(out=tmp_path / "b", recipe=W8A8Config(), cache=cache, calib_size=2,
-                                                   steps=STEPS, progress=False, cache_dir=tmp_path / "c"))  # fmt: skip
+    bundle = optimize(model, OptimizeConfig(out=tmp_path / "b", recipe=W8A8Config(), cache=cache, calib_size=2,
+                                            steps=STEPS, progress=False, cache_dir=tmp_path / "c"))  # fmt: skip
     schedule = CacheSchedule.from_dict(json.loads((Path(bundle) / "manifest.json").read_text())["cache"])
+    assert schedule.mechanism.value == mechanism and not all(schedule.compute)
     out = convert(bundle, OnnxExportConfig(tmp_path / "onnx", progress=False))
     manifest = json.loads((out / "manifest.json").read_text())
+    assert CacheSchedule.from_dict(manifest["cache"]) == schedule
     ort_pipe = load(out, "cpu", backend="onnxruntime")
     got = _latents(ort_pipe)
-    if mechanisms == ("whole",):
-        assert CacheSchedule.from_dict(manifest["cache"]) == schedule and manifest["cache_not_exported"] is None
-        run = ort_pipe.diffkiln_cache
-        assert run.evaluated == schedule.block_evaluations() and run.compute_fraction == schedule.compute_fraction
-        reference = _latents(load(bundle, "cpu"))  # the torch runtime with the same schedule
+    run = ort_pipe.diffkiln_cache
+    assert run.evaluated == schedule.block_evaluations() and run.compute_fraction == schedule.compute_fraction
+    if mechanism == "whole":
+        assert manifest["cache_graph"] is None
     else:
-        assert manifest["cache"] == {} and "runs every step in full" in manifest["cache_not_exported"]
-        assert ort_pipe.diffkiln_cache is None
-        reference = _latents(load(bundle, "cpu", cache=False))
-    # onnxruntime's QDQ graph against the torch runtime, both on the same schedule (or none); its
-    # end-to-end parity on this 2-sample W8A8 bundle measured 24.3 dB with the schedule, 22.1 dB
-    # without (flips of codes on grid boundaries, compounding over steps).
-    assert sqnr_db(reference.numpy(), got.numpy()) > 18.0
+        graph = manifest["cache_graph"]
+        assert graph["mechanism"] == mechanism and graph["check"]["ok"] and graph["check"]["sqnr_db"] >= 20.0
+        assert manifest["components"][manifest["pipeline"]["denoiser"]]["cache_outputs"] == len(graph["cache_values"])
+        # The reuse graph leaves the reused blocks out: fewer weights, not just unused ones.
+        full, reuse = (out / "denoiser.onnx").stat().st_size, (out / graph["file"]).stat().st_size
+        assert reuse < 0.9 * full, (reuse, full)
+    # onnxruntime's QDQ graphs against the torch runtime, both on the same schedule (then both
+    # uncached); end-to-end parity on these 2-sample W8A8 bundles measured 17-25 dB, code flips on
+    # grid boundaries compounding over steps (lowest: the UNet uncached, 17.1 dB).
+    reference = _latents(load(bundle, "cpu"))
+    assert sqnr_db(reference.numpy(), got.numpy()) > 15.0
+    uncached = load(out, "cpu", backend="onnxruntime", cache=False)
+    assert uncached.diffkiln_cache is None
+    plain = _latents(uncached)
+    assert sqnr_db(_latents(load(bundle, "cpu", cache=False)).numpy(), plain.numpy()) > 15.0
+    assert sqnr_db(plain.numpy(), got.numpy()) < 60.0  # the schedule changed the result: it ran
+
+
+def test_a_block_range_schedule_without_its_reuse_graph_is_refused(tmp_path: Path) -> None:
+    from diffkiln.core.errors import BundleError
+    from diffkiln.runtime.onnxruntime_backend import read_onnx_manifest
+
+    cache = CacheConfig(budget=0.7, mechanisms=("residual",), validate_samples=2, refine=0)
+    bundle = optimize("shapes-dit", OptimizeConfig(out=tmp_path / "b", recipe=W8A8Config(), cache=cache, calib_size=2,
+                                                   steps=STEPS, progress=False, cache_dir=tmp_path / "c"))  # fmt: skip
+    out = convert(bundle, OnnxExportConfig(tmp_path / "onnx", progress=False, components=False))
+    manifest = read_onnx_manifest(out)
+    manifest["cache_graph"] = {**manifest["cache_graph"], "file": "../elsewhere.onnx"}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="reuse graph"):
+        from diffkiln.runtime.onnxruntime_backend import load_onnx_pipeline
+
+        load_onnx_pipeline(out, torch.device("cpu"))

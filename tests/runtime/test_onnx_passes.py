@@ -138,7 +138,7 @@ def test_open_session_folds_and_matches(tmp_path):
 def test_open_session_folds_a_large_graph_through_a_temporary_file(tmp_path, monkeypatch):
     # Above protobuf's 2 GB (here: any size) the folded graph goes through a file with external
     # data that lives as long as the session.
-    import diffkiln.runtime.onnxruntime_backend as backend
+    import diffkiln.runtime.onnxruntime_session as backend
 
     monkeypatch.setattr(backend, "_PROTOBUF_BYTES", 0)
     proto = _qdq_conv_model(True, True)

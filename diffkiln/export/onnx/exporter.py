@@ -12,6 +12,8 @@ The output folder holds ``denoiser.onnx``, ``<text encoder>.onnx`` (one per text
 ``vae_decoder.onnx``, the pipeline's tokenizers, scheduler and component configs (no weights),
 and ``manifest.json`` (format ``diffkiln.onnx``; files with sizes and sha256). It is written to a
 temporary folder and renamed into place, so an interrupted export leaves nothing half-written.
+A bundle's cache schedule goes with it: a ``whole`` schedule runs on ``denoiser.onnx``; a block-range
+one adds ``denoiser_cached.onnx`` (:mod:`diffkiln.export.onnx.cache_graphs`).
 """
 
 from __future__ import annotations
@@ -29,15 +31,18 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from diffkiln.core.cache_schedule import CacheMechanism, CacheSchedule
 from diffkiln.core.errors import BundleError
 from diffkiln.core.schema import MANIFEST_NAME, ONNX_FORMAT, ONNX_VERSION, LoadedBundle
 from diffkiln.export.atomic import atomic_directory, file_table
+from diffkiln.export.onnx.cache_graphs import CACHED_FILE, check_reuse, reuse_component, schedule_entry
 from diffkiln.export.onnx.check import bundle_call, capture_call, flatten_call, run_check, second_shape
 from diffkiln.export.onnx.components import Component, ComponentKind, _Denoiser, flatten_kwargs, record_components
 from diffkiln.export.onnx.modules import OnnxExportError, OnnxQLinear, export_module_for
 from diffkiln.export.onnx.ops import TRANSLATIONS
 from diffkiln.export.onnx.write import error_summary, finish_model, io_spec, save_model
 from diffkiln.nn import QConv, QLinear
+from diffkiln.nn.cache import CacheStepTracer
 
 __all__ = [
     "ONNX_FORMAT",
@@ -325,12 +330,13 @@ def export_onnx(bundle: LoadedBundle, config: OnnxExportConfig) -> Path:
         components = components[:1]
     entries: dict[str, Any] = {}
     skipped: dict[str, str] = {}
+    cache_graph: dict[str, Any] | None = None
     with atomic_directory(Path(config.out), config.overwrite) as tmp:
         bar = tqdm(components, desc="exporting to ONNX", unit="component", disable=not config.progress)
         for component in bar:
             bar.set_postfix_str(component.name)
             if component.kind == ComponentKind.DENOISER:
-                entries[component.name] = _checked_denoiser(component, tmp / "denoiser.onnx", config, sub_byte, bundle)
+                entries[component.name], cache_graph = _denoiser_graphs(component, tmp, config, sub_byte, bundle)
                 continue
             vae = component.kind == ComponentKind.VAE_DECODER
             file = tmp / ("vae_decoder.onnx" if vae else f"{component.name}.onnx")
@@ -341,7 +347,6 @@ def export_onnx(bundle: LoadedBundle, config: OnnxExportConfig) -> Path:
                 log.warning("%s is not exported: %s", component.name, skipped[component.name])
                 file.unlink(missing_ok=True)
         _copy_pipeline_files(bundle.path, tmp, [c for c in components if c.name in entries], manifest)
-        cache, cache_note = _cache_for_onnx(manifest.get("cache") or {})
         onnx_manifest = {
             "format": ONNX_FORMAT,
             "version": ONNX_VERSION,
@@ -353,25 +358,44 @@ def export_onnx(bundle: LoadedBundle, config: OnnxExportConfig) -> Path:
             "skipped_components": skipped,
             "kept_fp": kept,
             "bundle": {"source": manifest["source"], "recipe": manifest["quant"]["recipe"]},
-            "cache": cache,
-            "cache_not_exported": cache_note,
+            "cache": manifest.get("cache") or {},
+            "cache_graph": cache_graph,
             "files": file_table(tmp),
         }
         (tmp / MANIFEST_NAME).write_text(json.dumps(onnx_manifest, indent=2) + "\n", encoding="utf-8")
     return Path(config.out)
 
 
-def _cache_for_onnx(cache: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
-    """The bundle's cache schedule for the ONNX folder: a ``whole`` schedule runs on the one
-    denoiser graph (the backend reuses its output); block-range schedules would need the graph cut
-    at the reused blocks, which this export does not write: it says so, and the folder runs uncached."""
-    if not cache or cache.get("mechanism") == "whole":
-        return cache, None
-    note = (f"the bundle's '{cache.get('mechanism')}' cache schedule reuses blocks inside the denoiser; the ONNX "
-            "denoiser is one graph, so this folder runs every step in full (rebuild with --cache-mechanisms whole "
-            "for a schedule onnxruntime follows)")  # fmt: skip
-    log.warning("%s", note)
-    return {}, note
+def _denoiser_graphs(
+    component: Component, tmp: Path, config: OnnxExportConfig, sub_byte: set[str], bundle: LoadedBundle
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The denoiser's graph, checked; with a block-range cache schedule, the fill graph (its extra
+    outputs counted in ``cache_outputs``) and the reuse graph's manifest entry
+    (:mod:`diffkiln.export.onnx.cache_graphs`)."""
+    cache = bundle.manifest.get("cache") or {}
+    schedule = CacheSchedule.from_dict(cache) if cache else None
+    if schedule is None or schedule.mechanism is CacheMechanism.WHOLE:
+        return _checked_denoiser(component, tmp / "denoiser.onnx", config, sub_byte, bundle), None
+    tracer = CacheStepTracer(bundle.denoiser, schedule)
+    try:
+        fill, reuse = reuse_component(component, tracer)
+        entry = _checked_denoiser(fill, tmp / "denoiser.onnx", config, sub_byte, bundle)
+        n_values = len(reuse.example) - len(component.example)
+        file = tmp / CACHED_FILE
+        reuse_entry = _export_component(reuse, file, config, sub_byte, batch_only=True)
+        check = check_reuse(file, reuse, reuse_entry)
+        if not check["ok"] and reuse_entry["dynamic"]:
+            log.warning("%s: the reuse graph failed with a dynamic batch (%s); exporting the recorded shapes",
+                        component.name, check["error"])  # fmt: skip
+            reuse_entry = _export_component(reuse, file, dataclasses.replace(config, dynamic=False), sub_byte)
+            check = check_reuse(file, reuse, reuse_entry)
+        if not check["ok"]:
+            raise OnnxExportError(
+                f"the cache schedule's reuse graph does not match the torch runtime: {check['error']}"
+            )
+    finally:
+        tracer.remove()
+    return {**entry, "cache_outputs": n_values}, schedule_entry(schedule, {**reuse_entry, "check": check}, n_values)
 
 
 def export_module_onnx(

@@ -1,0 +1,188 @@
+"""Block-sparse attention: a compact block layout, a dense masked reference, and a CPU kernel that
+really skips the blocks the layout drops.
+
+A :class:`BlockLayout` splits the query and key sequences into blocks of ``block`` tokens (the last
+one may be shorter) and keeps, per head and query block, a list of key blocks. It is stored as
+indices (``(heads, query blocks, max kept)``, padded with -1), not as a dense boolean tensor.
+
+* :func:`sparse_attention_reference`: SDPA over every key with the layout expanded to a token mask
+  (pure torch; the contract every kernel is checked against);
+* :func:`block_sparse_attention`: gathers each query block's kept key/value blocks and runs one
+  batched SDPA per chunk of query blocks, so its work falls with the layout's density.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["BlockLayout", "block_sparse_attention", "sparse_attention_reference"]
+
+_CHUNK_BYTES = 256 << 20
+"""Gathered key/value bytes per batched SDPA call, at most (bounds the kernel's extra memory)."""
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """Which key blocks each query block of each head attends to.
+
+    Attributes:
+        indices: ``(heads, query_blocks, max_kept)`` int32 key-block indices, ascending per row,
+            padded with -1.
+        q_len: query tokens.
+        kv_len: key tokens.
+        block: tokens per block (the last block of either sequence may be shorter).
+    """
+
+    indices: torch.Tensor
+    q_len: int
+    kv_len: int
+    block: int
+
+    def __post_init__(self) -> None:
+        if self.block <= 0:
+            raise ValueError(f"block must be positive, got {self.block}")
+        if self.indices.dim() != 3 or self.indices.dtype != torch.int32:
+            raise ValueError("indices must be an int32 tensor (heads, query_blocks, max_kept)")
+        if self.indices.shape[1] != self.q_blocks:
+            raise ValueError(
+                f"the layout has {self.indices.shape[1]} query blocks; {self.q_len} tokens in blocks of "
+                f"{self.block} make {self.q_blocks}"
+            )
+        bad = (self.indices < -1) | (self.indices >= self.kv_blocks)
+        if bool(bad.any()):
+            raise ValueError(f"key-block indices must lie in [0, {self.kv_blocks}) (or -1 for padding)")
+        if bool((self.indices[..., 0] < 0).any()):
+            raise ValueError("every query block must keep at least one key block (softmax over nothing)")
+
+    @property
+    def heads(self) -> int:
+        """Heads the layout covers."""
+        return int(self.indices.shape[0])
+
+    @property
+    def q_blocks(self) -> int:
+        """Query blocks: ``ceil(q_len / block)``."""
+        return -(-self.q_len // self.block)
+
+    @property
+    def kv_blocks(self) -> int:
+        """Key blocks: ``ceil(kv_len / block)``."""
+        return -(-self.kv_len // self.block)
+
+    @classmethod
+    def from_mask(cls, mask: torch.Tensor, q_len: int, kv_len: int, block: int) -> BlockLayout:
+        """The layout of a ``(heads, query_blocks, key_blocks)`` boolean block mask."""
+        counts = mask.sum(-1)
+        width = max(int(counts.max()), 1)
+        # Kept blocks first, in ascending order: sort by (dropped, index).
+        order = torch.argsort((~mask).to(torch.int64) * mask.shape[-1] + torch.arange(mask.shape[-1]), dim=-1)
+        idx = order[..., :width].to(torch.int32)
+        keep = torch.arange(width) < counts.unsqueeze(-1)
+        return cls(torch.where(keep, idx, torch.full_like(idx, -1)), q_len, kv_len, block)
+
+    def to_mask(self) -> torch.Tensor:
+        """The ``(heads, query_blocks, key_blocks)`` boolean block mask."""
+        mask = torch.zeros(self.heads, self.q_blocks, self.kv_blocks + 1, dtype=torch.bool)
+        mask.scatter_(-1, torch.where(self.indices < 0, self.kv_blocks, self.indices).long(), True)
+        return mask[..., :-1]
+
+    def token_mask(self) -> torch.Tensor:
+        """The ``(heads, q_len, kv_len)`` boolean token mask (True: attend)."""
+        m = self.to_mask().repeat_interleave(self.block, 1).repeat_interleave(self.block, 2)
+        return m[:, : self.q_len, : self.kv_len]
+
+    @property
+    def density(self) -> float:
+        """Kept (query, key) token pairs over all pairs: the share of attention FLOPs that runs."""
+        q_sizes = torch.full((self.q_blocks,), self.block)
+        q_sizes[-1] = self.q_len - self.block * (self.q_blocks - 1)
+        kv_sizes = torch.full((self.kv_blocks + 1,), self.block)
+        kv_sizes[-2] = self.kv_len - self.block * (self.kv_blocks - 1)
+        kv_sizes[-1] = 0  # padding slots
+        kept = kv_sizes[torch.where(self.indices < 0, self.kv_blocks, self.indices).long()].sum(-1)
+        return float((kept * q_sizes).sum()) / (self.heads * self.q_len * self.kv_len)
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout) -> None:
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError("q, k and v must be (batch, heads, tokens, head_dim)")
+    if q.shape[1] != layout.heads or q.shape[2] != layout.q_len or k.shape[2] != layout.kv_len:
+        raise ValueError(
+            f"the layout is for {layout.heads} heads, {layout.q_len} query and {layout.kv_len} key tokens; got "
+            f"{q.shape[1]} heads, {q.shape[2]} query and {k.shape[2]} key tokens (another resolution or frame "
+            "count than the mask was searched for)"
+        )
+
+
+def sparse_attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, scale: float | None = None
+) -> torch.Tensor:
+    """Dense SDPA with the layout as a token mask: the contract of every block-sparse kernel.
+
+    Args:
+        q: ``(batch, heads, q_len, head_dim)``.
+        k: ``(batch, heads, kv_len, head_dim)``.
+        v: ``(batch, heads, kv_len, head_dim_v)``.
+        layout: the kept blocks.
+        scale: softmax scale; None: ``1/sqrt(head_dim)``.
+
+    Raises:
+        ValueError: the shapes do not fit the layout.
+    """
+    _check(q, k, layout)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=layout.token_mask().to(q.device), scale=scale)
+
+
+def _padded_blocks(x: torch.Tensor, block: int, blocks: int) -> torch.Tensor:
+    """``(batch, heads, tokens, d)`` -> ``(batch, heads, blocks + 1, block, d)``: zero-padded to whole
+    blocks, plus one all-zero block that padding indices point at."""
+    b, h, n, d = x.shape
+    return F.pad(x, (0, 0, 0, (blocks + 1) * block - n)).view(b, h, blocks + 1, block, d)
+
+
+def block_sparse_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, scale: float | None = None
+) -> torch.Tensor:
+    """Attention over the layout's kept blocks only (same contract as :func:`sparse_attention_reference`).
+
+    Each (head, query block) row's kept key and value blocks are gathered into one contiguous run
+    and SDPA runs on that run alone, batched over rows. Rows are taken in order of how many blocks
+    they keep, so a batch pads few slots; padding slots and the short last key block are masked.
+    Work and memory traffic scale with the number of kept blocks.
+
+    Raises:
+        ValueError: the shapes do not fit the layout.
+    """
+    _check(q, k, layout)
+    batch, heads, q_len, _ = q.shape
+    blk, qb, kb = layout.block, layout.q_blocks, layout.kv_blocks
+    kp, vp = _padded_blocks(k, blk, kb), _padded_blocks(v, blk, kb)
+    qp = F.pad(q, (0, 0, 0, qb * blk - q_len)).view(batch, heads * qb, blk, q.shape[-1])
+    idx = torch.where(layout.indices < 0, kb, layout.indices).long().to(q.device)  # -1 -> the zero block
+    idx = idx.view(heads * qb, -1)
+    head_of = torch.arange(heads, device=q.device).repeat_interleave(qb)
+    counts = (layout.indices >= 0).sum(-1).view(-1).to(q.device)
+    order = torch.argsort(counts, stable=True)
+    # Key slots that hold a real token: not a padding block, not past kv_len in the last block.
+    valid_block = torch.zeros(kb + 1, blk, dtype=torch.bool, device=q.device)
+    valid_block.view(-1)[: layout.kv_len] = True
+    out = q.new_empty(batch, heads * qb, blk, v.shape[-1])
+    per_slot = batch * blk * (k.shape[-1] + v.shape[-1]) * k.element_size()
+    start = 0
+    while start < len(order):
+        n_rows = max(1, _CHUNK_BYTES // max(per_slot * int(counts[order[-1]]), 1))
+        rows = order[start : start + n_rows]
+        width = int(counts[rows[-1]])
+        keys = idx[rows, :width]  # (r, width)
+        heads_r = head_of[rows][:, None]
+        kg = kp[:, heads_r, keys].reshape(batch, len(rows), width * blk, -1)
+        vg = vp[:, heads_r, keys].reshape(batch, len(rows), width * blk, -1)
+        valid = valid_block[keys].reshape(1, len(rows), 1, width * blk)
+        out[:, rows] = F.scaled_dot_product_attention(
+            qp[:, rows], kg, vg, attn_mask=None if bool(valid.all()) else valid, scale=scale
+        )
+        start += len(rows)
+    return out.view(batch, heads, qb * blk, -1)[:, :, :q_len]

@@ -1,0 +1,87 @@
+"""The block-sparse attention kernel against the dense masked reference, on uneven lengths, every
+kind of row (full, one block, padded), and the layout's own bookkeeping."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffkiln.kernels.sparse_attention import BlockLayout, block_sparse_attention, sparse_attention_reference
+
+
+def _random_mask(heads: int, qb: int, kb: int, density: float, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(heads, qb, kb, generator=g) < density
+    mask[..., 0] = True  # a sink block: every row keeps at least one
+    return mask
+
+
+def _band_mask(heads: int, qb: int, kb: int, width: int) -> torch.Tensor:
+    i, j = torch.arange(qb)[:, None], torch.arange(kb)[None]
+    return ((i - j).abs() <= width).expand(heads, qb, kb).clone()
+
+
+CASES = [
+    # (batch, heads, q_len, kv_len, head_dim, block)
+    (1, 2, 256, 256, 16, 64),
+    (2, 3, 1000, 1000, 32, 64),  # a short last block
+    (1, 2, 300, 77, 16, 32),  # queries against a shorter key sequence (cross-attention-like)
+    (1, 1, 50, 50, 8, 128),  # one block shorter than the block size
+]
+
+
+@pytest.mark.parametrize("density", [1.0, 0.5, 0.2])
+@pytest.mark.parametrize(("batch", "heads", "q_len", "kv_len", "dim", "block"), CASES)
+def test_kernel_matches_the_dense_masked_reference(
+    batch: int, heads: int, q_len: int, kv_len: int, dim: int, block: int, density: float
+) -> None:
+    qb, kb = -(-q_len // block), -(-kv_len // block)
+    layout = BlockLayout.from_mask(_random_mask(heads, qb, kb, density, seed=q_len), q_len, kv_len, block)
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(batch, heads, q_len, dim, generator=g)
+    k = torch.randn(batch, heads, kv_len, dim, generator=g)
+    v = torch.randn(batch, heads, kv_len, dim + 8, generator=g)  # value width may differ
+    ref = sparse_attention_reference(q, k, v, layout)
+    got = block_sparse_attention(q, k, v, layout)
+    assert got.shape == ref.shape
+    assert F.cosine_similarity(got.flatten(), ref.flatten(), dim=0) >= 0.9999
+    assert (got - ref).abs().max() < 1e-4
+    # Deterministic: the same inputs give the same bits.
+    assert torch.equal(block_sparse_attention(q, k, v, layout), got)
+
+
+def test_a_full_layout_is_dense_attention_and_a_band_keeps_its_width() -> None:
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, 512, 16, generator=g) for _ in range(3))
+    full = BlockLayout.from_mask(torch.ones(2, 8, 8, dtype=torch.bool), 512, 512, 64)
+    assert full.density == 1.0
+    dense = F.scaled_dot_product_attention(q, k, v)
+    assert F.cosine_similarity(block_sparse_attention(q, k, v, full).flatten(), dense.flatten(), dim=0) >= 0.9999
+    band = BlockLayout.from_mask(_band_mask(2, 8, 8, 1), 512, 512, 64)
+    assert band.density == pytest.approx((8 * 3 - 2) / 64)
+    assert F.cosine_similarity(block_sparse_attention(q, k, v, band).flatten(),
+                               sparse_attention_reference(q, k, v, band).flatten(), dim=0) >= 0.9999  # fmt: skip
+
+
+@pytest.mark.parametrize(("q_len", "kv_len", "block"), [(256, 256, 64), (1000, 77, 64), (5, 130, 64)])
+def test_layout_round_trips_and_measures_density_in_tokens(q_len: int, kv_len: int, block: int) -> None:
+    qb, kb = -(-q_len // block), -(-kv_len // block)
+    mask = _random_mask(3, qb, kb, 0.4, seed=3)
+    layout = BlockLayout.from_mask(mask, q_len, kv_len, block)
+    assert torch.equal(layout.to_mask(), mask)
+    assert layout.indices.dtype == torch.int32 and layout.indices.shape[-1] == int(mask.sum(-1).max())
+    assert layout.density == pytest.approx(float(layout.token_mask().double().mean()), abs=1e-9)
+
+
+def test_a_layout_that_does_not_fit_is_refused_with_the_reason() -> None:
+    layout = BlockLayout.from_mask(torch.ones(2, 4, 4, dtype=torch.bool), 256, 256, 64)
+    q = torch.randn(1, 2, 320, 16)  # another resolution than the mask was made for
+    with pytest.raises(ValueError, match="another resolution or frame count"):
+        block_sparse_attention(q, q, q, layout)
+    with pytest.raises(ValueError, match="at least one key block"):
+        BlockLayout(torch.full((1, 4, 2), -1, dtype=torch.int32), 256, 256, 64)
+    with pytest.raises(ValueError, match=r"lie in \[0, 4\)"):
+        BlockLayout(torch.full((1, 4, 1), 4, dtype=torch.int32), 256, 256, 64)
+    with pytest.raises(ValueError, match="query blocks"):
+        BlockLayout(torch.zeros((1, 3, 1), dtype=torch.int32), 256, 256, 64)

@@ -12,7 +12,7 @@ from diffkiln.generation import GenerationResult, frame_strip, save_outputs
 from diffkiln.report.evaluate import Report, ReportConfig
 from diffkiln.report.html import render_html
 from diffkiln.report.judging import judge_all, prompt_list, quality
-from diffkiln.zoo.registry import JudgeKind, get_builtin
+from diffkiln.zoo.registry import SHAPES_VIDEO, JudgeKind
 from diffkiln.zoo.shapes import PromptSet, Split, eval_scenes, render
 from diffkiln.zoo.shapes.video import VIDEO_FRAMES, all_video_scenes, eval_video_scenes, render_clip
 
@@ -37,7 +37,7 @@ def test_eval_video_scenes_are_deterministic_and_cover_their_set(prompt_set: Pro
 def test_video_prompts_and_calibration_prompts_come_from_the_video_world() -> None:
     prompts = prompt_list(ReportConfig(eval_size=5), JudgeKind.SHAPES_VIDEO)
     assert len(prompts) == 15 and all("moving" in p or "stays" in p for p in prompts)
-    calib = get_builtin("shapes-video").calibration_prompts(6)
+    calib = SHAPES_VIDEO.calibration_prompts(6)
     assert calib is not None and sum(" while " in p for p in calib) == 3
 
 

@@ -6,9 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from diffusers import DiffusionPipeline, WanPipeline
 
+from diffkiln.zoo.registry import BUILTIN_MODELS
 from diffkiln.zoo.shapes.video import VIDEO_FRAMES
 from diffkiln.zoo.shapes_video_model import VIDEO_TEXT_LENGTH, assemble_shapes_video, video_tokens_per_sample
 
@@ -29,6 +31,9 @@ def test_the_pipeline_loads_with_plain_diffusers_and_sees_enough_tokens(tmp_path
     assert frames * h * w == video_tokens_per_sample()[0] >= 1000 and frames >= 8
 
 
+@pytest.mark.skipif(
+    "shapes-video" not in BUILTIN_MODELS, reason="shapes-video is still training; its weights are not shipped yet"
+)
 def test_the_shipped_model_loads_with_plain_diffusers_and_draws_what_it_is_told() -> None:
     from diffkiln.generation import GenerateConfig, generate
     from diffkiln.zoo.registry import resolve_target
@@ -43,7 +48,7 @@ def test_the_shipped_model_loads_with_plain_diffusers_and_draws_what_it_is_told(
     result = generate(pipe, [s.prompt for s in scenes], GenerateConfig(progress=False), target)
     assert result.videos is not None and all(len(clip) == VIDEO_FRAMES for clip in result.videos)
     verdicts = [judge_video(clip, s) for clip, s in zip(result.videos, scenes, strict=True)]
-    # Colour is the first thing a trained model gets right (measured 1.0 on 200 prompts); a broken
-    # or untrained model draws no object at all.
+    # Colour is the first thing a trained model gets right; a broken or untrained model draws no
+    # object of the asked colour in 80% of the frames (measured 0 of 6 at 1,600 training steps).
     color = np.mean([o.color_ok for v in verdicts for o in v.objects])
     assert color >= 0.75, [v.reason for v in verdicts]

@@ -11,15 +11,19 @@ may be shorter):
   ``m / (1 - m) * |o_j - out|`` exactly (dropping a block that holds all of a query's mass is
   reported as ``inf``).
 
-Both are averaged over the batch. Computed in float32 from the full probability matrix, one head
-at a time (``heads x q_len x kv_len`` floats at most per head).
+Both are averaged over the batch. Computed in float32 from the probabilities, one head and one
+chunk of query blocks at a time.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 __all__ = ["block_attention_stats"]
+
+_CHUNK_FLOATS = 1 << 24
+"""Attention probabilities held at once (64 MB in float32)."""
 
 
 def _block_sum(x: torch.Tensor, dim: int, block: int) -> torch.Tensor:
@@ -51,17 +55,26 @@ def block_attention_stats(
     kv_len = key.shape[2]
     scale = dim**-0.5 if scale is None else scale
     q_sizes = _block_sum(torch.ones(q_len), 0, block)
+    # Query rows per chunk (whole blocks): bounds the probabilities held at once.
+    rows = max(block, (_CHUNK_FLOATS // max(batch * kv_len, 1)) // block * block)
     masses, errors = [], []
     for h in range(heads):
-        q, k, v = (t[:, h].float() for t in (query, key, value))
-        p = torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1)  # (batch, q_len, kv_len)
-        out = p @ v  # (batch, q_len, dv)
-        m = _block_sum(p, 2, block)  # (batch, q_len, kb): each query's mass per key block
-        weighted = _block_sum(p.unsqueeze(-1) * v.unsqueeze(1), 2, block)  # (batch, q_len, kb, dv)
-        o_block = weighted / m.clamp_min(1e-30).unsqueeze(-1)
-        dist = (o_block - out.unsqueeze(2)).norm(dim=-1)
-        err = torch.where(m < 1 - 1e-7, m / (1 - m).clamp_min(1e-30) * dist, torch.full_like(m, float("inf")))
-        masses.append(_block_sum(m, 1, block).mean(0) / q_sizes[:, None])
-        errors.append(_block_sum(err, 1, block).mean(0) / q_sizes[:, None])
-    del batch, kv_len
+        k, v = key[:, h].float(), value[:, h].float()
+        kb = -(-kv_len // block)
+        v_blocks = F.pad(v, (0, 0, 0, kb * block - kv_len)).view(batch, kb, block, -1)
+        mass_h, err_h = [], []
+        for start in range(0, q_len, rows):
+            q = query[:, h, start : start + rows].float()
+            p = torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1)  # (batch, rows, kv_len)
+            out = p @ v  # (batch, rows, dv)
+            m = _block_sum(p, 2, block)  # (batch, rows, kb): each query's mass per key block
+            p_blocks = F.pad(p, (0, kb * block - kv_len)).view(batch, p.shape[1], kb, block)
+            weighted = torch.einsum("brkt,bktd->brkd", p_blocks, v_blocks)  # (batch, rows, kb, dv)
+            o_block = weighted / m.clamp_min(1e-30).unsqueeze(-1)
+            dist = (o_block - out.unsqueeze(2)).norm(dim=-1)
+            err = torch.where(m < 1 - 1e-7, m / (1 - m).clamp_min(1e-30) * dist, torch.full_like(m, float("inf")))
+            mass_h.append(_block_sum(m, 1, block).mean(0))
+            err_h.append(_block_sum(err, 1, block).mean(0))
+        masses.append(torch.cat(mass_h) / q_sizes[:, None])
+        errors.append(torch.cat(err_h) / q_sizes[:, None])
     return torch.stack(masses), torch.stack(errors)

@@ -52,6 +52,10 @@ class CalibrationConfig:
         cache_stats: also record what a cache-schedule search needs (the blocks and, for the
             first batch, each step's block inputs and outputs; :mod:`diffkiln.calibrate.cache_stats`).
             Default False.
+        attention_stats: also record what a sparse-attention mask search needs (per attention
+            layer, step, head and block pair, for the first batch: the attention mass and the error
+            of dropping the block; :mod:`diffkiln.calibrate.attention_stats`). Default False.
+        attention_block: tokens per block of those statistics. Default 64.
     """
 
     prompts: tuple[str, ...] = ()
@@ -67,13 +71,15 @@ class CalibrationConfig:
     denoiser: str | None = None
     bos_probe: bool = True
     cache_stats: bool = False
+    attention_stats: bool = False
+    attention_block: int = 64
 
     def __post_init__(self) -> None:
         if any(not p.strip() for p in self.prompts):
             raise InvalidInputError("calibration prompts must not be empty")
         if not self.prompts and self.samples is None:
             raise InvalidInputError("calibration needs prompts, or a number of samples for pipelines without text")
-        for name in ("steps", "batch_size", "samples_per_step"):
+        for name in ("steps", "batch_size", "samples_per_step", "attention_block"):
             if getattr(self, name) <= 0:
                 raise InvalidInputError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.samples is not None and self.samples <= 0:

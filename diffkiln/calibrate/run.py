@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from diffkiln.calibrate.attention_stats import AttentionRecorder, attention_recording
 from diffkiln.calibrate.blocks import find_blocks
 from diffkiln.calibrate.cache_stats import CacheRecorder, cache_recording
 from diffkiln.calibrate.config import CalibrationConfig
@@ -154,8 +155,14 @@ def _run_pipeline(pipe: Any, source: CallSource, config: CalibrationConfig, mode
         }
     rec = Recorder(graph, config.samples_per_step, config.seed)
     cache_rec = CacheRecorder(find_blocks(denoiser, args, kwargs), config.seed) if config.cache_stats else None
+    attn_rec = AttentionRecorder(config.attention_block) if config.attention_stats else None
     bar = tqdm(total=n * config.steps, desc="calibrating", unit="sample-step", disable=not config.progress)
-    with recording(denoiser, rec), _maybe_cache_recording(denoiser, cache_rec), torch.no_grad():
+    with (
+        recording(denoiser, rec),
+        _maybe_cache_recording(denoiser, cache_rec),
+        _maybe_attention_recording(denoiser, attn_rec),
+        torch.no_grad(),
+    ):
         for start in range(0, n, config.batch_size):
             samples = [source.sample(i) for i in range(start, min(start + config.batch_size, n))]
             rec.start_call()
@@ -165,13 +172,14 @@ def _run_pipeline(pipe: Any, source: CallSource, config: CalibrationConfig, mode
                 return kw
 
             call(samples, config.seed + start, **step_callback_kwargs(pipe, on_step))
-            if cache_rec is not None:
-                cache_rec.active = False  # the first batch is enough for the proxies
+            for first_batch_only in (cache_rec, attn_rec):
+                if first_batch_only is not None:
+                    first_batch_only.active = False  # the first batch is enough for the proxies
     bar.close()
-    cache = None
-    if cache_rec is not None:
-        timesteps = getattr(getattr(pipe, "scheduler", None), "timesteps", None)
-        cache = cache_rec.finish(len(timesteps) if timesteps is not None else config.steps)
+    timesteps = getattr(getattr(pipe, "scheduler", None), "timesteps", None)
+    steps_run = len(timesteps) if timesteps is not None else config.steps
+    cache = cache_rec.finish(steps_run) if cache_rec is not None else None
+    attention = attn_rec.finish(steps_run) if attn_rec is not None else None
     if rec.calls == 0:
         name = choice.name or "the denoiser"
         raise InvalidInputError(f"the sampler never called {name}; name the denoiser with --denoiser")
@@ -186,7 +194,17 @@ def _run_pipeline(pipe: Any, source: CallSource, config: CalibrationConfig, mode
         bos=_bos(graph, sequences, probes),
         denoiser=choice.name,
         cache=cache,
+        attention=attention,
     )
+
+
+@contextmanager
+def _maybe_attention_recording(denoiser: nn.Module, recorder: AttentionRecorder | None) -> Iterator[None]:
+    if recorder is None:
+        yield
+        return
+    with attention_recording(denoiser, recorder):
+        yield
 
 
 @contextmanager

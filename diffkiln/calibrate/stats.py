@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from diffkiln.calibrate.attention_stats import AttentionStats
 from diffkiln.calibrate.cache_stats import CacheStats
 from diffkiln.calibrate.config import STATS_VERSION
 from diffkiln.calibrate.dataflow import DataflowGraph
@@ -118,6 +119,8 @@ class CalibrationStats:
         denoiser: the calibrated pipeline component's name ("" for a bare module).
         cache: what a cache-schedule search needs, when recorded
             (``CalibrationConfig.cache_stats``); else None.
+        attention: what a sparse-attention mask search needs, when recorded
+            (``CalibrationConfig.attention_stats``); else None.
     """
 
     layers: dict[str, LayerStats]
@@ -129,6 +132,7 @@ class CalibrationStats:
     bos: dict[str, dict[str, Any]] = field(default_factory=dict)
     denoiser: str = ""
     cache: CacheStats | None = None
+    attention: AttentionStats | None = None
 
     @property
     def text_embeds(self) -> torch.Tensor:
@@ -178,10 +182,13 @@ class CalibrationStats:
             "bos": self.bos,
             "denoiser": self.denoiser,
             "cache": self.cache.to_meta() if self.cache is not None else None,
+            "attention": self.attention.to_meta() if self.attention is not None else None,
             "version": STATS_VERSION,
         }
         if self.cache is not None:
             tensors["cache::distances"] = self.cache.distances.contiguous()
+        if self.attention is not None:
+            tensors.update(self.attention.tensors())
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         save_file(tensors, str(tmp), metadata={"diffkiln": json.dumps(meta)})
@@ -209,5 +216,6 @@ class CalibrationStats:
         sequences = {k[5:]: v for k, v in tensors.items() if k.startswith("seq::")}
         graph = DataflowGraph.from_dict(meta["graph"]) if meta.get("graph") else None
         cache = CacheStats.from_meta(meta["cache"], tensors["cache::distances"]) if meta.get("cache") else None
+        attention = AttentionStats.from_meta(meta["attention"], tensors) if meta.get("attention") else None
         return cls(layers, meta["timesteps"], meta["model_hash"], meta["settings"], sequences, graph,
-                   meta.get("bos", {}), meta.get("denoiser", ""), cache)  # fmt: skip
+                   meta.get("bos", {}), meta.get("denoiser", ""), cache, attention)  # fmt: skip

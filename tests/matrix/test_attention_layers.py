@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from diffkiln.calibrate.sources import batch_kwargs, source_for
+from diffkiln.core.attention import AttentionCall, attention_calls, find_attention_layers
 from diffkiln.core.pipelines import accepted_call_kwargs, find_denoiser
 from diffkiln.generation import load_pipeline
-from diffkiln.nn.attention import AttentionCall, attention_calls, find_attention_layers
 from diffkiln.zoo.catalog import TINY_CATALOG
 from diffkiln.zoo.registry import resolve_target
 from tests.matrix.builders import MATRIX, build

@@ -60,3 +60,60 @@ def test_attention_layers_are_the_modules_that_call_sdpa(name: str, tmp_path: Pa
     with attention_calls(denoiser, zero_first):
         changed = _run(pipe, call)
     assert not torch.equal(changed, reference)
+
+
+# Where the text sits in the first attention layer's sequence (before the latent grid, after it, or
+# in no such layer), and whether the grid's shape is visible (FLUX packs its latents into tokens
+# before the denoiser: its grid is a row).
+GRIDS = {
+    "tiny-sd15": ("none", True),
+    "tiny-sd3": ("suffix", True),
+    "tiny-flux": ("prefix", False),
+    "tiny-pixart": ("none", True),
+    "tiny-wan": ("none", True),
+    "cogvideox": ("prefix", True),
+}
+
+
+def _patch(config: object) -> tuple[int, int, int]:
+    """(frames, height, width) of the denoiser's patch, from its config (1 where it has none)."""
+    p = getattr(config, "patch_size", None) or 1
+    if isinstance(p, (tuple, list)):
+        return int(p[0]), int(p[1]), int(p[2])
+    return int(getattr(config, "patch_size_t", None) or 1), int(p), int(p)
+
+
+@pytest.mark.parametrize("name", sorted(GRIDS))
+def test_token_grids_separate_text_from_the_latent_grid(name: str, tmp_path: Path) -> None:
+    from diffkiln.calibrate.token_grids import find_token_grids
+
+    pipe, call = _pipe_and_call(name, tmp_path)
+    denoiser = find_denoiser(pipe)
+
+    def run(seed: int) -> torch.Tensor:
+        return _run_seed(pipe, call, seed)
+
+    grids = find_token_grids(denoiser, run)
+    layers = find_attention_layers(denoiser, lambda: run(0))
+    assert set(grids) == {layer.name for layer in layers}
+    text, shaped = GRIDS[name]
+    for layer in layers:
+        g = grids[layer.name]
+        assert g["prefix"] + g["frames"] * g["height"] * g["width"] + g["suffix"] == layer.q_len
+        assert (g["prefix"] > 0) == (text == "prefix") and (g["suffix"] > 0) == (text == "suffix")
+    first = grids[layers[0].name]
+    if shaped:  # the first layer's grid is the latent's, patchified
+        latents = run(0)
+        spatial = latents.shape[2:] if latents.dim() == 5 else (1, *latents.shape[2:])
+        if name == "cogvideox":  # its latents are (batch, frames, channels, height, width)
+            spatial = (latents.shape[1], *latents.shape[3:])
+        pt, ph, pw = _patch(denoiser.config)
+        assert (first["frames"], first["height"], first["width"]) == (
+            -(-spatial[0] // pt), spatial[1] // ph, spatial[2] // pw)  # fmt: skip
+    else:
+        assert first["height"] == 1 and first["frames"] == 1
+
+
+def _run_seed(pipe: object, call: dict[str, object], seed: int) -> torch.Tensor:
+    out = pipe(**call, generator=torch.Generator().manual_seed(seed))  # type: ignore[operator]
+    return next(v for v in vars(out).values() if isinstance(v, torch.Tensor))

@@ -1,0 +1,160 @@
+"""Search block masks for every long attention layer, per step group and head, under a density
+budget, from calibrated drop errors.
+
+1. **Candidates** per (layer, step group, head) (:mod:`diffkiln.optimizer.attention_masks`): dense,
+   spatial, temporal, local 3-D windows, and top-k of the group's mean calibrated mass at several
+   densities; text blocks and a sink are always kept.
+2. **Cost and error.** A candidate's cost is the attention FLOPs it keeps over the group's calls
+   (kept token pairs x head width x calls). Its error is the calibrated error of dropping its
+   blocks, summed over the dropped blocks of each query block (dropping blocks one at a time adds
+   up; this is the additive approximation the search optimizes), averaged over query blocks and
+   summed over the group's steps.
+3. **Allocation.** One candidate per (layer, step group, head), the total cost at most ``density``
+   times dense, the total error least: an integer program (pulp + CBC), as the bit allocation is.
+
+The density is over the attention calls of the recorded layers (long, unmasked attention); short
+attention (e.g. cross-attention to the text) is not counted and runs dense.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from diffkiln.calibrate.attention_stats import AttentionStats
+from diffkiln.core.errors import InvalidInputError
+from diffkiln.core.sparse_plan import LayerMasks, SparsePlan, pack_mask
+from diffkiln.kernels.sparse_attention import BlockLayout
+from diffkiln.optimizer.attention_masks import MaskFamily, TokenGrid, family_mask, topk_mask
+
+__all__ = ["SparseConfig", "search_masks"]
+
+
+@dataclass(frozen=True)
+class SparseConfig:
+    """How to search sparse-attention masks.
+
+    Attributes:
+        density: the budget: kept attention FLOPs over dense, in (0, 1]. Default 0.35.
+        groups: step groups of equal length (each gets its own masks). Default 2.
+        windows: the ``local`` family's windows, (frames, rows, columns) gaps in tokens.
+        topk: the ``topk`` family's densities.
+    """
+
+    density: float = 0.35
+    groups: int = 2
+    windows: tuple[tuple[int, int, int], ...] = ((0, 1, 1), (1, 1, 1), (1, 2, 2), (2, 3, 3), (4, 4, 4))
+    topk: tuple[float, ...] = (0.1, 0.2, 0.35, 0.5)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.density <= 1:
+            raise InvalidInputError(f"the attention density must be in (0, 1], got {self.density}")
+        if self.groups <= 0:
+            raise InvalidInputError(f"groups must be a positive integer, got {self.groups}")
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    label: str
+    mask: torch.Tensor
+    cost: float
+    error: float
+
+
+def _candidates(stats: AttentionStats, grid: TokenGrid, layer: str, head: int, steps: range,
+                config: SparseConfig, call_cost: float) -> list[_Candidate]:  # fmt: skip
+    geometry = next(g for g in stats.layers if g.name == layer)
+    block = stats.block
+    masks: dict[str, torch.Tensor] = {"dense": family_mask(grid, block, MaskFamily.DENSE)}
+    masks["spatial"] = family_mask(grid, block, MaskFamily.SPATIAL)
+    masks["temporal"] = family_mask(grid, block, MaskFamily.TEMPORAL)
+    for w in config.windows:
+        masks[f"local({w[0]},{w[1]},{w[2]})"] = family_mask(grid, block, MaskFamily.LOCAL, w)
+    mean_mass = stats.mass[layer][steps.start : steps.stop, head].mean(0)
+    for d in config.topk:
+        masks[f"topk({d})"] = topk_mask(mean_mass, grid, block, d)
+    drop = stats.drop_error[layer][steps.start : steps.stop, head]  # (group steps, qb, kb)
+    out, seen = [], set()
+    for label, mask in masks.items():
+        key = pack_mask(mask)
+        if key in seen:
+            continue  # another family gave the same mask
+        seen.add(key)
+        dropped = drop[:, ~mask]
+        if bool(torch.isinf(dropped).any()):
+            continue  # it drops all of some query's mass
+        error = float(torch.where(~mask, drop, torch.zeros_like(drop)).sum(-1).mean(-1).sum())
+        density = BlockLayout.from_mask(mask[None], geometry.q_len, geometry.kv_len, block).density
+        out.append(_Candidate(label, mask, density * call_cost * len(steps), error))
+    return out
+
+
+def search_masks(stats: AttentionStats, grids: dict[str, dict[str, int]], config: SparseConfig) -> SparsePlan:
+    """The masks of least calibrated error within the density budget (see the module docstring).
+
+    Args:
+        stats: the calibrated block statistics (``CalibrationConfig.attention_stats``).
+        grids: each recorded layer's token layout (:func:`diffkiln.calibrate.token_grids.find_token_grids`).
+        config: the budget and the candidates.
+
+    Raises:
+        InvalidInputError: no recorded layer, a layer without a grid, or a budget below what the
+            sparsest candidates reach.
+    """
+    import pulp
+
+    if not stats.layers:
+        raise InvalidInputError("the calibration recorded no long attention layer; nothing to make sparse")
+    missing = [g.name for g in stats.layers if g.name not in grids]
+    if missing:
+        raise InvalidInputError(f"no token grid for attention layer(s) {missing[:3]}")
+    size = math.ceil(stats.steps / config.groups)
+    starts = tuple(range(0, stats.steps, size))
+    units: dict[tuple[str, int, int], list[_Candidate]] = {}
+    total = 0.0
+    for g in stats.layers:
+        grid = TokenGrid(**grids[g.name])
+        if grid.tokens != g.q_len or g.q_len != g.kv_len:
+            continue  # masks are for self-attention over the layer's own token grid
+        call_cost = float(g.q_len * g.kv_len * stats.calls_per_step)
+        for gi, s in enumerate(starts):
+            steps = range(s, min(s + size, stats.steps))
+            for h in range(g.heads):
+                units[(g.name, gi, h)] = _candidates(stats, grid, g.name, h, steps, config, call_cost)
+                total += call_cost * len(steps)
+    prob = pulp.LpProblem("diffkiln_sparse", pulp.LpMinimize)
+    x = {(u, c): pulp.LpVariable(f"x_{i}_{c}", cat="Binary") for i, u in enumerate(units) for c in range(len(units[u]))}
+    prob += pulp.lpSum(units[u][c].error * v for (u, c), v in x.items())
+    for u, cands in units.items():
+        prob += pulp.lpSum(x[(u, c)] for c in range(len(cands))) == 1
+    prob += pulp.lpSum(units[u][c].cost * v for (u, c), v in x.items()) <= config.density * total
+    status = prob.solve(pulp.PULP_CBC_CMD(msg=False))
+    if pulp.LpStatus[status] != "Optimal":
+        least = sum(min(c.cost for c in cands) for cands in units.values()) / total
+        raise InvalidInputError(f"no masks reach density {config.density}: the sparsest candidates keep {least:.3f}; "
+                                "ask for a higher --attn-density")  # fmt: skip
+    chosen = {u: cands[next(c for c in range(len(cands)) if (x[(u, c)].value() or 0) > 0.5)]
+              for u, cands in units.items()}  # fmt: skip
+    return _plan(stats, grids, config, starts, chosen, total)
+
+
+def _plan(stats: AttentionStats, grids: dict[str, dict[str, int]], config: SparseConfig, starts: tuple[int, ...],
+          chosen: dict[tuple[str, int, int], _Candidate], total: float) -> SparsePlan:  # fmt: skip
+    layers = []
+    for g in stats.layers:
+        if (g.name, 0, 0) not in chosen:
+            continue
+        groups = range(len(starts))
+        families = tuple(tuple(chosen[(g.name, gi, h)].label for h in range(g.heads)) for gi in groups)
+        masks = tuple(tuple(pack_mask(chosen[(g.name, gi, h)].mask) for h in range(g.heads)) for gi in groups)
+        layers.append(LayerMasks(g.name, g.heads, g.q_len, g.kv_len, dict(grids[g.name]), families, masks))
+    kept = sum(c.cost for c in chosen.values())
+    search: dict[str, Any] = {
+        "units": len(chosen),
+        "planned_error": sum(c.error for c in chosen.values()),
+        "families": sorted({c.label for c in chosen.values()}),
+    }
+    return SparsePlan(stats.block, stats.steps, starts, tuple(layers), kept / total, config.density, search)

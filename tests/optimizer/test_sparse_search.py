@@ -1,0 +1,78 @@
+"""The mask search on synthetic statistics with a known answer, the plan section's strict round trip,
+and the budget kept."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from diffkiln.calibrate.attention_stats import AttentionStats, LayerGeometry
+from diffkiln.core.errors import InvalidInputError
+from diffkiln.core.sparse_plan import SparsePlan, SparsePlanError, pack_mask, unpack_mask
+from diffkiln.kernels.sparse_attention import BlockLayout
+from diffkiln.optimizer.sparse_search import SparseConfig, search_masks
+
+GRID = {"frames": 8, "height": 4, "width": 4, "prefix": 0, "suffix": 0}  # 128 tokens; a 16-token block is a frame
+
+
+def _stats(steps: int = 4) -> AttentionStats:
+    """Two layers of two heads: head 0 attends to nearby frames (drop error falls with the frame
+    distance), head 1 to the first frame and itself."""
+    i, j = torch.arange(8)[:, None], torch.arange(8)[None]
+    near = torch.exp(-(i - j).abs().float())
+    sink = ((j == 0) | (i == j)).float() + 0.01
+    mass, drop = {}, {}
+    for name in ("blocks.0.attn", "blocks.1.attn"):
+        m = torch.stack([near / near.sum(1, keepdim=True), sink / sink.sum(1, keepdim=True)])
+        mass[name] = m.expand(steps, 2, 8, 8).clone()
+        drop[name] = (m * 10).expand(steps, 2, 8, 8).clone()
+    layers = tuple(LayerGeometry(n, 2, 128, 128) for n in mass)
+    return AttentionStats(16, steps, 2, layers, mass, drop)
+
+
+@pytest.mark.parametrize("density", [0.6, 0.4, 0.25])  # 8 blocks and a sink: 0.211 at the least
+def test_search_keeps_the_budget_and_the_blocks_that_matter(density: float) -> None:
+    stats = _stats()
+    plan = search_masks(stats, {g.name: GRID for g in stats.layers}, SparseConfig(density=density))
+    assert plan.density <= density + 1e-9 and plan.group_starts == (0, 2)
+    # The planned density is the masks' own, token-weighted.
+    measured = [BlockLayout.from_mask(lm.mask(g, h, 16)[None], 128, 128, 16).density
+                for lm in plan.layers for g in range(2) for h in range(2)]  # fmt: skip
+    assert sum(measured) / len(measured) == pytest.approx(plan.density)
+    for lm in plan.layers:
+        for g in range(2):
+            near, sink = lm.mask(g, 0, 16), lm.mask(g, 1, 16)
+            assert bool(near.diagonal().all()) and bool(sink[:, 0].all()) and bool(sink.diagonal().all())
+    assert plan.search["planned_error"] >= 0
+
+
+def test_a_budget_below_the_sparsest_candidates_is_refused() -> None:
+    stats = _stats()
+    with pytest.raises(InvalidInputError, match="higher --attn-density"):
+        search_masks(stats, {g.name: GRID for g in stats.layers}, SparseConfig(density=0.01))
+    with pytest.raises(InvalidInputError, match="in \\(0, 1\\]"):
+        SparseConfig(density=1.5)
+
+
+def test_plan_section_round_trips_and_is_read_strictly() -> None:
+    stats = _stats()
+    plan = search_masks(stats, {g.name: GRID for g in stats.layers}, SparseConfig(density=0.35))
+    text = json.dumps(plan.to_dict())
+    again = SparsePlan.from_dict(json.loads(text))
+    assert again == plan and json.dumps(again.to_dict()) == text
+    bad = json.loads(text)
+    bad["extra"] = 1
+    with pytest.raises(SparsePlanError, match="exactly the keys"):
+        SparsePlan.from_dict(bad)
+    bad = json.loads(text)
+    bad["layers"][0]["masks"][0][0] = pack_mask(torch.zeros(8, 8, dtype=torch.bool))
+    with pytest.raises(SparsePlanError, match="keeps no key block"):
+        SparsePlan.from_dict(bad)
+    bad = json.loads(text)
+    bad["layers"][0]["masks"][0][0] = "00"
+    with pytest.raises(SparsePlanError, match="needs 8 bytes"):
+        SparsePlan.from_dict(bad)
+    mask = torch.rand(5, 7) < 0.5
+    assert torch.equal(unpack_mask(pack_mask(mask), 5, 7), mask)

@@ -88,6 +88,7 @@ class SparsePlan:
     Attributes:
         block: tokens per block.
         steps: sampler steps the plan is for.
+        calls_per_step: denoiser calls per step (CFG branches called separately share a step).
         group_starts: the first step of each step group (starts at 0, ascending).
         layers: the masked layers; other attention layers run dense.
         density: kept attention FLOPs over dense, over all masked and unmasked attention calls of
@@ -98,6 +99,7 @@ class SparsePlan:
 
     block: int
     steps: int
+    calls_per_step: int
     group_starts: tuple[int, ...]
     layers: tuple[LayerMasks, ...]
     density: float
@@ -105,8 +107,9 @@ class SparsePlan:
     search: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.block <= 0 or self.steps <= 0:
-            raise SparsePlanError(f"block and steps must be positive, got {self.block} and {self.steps}")
+        if self.block <= 0 or self.steps <= 0 or self.calls_per_step <= 0:
+            raise SparsePlanError(f"block, steps and calls_per_step must be positive, got {self.block}, {self.steps} "
+                                  f"and {self.calls_per_step}")  # fmt: skip
         starts = list(self.group_starts)
         if not starts or starts[0] != 0 or starts != sorted(set(starts)) or starts[-1] >= self.steps:
             raise SparsePlanError(f"group_starts must ascend from 0 below {self.steps} steps, got {starts}")
@@ -133,6 +136,7 @@ class SparsePlan:
             "version": SPARSE_PLAN_VERSION,
             "block": self.block,
             "steps": self.steps,
+            "calls_per_step": self.calls_per_step,
             "group_starts": list(self.group_starts),
             "density": self.density,
             "budget": self.budget,
@@ -147,7 +151,7 @@ class SparsePlan:
         Raises:
             SparsePlanError: another version, an unknown or missing key, or a bad value.
         """
-        keys = {"version", "block", "steps", "group_starts", "density", "budget", "search", "layers"}
+        keys = {"version", "block", "steps", "calls_per_step", "group_starts", "density", "budget", "search", "layers"}
         layer_keys = {"layer", "heads", "q_len", "kv_len", "grid", "families", "masks"}
         if not isinstance(d, dict) or set(d) != keys:
             raise SparsePlanError(f"a sparse-attention section has exactly the keys {sorted(keys)}")
@@ -171,8 +175,9 @@ class SparsePlan:
             layers.append(LayerMasks(entry["layer"], heads, q_len, kv_len, dict(entry["grid"]), families, masks))
         if not isinstance(d["group_starts"], list) or not all(isinstance(s, int) for s in d["group_starts"]):
             raise SparsePlanError("group_starts is a list of step indices")
-        return cls(int(d["block"]), int(d["steps"]), tuple(d["group_starts"]), tuple(layers), float(d["density"]),
-                   float(d["budget"]), dict(d["search"]))  # fmt: skip
+        sizes = (int(d["block"]), int(d["steps"]), int(d["calls_per_step"]))
+        return cls(*sizes, tuple(d["group_starts"]), tuple(layers), float(d["density"]), float(d["budget"]),
+                   dict(d["search"]))  # fmt: skip
 
 
 def _layer_dict(lm: LayerMasks) -> dict[str, Any]:

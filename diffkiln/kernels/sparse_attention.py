@@ -140,7 +140,7 @@ def _padded_blocks(x: torch.Tensor, block: int, blocks: int) -> torch.Tensor:
     """``(batch, heads, tokens, d)`` -> ``(batch, heads, blocks + 1, block, d)``: zero-padded to whole
     blocks, plus one all-zero block that padding indices point at."""
     b, h, n, d = x.shape
-    return F.pad(x, (0, 0, 0, (blocks + 1) * block - n)).view(b, h, blocks + 1, block, d)
+    return F.pad(x, (0, 0, 0, (blocks + 1) * block - n)).reshape(b, h, blocks + 1, block, d)
 
 
 def block_sparse_attention(
@@ -160,7 +160,7 @@ def block_sparse_attention(
     batch, heads, q_len, _ = q.shape
     blk, qb, kb = layout.block, layout.q_blocks, layout.kv_blocks
     kp, vp = _padded_blocks(k, blk, kb), _padded_blocks(v, blk, kb)
-    qp = F.pad(q, (0, 0, 0, qb * blk - q_len)).view(batch, heads * qb, blk, q.shape[-1])
+    qp = F.pad(q, (0, 0, 0, qb * blk - q_len)).reshape(batch, heads * qb, blk, q.shape[-1])
     idx = torch.where(layout.indices < 0, kb, layout.indices).long().to(q.device)  # -1 -> the zero block
     idx = idx.view(heads * qb, -1)
     head_of = torch.arange(heads, device=q.device).repeat_interleave(qb)

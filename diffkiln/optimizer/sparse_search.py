@@ -157,4 +157,5 @@ def _plan(stats: AttentionStats, grids: dict[str, dict[str, int]], config: Spars
         "planned_error": sum(c.error for c in chosen.values()),
         "families": sorted({c.label for c in chosen.values()}),
     }
-    return SparsePlan(stats.block, stats.steps, starts, tuple(layers), kept / total, config.density, search)
+    return SparsePlan(stats.block, stats.steps, stats.calls_per_step, starts, tuple(layers), kept / total,
+                      config.density, search)  # fmt: skip

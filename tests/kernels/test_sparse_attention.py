@@ -85,3 +85,13 @@ def test_a_layout_that_does_not_fit_is_refused_with_the_reason() -> None:
         BlockLayout(torch.full((1, 4, 1), 4, dtype=torch.int32), 256, 256, 64)
     with pytest.raises(ValueError, match="query blocks"):
         BlockLayout(torch.zeros((1, 3, 1), dtype=torch.int32), 256, 256, 64)
+
+
+def test_non_contiguous_inputs_as_diffusers_passes_them() -> None:
+    # diffusers permutes (batch, tokens, heads, dim) to (batch, heads, tokens, dim): a strided view.
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 256, 2, 16, generator=g).permute(0, 2, 1, 3) for _ in range(3))
+    layout = BlockLayout.from_mask(_band_mask(2, 4, 4, 1), 256, 256, 64)
+    got = block_sparse_attention(q, k, v, layout)
+    ref = sparse_attention_reference(q.contiguous(), k.contiguous(), v.contiguous(), layout)
+    assert F.cosine_similarity(got.flatten(), ref.flatten(), dim=0) >= 0.9999

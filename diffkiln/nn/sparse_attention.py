@@ -1,0 +1,146 @@
+"""Run a frozen sparse-attention plan: each masked layer's attention on its step group's block
+masks, through the block-sparse kernel.
+
+``apply_sparse_plan(denoiser, plan)`` registers two named hooks on the denoiser
+(``diffkiln.sparse.enter`` / ``diffkiln.sparse.exit``) that intercept the SDPA calls made inside its
+forward (:class:`diffkiln.core.attention.AttentionCalls`); ``remove_sparse_plan`` takes them away
+and ``sparse_plan_applied`` does both around a block. A masked layer's call index gives its step:
+``(index // calls_per_step) % steps`` (call :meth:`SparseRun.reset` if a sampling run stops midway).
+A call whose token counts differ from the plan's raises :class:`SparsePlanError`: masks are made
+for the resolution and frame count they were searched at. The run counts the attention FLOPs it
+kept, so the density is measured as the kernels ran.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from diffkiln.core.attention import AttentionCall, AttentionCalls
+from diffkiln.core.sparse_plan import SparsePlan, SparsePlanError
+from diffkiln.kernels.sparse_attention import BlockLayout, block_sparse_attention
+
+__all__ = ["SparseRun", "apply_sparse_plan", "remove_sparse_plan", "sparse_plan_applied"]
+
+ENTER_HOOK = "diffkiln.sparse.enter"
+EXIT_HOOK = "diffkiln.sparse.exit"
+
+
+@dataclass
+class SparseRun:
+    """The state of an applied plan and what it measured.
+
+    Attributes:
+        plan: the plan applied.
+        kept: attention FLOPs (token pairs x heads) the masked calls ran.
+        dense: what the same calls would have run dense.
+    """
+
+    plan: SparsePlan
+    kept: float = 0.0
+    dense: float = 0.0
+    calls: dict[str, int] = field(default_factory=dict)
+    layouts: dict[tuple[str, int], BlockLayout] = field(default_factory=dict)
+
+    @property
+    def density(self) -> float | None:
+        """Kept over dense attention FLOPs of the masked calls so far; None before any."""
+        return self.kept / self.dense if self.dense else None
+
+    def reset(self) -> None:
+        """Start counting steps afresh (the measured FLOPs stay)."""
+        self.calls.clear()
+
+    def layout(self, layer: str, group: int) -> BlockLayout:
+        """The block layout of a layer's step group (every head), built once."""
+        key = (layer, group)
+        if key not in self.layouts:
+            lm = next(x for x in self.plan.layers if x.layer == layer)
+            masks = torch.stack([lm.mask(group, h, self.plan.block) for h in range(lm.heads)])
+            self.layouts[key] = BlockLayout.from_mask(masks, lm.q_len, lm.kv_len, self.plan.block)
+        return self.layouts[key]
+
+    def handle(self, call: AttentionCall) -> torch.Tensor | None:
+        """The masked attention of one SDPA call of a planned layer (None: run it as called)."""
+        lm = next((x for x in self.plan.layers if x.layer == call.layer), None)
+        if lm is None or call.attn_mask is not None or call.is_causal:
+            return None
+        shape = (call.query.shape[1], call.query.shape[2], call.key.shape[2])
+        if shape != (lm.heads, lm.q_len, lm.kv_len):
+            raise SparsePlanError(
+                f"attention layer {lm.layer} runs {shape[0]} heads over {shape[1]} query and {shape[2]} key tokens; "
+                f"its masks are for {lm.heads} heads over {lm.q_len} and {lm.kv_len} (the resolution and frame count "
+                "they were searched at): call the pipeline at those, or search masks for this size"
+            )
+        index = self.calls.get(lm.layer, 0)
+        self.calls[lm.layer] = index + 1
+        step = (index // self.plan.calls_per_step) % self.plan.steps
+        layout = self.layout(lm.layer, self.plan.group_of(step))
+        pairs = float(call.query.shape[0] * lm.heads * lm.q_len * lm.kv_len)
+        self.dense += pairs
+        self.kept += pairs * layout.density
+        return block_sparse_attention(call.query, call.key, call.value, layout, call.scale)
+
+
+class _Mode:
+    """Enters the interception at the denoiser's forward and leaves it after (nested calls stay in)."""
+
+    def __init__(self, denoiser: nn.Module, run: SparseRun) -> None:
+        self.calls = AttentionCalls(denoiser, run.handle, only={lm.layer for lm in run.plan.layers})
+        self.depth = 0
+
+    def enter(self, *_a: Any) -> None:
+        if self.depth == 0:
+            self.calls.__enter__()
+        self.depth += 1
+
+    def exit(self, *_a: Any) -> None:
+        self.depth -= 1
+        if self.depth == 0:
+            self.calls.__exit__(None, None, None)
+
+
+def apply_sparse_plan(denoiser: nn.Module, plan: SparsePlan) -> SparseRun:
+    """Run ``plan``'s masks in ``denoiser``'s attention (see the module docstring).
+
+    Raises:
+        SparsePlanError: a plan is applied already, or a layer it names is missing.
+    """
+    modules = dict(denoiser.named_modules())
+    missing = [lm.layer for lm in plan.layers if lm.layer not in modules]
+    if missing:
+        raise SparsePlanError(f"the denoiser has no attention layer(s) {missing[:3]} the sparse plan names")
+    if getattr(denoiser, "_diffkiln_sparse", None) is not None:
+        raise SparsePlanError("a sparse-attention plan is applied to this denoiser already; remove it first")
+    run = SparseRun(plan)
+    mode = _Mode(denoiser, run)
+    # always_call: the interception ends even when the forward raises.
+    handles = [
+        denoiser.register_forward_pre_hook(mode.enter),
+        denoiser.register_forward_hook(mode.exit, always_call=True),
+    ]
+    denoiser.__dict__["_diffkiln_sparse"] = {ENTER_HOOK: handles[0], EXIT_HOOK: handles[1], "run": run}
+    return run
+
+
+def remove_sparse_plan(denoiser: nn.Module) -> None:
+    """Remove the plan's hooks (nothing happens without them)."""
+    state = denoiser.__dict__.pop("_diffkiln_sparse", None)
+    if state is not None:
+        state[ENTER_HOOK].remove()
+        state[EXIT_HOOK].remove()
+
+
+@contextmanager
+def sparse_plan_applied(denoiser: nn.Module, plan: SparsePlan) -> Iterator[SparseRun]:
+    """:func:`apply_sparse_plan` for the block; the hooks are removed on exit, normally or not."""
+    run = apply_sparse_plan(denoiser, plan)
+    try:
+        yield run
+    finally:
+        remove_sparse_plan(denoiser)

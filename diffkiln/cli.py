@@ -119,13 +119,14 @@ def _cache_options(a: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _optimize_config(a: argparse.Namespace, recipe: Any, out: Path, cache: Any = None) -> Any:
+def _optimize_config(a: argparse.Namespace, recipe: Any, out: Path, cache: Any = None, sparse: Any = None) -> Any:
     from diffkiln.api import FloatStorage, OptimizeConfig
 
     return OptimizeConfig(
         out=out,
         recipe=recipe,
         cache=cache,
+        sparse=sparse,
         calib_prompts=a.calib_prompts,
         calib_size=a.calib_size,
         steps=a.steps,
@@ -142,17 +143,20 @@ def _optimize_config(a: argparse.Namespace, recipe: Any, out: Path, cache: Any =
 
 
 def _cmd_optimize(a: argparse.Namespace) -> int:
-    from diffkiln.api import CacheConfig, SweepConfig, build_cache_sweep, build_sweep, optimize
+    from diffkiln.api import CacheConfig, SparseConfig, SweepConfig, build_cache_sweep, build_sweep, optimize
     from diffkiln.optimizer import recipe_config_from_options
 
     cache_options = _cache_options(a)
+    sparse_options = {"density": a.attn_density} if getattr(a, "attn_density", None) is not None else {}
     if a.recipe == "cache":
         recipe = recipe_config_from_options(a.recipe, {**_options(a, RECIPE_OPTIONS), **cache_options})
         cache = None
     else:
-        recipe = recipe_config_from_options(a.recipe, _options(a, RECIPE_OPTIONS))
+        recipe = recipe_config_from_options(a.recipe, {**_options(a, RECIPE_OPTIONS),
+                                                       **(sparse_options if a.recipe == "sparse" else {})})  # fmt: skip
         cache = CacheConfig(**cache_options) if cache_options else None
-    config = _optimize_config(a, recipe, a.out, cache)
+    sparse = SparseConfig(**sparse_options) if sparse_options and a.recipe != "sparse" else None
+    config = _optimize_config(a, recipe, a.out, cache, sparse)
     if a.sweep_cache:
         from diffkiln.report.sweep import evaluate_sweep, format_sweep_rows
 

@@ -199,8 +199,8 @@ def _add_optimize(sub: Any) -> None:
     )
     o.add_argument("target", metavar="MODEL", help="built-in model name or diffusers folder")
     o.add_argument("--recipe", default="w8a8",
-                   help="compression recipe: w8a8 (default), mixed, or cache (float weights, a searched cache "
-                   "schedule)")  # fmt: skip
+                   help="compression recipe: w8a8 (default), mixed, cache (float weights, a searched cache "
+                   "schedule) or sparse (float weights, searched sparse-attention masks)")  # fmt: skip
     _add_calibration_args(o)
     _add_layer_args(o)
     o.add_argument(
@@ -232,6 +232,10 @@ def _add_optimize(sub: Any) -> None:
     o.add_argument("--sweep-eval-size", type=positive_int, default=50,
                    help="--sweep / --sweep-cache: prompts per set (default 50)")  # fmt: skip
     _add_cache_args(o)
+    o.add_argument("--attn-density", type=float, metavar="FRACTION",
+                   help="search block-sparse attention masks per layer, step group and head that keep this fraction "
+                   "of the long attention layers' FLOPs, e.g. 0.35; with --recipe sparse alone (float weights) or "
+                   "composed with another recipe (docs/sparse-attention.md)")  # fmt: skip
     o.add_argument(
         "--target",
         dest="deploy_target",

@@ -26,7 +26,7 @@ from diffkiln.calibrate import CalibrationConfig, CalibrationStats, calibrate
 from diffkiln.core.plan import Plan
 from diffkiln.export import ExportConfig, FloatStorage, convert_bundle, export_bundle
 from diffkiln.nn import apply_plan
-from diffkiln.optimizer import CacheConfig, MixedConfig, SearchContext, W8A8Config, make_plan
+from diffkiln.optimizer import CacheConfig, MixedConfig, SearchContext, SparseConfig, W8A8Config, make_plan
 from diffkiln.runtime import load, load_into, open_bundle
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "Plan",
     "Prepared",
     "SearchContext",
+    "SparseConfig",
     "SweepBuild",
     "SweepConfig",
     "W8A8Config",

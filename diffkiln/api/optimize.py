@@ -27,6 +27,7 @@ from diffkiln.optimizer import (
     MixedConfig,
     SearchContext,
     SensitivityTable,
+    SparseConfig,
     W8A8Config,
     for_target,
     make_plan,
@@ -34,6 +35,7 @@ from diffkiln.optimizer import (
     recipe_float_storage,
     recipe_name,
     search_cache,
+    search_masks,
 )
 from diffkiln.zoo.registry import ResolvedTarget, default_cache_dir, resolve_target
 
@@ -62,6 +64,9 @@ class OptimizeConfig:
             report are the deployed model. None: diffkiln's runtimes. Default None.
         cache: a cache-schedule search composed with the recipe (``--cache-budget`` with w8a8 or
             mixed); None: no cache, unless the recipe is :class:`CacheConfig` itself. Default None.
+        sparse: a sparse-attention mask search composed with the recipe (``--attn-density`` with
+            another recipe); None: dense attention, unless the recipe is :class:`SparseConfig`
+            itself. Default None.
         float_storage: how the bundle stores float tensors; None: the recipe's default (lossless
             for w8a8, float16 for mixed). Default None.
         overwrite: replace an existing bundle. Default False.
@@ -80,6 +85,7 @@ class OptimizeConfig:
     denoiser: str | None = None
     deploy_target: str | None = None
     cache: CacheConfig | None = None
+    sparse: SparseConfig | None = None
     float_storage: FloatStorage | None = None
     overwrite: bool = False
     cache_dir: Path | None = None
@@ -97,11 +103,18 @@ class OptimizeConfig:
             raise InvalidInputError(f"guidance must be >= 0, got {self.guidance}")
         if self.cache is not None and isinstance(self.recipe, CacheConfig):
             raise InvalidInputError("the cache recipe searches its own schedule; drop the separate cache config")
+        if self.sparse is not None and isinstance(self.recipe, SparseConfig):
+            raise InvalidInputError("the sparse recipe searches its own masks; drop the separate sparse config")
 
     @property
     def wants_cache(self) -> bool:
         """True when the build searches a cache schedule (the cache recipe, or ``cache`` given)."""
         return self.cache is not None or isinstance(self.recipe, CacheConfig)
+
+    @property
+    def wants_sparse(self) -> bool:
+        """True when the build searches sparse-attention masks (the sparse recipe, or ``sparse`` given)."""
+        return self.sparse is not None or isinstance(self.recipe, SparseConfig)
 
     def resolved_recipe(self) -> Any:
         """The recipe config with :attr:`deploy_target`'s settings applied."""
@@ -175,6 +188,7 @@ def prepare(target: str | os.PathLike[str], config: OptimizeConfig) -> Prepared:
         call_kwargs=_call_kwargs(resolved, config.call_kwargs),
         denoiser=config.denoiser,
         cache_stats=config.wants_cache,
+        attention_stats=config.wants_sparse,
     )
     t1 = time.perf_counter()
     stats = calibrate(pipe, cal_cfg)
@@ -210,6 +224,10 @@ def optimize(target: str | os.PathLike[str], config: OptimizeConfig) -> Path:
     if config.cache is not None:
         cache = for_target(config.cache, config.deploy_target)
         plan = dataclasses.replace(plan, cache=search_cache(prep.pipe, prep.stats, cache, prep.context(config)))
+    if config.sparse is not None:
+        if prep.stats.attention is None:
+            raise InvalidInputError("calibration recorded no attention statistics for the sparse-attention search")
+        plan = dataclasses.replace(plan, sparse=search_masks(prep.stats.attention, config.sparse))
     metrics = {
         **prep.metrics,
         "deploy_target": config.deploy_target,

@@ -45,6 +45,7 @@ class AttentionStats:
         layers: the recorded layers, in call order.
         mass: per layer, ``(steps, heads, query_blocks, key_blocks)`` mean attention mass.
         drop_error: per layer, the same shape: mean output error of dropping each key block.
+        grids: per layer, its token layout (:func:`diffkiln.calibrate.token_grids.find_token_grids`).
     """
 
     block: int
@@ -53,11 +54,13 @@ class AttentionStats:
     layers: tuple[LayerGeometry, ...]
     mass: dict[str, torch.Tensor]
     drop_error: dict[str, torch.Tensor]
+    grids: dict[str, dict[str, int]]
 
     def to_meta(self) -> dict[str, Any]:
         """JSON-ready metadata (the tensors go into the tensor file: :meth:`tensors`)."""
         return {"block": self.block, "steps": self.steps, "calls_per_step": self.calls_per_step,
-                "layers": [[g.name, g.heads, g.q_len, g.kv_len] for g in self.layers]}  # fmt: skip
+                "layers": [[g.name, g.heads, g.q_len, g.kv_len] for g in self.layers],
+                "grids": {g.name: self.grids[g.name] for g in self.layers}}  # fmt: skip
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The tensors under the names :meth:`from_meta` reads."""
@@ -71,7 +74,8 @@ class AttentionStats:
         layers = tuple(LayerGeometry(n, h, q, k) for n, h, q, k in meta["layers"])
         return cls(meta["block"], meta["steps"], meta["calls_per_step"], layers,
                    {g.name: tensors[f"attn::mass::{g.name}"] for g in layers},
-                   {g.name: tensors[f"attn::drop::{g.name}"] for g in layers})  # fmt: skip
+                   {g.name: tensors[f"attn::drop::{g.name}"] for g in layers},
+                   {g.name: dict(meta["grids"][g.name]) for g in layers})  # fmt: skip
 
 
 class AttentionRecorder:
@@ -102,8 +106,9 @@ class AttentionRecorder:
         self.calls.setdefault(call.layer, []).append(stats)
         return None
 
-    def finish(self, steps: int) -> AttentionStats:
-        """The statistics over ``steps`` sampler steps, CFG branches averaged.
+    def finish(self, steps: int, grids: dict[str, dict[str, int]]) -> AttentionStats:
+        """The statistics over ``steps`` sampler steps, CFG branches averaged, with each recorded
+        layer's token layout from ``grids``.
 
         Raises:
             InvalidInputError: a layer's calls do not divide into ``steps`` steps.
@@ -120,7 +125,8 @@ class AttentionRecorder:
                                       for t in range(steps)])  # fmt: skip
             drop[name] = torch.stack([torch.stack([c[1] for c in calls[t * cps : (t + 1) * cps]]).mean(0)
                                       for t in range(steps)])  # fmt: skip
-        return AttentionStats(self.block, steps, cps, tuple(self.geometry.values()), mass, drop)
+        layers = tuple(self.geometry.values())
+        return AttentionStats(self.block, steps, cps, layers, mass, drop, {g.name: grids[g.name] for g in layers})
 
 
 @contextmanager

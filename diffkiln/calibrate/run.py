@@ -34,6 +34,7 @@ from diffkiln.calibrate.prompts import PROBE_PROMPTS
 from diffkiln.calibrate.recorder import Recorder, recording
 from diffkiln.calibrate.sources import CallSource, PromptSource, batch_kwargs, source_for
 from diffkiln.calibrate.stats import CalibrationStats
+from diffkiln.calibrate.token_grids import find_token_grids
 from diffkiln.core.errors import InvalidInputError
 from diffkiln.core.hooks import scoped_hooks
 from diffkiln.core.pipelines import (
@@ -179,7 +180,13 @@ def _run_pipeline(pipe: Any, source: CallSource, config: CalibrationConfig, mode
     timesteps = getattr(getattr(pipe, "scheduler", None), "timesteps", None)
     steps_run = len(timesteps) if timesteps is not None else config.steps
     cache = cache_rec.finish(steps_run) if cache_rec is not None else None
-    attention = attn_rec.finish(steps_run) if attn_rec is not None else None
+    attention = None
+    if attn_rec is not None:
+
+        def noise_only(seed: int) -> Any:  # the same conditioning, other initial noise
+            return call(first_batch[:1], seed, **accepted_call_kwargs(pipe, {"num_inference_steps": 2}))
+
+        attention = attn_rec.finish(steps_run, find_token_grids(denoiser, noise_only))
     if rec.calls == 0:
         name = choice.name or "the denoiser"
         raise InvalidInputError(f"the sampler never called {name}; name the denoiser with --denoiser")

@@ -14,6 +14,7 @@ from typing import Any
 from diffkiln.core.cache_schedule import CacheSchedule, CacheScheduleError
 from diffkiln.core.layers import CONV_KINDS, LAYER_KINDS
 from diffkiln.core.packing import PACKABLE_BITS, packed_length
+from diffkiln.core.sparse_plan import SparsePlan, SparsePlanError
 
 __all__ = [
     "PLAN_FORMAT",
@@ -27,10 +28,10 @@ __all__ = [
 ]
 
 PLAN_FORMAT = "diffkiln.plan"
-PLAN_VERSION = 4
+PLAN_VERSION = 5
 # Version 2 added LayerPlan.output; 3 added LayerPlan.role / evidence, Plan.denoiser and the kinds
-# conv1d / conv3d; 4 added Plan.cache. Older plans read as ones without them.
-_READABLE_VERSIONS = (1, 2, 3, 4)
+# conv1d / conv3d; 4 added Plan.cache; 5 added Plan.sparse. Older plans read as ones without them.
+_READABLE_VERSIONS = (1, 2, 3, 4, 5)
 
 
 class PlanError(ValueError):
@@ -241,6 +242,8 @@ class Plan:
             written before it was recorded). Default "".
         cache: the searched cache schedule (:class:`~diffkiln.core.cache_schedule.CacheSchedule`),
             or None: every step computes every block. Default None.
+        sparse: the searched sparse-attention masks (:class:`~diffkiln.core.sparse_plan.SparsePlan`),
+            or None: attention runs dense. Default None.
     """
 
     recipe: str
@@ -250,6 +253,7 @@ class Plan:
     notes: dict[str, Any] = field(default_factory=dict)
     denoiser: str = ""
     cache: CacheSchedule | None = None
+    sparse: SparsePlan | None = None
 
     def layer(self, name: str) -> LayerPlan:
         """The plan of one layer.
@@ -289,6 +293,7 @@ class Plan:
         """A JSON-ready dict, with format name and version."""
         d = {"format": PLAN_FORMAT, "version": PLAN_VERSION, **asdict(self)}
         d["cache"] = self.cache.to_dict() if self.cache is not None else None
+        d["sparse"] = self.sparse.to_dict() if self.sparse is not None else None
         return d
 
     def to_json(self) -> str:
@@ -334,9 +339,12 @@ class Plan:
                 dict(d["notes"]),
                 str(d.get("denoiser", "")),
                 CacheSchedule.from_dict(d["cache"]) if d.get("cache") is not None else None,
+                SparsePlan.from_dict(d["sparse"]) if d.get("sparse") is not None else None,
             )
         except CacheScheduleError as exc:
             raise PlanError(f"malformed plan: its cache schedule: {exc}") from exc
+        except SparsePlanError as exc:
+            raise PlanError(f"malformed plan: its sparse-attention masks: {exc}") from exc
         except (KeyError, TypeError, ValueError) as exc:
             raise PlanError(f"malformed plan: {exc}") from exc
 

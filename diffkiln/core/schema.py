@@ -29,11 +29,11 @@ __all__ = [
 ]
 
 BUNDLE_FORMAT = "diffkiln.bundle"
-BUNDLE_VERSION = 7
+BUNDLE_VERSION = 8
 """2 adds packed 4-/2-bit and weight-only layers, 3 adds packed 3-bit layers, 4 adds derived buffers
 (rebuilt by the runtime, not stored), 5 adds requantized convolution outputs (``output_scale``), 6
 adds module bundles (``kind: "module"``) and 1-D / 3-D convolutions, 7 adds the cache schedule
-(``cache``); this runtime reads 1 to 7.
+(``cache``), 8 the sparse-attention masks (``sparsity``); this runtime reads 1 to 8.
 Exports write the lowest version that describes the bundle, so bundles without those features stay
 readable by older runtimes."""
 MANIFEST_NAME = "manifest.json"

@@ -150,9 +150,12 @@ def _write_denoiser(
 
 
 def _format_version(plan: Plan, derived_buffers: dict[str, Any], module: bool) -> int:
-    """The lowest bundle format version that describes the bundle: 7 with a cache schedule, 6 for a
+    """The lowest bundle format version that describes the bundle: 8 with sparse-attention masks, 7
+    with a cache schedule, 6 for a
     module bundle or 1-D/3-D convolutions, 5 with requantized outputs, 4 with derived buffers, 3
     with 3-bit layers, else 2."""
+    if plan.sparse is not None:
+        return 8
     if plan.cache is not None:
         return 7
     if module or any(lp.quantized and lp.kind in ("conv1d", "conv3d") for lp in plan.layers):
@@ -225,7 +228,7 @@ def export_bundle(
             },
             "bos": {"positions": list(plan.bos_positions), **plan.notes.get("bos", {})},
             "plan": plan.to_dict(),
-            "sparsity": {},
+            "sparsity": plan.sparse.to_dict() if plan.sparse is not None else {},
             "cache": plan.cache.to_dict() if plan.cache is not None else {},
             "toolchain": toolchain_versions(),
             "build_metrics": build_metrics or {},

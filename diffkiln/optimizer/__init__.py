@@ -20,6 +20,7 @@ from diffkiln.optimizer.registry import (
 )
 from diffkiln.optimizer.roles import LayerRole, RoleFinding, StructuralRole, structural_roles
 from diffkiln.optimizer.sensitivity import SensitivityConfig, SensitivityTable
+from diffkiln.optimizer.sparse_search import SparseConfig, plan_sparse, search_masks
 from diffkiln.optimizer.targets import TARGETS, for_target
 from diffkiln.optimizer.w8a8 import SmoothMode, W8A8Config, fp_reasons, plan_w8a8
 
@@ -35,6 +36,7 @@ __all__ = [
     "SensitivityConfig",
     "SensitivityTable",
     "SmoothMode",
+    "SparseConfig",
     "StructuralRole",
     "W8A8Config",
     "WeightBudget",
@@ -44,6 +46,7 @@ __all__ = [
     "make_plan",
     "mixed_sensitivity",
     "plan_cache",
+    "plan_sparse",
     "plan_w8a8",
     "recipe_config_from_options",
     "recipe_config_type",
@@ -52,6 +55,7 @@ __all__ = [
     "recipe_names",
     "register_recipe",
     "search_cache",
+    "search_masks",
     "search_mixed",
     "structural_roles",
     "uniform_plan",

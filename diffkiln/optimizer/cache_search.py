@@ -32,10 +32,9 @@ from diffkiln.calibrate.stats import CalibrationStats
 from diffkiln.core.cache_schedule import CacheMechanism, CacheSchedule
 from diffkiln.core.configs import config_to_dict
 from diffkiln.core.errors import InvalidInputError
-from diffkiln.core.layers import find_quantizable_layers, layer_kind
-from diffkiln.core.pipelines import find_denoiser
-from diffkiln.core.plan import LayerPlan, Plan
+from diffkiln.core.plan import Plan
 from diffkiln.optimizer.cache_validate import LatentRun, longest_reuse, refine
+from diffkiln.optimizer.float_layers import float_layer_plans
 from diffkiln.optimizer.registry import SearchContext, register_recipe
 
 __all__ = ["CacheConfig", "dp_schedule", "full_steps_allowed", "plan_cache", "search_cache", "uniform_schedule"]
@@ -258,16 +257,10 @@ def search_cache(model: Any, stats: CalibrationStats, config: CacheConfig, conte
 
 def plan_cache(model: Any, stats: CalibrationStats, config: CacheConfig, context: SearchContext) -> Plan:
     """The ``cache`` recipe: every layer kept in floating point, and a searched cache schedule."""
-    denoiser = find_denoiser(model, stats.denoiser or None) if not isinstance(model, torch.nn.Module) else model
-    layers = []
-    for name, module in find_quantizable_layers(denoiser).items():
-        weight: torch.Tensor = module.weight  # type: ignore[assignment]
-        layers.append(LayerPlan(name, layer_kind(module) or "", None, None, (), "the cache recipe keeps float weights",
-                                weight.numel(), out_channels=int(weight.shape[0])))  # fmt: skip
     return Plan(
         recipe="cache",
         source={"id": context.source_id, "weight_hash": stats.model_hash},
-        layers=tuple(layers),
+        layers=float_layer_plans(model, stats, "the cache recipe keeps float weights"),
         notes={"recipe_config": config_to_dict(config), "calibration": stats.settings},
         denoiser=stats.denoiser,
         cache=search_cache(model, stats, config, context),

@@ -25,10 +25,15 @@ from typing import Any
 import torch
 
 from diffkiln.calibrate.attention_stats import AttentionStats
+from diffkiln.calibrate.stats import CalibrationStats
+from diffkiln.core.configs import config_to_dict
 from diffkiln.core.errors import InvalidInputError
+from diffkiln.core.plan import Plan
 from diffkiln.core.sparse_plan import LayerMasks, SparsePlan, pack_mask
 from diffkiln.kernels.sparse_attention import BlockLayout
 from diffkiln.optimizer.attention_masks import MaskFamily, TokenGrid, family_mask, topk_mask
+from diffkiln.optimizer.float_layers import float_layer_plans
+from diffkiln.optimizer.registry import SearchContext, register_recipe
 
 __all__ = ["SparseConfig", "search_masks"]
 
@@ -92,13 +97,15 @@ def _candidates(stats: AttentionStats, grid: TokenGrid, layer: str, head: int, s
     return out
 
 
-def search_masks(stats: AttentionStats, grids: dict[str, dict[str, int]], config: SparseConfig) -> SparsePlan:
+def search_masks(
+    stats: AttentionStats, config: SparseConfig, grids: dict[str, dict[str, int]] | None = None
+) -> SparsePlan:
     """The masks of least calibrated error within the density budget (see the module docstring).
 
     Args:
         stats: the calibrated block statistics (``CalibrationConfig.attention_stats``).
-        grids: each recorded layer's token layout (:func:`diffkiln.calibrate.token_grids.find_token_grids`).
         config: the budget and the candidates.
+        grids: each recorded layer's token layout; None: the ones calibration found (``stats.grids``).
 
     Raises:
         InvalidInputError: no recorded layer, a layer without a grid, or a budget below what the
@@ -106,6 +113,7 @@ def search_masks(stats: AttentionStats, grids: dict[str, dict[str, int]], config
     """
     import pulp
 
+    grids = stats.grids if grids is None else grids
     if not stats.layers:
         raise InvalidInputError("the calibration recorded no long attention layer; nothing to make sparse")
     missing = [g.name for g in stats.layers if g.name not in grids]
@@ -159,3 +167,21 @@ def _plan(stats: AttentionStats, grids: dict[str, dict[str, int]], config: Spars
     }
     return SparsePlan(stats.block, stats.steps, stats.calls_per_step, starts, tuple(layers), kept / total,
                       config.density, search)  # fmt: skip
+
+
+def plan_sparse(model: Any, stats: CalibrationStats, config: SparseConfig, context: SearchContext) -> Plan:
+    """The ``sparse`` recipe: every layer kept in floating point, and searched sparse-attention masks."""
+    if stats.attention is None:
+        raise InvalidInputError("the calibration statistics hold no attention statistics; calibrate with "
+                                "attention_stats=True")  # fmt: skip
+    return Plan(
+        recipe="sparse",
+        source={"id": context.source_id, "weight_hash": stats.model_hash},
+        layers=float_layer_plans(model, stats, "the sparse recipe keeps float weights"),
+        notes={"recipe_config": config_to_dict(config), "calibration": stats.settings},
+        denoiser=stats.denoiser,
+        sparse=search_masks(stats.attention, config),
+    )
+
+
+register_recipe("sparse", SparseConfig)(plan_sparse)

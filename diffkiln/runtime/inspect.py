@@ -80,7 +80,21 @@ def summarize(bundle: str | os.PathLike[str]) -> dict[str, Any]:
         "fp_layers": _fp_layers(manifest),
         "build_metrics": manifest.get("build_metrics", {}),
         "cache": _cache_summary(manifest.get("cache") or {}),
+        "sparse": _sparse_summary(manifest.get("sparsity") or {}),
     }
+
+
+def _sparse_summary(sparsity: dict[str, Any]) -> dict[str, Any] | None:
+    """The sparse-attention masks in brief: layers, step groups, families chosen, planned density."""
+    if not sparsity:
+        return None
+    from diffkiln.core.sparse_plan import SparsePlan
+
+    plan = SparsePlan.from_dict(sparsity)
+    families = sorted({f for lm in plan.layers for group in lm.families for f in group})
+    return {"layers": [lm.layer for lm in plan.layers], "block": plan.block, "steps": plan.steps,
+            "group_starts": list(plan.group_starts), "families": families,
+            "density": round(plan.density, 4)}  # fmt: skip
 
 
 def _cache_summary(cache: dict[str, Any]) -> dict[str, Any] | None:
@@ -143,6 +157,12 @@ def format_summary(summary: dict[str, Any], bundle: str | os.PathLike[str]) -> l
             f"cache    {cache['mechanism']} over {span}, {cache['steps']} steps {cache['schedule']} (C computes, r "
             f"reuses{', extrapolated' if cache['extrapolate'] else ''}); compute fraction "
             f"{cache['compute_fraction']:.3f}"
+        )
+    if sparse := summary.get("sparse"):
+        lines.append(
+            f"sparse   {len(sparse['layers'])} attention layers, blocks of {sparse['block']} tokens, step groups from "
+            f"{sparse['group_starts']} of {sparse['steps']}; families {', '.join(sparse['families'])}; density "
+            f"{sparse['density']:.3f}"
         )
     lines.append(f"build    {json.dumps(summary['build_metrics'])}")
     return lines

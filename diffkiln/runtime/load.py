@@ -21,7 +21,9 @@ from torch import nn
 
 from diffkiln.core.cache_schedule import CacheSchedule, CacheScheduleError
 from diffkiln.core.errors import BundleError
+from diffkiln.core.sparse_plan import SparsePlan, SparsePlanError
 from diffkiln.nn.cache import apply_cache_schedule
+from diffkiln.nn.sparse_attention import apply_sparse_plan
 from diffkiln.runtime.reader import open_bundle
 
 __all__ = ["Backend", "is_bundle", "load", "resolve_device"]
@@ -77,6 +79,7 @@ def load(
     ort_optimize: bool = False,
     dtype: torch.dtype | str | None = None,
     cache: bool = True,
+    sparse: bool = True,
 ) -> Any:
     """Load a bundle (or its ONNX export) as a diffusers pipeline on ``device``.
 
@@ -95,16 +98,20 @@ def load(
             (float32).
         cache: apply the bundle's (or ONNX export's) frozen cache schedule, when it has one
             (:mod:`diffkiln.nn.cache`). False runs every step in full. Default True.
+        sparse: torch backend: run the bundle's frozen sparse-attention masks, when it has them
+            (:mod:`diffkiln.nn.sparse_attention`). False runs attention dense. Default True.
 
     Returns:
         A diffusers pipeline (the class recorded in the bundle); call it as usual with prompt,
         num_inference_steps, guidance_scale and generator. Its ``diffkiln_manifest`` attribute
         holds the verified manifest; ``diffkiln_cache`` the applied schedule's run state and counts
-        (:class:`~diffkiln.nn.cache.CacheRun`), or None.
+        (:class:`~diffkiln.nn.cache.CacheRun`), or None; ``diffkiln_sparse`` the applied masks' run
+        state with the density measured as they ran (:class:`~diffkiln.nn.sparse_attention.SparseRun`),
+        or None.
 
     Raises:
         BundleError: the bundle is missing, corrupt, truncated, tampered, of a future version, or
-            its cache schedule is malformed or names blocks its denoiser lacks.
+            its cache schedule or sparse masks are malformed or name blocks its denoiser lacks.
         ValueError: an unknown backend or dtype, or a dtype with the onnxruntime backend.
     """
     from diffusers.utils import logging as dlog
@@ -149,4 +156,11 @@ def load(
             pipe.diffkiln_cache = apply_cache_schedule(denoiser, schedule, getattr(pipe, "scheduler", None))
         except CacheScheduleError as exc:
             raise BundleError(f"{path}: the manifest's cache schedule: {exc}") from None
+    pipe.diffkiln_sparse = None
+    if sparse and manifest.get("sparsity"):
+        try:
+            masks = SparsePlan.from_dict(manifest["sparsity"])
+            pipe.diffkiln_sparse = apply_sparse_plan(getattr(pipe, manifest["pipeline"]["denoiser"]), masks)
+        except SparsePlanError as exc:
+            raise BundleError(f"{path}: the manifest's sparse-attention masks: {exc}") from None
     return pipe

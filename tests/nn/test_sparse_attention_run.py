@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 
 from diffkiln.calibrate import CalibrationConfig, calibrate
-from diffkiln.calibrate.token_grids import find_token_grids
 from diffkiln.core.attention import AttentionCall, attention_calls
 from diffkiln.core.sparse_plan import SparsePlanError
 from diffkiln.kernels.sparse_attention import sparse_attention_reference
@@ -28,8 +27,8 @@ def video(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, object]:
     pipe.set_progress_bar_config(disable=True)
     stats = calibrate(pipe, CalibrationConfig(prompts=("a red circle moving right",), steps=STEPS, progress=False,
                                               attention_stats=True, call_kwargs=tuple(KW.items())))  # fmt: skip
-    grids = find_token_grids(pipe.transformer, lambda s: _latents(pipe, s, 2))
-    return pipe, search_masks(stats.attention, grids, SparseConfig(density=0.35))
+    assert stats.attention is not None and stats.attention.grids  # found during calibration
+    return pipe, search_masks(stats.attention, SparseConfig(density=0.35))
 
 
 def _latents(pipe: object, seed: int, steps: int = STEPS, **overrides: int) -> torch.Tensor:

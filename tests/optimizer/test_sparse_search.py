@@ -29,13 +29,13 @@ def _stats(steps: int = 4) -> AttentionStats:
         mass[name] = m.expand(steps, 2, 8, 8).clone()
         drop[name] = (m * 10).expand(steps, 2, 8, 8).clone()
     layers = tuple(LayerGeometry(n, 2, 128, 128) for n in mass)
-    return AttentionStats(16, steps, 2, layers, mass, drop)
+    return AttentionStats(16, steps, 2, layers, mass, drop, {n: GRID for n in mass})
 
 
 @pytest.mark.parametrize("density", [0.6, 0.4, 0.25])  # 8 blocks and a sink: 0.211 at the least
 def test_search_keeps_the_budget_and_the_blocks_that_matter(density: float) -> None:
     stats = _stats()
-    plan = search_masks(stats, {g.name: GRID for g in stats.layers}, SparseConfig(density=density))
+    plan = search_masks(stats, SparseConfig(density=density))
     assert plan.density <= density + 1e-9 and plan.group_starts == (0, 2)
     # The planned density is the masks' own, token-weighted.
     measured = [BlockLayout.from_mask(lm.mask(g, h, 16)[None], 128, 128, 16).density
@@ -51,14 +51,14 @@ def test_search_keeps_the_budget_and_the_blocks_that_matter(density: float) -> N
 def test_a_budget_below_the_sparsest_candidates_is_refused() -> None:
     stats = _stats()
     with pytest.raises(InvalidInputError, match="higher --attn-density"):
-        search_masks(stats, {g.name: GRID for g in stats.layers}, SparseConfig(density=0.01))
+        search_masks(stats, SparseConfig(density=0.01))
     with pytest.raises(InvalidInputError, match="in \\(0, 1\\]"):
         SparseConfig(density=1.5)
 
 
 def test_plan_section_round_trips_and_is_read_strictly() -> None:
     stats = _stats()
-    plan = search_masks(stats, {g.name: GRID for g in stats.layers}, SparseConfig(density=0.35))
+    plan = search_masks(stats, SparseConfig(density=0.35))
     text = json.dumps(plan.to_dict())
     again = SparsePlan.from_dict(json.loads(text))
     assert again == plan and json.dumps(again.to_dict()) == text

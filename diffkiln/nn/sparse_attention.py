@@ -4,8 +4,10 @@ masks, through the block-sparse kernel.
 ``apply_sparse_plan(denoiser, plan)`` registers two named hooks on the denoiser
 (``diffkiln.sparse.enter`` / ``diffkiln.sparse.exit``) that intercept the SDPA calls made inside its
 forward (:class:`diffkiln.core.attention.AttentionCalls`); ``remove_sparse_plan`` takes them away
-and ``sparse_plan_applied`` does both around a block. A masked layer's call index gives its step:
-``(index // calls_per_step) % steps`` (call :meth:`SparseRun.reset` if a sampling run stops midway).
+and ``sparse_plan_applied`` does both around a block. The denoiser's call count gives the step:
+call ``n`` (from 0) is step ``(n // calls_per_step) % steps``, whether or not its attention runs (a
+cache schedule's reusing step calls the denoiser and runs no attention); call
+:meth:`SparseRun.reset` if a sampling run stops midway.
 A call whose token counts differ from the plan's raises :class:`SparsePlanError`: masks are made
 for the resolution and frame count they were searched at. The run counts the attention FLOPs it
 kept, so the density is measured as the kernels ran.
@@ -39,12 +41,15 @@ class SparseRun:
         plan: the plan applied.
         kept: attention FLOPs (token pairs x heads) the masked calls ran.
         dense: what the same calls would have run dense.
+        denoiser_calls: denoiser calls since the last :meth:`reset`.
+        masked_by_step: masked attention calls per step, as they ran.
     """
 
     plan: SparsePlan
     kept: float = 0.0
     dense: float = 0.0
-    calls: dict[str, int] = field(default_factory=dict)
+    denoiser_calls: int = 0
+    masked_by_step: dict[int, int] = field(default_factory=dict)
     layouts: dict[tuple[str, int], BlockLayout] = field(default_factory=dict)
 
     @property
@@ -54,7 +59,7 @@ class SparseRun:
 
     def reset(self) -> None:
         """Start counting steps afresh (the measured FLOPs stay)."""
-        self.calls.clear()
+        self.denoiser_calls = 0
 
     def layout(self, layer: str, group: int) -> BlockLayout:
         """The block layout of a layer's step group (every head), built once."""
@@ -77,9 +82,8 @@ class SparseRun:
                 f"its masks are for {lm.heads} heads over {lm.q_len} and {lm.kv_len} (the resolution and frame count "
                 "they were searched at): call the pipeline at those, or search masks for this size"
             )
-        index = self.calls.get(lm.layer, 0)
-        self.calls[lm.layer] = index + 1
-        step = (index // self.plan.calls_per_step) % self.plan.steps
+        step = ((self.denoiser_calls - 1) // self.plan.calls_per_step) % self.plan.steps
+        self.masked_by_step[step] = self.masked_by_step.get(step, 0) + 1
         layout = self.layout(lm.layer, self.plan.group_of(step))
         pairs = float(call.query.shape[0] * lm.heads * lm.q_len * lm.kv_len)
         self.dense += pairs
@@ -91,11 +95,13 @@ class _Mode:
     """Enters the interception at the denoiser's forward and leaves it after (nested calls stay in)."""
 
     def __init__(self, denoiser: nn.Module, run: SparseRun) -> None:
+        self.run = run
         self.calls = AttentionCalls(denoiser, run.handle, only={lm.layer for lm in run.plan.layers})
         self.depth = 0
 
     def enter(self, *_a: Any) -> None:
         if self.depth == 0:
+            self.run.denoiser_calls += 1
             self.calls.__enter__()
         self.depth += 1
 

@@ -71,3 +71,20 @@ def test_another_resolution_is_refused_with_the_reason(video: tuple) -> None:
         _latents(pipe, 0, 1, height=48)
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in pipe.transformer.modules())
     _latents(pipe, 0, 1)  # the interception ended with the failed call
+
+
+def test_with_a_cache_schedule_reused_steps_run_no_attention_and_steps_stay_aligned(video: tuple) -> None:
+    from diffkiln.core.cache_schedule import CacheMechanism, CacheSchedule
+    from diffkiln.nn.cache import cache_schedule_applied
+
+    pipe, plan = video
+    compute = (True, False, True, False)
+    blocks = tuple(f"blocks.{i}" for i in range(4))
+    schedule = CacheSchedule(CacheMechanism.WHOLE, blocks, 0, 4, compute, calls_per_step=plan.calls_per_step)
+    with cache_schedule_applied(pipe.transformer, schedule, pipe.scheduler), \
+            sparse_plan_applied(pipe.transformer, plan) as run:  # fmt: skip
+        _latents(pipe, 0)
+    # Masked attention ran on the computing steps only, each with every masked layer and branch.
+    per_step = len(plan.layers) * plan.calls_per_step
+    assert run.masked_by_step == {0: per_step, 2: per_step}
+    assert run.denoiser_calls == STEPS * plan.calls_per_step

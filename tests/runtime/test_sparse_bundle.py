@@ -59,3 +59,15 @@ def test_cli_builds_and_inspects_a_sparse_bundle(folder: Path, tmp_path: Path, c
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "sparse   4 attention layers, blocks of 64 tokens" in out and "recipe sparse" in out
+
+
+def test_onnx_export_says_the_masks_run_dense(folder: Path, tmp_path: Path) -> None:
+    from diffkiln.api import convert
+    from diffkiln.export.onnx import OnnxExportConfig
+
+    config = OptimizeConfig(out=tmp_path / "b", recipe=SparseConfig(density=0.5), calib_size=2, steps=4,
+                            call_kwargs=KW, progress=False, cache_dir=tmp_path / "c")  # fmt: skip
+    bundle = optimize(str(folder), config)
+    out = convert(bundle, OnnxExportConfig(tmp_path / "onnx", progress=False, components=False))
+    note = json.loads((out / "manifest.json").read_text())["sparsity_not_exported"]
+    assert "run attention dense" in note

@@ -360,10 +360,23 @@ def export_onnx(bundle: LoadedBundle, config: OnnxExportConfig) -> Path:
             "bundle": {"source": manifest["source"], "recipe": manifest["quant"]["recipe"]},
             "cache": manifest.get("cache") or {},
             "cache_graph": cache_graph,
+            "sparsity_not_exported": _sparsity_note(manifest),
             "files": file_table(tmp),
         }
         (tmp / MANIFEST_NAME).write_text(json.dumps(onnx_manifest, indent=2) + "\n", encoding="utf-8")
     return Path(config.out)
+
+
+def _sparsity_note(manifest: dict[str, Any]) -> str | None:
+    """Why the bundle's sparse-attention masks are not in the ONNX graphs (None without masks)."""
+    if not manifest.get("sparsity"):
+        return None
+    note = (
+        "the bundle's sparse-attention masks are not exported: ONNX has no block-sparse attention, so the graphs "
+        "run attention dense (the same FLOPs as without masks, outputs as the bundle loaded with sparse=False)"
+    )
+    log.warning("%s", note)
+    return note
 
 
 def _denoiser_graphs(

@@ -122,9 +122,12 @@ def build_report(target: str | os.PathLike[str] | ResolvedTarget, config: Report
     config = replace(config, call_kwargs=(*_bundle_call_kwargs(pipe), *config.call_kwargs))
     cache_run = getattr(pipe, "diffkiln_cache", None)
     before = (cache_run.evaluated, cache_run.uncached) if cache_run is not None else (0, 0)
+    sparse_run = getattr(pipe, "diffkiln_sparse", None)
+    sparse_before = (sparse_run.kept, sparse_run.dense) if sparse_run is not None else (0.0, 0.0)
     result = generate(pipe, prompts, config.generate_config(), resolved, measure=resolved.bundle,
                       samples=None if config.eval_prompts else config.eval_size)  # fmt: skip
     counts = (cache_run.evaluated - before[0], cache_run.uncached - before[1]) if cache_run is not None else None
+    attention = _attention_section(sparse_run, sparse_before) if sparse_run is not None else None
     judged = judge_all(result, judge_kind)
     data: dict[str, Any] = {
         "report_version": REPORT_VERSION,
@@ -150,6 +153,8 @@ def build_report(target: str | os.PathLike[str] | ResolvedTarget, config: Report
     }
     if judge_kind.scores:
         data["quality"] = quality(judged)
+    if attention is not None:
+        data["attention"] = attention
     rep = Report(data=data, images=judged, sample_rate=result.sample_rate or 44100)
     rep.audio = list(zip(result.prompts, result.audios or [], strict=False))
     if resolved.bundle:
@@ -159,6 +164,21 @@ def build_report(target: str | os.PathLike[str] | ResolvedTarget, config: Report
         rep.baseline_audio = list(zip(base_result.prompts, base_result.audios or [], strict=False))
     data["timing"]["total_seconds"] = round(time.perf_counter() - t0, 3)
     return rep
+
+
+def _attention_section(run: Any, before: tuple[float, float]) -> dict[str, Any]:
+    """The sparse-attention masks as they ran for this report: density measured by the kernels over
+    the masked calls, against the plan's, with the families chosen."""
+    kept, dense = run.kept - before[0], run.dense - before[1]
+    plan = run.plan
+    return {
+        "density": round(kept / dense, 4) if dense else None,
+        "planned_density": round(plan.density, 4),
+        "masked_layers": len(plan.layers),
+        "block": plan.block,
+        "families": sorted({f for lm in plan.layers for group in lm.families for f in group}),
+        "simulated": False,
+    }
 
 
 def _compare_with_baseline(

@@ -179,6 +179,12 @@ def _bundle_sections(rep: Report) -> list[str]:
         out.append(_table([header, *cmp_rows]))
     elif cmp.get("skipped"):
         out.append(f"<p>BOS comparison skipped: {html.escape(cmp['skipped'])}</p>")
+    if d.get("attention"):
+        att = d["attention"]
+        out += ["<h2>Sparse attention (block-sparse kernel)</h2>", _table([
+            ("density measured (kept attention FLOPs of the masked layers)", att["density"]),
+            ("density planned", att["planned_density"]), ("masked layers", att["masked_layers"]),
+            ("block (tokens)", att["block"]), ("families", ", ".join(att["families"]))])]  # fmt: skip
     if d.get("cache"):
         from diffkiln.report.cache import cache_html
 

@@ -71,3 +71,16 @@ def test_onnx_export_says_the_masks_run_dense(folder: Path, tmp_path: Path) -> N
     out = convert(bundle, OnnxExportConfig(tmp_path / "onnx", progress=False, components=False))
     note = json.loads((out / "manifest.json").read_text())["sparsity_not_exported"]
     assert "run attention dense" in note
+
+
+def test_report_measures_the_density_as_the_kernels_ran(folder: Path, tmp_path: Path) -> None:
+    from diffkiln.report.evaluate import ReportConfig, report
+
+    config = OptimizeConfig(out=tmp_path / "b", recipe=SparseConfig(density=0.5), calib_size=2, steps=4,
+                            call_kwargs=KW, progress=False, cache_dir=tmp_path / "c")  # fmt: skip
+    bundle = optimize(str(folder), config)
+    json_path, html_path = report(bundle, ReportConfig(eval_size=2, steps=4, progress=False), tmp_path / "r")
+    data = json.loads(json_path.read_text())
+    att = data["attention"]
+    assert att["density"] == pytest.approx(att["planned_density"], abs=1e-4) and att["masked_layers"] == 4
+    assert "Sparse attention (block-sparse kernel)" in html_path.read_text()

@@ -185,6 +185,9 @@ def _bundle_sections(rep: Report) -> list[str]:
             ("density measured (kept attention FLOPs of the masked layers)", att["density"]),
             ("density planned", att["planned_density"]), ("masked layers", att["masked_layers"]),
             ("block (tokens)", att["block"]), ("families", ", ".join(att["families"]))])]  # fmt: skip
+        from diffkiln.report.sparse import masks_html
+
+        out.append(masks_html(att.get("pictures", [])))
     if d.get("cache"):
         from diffkiln.report.cache import cache_html
 

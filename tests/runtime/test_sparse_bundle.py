@@ -83,4 +83,5 @@ def test_report_measures_the_density_as_the_kernels_ran(folder: Path, tmp_path: 
     data = json.loads(json_path.read_text())
     att = data["attention"]
     assert att["density"] == pytest.approx(att["planned_density"], abs=1e-4) and att["masked_layers"] == 4
-    assert "Sparse attention (block-sparse kernel)" in html_path.read_text()
+    page = html_path.read_text()
+    assert "Sparse attention (block-sparse kernel)" in page and page.count("<svg") >= len(att["pictures"]) > 0

@@ -153,10 +153,17 @@ def block_sparse_attention(
     they keep, so a batch pads few slots; padding slots and the short last key block are masked.
     Work and memory traffic scale with the number of kept blocks.
 
+    On CUDA the call goes to FlexAttention's compiled block-sparse kernels
+    (:func:`diffkiln.kernels.sparse_flex.flex_block_sparse_attention`).
+
     Raises:
         ValueError: the shapes do not fit the layout.
     """
     _check(q, k, layout)
+    if q.device.type == "cuda":
+        from diffkiln.kernels.sparse_flex import flex_block_sparse_attention
+
+        return flex_block_sparse_attention(q, k, v, layout, scale)
     batch, heads, q_len, _ = q.shape
     blk, qb, kb = layout.block, layout.q_blocks, layout.kv_blocks
     kp, vp = _padded_blocks(k, blk, kb), _padded_blocks(v, blk, kb)

@@ -95,3 +95,27 @@ def test_non_contiguous_inputs_as_diffusers_passes_them() -> None:
     got = block_sparse_attention(q, k, v, layout)
     ref = sparse_attention_reference(q.contiguous(), k.contiguous(), v.contiguous(), layout)
     assert F.cosine_similarity(got.flatten(), ref.flatten(), dim=0) >= 0.9999
+
+
+@pytest.mark.parametrize(("q_len", "block", "density"), [(256, 64, 0.5), (300, 64, 0.3), (512, 128, 0.5)])
+def test_the_flexattention_path_matches_the_reference(q_len: int, block: int, density: float) -> None:
+    # The CUDA path (compiled there); eager on CPU checks the BlockMask it builds from the layout.
+    from diffkiln.kernels.sparse_flex import flex_block_sparse_attention
+
+    blocks = -(-q_len // block)
+    layout = BlockLayout.from_mask(_random_mask(2, blocks, blocks, density, seed=7), q_len, q_len, block)
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, q_len, 16, generator=g) for _ in range(3))
+    got = flex_block_sparse_attention(q, k, v, layout)
+    ref = sparse_attention_reference(q, k, v, layout)
+    assert F.cosine_similarity(got.flatten(), ref.flatten(), dim=0) >= 0.9999
+
+
+@pytest.mark.gpu
+def test_the_cuda_kernel_matches_the_reference() -> None:
+    layout = BlockLayout.from_mask(_random_mask(4, 16, 16, 0.3, seed=8), 2048, 2048, 128)
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(1, 4, 2048, 64, generator=g).cuda() for _ in range(3))
+    got = block_sparse_attention(q, k, v, layout).cpu()
+    ref = sparse_attention_reference(q.cpu(), k.cpu(), v.cpu(), layout)
+    assert F.cosine_similarity(got.flatten(), ref.flatten(), dim=0) >= 0.9999

@@ -1,0 +1,51 @@
+"""Block-sparse attention through PyTorch's FlexAttention: the path for CUDA (compiled Triton
+kernels that skip the blocks a ``BlockMask`` leaves out).
+
+The :class:`~diffkiln.kernels.sparse_attention.BlockLayout` becomes a ``BlockMask`` at the layout's
+block size (built once per layout and device). On CUDA the compiled ``flex_attention`` runs it; on
+other devices it runs eagerly (dense underneath: for checking the contract only). Not yet run on a
+GPU here: checked on CPU against the dense masked reference.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from diffkiln.kernels.sparse_attention import BlockLayout
+
+__all__ = ["flex_block_sparse_attention"]
+
+_MASKS: dict[tuple[int, str], Any] = {}
+_COMPILED: dict[str, Any] = {}
+
+
+def _block_mask(layout: BlockLayout, device: torch.device) -> Any:
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    key = (id(layout), str(device))
+    if key not in _MASKS:
+        blocks = layout.to_mask().to(device)
+        blk = layout.block
+
+        def mask_mod(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
+            return blocks[h, q_idx // blk, kv_idx // blk]
+
+        _MASKS[key] = (layout, create_block_mask(mask_mod, None, layout.heads, layout.q_len, layout.kv_len,
+                                                 device=str(device), BLOCK_SIZE=blk))  # fmt: skip
+    return _MASKS[key][1]
+
+
+def flex_block_sparse_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, scale: float | None = None
+) -> torch.Tensor:
+    """Attention over the layout's kept blocks with FlexAttention (contract of
+    :func:`~diffkiln.kernels.sparse_attention.sparse_attention_reference`)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    fn = flex_attention
+    if q.device.type == "cuda":
+        fn = _COMPILED.setdefault("cuda", torch.compile(flex_attention, dynamic=False))
+    out: torch.Tensor = fn(q, k, v, block_mask=_block_mask(layout, q.device), scale=scale)
+    return out

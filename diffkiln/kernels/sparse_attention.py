@@ -13,12 +13,13 @@ indices (``(heads, query blocks, max kept)``, padded with -1), not as a dense bo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["BlockLayout", "block_sparse_attention", "sparse_attention_reference"]
+__all__ = ["BlockLayout", "block_sparse_attention", "npu_block_sparse_attention", "sparse_attention_reference"]
 
 _CHUNK_BYTES = 256 << 20
 """Gathered key/value bytes per batched SDPA call, at most (bounds the kernel's extra memory)."""
@@ -143,17 +144,41 @@ def _padded_blocks(x: torch.Tensor, block: int, blocks: int) -> torch.Tensor:
     return F.pad(x, (0, 0, 0, (blocks + 1) * block - n)).reshape(b, h, blocks + 1, block, d)
 
 
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", "float | None"], torch.Tensor]
+"""``(q, k, v, valid, scale) -> out`` on 4-D ``(batch, rows, tokens, dim)`` runs; ``valid``
+``(1, rows, 1, keys)`` True where a key slot holds a real token, or None when all do."""
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None,
+          scale: float | None) -> torch.Tensor:  # fmt: skip
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=valid, scale=scale)
+
+
+def _npu_fusion(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None,
+                scale: float | None) -> torch.Tensor:  # fmt: skip
+    import importlib
+
+    torch_npu = importlib.import_module("torch_npu")
+    rows = q.shape[1]
+    # npu_fusion_attention masks where atten_mask is True (the opposite of SDPA's boolean mask).
+    masked = None if valid is None else (~valid).expand(q.shape[0], rows, q.shape[2], valid.shape[-1])
+    out = torch_npu.npu_fusion_attention(q, k, v, rows, "BNSD", atten_mask=masked,
+                                         scale=q.shape[-1] ** -0.5 if scale is None else scale)  # fmt: skip
+    result: torch.Tensor = out[0]
+    return result
+
+
 def block_sparse_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, scale: float | None = None
 ) -> torch.Tensor:
     """Attention over the layout's kept blocks only (same contract as :func:`sparse_attention_reference`).
 
     Each (head, query block) row's kept key and value blocks are gathered into one contiguous run
-    and SDPA runs on that run alone, batched over rows. Rows are taken in order of how many blocks
-    they keep, so a batch pads few slots; padding slots and the short last key block are masked.
-    Work and memory traffic scale with the number of kept blocks.
-
-    On CUDA the call goes to FlexAttention's compiled block-sparse kernels
+    and attention runs on that run alone, batched over rows. Rows are taken in order of how many
+    blocks they keep, so a batch pads few slots; padding slots and the short last key block are
+    masked. Work and memory traffic scale with the number of kept blocks. The attention op per
+    device: CPU SDPA; on an Ascend NPU ``torch_npu.npu_fusion_attention`` on the same gathered runs
+    (:func:`npu_block_sparse_attention`); on CUDA FlexAttention's compiled block-sparse kernels
     (:func:`diffkiln.kernels.sparse_flex.flex_block_sparse_attention`).
 
     Raises:
@@ -164,6 +189,26 @@ def block_sparse_attention(
         from diffkiln.kernels.sparse_flex import flex_block_sparse_attention
 
         return flex_block_sparse_attention(q, k, v, layout, scale)
+    return _gathered(q, k, v, layout, scale, _npu_fusion if q.device.type == "npu" else _sdpa)
+
+
+def npu_block_sparse_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, scale: float | None = None
+) -> torch.Tensor:
+    """The NPU path of :func:`block_sparse_attention`: the gathered runs through
+    ``torch_npu.npu_fusion_attention`` (BNSD, one "head" per row), whatever the tensors' device
+    (tests run it on CPU with torch_npu emulated).
+
+    Raises:
+        ValueError: the shapes do not fit the layout.
+        ModuleNotFoundError: torch_npu is not installed.
+    """
+    _check(q, k, layout)
+    return _gathered(q, k, v, layout, scale, _npu_fusion)
+
+
+def _gathered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, scale: float | None,
+              attend: Attend) -> torch.Tensor:  # fmt: skip
     batch, heads, q_len, _ = q.shape
     blk, qb, kb = layout.block, layout.q_blocks, layout.kv_blocks
     kp, vp = _padded_blocks(k, blk, kb), _padded_blocks(v, blk, kb)
@@ -188,8 +233,6 @@ def block_sparse_attention(
         kg = kp[:, heads_r, keys].reshape(batch, len(rows), width * blk, -1)
         vg = vp[:, heads_r, keys].reshape(batch, len(rows), width * blk, -1)
         valid = valid_block[keys].reshape(1, len(rows), 1, width * blk)
-        out[:, rows] = F.scaled_dot_product_attention(
-            qp[:, rows], kg, vg, attn_mask=None if bool(valid.all()) else valid, scale=scale
-        )
+        out[:, rows] = attend(qp[:, rows], kg, vg, None if bool(valid.all()) else valid, scale)
         start += len(rows)
     return out.view(batch, heads, qb * blk, -1)[:, :, :q_len]

@@ -8,7 +8,10 @@ nibbles per word, lowest index in the lowest bits. ``npu_weight_quant_batchmatmu
 antiquant_scale, antiquant_offset=None, ..., bias=None)``: float16/bfloat16 x (M, K) against int8
 (K, N) or int4-packed int32 (K, N / 8) weights, ``x @ ((w + offset) * scale) + bias`` in x's dtype.
 ``npu_quantize(x, scales, zero_points, dtype, axis, div_mode=True)``: ``round(x / scales +
-zero_points)`` saturated to int8 (qint8 output as int8). A ``scale`` of dtype int64 holds float32
+zero_points)`` saturated to int8 (qint8 output as int8).
+``npu_fusion_attention(q, k, v, head_num, "BNSD", atten_mask=None, scale=1.)``: softmax(q k^T x
+scale) v, positions where atten_mask is True masked out; the output first of seven outputs.
+A ``scale`` of dtype int64 holds float32
 bits (``npu_trans_quant_param``); an integer ``bias`` is added to the int32 sums, a float one after
 the scales. It lets the npu backend's real code path, and MindIE-SD's layers, run on CPU in tests.
 """
@@ -104,6 +107,20 @@ def _npu_weight_quant_batchmatmul(
     return out.to(x.dtype)
 
 
+def _npu_fusion_attention(query, key, value, head_num, input_layout, pse=None, padding_mask=None, atten_mask=None,
+                          scale=1.0, keep_prob=1.0, **_kwargs):  # fmt: skip
+    # BNSD only; atten_mask True (or 1) masks a position out; scale multiplies Q K^T; 7 outputs.
+    if input_layout != "BNSD":
+        raise TypeError(f"npu_fusion_attention emulation: BNSD only, got {input_layout}")
+    if query.shape[1] != head_num:
+        raise ValueError("npu_fusion_attention: head_num must match the N axis")
+    scores = (query.float() @ key.float().transpose(-1, -2)) * scale
+    if atten_mask is not None:
+        scores = scores.masked_fill(atten_mask.bool(), float("-inf"))
+    out = (torch.softmax(scores, dim=-1) @ value.float()).to(query.dtype)
+    return out, None, None, None, 0, 0, 0
+
+
 def make_fake_torch_npu() -> types.ModuleType:
     mod = types.ModuleType("torch_npu")
     mod.npu_convert_weight_to_int4pack = _npu_convert_weight_to_int4pack  # type: ignore[attr-defined]
@@ -111,4 +128,5 @@ def make_fake_torch_npu() -> types.ModuleType:
     mod.npu_quant_matmul = _npu_quant_matmul  # type: ignore[attr-defined]
     mod.npu_dynamic_quant = _npu_dynamic_quant  # type: ignore[attr-defined]
     mod.npu_quantize = _npu_quantize  # type: ignore[attr-defined]
+    mod.npu_fusion_attention = _npu_fusion_attention  # type: ignore[attr-defined]
     return mod

@@ -119,3 +119,21 @@ def test_the_cuda_kernel_matches_the_reference() -> None:
     got = block_sparse_attention(q, k, v, layout).cpu()
     ref = sparse_attention_reference(q.cpu(), k.cpu(), v.cpu(), layout)
     assert F.cosine_similarity(got.flatten(), ref.flatten(), dim=0) >= 0.9999
+
+
+@pytest.mark.parametrize(("q_len", "block", "density"), [(256, 64, 0.5), (1000, 64, 0.3)])
+def test_the_npu_path_matches_the_reference(q_len: int, block: int, density: float,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    import sys
+
+    from diffkiln.kernels.sparse_attention import npu_block_sparse_attention
+    from tests.kernels.npu_emulation import make_fake_torch_npu
+
+    monkeypatch.setitem(sys.modules, "torch_npu", make_fake_torch_npu())
+    blocks = -(-q_len // block)
+    layout = BlockLayout.from_mask(_random_mask(2, blocks, blocks, density, seed=9), q_len, q_len, block)
+    g = torch.Generator().manual_seed(10)
+    q, k, v = (torch.randn(2, 2, q_len, 16, generator=g) for _ in range(3))
+    got = npu_block_sparse_attention(q, k, v, layout)
+    ref = sparse_attention_reference(q, k, v, layout)
+    assert F.cosine_similarity(got.flatten(), ref.flatten(), dim=0) >= 0.9999

@@ -35,7 +35,7 @@ from diffkiln.optimizer import (
     recipe_float_storage,
     recipe_name,
     search_cache,
-    search_masks,
+    search_sparse,
 )
 from diffkiln.zoo.registry import ResolvedTarget, default_cache_dir, resolve_target
 
@@ -225,9 +225,7 @@ def optimize(target: str | os.PathLike[str], config: OptimizeConfig) -> Path:
         cache = for_target(config.cache, config.deploy_target)
         plan = dataclasses.replace(plan, cache=search_cache(prep.pipe, prep.stats, cache, prep.context(config)))
     if config.sparse is not None:
-        if prep.stats.attention is None:
-            raise InvalidInputError("calibration recorded no attention statistics for the sparse-attention search")
-        plan = dataclasses.replace(plan, sparse=search_masks(prep.stats.attention, config.sparse))
+        plan = dataclasses.replace(plan, sparse=search_sparse(prep.pipe, prep.stats, config.sparse))
     metrics = {
         **prep.metrics,
         "deploy_target": config.deploy_target,

@@ -20,7 +20,7 @@ from diffkiln.optimizer.registry import (
 )
 from diffkiln.optimizer.roles import LayerRole, RoleFinding, StructuralRole, structural_roles
 from diffkiln.optimizer.sensitivity import SensitivityConfig, SensitivityTable
-from diffkiln.optimizer.sparse_search import SparseConfig, plan_sparse, search_masks
+from diffkiln.optimizer.sparse_search import SparseConfig, plan_sparse, search_masks, search_sparse
 from diffkiln.optimizer.targets import TARGETS, for_target
 from diffkiln.optimizer.w8a8 import SmoothMode, W8A8Config, fp_reasons, plan_w8a8
 
@@ -57,6 +57,7 @@ __all__ = [
     "search_cache",
     "search_masks",
     "search_mixed",
+    "search_sparse",
     "structural_roles",
     "uniform_plan",
 ]

@@ -39,6 +39,13 @@ class LatentRun:
     def _run(self) -> torch.Tensor:
         return output_tensor(self.sampling.run(self.pipe))
 
+    def sqnr_under(self, applied: Callable[[], Any]) -> float:
+        """Latent SQNR (dB, pooled over the samples, capped at 200) of a run inside the context
+        manager ``applied()`` returns, against the reference run."""
+        with applied():
+            got = self._run()
+        return min(sqnr_db(self.reference.numpy(), got.numpy()), 200.0)
+
     def score(self, schedule: CacheSchedule) -> tuple[float, float]:
         """(latent SQNR in dB against the uncached run, pooled over the samples; compute fraction counted)."""
         with cache_schedule_applied(self.denoiser, schedule, getattr(self.pipe, "scheduler", None)) as run:

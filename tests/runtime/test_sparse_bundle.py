@@ -42,6 +42,9 @@ def test_masks_go_from_the_search_into_the_bundle_and_run(folder: Path, tmp_path
     plan = SparsePlan.from_dict(manifest["sparsity"])
     assert manifest["version"] == 8 and plan.layers and plan.density <= 0.35 + 1e-9
     assert json.loads(json.dumps(plan.to_dict())) == manifest["sparsity"]  # round trip, bit for bit
+    # Every proposal was sampled; the best measured one was kept.
+    rows = plan.search["validated"]
+    assert len(rows) >= 2 and plan.search["proposal"] == max(rows, key=lambda r: r["sqnr_db"])["proposal"]
     pipe = load(bundle, "cpu")
     masked = _latents(pipe)
     assert pipe.diffkiln_sparse.density == pytest.approx(plan.density, rel=1e-6)  # measured as it ran

@@ -25,6 +25,15 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def sparse_bundle(folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One float-weight sparse bundle at density 0.5, shared by the ONNX and report tests."""
+    root = tmp_path_factory.mktemp("sparse")
+    config = OptimizeConfig(out=root / "b", recipe=SparseConfig(density=0.5), calib_size=2, steps=4,
+                            call_kwargs=KW, progress=False, cache_dir=root / "c")  # fmt: skip
+    return optimize(str(folder), config)
+
+
 def _latents(pipe: object) -> torch.Tensor:
     pipe.set_progress_bar_config(disable=True)  # type: ignore[attr-defined]
     return pipe("a red circle moving right", num_inference_steps=4, output_type="latent",  # type: ignore[operator]
@@ -64,25 +73,19 @@ def test_cli_builds_and_inspects_a_sparse_bundle(folder: Path, tmp_path: Path, c
     assert "sparse   4 attention layers, blocks of 64 tokens" in out and "recipe sparse" in out
 
 
-def test_onnx_export_says_the_masks_run_dense(folder: Path, tmp_path: Path) -> None:
+def test_onnx_export_says_the_masks_run_dense(sparse_bundle: Path, tmp_path: Path) -> None:
     from diffkiln.api import convert
     from diffkiln.export.onnx import OnnxExportConfig
 
-    config = OptimizeConfig(out=tmp_path / "b", recipe=SparseConfig(density=0.5), calib_size=2, steps=4,
-                            call_kwargs=KW, progress=False, cache_dir=tmp_path / "c")  # fmt: skip
-    bundle = optimize(str(folder), config)
-    out = convert(bundle, OnnxExportConfig(tmp_path / "onnx", progress=False, components=False))
+    out = convert(sparse_bundle, OnnxExportConfig(tmp_path / "onnx", progress=False, components=False))
     note = json.loads((out / "manifest.json").read_text())["sparsity_not_exported"]
     assert "run attention dense" in note
 
 
-def test_report_measures_the_density_as_the_kernels_ran(folder: Path, tmp_path: Path) -> None:
+def test_report_measures_the_density_as_the_kernels_ran(sparse_bundle: Path, tmp_path: Path) -> None:
     from diffkiln.report.evaluate import ReportConfig, report
 
-    config = OptimizeConfig(out=tmp_path / "b", recipe=SparseConfig(density=0.5), calib_size=2, steps=4,
-                            call_kwargs=KW, progress=False, cache_dir=tmp_path / "c")  # fmt: skip
-    bundle = optimize(str(folder), config)
-    json_path, html_path = report(bundle, ReportConfig(eval_size=2, steps=4, progress=False), tmp_path / "r")
+    json_path, html_path = report(sparse_bundle, ReportConfig(eval_size=2, steps=4, progress=False), tmp_path / "r")
     data = json.loads(json_path.read_text())
     att = data["attention"]
     assert att["density"] == pytest.approx(att["planned_density"], abs=1e-4) and att["masked_layers"] == 4

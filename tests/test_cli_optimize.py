@@ -183,7 +183,7 @@ def test_mixed_sweep_and_sensitivity_from_the_command_line(tmp_path: Path, capsy
         (["--recipe", "w8a8", "--weight-bits", "4"], "--recipe mixed"),
         (["--recipe", "w8a8", "--sweep", "4"], "use --recipe mixed"),
         (["--recipe", "w8a8", "--avg-weight-bits", "4"], "--avg-weight-bits does not apply to --recipe w8a8"),
-        (["--recipe", "w4"], "unknown recipe 'w4'; valid: cache, mixed, w8a8"),
+        (["--recipe", "w4"], "unknown recipe 'w4'; valid: cache, mixed, sparse, w8a8"),
     ],
     ids=[
         "mixed-1-bit",

@@ -143,7 +143,15 @@ def _optimize_config(a: argparse.Namespace, recipe: Any, out: Path, cache: Any =
 
 
 def _cmd_optimize(a: argparse.Namespace) -> int:
-    from diffkiln.api import CacheConfig, SparseConfig, SweepConfig, build_cache_sweep, build_sweep, optimize
+    from diffkiln.api import (
+        CacheConfig,
+        SparseConfig,
+        SweepConfig,
+        build_cache_sweep,
+        build_sparse_sweep,
+        build_sweep,
+        optimize,
+    )
     from diffkiln.optimizer import recipe_config_from_options
 
     cache_options = _cache_options(a)
@@ -157,10 +165,13 @@ def _cmd_optimize(a: argparse.Namespace) -> int:
         cache = CacheConfig(**cache_options) if cache_options else None
     sparse = SparseConfig(**sparse_options) if sparse_options and a.recipe != "sparse" else None
     config = _optimize_config(a, recipe, a.out, cache, sparse)
-    if a.sweep_cache:
+    if a.sweep_cache or getattr(a, "sweep_attn", None):
         from diffkiln.report.sweep import evaluate_sweep, format_sweep_rows
 
-        build = build_cache_sweep(a.target, config, tuple(a.sweep_cache))
+        if a.sweep_cache and a.sweep_attn:
+            raise InvalidInputError("give --sweep-cache or --sweep-attn, not both")
+        build = (build_cache_sweep(a.target, config, tuple(a.sweep_cache)) if a.sweep_cache
+                 else build_sparse_sweep(a.target, config, tuple(a.sweep_attn)))  # fmt: skip
         json_path, html_path = evaluate_sweep(build, a.sweep_eval_size, not a.no_progress)
         print("\n".join(format_sweep_rows(json.loads(json_path.read_text()))))
         print(f"wrote {json_path} and {html_path}")

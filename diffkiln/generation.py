@@ -57,7 +57,7 @@ class GenerateConfig:
 
     Attributes:
         steps: denoising steps; None takes the model's documented default (20 for built-ins), or
-            for a bundle with a cache schedule the step count the schedule is for.
+            for a bundle with a cache schedule or sparse-attention masks the step count they are for.
         guidance: classifier-free guidance scale; None takes the model's default (5.0 for built-ins).
         seed: base seed; sample i uses seed + i. Default 0.
         batch_size: samples per pipeline call. Default 50.
@@ -226,8 +226,11 @@ def generate(
     """
     steps, guidance = config.resolved(target)
     cache_run = getattr(pipe, "diffkiln_cache", None)
+    sparse_run = getattr(pipe, "diffkiln_sparse", None)
     if cache_run is not None and config.steps is None:
         steps = cache_run.schedule.steps  # a bundle's frozen cache schedule is for its own step count
+    elif sparse_run is not None and config.steps is None:
+        steps = sparse_run.plan.steps  # so are its sparse-attention masks
     call_kwargs = {**(target.call_kwargs if target else {}), **dict(config.call_kwargs)}
     source = source or _source(pipe, prompts, samples, config.seed, call_kwargs)
     n = len(source)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from diffkiln.api.optimize import OptimizeConfig, Prepared, optimize, prepare, sensitivity
-from diffkiln.api.sweep import SweepBuild, SweepConfig, build_cache_sweep, build_sweep
+from diffkiln.api.sweep import SweepBuild, SweepConfig, build_cache_sweep, build_sparse_sweep, build_sweep
 from diffkiln.calibrate import CalibrationConfig, CalibrationStats, calibrate
 from diffkiln.core.plan import Plan
 from diffkiln.export import ExportConfig, FloatStorage, convert_bundle, export_bundle
@@ -45,6 +45,7 @@ __all__ = [
     "SweepConfig",
     "W8A8Config",
     "build_cache_sweep",
+    "build_sparse_sweep",
     "build_sweep",
     "calibrate",
     "convert",

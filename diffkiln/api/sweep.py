@@ -10,7 +10,6 @@ import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from diffkiln.api.optimize import OptimizeConfig, Prepared, prepare
 from diffkiln.core.errors import InvalidInputError
@@ -19,16 +18,18 @@ from diffkiln.export import ExportConfig, export_bundle
 from diffkiln.optimizer import (
     CacheConfig,
     MixedConfig,
+    SparseConfig,
     WeightBudget,
     make_plan,
     mixed_sensitivity,
     plan_w8a8,
     search_cache,
     search_mixed,
+    search_sparse,
     uniform_plan,
 )
 
-__all__ = ["SweepBuild", "SweepConfig", "build_cache_sweep", "build_sweep"]
+__all__ = ["SweepBuild", "SweepConfig", "build_cache_sweep", "build_sparse_sweep", "build_sweep"]
 
 
 @dataclass(frozen=True)
@@ -101,15 +102,7 @@ def build_sweep(target: str | os.PathLike[str], config: OptimizeConfig, sweep: S
     if not isinstance(config.recipe, MixedConfig):
         raise InvalidInputError("--sweep varies the mixed recipe's budget; use --recipe mixed")
     prep = prepare(target, config)
-    plans = _plans(prep, config, sweep)
-    out = Path(config.out)
-    storage = config.resolved_float_storage()  # every bundle of the sweep stores floats alike
-    bundles: dict[str, Path] = {}
-    for name, plan in plans.items():
-        export_cfg = ExportConfig(out / name, overwrite=config.overwrite, float_storage=storage)
-        bundles[name] = export_bundle(prep.pipe, plan, prep.stats, export_cfg)
-    layers: list[Any] = [lp.name for lp in next(iter(plans.values())).layers]
-    return SweepBuild(prep, bundles, layers)
+    return _export_all(prep, config, _plans(prep, config, sweep))
 
 
 def build_cache_sweep(target: str | os.PathLike[str], config: OptimizeConfig, budgets: tuple[float, ...]) -> SweepBuild:
@@ -138,6 +131,11 @@ def build_cache_sweep(target: str | os.PathLike[str], config: OptimizeConfig, bu
             plans["uncached"] = base
             schedule = search_cache(prep.pipe, prep.stats, cache_cfg, context)
             plans[f"cache-{budget:g}"] = dataclasses.replace(base, cache=schedule)
+    return _export_all(prep, config, plans)
+
+
+def _export_all(prep: Prepared, config: OptimizeConfig, plans: dict[str, Plan]) -> SweepBuild:
+    """One bundle per plan under ``config.out`` (named as the plans), every one storing floats alike."""
     out = Path(config.out)
     storage = config.resolved_float_storage()
     bundles: dict[str, Path] = {}
@@ -145,3 +143,35 @@ def build_cache_sweep(target: str | os.PathLike[str], config: OptimizeConfig, bu
         export_cfg = ExportConfig(out / name, overwrite=config.overwrite, float_storage=storage)
         bundles[name] = export_bundle(prep.pipe, plan, prep.stats, export_cfg)
     return SweepBuild(prep, bundles, [lp.name for lp in next(iter(plans.values())).layers])
+
+
+def build_sparse_sweep(
+    target: str | os.PathLike[str], config: OptimizeConfig, densities: tuple[float, ...]
+) -> SweepBuild:
+    """Build one bundle per attention density (``sparse-0.35`` ...) under ``config.out``, from one
+    calibration: the recipe's plan (FP weights for the sparse recipe) with masks searched at each
+    density, plus the recipe's bundle with dense attention (``dense``) unless the recipe is the
+    sparse recipe (FP is then the dense reference).
+
+    Raises:
+        InvalidInputError: a density outside (0, 1], or one no masks reach.
+    """
+    if not densities or any(not 0.0 < d <= 1.0 for d in densities):
+        raise InvalidInputError(f"--sweep-attn densities must be fractions in (0, 1], got {densities}")
+    sparse_recipe = isinstance(config.recipe, SparseConfig)
+    base_sparse = config.sparse or (config.recipe if sparse_recipe else SparseConfig())
+    if config.sparse is None and not sparse_recipe:
+        config = dataclasses.replace(config, sparse=base_sparse)
+    prep = prepare(target, config)
+    context = prep.context(config)
+    plans: dict[str, Plan] = {}
+    for density in densities:
+        sparse_cfg = dataclasses.replace(base_sparse, density=float(density))
+        if sparse_recipe:
+            plans[f"sparse-{density:g}"] = make_plan(prep.pipe, prep.stats, sparse_cfg, context)
+        else:
+            base = plans.get("dense") or make_plan(prep.pipe, prep.stats, config.resolved_recipe(), context)
+            plans["dense"] = base
+            plans[f"sparse-{density:g}"] = dataclasses.replace(base, sparse=search_sparse(prep.pipe, prep.stats,
+                                                                                           sparse_cfg))  # fmt: skip
+    return _export_all(prep, config, plans)

@@ -40,12 +40,15 @@ class SparseRun:
     Attributes:
         plan: the plan applied.
         kept: attention FLOPs (token pairs x heads) the masked calls ran.
+        scheduler: the pipeline's scheduler: at the first call of each sampling run its step count
+            is checked against the plan's (None: not checked).
         dense: what the same calls would have run dense.
         denoiser_calls: denoiser calls since the last :meth:`reset`.
         masked_by_step: masked attention calls per step, as they ran.
     """
 
     plan: SparsePlan
+    scheduler: Any = None
     kept: float = 0.0
     dense: float = 0.0
     denoiser_calls: int = 0
@@ -101,7 +104,10 @@ class _Mode:
 
     def enter(self, *_a: Any) -> None:
         if self.depth == 0:
-            self.run.denoiser_calls += 1
+            run = self.run
+            if run.denoiser_calls % (run.plan.steps * run.plan.calls_per_step) == 0:
+                _check_steps(run.plan, run.scheduler)  # a sampling run starts
+            run.denoiser_calls += 1
             self.calls.__enter__()
         self.depth += 1
 
@@ -111,11 +117,27 @@ class _Mode:
             self.calls.__exit__(None, None, None)
 
 
-def apply_sparse_plan(denoiser: nn.Module, plan: SparsePlan) -> SparseRun:
+def _check_steps(plan: SparsePlan, scheduler: Any) -> None:
+    timesteps = getattr(scheduler, "timesteps", None)
+    if timesteps is not None and len(timesteps) != plan.steps:
+        raise SparsePlanError(
+            f"these sparse-attention masks are for {plan.steps} sampler steps, but the pipeline runs {len(timesteps)}; "
+            f"call it with num_inference_steps={plan.steps}, rebuild the bundle with --steps {len(timesteps)}, or "
+            "load it with sparse=False"
+        )
+
+
+def apply_sparse_plan(denoiser: nn.Module, plan: SparsePlan, scheduler: Any = None) -> SparseRun:
     """Run ``plan``'s masks in ``denoiser``'s attention (see the module docstring).
 
+    Args:
+        denoiser: the denoiser the masks were searched for.
+        plan: the masks.
+        scheduler: the pipeline's scheduler, to check each run's step count before it starts.
+
     Raises:
-        SparsePlanError: a plan is applied already, or a layer it names is missing.
+        SparsePlanError: a plan is applied already, or a layer it names is missing; at a run's
+            first call, a step count other than the plan's.
     """
     modules = dict(denoiser.named_modules())
     missing = [lm.layer for lm in plan.layers if lm.layer not in modules]
@@ -123,7 +145,7 @@ def apply_sparse_plan(denoiser: nn.Module, plan: SparsePlan) -> SparseRun:
         raise SparsePlanError(f"the denoiser has no attention layer(s) {missing[:3]} the sparse plan names")
     if getattr(denoiser, "_diffkiln_sparse", None) is not None:
         raise SparsePlanError("a sparse-attention plan is applied to this denoiser already; remove it first")
-    run = SparseRun(plan)
+    run = SparseRun(plan, scheduler)
     mode = _Mode(denoiser, run)
     # always_call: the interception ends even when the forward raises.
     handles = [
@@ -143,9 +165,9 @@ def remove_sparse_plan(denoiser: nn.Module) -> None:
 
 
 @contextmanager
-def sparse_plan_applied(denoiser: nn.Module, plan: SparsePlan) -> Iterator[SparseRun]:
+def sparse_plan_applied(denoiser: nn.Module, plan: SparsePlan, scheduler: Any = None) -> Iterator[SparseRun]:
     """:func:`apply_sparse_plan` for the block; the hooks are removed on exit, normally or not."""
-    run = apply_sparse_plan(denoiser, plan)
+    run = apply_sparse_plan(denoiser, plan, scheduler)
     try:
         yield run
     finally:

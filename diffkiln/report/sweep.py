@@ -56,7 +56,11 @@ def evaluate_sweep(build: SweepBuild, eval_size: int = 50, progress: bool = True
         if judge_kind.scores
         else list(prep.stats.settings["prompts"])
     )
-    gen_cfg = GenerateConfig(progress=progress)
+    # The calls the bundles were calibrated with (steps, a user folder's size and frames): cache
+    # schedules and sparse masks are searched for them.
+    recorded = prep.stats.settings.get("call_kwargs") or {}
+    gen_cfg = GenerateConfig(steps=prep.stats.settings.get("steps"), progress=progress,
+                             call_kwargs=tuple(recorded.items()))  # fmt: skip
     fp = generate(prep.pipe, prompts, gen_cfg, prep.resolved, measure=True)
     rows: list[dict[str, Any]] = []
     if judge_kind.scores:

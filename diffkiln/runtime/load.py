@@ -160,7 +160,8 @@ def load(
     if sparse and manifest.get("sparsity"):
         try:
             masks = SparsePlan.from_dict(manifest["sparsity"])
-            pipe.diffkiln_sparse = apply_sparse_plan(getattr(pipe, manifest["pipeline"]["denoiser"]), masks)
+            denoiser = getattr(pipe, manifest["pipeline"]["denoiser"])
+            pipe.diffkiln_sparse = apply_sparse_plan(denoiser, masks, getattr(pipe, "scheduler", None))
         except SparsePlanError as exc:
             raise BundleError(f"{path}: the manifest's sparse-attention masks: {exc}") from None
     return pipe

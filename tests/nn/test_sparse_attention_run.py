@@ -88,3 +88,11 @@ def test_with_a_cache_schedule_reused_steps_run_no_attention_and_steps_stay_alig
     per_step = len(plan.layers) * plan.calls_per_step
     assert run.masked_by_step == {0: per_step, 2: per_step}
     assert run.denoiser_calls == STEPS * plan.calls_per_step
+
+
+def test_another_step_count_is_refused_before_anything_runs(video: tuple) -> None:
+    pipe, plan = video
+    with sparse_plan_applied(pipe.transformer, plan, pipe.scheduler) as run, \
+            pytest.raises(SparsePlanError, match=f"num_inference_steps={STEPS}"):  # fmt: skip
+        _latents(pipe, 0, STEPS + 2)
+    assert run.dense == 0.0  # no masked attention ran

@@ -91,3 +91,21 @@ def test_report_measures_the_density_as_the_kernels_ran(sparse_bundle: Path, tmp
     assert att["density"] == pytest.approx(att["planned_density"], abs=1e-4) and att["masked_layers"] == 4
     page = html_path.read_text()
     assert "Sparse attention (block-sparse kernel)" in page and page.count("<svg") >= len(att["pictures"]) > 0
+
+
+def test_sweep_attn_builds_one_bundle_per_density_and_evaluates_them(folder: Path, tmp_path: Path) -> None:
+    from diffkiln.cli import main
+
+    args = ["optimize", str(folder), "--recipe", "sparse", "--sweep-attn", "0.6,0.4", "--calib-size", "2", "--steps",
+            "4", "--out", str(tmp_path / "s"), "--cache-dir", str(tmp_path / "c"), "--no-progress",
+            "--sweep-eval-size", "2"]  # fmt: skip
+    for k, v in KW:
+        args += ["--call-arg", f"{k}={v}"]
+    assert main(args) == 0
+    densities = {}
+    for name in ("sparse-0.6", "sparse-0.4"):
+        manifest = json.loads((tmp_path / "s" / name / "manifest.json").read_text())
+        densities[name] = SparsePlan.from_dict(manifest["sparsity"]).density
+    assert densities["sparse-0.6"] <= 0.6 + 1e-9 and densities["sparse-0.4"] <= 0.4 + 1e-9
+    rows = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    assert {"sparse-0.6", "sparse-0.4"} <= {r["name"] for r in rows["rows"]}

@@ -9,9 +9,11 @@ to new compositions. Rendering is supersampled, so edges are anti-aliased like r
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 from itertools import product
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -28,6 +30,8 @@ from diffkiln.zoo.shapes.vocab import (
     Shape,
 )
 
+T = TypeVar("T")
+
 __all__ = [
     "ObjectSpec",
     "PairScene",
@@ -37,6 +41,7 @@ __all__ = [
     "Split",
     "all_pair_scenes",
     "all_single_scenes",
+    "cycled",
     "draw_object",
     "eval_scenes",
     "parse_prompt",
@@ -279,8 +284,13 @@ def eval_scenes(prompt_set: PromptSet, n: int, seed: int = 0) -> list[Scene]:
         pool = list(all_single_scenes(Split.HELDOUT))
     else:
         pool = list(_SEEN_PAIRS)
+    return cycled(pool, n, seed)
+
+
+def cycled(pool: Sequence[T], n: int, seed: int) -> list[T]:
+    """``n`` items of ``pool``, every item once (in a seeded order) before any repeats."""
     rng = np.random.default_rng(seed)
-    out: list[Scene] = []
+    out: list[T] = []
     while len(out) < n:
         order = rng.permutation(len(pool))
         out.extend(pool[i] for i in order[: n - len(out)])

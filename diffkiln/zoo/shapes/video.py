@@ -16,7 +16,7 @@ from itertools import product
 import numpy as np
 from PIL import Image, ImageDraw
 
-from diffkiln.zoo.shapes.dataset import ObjectSpec, PromptSet, Split, draw_object
+from diffkiln.zoo.shapes.dataset import ObjectSpec, PromptSet, Split, cycled, draw_object
 from diffkiln.zoo.shapes.vocab import (
     BACKGROUND_RGB,
     IMAGE_SIZE,
@@ -264,12 +264,7 @@ def eval_video_scenes(prompt_set: PromptSet, n: int, seed: int = 0) -> list[Vide
         pool = all_video_scenes(False, Split.HELDOUT)
     else:
         pool = _SEEN_PAIRS
-    rng = np.random.default_rng(seed)
-    out: list[VideoScene] = []
-    while len(out) < n:
-        order = rng.permutation(len(pool))
-        out.extend(pool[i] for i in order[: n - len(out)])
-    return out
+    return cycled(pool, n, seed)
 
 
 def video_prompt_words() -> list[str]:

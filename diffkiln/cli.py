@@ -156,6 +156,8 @@ def _cmd_optimize(a: argparse.Namespace) -> int:
 
     cache_options = _cache_options(a)
     sparse_options = {"density": a.attn_density} if getattr(a, "attn_density", None) is not None else {}
+    if getattr(a, "attn_block", None) is not None:
+        sparse_options["block"] = a.attn_block
     if a.recipe == "cache":
         recipe = recipe_config_from_options(a.recipe, {**_options(a, RECIPE_OPTIONS), **cache_options})
         cache = None

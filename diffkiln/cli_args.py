@@ -236,6 +236,12 @@ def _add_optimize(sub: Any) -> None:
                    help="search block-sparse attention masks per layer, step group and head that keep this fraction "
                    "of the long attention layers' FLOPs, e.g. 0.35; with --recipe sparse alone (float weights) or "
                    "composed with another recipe (docs/sparse-attention.md)")  # fmt: skip
+    o.add_argument(
+        "--attn-block",
+        type=positive_int,
+        metavar="TOKENS",
+        help="tokens per sparse-attention mask block (default 64; 128 exports exactly to MindIE-SD)",
+    )
     o.add_argument("--sweep-attn", type=float_list, metavar="LIST",
                    help="build one bundle per attention density (e.g. 0.5,0.35,0.2) under --out, evaluate them "
                    "against FP and write sweep.json and sweep.html (the Pareto front)")  # fmt: skip

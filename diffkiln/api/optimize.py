@@ -116,6 +116,11 @@ class OptimizeConfig:
         """True when the build searches sparse-attention masks (the sparse recipe, or ``sparse`` given)."""
         return self.sparse is not None or isinstance(self.recipe, SparseConfig)
 
+    @property
+    def sparse_config(self) -> SparseConfig | None:
+        """The mask search's config: the sparse recipe, or ``sparse``; None without one."""
+        return self.recipe if isinstance(self.recipe, SparseConfig) else self.sparse
+
     def resolved_recipe(self) -> Any:
         """The recipe config with :attr:`deploy_target`'s settings applied."""
         return for_target(self.recipe, self.deploy_target)
@@ -189,6 +194,7 @@ def prepare(target: str | os.PathLike[str], config: OptimizeConfig) -> Prepared:
         denoiser=config.denoiser,
         cache_stats=config.wants_cache,
         attention_stats=config.wants_sparse,
+        attention_block=config.sparse_config.block if config.sparse_config is not None else 64,
     )
     t1 = time.perf_counter()
     stats = calibrate(pipe, cal_cfg)

@@ -76,3 +76,14 @@ def test_plan_section_round_trips_and_is_read_strictly() -> None:
         SparsePlan.from_dict(bad)
     mask = torch.rand(5, 7) < 0.5
     assert torch.equal(unpack_mask(pack_mask(mask), 5, 7), mask)
+
+
+def test_a_search_at_another_block_size_than_calibrated_is_refused() -> None:
+    from diffkiln.calibrate.stats import CalibrationStats
+    from diffkiln.optimizer.sparse_search import search_sparse
+
+    stats = CalibrationStats({}, [], "", attention=_stats())  # blocks of 16
+    with pytest.raises(InvalidInputError, match="attention_block=64"):
+        search_sparse(None, stats, SparseConfig())
+    with pytest.raises(InvalidInputError, match="power of two"):
+        SparseConfig(block=100)

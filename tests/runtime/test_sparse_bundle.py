@@ -64,13 +64,18 @@ def test_masks_go_from_the_search_into_the_bundle_and_run(folder: Path, tmp_path
 def test_cli_builds_and_inspects_a_sparse_bundle(folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from diffkiln.cli import main
 
-    args = ["optimize", str(folder), "--recipe", "sparse", "--attn-density", "0.5", "--calib-size", "2", "--steps",
-            "4", "--out", str(tmp_path / "b"), "--cache-dir", str(tmp_path / "c"), "--no-progress"]  # fmt: skip
+    args = ["optimize", str(folder), "--recipe", "sparse", "--attn-density", "0.5", "--attn-block", "128",
+            "--calib-size", "2", "--steps", "4", "--out", str(tmp_path / "b"), "--cache-dir", str(tmp_path / "c"),
+            "--no-progress"]  # fmt: skip
     for k, v in KW:
         args += ["--call-arg", f"{k}={v}"]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "sparse   4 attention layers, blocks of 64 tokens" in out and "recipe sparse" in out
+    assert "sparse   4 attention layers, blocks of 128 tokens" in out and "recipe sparse" in out
+    # Blocks of 128 are the size MindIE-SD's rain_fusion_attention takes: the export holds the masks exactly.
+    assert main(["export", str(tmp_path / "b"), "--format", "mindiesd", "--out", str(tmp_path / "m")]) == 0
+    meta = json.loads((tmp_path / "m" / "diffkiln_export.json").read_text())["sparse_attention"]
+    assert meta["rain_fusion_attention"]["exact"] and meta["masked_density_at_128"] == meta["masked_density"]
 
 
 def test_onnx_export_says_the_masks_run_dense(sparse_bundle: Path, tmp_path: Path) -> None:
@@ -80,6 +85,26 @@ def test_onnx_export_says_the_masks_run_dense(sparse_bundle: Path, tmp_path: Pat
     out = convert(sparse_bundle, OnnxExportConfig(tmp_path / "onnx", progress=False, components=False))
     note = json.loads((out / "manifest.json").read_text())["sparsity_not_exported"]
     assert "run attention dense" in note
+
+
+def test_mindiesd_export_writes_the_masks_as_rain_fusion_indices(sparse_bundle: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from diffkiln.api import convert
+    from diffkiln.export.mindiesd import MindieExportConfig
+
+    out = convert(sparse_bundle, MindieExportConfig(tmp_path / "mindie"))
+    plan = SparsePlan.from_dict(json.loads((sparse_bundle / "manifest.json").read_text())["sparsity"])
+    config = json.loads((out / "mindiesd_sparse_attention.json").read_text())
+    tensors = load_file(str(out / "mindiesd_sparse_masks.safetensors"))
+    meta = json.loads((out / "diffkiln_export.json").read_text())
+    assert meta["sparse_attention"]["masked_density_at_128"] >= meta["sparse_attention"]["masked_density"]
+    assert [e["layer"] for e in config["layers"]] == [lm.layer for lm in plan.layers]
+    for entry, lm in zip(config["layers"], plan.layers, strict=True):
+        grid = lm.grid
+        assert entry["sparse_attention"]["latent_shape_q"] == [grid["frames"], grid["height"], grid["width"]]
+        select = tensors[f"{lm.layer}.group0.select_idx"]
+        assert select.dtype == torch.int64 and select.shape == (-(-lm.q_len // 128), lm.heads, -(-lm.kv_len // 128))
 
 
 def test_report_measures_the_density_as_the_kernels_ran(sparse_bundle: Path, tmp_path: Path) -> None:

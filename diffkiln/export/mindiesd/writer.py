@@ -11,7 +11,10 @@ Writes, into ``out`` (atomically; every file mode 0o640, the folder 0o750, as Mi
 * ``config.json`` (the denoiser's) and ``diffkiln_export.json``: what runs quantized on MindIE-SD
   and what does not, what was widened, the float dtype the files are made for, file checksums;
 * ``mindiesd_cache_config.json``: the bundle's cache schedule as MindIE-SD's ``CacheConfig`` fields,
-  when it has that form (:mod:`.cache`); otherwise the metadata says why not.
+  when it has that form (:mod:`.cache`); otherwise the metadata says why not;
+* ``mindiesd_sparse_attention.json`` and ``mindiesd_sparse_masks.safetensors``: the bundle's
+  sparse-attention masks as MindIE-SD's ``sparse_attention`` arguments and as the exact block
+  indices its ``rain_fusion_attention`` runs (:mod:`.sparse`), when the bundle has masks.
 
 What MindIE-SD runs quantized is only the ``nn.Linear`` layers. The bundle's integer
 convolutions stay float there (its quant map has no other type): the export warns, names them and
@@ -37,9 +40,11 @@ from safetensors.torch import save_file
 
 from diffkiln.core.cache_schedule import CacheSchedule
 from diffkiln.core.schema import LoadedBundle
+from diffkiln.core.sparse_plan import SparsePlan
 from diffkiln.export.atomic import atomic_directory, file_table
 from diffkiln.export.mindiesd.cache import mindiesd_cache_config
 from diffkiln.export.mindiesd.encode import MindieExportError, encode_linear
+from diffkiln.export.mindiesd.sparse import SPARSE_CONFIG_FILE, SPARSE_MASKS_FILE, mindiesd_sparse_export
 from diffkiln.nn import QConv, QLinear
 
 __all__ = ["CACHE_CONFIG_FILE", "FILE_MODE", "MindieExportConfig", "MindieFloat", "export_mindiesd"]
@@ -208,14 +213,19 @@ def export_mindiesd(bundle: LoadedBundle, config: MindieExportConfig) -> Path:
         cache_meta = {"expressible": cache_config is not None, "note": why}
         if cache_config is None:
             log.warning("the bundle's cache schedule cannot be expressed as MindIE-SD's CacheConfig: %s", why)
+    sparse_config, sparse_tensors = (mindiesd_sparse_export(SparsePlan.from_dict(manifest["sparsity"]))
+                                     if manifest.get("sparsity") else (None, {}))  # fmt: skip
     with atomic_directory(Path(config.out), config.overwrite) as tmp:
         _write(tmp, algo, tensors, description, config.ranks)
+        if sparse_config is not None:
+            (tmp / SPARSE_CONFIG_FILE).write_text(json.dumps(sparse_config, indent=2) + "\n")
+            save_file(sparse_tensors, str(tmp / SPARSE_MASKS_FILE))
         shutil.copy2(path / manifest["pipeline"]["denoiser"] / "config.json", tmp / "config.json")
         if cache_config is not None:
             (tmp / CACHE_CONFIG_FILE).write_text(json.dumps(cache_config, indent=2) + "\n")
         meta: dict[str, Any] = {
             "format": "diffkiln.mindiesd",
-            "version": 2,
+            "version": 3,
             "model_quant_type": algo.upper(),
             "denoiser_class": manifest["pipeline"]["denoiser_class"],
             "dtype": config.dtype.value,
@@ -228,6 +238,9 @@ def export_mindiesd(bundle: LoadedBundle, config: MindieExportConfig) -> Path:
             "kept_fp": kept,
             "requires_original_checkpoint": True,
             "cache": cache_meta,
+            "sparse_attention": None if sparse_config is None else {
+                key: sparse_config[key] for key in ("rain_fusion_attention", "sparse_attention", "masked_density",
+                                                    "masked_density_at_128")},
             "bundle": {"source": manifest["source"], "recipe": manifest["quant"]["recipe"]},
         }  # fmt: skip
         meta["files"] = file_table(tmp)

@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO   := out/demo
 
-.PHONY: demo test install clean
+.PHONY: demo test test-slow install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ test: $(STAMP)
 	$(BIN)/python -m mypy diffkiln
 	# Two workers: the CI machine's two cores (most of an export is single-threaded Python).
 	$(BIN)/python -m pytest -q -n 2
+
+# The checks too slow for CI (e.g. compiling FlexAttention on CPU: a minute or two from cold).
+test-slow: $(STAMP)
+	DIFFKILN_SLOW=1 $(BIN)/python -m pytest -q -m slow
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .mypy_cache .ruff_cache

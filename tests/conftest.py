@@ -22,13 +22,15 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip tests marked ``gpu`` when no CUDA device is present (CI never has one)."""
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
+    """Skip tests marked ``gpu`` when no CUDA device is present (CI never has one), and tests marked
+    ``slow`` unless ``DIFFKILN_SLOW=1`` (``make test-slow``), which keeps CI's suite short."""
+    gpu = pytest.mark.skip(reason="needs a CUDA device")
+    slow = pytest.mark.skip(reason="slow: run with DIFFKILN_SLOW=1 (make test-slow)")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(gpu)
+        if "slow" in item.keywords and os.environ.get("DIFFKILN_SLOW") != "1":
+            item.add_marker(slow)
 
 
 @pytest.fixture(scope="session")

@@ -7,19 +7,50 @@ indices (``(heads, query blocks, max kept)``, padded with -1), not as a dense bo
 
 * :func:`sparse_attention_reference`: SDPA over every key with the layout expanded to a token mask
   (pure torch; the contract every kernel is checked against);
-* :func:`block_sparse_attention`: gathers each query block's kept key/value blocks and runs one
-  batched SDPA per chunk of query blocks, so its work falls with the layout's density.
+* :func:`block_sparse_attention`: runs only the kept blocks, through the kernel
+  :class:`SparseKernel` picks: gathering each query block's kept key/value blocks into one batched
+  SDPA per chunk of query blocks (``gather``), or FlexAttention compiled (``flex``).
+
+Which is faster on CPU depends on the run: compiled FlexAttention is about twice as fast per call on
+long layers, but compiling costs tens of seconds per new shape (once per process, less with
+inductor's on-disk cache), which a short run of short layers never earns back. ``auto`` therefore
+takes it on CUDA always, and on CPU for layers of at least :data:`FLEX_MIN_TOKENS` query tokens when
+a C++ compiler is present, falling back to ``gather`` if compiling fails (see BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
+import logging
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["BlockLayout", "block_sparse_attention", "npu_block_sparse_attention", "sparse_attention_reference"]
+__all__ = ["FLEX_MIN_TOKENS", "BlockLayout", "SparseKernel", "block_sparse_attention", "npu_block_sparse_attention",
+           "sparse_attention_reference"]  # fmt: skip
+
+log = logging.getLogger(__name__)
+
+FLEX_MIN_TOKENS = 4096
+"""Query tokens from which ``auto`` compiles FlexAttention on CPU (shorter layers gather)."""
+
+
+class SparseKernel(str, Enum):
+    """The kernel :func:`block_sparse_attention` runs kept blocks with."""
+
+    AUTO = "auto"
+    """CUDA: compiled FlexAttention; NPU: ``gather`` on ``npu_fusion_attention``; CPU: compiled
+    FlexAttention from :data:`FLEX_MIN_TOKENS` query tokens where a C++ compiler exists, else ``gather``."""
+    GATHER = "gather"
+    """Gather each query block's kept key/value blocks and run SDPA on them (any device)."""
+    FLEX = "flex"
+    """FlexAttention with a ``BlockMask``, compiled on CUDA and CPU (``gather`` if compiling fails)."""
+
+
+_FLEX_FAILED: set[str] = set()
 
 _CHUNK_BYTES = 256 << 20
 """Gathered key/value bytes per batched SDPA call, at most (bounds the kernel's extra memory)."""
@@ -168,8 +199,22 @@ def _npu_fusion(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.
     return result
 
 
+def _use_flex(q: torch.Tensor, layout: BlockLayout, kernel: SparseKernel) -> bool:
+    device = q.device.type
+    if device not in ("cuda", "cpu") or kernel is SparseKernel.GATHER or device in _FLEX_FAILED:
+        return False
+    if kernel is SparseKernel.FLEX or device == "cuda":
+        return True
+    return layout.q_len >= FLEX_MIN_TOKENS and shutil.which("c++") is not None
+
+
 def block_sparse_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, scale: float | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockLayout,
+    scale: float | None = None,
+    kernel: SparseKernel = SparseKernel.AUTO,
 ) -> torch.Tensor:
     """Attention over the layout's kept blocks only (same contract as :func:`sparse_attention_reference`).
 
@@ -178,17 +223,24 @@ def block_sparse_attention(
     blocks they keep, so a batch pads few slots; padding slots and the short last key block are
     masked. Work and memory traffic scale with the number of kept blocks. The attention op per
     device: CPU SDPA; on an Ascend NPU ``torch_npu.npu_fusion_attention`` on the same gathered runs
-    (:func:`npu_block_sparse_attention`); on CUDA FlexAttention's compiled block-sparse kernels
+    (:func:`npu_block_sparse_attention`). Or, as ``kernel`` picks (:class:`SparseKernel`),
+    FlexAttention's compiled block-sparse kernels
     (:func:`diffkiln.kernels.sparse_flex.flex_block_sparse_attention`).
 
     Raises:
         ValueError: the shapes do not fit the layout.
     """
     _check(q, k, layout)
-    if q.device.type == "cuda":
+    if _use_flex(q, layout, SparseKernel(kernel)):
         from diffkiln.kernels.sparse_flex import flex_block_sparse_attention
 
-        return flex_block_sparse_attention(q, k, v, layout, scale)
+        try:
+            return flex_block_sparse_attention(q, k, v, layout, scale, compiled=True)
+        except Exception as exc:
+            if q.device.type == "cuda":
+                raise
+            _FLEX_FAILED.add(q.device.type)
+            log.warning("compiled FlexAttention failed on %s (%s); using the gather kernel", q.device.type, exc)
     return _gathered(q, k, v, layout, scale, _npu_fusion if q.device.type == "npu" else _sdpa)
 
 

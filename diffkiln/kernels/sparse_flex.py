@@ -2,9 +2,10 @@
 kernels that skip the blocks a ``BlockMask`` leaves out).
 
 The :class:`~diffkiln.kernels.sparse_attention.BlockLayout` becomes a ``BlockMask`` at the layout's
-block size (built once per layout and device). On CUDA the compiled ``flex_attention`` runs it; on
-other devices it runs eagerly (dense underneath: for checking the contract only). Not yet run on a
-GPU here: checked on CPU against the dense masked reference.
+block size (built once per layout and device). Compiled (``compiled=True``), ``flex_attention``
+runs inductor's generated kernels, which skip the blocks the mask leaves out: Triton on CUDA, C++
+on CPU. Eager, it runs the mask densely underneath (for checking the contract only). Not yet run
+on a GPU here: checked on CPU, eager and compiled, against the dense masked reference.
 """
 
 from __future__ import annotations
@@ -38,14 +39,24 @@ def _block_mask(layout: BlockLayout, device: torch.device) -> Any:
 
 
 def flex_block_sparse_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, scale: float | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockLayout,
+    scale: float | None = None,
+    compiled: bool = True,
 ) -> torch.Tensor:
     """Attention over the layout's kept blocks with FlexAttention (contract of
-    :func:`~diffkiln.kernels.sparse_attention.sparse_attention_reference`)."""
+    :func:`~diffkiln.kernels.sparse_attention.sparse_attention_reference`).
+
+    Args:
+        compiled: run ``torch.compile``'d FlexAttention (compiled once per device and shape; the
+            first call of a shape pays the compile). False runs it eagerly, densely underneath.
+    """
     from torch.nn.attention.flex_attention import flex_attention
 
     fn = flex_attention
-    if q.device.type == "cuda":
-        fn = _COMPILED.setdefault("cuda", torch.compile(flex_attention, dynamic=False))
+    if compiled:
+        fn = _COMPILED.setdefault(q.device.type, torch.compile(flex_attention, dynamic=False))
     out: torch.Tensor = fn(q, k, v, block_mask=_block_mask(layout, q.device), scale=scale)
     return out

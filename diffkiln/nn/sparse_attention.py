@@ -25,7 +25,7 @@ from torch import nn
 
 from diffkiln.core.attention import AttentionCall, AttentionCalls
 from diffkiln.core.sparse_plan import SparsePlan, SparsePlanError
-from diffkiln.kernels.sparse_attention import BlockLayout, block_sparse_attention
+from diffkiln.kernels.sparse_attention import BlockLayout, SparseKernel, block_sparse_attention
 
 __all__ = ["SparseRun", "apply_sparse_plan", "remove_sparse_plan", "sparse_plan_applied"]
 
@@ -45,15 +45,20 @@ class SparseRun:
         dense: what the same calls would have run dense.
         denoiser_calls: denoiser calls since the last :meth:`reset`.
         masked_by_step: masked attention calls per step, as they ran.
+        kernel: the kernel the masked calls run on (:class:`~diffkiln.kernels.sparse_attention.SparseKernel`).
+        shapes: per masked layer, the query shape ``(batch, heads, tokens, head_dim)``, dtype and
+            device of its last call (what a benchmark of the layer alone replays).
     """
 
     plan: SparsePlan
     scheduler: Any = None
+    kernel: SparseKernel = SparseKernel.AUTO
     kept: float = 0.0
     dense: float = 0.0
     denoiser_calls: int = 0
     masked_by_step: dict[int, int] = field(default_factory=dict)
     layouts: dict[tuple[str, int], BlockLayout] = field(default_factory=dict)
+    shapes: dict[str, tuple[tuple[int, ...], torch.dtype, torch.device]] = field(default_factory=dict)
 
     @property
     def density(self) -> float | None:
@@ -91,7 +96,8 @@ class SparseRun:
         pairs = float(call.query.shape[0] * lm.heads * lm.q_len * lm.kv_len)
         self.dense += pairs
         self.kept += pairs * layout.density
-        return block_sparse_attention(call.query, call.key, call.value, layout, call.scale)
+        self.shapes[lm.layer] = (tuple(call.query.shape), call.query.dtype, call.query.device)
+        return block_sparse_attention(call.query, call.key, call.value, layout, call.scale, self.kernel)
 
 
 class _Mode:
@@ -127,13 +133,15 @@ def _check_steps(plan: SparsePlan, scheduler: Any) -> None:
         )
 
 
-def apply_sparse_plan(denoiser: nn.Module, plan: SparsePlan, scheduler: Any = None) -> SparseRun:
+def apply_sparse_plan(denoiser: nn.Module, plan: SparsePlan, scheduler: Any = None,
+                      kernel: SparseKernel | str = SparseKernel.AUTO) -> SparseRun:  # fmt: skip
     """Run ``plan``'s masks in ``denoiser``'s attention (see the module docstring).
 
     Args:
         denoiser: the denoiser the masks were searched for.
         plan: the masks.
         scheduler: the pipeline's scheduler, to check each run's step count before it starts.
+        kernel: the block-sparse kernel (:class:`~diffkiln.kernels.sparse_attention.SparseKernel`).
 
     Raises:
         SparsePlanError: a plan is applied already, or a layer it names is missing; at a run's
@@ -145,7 +153,7 @@ def apply_sparse_plan(denoiser: nn.Module, plan: SparsePlan, scheduler: Any = No
         raise SparsePlanError(f"the denoiser has no attention layer(s) {missing[:3]} the sparse plan names")
     if getattr(denoiser, "_diffkiln_sparse", None) is not None:
         raise SparsePlanError("a sparse-attention plan is applied to this denoiser already; remove it first")
-    run = SparseRun(plan, scheduler)
+    run = SparseRun(plan, scheduler, kernel=SparseKernel(kernel))
     mode = _Mode(denoiser, run)
     # always_call: the interception ends even when the forward raises.
     handles = [

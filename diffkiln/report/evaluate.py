@@ -20,7 +20,7 @@ from diffkiln.core.errors import InvalidInputError
 from diffkiln.core.toolchain import toolchain_versions
 from diffkiln.generation import GenerateConfig, generate, load_pipeline
 from diffkiln.report.judging import JudgedImage, judge_all, prompt_list, quality
-from diffkiln.report.sparse import mask_pictures
+from diffkiln.report.sparse import attention_speed, mask_pictures
 from diffkiln.zoo.registry import JudgeKind, ResolvedTarget, resolve_target
 
 __all__ = [
@@ -179,6 +179,7 @@ def _attention_section(run: Any, before: tuple[float, float]) -> dict[str, Any]:
         "block": plan.block,
         "families": sorted({f for lm in plan.layers for group in lm.families for f in group}),
         "simulated": False,
+        "speed_alone": attention_speed(run),
         "pictures": mask_pictures(plan),
     }
 

@@ -47,6 +47,14 @@ def _fmt(v: Any) -> str:
     return html.escape(str(v))
 
 
+def _speed_rows(speed: dict[str, Any] | None) -> list[tuple[str, Any]]:
+    """The attention-alone timing rows of the sparse-attention table."""
+    if not speed:
+        return []
+    return [(f"attention alone: dense / masked time ({speed['kernel']} kernel, {speed['layouts_timed']} layouts)",
+             f"{speed['speedup']}x ({speed['dense_seconds']} s / {speed['masked_seconds']} s)")]  # fmt: skip
+
+
 def _table(rows: list[tuple[Any, ...]]) -> str:
     """Rows of (label, value, ...): the label a header cell, each value a number cell."""
     body = "".join(
@@ -184,7 +192,8 @@ def _bundle_sections(rep: Report) -> list[str]:
         out += ["<h2>Sparse attention (block-sparse kernel)</h2>", _table([
             ("density measured (kept attention FLOPs of the masked layers)", att["density"]),
             ("density planned", att["planned_density"]), ("masked layers", att["masked_layers"]),
-            ("block (tokens)", att["block"]), ("families", ", ".join(att["families"]))])]  # fmt: skip
+            ("block (tokens)", att["block"]), ("families", ", ".join(att["families"])),
+            *_speed_rows(att.get("speed_alone"))])]  # fmt: skip
         from diffkiln.report.sparse import masks_html
 
         out.append(masks_html(att.get("pictures", [])))

@@ -22,6 +22,7 @@ from torch import nn
 from diffkiln.core.cache_schedule import CacheSchedule, CacheScheduleError
 from diffkiln.core.errors import BundleError
 from diffkiln.core.sparse_plan import SparsePlan, SparsePlanError
+from diffkiln.kernels.sparse_attention import SparseKernel
 from diffkiln.nn.cache import apply_cache_schedule
 from diffkiln.nn.sparse_attention import apply_sparse_plan
 from diffkiln.runtime.reader import open_bundle
@@ -80,6 +81,7 @@ def load(
     dtype: torch.dtype | str | None = None,
     cache: bool = True,
     sparse: bool = True,
+    sparse_kernel: str = "auto",
 ) -> Any:
     """Load a bundle (or its ONNX export) as a diffusers pipeline on ``device``.
 
@@ -100,6 +102,8 @@ def load(
             (:mod:`diffkiln.nn.cache`). False runs every step in full. Default True.
         sparse: torch backend: run the bundle's frozen sparse-attention masks, when it has them
             (:mod:`diffkiln.nn.sparse_attention`). False runs attention dense. Default True.
+        sparse_kernel: the kernel the masks run on: "auto", "gather" or "flex"
+            (:class:`~diffkiln.kernels.sparse_attention.SparseKernel`). Default "auto".
 
     Returns:
         A diffusers pipeline (the class recorded in the bundle); call it as usual with prompt,
@@ -112,7 +116,7 @@ def load(
     Raises:
         BundleError: the bundle is missing, corrupt, truncated, tampered, of a future version, or
             its cache schedule or sparse masks are malformed or name blocks its denoiser lacks.
-        ValueError: an unknown backend or dtype, or a dtype with the onnxruntime backend.
+        ValueError: an unknown backend, dtype or sparse kernel, or a dtype with the onnxruntime backend.
     """
     from diffusers.utils import logging as dlog
 
@@ -127,6 +131,8 @@ def load(
         backend = Backend(backend)
     except ValueError:
         raise ValueError(f"unknown backend {backend!r}; valid: {[b.value for b in Backend]}") from None
+    if sparse_kernel not in {k.value for k in SparseKernel}:
+        raise ValueError(f"unknown sparse_kernel {sparse_kernel!r}; valid: {[k.value for k in SparseKernel]}")
     path = Path(bundle)
     if backend is Backend.ONNXRUNTIME:
         from diffkiln.runtime.onnxruntime_backend import load_onnx_pipeline
@@ -161,7 +167,8 @@ def load(
         try:
             masks = SparsePlan.from_dict(manifest["sparsity"])
             denoiser = getattr(pipe, manifest["pipeline"]["denoiser"])
-            pipe.diffkiln_sparse = apply_sparse_plan(denoiser, masks, getattr(pipe, "scheduler", None))
+            pipe.diffkiln_sparse = apply_sparse_plan(denoiser, masks, getattr(pipe, "scheduler", None),
+                                                     SparseKernel(sparse_kernel))  # fmt: skip
         except SparsePlanError as exc:
             raise BundleError(f"{path}: the manifest's sparse-attention masks: {exc}") from None
     return pipe

@@ -3,11 +3,19 @@ kind of row (full, one block, padded), and the layout's own bookkeeping."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from diffkiln.kernels.sparse_attention import BlockLayout, block_sparse_attention, sparse_attention_reference
+from diffkiln.kernels.sparse_attention import (
+    _FLEX_FAILED,
+    BlockLayout,
+    SparseKernel,
+    block_sparse_attention,
+    sparse_attention_reference,
+)
 
 
 def _random_mask(heads: int, qb: int, kb: int, density: float, seed: int) -> torch.Tensor:
@@ -106,9 +114,37 @@ def test_the_flexattention_path_matches_the_reference(q_len: int, block: int, de
     layout = BlockLayout.from_mask(_random_mask(2, blocks, blocks, density, seed=7), q_len, q_len, block)
     g = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(1, 2, q_len, 16, generator=g) for _ in range(3))
-    got = flex_block_sparse_attention(q, k, v, layout)
+    got = flex_block_sparse_attention(q, k, v, layout, compiled=False)
     ref = sparse_attention_reference(q, k, v, layout)
     assert F.cosine_similarity(got.flatten(), ref.flatten(), dim=0) >= 0.9999
+
+
+@pytest.mark.slow  # compiling from cold takes one to two minutes on two cores
+@pytest.mark.skipif(shutil.which("c++") is None, reason="compiling FlexAttention on CPU needs a C++ compiler")
+def test_compiled_flexattention_on_cpu_matches_the_reference() -> None:
+    # What `auto` runs on long CPU layers; one shape, since each new shape compiles afresh.
+    q_len = 300  # a short last block too
+    layout = BlockLayout.from_mask(_random_mask(2, 5, 5, 0.4, seed=9), q_len, q_len, 64)
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 2, q_len, 16, generator=g) for _ in range(3))
+    got = block_sparse_attention(q, k, v, layout, kernel=SparseKernel.FLEX)
+    assert not _FLEX_FAILED  # it compiled, rather than falling back to the gather kernel
+    ref = sparse_attention_reference(q, k, v, layout)
+    assert F.cosine_similarity(got.flatten(), ref.flatten(), dim=0) >= 0.9999
+
+
+def test_a_failing_compile_falls_back_to_the_gather_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    import diffkiln.kernels.sparse_flex as flex
+
+    def broken(*_a: object, **_k: object) -> None:
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(flex, "flex_block_sparse_attention", broken)
+    monkeypatch.setattr("diffkiln.kernels.sparse_attention._FLEX_FAILED", set())
+    layout = BlockLayout.from_mask(_random_mask(2, 4, 4, 0.5, seed=3), 256, 256, 64)
+    q, k, v = (torch.randn(1, 2, 256, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    got = block_sparse_attention(q, k, v, layout, kernel=SparseKernel.FLEX)
+    assert torch.equal(got, block_sparse_attention(q, k, v, layout, kernel=SparseKernel.GATHER))
 
 
 @pytest.mark.gpu

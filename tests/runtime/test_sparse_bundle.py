@@ -114,7 +114,11 @@ def test_report_measures_the_density_as_the_kernels_ran(sparse_bundle: Path, tmp
     data = json.loads(json_path.read_text())
     att = data["attention"]
     assert att["density"] == pytest.approx(att["planned_density"], abs=1e-4) and att["masked_layers"] == 4
+    speed = att["speed_alone"]  # timed, not asserted (machines are noisy): present and consistent
+    assert speed["layouts_timed"] == 4 * 2 and speed["kernel"] == "auto"
+    assert speed["speedup"] == pytest.approx(speed["dense_seconds"] / speed["masked_seconds"], rel=0.01)
     page = html_path.read_text()
+    assert "Sparse attention (block-sparse kernel)" in page and "attention alone: dense / masked time" in page
     assert "Sparse attention (block-sparse kernel)" in page and page.count("<svg") >= len(att["pictures"]) > 0
 
 

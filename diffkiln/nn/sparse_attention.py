@@ -173,9 +173,10 @@ def remove_sparse_plan(denoiser: nn.Module) -> None:
 
 
 @contextmanager
-def sparse_plan_applied(denoiser: nn.Module, plan: SparsePlan, scheduler: Any = None) -> Iterator[SparseRun]:
+def sparse_plan_applied(denoiser: nn.Module, plan: SparsePlan, scheduler: Any = None,
+                        kernel: SparseKernel | str = SparseKernel.AUTO) -> Iterator[SparseRun]:  # fmt: skip
     """:func:`apply_sparse_plan` for the block; the hooks are removed on exit, normally or not."""
-    run = apply_sparse_plan(denoiser, plan, scheduler)
+    run = apply_sparse_plan(denoiser, plan, scheduler, kernel)
     try:
         yield run
     finally:

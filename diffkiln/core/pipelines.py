@@ -361,7 +361,8 @@ def assemble_pipeline(path: Path, overrides: Mapping[str, Any]) -> Any:
                 continue
             cls = resolve_component_class(library, cls_name)
             # float32 like the rest of diffkiln; only model classes take a dtype.
-            extra = {"dtype": torch.float32} if issubclass(cls, nn.Module) else {}
+            # Models load from safetensors only: a pickled weight file is refused, never unpickled.
+            extra = {"dtype": torch.float32, "use_safetensors": True} if issubclass(cls, nn.Module) else {}
             kwargs[name] = cls.from_pretrained(path / name, local_files_only=True, **extra)  # type: ignore[attr-defined]
         else:
             kwargs[name] = value  # a plain config value of the pipeline (e.g. requires_safety_checker)

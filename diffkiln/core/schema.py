@@ -7,11 +7,12 @@ deployment needs only runtime + kernels. The format is specified in docs/bundle-
 from __future__ import annotations
 
 import hashlib
-import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from diffkiln.core.confine import check_tree, confined_file, read_json_file
 from diffkiln.core.errors import BundleError
 
 __all__ = [
@@ -41,6 +42,7 @@ ONNX_FORMAT = "diffkiln.onnx"
 """The manifest format of an ONNX export folder (docs/onnx-export.md)."""
 ONNX_VERSION = 2
 """2: a block-range cache schedule exports its reuse graph (``cache_graph``)."""
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 _REQUIRED_KEYS = ("format", "version", "source", "pipeline", "quant", "bos", "sparsity", "cache", "files")
 
 
@@ -54,15 +56,13 @@ def file_digest(path: Path) -> str:
 
 
 def read_json(path: Path) -> Any:
-    """Parse a JSON file (never unpickles).
+    """Parse a bundle's JSON file strictly (never unpickles): a regular file, size-capped, no
+    duplicate keys, nesting capped (:func:`diffkiln.core.confine.read_json_file`).
 
     Raises:
-        BundleError: the file is not valid JSON (corrupt or truncated).
+        BundleError: the file is not valid JSON (corrupt or truncated) or breaks one of those rules.
     """
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{path} is not valid JSON (corrupt or truncated): {exc}") from None
+    return read_json_file(path)
 
 
 def read_manifest(bundle: Path) -> dict[str, Any]:
@@ -74,7 +74,7 @@ def read_manifest(bundle: Path) -> dict[str, Any]:
     path = bundle / MANIFEST_NAME
     if not bundle.is_dir():
         raise BundleError(f"{bundle} is not a bundle directory")
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise BundleError(f"{bundle} has no {MANIFEST_NAME}; it is not a diffkiln bundle or its export was interrupted")
     manifest = read_json(path)
     if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
@@ -93,20 +93,30 @@ def read_manifest(bundle: Path) -> dict[str, Any]:
 
 
 def verify_files(bundle: Path, manifest: dict[str, Any]) -> None:
-    """Check that every file the manifest lists exists with its recorded size and sha256.
+    """Check the bundle's files against the manifest's ``files`` table: every entry a plain path
+    inside the bundle to a regular file (:func:`~diffkiln.core.confine.confined_file`) with its
+    recorded size and sha256, and nothing in the folder but those files and the manifest
+    (:func:`~diffkiln.core.confine.check_tree`), so no unlisted file is ever read.
 
     Raises:
-        BundleError: a file is missing, truncated, or its checksum differs (tampered or corrupt).
+        BundleError: a malformed table, a path outside the bundle, a link or special file, an
+            unlisted file, or a file missing, truncated or whose checksum differs.
     """
-    for rel, info in manifest["files"].items():
-        path = bundle / rel
-        if not path.is_file():
-            raise BundleError(f"bundle file {rel} is missing")
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise BundleError("the manifest's files table must map each file's relative path to its sha256 and bytes")
+    for rel, info in files.items():
+        if (not isinstance(info, dict) or set(info) != {"sha256", "bytes"} or not isinstance(info["bytes"], int)
+                or isinstance(info["bytes"], bool) or info["bytes"] < 0 or not isinstance(info["sha256"], str)
+                or not _SHA256.fullmatch(info["sha256"])):  # fmt: skip
+            raise BundleError(f"files[{rel!r}] must be {{'sha256': 64 hex digits, 'bytes': a size}}")
+        path = confined_file(bundle, rel)
         size = path.stat().st_size
         if size != info["bytes"]:
             raise BundleError(f"bundle file {rel} has {size} bytes, the manifest says {info['bytes']} (truncated?)")
         if file_digest(path) != info["sha256"]:
             raise BundleError(f"bundle file {rel} fails its sha256 check (corrupt or tampered)")
+    check_tree(bundle, set(files), frozenset({MANIFEST_NAME}))
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from diffkiln.core.confine import confined_file
 from diffkiln.core.derived import check_derived_buffers, real_buffers_meta_params
 from diffkiln.core.errors import BundleError, InvalidInputError
 from diffkiln.core.layers import find_quantizable_layers, layer_kind
@@ -62,6 +63,8 @@ def build_denoiser(bundle: Path, manifest: dict[str, Any]) -> nn.Module:
 
     pipe_info, quant = manifest["pipeline"], manifest["quant"]
     cls = _denoiser_class(bundle, pipe_info)
+    config_file = f"{pipe_info.get('denoiser')}/config.json"
+    confined_file(bundle, config_file, "pipeline.denoiser's config")
     config = cls.load_config(bundle / pipe_info["denoiser"])
     derived = quant.get("derived_buffers", {})
     # Parameters on meta (they come from the bundle); buffers real when the constructor's tables
@@ -92,8 +95,11 @@ def _read_tensors(
 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
     """(per quantized layer: its tensors by suffix; FP tensors by parameter name)."""
     quant = manifest["quant"]
+    if quant.get("weights_file") not in manifest["files"]:
+        raise BundleError(f"quant.weights_file {quant.get('weights_file')!r} is not a file the manifest lists")
+    path = confined_file(bundle, quant["weights_file"], "quant.weights_file")
     try:
-        tensors = load_file(str(bundle / quant["weights_file"]))
+        tensors = load_file(str(path))
     except Exception as exc:  # safetensors raises several types for malformed files
         raise BundleError(f"cannot read {quant['weights_file']}: {exc}") from None
     per_layer: dict[str, dict[str, torch.Tensor]] = {}
@@ -172,5 +178,7 @@ def open_bundle(bundle: str | os.PathLike[str]) -> LoadedBundle:
         pipe = assemble_pipeline(path, {manifest["pipeline"]["denoiser"]: denoiser})
     except InvalidInputError as exc:
         raise BundleError(f"cannot assemble the pipeline: {exc}") from None
+    except Exception as exc:
+        raise BundleError(f"cannot assemble the pipeline from {path}: {type(exc).__name__}: {exc}") from None
     pipe.diffkiln_manifest = manifest
     return LoadedBundle(path, manifest, denoiser, pipe)

@@ -9,6 +9,7 @@ denoiser without a timestep input counts its calls.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,6 +18,7 @@ from torch import nn
 
 from diffkiln.calibrate.dataflow import DataflowGraph, bind_call
 from diffkiln.calibrate.stats import LayerStats
+from diffkiln.core.errors import NonFiniteError
 from diffkiln.core.hooks import layer_input, scoped_hooks
 from diffkiln.core.layers import CONV_KINDS, find_quantizable_layers, layer_kind
 
@@ -35,6 +37,17 @@ def text_layers(graph: DataflowGraph) -> set[str]:
     """Layers whose input is a text sequence: 3-D and derived from sequence inputs only."""
     seq = set(graph.sequence_inputs)
     return {n for n, f in graph.layers.items() if f.deps and set(f.deps) <= seq and len(f.input_shape) == 3}
+
+
+def _non_finite(layer: str, where: str, step: int, values: torch.Tensor) -> str:
+    nan, inf = int(torch.isnan(values).sum()), int(torch.isinf(values).sum())
+    finite = values[torch.isfinite(values)]
+    peak = f"{float(finite.abs().max()):.3g}" if finite.numel() else "none"
+    return (
+        f"calibration: layer {layer}'s {where} at step {step} holds {nan} NaN and {inf} infinite values (largest "
+        f"finite magnitude {peak}): the model overflows float32 there. Check that layer's weights and the layers "
+        "feeding it (a checkpoint loaded in the wrong dtype or scale), or the pipeline's inputs"
+    )
 
 
 class Recorder:
@@ -112,6 +125,8 @@ class Recorder:
             if a["rows"] is None:
                 a["rows"] = x[0].cpu().clone()
         mn, mx = float(flat.min()), float(flat.max())
+        if not (math.isfinite(mn) and math.isfinite(mx)):
+            raise NonFiniteError(_non_finite(name, "input", t, flat))
         cab = x.abs().amax(dim=dims).cpu()
         a["min"][t] = min(mn, a["min"].get(t, mn))
         a["max"][t] = max(mx, a["max"].get(t, mx))
@@ -121,6 +136,8 @@ class Recorder:
             y = out.detach().float().flatten()
             oidx = torch.randint(0, y.numel(), (self.samples,), generator=self.out_gen)
             omn, omx = float(y.min()), float(y.max())
+            if not (math.isfinite(omn) and math.isfinite(omx)):
+                raise NonFiniteError(_non_finite(name, "output", t, y))
             a["out_min"][t] = min(omn, a["out_min"].get(t, omn))
             a["out_max"][t] = max(omx, a["out_max"].get(t, omx))
             a["out_samples"].setdefault(t, []).append(y[oidx.to(y.device)].cpu())

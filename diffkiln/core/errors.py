@@ -5,7 +5,7 @@ The CLI prints ``error: <message>`` for them and exits with status 2, never a tr
 
 from __future__ import annotations
 
-__all__ = ["BundleError", "DiffkilnError", "InvalidInputError", "ModelNotFoundError"]
+__all__ = ["BundleError", "DiffkilnError", "InvalidInputError", "ModelNotFoundError", "NonFiniteError"]
 
 
 class DiffkilnError(Exception):
@@ -22,3 +22,8 @@ class ModelNotFoundError(DiffkilnError, LookupError):
 
 class BundleError(DiffkilnError):
     """A bundle cannot be used: missing, corrupt, truncated, tampered, or of a future version."""
+
+
+class NonFiniteError(InvalidInputError):
+    """A model produced NaN or infinite values (its weights overflow float32, or its inputs do):
+    raised where it is first seen, naming the layer and the step."""

@@ -110,3 +110,21 @@ def test_text_layers_are_found_from_data_with_their_invariant_bos_row(arch: str,
     if arch == "unet":
         # Exactly the cross-attention keys and values read the text (found by data, not names).
         assert all(n.endswith(("attn2.to_k", "attn2.to_v")) for n in text_layers)
+
+
+@pytest.mark.parametrize("arch", ["unet", "dit"])
+def test_an_overflowing_layer_is_named_with_its_step(random_shapes_pipelines, tmp_path, arch: str) -> None:
+    import copy
+
+    from diffkiln.core.errors import NonFiniteError
+    from diffkiln.core.layers import find_quantizable_layers
+
+    pipe = copy.deepcopy(random_shapes_pipelines[arch])
+    denoiser = pipe.unet if arch == "unet" else pipe.transformer
+    name, layer = list(find_quantizable_layers(denoiser).items())[3]
+    with torch.no_grad():
+        layer.weight.mul_(1e38)  # finite in float32; its outputs are not
+    cfg = CalibrationConfig(PROMPTS[:2], steps=2, batch_size=2, samples_per_step=32, cache_dir=tmp_path, progress=False)
+    with pytest.raises(NonFiniteError, match=r"layer .* at step 0 holds .* infinite values") as err:
+        calibrate(pipe, cfg)
+    assert f"layer {name}'s output" in str(err.value) or "'s input" in str(err.value)  # here, or downstream

@@ -22,14 +22,22 @@ from diffkiln.core.layers import find_quantizable_layers, layer_kind
 from diffkiln.core.pipelines import assemble_pipeline, resolve_component_class
 from diffkiln.core.schema import LoadedBundle, read_json, read_manifest, verify_files
 from diffkiln.nn.swap import replace_layers
+from diffkiln.nn.validate import check_float_tensor, check_layers
 
 __all__ = ["build_denoiser", "load_into", "open_bundle"]
 
 
 def _set_tensor(root: nn.Module, name: str, value: torch.Tensor) -> None:
     module_name, _, attr = name.rpartition(".")
-    module = root.get_submodule(module_name) if module_name else root
+    try:
+        module = root.get_submodule(module_name) if module_name else root
+    except AttributeError:
+        raise BundleError(f"the bundle's tensor {name!r} is not a tensor of this model") from None
     current = module._parameters.get(attr, module._buffers.get(attr))
+    if current is None or tuple(current.shape) != tuple(value.shape):
+        shape = None if current is None else list(current.shape)
+        raise BundleError(f"the bundle's tensor {name!r} {list(value.shape)} does not fit this model's ({shape})")
+    check_float_tensor(name, value)
     if current is not None and current.is_floating_point() and value.is_floating_point():
         value = value.to(current.dtype)  # stored as FP16; the model runs in its own dtype
     if attr in module._parameters:
@@ -78,6 +86,7 @@ def build_denoiser(bundle: Path, manifest: dict[str, Any]) -> nn.Module:
             denoiser.get_submodule(module_name)._buffers[attr] = torch.empty_like(buf, device="meta")
     per_layer, fp = _read_tensors(bundle, manifest)
     metas = {name: info["meta"] for name, info in quant["layers"].items()}
+    check_layers(denoiser, per_layer, metas)
     try:
         replace_layers(denoiser, per_layer, metas)
     except KeyError as exc:
@@ -150,6 +159,7 @@ def load_into(model: nn.Module, bundle: str | os.PathLike[str]) -> nn.Module:
             raise BundleError(f"the bundle's tensor {key!r} {tuple(t.shape)} does not fit this model")
     derived = manifest["quant"].get("derived_buffers", {})
     check_derived_buffers(model, derived)
+    check_layers(model, per_layer, metas)
     quantized = {f"{layer}.{p}" for layer in metas for p, _ in layers[layer].named_parameters(recurse=False)}
     missing = sorted(set(own) - set(fp) - set(derived) - quantized)
     if missing:

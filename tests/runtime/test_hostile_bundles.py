@@ -202,3 +202,72 @@ def test_a_clean_bundle_opens_nothing_outside_itself(bundle: Path, tmp_path: Pat
     outside = [p for p in watched if Path(p).resolve().is_relative_to(tmp_path) and not
                Path(p).resolve().is_relative_to(path.resolve())]  # fmt: skip
     assert not outside and any(Path(p).resolve().is_relative_to(path.resolve()) for p in watched)
+
+
+def _layer_edit(path: Path, edit: Callable[[dict[str, Any], dict[str, Any]], None]) -> None:
+    """Edit the weights file's tensors and the manifest's layer metadata, then re-sign both, as an
+    attacker who rewrites a bundle would: only the value rules can catch it."""
+    from safetensors.torch import load_file, save_file
+
+    manifest = json.loads((path / "manifest.json").read_text())
+    rel = manifest["quant"]["weights_file"]
+    tensors = load_file(str(path / rel))
+    edit(tensors, manifest["quant"]["layers"])
+    save_file(tensors, str(path / rel))
+    _resign(path, manifest, rel)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _first(layers: dict[str, Any], kind: str) -> str:
+    return next(n for n, info in layers.items() if info["meta"]["kind"] == kind)
+
+
+def _tensor_attack(case: str) -> tuple[Callable[[dict[str, Any], dict[str, Any]], None], str]:
+    import torch
+
+    def on(kind: str, f: Callable[[dict[str, Any], str, dict[str, Any]], None]) -> Callable[..., None]:
+        return lambda t, layers: f(t, _first(layers, kind), layers)
+
+    attacks: dict[str, tuple[Callable[..., None], str]] = {
+        "empty weight_scale": (on("conv", lambda t, n, _: t.__setitem__(f"{n}::weight_scale", torch.zeros(0))),
+                               "weight_scale must have shape"),
+        "short weight_scale": (on("linear", lambda t, n, _: t.__setitem__(f"{n}::weight_scale",
+                                                                         t[f"{n}::weight_scale"][:-1].clone())),
+                               "weight_scale must have shape"),
+        "NaN scale": (on("linear", lambda t, n, _: t[f"{n}::weight_scale"].__setitem__(0, float("nan"))),
+                      "NaN or infinite"),
+        "inf act scale": (on("linear", lambda t, n, _: t.__setitem__(f"{n}::act_scale", torch.tensor(float("inf")))),
+                          "act_scale holds NaN or infinite"),
+        "zero scale": (on("conv", lambda t, n, _: t[f"{n}::weight_scale"].__setitem__(0, 0.0)), "> 0"),
+        "negative scale": (on("linear", lambda t, n, _: t[f"{n}::weight_scale"].__setitem__(1, -1.0)), "> 0"),
+        "zero point 1000": (on("linear", lambda t, n, _: t.__setitem__(f"{n}::act_zero_point",
+                                                                       torch.tensor(1000, dtype=torch.int32))),
+                            "inside the 8-bit grid"),
+        "conv stride 0": (on("conv", lambda t, n, layers: layers[n]["meta"].__setitem__("stride", [0, 0])),
+                          "stride must be an integer"),
+        "act_bits 1e308": (on("linear", lambda t, n, layers: layers[n]["meta"].__setitem__("act_bits", 1e308)),
+                           "act_bits must be an integer"),
+        "conv declared as linear": (on("conv", lambda t, n, layers: layers[n]["meta"].__setitem__("kind", "linear")),
+                                    "must list 2 dimensions"),
+        "unknown tensor": (on("linear", lambda t, n, _: t.__setitem__(f"{n}::payload", torch.zeros(3))),
+                           "unknown tensors"),
+        "NaN float tensor": (lambda t, _: t.__setitem__(next(k for k in t if k.startswith("fp::") and
+                                                             t[k].is_floating_point()),
+                                                        torch.full_like(t[next(k for k in t if k.startswith("fp::") and
+                                                                               t[k].is_floating_point())],
+                                                                        float("nan"))),
+                             "NaN or infinite"),
+    }  # fmt: skip
+    return attacks[case]
+
+
+@pytest.mark.parametrize("case", ["empty weight_scale", "short weight_scale", "NaN scale", "inf act scale",
+                                  "zero scale", "negative scale", "zero point 1000", "conv stride 0",
+                                  "act_bits 1e308", "conv declared as linear", "unknown tensor",
+                                  "NaN float tensor"])  # fmt: skip
+def test_re_signed_bad_values_are_refused_before_any_kernel(bundle: Path, tmp_path: Path, watched: list[str],
+                                                            case: str) -> None:  # fmt: skip
+    path = _copy(bundle, tmp_path)
+    edit, match = _tensor_attack(case)
+    _layer_edit(path, edit)
+    _refused(path, match, watched, tmp_path)

@@ -14,6 +14,7 @@ from typing import Any
 
 from diffkiln.core.confine import check_tree, confined_file, read_json_file
 from diffkiln.core.errors import BundleError
+from diffkiln.core.manifest_schema import validate_manifest
 
 __all__ = [
     "BUNDLE_FORMAT",
@@ -89,6 +90,7 @@ def read_manifest(bundle: Path) -> dict[str, Any]:
     missing = [k for k in _REQUIRED_KEYS if k not in manifest]
     if missing:
         raise BundleError(f"{path} lacks required section(s) {missing}")
+    validate_manifest(manifest, str(path))
     return manifest
 
 

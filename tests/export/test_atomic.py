@@ -23,14 +23,12 @@ def test_a_second_writer_of_the_same_output_fails_while_the_first_writes(tmp_pat
     out = tmp_path / "bundle"
     with atomic_directory(out, overwrite=False) as tmp:
         (tmp / "a").write_text("first")
-        with pytest.raises(BundleError, match="another diffkiln process is writing"):
-            with atomic_directory(out, overwrite=True):
-                pass
+        with pytest.raises(BundleError, match="another diffkiln process is writing"), atomic_directory(out, True):
+            pass
     assert (out / "a").read_text() == "first"
     # Once the first is done, a second without --overwrite is refused, and nothing of it is left.
-    with pytest.raises(BundleError, match="already exists"):
-        with atomic_directory(out, overwrite=False):
-            pass
+    with pytest.raises(BundleError, match="already exists"), atomic_directory(out, overwrite=False):
+        pass
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
 
 
@@ -51,8 +49,7 @@ def test_leftovers_of_dead_writers_are_removed_and_live_ones_kept(tmp_path: Path
 
 def test_a_failed_write_leaves_nothing(tmp_path: Path) -> None:
     out = tmp_path / "bundle"
-    with pytest.raises(RuntimeError):
-        with atomic_directory(out, overwrite=False) as tmp:
-            (tmp / "a").write_text("half")
-            raise RuntimeError("killed")
+    with pytest.raises(RuntimeError), atomic_directory(out, overwrite=False) as tmp:
+        (tmp / "a").write_text("half")
+        raise RuntimeError("killed")
     assert list(tmp_path.iterdir()) == []

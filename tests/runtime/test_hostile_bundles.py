@@ -89,7 +89,7 @@ def test_a_weights_file_missing_from_the_files_table_is_refused(bundle: Path, tm
                                                                watched: list[str]) -> None:  # fmt: skip
     path = _copy(bundle, tmp_path)
     _edit(path, lambda m: m["files"].pop(m["quant"]["weights_file"]))
-    _refused(path, "not listed", watched, tmp_path)
+    _refused(path, "not a listed file", watched, tmp_path)
 
 
 def test_a_files_entry_outside_the_bundle_reveals_nothing(bundle: Path, tmp_path: Path, watched: list[str]) -> None:
@@ -244,11 +244,11 @@ def _tensor_attack(case: str) -> tuple[Callable[[dict[str, Any], dict[str, Any]]
                                                                        torch.tensor(1000, dtype=torch.int32))),
                             "inside the 8-bit grid"),
         "conv stride 0": (on("conv", lambda t, n, layers: layers[n]["meta"].__setitem__("stride", [0, 0])),
-                          "stride must be an integer"),
+                          "stride"),
         "act_bits 1e308": (on("linear", lambda t, n, layers: layers[n]["meta"].__setitem__("act_bits", 1e308)),
-                           "act_bits must be an integer"),
+                           "act_bits"),
         "conv declared as linear": (on("conv", lambda t, n, layers: layers[n]["meta"].__setitem__("kind", "linear")),
-                                    "must list 2 dimensions"),
+                                    "2 dimensions"),
         "unknown tensor": (on("linear", lambda t, n, _: t.__setitem__(f"{n}::payload", torch.zeros(3))),
                            "unknown tensors"),
         "NaN float tensor": (lambda t, _: t.__setitem__(next(k for k in t if k.startswith("fp::") and

@@ -163,7 +163,8 @@ def mutate(source: Path, dest: Path, rng: random.Random) -> FuzzCase:
     manifest = json.loads((dest / "manifest.json").read_text())
     kind = rng.random()
     resign = rng.random() < 0.75
-    if kind < 0.45:
+    weights = manifest.get("quant", {}).get("weights_file")  # ONNX exports have none
+    if kind < 0.45 or (weights is None and kind < 0.85):
         description = _mutate_manifest(manifest, rng)
     elif kind < 0.85:
         rel = manifest["quant"]["weights_file"]

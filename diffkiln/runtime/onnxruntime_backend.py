@@ -11,7 +11,6 @@ with ``return_dict=False``), so the scheduler loop and the caller's code are unc
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from torch import nn
 
 from diffkiln.core.arguments import feed_array, flatten_arguments
 from diffkiln.core.cache_schedule import CacheMechanism, CacheSchedule, CacheScheduleError
+from diffkiln.core.confine import confined_file
 from diffkiln.core.errors import BundleError
 from diffkiln.core.schema import BUNDLE_FORMAT, MANIFEST_NAME, ONNX_FORMAT, ONNX_VERSION, read_json, verify_files
 from diffkiln.nn.cache import CacheRun, apply_cache_schedule
@@ -50,7 +50,7 @@ def read_onnx_manifest(folder: Path) -> dict[str, Any]:
         BundleError: the folder is not an ONNX export, or a file is missing, truncated or altered.
     """
     path = folder / MANIFEST_NAME
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise BundleError(f"{folder} has no manifest.json; run `diffkiln export BUNDLE --format onnx --out DIR` first")
     manifest = read_json(path)
     fmt = manifest.get("format") if isinstance(manifest, dict) else None
@@ -89,7 +89,8 @@ class OrtComponent(nn.Module):
         # Optimized on the CPU provider, convolution weights are dequantized once (the provider has
         # no integer convolution with a float output; see FoldConvWeightDequantizePass).
         fold = optimize and providers[0] == "CPUExecutionProvider"
-        self.session = open_session(folder / entry["file"], session_options(optimize), providers, fold)
+        file = confined_file(folder, entry.get("file"), f"components.{name}.file")
+        self.session = open_session(file, session_options(optimize), providers, fold)
         self.inputs = {i["name"]: i for i in entry["inputs"]}
         self.__dict__["_skeleton"] = None
 
@@ -267,12 +268,12 @@ def _output_class(spec: str | None) -> Any:
 def _component_config(folder: Path, name: str, kind: str) -> Any:
     from diffusers.configuration_utils import FrozenDict
 
-    path = folder / name / "config.json"
+    path = confined_file(folder, f"{name}/config.json", f"the {name} component's config")
     if kind == "text_encoder":
         from transformers import AutoConfig
 
         return AutoConfig.from_pretrained(folder / name, local_files_only=True)
-    return FrozenDict(json.loads(path.read_text(encoding="utf-8")))
+    return FrozenDict(read_json(path))
 
 
 def _meta_denoiser(folder: Path, name: str, config: Any) -> nn.Module:

@@ -6,7 +6,9 @@ on ``(batch, heads, tokens, head_dim)`` tensors. So an attention layer is, by de
 innermost module whose forward calls SDPA, found by running the model once, whatever its class or
 attribute names are. :class:`AttentionCalls` intercepts those calls with a ``TorchFunctionMode``
 and hands each to a handler together with the name of the layer it came from; named forward hooks
-(removed on exit) keep track of which layer is running.
+(removed on exit) keep track of which layer is running. With ``only`` given, the mode is active only
+while one of those layers runs (entered by its pre-hook, left by its post-hook, also on an
+exception), so the rest of the model's ops do not pass through it.
 """
 
 from __future__ import annotations
@@ -92,21 +94,28 @@ class AttentionCalls(TorchFunctionMode):
             if self.only is not None and name not in self.only:
                 continue
             registry.add_forward_pre_hook(f"diffkiln.attention.enter.{name}", module, self._enter(name))
-            registry.add_forward_hook(f"diffkiln.attention.exit.{name}", module, self._exit)
-        super().__enter__()
+            registry.add_forward_hook(f"diffkiln.attention.exit.{name}", module, self._exit,
+                                      always_call=self.only is not None)  # fmt: skip
+        if self.only is None:
+            super().__enter__()
         return self
 
     def _enter(self, name: str) -> Callable[..., None]:
         def enter(*_a: Any) -> None:
+            if self.only is not None and not self.stack:
+                super(AttentionCalls, self).__enter__()  # scoped: active inside the named layers only
             self.stack.append(name)
 
         return enter
 
     def _exit(self, *_a: Any) -> None:
         self.stack.pop()  # returns None: a forward hook's return value would replace the output
+        if self.only is not None and not self.stack:
+            super().__exit__(None, None, None)
 
     def __exit__(self, *exc: Any) -> None:
-        super().__exit__(*exc)
+        if self.only is None:
+            super().__exit__(*exc)
         self._hooks.__exit__(*exc)
         self.stack.clear()
 

@@ -47,14 +47,17 @@ class HookRegistry:
     def __init__(self) -> None:
         self._handles: dict[str, torch.utils.hooks.RemovableHandle] = {}
 
-    def add_forward_hook(self, name: str, module: nn.Module, fn: Callable[..., Any]) -> None:
+    def add_forward_hook(self, name: str, module: nn.Module, fn: Callable[..., Any], always_call: bool = False) -> None:
         """Register ``fn(module, args, kwargs, output)`` on ``module`` under ``name``.
+
+        Args:
+            always_call: call ``fn`` (with ``output`` None) even when the forward raises.
 
         Raises:
             ValueError: the name is taken.
         """
         self._check_free(name)
-        self._handles[name] = module.register_forward_hook(fn, with_kwargs=True)
+        self._handles[name] = module.register_forward_hook(fn, with_kwargs=True, always_call=always_call)
 
     def add_forward_pre_hook(self, name: str, module: nn.Module, fn: Callable[..., Any]) -> None:
         """Register ``fn(module, args, kwargs)`` before ``module``'s forward under ``name``.

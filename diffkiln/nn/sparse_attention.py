@@ -101,7 +101,9 @@ class SparseRun:
 
 
 class _Mode:
-    """Enters the interception at the denoiser's forward and leaves it after (nested calls stay in)."""
+    """Counts the denoiser's calls (the step) around its forward; the interception itself is active
+    only inside the masked layers (:class:`AttentionCalls` with ``only``), so the rest of the
+    denoiser's ops do not pass through a TorchFunctionMode."""
 
     def __init__(self, denoiser: nn.Module, run: SparseRun) -> None:
         self.run = run
@@ -114,13 +116,10 @@ class _Mode:
             if run.denoiser_calls % (run.plan.steps * run.plan.calls_per_step) == 0:
                 _check_steps(run.plan, run.scheduler)  # a sampling run starts
             run.denoiser_calls += 1
-            self.calls.__enter__()
         self.depth += 1
 
     def exit(self, *_a: Any) -> None:
         self.depth -= 1
-        if self.depth == 0:
-            self.calls.__exit__(None, None, None)
 
 
 def _check_steps(plan: SparsePlan, scheduler: Any) -> None:
@@ -160,7 +159,9 @@ def apply_sparse_plan(denoiser: nn.Module, plan: SparsePlan, scheduler: Any = No
         denoiser.register_forward_pre_hook(mode.enter),
         denoiser.register_forward_hook(mode.exit, always_call=True),
     ]
-    denoiser.__dict__["_diffkiln_sparse"] = {ENTER_HOOK: handles[0], EXIT_HOOK: handles[1], "run": run}
+    mode.calls.__enter__()  # the masked layers' named hooks
+    denoiser.__dict__["_diffkiln_sparse"] = {ENTER_HOOK: handles[0], EXIT_HOOK: handles[1], "run": run,
+                                             "calls": mode.calls}  # fmt: skip
     return run
 
 
@@ -170,6 +171,7 @@ def remove_sparse_plan(denoiser: nn.Module) -> None:
     if state is not None:
         state[ENTER_HOOK].remove()
         state[EXIT_HOOK].remove()
+        state["calls"].__exit__(None, None, None)
 
 
 @contextmanager

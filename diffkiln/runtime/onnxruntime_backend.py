@@ -90,7 +90,10 @@ class OrtComponent(nn.Module):
         # no integer convolution with a float output; see FoldConvWeightDequantizePass).
         fold = optimize and providers[0] == "CPUExecutionProvider"
         file = confined_file(folder, entry.get("file"), f"components.{name}.file")
-        self.session = open_session(file, session_options(optimize), providers, fold)
+        try:
+            self.session = open_session(file, session_options(optimize), providers, fold)
+        except Exception as exc:  # onnxruntime raises its own types for a malformed graph
+            raise BundleError(f"{entry.get('file')}: onnxruntime cannot load it: {type(exc).__name__}: {exc}") from None
         self.inputs = {i["name"]: i for i in entry["inputs"]}
         self.__dict__["_skeleton"] = None
 

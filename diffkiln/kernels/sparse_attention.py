@@ -20,6 +20,7 @@ a C++ compiler is present, falling back to ``gather`` if compiling fails (see BE
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 from collections.abc import Callable
@@ -199,13 +200,19 @@ def _npu_fusion(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.
     return result
 
 
+@functools.cache
+def _has_compiler() -> bool:
+    """Whether inductor can build CPU kernels (looked up once, not on every attention call)."""
+    return shutil.which("c++") is not None
+
+
 def _use_flex(q: torch.Tensor, layout: BlockLayout, kernel: SparseKernel) -> bool:
     device = q.device.type
     if device not in ("cuda", "cpu") or kernel is SparseKernel.GATHER or device in _FLEX_FAILED:
         return False
     if kernel is SparseKernel.FLEX or device == "cuda":
         return True
-    return layout.q_len >= FLEX_MIN_TOKENS and shutil.which("c++") is not None
+    return layout.q_len >= FLEX_MIN_TOKENS and _has_compiler()
 
 
 def block_sparse_attention(

@@ -110,7 +110,7 @@ def stage_vae(work: Path, steps: int, batch: int, seed: int, window: int, init: 
                        "judge_on_reconstructions": ok / len(scenes)})  # fmt: skip
 
 
-def stage_latents(work: Path, n: int, seed: int, vae_from: Path | None = None) -> None:
+def stage_latents(work: Path, n: int, seed: int, vae_from: Path | None = None, keep_scale: bool = False) -> None:
     from diffusers import AutoencoderKLWan
 
     vae = AutoencoderKLWan.from_pretrained(vae_from or work / "vae", torch_dtype=torch.float32).eval()
@@ -128,8 +128,10 @@ def stage_latents(work: Path, n: int, seed: int, vae_from: Path | None = None) -
             stds.append(d.std.half())
             prompts += [s.prompt for s in scenes]
     mean = torch.cat(means)
-    torch.save({"mean": mean, "std": torch.cat(stds), "prompts": prompts, "scale": 1.0 / mean.float().std().item()},
-               work / "latents.pt")  # fmt: skip
+    scale = 1.0 / mean.float().std().item()
+    if keep_scale:  # a denoiser already trained on the old file continues on the same latent scale
+        scale = float(torch.load(work / "latents.pt", weights_only=False)["scale"])
+    torch.save({"mean": mean, "std": torch.cat(stds), "prompts": prompts, "scale": scale}, work / "latents.pt")
     _log(work, "latents", {"clips": n, "seconds": time.time() - t0})
 
 
@@ -153,7 +155,7 @@ def _modules(work: Path) -> tuple[object, torch.nn.Module, torch.nn.Module]:
 
 
 def stage_dit(work: Path, steps: int, batch: int, seed: int, minutes: float, resume: bool, ckpt_every: int,
-              lr: float, init_from: Path | None = None) -> None:  # fmt: skip
+              lr: float, init_from: Path | None = None, bf16: bool = False) -> None:  # fmt: skip
     from diffusers import AutoencoderKLWan
 
     data = torch.load(work / "latents.pt", weights_only=False)
@@ -203,8 +205,10 @@ def stage_dit(work: Path, steps: int, batch: int, seed: int, minutes: float, res
         sigma = torch.sigmoid(torch.randn(batch))
         s = sigma.view(-1, 1, 1, 1, 1)
         eps = torch.randn_like(z0)
-        pred = transformer(hidden_states=(1 - s) * z0 + s * eps, timestep=sigma * 1000, encoder_hidden_states=emb,
-                           return_dict=False)[0]  # fmt: skip
+        # bf16 autocast (fp32 master weights) makes a step about 1.3x faster on CPUs with avx512_bf16
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            pred = transformer(hidden_states=(1 - s) * z0 + s * eps, timestep=sigma * 1000,
+                               encoder_hidden_states=emb, return_dict=False)[0]  # fmt: skip
         loss = F.mse_loss(pred.float(), eps - z0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -229,8 +233,12 @@ def stage_finish(work: Path, out: Path, n_eval: int, steps: int) -> None:
     ckpt = torch.load(work / "dit_ckpt.pt", weights_only=True)
     encoder.load_state_dict(ckpt["ema"][0])
     transformer.load_state_dict(ckpt["ema"][1])
-    pipe = assemble_shapes_video(work, AutoencoderKLWan.from_pretrained(work / "vae"), transformer.eval(),
-                                 encoder.eval())  # fmt: skip
+    vae = AutoencoderKLWan.from_pretrained(work / "vae")
+    # the denoiser learnt latents times the training scale; WanPipeline multiplies its output by the
+    # VAE's latents_std before decoding, so that is where the inverse scale belongs
+    scale = float(torch.load(work / "latents.pt", weights_only=False)["scale"])
+    vae.register_to_config(latents_std=[1.0 / scale] * vae.config.z_dim)
+    pipe = assemble_shapes_video(work, vae, transformer.eval(), encoder.eval())
     pipe.set_progress_bar_config(disable=True)
     results = {}
     for label, pairs, split in (("single", False, Split.SEEN), ("single_heldout", False, Split.HELDOUT),
@@ -265,6 +273,8 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=0.0, help="cap the dit stage's time (0: none)")
     ap.add_argument("--ckpt-every", type=int, default=200)
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--bf16", action="store_true", help="dit: bfloat16 autocast (fp32 master weights)")
+    ap.add_argument("--keep-scale", action="store_true", help="latents: keep W/latents.pt's latent scale")
     ap.add_argument("--eval-size", type=int, default=20)
     ap.add_argument("--eval-steps", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
@@ -281,9 +291,9 @@ def main() -> None:
 
         AutoencoderKLWan.from_pretrained(a.work / "vae").to(torch.float16).save_pretrained(a.save_vae)
     if "latents" in stages:
-        stage_latents(a.work, a.n_data, a.seed, a.vae_from)
+        stage_latents(a.work, a.n_data, a.seed, a.vae_from, a.keep_scale)
     if "dit" in stages:
-        stage_dit(a.work, a.steps, a.batch, a.seed, a.minutes, a.resume, a.ckpt_every, a.lr, a.init_from)
+        stage_dit(a.work, a.steps, a.batch, a.seed, a.minutes, a.resume, a.ckpt_every, a.lr, a.init_from, a.bf16)
     if "finish" in stages:
         stage_finish(a.work, a.out, a.eval_size, a.eval_steps)
 

@@ -15,13 +15,13 @@ field and the rule.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from diffkiln.core.errors import BundleError
 
-__all__ = ["Manifest", "validate_manifest"]
+__all__ = ["Manifest", "checked_against", "validate_manifest"]
 
 Dim = Annotated[int, Field(ge=1, le=1 << 20)]
 Name = Annotated[str, Field(min_length=1, max_length=512)]
@@ -154,8 +154,20 @@ def validate_manifest(manifest: Any, source: str = "manifest.json") -> Manifest:
     Raises:
         BundleError: naming the first offending field (dotted path) and the rule.
     """
+    return checked_against(Manifest, manifest, source)
+
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+def checked_against(model: type[ModelT], data: Any, source: str) -> ModelT:
+    """``data`` validated as ``model``.
+
+    Raises:
+        BundleError: naming ``source``, the first offending field (dotted path) and the rule.
+    """
     try:
-        return Manifest.model_validate(manifest)
+        return model.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "(top level)"

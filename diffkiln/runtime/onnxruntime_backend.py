@@ -23,6 +23,7 @@ from diffkiln.core.arguments import feed_array, flatten_arguments
 from diffkiln.core.cache_schedule import CacheMechanism, CacheSchedule, CacheScheduleError
 from diffkiln.core.confine import confined_file
 from diffkiln.core.errors import BundleError
+from diffkiln.core.onnx_manifest_schema import validate_onnx_manifest
 from diffkiln.core.schema import BUNDLE_FORMAT, MANIFEST_NAME, ONNX_FORMAT, ONNX_VERSION, read_json, verify_files
 from diffkiln.nn.cache import CacheRun, apply_cache_schedule
 from diffkiln.runtime.onnxruntime_session import open_session, session_options
@@ -44,7 +45,8 @@ log = logging.getLogger(__name__)
 
 
 def read_onnx_manifest(folder: Path) -> dict[str, Any]:
-    """Read and check an ONNX export's manifest (JSON, format, version) and its files.
+    """Read and check an ONNX export's manifest (JSON, format, version, the strict schema of
+    :mod:`diffkiln.core.onnx_manifest_schema`) and its files.
 
     Raises:
         BundleError: the folder is not an ONNX export, or a file is missing, truncated or altered.
@@ -64,6 +66,7 @@ def read_onnx_manifest(folder: Path) -> dict[str, Any]:
     version = manifest.get("version")
     if not isinstance(version, int) or not 1 <= version <= ONNX_VERSION:
         raise BundleError(f"ONNX export version {version!r} is not one this runtime reads ({ONNX_VERSION})")
+    validate_onnx_manifest(manifest, str(path))
     verify_files(folder, manifest)
     return manifest
 
@@ -95,7 +98,29 @@ class OrtComponent(nn.Module):
         except Exception as exc:  # onnxruntime raises its own types for a malformed graph
             raise BundleError(f"{entry.get('file')}: onnxruntime cannot load it: {type(exc).__name__}: {exc}") from None
         self.inputs = {i["name"]: i for i in entry["inputs"]}
+        # resolved (and checked) at load, not at the first call
+        self.output_class = self.resolve_output_class(entry.get("output_class"))
         self.__dict__["_skeleton"] = None
+
+    @staticmethod
+    def resolve_output_class(spec: str | None) -> Any:
+        """The output class a manifest names: only an existing ``ModelOutput`` (transformers) or
+        ``BaseOutput`` (diffusers) subclass, never another callable of those libraries."""
+        if spec is None:
+            return None
+        from diffusers.utils import BaseOutput
+        from transformers.utils import ModelOutput
+
+        module_name, _, qualname = spec.partition(":")
+        if not module_name.startswith(_OUTPUT_LIBRARIES):
+            raise BundleError(f"output class {spec!r} is not from transformers or diffusers")
+        try:
+            cls = getattr(importlib.import_module(module_name), qualname)
+        except (ImportError, AttributeError) as exc:
+            raise BundleError(f"output class {spec!r} does not exist here: {exc}") from None
+        if not (isinstance(cls, type) and issubclass(cls, (ModelOutput, BaseOutput))):
+            raise BundleError(f"output class {spec!r} is not a transformers ModelOutput or a diffusers BaseOutput")
+        return cls
 
     def attach_skeleton(self, skeleton: nn.Module) -> None:
         """Answer attribute reads this stand-in lacks from ``skeleton``: the torch class built on
@@ -239,7 +264,7 @@ class OrtTextEncoder(OrtComponent):
             else:
                 fields[name] = tuple(flat[index : index + count])
                 index += count
-        cls = _output_class(self.entry.get("output_class"))
+        cls = self.output_class
         if cls is None:
             return flat[0]
         output = cls(**fields)
@@ -257,15 +282,6 @@ class OrtVaeDecoder(OrtComponent):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError("the ONNX export holds the VAE decoder only; call vae.decode(latents)")
-
-
-def _output_class(spec: str | None) -> Any:
-    if spec is None:
-        return None
-    module_name, _, qualname = spec.partition(":")
-    if not module_name.startswith(_OUTPUT_LIBRARIES):
-        raise BundleError(f"output class {spec!r} is not from transformers or diffusers")
-    return getattr(importlib.import_module(module_name), qualname)
 
 
 def _component_config(folder: Path, name: str, kind: str) -> Any:

@@ -73,10 +73,17 @@ def test_a_block_range_schedule_without_its_reuse_graph_is_refused(tmp_path: Pat
     bundle = optimize("shapes-dit", OptimizeConfig(out=tmp_path / "b", recipe=W8A8Config(), cache=cache, calib_size=2,
                                                    steps=STEPS, progress=False, cache_dir=tmp_path / "c"))  # fmt: skip
     out = convert(bundle, OnnxExportConfig(tmp_path / "onnx", progress=False, components=False))
+    from diffkiln.runtime.onnxruntime_backend import load_onnx_pipeline
+
     manifest = read_onnx_manifest(out)
-    manifest["cache_graph"] = {**manifest["cache_graph"], "file": "../elsewhere.onnx"}
+    original = manifest["cache_graph"]
+    # a reuse graph outside the export's listed files: the schema refuses it before any file is read
+    manifest["cache_graph"] = {**original, "file": "../elsewhere.onnx"}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"cache_graph\.file '\.\./elsewhere\.onnx' is not a listed file"):
+        load_onnx_pipeline(out, torch.device("cpu"))
+    # no reuse graph at all for a block-range schedule
+    manifest["cache_graph"] = None
     (out / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="reuse graph"):
-        from diffkiln.runtime.onnxruntime_backend import load_onnx_pipeline
-
         load_onnx_pipeline(out, torch.device("cpu"))

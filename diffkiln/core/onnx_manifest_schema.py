@@ -1,0 +1,149 @@
+"""The ONNX export manifest's strict schema (pydantic v2), as :mod:`diffkiln.core.manifest_schema`
+is for bundles: every field the onnxruntime loader acts on has its type, range and cross-field rule,
+and no field is unknown.
+
+What the loader acts on: each component's ``kind``, ``file``, graph ``inputs`` (name, element type,
+shape with symbolic axes as names), ``call_order`` (to name positional arguments), ``options`` (the
+non-tensor arguments the export was called with), ``output_fields`` and ``output_class`` (to rebuild
+a ``ModelOutput`` from the graph's outputs; the class must be named ``module:qualname`` inside
+transformers or diffusers), and the cache graph's ``file`` and ``cache_values``. Every file named is
+a listed file. Informational fields (``bundle``, ``kept_fp``, checks, reasons) are typed loosely.
+:func:`validate_onnx_manifest` raises a BundleError naming the field and the rule.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from diffkiln.core.manifest_schema import FileEntry, checked_against
+from diffkiln.core.schema import ONNX_VERSION
+
+__all__ = ["OnnxManifest", "validate_onnx_manifest"]
+
+Name = Annotated[str, Field(min_length=1, max_length=512)]
+Identifier = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=128)]
+# ``package.module:Qualname``, inside the two libraries whose output classes the loader rebuilds
+OutputClass = Annotated[
+    str, Field(pattern=r"^(transformers|diffusers)(\.[A-Za-z_][A-Za-z0-9_]*)+:[A-Za-z_][A-Za-z0-9_]*$", max_length=256)
+]
+Axis = Annotated[int, Field(ge=0, le=1 << 24)] | Annotated[str, Field(min_length=1, max_length=128)]
+Count = Annotated[int, Field(ge=1, le=1024)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, populate_by_name=True)
+
+
+class ValueSpec(_Strict):
+    """One graph input or output: its name, ONNX element type (lower case) and shape."""
+
+    name: Name
+    dtype: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$", max_length=32)] | None
+    shape: Annotated[list[Axis], Field(max_length=16)] | None
+
+
+class GraphEntry(_Strict):
+    """An exported graph's entry: what the loader needs to feed it and read it back."""
+
+    kind: Literal["denoiser", "text_encoder", "vae_decoder"]
+    file: Name
+    inputs: Annotated[list[ValueSpec], Field(min_length=1, max_length=256)]
+    outputs: Annotated[list[ValueSpec], Field(min_length=1, max_length=256)]
+    options: dict[Name, Any]
+    output_fields: list[Annotated[list[Identifier | Count | None], Field(min_length=2, max_length=2)]]
+    """``[field name, graph outputs it takes (None: one tensor, n: a tuple of n)]`` per field."""
+    output_class: OutputClass | None
+    call_order: Annotated[list[Identifier], Field(max_length=256)]
+    dynamic_axes: dict[Name, list[Annotated[int, Field(ge=0, le=16)]]]
+    dynamic: bool
+    static_reason: str | None = None
+    check: dict[str, Any] | None = None
+    unverified_axes: dict[Name, list[int]] = Field(default_factory=dict)
+    wider_axes_failed: list[str] = Field(default_factory=list)
+    cache_outputs: Annotated[int, Field(ge=0, le=4096)] | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GraphEntry:
+        names = {i.name for i in self.inputs}
+        if len(names) != len(self.inputs):
+            raise ValueError("two graph inputs share a name")
+        unknown = sorted(set(self.dynamic_axes) - names)
+        if unknown:
+            raise ValueError(f"dynamic_axes names {unknown}, which are not graph inputs")
+        if len(set(self.call_order)) != len(self.call_order):
+            raise ValueError("call_order names a parameter twice")
+        if not all(isinstance(name, str) and not isinstance(count, str) for name, count in self.output_fields):
+            raise ValueError("an output field is [name, count or null]")
+        width = sum(1 if count is None else int(count) for _, count in self.output_fields)
+        if self.output_fields and width > len(self.outputs):
+            raise ValueError(f"output_fields take {width} graph outputs, the graph has {len(self.outputs)}")
+        return self
+
+
+class CacheGraphEntry(GraphEntry):
+    """The cache schedule's reuse graph: a graph entry, its mechanism and the cached values' names
+    (graph inputs, in the order the fill graph's extra outputs come)."""
+
+    mechanism: Identifier
+    cache_values: Annotated[list[Name], Field(max_length=4096)]
+
+    @model_validator(mode="after")
+    def _values_are_inputs(self) -> CacheGraphEntry:
+        missing = sorted(set(self.cache_values) - {i.name for i in self.inputs})
+        if missing:
+            raise ValueError(f"cache_values {missing[:4]} are not inputs of the reuse graph")
+        return self
+
+
+class OnnxPipelineInfo(_Strict):
+    """The ``pipeline`` section: the pipeline class and its denoiser component."""
+
+    class_name: Identifier | None = Field(default=None, alias="class")
+    denoiser: Identifier
+
+
+class OnnxManifest(_Strict):
+    """An ONNX export's ``manifest.json``."""
+
+    format: Literal["diffkiln.onnx"]  # diffkiln.core.schema.ONNX_FORMAT
+    version: Annotated[int, Field(ge=1, le=ONNX_VERSION)]
+    opset: Annotated[int, Field(ge=7, le=64)]
+    compute: Literal["qdq", "integer"] = "qdq"
+    matmulnbits: bool = False
+    pipeline: OnnxPipelineInfo
+    components: Annotated[dict[Identifier, GraphEntry], Field(max_length=64)]
+    skipped_components: dict[Name, str] = Field(default_factory=dict)
+    kept_fp: dict[Name, str] = Field(default_factory=dict)
+    bundle: dict[str, Any] = Field(default_factory=dict)
+    cache: dict[str, Any] = Field(default_factory=dict)
+    cache_graph: CacheGraphEntry | None = None
+    sparsity_not_exported: str | None = None
+    files: dict[Name, FileEntry]
+
+    @model_validator(mode="after")
+    def _cross(self) -> OnnxManifest:
+        graphs = [(f"components.{n}", e) for n, e in self.components.items()]
+        if self.cache_graph is not None:
+            graphs.append(("cache_graph", self.cache_graph))
+        for where, entry in graphs:
+            if entry.file not in self.files:
+                raise ValueError(f"{where}.file {entry.file!r} is not a listed file")
+        kinds = [e.kind for e in self.components.values()]
+        if kinds.count("denoiser") > 1:
+            raise ValueError("more than one component is a denoiser")
+        named = self.components.get(self.pipeline.denoiser)
+        if named is not None and named.kind != "denoiser":
+            raise ValueError(f"pipeline.denoiser {self.pipeline.denoiser!r} is a {named.kind} component")
+        return self
+
+
+def validate_onnx_manifest(manifest: Any, source: str = "manifest.json") -> OnnxManifest:
+    """The ONNX export manifest checked against :class:`OnnxManifest` (format ``ONNX_FORMAT``,
+    versions 1 to ``ONNX_VERSION``).
+
+    Raises:
+        BundleError: naming the first offending field (dotted path) and the rule.
+    """
+    return checked_against(OnnxManifest, manifest, source)

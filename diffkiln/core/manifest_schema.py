@@ -8,7 +8,8 @@ a size, ``quant.weights_file`` is a listed file, and a manifest with a cache sch
 masks has the version that introduced them. Sections the runtime reads through their own strict
 readers (``cache``: :class:`~diffkiln.core.cache_schedule.CacheSchedule`, ``sparsity``:
 :class:`~diffkiln.core.sparse_plan.SparsePlan`, ``quant.derived_buffers``) and informational
-ones (``source``, ``bos``, ``plan``, ``toolchain``, ``build_metrics``) are objects here. The rules
+ones (``source``, ``bos``, ``toolchain``, ``build_metrics``) are objects here; ``plan``, when
+present, must parse as a :class:`~diffkiln.core.plan.Plan`. The rules
 are listed in docs/bundle-format.md. :func:`validate_manifest` raises a BundleError naming the
 field and the rule.
 """
@@ -20,6 +21,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from diffkiln.core.errors import BundleError
+from diffkiln.core.plan import Plan, PlanError
 
 __all__ = ["Manifest", "checked_against", "validate_manifest"]
 
@@ -145,6 +147,11 @@ class Manifest(_Strict):
             raise ValueError("sparse-attention masks need bundle version 8")
         if self.cache and self.version < 7:
             raise ValueError("a cache schedule needs bundle version 7")
+        if self.plan:  # informational, but tools (``diffkiln inspect``) read it: it must parse
+            try:
+                Plan.from_dict(self.plan)
+            except PlanError as exc:
+                raise ValueError(f"plan: {exc}") from None
         return self
 
 

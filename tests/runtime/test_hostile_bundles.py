@@ -148,6 +148,29 @@ def test_a_duplicated_json_key_is_refused(bundle: Path, tmp_path: Path, watched:
     _refused(path, "duplicate JSON key 'format'", watched, tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("case", "match"),
+    [
+        ("layers not a list", "plan: malformed plan"),
+        ("another format", "plan: not a diffkiln plan"),
+        ("layer without a name", "plan: malformed plan"),
+    ],
+)
+def test_a_malformed_plan_section_is_refused(bundle: Path, tmp_path: Path, watched: list[str], case: str,
+                                             match: str) -> None:  # fmt: skip
+    def change(m: dict[str, Any]) -> None:
+        if case == "layers not a list":
+            m["plan"]["layers"] = 7
+        elif case == "another format":
+            m["plan"]["format"] = "x"
+        else:
+            del m["plan"]["layers"][0]["name"]
+
+    path = _copy(bundle, tmp_path)
+    _edit(path, change)
+    _refused(path, match, watched, tmp_path)
+
+
 def test_a_deeply_nested_manifest_is_refused(bundle: Path, tmp_path: Path, watched: list[str]) -> None:
     path = _copy(bundle, tmp_path)
     text = (path / "manifest.json").read_text()

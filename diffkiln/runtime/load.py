@@ -25,6 +25,7 @@ from diffkiln.core.sparse_plan import SparsePlan, SparsePlanError
 from diffkiln.kernels.sparse_attention import SparseKernel
 from diffkiln.nn.cache import apply_cache_schedule
 from diffkiln.nn.sparse_attention import apply_sparse_plan
+from diffkiln.runtime.parallel import ParallelConfig, apply_parallel
 from diffkiln.runtime.reader import open_bundle
 
 __all__ = ["Backend", "is_bundle", "load", "resolve_device"]
@@ -82,6 +83,7 @@ def load(
     cache: bool = True,
     sparse: bool = True,
     sparse_kernel: str = "auto",
+    parallel: ParallelConfig | None = None,
 ) -> Any:
     """Load a bundle (or its ONNX export) as a diffusers pipeline on ``device``.
 
@@ -104,6 +106,9 @@ def load(
             (:mod:`diffkiln.nn.sparse_attention`). False runs attention dense. Default True.
         sparse_kernel: the kernel the masks run on: "auto", "gather" or "flex"
             (:class:`~diffkiln.kernels.sparse_attention.SparseKernel`). Default "auto".
+        parallel: torch backend: run over the ranks of a torch.distributed process group (launch
+            with torchrun; :mod:`diffkiln.runtime.parallel`): ``ParallelConfig(cfg=True)`` splits
+            each denoiser call's batch, CFG's two branches, over the ranks. Default None: one process.
 
     Returns:
         A diffusers pipeline (the class recorded in the bundle); call it as usual with prompt,
@@ -111,6 +116,7 @@ def load(
         holds the verified manifest; ``diffkiln_cache`` the applied schedule's run state and counts
         (:class:`~diffkiln.nn.cache.CacheRun`), or None; ``diffkiln_sparse`` the applied masks' run
         state with the density measured as they ran (:class:`~diffkiln.nn.sparse_attention.SparseRun`),
+        or None; ``diffkiln_parallel`` the split and whole calls (:class:`~diffkiln.runtime.parallel.ParallelRun`),
         or None.
 
     Raises:
@@ -139,6 +145,8 @@ def load(
 
         if dtype is not None:
             raise ValueError("dtype applies to the torch backend; an ONNX export fixes its dtypes when exported")
+        if parallel is not None:
+            raise ValueError("parallel applies to the torch backend; load the bundle itself to run it over ranks")
 
         dlog.set_verbosity_error()
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -171,4 +179,8 @@ def load(
                                                      SparseKernel(sparse_kernel))  # fmt: skip
         except SparsePlanError as exc:
             raise BundleError(f"{path}: the manifest's sparse-attention masks: {exc}") from None
+    pipe.diffkiln_parallel = None
+    if parallel is not None:  # last: its split wraps the cache and sparse hooks
+        denoiser = getattr(pipe, manifest["pipeline"]["denoiser"])
+        pipe.diffkiln_parallel = apply_parallel(denoiser, parallel, target)
     return pipe

@@ -1,0 +1,180 @@
+"""Run a loaded pipeline over the ranks of a torch.distributed process group (launched by torchrun).
+
+CFG parallel (``ParallelConfig(cfg=True)``): each denoiser call's batch is split over the ranks,
+each rank runs its share, and an all-gather gives every rank the whole output, so the scheduler
+loop, the VAE and the caller's code run unchanged (and identically) on every rank. Pipelines that
+batch classifier-free guidance (SD, SDXL, SD3, PixArt: ``[uncond, cond]`` in one call of batch
+``2B``) run their two branches on two ranks. A call whose batch does not divide by the world size
+(guidance off at batch 1; pipelines that call the denoiser once per branch, as Wan and FLUX's true
+CFG do) runs whole on every rank: correct, not faster; :class:`ParallelRun` counts both kinds.
+
+The split is one named diffusers hook on the denoiser (``diffkiln.parallel.cfg``), applied after a
+cache schedule's and sparse masks' hooks, so those see each rank's share: quantized layers, cached
+residuals and block masks all work per row. A tensor argument is the batch's when its first axis
+has the batch size of the call's first tensor argument (the sample), including tensors inside dict
+arguments (SDXL's ``added_cond_kwargs``); a 0-d timestep is shared.
+
+The output matches one process up to the float arithmetic's dependence on the batch size (integer
+layers are exact; measured in tests/runtime/test_parallel.py and tools/bench_cfg_parallel.py).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from torch import nn
+
+from diffkiln.core.hooks import output_sample
+
+__all__ = ["CFG_HOOK", "ParallelConfig", "ParallelRun", "apply_parallel", "init_distributed", "remove_parallel"]
+
+CFG_HOOK = "diffkiln.parallel.cfg"
+_BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How a loaded pipeline spreads over the process group.
+
+    Attributes:
+        cfg: split each denoiser call's batch (the two CFG branches of a batched-CFG pipeline) over
+            the ranks. Default True.
+    """
+
+    cfg: bool = True
+
+
+@dataclass
+class ParallelRun:
+    """The state of an applied :class:`ParallelConfig` and what it did.
+
+    Attributes:
+        config: the configuration applied.
+        rank: this process's rank.
+        world: the number of ranks.
+        split_calls: denoiser calls whose batch was split over the ranks.
+        whole_calls: denoiser calls run whole on every rank (batch not divisible by ``world``).
+        rows: batch rows this rank computed, over all calls.
+    """
+
+    config: ParallelConfig
+    rank: int
+    world: int
+    split_calls: int = 0
+    whole_calls: int = 0
+    rows: int = 0
+    _batch: list[int] = field(default_factory=list, repr=False)
+
+
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """This process's ``(rank, world size)``: of the default process group, initialized here from
+    torchrun's environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``...) when it is not yet, with
+    the device's backend (gloo on CPU, nccl on CUDA, hccl on NPU: torch_npu imported lazily).
+
+    Raises:
+        RuntimeError: no process group and no torchrun environment: launch with torchrun, or
+            initialize ``torch.distributed`` first.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            raise RuntimeError(
+                "parallel=... needs a torch.distributed process group: launch with "
+                "`torchrun --nproc-per-node N script.py`, or call torch.distributed.init_process_group first"
+            )
+        if device.type == "npu":
+            import torch_npu  # noqa: F401  # registers the hccl backend
+        dist.init_process_group(_BACKENDS.get(device.type, "gloo"))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _split(value: Any, n: int, lo: int, hi: int) -> Any:
+    """``value`` with every tensor whose first axis is ``n`` sliced to rows ``[lo, hi)``."""
+    if isinstance(value, torch.Tensor):
+        return value[lo:hi] if value.dim() > 0 and value.shape[0] == n else value
+    if isinstance(value, dict):
+        return {k: _split(v, n, lo, hi) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_split(v, n, lo, hi) for v in value)
+    return value
+
+
+def _gather(value: Any, rows: int, world: int) -> Any:
+    """``value`` with every tensor whose first axis is ``rows`` all-gathered over the ranks."""
+    import torch.distributed as dist
+
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0 or value.shape[0] != rows:
+            return value
+        parts = [torch.empty_like(value) for _ in range(world)]
+        dist.all_gather(parts, value.contiguous())
+        return torch.cat(parts)
+    if isinstance(value, tuple):
+        return tuple(_gather(v, rows, world) for v in value)
+    if isinstance(value, dict) and hasattr(value, "__dataclass_fields__"):  # a diffusers/transformers output
+        return replace(value, **{k: _gather(v, rows, world) for k, v in value.items()})  # type: ignore[type-var]
+    return value
+
+
+def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value
+    return None
+
+
+class _CfgHook(ModelHook):
+    """Splits a call's batch over the ranks before the denoiser and gathers its output after."""
+
+    def __init__(self, run: ParallelRun) -> None:
+        super().__init__()
+        self.run = run
+
+    def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        run = self.run
+        sample = _first_tensor(args, kwargs)
+        n = 0 if sample is None else sample.shape[0]
+        if n == 0 or n % run.world:
+            run.whole_calls += 1
+            run._batch.append(0)
+            return args, kwargs
+        share = n // run.world
+        lo = run.rank * share
+        run.split_calls += 1
+        run.rows += share
+        run._batch.append(share)
+        return _split(args, n, lo, lo + share), _split(kwargs, n, lo, lo + share)
+
+    def post_forward(self, module: nn.Module, output: Any) -> Any:
+        share = self.run._batch.pop()
+        if share == 0:
+            return output
+        if output_sample(output).shape[0] != share:
+            raise RuntimeError(f"the denoiser returned {output_sample(output).shape[0]} rows for {share} inputs")
+        return _gather(output, share, self.run.world)
+
+
+def apply_parallel(denoiser: nn.Module, config: ParallelConfig, device: torch.device) -> ParallelRun:
+    """Register the ``config``'s hooks on ``denoiser`` (see the module docstring); the process group
+    comes from :func:`init_distributed`.
+
+    Returns:
+        The run state, counting split and whole calls.
+    """
+    rank, world = init_distributed(device)
+    run = ParallelRun(config, rank, world)
+    if config.cfg and world > 1:
+        HookRegistry.check_if_exists_or_initialize(denoiser).register_hook(_CfgHook(run), CFG_HOOK)
+    return run
+
+
+def remove_parallel(denoiser: nn.Module) -> None:
+    """Remove the hooks :func:`apply_parallel` registered (none registered: nothing happens)."""
+    registry = HookRegistry.check_if_exists_or_initialize(denoiser)
+    if registry.get_hook(CFG_HOOK) is not None:
+        registry.remove_hook(CFG_HOOK, recurse=False)

@@ -182,5 +182,11 @@ def load(
     pipe.diffkiln_parallel = None
     if parallel is not None:  # last: its split wraps the cache and sparse hooks
         denoiser = getattr(pipe, manifest["pipeline"]["denoiser"])
+        applied = [n for n, on in (("sparse", pipe.diffkiln_sparse), ("cache", pipe.diffkiln_cache)) if on is not None]
+        if parallel.context_degree > 1 and applied:
+            raise ValueError(
+                f"context parallel splits the sequence, which this bundle's {' and '.join(applied)} plan does not "
+                f"follow; load with {', '.join(f'{n}=False' for n in applied)}, or use ParallelConfig(cfg=True)"
+            )
         pipe.diffkiln_parallel = apply_parallel(denoiser, parallel, target)
     return pipe

@@ -14,8 +14,16 @@ residuals and block masks all work per row. A tensor argument is the batch's whe
 has the batch size of the call's first tensor argument (the sample), including tensors inside dict
 arguments (SDXL's ``added_cond_kwargs``); a 0-d timestep is shared.
 
-The output matches one process up to the float arithmetic's dependence on the batch size (integer
-layers are exact; measured in tests/runtime/test_parallel.py and tools/bench_cfg_parallel.py).
+Context parallel (``ParallelConfig(cfg=False, ulysses_degree=N)`` or ``ring_degree``): diffusers'
+own Ulysses / ring attention (``ContextParallelConfig``), for denoisers whose class carries a
+context-parallel plan (``_cp_plan``: Wan, FLUX, LTX, QwenImage...): the sequence is split over the
+ranks at the first block and gathered after the last; quantized layers see each rank's tokens.
+Not with sparse masks (they are per token block of the whole sequence) or a cache schedule (its
+block hooks are not checked against the split), both refused.
+
+The output matches one process up to the float arithmetic's dependence on the batch size or
+sequence split (integer layers are exact; measured in tests/runtime/test_parallel.py and
+tools/bench_cfg_parallel.py).
 """
 
 from __future__ import annotations
@@ -43,9 +51,28 @@ class ParallelConfig:
     Attributes:
         cfg: split each denoiser call's batch (the two CFG branches of a batched-CFG pipeline) over
             the ranks. Default True.
+        ulysses_degree: ranks that split the sequence with Ulysses attention (all-to-all of heads).
+            Default 1 (none).
+        ring_degree: ranks that split the sequence with ring attention. Default 1 (none).
     """
 
     cfg: bool = True
+    ulysses_degree: int = 1
+    ring_degree: int = 1
+
+    def __post_init__(self) -> None:
+        if self.ulysses_degree < 1 or self.ring_degree < 1:
+            raise ValueError("ulysses_degree and ring_degree are >= 1")
+        if self.cfg and self.context_degree > 1:
+            raise ValueError(
+                "CFG parallel and context parallel on the same ranks are not supported yet: "
+                "pass cfg=False with ulysses_degree/ring_degree, or cfg=True alone"
+            )
+
+    @property
+    def context_degree(self) -> int:
+        """Ranks the sequence is split over (``ulysses_degree * ring_degree``)."""
+        return self.ulysses_degree * self.ring_degree
 
 
 @dataclass
@@ -165,12 +192,52 @@ def apply_parallel(denoiser: nn.Module, config: ParallelConfig, device: torch.de
 
     Returns:
         The run state, counting split and whole calls.
+
+    Raises:
+        ValueError: context parallel on a denoiser without a context-parallel plan, or a degree
+            that is not the world size.
     """
     rank, world = init_distributed(device)
     run = ParallelRun(config, rank, world)
-    if config.cfg and world > 1:
+    if config.context_degree > 1:
+        _apply_context_parallel(denoiser, config, rank, world, device)
+    elif config.cfg and world > 1:
         HookRegistry.check_if_exists_or_initialize(denoiser).register_hook(_CfgHook(run), CFG_HOOK)
     return run
+
+
+def _apply_context_parallel(denoiser: nn.Module, config: ParallelConfig, rank: int, world: int,
+                            device: torch.device) -> None:  # fmt: skip
+    from diffusers import ContextParallelConfig
+
+    plan = getattr(denoiser, "_cp_plan", None)
+    if not plan:
+        raise ValueError(
+            f"{type(denoiser).__name__} has no context-parallel plan (diffusers' _cp_plan); context parallel "
+            "runs on classes that carry one (Wan, FLUX, LTX, QwenImage...). Use ParallelConfig(cfg=True) instead"
+        )
+    if config.context_degree != world:
+        raise ValueError(f"ulysses_degree x ring_degree is {config.context_degree}; it must be the world size {world}")
+    cp: Any = ContextParallelConfig(ulysses_degree=config.ulysses_degree, ring_degree=config.ring_degree)
+    if device.type != "cpu":
+        denoiser.enable_parallelism(config=cp)  # type: ignore[operator]
+        return
+    # diffusers' enable_parallelism picks the device as rank % torch.accelerator.device_count(),
+    # which divides by zero on a host without accelerators; on CPU the same steps are taken here:
+    # the mesh, the config recorded on the model and its attention processors, the plan's hooks.
+    from diffusers import ParallelConfig as DiffusersParallelConfig
+    from diffusers.hooks.context_parallel import apply_context_parallel
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", cp.mesh_shape, mesh_dim_names=cp.mesh_dim_names)
+    full: Any = DiffusersParallelConfig(context_parallel_config=cp)
+    full.setup(rank, world, device, mesh=mesh)
+    setattr(denoiser, "_parallel_config", full)  # noqa: B010  # what enable_parallelism records
+    for module in denoiser.modules():
+        processor = getattr(module, "processor", None)
+        if processor is not None and hasattr(processor, "_parallel_config"):
+            processor._parallel_config = full
+    apply_context_parallel(denoiser, cp, plan)
 
 
 def remove_parallel(denoiser: nn.Module) -> None:

@@ -1,6 +1,7 @@
-"""CFG parallel over two gloo processes: each rank runs half of every batched denoiser call, and the
-latents match one process (SD1.5- and SD3-class W8A8 bundles); a call whose batch does not divide
-runs whole on both ranks. Spawns processes: skipped where that is not possible
+"""Parallel inference over two gloo processes. CFG parallel: each rank runs half of every batched
+denoiser call, and the latents match one process (SD1.5- and SD3-class W8A8 bundles); a call whose
+batch does not divide runs whole on both ranks. Ulysses context parallel (a Wan-class W8A8 bundle):
+each rank runs half of the sequence. Spawns processes: skipped where that is not possible
 (``DIFFKILN_NO_SPAWN=1``)."""
 
 from __future__ import annotations
@@ -24,40 +25,46 @@ STEPS = 3
 PROMPTS = ["a red circle on the left", "a blue square at the top"]
 
 
-def _latents(pipe: Any, guidance: float, prompts: list[str]) -> torch.Tensor:
+def _latents(pipe: Any, guidance: float, prompts: list[str], **call: Any) -> torch.Tensor:
     pipe.set_progress_bar_config(disable=True)
     gens = [torch.Generator().manual_seed(7 + i) for i in range(len(prompts))]
     with torch.no_grad():
-        return pipe(prompts, num_inference_steps=STEPS, guidance_scale=guidance, generator=gens,
-                    output_type="latent").images  # fmt: skip
+        out = pipe(prompts, num_inference_steps=STEPS, guidance_scale=guidance, generator=gens,
+                   output_type="latent", **call)  # fmt: skip
+    return out.frames if hasattr(out, "frames") else out.images
 
 
-def _rank(rank: int, bundle: str, store: str, out: str, guidance: float, prompts: list[str]) -> None:
+Call = tuple[float, list[str], dict[str, Any]]  # guidance, prompts, more pipeline arguments
+
+
+def _rank(rank: int, bundle: str, store: str, out: str, config: dict[str, Any], calls: list[Call]) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
-        pipe = load(bundle, device="cpu", parallel=ParallelConfig(cfg=True))
-        latents = _latents(pipe, guidance, prompts)
+        pipe = load(bundle, device="cpu", parallel=ParallelConfig(**config))
         run = pipe.diffkiln_parallel
-        torch.save(latents, Path(out) / f"rank{rank}.pt")
-        counts = {"split": run.split_calls, "whole": run.whole_calls, "rows": run.rows, "world": run.world}
-        (Path(out) / f"rank{rank}.json").write_text(json.dumps(counts))
+        for i, (guidance, prompts, more) in enumerate(calls):
+            run.split_calls = run.whole_calls = run.rows = 0
+            torch.save(_latents(pipe, guidance, prompts, **more), Path(out) / f"rank{rank}-{i}.pt")
+            counts = {"split": run.split_calls, "whole": run.whole_calls, "rows": run.rows, "world": run.world}
+            (Path(out) / f"rank{rank}-{i}.json").write_text(json.dumps(counts))
     finally:
         dist.destroy_process_group()
 
 
-def _run_two(
-    bundle: Path, tmp_path: Path, guidance: float, prompts: list[str]
-) -> tuple[list[torch.Tensor], list[dict]]:
+def _run_two(bundle: Path, tmp_path: Path, config: dict[str, Any], calls: list[Call]) -> list[tuple[list, list]]:
+    """Per call: (the two ranks' latents, their counts)."""
     import torch.multiprocessing as mp
 
-    mp.start_processes(_rank, args=(str(bundle), str(tmp_path / "store"), str(tmp_path), guidance, prompts),
-                       nprocs=2, join=True, start_method="spawn")  # fmt: skip
-    latents = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
-    counts = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    return latents, counts
+    args = (str(bundle), str(tmp_path / "store"), str(tmp_path), config, calls)
+    mp.start_processes(_rank, args=args, nprocs=2, join=True, start_method="spawn")
+    return [
+        ([torch.load(tmp_path / f"rank{r}-{i}.pt", weights_only=True) for r in range(2)],
+         [json.loads((tmp_path / f"rank{r}-{i}.json").read_text()) for r in range(2)])
+        for i in range(len(calls))
+    ]  # fmt: skip
 
 
 @pytest.fixture(scope="module", params=["unet", "dit"])
@@ -68,22 +75,18 @@ def bundle(request: pytest.FixtureRequest, random_shapes_pipelines: dict[str, An
 
 
 def test_cfg_parallel_on_two_ranks_matches_one_process(bundle: Path, tmp_path: Path) -> None:
-    reference = _latents(load(bundle, device="cpu"), 5.0, PROMPTS)
-    (a, b), counts = _run_two(bundle, tmp_path, 5.0, PROMPTS)
+    single = load(bundle, device="cpu")
+    # guidance 5: batch 2 x 2 prompts per call, split in two; guidance off at one prompt: batch 1, whole
+    calls: list[Call] = [(5.0, PROMPTS, {}), (1.0, PROMPTS[:1], {})]
+    (split, split_counts), (whole, whole_counts) = _run_two(bundle, tmp_path, {"cfg": True}, calls)
     # every rank ends with the whole, identical result (the scheduler ran on the same gathered output)
-    assert torch.equal(a, b)
-    assert sqnr_db(reference.numpy(), a.numpy()) >= 40.0
-    # each of the STEPS calls had batch 2 x 2 prompts, split in two: 2 rows per rank per call
-    assert counts == [{"split": STEPS, "whole": 0, "rows": 2 * STEPS, "world": 2}] * 2
-
-
-def test_a_batch_that_does_not_divide_runs_whole_on_every_rank(bundle: Path, tmp_path: Path) -> None:
-    prompts = PROMPTS[:1]
-    reference = _latents(load(bundle, device="cpu"), 1.0, prompts)  # guidance off: batch 1
-    (a, b), counts = _run_two(bundle, tmp_path, 1.0, prompts)
-    assert torch.equal(a, b)
-    assert torch.equal(a, reference)  # the same call on every rank: bit-identical
-    assert counts == [{"split": 0, "whole": STEPS, "rows": 0, "world": 2}] * 2
+    assert torch.equal(split[0], split[1])
+    assert sqnr_db(_latents(single, 5.0, PROMPTS).numpy(), split[0].numpy()) >= 40.0
+    assert split_counts == [{"split": STEPS, "whole": 0, "rows": 2 * STEPS, "world": 2}] * 2
+    # a batch that does not divide runs whole on every rank: the same call, bit-identical
+    assert torch.equal(whole[0], whole[1])
+    assert torch.equal(whole[0], _latents(single, 1.0, PROMPTS[:1]))
+    assert whole_counts == [{"split": 0, "whole": STEPS, "rows": 0, "world": 2}] * 2
 
 
 def test_parallel_without_a_process_group_names_the_fix(bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -91,3 +94,45 @@ def test_parallel_without_a_process_group_names_the_fix(bundle: Path, monkeypatc
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(RuntimeError, match="torchrun"):
         load(bundle, device="cpu", parallel=ParallelConfig())
+
+
+WAN_CALL = {"height": 32, "width": 32, "num_frames": 9, "max_sequence_length": 32}
+
+
+@pytest.fixture(scope="module")
+def wan_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from diffkiln.api import OptimizeConfig, optimize
+
+    root = tmp_path_factory.mktemp("parallel-wan")
+    config = OptimizeConfig(out=root / "b", recipe=W8A8Config(), calib_size=2, steps=2, progress=False,
+                            cache_dir=root / "c")  # fmt: skip
+    return optimize("tiny-wan", config)
+
+
+def test_ulysses_context_parallel_on_two_ranks_matches_one_process(wan_bundle: Path, tmp_path: Path) -> None:
+    reference = _latents(load(wan_bundle, device="cpu"), 5.0, PROMPTS[:1], **WAN_CALL)
+    ulysses = {"cfg": False, "ulysses_degree": 2}
+    [((a, b), counts)] = _run_two(wan_bundle, tmp_path, ulysses, [(5.0, PROMPTS[:1], WAN_CALL)])
+    assert torch.equal(a, b)
+    assert sqnr_db(reference.numpy(), a.numpy()) >= 40.0
+    assert counts == [{"split": 0, "whole": 0, "rows": 0, "world": 2}] * 2  # no batch split: the sequence is
+
+
+def test_context_parallel_needs_a_context_parallel_plan(bundle: Path, tmp_path: Path) -> None:
+    import torch.distributed as dist
+
+    from diffkiln.runtime.parallel import apply_parallel
+
+    pipe = load(bundle, device="cpu")
+    denoiser = getattr(pipe, pipe.diffkiln_manifest["pipeline"]["denoiser"])  # UNet2D / SD3: no _cp_plan
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match="no context-parallel plan"):
+            apply_parallel(denoiser, ParallelConfig(cfg=False, ulysses_degree=2), torch.device("cpu"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_cfg_and_context_parallel_together_are_refused() -> None:
+    with pytest.raises(ValueError, match="not supported yet"):
+        ParallelConfig(cfg=True, ulysses_degree=2)

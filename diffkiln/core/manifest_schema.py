@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from diffkiln.core.errors import BundleError
 from diffkiln.core.plan import Plan, PlanError
 
-__all__ = ["Manifest", "checked_against", "validate_manifest"]
+__all__ = ["Manifest", "TokenizerPrint", "checked_against", "validate_manifest"]
 
 Dim = Annotated[int, Field(ge=1, le=1 << 20)]
 Name = Annotated[str, Field(min_length=1, max_length=512)]
@@ -122,6 +122,14 @@ class PipelineInfo(_Strict):
     components: list[Identifier] = Field(default_factory=list)
 
 
+class TokenizerPrint(_Strict):
+    """A tokenizer's fingerprint (:mod:`diffkiln.core.tokenizer_print`)."""
+
+    vocab: Annotated[int, Field(ge=1, le=1 << 24)]
+    model_max_length: Annotated[int, Field(ge=1)] | None
+    special_ids: dict[Annotated[str, Field(max_length=64)], int | None]
+
+
 class Manifest(_Strict):
     """A bundle's ``manifest.json``."""
 
@@ -137,6 +145,7 @@ class Manifest(_Strict):
     cache: dict[str, Any]
     toolchain: dict[str, Any] = Field(default_factory=dict)
     build_metrics: dict[str, Any] = Field(default_factory=dict)
+    tokenizers: dict[Identifier, TokenizerPrint] = Field(default_factory=dict)
     files: dict[Name, FileEntry]
 
     @model_validator(mode="after")

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from diffkiln.core.manifest_schema import FileEntry, checked_against
+from diffkiln.core.manifest_schema import FileEntry, TokenizerPrint, checked_against
 from diffkiln.core.schema import ONNX_VERSION
 
 __all__ = ["OnnxManifest", "validate_onnx_manifest"]
@@ -120,6 +120,7 @@ class OnnxManifest(_Strict):
     cache: dict[str, Any] = Field(default_factory=dict)
     cache_graph: CacheGraphEntry | None = None
     sparsity_not_exported: str | None = None
+    tokenizers: dict[Identifier, TokenizerPrint] = Field(default_factory=dict)
     files: dict[Name, FileEntry]
 
     @model_validator(mode="after")

@@ -345,8 +345,8 @@ class Plan:
             raise PlanError(f"malformed plan: its cache schedule: {exc}") from exc
         except SparsePlanError as exc:
             raise PlanError(f"malformed plan: its sparse-attention masks: {exc}") from exc
-        except (KeyError, TypeError, ValueError) as exc:
-            raise PlanError(f"malformed plan: {exc}") from exc
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise PlanError(f"malformed plan: {type(exc).__name__}: {exc}") from exc
 
     @classmethod
     def from_json(cls, text: str) -> Plan:

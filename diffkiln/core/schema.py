@@ -94,6 +94,11 @@ def read_manifest(bundle: Path) -> dict[str, Any]:
     return manifest
 
 
+# Configs are small; vocabularies (tokenizer.json, several MB) are left to their loaders, whose
+# errors the readers report as BundleError, so a load does not parse them twice.
+_JSON_CHECKED_BYTES = 1 << 20
+
+
 def verify_files(bundle: Path, manifest: dict[str, Any]) -> None:
     """Check the bundle's files against the manifest's ``files`` table: every entry a plain path
     inside the bundle to a regular file (:func:`~diffkiln.core.confine.confined_file`) with its
@@ -118,6 +123,8 @@ def verify_files(bundle: Path, manifest: dict[str, Any]) -> None:
             raise BundleError(f"bundle file {rel} has {size} bytes, the manifest says {info['bytes']} (truncated?)")
         if file_digest(path) != info["sha256"]:
             raise BundleError(f"bundle file {rel} fails its sha256 check (corrupt or tampered)")
+        if rel.endswith(".json") and size <= _JSON_CHECKED_BYTES:
+            read_json_file(path, rel)  # configs: strict JSON before a library's loader reads them
     check_tree(bundle, set(files), frozenset({MANIFEST_NAME}))
 
 

@@ -32,6 +32,7 @@ from diffkiln.core.packing import PACKABLE_BITS
 from diffkiln.core.pipelines import find_denoiser
 from diffkiln.core.plan import Plan
 from diffkiln.core.schema import BUNDLE_FORMAT, MANIFEST_NAME
+from diffkiln.core.tokenizer_print import tokenizer_prints
 from diffkiln.core.toolchain import toolchain_versions
 from diffkiln.export.atomic import atomic_directory, file_table
 from diffkiln.export.derived import find_derived_buffers
@@ -232,6 +233,7 @@ def export_bundle(
             "cache": plan.cache.to_dict() if plan.cache is not None else {},
             "toolchain": toolchain_versions(),
             "build_metrics": build_metrics or {},
+            "tokenizers": {} if module else tokenizer_prints(model.components),
             "files": files,
         }
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, default=_json_default) + "\n")

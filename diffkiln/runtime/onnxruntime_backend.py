@@ -25,6 +25,7 @@ from diffkiln.core.confine import confined_file
 from diffkiln.core.errors import BundleError
 from diffkiln.core.onnx_manifest_schema import validate_onnx_manifest
 from diffkiln.core.schema import BUNDLE_FORMAT, MANIFEST_NAME, ONNX_FORMAT, ONNX_VERSION, read_json, verify_files
+from diffkiln.core.tokenizer_print import check_tokenizer_prints
 from diffkiln.nn.cache import CacheRun, apply_cache_schedule
 from diffkiln.runtime.onnxruntime_session import open_session, session_options
 
@@ -98,6 +99,7 @@ class OrtComponent(nn.Module):
         except Exception as exc:  # onnxruntime raises its own types for a malformed graph
             raise BundleError(f"{entry.get('file')}: onnxruntime cannot load it: {type(exc).__name__}: {exc}") from None
         self.inputs = {i["name"]: i for i in entry["inputs"]}
+        _check_inputs(entry, self.session.get_inputs())
         # resolved (and checked) at load, not at the first call
         self.output_class = self.resolve_output_class(entry.get("output_class"))
         self.__dict__["_skeleton"] = None
@@ -284,6 +286,23 @@ class OrtVaeDecoder(OrtComponent):
         raise NotImplementedError("the ONNX export holds the VAE decoder only; call vae.decode(latents)")
 
 
+def _check_inputs(entry: dict[str, Any], graph_inputs: list[Any]) -> None:
+    """The manifest's inputs are the graph's: the same names in order, and each axis the manifest
+    fixes fixed to the same size in the graph (a symbolic axis is named in both)."""
+    file = entry.get("file")
+    listed = [i["name"] for i in entry["inputs"]]
+    actual = [i.name for i in graph_inputs]
+    if listed != actual:
+        raise BundleError(f"{file}: the manifest lists inputs {listed}, the graph takes {actual}")
+    for spec, graph in zip(entry["inputs"], graph_inputs, strict=True):
+        shape, dims = spec["shape"], list(graph.shape)
+        if shape is None:
+            continue
+        if len(shape) != len(dims) or any(isinstance(a, int) != isinstance(d, int) or (isinstance(a, int) and a != d)
+                                          for a, d in zip(shape, dims, strict=True)):  # fmt: skip
+            raise BundleError(f"{file}: the manifest gives input {spec['name']!r} the shape {shape}, the graph {dims}")
+
+
 def _component_config(folder: Path, name: str, kind: str) -> Any:
     from diffusers.configuration_utils import FrozenDict
 
@@ -355,16 +374,22 @@ def load_onnx_pipeline(folder: Path, device: torch.device, optimize: bool = Fals
         )
     providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
     overrides: dict[str, Any] = {}
-    for name, entry in manifest["components"].items():
-        kind = entry["kind"]
-        if kind not in _CLASSES:
-            raise BundleError(f"component {name}: unknown kind {kind!r}; valid: {sorted(_CLASSES)}")
-        config = _component_config(folder, name, kind)
-        component: OrtComponent = _CLASSES[kind](folder, name, entry, config, providers, optimize)
-        if kind == "denoiser":
-            component.attach_skeleton(_meta_denoiser(folder, name, config))
-        overrides[name] = component
-    pipe = assemble_pipeline(folder, overrides)
+    try:
+        for name, entry in manifest["components"].items():
+            kind = entry["kind"]
+            if kind not in _CLASSES:
+                raise BundleError(f"component {name}: unknown kind {kind!r}; valid: {sorted(_CLASSES)}")
+            config = _component_config(folder, name, kind)
+            component: OrtComponent = _CLASSES[kind](folder, name, entry, config, providers, optimize)
+            if kind == "denoiser":
+                component.attach_skeleton(_meta_denoiser(folder, name, config))
+            overrides[name] = component
+        pipe = assemble_pipeline(folder, overrides)
+    except BundleError:
+        raise
+    except Exception as exc:  # the diffusers and transformers loaders raise many types on bad files
+        raise BundleError(f"cannot assemble the pipeline from {folder}: {type(exc).__name__}: {exc}") from None
+    check_tokenizer_prints(pipe.components, manifest.get("tokenizers") or {}, str(folder))
     pipe.diffkiln_manifest = manifest
     pipe.diffkiln_cache = None
     if cache and manifest.get("cache"):

@@ -21,6 +21,7 @@ from diffkiln.core.errors import BundleError, InvalidInputError
 from diffkiln.core.layers import find_quantizable_layers, layer_kind
 from diffkiln.core.pipelines import assemble_pipeline, resolve_component_class
 from diffkiln.core.schema import LoadedBundle, read_json, read_manifest, verify_files
+from diffkiln.core.tokenizer_print import check_tokenizer_prints
 from diffkiln.nn.swap import replace_layers
 from diffkiln.nn.validate import check_float_tensor, check_layers
 
@@ -37,8 +38,12 @@ def _set_tensor(root: nn.Module, name: str, value: torch.Tensor) -> None:
     if current is None or tuple(current.shape) != tuple(value.shape):
         shape = None if current is None else list(current.shape)
         raise BundleError(f"the bundle's tensor {name!r} {list(value.shape)} does not fit this model's ({shape})")
+    if current.is_floating_point() != value.is_floating_point() or (
+        not current.is_floating_point() and current.dtype != value.dtype
+    ):
+        raise BundleError(f"the bundle's tensor {name!r} is {value.dtype}; this model's is {current.dtype}")
     check_float_tensor(name, value)
-    if current is not None and current.is_floating_point() and value.is_floating_point():
+    if current.is_floating_point():
         value = value.to(current.dtype)  # stored as FP16; the model runs in its own dtype
     if attr in module._parameters:
         module._parameters[attr] = nn.Parameter(value, requires_grad=False)
@@ -73,12 +78,15 @@ def build_denoiser(bundle: Path, manifest: dict[str, Any]) -> nn.Module:
     cls = _denoiser_class(bundle, pipe_info)
     config_file = f"{pipe_info.get('denoiser')}/config.json"
     confined_file(bundle, config_file, "pipeline.denoiser's config")
-    config = cls.load_config(bundle / pipe_info["denoiser"])
     derived = quant.get("derived_buffers", {})
-    # Parameters on meta (they come from the bundle); buffers real when the constructor's tables
-    # are used instead of stored ones.
-    with real_buffers_meta_params() if derived else torch.device("meta"):
-        denoiser = cls.from_config(config)
+    try:
+        config = cls.load_config(bundle / pipe_info["denoiser"])
+        # Parameters on meta (they come from the bundle); buffers real when the constructor's tables
+        # are used instead of stored ones.
+        with real_buffers_meta_params() if derived else torch.device("meta"):
+            denoiser = cls.from_config(config)
+    except Exception as exc:  # diffusers raises many types on a bad config (OSError, ValueError...)
+        raise BundleError(f"cannot build the {cls.__name__} from {config_file}: {type(exc).__name__}: {exc}") from None
     check_derived_buffers(denoiser, derived)
     for name, buf in list(denoiser.named_buffers()):
         if name not in derived and not buf.is_meta:  # from the bundle: on meta until filled, missing is an error
@@ -190,5 +198,6 @@ def open_bundle(bundle: str | os.PathLike[str]) -> LoadedBundle:
         raise BundleError(f"cannot assemble the pipeline: {exc}") from None
     except Exception as exc:
         raise BundleError(f"cannot assemble the pipeline from {path}: {type(exc).__name__}: {exc}") from None
+    check_tokenizer_prints(pipe.components, manifest.get("tokenizers") or {}, str(path))
     pipe.diffkiln_manifest = manifest
     return LoadedBundle(path, manifest, denoiser, pipe)

@@ -171,6 +171,36 @@ def test_a_malformed_plan_section_is_refused(bundle: Path, tmp_path: Path, watch
     _refused(path, match, watched, tmp_path)
 
 
+def _rewrite(path: Path, rel: str, edit: Callable[[str], str]) -> None:
+    """Edit one listed file's text and re-sign it, as an attacker who rewrites a bundle would."""
+    f = path / rel
+    f.write_text(edit(f.read_text()))
+    _edit(path, lambda m: _resign(path, m, rel))
+
+
+@pytest.mark.parametrize(
+    ("rel", "edit", "match"),
+    [
+        ("unet/config.json", lambda t: t[: len(t) // 2], "unet/config.json is not valid JSON"),
+        ("scheduler/scheduler_config.json", lambda t: t[: len(t) // 2], "scheduler_config.json is not valid JSON"),
+        ("unet/config.json", lambda t: t.replace('"DownBlock2D"', '"DownBlock2D", "DownBlock2D"', 1),
+         "cannot build the UNet2DConditionModel"),
+        ("tokenizer/tokenizer_config.json", lambda t: t.replace('"model_max_length"', '"model_max_,ength"'),
+         "tokenizer 'tokenizer' has model_max_length None"),
+        ("tokenizer/tokenizer_config.json", lambda t: t.replace('"<|endoftext|>"', '"<|endoftextt>"'),
+         "tokenizer 'tokenizer' has vocab"),
+    ],
+    ids=["truncated denoiser config", "truncated scheduler config", "inconsistent denoiser config",
+         "dropped model_max_length", "renamed pad token"],
+)  # fmt: skip
+def test_a_re_signed_config_or_tokenizer_edit_is_refused_at_load(bundle: Path, tmp_path: Path, watched: list[str],
+                                                                 rel: str, edit: Callable[[str], str],
+                                                                 match: str) -> None:  # fmt: skip
+    path = _copy(bundle, tmp_path)
+    _rewrite(path, rel, edit)
+    _refused(path, match, watched, tmp_path)
+
+
 def test_a_deeply_nested_manifest_is_refused(bundle: Path, tmp_path: Path, watched: list[str]) -> None:
     path = _copy(bundle, tmp_path)
     text = (path / "manifest.json").read_text()
@@ -280,6 +310,11 @@ def _tensor_attack(case: str) -> tuple[Callable[[dict[str, Any], dict[str, Any]]
                                                                                t[k].is_floating_point())],
                                                                         float("nan"))),
                              "NaN or infinite"),
+        "integer float tensor": (lambda t, _: t.__setitem__(next(k for k in t if k.startswith("fp::") and
+                                                                 t[k].is_floating_point()),
+                                                            t[next(k for k in t if k.startswith("fp::") and
+                                                                   t[k].is_floating_point())].to(torch.uint8)),
+                                 "is torch.uint8; this model's is torch.float32"),
     }  # fmt: skip
     return attacks[case]
 
@@ -287,7 +322,7 @@ def _tensor_attack(case: str) -> tuple[Callable[[dict[str, Any], dict[str, Any]]
 @pytest.mark.parametrize("case", ["empty weight_scale", "short weight_scale", "NaN scale", "inf act scale",
                                   "zero scale", "negative scale", "zero point 1000", "conv stride 0",
                                   "act_bits 1e308", "conv declared as linear", "unknown tensor",
-                                  "NaN float tensor"])  # fmt: skip
+                                  "NaN float tensor", "integer float tensor"])  # fmt: skip
 def test_re_signed_bad_values_are_refused_before_any_kernel(bundle: Path, tmp_path: Path, watched: list[str],
                                                             case: str) -> None:  # fmt: skip
     path = _copy(bundle, tmp_path)

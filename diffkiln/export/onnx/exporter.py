@@ -361,6 +361,7 @@ def export_onnx(bundle: LoadedBundle, config: OnnxExportConfig) -> Path:
             "cache": manifest.get("cache") or {},
             "cache_graph": cache_graph,
             "sparsity_not_exported": _sparsity_note(manifest),
+            "tokenizers": manifest.get("tokenizers") or {},
             "files": file_table(tmp),
         }
         (tmp / MANIFEST_NAME).write_text(json.dumps(onnx_manifest, indent=2) + "\n", encoding="utf-8")

@@ -17,8 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from diffkiln.calibrate import CalibrationConfig, CalibrationStats, calibrate
 from diffkiln.calibrate.prompts import generic_prompts
+from diffkiln.core.distributed import barrier, init_distributed, rank_world, rank_zero_first
 from diffkiln.core.errors import BundleError, InvalidInputError
 from diffkiln.export import ExportConfig, FloatStorage, export_bundle
 from diffkiln.generation import load_pipeline, read_prompts
@@ -224,7 +227,9 @@ def optimize(target: str | os.PathLike[str], config: OptimizeConfig) -> Path:
     """
     if Path(config.out).exists() and not config.overwrite:
         raise BundleError(f"{config.out} already exists; pass --overwrite to replace it")
-    prep = prepare(target, config)
+    rank, world = _join_process_group()
+    with rank_zero_first():  # rank 0 fills the calibration cache; the others read it
+        prep = prepare(target, config)
     t0 = time.perf_counter()
     plan = make_plan(prep.pipe, prep.stats, config.resolved_recipe(), prep.context(config))
     if config.cache is not None:
@@ -240,7 +245,19 @@ def optimize(target: str | os.PathLike[str], config: OptimizeConfig) -> Path:
         "fp_layers": sum(not lp.quantized for lp in plan.layers),
     }
     export_cfg = ExportConfig(Path(config.out), config.overwrite, config.resolved_float_storage())
-    return export_bundle(prep.pipe, plan, prep.stats, export_cfg, metrics)
+    if world > 1:
+        metrics["ranks"] = world
+    out = export_bundle(prep.pipe, plan, prep.stats, export_cfg, metrics) if rank == 0 else Path(config.out)
+    barrier()  # the other ranks return once rank 0 has written the bundle
+    return out
+
+
+def _join_process_group() -> tuple[int, int]:
+    """Under torchrun (``WORLD_SIZE`` > 1 in the environment): join the process group (gloo: the
+    search runs on CPU) and return ``(rank, world)``; else ``(0, 1)``."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return init_distributed(torch.device("cpu"))
+    return rank_world()
 
 
 def sensitivity(target: str | os.PathLike[str], config: OptimizeConfig) -> tuple[SensitivityTable, float, str]:
@@ -258,7 +275,9 @@ def sensitivity(target: str | os.PathLike[str], config: OptimizeConfig) -> tuple
     """
     if not isinstance(config.recipe, MixedConfig):
         raise InvalidInputError("the sensitivity analysis belongs to the mixed recipe; pass a MixedConfig")
-    prep = prepare(target, config)
+    _join_process_group()
+    with rank_zero_first():
+        prep = prepare(target, config)
     t0 = time.perf_counter()
     _, table, _ = mixed_sensitivity(prep.pipe, prep.stats, config.resolved_recipe(), prep.context(config))
     return table, time.perf_counter() - t0, prep.resolved.name

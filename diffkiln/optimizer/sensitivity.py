@@ -13,6 +13,13 @@ against the FP model, with the metric of the layer's group (:mod:`diffkiln.optim
 Results are appended to a JSON-lines file in the cache as they arrive, so an interrupted run
 resumes where it stopped; ``workers`` > 1 shards the trials over processes, each of which
 rebuilds the model with a picklable ``reload`` callable.
+
+Under torch.distributed (``torchrun``), the trials left to measure are sharded over the ranks
+(rank r takes every world-th one), each rank appends its results to its own shard file
+(``sens-KEY.shard-R.jsonl``), and the ranks exchange their results: every rank ends with the whole
+table, the same as one process measures (each trial's result depends only on the trial). A re-run,
+with any number of ranks, reads every shard file of the key first, so the trials a killed run
+finished are not measured again (counted in the table's ``reused``).
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffkiln.calibrate.stats import CalibrationStats
+from diffkiln.core.distributed import all_gather_objects, barrier, rank_world
 from diffkiln.core.plan import Plan
 from diffkiln.optimizer.roles import LayerRole
 from diffkiln.optimizer.simulate import LayerSim, SimChoice, simulated
@@ -153,12 +161,17 @@ class SensitivityTable:
         params: layer -> its weight parameters.
         entries: the measurements.
         settings: how they were measured (the cache key's inputs).
+        reused: trials read back from the cache (this or an earlier, possibly sharded, run)
+            instead of measured. Default 0.
+        ranks: torch.distributed ranks the trials were sharded over. Default 1.
     """
 
     roles: dict[str, LayerRole]
     params: dict[str, int]
     entries: tuple[SensitivityEntry, ...]
     settings: dict[str, Any] = field(default_factory=dict)
+    reused: int = 0
+    ranks: int = 1
 
     def error(self, layer: str, target: str, bits: int) -> float:
         """The measured error of ``layer`` with its ``target`` at ``bits`` (0 at 16 bits).
@@ -276,6 +289,18 @@ class _ResultLog:
         self.path = path
         self.header = header
 
+    def read(self) -> dict[str, SensitivityEntry]:
+        """The complete entries of a file another process writes (left as it is); {} when it is
+        missing or of another key."""
+        if self.path is None or not self.path.is_file():
+            return {}
+        raw = self.path.read_bytes()
+        lines = raw[: raw.rfind(b"\n") + 1].decode("utf-8").splitlines()
+        if not lines or json.loads(lines[0]) != self.header:
+            return {}
+        entries = (SensitivityEntry(**json.loads(line)) for line in lines[1:])
+        return {Trial(e.layer, e.target, e.bits).key(): e for e in entries}
+
     def load(self) -> dict[str, SensitivityEntry]:
         if self.path is None or not self.path.is_file():
             return {}
@@ -363,9 +388,18 @@ def analyze_sensitivity(
         **config.key_fields(),
     }
     key = hashlib.sha256(json.dumps(header, sort_keys=True).encode()).hexdigest()[:32]
-    log = _ResultLog(config.cache_dir / "sensitivity" / f"sens-{key}.jsonl" if config.cache_dir else None, header)
+    rank, world = rank_world()
+    folder = config.cache_dir / "sensitivity" if config.cache_dir else None
+    name = f"sens-{key}.jsonl" if world == 1 else f"sens-{key}.shard-{rank}.jsonl"
+    log = _ResultLog(folder / name if folder else None, header)
     done = log.load()
-    todo = [t for t in trials if t.key() not in done]
+    if folder is not None:  # what other processes or an earlier sharded run finished
+        for other in sorted(folder.glob(f"sens-{key}*.jsonl")):
+            if other.name != name:
+                done.update(_ResultLog(other, header).read())
+    barrier()  # every rank has read the shards before any appends to its own
+    reused = sum(t.key() in done for t in trials)
+    todo = [t for t in trials if t.key() not in done][rank::world]
     bar = tqdm(total=len(trials), initial=len(trials) - len(todo), desc="sensitivity", unit="trial",
                disable=not config.progress)  # fmt: skip
     ctx_args = (dict(roles), dict(sims), config.prompts, config.quality_steps, config.group_size)
@@ -378,9 +412,15 @@ def analyze_sensitivity(
                 on_result(entry)
     finally:
         bar.close()
+    if world > 1:  # every rank takes the others' results
+        mine = [done[t.key()] for t in todo]
+        for entries_of_rank in all_gather_objects(mine):
+            for e in entries_of_rank:
+                done[Trial(e.layer, e.target, e.bits).key()] = e
     entries = tuple(done[t.key()] for t in trials)
     params = {lp.name: lp.params for lp in base_plan.layers if lp.name in candidates}
-    return SensitivityTable({n: roles[n] for n in candidates}, params, entries, {**header, "trials": len(trials)})
+    settings = {**header, "trials": len(trials)}
+    return SensitivityTable({n: roles[n] for n in candidates}, params, entries, settings, reused, world)
 
 
 def _run(

@@ -28,7 +28,6 @@ tools/bench_cfg_parallel.py).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -36,12 +35,12 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
+from diffkiln.core.distributed import init_distributed
 from diffkiln.core.hooks import output_sample
 
-__all__ = ["CFG_HOOK", "ParallelConfig", "ParallelRun", "apply_parallel", "init_distributed", "remove_parallel"]
+__all__ = ["CFG_HOOK", "ParallelConfig", "ParallelRun", "apply_parallel", "remove_parallel"]
 
 CFG_HOOK = "diffkiln.parallel.cfg"
-_BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
 
 
 @dataclass(frozen=True)
@@ -95,29 +94,6 @@ class ParallelRun:
     whole_calls: int = 0
     rows: int = 0
     _batch: list[int] = field(default_factory=list, repr=False)
-
-
-def init_distributed(device: torch.device) -> tuple[int, int]:
-    """This process's ``(rank, world size)``: of the default process group, initialized here from
-    torchrun's environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``...) when it is not yet, with
-    the device's backend (gloo on CPU, nccl on CUDA, hccl on NPU: torch_npu imported lazily).
-
-    Raises:
-        RuntimeError: no process group and no torchrun environment: launch with torchrun, or
-            initialize ``torch.distributed`` first.
-    """
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-            raise RuntimeError(
-                "parallel=... needs a torch.distributed process group: launch with "
-                "`torchrun --nproc-per-node N script.py`, or call torch.distributed.init_process_group first"
-            )
-        if device.type == "npu":
-            import torch_npu  # noqa: F401  # registers the hccl backend
-        dist.init_process_group(_BACKENDS.get(device.type, "gloo"))
-    return dist.get_rank(), dist.get_world_size()
 
 
 def _split(value: Any, n: int, lo: int, hi: int) -> Any:
@@ -188,7 +164,7 @@ class _CfgHook(ModelHook):
 
 def apply_parallel(denoiser: nn.Module, config: ParallelConfig, device: torch.device) -> ParallelRun:
     """Register the ``config``'s hooks on ``denoiser`` (see the module docstring); the process group
-    comes from :func:`init_distributed`.
+    comes from :func:`diffkiln.core.distributed.init_distributed`.
 
     Returns:
         The run state, counting split and whole calls.

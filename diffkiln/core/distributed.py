@@ -1,0 +1,83 @@
+"""torch.distributed as the stages use it: this process's rank, the process group from torchrun's
+environment, rank 0 first, and gathering Python objects. With no process group every helper is
+the single-process case (rank 0 of 1), so the stages call them unconditionally.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+__all__ = ["all_gather_objects", "barrier", "init_distributed", "rank_world", "rank_zero_first"]
+
+_BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
+
+
+def rank_world() -> tuple[int, int]:
+    """``(rank, world size)`` of the default process group, or ``(0, 1)`` without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """This process's ``(rank, world size)``: of the default process group, initialized here from
+    torchrun's environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``...) when it is not yet, with
+    the device's backend (gloo on CPU, nccl on CUDA, hccl on NPU: torch_npu imported only then).
+
+    Raises:
+        RuntimeError: no process group and no torchrun environment: launch with torchrun, or
+            initialize ``torch.distributed`` first.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            raise RuntimeError(
+                "this needs a torch.distributed process group: launch with `torchrun --nproc-per-node N ...`, "
+                "or call torch.distributed.init_process_group first"
+            )
+        if device.type == "npu":
+            import torch_npu  # noqa: F401  # registers the hccl backend
+        dist.init_process_group(_BACKENDS.get(device.type, "gloo"))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing without a process group)."""
+    import torch.distributed as dist
+
+    if rank_world()[1] > 1:
+        dist.barrier()
+
+
+@contextmanager
+def rank_zero_first() -> Iterator[None]:
+    """Run the block on rank 0, then on the other ranks: what rank 0 writes to a shared disk
+    cache (calibration statistics), the others then read instead of writing it concurrently."""
+    rank, world = rank_world()
+    if world > 1 and rank != 0:
+        barrier()
+    try:
+        yield
+    finally:
+        if world > 1 and rank == 0:
+            barrier()
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` without a process group."""
+    import torch.distributed as dist
+
+    world = rank_world()[1]
+    if world == 1:
+        return [obj]
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out

@@ -22,6 +22,7 @@ __all__ = [
     "MANIFEST_NAME",
     "ONNX_FORMAT",
     "ONNX_VERSION",
+    "PLAIN_DIFFUSERS_GUARD",
     "BundleError",
     "LoadedBundle",
     "file_digest",
@@ -39,6 +40,15 @@ adds module bundles (``kind: "module"``) and 1-D / 3-D convolutions, 7 adds the 
 Exports write the lowest version that describes the bundle, so bundles without those features stay
 readable by older runtimes."""
 MANIFEST_NAME = "manifest.json"
+PLAIN_DIFFUSERS_GUARD = {
+    "quant_method": "diffkiln: this folder is a diffkiln bundle, not a plain diffusers model; "
+    "load it with diffkiln.runtime.load(folder)"
+}
+"""Written as the denoiser config's ``quantization_config``: diffusers' ``from_pretrained`` reads it
+before any weights file and refuses an unknown ``quant_method`` with a ``ValueError`` that quotes
+this text, so plain diffusers never loads a bundle's denoiser (or a folder ``save_pretrained``
+wrote from a loaded bundle, which keeps the config) as a model with missing weights. It names no
+code to import. docs/bundle-format.md, "Opened by plain diffusers"."""
 ONNX_FORMAT = "diffkiln.onnx"
 """The manifest format of an ONNX export folder (docs/onnx-export.md)."""
 ONNX_VERSION = 2

@@ -31,7 +31,7 @@ from diffkiln.core.layers import find_quantizable_layers
 from diffkiln.core.packing import PACKABLE_BITS
 from diffkiln.core.pipelines import find_denoiser
 from diffkiln.core.plan import Plan
-from diffkiln.core.schema import BUNDLE_FORMAT, MANIFEST_NAME
+from diffkiln.core.schema import BUNDLE_FORMAT, MANIFEST_NAME, PLAIN_DIFFUSERS_GUARD
 from diffkiln.core.tokenizer_print import tokenizer_prints
 from diffkiln.core.toolchain import toolchain_versions
 from diffkiln.export.atomic import atomic_directory, file_table
@@ -103,6 +103,10 @@ def _write_denoiser(
     (folder / name).mkdir(parents=True)
     if callable(getattr(denoiser, "save_config", None)):
         cast(Any, denoiser).save_config(folder / name)  # a diffusers ModelMixin: the runtime rebuilds it
+        config_file = folder / name / "config.json"
+        config = json.loads(config_file.read_text())
+        config["quantization_config"] = PLAIN_DIFFUSERS_GUARD  # plain diffusers refuses it, naming diffkiln
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     tensors: dict[str, torch.Tensor] = {}
     quant_layers: dict[str, Any] = {}
     quantized_params: set[str] = set()

@@ -39,7 +39,7 @@ import torch
 from safetensors.torch import save_file
 
 from diffkiln.core.cache_schedule import CacheSchedule
-from diffkiln.core.schema import LoadedBundle
+from diffkiln.core.schema import LoadedBundle, read_json
 from diffkiln.core.sparse_plan import SparsePlan
 from diffkiln.export.atomic import atomic_directory, file_table
 from diffkiln.export.mindiesd.cache import mindiesd_cache_config
@@ -220,7 +220,9 @@ def export_mindiesd(bundle: LoadedBundle, config: MindieExportConfig) -> Path:
         if sparse_config is not None:
             (tmp / SPARSE_CONFIG_FILE).write_text(json.dumps(sparse_config, indent=2) + "\n")
             save_file(sparse_tensors, str(tmp / SPARSE_MASKS_FILE))
-        shutil.copy2(path / manifest["pipeline"]["denoiser"] / "config.json", tmp / "config.json")
+        denoiser_config = read_json(path / manifest["pipeline"]["denoiser"] / "config.json")
+        denoiser_config.pop("quantization_config", None)  # the bundle's guard against plain diffusers
+        (tmp / "config.json").write_text(json.dumps(denoiser_config, indent=2, sort_keys=True) + "\n")
         if cache_config is not None:
             (tmp / CACHE_CONFIG_FILE).write_text(json.dumps(cache_config, indent=2) + "\n")
         meta: dict[str, Any] = {

@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from diffkiln.calibrate.stats import CalibrationStats
+from diffkiln.core.atomic import atomic_directory, file_table
 from diffkiln.core.layers import find_quantizable_layers
 from diffkiln.core.packing import PACKABLE_BITS
 from diffkiln.core.pipelines import find_denoiser
@@ -34,7 +35,6 @@ from diffkiln.core.plan import Plan
 from diffkiln.core.schema import BUNDLE_FORMAT, MANIFEST_NAME, PLAIN_DIFFUSERS_GUARD
 from diffkiln.core.tokenizer_print import tokenizer_prints
 from diffkiln.core.toolchain import toolchain_versions
-from diffkiln.export.atomic import atomic_directory, file_table
 from diffkiln.export.derived import find_derived_buffers
 from diffkiln.nn.freeze import freeze_layer, layer_meta
 

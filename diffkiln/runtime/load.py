@@ -27,6 +27,7 @@ from diffkiln.nn.cache import apply_cache_schedule
 from diffkiln.nn.sparse_attention import apply_sparse_plan
 from diffkiln.runtime.parallel import ParallelConfig, apply_parallel
 from diffkiln.runtime.reader import open_bundle
+from diffkiln.runtime.save import bundle_pipeline_class
 
 __all__ = ["Backend", "is_bundle", "load", "resolve_device"]
 
@@ -111,7 +112,8 @@ def load(
             each denoiser call's batch, CFG's two branches, over the ranks. Default None: one process.
 
     Returns:
-        A diffusers pipeline (the class recorded in the bundle); call it as usual with prompt,
+        A diffusers pipeline (the class recorded in the bundle, whose ``save_pretrained`` writes a
+        bundle: :mod:`diffkiln.runtime.save`); call it as usual with prompt,
         num_inference_steps, guidance_scale and generator. Its ``diffkiln_manifest`` attribute
         holds the verified manifest; ``diffkiln_cache`` the applied schedule's run state and counts
         (:class:`~diffkiln.nn.cache.CacheRun`), or None; ``diffkiln_sparse`` the applied masks' run
@@ -162,6 +164,10 @@ def load(
             if isinstance(component, nn.Module):
                 cast_float_parts(component, dtype)
     pipe.diffkiln_manifest = manifest
+    # save_pretrained writes a bundle (diffkiln.runtime.save), not a folder diffusers would misread
+    pipe.__class__ = bundle_pipeline_class(type(pipe))
+    pipe.diffkiln_source = path
+    pipe.diffkiln_denoiser = loaded.denoiser
     pipe.diffkiln_cache = None
     if cache and manifest.get("cache"):
         try:

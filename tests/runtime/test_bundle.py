@@ -65,7 +65,7 @@ def test_existing_directory_needs_overwrite(unet_bundle, random_shapes_pipelines
 
 def test_interrupted_export_leaves_nothing_that_loads(random_shapes_pipelines, tmp_path: Path, monkeypatch) -> None:
     from diffkiln.calibrate import CalibrationConfig, calibrate
-    from diffkiln.export import atomic as atomic_mod
+    from diffkiln.core import atomic as atomic_mod
     from diffkiln.optimizer import make_plan
 
     pipe = random_shapes_pipelines["unet"]

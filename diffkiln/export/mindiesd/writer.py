@@ -38,10 +38,10 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from diffkiln.core.atomic import atomic_directory, file_table
 from diffkiln.core.cache_schedule import CacheSchedule
 from diffkiln.core.schema import LoadedBundle, read_json
 from diffkiln.core.sparse_plan import SparsePlan
-from diffkiln.export.atomic import atomic_directory, file_table
 from diffkiln.export.mindiesd.cache import mindiesd_cache_config
 from diffkiln.export.mindiesd.encode import MindieExportError, encode_linear
 from diffkiln.export.mindiesd.sparse import SPARSE_CONFIG_FILE, SPARSE_MASKS_FILE, mindiesd_sparse_export

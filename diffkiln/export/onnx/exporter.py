@@ -31,10 +31,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from diffkiln.core.atomic import atomic_directory, file_table
 from diffkiln.core.cache_schedule import CacheMechanism, CacheSchedule
 from diffkiln.core.errors import BundleError
 from diffkiln.core.schema import MANIFEST_NAME, ONNX_FORMAT, ONNX_VERSION, LoadedBundle
-from diffkiln.export.atomic import atomic_directory, file_table
 from diffkiln.export.onnx.cache_graphs import CACHED_FILE, check_reuse, reuse_component, schedule_entry
 from diffkiln.export.onnx.check import bundle_call, capture_call, flatten_call, run_check, second_shape
 from diffkiln.export.onnx.components import Component, ComponentKind, _Denoiser, flatten_kwargs, record_components

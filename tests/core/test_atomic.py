@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from diffkiln.core.errors import BundleError
-from diffkiln.export.atomic import atomic_directory
+from diffkiln.core.atomic import atomic_directory
 
 
 def _dead_pid() -> int:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from diffkiln.core.errors import BundleError
 from diffkiln.core.atomic import atomic_directory
+from diffkiln.core.errors import BundleError
 
 
 def _dead_pid() -> int:

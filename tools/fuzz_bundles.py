@@ -65,18 +65,24 @@ def build(root: Path) -> dict[str, Path]:
 
 
 def worker(artifacts: dict[str, str]) -> None:
-    """Read ``kind seed`` lines on stdin; answer one JSON line per case."""
+    """Read ``kind seed`` lines on stdin; answer one JSON line per case on the original stdout,
+    while anything a library prints goes to stderr (it would break the protocol)."""
+    import os
+
     from diffkiln.testing.bundle_fuzz import classify, mutate
 
+    answers = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
     refs = {k: _run(_loader(k)(Path(p))) for k, p in artifacts.items()}
-    print(json.dumps({"ready": True}), flush=True)
+    print(json.dumps({"ready": True}), file=answers, flush=True)
     for line in sys.stdin:
         kind, seed = line.split()
         with tempfile.TemporaryDirectory() as tmp:
             case = mutate(Path(artifacts[kind]), Path(tmp) / "b", random.Random(int(seed)))
             outcome, detail = classify(Path(tmp) / "b", _loader(kind), _run, refs[kind])
         print(json.dumps({"outcome": outcome, "detail": detail, "case": case.description,
-                          "resigned": case.resigned}), flush=True)  # fmt: skip
+                          "resigned": case.resigned}), file=answers, flush=True)  # fmt: skip
 
 
 class _Worker:
@@ -109,6 +115,8 @@ def main() -> None:
     ap.add_argument("--cases", type=int, default=10000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--case-timeout", type=float, default=120.0)
+    ap.add_argument("--resume", action="store_true",
+                    help="continue the run recorded in tools/results/fuzz_bundles.json from its last case")  # fmt: skip
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
@@ -118,9 +126,14 @@ def main() -> None:
     artifacts = build(root)
     counts: dict[str, dict[str, int]] = {k: {} for k in KINDS}
     failures: list[dict[str, Any]] = []
+    start, earlier = 0, 0.0
+    if a.resume and (RESULTS / "fuzz_bundles.json").is_file():
+        done = json.loads((RESULTS / "fuzz_bundles.json").read_text())
+        start, earlier = int(done["cases"]), float(done["seconds"])
+        counts, failures = done["counts"], done["failures"]
     w = _Worker(artifacts)
-    t0 = time.time()
-    for i in range(a.cases):
+    t0 = time.time() - earlier
+    for i in range(start, a.cases):
         kind, seed = KINDS[i % len(KINDS)], a.seed + i
         r = w.ask(kind, seed, a.case_timeout)
         counts[kind][r["outcome"]] = counts[kind].get(r["outcome"], 0) + 1

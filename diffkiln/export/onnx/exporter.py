@@ -8,10 +8,9 @@ exports with ``torch.onnx.export(dynamo=True)`` and the custom-op translations o
 :mod:`diffkiln.export.onnx.ops`. The graphs then go through the onnx-ir passes of
 :mod:`diffkiln.export.onnx.passes` and ``onnx.checker.check_model(full_check=True)``.
 
-The output folder holds ``denoiser.onnx``, ``<text encoder>.onnx`` (one per text encoder),
-``vae_decoder.onnx``, the pipeline's tokenizers, scheduler and component configs (no weights),
-and ``manifest.json`` (format ``diffkiln.onnx``; files with sizes and sha256). It is written to a
-temporary folder and renamed into place, so an interrupted export leaves nothing half-written.
+The output folder holds ``denoiser.onnx``, ``<text encoder>.onnx``, ``vae_decoder.onnx``, the
+pipeline's tokenizers, scheduler and component configs (no weights), and ``manifest.json`` (format
+``diffkiln.onnx``; files with sizes and sha256), written atomically (nothing half-written).
 A bundle's cache schedule goes with it: a ``whole`` schedule runs on ``denoiser.onnx``; a block-range
 one adds ``denoiser_cached.onnx`` (:mod:`diffkiln.export.onnx.cache_graphs`).
 """

@@ -6,7 +6,7 @@ speed-up, the split calls and the latent SQNR of the parallel run against the si
 Usage: python tools/bench_cfg_parallel.py [--model shapes-dit] [--steps 20] [--batch 2] [--repeat 3]
     [--nproc 2] [--bundle B]
 
-Writes ``tools/results/bench_cfg_parallel.json``.
+Writes ``tools/results/bench_cfg_parallel_MODEL.json``.
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def main() -> None:
         "bit_identical": bool(torch.equal(ref, par)),
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "bench_cfg_parallel.json").write_text(json.dumps(record, indent=2) + "\n")
+    (RESULTS / f"bench_cfg_parallel_{Path(record['model']).name}.json").write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record, indent=2))
 
 

@@ -5,7 +5,7 @@ empty for each. Reports the wall time of each, the ratio, and whether the tables
 
 Usage: python tools/bench_distributed_search.py [--model shapes-unet] [--nproc 2] [--prompts 4]
 
-Writes ``tools/results/bench_distributed_search.json``.
+Writes ``tools/results/bench_distributed_search_MODEL.json``.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def main() -> None:
         "identical_tables": one["entries"] == many["entries"],
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "bench_distributed_search.json").write_text(json.dumps(record, indent=2) + "\n")
+    (RESULTS / f"bench_distributed_search_{a.model}.json").write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record, indent=2))
 
 

@@ -148,19 +148,27 @@ class _EMA:
                 ps.lerp_(pm.detach(), 1 - d)
 
 
-def _modules(work: Path) -> tuple[object, torch.nn.Module, torch.nn.Module]:
+def _modules(work: Path, arch: dict[str, int] | None = None) -> tuple[object, torch.nn.Module, torch.nn.Module]:
+    """Tokenizer, text encoder and denoiser; the denoiser's size (heads, layers, ffn) is recorded
+    in ``W/dit_arch.json`` the first time, so resuming and finishing build the same one."""
     tok = build_video_tokenizer(work / "tokenizer")
     encoder = build_t5_encoder(tok, 64, umt5=True)
-    return tok, encoder, build_video_transformer(encoder.config.d_model)
+    path = work / "dit_arch.json"
+    if path.is_file():
+        arch = json.loads(path.read_text())
+    elif arch is not None:
+        path.write_text(json.dumps(arch) + "\n")
+    return tok, encoder, build_video_transformer(encoder.config.d_model, **(arch or {}))
 
 
 def stage_dit(work: Path, steps: int, batch: int, seed: int, minutes: float, resume: bool, ckpt_every: int,
-              lr: float, init_from: Path | None = None, bf16: bool = False) -> None:  # fmt: skip
+              lr: float, init_from: Path | None = None, bf16: bool = False,
+              arch: dict[str, int] | None = None) -> None:  # fmt: skip
     from diffusers import AutoencoderKLWan
 
     data = torch.load(work / "latents.pt", weights_only=False)
     mean, std, prompts, scale = data["mean"], data["std"], data["prompts"], data["scale"]
-    _, encoder, transformer = _modules(work)
+    _, encoder, transformer = _modules(work, arch)
     pipe = assemble_shapes_video(work, AutoencoderKLWan.from_pretrained(work / "vae"), transformer, encoder)
     if init_from is not None and not resume:  # continue from a saved pipeline folder's weights
         from diffusers import WanTransformer3DModel
@@ -274,6 +282,9 @@ def main() -> None:
     ap.add_argument("--ckpt-every", type=int, default=200)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--bf16", action="store_true", help="dit: bfloat16 autocast (fp32 master weights)")
+    ap.add_argument("--heads", type=int, default=3, help="dit: attention heads of 32 (recorded in W/dit_arch.json)")
+    ap.add_argument("--layers", type=int, default=4, help="dit: Wan blocks")
+    ap.add_argument("--ffn", type=int, default=192, help="dit: MLP width")
     ap.add_argument("--keep-scale", action="store_true", help="latents: keep W/latents.pt's latent scale")
     ap.add_argument("--eval-size", type=int, default=20)
     ap.add_argument("--eval-steps", type=int, default=20)
@@ -293,7 +304,8 @@ def main() -> None:
     if "latents" in stages:
         stage_latents(a.work, a.n_data, a.seed, a.vae_from, a.keep_scale)
     if "dit" in stages:
-        stage_dit(a.work, a.steps, a.batch, a.seed, a.minutes, a.resume, a.ckpt_every, a.lr, a.init_from, a.bf16)
+        arch = {"heads": a.heads, "layers": a.layers, "ffn": a.ffn}
+        stage_dit(a.work, a.steps, a.batch, a.seed, a.minutes, a.resume, a.ckpt_every, a.lr, a.init_from, a.bf16, arch)
     if "finish" in stages:
         stage_finish(a.work, a.out, a.eval_size, a.eval_steps)
 

@@ -64,18 +64,27 @@ def build_video_vae() -> AutoencoderKLWan:
     )
 
 
-def build_video_transformer(text_dim: int = 64) -> WanTransformer3DModel:
-    """The denoiser: 4 Wan blocks of width 96 (3 heads of 32)."""
+def build_video_transformer(
+    text_dim: int = 64, heads: int = 3, layers: int = 4, ffn: int = 192
+) -> WanTransformer3DModel:
+    """The denoiser: Wan blocks of width ``heads`` x 32.
+
+    Args:
+        text_dim: the text encoder's width. Default 64.
+        heads: attention heads of 32 channels. Default 3.
+        layers: Wan blocks. Default 4.
+        ffn: the MLP's width. Default 192.
+    """
     return WanTransformer3DModel(
         patch_size=_PATCH,
-        num_attention_heads=3,
+        num_attention_heads=heads,
         attention_head_dim=32,
         in_channels=VIDEO_LATENT_CHANNELS,
         out_channels=VIDEO_LATENT_CHANNELS,
         text_dim=text_dim,
         freq_dim=64,
-        ffn_dim=192,
-        num_layers=4,
+        ffn_dim=ffn,
+        num_layers=layers,
         cross_attn_norm=True,
         qk_norm="rms_norm_across_heads",
         rope_max_seq_len=64,

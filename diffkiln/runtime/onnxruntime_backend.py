@@ -41,6 +41,14 @@ __all__ = [
 
 # Output objects are rebuilt only from these libraries' classes (named in the manifest).
 _OUTPUT_LIBRARIES = ("transformers.", "diffusers.")
+OUTPUT_MODULES = (
+    "transformers.modeling_outputs",
+    "transformers.models.clip.modeling_clip",
+    "diffusers.models.modeling_outputs",
+    "diffusers.models.autoencoders.vae",
+)
+"""Modules the onnxruntime loader may import to rebuild a component's output (the text encoders of
+diffusers pipelines return their classes); another module's class resolves only if already imported."""
 _PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "npu": "CANNExecutionProvider"}
 log = logging.getLogger(__name__)
 
@@ -106,8 +114,12 @@ class OrtComponent(nn.Module):
 
     @staticmethod
     def resolve_output_class(spec: str | None) -> Any:
-        """The output class a manifest names: only an existing ``ModelOutput`` (transformers) or
-        ``BaseOutput`` (diffusers) subclass, never another callable of those libraries."""
+        """The output class a manifest names: an existing ``ModelOutput`` (transformers) or
+        ``BaseOutput`` (diffusers) subclass from a module of :data:`OUTPUT_MODULES` (imported by
+        that fixed name, never by the bundle's string) or one already imported; never another
+        callable of those libraries."""
+        import sys
+
         if spec is None:
             return None
         from diffusers.utils import BaseOutput
@@ -116,10 +128,12 @@ class OrtComponent(nn.Module):
         module_name, _, qualname = spec.partition(":")
         if not module_name.startswith(_OUTPUT_LIBRARIES):
             raise BundleError(f"output class {spec!r} is not from transformers or diffusers")
-        try:
-            cls = getattr(importlib.import_module(module_name), qualname)
-        except (ImportError, AttributeError) as exc:
-            raise BundleError(f"output class {spec!r} does not exist here: {exc}") from None
+        # import only by our own fixed name, never by the bundle's string
+        known = next((name for name in OUTPUT_MODULES if name == module_name), None)
+        module = importlib.import_module(known) if known is not None else sys.modules.get(module_name)
+        if module is None:
+            raise BundleError(f"output class {spec!r}: its module is not one of {sorted(OUTPUT_MODULES)}")
+        cls = getattr(module, qualname, None)
         if not (isinstance(cls, type) and issubclass(cls, (ModelOutput, BaseOutput))):
             raise BundleError(f"output class {spec!r} is not a transformers ModelOutput or a diffusers BaseOutput")
         return cls

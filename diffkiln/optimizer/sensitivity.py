@@ -289,33 +289,35 @@ class _ResultLog:
         self.path = path
         self.header = header
 
+    def _entries(self, complete: bytes) -> dict[str, SensitivityEntry] | None:
+        """The entries of the whole lines ``complete``; None when they are not of this key."""
+        lines = complete.decode("utf-8").splitlines()
+        if not lines or json.loads(lines[0]) != self.header:
+            return None
+        entries = (SensitivityEntry(**json.loads(line)) for line in lines[1:])
+        return {Trial(e.layer, e.target, e.bits).key(): e for e in entries}
+
     def read(self) -> dict[str, SensitivityEntry]:
         """The complete entries of a file another process writes (left as it is); {} when it is
         missing or of another key."""
         if self.path is None or not self.path.is_file():
             return {}
         raw = self.path.read_bytes()
-        lines = raw[: raw.rfind(b"\n") + 1].decode("utf-8").splitlines()
-        if not lines or json.loads(lines[0]) != self.header:
-            return {}
-        entries = (SensitivityEntry(**json.loads(line)) for line in lines[1:])
-        return {Trial(e.layer, e.target, e.bits).key(): e for e in entries}
+        return self._entries(raw[: raw.rfind(b"\n") + 1]) or {}
 
     def load(self) -> dict[str, SensitivityEntry]:
+        """This process's own file, repaired: a partial last line is cut, a file of another key
+        removed."""
         if self.path is None or not self.path.is_file():
             return {}
         raw = self.path.read_bytes()
         complete = raw[: raw.rfind(b"\n") + 1]  # drop a partial last line
         if len(complete) != len(raw):
             self.path.write_bytes(complete)
-        lines = complete.decode("utf-8").splitlines()
-        if not lines or json.loads(lines[0]) != self.header:
+        done = self._entries(complete)
+        if done is None:
             self.path.unlink()
             return {}
-        done: dict[str, SensitivityEntry] = {}
-        for line in lines[1:]:
-            e = SensitivityEntry(**json.loads(line))
-            done[Trial(e.layer, e.target, e.bits).key()] = e
         return done
 
     def append(self, entry: SensitivityEntry) -> None:
@@ -419,8 +421,8 @@ def analyze_sensitivity(
                 done[Trial(e.layer, e.target, e.bits).key()] = e
     entries = tuple(done[t.key()] for t in trials)
     params = {lp.name: lp.params for lp in base_plan.layers if lp.name in candidates}
-    settings = {**header, "trials": len(trials)}
-    return SensitivityTable({n: roles[n] for n in candidates}, params, entries, settings, reused, world)
+    info = {**header, "trials": len(trials)}
+    return SensitivityTable({n: roles[n] for n in candidates}, params, entries, info, reused, world)
 
 
 def _run(

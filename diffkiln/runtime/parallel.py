@@ -28,7 +28,7 @@ tools/bench_cfg_parallel.py).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -93,7 +93,6 @@ class ParallelRun:
     split_calls: int = 0
     whole_calls: int = 0
     rows: int = 0
-    _batch: list[int] = field(default_factory=list, repr=False)
 
 
 def _split(value: Any, n: int, lo: int, hi: int) -> Any:
@@ -137,6 +136,7 @@ class _CfgHook(ModelHook):
     def __init__(self, run: ParallelRun) -> None:
         super().__init__()
         self.run = run
+        self.shares: list[int] = []  # per call in flight: this rank's rows (0: run whole)
 
     def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
         run = self.run
@@ -144,17 +144,17 @@ class _CfgHook(ModelHook):
         n = 0 if sample is None else sample.shape[0]
         if n == 0 or n % run.world:
             run.whole_calls += 1
-            run._batch.append(0)
+            self.shares.append(0)
             return args, kwargs
         share = n // run.world
         lo = run.rank * share
         run.split_calls += 1
         run.rows += share
-        run._batch.append(share)
+        self.shares.append(share)
         return _split(args, n, lo, lo + share), _split(kwargs, n, lo, lo + share)
 
     def post_forward(self, module: nn.Module, output: Any) -> Any:
-        share = self.run._batch.pop()
+        share = self.shares.pop()
         if share == 0:
             return output
         if output_sample(output).shape[0] != share:

@@ -1,22 +1,26 @@
 """The ``diffkiln`` command line. Thin: it parses arguments (:mod:`diffkiln.cli_args`), calls the
 public API and prints what the API returns.
 
-Errors that are the user's to fix (unknown model, missing folder, empty prompt list, bad numbers,
-an option that does not apply) print one ``error: ...`` line and exit with status 2, without a
-traceback.
+Errors print one ``error: ...`` line that names the problem and the fix, without a traceback:
+status 2 for a usage error (unknown model, missing folder, empty prompt list, bad numbers, an
+option that does not apply, an output path that may not be written), status 1 for a failure (a
+bundle or export that fails its checks, a model that produces non-finite values, a file the
+system cannot read or write). docs/cli-errors.md lists every refused input with its message.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from diffkiln.cli_args import FORMAT_OPTIONS, RECIPE_OPTIONS, build_parser, parse_call_args
-from diffkiln.core.errors import DiffkilnError, InvalidInputError
+from diffkiln.core.atomic import check_results_folder
+from diffkiln.core.errors import DiffkilnError, InvalidInputError, exit_status
 
 __all__ = ["main"]
 
@@ -38,6 +42,16 @@ def _options(a: argparse.Namespace, mapping: dict[str, str]) -> dict[str, Any]:
     return out
 
 
+_CACHE_FLAGS = {"budget": "--cache-budget", "mechanisms": "--cache-mechanisms", "periodic": "--cache-periodic"}
+_SPARSE_FLAGS = {"density": "--attn-density", "block": "--attn-block"}
+
+
+def _flags(mapping: dict[str, str], extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Config field -> the option a user types for it (``group_size`` -> ``--weight-group-size``)."""
+    flags = {field_name: "--" + dest.replace("_", "-") for dest, field_name in mapping.items()}
+    return {**flags, **(extra or {})}
+
+
 def _cmd_models() -> int:
     from diffkiln.zoo.registry import BUILTIN_MODELS
 
@@ -53,6 +67,7 @@ def _cmd_generate(a: argparse.Namespace) -> int:
 
     prompts = list(a.prompt) + (read_prompts(a.prompts) if a.prompts else [])
     config = GenerateConfig(a.steps, a.guidance, a.seed, a.batch_size, not a.no_progress, _call_kwargs(a), a.denoiser)
+    check_results_folder(Path(a.out))
     target = resolve_target(a.target)
     pipe = load_pipeline(target, a.device)
     result = generate(pipe, prompts, config, target, samples=a.samples)
@@ -80,12 +95,14 @@ def _cmd_report(a: argparse.Namespace) -> int:
         device=a.device,
         progress=not a.no_progress,
         baseline=a.baseline,
+        force_baseline=a.force_baseline,
         bos_comparison=not a.no_bos_comparison,
         call_kwargs=_call_kwargs(a),
     )
     old_report = read_report(a.fail_on_regression) if a.fail_on_regression else None
     json_path, html_path = report(a.target, config, a.out or Path("out") / f"report-{Path(a.target).name}")
     data = json.loads(json_path.read_text())
+    print(f"evaluated on {data['settings']['prompts_source']}")
     line = format_quality(data)
     if line:
         print(line)
@@ -159,11 +176,13 @@ def _cmd_optimize(a: argparse.Namespace) -> int:
     if getattr(a, "attn_block", None) is not None:
         sparse_options["block"] = a.attn_block
     if a.recipe == "cache":
-        recipe = recipe_config_from_options(a.recipe, {**_options(a, RECIPE_OPTIONS), **cache_options})
+        recipe = recipe_config_from_options(a.recipe, {**_options(a, RECIPE_OPTIONS), **cache_options},
+                                            _flags(RECIPE_OPTIONS, _CACHE_FLAGS))  # fmt: skip
         cache = None
     else:
         recipe = recipe_config_from_options(a.recipe, {**_options(a, RECIPE_OPTIONS),
-                                                       **(sparse_options if a.recipe == "sparse" else {})})  # fmt: skip
+                                                       **(sparse_options if a.recipe == "sparse" else {})},
+                                            _flags(RECIPE_OPTIONS, _SPARSE_FLAGS))  # fmt: skip
         cache = CacheConfig(**cache_options) if cache_options else None
     sparse = SparseConfig(**sparse_options) if sparse_options and a.recipe != "sparse" else None
     config = _optimize_config(a, recipe, a.out, cache, sparse)
@@ -197,8 +216,9 @@ def _cmd_sensitivity(a: argparse.Namespace) -> int:
     from diffkiln.optimizer import recipe_config_from_options
     from diffkiln.report.sensitivity_html import format_sensitivity_table, write_sensitivity
 
-    recipe = recipe_config_from_options("mixed", _options(a, RECIPE_OPTIONS))
+    recipe = recipe_config_from_options("mixed", _options(a, RECIPE_OPTIONS), _flags(RECIPE_OPTIONS))
     out = a.out or Path("out") / f"sensitivity-{Path(a.target).name}"
+    check_results_folder(out)
     table, seconds, name = sensitivity(a.target, _optimize_config(a, recipe, out))
     json_path, html_path = write_sensitivity(table, out, name, seconds)
     print(format_sensitivity_table(table, a.top))
@@ -235,14 +255,50 @@ _COMMANDS = {
 }
 
 
+class _CliFormatter(logging.Formatter):
+    """diffkiln's own messages as the CLI's lines: information plain, warnings as ``warning: ...``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = record.getMessage()
+        return text if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {text}"
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to the ``sys.stderr`` of the moment (a test's capture replaces it between calls)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+def _show_messages() -> None:
+    """Print diffkiln's log records (a search's resolved budget, a warning) to stderr, once."""
+    logger = logging.getLogger("diffkiln")
+    if not any(getattr(h, "diffkiln_cli", False) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(_CliFormatter())
+        handler.diffkiln_cli = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``diffkiln`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
+    _show_messages()
     try:
+        if args.command != "models":
+            from diffkiln.core.threads import set_threads
+
+            set_threads(args.threads)
         return _cmd_models() if args.command == "models" else _COMMANDS[args.command](args)
     except DiffkilnError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return exit_status(exc)
+    except OSError as exc:  # disk full, permission denied, ...: the system's reason is the message
+        print(f"error: {exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

@@ -276,7 +276,15 @@ def _add_report(sub: Any) -> None:
         "for a copy of a shapes model",
     )
     r.add_argument("--out", type=Path, default=None, help="output folder (default out/report-<target>)")
-    r.add_argument("--baseline", metavar="MODEL", help="for a bundle: the FP model to compare with")
+    r.add_argument(
+        "--baseline",
+        metavar="MODEL",
+        help="for a bundle: the FP model to compare with (default: the source recorded in the bundle); it must be "
+        "the bundle's source model (same classes, same weight hash)",
+    )
+    r.add_argument(
+        "--force-baseline", action="store_true", help="compare with --baseline even when it is another model"
+    )
     r.add_argument("--no-bos-comparison", action="store_true", help="for a bundle: skip the BOS on/off comparison")
     r.add_argument(
         "--fail-on-regression",
@@ -313,7 +321,7 @@ def _add_export(sub: Any) -> None:
     e.add_argument("bundle", metavar="BUNDLE", type=Path, help="bundle directory")
     e.add_argument("--format", default="onnx", help="export format: onnx (default) or mindiesd")
     e.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder (written atomically)")
-    e.add_argument("--opset", type=positive_int, help="onnx: opset >= 13 (default 21; >= 21 INT4, >= 25 INT2)")
+    e.add_argument("--opset", type=positive_int, help="onnx: opset, 19 to 25 (default 21; >= 21 INT4, 25 INT2)")
     e.add_argument("--static-shapes", action="store_const", const=False, help="onnx: fix every axis as recorded")
     e.add_argument(
         "--compute",
@@ -381,6 +389,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"diffkiln {__version__}")
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        metavar="N",
+        help="CPU threads for torch and onnxruntime (default: $OMP_NUM_THREADS, else the CPUs not busy with "
+        "other jobs by the 1-minute load average); give it before the command: diffkiln --threads 2 optimize ...",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     sub.add_parser("models", help="list the built-in models, one per line")
     g = sub.add_parser(

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from diffkiln.calibrate.sources import CallSource, PromptSource, batch_kwargs, source_for
 from diffkiln.core.errors import InvalidInputError
 from diffkiln.core.hooks import scoped_hooks
+from diffkiln.core.pipeline_folder import check_pipeline_folder
 from diffkiln.core.pipelines import (
     accepted_call_kwargs,
     call_parameters,
@@ -137,8 +138,10 @@ def load_pipeline(target: str | os.PathLike[str] | ResolvedTarget, device: str =
         device: torch device to move the pipeline to ("auto" is allowed for bundles). Default "cpu".
 
     Raises:
-        ModelNotFoundError: the target does not resolve.
+        ModelNotFoundError: the target does not resolve, or a folder lacks a component.
         BundleError: a bundle fails its checks.
+        InvalidInputError: a folder's weights are truncated or diffusers cannot load it; an
+            unknown or absent device.
     """
     from diffusers import DiffusionPipeline
 
@@ -149,8 +152,16 @@ def load_pipeline(target: str | os.PathLike[str] | ResolvedTarget, device: str =
         from diffkiln.runtime import load
 
         return load(resolved.path, device=device)
-    pipe = DiffusionPipeline.from_pretrained(resolved.path, dtype=torch.float32, local_files_only=True)
-    return pipe.to(device)
+    from diffkiln.runtime import resolve_device
+
+    target_device = resolve_device(device)
+    check_pipeline_folder(Path(resolved.path))
+    try:
+        pipe = DiffusionPipeline.from_pretrained(resolved.path, dtype=torch.float32, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # diffusers/transformers raise all of these
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InvalidInputError(f"diffusers cannot load the folder {resolved.path}: {first}") from exc
+    return pipe.to(target_device)
 
 
 def read_prompts(path: str | os.PathLike[str]) -> list[str]:

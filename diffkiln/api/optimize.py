@@ -21,8 +21,9 @@ import torch
 
 from diffkiln.calibrate import CalibrationConfig, CalibrationStats, calibrate
 from diffkiln.calibrate.prompts import generic_prompts
+from diffkiln.core.atomic import check_output_folder
 from diffkiln.core.distributed import barrier, init_distributed, rank_world, rank_zero_first
-from diffkiln.core.errors import BundleError, InvalidInputError
+from diffkiln.core.errors import InvalidInputError
 from diffkiln.export import ExportConfig, FloatStorage, export_bundle
 from diffkiln.generation import load_pipeline, read_prompts
 from diffkiln.optimizer import (
@@ -223,10 +224,10 @@ def optimize(target: str | os.PathLike[str], config: OptimizeConfig) -> Path:
         ModelNotFoundError: the target does not resolve.
         InvalidInputError: bad settings or inputs, or an infeasible budget (the message names the
             smallest feasible one).
-        BundleError: the output exists and ``overwrite`` is False.
+        BundleError: the output exists and ``overwrite`` is False, or it is not a folder that
+            diffkiln wrote (``overwrite`` never replaces a user's own files).
     """
-    if Path(config.out).exists() and not config.overwrite:
-        raise BundleError(f"{config.out} already exists; pass --overwrite to replace it")
+    check_output_folder(Path(config.out), config.overwrite)
     rank, world = _join_process_group()
     with rank_zero_first():  # rank 0 fills the calibration cache; the others read it
         prep = prepare(target, config)

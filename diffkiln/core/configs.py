@@ -72,7 +72,9 @@ def config_from_dict(cls: type[Any], d: Mapping[str, Any]) -> Any:
     return cls(**{k: _convert(v, hints[k]) for k, v in d.items()})
 
 
-def config_from_options(cls: type[Any], options: Mapping[str, Any], what: str) -> Any:
+def config_from_options(
+    cls: type[Any], options: Mapping[str, Any], what: str, flags: Mapping[str, str] | None = None
+) -> Any:
     """A config dataclass from user options (e.g. the CLI's), each option named as a field.
 
     Options left as None are not given. An option that is not a field of ``cls`` is an error that
@@ -82,6 +84,8 @@ def config_from_options(cls: type[Any], options: Mapping[str, Any], what: str) -
         cls: the config dataclass.
         options: option name -> value (None: not given).
         what: what the config is for, for messages (e.g. "recipe mixed").
+        flags: field -> the option the user types for it (e.g. ``group_size`` ->
+            ``--weight-group-size``), for messages; a field without one reads ``--field-name``.
 
     Raises:
         InvalidInputError: an option the config does not take, or a value it rejects.
@@ -90,8 +94,13 @@ def config_from_options(cls: type[Any], options: Mapping[str, Any], what: str) -
     fields = {f.name for f in dataclasses.fields(cls)}
     extra = sorted(set(given) - fields)
     if extra:
-        names = ", ".join("--" + k.replace("_", "-") for k in extra)
-        raise InvalidInputError(f"{names} does not apply to {what}; its settings: {', '.join(sorted(fields))}")
+
+        def flag(name: str) -> str:
+            return (flags or {}).get(name) or "--" + name.replace("_", "-")
+
+        names = ", ".join(flag(k) for k in extra)
+        valid = ", ".join(sorted(flag(k) for k in fields if flags is None or k in flags))
+        raise InvalidInputError(f"{names} does not apply to {what}; its options: {valid}")
     hints = typing.get_type_hints(cls)
     try:
         return cls(**{k: _convert(v, hints[k]) for k, v in given.items()})

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from diffkiln.core.confine import check_tree, confined_file, read_json_file
-from diffkiln.core.errors import BundleError
+from diffkiln.core.errors import BundleError, OutputPathError
 from diffkiln.core.manifest_schema import validate_manifest
 
 __all__ = [
@@ -84,7 +84,7 @@ def read_manifest(bundle: Path) -> dict[str, Any]:
     """
     path = bundle / MANIFEST_NAME
     if not bundle.is_dir():
-        raise BundleError(f"{bundle} is not a bundle directory")
+        raise OutputPathError(f"{bundle} is not a bundle directory; give the folder `diffkiln optimize --out` wrote")
     if not path.exists() and not path.is_symlink():
         raise BundleError(f"{bundle} has no {MANIFEST_NAME}; it is not a diffkiln bundle or its export was interrupted")
     manifest = read_json(path)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from diffkiln.core.atomic import check_output_folder
 from diffkiln.core.configs import config_from_options
 from diffkiln.core.errors import InvalidInputError
 from diffkiln.core.schema import LoadedBundle
@@ -69,11 +70,13 @@ def convert_bundle(bundle: LoadedBundle, config: Any) -> Path:
 
     Raises:
         InvalidInputError: no format for the config's type; the message lists the valid types.
+        BundleError: ``config.out`` may not be written (:func:`~diffkiln.core.atomic.check_output_folder`).
     """
     entry = _BY_TYPE.get(type(config))
     if entry is None:
         valid = ", ".join(sorted(t.__name__ for t in _BY_TYPE))
         raise InvalidInputError(f"no export format for a {type(config).__name__}; valid config types: {valid}")
+    check_output_folder(Path(config.out), bool(config.overwrite))  # refused before the export's work
     return entry.fn(bundle, config)
 
 

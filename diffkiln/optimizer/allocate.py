@@ -21,7 +21,7 @@ from diffkiln.optimizer.mixed_config import MixedConfig, WeightBudget
 from diffkiln.optimizer.roles import LayerRole
 from diffkiln.optimizer.sensitivity import SensitivityTable
 
-__all__ = ["allocate_acts", "allocate_mixed", "weight_spec_for"]
+__all__ = ["allocate_acts", "allocate_mixed", "weight_budget_floor", "weight_spec_for"]
 
 
 def _options(
@@ -95,6 +95,17 @@ def _group_latency_budgets(
     ref = {g: sum(latency.ms.get(o.name, {}).get(8, 0.0) for o in opts) for g, opts in groups.items()}
     total = sum(ref.values()) or 1.0
     return {g: config.latency_budget_ms * ref[g] / total for g in groups}
+
+
+def weight_budget_floor(base: Plan, candidates: Mapping[str, Sequence[int]], config: MixedConfig) -> float:
+    """The smallest average weight bits any allocation reaches: every searched layer at its
+    cheapest candidate, the layers kept in FP at 16. Known before any sensitivity is measured, so
+    an infeasible budget is refused before the search's minutes, not after."""
+    total = sum(lp.params for lp in base.layers)
+    stored = _stored_bits_per_weight(base, candidates, config)
+    fixed_bits = 16 * sum(lp.params for lp in base.layers if lp.name not in candidates)
+    least = sum(lp.params * min(stored[lp.name].values()) for lp in base.layers if lp.name in candidates)
+    return (fixed_bits + least) / max(total, 1)
 
 
 def allocate_mixed(

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import fnmatch
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +34,7 @@ from diffkiln.core.errors import InvalidInputError
 from diffkiln.core.layers import find_quantizable_layers
 from diffkiln.core.plan import LayerPlan, Plan
 from diffkiln.nn.freeze import apply_plan
-from diffkiln.optimizer.allocate import allocate_mixed, weight_spec_for
+from diffkiln.optimizer.allocate import allocate_mixed, weight_budget_floor, weight_spec_for
 from diffkiln.optimizer.allocation import InfeasibleBudgetError
 from diffkiln.optimizer.latency import measure_layer_latency
 from diffkiln.optimizer.mixed_config import MixedConfig, WeightBudget
@@ -43,6 +44,8 @@ from diffkiln.optimizer.sensitivity import SensitivityConfig, SensitivityTable, 
 from diffkiln.optimizer.simulate import layer_sims
 from diffkiln.optimizer.w8a8 import plan_w8a8, stats_denoiser
 from diffkiln.optimizer.workload import Workload, build_workload
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "MixedConfig",
@@ -145,6 +148,24 @@ def select_candidate(per_sample: Sequence[np.ndarray], confidence: float) -> int
     return best if float(np.mean(diff)) > confidence * se else 0
 
 
+def _announce_budget(base: Plan, candidates: dict[str, tuple[int, ...]], config: MixedConfig) -> None:
+    """Say the budget the search resolved before its minutes start, and refuse an infeasible one
+    now rather than after the sensitivity trials."""
+    floor = weight_budget_floor(base, candidates, config)
+    if config.avg_weight_bits < floor - 1e-6:
+        raise InvalidInputError(
+            f"an average of {config.avg_weight_bits} weight bits is infeasible: with the layers kept in FP and these "
+            f"candidates the smallest feasible average is {floor:.3f}; raise --avg-weight-bits or add lower candidates"
+        )
+    acts = "8-bit on every quantized layer" if config.avg_act_bits is None else f"average {config.avg_act_bits} bits"
+    widths = ",".join(str(b) for b in config.weight_candidates)
+    log.info(
+        "mixed: searching %d layers for an average of %g weight bits (%s bits; feasible from %.3f), "
+        "candidates %s, activations %s",
+        len(candidates), config.avg_weight_bits, config.budget.value, floor, widths, acts,
+    )  # fmt: skip
+
+
 def mixed_sensitivity(
     model: Any, stats: CalibrationStats, config: MixedConfig, context: SearchContext
 ) -> tuple[Plan, SensitivityTable, dict[str, tuple[int, ...]]]:
@@ -167,6 +188,7 @@ def mixed_sensitivity(
             candidates[lp.name] = tuple(b for b in config.weight_candidates if b in allowed) or (16,)
     if stats.graph is None:
         raise InvalidInputError("the mixed recipe needs statistics with a traced data flow; recalibrate")
+    _announce_budget(base, candidates, config)
     groups = sensitivity_groups(stats.graph, find_quantizable_layers(denoiser), config.content, config.quality)
     sens = SensitivityConfig(
         weight_candidates=tuple(sorted({b for c in candidates.values() for b in c if b < 16})) or (8,),

@@ -126,13 +126,14 @@ def recipe_float_storage(config: Any) -> str:
     return _BY_TYPE[type(config)].float_storage
 
 
-def recipe_config_from_options(name: str, options: Mapping[str, Any]) -> Any:
-    """Recipe ``name``'s config from user options named as its fields (None: not given).
+def recipe_config_from_options(name: str, options: Mapping[str, Any], flags: Mapping[str, str] | None = None) -> Any:
+    """Recipe ``name``'s config from user options named as its fields (None: not given);
+    ``flags`` names the option a user types for each field, for messages.
 
     Raises:
         InvalidInputError: unknown recipe, an option the recipe does not take, or a bad value.
     """
-    return config_from_options(_entry_for_name(name).config_type, options, f"--recipe {name}")
+    return config_from_options(_entry_for_name(name).config_type, options, f"--recipe {name}", flags)
 
 
 def make_plan(model: Any, stats: CalibrationStats, config: Any, context: SearchContext | None = None) -> Plan:

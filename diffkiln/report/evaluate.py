@@ -3,7 +3,9 @@
 Prompt sets, when no prompts file is given: ``eval_size`` prompts each of single objects in seen
 compositions, single objects in held-out compositions, and two-object scenes (seen
 compositions). With a prompts file, each prompt the judge can parse is counted in the set its
-composition belongs to; the others are generated and shown but not scored.
+composition belongs to; the others are generated and shown but not scored. A model without a
+judge (a user's own) is evaluated on the calibration prompts its bundle recorded, or on a prompts
+file; never on prompts of another domain. The report says which (``settings.prompts_source``).
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from diffkiln.core.atomic import check_results_folder
 from diffkiln.core.errors import InvalidInputError
 from diffkiln.core.toolchain import toolchain_versions
 from diffkiln.generation import GenerateConfig, generate, load_pipeline
-from diffkiln.report.judging import JudgedImage, judge_all, prompt_list, quality
+from diffkiln.report.judging import JudgedImage, judge_all, prompt_list, prompt_source, quality
 from diffkiln.report.sparse import attention_speed, mask_pictures
 from diffkiln.zoo.registry import JudgeKind, ResolvedTarget, resolve_target
 
@@ -43,7 +46,8 @@ class ReportConfig:
     """What to evaluate and how.
 
     Attributes:
-        eval_size: prompts per built-in evaluation set (three sets). Default 200.
+        eval_size: prompts per built-in evaluation set (three sets), or the most of a bundle's
+            recorded calibration prompts used for a model without a judge. Default 200.
         eval_prompts: a prompts file (one per line) used instead of the built-in sets. Default None.
         steps: denoising steps; None takes the model's default.
         guidance: guidance scale; None takes the model's default.
@@ -54,6 +58,8 @@ class ReportConfig:
         progress: show progress bars. Default True.
         baseline: for a bundle, the FP model to compare against; None uses the source recorded
             in the bundle's manifest.
+        force_baseline: compare against ``baseline`` even when it is not the bundle's source
+            model (another class or other weights). Default False: such a baseline is refused.
         bos_comparison: for a bundle with BOS-aware rows, also build the same plan without
             BOS-awareness in memory (from the cached calibration) and report both. Default True.
         call_kwargs: pipeline-call arguments for every call, as (name, value) pairs; they override
@@ -70,6 +76,7 @@ class ReportConfig:
     device: str = "cpu"
     progress: bool = True
     baseline: str | None = None
+    force_baseline: bool = False
     bos_comparison: bool = True
     call_kwargs: tuple[tuple[str, Any], ...] = ()
 
@@ -104,6 +111,13 @@ def _bundle_call_kwargs(pipe: Any) -> tuple[tuple[str, Any], ...]:
     return tuple(recorded.items()) if isinstance(recorded, dict) else ()
 
 
+def _recorded_prompts(pipe: Any) -> list[str] | None:
+    """The calibration prompts a bundle's plan recorded, or None."""
+    manifest = getattr(pipe, "diffkiln_manifest", None) or {}
+    recorded = manifest.get("plan", {}).get("notes", {}).get("calibration", {}).get("prompts")
+    return [p for p in recorded if isinstance(p, str) and p.strip()] or None if isinstance(recorded, list) else None
+
+
 def build_report(target: str | os.PathLike[str] | ResolvedTarget, config: ReportConfig) -> Report:
     """Generate the evaluation images for ``target`` and measure them.
 
@@ -113,13 +127,14 @@ def build_report(target: str | os.PathLike[str] | ResolvedTarget, config: Report
 
     Raises:
         ModelNotFoundError: the target does not resolve.
-        InvalidInputError: the prompts file is missing or empty.
+        InvalidInputError: the prompts file is missing or empty, or no prompts are known for the
+            target (:func:`~diffkiln.report.judging.prompt_source`).
     """
     resolved = target if isinstance(target, ResolvedTarget) else resolve_target(target)
     judge_kind = config.judge or (resolved.builtin.judge if resolved.builtin else JudgeKind.NONE)
-    prompts = prompt_list(config, judge_kind)
     t0 = time.perf_counter()
     pipe = load_pipeline(resolved, config.device)
+    prompts, source = prompt_source(config, judge_kind, _recorded_prompts(pipe), resolved.name)
     config = replace(config, call_kwargs=(*_bundle_call_kwargs(pipe), *config.call_kwargs))
     cache_run = getattr(pipe, "diffkiln_cache", None)
     before = (cache_run.evaluated, cache_run.uncached) if cache_run is not None else (0, 0)
@@ -143,6 +158,7 @@ def build_report(target: str | os.PathLike[str] | ResolvedTarget, config: Report
             "scheduler": result.scheduler,
             "eval_size": None if config.eval_prompts else config.eval_size,
             "eval_prompts": str(config.eval_prompts) if config.eval_prompts else None,
+            "prompts_source": source,
             "judge": judge_kind.value,
             "device": config.device,
         },
@@ -184,6 +200,30 @@ def _attention_section(run: Any, before: tuple[float, float]) -> dict[str, Any]:
     }
 
 
+def _check_same_model(base: Any, manifest: dict[str, Any], source: str) -> None:
+    """Refuse a baseline that is not the bundle's source model: another pipeline or denoiser
+    class, or other weights (the hash the plan recorded). A fidelity figure against another model
+    would look meaningful and mean nothing."""
+    from diffkiln.core.pipelines import pipeline_weight_hash
+
+    fix = "pass the model the bundle was built from, or --force-baseline to compare anyway"
+    want = manifest["pipeline"].get("class")
+    if want and type(base).__name__ != want:
+        raise InvalidInputError(f"--baseline {source!r} is a {type(base).__name__}, the bundle a {want}; {fix}")
+    denoiser = getattr(base, manifest["pipeline"]["denoiser"], None)
+    want_denoiser = manifest["pipeline"].get("denoiser_class")
+    if want_denoiser and type(denoiser).__name__ != want_denoiser:
+        raise InvalidInputError(
+            f"--baseline {source!r}'s denoiser is a {type(denoiser).__name__}, the bundle's a {want_denoiser}; {fix}"
+        )
+    recorded = manifest.get("source", {}).get("weight_hash")
+    if recorded and pipeline_weight_hash(base) != recorded:
+        raise InvalidInputError(
+            f"--baseline {source!r} has other weights than the model the bundle was built from "
+            f"(weight hash recorded {recorded[:12]}...); {fix}"
+        )
+
+
 def _compare_with_baseline(
     pipe: Any,
     resolved: ResolvedTarget,
@@ -210,6 +250,8 @@ def _compare_with_baseline(
     except ModelNotFoundError as exc:
         raise ModelNotFoundError(f"cannot load the FP baseline {source!r} ({exc}); pass --baseline MODEL") from None
     base = load_pipeline(base_target, config.device)
+    if not config.force_baseline:
+        _check_same_model(base, manifest, source)
     gen_cfg = replace(config.generate_config(), steps=result.steps, guidance=result.guidance,
                       denoiser=manifest["pipeline"]["denoiser"])  # fmt: skip
     samples = len(result.prompts)
@@ -365,5 +407,10 @@ def _json_default(obj: Any) -> Any:
 
 
 def report(target: str | os.PathLike[str], config: ReportConfig, out_dir: str | os.PathLike[str]) -> tuple[Path, Path]:
-    """Build the report for ``target`` and write it to ``out_dir``; returns (json, html) paths."""
+    """Build the report for ``target`` and write it to ``out_dir``; returns (json, html) paths.
+
+    Raises:
+        InvalidInputError: ``out_dir`` is a file or cannot be written (checked before the work).
+    """
+    check_results_folder(Path(out_dir))
     return write_report(build_report(target, config), out_dir)

@@ -15,6 +15,7 @@ from PIL import Image
 
 from diffkiln.calibrate.prompts import generic_prompts
 from diffkiln.core import metrics
+from diffkiln.core.errors import InvalidInputError
 from diffkiln.generation import frame_strip, read_prompts
 from diffkiln.zoo.registry import JudgeKind
 from diffkiln.zoo.shapes import PairScene, PromptSet, Split, Verdict, eval_scenes, judge, parse_prompt
@@ -24,7 +25,7 @@ from diffkiln.zoo.shapes.video_judge import VideoVerdict, judge_video
 if TYPE_CHECKING:
     from diffkiln.report.evaluate import ReportConfig
 
-__all__ = ["JudgedImage", "judge_all", "prompt_list", "quality"]
+__all__ = ["JudgedImage", "judge_all", "prompt_list", "prompt_source", "quality"]
 
 
 @dataclass
@@ -65,6 +66,39 @@ def prompt_list(config: ReportConfig, judge_kind: JudgeKind = JudgeKind.SHAPES) 
     if judge_kind is JudgeKind.SHAPES:
         return [s.prompt for ps in PromptSet for s in eval_scenes(ps, config.eval_size, seed=0)]
     return generic_prompts(config.eval_size)
+
+
+def prompt_source(
+    config: ReportConfig, judge_kind: JudgeKind, recorded: list[str] | None, target: str
+) -> tuple[list[str], str]:
+    """The evaluation prompts and where they come from, said in words for the user.
+
+    In order: the prompts file; a judge's evaluation sets; the calibration prompts a bundle
+    recorded (up to ``eval_size``). A model with none of these has no prompts of its own domain
+    that diffkiln knows, so the user is asked for a file rather than given captions from elsewhere.
+
+    Args:
+        config: the report settings (``eval_prompts``, ``eval_size``).
+        judge_kind: the judge that scores the samples.
+        recorded: the calibration prompts the bundle recorded, or None.
+        target: the target's name, for the message.
+
+    Raises:
+        InvalidInputError: no prompts file, no judge and no recorded prompts.
+    """
+    if config.eval_prompts is not None:
+        prompts = read_prompts(config.eval_prompts)
+        return prompts, f"{len(prompts)} prompts from {config.eval_prompts}"
+    if judge_kind.scores:
+        prompts = prompt_list(config, judge_kind)
+        return prompts, f"the {judge_kind.value} judge's evaluation sets ({len(prompts)} prompts)"
+    if recorded:
+        prompts = list(recorded[: config.eval_size])
+        return prompts, f"{len(prompts)} of the bundle's {len(recorded)} recorded calibration prompts"
+    raise InvalidInputError(
+        f"{target} is not a built-in model and records no calibration prompts, so diffkiln has no prompts of its "
+        "domain: give --eval-prompts FILE (one prompt per line)"
+    )
 
 
 def judge_all(result: Any, judge_kind: JudgeKind) -> list[JudgedImage]:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from diffkiln.core.cache_schedule import CacheSchedule, CacheScheduleError
-from diffkiln.core.errors import BundleError
+from diffkiln.core.errors import BundleError, InvalidInputError
 from diffkiln.core.sparse_plan import SparsePlan, SparsePlanError
 from diffkiln.kernels.sparse_attention import SparseKernel
 from diffkiln.nn.cache import apply_cache_schedule
@@ -43,7 +43,8 @@ def resolve_device(device: str) -> torch.device:
     "auto" prefers an Ascend NPU (when torch_npu is installed and sees one), then CUDA, then CPU.
 
     Raises:
-        ValueError: an unknown device name, or a device this machine does not have.
+        InvalidInputError: an unknown device name, or a device this machine does not have (a
+            ``ValueError``).
     """
     if device == "auto":
         try:
@@ -55,14 +56,16 @@ def resolve_device(device: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     kind = device.split(":")[0]
     if kind not in ("cpu", "cuda", "npu"):
-        raise ValueError(f"unknown device {device!r}; valid: auto, cpu, cuda, npu")
+        raise InvalidInputError(f"unknown device {device!r}; valid: auto, cpu, cuda, npu")
     if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but no CUDA device is available; use --device cpu or auto")
+        why = ("this torch is a CPU-only build" if torch.version.cuda is None
+               else "torch sees no CUDA device (driver, or CUDA_VISIBLE_DEVICES)")  # fmt: skip
+        raise InvalidInputError(f"device 'cuda' requested but {why}; use --device cpu or auto")
     if kind == "npu":
         try:
             importlib.import_module("torch_npu")
         except ImportError:
-            raise ValueError("device 'npu' needs torch_npu; install diffkiln[npu] on an Ascend host") from None
+            raise InvalidInputError("device 'npu' needs torch_npu; install diffkiln[npu] on an Ascend host") from None
     return torch.device(device)
 
 
@@ -124,7 +127,7 @@ def load(
     Raises:
         BundleError: the bundle is missing, corrupt, truncated, tampered, of a future version, or
             its cache schedule or sparse masks are malformed or name blocks its denoiser lacks.
-        ValueError: an unknown backend, dtype or sparse kernel, or a dtype with the onnxruntime backend.
+        InvalidInputError: an unknown backend, dtype or sparse kernel, or a dtype with the onnxruntime backend.
     """
     from diffusers.utils import logging as dlog
 
@@ -132,23 +135,25 @@ def load(
 
     if isinstance(dtype, str):
         if dtype not in COMPUTE_DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; valid: {sorted(COMPUTE_DTYPES)}")
+            raise InvalidInputError(f"unknown dtype {dtype!r}; valid: {sorted(COMPUTE_DTYPES)}")
         dtype = COMPUTE_DTYPES[dtype]
 
     try:
         backend = Backend(backend)
     except ValueError:
-        raise ValueError(f"unknown backend {backend!r}; valid: {[b.value for b in Backend]}") from None
+        raise InvalidInputError(f"unknown backend {backend!r}; valid: {[b.value for b in Backend]}") from None
     if sparse_kernel not in {k.value for k in SparseKernel}:
-        raise ValueError(f"unknown sparse_kernel {sparse_kernel!r}; valid: {[k.value for k in SparseKernel]}")
+        raise InvalidInputError(f"unknown sparse_kernel {sparse_kernel!r}; valid: {[k.value for k in SparseKernel]}")
     path = Path(bundle)
     if backend is Backend.ONNXRUNTIME:
         from diffkiln.runtime.onnxruntime_backend import load_onnx_pipeline
 
         if dtype is not None:
-            raise ValueError("dtype applies to the torch backend; an ONNX export fixes its dtypes when exported")
+            raise InvalidInputError("dtype applies to the torch backend; an ONNX export fixes its dtypes when exported")
         if parallel is not None:
-            raise ValueError("parallel applies to the torch backend; load the bundle itself to run it over ranks")
+            raise InvalidInputError(
+                "parallel applies to the torch backend; load the bundle itself to run it over ranks"
+            )
 
         dlog.set_verbosity_error()
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -190,7 +195,7 @@ def load(
         denoiser = getattr(pipe, manifest["pipeline"]["denoiser"])
         applied = [n for n, on in (("sparse", pipe.diffkiln_sparse), ("cache", pipe.diffkiln_cache)) if on is not None]
         if parallel.context_degree > 1 and applied:
-            raise ValueError(
+            raise InvalidInputError(
                 f"context parallel splits the sequence, which this bundle's {' and '.join(applied)} plan does not "
                 f"follow; load with {', '.join(f'{n}=False' for n in applied)}, or use ParallelConfig(cfg=True)"
             )

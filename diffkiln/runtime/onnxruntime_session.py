@@ -8,6 +8,7 @@ first (:class:`diffkiln.runtime.onnx_passes.FoldConvWeightDequantizePass`).
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,9 @@ def session_options(optimize: bool) -> Any:
     # The pipeline alternates sessions with torch work (scheduler, guidance): idle session
     # threads must not spin on the cores that work needs.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    threads = os.environ.get("DIFFKILN_THREADS", "")
+    if threads.isdigit() and int(threads) > 0:  # the CLI's --threads (diffkiln.core.threads)
+        options.intra_op_num_threads = int(threads)
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return options

@@ -9,7 +9,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from diffkiln.core.errors import ModelNotFoundError
+from diffkiln.core.errors import BundleError, ModelNotFoundError
 
 __all__ = [
     "BUILTIN_MODELS",
@@ -218,6 +218,22 @@ def _bundle_source(path: Path) -> BuiltinModel | None:
     return BUILTIN_MODELS.get(source.get("id", "")) if isinstance(source, dict) else None
 
 
+def _refuse_bundle_without_manifest(path: Path) -> None:
+    """A bundle whose manifest.json was deleted still looks like a diffusers folder; its denoiser
+    config's diffkiln guard (PLAIN_DIFFUSERS_GUARD) gives it away, so say so instead of letting
+    diffusers fail on the guard."""
+    for config in sorted(path.glob("*/config.json")):
+        try:
+            quant = json.loads(config.read_text(encoding="utf-8")).get("quantization_config")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(quant, dict) and str(quant.get("quant_method", "")).startswith("diffkiln"):
+            raise BundleError(
+                f"{path} is a diffkiln bundle without its manifest.json (deleted, or copied incompletely), "
+                "so it cannot be verified or loaded; rebuild it with `diffkiln optimize` or copy it again whole"
+            )
+
+
 def resolve_target(target: str | os.PathLike[str]) -> ResolvedTarget:
     """Resolve a built-in model name or a local diffusers folder.
 
@@ -228,6 +244,7 @@ def resolve_target(target: str | os.PathLike[str]) -> ResolvedTarget:
     Raises:
         ModelNotFoundError: neither a built-in name nor a diffusers folder; the message lists the
             valid built-in names, or says what the folder lacks.
+        BundleError: a bundle folder whose manifest.json is missing.
     """
     text = os.fspath(target)
     if text in BUILTIN_MODELS:
@@ -248,6 +265,7 @@ def resolve_target(target: str | os.PathLike[str]) -> ResolvedTarget:
                 f"{path} is not a diffusers pipeline folder (it has no model_index.json); "
                 "pass a folder written by DiffusionPipeline.save_pretrained"
             )
+        _refuse_bundle_without_manifest(path)
         return ResolvedTarget(text, path, None)
     if path.exists():
         raise ModelNotFoundError(f"{path} is a file, not a diffusers pipeline folder")

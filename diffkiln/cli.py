@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -238,6 +239,14 @@ def _cmd_export(a: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(a: argparse.Namespace) -> int:
+    from diffkiln.core.atomic import diffkiln_output_kind
+
+    if diffkiln_output_kind(Path(a.bundle)) == "diffkiln.onnx":
+        from diffkiln.runtime.inspect_onnx import format_onnx_summary, summarize_onnx
+
+        summary = summarize_onnx(a.bundle)
+        print(json.dumps(summary, indent=2) if a.json else "\n".join(format_onnx_summary(summary, a.bundle)))
+        return 0
     from diffkiln.runtime.inspect import format_summary, summarize
 
     summary = summarize(a.bundle)
@@ -283,6 +292,19 @@ def _show_messages() -> None:
         logger.propagate = False
 
 
+def _quiet_warnings() -> None:
+    """Silence the library warnings a CLI user cannot act on. torch's ``var()``/``std()`` degrees
+    of freedom warning fires on one-element statistics (a batch of one, one calibration sample),
+    where the value returned is the one wanted; diffusers' notes on modules kept in float32 and
+    similar load-time messages are set to errors-only (the loaded model is what diffkiln asked for)."""
+    warnings.filterwarnings("ignore", message=r"(var|std)(_mean)?\(\): degrees of freedom", category=UserWarning)
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``diffkiln`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
@@ -291,6 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command != "models":
             from diffkiln.core.threads import set_threads
 
+            _quiet_warnings()
             set_threads(args.threads)
         return _cmd_models() if args.command == "models" else _COMMANDS[args.command](args)
     except DiffkilnError as exc:

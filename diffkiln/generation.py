@@ -66,6 +66,8 @@ class GenerateConfig:
         call_kwargs: pipeline-call arguments for every call (height, num_frames, ...), as
             (name, value) pairs; they override a built-in model's own. Default none.
         denoiser: the pipeline component timed as denoiser; None finds it. Default None.
+        label: what the progress bar calls the run (a report says ``evaluation: bundle``).
+            Default ``"denoising"``.
     """
 
     steps: int | None = None
@@ -75,6 +77,7 @@ class GenerateConfig:
     progress: bool = True
     call_kwargs: tuple[tuple[str, Any], ...] = ()
     denoiser: str | None = None
+    label: str = "denoising"
 
     def __post_init__(self) -> None:
         if self.steps is not None and self.steps <= 0:
@@ -131,7 +134,8 @@ def _quiet_libraries() -> None:
 
 
 def load_pipeline(target: str | os.PathLike[str] | ResolvedTarget, device: str = "cpu") -> Any:
-    """Load a built-in model, a local diffusers folder (offline, float32) or a diffkiln bundle.
+    """Load a built-in model, a local diffusers folder (offline, float32), a diffkiln bundle, or an
+    ONNX export (run in onnxruntime).
 
     Args:
         target: a built-in name, a folder path, a bundle directory, or an already resolved target.
@@ -151,7 +155,7 @@ def load_pipeline(target: str | os.PathLike[str] | ResolvedTarget, device: str =
     if resolved.bundle:
         from diffkiln.runtime import load
 
-        return load(resolved.path, device=device)
+        return load(resolved.path, device=device, backend="onnxruntime" if resolved.onnx else "torch")
     from diffkiln.runtime import resolve_device
 
     target_device = resolve_device(device)
@@ -252,7 +256,7 @@ def generate(
         **accepted_call_kwargs(pipe, call_kwargs, strict=True),
     }
     pipe.set_progress_bar_config(disable=True)
-    bar = tqdm(total=steps * n, desc="denoising", unit="sample-step", disable=not config.progress)
+    bar = tqdm(total=steps * n, desc=config.label, unit="sample-step", disable=not config.progress)
     arrays: list[np.ndarray] = []
     kind = "images"
     latents: list[torch.Tensor] = []

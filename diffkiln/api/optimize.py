@@ -237,7 +237,7 @@ def optimize(target: str | os.PathLike[str], config: OptimizeConfig) -> Path:
         cache = for_target(config.cache, config.deploy_target)
         plan = dataclasses.replace(plan, cache=search_cache(prep.pipe, prep.stats, cache, prep.context(config)))
     if config.sparse is not None:
-        plan = dataclasses.replace(plan, sparse=search_sparse(prep.pipe, prep.stats, config.sparse))
+        plan = dataclasses.replace(plan, sparse=search_sparse(prep.pipe, prep.stats, config.sparse, config.progress))
     metrics = {
         **prep.metrics,
         "deploy_target": config.deploy_target,
@@ -245,7 +245,7 @@ def optimize(target: str | os.PathLike[str], config: OptimizeConfig) -> Path:
         "quantized_layers": sum(lp.quantized for lp in plan.layers),
         "fp_layers": sum(not lp.quantized for lp in plan.layers),
     }
-    export_cfg = ExportConfig(Path(config.out), config.overwrite, config.resolved_float_storage())
+    export_cfg = ExportConfig(Path(config.out), config.overwrite, config.resolved_float_storage(), config.progress)
     if world > 1:
         metrics["ranks"] = world
     out = export_bundle(prep.pipe, plan, prep.stats, export_cfg, metrics) if rank == 0 else Path(config.out)

@@ -140,7 +140,9 @@ def _export_all(prep: Prepared, config: OptimizeConfig, plans: dict[str, Plan]) 
     storage = config.resolved_float_storage()
     bundles: dict[str, Path] = {}
     for name, plan in plans.items():
-        export_cfg = ExportConfig(out / name, overwrite=config.overwrite, float_storage=storage)
+        export_cfg = ExportConfig(
+            out / name, overwrite=config.overwrite, float_storage=storage, progress=config.progress
+        )
         bundles[name] = export_bundle(prep.pipe, plan, prep.stats, export_cfg)
     return SweepBuild(prep, bundles, [lp.name for lp in next(iter(plans.values())).layers])
 
@@ -172,6 +174,6 @@ def build_sparse_sweep(
         else:
             base = plans.get("dense") or make_plan(prep.pipe, prep.stats, config.resolved_recipe(), context)
             plans["dense"] = base
-            plans[f"sparse-{density:g}"] = dataclasses.replace(base, sparse=search_sparse(prep.pipe, prep.stats,
-                                                                                           sparse_cfg))  # fmt: skip
+            masks = search_sparse(prep.pipe, prep.stats, sparse_cfg, config.progress)
+            plans[f"sparse-{density:g}"] = dataclasses.replace(base, sparse=masks)
     return _export_all(prep, config, plans)

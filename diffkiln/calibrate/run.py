@@ -157,7 +157,7 @@ def _run_pipeline(pipe: Any, source: CallSource, config: CalibrationConfig, mode
     rec = Recorder(graph, config.samples_per_step, config.seed)
     cache_rec = CacheRecorder(find_blocks(denoiser, args, kwargs), config.seed) if config.cache_stats else None
     attn_rec = AttentionRecorder(config.attention_block) if config.attention_stats else None
-    bar = tqdm(total=n * config.steps, desc="calibrating", unit="sample-step", disable=not config.progress)
+    bar = tqdm(total=n * config.steps, desc="calibration", unit="sample-step", disable=not config.progress)
     with (
         recording(denoiser, rec),
         _maybe_cache_recording(denoiser, cache_rec),

@@ -25,6 +25,7 @@ from typing import Any, cast
 import torch
 from safetensors.torch import save_file
 from torch import nn
+from tqdm.auto import tqdm
 
 from diffkiln.calibrate.stats import CalibrationStats
 from diffkiln.core.atomic import atomic_directory, file_table
@@ -61,11 +62,13 @@ class ExportConfig:
         overwrite: replace an existing directory. Default False (an existing one is an error).
         float_storage: LOSSLESS keeps every float tensor exact; FLOAT16 rounds them to float16
             like an FP16 checkpoint (the runtime computes in float32 either way). Default LOSSLESS.
+        progress: show a ``freeze`` progress bar over the quantized layers. Default False.
     """
 
     out: Path
     overwrite: bool = False
     float_storage: FloatStorage = FloatStorage.LOSSLESS
+    progress: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.float_storage, FloatStorage):
@@ -95,7 +98,7 @@ _FLOAT_SUFFIXES = ("bias", "bos_rows")  # per-layer float tensors that follow fl
 
 
 def _write_denoiser(
-    model: Any, plan: Plan, stats: CalibrationStats, folder: Path, storage: FloatStorage
+    model: Any, plan: Plan, stats: CalibrationStats, folder: Path, storage: FloatStorage, progress: bool = False
 ) -> tuple[str, dict[str, Any]]:
     denoiser = find_denoiser(model, plan.denoiser or None)
     name = MODULE_FOLDER if isinstance(model, nn.Module) else _denoiser_name(model, denoiser)
@@ -110,9 +113,8 @@ def _write_denoiser(
     tensors: dict[str, torch.Tensor] = {}
     quant_layers: dict[str, Any] = {}
     quantized_params: set[str] = set()
-    for lp in plan.layers:
-        if not lp.quantized:
-            continue
+    quantized = [lp for lp in plan.layers if lp.quantized]
+    for lp in tqdm(quantized, desc="freeze: packing weights", unit="layer", disable=not progress):
         module = layers[lp.name]
         frozen = freeze_layer(module, lp, stats.layers.get(lp.name))
         for suffix, t in frozen.items():
@@ -200,7 +202,7 @@ def export_bundle(
     out = Path(config.out)
     module = isinstance(model, nn.Module)
     with atomic_directory(out, config.overwrite) as tmp:
-        denoiser_name, quant = _write_denoiser(model, plan, stats, tmp, config.float_storage)
+        denoiser_name, quant = _write_denoiser(model, plan, stats, tmp, config.float_storage, config.progress)
         if not module:
             for name, comp in model.components.items():
                 if comp is None or name == denoiser_name or not hasattr(comp, "save_pretrained"):

@@ -228,7 +228,7 @@ def search_cache(model: Any, stats: CalibrationStats, config: CacheConfig, conte
     measure = LatentRun(model, stats, config.validate_samples)
     rows = []
     best: tuple[float, CacheSchedule] | None = None
-    bar = tqdm(proposals, desc="validating cache schedules", unit="schedule", disable=not context.progress)
+    bar = tqdm(proposals, desc="cache search: validating schedules", unit="schedule", disable=not context.progress)
     for label, schedule, proxy in bar:
         score, fraction = measure.score(schedule)
         rows.append({"schedule": label, "proxy": None if math.isnan(proxy) else round(proxy, 4),

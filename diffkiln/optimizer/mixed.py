@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from diffkiln.calibrate.stats import CalibrationStats
 from diffkiln.core.configs import config_to_dict
@@ -235,7 +236,8 @@ def search_mixed(model: Any, stats: CalibrationStats, config: MixedConfig, conte
     measured: list[dict[str, Any]] = []
     plans: list[Plan] = []
     scores: list[np.ndarray] = []
-    for avgs, wbits, abits in allocations:
+    bar = tqdm(allocations, desc="mixed search: measuring plans", unit="plan", disable=not context.progress)
+    for avgs, wbits, abits in bar:
         plan = dataclasses.replace(base, recipe="mixed", layers=_mixed_layers(base, wbits, abits, config.group_size))
         scores.append(_measure_plan(model, plan, stats, workload))
         plans.append(plan)

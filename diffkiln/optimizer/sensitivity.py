@@ -402,7 +402,7 @@ def analyze_sensitivity(
     barrier()  # every rank has read the shards before any appends to its own
     reused = sum(t.key() in done for t in trials)
     todo = [t for t in trials if t.key() not in done][rank::world]
-    bar = tqdm(total=len(trials), initial=len(trials) - len(todo), desc="sensitivity", unit="trial",
+    bar = tqdm(total=len(trials), initial=len(trials) - len(todo), desc="mixed search: sensitivity", unit="trial",
                disable=not config.progress)  # fmt: skip
     ctx_args = (dict(roles), dict(sims), config.prompts, config.quality_steps, config.group_size)
     try:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from diffkiln.calibrate.attention_stats import AttentionStats
 from diffkiln.calibrate.stats import CalibrationStats
@@ -192,10 +193,11 @@ def _proposals(config: SparseConfig) -> list[tuple[str, SparseConfig]]:
     ]
 
 
-def search_sparse(model: Any, stats: CalibrationStats, config: SparseConfig) -> SparsePlan:
+def search_sparse(model: Any, stats: CalibrationStats, config: SparseConfig, progress: bool = False) -> SparsePlan:
     """Masks for ``model``: the integer program's optimum for each proposal (:func:`_proposals`),
     each sampled on ``config.validate_samples`` calibration samples (latent SQNR against dense
-    attention); the best measured is kept (without validation, the first proposal's).
+    attention); the best measured is kept (without validation, the first proposal's). ``progress``
+    shows a bar over the validations.
 
     Raises:
         InvalidInputError: no attention statistics, or no proposal reaches the budget.
@@ -225,7 +227,8 @@ def search_sparse(model: Any, stats: CalibrationStats, config: SparseConfig) -> 
     if config.validate_samples and not isinstance(model, torch.nn.Module):
         measure = LatentRun(model, stats, config.validate_samples)
         scores = []
-        for label, plan in plans:
+        bar = tqdm(plans, desc="sparse search: validating masks", unit="mask set", disable=not progress)
+        for label, plan in bar:
 
             def applied(masks: SparsePlan = plan) -> Any:
                 return sparse_plan_applied(measure.denoiser, masks)
@@ -252,7 +255,7 @@ def plan_sparse(model: Any, stats: CalibrationStats, config: SparseConfig, conte
         layers=float_layer_plans(model, stats, "the sparse recipe keeps float weights"),
         notes={"recipe_config": config_to_dict(config), "calibration": stats.settings},
         denoiser=stats.denoiser,
-        sparse=search_sparse(model, stats, config),
+        sparse=search_sparse(model, stats, config, context.progress),
     )
 
 

@@ -17,7 +17,16 @@ from diffkiln.core.pipelines import find_denoiser
 from diffkiln.generation import GenerationResult
 from diffkiln.nn import QConv, QLinear
 
-__all__ = ["QUALITY_GATE_KEYS", "fidelity", "format_quality", "per_layer_sqnr", "read_report", "regressions"]
+__all__ = [
+    "QUALITY_GATE_KEYS",
+    "check_same_model",
+    "fidelity",
+    "format_quality",
+    "onnx_denoiser_sizes",
+    "per_layer_sqnr",
+    "read_report",
+    "regressions",
+]
 
 QUALITY_GATE_KEYS = (
     "quality.content_accuracy",
@@ -166,3 +175,42 @@ def format_quality(data: dict[str, Any]) -> str | None:
         f"content_accuracy={fmt(q['content_accuracy'])} heldout={fmt(q['content_accuracy_heldout'])} "
         f"pairs={fmt(q['content_accuracy_pairs'])} (n={q['n_prompts']})"
     )
+
+
+def check_same_model(base: Any, pipeline: dict[str, Any], weight_hash: str | None, source: str) -> None:
+    """Refuse a baseline that is not the bundle's source model: another pipeline or denoiser class
+    (``pipeline``: the manifest's ``pipeline`` section), or other weights than ``weight_hash``. A
+    fidelity figure against another model would look meaningful and mean nothing.
+
+    Raises:
+        InvalidInputError: naming what differs and the fix.
+    """
+    from diffkiln.core.pipelines import pipeline_weight_hash
+
+    fix = "pass the model the bundle was built from, or --force-baseline to compare anyway"
+    want = pipeline.get("class")
+    if want and type(base).__name__ != want:
+        raise InvalidInputError(f"--baseline {source!r} is a {type(base).__name__}, the bundle a {want}; {fix}")
+    denoiser = getattr(base, pipeline["denoiser"], None)
+    want_denoiser = pipeline.get("denoiser_class")
+    if want_denoiser and type(denoiser).__name__ != want_denoiser:
+        raise InvalidInputError(
+            f"--baseline {source!r}'s denoiser is a {type(denoiser).__name__}, the bundle's a {want_denoiser}; {fix}"
+        )
+    if weight_hash and pipeline_weight_hash(base) != weight_hash:
+        raise InvalidInputError(
+            f"--baseline {source!r} has other weights than the model the bundle was built from "
+            f"(weight hash recorded {weight_hash[:12]}...); {fix}"
+        )
+
+
+def onnx_denoiser_sizes(folder: Path, manifest: dict[str, Any], base: Any) -> tuple[int, int]:
+    """(bytes of an ONNX export's denoiser graphs, the FP baseline denoiser's FP16 bytes)."""
+    name = manifest["pipeline"]["denoiser"]
+    files = {manifest["components"][name]["file"]}
+    if manifest.get("cache_graph"):
+        files.add(str(manifest["cache_graph"].get("file", "")))
+    stored = sum((folder / f).stat().st_size for f in files if f and (folder / f).is_file())
+    denoiser = getattr(base, name)
+    fp16 = 2 * sum(t.numel() for t in [*denoiser.parameters(), *denoiser.buffers()])
+    return stored, fp16

@@ -88,7 +88,8 @@ class ReportConfig:
 
     def generate_config(self) -> GenerateConfig:
         """The sampling settings as a GenerateConfig."""
-        return GenerateConfig(self.steps, self.guidance, self.seed, self.batch_size, self.progress, self.call_kwargs)
+        return GenerateConfig(self.steps, self.guidance, self.seed, self.batch_size, self.progress, self.call_kwargs,
+                              label="evaluation")  # fmt: skip
 
 
 @dataclass
@@ -140,7 +141,8 @@ def build_report(target: str | os.PathLike[str] | ResolvedTarget, config: Report
     before = (cache_run.evaluated, cache_run.uncached) if cache_run is not None else (0, 0)
     sparse_run = getattr(pipe, "diffkiln_sparse", None)
     sparse_before = (sparse_run.kept, sparse_run.dense) if sparse_run is not None else (0.0, 0.0)
-    result = generate(pipe, prompts, config.generate_config(), resolved, measure=resolved.bundle,
+    label = "evaluation: bundle" if resolved.bundle else "evaluation"
+    result = generate(pipe, prompts, replace(config.generate_config(), label=label), resolved, measure=resolved.bundle,
                       samples=None if config.eval_prompts else config.eval_size)  # fmt: skip
     counts = (cache_run.evaluated - before[0], cache_run.uncached - before[1]) if cache_run is not None else None
     attention = _attention_section(sparse_run, sparse_before) if sparse_run is not None else None
@@ -200,30 +202,6 @@ def _attention_section(run: Any, before: tuple[float, float]) -> dict[str, Any]:
     }
 
 
-def _check_same_model(base: Any, manifest: dict[str, Any], source: str) -> None:
-    """Refuse a baseline that is not the bundle's source model: another pipeline or denoiser
-    class, or other weights (the hash the plan recorded). A fidelity figure against another model
-    would look meaningful and mean nothing."""
-    from diffkiln.core.pipelines import pipeline_weight_hash
-
-    fix = "pass the model the bundle was built from, or --force-baseline to compare anyway"
-    want = manifest["pipeline"].get("class")
-    if want and type(base).__name__ != want:
-        raise InvalidInputError(f"--baseline {source!r} is a {type(base).__name__}, the bundle a {want}; {fix}")
-    denoiser = getattr(base, manifest["pipeline"]["denoiser"], None)
-    want_denoiser = manifest["pipeline"].get("denoiser_class")
-    if want_denoiser and type(denoiser).__name__ != want_denoiser:
-        raise InvalidInputError(
-            f"--baseline {source!r}'s denoiser is a {type(denoiser).__name__}, the bundle's a {want_denoiser}; {fix}"
-        )
-    recorded = manifest.get("source", {}).get("weight_hash")
-    if recorded and pipeline_weight_hash(base) != recorded:
-        raise InvalidInputError(
-            f"--baseline {source!r} has other weights than the model the bundle was built from "
-            f"(weight hash recorded {recorded[:12]}...); {fix}"
-        )
-
-
 def _compare_with_baseline(
     pipe: Any,
     resolved: ResolvedTarget,
@@ -240,24 +218,28 @@ def _compare_with_baseline(
         (the baseline's generation, its judged images, the per-layer SQNR chart's values).
     """
     from diffkiln.core.errors import ModelNotFoundError
-    from diffkiln.report.compare import fidelity, per_layer_sqnr
+    from diffkiln.report.compare import check_same_model, fidelity, onnx_denoiser_sizes, per_layer_sqnr
     from diffkiln.runtime.inspect import denoiser_sizes
 
     manifest = pipe.diffkiln_manifest
-    source = config.baseline or manifest["source"].get("id", "")
+    origin = manifest["bundle"]["source"] if resolved.onnx else manifest["source"]
+    source = config.baseline or origin.get("id", "")
     try:
         base_target = resolve_target(source)
     except ModelNotFoundError as exc:
         raise ModelNotFoundError(f"cannot load the FP baseline {source!r} ({exc}); pass --baseline MODEL") from None
     base = load_pipeline(base_target, config.device)
     if not config.force_baseline:
-        _check_same_model(base, manifest, source)
+        check_same_model(base, manifest["pipeline"], origin.get("weight_hash"), source)
     gen_cfg = replace(config.generate_config(), steps=result.steps, guidance=result.guidance,
-                      denoiser=manifest["pipeline"]["denoiser"])  # fmt: skip
+                      denoiser=manifest["pipeline"]["denoiser"], label="evaluation: FP baseline")  # fmt: skip
     samples = len(result.prompts)
     base_result = generate(base, result.prompts, gen_cfg, base_target, measure=True, samples=samples)
     base_judged = judge_all(base_result, judge_kind)
-    stored, fp16 = denoiser_sizes(resolved.path, manifest)
+    if resolved.onnx:
+        stored, fp16 = onnx_denoiser_sizes(resolved.path, manifest, base)
+    else:
+        stored, fp16 = denoiser_sizes(resolved.path, manifest)
     data["baseline"] = {
         "target": base_target.name,
         "latency": {"ms_per_step": base_result.extras["denoiser_ms_per_step"]},
@@ -270,13 +252,17 @@ def _compare_with_baseline(
         "denoiser_bytes": stored,
         "denoiser_fp16_bytes": fp16,
         "denoiser_ratio_vs_fp16": stored / fp16 if fp16 else None,
-        "bundle_bytes": sum(info["bytes"] for info in manifest["files"].values()),
+        "bundle_bytes": sum(f.stat().st_size for f in resolved.path.rglob("*") if f.is_file()),
     }
     data["latency"] = {"ms_per_step": result.extras["denoiser_ms_per_step"]}
     data["memory"] = {
         "peak_bytes": result.extras["peak_bytes"],
         "note": "process peak RSS on CPU (both pipelines resident), allocator peak on CUDA",
     }
+    if resolved.onnx:  # onnxruntime runs the graphs: no torch layers to hook, no BOS or cache variants
+        runtime = f"onnxruntime, opset {manifest['opset']}, {manifest['compute']} compute"
+        data["plan"] = {"recipe": manifest["bundle"]["recipe"], "simulated": False, "runtime": runtime}
+        return base_result, base_judged, {}
     data["plan"] = {
         "avg_weight_bits": manifest["quant"]["avg_weight_bits"],
         "avg_act_bits": manifest["quant"]["avg_act_bits"],
@@ -381,8 +367,14 @@ def write_report(rep: Report, out_dir: str | os.PathLike[str]) -> tuple[Path, Pa
     out.mkdir(parents=True, exist_ok=True)
     json_path, html_path = out / "report.json", out / "report.html"
     rep.data = _finite(rep.data)
-    json_path.write_text(json.dumps(rep.data, indent=2, allow_nan=False, default=_json_default) + "\n")
-    html_path.write_text(render_html(rep), encoding="utf-8")
+    # Both rendered before either is written, each written whole (temp file, then renamed): a
+    # failure leaves the folder as it was, never a report.json without its page.
+    texts = {json_path: json.dumps(rep.data, indent=2, allow_nan=False, default=_json_default) + "\n",
+             html_path: render_html(rep)}  # fmt: skip
+    for path, text in texts.items():
+        tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
     return json_path, html_path
 
 

@@ -144,7 +144,7 @@ def _bundle_sections(rep: Report) -> list[str]:
         ("bundle bytes", sz["bundle_bytes"]),
         ("denoiser ms/step: bundle / FP", f"{d['latency']['ms_per_step']:.2f} / {b['latency']['ms_per_step']:.2f}"),
         ("peak memory bytes: bundle / FP", f"{d['memory']['peak_bytes']} / {b['memory']['peak_bytes']}"),
-        ("avg weight bits / act bits", f"{d['plan']['avg_weight_bits']:.2f} / {d['plan']['avg_act_bits']:.2f}"),
+        ("avg weight bits / act bits", _bits(d["plan"])),
         ("integer kernels (not simulated)", not d["plan"]["simulated"]),
         ("device", d["device"]),
     ]
@@ -263,3 +263,10 @@ def render_html(rep: Report) -> str:
         parts.append("<div class=grid>" + "".join(_cell(j) for j in members) + "</div>")
     parts.append("<h2>report.json</h2><pre>" + html.escape(json.dumps(d, indent=2)) + "</pre></body></html>")
     return "\n".join(parts)
+
+
+def _bits(plan: dict[str, Any]) -> str:
+    """A bundle's average weight/activation bits; an ONNX export's runtime (it keeps the bundle's recipe)."""
+    if plan.get("avg_weight_bits") is None:
+        return f"recipe {plan.get('recipe')}; {plan.get('runtime', '')}"
+    return f"{plan['avg_weight_bits']:.2f} / {plan['avg_act_bits']:.2f}"

@@ -181,13 +181,16 @@ class ResolvedTarget:
         name: what the user typed (a built-in name, or the folder path).
         path: the diffusers pipeline folder, or the bundle directory.
         builtin: the built-in model entry (for a bundle: of its source model), or None.
-        bundle: True when the path is a diffkiln bundle (holds manifest.json).
+        bundle: True when the path is a diffkiln bundle or ONNX export (holds manifest.json).
+        onnx: True when the path is an ONNX export (``diffkiln export --format onnx``), run in
+            onnxruntime.
     """
 
     name: str
     path: Path
     builtin: BuiltinModel | None
     bundle: bool = False
+    onnx: bool = False
 
     @property
     def call_kwargs(self) -> dict[str, Any]:
@@ -209,13 +212,20 @@ def get_builtin(name: str) -> BuiltinModel:
         ) from None
 
 
-def _bundle_source(path: Path) -> BuiltinModel | None:
-    """The built-in model a bundle was built from, if any (read without verifying the bundle)."""
+def _bundle_source(path: Path) -> tuple[BuiltinModel | None, bool]:
+    """(the built-in model a bundle or ONNX export was built from, if any; whether it is an ONNX
+    export), read without verifying the folder: the verified load reports any real problem."""
     try:
-        source = json.loads((path / "manifest.json").read_text(encoding="utf-8")).get("source", {})
+        manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return None  # the runtime's verified load reports the real problem
-    return BUILTIN_MODELS.get(source.get("id", "")) if isinstance(source, dict) else None
+        return None, False
+    if not isinstance(manifest, dict):
+        return None, False
+    onnx = manifest.get("format") == "diffkiln.onnx"
+    origin = manifest.get("bundle", {}) if onnx else manifest
+    source = origin.get("source", {}) if isinstance(origin, dict) else {}
+    builtin = BUILTIN_MODELS.get(str(source.get("id", ""))) if isinstance(source, dict) else None
+    return builtin, onnx
 
 
 def _refuse_bundle_without_manifest(path: Path) -> None:
@@ -258,7 +268,8 @@ def resolve_target(target: str | os.PathLike[str]) -> ResolvedTarget:
         return ResolvedTarget(text, model.path, model)
     path = Path(text)
     if path.is_dir() and (path / "manifest.json").is_file():
-        return ResolvedTarget(text, path, _bundle_source(path), bundle=True)
+        builtin, onnx = _bundle_source(path)
+        return ResolvedTarget(text, path, builtin, bundle=True, onnx=onnx)
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise ModelNotFoundError(

@@ -298,11 +298,17 @@ def _quiet_warnings() -> None:
     where the value returned is the one wanted; diffusers' notes on modules kept in float32 and
     similar load-time messages are set to errors-only (the loaded model is what diffkiln asked for)."""
     warnings.filterwarnings("ignore", message=r"(var|std)(_mean)?\(\): degrees of freedom", category=UserWarning)
+    # torch's ONNX exporter: its own deprecation notes, and that torchvision's ops are not registered
+    # (diffkiln exports none of them).
+    warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec", category=FutureWarning)
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     from diffusers.utils import logging as dlog
     from transformers.utils import logging as tlog
 
     dlog.set_verbosity_error()
     tlog.set_verbosity_error()
+    dlog.disable_progress_bar()  # per-file loading bars: diffkiln's own bars name the stages
+    tlog.disable_progress_bar()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -264,7 +264,9 @@ def _add_report(sub: Any) -> None:
         "a self-contained DIR/report.html. For a bundle, the FP baseline runs on the same inputs and seeds and "
         "the report adds fidelity (latent SQNR, image PSNR/SSIM or audio SNR), sizes, speed and memory.",
     )
-    r.add_argument("target", metavar="TARGET", help="built-in model name, diffusers folder or bundle")
+    r.add_argument(
+        "target", metavar="TARGET", help="built-in model name, diffusers folder, bundle, or ONNX export (onnxruntime)"
+    )
     src = r.add_mutually_exclusive_group()
     src.add_argument("--eval-size", type=positive_int, default=200, help="prompts per set (default 200)")
     src.add_argument("--eval-prompts", type=Path, metavar="FILE", help="evaluate these prompts instead")
@@ -403,7 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="generate samples (images, videos, audio) from prompts",
         description="One output per prompt (PNG, GIF for video, WAV for audio); sample i uses seed+i.",
     )
-    g.add_argument("target", metavar="TARGET", help="built-in model name, diffusers folder or bundle")
+    g.add_argument(
+        "target", metavar="TARGET", help="built-in model name, diffusers folder, bundle, or ONNX export (onnxruntime)"
+    )
     g.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a prompt (repeatable)")
     g.add_argument("--prompts", type=Path, metavar="FILE", help="file with one prompt per line ('#' comments)")
     g.add_argument("--samples", type=positive_int, help="for pipelines without text: how many samples")
@@ -425,7 +429,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, default=None, help="output folder (default out/sensitivity-<model>)")
     s.add_argument("--top", type=non_negative_int, default=20, help="table rows to print, most sensitive first (20)")
     _add_export(sub)
-    i = sub.add_parser("inspect", help="summarize a bundle: components, layers by bit-width and role, sizes, BOS")
-    i.add_argument("bundle", metavar="BUNDLE", type=Path, help="bundle directory")
+    i = sub.add_parser(
+        "inspect",
+        help="summarize a bundle (components, layers by bit-width and role, sizes, BOS) or an ONNX export "
+        "(graphs, opset, export checks, sizes); verifies every file first",
+    )
+    i.add_argument("bundle", metavar="BUNDLE", type=Path, help="bundle directory or ONNX export folder")
     i.add_argument("--json", action="store_true", help="print the summary as JSON")
     return parser

@@ -138,7 +138,7 @@ def test_inspect_of_a_corrupt_bundle_is_a_clean_error(bundle: Path, tmp_path: Pa
     bad = tmp_path / "bad"
     shutil.copytree(bundle, bad)
     (bad / "manifest.json").write_text("{")
-    assert main(["inspect", str(bad)]) == 2
+    assert main(["inspect", str(bad)]) == 1  # a failure, not a usage error: the bundle fails its checks
     assert "not valid JSON" in capsys.readouterr().err
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -104,7 +105,11 @@ def config_from_options(
     hints = typing.get_type_hints(cls)
     try:
         return cls(**{k: _convert(v, hints[k]) for k, v in given.items()})
-    except InvalidInputError:
-        raise
     except (TypeError, ValueError) as exc:
-        raise InvalidInputError(f"{what}: {exc}") from None
+        message = str(exc)
+        for name, typed in (flags or {}).items():  # say "--avg-weight-bits", as the user typed it
+            if "_" in name:
+                message = re.sub(rf"\b{re.escape(name)}\b", typed, message)
+        if isinstance(exc, InvalidInputError):
+            raise type(exc)(message) from None
+        raise InvalidInputError(f"{what}: {message}") from None

@@ -20,6 +20,7 @@ import importlib
 import importlib.util
 import inspect
 import json
+import logging
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -49,6 +50,8 @@ __all__ = [
     "resolve_component_class",
     "step_callback_kwargs",
 ]
+
+log = logging.getLogger(__name__)
 
 
 def _is_transformers_model(module: nn.Module) -> bool:
@@ -217,13 +220,26 @@ def accepted_call_kwargs(pipe: Any, kwargs: Mapping[str, Any], strict: bool = Fa
             pipeline's parameters.
     """
     params = call_parameters(pipe)
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return dict(kwargs)
     unknown = [k for k in kwargs if k not in params]
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        for name in unknown if strict else []:
+            _warn_once(f"{type(pipe).__name__} has no parameter {name!r}: it goes to the call's **kwargs, which the "
+                       "pipeline may ignore; check the spelling against its __call__")  # fmt: skip
+        return dict(kwargs)
     if strict and unknown:
         valid = ", ".join(sorted(k for k in params if k != "self"))
         raise InvalidInputError(f"{type(pipe).__name__} takes no argument {unknown[0]!r}; it takes: {valid}")
     return {k: v for k, v in kwargs.items() if k in params}
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """Log ``message`` once per process: the calls it concerns repeat every batch."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        log.warning(message)
 
 
 StepCallback = Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]]

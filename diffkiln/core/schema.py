@@ -76,6 +76,19 @@ def read_json(path: Path) -> Any:
     return read_json_file(path)
 
 
+def _configs(folder: Path) -> str:
+    """The text of the component configs directly under ``folder`` (small files; unreadable ones
+    count as empty), to tell a bundle that lost its manifest from a plain diffusers folder."""
+    texts = []
+    for config in sorted(folder.glob("*/config.json"))[:64]:
+        try:
+            if config.is_file() and not config.is_symlink() and config.stat().st_size < 1 << 20:
+                texts.append(config.read_text(encoding="utf-8", errors="replace"))
+        except OSError:
+            continue
+    return "\n".join(texts)
+
+
 def read_manifest(bundle: Path) -> dict[str, Any]:
     """Read and check a bundle's manifest: JSON, format name, version and required sections.
 
@@ -86,6 +99,11 @@ def read_manifest(bundle: Path) -> dict[str, Any]:
     if not bundle.is_dir():
         raise OutputPathError(f"{bundle} is not a bundle directory; give the folder `diffkiln optimize --out` wrote")
     if not path.exists() and not path.is_symlink():
+        if (bundle / "model_index.json").is_file() and PLAIN_DIFFUSERS_GUARD["quant_method"] not in _configs(bundle):
+            raise OutputPathError(
+                f"{bundle} is a diffusers pipeline folder, not a bundle; build one with "
+                f"`diffkiln optimize {bundle} --out BUNDLE` and give BUNDLE"
+            )
         raise BundleError(f"{bundle} has no {MANIFEST_NAME}; it is not a diffkiln bundle or its export was interrupted")
     manifest = read_json(path)
     if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:

@@ -132,7 +132,9 @@ def build_report(target: str | os.PathLike[str] | ResolvedTarget, config: Report
             target (:func:`~diffkiln.report.judging.prompt_source`).
     """
     resolved = target if isinstance(target, ResolvedTarget) else resolve_target(target)
-    judge_kind = config.judge or (resolved.builtin.judge if resolved.builtin else JudgeKind.NONE)
+    # A bundle of a built-in model built under another source id is judged as its --baseline is.
+    builtin = resolved.builtin or (resolve_target(config.baseline).builtin if config.baseline else None)
+    judge_kind = config.judge or (builtin.judge if builtin else JudgeKind.NONE)
     t0 = time.perf_counter()
     pipe = load_pipeline(resolved, config.device)
     prompts, source = prompt_source(config, judge_kind, _recorded_prompts(pipe), resolved.name)

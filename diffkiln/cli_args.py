@@ -395,8 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads",
         type=positive_int,
         metavar="N",
-        help="CPU threads for torch and onnxruntime (default: $OMP_NUM_THREADS, else the CPUs not busy with "
-        "other jobs by the 1-minute load average); give it before the command: diffkiln --threads 2 optimize ...",
+        help="CPU threads for torch and onnxruntime (default: $OMP_NUM_THREADS, else the CPUs other processes "
+        "leave idle when the command starts); give it before the command: diffkiln --threads 2 optimize ...",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     sub.add_parser("models", help="list the built-in models, one per line")

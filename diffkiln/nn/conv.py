@@ -75,6 +75,8 @@ class QConv(IntGemm):
 class QConv2d(QConv):
     """Integer 2-D convolution: a backend's direct kernel, or im2col + integer GEMM."""
 
+    _PREPARED = ("_packed", "_direct")
+
     def __init__(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         super().__init__(tensors, meta)
         # A backend's direct integer convolution (oneDNN on x86), per device; None: im2col + GEMM.

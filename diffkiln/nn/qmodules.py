@@ -85,6 +85,9 @@ class IntGemm(nn.Module):
     unpacked to int8 per call, so resident memory is the packed size.
     """
 
+    _PREPARED: tuple[str, ...] = ("_packed",)
+    """The per-device caches of prepared kernels, emptied by a move (:meth:`_apply`)."""
+
     weight_t: torch.Tensor | None
     weight_packed: torch.Tensor | None
     weight_group_mult: torch.Tensor | None
@@ -159,6 +162,18 @@ class IntGemm(nn.Module):
         if self.weight_t is not None and getattr(prepared, "holds_codes", False):
             self._codes_home = prepared
             self.weight_t = None
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        # A move (``pipe.to("cuda")``, or a dtype change) first takes the int8 codes back from
+        # the prepared kernels into ``weight_t``, so the move carries them; the prepared kernels
+        # of the old placement (oneDNN's prepacked copy is CPU-only) are dropped and the new
+        # placement prepares its own on first use.
+        if self._codes_home is not None:
+            self.weight_t = self._codes_home.codes_t().contiguous()
+            self._codes_home = None
+        for name in self._PREPARED:
+            getattr(self, name).clear()
+        return super()._apply(fn, recurse)
 
     def _current_grid(self) -> ActGrid:
         """This call's activation grid: the selected step's for timestep-aware layers."""

@@ -68,3 +68,18 @@ def test_a_move_after_a_run_equals_loading_on_the_new_device(bundle: Path, monke
     # grows it: 16 dB after three steps, 21 dB after twenty).
     quality = sqnr_db(on_cpu.numpy(), after_move.numpy())
     assert quality >= 35.0, quality
+
+
+@pytest.mark.gpu
+def test_a_move_to_cuda_after_a_cpu_run(bundle: Path) -> None:
+    pipe = load(bundle, device="cpu")
+    _latents(pipe, steps=1)  # the CPU run hands the codes to oneDNN's prepacked weights
+    pipe.to("cuda")
+
+    def on_cuda(p: Any) -> torch.Tensor:
+        p.set_progress_bar_config(disable=True)
+        with torch.no_grad():
+            return p("a red circle on the left", num_inference_steps=3, output_type="latent",
+                     generator=torch.Generator("cuda").manual_seed(0)).images.cpu()  # fmt: skip
+
+    assert torch.equal(on_cuda(pipe), on_cuda(load(bundle, device="cuda")))

@@ -1,18 +1,22 @@
 """torch.distributed as the stages use it: this process's rank, the process group from torchrun's
-environment, rank 0 first, and gathering Python objects. With no process group every helper is
+environment, rank 0 first, gathering Python objects, and a map whose items are dealt over the
+ranks (the searches' candidate validations). With no process group every helper is
 the single-process case (rank 0 of 1), so the stages call them unconditionally.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["all_gather_objects", "barrier", "init_distributed", "rank_world", "rank_zero_first"]
+__all__ = ["all_gather_objects", "barrier", "init_distributed", "rank_world", "rank_zero_first", "sharded_map"]
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 _BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
 
@@ -81,3 +85,24 @@ def all_gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * world
     dist.all_gather_object(out, obj)
     return out
+
+
+def sharded_map(fn: Callable[[T], R], items: Sequence[T], progress: Any = None) -> list[R]:
+    """``[fn(x) for x in items]`` with the items dealt round-robin over the ranks; every rank gets
+    the whole list, in order. Each item's result is computed by one rank with the same code as in
+    one process, so the list is the single-process one wherever ``fn`` is deterministic.
+
+    Args:
+        fn: the work per item.
+        items: the items.
+        progress: wraps this rank's share for display (e.g. a ``tqdm`` partial), or None.
+    """
+    rank, world = rank_world()
+    share = range(rank, len(items), world)
+    mine = {i: fn(items[i]) for i in (progress(share) if progress is not None else share)}
+    if world == 1:
+        return [mine[i] for i in range(len(items))]
+    merged: dict[int, R] = {}
+    for part in all_gather_objects(mine):
+        merged.update(part)
+    return [merged[i] for i in range(len(items))]

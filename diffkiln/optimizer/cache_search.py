@@ -18,6 +18,7 @@ compute budget, by proxies first and by really sampling the calibration prompts 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from diffkiln.calibrate.cache_stats import CacheCandidate, CacheStats
 from diffkiln.calibrate.stats import CalibrationStats
 from diffkiln.core.cache_schedule import CacheMechanism, CacheSchedule
 from diffkiln.core.configs import config_to_dict
+from diffkiln.core.distributed import sharded_map
 from diffkiln.core.errors import InvalidInputError
 from diffkiln.core.plan import Plan
 from diffkiln.optimizer.cache_validate import LatentRun, longest_reuse, refine
@@ -228,9 +230,11 @@ def search_cache(model: Any, stats: CalibrationStats, config: CacheConfig, conte
     measure = LatentRun(model, stats, config.validate_samples)
     rows = []
     best: tuple[float, CacheSchedule] | None = None
-    bar = tqdm(proposals, desc="cache search: validating schedules", unit="schedule", disable=not context.progress)
-    for label, schedule, proxy in bar:
-        score, fraction = measure.score(schedule)
+    bar = functools.partial(tqdm, desc="cache search: validating schedules", unit="schedule",
+                            disable=not context.progress)  # fmt: skip
+    # Each rank validates its share of the proposals (one process: all of them).
+    scores = sharded_map(lambda proposal: measure.score(proposal[1]), proposals, bar)
+    for (label, schedule, proxy), (score, fraction) in zip(proposals, scores, strict=True):
         rows.append({"schedule": label, "proxy": None if math.isnan(proxy) else round(proxy, 4),
                      "score": round(score, 4), "compute_fraction": round(fraction, 4),
                      "compute": schedule.pattern})  # fmt: skip

@@ -19,6 +19,7 @@ attention (e.g. cross-attention to the text) is not counted and runs dense.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from tqdm.auto import tqdm
 from diffkiln.calibrate.attention_stats import AttentionStats
 from diffkiln.calibrate.stats import CalibrationStats
 from diffkiln.core.configs import config_to_dict
+from diffkiln.core.distributed import sharded_map
 from diffkiln.core.errors import InvalidInputError
 from diffkiln.core.plan import Plan
 from diffkiln.core.sparse_plan import LayerMasks, SparsePlan, pack_mask
@@ -214,27 +216,35 @@ def search_sparse(model: Any, stats: CalibrationStats, config: SparseConfig, pro
             f"{config.block}; calibrate with attention_block={config.block}"
         )
     t0 = time.perf_counter()
-    plans: list[tuple[str, SparsePlan]] = []
-    for label, proposal in _proposals(config):
+    attention = stats.attention
+
+    def solve(candidate: tuple[str, SparseConfig]) -> SparsePlan | None:
         try:
-            plans.append((label, search_masks(stats.attention, proposal)))
+            return search_masks(attention, candidate[1])
         except InvalidInputError:
-            continue  # this family subset cannot reach the budget
+            return None  # this family subset cannot reach the budget
+
+    # Each rank solves its share of the proposals' integer programs (one process: all of them).
+    proposals = list(_proposals(config))
+    solved = sharded_map(solve, proposals)
+    plans = [(label, plan) for (label, _), plan in zip(proposals, solved, strict=True) if plan is not None]
     if not plans:
         search_masks(stats.attention, config)  # raises with the least reachable density
     rows: list[dict[str, Any]] = []
     best = plans[0]
     if config.validate_samples and not isinstance(model, torch.nn.Module):
         measure = LatentRun(model, stats, config.validate_samples)
-        scores = []
-        bar = tqdm(plans, desc="sparse search: validating masks", unit="mask set", disable=not progress)
-        for label, plan in bar:
+        bar = functools.partial(tqdm, desc="sparse search: validating masks", unit="mask set", disable=not progress)
 
-            def applied(masks: SparsePlan = plan) -> Any:
+        def validate(candidate: tuple[str, SparsePlan]) -> float:
+            def applied(masks: SparsePlan = candidate[1]) -> Any:
                 return sparse_plan_applied(measure.denoiser, masks)
 
-            score = measure.sqnr_under(applied)
-            scores.append(score)
+            return measure.sqnr_under(applied)
+
+        # Each rank validates its share of the proposals (one process: all of them).
+        scores = sharded_map(validate, plans, bar)
+        for (label, plan), score in zip(plans, scores, strict=True):
             rows.append({"proposal": label, "density": round(plan.density, 4), "sqnr_db": round(score, 3),
                          "planned_error": round(plan.search["planned_error"], 4)})  # fmt: skip
         best = plans[max(range(len(plans)), key=lambda i: scores[i])]

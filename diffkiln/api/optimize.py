@@ -22,7 +22,7 @@ import torch
 from diffkiln.calibrate import CalibrationConfig, CalibrationStats, calibrate
 from diffkiln.calibrate.prompts import generic_prompts
 from diffkiln.core.atomic import check_output_folder
-from diffkiln.core.distributed import barrier, init_distributed, rank_world, rank_zero_first
+from diffkiln.core.distributed import barrier, init_distributed, rank_world
 from diffkiln.core.errors import InvalidInputError
 from diffkiln.export import ExportConfig, FloatStorage, export_bundle
 from diffkiln.generation import load_pipeline, read_prompts
@@ -229,8 +229,7 @@ def optimize(target: str | os.PathLike[str], config: OptimizeConfig) -> Path:
     """
     check_output_folder(Path(config.out), config.overwrite)
     rank, world = _join_process_group()
-    with rank_zero_first():  # rank 0 fills the calibration cache; the others read it
-        prep = prepare(target, config)
+    prep = prepare(target, config)  # under torchrun the ranks share the calibration's batches
     t0 = time.perf_counter()
     plan = make_plan(prep.pipe, prep.stats, config.resolved_recipe(), prep.context(config))
     if config.cache is not None:
@@ -277,8 +276,7 @@ def sensitivity(target: str | os.PathLike[str], config: OptimizeConfig) -> tuple
     if not isinstance(config.recipe, MixedConfig):
         raise InvalidInputError("the sensitivity analysis belongs to the mixed recipe; pass a MixedConfig")
     _join_process_group()
-    with rank_zero_first():
-        prep = prepare(target, config)
+    prep = prepare(target, config)
     t0 = time.perf_counter()
     _, table, _ = mixed_sensitivity(prep.pipe, prep.stats, config.resolved_recipe(), prep.context(config))
     return table, time.perf_counter() - t0, prep.resolved.name

@@ -11,8 +11,10 @@ from diffkiln.core.errors import InvalidInputError
 
 __all__ = ["STATS_VERSION", "CalibrationConfig"]
 
-STATS_VERSION = 4
-"""4 added the traced data flow, the verified BOS positions and the sequence inputs by name."""
+STATS_VERSION = 5
+"""4 added the traced data flow, the verified BOS positions and the sequence inputs by name; 5 draws
+each batch's value samples from generators seeded by the batch (so ranks that run different
+batches merge into one process's statistics)."""
 
 
 def _json_ready(value: Any, what: str) -> Any:

@@ -63,12 +63,17 @@ class Recorder:
     def __init__(self, graph: DataflowGraph, samples_per_step: int, seed: int) -> None:
         self.graph = graph
         self.samples = samples_per_step
-        self.gen = torch.Generator().manual_seed(seed)
+        self.seed = seed
+        self.gen = torch.Generator()
         # Output samples draw from their own generator, so the input samples (and every plan made
         # from them) do not depend on whether outputs are recorded.
-        self.out_gen = torch.Generator().manual_seed(seed + 1)
+        self.out_gen = torch.Generator()
         self.acc: dict[str, dict[str, Any]] = {}
-        self.sequences: dict[str, list[torch.Tensor]] = {}
+        # Every recorded list entry is tagged (batch, order within the batch), so that the
+        # recorders of ranks that ran different batches merge into the single-process lists.
+        self.sequences: dict[str, list[tuple[tuple[int, int], torch.Tensor]]] = {}
+        self.batch = 0
+        self._order = 0
         self.text_layers = text_layers(graph)
         self.timesteps: list[float] = []
         self.calls = 0
@@ -76,10 +81,20 @@ class Recorder:
         self._call_count = 0
         self.step = 0
 
-    def start_call(self) -> None:
-        """A new pipeline call begins: its steps count from 0 again."""
+    def start_call(self, batch: int = 0) -> None:
+        """Pipeline call ``batch`` begins: its steps count from 0 again, and its value samples draw
+        from generators seeded by the batch, so a batch draws the same values whichever rank runs
+        it and whatever ran before."""
         self._call_steps = []
         self._call_count = 0
+        self.batch = batch
+        self._order = 0
+        self.gen.manual_seed(self.seed * 1_000_003 + 2 * batch)
+        self.out_gen.manual_seed(self.seed * 1_000_003 + 2 * batch + 1)
+
+    def _tag(self) -> tuple[int, int]:
+        self._order += 1
+        return (self.batch, self._order)
 
     def on_denoiser(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self.calls += 1
@@ -98,7 +113,7 @@ class Recorder:
             for name in self.graph.sequence_inputs:
                 value = bound.get(name)
                 if isinstance(value, torch.Tensor) and value.dim() == 3:
-                    self.sequences.setdefault(name, []).append(value.detach().float().cpu())
+                    self.sequences.setdefault(name, []).append((self._tag(), value.detach().float().cpu()))
 
     def on_layer(self, name: str, kind: str, x: torch.Tensor, out: torch.Tensor | None = None) -> None:
         x = x.detach().float()
@@ -110,20 +125,21 @@ class Recorder:
              "spread": None, "rows": None, "out_min": {}, "out_max": {}, "out_samples": {}},
         )  # fmt: skip
         t = self.step
+        tag = self._tag()
         flat = x.flatten()
         idx = torch.randint(0, flat.numel(), (self.samples,), generator=self.gen)
         stride = 1
         for d in range(channel_dim + 1, x.dim()):
             stride *= x.shape[d]
-        a["chan"].setdefault(t, []).append(((idx // stride) % x.shape[channel_dim]).to(torch.int32))
+        a["chan"].setdefault(t, []).append((tag, ((idx // stride) % x.shape[channel_dim]).to(torch.int32)))
         if name in self.text_layers and x.dim() == 3:
             # A text sequence: remember which position each sample came from, how much each
             # position's row varies across prompts, and the rows themselves (for BOS rows).
-            a["pos"].setdefault(t, []).append((idx // x.shape[2]) % x.shape[1])
+            a["pos"].setdefault(t, []).append((tag, (idx // x.shape[2]) % x.shape[1]))
             spread = (x.amax(0) - x.amin(0)).abs().amax(-1).cpu()
             a["spread"] = spread if a["spread"] is None else torch.maximum(a["spread"], spread)
-            if a["rows"] is None:
-                a["rows"] = x[0].cpu().clone()
+            if a["rows"] is None or tag < a["rows"][0]:
+                a["rows"] = (tag, x[0].cpu().clone())  # the first call's: the earliest tag
         mn, mx = float(flat.min()), float(flat.max())
         if not (math.isfinite(mn) and math.isfinite(mx)):
             raise NonFiniteError(_non_finite(name, "input", t, flat))
@@ -131,7 +147,7 @@ class Recorder:
         a["min"][t] = min(mn, a["min"].get(t, mn))
         a["max"][t] = max(mx, a["max"].get(t, mx))
         a["absmax"][t] = torch.maximum(cab, a["absmax"][t]) if t in a["absmax"] else cab
-        a["samples"].setdefault(t, []).append(flat[idx.to(flat.device)].cpu())
+        a["samples"].setdefault(t, []).append((tag, flat[idx.to(flat.device)].cpu()))
         if out is not None:
             y = out.detach().float().flatten()
             oidx = torch.randint(0, y.numel(), (self.samples,), generator=self.out_gen)
@@ -140,7 +156,51 @@ class Recorder:
                 raise NonFiniteError(_non_finite(name, "output", t, y))
             a["out_min"][t] = min(omn, a["out_min"].get(t, omn))
             a["out_max"][t] = max(omx, a["out_max"].get(t, omx))
-            a["out_samples"].setdefault(t, []).append(y[oidx.to(y.device)].cpu())
+            a["out_samples"].setdefault(t, []).append((tag, y[oidx.to(y.device)].cpu()))
+
+    def state(self) -> dict[str, Any]:
+        """What this recorder accumulated, for :meth:`merge` on another rank."""
+        return {"acc": self.acc, "sequences": self.sequences, "timesteps": self.timesteps, "calls": self.calls}
+
+    def merge(self, states: list[dict[str, Any]]) -> None:
+        """Take in the recorders of every rank (this one's included, as :meth:`state`): extrema
+        combine exactly, tagged lists are put back in (batch, order) order, the first call's rows
+        are the earliest's. The result is the recorder of one process that ran every batch."""
+        merged: dict[str, dict[str, Any]] = {}
+        for st in states:
+            for name, a in st["acc"].items():
+                m = merged.setdefault(name, {"kind": a["kind"], "min": {}, "max": {}, "absmax": {}, "samples": {},
+                                             "pos": {}, "chan": {}, "spread": None, "rows": None, "out_min": {},
+                                             "out_max": {}, "out_samples": {}})  # fmt: skip
+                for key, pick in (("min", min), ("max", max), ("out_min", min), ("out_max", max)):
+                    for t, v in a[key].items():
+                        m[key][t] = pick(v, m[key][t]) if t in m[key] else v
+                for t, v in a["absmax"].items():
+                    m["absmax"][t] = torch.maximum(v, m["absmax"][t]) if t in m["absmax"] else v
+                for key in ("samples", "pos", "chan", "out_samples"):
+                    for t, entries in a[key].items():
+                        m[key].setdefault(t, []).extend(entries)
+                if a["spread"] is not None:
+                    m["spread"] = a["spread"] if m["spread"] is None else torch.maximum(m["spread"], a["spread"])
+                if a["rows"] is not None and (m["rows"] is None or a["rows"][0] < m["rows"][0]):
+                    m["rows"] = a["rows"]
+        for m in merged.values():
+            for key in ("samples", "pos", "chan", "out_samples"):
+                for entries in m[key].values():
+                    entries.sort(key=lambda e: e[0])
+        sequences: dict[str, list[tuple[tuple[int, int], torch.Tensor]]] = {}
+        for st in states:
+            for name, entries in st["sequences"].items():
+                sequences.setdefault(name, []).extend(entries)
+        for entries in sequences.values():
+            entries.sort(key=lambda e: e[0])
+        self.acc, self.sequences = merged, sequences
+        self.timesteps = max((st["timesteps"] for st in states), key=len)
+        self.calls = sum(st["calls"] for st in states)
+
+    def sequence_tensors(self) -> dict[str, torch.Tensor]:
+        """Each sequence input's step-0 values over every call, in batch order."""
+        return {k: torch.cat([v for _, v in entries]) for k, entries in self.sequences.items()}
 
     def finish(self) -> dict[str, LayerStats]:
         """The accumulated statistics, one LayerStats per layer that ran."""
@@ -151,14 +211,14 @@ class Recorder:
             steps = sorted(a["min"])
             samples, positions, channels, out_samples = [], [], [], []
             for t in steps:
-                pool = torch.cat(a["samples"][t])
+                pool = _values(a["samples"][t])
                 keep = torch.randperm(pool.numel(), generator=g)[: self.samples]
                 samples.append(pool[keep])
-                channels.append(torch.cat(a["chan"][t])[keep])
+                channels.append(_values(a["chan"][t])[keep])
                 if a["pos"]:
-                    positions.append(torch.cat(a["pos"][t])[keep].to(torch.int32))
+                    positions.append(_values(a["pos"][t])[keep].to(torch.int32))
                 if a["out_samples"]:
-                    opool = torch.cat(a["out_samples"][t])
+                    opool = _values(a["out_samples"][t])
                     out_samples.append(opool[torch.randperm(opool.numel(), generator=out_g)[: self.samples]])
             empty = torch.zeros(0)
             out[name] = LayerStats(
@@ -169,13 +229,18 @@ class Recorder:
                 samples=torch.stack(samples),
                 sample_positions=torch.stack(positions) if positions else empty.to(torch.int32),
                 text_spread=a["spread"] if a["spread"] is not None else empty,
-                text_rows=a["rows"] if a["rows"] is not None else empty,
+                text_rows=a["rows"][1] if a["rows"] is not None else empty,
                 sample_channels=torch.stack(channels),
                 out_min=torch.tensor([a["out_min"][t] for t in steps]) if out_samples else empty,
                 out_max=torch.tensor([a["out_max"][t] for t in steps]) if out_samples else empty,
                 out_samples=torch.stack(out_samples) if out_samples else empty,
             )
         return out
+
+
+def _values(entries: list[tuple[tuple[int, int], torch.Tensor]]) -> torch.Tensor:
+    """The tensors of tagged entries, concatenated in their (batch, order) order."""
+    return torch.cat([v for _, v in entries])
 
 
 @contextlib.contextmanager

@@ -35,6 +35,7 @@ from diffkiln.calibrate.recorder import Recorder, recording
 from diffkiln.calibrate.sources import CallSource, PromptSource, batch_kwargs, source_for
 from diffkiln.calibrate.stats import CalibrationStats
 from diffkiln.calibrate.token_grids import find_token_grids
+from diffkiln.core.distributed import all_gather_objects, rank_world
 from diffkiln.core.errors import InvalidInputError
 from diffkiln.core.hooks import scoped_hooks
 from diffkiln.core.pipelines import (
@@ -154,19 +155,27 @@ def _run_pipeline(pipe: Any, source: CallSource, config: CalibrationConfig, mode
         probes = {
             k: bound[k].detach().float().cpu() for k in graph.sequence_inputs if isinstance(bound.get(k), torch.Tensor)
         }
+    rank, world = rank_world()
     rec = Recorder(graph, config.samples_per_step, config.seed)
+    # The cache and attention proxies come from the first batch, which rank 0 runs.
     cache_rec = CacheRecorder(find_blocks(denoiser, args, kwargs), config.seed) if config.cache_stats else None
     attn_rec = AttentionRecorder(config.attention_block) if config.attention_stats else None
-    bar = tqdm(total=n * config.steps, desc="calibration", unit="sample-step", disable=not config.progress)
+    for first_batch_only in (cache_rec, attn_rec) if rank != 0 else ():
+        if first_batch_only is not None:
+            first_batch_only.active = False
+    batches = list(range(0, n, config.batch_size))
+    mine = [b for i, b in enumerate(batches) if i % world == rank]  # batches dealt over the ranks
+    total = sum(min(config.batch_size, n - b) for b in mine)
+    bar = tqdm(total=total * config.steps, desc="calibration", unit="sample-step", disable=not config.progress)
     with (
         recording(denoiser, rec),
         _maybe_cache_recording(denoiser, cache_rec),
         _maybe_attention_recording(denoiser, attn_rec),
         torch.no_grad(),
     ):
-        for start in range(0, n, config.batch_size):
+        for start in mine:
             samples = [source.sample(i) for i in range(start, min(start + config.batch_size, n))]
-            rec.start_call()
+            rec.start_call(start // config.batch_size)
 
             def on_step(_p: Any, _i: int, _t: Any, kw: dict[str, Any], size: int = len(samples)) -> dict[str, Any]:
                 bar.update(size)
@@ -179,18 +188,23 @@ def _run_pipeline(pipe: Any, source: CallSource, config: CalibrationConfig, mode
     bar.close()
     timesteps = getattr(getattr(pipe, "scheduler", None), "timesteps", None)
     steps_run = len(timesteps) if timesteps is not None else config.steps
-    cache = cache_rec.finish(steps_run) if cache_rec is not None else None
-    attention = None
-    if attn_rec is not None:
+    cache, attention = None, None
+    if rank == 0:
+        cache = cache_rec.finish(steps_run) if cache_rec is not None else None
+        if attn_rec is not None:
 
-        def noise_only(seed: int) -> Any:  # the same conditioning, other initial noise
-            return call(first_batch[:1], seed, **accepted_call_kwargs(pipe, {"num_inference_steps": 2}))
+            def noise_only(seed: int) -> Any:  # the same conditioning, other initial noise
+                return call(first_batch[:1], seed, **accepted_call_kwargs(pipe, {"num_inference_steps": 2}))
 
-        attention = attn_rec.finish(steps_run, find_token_grids(denoiser, noise_only))
+            attention = attn_rec.finish(steps_run, find_token_grids(denoiser, noise_only))
+    if world > 1:  # every rank takes in every rank's batches; rank 0's proxies
+        gathered = all_gather_objects((rec.state(), cache, attention))
+        rec.merge([g[0] for g in gathered])
+        cache, attention = gathered[0][1], gathered[0][2]
     if rec.calls == 0:
         name = choice.name or "the denoiser"
         raise InvalidInputError(f"the sampler never called {name}; name the denoiser with --denoiser")
-    sequences = {k: torch.cat(v) for k, v in rec.sequences.items()}
+    sequences = rec.sequence_tensors()
     return CalibrationStats(
         layers=rec.finish(),
         timesteps=rec.timesteps,
@@ -249,7 +263,7 @@ def _run_module(module: nn.Module, inputs: ModuleInputs, config: CalibrationConf
         timesteps=rec.timesteps,
         model_hash="",
         settings={"module_calls": rec.calls, "samples_per_step": config.samples_per_step, "seed": config.seed},
-        sequences={k: torch.cat(v) for k, v in rec.sequences.items()},
+        sequences=rec.sequence_tensors(),
         graph=graph,
         bos={},
         denoiser="",
@@ -275,7 +289,9 @@ def calibrate(
 
     Returns:
         The statistics; for a pipeline, from the disk cache when the same weights, inputs and
-        settings were calibrated before.
+        settings were calibrated before. Under torch.distributed every rank calls this: the
+        batches are dealt over the ranks, each rank gets the merged statistics (those of one
+        process that ran every batch), and rank 0 writes the cache.
 
     Raises:
         InvalidInputError: bad inputs or settings, a call argument the pipeline does not take, or
@@ -294,9 +310,11 @@ def calibrate(
     key_data = {"model": model_hash, **config.key_fields(), "source": source.describe()}
     key = hashlib.sha256(json.dumps(key_data, sort_keys=True, default=str).encode()).hexdigest()[:32]
     cache_path = config.cache_dir / f"calib-{key}.safetensors" if config.cache_dir else None
-    if cache_path is not None and cache_path.is_file():
+    # Under torch.distributed the ranks agree: all read the cache, or all run (each its share of
+    # the batches) and rank 0 writes it.
+    if cache_path is not None and all(all_gather_objects(cache_path.is_file())):
         return CalibrationStats.load(cache_path)
     stats = _run_pipeline(target, source, config, model_hash)
-    if cache_path is not None:
+    if cache_path is not None and rank_world()[0] == 0:
         stats.save(cache_path)
     return stats

@@ -102,11 +102,22 @@ class BuiltinModel:
         return [s.prompt for s in (*pick(PromptSet.SINGLE, half, seed=7), *pick(PromptSet.PAIRS, n - half, seed=7))]
 
     def materialize(self) -> Path:
-        """The model's folder, built first if it is a random-weight model not yet in the cache."""
-        if self.random_weights and not (self.path / "model_index.json").is_file():
+        """The model's folder, built first if it is a random-weight model not yet in the cache.
+
+        Under torch.distributed every rank calls this, and rank 0 alone builds: transformers'
+        ``save_pretrained`` writes weights on rank 0 only once a process group exists, so a folder
+        another rank saved would hold no text-encoder weights.
+        """
+        if not self.random_weights:
+            return self.path
+        from diffkiln.core.distributed import all_gather_objects, rank_zero_first
+
+        missing = any(all_gather_objects(not (self.path / "model_index.json").is_file()))
+        if missing:
             from diffkiln.zoo.architectures import save_tiny_pipeline
 
-            save_tiny_pipeline(self.name, self.path)
+            with rank_zero_first():
+                save_tiny_pipeline(self.name, self.path)  # rank 0 builds; the others find it built
         return self.path
 
 

@@ -1,0 +1,62 @@
+"""Calibration sharded over two gloo processes: the batches are dealt over the ranks and the
+statistics merge into exactly those of one process that ran every batch (every tensor of the saved
+file, bit for bit), with cache and attention proxies included. Spawns processes: skipped where
+that is not possible (``DIFFKILN_NO_SPAWN=1``)."""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffkiln.calibrate import CalibrationConfig, calibrate
+from diffkiln.generation import load_pipeline
+
+pytestmark = pytest.mark.skipif(os.environ.get("DIFFKILN_NO_SPAWN") == "1", reason="no process spawning here")
+
+PROMPTS = ("a red circle on the left", "a blue square at the top", "a green triangle on the right")
+
+
+def _config(cache: Path) -> CalibrationConfig:
+    # Three batches of one: rank 0 runs batches 0 and 2, rank 1 batch 1.
+    return CalibrationConfig(PROMPTS, steps=3, batch_size=1, cache_dir=cache, progress=False, cache_stats=True,
+                             attention_stats=True, attention_block=16)  # fmt: skip
+
+
+def _rank(rank: int, store: str, target: str, cache: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=120))  # fmt: skip
+    try:
+        stats = calibrate(load_pipeline(target), _config(Path(cache)))
+        summary = {"timesteps": list(stats.timesteps), "layers": sorted(stats.layers),
+                   "samples": [stats.layers[k].samples.sum().item() for k in sorted(stats.layers)]}  # fmt: skip
+        (Path(cache).parent / f"rank-{rank}.json").write_text(json.dumps(summary))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("target", ["shapes-dit", "tiny-sd15"])
+def test_two_ranks_give_the_single_process_statistics(target: str, tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    torch.set_num_threads(1)
+    calibrate(load_pipeline(target), _config(tmp_path / "one"))
+    mp.start_processes(_rank, args=(str(tmp_path / "store"), target, str(tmp_path / "two")), nprocs=2, join=True,
+                       start_method="spawn")  # fmt: skip
+    (one,) = (tmp_path / "one").glob("calib-*.safetensors")
+    (two,) = (tmp_path / "two").glob("calib-*.safetensors")  # rank 0 alone wrote the cache
+    assert one.name == two.name
+    a, b = load_file(str(one)), load_file(str(two))
+    assert a.keys() == b.keys() and len(a) > 50
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in range(2)]
+    assert ranks[0] == ranks[1]  # both ranks hold the merged statistics

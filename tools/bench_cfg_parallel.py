@@ -33,11 +33,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 PROMPTS = ["a red circle on the left", "a blue square at the top", "a green triangle", "a yellow circle"]
 
 
-def _generate(pipe: Any, steps: int, batch: int) -> torch.Tensor:
+def _generate(pipe: Any, steps: int, batch: int, call: dict[str, Any]) -> torch.Tensor:
     pipe.set_progress_bar_config(disable=True)
     gens = [torch.Generator().manual_seed(i) for i in range(batch)]
     with torch.no_grad():
-        return pipe(PROMPTS[:batch], num_inference_steps=steps, generator=gens, output_type="latent").images
+        out = pipe(PROMPTS[:batch], num_inference_steps=steps, generator=gens, output_type="latent", **call)
+    return out.frames if hasattr(out, "frames") else out.images
 
 
 def worker(a: argparse.Namespace) -> None:
@@ -46,7 +47,8 @@ def worker(a: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     parallel = ParallelConfig() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
     pipe = load(a.bundle, device="cpu", parallel=parallel)
-    _generate(pipe, a.steps, a.batch)  # warm-up
+    call = json.loads(a.call_args)
+    _generate(pipe, a.steps, a.batch, call)  # warm-up
     times = []
     for _ in range(a.repeat):
         if parallel is not None:
@@ -54,20 +56,21 @@ def worker(a: argparse.Namespace) -> None:
 
             dist.barrier()
         t0 = time.perf_counter()
-        latents = _generate(pipe, a.steps, a.batch)
+        latents = _generate(pipe, a.steps, a.batch, call)
         times.append(time.perf_counter() - t0)
     run = pipe.diffkiln_parallel
     if run is None or run.rank == 0:
         torch.save(latents, a.out.with_suffix(".pt"))
         info = {"seconds": min(times), "all_seconds": times,
-                "split_calls": run.split_calls if run else 0, "whole_calls": run.whole_calls if run else 0}  # fmt: skip
+                "split_calls": run.split_calls if run else 0, "whole_calls": run.whole_calls if run else 0,
+                "branch_calls": run.branch_calls if run else 0}  # fmt: skip
         a.out.write_text(json.dumps(info))
 
 
 def _launch(a: argparse.Namespace, bundle: Path, nproc: int, out: Path) -> dict[str, Any]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = [__file__, "--worker", "--bundle", str(bundle), "--out", str(out), "--steps", str(a.steps),
-            "--batch", str(a.batch), "--repeat", str(a.repeat)]  # fmt: skip
+            "--batch", str(a.batch), "--repeat", str(a.repeat), "--call-args", a.call_args]  # fmt: skip
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
     else:
@@ -84,6 +87,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch", type=int, default=2, help="prompts per call (CFG doubles the denoiser batch)")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--call-args", default="{}", help="pipeline-call arguments as JSON, e.g. '{\"num_frames\": 9}'")
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -92,7 +96,9 @@ def main() -> None:
         worker(a)
         return
     tmp = Path(tempfile.mkdtemp(prefix="cfgpar-"))
-    bundle = a.bundle or optimize(a.model, OptimizeConfig(out=tmp / "bundle", recipe=W8A8Config(), progress=False))
+    call = tuple(json.loads(a.call_args).items())
+    bundle = a.bundle or optimize(a.model, OptimizeConfig(out=tmp / "bundle", recipe=W8A8Config(), progress=False,
+                                                          call_kwargs=call))  # fmt: skip
     one = _launch(a, bundle, 1, tmp / "one.json")
     many = _launch(a, bundle, a.nproc, tmp / "many.json")
     ref, par = torch.load(tmp / "one.pt", weights_only=True), torch.load(tmp / "many.pt", weights_only=True)
@@ -107,6 +113,8 @@ def main() -> None:
         "speedup": round(one["seconds"] / many["seconds"], 3),
         "split_calls": many["split_calls"],
         "whole_calls": many["whole_calls"],
+        "branch_calls": many.get("branch_calls", 0),
+        "call_args": json.loads(a.call_args),
         "latent_sqnr_db": round(float(sqnr_db(ref.numpy(), par.numpy())), 2),
         "bit_identical": bool(torch.equal(ref, par)),
     }

@@ -4,9 +4,14 @@ CFG parallel (``ParallelConfig(cfg=True)``): each denoiser call's batch is split
 each rank runs its share, and an all-gather gives every rank the whole output, so the scheduler
 loop, the VAE and the caller's code run unchanged (and identically) on every rank. Pipelines that
 batch classifier-free guidance (SD, SDXL, SD3, PixArt: ``[uncond, cond]`` in one call of batch
-``2B``) run their two branches on two ranks. A call whose batch does not divide by the world size
-(guidance off at batch 1; pipelines that call the denoiser once per branch, as Wan and FLUX's true
-CFG do) runs whole on every rank: correct, not faster; :class:`ParallelRun` counts both kinds.
+``2B``) run their two branches on two ranks. Pipelines that call the denoiser once per branch
+inside diffusers' cache context (Wan: ``cache_context("cond")``, then ``"uncond"``) do so on two
+ranks too: step 0 runs as before and shows the pattern (two differently named calls per step);
+from step 1 rank 0 computes the first branch and rank 1 the second, each rank returns a placeholder
+for the other's branch, and after the second call each rank broadcasts its own output into the
+other's placeholder (the pipeline holds the first branch's output until both are back). Any
+other call whose batch does not divide by the world size (guidance off at batch 1) runs whole on
+every rank: correct, not faster; :class:`ParallelRun` counts every kind.
 
 The split is one named diffusers hook on the denoiser (``diffkiln.parallel.cfg``), applied after a
 cache schedule's and sparse masks' hooks, so those see each rank's share: quantized layers, cached
@@ -33,6 +38,7 @@ from typing import Any
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import StateManager
 from torch import nn
 
 from diffkiln.core.distributed import init_distributed
@@ -85,6 +91,8 @@ class ParallelRun:
         split_calls: denoiser calls whose batch was split over the ranks.
         whole_calls: denoiser calls run whole on every rank (batch not divisible by ``world``).
         rows: batch rows this rank computed, over all calls.
+        branch_calls: calls of a pipeline that runs each guidance branch in its own call, given
+            to one rank (the other rank's output comes from it).
     """
 
     config: ParallelConfig
@@ -93,6 +101,7 @@ class ParallelRun:
     split_calls: int = 0
     whole_calls: int = 0
     rows: int = 0
+    branch_calls: int = 0
 
 
 def _split(value: Any, n: int, lo: int, hi: int) -> Any:
@@ -130,16 +139,92 @@ def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor
     return None
 
 
+class _Context(StateManager):
+    """Receives diffusers' cache context (``cache_context(name, step_index=...)``, which pipelines
+    such as Wan wrap around each guidance branch's call); keeps the name and the step."""
+
+    def __init__(self) -> None:
+        super().__init__(dict)  # type: ignore[arg-type]  # the per-context states are not used
+        self.name: str | None = None
+        self.step: int | None = None
+
+    def set_context(self, context: Any) -> None:
+        self.name = None if context is None else str(context.name)
+        self.step = None if context is None else context.step_index
+
+
 class _CfgHook(ModelHook):
-    """Splits a call's batch over the ranks before the denoiser and gathers its output after."""
+    """Splits a call's batch over the ranks before the denoiser and gathers its output after; or,
+    for pipelines that run each guidance branch in its own call, gives each branch to one rank."""
+
+    _is_stateful = True  # so that diffusers hands its cache context to ``self.context``
 
     def __init__(self, run: ParallelRun) -> None:
         super().__init__()
         self.run = run
         self.shares: list[int] = []  # per call in flight: this rank's rows (0: run whole)
+        self.context = _Context()
+        # Branch mode: the call names seen at step 0 (those calls run as before, and show the
+        # pattern), each branch's step-0 output (the shape of the later ones), and this step's
+        # first-branch output, which the other rank fills in after the second branch's call.
+        self.step0: list[str] = []
+        self.templates: dict[str, Any] = {}
+        self.first_output: Any = None
+        self.last_step: int | None = None
+
+    def reset_state(self, module: nn.Module) -> nn.Module:
+        """Forget the learnt branch pattern (the next pipeline call learns it again at step 0)."""
+        self.step0, self.templates, self.first_output, self.last_step = [], {}, None, None
+        return module
+
+    def _pair(self) -> tuple[str, str] | None:
+        """The two branch names when the pipeline called the denoiser once per branch at step 0
+        (two differently named calls), on two ranks; else None."""
+        if self.run.world != 2 or len(self.step0) != 2 or self.step0[0] == self.step0[1]:
+            return None
+        return self.step0[0], self.step0[1]
+
+    def _branch_mode(self) -> bool:
+        pair = self._pair()
+        return pair is not None and self.context.name in pair and self.context.step not in (None, 0)
+
+    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        forward: Any = self.fn_ref.original_forward  # set by the registry for a hook with new_forward
+        name, step = self.context.name, self.context.step
+        if name is not None and step == 0 and self.last_step != 0:  # a new pipeline call
+            self.step0, self.templates, self.first_output = [], {}, None
+        if name is not None and step is not None:
+            if step == 0:
+                self.step0.append(name)
+            self.last_step = step
+        if not self._branch_mode():
+            return forward(*args, **kwargs)
+        import torch.distributed as dist
+
+        pair = self._pair()
+        assert pair is not None and name is not None
+        run = self.run
+        run.branch_calls += 1
+        mine = pair.index(name) == run.rank
+        out = forward(*args, **kwargs) if mine else _placeholder(self.templates[name])
+        if name == pair[0]:
+            self.first_output = out
+            return out
+        first = self.first_output
+        if first is None:
+            raise RuntimeError(f"CFG parallel: a {pair[1]!r} call came without the {pair[0]!r} call before it")
+        # The first branch's output is rank 0's, the second's rank 1's: each rank sends its own,
+        # into the other's placeholder (the pipeline holds the first one until both are back).
+        dist.broadcast(output_sample(first), src=0)
+        dist.broadcast(output_sample(out), src=1)
+        self.first_output = None
+        return out
 
     def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
         run = self.run
+        if self._branch_mode():
+            self.shares.append(-1)  # new_forward gives the call to one rank
+            return args, kwargs
         sample = _first_tensor(args, kwargs)
         n = 0 if sample is None else sample.shape[0]
         if n == 0 or n % run.world:
@@ -155,11 +240,29 @@ class _CfgHook(ModelHook):
 
     def post_forward(self, module: nn.Module, output: Any) -> Any:
         share = self.shares.pop()
-        if share == 0:
-            return output
-        if output_sample(output).shape[0] != share:
-            raise RuntimeError(f"the denoiser returned {output_sample(output).shape[0]} rows for {share} inputs")
-        return _gather(output, share, self.run.world)
+        if share > 0:
+            output = _gather_checked(output, share, self.run.world)
+        if share >= 0 and self.context.name is not None and self.context.step == 0:
+            self.templates[self.context.name] = output  # the whole call's output: later ones' shape
+        return output
+
+
+def _gather_checked(output: Any, share: int, world: int) -> Any:
+    if output_sample(output).shape[0] != share:
+        raise RuntimeError(f"the denoiser returned {output_sample(output).shape[0]} rows for {share} inputs")
+    return _gather(output, share, world)
+
+
+def _placeholder(template: Any) -> Any:
+    """An output of ``template``'s structure (a tuple, or a diffusers output) whose sample is an
+    empty tensor of its shape, filled in place by the broadcast after the second branch's call."""
+    empty = torch.empty_like(output_sample(template))
+    if isinstance(template, tuple):
+        return (empty, *template[1:])
+    if isinstance(template, torch.Tensor):
+        return empty
+    first = next(iter(template.keys()))
+    return replace(template, **{first: empty})
 
 
 def apply_parallel(denoiser: nn.Module, config: ParallelConfig, device: torch.device) -> ParallelRun:

@@ -46,9 +46,11 @@ def _rank(rank: int, bundle: str, store: str, out: str, config: dict[str, Any], 
         pipe = load(bundle, device="cpu", parallel=ParallelConfig(**config))
         run = pipe.diffkiln_parallel
         for i, (guidance, prompts, more) in enumerate(calls):
-            run.split_calls = run.whole_calls = run.rows = 0
+            run.split_calls = run.whole_calls = run.rows = run.branch_calls = 0
             torch.save(_latents(pipe, guidance, prompts, **more), Path(out) / f"rank{rank}-{i}.pt")
             counts = {"split": run.split_calls, "whole": run.whole_calls, "rows": run.rows, "world": run.world}
+            if run.branch_calls:
+                counts["branch"] = run.branch_calls
             (Path(out) / f"rank{rank}-{i}.json").write_text(json.dumps(counts))
     finally:
         dist.destroy_process_group()
@@ -116,6 +118,16 @@ def test_ulysses_context_parallel_on_two_ranks_matches_one_process(wan_bundle: P
     assert torch.equal(a, b)
     assert sqnr_db(reference.numpy(), a.numpy()) >= 40.0
     assert counts == [{"split": 0, "whole": 0, "rows": 0, "world": 2}] * 2  # no batch split: the sequence is
+
+
+def test_cfg_parallel_gives_each_branch_call_to_one_rank(wan_bundle: Path, tmp_path: Path) -> None:
+    # WanPipeline calls the denoiser once per guidance branch, each in diffusers' cache context
+    # ("cond", then "uncond"): step 0 runs both on both ranks and shows the pattern; from step 1
+    # rank 0 computes "cond" and rank 1 "uncond", and each sends its output to the other.
+    reference = _latents(load(wan_bundle, device="cpu"), 5.0, PROMPTS[:1], **WAN_CALL)
+    [((a, b), counts)] = _run_two(wan_bundle, tmp_path, {"cfg": True}, [(5.0, PROMPTS[:1], WAN_CALL)])
+    assert torch.equal(a, b) and torch.equal(a, reference)  # each branch computed as in one process
+    assert counts == [{"split": 0, "whole": 2, "rows": 0, "world": 2, "branch": 2 * (STEPS - 1)}] * 2
 
 
 def test_context_parallel_needs_a_context_parallel_plan(bundle: Path, tmp_path: Path) -> None:

@@ -23,8 +23,9 @@ Context parallel (``ParallelConfig(cfg=False, ulysses_degree=N)`` or ``ring_degr
 own Ulysses / ring attention (``ContextParallelConfig``), for denoisers whose class carries a
 context-parallel plan (``_cp_plan``: Wan, FLUX, LTX, QwenImage...): the sequence is split over the
 ranks at the first block and gathered after the last; quantized layers see each rank's tokens.
-Not with sparse masks (they are per token block of the whole sequence) or a cache schedule (its
-block hooks are not checked against the split), both refused.
+A cache schedule composes with it (each rank caches its own tokens' block values or the gathered
+output; bit-identical to one process, tests/runtime/test_parallel.py); sparse masks (per token
+block of the whole sequence) are refused.
 
 The output matches one process up to the float arithmetic's dependence on the batch size or
 sequence split (integer layers are exact; measured in tests/runtime/test_parallel.py and

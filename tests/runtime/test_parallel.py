@@ -130,6 +130,35 @@ def test_cfg_parallel_gives_each_branch_call_to_one_rank(wan_bundle: Path, tmp_p
     assert counts == [{"split": 0, "whole": 2, "rows": 0, "world": 2, "branch": 2 * (STEPS - 1)}] * 2
 
 
+VIDEO_CALL = {"height": 64, "width": 64, "num_frames": 16, "max_sequence_length": 24}
+
+
+@pytest.fixture(scope="module")
+def video_cache_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """W8A8 and a residual cache schedule on a random-weight shapes-video folder with 4 heads (Ulysses
+    over two ranks needs an even head count), 1,088 tokens per attention layer."""
+    from diffkiln.api import CacheConfig, OptimizeConfig, optimize
+    from diffkiln.zoo.shapes_video_model import assemble_shapes_video, build_video_transformer
+
+    root = tmp_path_factory.mktemp("parallel-video")
+    torch.manual_seed(0)
+    transformer = build_video_transformer(64, heads=4, layers=4)
+    assemble_shapes_video(root / "scratch", transformer=transformer).save_pretrained(root / "pipe")
+    cache = CacheConfig(budget=0.5, validate_samples=2, mechanisms=("residual",), refine=0)
+    config = OptimizeConfig(out=root / "b", recipe=W8A8Config(), cache=cache, calib_size=2, steps=STEPS,
+                            call_kwargs=tuple(VIDEO_CALL.items()), progress=False, cache_dir=root / "c")  # fmt: skip
+    return optimize(str(root / "pipe"), config)
+
+
+def test_ulysses_with_a_cache_schedule_matches_one_process(video_cache_bundle: Path, tmp_path: Path) -> None:
+    manifest = json.loads((video_cache_bundle / "manifest.json").read_text())
+    assert manifest["cache"]["mechanism"] == "residual" and not all(manifest["cache"]["compute"])  # some reuse
+    reference = _latents(load(video_cache_bundle, device="cpu"), 5.0, PROMPTS[:1], **VIDEO_CALL)
+    ulysses = {"cfg": False, "ulysses_degree": 2}
+    [((a, b), _)] = _run_two(video_cache_bundle, tmp_path, ulysses, [(5.0, PROMPTS[:1], VIDEO_CALL)])
+    assert torch.equal(a, b) and torch.equal(a, reference)  # each rank caches its own tokens' residual
+
+
 def test_context_parallel_needs_a_context_parallel_plan(bundle: Path, tmp_path: Path) -> None:
     import torch.distributed as dist
 

@@ -48,6 +48,9 @@ class SparseRun:
         kernel: the kernel the masked calls run on (:class:`~diffkiln.kernels.sparse_attention.SparseKernel`).
         shapes: per masked layer, the query shape ``(batch, heads, tokens, head_dim)``, dtype and
             device of its last call (what a benchmark of the layer alone replays).
+        head_share: ``(rank, degree)`` when Ulysses context parallel gives this rank one
+            ``degree``-th of every layer's heads over the whole sequence (rank r: heads
+            ``[r * H / degree, (r + 1) * H / degree)``); None: every head.
     """
 
     plan: SparsePlan
@@ -59,6 +62,7 @@ class SparseRun:
     masked_by_step: dict[int, int] = field(default_factory=dict)
     layouts: dict[tuple[str, int], BlockLayout] = field(default_factory=dict)
     shapes: dict[str, tuple[tuple[int, ...], torch.dtype, torch.device]] = field(default_factory=dict)
+    head_share: tuple[int, int] | None = None
 
     @property
     def density(self) -> float | None:
@@ -74,9 +78,17 @@ class SparseRun:
         key = (layer, group)
         if key not in self.layouts:
             lm = next(x for x in self.plan.layers if x.layer == layer)
-            masks = torch.stack([lm.mask(group, h, self.plan.block) for h in range(lm.heads)])
+            first, count = self._heads(lm.heads)
+            masks = torch.stack([lm.mask(group, h, self.plan.block) for h in range(first, first + count)])
             self.layouts[key] = BlockLayout.from_mask(masks, lm.q_len, lm.kv_len, self.plan.block)
         return self.layouts[key]
+
+    def _heads(self, heads: int) -> tuple[int, int]:
+        """(first head, head count) of a layer with ``heads`` heads that this rank's calls run."""
+        if self.head_share is None:
+            return 0, heads
+        rank, degree = self.head_share
+        return rank * (heads // degree), heads // degree
 
     def handle(self, call: AttentionCall) -> torch.Tensor | None:
         """The masked attention of one SDPA call of a planned layer (None: run it as called)."""
@@ -84,16 +96,17 @@ class SparseRun:
         if lm is None or call.attn_mask is not None or call.is_causal:
             return None
         shape = (call.query.shape[1], call.query.shape[2], call.key.shape[2])
-        if shape != (lm.heads, lm.q_len, lm.kv_len):
+        heads = self._heads(lm.heads)[1]
+        if shape != (heads, lm.q_len, lm.kv_len):
             raise SparsePlanError(
                 f"attention layer {lm.layer} runs {shape[0]} heads over {shape[1]} query and {shape[2]} key tokens; "
-                f"its masks are for {lm.heads} heads over {lm.q_len} and {lm.kv_len} (the resolution and frame count "
+                f"its masks are for {heads} heads over {lm.q_len} and {lm.kv_len} (the resolution and frame count "
                 "they were searched at): call the pipeline at those, or search masks for this size"
             )
         step = ((self.denoiser_calls - 1) // self.plan.calls_per_step) % self.plan.steps
         self.masked_by_step[step] = self.masked_by_step.get(step, 0) + 1
         layout = self.layout(lm.layer, self.plan.group_of(step))
-        pairs = float(call.query.shape[0] * lm.heads * lm.q_len * lm.kv_len)
+        pairs = float(call.query.shape[0] * heads * lm.q_len * lm.kv_len)
         self.dense += pairs
         self.kept += pairs * layout.density
         self.shapes[lm.layer] = (tuple(call.query.shape), call.query.dtype, call.query.device)

@@ -194,11 +194,17 @@ def load(
     if parallel is not None:  # last: its split wraps the cache and sparse hooks
         denoiser = getattr(pipe, manifest["pipeline"]["denoiser"])
         # A cache schedule follows a split sequence (each rank caches its own tokens' values; measured
-        # bit-identical); sparse masks are per token block of the whole sequence.
-        if parallel.context_degree > 1 and pipe.diffkiln_sparse is not None:
+        # bit-identical). Sparse masks index token blocks of the whole sequence: Ulysses gives each
+        # rank the whole sequence for a share of the heads, which the masks follow; ring attention
+        # splits the sequence inside attention, which they do not.
+        sparse_run = pipe.diffkiln_sparse
+        if sparse_run is not None and parallel.ring_degree > 1:
             raise InvalidInputError(
-                "context parallel splits the sequence, which this bundle's sparse-attention masks (per token block "
-                "of the whole sequence) do not follow; load with sparse=False, or use ParallelConfig(cfg=True)"
+                "ring attention splits the sequence inside attention, which this bundle's sparse-attention masks "
+                "(per token block of the whole sequence) do not follow; use ulysses_degree, load with "
+                "sparse=False, or use ParallelConfig(cfg=True)"
             )
         pipe.diffkiln_parallel = apply_parallel(denoiser, parallel, target)
+        if parallel.context_degree > 1 and sparse_run is not None:
+            sparse_run.head_share = (pipe.diffkiln_parallel.rank, parallel.ulysses_degree)
     return pipe

@@ -24,8 +24,9 @@ own Ulysses / ring attention (``ContextParallelConfig``), for denoisers whose cl
 context-parallel plan (``_cp_plan``: Wan, FLUX, LTX, QwenImage...): the sequence is split over the
 ranks at the first block and gathered after the last; quantized layers see each rank's tokens.
 A cache schedule composes with it (each rank caches its own tokens' block values or the gathered
-output; bit-identical to one process, tests/runtime/test_parallel.py); sparse masks (per token
-block of the whole sequence) are refused.
+output; bit-identical to one process, tests/runtime/test_parallel.py), and so do sparse masks under
+Ulysses (each rank attends over the whole sequence for its share of the heads and runs those
+heads' masks); ring attention, which splits the sequence inside attention, refuses masks.
 
 The output matches one process up to the float arithmetic's dependence on the batch size or
 sequence split (integer layers are exact; measured in tests/runtime/test_parallel.py and

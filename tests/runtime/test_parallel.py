@@ -200,3 +200,14 @@ def test_ring_attention_with_sparse_masks_is_refused(video_bundles: dict[str, Pa
 
     with pytest.raises(InvalidInputError, match="ring attention splits the sequence inside attention"):
         load(video_bundles["sparse"], device="cpu", parallel=ParallelConfig(cfg=False, ring_degree=2))
+
+
+@pytest.mark.parametrize("kind", ["cache", "sparse"])
+def test_cfg_parallel_per_branch_with_a_cache_schedule_or_masks(
+    video_bundles: dict[str, Path], kind: str, tmp_path: Path
+) -> None:
+    bundle = video_bundles[kind]
+    reference = _latents(load(bundle, device="cpu"), 5.0, PROMPTS[:1], **VIDEO_CALL)
+    [((a, b), counts)] = _run_two(bundle, tmp_path, {"cfg": True}, [(5.0, PROMPTS[:1], VIDEO_CALL)])
+    assert counts[0]["branch"] == 2 * (STEPS - 1)
+    assert torch.equal(a, b) and torch.equal(a, reference)

@@ -196,8 +196,11 @@ def stage_dit(work: Path, steps: int, batch: int, seed: int, minutes: float, res
     t0 = time.time()
 
     def save(step: int) -> None:
+        # Written whole, then renamed: a run killed mid-write (a session's end) keeps the last checkpoint.
+        tmp = ckpt_path.with_suffix(".tmp")
         torch.save({"modules": [m.state_dict() for m in modules], "ema": [m.state_dict() for m in ema.shadow],
-                    "opt": opt.state_dict(), "step": step}, ckpt_path)  # fmt: skip
+                    "opt": opt.state_dict(), "step": step}, tmp)  # fmt: skip
+        tmp.replace(ckpt_path)
 
     step = offset
     loss = torch.zeros(())

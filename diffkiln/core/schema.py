@@ -7,6 +7,7 @@ deployment needs only runtime + kernels. The format is specified in docs/bundle-
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ __all__ = [
     "PLAIN_DIFFUSERS_GUARD",
     "BundleError",
     "LoadedBundle",
+    "carries_bundle_guard",
     "file_digest",
     "read_json",
     "read_manifest",
@@ -76,17 +78,20 @@ def read_json(path: Path) -> Any:
     return read_json_file(path)
 
 
-def _configs(folder: Path) -> str:
-    """The text of the component configs directly under ``folder`` (small files; unreadable ones
-    count as empty), to tell a bundle that lost its manifest from a plain diffusers folder."""
-    texts = []
+def carries_bundle_guard(folder: Path) -> bool:
+    """True when a component config directly under ``folder`` carries :data:`PLAIN_DIFFUSERS_GUARD`:
+    a bundle (or a folder saved from a loaded one), even one whose manifest is gone. Small
+    regular files only; an unreadable config counts as not carrying it."""
     for config in sorted(folder.glob("*/config.json"))[:64]:
         try:
-            if config.is_file() and not config.is_symlink() and config.stat().st_size < 1 << 20:
-                texts.append(config.read_text(encoding="utf-8", errors="replace"))
-        except OSError:
+            if not config.is_file() or config.is_symlink() or config.stat().st_size >= 1 << 20:
+                continue
+            quant = json.loads(config.read_text(encoding="utf-8")).get("quantization_config")
+        except (OSError, ValueError, AttributeError):
             continue
-    return "\n".join(texts)
+        if isinstance(quant, dict) and quant.get("quant_method") == PLAIN_DIFFUSERS_GUARD["quant_method"]:
+            return True
+    return False
 
 
 def read_manifest(bundle: Path) -> dict[str, Any]:
@@ -99,7 +104,7 @@ def read_manifest(bundle: Path) -> dict[str, Any]:
     if not bundle.is_dir():
         raise OutputPathError(f"{bundle} is not a bundle directory; give the folder `diffkiln optimize --out` wrote")
     if not path.exists() and not path.is_symlink():
-        if (bundle / "model_index.json").is_file() and PLAIN_DIFFUSERS_GUARD["quant_method"] not in _configs(bundle):
+        if (bundle / "model_index.json").is_file() and not carries_bundle_guard(bundle):
             raise OutputPathError(
                 f"{bundle} is a diffusers pipeline folder, not a bundle; build one with "
                 f"`diffkiln optimize {bundle} --out BUNDLE` and give BUNDLE"

@@ -241,18 +241,14 @@ def _bundle_source(path: Path) -> tuple[BuiltinModel | None, bool]:
 
 def _refuse_bundle_without_manifest(path: Path) -> None:
     """A bundle whose manifest.json was deleted still looks like a diffusers folder; its denoiser
-    config's diffkiln guard (PLAIN_DIFFUSERS_GUARD) gives it away, so say so instead of letting
-    diffusers fail on the guard."""
-    for config in sorted(path.glob("*/config.json")):
-        try:
-            quant = json.loads(config.read_text(encoding="utf-8")).get("quantization_config")
-        except (OSError, ValueError, AttributeError):
-            continue
-        if isinstance(quant, dict) and str(quant.get("quant_method", "")).startswith("diffkiln"):
-            raise BundleError(
-                f"{path} is a diffkiln bundle without its manifest.json (deleted, or copied incompletely), "
-                "so it cannot be verified or loaded; rebuild it with `diffkiln optimize` or copy it again whole"
-            )
+    config's diffkiln guard gives it away, so say so instead of letting diffusers fail on the guard."""
+    from diffkiln.core.schema import carries_bundle_guard
+
+    if carries_bundle_guard(path):
+        raise BundleError(
+            f"{path} is a diffkiln bundle without its manifest.json (deleted, or copied incompletely), "
+            "so it cannot be verified or loaded; rebuild it with `diffkiln optimize` or copy it again whole"
+        )
 
 
 def resolve_target(target: str | os.PathLike[str]) -> ResolvedTarget:

@@ -119,11 +119,7 @@ class Recorder:
         x = x.detach().float()
         channel_dim = 1 if kind in CONV_KINDS else x.dim() - 1
         dims = [d for d in range(x.dim()) if d != channel_dim]
-        a = self.acc.setdefault(
-            name,
-            {"kind": kind, "min": {}, "max": {}, "absmax": {}, "samples": {}, "pos": {}, "chan": {},
-             "spread": None, "rows": None, "out_min": {}, "out_max": {}, "out_samples": {}},
-        )  # fmt: skip
+        a = self.acc.get(name) or self.acc.setdefault(name, _accumulator(kind))
         t = self.step
         tag = self._tag()
         flat = x.flatten()
@@ -175,9 +171,7 @@ class Recorder:
         merged: dict[str, dict[str, Any]] = {}
         for st in states:
             for name, a in st["acc"].items():
-                m = merged.setdefault(name, {"kind": a["kind"], "min": {}, "max": {}, "absmax": {}, "samples": {},
-                                             "pos": {}, "chan": {}, "spread": None, "rows": None, "out_min": {},
-                                             "out_max": {}, "out_samples": {}})  # fmt: skip
+                m = merged.get(name) or merged.setdefault(name, _accumulator(a["kind"]))
                 for key, pick in (("min", min), ("max", max), ("out_min", min), ("out_max", max)):
                     for t, v in a[key].items():
                         m[key][t] = pick(v, m[key][t]) if t in m[key] else v
@@ -242,6 +236,12 @@ class Recorder:
                 out_samples=torch.stack(out_samples) if out_samples else empty,
             )
         return out
+
+
+def _accumulator(kind: str) -> dict[str, Any]:
+    """A layer's empty accumulator: per-step extrema and tagged sample lists, text spread and rows."""
+    return {"kind": kind, "min": {}, "max": {}, "absmax": {}, "samples": {}, "pos": {}, "chan": {}, "spread": None,
+            "rows": None, "out_min": {}, "out_max": {}, "out_samples": {}}  # fmt: skip
 
 
 _TAGGED = ("samples", "pos", "chan", "out_samples")

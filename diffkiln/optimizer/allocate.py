@@ -21,7 +21,7 @@ from diffkiln.optimizer.mixed_config import MixedConfig, WeightBudget
 from diffkiln.optimizer.roles import LayerRole
 from diffkiln.optimizer.sensitivity import SensitivityTable
 
-__all__ = ["allocate_acts", "allocate_mixed", "weight_budget_floor", "weight_spec_for"]
+__all__ = ["allocate_acts", "allocate_mixed", "check_weight_budget", "weight_spec_for"]
 
 
 def _options(
@@ -97,15 +97,26 @@ def _group_latency_budgets(
     return {g: config.latency_budget_ms * ref[g] / total for g in groups}
 
 
-def weight_budget_floor(base: Plan, candidates: Mapping[str, Sequence[int]], config: MixedConfig) -> float:
-    """The smallest average weight bits any allocation reaches: every searched layer at its
-    cheapest candidate, the layers kept in FP at 16. Known before any sensitivity is measured, so
-    an infeasible budget is refused before the search's minutes, not after."""
+def check_weight_budget(base: Plan, candidates: Mapping[str, Sequence[int]], config: MixedConfig) -> float:
+    """The smallest average weight bits any allocation reaches (every searched layer at its
+    cheapest candidate, the layers kept in FP at 16), after checking ``config.avg_weight_bits``
+    against it. Needs no sensitivities, so the search refuses an infeasible budget before its
+    trials as well as the allocation after them.
+
+    Raises:
+        InfeasibleBudgetError: the budget is below that average; the message names it.
+    """
     total = sum(lp.params for lp in base.layers)
     stored = _stored_bits_per_weight(base, candidates, config)
     fixed_bits = 16 * sum(lp.params for lp in base.layers if lp.name not in candidates)
     least = sum(lp.params * min(stored[lp.name].values()) for lp in base.layers if lp.name in candidates)
-    return (fixed_bits + least) / max(total, 1)
+    floor = (fixed_bits + least) / max(total, 1)
+    if config.avg_weight_bits * total - fixed_bits < least - 1e-6:
+        raise InfeasibleBudgetError(
+            f"an average of {config.avg_weight_bits} weight bits is infeasible: with the layers kept in FP and these "
+            f"candidates the smallest feasible average is {floor:.3f}; raise --avg-weight-bits or add lower candidates"
+        )
+    return floor
 
 
 def allocate_mixed(
@@ -132,19 +143,13 @@ def allocate_mixed(
         InfeasibleBudgetError: the weight (or activation) budget is below the smallest feasible
             average; the message names it.
     """
+    floor = check_weight_budget(base, candidates, config)
     total = sum(lp.params for lp in base.layers)
     fixed = [lp for lp in base.layers if lp.name not in candidates]
     managed = [lp.name for lp in base.layers if lp.name in candidates]
     stored = _stored_bits_per_weight(base, candidates, config)
     fixed_bits = 16 * sum(lp.params for lp in fixed)
     budget = config.avg_weight_bits * total - fixed_bits
-    least = sum(table.params[n] * min(stored[n].values()) for n in managed)
-    floor = (fixed_bits + least) / total
-    if budget < least - 1e-6:
-        raise InfeasibleBudgetError(
-            f"an average of {config.avg_weight_bits} weight bits is infeasible: with the layers kept in FP and these "
-            f"candidates the smallest feasible average is {floor:.3f}; raise --avg-weight-bits or add lower candidates"
-        )
     # Tied layers are solved in one program: all of them join the group of the first one.
     tie_of = {n: t for n, t in (ties or {}).items() if n in candidates} if config.tie_qkv else {}
     group_of: dict[str, LayerRole] = {}

@@ -35,7 +35,7 @@ from diffkiln.core.errors import InvalidInputError
 from diffkiln.core.layers import find_quantizable_layers
 from diffkiln.core.plan import LayerPlan, Plan
 from diffkiln.nn.freeze import apply_plan
-from diffkiln.optimizer.allocate import allocate_mixed, weight_budget_floor, weight_spec_for
+from diffkiln.optimizer.allocate import allocate_mixed, check_weight_budget, weight_spec_for
 from diffkiln.optimizer.allocation import InfeasibleBudgetError
 from diffkiln.optimizer.latency import measure_layer_latency
 from diffkiln.optimizer.mixed_config import MixedConfig, WeightBudget
@@ -152,12 +152,10 @@ def select_candidate(per_sample: Sequence[np.ndarray], confidence: float) -> int
 def _announce_budget(base: Plan, candidates: dict[str, tuple[int, ...]], config: MixedConfig) -> None:
     """Say the budget the search resolved before its minutes start, and refuse an infeasible one
     now rather than after the sensitivity trials."""
-    floor = weight_budget_floor(base, candidates, config)
-    if config.avg_weight_bits < floor - 1e-6:
-        raise InvalidInputError(
-            f"an average of {config.avg_weight_bits} weight bits is infeasible: with the layers kept in FP and these "
-            f"candidates the smallest feasible average is {floor:.3f}; raise --avg-weight-bits or add lower candidates"
-        )
+    try:
+        floor = check_weight_budget(base, candidates, config)
+    except InfeasibleBudgetError as exc:
+        raise InvalidInputError(str(exc)) from None
     acts = "8-bit on every quantized layer" if config.avg_act_bits is None else f"average {config.avg_act_bits} bits"
     widths = ",".join(str(b) for b in config.weight_candidates)
     log.info(

@@ -105,18 +105,25 @@ class Report:
     sample_rate: int = 44100
 
 
+def _calibration_notes(pipe: Any) -> dict[str, Any]:
+    """The calibration settings a bundle's plan recorded (empty for anything else)."""
+    manifest = getattr(pipe, "diffkiln_manifest", None) or {}
+    notes = manifest.get("plan", {}).get("notes", {}).get("calibration", {})
+    return notes if isinstance(notes, dict) else {}
+
+
 def _bundle_call_kwargs(pipe: Any) -> tuple[tuple[str, Any], ...]:
     """The call arguments a bundle was calibrated with (a user folder's size, frames, ...)."""
-    manifest = getattr(pipe, "diffkiln_manifest", None) or {}
-    recorded = manifest.get("plan", {}).get("notes", {}).get("calibration", {}).get("call_kwargs", {})
+    recorded = _calibration_notes(pipe).get("call_kwargs", {})
     return tuple(recorded.items()) if isinstance(recorded, dict) else ()
 
 
 def _recorded_prompts(pipe: Any) -> list[str] | None:
     """The calibration prompts a bundle's plan recorded, or None."""
-    manifest = getattr(pipe, "diffkiln_manifest", None) or {}
-    recorded = manifest.get("plan", {}).get("notes", {}).get("calibration", {}).get("prompts")
-    return [p for p in recorded if isinstance(p, str) and p.strip()] or None if isinstance(recorded, list) else None
+    recorded = _calibration_notes(pipe).get("prompts")
+    if not isinstance(recorded, list):
+        return None
+    return [p for p in recorded if isinstance(p, str) and p.strip()] or None
 
 
 def build_report(target: str | os.PathLike[str] | ResolvedTarget, config: ReportConfig) -> Report:

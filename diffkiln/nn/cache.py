@@ -35,6 +35,7 @@ from diffkiln.core.cache_schedule import CacheMechanism, CacheSchedule, CacheSch
 __all__ = [
     "CacheRun",
     "CacheStepTracer",
+    "DenoisingContext",
     "apply_cache_schedule",
     "cache_schedule_applied",
     "remove_cache_schedule",
@@ -111,15 +112,19 @@ class CacheRun:
         return _extrapolated(branch.history, step, extrapolate)
 
 
-class _ContextName(StateManager):
-    """Receives diffusers' cache context (``_set_cache_context`` looks for StateManagers); keeps its name."""
+class DenoisingContext(StateManager):
+    """Receives diffusers' cache context, which pipelines wrap around a denoiser call
+    (``cache_context("cond", step_index=i)``; ``_set_cache_context`` looks for StateManagers on a
+    stateful hook): keeps the call's name ("" outside a context) and step (None when not given)."""
 
     def __init__(self) -> None:
         super().__init__(dict)  # type: ignore[arg-type]  # the per-context states are not used
         self.name = ""
+        self.step: int | None = None
 
     def set_context(self, context: Any) -> None:
         self.name = "" if context is None else str(context.name)
+        self.step = None if context is None else context.step_index
 
 
 def _extrapolated(history: list[tuple[int, list[torch.Tensor]]], step: int, extrapolate: bool) -> list[torch.Tensor]:
@@ -160,7 +165,7 @@ class _DenoiserHook(_Skipping):
     def __init__(self, run: CacheRun, foreign_check: Any) -> None:
         super().__init__()
         self.run = run
-        self.context = _ContextName()
+        self.context = DenoisingContext()
         self.foreign_check = foreign_check
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:

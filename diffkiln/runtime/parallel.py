@@ -40,11 +40,11 @@ from typing import Any
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
-from diffusers.hooks.hooks import StateManager
 from torch import nn
 
 from diffkiln.core.distributed import init_distributed
 from diffkiln.core.hooks import output_sample
+from diffkiln.nn.cache import DenoisingContext
 
 __all__ = ["CFG_HOOK", "ParallelConfig", "ParallelRun", "apply_parallel", "remove_parallel"]
 
@@ -141,20 +141,6 @@ def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor
     return None
 
 
-class _Context(StateManager):
-    """Receives diffusers' cache context (``cache_context(name, step_index=...)``, which pipelines
-    such as Wan wrap around each guidance branch's call); keeps the name and the step."""
-
-    def __init__(self) -> None:
-        super().__init__(dict)  # type: ignore[arg-type]  # the per-context states are not used
-        self.name: str | None = None
-        self.step: int | None = None
-
-    def set_context(self, context: Any) -> None:
-        self.name = None if context is None else str(context.name)
-        self.step = None if context is None else context.step_index
-
-
 class _CfgHook(ModelHook):
     """Splits a call's batch over the ranks before the denoiser and gathers its output after; or,
     for pipelines that run each guidance branch in its own call, gives each branch to one rank."""
@@ -165,7 +151,7 @@ class _CfgHook(ModelHook):
         super().__init__()
         self.run = run
         self.shares: list[int] = []  # per call in flight: this rank's rows (0: run whole)
-        self.context = _Context()
+        self.context = DenoisingContext()
         # Branch mode: the call names seen at step 0 (those calls run as before, and show the
         # pattern), each branch's step-0 output (the shape of the later ones), and this step's
         # first-branch output, which the other rank fills in after the second branch's call.
@@ -193,9 +179,9 @@ class _CfgHook(ModelHook):
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         forward: Any = self.fn_ref.original_forward  # set by the registry for a hook with new_forward
         name, step = self.context.name, self.context.step
-        if name is not None and step == 0 and self.last_step != 0:  # a new pipeline call
+        if name and step == 0 and self.last_step != 0:  # a new pipeline call
             self.step0, self.templates, self.first_output = [], {}, None
-        if name is not None and step is not None:
+        if name and step is not None:
             if step == 0:
                 self.step0.append(name)
             self.last_step = step
@@ -204,7 +190,7 @@ class _CfgHook(ModelHook):
         import torch.distributed as dist
 
         pair = self._pair()
-        assert pair is not None and name is not None
+        assert pair is not None
         run = self.run
         run.branch_calls += 1
         mine = pair.index(name) == run.rank
@@ -244,7 +230,7 @@ class _CfgHook(ModelHook):
         share = self.shares.pop()
         if share > 0:
             output = _gather_checked(output, share, self.run.world)
-        if share >= 0 and self.context.name is not None and self.context.step == 0:
+        if share >= 0 and self.context.name and self.context.step == 0:
             self.templates[self.context.name] = output  # the whole call's output: later ones' shape
         return output
 

@@ -15,14 +15,13 @@ import argparse
 import json
 import os
 import platform
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from rank_launch import run_ranks  # a sibling tool module (tools/rank_launch.py)
 
 from diffkiln.api import OptimizeConfig, optimize
 from diffkiln.core.metrics import sqnr_db
@@ -68,14 +67,9 @@ def worker(a: argparse.Namespace) -> None:
 
 
 def _launch(a: argparse.Namespace, bundle: Path, nproc: int, out: Path) -> dict[str, Any]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = [__file__, "--worker", "--bundle", str(bundle), "--out", str(out), "--steps", str(a.steps),
             "--batch", str(a.batch), "--repeat", str(a.repeat), "--call-args", a.call_args]  # fmt: skip
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
-    else:
-        cmd = [sys.executable, *args]
-    subprocess.run(cmd, env=env, check=True)
+    run_ranks(args, nproc)
     result: dict[str, Any] = json.loads(out.read_text())
     return result
 

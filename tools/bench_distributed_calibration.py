@@ -12,11 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from rank_launch import run_ranks  # a sibling tool module (tools/rank_launch.py)
 
 from diffkiln.calibrate import CalibrationConfig, calibrate
 from diffkiln.calibrate.prompts import generic_prompts
@@ -67,9 +67,7 @@ def main() -> None:
         cache, out = tmp / label, tmp / f"{label}.json"
         args = [__file__, "--worker", "--model", a.model, "--prompts", str(a.prompts), "--batch", str(a.batch),
                 "--steps", str(a.steps), "--cache", str(cache), "--out", str(out)]  # fmt: skip
-        prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}"]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        subprocess.run([*(prefix if n > 1 else [sys.executable]), *args], env=env, check=True)
+        run_ranks(args, n)
         seconds[label] = json.loads(out.read_text())["seconds"]
         (files[label],) = cache.glob("calib-*.safetensors")
     one, many = load_file(str(files["one"])), load_file(str(files["many"]))

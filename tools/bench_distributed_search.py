@@ -15,11 +15,11 @@ import json
 import os
 import platform
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from rank_launch import run_ranks  # a sibling tool module (tools/rank_launch.py)
 
 from diffkiln.api import MixedConfig, OptimizeConfig, sensitivity
 
@@ -45,11 +45,9 @@ def worker(a: argparse.Namespace) -> None:
 
 
 def _launch(a: argparse.Namespace, cache: Path, nproc: int, out: Path) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = [__file__, "--worker", "--model", a.model, "--cache", str(cache), "--out", str(out),
             "--prompts", str(a.prompts), "--quality-steps", str(a.quality_steps)]  # fmt: skip
-    prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    subprocess.run([*(prefix if nproc > 1 else [sys.executable]), *args], env=env, check=True)
+    run_ranks(args, nproc)
     result: dict = json.loads(out.read_text())
     return result
 

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
+
+from rank_launch import run_ranks  # a sibling tool module (tools/rank_launch.py)
 
 from diffkiln.api import CacheConfig, OptimizeConfig, SparseConfig, optimize
 
@@ -46,10 +45,8 @@ def worker(a: argparse.Namespace) -> None:
 
 
 def _launch(a: argparse.Namespace, target: str, cache: Path, out: Path, nproc: int) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = [__file__, "--worker", "--recipe", a.recipe, "--target", target, "--cache", str(cache), "--out", str(out)]
-    prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    subprocess.run([*(prefix if nproc > 1 else [sys.executable]), *args], env=env, check=True)
+    run_ranks(args, nproc)
     manifest = json.loads((out / "manifest.json").read_text())
     section: dict = manifest["cache" if a.recipe == "cache" else "sparsity"]
     return section

@@ -74,18 +74,22 @@ def test_bfloat16_attention_slicing_and_a_swapped_scheduler(bundle: Path) -> Non
     from diffusers import EulerDiscreteScheduler
 
     pipe = load(bundle, device="cpu")
-    reference = _call(pipe, output_type="latent", num_inference_steps=1).images
+    reference = {steps: _call(pipe, output_type="latent", num_inference_steps=steps).images for steps in (1, 2)}
     if hasattr(pipe, "enable_attention_slicing"):
         pipe.enable_attention_slicing()
-        sliced = _call(pipe, output_type="latent", num_inference_steps=1).images
-        assert torch.isfinite(sliced).all()
+        sliced = {steps: _call(pipe, output_type="latent", num_inference_steps=steps).images for steps in (1, 2)}
+        assert all(torch.isfinite(x).all() for x in sliced.values())
         # Slicing reorders the float attention, so an activation at a rounding boundary of the
         # next layer's static grid takes the neighbouring code: the same for every bundle kind,
         # timestep-aware or not. Measured after one step: 40-41 dB on the trained shapes-unet,
-        # 25-26 dB on these random weights (which grow small changes layer by layer); a few-step
-        # multistep sampler then grows it further (17-25 dB after 2-20 steps, trained). FP: 108 dB.
-        quality = sqnr_db(reference.numpy(), sliced.numpy())
-        assert quality >= 20.0, quality
+        # 25-26 dB on some random weights (which grow small changes layer by layer), bit-identical
+        # on others; a few-step multistep sampler then grows it (17-25 dB after 2-20 steps,
+        # trained). FP: 108 dB. Every kind after one step; W8A8, mixed and DiT also after two
+        # (>= 30 dB there in every run so far; the timestep-aware bundle has dropped to 20).
+        assert sqnr_db(reference[1].numpy(), sliced[1].numpy()) >= 20.0
+        if "timestep-aware" not in bundle.name:
+            quality = sqnr_db(reference[2].numpy(), sliced[2].numpy())
+            assert quality >= 30.0, quality
     if "Euler" not in type(pipe.scheduler).__name__ and "FlowMatch" not in type(pipe.scheduler).__name__:
         pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
         assert torch.isfinite(_call(pipe, output_type="latent").images).all()

@@ -33,8 +33,8 @@ def test_generate_and_report_run_an_onnx_export(unet_onnx: Path, tmp_path: Path,
     assert "evaluated on the shapes judge's evaluation sets (6 prompts)" in capsys.readouterr().out
     data = json.loads((tmp_path / "r" / "report.json").read_text())
     assert data["plan"]["runtime"].startswith("onnxruntime, opset 21")
-    assert data["fidelity"]["latent_sqnr_db"] > 12.0
-    assert 0.3 < data["size"]["denoiser_ratio_vs_fp16"] < 0.7
+    assert data["fidelity"]["latent_sqnr_db"] > 12.0  # measured 15.0 dB (QDQ in onnxruntime, 4 steps)
+    assert 0.3 < data["size"]["denoiser_ratio_vs_fp16"] < 0.7  # measured 0.56
     assert (tmp_path / "r" / "report.html").stat().st_size > 1000
     (tmp_path / "p.txt").write_text("a red circle\n")
     other = [*argv[:3], "tiny-sd3", "--eval-prompts", str(tmp_path / "p.txt"), "--steps", "4"]

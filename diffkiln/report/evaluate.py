@@ -261,7 +261,10 @@ def _compare_with_baseline(
         "denoiser_bytes": stored,
         "denoiser_fp16_bytes": fp16,
         "denoiser_ratio_vs_fp16": stored / fp16 if fp16 else None,
-        "bundle_bytes": sum(f.stat().st_size for f in resolved.path.rglob("*") if f.is_file()),
+        # the files the manifest lists, as `diffkiln inspect` counts them (an ONNX export lists names only)
+        "bundle_bytes": sum((resolved.path / f).stat().st_size for f in manifest["files"])
+        if resolved.onnx
+        else sum(info["bytes"] for info in manifest["files"].values()),
     }
     data["latency"] = {"ms_per_step": result.extras["denoiser_ms_per_step"]}
     data["memory"] = {

@@ -43,7 +43,12 @@ def _options(a: argparse.Namespace, mapping: dict[str, str]) -> dict[str, Any]:
     return out
 
 
-_CACHE_FLAGS = {"budget": "--cache-budget", "mechanisms": "--cache-mechanisms", "periodic": "--cache-periodic"}
+_CACHE_FLAGS = {
+    "budget": "--cache-budget",
+    "mechanisms": "--cache-mechanisms",
+    "periodic": "--cache-periodic",
+    "retain": "--cache-retain",
+}
 _SPARSE_FLAGS = {"density": "--attn-density", "block": "--attn-block"}
 
 
@@ -134,6 +139,8 @@ def _cache_options(a: argparse.Namespace) -> dict[str, Any]:
         out["mechanisms"] = a.cache_mechanisms
     if getattr(a, "cache_periodic", None):
         out["periodic"] = True
+    if getattr(a, "cache_retain", None) is not None:
+        out["retain"] = a.cache_retain
     return out
 
 

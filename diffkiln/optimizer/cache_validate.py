@@ -1,10 +1,18 @@
 """Measuring cache schedules by really sampling: the final latents of calibration samples (with
 their seeds) against the uncached run, and a local search over computing steps on that measure.
 
-The measure is the SQNR (dB) of the final latents, pooled over the samples; latents are compared
-before the VAE, which no schedule touches, so nothing decodes. The local search starts from the best schedule
-by proxy and validation and moves one computing step at a time (by one or two steps, either way),
-keeping a move when the measure improves, until no move helps or the trial budget is spent.
+The measure (:func:`worst_sample_sqnr`) is the *worst sample's* SQNR (dB) of the final latents,
+averaged over a pyramid of scales, from full resolution down to each channel's mean. Latents are
+compared before the VAE, which no schedule touches, so nothing decodes. Why not the SQNR pooled over
+the samples: measured on shapes-dit at a budget of 0.35, schedules that reuse the last four to six
+steps keep a pooled SQNR above 16 dB yet turn a fifth of the shapes another colour (a green square
+decodes blue): the error is a drift of a channel's mean in a few samples, small in energy against
+the whole batch. Of six schedules measured there on 150 judged prompts, this measure put the four
+judged at 0.95 or more above the two judged at 0.83 and less; the pooled SQNR put those two first.
+
+The local search starts from the best schedule by proxy and validation and moves one computing step
+at a time (by one or two steps, either way), keeping a move when the measure improves, until no
+move helps or the trial budget is spent.
 """
 
 from __future__ import annotations
@@ -22,7 +30,47 @@ from diffkiln.core.pipelines import find_denoiser
 from diffkiln.nn.cache import cache_schedule_applied
 from diffkiln.optimizer.workload import CalibrationCalls, output_tensor
 
-__all__ = ["LatentRun", "longest_reuse", "refine"]
+__all__ = ["LatentRun", "longest_reuse", "refine", "worst_sample_sqnr"]
+
+_CAP_DB = 200.0
+"""SQNR given to an exact match (no error), so that scores stay finite."""
+
+
+def _per_sample_sqnr(reference: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
+    ref, err = reference.flatten(1), (reference - test).flatten(1)
+    signal, noise = (ref**2).sum(1), (err**2).sum(1)
+    db = 10 * torch.log10(signal.clamp_min(1e-30) / noise.clamp_min(1e-30))
+    return torch.where(noise == 0, torch.full_like(db, _CAP_DB), db.clamp(max=_CAP_DB))
+
+
+def _coarser(x: torch.Tensor) -> torch.Tensor | None:
+    """``x`` averaged over 2 x 2 patches of its last two dimensions (the last one for 3-d
+    tensors: audio), or None when nothing is left to average."""
+    if x.dim() >= 4 and max(x.shape[-2:]) > 1:
+        flat = x.reshape(x.shape[0], -1, *x.shape[-2:])
+        pooled = torch.nn.functional.avg_pool2d(flat, 2, ceil_mode=True)
+        return pooled.reshape(*x.shape[:-2], *pooled.shape[-2:])
+    if x.dim() == 3 and x.shape[-1] > 1:
+        return torch.nn.functional.avg_pool1d(x, 2, ceil_mode=True)
+    return None
+
+
+def worst_sample_sqnr(reference: torch.Tensor, test: torch.Tensor) -> float:
+    """The worst sample's SQNR (dB) between two batches of latents (samples first), averaged over
+    scales: full resolution, then halved (2 x 2 means) until each channel is one value.
+
+    Raises:
+        ValueError: the shapes differ.
+    """
+    if reference.shape != test.shape:
+        raise ValueError(f"latents of shapes {tuple(reference.shape)} and {tuple(test.shape)} cannot be compared")
+    ref: torch.Tensor | None = reference.double()
+    got: torch.Tensor | None = test.double()
+    worst = []
+    while ref is not None and got is not None:
+        worst.append(float(_per_sample_sqnr(ref, got).min()))
+        ref, got = _coarser(ref), _coarser(got)
+    return sum(worst) / len(worst)
 
 
 class LatentRun:
@@ -44,15 +92,14 @@ class LatentRun:
         manager ``applied()`` returns, against the reference run."""
         with applied():
             got = self._run()
-        return min(sqnr_db(self.reference.numpy(), got.numpy()), 200.0)
+        return min(sqnr_db(self.reference.numpy(), got.numpy()), _CAP_DB)
 
     def score(self, schedule: CacheSchedule) -> tuple[float, float]:
-        """(latent SQNR in dB against the uncached run, pooled over the samples; compute fraction counted)."""
+        """(:func:`worst_sample_sqnr` of the final latents against the uncached run, in dB; the
+        compute fraction counted)."""
         with cache_schedule_applied(self.denoiser, schedule, getattr(self.pipe, "scheduler", None)) as run:
             got = self._run()
-        # Pooled over samples: one sample whose layout moved (a content change) weighs as its error
-        # energy, where a mean of per-sample dB would hide it among the others.
-        return min(sqnr_db(self.reference.numpy(), got.numpy()), 200.0), float(run.compute_fraction or 0.0)
+        return worst_sample_sqnr(self.reference, got), float(run.compute_fraction or 0.0)
 
 
 def longest_reuse(compute: tuple[bool, ...]) -> int:
@@ -64,16 +111,16 @@ def longest_reuse(compute: tuple[bool, ...]) -> int:
     return longest
 
 
-def _moves(compute: tuple[bool, ...], max_run: int | None = None) -> list[tuple[bool, ...]]:
-    """Schedules with one computing step (never step 0) moved by one or two steps, either way,
-    keeping runs of reusing steps at most ``max_run`` long."""
+def _moves(compute: tuple[bool, ...], max_run: int | None = None, fixed: int = 1) -> list[tuple[bool, ...]]:
+    """Schedules with one computing step (never one of the first ``fixed``) moved by one or two
+    steps, either way, keeping runs of reusing steps at most ``max_run`` long."""
     out = []
     for t, c in enumerate(compute):
-        if not c or t == 0:
+        if not c or t < fixed:
             continue
         for d in (-1, 1, -2, 2):
             u = t + d
-            if 0 < u < len(compute) and not compute[u]:
+            if fixed <= u < len(compute) and not compute[u]:
                 moved = list(compute)
                 moved[t], moved[u] = False, True
                 if max_run is None or longest_reuse(tuple(moved)) <= max_run:
@@ -81,10 +128,13 @@ def _moves(compute: tuple[bool, ...], max_run: int | None = None) -> list[tuple[
     return out
 
 
-def refine(start: CacheSchedule, score: float, measure: Callable[[CacheSchedule], tuple[float, float]],
-           trials: int, max_run: int | None = None) -> tuple[CacheSchedule, float, list[dict[str, Any]]]:  # fmt: skip
+_Measure = Callable[[CacheSchedule], tuple[float, float]]
+
+
+def refine(start: CacheSchedule, score: float, measure: _Measure, trials: int, max_run: int | None = None,
+           fixed: int = 1) -> tuple[CacheSchedule, float, list[dict[str, Any]]]:  # fmt: skip
     """Hill-climb from ``start`` (measured ``score``) for at most ``trials`` measurements, keeping
-    runs of reusing steps at most ``max_run`` long.
+    runs of reusing steps at most ``max_run`` long and the first ``fixed`` steps computing.
 
     Returns:
         (the best schedule, its score, one row per trial).
@@ -94,7 +144,7 @@ def refine(start: CacheSchedule, score: float, measure: Callable[[CacheSchedule]
     improved = True
     while improved and len(rows) < trials:
         improved = False
-        for compute in _moves(best.compute, max_run):
+        for compute in _moves(best.compute, max_run, fixed):
             if len(rows) >= trials:
                 break
             candidate = dataclasses.replace(best, compute=compute)

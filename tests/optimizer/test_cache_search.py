@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -9,11 +10,12 @@ import torch
 
 from diffkiln.calibrate import CalibrationConfig, calibrate
 from diffkiln.core.errors import InvalidInputError
+from diffkiln.core.metrics import sqnr_db
 from diffkiln.generation import load_pipeline
 from diffkiln.nn.cache import cache_schedule_applied
 from diffkiln.optimizer import CacheConfig, SearchContext, search_cache
 from diffkiln.optimizer.cache_search import dp_schedule, full_steps_allowed, uniform_schedule
-from diffkiln.optimizer.cache_validate import longest_reuse
+from diffkiln.optimizer.cache_validate import longest_reuse, worst_sample_sqnr
 from tests.runtime_e2e_helpers import CACHE, PROMPTS
 
 
@@ -75,6 +77,12 @@ def test_unknown_mechanism_is_refused() -> None:
         CacheConfig(mechanisms=("teacache",))
 
 
+@pytest.mark.parametrize("retain", [-0.1, 1.0, 1.5])
+def test_bad_retained_fractions_are_refused(retain: float) -> None:
+    with pytest.raises(InvalidInputError, match=r"retained fraction of first steps must be in \[0, 1\)"):
+        CacheConfig(retain=retain)
+
+
 @pytest.fixture(scope="module")
 def dit() -> tuple[object, object]:
     pipe = load_pipeline("shapes-dit")
@@ -97,6 +105,51 @@ def test_search_keeps_the_best_measured_schedule_within_budget(dit, budget: floa
     with cache_schedule_applied(pipe.transformer, schedule, pipe.scheduler) as run:
         pipe("a red circle", num_inference_steps=10, output_type="latent", generator=torch.Generator().manual_seed(0))
     assert run.compute_fraction == pytest.approx(schedule.compute_fraction)
+
+
+def test_the_search_also_proposes_schedules_that_compute_the_first_steps(dit) -> None:
+    """Proxies that make step 1 free to reuse: the programme reuses it, the retaining proposal
+    computes the first 20% of the steps, and validation sees both, each within the run bound."""
+    pipe, stats = dit
+    n = stats.cache.steps
+    cheap_start = torch.ones(n, n)
+    cheap_start[0, 1] = 0.0
+    cache = dataclasses.replace(stats.cache, distances=cheap_start.expand_as(stats.cache.distances).clone())
+    config = CacheConfig(budget=0.5, validate_samples=2, refine=0)
+    schedule = search_cache(pipe, dataclasses.replace(stats, cache=cache), config, SearchContext(progress=False))
+    rows = schedule.search["validated"]
+    retaining = [r for r in rows if "first 2 computed" in r["schedule"]]
+    assert retaining and all(r["compute"].startswith("CC") for r in retaining), rows
+    assert any(r["compute"].startswith("Cr") for r in rows if "(proxy)" in r["schedule"])
+    bound = max(longest_reuse(uniform_schedule(n, 5)), 2)
+    assert all(longest_reuse(tuple(c == "C" for c in r["compute"])) <= bound for r in retaining)
+
+
+def test_retained_first_steps_compute_in_every_validated_schedule(dit) -> None:
+    pipe, stats = dit
+    config = CacheConfig(budget=0.5, validate_samples=2, refine=6, retain=0.3)
+    schedule = search_cache(pipe, stats, config, SearchContext(progress=False))
+    assert schedule.compute[:3] == (True, True, True)
+    rows = schedule.search["validated"]
+    assert rows and all(r["compute"].startswith("CCC") for r in rows)
+    assert schedule.compute_fraction <= 0.5 + 1e-9
+
+
+def test_the_worst_samples_colour_drift_is_what_the_measure_sees() -> None:
+    """A channel-mean shift in one sample of eight: small against the pooled energy, the whole
+    measure at the coarse scales."""
+    gen = torch.Generator().manual_seed(0)
+    ref = torch.randn(8, 4, 16, 16, generator=gen)
+    drift = ref.clone()
+    drift[3, 1] += 0.3  # one sample's channel 1 moves as a whole (a colour change)
+    noise = ref + 0.1 * torch.randn(ref.shape, generator=gen)  # every sample a little noisy
+    assert sqnr_db(ref.numpy(), drift.numpy()) > sqnr_db(ref.numpy(), noise.numpy())  # pooled: drift looks better
+    assert worst_sample_sqnr(ref, drift) < worst_sample_sqnr(ref, noise) - 5  # the measure: clearly worse
+    assert worst_sample_sqnr(ref, ref) == 200.0
+    video = torch.randn(2, 3, 5, 4, 4, generator=gen)  # (B, C, F, H, W) latents pool over H, W
+    assert worst_sample_sqnr(video, video + 0.01) < 200.0
+    with pytest.raises(ValueError, match="cannot be compared"):
+        worst_sample_sqnr(ref, ref[:4])
 
 
 def test_a_budget_no_mechanism_fits_is_refused(dit) -> None:

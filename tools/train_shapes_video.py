@@ -15,6 +15,9 @@ Stages, each resumable from the work folder:
 4. ``finish``: assemble the pipeline from the EMA weights, judge a quick evaluation with
    ``judge_video`` and save the folder in float16 under ``--out``.
 
+``--stage eval`` judges the current checkpoint the same way while training runs (``--eval-size``
+scenes per set), keeps a frame strip ``W/eval_<step>.png`` and logs the result.
+
 Usage: python tools/train_shapes_video.py --stage vae,latents,dit,finish --work W [--minutes 60]
 
 ``--vae-from DIR`` (latents) encodes with a saved VAE; ``--init-from DIR`` (dit) starts from a saved
@@ -29,6 +32,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -239,11 +243,12 @@ def stage_dit(work: Path, steps: int, batch: int, seed: int, minutes: float, res
                        "resumed_from_step": offset or None})  # fmt: skip
 
 
-def stage_finish(work: Path, out: Path, n_eval: int, steps: int) -> None:
+def _trained_pipeline(work: Path) -> tuple[Any, int]:
+    """The pipeline assembled from W/dit_ckpt.pt's EMA weights, and the step it was saved at."""
     from diffusers import AutoencoderKLWan
 
     _, encoder, transformer = _modules(work)
-    ckpt = torch.load(work / "dit_ckpt.pt", weights_only=True)
+    ckpt = torch.load(work / "dit_ckpt.pt", weights_only=True)  # replaced whole, so safe mid-training
     encoder.load_state_dict(ckpt["ema"][0])
     transformer.load_state_dict(ckpt["ema"][1])
     vae = AutoencoderKLWan.from_pretrained(work / "vae")
@@ -253,7 +258,13 @@ def stage_finish(work: Path, out: Path, n_eval: int, steps: int) -> None:
     vae.register_to_config(latents_std=[1.0 / scale] * vae.config.z_dim)
     pipe = assemble_shapes_video(work, vae, transformer.eval(), encoder.eval())
     pipe.set_progress_bar_config(disable=True)
-    results = {}
+    return pipe, int(ckpt["step"])
+
+
+def _quick_eval(pipe: Any, n_eval: int, steps: int, strip: Path | None = None) -> dict[str, float]:
+    """Judged accuracy on ``n_eval`` scenes per set; ``strip``: also save frames 0, 5, 10, 15 of
+    each clip, one row per clip."""
+    results, rows = {}, []
     for label, pairs, split in (("single", False, Split.SEEN), ("single_heldout", False, Split.HELDOUT),
                                 ("pairs", True, Split.SEEN)):  # fmt: skip
         scenes = all_video_scenes(pairs, split)
@@ -264,9 +275,30 @@ def stage_finish(work: Path, out: Path, n_eval: int, steps: int) -> None:
                           generator=g, output_type="np").frames  # fmt: skip
         clips = [[(f * 255).round().astype(np.uint8) for f in clip] for clip in out_frames]
         results[label] = sum(judge_video(c, s).correct for c, s in zip(clips, picks, strict=True)) / len(picks)
+        rows += [np.concatenate([c[i] for i in (0, 5, 10, 15)], axis=1) for c in clips]
+    if strip is not None:
+        from PIL import Image
+
+        Image.fromarray(np.concatenate(rows, axis=0)).save(strip)
+    return results
+
+
+def stage_eval(work: Path, n_eval: int, steps: int) -> None:
+    """Judge the current checkpoint's EMA weights (while training runs) and keep a frame strip."""
+    pipe, trained = _trained_pipeline(work)
+    results = _quick_eval(pipe, n_eval, steps, work / f"eval_{trained}.png")
+    info = {"quick_eval": results, "steps": steps, "trained_steps": trained, "prompts_per_set": n_eval}
+    with (work / "eval_history.jsonl").open("a") as history:  # one line per judged checkpoint
+        history.write(json.dumps(info) + "\n")
+    _log(work, "eval", info)
+
+
+def stage_finish(work: Path, out: Path, n_eval: int, steps: int) -> None:
+    pipe, trained = _trained_pipeline(work)
+    results = _quick_eval(pipe, n_eval, steps)
     print("shapes-video quick eval:", results, flush=True)
     pipe.to(torch.float16).save_pretrained(out / "shapes-video")
-    _log(work, "finish", {"quick_eval": results, "steps": steps, "trained_steps": int(ckpt["step"])})
+    _log(work, "finish", {"quick_eval": results, "steps": steps, "trained_steps": trained})
 
 
 def main() -> None:
@@ -313,6 +345,8 @@ def main() -> None:
         arch = {"heads": a.heads, "layers": a.layers, "ffn": a.ffn}
         stage_dit(a.work, a.steps, a.batch, a.seed, a.minutes, a.resume, a.ckpt_every, a.lr, a.init_from, a.bf16,
                   arch, a.posterior_mean)  # fmt: skip
+    if "eval" in stages:
+        stage_eval(a.work, a.eval_size, a.eval_steps)
     if "finish" in stages:
         stage_finish(a.work, a.out, a.eval_size, a.eval_steps)
 

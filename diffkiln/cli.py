@@ -48,6 +48,7 @@ _CACHE_FLAGS = {
     "mechanisms": "--cache-mechanisms",
     "periodic": "--cache-periodic",
     "retain": "--cache-retain",
+    "refine": "--cache-refine",
 }
 _SPARSE_FLAGS = {"density": "--attn-density", "block": "--attn-block"}
 
@@ -141,6 +142,8 @@ def _cache_options(a: argparse.Namespace) -> dict[str, Any]:
         out["periodic"] = True
     if getattr(a, "cache_retain", None) is not None:
         out["retain"] = a.cache_retain
+    if getattr(a, "cache_refine", None) is not None:
+        out["refine"] = a.cache_refine
     return out
 
 

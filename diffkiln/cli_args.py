@@ -379,6 +379,10 @@ def _add_cache_args(o: argparse.ArgumentParser) -> None:
     o.add_argument("--cache-retain", type=float, metavar="FRACTION",
                    help="always compute this fraction of the first steps (MagCache's retention ratio, e.g. 0.2); "
                    "default 0: the search proposes schedules with and without and keeps the best measured")  # fmt: skip
+    o.add_argument("--cache-refine", type=int, metavar="N",
+                   help="after validation, try up to N single-step moves of the best schedule's computing steps, "
+                   "kept when the measured latent score improves; default 0 (the score sees a few calibration "
+                   "samples, and the moves can trade judged content for it)")  # fmt: skip
     o.add_argument("--sweep-cache", type=float_list, metavar="LIST",
                    help="build one bundle per cache budget (e.g. 0.35,0.5,0.7) under --out, evaluate them against FP "
                    "and write sweep.json and sweep.html (the Pareto front)")  # fmt: skip

@@ -14,7 +14,7 @@ from diffkiln.core.metrics import sqnr_db
 from diffkiln.generation import load_pipeline
 from diffkiln.nn.cache import cache_schedule_applied
 from diffkiln.optimizer import CacheConfig, SearchContext, search_cache
-from diffkiln.optimizer.cache_search import dp_schedule, full_steps_allowed, uniform_schedule
+from diffkiln.optimizer.cache_search import dp_schedule, full_steps_allowed, leading_computed, uniform_schedule
 from diffkiln.optimizer.cache_validate import longest_reuse, worst_sample_sqnr
 from tests.runtime_e2e_helpers import CACHE, PROMPTS
 
@@ -108,8 +108,9 @@ def test_search_keeps_the_best_measured_schedule_within_budget(dit, budget: floa
 
 
 def test_the_search_also_proposes_schedules_that_compute_the_first_steps(dit) -> None:
-    """Proxies that make step 1 free to reuse: the programme reuses it, the retaining proposal
-    computes the first 20% of the steps, and validation sees both, each within the run bound."""
+    """Proxies that make step 1 free to reuse: the programme reuses it, the retaining proposals
+    compute the first 20% of the steps, and validation sees them with the bound on runs of reusing
+    steps and without it."""
     pipe, stats = dit
     n = stats.cache.steps
     cheap_start = torch.ones(n, n)
@@ -118,11 +119,26 @@ def test_the_search_also_proposes_schedules_that_compute_the_first_steps(dit) ->
     config = CacheConfig(budget=0.5, validate_samples=2, refine=0)
     schedule = search_cache(pipe, dataclasses.replace(stats, cache=cache), config, SearchContext(progress=False))
     rows = schedule.search["validated"]
-    retaining = [r for r in rows if "first 2 computed" in r["schedule"]]
-    assert retaining and all(r["compute"].startswith("CC") for r in retaining), rows
     assert any(r["compute"].startswith("Cr") for r in rows if "(proxy)" in r["schedule"])
     bound = max(longest_reuse(uniform_schedule(n, 5)), 2)
-    assert all(longest_reuse(tuple(c == "C" for c in r["compute"])) <= bound for r in retaining)
+    retaining = [r for r in rows if "first 2 computed" in r["schedule"]]
+    assert retaining and all(r["compute"].startswith("CC") for r in retaining), rows
+    bounded = [r for r in retaining if "runs of reuse" in r["schedule"]]
+    assert bounded and all(longest_reuse(tuple(c == "C" for c in r["compute"])) <= bound for r in bounded)
+    assert len(bounded) < len(retaining)  # the unbounded variant is validated too
+
+
+def test_the_local_search_keeps_the_leading_computing_steps(dit) -> None:
+    pipe, stats = dit
+    schedule = search_cache(pipe, stats, CacheConfig(budget=0.35, validate_samples=2, refine=12),
+                            SearchContext(progress=False))  # fmt: skip
+    rows = schedule.search["validated"]
+    validated = [r for r in rows if r["schedule"] != "local move"]
+    start = max(validated, key=lambda r: r["score"])["compute"]
+    lead = leading_computed(tuple(c == "C" for c in start))
+    moves = [r for r in rows if r["schedule"] == "local move"]
+    assert all(r["compute"][:lead] == "C" * lead for r in moves)
+    assert schedule.pattern[:lead] == "C" * lead
 
 
 def test_retained_first_steps_compute_in_every_validated_schedule(dit) -> None:

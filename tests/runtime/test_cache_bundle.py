@@ -104,10 +104,12 @@ def test_cli_builds_cache_bundles_and_refuses_bad_options(tmp_path: Path, capsys
     assert main(["optimize", "shapes-dit", "--recipe", "cache", "--cache-speedup", "2", "--out", str(tmp_path / "a"),
                  *common]) == 0  # fmt: skip
     assert "cache    " in capsys.readouterr().out
-    assert main(["optimize", "shapes-dit", "--cache-budget", "0.5", "--cache-retain", "0.5", "--out",
-                 str(tmp_path / "b"), *common]) == 0  # fmt: skip
+    assert main(["optimize", "shapes-dit", "--cache-budget", "0.5", "--cache-retain", "0.5", "--cache-refine", "3",
+                 "--out", str(tmp_path / "b"), *common]) == 0  # fmt: skip
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert manifest["quant"]["recipe"] == "w8a8" and manifest["cache"]["compute"][:3] == [True] * 3
+    search = manifest["plan"]["cache"]["search"]
+    assert search["config"]["refine"] == 3 and sum(r["schedule"] == "local move" for r in search["validated"]) <= 3
     assert main(["optimize", "shapes-dit", "--cache-budget", "1.5", "--out", str(tmp_path / "c1"), *common]) == 2
     assert "budget must be in (0, 1]" in capsys.readouterr().err
     assert main(["optimize", "shapes-dit", "--cache-retain", "1", "--out", str(tmp_path / "c3"), *common]) == 2

@@ -274,7 +274,11 @@ def _quick_eval(pipe: Any, n_eval: int, steps: int, strip: Path | None = None) -
                           num_inference_steps=steps, max_sequence_length=VIDEO_TEXT_LENGTH, guidance_scale=5.0,
                           generator=g, output_type="np").frames  # fmt: skip
         clips = [[(f * 255).round().astype(np.uint8) for f in clip] for clip in out_frames]
-        results[label] = sum(judge_video(c, s).correct for c, s in zip(clips, picks, strict=True)) / len(picks)
+        verdicts = [judge_video(c, s) for c, s in zip(clips, picks, strict=True)]
+        results[label] = sum(v.correct for v in verdicts) / len(picks)
+        for attr in ("color", "shape", "motion"):  # which attribute the misses are
+            oks = [getattr(o, f"{attr}_ok") for v in verdicts for o in v.objects]
+            results[f"{label}_{attr}"] = sum(map(bool, oks)) / max(len(oks), 1)
         rows += [np.concatenate([c[i] for i in (0, 5, 10, 15)], axis=1) for c in clips]
     if strip is not None:
         from PIL import Image

@@ -19,7 +19,11 @@ from diffkiln.optimizer.cache_validate import longest_reuse, worst_sample_sqnr
 from tests.runtime_e2e_helpers import CACHE, PROMPTS
 
 
-def _brute_force(d: torch.Tensor, k_max: int, max_run: int | None = None) -> float:
+def _trailing_reuse(flags: tuple[bool, ...]) -> int:
+    return len(flags) - 1 - max(i for i, c in enumerate(flags) if c)
+
+
+def _brute_force(d: torch.Tensor, k_max: int, max_run: int | None = None, max_tail: int | None = None) -> float:
     n = d.shape[0]
     best = float("inf")
     for k in range(1, k_max + 1):
@@ -27,6 +31,8 @@ def _brute_force(d: torch.Tensor, k_max: int, max_run: int | None = None) -> flo
             computed, last, cost = {0, *rest}, 0, 0.0
             flags = tuple(t in computed for t in range(n))
             if max_run is not None and longest_reuse(flags) > max_run:
+                continue
+            if max_tail is not None and _trailing_reuse(flags) > max_tail:
                 continue
             for t in range(n):
                 if t in computed:
@@ -37,20 +43,22 @@ def _brute_force(d: torch.Tensor, k_max: int, max_run: int | None = None) -> flo
     return best
 
 
-@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("seed", range(16))
 def test_dp_finds_the_brute_force_optimum(seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     n = 7
     d = torch.rand(n, n, generator=gen)
     k = 1 + seed % n
     max_run = None if seed % 2 else 1 + seed % 3
-    compute, cost = dp_schedule(d, k, max_run)
-    expected = _brute_force(d, k, max_run)
+    max_tail = None if seed % 4 < 2 else seed % 3  # the last run bounded apart from the others
+    compute, cost = dp_schedule(d, k, max_run, max_tail)
+    expected = _brute_force(d, k, max_run, max_tail)
     if expected == float("inf"):
         assert cost == float("inf")
         return
     assert compute[0] and sum(compute) <= k
     assert max_run is None or longest_reuse(compute) <= max_run
+    assert max_tail is None or _trailing_reuse(compute) <= max_tail
     assert cost == pytest.approx(expected)
     last, recomputed = 0, 0.0
     for t in range(n):  # the flags it returns cost what it says
@@ -125,7 +133,9 @@ def test_the_search_also_proposes_schedules_that_compute_the_first_steps(dit) ->
     assert retaining and all(r["compute"].startswith("CC") for r in retaining), rows
     bounded = [r for r in retaining if "runs of reuse" in r["schedule"]]
     assert bounded and all(longest_reuse(tuple(c == "C" for c in r["compute"])) <= bound for r in bounded)
-    assert len(bounded) < len(retaining)  # the unbounded variant is validated too
+    assert len(bounded) < len(retaining)  # the variant with unbounded runs in the middle is validated too
+    whole = [r for r in retaining if r["schedule"].startswith("whole")]  # 5 computing steps, as ``bound``
+    assert whole and all(_trailing_reuse(tuple(c == "C" for c in r["compute"])) <= bound for r in whole)
 
 
 def test_the_local_search_keeps_the_leading_computing_steps(dit) -> None:

@@ -167,7 +167,8 @@ def _modules(work: Path, arch: dict[str, int] | None = None) -> tuple[object, to
 
 def stage_dit(work: Path, steps: int, batch: int, seed: int, minutes: float, resume: bool, ckpt_every: int,
               lr: float, init_from: Path | None = None, bf16: bool = False,
-              arch: dict[str, int] | None = None, posterior_mean: bool = False) -> None:  # fmt: skip
+              arch: dict[str, int] | None = None, posterior_mean: bool = False,
+              sigma_shift: float = 1.0) -> None:  # fmt: skip
     from diffusers import AutoencoderKLWan
 
     data = torch.load(work / "latents.pt", weights_only=False)
@@ -220,6 +221,10 @@ def stage_dit(work: Path, steps: int, batch: int, seed: int, minutes: float, res
         emb, _ = pipe.encode_prompt(text, do_classifier_free_guidance=False, max_sequence_length=VIDEO_TEXT_LENGTH,
                                     device=torch.device("cpu"))  # fmt: skip
         sigma = torch.sigmoid(torch.randn(batch))
+        # shifted as the sampler's schedule is (FlowMatchEulerDiscreteScheduler(shift)): with the
+        # plain logit-normal, sigmas above 0.97 (where the sampler's first steps lay out the clip and
+        # its motion) were almost never trained, and samples came out static
+        sigma = sigma_shift * sigma / (1 + (sigma_shift - 1) * sigma)
         s = sigma.view(-1, 1, 1, 1, 1)
         eps = torch.randn_like(z0)
         # bf16 autocast (fp32 master weights) makes a step about 1.3x faster on CPUs with avx512_bf16
@@ -327,6 +332,9 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4, help="dit: Wan blocks")
     ap.add_argument("--ffn", type=int, default=192, help="dit: MLP width")
     ap.add_argument("--posterior-mean", action="store_true", help="dit: train on the VAE posterior's mean")
+    ap.add_argument("--sigma-shift", type=float, default=1.0,
+                    help="dit: shift the logit-normal training sigmas as the sampler's schedule is (3: the "
+                    "pipeline's FlowMatchEulerDiscreteScheduler shift)")  # fmt: skip
     ap.add_argument("--keep-scale", action="store_true", help="latents: keep W/latents.pt's latent scale")
     ap.add_argument("--eval-size", type=int, default=20)
     ap.add_argument("--eval-steps", type=int, default=20)
@@ -348,7 +356,7 @@ def main() -> None:
     if "dit" in stages:
         arch = {"heads": a.heads, "layers": a.layers, "ffn": a.ffn}
         stage_dit(a.work, a.steps, a.batch, a.seed, a.minutes, a.resume, a.ckpt_every, a.lr, a.init_from, a.bf16,
-                  arch, a.posterior_mean)  # fmt: skip
+                  arch, a.posterior_mean, a.sigma_shift)  # fmt: skip
     if "eval" in stages:
         stage_eval(a.work, a.eval_size, a.eval_steps)
     if "finish" in stages:

@@ -5,8 +5,8 @@ The calibration is done once first and copied to each run.
 
 Usage: python tools/bench_distributed_validation.py [--recipe cache|sparse] [--nproc 2]
 
-cache: shapes-dit, budget 0.5, up to the 8 best schedules by proxy on 12 samples, no refinement
-(the refinement's moves are sequential and run on every rank). sparse: a random-weight folder of
+cache: shapes-dit, budget 0.5, up to the 8 best schedules by proxy and the retention variants on 12
+samples, no refinement (the refinement's moves are sequential and run on every rank). sparse: a random-weight folder of
 the shapes-video architecture (1,088 tokens per attention layer), density 0.35, 2 validation
 samples.
 Writes ``tools/results/bench_distributed_validation_RECIPE.json``.

@@ -168,7 +168,7 @@ def _modules(work: Path, arch: dict[str, int] | None = None) -> tuple[object, to
 def stage_dit(work: Path, steps: int, batch: int, seed: int, minutes: float, resume: bool, ckpt_every: int,
               lr: float, init_from: Path | None = None, bf16: bool = False,
               arch: dict[str, int] | None = None, posterior_mean: bool = False,
-              sigma_shift: float = 3.0) -> None:  # fmt: skip
+              sigma_shift: float | None = None) -> None:  # fmt: skip
     from diffusers import AutoencoderKLWan
 
     data = torch.load(work / "latents.pt", weights_only=False)
@@ -183,6 +183,8 @@ def stage_dit(work: Path, steps: int, batch: int, seed: int, minutes: float, res
         transformer.load_state_dict(
             WanTransformer3DModel.from_pretrained(init_from / "transformer").float().state_dict()
         )
+    if sigma_shift is None:  # the sampler's own shift, so training covers the sigmas it visits
+        sigma_shift = float(pipe.scheduler.config.shift)
     modules = [encoder.train(), transformer.train()]
     params = [p for m in modules for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
@@ -332,9 +334,9 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4, help="dit: Wan blocks")
     ap.add_argument("--ffn", type=int, default=192, help="dit: MLP width")
     ap.add_argument("--posterior-mean", action="store_true", help="dit: train on the VAE posterior's mean")
-    ap.add_argument("--sigma-shift", type=float, default=3.0,
-                    help="dit: shift the logit-normal training sigmas as the sampler's schedule is (default 3: the "
-                    "pipeline's FlowMatchEulerDiscreteScheduler shift; 1: plain logit-normal)")  # fmt: skip
+    ap.add_argument("--sigma-shift", type=float, default=None,
+                    help="dit: shift the logit-normal training sigmas as the sampler's schedule is (default: the "
+                    "pipeline scheduler's own shift; 1: plain logit-normal)")  # fmt: skip
     ap.add_argument("--keep-scale", action="store_true", help="latents: keep W/latents.pt's latent scale")
     ap.add_argument("--eval-size", type=int, default=20)
     ap.add_argument("--eval-steps", type=int, default=20)

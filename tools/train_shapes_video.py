@@ -168,7 +168,7 @@ def _modules(work: Path, arch: dict[str, int] | None = None) -> tuple[object, to
 def stage_dit(work: Path, steps: int, batch: int, seed: int, minutes: float, resume: bool, ckpt_every: int,
               lr: float, init_from: Path | None = None, bf16: bool = False,
               arch: dict[str, int] | None = None, posterior_mean: bool = False,
-              sigma_shift: float | None = None) -> None:  # fmt: skip
+              sigma_shift: float | None = None, compile_step: bool = False) -> None:  # fmt: skip
     from diffusers import AutoencoderKLWan
 
     data = torch.load(work / "latents.pt", weights_only=False)
@@ -200,6 +200,9 @@ def stage_dit(work: Path, steps: int, batch: int, seed: int, minutes: float, res
         offset = int(ckpt["step"])
     gen = np.random.default_rng(seed + offset)
     torch.manual_seed(seed + offset)
+    # torch.compile of the denoiser: 1.4 s instead of 1.7 s a step (batch 16, bf16) on the 2-core
+    # EPYC; the checkpoint holds the plain module's weights, which the compiled one shares
+    forward = torch.compile(transformer) if compile_step else transformer
     t0 = time.time()
 
     def save(step: int) -> None:
@@ -231,7 +234,7 @@ def stage_dit(work: Path, steps: int, batch: int, seed: int, minutes: float, res
         eps = torch.randn_like(z0)
         # bf16 autocast (fp32 master weights) makes a step about 1.3x faster on CPUs with avx512_bf16
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            pred = transformer(hidden_states=(1 - s) * z0 + s * eps, timestep=sigma * 1000,
+            pred = forward(hidden_states=(1 - s) * z0 + s * eps, timestep=sigma * 1000,
                                encoder_hidden_states=emb, return_dict=False)[0]  # fmt: skip
         loss = F.mse_loss(pred.float(), eps - z0)
         opt.zero_grad(set_to_none=True)
@@ -330,6 +333,7 @@ def main() -> None:
     ap.add_argument("--ckpt-every", type=int, default=200)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--bf16", action="store_true", help="dit: bfloat16 autocast (fp32 master weights)")
+    ap.add_argument("--compile", action="store_true", help="dit: torch.compile the denoiser (about 1.2x a step)")
     ap.add_argument("--heads", type=int, default=3, help="dit: attention heads of 32 (recorded in W/dit_arch.json)")
     ap.add_argument("--layers", type=int, default=4, help="dit: Wan blocks")
     ap.add_argument("--ffn", type=int, default=192, help="dit: MLP width")
@@ -358,7 +362,7 @@ def main() -> None:
     if "dit" in stages:
         arch = {"heads": a.heads, "layers": a.layers, "ffn": a.ffn}
         stage_dit(a.work, a.steps, a.batch, a.seed, a.minutes, a.resume, a.ckpt_every, a.lr, a.init_from, a.bf16,
-                  arch, a.posterior_mean, a.sigma_shift)  # fmt: skip
+                  arch, a.posterior_mean, a.sigma_shift, a.compile)  # fmt: skip
     if "eval" in stages:
         stage_eval(a.work, a.eval_size, a.eval_steps)
     if "finish" in stages:

@@ -15,6 +15,10 @@ Stages, each resumable from the work folder:
 4. ``finish``: assemble the pipeline from the EMA weights, judge a quick evaluation with
    ``judge_video`` and save the folder in float16 under ``--out``.
 
+``--stage snapshot`` keeps the training state in ``--snapshot`` (float16, small enough to commit:
+a session's files outside the repository do not outlive it) and ``--stage restore`` makes a work
+folder from it; then ``--stage latents --keep-scale`` and ``--stage dit --resume`` continue.
+
 ``--stage eval`` judges the current checkpoint the same way while training runs (``--eval-size``
 scenes per set), keeps a frame strip ``W/eval_<step>.png`` and logs the result.
 
@@ -134,7 +138,9 @@ def stage_latents(work: Path, n: int, seed: int, vae_from: Path | None = None, k
     mean = torch.cat(means)
     scale = 1.0 / mean.float().std().item()
     if keep_scale:  # a denoiser already trained on the old file continues on the same latent scale
-        scale = float(torch.load(work / "latents.pt", weights_only=False)["scale"])
+        kept = work / "latent_scale.json"  # written by ``restore``
+        scale = (float(json.loads(kept.read_text())["scale"]) if kept.is_file()
+                 else float(torch.load(work / "latents.pt", weights_only=False)["scale"]))  # fmt: skip
     torch.save({"mean": mean, "std": torch.cat(stds), "prompts": prompts, "scale": scale}, work / "latents.pt")
     _log(work, "latents", {"clips": n, "seconds": time.time() - t0})
 
@@ -189,14 +195,17 @@ def stage_dit(work: Path, steps: int, batch: int, seed: int, minutes: float, res
     params = [p for m in modules for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     ema = _EMA(modules, 0.999)
-    ckpt_path, offset = work / "dit_ckpt.pt", 0
+    ckpt_path, offset, warm_from = work / "dit_ckpt.pt", 0, 0
     if resume and ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, weights_only=True)
         for m, sd in zip(modules, ckpt["modules"], strict=True):
             m.load_state_dict(sd)
         for m, sd in zip(ema.shadow, ckpt["ema"], strict=True):
             m.load_state_dict(sd)
-        opt.load_state_dict(ckpt["opt"])
+        if "opt" in ckpt:
+            opt.load_state_dict(ckpt["opt"])
+        else:  # restored from a snapshot, which keeps no optimizer moments: warm the rate up again
+            warm_from = int(ckpt["step"])
         offset = int(ckpt["step"])
     gen = np.random.default_rng(seed + offset)
     torch.manual_seed(seed + offset)
@@ -242,7 +251,8 @@ def stage_dit(work: Path, steps: int, batch: int, seed: int, minutes: float, res
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+            cosine = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps))
+            group["lr"] = lr * min(1.0, (step - warm_from + 1) / 200) * cosine
         ema.update(step)
         if step % 50 == 0:
             print(f"dit step {step} loss {loss.item():.4f} {time.time() - t0:.0f}s", flush=True)
@@ -315,6 +325,45 @@ def stage_finish(work: Path, out: Path, n_eval: int, steps: int) -> None:
     _log(work, "finish", {"quick_eval": results, "steps": steps, "trained_steps": trained})
 
 
+def stage_snapshot(work: Path, snapshot: Path) -> None:
+    """Keep the training state small enough to commit: the VAE and the raw and EMA weights of the
+    text encoder and denoiser in float16 (no optimizer moments; ``restore`` warms the rate up again)
+    and the latent scale. A session's files outside the repository do not outlive it."""
+    from diffusers import AutoencoderKLWan
+    from safetensors.torch import save_file
+
+    ckpt = torch.load(work / "dit_ckpt.pt", weights_only=True)
+    tensors = {f"{kind}.{name}.{key}": value.half().contiguous()
+               for kind in ("modules", "ema") for name, sd in zip(("encoder", "transformer"), ckpt[kind], strict=True)
+               for key, value in sd.items()}  # fmt: skip
+    snapshot.mkdir(parents=True, exist_ok=True)
+    AutoencoderKLWan.from_pretrained(work / "vae").to(torch.float16).save_pretrained(snapshot / "vae")
+    save_file(tensors, snapshot / "dit.safetensors")
+    scale = float(torch.load(work / "latents.pt", weights_only=False)["scale"])
+    state = {"step": int(ckpt["step"]), "arch": json.loads((work / "dit_arch.json").read_text()), "scale": scale}
+    (snapshot / "state.json").write_text(json.dumps(state, indent=1) + "\n")
+    print(f"snapshot of step {state['step']} in {snapshot}", flush=True)
+
+
+def stage_restore(work: Path, snapshot: Path) -> None:
+    """A work folder from a snapshot; then run ``latents --keep-scale`` and ``dit --resume``."""
+    from diffusers import AutoencoderKLWan
+    from safetensors.torch import load_file
+
+    state = json.loads((snapshot / "state.json").read_text())
+    work.mkdir(parents=True, exist_ok=True)
+    AutoencoderKLWan.from_pretrained(snapshot / "vae", torch_dtype=torch.float32).save_pretrained(work / "vae")
+    (work / "dit_arch.json").write_text(json.dumps(state["arch"]) + "\n")
+    (work / "latent_scale.json").write_text(json.dumps({"scale": state["scale"]}) + "\n")
+    tensors = load_file(snapshot / "dit.safetensors")
+    ckpt: dict[str, Any] = {"step": state["step"]}
+    for kind in ("modules", "ema"):
+        ckpt[kind] = [{k.split(".", 2)[2]: v.float() for k, v in tensors.items() if k.startswith(f"{kind}.{name}.")}
+                      for name in ("encoder", "transformer")]  # fmt: skip
+    torch.save(ckpt, work / "dit_ckpt.pt")
+    print(f"restored step {state['step']} into {work}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stage", default="vae,latents,dit,finish")
@@ -342,6 +391,8 @@ def main() -> None:
                     help="dit: shift the logit-normal training sigmas as the sampler's schedule is (default: the "
                     "pipeline scheduler's own shift; 1: plain logit-normal)")  # fmt: skip
     ap.add_argument("--keep-scale", action="store_true", help="latents: keep W/latents.pt's latent scale")
+    ap.add_argument("--snapshot", type=Path, default=Path("tools/checkpoints/shapes-video"),
+                    help="snapshot/restore: the committed training state's folder")  # fmt: skip
     ap.add_argument("--eval-size", type=int, default=20)
     ap.add_argument("--eval-steps", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
@@ -351,6 +402,8 @@ def main() -> None:
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     stages = a.stage.split(",")
+    if "restore" in stages:
+        stage_restore(a.work, a.snapshot)
     if "vae" in stages:
         stage_vae(a.work, a.vae_steps, a.vae_batch, a.seed, a.vae_window, a.vae_init, a.vae_lr)
     if a.save_vae is not None:
@@ -365,6 +418,8 @@ def main() -> None:
                   arch, a.posterior_mean, a.sigma_shift, a.compile)  # fmt: skip
     if "eval" in stages:
         stage_eval(a.work, a.eval_size, a.eval_steps)
+    if "snapshot" in stages:
+        stage_snapshot(a.work, a.snapshot)
     if "finish" in stages:
         stage_finish(a.work, a.out, a.eval_size, a.eval_steps)
 

@@ -121,7 +121,7 @@ def test_cuda_backend_routes_packed_layers_to_triton(interpreted: ModuleType, mo
         calls.append(1)
         return interpreted.packed_weight_only_matmul_triton(*args)
 
-    monkeypatch.setattr(cuda_backend, "_triton_kernel", lambda name: spy if "quant" in name else spy_wo)
+    monkeypatch.setattr(cuda_backend, "_triton_kernel", lambda module, name: spy if "quant" in name else spy_wo)
     w, _ = _weights(24, 50, 4, None, seed=1)
     x = torch.randint(-128, 128, (20, 50), dtype=torch.int8)
     scale = torch.full((24,), 1e-3)

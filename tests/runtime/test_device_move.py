@@ -61,7 +61,9 @@ def test_a_move_after_a_run_equals_loading_on_the_new_device(bundle: Path, monke
     direct = load(bundle, device="cpu")
     assert torch.equal(after_move, _latents(direct, steps=1))
     assert torch.equal(_latents(pipe), _latents(direct))
-    assert all(type(p).__name__ == "GenericStaticLinear" for m in moved for p in m._packed.values())
+    # with triton (run by its interpreter here), one fused launch per linear; without, the generic path
+    kinds = {type(p).__name__ for m in moved for p in m._packed.values()}
+    assert kinds <= {"TritonStaticLinear", "GenericStaticLinear"}, kinds
     # Both placements run exact integer GEMMs, and each layer agrees to 1e-7 (relative) between
     # them; only the float epilogues round differently, so an activation at a rounding boundary
     # takes the neighbouring code. Measured on this bundle: 41 dB after one step (the sampler

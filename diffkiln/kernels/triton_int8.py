@@ -164,13 +164,34 @@ def _gemm(
 ) -> torch.Tensor:
     if a.dim() != 2 or w.dim() != 2 or a.shape[1] != w.shape[0] or w.dtype != torch.int8:
         raise ValueError(f"(M, K) @ int8 (K, N) expected, got {a.dtype} {tuple(a.shape)} @ {w.dtype} {tuple(w.shape)}")
+    act_scale, zp, qmin, qmax = grid if grid is not None else (1.0, 0, -128, 127)
+    return _int8_gemm_op(_rows(a), _rows(w), scale, tok, ibias, fbias, colsum, float(act_scale), int(zp), int(qmin),
+                         int(qmax), grid is not None, out_dtype)  # fmt: skip
+
+
+# A custom op, so that torch.compile keeps a denoiser with these layers in one graph (an opaque
+# node with a fake implementation for tracing) and CUDA graphs can capture the launch.
+@torch.library.custom_op("diffkiln::int8_gemm", mutates_args=())
+def _int8_gemm_op(
+    a: torch.Tensor,
+    w: torch.Tensor,
+    scale: torch.Tensor | None,
+    tok: torch.Tensor | None,
+    ibias: torch.Tensor | None,
+    fbias: torch.Tensor | None,
+    colsum: torch.Tensor | None,
+    act_scale: float,
+    zp: int,
+    qmin: int,
+    qmax: int,
+    quant_a: bool,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
     (m, k), n = a.shape, w.shape[1]
-    a, w = _rows(a), _rows(w)
     out = torch.empty(m, n, dtype=out_dtype, device=a.device)
     if m == 0 or n == 0:
         return out
     bm, bn, bk = _tiles(m)
-    act_scale, zp, qmin, qmax = grid if grid is not None else (1.0, 0, -128, 127)
     # Absent tensors get a valid pointer; their loads are compiled out by the flags.
     dummy = out
     _int8_gemm_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
@@ -187,22 +208,27 @@ def _gemm(
         k,
         a.stride(0),
         w.stride(0),
-        float(act_scale),
-        int(zp),
+        act_scale,
+        zp,
         float(qmin),
         float(qmax),
-        QUANT_A=grid is not None,
+        QUANT_A=quant_a,
         INT_OUT=scale is None,
         HAS_TOK=tok is not None,
         HAS_IBIAS=ibias is not None,
         HAS_FBIAS=fbias is not None,
-        HAS_ZP=grid is not None and zp != 0,
+        HAS_ZP=quant_a and zp != 0,
         OUT_BF16=out_dtype == torch.bfloat16,
         BM=bm,
         BN=bn,
         BK=bk,
     )
     return out
+
+
+@_int8_gemm_op.register_fake
+def _int8_gemm_shape(a, w, scale, tok, ibias, fbias, colsum, act_scale, zp, qmin, qmax, quant_a, out_dtype):
+    return a.new_empty(a.shape[0], w.shape[1], dtype=out_dtype)
 
 
 def _vector(t: torch.Tensor | None, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
@@ -284,10 +310,19 @@ def dynamic_quant_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     if x.dim() != 2 or not x.is_floating_point():
         raise ValueError(f"x must be a float (M, K) tensor, got {x.dtype} {tuple(x.shape)}")
-    x = _rows(x)
+    return _dynamic_quant_op(_rows(x))
+
+
+@torch.library.custom_op("diffkiln::dynamic_quant_int8", mutates_args=())
+def _dynamic_quant_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     m, k = x.shape
     q = torch.empty(m, k, dtype=torch.int8, device=x.device)
     s = torch.empty(m, dtype=torch.float32, device=x.device)
     if m:
         _dynamic_quant_kernel[(triton.cdiv(m, 16),)](x, q, s, m, k, x.stride(0), BM=16, BK=128)
     return q, s
+
+
+@_dynamic_quant_op.register_fake
+def _dynamic_quant_shape(x):
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[0], dtype=torch.float32)

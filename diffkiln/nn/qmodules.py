@@ -279,14 +279,12 @@ class QLinear(IntGemm):
     def _forward_bos(self, x: torch.Tensor) -> torch.Tensor:
         if self.bos_rows is None or self.bos_positions is None:
             raise RuntimeError("this layer has no BOS rows")
-        # The BOS rows are the same for every prompt: use the FP rows computed at export, and run
-        # the integer GEMM (whose range excludes the BOS outlier) on the other tokens only.
+        # The BOS rows are the same for every prompt: use the FP rows computed at export in place
+        # of the integer GEMM's (whose range excludes the BOS outlier). Rows are quantised and
+        # multiplied independently, so the GEMM runs on every row and the BOS rows are overwritten:
+        # no gather of the other rows, and no data-dependent shape (which breaks torch.compile graphs).
         b, n, _ = x.shape
-        keep = torch.ones(n, dtype=torch.bool, device=x.device)
-        keep[self.bos_positions] = False
-        rest = x[:, keep, :].reshape(-1, self.in_features)
-        out = torch.empty(b, n, self.out_features, dtype=x.dtype, device=x.device)
-        out[:, keep, :] = self.gemm(rest, x.dtype).reshape(b, -1, self.out_features)
+        out = self.gemm(x.reshape(-1, self.in_features), x.dtype).reshape(b, n, self.out_features)
         out[:, self.bos_positions, :] = self.bos_rows.to(x.dtype)
         return out
 

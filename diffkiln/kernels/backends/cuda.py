@@ -67,7 +67,10 @@ class CudaBackend(CpuBackend):
         return TritonStaticLinear(kernel, w_q, w_scale, bias, act)
 
     def prepack_static_conv(self, w_q, w_scale, bias, act, geometry):
-        return None  # im2col + the static GEMM
+        conv_class = _triton_kernel("triton_conv", "TritonStaticConv")
+        if conv_class is None or geometry.groups != 1:
+            return None  # im2col + the static GEMM
+        return conv_class(w_q, w_scale, bias, act, geometry)
 
 
 class TritonStaticLinear:

@@ -3,22 +3,23 @@
 # its 10-minute limit and 15 minutes of device time. Results land in $OUT (the device tool brings
 # them back); each step has its own timeout, so one that hangs cannot take the rest with it.
 #
+#   tools/gpu_check.sh wheels        # here, on the CPU: download what the device image lacks into .whl
 #   tools/gpu_check.sh prepare       # here, on the CPU: build the three shapes bundles into out/gpu-bundles
 #   tools/gpu_check.sh correctness   # pytest -m gpu; the three bundles on cuda against the CPU
 #   tools/gpu_check.sh bench         # tools/bench_gpu.py: SD1.5 at batches 2 and 16, then PixArt-alpha
 #
 # The device image has torch, triton, onnx and onnxruntime but neither diffusers nor our versions of
-# transformers and huggingface_hub: they travel as wheels in .whl/ (carry it; see
-# /work/.library/device/README.md for how to download them). diffkiln itself runs from the tree.
+# transformers and huggingface_hub: they travel as wheels in .whl/ (the wheels stage; carry .whl and
+# out/gpu-bundles, about 34 MB with the repository's 11). diffkiln itself runs from the tree.
 # Dry run on a CPU machine: PY=.venv/bin/python NO_INSTALL=1 DEVICE=cpu tools/gpu_check.sh correctness
 set -u
-stage=${1:?usage: tools/gpu_check.sh correctness|bench}
+stage=${1:?usage: tools/gpu_check.sh wheels|prepare|correctness|bench}
 PY=${PY:-python3}
 DEVICE=${DEVICE:-cuda}
 OUT=${OUT:-out/gpu-check}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-if [ -z "${NO_INSTALL:-}" ] && [ "$stage" != prepare ]; then
+if [ -z "${NO_INSTALL:-}" ] && [ "$stage" != prepare ] && [ "$stage" != wheels ]; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || { echo "wheel install failed"; exit 1; }
   export PYTHONPATH=/tmp/site:$PWD
@@ -36,6 +37,16 @@ EOF
 B=out/gpu-bundles
 BUNDLES=(shapes-unet-w8a8 shapes-unet-mixed shapes-dit-w8a8)
 case "$stage" in
+wheels)
+  # On the CPU machine: what the device image lacks, for its Python 3.12 (carry .whl; it is ignored
+  # through .git/info/exclude). pulp is left out: the bundles are searched here, not there.
+  grep -qx "/.whl/" .git/info/exclude 2>/dev/null || echo "/.whl/" >> .git/info/exclude
+  "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+    diffusers==0.42.1 transformers==5.25.0 huggingface_hub==2.4.0 httpx2==2.17.0 httpcore2==2.17.0 truststore \
+    tomlkit kernels==0.19.1
+  du -sh .whl
+  ;;
 prepare)
   # On the CPU machine, before the device call: the three bundles (carry out/gpu-bundles).
   for spec in "shapes-unet w8a8" "shapes-unet mixed --avg-weight-bits 4" "shapes-dit w8a8"; do

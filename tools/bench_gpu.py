@@ -5,7 +5,8 @@ Variants (each built fresh from the same seeded random weights, on the device):
 
 * ``fp16``, ``bf16``: the float model cast; ``bf16-compile``: the same under ``torch.compile``;
 * ``torchao-compile``: torchao's ``Int8DynamicActivationInt8WeightConfig`` under ``torch.compile``
-  (where torchao is installed and it runs);
+  (where torchao is installed and it runs); ``bf16-cudagraphs`` and ``w8a8-cudagraphs`` (not run by
+  default): ``torch.compile(mode="reduce-overhead")``, which replays CUDA graphs;
 * ``w8a8``: diffkiln's W8A8 layers (static activations, calibrated on the model itself), everything
   else in BF16; ``w8a8-compile``: the same under ``torch.compile`` (the Triton kernels are custom ops);
 * ``w4a8``: the same plan with 4-bit packed weights (Triton kernel reading them packed);
@@ -40,6 +41,7 @@ from diffkiln.runtime.memory import resident_bytes
 from diffkiln.zoo.architectures import FULL_SIZE_DENOISERS, build_full_denoiser, full_denoiser_inputs
 
 VARIANTS = ("fp16", "bf16", "bf16-compile", "torchao-compile", "w8a8", "w8a8-compile", "w4a8", "w4a16")
+EXTRA = ("bf16-cudagraphs", "w8a8-cudagraphs")  # torch.compile(mode="reduce-overhead"): CUDA graphs
 TINY = "tiny-sd15"  # a small UNet of the SD1.5 class, for the CPU dry run
 
 
@@ -117,6 +119,8 @@ def _variant(variant: str, name: str, device: str, stats: Any, plan: Any) -> tup
         cast_float_parts(model, torch.bfloat16)
     if variant.endswith("-compile"):
         model = torch.compile(model)
+    elif variant.endswith("-cudagraphs"):
+        model = torch.compile(model, mode="reduce-overhead")
     return model, torch.bfloat16
 
 
@@ -221,7 +225,7 @@ def main() -> None:
     ap.add_argument("--model", default="sd15-unet", choices=[*FULL_SIZE_DENOISERS, TINY])
     ap.add_argument("--batches", type=int, nargs="+", default=[2, 16])
     ap.add_argument("--latent", type=int, default=64, help="latent side (64: 512 px for SD1.5)")
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS + EXTRA)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeat", type=int, default=10)

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from diffkiln.kernels.backends.base import ActGrid, ConvGeometry
-from diffkiln.kernels.triton_int8 import _round_half_even, _to_bfloat16
+from diffkiln.kernels.triton_int8 import _round_half_even, _to_bfloat16, step_tables
 
 __all__ = ["TritonStaticConv", "static_conv_triton"]
 
@@ -33,6 +33,8 @@ def _conv_kernel(
     scale_ptr,
     bias_ptr,
     colsum_ptr,
+    step_ptr,
+    table_ptr,
     B,
     H,
     W,
@@ -56,6 +58,7 @@ def _conv_kernel(
     DW,
     KH: tl.constexpr,
     KW: tl.constexpr,
+    STEPPED: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_ZP: tl.constexpr,
     OUT_BF16: tl.constexpr,
@@ -69,6 +72,14 @@ def _conv_kernel(
     b = rm // (OH * OW)
     oh = (rm % (OH * OW)) // OW
     ow = rm % OW
+    scale_row = 0
+    if STEPPED:  # a timestep-aware layer: this step's grid and scales, read from device memory
+        step = tl.load(step_ptr).to(tl.int32)
+        act_scale = tl.load(table_ptr + step * 4)
+        ZP = tl.load(table_ptr + step * 4 + 1).to(tl.int32)
+        QMIN = tl.load(table_ptr + step * 4 + 2)
+        QMAX = tl.load(table_ptr + step * 4 + 3)
+        scale_row = step * N
     acc = tl.zeros((BM, BN), dtype=tl.int32)
     for k0 in range(0, K, BK):
         rk = k0 + tl.arange(0, BK)
@@ -87,7 +98,7 @@ def _conv_kernel(
         acc += tl.dot(a, w, out_dtype=tl.int32)
     if HAS_ZP:  # (q - z) @ W = q @ W - z * colsum(W)
         acc -= ZP * tl.load(colsum_ptr + rn, mask=n_ok, other=0)[None, :]
-    out = acc.to(tl.float32) * tl.load(scale_ptr + rn, mask=n_ok, other=0.0)[None, :]
+    out = acc.to(tl.float32) * tl.load(scale_ptr + scale_row + rn, mask=n_ok, other=0.0)[None, :]
     if HAS_BIAS:
         out = out + tl.load(bias_ptr + rn, mask=n_ok, other=0.0)[None, :]
     dst = out_ptr + (b * N * OH * OW + oh * OW + ow)[:, None] + rn[None, :] * (OH * OW)
@@ -109,6 +120,8 @@ def _conv_op(
     scale: torch.Tensor,
     colsum: torch.Tensor,
     bias: torch.Tensor | None,
+    step: torch.Tensor | None,
+    table: torch.Tensor | None,
     act_scale: float,
     zp: int,
     qmin: int,
@@ -127,17 +140,18 @@ def _conv_op(
         return out
     bm, bn, bk = (32 if m <= 32 else 64), 64, 64
     _conv_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
-        x, w, out, scale, out if bias is None else bias, colsum,
-        bsz, h, wid, oh, ow, n, w.shape[0], *x.stride(),
+        x, w, out, scale, out if bias is None else bias, colsum, out if step is None else step,
+        out if table is None else table, bsz, h, wid, oh, ow, n, w.shape[0], *x.stride(),
         act_scale, zp, float(qmin), float(qmax), sh, sw, ph, pw, dh, dw,
-        KH=kh, KW=kw, HAS_BIAS=bias is not None, HAS_ZP=zp != 0, OUT_BF16=out_dtype == torch.bfloat16,
+        KH=kh, KW=kw, STEPPED=step is not None, HAS_BIAS=bias is not None, HAS_ZP=zp != 0 or step is not None,
+        OUT_BF16=out_dtype == torch.bfloat16,
         BM=bm, BN=bn, BK=bk,
     )  # fmt: skip
     return out
 
 
 @_conv_op.register_fake
-def _conv_shape(x, w, scale, colsum, bias, act_scale, zp, qmin, qmax, kernel, geometry, out_dtype):
+def _conv_shape(x, w, scale, colsum, bias, step, table, act_scale, zp, qmin, qmax, kernel, geometry, out_dtype):
     sh, sw, ph, pw, dh, dw = geometry
     oh, ow = _out_size(x.shape[2], kernel[0], sh, ph, dh), _out_size(x.shape[3], kernel[1], sw, pw, dw)
     return x.new_empty(x.shape[0], w.shape[1], oh, ow, dtype=out_dtype)
@@ -153,6 +167,7 @@ def static_conv_triton(
     kernel: tuple[int, int],
     geometry: ConvGeometry,
     output_dtype: torch.dtype = torch.float32,
+    steps: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """A static W8A8 convolution of float NCHW ``x`` in one kernel, no im2col.
 
@@ -166,6 +181,9 @@ def static_conv_triton(
         kernel: (kh, kw).
         geometry: stride, padding and dilation (groups must be 1).
         output_dtype: the result's float dtype. Default float32.
+        steps: a timestep-aware layer's (S, 4) grid table and 0-d step index on x's device
+            (:func:`~diffkiln.kernels.triton_int8.step_tables`); ``scale`` is then (S, O) and
+            ``grid`` is not read. Default None.
 
     Raises:
         ValueError: grouped convolutions, or shapes and dtypes that do not fit (named in the message).
@@ -177,8 +195,9 @@ def static_conv_triton(
     if w.dtype != torch.int8 or w.shape[0] != x.shape[1] * kernel[0] * kernel[1]:
         raise ValueError(f"w must be int8 ({x.shape[1] * kernel[0] * kernel[1]}, O), got {w.dtype} {tuple(w.shape)}")
     g = geometry
-    return _conv_op(x, w.contiguous(), scale, colsum, bias, float(grid.scale), int(grid.zero_point), grid.qmin,
-                    grid.qmax, list(kernel), [*g.stride, *g.padding, *g.dilation], output_dtype)  # fmt: skip
+    table, step = steps if steps is not None else (None, None)
+    return _conv_op(x, w.contiguous(), scale, colsum, bias, step, table, float(grid.scale), int(grid.zero_point),
+                    grid.qmin, grid.qmax, list(kernel), [*g.stride, *g.padding, *g.dilation], output_dtype)  # fmt: skip
 
 
 class TritonStaticConv:
@@ -197,10 +216,20 @@ class TritonStaticConv:
         self.colsum = self.w_t.to(torch.int32).sum(dim=0).contiguous()
         self.bias = None if bias is None else bias.to(device=w_q.device, dtype=torch.float32).contiguous()
         self._scales: dict[float, torch.Tensor] = {}
+        self._steps: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def codes_t(self) -> torch.Tensor:
         """The int8 (K, N) weight codes (K = in * kh * kw)."""
         return self.w_t
+
+    def call_step(self, x: torch.Tensor, grids: list[ActGrid], step: torch.Tensor) -> torch.Tensor:
+        """A timestep-aware layer's call on the grid of ``step`` (a 0-d device tensor): no host sync."""
+        if self._steps is None:  # the layer's grids never change: tables made once, kept on the device
+            self._steps = step_tables(grids, self.w_scale)
+        table, scales = self._steps
+        out_dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float32
+        return static_conv_triton(x, self.w_t, scales, self.colsum, self.bias, grids[0], self.kernel, self.geometry,
+                                  out_dtype, (table, step))  # fmt: skip
 
     def __call__(self, x: torch.Tensor, act: ActGrid | None = None) -> torch.Tensor:
         grid = act or self.act

@@ -28,11 +28,19 @@ sweep and ``tools/bench_gpu.py`` have not run on a GPU yet, and the tile sizes a
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["dynamic_quant_triton", "quant_matmul_triton", "static_linear_triton"]
+__all__ = [
+    "dynamic_quant_triton",
+    "quant_matmul_triton",
+    "static_linear_stepped_triton",
+    "static_linear_triton",
+    "step_tables",
+]
 
 
 @triton.jit
@@ -63,6 +71,8 @@ def _int8_gemm_kernel(
     ibias_ptr,
     fbias_ptr,
     colsum_ptr,
+    step_ptr,
+    table_ptr,
     M,
     N,
     K,
@@ -73,6 +83,7 @@ def _int8_gemm_kernel(
     QMIN,
     QMAX,
     QUANT_A: tl.constexpr,
+    STEPPED: tl.constexpr,
     INT_OUT: tl.constexpr,
     HAS_TOK: tl.constexpr,
     HAS_IBIAS: tl.constexpr,
@@ -86,6 +97,14 @@ def _int8_gemm_kernel(
     rm = tl.program_id(0) * BM + tl.arange(0, BM)
     rn = tl.program_id(1) * BN + tl.arange(0, BN)
     m_ok, n_ok = rm < M, rn < N
+    scale_row = 0
+    if STEPPED:  # a timestep-aware layer: this step's grid and scales, read from device memory
+        step = tl.load(step_ptr).to(tl.int32)
+        act_scale = tl.load(table_ptr + step * 4)
+        ZP = tl.load(table_ptr + step * 4 + 1).to(tl.int32)
+        QMIN = tl.load(table_ptr + step * 4 + 2)
+        QMAX = tl.load(table_ptr + step * 4 + 3)
+        scale_row = step * N
     acc = tl.zeros((BM, BN), dtype=tl.int32)
     for k0 in range(0, K, BK):
         rk = k0 + tl.arange(0, BK)
@@ -109,7 +128,7 @@ def _int8_gemm_kernel(
     if INT_OUT:
         tl.store(out_ptr + rm[:, None] * N + rn[None, :], acc, mask=mask)
     else:
-        out = acc.to(tl.float32) * tl.load(scale_ptr + rn, mask=n_ok, other=0.0)[None, :]
+        out = acc.to(tl.float32) * tl.load(scale_ptr + scale_row + rn, mask=n_ok, other=0.0)[None, :]
         if HAS_TOK:
             out = out * tl.load(tok_ptr + rm, mask=m_ok, other=0.0)[:, None]
         if HAS_FBIAS:
@@ -161,12 +180,14 @@ def _gemm(
     fbias: torch.Tensor | None = None,
     grid: tuple[float, int, int, int] | None = None,
     colsum: torch.Tensor | None = None,
+    step: torch.Tensor | None = None,
+    table: torch.Tensor | None = None,
 ) -> torch.Tensor:
     if a.dim() != 2 or w.dim() != 2 or a.shape[1] != w.shape[0] or w.dtype != torch.int8:
         raise ValueError(f"(M, K) @ int8 (K, N) expected, got {a.dtype} {tuple(a.shape)} @ {w.dtype} {tuple(w.shape)}")
     act_scale, zp, qmin, qmax = grid if grid is not None else (1.0, 0, -128, 127)
-    return _int8_gemm_op(_rows(a), _rows(w), scale, tok, ibias, fbias, colsum, float(act_scale), int(zp), int(qmin),
-                         int(qmax), grid is not None, out_dtype)  # fmt: skip
+    return _int8_gemm_op(_rows(a), _rows(w), scale, tok, ibias, fbias, colsum, step, table, float(act_scale), int(zp),
+                         int(qmin), int(qmax), grid is not None or step is not None, out_dtype)  # fmt: skip
 
 
 # A custom op, so that torch.compile keeps a denoiser with these layers in one graph (an opaque
@@ -180,6 +201,8 @@ def _int8_gemm_op(
     ibias: torch.Tensor | None,
     fbias: torch.Tensor | None,
     colsum: torch.Tensor | None,
+    step: torch.Tensor | None,
+    table: torch.Tensor | None,
     act_scale: float,
     zp: int,
     qmin: int,
@@ -203,6 +226,8 @@ def _int8_gemm_op(
         dummy if ibias is None else ibias,
         dummy if fbias is None else fbias,
         dummy if colsum is None else colsum,
+        dummy if step is None else step,
+        dummy if table is None else table,
         m,
         n,
         k,
@@ -213,11 +238,12 @@ def _int8_gemm_op(
         float(qmin),
         float(qmax),
         QUANT_A=quant_a,
+        STEPPED=step is not None,
         INT_OUT=scale is None,
         HAS_TOK=tok is not None,
         HAS_IBIAS=ibias is not None,
         HAS_FBIAS=fbias is not None,
-        HAS_ZP=quant_a and zp != 0,
+        HAS_ZP=quant_a and (zp != 0 or step is not None),
         OUT_BF16=out_dtype == torch.bfloat16,
         BM=bm,
         BN=bn,
@@ -227,8 +253,8 @@ def _int8_gemm_op(
 
 
 @_int8_gemm_op.register_fake
-def _int8_gemm_shape(a, w, scale, tok, ibias, fbias, colsum, act_scale, zp, qmin, qmax, quant_a, out_dtype):
-    return a.new_empty(a.shape[0], w.shape[1], dtype=out_dtype)
+def _int8_gemm_shape(a, w, scale, tok, ibias, fbias, colsum, step, table, *scalars_and_dtype):
+    return a.new_empty(a.shape[0], w.shape[1], dtype=scalars_and_dtype[-1])
 
 
 def _vector(t: torch.Tensor | None, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
@@ -299,6 +325,42 @@ def static_linear_triton(
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
     return _gemm(x, w, output_dtype, scale, fbias=bias, grid=grid, colsum=colsum)
+
+
+def static_linear_stepped_triton(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    scales: torch.Tensor,
+    colsum: torch.Tensor,
+    bias: torch.Tensor | None,
+    table: torch.Tensor,
+    step: torch.Tensor,
+    output_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """:func:`static_linear_triton` for a timestep-aware layer, its step chosen on the device.
+
+    Args:
+        x: float (M, K) activations.
+        w: int8 (K, N) weight codes.
+        scales: float32 (S, N): each step's activation scale x weight scale.
+        colsum: int32 (N,) column sums of ``w``.
+        bias: float32 (N,) or None.
+        table: float32 (S, 4): each step's (scale, zero point, lowest code, highest code).
+        step: a 0-d integer tensor on x's device: which step (no host sync).
+        output_dtype: the result's float dtype. Default float32.
+    """
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    return _gemm(x, w, output_dtype, scales, fbias=bias, colsum=colsum, step=step, table=table)
+
+
+def step_tables(grids: list[Any], w_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The device tables of a timestep-aware layer's grids: float32 (S, 4) (scale, zero point,
+    lowest code, highest code) and (S, N) epilogue scales, each formed as the CPU backend forms it
+    (``grid.scale * w_scale``), so each step is bit-exact against its own unfused call."""
+    table = torch.tensor([[g.scale, g.zero_point, g.qmin, g.qmax] for g in grids], dtype=torch.float32)
+    scales = torch.stack([g.scale * w_scale for g in grids])
+    return table.to(w_scale.device), scales.contiguous()
 
 
 def dynamic_quant_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

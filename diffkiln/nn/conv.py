@@ -101,7 +101,7 @@ class QConv2d(QConv):
     def _conv(self, x: torch.Tensor) -> torch.Tensor:
         direct = self._direct_conv(x.device)
         if direct is not None:
-            return direct(x, self._current_grid()).to(x.dtype)
+            return self._static_call(direct, x).to(x.dtype)
         if self.weight_only and x.device.type in ("cpu", "cuda"):
             # The float convolution on weights dequantized for this call (no im2col); the
             # resident copy stays packed. NPUs take im2col + npu_weight_quant_batchmatmul below.

@@ -249,8 +249,18 @@ class IntGemm(nn.Module):
                 codes = self.codes_t().to(x2d.device).t()
                 self._packed[key] = prepack_static_linear(codes, scale, bias, self.act_grid, x2d.device)
                 self._adopt_codes(self._packed[key])
-            out = self._packed[key](x2d, self._current_grid())
+            out = self._static_call(self._packed[key], x2d)
         return out.to(out_dtype)
+
+    def _static_call(self, prepared: Any, x: torch.Tensor) -> torch.Tensor:
+        """A prepared static kernel on this call's grid; a kernel that reads the step's grid from
+        device memory (``call_step``) gets the selector's index tensor, with no host sync."""
+        selector = self.step_selector
+        if selector is not None and len(self.step_grids) > 1:
+            step = selector.index_tensor
+            if step is not None and hasattr(prepared, "call_step"):
+                return prepared.call_step(x, self.step_grids, step)
+        return prepared(x, self._current_grid())
 
 
 @register_qmodule(nn.Linear)

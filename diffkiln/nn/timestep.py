@@ -19,24 +19,51 @@ _HOOK_ATTR = "_diffkiln_step_selector_hook"
 
 
 class StepSelector:
-    """Holds the calibrated timesteps and the index of the one nearest the current call's."""
+    """Holds the calibrated timesteps and the index of the one nearest the current call's.
+
+    For a timestep tensor the index is also kept as a 0-d int64 tensor on its device
+    (:attr:`index_tensor`), computed there: kernels that read it from device memory (the CUDA
+    backend's Triton kernels) select their step's grid with no host sync, and a compiled denoiser
+    keeps one graph. The Python :attr:`index`, which the other kernels need, is read from that
+    tensor only when asked for (on a GPU, one sync per call).
+    """
 
     def __init__(self, timesteps: torch.Tensor) -> None:
         if timesteps.dim() != 1 or timesteps.numel() == 0:
             raise ValueError("a step selector needs a non-empty 1-D tensor of calibrated timesteps")
         self.timesteps = timesteps.detach().to(torch.float32).cpu()
-        self.index = 0
+        self._on_device: dict[torch.device, torch.Tensor] = {}
+        self._index: int | None = 0
+        self.index_tensor: torch.Tensor | None = None
+
+    @property
+    def index(self) -> int:
+        """The index of the calibrated timestep nearest the current call's."""
+        if self._index is None:
+            assert self.index_tensor is not None
+            self._index = int(self.index_tensor)
+        return self._index
 
     def select(self, timestep: Any) -> int:
         """Set and return the index of the calibrated timestep nearest ``timestep``."""
-        t = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
-        self.index = int(torch.argmin((self.timesteps - t).abs()))
+        self._select(timestep)
         return self.index
+
+    def _select(self, timestep: Any) -> None:
+        if not isinstance(timestep, torch.Tensor):
+            self.index_tensor, self._index = None, int(torch.argmin((self.timesteps - float(timestep)).abs()))
+            return
+        device = timestep.device
+        table = self._on_device.get(device)
+        if table is None:
+            table = self._on_device.setdefault(device, self.timesteps.to(device))
+        self.index_tensor = torch.argmin((table - timestep.flatten()[0].to(torch.float32)).abs())
+        self._index = None  # read from index_tensor when a kernel needs it on the host
 
     def __call__(self, _module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
         if timestep is not None:
-            self.select(timestep)
+            self._select(timestep)
 
 
 def install_step_selector(denoiser: nn.Module) -> StepSelector | None:

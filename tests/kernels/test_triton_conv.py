@@ -79,3 +79,16 @@ def test_cuda_backend_prepares_the_implicit_gemm_and_refuses_groups(conv: Module
     with pytest.raises(ValueError, match="groups=1"):
         conv.static_conv_triton(torch.zeros(1, 4, 5, 5), w_q.reshape(4, -1).t(), torch.ones(4),
                                 torch.zeros(4, dtype=torch.int32), None, grid, (3, 3), grouped)  # fmt: skip
+
+
+def test_a_timestep_aware_convolution_reads_its_step_from_device_memory(conv: ModuleType) -> None:
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 6, 8, 8, generator=g) * 2
+    w_q = torch.randint(-128, 128, (10, 6, 3, 3), generator=g, dtype=torch.int8)
+    w_scale, bias = torch.rand(10, generator=g) * 1e-2, torch.randn(10, generator=g)
+    geo = ConvGeometry((1, 1), (1, 1), (1, 1))
+    grids = [ActGrid(0.05, 0), ActGrid(0.03, 9), ActGrid(0.07, -4)]
+    layer = conv.TritonStaticConv(w_q, w_scale, bias, grids[0], geo)
+    for i, grid in enumerate(grids):
+        expected = _im2col_reference(x, w_q, w_scale, bias, grid, geo)
+        assert torch.equal(layer.call_step(x, grids, torch.tensor(i)), expected)

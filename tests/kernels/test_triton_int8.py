@@ -185,3 +185,21 @@ def test_compiled_static_linear_matches_the_cpu(dtype: torch.dtype, grid: ActGri
     out = static_linear_triton(x.cuda(), w.cuda(), scale, w.to(torch.int32).sum(0).cuda(), bias.cuda(),
                                (grid.scale, grid.zero_point, grid.qmin, grid.qmax), dtype)  # fmt: skip
     assert torch.equal(out.cpu(), ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+def test_a_timestep_aware_layer_reads_its_step_from_device_memory(kernels: ModuleType, dtype: torch.dtype) -> None:
+    """Each step of the stepped kernel (the index a 0-d tensor, as the step selector keeps it on the
+    device) equals the plain fused call on that step's grid, and so the CPU backend's."""
+    g = torch.Generator().manual_seed(3)
+    x, w = (torch.randn(40, 70, generator=g) * 3).to(dtype), _codes((70, 33), 4)
+    w_scale, bias = torch.rand(33, generator=g) * 1e-2, torch.randn(33, generator=g)
+    grids = [ActGrid(0.05, 0), ActGrid(0.02, 13), ActGrid(0.08, -7)]
+    table, scales = kernels.step_tables(grids, w_scale)
+    colsum = w.to(torch.int32).sum(0)
+    for i, grid in enumerate(grids):
+        stepped = kernels.static_linear_stepped_triton(x, w, scales, colsum, bias, table, torch.tensor(i), dtype)
+        ref = static_quant_linear(get_backend("cpu"), x, w, w_scale, bias, grid).to(dtype)
+        assert torch.equal(stepped, ref), i
+    layer = backends_mod.CudaBackend().prepack_static_linear(w.t().contiguous(), w_scale, bias, grids[0])
+    assert torch.equal(layer.call_step(x, grids, torch.tensor(2)), layer(x, grids[2]))

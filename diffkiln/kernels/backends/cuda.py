@@ -89,15 +89,29 @@ class TritonStaticLinear:
         act: ActGrid,
     ) -> None:
         self.kernel, self.act = kernel, act
+        # looked up now, not per call: a traced (torch.compile) call must not import
+        self.stepped = _triton_kernel("triton_int8", "static_linear_stepped_triton")
+        self.tables = _triton_kernel("triton_int8", "step_tables")
         self.w_t = w_q.t().contiguous()
         self.w_scale = w_scale.to(device=w_q.device, dtype=torch.float32).contiguous()
         self.colsum = w_q.to(torch.int32).sum(dim=1).contiguous()
         self.bias = None if bias is None else bias.to(device=w_q.device, dtype=torch.float32).contiguous()
         self._scales: dict[float, torch.Tensor] = {}
+        self._steps: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def codes_t(self) -> torch.Tensor:
         """The int8 (K, N) weight codes."""
         return self.w_t
+
+    def call_step(self, x: torch.Tensor, grids: list[ActGrid], step: torch.Tensor) -> torch.Tensor:
+        """A timestep-aware layer's call on the grid of ``step`` (a 0-d device tensor): no host sync."""
+        assert self.stepped is not None and self.tables is not None  # this class exists only where triton does
+        if self._steps is None:  # the layer's grids never change: tables made once, kept on the device
+            self._steps = self.tables(grids, self.w_scale)  # type: ignore[assignment]
+        assert self._steps is not None
+        table, scales = self._steps
+        out_dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float32
+        return self.stepped(x, self.w_t, scales, self.colsum, self.bias, table, step, out_dtype)
 
     def __call__(self, x: torch.Tensor, act: ActGrid | None = None) -> torch.Tensor:
         grid = act or self.act

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from diffkiln.kernels.backends.base import ActGrid, ConvGeometry
-from diffkiln.kernels.triton_int8 import _round_half_even, _to_bfloat16, step_tables
+from diffkiln.kernels.triton_int8 import round_half_even, step_tables, to_bfloat16
 
 __all__ = ["TritonStaticConv", "static_conv_triton"]
 
@@ -91,7 +91,7 @@ def _conv_kernel(
         iw = ow[:, None] * SW - PW + kx[None, :] * DW
         inside = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         x = tl.load(x_ptr + b[:, None] * sxb + c[None, :] * sxc + ih * sxh + iw * sxw, mask=inside, other=0.0)
-        q = _round_half_even(tl.math.div_rn(x.to(tl.float32), act_scale)) + ZP
+        q = round_half_even(tl.math.div_rn(x.to(tl.float32), act_scale)) + ZP
         a = tl.minimum(tl.maximum(q, QMIN), QMAX).to(tl.int8)  # padding: the code of 0.0
         # beyond K the weights load as 0, so whatever code a holds there adds nothing
         w = tl.load(w_ptr + rk[:, None] * N + rn[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0)
@@ -104,7 +104,7 @@ def _conv_kernel(
     dst = out_ptr + (b * N * OH * OW + oh * OW + ow)[:, None] + rn[None, :] * (OH * OW)
     mask = m_ok[:, None] & n_ok[None, :]
     if OUT_BF16:
-        tl.store(dst, _to_bfloat16(out), mask=mask)
+        tl.store(dst, to_bfloat16(out), mask=mask)
     else:
         tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=mask)
 

@@ -37,14 +37,16 @@ import triton.language as tl
 __all__ = [
     "dynamic_quant_triton",
     "quant_matmul_triton",
+    "round_half_even",
     "static_linear_stepped_triton",
     "static_linear_triton",
     "step_tables",
+    "to_bfloat16",
 ]
 
 
 @triton.jit
-def _round_half_even(v):
+def round_half_even(v):
     """``torch.round`` of float32 values: adding 1.5 * 2**23 rounds to an integer, ties to even,
     for |v| < 2**22 (beyond that every int8 code saturates anyway). No libdevice call: Triton's
     interpreter has none."""
@@ -53,7 +55,7 @@ def _round_half_even(v):
 
 
 @triton.jit
-def _to_bfloat16(v):
+def to_bfloat16(v):
     """float32 -> bfloat16, rounding to nearest even as torch does, from the bits (Triton's
     interpreter truncates its own casts to bfloat16; on a GPU this is what ``cvt.rn`` computes)."""
     u = v.to(tl.uint32, bitcast=True)
@@ -112,7 +114,7 @@ def _int8_gemm_kernel(
         a_mask = m_ok[:, None] & k_ok[None, :]
         if QUANT_A:
             x = tl.load(a_ptr + rm[:, None] * stride_am + rk[None, :], mask=a_mask, other=0.0).to(tl.float32)
-            q = _round_half_even(tl.math.div_rn(x, act_scale)) + ZP
+            q = round_half_even(tl.math.div_rn(x, act_scale)) + ZP
             q = tl.minimum(tl.maximum(q, QMIN), QMAX)
             # Outside the matrix the code must be 0, not the zero point: the colsum term covers K only.
             a = tl.where(a_mask, q, 0.0).to(tl.int8)
@@ -134,7 +136,7 @@ def _int8_gemm_kernel(
         if HAS_FBIAS:
             out = out + tl.load(fbias_ptr + rn, mask=n_ok, other=0.0)[None, :]
         if OUT_BF16:
-            tl.store(out_ptr + rm[:, None] * N + rn[None, :], _to_bfloat16(out), mask=mask)
+            tl.store(out_ptr + rm[:, None] * N + rn[None, :], to_bfloat16(out), mask=mask)
         else:
             tl.store(out_ptr + rm[:, None] * N + rn[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -155,7 +157,7 @@ def _dynamic_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, BM: tl.constexpr
         rk = k0 + tl.arange(0, BK)
         mask = m_ok[:, None] & (rk < K)[None, :]
         x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=mask, other=0.0).to(tl.float32)
-        q = tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(x, scale[:, None])), -128.0), 127.0)
+        q = tl.minimum(tl.maximum(round_half_even(tl.math.div_rn(x, scale[:, None])), -128.0), 127.0)
         tl.store(q_ptr + rm[:, None] * K + rk[None, :], q.to(tl.int8), mask=mask)
 
 

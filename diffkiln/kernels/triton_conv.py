@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from diffkiln.kernels.backends.base import ActGrid, ConvGeometry
-from diffkiln.kernels.triton_int8 import round_half_even, step_tables, to_bfloat16
+from diffkiln.kernels.triton_int8 import load_step_grid, round_half_even, step_tables, to_bfloat16
 
 __all__ = ["TritonStaticConv", "static_conv_triton"]
 
@@ -74,12 +74,7 @@ def _conv_kernel(
     ow = rm % OW
     scale_row = 0
     if STEPPED:  # a timestep-aware layer: this step's grid and scales, read from device memory
-        step = tl.load(step_ptr).to(tl.int32)
-        act_scale = tl.load(table_ptr + step * 4)
-        ZP = tl.load(table_ptr + step * 4 + 1).to(tl.int32)
-        QMIN = tl.load(table_ptr + step * 4 + 2)
-        QMAX = tl.load(table_ptr + step * 4 + 3)
-        scale_row = step * N
+        act_scale, ZP, QMIN, QMAX, scale_row = load_step_grid(step_ptr, table_ptr, N)
     acc = tl.zeros((BM, BN), dtype=tl.int32)
     for k0 in range(0, K, BK):
         rk = k0 + tl.arange(0, BK)

@@ -36,6 +36,7 @@ import triton.language as tl
 
 __all__ = [
     "dynamic_quant_triton",
+    "load_step_grid",
     "quant_matmul_triton",
     "round_half_even",
     "static_linear_stepped_triton",
@@ -61,6 +62,16 @@ def to_bfloat16(v):
     u = v.to(tl.uint32, bitcast=True)
     u = u + 0x7FFF + ((u >> 16) & 1)
     return (u >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def load_step_grid(step_ptr, table_ptr, N):
+    """A timestep-aware layer's grid for the step index at ``step_ptr``, from its (S, 4) table:
+    (scale, zero point, lowest code, highest code, offset of the step's row of epilogue scales)."""
+    step = tl.load(step_ptr).to(tl.int32)
+    act_scale = tl.load(table_ptr + step * 4)
+    zp = tl.load(table_ptr + step * 4 + 1).to(tl.int32)
+    return act_scale, zp, tl.load(table_ptr + step * 4 + 2), tl.load(table_ptr + step * 4 + 3), step * N
 
 
 @triton.jit
@@ -101,12 +112,7 @@ def _int8_gemm_kernel(
     m_ok, n_ok = rm < M, rn < N
     scale_row = 0
     if STEPPED:  # a timestep-aware layer: this step's grid and scales, read from device memory
-        step = tl.load(step_ptr).to(tl.int32)
-        act_scale = tl.load(table_ptr + step * 4)
-        ZP = tl.load(table_ptr + step * 4 + 1).to(tl.int32)
-        QMIN = tl.load(table_ptr + step * 4 + 2)
-        QMAX = tl.load(table_ptr + step * 4 + 3)
-        scale_row = step * N
+        act_scale, ZP, QMIN, QMAX, scale_row = load_step_grid(step_ptr, table_ptr, N)
     acc = tl.zeros((BM, BN), dtype=tl.int32)
     for k0 in range(0, K, BK):
         rk = k0 + tl.arange(0, BK)

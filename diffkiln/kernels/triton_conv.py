@@ -20,7 +20,8 @@ import triton
 import triton.language as tl
 
 from diffkiln.kernels.backends.base import ActGrid, ConvGeometry
-from diffkiln.kernels.triton_int8 import load_step_grid, round_half_even, step_tables, to_bfloat16
+from diffkiln.kernels.triton_int8 import load_step_grid, round_half_even, to_bfloat16
+from diffkiln.kernels.triton_static import PreparedStatic
 
 __all__ = ["TritonStaticConv", "static_conv_triton"]
 
@@ -195,42 +196,23 @@ def static_conv_triton(
                     grid.qmin, grid.qmax, list(kernel), [*g.stride, *g.padding, *g.dilation], output_dtype)  # fmt: skip
 
 
-class TritonStaticConv:
-    """A prepared static W8A8 2-D convolution (implicit GEMM, one launch). It holds the layer's only
-    copy of the int8 codes (``holds_codes``)."""
-
-    holds_codes = True
+class TritonStaticConv(PreparedStatic):
+    """A prepared static W8A8 2-D convolution (implicit GEMM, one launch)."""
 
     def __init__(
         self, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, act: ActGrid, geometry: ConvGeometry
     ) -> None:
-        self.act, self.geometry = act, geometry
+        super().__init__(w_q.reshape(w_q.shape[0], -1).t(), w_scale, bias, act)
+        self.geometry = geometry
         self.kernel = (int(w_q.shape[2]), int(w_q.shape[3]))
-        self.w_t = w_q.reshape(w_q.shape[0], -1).t().contiguous()
-        self.w_scale = w_scale.to(device=w_q.device, dtype=torch.float32).contiguous()
-        self.colsum = self.w_t.to(torch.int32).sum(dim=0).contiguous()
-        self.bias = None if bias is None else bias.to(device=w_q.device, dtype=torch.float32).contiguous()
-        self._scales: dict[float, torch.Tensor] = {}
-        self._steps: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def codes_t(self) -> torch.Tensor:
-        """The int8 (K, N) weight codes (K = in * kh * kw)."""
-        return self.w_t
 
     def call_step(self, x: torch.Tensor, grids: list[ActGrid], step: torch.Tensor) -> torch.Tensor:
         """A timestep-aware layer's call on the grid of ``step`` (a 0-d device tensor): no host sync."""
-        if self._steps is None:  # the layer's grids never change: tables made once, kept on the device
-            self._steps = step_tables(grids, self.w_scale)
-        table, scales = self._steps
-        out_dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float32
+        table, scales = self.tables_for(grids)
         return static_conv_triton(x, self.w_t, scales, self.colsum, self.bias, grids[0], self.kernel, self.geometry,
-                                  out_dtype, (table, step))  # fmt: skip
+                                  self.out_dtype(x), (table, step))  # fmt: skip
 
     def __call__(self, x: torch.Tensor, act: ActGrid | None = None) -> torch.Tensor:
         grid = act or self.act
-        scale = self._scales.get(grid.scale)
-        if scale is None:  # activation scale x weight scale, as the CPU backend forms it; once per grid
-            scale = self._scales.setdefault(grid.scale, (grid.scale * self.w_scale).contiguous())
-        out_dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float32
-        return static_conv_triton(x, self.w_t, scale, self.colsum, self.bias, grid, self.kernel, self.geometry,
-                                  out_dtype)  # fmt: skip
+        return static_conv_triton(x, self.w_t, self.scale_for(grid), self.colsum, self.bias, grid, self.kernel,
+                                  self.geometry, self.out_dtype(x))  # fmt: skip

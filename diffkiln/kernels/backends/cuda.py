@@ -11,7 +11,6 @@ from collections.abc import Callable
 import torch
 
 from diffkiln.kernels.backends.base import (
-    ActGrid,
     GenericStaticLinear,
     SlowKernelWarning,
     register_backend,
@@ -61,68 +60,16 @@ class CudaBackend(CpuBackend):
         return kernel(x, w, scale, bias)
 
     def prepack_static_linear(self, w_q, w_scale, bias, act):
-        kernel = _triton_kernel("triton_int8", "static_linear_triton")
-        if kernel is None:
+        linear_class = _triton_kernel("triton_static", "TritonStaticLinear")
+        if linear_class is None:
             return GenericStaticLinear(self, w_q, w_scale, bias, act)
-        return TritonStaticLinear(kernel, w_q, w_scale, bias, act)
+        return linear_class(w_q, w_scale, bias, act)
 
     def prepack_static_conv(self, w_q, w_scale, bias, act, geometry):
         conv_class = _triton_kernel("triton_conv", "TritonStaticConv")
         if conv_class is None or geometry.groups != 1:
             return None  # im2col + the static GEMM
         return conv_class(w_q, w_scale, bias, act, geometry)
-
-
-class TritonStaticLinear:
-    """A static W8A8 linear as one Triton launch: float activations in, the activations' dtype out
-    (quantised in the prologue; zero point, scales and bias in the epilogue). It holds the layer's
-    only copy of the int8 codes (``holds_codes``)."""
-
-    holds_codes = True
-
-    def __init__(
-        self,
-        kernel: Callable[..., torch.Tensor],
-        w_q: torch.Tensor,
-        w_scale: torch.Tensor,
-        bias: torch.Tensor | None,
-        act: ActGrid,
-    ) -> None:
-        self.kernel, self.act = kernel, act
-        # looked up now, not per call: a traced (torch.compile) call must not import
-        self.stepped = _triton_kernel("triton_int8", "static_linear_stepped_triton")
-        self.tables = _triton_kernel("triton_int8", "step_tables")
-        self.w_t = w_q.t().contiguous()
-        self.w_scale = w_scale.to(device=w_q.device, dtype=torch.float32).contiguous()
-        self.colsum = w_q.to(torch.int32).sum(dim=1).contiguous()
-        self.bias = None if bias is None else bias.to(device=w_q.device, dtype=torch.float32).contiguous()
-        self._scales: dict[float, torch.Tensor] = {}
-        self._steps: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def codes_t(self) -> torch.Tensor:
-        """The int8 (K, N) weight codes."""
-        return self.w_t
-
-    def call_step(self, x: torch.Tensor, grids: list[ActGrid], step: torch.Tensor) -> torch.Tensor:
-        """A timestep-aware layer's call on the grid of ``step`` (a 0-d device tensor): no host sync."""
-        assert self.stepped is not None and self.tables is not None  # this class exists only where triton does
-        if self._steps is None:  # the layer's grids never change: tables made once, kept on the device
-            self._steps = self.tables(grids, self.w_scale)  # type: ignore[assignment]
-        assert self._steps is not None
-        table, scales = self._steps
-        out_dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float32
-        return self.stepped(x, self.w_t, scales, self.colsum, self.bias, table, step, out_dtype)
-
-    def __call__(self, x: torch.Tensor, act: ActGrid | None = None) -> torch.Tensor:
-        grid = act or self.act
-        # activation scale x weight scale, as the CPU backend forms it; one small tensor per grid
-        # (a timestep-aware layer has one grid per step range), made once and kept on the device
-        scale = self._scales.get(grid.scale)
-        if scale is None:
-            scale = self._scales.setdefault(grid.scale, (grid.scale * self.w_scale).contiguous())
-        out_dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float32
-        return self.kernel(x, self.w_t, scale, self.colsum, self.bias,
-                           (grid.scale, grid.zero_point, grid.qmin, grid.qmax), out_dtype)  # fmt: skip
 
 
 def _cublaslt_int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from diffkiln.kernels.backends.base import ActGrid, ConvGeometry
-from diffkiln.kernels.triton_int8 import load_step_grid, round_half_even, to_bfloat16
+from diffkiln.kernels.triton_int8 import load_step_grid, quantize_tile, to_bfloat16
 from diffkiln.kernels.triton_static import PreparedStatic
 
 __all__ = ["TritonStaticConv", "static_conv_triton"]
@@ -87,8 +87,7 @@ def _conv_kernel(
         iw = ow[:, None] * SW - PW + kx[None, :] * DW
         inside = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         x = tl.load(x_ptr + b[:, None] * sxb + c[None, :] * sxc + ih * sxh + iw * sxw, mask=inside, other=0.0)
-        q = round_half_even(tl.math.div_rn(x.to(tl.float32), act_scale)) + ZP
-        a = tl.minimum(tl.maximum(q, QMIN), QMAX).to(tl.int8)  # padding: the code of 0.0
+        a = quantize_tile(x.to(tl.float32), act_scale, ZP, QMIN, QMAX).to(tl.int8)  # padding: the code of 0.0
         # beyond K the weights load as 0, so whatever code a holds there adds nothing
         w = tl.load(w_ptr + rk[:, None] * N + rn[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0)
         acc += tl.dot(a, w, out_dtype=tl.int32)

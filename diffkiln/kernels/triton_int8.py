@@ -38,6 +38,7 @@ __all__ = [
     "dynamic_quant_triton",
     "load_step_grid",
     "quant_matmul_triton",
+    "quantize_tile",
     "round_half_even",
     "static_linear_stepped_triton",
     "static_linear_triton",
@@ -62,6 +63,13 @@ def to_bfloat16(v):
     u = v.to(tl.uint32, bitcast=True)
     u = u + 0x7FFF + ((u >> 16) & 1)
     return (u >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def quantize_tile(x, act_scale, zp, qmin, qmax):
+    """Codes of float32 ``x`` on a static grid, as float: ``clamp(round(x / s) + z, qmin, qmax)``
+    with IEEE division and ties to even (:meth:`~diffkiln.kernels.ActGrid.quantize`'s arithmetic)."""
+    return tl.minimum(tl.maximum(round_half_even(tl.math.div_rn(x, act_scale)) + zp, qmin), qmax)
 
 
 @triton.jit
@@ -120,8 +128,7 @@ def _int8_gemm_kernel(
         a_mask = m_ok[:, None] & k_ok[None, :]
         if QUANT_A:
             x = tl.load(a_ptr + rm[:, None] * stride_am + rk[None, :], mask=a_mask, other=0.0).to(tl.float32)
-            q = round_half_even(tl.math.div_rn(x, act_scale)) + ZP
-            q = tl.minimum(tl.maximum(q, QMIN), QMAX)
+            q = quantize_tile(x, act_scale, ZP, QMIN, QMAX)
             # Outside the matrix the code must be 0, not the zero point: the colsum term covers K only.
             a = tl.where(a_mask, q, 0.0).to(tl.int8)
         else:

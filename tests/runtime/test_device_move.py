@@ -60,6 +60,7 @@ def test_a_move_after_a_run_equals_loading_on_the_new_device(bundle: Path, monke
     after_move = _latents(pipe, steps=1)
     direct = load(bundle, device="cpu")
     assert torch.equal(after_move, _latents(direct, steps=1))
+    assert torch.equal(_latents(pipe), _latents(direct))
     # with triton (run by its interpreter here), one fused launch per linear; without, the generic path
     kinds = {type(p).__name__ for m in moved for p in m._packed.values()}
     assert kinds <= {"TritonStaticLinear", "GenericStaticLinear"}, kinds

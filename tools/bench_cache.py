@@ -20,7 +20,10 @@ Methods, at each budget:
 ``tools/results/bench_cache_<model>_<steps>.json``; the table is printed as markdown.
 
 Usage: python tools/bench_cache.py --models shapes-dit shapes-unet --steps 20 [--budgets 0.35,0.5]
-[--eval-size 50] [--w8a8]
+[--eval-size 50] [--w8a8] [--schedules CCCrCrCr...,...]
+
+Each row also counts, per prompt, the misses only it has and those only the uniform interval has,
+with the exact sign test's p: content accuracies a few prompts apart are often chance.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import argparse
 import contextlib
 import io
 import json
+import math
 import re
 import tempfile
 import time
@@ -105,7 +109,8 @@ def _measure(model: str, pipe: Any, counter: list[int], prompts: list[str], step
     resolved = resolve_target(model)
     with context() if context else contextlib.nullcontext():
         result = generate(pipe, prompts, GenerateConfig(steps=steps, progress=False), resolved, measure=True)
-    q = quality(judge_all(result, resolved.builtin.judge))
+    judged = judge_all(result, resolved.builtin.judge)
+    q = quality(judged)
     return {
         "compute_fraction": round(counter[0] / max(counter[1] * n_blocks, 1), 4),
         "content_accuracy": [q["content_accuracy"], q["content_accuracy_heldout"], q["content_accuracy_pairs"]],
@@ -113,7 +118,18 @@ def _measure(model: str, pipe: Any, counter: list[int], prompts: list[str], step
         "ms_per_call": round(result.extras["denoiser_ms_per_step"], 2),
         "denoiser_loop_ms": round(result.extras["denoiser_loop_ms"], 1),
         "denoiser_calls": counter[1],
+        "missed": [i for i, j in enumerate(judged) if j.correct is False],
     }
+
+
+def sign_test(only_here: int, only_there: int) -> float:
+    """Two-sided exact sign test (McNemar's exact test) on paired judged outcomes: the chance of
+    a split at least this uneven when both methods miss equally often."""
+    n = only_here + only_there
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(only_here, only_there) + 1)) / 2**n
+    return min(1.0, 2 * tail)
 
 
 def _context(denoiser: Any) -> Callable[[], Any]:
@@ -137,7 +153,7 @@ def _bisect(run: Callable[[float], float], target: float, lo: float, hi: float, 
 
 
 def _baselines(model: str, schedule: CacheSchedule, budget: float, prompts: list[str], tune: list[str], steps: int,
-               fp: Any) -> dict[str, Any]:  # fmt: skip
+               fp: Any, extra: tuple[str, ...] = ()) -> dict[str, Any]:  # fmt: skip
     blocks = schedule.blocks
     n = len(blocks)
     rows: dict[str, Any] = {}
@@ -151,6 +167,10 @@ def _baselines(model: str, schedule: CacheSchedule, budget: float, prompts: list
     k = full_steps_allowed(steps, n, n, budget)
     ours(CacheSchedule(CacheMechanism.WHOLE, blocks, 0, n, uniform_schedule(steps, k), schedule.calls_per_step),
          "uniform interval")  # fmt: skip
+    for pattern in extra:  # hand-written whole-output schedules of this step count and budget
+        compute = tuple(c == "C" for c in pattern)
+        if len(compute) == steps and sum(compute) == k:
+            ours(CacheSchedule(CacheMechanism.WHOLE, blocks, 0, n, compute, schedule.calls_per_step), f"`{pattern}`")
     if n >= 3:
         d = 1
         kd = full_steps_allowed(steps, n, n - 2 * d, budget)
@@ -255,6 +275,9 @@ def main() -> None:
     ap.add_argument("--tune-size", type=int, default=4, help="prompts per set used to tune thresholds")
     ap.add_argument("--calib-size", type=int, default=16)
     ap.add_argument("--w8a8", action="store_true")
+    ap.add_argument("--schedules", default="",
+                    help="comma-separated whole-output schedules (C computes, r reuses) also measured, each at the "
+                    "step count and budget whose computing steps it matches")  # fmt: skip
     a = ap.parse_args()
     budgets = [float(b) for b in a.budgets.split(",")]
     RESULTS.mkdir(exist_ok=True)
@@ -283,7 +306,8 @@ def main() -> None:
                 bundle = optimize(model, config)
                 manifest = json.loads((bundle / "manifest.json").read_text())
                 schedule = CacheSchedule.from_dict(manifest["cache"])
-                rows = _baselines(model, schedule, budget, prompts, tune, steps, fp_result)
+                extra = tuple(p for p in a.schedules.split(",") if p)
+                rows = _baselines(model, schedule, budget, prompts, tune, steps, fp_result, extra)
                 rows["diffkiln"]["schedule"] = schedule.pattern
                 rows["diffkiln"]["mechanism"] = schedule.mechanism.value
                 rows["diffkiln"]["search_seconds"] = manifest["build_metrics"]["plan_seconds"]
@@ -300,16 +324,19 @@ def _print(model: str, steps: int, budget: float, fp: dict[str, Any], rows: dict
           f"denoiser loop {fp['denoiser_loop_ms']} ms")  # fmt: skip
     print(
         "| method | compute (measured) | content accuracy single / held-out / pairs | latent SQNR vs FP "
-        "| denoiser loop / FP's |"
+        "| denoiser loop / FP's | misses only here / only under the uniform interval (sign test p) |"
     )
-    print("|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|")
+    uniform = set(rows.get("uniform interval", {}).get("missed", []))
     for label, r in rows.items():
         if "not_applicable" in r:
-            print(f"| {label} | n/a: {r['not_applicable']} | | | |")
+            print(f"| {label} | n/a: {r['not_applicable']} | | | | |")
             continue
         acc = " / ".join(f"{v:.2f}" if v is not None else "n/a" for v in r["content_accuracy"])
         ratio = r["denoiser_loop_ms"] / fp["denoiser_loop_ms"]
-        print(f"| {label} | {r['compute_fraction']:.3f} | {acc} | {r['latent_sqnr_db']} dB | {ratio:.2f}x |")
+        here, there = len(set(r["missed"]) - uniform), len(uniform - set(r["missed"]))
+        paired = f"{here} / {there} (p={sign_test(here, there):.2f})" if "uniform interval" in rows else ""
+        print(f"| {label} | {r['compute_fraction']:.3f} | {acc} | {r['latent_sqnr_db']} dB | {ratio:.2f}x | {paired} |")
 
 
 if __name__ == "__main__":

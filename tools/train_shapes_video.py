@@ -263,14 +263,16 @@ def stage_dit(work: Path, steps: int, batch: int, seed: int, minutes: float, res
                        "resumed_from_step": offset or None, "sigma_shift": sigma_shift})  # fmt: skip
 
 
-def _trained_pipeline(work: Path) -> tuple[Any, int]:
-    """The pipeline assembled from W/dit_ckpt.pt's EMA weights, and the step it was saved at."""
+def _trained_pipeline(work: Path, weights: str = "ema") -> tuple[Any, int]:
+    """The pipeline assembled from W/dit_ckpt.pt's EMA (or raw: ``weights="raw"``) weights, and the
+    step it was saved at."""
     from diffusers import AutoencoderKLWan
 
     _, encoder, transformer = _modules(work)
     ckpt = torch.load(work / "dit_ckpt.pt", weights_only=True)  # replaced whole, so safe mid-training
-    encoder.load_state_dict(ckpt["ema"][0])
-    transformer.load_state_dict(ckpt["ema"][1])
+    states = ckpt["ema"] if weights == "ema" else ckpt["modules"]
+    encoder.load_state_dict(states[0])
+    transformer.load_state_dict(states[1])
     vae = AutoencoderKLWan.from_pretrained(work / "vae")
     # the denoiser learnt latents times the training scale; WanPipeline multiplies its output by the
     # VAE's latents_std before decoding, so that is where the inverse scale belongs
@@ -307,11 +309,12 @@ def _quick_eval(pipe: Any, n_eval: int, steps: int, strip: Path | None = None) -
     return results
 
 
-def stage_eval(work: Path, n_eval: int, steps: int) -> None:
-    """Judge the current checkpoint's EMA weights (while training runs) and keep a frame strip."""
-    pipe, trained = _trained_pipeline(work)
-    results = _quick_eval(pipe, n_eval, steps, work / f"eval_{trained}.png")
-    info = {"quick_eval": results, "steps": steps, "trained_steps": trained, "prompts_per_set": n_eval}
+def stage_eval(work: Path, n_eval: int, steps: int, weights: str = "ema") -> None:
+    """Judge the current checkpoint's EMA or raw weights (while training runs) and keep a frame strip."""
+    pipe, trained = _trained_pipeline(work, weights)
+    results = _quick_eval(pipe, n_eval, steps, work / f"eval_{trained}_{weights}.png")
+    info = {"quick_eval": results, "steps": steps, "trained_steps": trained, "prompts_per_set": n_eval,
+            "weights": weights}  # fmt: skip
     with (work / "eval_history.jsonl").open("a") as history:  # one line per judged checkpoint
         history.write(json.dumps(info) + "\n")
     _log(work, "eval", info)
@@ -395,6 +398,8 @@ def main() -> None:
                     help="snapshot/restore: the committed training state's folder")  # fmt: skip
     ap.add_argument("--eval-size", type=int, default=20)
     ap.add_argument("--eval-steps", type=int, default=20)
+    ap.add_argument("--eval-weights", choices=("ema", "raw"), default="ema",
+                    help="eval: judge the EMA weights or the raw (trained) ones")  # fmt: skip
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vae-from", type=Path, help="latents: encode with this AutoencoderKLWan folder")
     ap.add_argument("--init-from", type=Path, help="dit: start from this pipeline folder's weights")
@@ -417,7 +422,7 @@ def main() -> None:
         stage_dit(a.work, a.steps, a.batch, a.seed, a.minutes, a.resume, a.ckpt_every, a.lr, a.init_from, a.bf16,
                   arch, a.posterior_mean, a.sigma_shift, a.compile)  # fmt: skip
     if "eval" in stages:
-        stage_eval(a.work, a.eval_size, a.eval_steps)
+        stage_eval(a.work, a.eval_size, a.eval_steps, a.eval_weights)
     if "snapshot" in stages:
         stage_snapshot(a.work, a.snapshot)
     if "finish" in stages:

@@ -59,8 +59,9 @@ def test_a_move_after_a_run_equals_loading_on_the_new_device(bundle: Path, monke
         assert torch.equal(m.codes_t(), want)
     after_move = _latents(pipe, steps=1)
     direct = load(bundle, device="cpu")
-    assert torch.equal(after_move, _latents(direct, steps=1))
-    assert torch.equal(_latents(pipe), _latents(direct))
+    # two steps, so a state carried from one step to the next is compared too (the first step's
+    # equality is in the second's: the interpreted kernels make each step cost seconds)
+    assert torch.equal(_latents(pipe, steps=2), _latents(direct, steps=2))
     # with triton (run by its interpreter here), one fused launch per linear; without, the generic path
     kinds = {type(p).__name__ for m in moved for p in m._packed.values()}
     assert kinds <= {"TritonStaticLinear", "GenericStaticLinear"}, kinds

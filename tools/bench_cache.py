@@ -171,6 +171,8 @@ def _baselines(model: str, schedule: CacheSchedule, budget: float, prompts: list
         compute = tuple(c == "C" for c in pattern)
         if len(compute) == steps and sum(compute) == k:
             ours(CacheSchedule(CacheMechanism.WHOLE, blocks, 0, n, compute, schedule.calls_per_step), f"`{pattern}`")
+        else:
+            print(f"skipped {pattern}: not {steps} steps with {k} computing (budget {budget})")
     if n >= 3:
         d = 1
         kd = full_steps_allowed(steps, n, n - 2 * d, budget)

@@ -283,9 +283,11 @@ def _trained_pipeline(work: Path, weights: str = "ema") -> tuple[Any, int]:
     return pipe, int(ckpt["step"])
 
 
-def _quick_eval(pipe: Any, n_eval: int, steps: int, strip: Path | None = None) -> dict[str, float]:
-    """Judged accuracy on ``n_eval`` scenes per set; ``strip``: also save frames 0, 5, 10, 15 of
-    each clip, one row per clip."""
+def _quick_eval(
+    pipe: Any, n_eval: int, steps: int, strip: Path | None = None, guidance: float = 5.0
+) -> dict[str, float]:
+    """Judged accuracy on ``n_eval`` scenes per set at ``steps`` and classifier-free ``guidance``;
+    ``strip``: also save frames 0, 5, 10, 15 of each clip, one row per clip."""
     results, rows = {}, []
     for label, pairs, split in (("single", False, Split.SEEN), ("single_heldout", False, Split.HELDOUT),
                                 ("pairs", True, Split.SEEN)):  # fmt: skip
@@ -293,7 +295,7 @@ def _quick_eval(pipe: Any, n_eval: int, steps: int, strip: Path | None = None) -
         picks = [scenes[i] for i in np.random.default_rng(1).permutation(len(scenes))[:n_eval]]
         g = torch.Generator().manual_seed(1000)
         out_frames = pipe([s.prompt for s in picks], num_frames=VIDEO_FRAMES - 1, height=64, width=64,
-                          num_inference_steps=steps, max_sequence_length=VIDEO_TEXT_LENGTH, guidance_scale=5.0,
+                          num_inference_steps=steps, max_sequence_length=VIDEO_TEXT_LENGTH, guidance_scale=guidance,
                           generator=g, output_type="np").frames  # fmt: skip
         clips = [[(f * 255).round().astype(np.uint8) for f in clip] for clip in out_frames]
         verdicts = [judge_video(c, s) for c, s in zip(clips, picks, strict=True)]
@@ -309,23 +311,25 @@ def _quick_eval(pipe: Any, n_eval: int, steps: int, strip: Path | None = None) -
     return results
 
 
-def stage_eval(work: Path, n_eval: int, steps: int, weights: str = "ema") -> None:
+def stage_eval(work: Path, n_eval: int, steps: int, weights: str = "ema", guidance: float = 5.0) -> None:
     """Judge the current checkpoint's EMA or raw weights (while training runs) and keep a frame strip."""
     pipe, trained = _trained_pipeline(work, weights)
-    results = _quick_eval(pipe, n_eval, steps, work / f"eval_{trained}_{weights}.png")
+    results = _quick_eval(pipe, n_eval, steps, work / f"eval_{trained}_{weights}_g{guidance:g}.png", guidance)
     info = {"quick_eval": results, "steps": steps, "trained_steps": trained, "prompts_per_set": n_eval,
-            "weights": weights}  # fmt: skip
+            "weights": weights, "guidance": guidance}  # fmt: skip
     with (work / "eval_history.jsonl").open("a") as history:  # one line per judged checkpoint
         history.write(json.dumps(info) + "\n")
     _log(work, "eval", info)
 
 
-def stage_finish(work: Path, out: Path, n_eval: int, steps: int) -> None:
-    pipe, trained = _trained_pipeline(work)
-    results = _quick_eval(pipe, n_eval, steps)
+def stage_finish(work: Path, out: Path, n_eval: int, steps: int, weights: str = "ema", guidance: float = 5.0) -> None:
+    """Judge the chosen weights and save the pipeline in float16 under ``out/shapes-video``."""
+    pipe, trained = _trained_pipeline(work, weights)
+    results = _quick_eval(pipe, n_eval, steps, guidance=guidance)
     print("shapes-video quick eval:", results, flush=True)
     pipe.to(torch.float16).save_pretrained(out / "shapes-video")
-    _log(work, "finish", {"quick_eval": results, "steps": steps, "trained_steps": trained})
+    _log(work, "finish", {"quick_eval": results, "steps": steps, "trained_steps": trained, "weights": weights,
+                          "guidance": guidance})  # fmt: skip
 
 
 def stage_snapshot(work: Path, snapshot: Path) -> None:
@@ -399,7 +403,8 @@ def main() -> None:
     ap.add_argument("--eval-size", type=int, default=20)
     ap.add_argument("--eval-steps", type=int, default=20)
     ap.add_argument("--eval-weights", choices=("ema", "raw"), default="ema",
-                    help="eval: judge the EMA weights or the raw (trained) ones")  # fmt: skip
+                    help="eval and finish: the EMA weights or the raw (trained) ones")  # fmt: skip
+    ap.add_argument("--eval-guidance", type=float, default=5.0, help="eval and finish: classifier-free guidance")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vae-from", type=Path, help="latents: encode with this AutoencoderKLWan folder")
     ap.add_argument("--init-from", type=Path, help="dit: start from this pipeline folder's weights")
@@ -422,11 +427,11 @@ def main() -> None:
         stage_dit(a.work, a.steps, a.batch, a.seed, a.minutes, a.resume, a.ckpt_every, a.lr, a.init_from, a.bf16,
                   arch, a.posterior_mean, a.sigma_shift, a.compile)  # fmt: skip
     if "eval" in stages:
-        stage_eval(a.work, a.eval_size, a.eval_steps, a.eval_weights)
+        stage_eval(a.work, a.eval_size, a.eval_steps, a.eval_weights, a.eval_guidance)
     if "snapshot" in stages:
         stage_snapshot(a.work, a.snapshot)
     if "finish" in stages:
-        stage_finish(a.work, a.out, a.eval_size, a.eval_steps)
+        stage_finish(a.work, a.out, a.eval_size, a.eval_steps, a.eval_weights, a.eval_guidance)
 
 
 if __name__ == "__main__":

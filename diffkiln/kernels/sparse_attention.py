@@ -128,6 +128,11 @@ class BlockLayout:
         return m[:, : self.q_len, : self.kv_len]
 
     @property
+    def keeps_every_block(self) -> bool:
+        """Whether every query block of every head keeps every key block (a dense layout)."""
+        return self.indices.shape[-1] == self.kv_blocks and bool((self.indices >= 0).all())
+
+    @property
     def density(self) -> float:
         """Kept (query, key) token pairs over all pairs: the share of attention FLOPs that runs."""
         q_sizes = torch.full((self.q_blocks,), self.block)
@@ -238,6 +243,11 @@ def block_sparse_attention(
         ValueError: the shapes do not fit the layout.
     """
     _check(q, k, layout)
+    attend = _npu_fusion if q.device.type == "npu" else _sdpa
+    if layout.keeps_every_block:
+        # A dense step group or layer (the search keeps some): one plain attention call is the same
+        # computation without the gathers, which cost more than they save when nothing is skipped.
+        return attend(q, k, v, None, scale)
     if _use_flex(q, layout, SparseKernel(kernel)):
         from diffkiln.kernels.sparse_flex import flex_block_sparse_attention
 
@@ -248,7 +258,7 @@ def block_sparse_attention(
                 raise
             _FLEX_FAILED.add(q.device.type)
             log.warning("compiled FlexAttention failed on %s (%s); using the gather kernel", q.device.type, exc)
-    return _gathered(q, k, v, layout, scale, _npu_fusion if q.device.type == "npu" else _sdpa)
+    return _gathered(q, k, v, layout, scale, attend)
 
 
 def npu_block_sparse_attention(
@@ -263,6 +273,8 @@ def npu_block_sparse_attention(
         ModuleNotFoundError: torch_npu is not installed.
     """
     _check(q, k, layout)
+    if layout.keeps_every_block:
+        return _npu_fusion(q, k, v, None, scale)
     return _gathered(q, k, v, layout, scale, _npu_fusion)
 
 

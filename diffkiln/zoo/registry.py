@@ -146,7 +146,7 @@ SHAPES_VIDEO = BuiltinModel(
     "(UMT5, WanTransformer3DModel, AutoencoderKLWan, flow-matching Euler)",
     pipeline_class="WanPipeline",
     default_steps=20,
-    default_guidance=5.0,
+    default_guidance=8.0,
     judge=JudgeKind.SHAPES_VIDEO,
     # Wan rounds num_frames up to 1 + a multiple of the VAE's temporal factor (1 here): 16 -> 17;
     # prompts are padded to zoo.shapes_video_model.VIDEO_TEXT_LENGTH tokens.

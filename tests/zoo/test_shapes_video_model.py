@@ -38,17 +38,25 @@ def test_the_shipped_model_loads_with_plain_diffusers_and_draws_what_it_is_told(
     from diffkiln.generation import GenerateConfig, generate
     from diffkiln.zoo.registry import resolve_target
     from diffkiln.zoo.shapes import PromptSet
-    from diffkiln.zoo.shapes.video import eval_video_scenes
+    from diffkiln.zoo.shapes.video import Motion, eval_video_scenes
     from diffkiln.zoo.shapes.video_judge import judge_video
 
     target = resolve_target("shapes-video")
     pipe = DiffusionPipeline.from_pretrained(target.path, torch_dtype=torch.float32, local_files_only=True)
     assert isinstance(pipe, WanPipeline) and pipe.vae.config.z_dim == 8
-    scenes = eval_video_scenes(PromptSet.SINGLE, 4, seed=0)
+    # Three moving objects and three that stay: a model that draws every clip static gets at most 3.
+    pool = eval_video_scenes(PromptSet.SINGLE, 40, seed=0)
+    moving = [s for s in pool if s.objects[0].motion is not Motion.STAYS][:3]
+    scenes = moving + [s for s in pool if s.objects[0].motion is Motion.STAYS][:3]
     result = generate(pipe, [s.prompt for s in scenes], GenerateConfig(progress=False), target)
     assert result.videos is not None and all(len(clip) == VIDEO_FRAMES for clip in result.videos)
     verdicts = [judge_video(clip, s) for clip, s in zip(result.videos, scenes, strict=True)]
+    print("judged:", [(s.prompt, v.correct, v.reason) for s, v in zip(scenes, verdicts, strict=True)])
     # Colour is the first thing a trained model gets right; a broken or untrained model draws no
     # object of the asked colour in 80% of the frames (measured 0 of 6 at 1,600 training steps).
     color = np.mean([o.color_ok for v in verdicts for o in v.objects])
     assert color >= 0.75, [v.reason for v in verdicts]
+    # Motion is learnt last: the shipped weights get 95% of single objects right, motion included
+    # (40 prompts; 6 of these 6); a model that draws every clip static gets at most the three that stay.
+    correct = sum(v.correct for v in verdicts)
+    assert correct >= 4 and sum(v.correct for v in verdicts[:3]) >= 2, [v.reason for v in verdicts]

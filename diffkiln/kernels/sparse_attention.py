@@ -127,9 +127,10 @@ class BlockLayout:
         m = self.to_mask().repeat_interleave(self.block, 1).repeat_interleave(self.block, 2)
         return m[:, : self.q_len, : self.kv_len]
 
-    @property
+    @functools.cached_property
     def keeps_every_block(self) -> bool:
-        """Whether every query block of every head keeps every key block (a dense layout)."""
+        """Whether every query block of every head keeps every key block (a dense layout). Cached:
+        a layout is immutable and this is asked on every attention call."""
         return self.indices.shape[-1] == self.kv_blocks and bool((self.indices >= 0).all())
 
     @property

@@ -158,6 +158,13 @@ def main() -> None:
     ap.add_argument("--block", type=int, default=32, help="tokens per mask block (searched and fixed alike)")
     ap.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
     ap.add_argument(
+        "--results",
+        type=Path,
+        default=None,
+        help="where the raw results go (default: tools/results/bench_sparse_video_MODEL.json)",
+    )
+    ap.add_argument("--searched-only", action="store_true", help="skip the two fixed patterns")
+    ap.add_argument(
         "--call-arg",
         action="append",
         default=[],
@@ -190,16 +197,22 @@ def main() -> None:
         denoiser = getattr(pipe, manifest["pipeline"]["denoiser"])
         target = masked_density(plan)
         rows: dict[str, Any] = {}
-        for name, p in (("diffkiln", plan), ("local window", local_window_plan(plan, target)),
-                        ("spatial-temporal", spatial_temporal_plan(plan, target))):  # fmt: skip
+        patterns = [("diffkiln", plan)]
+        if not a.searched_only:
+            patterns += [("local window", local_window_plan(plan, target)),
+                         ("spatial-temporal", spatial_temporal_plan(plan, target))]  # fmt: skip
+        for name, p in patterns:
             rows[name] = _run(a.model, pipe, denoiser, prompts, steps, fp_result, p)
             rows[name].pop("result")
             rows[name]["families"] = sorted({f for lm in p.layers for g in lm.families for f in g})[:6]
         rows["diffkiln"]["build_seconds"] = round(build_s, 1)
         rows["diffkiln"]["search_seconds"] = manifest["build_metrics"].get("plan_seconds")
+        rows["diffkiln"]["validated"] = plan.search.get("validated")
         record["densities"][str(budget)] = rows
         _print(a.model, budget, fp, rows)
-    (RESULTS / f"bench_sparse_video_{Path(a.model).name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    (a.results or RESULTS / f"bench_sparse_video_{Path(a.model).name}.json").write_text(
+        json.dumps(record, indent=2) + "\n"
+    )
 
 
 def _print(model: str, budget: float, fp: dict[str, Any], rows: dict[str, Any]) -> None:

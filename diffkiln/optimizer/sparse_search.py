@@ -10,7 +10,9 @@ budget, from calibrated drop errors.
    up; this is the additive approximation the search optimizes), averaged over query blocks and
    summed over the group's steps.
 3. **Allocation.** One candidate per (layer, step group, head), the total cost at most ``density``
-   times dense, the total error least: an integer program (pulp + CBC), as the bit allocation is.
+   times dense, the total error least: a multiple-choice knapsack, solved by the greedy on its
+   linear relaxation (:mod:`diffkiln.optimizer.choice_knapsack`), which also bounds how far from
+   the optimum the answer may be (``search["error_lower_bound"]``).
 
 The density is over the attention calls of the recorded layers (long, unmasked attention); short
 attention (e.g. cross-attention to the text) is not counted and runs dense.
@@ -37,6 +39,7 @@ from diffkiln.core.plan import Plan
 from diffkiln.core.sparse_plan import LayerMasks, SparsePlan, pack_mask
 from diffkiln.kernels.sparse_attention import BlockLayout
 from diffkiln.optimizer.attention_masks import MaskFamily, TokenGrid, family_mask, topk_mask
+from diffkiln.optimizer.choice_knapsack import choose_within_budget
 from diffkiln.optimizer.float_layers import float_layer_plans
 from diffkiln.optimizer.registry import SearchContext, register_recipe
 
@@ -53,8 +56,9 @@ class SparseConfig:
             compares group counts).
         windows: the ``local`` family's windows, (frames, rows, columns) gaps in tokens.
         topk: the ``topk`` family's densities.
-        validate_samples: calibration samples each proposal is sampled on (latent SQNR against
-            dense attention); the best measured proposal is kept. 0 keeps the integer program's
+        validate_samples: calibration inputs each proposal is sampled on, from initial noise the
+            calibration did not use (latent SQNR against dense attention); the best measured
+            proposal is kept. 0 keeps the integer program's
             optimum unvalidated. Default 4.
         block: tokens per mask block; calibration records its statistics at this size. 64 suits the
             CPU kernel; 128 is the one size MindIE-SD's sparse attention takes. Default 64.
@@ -117,7 +121,7 @@ def _candidates(stats: AttentionStats, grid: TokenGrid, layer: str, head: int, s
 def search_masks(
     stats: AttentionStats, config: SparseConfig, grids: dict[str, dict[str, int]] | None = None
 ) -> SparsePlan:
-    """The masks of least calibrated error within the density budget (see the module docstring).
+    """Masks of small calibrated error within the density budget (see the module docstring).
 
     Args:
         stats: the calibrated block statistics (``CalibrationConfig.attention_stats``).
@@ -128,8 +132,6 @@ def search_masks(
         InvalidInputError: no recorded layer, a layer without a grid, or a budget below what the
             sparsest candidates reach.
     """
-    import pulp
-
     grids = stats.grids if grids is None else grids
     if not stats.layers:
         raise InvalidInputError("the calibration recorded no long attention layer; nothing to make sparse")
@@ -150,24 +152,22 @@ def search_masks(
             for h in range(g.heads):
                 units[(g.name, gi, h)] = _candidates(stats, grid, g.name, h, steps, config, call_cost)
                 total += call_cost * len(steps)
-    prob = pulp.LpProblem("diffkiln_sparse", pulp.LpMinimize)
-    x = {(u, c): pulp.LpVariable(f"x_{i}_{c}", cat="Binary") for i, u in enumerate(units) for c in range(len(units[u]))}
-    prob += pulp.lpSum(units[u][c].error * v for (u, c), v in x.items())
-    for u, cands in units.items():
-        prob += pulp.lpSum(x[(u, c)] for c in range(len(cands))) == 1
-    prob += pulp.lpSum(units[u][c].cost * v for (u, c), v in x.items()) <= config.density * total
-    status = prob.solve(pulp.PULP_CBC_CMD(msg=False))
-    if pulp.LpStatus[status] != "Optimal":
+    if not units:
+        raise InvalidInputError("no recorded attention layer attends over its own token grid; nothing to make sparse")
+    keys = list(units)
+    try:
+        answer = choose_within_budget([[c.cost for c in units[u]] for u in keys],
+                                      [[c.error for c in units[u]] for u in keys], config.density * total)  # fmt: skip
+    except ValueError:
         least = sum(min(c.cost for c in cands) for cands in units.values()) / total
         raise InvalidInputError(f"no masks reach density {config.density}: the sparsest candidates keep {least:.3f}; "
-                                "ask for a higher --attn-density")  # fmt: skip
-    chosen = {u: cands[next(c for c in range(len(cands)) if (x[(u, c)].value() or 0) > 0.5)]
-              for u, cands in units.items()}  # fmt: skip
-    return _plan(stats, grids, config, starts, chosen, total)
+                                "ask for a higher --attn-density") from None  # fmt: skip
+    chosen = {u: units[u][k] for u, k in zip(keys, answer.picks, strict=True)}
+    return _plan(stats, grids, config, starts, chosen, total, answer.lower_bound)
 
 
 def _plan(stats: AttentionStats, grids: dict[str, dict[str, int]], config: SparseConfig, starts: tuple[int, ...],
-          chosen: dict[tuple[str, int, int], _Candidate], total: float) -> SparsePlan:  # fmt: skip
+          chosen: dict[tuple[str, int, int], _Candidate], total: float, lower_bound: float) -> SparsePlan:  # fmt: skip
     layers = []
     for g in stats.layers:
         if (g.name, 0, 0) not in chosen:
@@ -180,6 +180,7 @@ def _plan(stats: AttentionStats, grids: dict[str, dict[str, int]], config: Spars
     search: dict[str, Any] = {
         "units": len(chosen),
         "planned_error": sum(c.error for c in chosen.values()),
+        "error_lower_bound": lower_bound,
         "families": sorted({c.label for c in chosen.values()}),
     }
     return SparsePlan(stats.block, stats.steps, stats.calls_per_step, starts, tuple(layers), kept / total,
@@ -236,7 +237,9 @@ def search_sparse(model: Any, stats: CalibrationStats, config: SparseConfig, pro
     rows: list[dict[str, Any]] = []
     best = plans[0]
     if config.validate_samples and not isinstance(model, torch.nn.Module):
-        measure = LatentRun(model, stats, config.validate_samples)
+        # Fresh noise: the masks were fitted to the calibration runs' attention, and scoring them on
+        # those same runs rewards the overfit (top-k masks that follow where these samples' content lay).
+        measure = LatentRun(model, stats, config.validate_samples, fresh_noise=True)
         bar = functools.partial(tqdm, desc="sparse search: validating masks", unit="mask set", disable=not progress)
 
         def validate(candidate: tuple[str, SparsePlan]) -> float:

@@ -55,8 +55,11 @@ class CalibrationCalls:
     seed: int
 
     @classmethod
-    def of(cls, pipe: Any, stats: CalibrationStats, samples: int, output_type: str) -> CalibrationCalls:
-        """From the statistics' recorded settings and source.
+    def of(cls, pipe: Any, stats: CalibrationStats, samples: int, output_type: str,
+           fresh_noise: bool = False) -> CalibrationCalls:  # fmt: skip
+        """From the statistics' recorded settings and source. ``fresh_noise``: seeds that calibration
+        did not use (the same inputs, other initial noise), to measure what the statistics were not
+        fitted on.
 
         Raises:
             InvalidInputError: statistics of a bare module (no recorded pipeline inputs).
@@ -67,7 +70,8 @@ class CalibrationCalls:
         config = CalibrationConfig.from_key_fields(settings)
         source = source_from_description(settings["source"])
         picked = [source.sample(i) for i in range(min(samples, len(source)))]
-        return cls(picked, pipeline_call_kwargs(pipe, config, output_type=output_type), config.seed)
+        seed = config.seed + len(source) if fresh_noise else config.seed
+        return cls(picked, pipeline_call_kwargs(pipe, config, output_type=output_type), seed)
 
     def run(self, pipe: Any) -> Any:
         """One pipeline call on every sample, seeded as calibration seeded it; returns its output."""

@@ -42,6 +42,7 @@ from diffkiln.optimizer.attention_masks import MaskFamily, TokenGrid, family_mas
 from diffkiln.optimizer.choice_knapsack import choose_within_budget
 from diffkiln.optimizer.float_layers import float_layer_plans
 from diffkiln.optimizer.registry import SearchContext, register_recipe
+from diffkiln.optimizer.sparse_step_weights import only_group, step_weights
 
 __all__ = ["SparseConfig", "search_masks"]
 
@@ -91,7 +92,7 @@ class _Candidate:
 
 
 def _candidates(stats: AttentionStats, grid: TokenGrid, layer: str, head: int, steps: range,
-                config: SparseConfig, call_cost: float) -> list[_Candidate]:  # fmt: skip
+                config: SparseConfig, call_cost: float, step_weights: torch.Tensor) -> list[_Candidate]:  # fmt: skip
     geometry = next(g for g in stats.layers if g.name == layer)
     block = stats.block
     masks: dict[str, torch.Tensor] = {"dense": family_mask(grid, block, MaskFamily.DENSE)}
@@ -103,6 +104,7 @@ def _candidates(stats: AttentionStats, grid: TokenGrid, layer: str, head: int, s
     for d in config.topk:
         masks[f"topk({d})"] = topk_mask(mean_mass, grid, block, d)
     drop = stats.drop_error[layer][steps.start : steps.stop, head]  # (group steps, qb, kb)
+    drop = drop * step_weights[steps.start : steps.stop, None, None].to(drop.dtype)
     out, seen = [], set()
     for label, mask in masks.items():
         key = pack_mask(mask)
@@ -119,7 +121,10 @@ def _candidates(stats: AttentionStats, grid: TokenGrid, layer: str, head: int, s
 
 
 def search_masks(
-    stats: AttentionStats, config: SparseConfig, grids: dict[str, dict[str, int]] | None = None
+    stats: AttentionStats,
+    config: SparseConfig,
+    grids: dict[str, dict[str, int]] | None = None,
+    step_weights: torch.Tensor | None = None,
 ) -> SparsePlan:
     """Masks of small calibrated error within the density budget (see the module docstring).
 
@@ -127,10 +132,12 @@ def search_masks(
         stats: the calibrated block statistics (``CalibrationConfig.attention_stats``).
         config: the budget and the candidates.
         grids: each recorded layer's token layout; None: the ones calibration found (``stats.grids``).
+        step_weights: ``(steps,)`` factors on each step's calibrated errors (how much an attention
+            error at that step moves the final latents: :func:`step_group_weights`); None: all 1.
 
     Raises:
-        InvalidInputError: no recorded layer, a layer without a grid, or a budget below what the
-            sparsest candidates reach.
+        InvalidInputError: no recorded layer, a layer without a grid, a budget below what the
+            sparsest candidates reach, or step weights of another length than the steps.
     """
     grids = stats.grids if grids is None else grids
     if not stats.layers:
@@ -138,6 +145,9 @@ def search_masks(
     missing = [g.name for g in stats.layers if g.name not in grids]
     if missing:
         raise InvalidInputError(f"no token grid for attention layer(s) {missing[:3]}")
+    weights = torch.ones(stats.steps) if step_weights is None else step_weights.double()
+    if tuple(weights.shape) != (stats.steps,):
+        raise InvalidInputError(f"step weights must be one per step ({stats.steps}), got shape {tuple(weights.shape)}")
     size = math.ceil(stats.steps / config.groups)
     starts = tuple(range(0, stats.steps, size))
     units: dict[tuple[str, int, int], list[_Candidate]] = {}
@@ -150,7 +160,7 @@ def search_masks(
         for gi, s in enumerate(starts):
             steps = range(s, min(s + size, stats.steps))
             for h in range(g.heads):
-                units[(g.name, gi, h)] = _candidates(stats, grid, g.name, h, steps, config, call_cost)
+                units[(g.name, gi, h)] = _candidates(stats, grid, g.name, h, steps, config, call_cost, weights)
                 total += call_cost * len(steps)
     if not units:
         raise InvalidInputError("no recorded attention layer attends over its own token grid; nothing to make sparse")
@@ -181,6 +191,7 @@ def _plan(stats: AttentionStats, grids: dict[str, dict[str, int]], config: Spars
         "units": len(chosen),
         "planned_error": sum(c.error for c in chosen.values()),
         "error_lower_bound": lower_bound,
+        "group_errors": [sum(c.error for (_, gi, _), c in chosen.items() if gi == g) for g in range(len(starts))],
         "families": sorted({c.label for c in chosen.values()}),
     }
     return SparsePlan(stats.block, stats.steps, stats.calls_per_step, starts, tuple(layers), kept / total,
@@ -200,10 +211,11 @@ def _proposals(config: SparseConfig) -> list[tuple[str, SparseConfig]]:
 
 
 def search_sparse(model: Any, stats: CalibrationStats, config: SparseConfig, progress: bool = False) -> SparsePlan:
-    """Masks for ``model``: the integer program's optimum for each proposal (:func:`_proposals`),
-    each sampled on ``config.validate_samples`` calibration samples (latent SQNR against dense
-    attention); the best measured is kept (without validation, the first proposal's). ``progress``
-    shows a bar over the validations.
+    """Masks for ``model``: the knapsack's answer for each proposal (:func:`_proposals`) and, when
+    validating, for the first proposal with its errors weighted by step (:func:`_step_weighted`),
+    each sampled on ``config.validate_samples`` calibration inputs from fresh noise (latent SQNR
+    against dense attention); the best measured is kept (without validation, the first
+    proposal's). ``progress`` shows bars over the samplings.
 
     Raises:
         InvalidInputError: no attention statistics, or no proposal reaches the budget.
@@ -228,7 +240,7 @@ def search_sparse(model: Any, stats: CalibrationStats, config: SparseConfig, pro
         except InvalidInputError:
             return None  # this family subset cannot reach the budget
 
-    # Each rank solves its share of the proposals' integer programs (one process: all of them).
+    # Each rank solves its share of the proposals' knapsacks (one process: all of them).
     proposals = list(_proposals(config))
     solved = sharded_map(solve, proposals)
     plans = [(label, plan) for (label, _), plan in zip(proposals, solved, strict=True) if plan is not None]
@@ -240,6 +252,7 @@ def search_sparse(model: Any, stats: CalibrationStats, config: SparseConfig, pro
         # Fresh noise: the masks were fitted to the calibration runs' attention, and scoring them on
         # those same runs rewards the overfit (top-k masks that follow where these samples' content lay).
         measure = LatentRun(model, stats, config.validate_samples, fresh_noise=True)
+        plans.append(("errors weighted by step", _step_weighted(measure, attention, config, plans[0][1], progress)))
         bar = functools.partial(tqdm, desc="sparse search: validating masks", unit="mask set", disable=not progress)
 
         def validate(candidate: tuple[str, SparsePlan]) -> float:
@@ -258,6 +271,26 @@ def search_sparse(model: Any, stats: CalibrationStats, config: SparseConfig, pro
               "metric": "SQNR (dB) of the final latents against dense attention, pooled over the samples",
               "seconds": round(time.perf_counter() - t0, 2)}  # fmt: skip
     return dataclasses.replace(best[1], search=search)
+
+
+def _step_weighted(measure: Any, attention: AttentionStats, config: SparseConfig, base: SparsePlan,
+                   progress: bool) -> SparsePlan:  # fmt: skip
+    """``config``'s masks solved again with each step's errors weighted by what its step group's
+    masks in ``base`` cost the final latents (:mod:`diffkiln.optimizer.sparse_step_weights`)."""
+    from diffkiln.nn.sparse_attention import sparse_plan_applied
+
+    bar = functools.partial(tqdm, desc="sparse search: weighing step groups", unit="group", disable=not progress)
+
+    def group_sqnr(group: int) -> float:
+        return float(measure.sqnr_under(lambda: sparse_plan_applied(measure.denoiser, only_group(base, group))))
+
+    # Each rank samples its share of the groups (one process: all of them).
+    measured = sharded_map(group_sqnr, list(range(len(base.group_starts))), bar)
+    weights = step_weights(base, measured)
+    plan = search_masks(attention, config, step_weights=weights)  # the same costs as base's: it fits
+    search = {**plan.search, "group_sqnr_db": [round(x, 3) for x in measured],
+              "step_weights": [round(float(w), 4) for w in weights]}  # fmt: skip
+    return dataclasses.replace(plan, search=search)
 
 
 def plan_sparse(model: Any, stats: CalibrationStats, config: SparseConfig, context: SearchContext) -> Plan:

@@ -13,10 +13,6 @@ budget, from calibrated drop errors.
    times dense, the total error least: a multiple-choice knapsack, solved by the greedy on its
    linear relaxation (:mod:`diffkiln.optimizer.choice_knapsack`), which also bounds how far from
    the optimum the answer may be (``search["error_lower_bound"]``).
-4. **Validation** (:func:`search_sparse`, with a pipeline): the answers of several proposals
-   (family subsets, finer step groups, and the errors weighted by what each step group's masks
-   cost the final latents: :mod:`diffkiln.optimizer.sparse_step_weights`) are each sampled on the
-   calibration inputs from initial noise the calibration did not use; the best measured is kept.
 
 The density is over the attention calls of the recorded layers (long, unmasked attention); short
 attention (e.g. cross-attention to the text) is not counted and runs dense.
@@ -46,7 +42,7 @@ from diffkiln.optimizer.attention_masks import MaskFamily, TokenGrid, family_mas
 from diffkiln.optimizer.choice_knapsack import choose_within_budget
 from diffkiln.optimizer.float_layers import float_layer_plans
 from diffkiln.optimizer.registry import SearchContext, register_recipe
-from diffkiln.optimizer.sparse_error_weights import depth_groups, error_weights, only_masked
+from diffkiln.optimizer.sparse_step_weights import only_group, step_weights
 
 __all__ = ["SparseConfig", "search_masks"]
 
@@ -128,7 +124,7 @@ def search_masks(
     stats: AttentionStats,
     config: SparseConfig,
     grids: dict[str, dict[str, int]] | None = None,
-    error_weights: dict[str, torch.Tensor] | None = None,
+    step_weights: torch.Tensor | None = None,
 ) -> SparsePlan:
     """Masks of small calibrated error within the density budget (see the module docstring).
 
@@ -136,14 +132,12 @@ def search_masks(
         stats: the calibrated block statistics (``CalibrationConfig.attention_stats``).
         config: the budget and the candidates.
         grids: each recorded layer's token layout; None: the ones calibration found (``stats.grids``).
-        error_weights: per layer, ``(steps,)`` factors on its calibrated errors (how much an
-            attention error there moves the final latents:
-            :func:`diffkiln.optimizer.sparse_error_weights.error_weights`); a layer left out, or
-            None: all 1.
+        step_weights: ``(steps,)`` factors on each step's calibrated errors (how much an attention
+            error at that step moves the final latents: :func:`step_group_weights`); None: all 1.
 
     Raises:
         InvalidInputError: no recorded layer, a layer without a grid, a budget below what the
-            sparsest candidates reach, or error weights of another length than the steps.
+            sparsest candidates reach, or step weights of another length than the steps.
     """
     grids = stats.grids if grids is None else grids
     if not stats.layers:
@@ -151,10 +145,9 @@ def search_masks(
     missing = [g.name for g in stats.layers if g.name not in grids]
     if missing:
         raise InvalidInputError(f"no token grid for attention layer(s) {missing[:3]}")
-    error_weights = error_weights or {}
-    bad = {n: tuple(w.shape) for n, w in error_weights.items() if tuple(w.shape) != (stats.steps,)}
-    if bad:
-        raise InvalidInputError(f"error weights must be one per step ({stats.steps}), got shapes {bad}")
+    weights = torch.ones(stats.steps) if step_weights is None else step_weights.double()
+    if tuple(weights.shape) != (stats.steps,):
+        raise InvalidInputError(f"step weights must be one per step ({stats.steps}), got shape {tuple(weights.shape)}")
     size = math.ceil(stats.steps / config.groups)
     starts = tuple(range(0, stats.steps, size))
     units: dict[tuple[str, int, int], list[_Candidate]] = {}
@@ -163,7 +156,6 @@ def search_masks(
         grid = TokenGrid(**grids[g.name])
         if grid.tokens != g.q_len or g.q_len != g.kv_len:
             continue  # masks are for self-attention over the layer's own token grid
-        weights = error_weights.get(g.name, torch.ones(stats.steps, dtype=torch.float64))
         call_cost = float(g.q_len * g.kv_len * stats.calls_per_step)
         for gi, s in enumerate(starts):
             steps = range(s, min(s + size, stats.steps))
@@ -200,7 +192,6 @@ def _plan(stats: AttentionStats, grids: dict[str, dict[str, int]], config: Spars
         "planned_error": sum(c.error for c in chosen.values()),
         "error_lower_bound": lower_bound,
         "group_errors": [sum(c.error for (_, gi, _), c in chosen.items() if gi == g) for g in range(len(starts))],
-        "layer_errors": {lm.layer: sum(c.error for (n, _, _), c in chosen.items() if n == lm.layer) for lm in layers},
         "families": sorted({c.label for c in chosen.values()}),
     }
     return SparsePlan(stats.block, stats.steps, stats.calls_per_step, starts, tuple(layers), kept / total,
@@ -221,7 +212,7 @@ def _proposals(config: SparseConfig) -> list[tuple[str, SparseConfig]]:
 
 def search_sparse(model: Any, stats: CalibrationStats, config: SparseConfig, progress: bool = False) -> SparsePlan:
     """Masks for ``model``: the knapsack's answer for each proposal (:func:`_proposals`) and, when
-    validating, for the first proposal with its errors weighted by step and depth (:func:`_weighted`),
+    validating, for the first proposal with its errors weighted by step (:func:`_step_weighted`),
     each sampled on ``config.validate_samples`` calibration inputs from fresh noise (latent SQNR
     against dense attention); the best measured is kept (without validation, the first
     proposal's). ``progress`` shows bars over the samplings.
@@ -261,9 +252,7 @@ def search_sparse(model: Any, stats: CalibrationStats, config: SparseConfig, pro
         # Fresh noise: the masks were fitted to the calibration runs' attention, and scoring them on
         # those same runs rewards the overfit (top-k masks that follow where these samples' content lay).
         measure = LatentRun(model, stats, config.validate_samples, fresh_noise=True)
-        plans.append(
-            ("errors weighted by step and depth", _weighted(measure, attention, config, plans[0][1], progress))
-        )
+        plans.append(("errors weighted by step", _step_weighted(measure, attention, config, plans[0][1], progress)))
         bar = functools.partial(tqdm, desc="sparse search: validating masks", unit="mask set", disable=not progress)
 
         def validate(candidate: tuple[str, SparsePlan]) -> float:
@@ -284,31 +273,23 @@ def search_sparse(model: Any, stats: CalibrationStats, config: SparseConfig, pro
     return dataclasses.replace(best[1], search=search)
 
 
-def _weighted(measure: Any, attention: AttentionStats, config: SparseConfig, base: SparsePlan,
-              progress: bool) -> SparsePlan:  # fmt: skip
-    """``config``'s masks solved again with each layer's and step's errors weighted by what the
-    masks of ``base`` cost the final latents there (:mod:`diffkiln.optimizer.sparse_error_weights`)."""
+def _step_weighted(measure: Any, attention: AttentionStats, config: SparseConfig, base: SparsePlan,
+                   progress: bool) -> SparsePlan:  # fmt: skip
+    """``config``'s masks solved again with each step's errors weighted by what its step group's
+    masks in ``base`` cost the final latents (:mod:`diffkiln.optimizer.sparse_step_weights`)."""
     from diffkiln.nn.sparse_attention import sparse_plan_applied
 
-    depth = depth_groups(base)
-    parts: list[tuple[tuple[int, ...] | None, tuple[str, ...] | None]] = [
-        *(((g,), None) for g in range(len(base.group_starts))),
-        *((None, names) for names in depth),
-    ]
-    bar = functools.partial(tqdm, desc="sparse search: weighing steps and layers", unit="part", disable=not progress)
+    bar = functools.partial(tqdm, desc="sparse search: weighing step groups", unit="group", disable=not progress)
 
-    def part_sqnr(part: tuple[tuple[int, ...] | None, tuple[str, ...] | None]) -> float:
-        masks = only_masked(base, *part)
-        return float(measure.sqnr_under(lambda: sparse_plan_applied(measure.denoiser, masks)))
+    def group_sqnr(group: int) -> float:
+        return float(measure.sqnr_under(lambda: sparse_plan_applied(measure.denoiser, only_group(base, group))))
 
-    # Each rank samples its share of the parts (one process: all of them).
-    measured = sharded_map(part_sqnr, parts, bar)
-    groups = len(base.group_starts)
-    weights = error_weights(base, measured[:groups], depth, measured[groups:])
-    plan = search_masks(attention, config, error_weights=weights)  # the same costs as base's: it fits
-    search = {**plan.search, "group_sqnr_db": [round(x, 3) for x in measured[:groups]],
-              "depth_groups": [list(d) for d in depth],
-              "depth_sqnr_db": [round(x, 3) for x in measured[groups:]]}  # fmt: skip
+    # Each rank samples its share of the groups (one process: all of them).
+    measured = sharded_map(group_sqnr, list(range(len(base.group_starts))), bar)
+    weights = step_weights(base, measured)
+    plan = search_masks(attention, config, step_weights=weights)  # the same costs as base's: it fits
+    search = {**plan.search, "group_sqnr_db": [round(x, 3) for x in measured],
+              "step_weights": [round(float(w), 4) for w in weights]}  # fmt: skip
     return dataclasses.replace(plan, search=search)
 
 

@@ -163,6 +163,7 @@ def main() -> None:
         default=None,
         help="where the raw results go (default: tools/results/bench_sparse_video_MODEL.json)",
     )
+    ap.add_argument("--validate-samples", type=int, default=4, help="the search's validation samples per proposal")
     ap.add_argument("--searched-only", action="store_true", help="skip the two fixed patterns")
     ap.add_argument(
         "--call-arg",
@@ -187,9 +188,9 @@ def main() -> None:
                               "fp": fp, "densities": {}}  # fmt: skip
     for budget in a.densities:
         t0 = time.perf_counter()
+        search = SparseConfig(density=budget, block=a.block, validate_samples=a.validate_samples)
         bundle = optimize(a.model, OptimizeConfig(out=root / f"sparse-{budget}", steps=steps, calib_size=a.calib_size,
-                                                  recipe=SparseConfig(density=budget, block=a.block),
-                                                  progress=False, cache_dir=root / "cache",
+                                                  recipe=search, progress=False, cache_dir=root / "cache",
                                                   call_kwargs=CALL_KWARGS))  # fmt: skip
         build_s = time.perf_counter() - t0
         manifest = json.loads((bundle / "manifest.json").read_text())

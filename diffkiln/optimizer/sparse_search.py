@@ -13,6 +13,10 @@ budget, from calibrated drop errors.
    times dense, the total error least: a multiple-choice knapsack, solved by the greedy on its
    linear relaxation (:mod:`diffkiln.optimizer.choice_knapsack`), which also bounds how far from
    the optimum the answer may be (``search["error_lower_bound"]``).
+4. **Validation** (:func:`search_sparse`, with a pipeline): the answers of several proposals
+   (family subsets, finer step groups, and the errors weighted by what each step group's masks
+   cost the final latents: :mod:`diffkiln.optimizer.sparse_step_weights`) are each sampled on the
+   calibration inputs from initial noise the calibration did not use; the best measured is kept.
 
 The density is over the attention calls of the recorded layers (long, unmasked attention); short
 attention (e.g. cross-attention to the text) is not counted and runs dense.
@@ -42,7 +46,8 @@ from diffkiln.optimizer.attention_masks import MaskFamily, TokenGrid, family_mas
 from diffkiln.optimizer.choice_knapsack import choose_within_budget
 from diffkiln.optimizer.float_layers import float_layer_plans
 from diffkiln.optimizer.registry import SearchContext, register_recipe
-from diffkiln.optimizer.sparse_step_weights import only_group, step_weights
+from diffkiln.optimizer.sparse_step_weights import only_group
+from diffkiln.optimizer.sparse_step_weights import step_weights as measured_step_weights
 
 __all__ = ["SparseConfig", "search_masks"]
 
@@ -59,8 +64,7 @@ class SparseConfig:
         topk: the ``topk`` family's densities.
         validate_samples: calibration inputs each proposal is sampled on, from initial noise the
             calibration did not use (latent SQNR against dense attention); the best measured
-            proposal is kept. 0 keeps the integer program's
-            optimum unvalidated. Default 4.
+            proposal is kept. 0 keeps the first proposal's masks unvalidated. Default 4.
         block: tokens per mask block; calibration records its statistics at this size. 64 suits the
             CPU kernel; 128 is the one size MindIE-SD's sparse attention takes. Default 64.
     """
@@ -133,7 +137,8 @@ def search_masks(
         config: the budget and the candidates.
         grids: each recorded layer's token layout; None: the ones calibration found (``stats.grids``).
         step_weights: ``(steps,)`` factors on each step's calibrated errors (how much an attention
-            error at that step moves the final latents: :func:`step_group_weights`); None: all 1.
+            error at that step moves the final latents:
+            :func:`diffkiln.optimizer.sparse_step_weights.step_weights`); None: all 1.
 
     Raises:
         InvalidInputError: no recorded layer, a layer without a grid, a budget below what the
@@ -252,7 +257,8 @@ def search_sparse(model: Any, stats: CalibrationStats, config: SparseConfig, pro
         # Fresh noise: the masks were fitted to the calibration runs' attention, and scoring them on
         # those same runs rewards the overfit (top-k masks that follow where these samples' content lay).
         measure = LatentRun(model, stats, config.validate_samples, fresh_noise=True)
-        plans.append(("errors weighted by step", _step_weighted(measure, attention, config, plans[0][1], progress)))
+        if plans[0][0] == _proposals(config)[0][0]:  # weigh the full family set's answer when it fits the budget
+            plans.append(("errors weighted by step", _step_weighted(measure, attention, config, plans[0][1], progress)))
         bar = functools.partial(tqdm, desc="sparse search: validating masks", unit="mask set", disable=not progress)
 
         def validate(candidate: tuple[str, SparsePlan]) -> float:
@@ -286,7 +292,7 @@ def _step_weighted(measure: Any, attention: AttentionStats, config: SparseConfig
 
     # Each rank samples its share of the groups (one process: all of them).
     measured = sharded_map(group_sqnr, list(range(len(base.group_starts))), bar)
-    weights = step_weights(base, measured)
+    weights = measured_step_weights(base, measured)
     plan = search_masks(attention, config, step_weights=weights)  # the same costs as base's: it fits
     search = {**plan.search, "group_sqnr_db": [round(x, 3) for x in measured],
               "step_weights": [round(float(w), 4) for w in weights]}  # fmt: skip

@@ -10,8 +10,8 @@ knapsack, solved by the greedy on its linear relaxation (Sinha and Zoltners, 197
 3. The budget left is filled with the single-unit changes (to any option) that save the most error.
 
 Why not an integer program: CBC proves optimality slowly on these problems (near-tied units, one
-budget row; 40 s on 48 units in our tests) and the errors are themselves an additive estimate, so
-the last fraction of a percent an exact solver wins means nothing. The greedy runs in
+budget row; docs/sparse-attention.md has the comparison) and the errors are themselves an additive
+estimate, so the last fraction of a percent an exact solver wins means nothing. The greedy runs in
 ``O(options log options)``.
 """
 

@@ -182,3 +182,13 @@ def test_a_budget_no_mechanism_fits_is_refused(dit) -> None:
     pipe, stats = dit
     with pytest.raises(InvalidInputError, match=r"no cache mechanism fits a budget of 0\.5"):
         search_cache(pipe, stats, CacheConfig(budget=0.5, mechanisms=("deep",)), SearchContext(progress=False))
+
+
+def test_fresh_noise_runs_the_calibration_inputs_from_seeds_calibration_did_not_use(dit) -> None:
+    from diffkiln.optimizer.cache_validate import LatentRun
+
+    pipe, stats = dit
+    seen, fresh = LatentRun(pipe, stats, 2), LatentRun(pipe, stats, 2, fresh_noise=True)
+    assert seen.samples == fresh.samples  # the same prompts
+    assert seen.sampling.seed == stats.settings["seed"] and fresh.sampling.seed == stats.settings["seed"] + 4
+    assert fresh.reference.shape == seen.reference.shape and not torch.allclose(fresh.reference, seen.reference)

@@ -157,8 +157,9 @@ def main() -> None:
     ap.add_argument(
         "--calib-size",
         type=int,
-        default=8,
-        help="calibration prompts (the attention statistics come from the first batch of 8)",
+        default=12,
+        help="calibration prompts: the attention statistics come from the first batch of 8, and the search "
+        "validates on the prompts after it",
     )
     ap.add_argument("--block", type=int, default=32, help="tokens per mask block (searched and fixed alike)")
     ap.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")

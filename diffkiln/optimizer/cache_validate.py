@@ -74,12 +74,14 @@ def worst_sample_sqnr(reference: torch.Tensor, test: torch.Tensor) -> float:
 
 
 class LatentRun:
-    """The pipeline on the first ``samples`` calibration samples, final latents out; with
-    ``fresh_noise``, from initial noise that calibration did not use."""
+    """The pipeline on ``samples`` calibration samples from sample ``first`` on, final latents out;
+    with ``fresh_noise``, from initial noise that calibration did not use."""
 
-    def __init__(self, pipe: Any, stats: CalibrationStats, samples: int, fresh_noise: bool = False) -> None:
+    def __init__(self, pipe: Any, stats: CalibrationStats, samples: int, fresh_noise: bool = False,
+                 first: int = 0) -> None:  # fmt: skip
         self.pipe = pipe
-        self.sampling = CalibrationCalls.of(pipe, stats, samples, output_type="latent", fresh_noise=fresh_noise)
+        self.sampling = CalibrationCalls.of(pipe, stats, samples, output_type="latent", fresh_noise=fresh_noise,
+                                            first=first)  # fmt: skip
         self.samples = self.sampling.samples
         self.denoiser = find_denoiser(pipe, stats.denoiser or None)
         pipe.set_progress_bar_config(disable=True)

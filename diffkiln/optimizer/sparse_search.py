@@ -15,8 +15,9 @@ budget, from calibrated drop errors.
    the optimum the answer may be (``search["error_lower_bound"]``).
 4. **Validation** (:func:`search_sparse`, with a pipeline): the answers of several proposals
    (family subsets, finer step groups, and the errors weighted by what each step group's masks
-   cost the final latents: :mod:`diffkiln.optimizer.sparse_step_weights`) are each sampled on the
-   calibration inputs from initial noise the calibration did not use; the best measured is kept.
+   cost the final latents: :mod:`diffkiln.optimizer.sparse_step_weights`) are each sampled on
+   calibration inputs outside the batch the attention statistics came from (where the calibration
+   has enough), from initial noise the calibration did not use; the best measured is kept.
 
 The density is over the attention calls of the recorded layers (long, unmasked attention); short
 attention (e.g. cross-attention to the text) is not counted and runs dense.
@@ -35,6 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffkiln.calibrate.attention_stats import AttentionStats
+from diffkiln.calibrate.sources import source_from_description
 from diffkiln.calibrate.stats import CalibrationStats
 from diffkiln.core.configs import config_to_dict
 from diffkiln.core.distributed import sharded_map
@@ -49,7 +51,7 @@ from diffkiln.optimizer.registry import SearchContext, register_recipe
 from diffkiln.optimizer.sparse_step_weights import only_group
 from diffkiln.optimizer.sparse_step_weights import step_weights as measured_step_weights
 
-__all__ = ["SparseConfig", "search_masks"]
+__all__ = ["SparseConfig", "search_masks", "validation_samples"]
 
 
 @dataclass(frozen=True)
@@ -62,9 +64,11 @@ class SparseConfig:
             compares group counts).
         windows: the ``local`` family's windows, (frames, rows, columns) gaps in tokens.
         topk: the ``topk`` family's densities.
-        validate_samples: calibration inputs each proposal is sampled on, from initial noise the
-            calibration did not use (latent SQNR against dense attention); the best measured
-            proposal is kept. 0 keeps the first proposal's masks unvalidated. Default 4.
+        validate_samples: calibration inputs each proposal is sampled on (latent SQNR against
+            dense attention), from initial noise the calibration did not use, and outside the
+            first calibration batch, whose runs the attention statistics recorded, where the
+            calibration has enough inputs (:func:`validation_samples`); the best measured proposal
+            is kept. 0 keeps the first proposal's masks unvalidated. Default 4.
         block: tokens per mask block; calibration records its statistics at this size. 64 suits the
             CPU kernel; 128 is the one size MindIE-SD's sparse attention takes. Default 64.
     """
@@ -218,8 +222,8 @@ def _proposals(config: SparseConfig) -> list[tuple[str, SparseConfig]]:
 def search_sparse(model: Any, stats: CalibrationStats, config: SparseConfig, progress: bool = False) -> SparsePlan:
     """Masks for ``model``: the knapsack's answer for each proposal (:func:`_proposals`) and, when
     validating, for the first proposal with its errors weighted by step (:func:`_step_weighted`),
-    each sampled on ``config.validate_samples`` calibration inputs from fresh noise (latent SQNR
-    against dense attention); the best measured is kept (without validation, the first
+    each sampled on ``config.validate_samples`` calibration inputs (:func:`validation_samples`)
+    from fresh noise (latent SQNR against dense attention); the best measured is kept (without validation, the first
     proposal's). ``progress`` shows bars over the samplings.
 
     Raises:
@@ -252,11 +256,14 @@ def search_sparse(model: Any, stats: CalibrationStats, config: SparseConfig, pro
     if not plans:
         search_masks(stats.attention, config)  # raises with the least reachable density
     rows: list[dict[str, Any]] = []
+    window: dict[str, int] = {}
     best = plans[0]
     if config.validate_samples and not isinstance(model, torch.nn.Module):
-        # Fresh noise: the masks were fitted to the calibration runs' attention, and scoring them on
-        # those same runs rewards the overfit (top-k masks that follow where these samples' content lay).
-        measure = LatentRun(model, stats, config.validate_samples, fresh_noise=True)
+        # Other inputs and fresh noise: the masks were fitted to the first batch's attention, and
+        # scoring them on those runs rewards the overfit (top-k masks that follow where these
+        # samples' content lay), even from other noise.
+        window = validation_samples(stats, config.validate_samples)
+        measure = LatentRun(model, stats, config.validate_samples, fresh_noise=True, first=window["first"])
         if plans[0][0] == _proposals(config)[0][0]:  # weigh the full family set's answer when it fits the budget
             plans.append(("errors weighted by step", _step_weighted(measure, attention, config, plans[0][1], progress)))
         bar = functools.partial(tqdm, desc="sparse search: validating masks", unit="mask set", disable=not progress)
@@ -273,10 +280,26 @@ def search_sparse(model: Any, stats: CalibrationStats, config: SparseConfig, pro
             rows.append({"proposal": label, "density": round(plan.density, 4), "sqnr_db": round(score, 3),
                          "planned_error": round(plan.search["planned_error"], 4)})  # fmt: skip
         best = plans[max(range(len(plans)), key=lambda i: scores[i])]
-    search = {**best[1].search, "proposal": best[0], "validated": rows,
+    search = {**best[1].search, "proposal": best[0], "validated": rows, "validation_samples": window,
               "metric": "SQNR (dB) of the final latents against dense attention, pooled over the samples",
               "seconds": round(time.perf_counter() - t0, 2)}  # fmt: skip
     return dataclasses.replace(best[1], search=search)
+
+
+def validation_samples(stats: CalibrationStats, samples: int) -> dict[str, int]:
+    """Which calibration inputs validation samples: ``samples`` of them, the first outside the
+    first calibration batch (whose runs the attention statistics recorded) when the calibration has
+    enough inputs, else the last ``samples`` (as many outside that batch as there are).
+
+    Returns:
+        ``first`` (the first sample's index), ``samples`` (how many) and ``unseen`` (how many of
+        them the attention statistics did not see).
+    """
+    total = len(source_from_description(stats.settings["source"]))
+    batch = min(int(stats.settings.get("batch_size", total)), total)
+    first = max(0, min(batch, total - samples))
+    count = min(samples, total - first)
+    return {"first": first, "samples": count, "unseen": max(0, first + count - batch)}
 
 
 def _step_weighted(measure: Any, attention: AttentionStats, config: SparseConfig, base: SparsePlan,

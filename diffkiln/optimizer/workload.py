@@ -42,7 +42,7 @@ def output_tensor(out: Any) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class CalibrationCalls:
-    """The first calibration samples of a pipeline's statistics, re-created with their seeds.
+    """Calibration samples of a pipeline's statistics, re-created with their seeds.
 
     Attributes:
         samples: the per-sample inputs (prompts, images, class labels).
@@ -56,21 +56,25 @@ class CalibrationCalls:
 
     @classmethod
     def of(cls, pipe: Any, stats: CalibrationStats, samples: int, output_type: str,
-           fresh_noise: bool = False) -> CalibrationCalls:  # fmt: skip
-        """From the statistics' recorded settings and source. ``fresh_noise``: seeds that calibration
-        did not use (the same inputs, other initial noise), to measure what the statistics were not
-        fitted on.
+           fresh_noise: bool = False, first: int = 0) -> CalibrationCalls:  # fmt: skip
+        """From the statistics' recorded settings and source: samples ``first`` onwards, at most
+        ``samples`` of them. ``fresh_noise``: seeds that calibration did not use (the same inputs,
+        other initial noise), to measure what the statistics were not fitted on.
 
         Raises:
-            InvalidInputError: statistics of a bare module (no recorded pipeline inputs).
+            InvalidInputError: statistics of a bare module (no recorded pipeline inputs), or
+                ``first`` not one of the source's samples.
         """
         settings = stats.settings
         if "source" not in settings:
             raise InvalidInputError("the calibration statistics record no pipeline inputs; calibrate a pipeline")
         config = CalibrationConfig.from_key_fields(settings)
         source = source_from_description(settings["source"])
-        picked = [source.sample(i) for i in range(min(samples, len(source)))]
-        seed = config.seed + len(source) if fresh_noise else config.seed
+        if not 0 <= first < len(source):
+            raise InvalidInputError(f"calibration sample {first} does not exist: the calibration has {len(source)}")
+        picked = [source.sample(i) for i in range(first, min(first + samples, len(source)))]
+        # Calibration seeded sample i with seed + i; fresh noise starts past every seed it used.
+        seed = (config.seed + len(source) if fresh_noise else config.seed) + first
         return cls(picked, pipeline_call_kwargs(pipe, config, output_type=output_type), seed)
 
     def run(self, pipe: Any) -> Any:

@@ -192,3 +192,17 @@ def test_fresh_noise_runs_the_calibration_inputs_from_seeds_calibration_did_not_
     assert seen.samples == fresh.samples  # the same prompts
     assert seen.sampling.seed == stats.settings["seed"] and fresh.sampling.seed == stats.settings["seed"] + 4
     assert fresh.reference.shape == seen.reference.shape and not torch.allclose(fresh.reference, seen.reference)
+
+
+def test_a_run_from_a_later_sample_takes_its_inputs_and_seeds(dit) -> None:
+    from diffkiln.optimizer.workload import CalibrationCalls
+
+    pipe, stats = dit
+    later = CalibrationCalls.of(pipe, stats, 4, output_type="latent", first=2)
+    whole = CalibrationCalls.of(pipe, stats, 4, output_type="latent")
+    assert later.samples == whole.samples[2:]  # clipped at the calibration's 4 inputs
+    assert later.seed == whole.seed + 2  # calibration seeded sample i with seed + i
+    fresh = CalibrationCalls.of(pipe, stats, 4, output_type="latent", fresh_noise=True, first=2)
+    assert fresh.seed == whole.seed + 4 + 2
+    with pytest.raises(InvalidInputError, match="sample 4 does not exist"):
+        CalibrationCalls.of(pipe, stats, 1, output_type="latent", first=4)

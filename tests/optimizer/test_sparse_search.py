@@ -87,3 +87,23 @@ def test_a_search_at_another_block_size_than_calibrated_is_refused() -> None:
         search_sparse(None, stats, SparseConfig())
     with pytest.raises(InvalidInputError, match="power of two"):
         SparseConfig(block=100)
+
+
+@pytest.mark.parametrize(
+    ("total", "batch", "samples", "expected"),
+    [
+        (32, 8, 4, {"first": 8, "samples": 4, "unseen": 4}),  # enough inputs: all outside the first batch
+        (10, 8, 4, {"first": 6, "samples": 4, "unseen": 2}),  # the last 4: as many unseen as there are
+        (8, 8, 4, {"first": 4, "samples": 4, "unseen": 0}),  # every input seen: fresh noise alone
+        (3, 8, 4, {"first": 0, "samples": 3, "unseen": 0}),  # fewer inputs than asked
+    ],
+)
+def test_validation_samples_the_inputs_the_attention_statistics_did_not_see(total, batch, samples, expected) -> None:
+    from types import SimpleNamespace
+
+    from diffkiln.calibrate.sources import PromptSource
+    from diffkiln.optimizer.sparse_search import validation_samples
+
+    prompts = tuple(f"prompt {i}" for i in range(total))
+    stats = SimpleNamespace(settings={"source": PromptSource(prompts).describe(), "batch_size": batch})
+    assert validation_samples(stats, samples) == expected

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# Tests never touch the user's cache: calibration statistics and tiny models go to a temp dir.
+# Tests never touch the user's cache: calibration statistics and tiny models go to a temp dir,
+# removed when the process ends (each xdist worker has its own).
 os.environ["DIFFKILN_CACHE"] = tempfile.mkdtemp(prefix="diffkiln-test-cache-")
+atexit.register(shutil.rmtree, os.environ["DIFFKILN_CACHE"], ignore_errors=True)
 # Without a GPU, Triton kernels run in Triton's CPU interpreter. Triton reads this when it (and each
 # @jit function) is first imported, so it is set for the whole session, before anything imports it.
 if not torch.cuda.is_available():

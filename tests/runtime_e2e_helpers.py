@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -12,8 +14,10 @@ from diffkiln.calibrate import CalibrationConfig, calibrate
 from diffkiln.nn.freeze import apply_plan
 from diffkiln.optimizer import SearchContext, W8A8Config, make_plan
 
-# Shared calibration cache: tests that calibrate the same pipeline with the same settings reuse it.
+# Shared calibration cache: tests that calibrate the same pipeline with the same settings reuse it;
+# removed when the process ends.
 CACHE = Path(tempfile.mkdtemp(prefix="diffkiln-test-calib-"))
+atexit.register(shutil.rmtree, CACHE, ignore_errors=True)
 
 PROMPTS = (
     "a red circle on the left",

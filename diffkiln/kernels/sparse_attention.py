@@ -295,15 +295,23 @@ def _gathered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLa
     valid_block.view(-1)[: layout.kv_len] = True
     out = q.new_empty(batch, heads * qb, blk, v.shape[-1])
     per_slot = batch * blk * (k.shape[-1] + v.shape[-1]) * k.element_size()
+    max_width = int(counts[order[-1]])
+    n_rows = max(1, _CHUNK_BYTES // max(per_slot * max_width, 1))
+    # Blocks as rows of one 2-D table, gathered with index_select into buffers reused by every chunk:
+    # advanced indexing into fresh tensors spent most of its time faulting in new pages.
+    k_rows, v_rows = kp.reshape(-1, blk * k.shape[-1]), vp.reshape(-1, blk * v.shape[-1])
+    k_buf = k.new_empty(batch * min(n_rows, len(order)) * max_width, blk * k.shape[-1])
+    v_buf = v.new_empty(batch * min(n_rows, len(order)) * max_width, blk * v.shape[-1])
+    batch_of = torch.arange(batch, device=q.device)[:, None, None] * (heads * (kb + 1))
     start = 0
     while start < len(order):
-        n_rows = max(1, _CHUNK_BYTES // max(per_slot * int(counts[order[-1]]), 1))
         rows = order[start : start + n_rows]
         width = int(counts[rows[-1]])
         keys = idx[rows, :width]  # (r, width)
-        heads_r = head_of[rows][:, None]
-        kg = kp[:, heads_r, keys].reshape(batch, len(rows), width * blk, -1)
-        vg = vp[:, heads_r, keys].reshape(batch, len(rows), width * blk, -1)
+        table = (batch_of + (head_of[rows][:, None] * (kb + 1) + keys)[None]).view(-1)  # (batch, r, width)
+        n = table.numel()
+        kg = torch.index_select(k_rows, 0, table, out=k_buf[:n]).view(batch, len(rows), width * blk, -1)
+        vg = torch.index_select(v_rows, 0, table, out=v_buf[:n]).view(batch, len(rows), width * blk, -1)
         valid = valid_block[keys].reshape(1, len(rows), 1, width * blk)
         out[:, rows] = attend(qp[:, rows], kg, vg, None if bool(valid.all()) else valid, scale)
         start += len(rows)

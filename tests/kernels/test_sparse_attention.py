@@ -59,6 +59,22 @@ def test_kernel_matches_the_dense_masked_reference(
     assert torch.equal(block_sparse_attention(q, k, v, layout), got)
 
 
+def test_chunks_of_rows_give_the_one_chunk_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A small chunk budget: many chunks of uneven widths through the reused gather buffers.
+    import diffkiln.kernels.sparse_attention as sa
+
+    q_len, block = 640, 32
+    layout = BlockLayout.from_mask(_random_mask(3, 20, 20, 0.4, seed=7), q_len, q_len, block)
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 3, q_len, 16, generator=g) for _ in range(3))
+    whole = block_sparse_attention(q, k, v, layout, kernel=SparseKernel.GATHER)
+    monkeypatch.setattr(sa, "_CHUNK_BYTES", 2 * block * 32 * 4 * 32)  # a few rows per chunk, not all 60
+    chunked = block_sparse_attention(q, k, v, layout, kernel=SparseKernel.GATHER)
+    assert torch.allclose(chunked, whole, atol=1e-6)
+    ref = sparse_attention_reference(q, k, v, layout)
+    assert F.cosine_similarity(chunked.flatten(), ref.flatten(), dim=0) >= 0.9999
+
+
 def test_a_full_layout_is_dense_attention_and_a_band_keeps_its_width() -> None:
     g = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(1, 2, 512, 16, generator=g) for _ in range(3))

@@ -11,11 +11,13 @@ indices (``(heads, query blocks, max kept)``, padded with -1), not as a dense bo
   :class:`SparseKernel` picks: gathering each query block's kept key/value blocks into one batched
   SDPA per chunk of query blocks (``gather``), or FlexAttention compiled (``flex``).
 
-Which is faster on CPU depends on the run: compiled FlexAttention is about twice as fast per call on
-long layers, but compiling costs tens of seconds per new shape (once per process, less with
-inductor's on-disk cache), which a short run of short layers never earns back. ``auto`` therefore
-takes it on CUDA always, and on CPU for layers of at least :data:`FLEX_MIN_TOKENS` query tokens when
-a C++ compiler is present, falling back to ``gather`` if compiling fails (see BENCHMARKS.md).
+Which is faster on CPU depends on the run and the CPU: compiled FlexAttention was twice as fast as
+``gather`` per call on long layers on one CPU and 1.5 times slower on another (BENCHMARKS.md), and
+compiling costs tens of seconds per new shape (once per process, less with inductor's on-disk
+cache), which a short run of short layers never earns back. ``auto`` therefore takes FlexAttention
+on CUDA always; on CPU, for layers of at least :data:`FLEX_MIN_TOKENS` query tokens when a C++
+compiler is present, it times both kernels on each shape's first call and keeps the faster,
+``gather`` if compiling fails.
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ from __future__ import annotations
 import functools
 import logging
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -43,15 +47,19 @@ class SparseKernel(str, Enum):
     """The kernel :func:`block_sparse_attention` runs kept blocks with."""
 
     AUTO = "auto"
-    """CUDA: compiled FlexAttention; NPU: ``gather`` on ``npu_fusion_attention``; CPU: compiled
-    FlexAttention from :data:`FLEX_MIN_TOKENS` query tokens where a C++ compiler exists, else ``gather``."""
+    """CUDA: compiled FlexAttention; NPU: ``gather`` on ``npu_fusion_attention``; CPU: from
+    :data:`FLEX_MIN_TOKENS` query tokens where a C++ compiler exists, the faster of the two as timed
+    on each call shape's first call, else ``gather``."""
     GATHER = "gather"
     """Gather each query block's kept key/value blocks and run SDPA on them (any device)."""
     FLEX = "flex"
     """FlexAttention with a ``BlockMask``, compiled on CUDA and CPU (``gather`` if compiling fails)."""
 
 
+_T = TypeVar("_T")
 _FLEX_FAILED: set[str] = set()
+_CPU_CHOICE: dict[tuple[object, ...], str] = {}
+"""``auto``'s measured kernel per call shape on CPU (:func:`_measured_cpu_choice`)."""
 
 _CHUNK_BYTES = 256 << 20
 """Gathered key/value bytes per batched SDPA call, at most (bounds the kernel's extra memory)."""
@@ -221,6 +229,54 @@ def _use_flex(q: torch.Tensor, layout: BlockLayout, kernel: SparseKernel) -> boo
     return layout.q_len >= FLEX_MIN_TOKENS and _has_compiler()
 
 
+def _shape_key(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout) -> tuple[object, ...]:
+    return tuple(q.shape), tuple(k.shape), v.shape[-1], layout.block, q.dtype
+
+
+def _timed(fn: Callable[[], _T]) -> tuple[_T, float]:
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
+          scale: float | None) -> torch.Tensor | None:  # fmt: skip
+    """Compiled FlexAttention, or None where compiling fails on this device (then remembered)."""
+    from diffkiln.kernels.sparse_flex import flex_block_sparse_attention
+
+    try:
+        return flex_block_sparse_attention(q, k, v, layout, scale, compiled=True)
+    except Exception as exc:
+        if q.device.type == "cuda":
+            raise
+        _FLEX_FAILED.add(q.device.type)
+        log.warning("compiled FlexAttention failed on %s (%s); using the gather kernel", q.device.type, exc)
+        return None
+
+
+def _measured_cpu_choice(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
+                         scale: float | None) -> torch.Tensor:  # fmt: skip
+    """``auto`` on a long CPU layer: the first call of each shape runs both kernels, times them
+    (FlexAttention after its compile) and keeps the faster for that shape; later calls run it."""
+    key = _shape_key(q, k, v, layout)
+    choice = _CPU_CHOICE.get(key)
+    if choice == "flex":
+        out = _flex(q, k, v, layout, scale)
+        if out is not None:
+            return out
+    if choice is not None:
+        return _gathered(q, k, v, layout, scale, _sdpa)
+    gathered, gather_s = _timed(lambda: _gathered(q, k, v, layout, scale, _sdpa))
+    _CPU_CHOICE[key] = "gather"
+    if _flex(q, k, v, layout, scale) is not None:  # compiles
+        flex_out, flex_s = _timed(lambda: _flex(q, k, v, layout, scale))
+        if flex_out is not None and flex_s < gather_s:
+            _CPU_CHOICE[key] = "flex"
+        log.info("sparse attention at %s: gather %.3f s, FlexAttention %.3f s; keeping %s", key[0], gather_s,
+                 flex_s, _CPU_CHOICE[key])  # fmt: skip
+    return gathered
+
+
 def block_sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -250,15 +306,11 @@ def block_sparse_attention(
         # computation without the gathers, which cost more than they save when nothing is skipped.
         return attend(q, k, v, None, scale)
     if _use_flex(q, layout, SparseKernel(kernel)):
-        from diffkiln.kernels.sparse_flex import flex_block_sparse_attention
-
-        try:
-            return flex_block_sparse_attention(q, k, v, layout, scale, compiled=True)
-        except Exception as exc:
-            if q.device.type == "cuda":
-                raise
-            _FLEX_FAILED.add(q.device.type)
-            log.warning("compiled FlexAttention failed on %s (%s); using the gather kernel", q.device.type, exc)
+        if q.device.type == "cpu" and SparseKernel(kernel) is SparseKernel.AUTO:
+            return _measured_cpu_choice(q, k, v, layout, scale)
+        out = _flex(q, k, v, layout, scale)
+        if out is not None:
+            return out
     return _gathered(q, k, v, layout, scale, attend)
 
 

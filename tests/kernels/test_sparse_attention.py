@@ -192,3 +192,41 @@ def test_the_npu_path_matches_the_reference(q_len: int, block: int, density: flo
     got = npu_block_sparse_attention(q, k, v, layout)
     ref = sparse_attention_reference(q, k, v, layout)
     assert F.cosine_similarity(got.flatten(), ref.flatten(), dim=0) >= 0.9999
+
+
+@pytest.mark.parametrize("faster", ["flex", "gather"])
+def test_auto_on_cpu_times_both_kernels_once_per_shape_and_keeps_the_faster(
+    faster: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    import diffkiln.kernels.sparse_attention as sa
+
+    calls = {"flex": 0, "gather": 0}
+    real_gathered = sa._gathered
+
+    def kernel(name: str, real: object) -> object:
+        def run(*args: object) -> torch.Tensor:
+            calls[name] += 1
+            if name != faster:
+                time.sleep(0.05)
+            return real(*args)  # type: ignore[operator]
+
+        return run
+
+    monkeypatch.setattr(sa, "_CPU_CHOICE", {})
+    monkeypatch.setattr(sa, "FLEX_MIN_TOKENS", 64)
+    monkeypatch.setattr(sa, "_has_compiler", lambda: True)
+    monkeypatch.setattr(sa, "_gathered", kernel("gather", real_gathered))
+    monkeypatch.setattr(sa, "_flex", kernel("flex", lambda q, k, v, lay, sc: real_gathered(q, k, v, lay, sc, sa._sdpa)))
+    layout = BlockLayout.from_mask(_random_mask(2, 4, 4, 0.5, seed=3), 256, 256, 64)
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(1, 2, 256, 16, generator=g) for _ in range(3))
+    ref = sparse_attention_reference(q, k, v, layout)
+    first = block_sparse_attention(q, k, v, layout)  # times both: gather once, flex compiled then timed
+    assert calls == {"flex": 2, "gather": 1}
+    assert list(sa._CPU_CHOICE.values()) == [faster]
+    second = block_sparse_attention(q, k, v, layout)
+    assert calls[faster] == (3 if faster == "flex" else 2) and sum(calls.values()) == 4
+    for out in (first, second):
+        assert F.cosine_similarity(out.flatten(), ref.flatten(), dim=0) >= 0.9999

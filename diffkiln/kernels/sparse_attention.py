@@ -11,8 +11,8 @@ indices (``(heads, query blocks, max kept)``, padded with -1), not as a dense bo
   :class:`SparseKernel` picks: gathering each query block's kept key/value blocks into one batched
   SDPA per chunk of query blocks (``gather``), or FlexAttention compiled (``flex``).
 
-Which is faster on CPU depends on the run and the CPU: compiled FlexAttention was twice as fast as
-``gather`` per call on long layers on one CPU and 1.5 times slower on another (BENCHMARKS.md), and
+Which is faster on CPU depends on the run and the CPU: compiled FlexAttention is faster than
+``gather`` per call on long layers on some CPUs and slower on others (BENCHMARKS.md), and
 compiling costs tens of seconds per new shape (once per process, less with inductor's on-disk
 cache), which a short run of short layers never earns back. ``auto`` therefore takes FlexAttention
 on CUDA always; on CPU, for layers of at least :data:`FLEX_MIN_TOKENS` query tokens when a C++
@@ -61,8 +61,10 @@ _FLEX_FAILED: set[str] = set()
 _CPU_CHOICE: dict[tuple[object, ...], str] = {}
 """``auto``'s measured kernel per call shape on CPU (:func:`_measured_cpu_choice`)."""
 
-_CHUNK_BYTES = 256 << 20
-"""Gathered key/value bytes per batched SDPA call, at most (bounds the kernel's extra memory)."""
+_CHUNK_BYTES = 32 << 20
+"""Gathered key/value bytes per batched SDPA call (at least one row per thread): bounds the
+kernel's extra memory, and a chunk's keys are still in cache when attention reads them (the
+chunk sizes compared: docs/sparse-attention.md)."""
 
 
 @dataclass(frozen=True)
@@ -348,7 +350,7 @@ def _gathered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLa
     out = q.new_empty(batch, heads * qb, blk, v.shape[-1])
     per_slot = batch * blk * (k.shape[-1] + v.shape[-1]) * k.element_size()
     max_width = int(counts[order[-1]])
-    n_rows = max(1, _CHUNK_BYTES // max(per_slot * max_width, 1))
+    n_rows = max(torch.get_num_threads(), _CHUNK_BYTES // max(per_slot * max_width, 1))
     # Blocks as rows of one 2-D table, gathered with index_select into buffers reused by every chunk:
     # advanced indexing into fresh tensors spent most of its time faulting in new pages.
     k_rows, v_rows = kp.reshape(-1, blk * k.shape[-1]), vp.reshape(-1, blk * v.shape[-1])

@@ -223,8 +223,8 @@ def search_sparse(model: Any, stats: CalibrationStats, config: SparseConfig, pro
     """Masks for ``model``: the knapsack's answer for each proposal (:func:`_proposals`) and, when
     validating, for the first proposal with its errors weighted by step (:func:`_step_weighted`),
     each sampled on ``config.validate_samples`` calibration inputs (:func:`validation_samples`)
-    from fresh noise (latent SQNR against dense attention); the best measured is kept (without validation, the first
-    proposal's). ``progress`` shows bars over the samplings.
+    from fresh noise (latent SQNR against dense attention); the best measured is kept (without
+    validation, the first proposal's). ``progress`` shows bars over the samplings.
 
     Raises:
         InvalidInputError: no attention statistics, or no proposal reaches the budget.

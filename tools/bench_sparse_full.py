@@ -9,8 +9,9 @@ block's time is measured with hooks, and the full call is reported as measured p
 (the densest whose measured density is at most ``--density``) on every self-attention layer and
 head; wall time depends on how many blocks a mask keeps, not which, so a searched mask of the same
 density costs the same (the trained model's quality is measured in tools/bench_sparse_video.py).
-Batch 1: one classifier-free-guidance branch. The masked kernel is ``--kernel`` (auto: compiled
-FlexAttention on CPU at this length); its compile runs in a warm-up call outside the timing.
+Batch 1: one classifier-free-guidance branch. The masked kernel is ``--kernel``; ``auto`` on CPU at
+this length times the gather kernel and compiled FlexAttention and keeps the faster. The compile
+and that choice happen in a warm-up call on one block, outside the timing.
 
 Usage: python tools/bench_sparse_full.py [--density 0.2] [--blocks 2] [--block 128] [--repeat 1]
 """
@@ -120,8 +121,8 @@ def main() -> None:
     warm_plan = dataclasses.replace(plan, layers=tuple(lm for lm in layers if lm.layer in present))
     with sparse_plan_applied(model, warm_plan, kernel=a.kernel):
         t0 = time.perf_counter()
-        # Warm-up: compiles the masked kernel. Every block has the same shapes, so one block compiles
-        # what all of them run, and a whole masked call is not spent on it.
+        # Warm-up: compiles the masked kernel (and lets auto choose one). Every block has the same
+        # shapes, so one block settles what all of them run, and a whole masked call is not spent.
         _call(model, inputs, times)
         warm = time.perf_counter() - t0
     model.blocks = kept

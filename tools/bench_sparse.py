@@ -81,6 +81,12 @@ def main() -> None:
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention (needs a C++ compiler)")
+    ap.add_argument(
+        "--results",
+        type=Path,
+        default=None,
+        help="where to write the JSON (default tools/results/bench_sparse_layer_<tokens>.json)",
+    )
     a = ap.parse_args()
     rows = []
     for n in a.tokens:
@@ -111,7 +117,7 @@ def main() -> None:
                 row["reference_heads"] = heads
             rows.append(row)
             print(json.dumps(row), flush=True)
-    out = ROOT / "tools" / "results" / f"bench_sparse_layer_{'_'.join(map(str, a.tokens))}.json"
+    out = a.results or ROOT / "tools" / "results" / f"bench_sparse_layer_{'_'.join(map(str, a.tokens))}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     machine = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                "torch": torch.__version__}  # fmt: skip

@@ -65,6 +65,9 @@ _CHUNK_BYTES = 32 << 20
 """Gathered key/value bytes per batched SDPA call (at least one row per thread): bounds the
 kernel's extra memory, and a chunk's keys are still in cache when attention reads them (the
 chunk sizes compared: docs/sparse-attention.md)."""
+_MATMUL_CHUNK_BYTES = 8 << 20
+"""The same for :func:`_matmul_softmax`, whose scores are as large as the keys: smaller chunks keep
+keys, scores and values in cache together."""
 
 
 @dataclass(frozen=True)
@@ -185,11 +188,14 @@ def sparse_attention_reference(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=layout.token_mask().to(q.device), scale=scale)
 
 
-def _padded_blocks(x: torch.Tensor, block: int, blocks: int) -> torch.Tensor:
-    """``(batch, heads, tokens, d)`` -> ``(batch, heads, blocks + 1, block, d)``: zero-padded to whole
-    blocks, plus one all-zero block that padding indices point at."""
+def _block_rows(x: torch.Tensor, block: int, blocks: int) -> torch.Tensor:
+    """``(batch, heads, tokens, d)`` -> ``(batch * heads * blocks, block * d)``: one row per block
+    (the last zero-padded to a whole block). A view, not a copy, where the tokens fill whole blocks
+    and ``x`` is contiguous."""
     b, h, n, d = x.shape
-    return F.pad(x, (0, 0, 0, (blocks + 1) * block - n)).reshape(b, h, blocks + 1, block, d)
+    if n != blocks * block:
+        x = F.pad(x, (0, 0, 0, blocks * block - n))
+    return x.reshape(b * h * blocks, block * d)
 
 
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", "float | None"], torch.Tensor]
@@ -200,6 +206,41 @@ Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | Non
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None,
           scale: float | None) -> torch.Tensor:  # fmt: skip
     return F.scaled_dot_product_attention(q, k, v, attn_mask=valid, scale=scale)
+
+
+def _matmul_softmax(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None,
+                    scale: float | None, scratch: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """Attention on a chunk of gathered runs as two batched matmuls and a softmax done in place on the
+    scores: each run's scores stay in cache between the matmuls, and the GEMMs are whole runs long
+    (CPU SDPA splits each 128-query run into 32-query tiles, whose small GEMMs run below peak).
+    ``scratch``, when given, holds the scores (at least ``batch * rows * tokens * keys`` elements):
+    reused across chunks, it spares faulting in fresh pages for every chunk."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    b, r, n, d = q.shape
+    m = k.shape[2]
+    q3, k3, v3 = q.reshape(b * r, n, d), k.reshape(b * r, m, d), v.reshape(b * r, m, -1)
+    scores = q.new_empty(b * r, n, m) if scratch is None else scratch[: b * r * n * m].view(b * r, n, m)
+    torch.baddbmm(scores, q3, k3.transpose(1, 2), beta=0.0, alpha=scale, out=scores)  # scale in the GEMM
+    if valid is not None:
+        scores.view(b, r, n, m).masked_fill_(~valid, float("-inf"))
+    scores.sub_(scores.amax(-1, keepdim=True)).exp_()
+    total = scores.sum(-1, keepdim=True)
+    return torch.bmm(scores, v3).div_(total).view(b, r, n, -1)
+
+
+def _run_attend(q: torch.Tensor) -> Attend:
+    """The attention op the gather kernel runs its runs with: ``npu_fusion_attention`` on an NPU,
+    :func:`_matmul_softmax` for float32/float64 on CPU, SDPA otherwise (a low-precision softmax
+    is left to SDPA, which accumulates in float32)."""
+    if q.device.type == "npu":
+        return _npu_fusion
+    if q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64):
+        return _matmul_softmax
+    return _sdpa
+
+
+def _chunk_bytes(attend: Attend) -> int:
+    return _MATMUL_CHUNK_BYTES if attend is _matmul_softmax else _CHUNK_BYTES
 
 
 def _npu_fusion(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None,
@@ -267,8 +308,8 @@ def _measured_cpu_choice(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layo
         if out is not None:
             return out
     if choice is not None:
-        return _gathered(q, k, v, layout, scale, _sdpa)
-    gathered, gather_s = _timed(lambda: _gathered(q, k, v, layout, scale, _sdpa))
+        return _gathered(q, k, v, layout, scale, _run_attend(q))
+    gathered, gather_s = _timed(lambda: _gathered(q, k, v, layout, scale, _run_attend(q)))
     _CPU_CHOICE[key] = "gather"
     if _flex(q, k, v, layout, scale) is not None:  # compiles
         flex_out, flex_s = _timed(lambda: _flex(q, k, v, layout, scale))
@@ -302,18 +343,17 @@ def block_sparse_attention(
         ValueError: the shapes do not fit the layout.
     """
     _check(q, k, layout)
-    attend = _npu_fusion if q.device.type == "npu" else _sdpa
     if layout.keeps_every_block:
         # A dense step group or layer (the search keeps some): one plain attention call is the same
         # computation without the gathers, which cost more than they save when nothing is skipped.
-        return attend(q, k, v, None, scale)
+        return (_npu_fusion if q.device.type == "npu" else _sdpa)(q, k, v, None, scale)
     if _use_flex(q, layout, SparseKernel(kernel)):
         if q.device.type == "cpu" and SparseKernel(kernel) is SparseKernel.AUTO:
             return _measured_cpu_choice(q, k, v, layout, scale)
         out = _flex(q, k, v, layout, scale)
         if out is not None:
             return out
-    return _gathered(q, k, v, layout, scale, attend)
+    return _gathered(q, k, v, layout, scale, _run_attend(q))
 
 
 def npu_block_sparse_attention(
@@ -337,36 +377,40 @@ def _gathered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLa
               attend: Attend) -> torch.Tensor:  # fmt: skip
     batch, heads, q_len, _ = q.shape
     blk, qb, kb = layout.block, layout.q_blocks, layout.kv_blocks
-    kp, vp = _padded_blocks(k, blk, kb), _padded_blocks(v, blk, kb)
-    qp = F.pad(q, (0, 0, 0, qb * blk - q_len)).reshape(batch, heads * qb, blk, q.shape[-1])
-    idx = torch.where(layout.indices < 0, kb, layout.indices).long().to(q.device)  # -1 -> the zero block
-    idx = idx.view(heads * qb, -1)
+    k_rows, v_rows = _block_rows(k, blk, kb), _block_rows(v, blk, kb)
+    qp = q if q_len == qb * blk else F.pad(q, (0, 0, 0, qb * blk - q_len))
+    qp = qp.reshape(batch, heads * qb, blk, q.shape[-1])
+    slots = torch.where(layout.indices < 0, kb, layout.indices).long().to(q.device).view(heads * qb, -1)
     head_of = torch.arange(heads, device=q.device).repeat_interleave(qb)
     counts = (layout.indices >= 0).sum(-1).view(-1).to(q.device)
     order = torch.argsort(counts, stable=True)
-    # Key slots that hold a real token: not a padding block, not past kv_len in the last block.
+    # Key slots that hold a real token: not a padding slot (index kb), not past kv_len in the last
+    # block. A padding slot reads block 0 and is masked, so no zero block has to be appended.
     valid_block = torch.zeros(kb + 1, blk, dtype=torch.bool, device=q.device)
     valid_block.view(-1)[: layout.kv_len] = True
     out = q.new_empty(batch, heads * qb, blk, v.shape[-1])
-    per_slot = batch * blk * (k.shape[-1] + v.shape[-1]) * k.element_size()
     max_width = int(counts[order[-1]])
-    n_rows = max(torch.get_num_threads(), _CHUNK_BYTES // max(per_slot * max_width, 1))
-    # Blocks as rows of one 2-D table, gathered with index_select into buffers reused by every chunk:
-    # advanced indexing into fresh tensors spent most of its time faulting in new pages.
-    k_rows, v_rows = kp.reshape(-1, blk * k.shape[-1]), vp.reshape(-1, blk * v.shape[-1])
-    k_buf = k.new_empty(batch * min(n_rows, len(order)) * max_width, blk * k.shape[-1])
-    v_buf = v.new_empty(batch * min(n_rows, len(order)) * max_width, blk * v.shape[-1])
-    batch_of = torch.arange(batch, device=q.device)[:, None, None] * (heads * (kb + 1))
+    per_row = batch * blk * (k.shape[-1] + v.shape[-1]) * k.element_size() * max_width
+    n_rows = max(torch.get_num_threads(), _chunk_bytes(attend) // max(per_row, 1))
+    # Blocks gathered with index_select into buffers reused by every chunk: advanced indexing into
+    # fresh tensors spent most of its time faulting in new pages.
+    k_buf = k.new_empty(batch * min(n_rows, len(order)) * max_width, k_rows.shape[1])
+    v_buf = v.new_empty(batch * min(n_rows, len(order)) * max_width, v_rows.shape[1])
+    if attend is _matmul_softmax:
+        attend = functools.partial(_matmul_softmax, scratch=q.new_empty(k_buf.shape[0] * blk * blk))
+    batch_of = torch.arange(batch, device=q.device)[:, None, None] * (heads * kb)
     start = 0
     while start < len(order):
         rows = order[start : start + n_rows]
         width = int(counts[rows[-1]])
-        keys = idx[rows, :width]  # (r, width)
-        table = (batch_of + (head_of[rows][:, None] * (kb + 1) + keys)[None]).view(-1)  # (batch, r, width)
+        keys = slots[rows, :width]  # (r, width)
+        source = (head_of[rows][:, None] * kb + torch.where(keys == kb, 0, keys))[None]
+        table = (batch_of + source).view(-1)  # (batch, r, width)
         n = table.numel()
         kg = torch.index_select(k_rows, 0, table, out=k_buf[:n]).view(batch, len(rows), width * blk, -1)
         vg = torch.index_select(v_rows, 0, table, out=v_buf[:n]).view(batch, len(rows), width * blk, -1)
         valid = valid_block[keys].reshape(1, len(rows), 1, width * blk)
-        out[:, rows] = attend(qp[:, rows], kg, vg, None if bool(valid.all()) else valid, scale)
+        ran = attend(qp.index_select(1, rows), kg, vg, None if bool(valid.all()) else valid, scale)
+        out.index_copy_(1, rows, ran)
         start += len(rows)
     return out.view(batch, heads, qb * blk, -1)[:, :, :q_len]

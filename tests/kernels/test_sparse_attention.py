@@ -59,6 +59,36 @@ def test_kernel_matches_the_dense_masked_reference(
     assert torch.equal(block_sparse_attention(q, k, v, layout), got)
 
 
+@pytest.mark.parametrize("op", ["_sdpa", "_matmul_softmax"])
+@pytest.mark.parametrize(("batch", "heads", "q_len", "kv_len", "dim", "block"), CASES)
+def test_both_ops_on_the_gathered_runs_match_the_reference(
+    batch: int, heads: int, q_len: int, kv_len: int, dim: int, block: int, op: str
+) -> None:
+    # CPU float32 runs the matmul-softmax op, other dtypes and devices SDPA: each against the reference.
+    import diffkiln.kernels.sparse_attention as sa
+
+    qb, kb = -(-q_len // block), -(-kv_len // block)
+    layout = BlockLayout.from_mask(_random_mask(heads, qb, kb, 0.4, seed=kv_len), q_len, kv_len, block)
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(batch, heads, q_len, dim, generator=g)
+    k = torch.randn(batch, heads, kv_len, dim, generator=g)
+    v = torch.randn(batch, heads, kv_len, dim + 8, generator=g)
+    ref = sparse_attention_reference(q, k, v, layout, scale=0.3)
+    got = sa._gathered(q, k, v, layout, 0.3, getattr(sa, op))
+    assert F.cosine_similarity(got.flatten(), ref.flatten(), dim=0) >= 0.9999
+    assert (got - ref).abs().max() < 1e-4
+
+
+def test_bfloat16_on_cpu_runs_sdpa_on_the_runs_and_stays_close() -> None:
+    layout = BlockLayout.from_mask(_random_mask(2, 8, 8, 0.4, seed=5), 500, 500, 64)
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 2, 500, 32, generator=g) for _ in range(3))
+    ref = sparse_attention_reference(q, k, v, layout)
+    got = block_sparse_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), layout, kernel=SparseKernel.GATHER)
+    assert got.dtype == torch.bfloat16
+    assert F.cosine_similarity(got.float().flatten(), ref.flatten(), dim=0) >= 0.999
+
+
 def test_chunks_of_rows_give_the_one_chunk_result(monkeypatch: pytest.MonkeyPatch) -> None:
     # A small chunk budget: many chunks of uneven widths through the reused gather buffers.
     import diffkiln.kernels.sparse_attention as sa
@@ -68,7 +98,8 @@ def test_chunks_of_rows_give_the_one_chunk_result(monkeypatch: pytest.MonkeyPatc
     g = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(2, 3, q_len, 16, generator=g) for _ in range(3))
     whole = block_sparse_attention(q, k, v, layout, kernel=SparseKernel.GATHER)
-    monkeypatch.setattr(sa, "_CHUNK_BYTES", 2 * block * 32 * 4 * 32)  # a few rows per chunk, not all 60
+    for budget in ("_CHUNK_BYTES", "_MATMUL_CHUNK_BYTES"):  # a few rows per chunk, not all 60
+        monkeypatch.setattr(sa, budget, 2 * block * 32 * 4 * 32)
     chunked = block_sparse_attention(q, k, v, layout, kernel=SparseKernel.GATHER)
     assert torch.allclose(chunked, whole, atol=1e-6)
     ref = sparse_attention_reference(q, k, v, layout)

@@ -8,8 +8,9 @@ indices (``(heads, query blocks, max kept)``, padded with -1), not as a dense bo
 * :func:`sparse_attention_reference`: SDPA over every key with the layout expanded to a token mask
   (pure torch; the contract every kernel is checked against);
 * :func:`block_sparse_attention`: runs only the kept blocks, through the kernel
-  :class:`SparseKernel` picks: gathering each query block's kept key/value blocks into one batched
-  SDPA per chunk of query blocks (``gather``), or FlexAttention compiled (``flex``).
+  :class:`SparseKernel` picks: gathering each query block's kept key/value blocks and running
+  attention on them, batched per chunk of query blocks (``gather``: two GEMMs and an in-place
+  softmax for float32 on CPU, SDPA otherwise), or FlexAttention compiled (``flex``).
 
 Which is faster on CPU depends on the run and the CPU: compiled FlexAttention is faster than
 ``gather`` per call on long layers on some CPUs and slower on others (BENCHMARKS.md), and
@@ -51,7 +52,7 @@ class SparseKernel(str, Enum):
     :data:`FLEX_MIN_TOKENS` query tokens where a C++ compiler exists, the faster of the two as timed
     on each call shape's first call, else ``gather``."""
     GATHER = "gather"
-    """Gather each query block's kept key/value blocks and run SDPA on them (any device)."""
+    """Gather each query block's kept key/value blocks and run attention on them (any device)."""
     FLEX = "flex"
     """FlexAttention with a ``BlockMask``, compiled on CUDA and CPU (``gather`` if compiling fails)."""
 
@@ -334,7 +335,9 @@ def block_sparse_attention(
     and attention runs on that run alone, batched over rows. Rows are taken in order of how many
     blocks they keep, so a batch pads few slots; padding slots and the short last key block are
     masked. Work and memory traffic scale with the number of kept blocks. The attention op per
-    device: CPU SDPA; on an Ascend NPU ``torch_npu.npu_fusion_attention`` on the same gathered runs
+    device: on CPU two batched GEMMs with the softmax in place between them for float32/float64
+    (:func:`_matmul_softmax`), SDPA for other dtypes; on an Ascend NPU
+    ``torch_npu.npu_fusion_attention`` on the same gathered runs
     (:func:`npu_block_sparse_attention`). Or, as ``kernel`` picks (:class:`SparseKernel`),
     FlexAttention's compiled block-sparse kernels
     (:func:`diffkiln.kernels.sparse_flex.flex_block_sparse_attention`).

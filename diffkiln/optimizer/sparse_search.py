@@ -15,8 +15,7 @@ budget, from calibrated drop errors.
    the optimum the answer may be (``search["error_lower_bound"]``).
 4. **Validation** (:func:`search_sparse`, with a pipeline): the answers of several proposals
    (family subsets, finer step groups, and the errors weighted by what each step group's masks
-   cost the final latents, in rounds that each re-measure the previous round's masks:
-   :mod:`diffkiln.optimizer.sparse_step_weights`) are each sampled on
+   cost the final latents: :mod:`diffkiln.optimizer.sparse_step_weights`) are each sampled on
    calibration inputs outside the batch the attention statistics came from (where the calibration
    has enough), from initial noise the calibration did not use; the best measured is kept.
 
@@ -72,11 +71,6 @@ class SparseConfig:
             is kept. 0 keeps the first proposal's masks unvalidated. Default 4.
         block: tokens per mask block; calibration records its statistics at this size. 64 suits the
             CPU kernel; 128 is the one size MindIE-SD's sparse attention takes. Default 64.
-        weight_rounds: rounds of step weighting when validating. Each round samples every step group's
-            masks alone (the others dense) under the previous round's answer (the first: the first
-            proposal's), weighs each step's calibrated errors by what they cost the final latents,
-            and solves again; each round's answer is one more validated proposal. 0: none.
-            Default 2.
     """
 
     density: float = 0.35
@@ -85,7 +79,6 @@ class SparseConfig:
     topk: tuple[float, ...] = (0.1, 0.2, 0.35, 0.5)
     validate_samples: int = 4
     block: int = 64
-    weight_rounds: int = 2
 
     def __post_init__(self) -> None:
         if self.block < 16 or self.block & (self.block - 1):
@@ -96,8 +89,6 @@ class SparseConfig:
             raise InvalidInputError(f"groups must be a positive integer, got {self.groups}")
         if self.validate_samples < 0:
             raise InvalidInputError(f"validate_samples must be >= 0, got {self.validate_samples}")
-        if self.weight_rounds < 0:
-            raise InvalidInputError(f"weight_rounds must be >= 0, got {self.weight_rounds}")
 
 
 @dataclass(frozen=True)
@@ -274,10 +265,7 @@ def search_sparse(model: Any, stats: CalibrationStats, config: SparseConfig, pro
         window = validation_samples(stats, config.validate_samples)
         measure = LatentRun(model, stats, config.validate_samples, fresh_noise=True, first=window["first"])
         if plans[0][0] == _proposals(config)[0][0]:  # weigh the full family set's answer when it fits the budget
-            base, weights = plans[0][1], None
-            for r in range(config.weight_rounds):
-                base, weights = _step_weighted(measure, attention, config, base, weights, progress)
-                plans.append(("errors weighted by step" + (f", round {r + 1}" if r else ""), base))
+            plans.append(("errors weighted by step", _step_weighted(measure, attention, config, plans[0][1], progress)))
         bar = functools.partial(tqdm, desc="sparse search: validating masks", unit="mask set", disable=not progress)
 
         def validate(candidate: tuple[str, SparsePlan]) -> float:
@@ -315,11 +303,9 @@ def validation_samples(stats: CalibrationStats, samples: int) -> dict[str, int]:
 
 
 def _step_weighted(measure: Any, attention: AttentionStats, config: SparseConfig, base: SparsePlan,
-                   prior: torch.Tensor | None, progress: bool) -> tuple[SparsePlan, torch.Tensor]:  # fmt: skip
+                   progress: bool) -> SparsePlan:  # fmt: skip
     """``config``'s masks solved again with each step's errors weighted by what its step group's
-    masks in ``base`` cost the final latents (:mod:`diffkiln.optimizer.sparse_step_weights`), and
-    the weights. ``base`` was solved with step weights ``prior`` (None: none), so its planned group
-    errors are already weighted and the measured factors correct ``prior``."""
+    masks in ``base`` cost the final latents (:mod:`diffkiln.optimizer.sparse_step_weights`)."""
     from diffkiln.nn.sparse_attention import sparse_plan_applied
 
     bar = functools.partial(tqdm, desc="sparse search: weighing step groups", unit="group", disable=not progress)
@@ -330,13 +316,10 @@ def _step_weighted(measure: Any, attention: AttentionStats, config: SparseConfig
     # Each rank samples its share of the groups (one process: all of them).
     measured = sharded_map(group_sqnr, list(range(len(base.group_starts))), bar)
     weights = measured_step_weights(base, measured)
-    if prior is not None:
-        weights = weights * prior
-        weights = weights / weights.mean()
     plan = search_masks(attention, config, step_weights=weights)  # the same costs as base's: it fits
     search = {**plan.search, "group_sqnr_db": [round(x, 3) for x in measured],
               "step_weights": [round(float(w), 4) for w in weights]}  # fmt: skip
-    return dataclasses.replace(plan, search=search), weights
+    return dataclasses.replace(plan, search=search)
 
 
 def plan_sparse(model: Any, stats: CalibrationStats, config: SparseConfig, context: SearchContext) -> Plan:

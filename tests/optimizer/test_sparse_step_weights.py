@@ -48,30 +48,3 @@ def test_weights_follow_final_error_per_planned_error_and_shift_the_density() ->
     assert kept[0] > kept[1] and weighted.density <= 0.4 + 1e-9  # the early group keeps more blocks
     with pytest.raises(ValueError, match="one SQNR and one planned error per step group"):
         step_weights(plan, [10.0])
-
-
-def test_a_second_round_corrects_the_first_rounds_weights() -> None:
-    # The second round measures groups under masks solved with the first round's weights: its
-    # factors are relative to those weights, so they multiply them.
-    from diffkiln.optimizer.sparse_search import _step_weighted
-
-    class Measure:
-        denoiser = None
-
-        def __init__(self, sqnrs: list[float]) -> None:
-            self.sqnrs = iter(sqnrs)
-
-        def sqnr_under(self, applied: object) -> float:
-            return next(self.sqnrs)
-
-    stats, config = _stats(), SparseConfig(density=0.4, groups=2)
-    base = search_masks(stats, config)
-    first, w1 = _step_weighted(Measure([10.0, 20.0]), stats, config, base, None, False)
-    assert torch.allclose(w1, step_weights(base, [10.0, 20.0]))
-    assert first.search["step_weights"] == [round(float(w), 4) for w in w1]
-    second, w2 = _step_weighted(Measure([15.0, 15.0]), stats, config, first, w1, False)
-    own = step_weights(first, [15.0, 15.0])
-    assert torch.allclose(w2, own * w1 / (own * w1).mean()) and w2.mean().item() == pytest.approx(1.0)
-    assert second.density <= 0.4 + 1e-9
-    with pytest.raises(Exception, match="weight_rounds must be >= 0"):
-        SparseConfig(weight_rounds=-1)

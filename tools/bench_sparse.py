@@ -3,9 +3,10 @@
 Wan2.1-1.3B geometry by default (12 heads x 128, batch 1), at each ``--tokens`` length and
 ``--densities`` density: dense SDPA, diffkiln's :func:`block_sparse_attention` (blocks of 64 and of
 128 tokens; ``gather`` kernel), and compiled FlexAttention with the same block mask (blocks of 128;
-``flex`` kernel, what ``auto`` runs on CPU at these lengths). Each mask
-keeps the same number of key blocks in every row: the first block (a sink), a band around the
-diagonal, and random blocks up to the density. Reported: median seconds of ``--repeat`` calls,
+``flex`` kernel). ``auto`` on CPU at these lengths times these two on each shape's first call and
+keeps the faster (for blocks of 128: the faster of those two columns). Each mask keeps the same number of
+key blocks in every row: the first block (a sink), a band around the diagonal, and random blocks up
+to the density. Reported: median seconds of ``--repeat`` calls,
 speed-up against dense, the layout's measured density, and each output's cosine against the dense
 masked reference (float32).
 

@@ -80,6 +80,10 @@ def test_both_ops_on_the_gathered_runs_match_the_reference(
 
 
 def test_bfloat16_on_cpu_runs_sdpa_on_the_runs_and_stays_close() -> None:
+    import diffkiln.kernels.sparse_attention as sa
+
+    assert sa._run_attend(torch.zeros(1, dtype=torch.bfloat16)) is sa._sdpa
+    assert sa._run_attend(torch.zeros(1)) is sa._matmul_softmax
     layout = BlockLayout.from_mask(_random_mask(2, 8, 8, 0.4, seed=5), 500, 500, 64)
     g = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(1, 2, 500, 32, generator=g) for _ in range(3))

@@ -19,7 +19,7 @@ latent SQNR against FP, and the denoiser loop's wall time, side by side in one p
 ``tools/results/bench_sparse_video_<model>.json``; the table is printed as markdown.
 
 Usage: python tools/bench_sparse_video.py [--model shapes-video] [--densities 0.35 0.2] [--eval-size 8]
-[--block 32]
+[--block 32] [--groups G] [--searched-only] [--prompt-seed S]
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ from diffkiln.optimizer.attention_masks import MaskFamily, TokenGrid, family_mas
 from diffkiln.report.compare import fidelity
 from diffkiln.report.evaluate import ReportConfig, judge_all, prompt_list, quality
 from diffkiln.zoo.registry import JudgeKind, resolve_target
+from diffkiln.zoo.shapes import PromptSet
+from diffkiln.zoo.shapes.video import eval_video_scenes
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WINDOWS = [(f, r, c) for f in range(0, 9) for r, c in ((0, 0), (1, 1), (2, 2), (4, 4), (1 << 20, 1 << 20))]
@@ -170,6 +172,14 @@ def main() -> None:
         help="where the raw results go (default: tools/results/bench_sparse_video_MODEL.json)",
     )
     ap.add_argument("--validate-samples", type=int, default=4, help="the search's validation samples per proposal")
+    ap.add_argument(
+        "--prompt-seed",
+        type=int,
+        default=0,
+        help="draw the judged prompts with this seed: 0 (default) is the evaluation set reports use; "
+        "another seed gives a development set for choosing search settings without touching it",
+    )
+    ap.add_argument("--groups", type=int, default=None, help="the search's step groups (default: SparseConfig's)")
     ap.add_argument("--searched-only", action="store_true", help="skip the two fixed patterns")
     ap.add_argument(
         "--call-arg",
@@ -184,17 +194,26 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     resolved = resolve_target(a.model)
     steps = a.steps or (resolved.builtin.default_steps if resolved.builtin else 20)
-    prompts = prompt_list(ReportConfig(eval_size=a.eval_size), JudgeKind.SHAPES_VIDEO)
+    prompts = (
+        prompt_list(ReportConfig(eval_size=a.eval_size), JudgeKind.SHAPES_VIDEO)
+        if a.prompt_seed == 0
+        else [s.prompt for ps in PromptSet for s in eval_video_scenes(ps, a.eval_size, seed=a.prompt_seed)]
+    )
     pipe = load_pipeline(a.model)
     root = Path(tempfile.mkdtemp())
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {platform.processor() or platform.machine()}")
     fp = _run(a.model, pipe, None, prompts, steps, None, None)
     fp_result = fp.pop("result")
     record: dict[str, Any] = {"model": a.model, "steps": steps, "eval_prompts": len(prompts), "block": a.block,
-                              "fp": fp, "densities": {}}  # fmt: skip
+                              "groups": a.groups, "prompt_seed": a.prompt_seed, "fp": fp, "densities": {}}  # fmt: skip
     for budget in a.densities:
         t0 = time.perf_counter()
-        search = SparseConfig(density=budget, block=a.block, validate_samples=a.validate_samples)
+        search = SparseConfig(
+            density=budget,
+            block=a.block,
+            validate_samples=a.validate_samples,
+            **({} if a.groups is None else {"groups": a.groups}),
+        )
         bundle = optimize(a.model, OptimizeConfig(out=root / f"sparse-{budget}", steps=steps, calib_size=a.calib_size,
                                                   recipe=search, progress=False, cache_dir=root / "cache",
                                                   call_kwargs=CALL_KWARGS))  # fmt: skip

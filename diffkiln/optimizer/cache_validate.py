@@ -97,6 +97,13 @@ class LatentRun:
             got = self._run()
         return min(sqnr_db(self.reference.numpy(), got.numpy()), _CAP_DB)
 
+    def worst_sqnr_under(self, applied: Callable[[], Any]) -> float:
+        """:func:`worst_sample_sqnr` (dB) of a run inside the context manager ``applied()``
+        returns, against the reference run."""
+        with applied():
+            got = self._run()
+        return worst_sample_sqnr(self.reference, got)
+
     def score(self, schedule: CacheSchedule) -> tuple[float, float]:
         """(:func:`worst_sample_sqnr` of the final latents against the uncached run, in dB; the
         compute fraction counted)."""

@@ -93,16 +93,16 @@ class LatentRun:
     def sqnr_under(self, applied: Callable[[], Any]) -> float:
         """Latent SQNR (dB, pooled over the samples, capped at 200) of a run inside the context
         manager ``applied()`` returns, against the reference run."""
-        with applied():
-            got = self._run()
-        return min(sqnr_db(self.reference.numpy(), got.numpy()), _CAP_DB)
+        return min(sqnr_db(self.reference.numpy(), self._run_under(applied).numpy()), _CAP_DB)
 
     def worst_sqnr_under(self, applied: Callable[[], Any]) -> float:
         """:func:`worst_sample_sqnr` (dB) of a run inside the context manager ``applied()``
         returns, against the reference run."""
+        return worst_sample_sqnr(self.reference, self._run_under(applied))
+
+    def _run_under(self, applied: Callable[[], Any]) -> torch.Tensor:
         with applied():
-            got = self._run()
-        return worst_sample_sqnr(self.reference, got)
+            return self._run()
 
     def score(self, schedule: CacheSchedule) -> tuple[float, float]:
         """(:func:`worst_sample_sqnr` of the final latents against the uncached run, in dB; the

@@ -67,8 +67,8 @@ class SparseConfig:
         windows: the ``local`` family's windows, (frames, rows, columns) gaps in tokens.
         topk: the ``topk`` family's densities.
         validate_samples: calibration inputs each proposal is sampled on (the worst sample's latent
-            SQNR against dense attention, over scales), from initial noise the calibration did not use, and outside the
-            first calibration batch, whose runs the attention statistics recorded, where the
+            SQNR against dense attention, over scales), from initial noise the calibration did not
+            use, and outside the first calibration batch, whose runs the attention statistics recorded, where the
             calibration has enough inputs (:func:`validation_samples`); the best measured proposal
             is kept. 0 keeps the first proposal's masks unvalidated. Default 4.
         block: tokens per mask block; calibration records its statistics at this size. 64 suits the

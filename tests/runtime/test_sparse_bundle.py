@@ -1,5 +1,6 @@
-"""Sparse-attention masks from `optimize` to the runtime: alone (float weights) and with W8A8, on a
-diffusers folder of the shapes-video architecture (1,088 tokens per attention layer)."""
+"""Sparse-attention masks from `optimize` to the runtime: alone (float weights), with W8A8, and with
+W8A8 and a cache schedule in one bundle, on a diffusers folder of the shapes-video architecture
+(1,088 tokens per attention layer)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffkiln.api import OptimizeConfig, SparseConfig, W8A8Config, optimize
+from diffkiln.api import CacheConfig, OptimizeConfig, SparseConfig, W8A8Config, optimize
+from diffkiln.core.cache_schedule import CacheSchedule
 from diffkiln.core.sparse_plan import SparsePlan
 from diffkiln.runtime import load
 from diffkiln.zoo.shapes_video_model import VIDEO_TEXT_LENGTH, assemble_shapes_video
@@ -59,6 +61,33 @@ def test_masks_go_from_the_search_into_the_bundle_and_run(folder: Path, tmp_path
     assert pipe.diffkiln_sparse.density == pytest.approx(plan.density, rel=1e-6)  # measured as it ran
     dense = _latents(load(bundle, "cpu", sparse=False))
     assert not torch.equal(masked, dense) and torch.isfinite(masked).all()
+
+
+def test_masks_and_a_cache_schedule_in_one_w8a8_bundle(folder: Path, tmp_path: Path) -> None:
+    """What ``--recipe w8a8 --attn-density 0.35 --cache-budget 0.6`` builds: both searches in one
+    bundle; a reusing step skips its blocks' attention, and every step that runs a masked layer runs
+    it masked."""
+    config = OptimizeConfig(out=tmp_path / "b", recipe=W8A8Config(), sparse=SparseConfig(density=0.35),
+                            cache=CacheConfig(budget=0.6, validate_samples=2, refine=0), calib_size=2, steps=4,
+                            call_kwargs=KW, progress=False, cache_dir=tmp_path / "c")  # fmt: skip
+    bundle = optimize(str(folder), config)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    plan, schedule = SparsePlan.from_dict(manifest["sparsity"]), CacheSchedule.from_dict(manifest["cache"])
+    assert plan.layers and plan.density <= 0.35 + 1e-9 and not all(schedule.compute)
+    pipe = load(bundle, "cpu")
+    masked = _latents(pipe)
+    assert torch.isfinite(masked).all()
+    cache, sparse = pipe.diffkiln_cache, pipe.diffkiln_sparse
+    # Both count the pipeline's denoiser calls per step (here its two guidance branches).
+    assert cache.evaluated == plan.calls_per_step * schedule.block_evaluations()
+    assert cache.compute_fraction == schedule.compute_fraction
+    reused = schedule.blocks[schedule.start : schedule.end]
+    skipped = sum(any(lm.layer.startswith(f"{b}.") for b in reused) for lm in plan.layers)
+    assert skipped > 0  # a reusing step leaves masked layers out
+    expected = {s: (len(plan.layers) - (0 if c else skipped)) * plan.calls_per_step
+                for s, c in enumerate(schedule.compute)}  # fmt: skip
+    assert sparse.masked_by_step == {s: n for s, n in expected.items() if n}
+    assert sparse.denoiser_calls == len(schedule.compute) * plan.calls_per_step
 
 
 def test_cli_builds_and_inspects_a_sparse_bundle(folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -46,6 +46,10 @@ class AttentionStats:
         mass: per layer, ``(steps, heads, query_blocks, key_blocks)`` mean attention mass.
         drop_error: per layer, the same shape: mean output error of dropping each key block.
         grids: per layer, its token layout (:func:`diffkiln.calibrate.token_grids.find_token_grids`).
+        left_dense: the attention layers calibration saw and did not record: per layer, why
+            (``"short"``: fewer key tokens than two blocks; ``"mask"``: an attention mask;
+            ``"causal"``) and its key tokens; None in statistics cached before it was recorded. What an
+            error names when no layer was recorded.
     """
 
     block: int
@@ -55,12 +59,14 @@ class AttentionStats:
     mass: dict[str, torch.Tensor]
     drop_error: dict[str, torch.Tensor]
     grids: dict[str, dict[str, int]]
+    left_dense: dict[str, tuple[str, int]] | None = None
 
     def to_meta(self) -> dict[str, Any]:
         """JSON-ready metadata (the tensors go into the tensor file: :meth:`tensors`)."""
+        left = None if self.left_dense is None else {n: list(v) for n, v in self.left_dense.items()}
         return {"block": self.block, "steps": self.steps, "calls_per_step": self.calls_per_step,
                 "layers": [[g.name, g.heads, g.q_len, g.kv_len] for g in self.layers],
-                "grids": {g.name: self.grids[g.name] for g in self.layers}}  # fmt: skip
+                "grids": {g.name: self.grids[g.name] for g in self.layers}, "left_dense": left}  # fmt: skip
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The tensors under the names :meth:`from_meta` reads."""
@@ -75,7 +81,8 @@ class AttentionStats:
         return cls(meta["block"], meta["steps"], meta["calls_per_step"], layers,
                    {g.name: tensors[f"attn::mass::{g.name}"] for g in layers},
                    {g.name: tensors[f"attn::drop::{g.name}"] for g in layers},
-                   {g.name: dict(meta["grids"][g.name]) for g in layers})  # fmt: skip
+                   {g.name: dict(meta["grids"][g.name]) for g in layers},
+                   _left_dense(meta.get("left_dense")))  # fmt: skip
 
 
 class AttentionRecorder:
@@ -92,10 +99,15 @@ class AttentionRecorder:
         self.active = True
         self.geometry: dict[str, LayerGeometry] = {}
         self.calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.left_dense: dict[str, tuple[str, int]] = {}
 
     def __call__(self, call: AttentionCall) -> None:
-        if not self.active or call.attn_mask is not None or call.is_causal or call.key.shape[2] < 2 * self.block:
-            return None  # masked and short attention are left dense
+        if not self.active:
+            return None
+        why = self._left_dense_because(call)
+        if why is not None:  # masked and short attention are left dense
+            self.left_dense.setdefault(call.layer, (why, call.key.shape[2]))
+            return None
         geometry = LayerGeometry(call.layer, call.query.shape[1], call.query.shape[2], call.key.shape[2])
         if self.geometry.setdefault(call.layer, geometry) != geometry:
             raise InvalidInputError(
@@ -105,6 +117,13 @@ class AttentionRecorder:
         stats = block_attention_stats(call.query, call.key, call.value, self.block, call.scale)
         self.calls.setdefault(call.layer, []).append(stats)
         return None
+
+    def _left_dense_because(self, call: AttentionCall) -> str | None:
+        if call.attn_mask is not None:
+            return "mask"
+        if call.is_causal:
+            return "causal"
+        return "short" if call.key.shape[2] < 2 * self.block else None
 
     def finish(self, steps: int, grids: dict[str, dict[str, int]]) -> AttentionStats:
         """The statistics over ``steps`` sampler steps, CFG branches averaged, with each recorded
@@ -126,7 +145,12 @@ class AttentionRecorder:
             drop[name] = torch.stack([torch.stack([c[1] for c in calls[t * cps : (t + 1) * cps]]).mean(0)
                                       for t in range(steps)])  # fmt: skip
         layers = tuple(self.geometry.values())
-        return AttentionStats(self.block, steps, cps, layers, mass, drop, {g.name: grids[g.name] for g in layers})
+        return AttentionStats(self.block, steps, cps, layers, mass, drop, {g.name: grids[g.name] for g in layers},
+                              dict(self.left_dense))  # fmt: skip
+
+
+def _left_dense(meta: dict[str, Any] | None) -> dict[str, tuple[str, int]] | None:
+    return None if meta is None else {n: (str(why), int(keys)) for n, (why, keys) in meta.items()}
 
 
 @contextmanager

@@ -130,6 +130,27 @@ def _candidates(stats: AttentionStats, grid: TokenGrid, layer: str, head: int, s
     return out
 
 
+def _nothing_to_mask(stats: AttentionStats) -> str:
+    """Why no attention layer was recorded, and what to change."""
+    if stats.left_dense is None:  # statistics cached before the left-dense layers were recorded
+        return (f"the calibration recorded no attention layer with at least two key blocks of {stats.block} tokens, "
+                "no attention mask and no causal mask; nothing to make sparse")  # fmt: skip
+    if not stats.left_dense:
+        return ("calibration saw no attention call it could intercept (scaled_dot_product_attention inside the "
+                "denoiser); nothing to make sparse")  # fmt: skip
+    why = {"short": f"fewer key tokens than two blocks of {stats.block}", "mask": "an attention mask",
+           "causal": "causal attention"}  # fmt: skip
+    name, (reason, keys) = next(iter(stats.left_dense.items()))
+    text = (f"no attention layer can take block masks: calibration left all {len(stats.left_dense)} dense "
+            f"(e.g. {name}: {why.get(reason, reason)}, {keys} key tokens)")
+    short = [keys for reason, keys in stats.left_dense.values() if reason == "short"]
+    if short:
+        text += (f"; the longest had {max(short)} key tokens: calibrate at the resolution and frame count you "
+                 f"deploy (--call-arg height=H --call-arg width=W ...), or use smaller blocks (--attn-block "
+                 f"{max(short) // 2} or less; the GPU and NPU kernels run blocks of 128)")  # fmt: skip
+    return text
+
+
 def search_masks(
     stats: AttentionStats,
     config: SparseConfig,
@@ -152,7 +173,7 @@ def search_masks(
     """
     grids = stats.grids if grids is None else grids
     if not stats.layers:
-        raise InvalidInputError("the calibration recorded no long attention layer; nothing to make sparse")
+        raise InvalidInputError(_nothing_to_mask(stats))
     missing = [g.name for g in stats.layers if g.name not in grids]
     if missing:
         raise InvalidInputError(f"no token grid for attention layer(s) {missing[:3]}")

@@ -37,6 +37,11 @@ def test_attention_statistics_per_layer_step_and_block(name: str, kwargs: tuple,
     found = find_attention_layers(denoiser, lambda: pipe("a red circle", num_inference_steps=3, output_type="latent",
                                                          **dict(kwargs)))  # fmt: skip
     assert {g.name for g in att.layers} == {x.name for x in found if x.kv_len >= 32 and not x.masked}
+    # The others are listed with why, for the error that names them when none is recorded.
+    assert att.left_dense is not None and set(att.left_dense) == {x.name for x in found} - {g.name for g in att.layers}
+    for x in found:
+        if x.name in att.left_dense:
+            assert att.left_dense[x.name] == ("mask" if x.masked else "short", x.kv_len)
     loaded = calibrate(pipe, config).attention  # from the disk cache
-    assert loaded is not None and loaded.layers == att.layers
+    assert loaded is not None and loaded.layers == att.layers and loaded.left_dense == att.left_dense
     assert all(torch.equal(loaded.mass[g.name], att.mass[g.name]) for g in att.layers)

@@ -3,6 +3,7 @@ and the budget kept."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -76,6 +77,20 @@ def test_plan_section_round_trips_and_is_read_strictly() -> None:
         SparsePlan.from_dict(bad)
     mask = torch.rand(5, 7) < 0.5
     assert torch.equal(unpack_mask(pack_mask(mask), 5, 7), mask)
+
+
+def test_no_maskable_layer_is_refused_naming_the_longest_and_the_fix() -> None:
+    empty = AttentionStats(64, 2, 1, (), {}, {}, {})
+    left = {"blocks.0.attn1": ("short", 96), "blocks.0.attn2": ("short", 32), "blocks.1.attn1": ("mask", 512)}
+    with pytest.raises(InvalidInputError, match=r"left all 3 dense \(e\.g\. blocks\.0\.attn1: fewer key tokens than "
+                       r"two blocks of 64, 96 key tokens\).*longest had 96 key tokens.*--attn-block 48 or less"):
+        search_masks(dataclasses.replace(empty, left_dense=left), SparseConfig(density=0.5))
+    with pytest.raises(InvalidInputError, match="no attention call it could intercept"):
+        search_masks(dataclasses.replace(empty, left_dense={}), SparseConfig(density=0.5))
+    # Statistics cached before the left-dense layers were recorded: the rule, without names.
+    meta = {k: v for k, v in empty.to_meta().items() if k != "left_dense"}
+    with pytest.raises(InvalidInputError, match="at least two key blocks of 64 tokens"):
+        search_masks(AttentionStats.from_meta(meta, {}), SparseConfig(density=0.5))
 
 
 def test_a_search_at_another_block_size_than_calibrated_is_refused() -> None:

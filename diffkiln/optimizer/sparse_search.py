@@ -145,9 +145,12 @@ def _nothing_to_mask(stats: AttentionStats) -> str:
             f"(e.g. {name}: {why.get(reason, reason)}, {keys} key tokens)")
     short = [keys for reason, keys in stats.left_dense.values() if reason == "short"]
     if short:
-        text += (f"; the longest had {max(short)} key tokens: calibrate at the resolution and frame count you "
-                 f"deploy (--call-arg height=H --call-arg width=W ...), or use smaller blocks (--attn-block "
-                 f"{max(short) // 2} or less; the GPU and NPU kernels run blocks of 128)")  # fmt: skip
+        longest = max(short)
+        text += (f"; the longest had {longest} key tokens: calibrate at the resolution and frame count you deploy "
+                 "(--call-arg height=H --call-arg width=W ...)")  # fmt: skip
+        block = 1 << max(0, (longest // 2).bit_length() - 1)  # the largest power of two giving two blocks
+        if 16 <= block < stats.block:
+            text += f", or use smaller blocks (--attn-block {block}; the GPU and NPU kernels run blocks of 128)"
     return text
 
 

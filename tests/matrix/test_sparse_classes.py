@@ -1,6 +1,7 @@
-"""The sparse recipe on diffusers classes whose text sits before (FLUX), after (SD3) or outside
-(PixArt, SD1.5: cross-attention) the latent tokens of their self-attention: masks searched from
-calibration, frozen into the bundle, and run at the planned density."""
+"""Sparse-attention masks on diffusers classes whose text sits before (FLUX), after (SD3) or outside
+(PixArt, SD1.5: cross-attention) the latent tokens of their self-attention: searched from
+calibration, frozen into the bundle, and run at the planned density; on SD1.5 beside a mixed
+4/8-bit recipe."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffkiln.api import OptimizeConfig, SparseConfig, optimize
+from diffkiln.api import MixedConfig, OptimizeConfig, SparseConfig, optimize
 from diffkiln.core.metrics import sqnr_db
 from diffkiln.core.sparse_plan import SparsePlan, unpack_mask
 from diffkiln.runtime import load
@@ -33,9 +34,11 @@ def _latents(pipe: object, kwargs: dict[str, object]) -> torch.Tensor:
     return next(v for v in vars(out).values() if isinstance(v, torch.Tensor))
 
 
-@pytest.mark.parametrize("name", ["tiny-sd15", "tiny-sd3", "tiny-flux", "tiny-pixart"])
-def test_masks_are_searched_frozen_and_run_on_the_class(name: str, tmp_path: Path) -> None:
-    config = OptimizeConfig(out=tmp_path / "b", recipe=SPARSE, calib_size=2, steps=2, progress=False,
+@pytest.mark.parametrize(("name", "mixed"), [("tiny-sd15", True), ("tiny-sd3", False), ("tiny-flux", False),
+                                             ("tiny-pixart", False)])  # fmt: skip
+def test_masks_are_searched_frozen_and_run_on_the_class(name: str, mixed: bool, tmp_path: Path) -> None:
+    recipe = {"recipe": MixedConfig(avg_weight_bits=6), "sparse": SPARSE} if mixed else {"recipe": SPARSE}
+    config = OptimizeConfig(out=tmp_path / "b", **recipe, calib_size=2, steps=2, progress=False,  # type: ignore[arg-type]
                             call_kwargs=tuple(BUILTIN[name].items()), cache_dir=tmp_path / "c")  # fmt: skip
     bundle = optimize(name, config)
     plan = SparsePlan.from_dict(json.loads((bundle / "manifest.json").read_text())["sparsity"])
@@ -51,6 +54,8 @@ def test_masks_are_searched_frozen_and_run_on_the_class(name: str, tmp_path: Pat
                 mask = unpack_mask(packed, -(-lm.q_len // b), kv_blocks)
                 assert mask[:, text].all(), (lm.layer, text)
     pipe = load(bundle, "cpu")
+    if mixed:  # the masks ride on a bundle whose layers run at 2, 4 and 8 bits
+        assert len({lp["weight"]["bits"] for lp in pipe.diffkiln_manifest["plan"]["layers"] if lp["weight"]}) > 1
     masked = _latents(pipe, BUILTIN[name])
     assert pipe.diffkiln_sparse.density == pytest.approx(plan.density, rel=1e-6)  # measured as it ran
     dense = _latents(load(bundle, "cpu", sparse=False), BUILTIN[name])

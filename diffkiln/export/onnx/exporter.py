@@ -116,6 +116,9 @@ def _export_program(
         "opset_version": opset,
         "custom_translation_table": TRANSLATIONS,
         "verbose": False,
+        # finish_model optimizes the graph (GraphOptimizePass: the exporter's optimizer, minus its
+        # rules whose matching is quadratic in the graph's size).
+        "optimize": False,
     }
     module = component.module.eval()
 

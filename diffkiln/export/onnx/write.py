@@ -40,13 +40,20 @@ def finish_model(program: Any, sub_byte: set[str], opset: int, float16: bool = T
         ClearValueMetadataPass,
         DropShapeInfoPass,
         Float16InitializersPass,
+        GraphOptimizePass,
         NoopSqueezePass,
         ShortNodeNamesPass,
         StripNamePrefixPass,
         SubByteInitializersPass,
     )
 
-    passes: list[ir.passes.PassBase] = [ClearMetadataAndDocStringPass(), ClearValueMetadataPass(), NoopSqueezePass()]
+    # The exporter leaves the graph unoptimized (``optimize=False``): GraphOptimizePass runs its optimizer.
+    passes: list[ir.passes.PassBase] = [
+        GraphOptimizePass(),
+        ClearMetadataAndDocStringPass(),
+        ClearValueMetadataPass(),
+        NoopSqueezePass(),
+    ]
     if sub_byte and opset >= 21:
         passes.append(SubByteInitializersPass(sub_byte))
     if prefix:

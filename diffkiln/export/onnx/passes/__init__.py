@@ -4,6 +4,7 @@ contract (``onnx_ir.passes.InPlacePass``)."""
 from diffkiln.export.onnx.passes.clear_value_metadata import ClearValueMetadataPass
 from diffkiln.export.onnx.passes.drop_shape_info import DropShapeInfoPass
 from diffkiln.export.onnx.passes.float16_initializers import Float16InitializersPass
+from diffkiln.export.onnx.passes.graph_optimize import GraphOptimizePass
 from diffkiln.export.onnx.passes.noop_squeeze import NoopSqueezePass
 from diffkiln.export.onnx.passes.short_node_names import ShortNodeNamesPass
 from diffkiln.export.onnx.passes.strip_name_prefix import StripNamePrefixPass
@@ -13,6 +14,7 @@ __all__ = [
     "ClearValueMetadataPass",
     "DropShapeInfoPass",
     "Float16InitializersPass",
+    "GraphOptimizePass",
     "NoopSqueezePass",
     "ShortNodeNamesPass",
     "StripNamePrefixPass",

@@ -231,12 +231,20 @@ def optimize(target: str | os.PathLike[str], config: OptimizeConfig) -> Path:
     rank, world = _join_process_group()
     prep = prepare(target, config)  # under torchrun the ranks share the calibration's batches
     t0 = time.perf_counter()
-    plan = make_plan(prep.pipe, prep.stats, config.resolved_recipe(), prep.context(config))
+    context = prep.context(config)
+    schedule = None
     if config.cache is not None:
+        # The schedule does not depend on the recipe's plan; searched first, masks (of the sparse
+        # recipe or --attn-density) are validated under it (sparse_search).
         cache = for_target(config.cache, config.deploy_target)
-        plan = dataclasses.replace(plan, cache=search_cache(prep.pipe, prep.stats, cache, prep.context(config)))
+        schedule = search_cache(prep.pipe, prep.stats, cache, context)
+        context = dataclasses.replace(context, cache_schedule=schedule)
+    plan = make_plan(prep.pipe, prep.stats, config.resolved_recipe(), context)
+    if schedule is not None:
+        plan = dataclasses.replace(plan, cache=schedule)
     if config.sparse is not None:
-        plan = dataclasses.replace(plan, sparse=search_sparse(prep.pipe, prep.stats, config.sparse, config.progress))
+        masks = search_sparse(prep.pipe, prep.stats, config.sparse, config.progress, plan.cache)
+        plan = dataclasses.replace(plan, sparse=masks)
     metrics = {
         **prep.metrics,
         "deploy_target": config.deploy_target,

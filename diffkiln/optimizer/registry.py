@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from diffkiln.calibrate.stats import CalibrationStats
+from diffkiln.core.cache_schedule import CacheSchedule
 from diffkiln.core.configs import config_from_options
 from diffkiln.core.errors import InvalidInputError
 from diffkiln.core.plan import Plan
@@ -43,6 +44,8 @@ class SearchContext:
             Default None (no workers).
         inputs: a bare module's calibration calls (``diffkiln.calibrate.ModuleInputs``), for
             searches that measure the module's outputs. Default None.
+        cache_schedule: the build's cache schedule, searched before the recipe, for searches that
+            sample under it (the sparse recipe's mask validation). Default None (no cache).
     """
 
     source_id: str = ""
@@ -50,6 +53,7 @@ class SearchContext:
     progress: bool = True
     reload: Callable[[], Any] | None = None
     inputs: Any = None
+    cache_schedule: CacheSchedule | None = None
 
 
 RecipeFn = Callable[[Any, CalibrationStats, Any, SearchContext], Plan]

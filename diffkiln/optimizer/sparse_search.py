@@ -19,7 +19,9 @@ budget, from calibrated drop errors.
    are each sampled on calibration inputs outside the batch the attention statistics came from
    (where the calibration has enough), from initial noise the calibration did not use, and scored
    by the worst sample's SQNR over scales (:func:`diffkiln.optimizer.cache_validate.worst_sample_sqnr`:
-   a pooled SQNR misses a colour drift in a few samples); the best scored is kept.
+   a pooled SQNR misses a colour drift in a few samples); the best scored is kept. With a cache
+   schedule in the same build, the proposals are sampled under that schedule too, against the
+   dense, uncached run: the masks kept are those that lose least where blocks really compute.
 
 The density is over the attention calls of the recorded layers (long, unmasked attention); short
 attention (e.g. cross-attention to the text) is not counted and runs dense.
@@ -27,10 +29,12 @@ attention (e.g. cross-attention to the text) is not counted and runs dense.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +44,7 @@ from tqdm.auto import tqdm
 from diffkiln.calibrate.attention_stats import AttentionStats
 from diffkiln.calibrate.sources import source_from_description
 from diffkiln.calibrate.stats import CalibrationStats
+from diffkiln.core.cache_schedule import CacheSchedule
 from diffkiln.core.configs import config_to_dict
 from diffkiln.core.distributed import sharded_map
 from diffkiln.core.errors import InvalidInputError
@@ -245,18 +250,19 @@ def _proposals(config: SparseConfig) -> list[tuple[str, SparseConfig]]:
     ]
 
 
-def search_sparse(model: Any, stats: CalibrationStats, config: SparseConfig, progress: bool = False) -> SparsePlan:
+def search_sparse(model: Any, stats: CalibrationStats, config: SparseConfig, progress: bool = False,
+                  schedule: CacheSchedule | None = None) -> SparsePlan:  # fmt: skip
     """Masks for ``model``: the knapsack's answer for each proposal (:func:`_proposals`) and, when
     validating, for the full family set with its errors weighted by step (:func:`_step_weighted`)
     at ``config.groups`` and one more step group, each sampled on ``config.validate_samples``
     calibration inputs (:func:`validation_samples`) from fresh noise (the worst sample's latent
     SQNR against dense attention, over scales); the best scored is kept (without validation, the
-    first proposal's). ``progress`` shows bars over the samplings.
+    first proposal's). ``progress`` shows bars over the samplings. ``schedule``: the build's cache
+    schedule, under which the proposals are validated (the reference stays dense and uncached).
 
     Raises:
         InvalidInputError: no attention statistics, or no proposal reaches the budget.
     """
-    from diffkiln.nn.sparse_attention import sparse_plan_applied
     from diffkiln.optimizer.cache_validate import LatentRun
 
     if stats.attention is None:
@@ -304,10 +310,9 @@ def search_sparse(model: Any, stats: CalibrationStats, config: SparseConfig, pro
         bar = functools.partial(tqdm, desc="sparse search: validating masks", unit="mask set", disable=not progress)
 
         def validate(candidate: tuple[str, SparsePlan]) -> float:
-            def applied(masks: SparsePlan = candidate[1]) -> Any:
-                return sparse_plan_applied(measure.denoiser, masks)
-
-            return measure.worst_sqnr_under(applied)
+            # Under the build's cache schedule, if any: the masks that lose least where blocks
+            # really compute, against the dense, uncached run.
+            return measure.worst_sqnr_under(functools.partial(_masks_applied, measure, candidate[1], schedule))
 
         # Each rank validates its share of the proposals (one process: all of them).
         scores = sharded_map(validate, plans, bar)
@@ -318,6 +323,7 @@ def search_sparse(model: Any, stats: CalibrationStats, config: SparseConfig, pro
     search = {**best[1].search, "proposal": best[0], "validated": rows, "validation_samples": window,
               "metric": "the worst sample's SQNR (dB) of the final latents against dense attention, averaged "
                         "over scales (cache_validate.worst_sample_sqnr)",
+              "under_cache_schedule": None if schedule is None else schedule.pattern,
               "seconds": round(time.perf_counter() - t0, 2)}  # fmt: skip
     return dataclasses.replace(best[1], search=search)
 
@@ -338,16 +344,31 @@ def validation_samples(stats: CalibrationStats, samples: int) -> dict[str, int]:
     return {"first": first, "samples": count, "unseen": max(0, first + count - batch)}
 
 
+@contextlib.contextmanager
+def _masks_applied(measure: Any, masks: SparsePlan, schedule: CacheSchedule | None = None) -> Iterator[None]:
+    """``masks`` on ``measure``'s denoiser, under ``schedule`` where one is given (the cache's hooks
+    outside the masks', in the order the runtime applies them)."""
+    from diffkiln.nn.cache import cache_schedule_applied
+    from diffkiln.nn.sparse_attention import sparse_plan_applied
+
+    with contextlib.ExitStack() as stack:
+        if schedule is not None:
+            scheduler = getattr(measure.pipe, "scheduler", None)
+            stack.enter_context(cache_schedule_applied(measure.denoiser, schedule, scheduler))
+        stack.enter_context(sparse_plan_applied(measure.denoiser, masks))
+        yield
+
+
 def _step_weighted(measure: Any, attention: AttentionStats, config: SparseConfig, base: SparsePlan,
                    progress: bool) -> SparsePlan:  # fmt: skip
     """``config``'s masks solved again with each step's errors weighted by what its step group's
-    masks in ``base`` cost the final latents (:mod:`diffkiln.optimizer.sparse_step_weights`)."""
-    from diffkiln.nn.sparse_attention import sparse_plan_applied
-
+    masks in ``base`` cost the final latents (:mod:`diffkiln.optimizer.sparse_step_weights`). Each
+    group is sampled without a cache schedule: a schedule's own error would set a floor under every
+    group's SQNR and flatten the weights."""
     bar = functools.partial(tqdm, desc="sparse search: weighing step groups", unit="group", disable=not progress)
 
     def group_sqnr(group: int) -> float:
-        return float(measure.sqnr_under(lambda: sparse_plan_applied(measure.denoiser, only_group(base, group))))
+        return float(measure.sqnr_under(functools.partial(_masks_applied, measure, only_group(base, group))))
 
     # Each rank samples its share of the groups (one process: all of them).
     measured = sharded_map(group_sqnr, list(range(len(base.group_starts))), bar)
@@ -369,7 +390,7 @@ def plan_sparse(model: Any, stats: CalibrationStats, config: SparseConfig, conte
         layers=float_layer_plans(model, stats, "the sparse recipe keeps float weights"),
         notes={"recipe_config": config_to_dict(config), "calibration": stats.settings},
         denoiser=stats.denoiser,
-        sparse=search_sparse(model, stats, config, context.progress),
+        sparse=search_sparse(model, stats, config, context.progress, context.cache_schedule),
     )
 
 

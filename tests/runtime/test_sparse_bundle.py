@@ -74,6 +74,7 @@ def test_masks_and_a_cache_schedule_in_one_w8a8_bundle(folder: Path, tmp_path: P
     manifest = json.loads((bundle / "manifest.json").read_text())
     plan, schedule = SparsePlan.from_dict(manifest["sparsity"]), CacheSchedule.from_dict(manifest["cache"])
     assert plan.layers and plan.density <= 0.35 + 1e-9 and not all(schedule.compute)
+    assert plan.search["under_cache_schedule"] == schedule.pattern  # the masks were validated under it
     pipe = load(bundle, "cpu")
     masked = _latents(pipe)
     assert torch.isfinite(masked).all()

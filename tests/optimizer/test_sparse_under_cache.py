@@ -1,0 +1,81 @@
+"""The mask search beside a cache schedule: its proposals are validated under the schedule, against
+the dense, uncached run, and the sparse recipe receives the schedule searched before it. On a
+random-weight folder of the shapes-video architecture (1,088 tokens per attention layer)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffkiln.api import CacheConfig, OptimizeConfig, SparseConfig, optimize, prepare
+from diffkiln.core.cache_schedule import CacheSchedule
+from diffkiln.nn.cache import cache_schedule_applied
+from diffkiln.nn.sparse_attention import sparse_plan_applied
+from diffkiln.optimizer import search_cache, search_sparse
+from diffkiln.optimizer.cache_validate import LatentRun, worst_sample_sqnr
+from diffkiln.optimizer.workload import output_tensor
+from diffkiln.zoo.shapes_video_model import VIDEO_TEXT_LENGTH, assemble_shapes_video
+
+KW = (("height", 64), ("width", 64), ("num_frames", 16), ("max_sequence_length", VIDEO_TEXT_LENGTH))
+SPARSE = SparseConfig(density=0.5, validate_samples=2)
+CACHE = CacheConfig(budget=0.6, validate_samples=2, refine=0)
+
+
+@pytest.fixture(scope="module")
+def calibration(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One calibration cache for both tests (the same folder and settings)."""
+    return tmp_path_factory.mktemp("calibration")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("video") / "pipe"
+    assemble_shapes_video(path.parent / "scratch").save_pretrained(path)
+    return path
+
+
+def _config(out: Path, cache_dir: Path) -> OptimizeConfig:
+    return OptimizeConfig(out=out, recipe=SPARSE, cache=CACHE, calib_size=2, steps=4, call_kwargs=KW,
+                          progress=False, cache_dir=cache_dir)  # fmt: skip
+
+
+def test_each_proposal_is_scored_under_the_schedule_against_the_dense_uncached_run(
+    folder: Path, calibration: Path, tmp_path: Path
+) -> None:
+    config = _config(tmp_path / "b", calibration)
+    prep = prepare(str(folder), config)
+    schedule = search_cache(prep.pipe, prep.stats, CACHE, prep.context(config))
+    assert not all(schedule.compute)
+    plain = search_sparse(prep.pipe, prep.stats, SPARSE)
+    under = search_sparse(prep.pipe, prep.stats, SPARSE, schedule=schedule)
+    assert plain.search["under_cache_schedule"] is None
+    assert under.search["under_cache_schedule"] == schedule.pattern
+    # The same proposals (the knapsack and the step weights do not see the schedule) ...
+    rows = {r["proposal"]: r for r in plain.search["validated"]}
+    rows_under = {r["proposal"]: r for r in under.search["validated"]}
+    assert {k: r["density"] for k, r in rows.items()} == {k: r["density"] for k, r in rows_under.items()}
+    # ... scored with the schedule's reuse in the run: every score moves.
+    assert all(rows_under[k]["sqnr_db"] != rows[k]["sqnr_db"] for k in rows)
+    # The kept masks' score, measured again through the runtime's hooks: masks inside the cache
+    # schedule's hooks, against a run with neither.
+    window = under.search["validation_samples"]
+    measure = LatentRun(prep.pipe, prep.stats, window["samples"], fresh_noise=True, first=window["first"])
+    with cache_schedule_applied(measure.denoiser, schedule, prep.pipe.scheduler), \
+            sparse_plan_applied(measure.denoiser, under), torch.no_grad():  # fmt: skip
+        got = output_tensor(measure.sampling.run(prep.pipe))
+    score = worst_sample_sqnr(measure.reference, got)
+    assert score == pytest.approx(rows_under[under.search["proposal"]]["sqnr_db"], abs=1e-3)
+
+
+def test_the_sparse_recipe_is_validated_under_the_cache_searched_before_it(
+    folder: Path, calibration: Path, tmp_path: Path
+) -> None:
+    bundle = optimize(str(folder), _config(tmp_path / "b", calibration))
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    schedule = CacheSchedule.from_dict(manifest["cache"])
+    assert manifest["plan"]["recipe"] == "sparse" and not all(schedule.compute)
+    assert manifest["sparsity"]["search"]["under_cache_schedule"] == schedule.pattern

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 
 import pytest
 import torch
@@ -14,7 +15,13 @@ from diffkiln.core.metrics import sqnr_db
 from diffkiln.generation import load_pipeline
 from diffkiln.nn.cache import cache_schedule_applied
 from diffkiln.optimizer import CacheConfig, SearchContext, search_cache
-from diffkiln.optimizer.cache_search import dp_schedule, full_steps_allowed, leading_computed, uniform_schedule
+from diffkiln.optimizer.cache_search import (
+    LOW_SCORE_DB,
+    dp_schedule,
+    full_steps_allowed,
+    leading_computed,
+    uniform_schedule,
+)
 from diffkiln.optimizer.cache_validate import longest_reuse, worst_sample_sqnr
 from tests.runtime_e2e_helpers import CACHE, PROMPTS
 
@@ -99,11 +106,26 @@ def dit() -> tuple[object, object]:
     return pipe, stats
 
 
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "diffkiln.optimizer.cache_search" and r.levelno == logging.WARNING]  # fmt: skip
+
+
 @pytest.mark.parametrize("budget", [0.35, 0.5, 0.7])
-def test_search_keeps_the_best_measured_schedule_within_budget(dit, budget: float) -> None:
+def test_search_keeps_the_best_measured_schedule_within_budget(
+    dit, budget: float, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     pipe, stats = dit
-    schedule = search_cache(pipe, stats, CacheConfig(budget=budget, validate_samples=2),
-                            SearchContext(progress=False))  # fmt: skip
+    monkeypatch.setattr(logging.getLogger("diffkiln"), "propagate", True)  # the CLI's tests turn it off
+    with caplog.at_level(logging.WARNING):
+        schedule = search_cache(pipe, stats, CacheConfig(budget=budget, validate_samples=2),
+                                SearchContext(progress=False))  # fmt: skip
+    # A kept schedule that loses most of the final latents is said, with what to do.
+    low = schedule.search["score"] < LOW_SCORE_DB
+    assert low == (budget < 0.5), schedule.search["score"]  # measured at 10 steps: 4.7, 16.6 and 26.2 dB
+    assert len(_warnings(caplog)) == int(low)
+    if low:
+        assert f"budget of {budget:g} keeps only" in _warnings(caplog)[0] and "--cache-budget" in _warnings(caplog)[0]
     assert schedule.compute_fraction <= budget + 1e-9 and schedule.steps == 10
     rows = schedule.search["validated"]
     assert any(r["schedule"] == "whole uniform interval" for r in rows)

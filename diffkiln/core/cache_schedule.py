@@ -122,6 +122,15 @@ class CacheSchedule:
         """The decisions as one letter per step: ``C`` computes, ``r`` reuses (``"CrCrr..."``)."""
         return "".join("C" if c else "r" for c in self.compute)
 
+    def runs_at(self, module: str) -> tuple[bool, ...]:
+        """Per step, whether the denoiser's submodule ``module`` (a qualified name) runs under the
+        schedule: every step computes it; a reusing step runs nothing under ``whole`` and, otherwise,
+        what lies outside the reused blocks."""
+        if self.mechanism is CacheMechanism.WHOLE:
+            return self.compute
+        inside = any(module == b or module.startswith(f"{b}.") for b in self.blocks[self.start : self.end])
+        return tuple(c or not inside for c in self.compute)
+
     def block_evaluations(self) -> int:
         """Block evaluations per branch over all steps, as planned."""
         n = len(self.blocks)

@@ -8,7 +8,9 @@ budget, from calibrated drop errors.
    (kept token pairs x head width x calls). Its error is the calibrated error of dropping its
    blocks, summed over the dropped blocks of each query block (dropping blocks one at a time adds
    up; this is the additive approximation the search optimizes), averaged over query blocks and
-   summed over the group's steps.
+   summed over the group's steps. With a cache schedule in the build, only the steps where the
+   layer runs count (a reusing step skips the attention inside its reused blocks): the budget is
+   spent where attention runs, and the planned density is the one the runtime measures.
 3. **Allocation.** One candidate per (layer, step group, head), the total cost at most ``density``
    times dense, the total error least: a multiple-choice knapsack, solved by the greedy on its
    linear relaxation (:mod:`diffkiln.optimizer.choice_knapsack`), which also bounds how far from
@@ -107,7 +109,10 @@ class _Candidate:
 
 
 def _candidates(stats: AttentionStats, grid: TokenGrid, layer: str, head: int, steps: range,
-                config: SparseConfig, call_cost: float, step_weights: torch.Tensor) -> list[_Candidate]:  # fmt: skip
+                config: SparseConfig, call_cost: float, step_weights: torch.Tensor,
+                runs: torch.Tensor) -> list[_Candidate]:  # fmt: skip
+    """The unit's candidate masks, each with its cost (kept FLOPs over the steps where the layer runs,
+    ``runs``) and its calibrated error over those steps, weighted by ``step_weights``."""
     geometry = next(g for g in stats.layers if g.name == layer)
     block = stats.block
     masks: dict[str, torch.Tensor] = {"dense": family_mask(grid, block, MaskFamily.DENSE)}
@@ -119,7 +124,9 @@ def _candidates(stats: AttentionStats, grid: TokenGrid, layer: str, head: int, s
     for d in config.topk:
         masks[f"topk({d})"] = topk_mask(mean_mass, grid, block, d)
     drop = stats.drop_error[layer][steps.start : steps.stop, head]  # (group steps, qb, kb)
-    drop = drop * step_weights[steps.start : steps.stop, None, None].to(drop.dtype)
+    weights = step_weights[steps.start : steps.stop] * runs[steps.start : steps.stop]
+    drop = drop * weights[:, None, None].to(drop.dtype)
+    run_steps = float(runs[steps.start : steps.stop].sum())
     out, seen = [], set()
     for label, mask in masks.items():
         key = pack_mask(mask)
@@ -131,7 +138,7 @@ def _candidates(stats: AttentionStats, grid: TokenGrid, layer: str, head: int, s
             continue  # it drops all of some query's mass
         error = float(torch.where(~mask, drop, torch.zeros_like(drop)).sum(-1).mean(-1).sum())
         density = BlockLayout.from_mask(mask[None], geometry.q_len, geometry.kv_len, block).density
-        out.append(_Candidate(label, mask, density * call_cost * len(steps), error))
+        out.append(_Candidate(label, mask, density * call_cost * run_steps, error))
     return out
 
 
@@ -164,6 +171,7 @@ def search_masks(
     config: SparseConfig,
     grids: dict[str, dict[str, int]] | None = None,
     step_weights: torch.Tensor | None = None,
+    schedule: CacheSchedule | None = None,
 ) -> SparsePlan:
     """Masks of small calibrated error within the density budget (see the module docstring).
 
@@ -174,10 +182,15 @@ def search_masks(
         step_weights: ``(steps,)`` factors on each step's calibrated errors (how much an attention
             error at that step moves the final latents:
             :func:`diffkiln.optimizer.sparse_step_weights.step_weights`); None: all 1.
+        schedule: the build's cache schedule: a layer's calls on the steps where it does not run
+            (inside the blocks a reusing step skips) count neither in the budget nor in the error, so
+            the budget is spent where attention runs and the density is the one the runtime
+            measures; None: every step runs every layer.
 
     Raises:
         InvalidInputError: no recorded layer, a layer without a grid, a budget below what the
-            sparsest candidates reach, or step weights of another length than the steps.
+            sparsest candidates reach, or step weights or a schedule of another length than the
+            steps.
     """
     grids = stats.grids if grids is None else grids
     if not stats.layers:
@@ -188,6 +201,9 @@ def search_masks(
     weights = torch.ones(stats.steps) if step_weights is None else step_weights.double()
     if tuple(weights.shape) != (stats.steps,):
         raise InvalidInputError(f"step weights must be one per step ({stats.steps}), got shape {tuple(weights.shape)}")
+    if schedule is not None and schedule.steps != stats.steps:
+        raise InvalidInputError(f"the cache schedule has {schedule.steps} steps and the attention statistics "
+                                f"{stats.steps}; search both from one calibration")  # fmt: skip
     size = math.ceil(stats.steps / config.groups)
     starts = tuple(range(0, stats.steps, size))
     units: dict[tuple[str, int, int], list[_Candidate]] = {}
@@ -197,11 +213,12 @@ def search_masks(
         if grid.tokens != g.q_len or g.q_len != g.kv_len:
             continue  # masks are for self-attention over the layer's own token grid
         call_cost = float(g.q_len * g.kv_len * stats.calls_per_step)
+        runs = torch.tensor(schedule.runs_at(g.name) if schedule is not None else (True,) * stats.steps).double()
         for gi, s in enumerate(starts):
             steps = range(s, min(s + size, stats.steps))
             for h in range(g.heads):
-                units[(g.name, gi, h)] = _candidates(stats, grid, g.name, h, steps, config, call_cost, weights)
-                total += call_cost * len(steps)
+                units[(g.name, gi, h)] = _candidates(stats, grid, g.name, h, steps, config, call_cost, weights, runs)
+                total += call_cost * float(runs[steps.start : steps.stop].sum())
     if not units:
         raise InvalidInputError("no recorded attention layer attends over its own token grid; nothing to make sparse")
     keys = list(units)
@@ -278,7 +295,7 @@ def search_sparse(model: Any, stats: CalibrationStats, config: SparseConfig, pro
 
     def solve(candidate: tuple[str, SparseConfig]) -> SparsePlan | None:
         try:
-            return search_masks(attention, candidate[1])
+            return search_masks(attention, candidate[1], schedule=schedule)
         except InvalidInputError:
             return None  # this family subset cannot reach the budget
 
@@ -287,7 +304,7 @@ def search_sparse(model: Any, stats: CalibrationStats, config: SparseConfig, pro
     solved = sharded_map(solve, proposals)
     plans = [(label, plan) for (label, _), plan in zip(proposals, solved, strict=True) if plan is not None]
     if not plans:
-        search_masks(stats.attention, config)  # raises with the least reachable density
+        search_masks(stats.attention, config, schedule=schedule)  # raises with the least reachable density
     rows: list[dict[str, Any]] = []
     window: dict[str, int] = {}
     best = plans[0]
@@ -298,7 +315,8 @@ def search_sparse(model: Any, stats: CalibrationStats, config: SparseConfig, pro
         window = validation_samples(stats, config.validate_samples)
         measure = LatentRun(model, stats, config.validate_samples, fresh_noise=True, first=window["first"])
         if plans[0][0] == _proposals(config)[0][0]:  # weigh the full family set's answer when it fits the budget
-            plans.append(("errors weighted by step", _step_weighted(measure, attention, config, plans[0][1], progress)))
+            plans.append(("errors weighted by step", _step_weighted(measure, attention, config, plans[0][1], progress,
+                                                                    schedule)))  # fmt: skip
             # Where the group boundaries fall against the few first steps that carry most of the
             # final error moves the weighted answer by a dB or more; a second count lets the
             # validation choose (docs/sparse-attention.md).
@@ -306,7 +324,7 @@ def search_sparse(model: Any, stats: CalibrationStats, config: SparseConfig, pro
             base = solve(("", more))
             if base is not None:
                 label = f"errors weighted by step, {more.groups} step groups"
-                plans.append((label, _step_weighted(measure, attention, more, base, progress)))
+                plans.append((label, _step_weighted(measure, attention, more, base, progress, schedule)))
         bar = functools.partial(tqdm, desc="sparse search: validating masks", unit="mask set", disable=not progress)
 
         def validate(candidate: tuple[str, SparsePlan]) -> float:
@@ -360,7 +378,7 @@ def _masks_applied(measure: Any, masks: SparsePlan, schedule: CacheSchedule | No
 
 
 def _step_weighted(measure: Any, attention: AttentionStats, config: SparseConfig, base: SparsePlan,
-                   progress: bool) -> SparsePlan:  # fmt: skip
+                   progress: bool, schedule: CacheSchedule | None = None) -> SparsePlan:  # fmt: skip
     """``config``'s masks solved again with each step's errors weighted by what its step group's
     masks in ``base`` cost the final latents (:mod:`diffkiln.optimizer.sparse_step_weights`). Each
     group is sampled without a cache schedule: a schedule's own error would set a floor under every
@@ -373,7 +391,7 @@ def _step_weighted(measure: Any, attention: AttentionStats, config: SparseConfig
     # Each rank samples its share of the groups (one process: all of them).
     measured = sharded_map(group_sqnr, list(range(len(base.group_starts))), bar)
     weights = measured_step_weights(base, measured)
-    plan = search_masks(attention, config, step_weights=weights)  # the same costs as base's: it fits
+    plan = search_masks(attention, config, step_weights=weights, schedule=schedule)  # base's costs: it fits
     search = {**plan.search, "group_sqnr_db": [round(x, 3) for x in measured],
               "step_weights": [round(float(w), 4) for w in weights]}  # fmt: skip
     return dataclasses.replace(plan, search=search)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from diffkiln.calibrate.attention_stats import AttentionStats, LayerGeometry
+from diffkiln.core.cache_schedule import CacheMechanism, CacheSchedule
 from diffkiln.core.errors import InvalidInputError
 from diffkiln.core.sparse_plan import SparsePlan, SparsePlanError, pack_mask, unpack_mask
 from diffkiln.kernels.sparse_attention import BlockLayout
@@ -47,6 +48,38 @@ def test_search_keeps_the_budget_and_the_blocks_that_matter(density: float) -> N
             near, sink = lm.mask(g, 0, 16), lm.mask(g, 1, 16)
             assert bool(near.diagonal().all()) and bool(sink[:, 0].all()) and bool(sink.diagonal().all())
     assert plan.search["planned_error"] >= 0
+
+
+def _density_as_run(plan: SparsePlan, schedule: CacheSchedule) -> float:
+    """Kept over dense attention FLOPs over the calls that run under ``schedule`` (what the runtime
+    counts), from the plan's masks."""
+    kept = dense = 0.0
+    for lm in plan.layers:
+        runs = schedule.runs_at(lm.layer)
+        for gi, start in enumerate(plan.group_starts):
+            end = plan.group_starts[gi + 1] if gi + 1 < len(plan.group_starts) else plan.steps
+            calls = sum(runs[start:end]) * lm.q_len * lm.kv_len
+            for mask in lm.masks[gi]:
+                m = unpack_mask(mask, -(-lm.q_len // plan.block), -(-lm.kv_len // plan.block))
+                kept += BlockLayout.from_mask(m[None], lm.q_len, lm.kv_len, plan.block).density * calls
+                dense += calls
+    return kept / dense
+
+
+def test_under_a_cache_schedule_the_budget_goes_where_attention_runs() -> None:
+    """blocks.1 is reused on steps 2 and 3: its masks there never run, so they count neither in the
+    budget nor in the error, and the density as the runtime counts it is the plan's (without the
+    schedule, the plan counts calls that never run)."""
+    stats, config = _stats(), SparseConfig(density=0.4, groups=2)
+    schedule = CacheSchedule(CacheMechanism.DEEP, ("blocks.0", "blocks.1"), 1, 2, (True, True, False, False))
+    assert schedule.runs_at("blocks.1.attn") == (True, True, False, False)
+    assert schedule.runs_at("blocks.0.attn") == (True,) * 4 and schedule.runs_at("blocks.10.attn") == (True,) * 4
+    plain = search_masks(stats, config)
+    under = search_masks(stats, config, schedule=schedule)
+    assert under.density == pytest.approx(_density_as_run(under, schedule)) and under.density <= 0.4 + 1e-9
+    assert plain.density != pytest.approx(_density_as_run(plain, schedule))  # counted over every step
+    with pytest.raises(InvalidInputError, match="the cache schedule has 3 steps and the attention statistics 4"):
+        search_masks(stats, config, schedule=CacheSchedule(CacheMechanism.WHOLE, ("blocks.0",), 0, 1, (True,) * 3))
 
 
 def test_a_budget_below_the_sparsest_candidates_is_refused() -> None:

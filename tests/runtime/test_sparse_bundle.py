@@ -89,6 +89,8 @@ def test_masks_and_a_cache_schedule_in_one_w8a8_bundle(folder: Path, tmp_path: P
                 for s, c in enumerate(schedule.compute)}  # fmt: skip
     assert sparse.masked_by_step == {s: n for s, n in expected.items() if n}
     assert sparse.denoiser_calls == len(schedule.compute) * plan.calls_per_step
+    # The budget counts the attention that runs: the density measured as it ran is the plan's.
+    assert sparse.density == pytest.approx(plan.density, rel=1e-6)
 
 
 def test_cli_builds_and_inspects_a_sparse_bundle(folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

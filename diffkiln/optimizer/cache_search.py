@@ -44,10 +44,9 @@ from diffkiln.optimizer.registry import SearchContext, register_recipe
 log = logging.getLogger(__name__)
 
 LOW_SCORE_DB = 14.0
-"""A kept schedule scoring below this is reported as likely to change content. Measured: schedules
-that kept judged content scored 14 dB and more (shapes-dit at 20 steps and a budget of 0.35: 14 to
-17 dB; shapes-video at 20 steps and 0.6: 28 dB); schedules that lost it, 0.6 dB (shapes-video, 8
-steps, 0.6), 4.8 dB (shapes-dit, 10 steps, 0.35) and 13.0 dB (shapes-dit, 10 steps, 0.5)."""
+"""A kept schedule scoring below this is reported as likely to change content: on the shapes models
+the schedules that kept judged content scored at or above it, those that lost it below (the judged
+table is in docs/cache.md)."""
 
 __all__ = [
     "CacheConfig",

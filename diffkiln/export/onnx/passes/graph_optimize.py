@@ -5,10 +5,8 @@ torch.onnx's exporter runs ``onnxscript.optimizer.optimize_ir`` (constant foldin
 rewrite rules, cleanup) and then ``onnxscript.rewriter.onnx_fusions.fuse``. For a pattern with more
 than one output node (``SlicesSplit``: two ``Slice`` nodes of one tensor into one ``Split``),
 onnxscript's matcher lists every node of the graph for each candidate node, so that one rule costs
-time quadratic in the graph's size: about a fifth of the time of a dynamic-axes export of the test
-matrix's tiny video UNets went to it. On the exports of the test matrix it rewrote nothing: the graph
-is the same with and without it, which tests/export/test_graph_optimize.py checks against the full
-optimizer.
+time quadratic in the graph's size. On the exports compared in docs/onnx-export.md it rewrote
+nothing; tests/export/test_graph_optimize.py checks this pass against the full optimizer.
 
 The rule list is onnxscript's own default set, read from the installed package. Where that package
 no longer exposes it, the pass runs the full optimizer (slower, same result).

@@ -13,6 +13,7 @@ import torch
 from diffkiln.calibrate import CalibrationConfig, calibrate
 from diffkiln.nn.freeze import apply_plan
 from diffkiln.optimizer import SearchContext, W8A8Config, make_plan
+from diffkiln.zoo.shapes_video_model import VIDEO_TEXT_LENGTH, assemble_shapes_video
 
 # Shared calibration cache: tests that calibrate the same pipeline with the same settings reuse it;
 # removed when the process ends.
@@ -75,3 +76,16 @@ def onnx_denoiser(bundle: Any, config: Any) -> Path:
     from diffkiln.api import convert
 
     return convert(bundle, dataclasses.replace(config, components=False)) / "denoiser.onnx"
+
+
+# The call arguments of a random-weight shapes-video folder at 16 frames: 1,088 tokens per attention
+# layer, long enough for block masks.
+VIDEO_KW = (("height", 64), ("width", 64), ("num_frames", 16), ("max_sequence_length", VIDEO_TEXT_LENGTH))
+
+
+def random_video_folder(root: Path) -> Path:
+    """A diffusers folder of the shapes-video architecture with random weights (seed 0), under ``root``."""
+    torch.manual_seed(0)
+    path = root / "pipe"
+    assemble_shapes_video(root / "scratch").save_pretrained(path)
+    return path

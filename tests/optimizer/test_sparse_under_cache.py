@@ -18,9 +18,9 @@ from diffkiln.nn.sparse_attention import sparse_plan_applied
 from diffkiln.optimizer import search_cache, search_sparse
 from diffkiln.optimizer.cache_validate import LatentRun, worst_sample_sqnr
 from diffkiln.optimizer.workload import output_tensor
-from diffkiln.zoo.shapes_video_model import VIDEO_TEXT_LENGTH, assemble_shapes_video
+from tests.runtime_e2e_helpers import VIDEO_KW, random_video_folder
 
-KW = (("height", 64), ("width", 64), ("num_frames", 16), ("max_sequence_length", VIDEO_TEXT_LENGTH))
+KW = VIDEO_KW
 SPARSE = SparseConfig(density=0.5, validate_samples=2)
 CACHE = CacheConfig(budget=0.6, validate_samples=2, refine=0)
 
@@ -33,10 +33,7 @@ def calibration(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("video") / "pipe"
-    assemble_shapes_video(path.parent / "scratch").save_pretrained(path)
-    return path
+    return random_video_folder(tmp_path_factory.mktemp("video"))
 
 
 def _config(out: Path, cache_dir: Path) -> OptimizeConfig:

@@ -14,17 +14,14 @@ from diffkiln.api import CacheConfig, OptimizeConfig, SparseConfig, W8A8Config, 
 from diffkiln.core.cache_schedule import CacheSchedule
 from diffkiln.core.sparse_plan import SparsePlan
 from diffkiln.runtime import load
-from diffkiln.zoo.shapes_video_model import VIDEO_TEXT_LENGTH, assemble_shapes_video
+from tests.runtime_e2e_helpers import VIDEO_KW, random_video_folder
 
-KW = (("height", 64), ("width", 64), ("num_frames", 16), ("max_sequence_length", VIDEO_TEXT_LENGTH))
+KW = VIDEO_KW
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("video") / "pipe"
-    assemble_shapes_video(path.parent / "scratch").save_pretrained(path)
-    return path
+    return random_video_folder(tmp_path_factory.mktemp("video"))
 
 
 @pytest.fixture(scope="module")

@@ -112,10 +112,15 @@ def build_cache_sweep(target: str | os.PathLike[str], config: OptimizeConfig, bu
     cache recipe (FP is then the uncached reference).
 
     Raises:
-        InvalidInputError: a budget outside (0, 1], or one no mechanism fits.
+        InvalidInputError: a budget outside (0, 1], one no mechanism fits, or masks asked for too.
     """
     if not budgets or any(not 0.0 < b <= 1.0 for b in budgets):
         raise InvalidInputError(f"--sweep-cache budgets must be compute fractions in (0, 1], got {budgets}")
+    if config.sparse is not None or isinstance(config.recipe, SparseConfig):
+        # The masks would be searched without the schedule each bundle gets (sparse_search works under one).
+        raise InvalidInputError("--sweep-cache sweeps cache schedules alone; drop the attention masks "
+                                "(--attn-density, --recipe sparse), or build each budget with --cache-budget B "
+                                "--attn-density D")  # fmt: skip
     base_cache = config.cache or (config.recipe if isinstance(config.recipe, CacheConfig) else CacheConfig())
     if config.cache is None and not isinstance(config.recipe, CacheConfig):
         config = dataclasses.replace(config, cache=base_cache)
@@ -156,10 +161,14 @@ def build_sparse_sweep(
     sparse recipe (FP is then the dense reference).
 
     Raises:
-        InvalidInputError: a density outside (0, 1], or one no masks reach.
+        InvalidInputError: a density outside (0, 1], one no masks reach, or a cache asked for too.
     """
     if not densities or any(not 0.0 < d <= 1.0 for d in densities):
         raise InvalidInputError(f"--sweep-attn densities must be fractions in (0, 1], got {densities}")
+    if config.cache is not None or isinstance(config.recipe, CacheConfig):
+        raise InvalidInputError("--sweep-attn sweeps attention masks alone; drop the cache schedule "
+                                "(--cache-budget, --recipe cache), or build each density with --attn-density D "
+                                "--cache-budget B")  # fmt: skip
     sparse_recipe = isinstance(config.recipe, SparseConfig)
     base_sparse = config.sparse or (config.recipe if sparse_recipe else SparseConfig())
     if config.sparse is None and not sparse_recipe:

@@ -124,7 +124,7 @@ class CacheSchedule:
 
     def runs_at(self, module: str) -> tuple[bool, ...]:
         """Per step, whether the denoiser's submodule ``module`` (a qualified name) runs under the
-        schedule: every step computes it; a reusing step runs nothing under ``whole`` and, otherwise,
+        schedule: a computing step runs it; a reusing step runs nothing under ``whole`` and, otherwise,
         what lies outside the reused blocks."""
         if self.mechanism is CacheMechanism.WHOLE:
             return self.compute

@@ -45,7 +45,7 @@ class SearchContext:
         inputs: a bare module's calibration calls (``diffkiln.calibrate.ModuleInputs``), for
             searches that measure the module's outputs. Default None.
         cache_schedule: the build's cache schedule, searched before the recipe, for searches that
-            sample under it (the sparse recipe's mask validation). Default None (no cache).
+            work under it (the sparse recipe's mask search). Default None (no cache).
     """
 
     source_id: str = ""

@@ -77,9 +77,11 @@ MIN_CALL_SQNR_DB = 20.0
 # floor (test_timestep_aware_ranges_lift_the_unets).
 STEP_RANGE_BOUND = {"tiny-sdxl": 17.5, "svd": 17.5}
 
-# Denoisers whose dynamic ONNX graph fails at a second shape in onnxruntime (or torch.export
-# rejects its dynamic axes): exported static, with the reason in the manifest.
-STATIC_ONNX = {"tiny-flux", "tiny-pixart", "ltx", "latte"}
+# Denoisers whose graph with every axis dynamic fails at a second size (position tables fixed at the
+# recorded size: PixArt's and AuraFlow's patch embeddings, CogVideoX's buffer, LTX's rotary grid;
+# Stable Audio's export does not convert): exported with a dynamic batch, the wider attempt's failure
+# in the manifest. Every other class is dynamic in every axis the check varied.
+BATCH_ONLY_ONNX = {"tiny-pixart", "ltx", "aura-flow", "cogvideox", "stable-audio"}
 
 
 def _call_kwargs(name: str) -> dict[str, Any]:
@@ -190,12 +192,13 @@ def test_onnx_denoiser_runs_at_two_shapes(name: str, bundles: dict[str, Path], t
     with torch.no_grad():
         ref = den(*args, **{**kwargs, "return_dict": False})[0]
     assert sqnr_db(ref, got) >= MIN_CALL_SQNR_DB, name
-    # A second shape: declared dynamic only after running there; otherwise static, with the reason.
-    if name in STATIC_ONNX:
-        assert not entry["dynamic"] and entry["static_reason"]
+    # A second shape: declared dynamic only after running there.
+    print(f"{name}: dynamic axes {entry['dynamic_axes']}, wider attempts failed: {entry.get('wider_axes_failed')}")
+    assert entry["dynamic"] and entry["check"]["ok"] and entry["check"]["sqnr_db"] >= MIN_CALL_SQNR_DB
+    if name in BATCH_ONLY_ONNX:
+        assert entry["wider_axes_failed"] and all(axes in ([], [0]) for axes in entry["dynamic_axes"].values())
     else:
-        assert entry["dynamic"] and entry["check"]["ok"] and entry["check"]["sqnr_db"] >= MIN_CALL_SQNR_DB
-        assert any(entry["dynamic_axes"].values())
+        assert "wider_axes_failed" not in entry, entry["wider_axes_failed"]
 
 
 @pytest.mark.parametrize("name", sorted(STEP_RANGE_BOUND))

@@ -23,7 +23,7 @@ import torch
 
 from diffkiln.core.cache_schedule import CacheSchedule
 from diffkiln.export.onnx.check import run_check
-from diffkiln.export.onnx.components import Component, _Denoiser
+from diffkiln.export.onnx.components import Component, _Denoiser, batch_inputs, repeated_batch, tie_batch
 from diffkiln.nn.cache import CacheStepTracer
 
 __all__ = ["CACHED_FILE", "CacheFillDenoiser", "CacheReuseDenoiser", "reuse_component"]
@@ -38,7 +38,7 @@ class CacheFillDenoiser(_Denoiser):
     tracer: CacheStepTracer
 
     def __init__(self, inner: _Denoiser, tracer: CacheStepTracer) -> None:
-        super().__init__(inner.denoiser, inner.names, inner.options)
+        super().__init__(inner.denoiser, inner.names, inner.options, inner.tied)
         self.__dict__["tracer"] = tracer  # plain state, not a submodule
 
     def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
@@ -51,13 +51,14 @@ class CacheReuseDenoiser(_Denoiser):
 
     tracer: CacheStepTracer
 
-    def __init__(self, inner: _Denoiser, tracer: CacheStepTracer, n_cache: int) -> None:
-        super().__init__(inner.denoiser, [*inner.names, *cache_names(n_cache)], inner.options)
+    def __init__(self, inner: _Denoiser, tracer: CacheStepTracer, n_cache: int, tied: tuple[int, ...]) -> None:
+        super().__init__(inner.denoiser, [*inner.names, *cache_names(n_cache)], inner.options, tied)
         self.__dict__["tracer"] = tracer
         self.n_main = len(inner.names)
 
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
         main, values = tensors[: self.n_main], list(tensors[self.n_main :])
+        tie_batch(tensors, self.tied)
         names = self.names[: self.n_main]
 
         def call() -> torch.Tensor:
@@ -88,17 +89,10 @@ def reuse_component(component: Component, tracer: CacheStepTracer) -> tuple[Comp
     fill = dataclasses.replace(component, module=CacheFillDenoiser(inner, tracer))
     with torch.no_grad():
         _, *values = fill.module(*component.example.values())
-    reuse = CacheReuseDenoiser(inner, tracer, len(values))
     example = {**component.example, **dict(zip(cache_names(len(values)), values, strict=True))}
+    # The cached values that carry the batch share it too.
+    reuse = CacheReuseDenoiser(inner, tracer, len(values), batch_inputs(example))
     return fill, dataclasses.replace(component, module=reuse, example=example)
-
-
-def doubled_batch(component: Component) -> dict[str, torch.Tensor]:
-    """The example inputs at twice the batch (every tensor whose first axis is the batch repeated),
-    for checking a graph exported with a dynamic batch axis."""
-    tensors = list(component.example.values())
-    batch = tensors[0].shape[0] if tensors and tensors[0].dim() else None
-    return {n: torch.cat([t, t]) if t.dim() and t.shape[0] == batch else t for n, t in component.example.items()}
 
 
 def check_reuse(path: Path, component: Component, entry: dict[str, Any]) -> dict[str, Any]:
@@ -107,7 +101,7 @@ def check_reuse(path: Path, component: Component, entry: dict[str, Any]) -> dict
     names = list(component.example)
     check = run_check(path, names, component.module, component.example)
     if check["ok"] and entry.get("dynamic"):
-        check = run_check(path, names, component.module, doubled_batch(component))
+        check = run_check(path, names, component.module, repeated_batch(component.example, 2))
     return check
 
 

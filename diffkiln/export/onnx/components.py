@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +25,15 @@ from diffkiln.core.arguments import flatten_arguments, unflatten_arguments
 from diffkiln.core.hooks import recording_calls
 from diffkiln.core.pipelines import is_autoencoder
 
-__all__ = ["Component", "ComponentKind", "flatten_kwargs", "record_components"]
+__all__ = [
+    "Component",
+    "ComponentKind",
+    "batch_inputs",
+    "flatten_kwargs",
+    "record_components",
+    "repeated_batch",
+    "tie_batch",
+]
 
 
 class ComponentKind:
@@ -92,26 +101,59 @@ def flatten_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dic
     return tensors, options
 
 
+def batch_inputs(example: Mapping[str, torch.Tensor]) -> tuple[int, ...]:
+    """The positions of the inputs, after the first, whose axis 0 has the first input's size in the
+    recorded call: the batch they share (diffusers' convention: per-sample inputs lead with it)."""
+    tensors = list(example.values())
+    if not tensors or not tensors[0].dim():
+        return ()
+    batch = tensors[0].shape[0]
+    return tuple(i for i, t in enumerate(tensors[1:], 1) if t.dim() and t.shape[0] == batch)
+
+
+def repeated_batch(example: Mapping[str, torch.Tensor], times: int) -> dict[str, torch.Tensor]:
+    """``example`` with its batch repeated ``times``: the first input and the inputs that share its
+    batch (:func:`batch_inputs`); the others as they are."""
+    names = list(example)
+    batched = {names[i] for i in batch_inputs(example)} | ({names[0]} if names and example[names[0]].dim() else set())
+    return {n: torch.cat([t] * times) if n in batched else t for n, t in example.items()}
+
+
+def tie_batch(tensors: Sequence[torch.Tensor], tied: Sequence[int]) -> None:
+    """Declare that the ``tied`` inputs share the first input's batch axis.
+
+    torch.export gives each input's dynamic axis its own symbol. A model that views one input by
+    another's batch (an attention mask viewed by the text states' batch; FLUX's rotary reshape
+    against its pooled projections) then leaves expressions such as ``s42 // s95`` that torch.export
+    cannot prove, or that bake the example's batch into the graph: the export fails, or the graph
+    runs at the recorded batch only. The checks make them one symbol (in eager, a cheap assert)."""
+    for i in tied:
+        torch._check(tensors[i].shape[0] == tensors[0].shape[0])
+
+
 class _Positional(nn.Module):
-    """Takes its input tensors positionally, in the order of ``names``.
+    """Takes its input tensors positionally, in the order of ``names``; ``tied``: the positions of
+    the inputs that share the first one's batch (:func:`batch_inputs`).
 
     torch.export's dynamic shapes do not work through a ``**kwargs`` signature (torch 2.13), so
     the export wrappers take ``*tensors`` and name them here; the ONNX inputs get these names.
     """
 
-    def __init__(self, names: list[str]):
+    def __init__(self, names: list[str], tied: Sequence[int] = ()):
         super().__init__()
         self.names = names
+        self.tied = tuple(tied)
 
     def named(self, tensors: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+        tie_batch(tensors, self.tied)
         return dict(zip(self.names, tensors, strict=True))
 
 
 class _Denoiser(_Positional):
     """The denoiser called with flattened keyword tensors, returning its output tensor."""
 
-    def __init__(self, denoiser: nn.Module, names: list[str], options: dict[str, Any]):
-        super().__init__(names)
+    def __init__(self, denoiser: nn.Module, names: list[str], options: dict[str, Any], tied: Sequence[int] = ()):
+        super().__init__(names, tied)
         self.denoiser = denoiser
         self.options = {k: v for k, v in options.items() if k != "return_dict"}
 
@@ -137,8 +179,8 @@ def _output_layout(output: Any) -> tuple[list[tuple[str, int | None]], str | Non
 class _TextEncoder(_Positional):
     """A text encoder called as the pipeline called it, its output flattened to a tuple of tensors."""
 
-    def __init__(self, encoder: nn.Module, names: list[str], options: dict[str, Any]):
-        super().__init__(names)
+    def __init__(self, encoder: nn.Module, names: list[str], options: dict[str, Any], tied: Sequence[int] = ()):
+        super().__init__(names, tied)
         self.encoder = encoder
         self.options = options
 
@@ -222,7 +264,7 @@ def record_components(pipe: Any, denoiser_name: str, call: dict[str, Any]) -> li
         Component(
             denoiser_name,
             ComponentKind.DENOISER,
-            _Denoiser(denoiser, list(tensors), options),
+            _Denoiser(denoiser, list(tensors), options, batch_inputs(tensors)),
             tensors,
             options,
             [("sample", None)],
@@ -240,7 +282,7 @@ def record_components(pipe: Any, denoiser_name: str, call: dict[str, Any]) -> li
             Component(
                 name,
                 ComponentKind.TEXT_ENCODER,
-                _TextEncoder(encoder, list(tensors), options),
+                _TextEncoder(encoder, list(tensors), options, batch_inputs(tensors)),
                 tensors,
                 options,
                 layout,

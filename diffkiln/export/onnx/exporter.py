@@ -32,9 +32,18 @@ from diffkiln.core.atomic import atomic_directory, file_table
 from diffkiln.core.cache_schedule import CacheMechanism, CacheSchedule
 from diffkiln.core.errors import BundleError
 from diffkiln.core.schema import MANIFEST_NAME, ONNX_FORMAT, ONNX_VERSION, LoadedBundle
+from diffkiln.export.onnx.aten_fixes import ATEN_FIXES
 from diffkiln.export.onnx.cache_graphs import CACHED_FILE, check_reuse, reuse_component, schedule_entry
 from diffkiln.export.onnx.check import bundle_call, capture_call, flatten_call, run_check, second_shape
-from diffkiln.export.onnx.components import Component, ComponentKind, _Denoiser, flatten_kwargs, record_components
+from diffkiln.export.onnx.components import (
+    Component,
+    ComponentKind,
+    _Denoiser,
+    batch_inputs,
+    flatten_kwargs,
+    record_components,
+    repeated_batch,
+)
 from diffkiln.export.onnx.config import MAX_OPSET, MIN_OPSET, OnnxCompute, OnnxExportConfig
 from diffkiln.export.onnx.modules import OnnxExportError, OnnxQLinear, export_module_for
 from diffkiln.export.onnx.ops import TRANSLATIONS
@@ -105,6 +114,21 @@ def _dynamic_shapes(component: Component, batch_only: bool = False) -> tuple[tup
     return (tuple(spec),)  # the wrappers take ``*tensors``: one tuple argument
 
 
+TRACE_BATCH = 3
+"""The batch a dynamic export traces at where the recorded call's batch is 1. torch.export
+specializes an example axis of size 1 and guards relations on it (FLUX's rotary reshape became
+``(8 // batch) * 2``), so a batch-1 trace runs at batch 1 only. Not the check's batch
+(:func:`diffkiln.export.onnx.check.bundle_call` at 2), so the check runs at a batch the trace did not see."""
+
+
+def _trace_example(example: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The example a dynamic export traces: the recorded one, its batch of 1 repeated to :data:`TRACE_BATCH`."""
+    first = next(iter(example.values()), None)
+    if first is None or not first.dim() or first.shape[0] != 1:
+        return example
+    return repeated_batch(example, TRACE_BATCH)
+
+
 def _export_program(
     component: Component, opset: int, dynamic: bool, batch_only: bool = False
 ) -> tuple[Any, str | None]:
@@ -114,7 +138,7 @@ def _export_program(
         "input_names": list(component.example),
         "dynamo": True,
         "opset_version": opset,
-        "custom_translation_table": TRANSLATIONS,
+        "custom_translation_table": {**TRANSLATIONS, **ATEN_FIXES},
         "verbose": False,
         # finish_model optimizes the graph (GraphOptimizePass: the exporter's optimizer, minus its
         # rules whose matching is quadratic in the graph's size).
@@ -122,21 +146,22 @@ def _export_program(
     }
     module = component.module.eval()
 
-    def fresh() -> tuple[torch.Tensor, ...]:
+    def fresh(example: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         # A failed dynamic attempt leaves dynamic-dimension marks on its input tensors.
-        return tuple(t.clone() for t in component.example.values())
+        return tuple(t.clone() for t in example.values())
 
     with torch.no_grad():
         if dynamic:
             try:
                 shapes = _dynamic_shapes(component, batch_only)
-                return torch.onnx.export(module, fresh(), dynamic_shapes=shapes, **kwargs), None
+                traced = fresh(_trace_example(component.example))
+                return torch.onnx.export(module, traced, dynamic_shapes=shapes, **kwargs), None
             except Exception as exc:  # torch.export raises many types; the reason goes to the manifest
                 reason = f"{type(exc).__name__}: {error_summary(exc)}"
                 log.warning("%s: dynamic axes failed (%s); exporting the recorded shapes", component.name, reason)
         else:
             reason = "dynamic axes not requested"
-        return torch.onnx.export(module, fresh(), **kwargs), reason
+        return torch.onnx.export(module, fresh(component.example), **kwargs), reason
 
 
 def _wrapper_prefix(module: Any) -> str | None:
@@ -375,7 +400,7 @@ def export_module_onnx(
     sub_byte, _ = _swap_quantized_layers(module, config.keep_fp, config.compute == OnnxCompute.INTEGER,
                                          config.matmulnbits)  # fmt: skip
     tensors, options = flatten_kwargs(call)
-    wrapper = _Denoiser(module, list(tensors), options)
+    wrapper = _Denoiser(module, list(tensors), options, batch_inputs(tensors))
     component = Component(path.stem, ComponentKind.DENOISER, wrapper, tensors, options)
     path.parent.mkdir(parents=True, exist_ok=True)
     return _export_component(component, path, config, sub_byte, float16)

@@ -1,0 +1,114 @@
+"""Dynamic axes that hold at other shapes: the export's fixes for what torch.export and torchlib
+get wrong on the patterns diffusers denoisers use, on small modules written as those models write them.
+
+Each graph is exported from a batch-1 call with every axis dynamic, then run in onnxruntime at
+shapes the export never saw, against the module in torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from diffkiln.export.onnx import OnnxExportConfig, export_module_onnx
+
+
+def _run(path: Path, feeds: dict[str, torch.Tensor]) -> np.ndarray:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return session.run(None, {k: v.numpy() for k, v in feeds.items()})[0]
+
+
+def _export(module: nn.Module, call: dict[str, Any], tmp_path: Path) -> tuple[Path, dict[str, Any]]:
+    path = tmp_path / "m.onnx"
+    entry = export_module_onnx(module, call, path, OnnxExportConfig(tmp_path, progress=False), float16=False)
+    return path, entry
+
+
+class _TextPerFrame(nn.Module):
+    """A video UNet's text conditioning: the text states repeated once per frame
+    (``repeat_interleave(num_frames, dim=0)``), the frame count read from the latents
+    (``return_dict`` as a diffusers model takes it)."""
+
+    def __init__(self, dim: int | None):
+        super().__init__()
+        self.dim = dim
+
+    def forward(
+        self, sample: torch.Tensor, encoder_hidden_states: torch.Tensor, return_dict: bool = True
+    ) -> torch.Tensor:
+        frames = sample.shape[1]
+        text = encoder_hidden_states.repeat_interleave(frames, dim=self.dim)
+        return text * 2.0 + sample.mean()
+
+
+@pytest.mark.parametrize("dim", [0, 1, -1, None])
+def test_repeat_interleave_by_a_dynamic_count_runs_at_other_shapes(dim: int | None, tmp_path: Path) -> None:
+    module = _TextPerFrame(dim).eval()
+    call = {"sample": torch.randn(1, 2, 4), "encoder_hidden_states": torch.randn(1, 5, 3)}
+    path, entry = _export(module, call, tmp_path)
+    assert entry["dynamic_axes"]["sample"] == [0, 1, 2]
+    # torchlib puts the count on the wrong axis: right only where the batch equals the frame count
+    # (or is 1), so batch 2 with 3 frames fails in onnxruntime without the fix.
+    for batch, frames in [(1, 2), (2, 3), (3, 4)]:
+        feeds = {"sample": torch.randn(batch, frames, 4), "encoder_hidden_states": torch.randn(batch, 5, 3)}
+        with torch.no_grad():
+            ref = module(**feeds).numpy()
+        np.testing.assert_allclose(_run(path, feeds), ref, rtol=1e-6, atol=1e-6)
+
+
+class _MaskedAttention(nn.Module):
+    """Cross-attention with a key mask, as diffusers' Attention prepares it: a ``(batch, keys)`` mask
+    repeated per head, then viewed by the text states' batch (``attention_mask.view(batch, heads,
+    -1, keys)``), and a pooled vector added per sample."""
+
+    heads = 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = nn.Linear(8, 8)
+        self.kv = nn.Linear(6, 16)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        text: torch.Tensor,
+        mask: torch.Tensor,
+        pooled: torch.Tensor,
+        return_dict: bool = True,
+    ) -> torch.Tensor:
+        batch, queries, _ = hidden.shape
+        bias = ((1 - mask) * -10000.0).unsqueeze(1)
+        bias = bias.repeat_interleave(self.heads, dim=0, output_size=bias.shape[0] * self.heads)
+        bias = bias.view(text.shape[0], self.heads, -1, bias.shape[-1])
+        q = self.q(hidden).view(batch, queries, self.heads, 4).transpose(1, 2)
+        k, v = self.kv(text).view(text.shape[0], -1, 2 * self.heads, 4).transpose(1, 2).chunk(2, dim=1)
+        out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return out.transpose(1, 2).reshape(batch, queries, 8) + pooled[:, None, :]
+
+
+def test_inputs_that_share_the_batch_export_with_one_dynamic_batch(tmp_path: Path) -> None:
+    module = _MaskedAttention().eval()
+    torch.manual_seed(0)
+    call = {"hidden": torch.randn(1, 6, 8), "text": torch.randn(1, 5, 6), "mask": torch.ones(1, 5),
+            "pooled": torch.randn(1, 8)}  # fmt: skip
+    path, entry = _export(module, call, tmp_path)
+    # Each input's batch its own symbol left ``mask batch // text batch`` for the mask's query axis,
+    # which torch.export could not prove to be 1: the export failed. A batch-1 trace specialized it.
+    assert "static_reason" not in entry, entry.get("static_reason")
+    assert all(0 in axes for axes in entry["dynamic_axes"].values()), entry["dynamic_axes"]
+    for batch in (1, 2, 4):
+        mask = (torch.rand(batch, 5) > 0.3).float()
+        mask[:, 0] = 1.0
+        feeds = {"hidden": torch.randn(batch, 6, 8), "text": torch.randn(batch, 5, 6), "mask": mask,
+                 "pooled": torch.randn(batch, 8)}  # fmt: skip
+        with torch.no_grad():
+            ref = module(**feeds).numpy()
+        np.testing.assert_allclose(_run(path, feeds), ref, rtol=1e-4, atol=1e-5)

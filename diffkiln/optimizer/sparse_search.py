@@ -153,8 +153,10 @@ def _nothing_to_mask(stats: AttentionStats) -> str:
     why = {"short": f"fewer key tokens than two blocks of {stats.block}", "mask": "an attention mask",
            "causal": "causal attention"}  # fmt: skip
     name, (reason, keys) = next(iter(stats.left_dense.items()))
-    text = (f"no attention layer can take block masks: calibration left all {len(stats.left_dense)} dense "
-            f"(e.g. {name}: {why.get(reason, reason)}, {keys} key tokens)")
+    text = (
+        f"no attention layer can take block masks: calibration left all {len(stats.left_dense)} dense "
+        f"(e.g. {name}: {why.get(reason, reason)}, {keys} key tokens)"
+    )
     short = [keys for reason, keys in stats.left_dense.values() if reason == "short"]
     if short:
         longest = max(short)

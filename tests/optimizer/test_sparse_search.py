@@ -115,8 +115,11 @@ def test_plan_section_round_trips_and_is_read_strictly() -> None:
 def test_no_maskable_layer_is_refused_naming_the_longest_and_the_fix() -> None:
     empty = AttentionStats(64, 2, 1, (), {}, {}, {})
     left = {"blocks.0.attn1": ("short", 96), "blocks.0.attn2": ("short", 32), "blocks.1.attn1": ("mask", 512)}
-    with pytest.raises(InvalidInputError, match=r"left all 3 dense \(e\.g\. blocks\.0\.attn1: fewer key tokens than "
-                       r"two blocks of 64, 96 key tokens\).*longest had 96 key tokens.*--attn-block 32;"):
+    with pytest.raises(
+        InvalidInputError,
+        match=r"left all 3 dense \(e\.g\. blocks\.0\.attn1: fewer key tokens than "
+        r"two blocks of 64, 96 key tokens\).*longest had 96 key tokens.*--attn-block 32;",
+    ):
         search_masks(dataclasses.replace(empty, left_dense=left), SparseConfig(density=0.5))
     # Too short even for the smallest block: only a larger size helps.
     with pytest.raises(InvalidInputError, match=r"deploy \(--call-arg height=H --call-arg width=W \.\.\.\)$"):

@@ -31,8 +31,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m ruff check diffkiln tests tools
 	$(BIN)/python -m mypy diffkiln
-	# Two workers: the CI machine's two cores (most of an export is single-threaded Python).
-	$(BIN)/python -m pytest -q -n 2
+	# Two workers: the CI machine's two cores (most of an export is single-threaded Python). One
+	# module per worker (loadscope): a module's fixtures (bundles, exports) are built once, not on both.
+	$(BIN)/python -m pytest -q -n 2 --dist loadscope
 
 # The checks too slow for CI (e.g. compiling FlexAttention on CPU: a minute or two from cold).
 test-slow: $(STAMP)

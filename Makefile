@@ -31,9 +31,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m ruff check diffkiln tests tools
 	$(BIN)/python -m mypy diffkiln
-	# Two workers: the CI machine's two cores (most of an export is single-threaded Python). One
-	# module per worker (loadscope): a module's fixtures (bundles, exports) are built once, not on both.
-	$(BIN)/python -m pytest -q -n 2 --dist loadscope
+	# Two workers: the CI machine's two cores (most of an export is single-threaded Python). A whole
+	# module per worker (loadscope): a module's fixtures (bundles, exports) are built once, not on
+	# both; modules in collection order, the longest first (tests/conftest.py).
+	$(BIN)/python -m pytest -q -n 2 --dist loadscope --no-loadscope-reorder
 
 # The checks too slow for CI (e.g. compiling FlexAttention on CPU: a minute or two from cold).
 test-slow: $(STAMP)

@@ -230,7 +230,7 @@ def _add_optimize(sub: Any) -> None:
                    help="mixed: build bundles at each average weight bits (e.g. 3,4,5,6,8) plus uniform W4A8 and W8A8 "
                    "references under --out, evaluate them and write sweep.json and sweep.html")  # fmt: skip
     o.add_argument("--sweep-eval-size", type=positive_int, default=50,
-                   help="--sweep / --sweep-cache: prompts per set (default 50)")  # fmt: skip
+                   help="--sweep / --sweep-cache / --sweep-attn: prompts per set (default 50)")  # fmt: skip
     _add_cache_args(o)
     o.add_argument("--attn-density", type=float, metavar="FRACTION",
                    help="search block-sparse attention masks per layer, step group and head that keep this fraction "
@@ -244,7 +244,8 @@ def _add_optimize(sub: Any) -> None:
     )
     o.add_argument("--sweep-attn", type=float_list, metavar="LIST",
                    help="build one bundle per attention density (e.g. 0.5,0.35,0.2) under --out, evaluate them "
-                   "against FP and write sweep.json and sweep.html (the Pareto front)")  # fmt: skip
+                   "against FP and write sweep.json and sweep.html (the Pareto front); with --cache-budget, "
+                   "one schedule in every bundle and the masks searched under it")  # fmt: skip
     o.add_argument(
         "--target",
         dest="deploy_target",
@@ -385,7 +386,8 @@ def _add_cache_args(o: argparse.ArgumentParser) -> None:
                    "samples, and the moves can trade judged content for it)")  # fmt: skip
     o.add_argument("--sweep-cache", type=float_list, metavar="LIST",
                    help="build one bundle per cache budget (e.g. 0.35,0.5,0.7) under --out, evaluate them against FP "
-                   "and write sweep.json and sweep.html (the Pareto front)")  # fmt: skip
+                   "and write sweep.json and sweep.html (the Pareto front); with --attn-density, each bundle's "
+                   "masks searched under its own schedule")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,9 +25,30 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
+# The longest modules (each a minute or more of one worker, from ``--durations=0``), longest first.
+# ``make test`` gives each worker a whole module (``--dist loadscope --no-loadscope-reorder``), in
+# collection order: a long module taken last would leave the other worker idle until it ends.
+LONG_MODULES_FIRST = (
+    "tests/matrix/test_matrix.py",
+    "tests/test_cli_first_hour.py",
+    "tests/export/test_onnx_cache.py",
+    "tests/runtime/test_sparse_bundle.py",
+    "tests/runtime/test_parallel.py",
+    "tests/export/test_onnx.py",
+    "tests/test_readme_walk.py",
+    "tests/optimizer/test_distributed_search.py",
+    "tests/optimizer/test_sparse_under_cache.py",
+    "tests/runtime/test_compile_graph.py",
+    "tests/optimizer/test_distributed_validation.py",
+)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Skip tests marked ``gpu`` when no CUDA device is present (CI never has one), and tests marked
-    ``slow`` unless ``DIFFKILN_SLOW=1`` (``make test-slow``), which keeps CI's suite short."""
+    ``slow`` unless ``DIFFKILN_SLOW=1`` (``make test-slow``), which keeps CI's suite short; put the
+    modules of :data:`LONG_MODULES_FIRST` first (a stable sort: the rest keep their order)."""
+    rank = {module: i for i, module in enumerate(LONG_MODULES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
     gpu = pytest.mark.skip(reason="needs a CUDA device")
     slow = pytest.mark.skip(reason="slow: run with DIFFKILN_SLOW=1 (make test-slow)")
     for item in items:

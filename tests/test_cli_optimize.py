@@ -153,6 +153,7 @@ def test_mixed_sweep_and_sensitivity_from_the_command_line(tmp_path: Path, capsy
     assert main([*args, "--out", str(out), *cache, *_MIXED_FAST]) == 0
     data = json.loads((out / "sweep.json").read_text())
     rows = {r["name"]: r for r in data["rows"]}
+    assert data["swept"] == "avg_weight_bits"
     # No judge: no FP accuracy row. mixed-at-uniform-w4a8 spends uniform W4A8's stored bits.
     assert set(rows) == {"mixed-w5", "mixed-w8", "uniform-w4a8", "w8a8", "mixed-at-uniform-w4a8"}
     matched, uniform = rows["mixed-at-uniform-w4a8"], rows["uniform-w4a8"]

@@ -12,14 +12,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from diffkiln.api.optimize import OptimizeConfig, Prepared, prepare
+from diffkiln.core.cache_schedule import CacheSchedule
 from diffkiln.core.errors import InvalidInputError
 from diffkiln.core.plan import Plan
 from diffkiln.export import ExportConfig, export_bundle
 from diffkiln.optimizer import (
     CacheConfig,
     MixedConfig,
+    SearchContext,
     SparseConfig,
     WeightBudget,
+    for_target,
     make_plan,
     mixed_sensitivity,
     plan_w8a8,
@@ -109,34 +112,52 @@ def build_cache_sweep(target: str | os.PathLike[str], config: OptimizeConfig, bu
     """Build one bundle per cache budget (``cache-0.5`` ...) under ``config.out``, from one
     calibration: the recipe's plan (FP weights for the cache recipe) with a schedule searched at
     each budget, plus the recipe's bundle without a cache (``uncached``) unless the recipe is the
-    cache recipe (FP is then the uncached reference).
+    cache recipe (FP is then the uncached reference). Attention masks (``config.sparse``, or the
+    sparse recipe's) are searched under each bundle's own schedule, as :func:`optimize` does.
 
     Raises:
-        InvalidInputError: a budget outside (0, 1], one no mechanism fits, or masks asked for too.
+        InvalidInputError: a budget outside (0, 1], or one no mechanism fits.
     """
     if not budgets or any(not 0.0 < b <= 1.0 for b in budgets):
         raise InvalidInputError(f"--sweep-cache budgets must be compute fractions in (0, 1], got {budgets}")
-    if config.sparse is not None or isinstance(config.recipe, SparseConfig):
-        # The masks would be searched without the schedule each bundle gets (sparse_search works under one).
-        raise InvalidInputError("--sweep-cache sweeps cache schedules alone; drop the attention masks "
-                                "(--attn-density, --recipe sparse), or build each budget with --cache-budget B "
-                                "--attn-density D")  # fmt: skip
-    base_cache = config.cache or (config.recipe if isinstance(config.recipe, CacheConfig) else CacheConfig())
-    if config.cache is None and not isinstance(config.recipe, CacheConfig):
+    cache_recipe = isinstance(config.recipe, CacheConfig)
+    base_cache = config.cache or (config.recipe if cache_recipe else CacheConfig())
+    if config.cache is None and not cache_recipe:
         config = dataclasses.replace(config, cache=base_cache)
+    base_cache = for_target(base_cache, config.deploy_target)
     prep = prepare(target, config)
     context = prep.context(config)
     plans: dict[str, Plan] = {}
+    if not cache_recipe:
+        plans["uncached"] = _planned(prep, config, context, None)
     for budget in budgets:
         cache_cfg = dataclasses.replace(base_cache, budget=float(budget))
-        if isinstance(config.recipe, CacheConfig):
-            plans[f"cache-{budget:g}"] = make_plan(prep.pipe, prep.stats, cache_cfg, context)
+        if cache_recipe:
+            plans[f"cache-{budget:g}"] = _masked(prep, config, make_plan(prep.pipe, prep.stats, cache_cfg, context))
         else:
-            base = plans.get("uncached") or make_plan(prep.pipe, prep.stats, config.resolved_recipe(), context)
-            plans["uncached"] = base
             schedule = search_cache(prep.pipe, prep.stats, cache_cfg, context)
-            plans[f"cache-{budget:g}"] = dataclasses.replace(base, cache=schedule)
+            plans[f"cache-{budget:g}"] = _planned(prep, config, context, schedule, plans["uncached"])
     return _export_all(prep, config, plans)
+
+
+def _planned(prep: Prepared, config: OptimizeConfig, context: SearchContext, schedule: CacheSchedule | None,
+             made: Plan | None = None) -> Plan:  # fmt: skip
+    """The recipe's plan with ``schedule`` (None: no cache) and its masks searched under it.
+
+    ``made``: the recipe's plan made before, reused unless the recipe is the sparse one (its masks
+    depend on the schedule; the other recipes' plans do not)."""
+    recipe = config.resolved_recipe()
+    if made is None or isinstance(recipe, SparseConfig):
+        made = make_plan(prep.pipe, prep.stats, recipe, dataclasses.replace(context, cache_schedule=schedule))
+    return _masked(prep, config, dataclasses.replace(made, cache=schedule))
+
+
+def _masked(prep: Prepared, config: OptimizeConfig, plan: Plan) -> Plan:
+    """``plan`` with ``config.sparse``'s masks searched under its cache schedule (as it is without)."""
+    if config.sparse is None:
+        return plan
+    masks = search_sparse(prep.pipe, prep.stats, config.sparse, config.progress, plan.cache)
+    return dataclasses.replace(plan, sparse=masks)
 
 
 def _export_all(prep: Prepared, config: OptimizeConfig, plans: dict[str, Plan]) -> SweepBuild:
@@ -158,31 +179,36 @@ def build_sparse_sweep(
     """Build one bundle per attention density (``sparse-0.35`` ...) under ``config.out``, from one
     calibration: the recipe's plan (FP weights for the sparse recipe) with masks searched at each
     density, plus the recipe's bundle with dense attention (``dense``) unless the recipe is the
-    sparse recipe (FP is then the dense reference).
+    sparse recipe (FP is then the dense reference). A cache schedule (``config.cache``, or the
+    cache recipe's) is searched once and goes into every bundle; the masks are searched under it.
 
     Raises:
-        InvalidInputError: a density outside (0, 1], one no masks reach, or a cache asked for too.
+        InvalidInputError: a density outside (0, 1], or one no masks reach.
     """
     if not densities or any(not 0.0 < d <= 1.0 for d in densities):
         raise InvalidInputError(f"--sweep-attn densities must be fractions in (0, 1], got {densities}")
-    if config.cache is not None or isinstance(config.recipe, CacheConfig):
-        raise InvalidInputError("--sweep-attn sweeps attention masks alone; drop the cache schedule "
-                                "(--cache-budget, --recipe cache), or build each density with --attn-density D "
-                                "--cache-budget B")  # fmt: skip
     sparse_recipe = isinstance(config.recipe, SparseConfig)
     base_sparse = config.sparse or (config.recipe if sparse_recipe else SparseConfig())
     if config.sparse is None and not sparse_recipe:
         config = dataclasses.replace(config, sparse=base_sparse)
     prep = prepare(target, config)
     context = prep.context(config)
+    schedule = None
+    if config.cache is not None:
+        schedule = search_cache(prep.pipe, prep.stats, for_target(config.cache, config.deploy_target), context)
+        context = dataclasses.replace(context, cache_schedule=schedule)
     plans: dict[str, Plan] = {}
     for density in densities:
         sparse_cfg = dataclasses.replace(base_sparse, density=float(density))
         if sparse_recipe:
-            plans[f"sparse-{density:g}"] = make_plan(prep.pipe, prep.stats, sparse_cfg, context)
+            plan = make_plan(prep.pipe, prep.stats, sparse_cfg, context)
+            plans[f"sparse-{density:g}"] = dataclasses.replace(plan, cache=schedule) if schedule else plan
         else:
-            base = plans.get("dense") or make_plan(prep.pipe, prep.stats, config.resolved_recipe(), context)
-            plans["dense"] = base
-            masks = search_sparse(prep.pipe, prep.stats, sparse_cfg, config.progress)
+            if "dense" not in plans:
+                # the cache recipe's plan carries its own schedule
+                made = make_plan(prep.pipe, prep.stats, config.resolved_recipe(), context)
+                plans["dense"] = dataclasses.replace(made, cache=schedule) if schedule else made
+            base = plans["dense"]
+            masks = search_sparse(prep.pipe, prep.stats, sparse_cfg, config.progress, base.cache)
             plans[f"sparse-{density:g}"] = dataclasses.replace(base, sparse=masks)
     return _export_all(prep, config, plans)

@@ -36,6 +36,36 @@ def _measured_fraction(pipe: Any) -> float | None:
     return round(run.compute_fraction, 4) if run is not None and run.compute_fraction is not None else None
 
 
+def _measured_density(pipe: Any) -> float | None:
+    """The attention FLOPs the sparse kernels kept over dense, on the masked layers, or None."""
+    run = getattr(pipe, "diffkiln_sparse", None)
+    return round(run.kept / run.dense, 4) if run is not None and run.dense else None
+
+
+# What a sweep can vary: the row field, the plot's axis label, and the axis range.
+_AXES = {
+    "avg_weight_bits": ("average weight bits", 2.0, 16.0),
+    "cache_compute_fraction": ("compute fraction (block evaluations over the uncached run's)", 0.0, 1.0),
+    "attention_density": ("attention density (kept attention FLOPs of the masked layers)", 0.0, 1.0),
+}
+
+
+def _swept(rows: list[dict[str, Any]]) -> str:
+    """The field the sweep varied: the cache's compute fraction or the attention density where the
+    bundles differ in it (a cache sweep's ``uncached``, an attention sweep's ``dense`` bundle count
+    as 1), else the average weight bits."""
+    bundles = [r for r in rows if r["name"] != "fp"]
+    for key in ("cache_compute_fraction", "attention_density"):
+        if any(r.get(key) is not None for r in bundles) and len({r.get(key) for r in bundles}) > 1:
+            return key
+    return "avg_weight_bits"
+
+
+def _x(row: dict[str, Any], key: str) -> float:
+    value = row.get(key)
+    return float(value) if value is not None else (16.0 if key == "avg_weight_bits" else 1.0)
+
+
 def evaluate_sweep(build: SweepBuild, eval_size: int = 50, progress: bool = True) -> tuple[Path, Path]:
     """Measure every bundle of a sweep against FP on the same samples and seeds, and write
     ``sweep.json`` and ``sweep.html`` into the sweep's folder.
@@ -64,7 +94,8 @@ def evaluate_sweep(build: SweepBuild, eval_size: int = 50, progress: bool = True
     fp = generate(prep.pipe, prompts, gen_cfg, prep.resolved, measure=True)
     rows: list[dict[str, Any]] = []
     if judge_kind.scores:
-        rows.append({"name": "fp", "avg_weight_bits": 16.0, "quality": quality(judge_all(fp, judge_kind))})
+        rows.append({"name": "fp", "avg_weight_bits": 16.0, "cache_compute_fraction": None, "attention_density": None,
+                     "quality": quality(judge_all(fp, judge_kind))})  # fmt: skip
     for name, path in build.bundles.items():
         resolved = resolve_target(str(path))
         pipe = load_pipeline(resolved)
@@ -86,12 +117,14 @@ def evaluate_sweep(build: SweepBuild, eval_size: int = 50, progress: bool = True
             "resident_ratio_vs_fp16": resident_bytes(denoiser) / fp16,
             "ms_per_step": result.extras["denoiser_ms_per_step"],
             "cache_compute_fraction": _measured_fraction(pipe),
+            "attention_density": _measured_density(pipe),
             "bits": {n: info["bits"] for n, info in manifest["quant"]["layers"].items()},
         }
         if judge_kind.scores:
             row["quality"] = quality(judge_all(result, judge_kind))
         rows.append(row)
-    data = {"target": prep.resolved.name, "eval_prompts": len(prompts), "layers": build.layers, "rows": rows}
+    data = {"target": prep.resolved.name, "eval_prompts": len(prompts), "layers": build.layers, "rows": rows,
+            "swept": _swept(rows)}  # fmt: skip
     out = Path(next(iter(build.bundles.values()))).parent
     out.mkdir(parents=True, exist_ok=True)
     json_path, html_path = out / "sweep.json", out / "sweep.html"
@@ -114,6 +147,7 @@ def format_sweep_rows(data: dict[str, Any]) -> list[str]:
             f"{row['name']:<22} avg W bits {row['avg_weight_bits']:5.2f}  content acc {fmt(acc)}  "
             f"latent SQNR {fmt(sqnr)} dB  stored/FP16 {fmt(row.get('size_ratio_vs_fp16'))}"
             + (f"  compute {fmt(row['cache_compute_fraction'])}" if row.get("cache_compute_fraction") else "")
+            + (f"  attention density {fmt(row['attention_density'])}" if row.get("attention_density") else "")
         )
     return lines
 
@@ -123,8 +157,9 @@ def _accuracy(row: dict[str, Any]) -> float | None:
     return None if not q else q.get("content_accuracy")
 
 
-def _pareto_svg(rows: list[dict[str, Any]]) -> str:
-    """Average weight bits (x) against content accuracy, or latent SQNR without a judge (y)."""
+def _pareto_svg(rows: list[dict[str, Any]], swept: str = "avg_weight_bits") -> str:
+    """What the sweep varied (x: :data:`_AXES`) against content accuracy, or latent SQNR without a judge (y)."""
+    x_label, x_lo, x_hi = _AXES[swept]
     pts = []
     for r in rows:
         y = _accuracy(r)
@@ -133,7 +168,7 @@ def _pareto_svg(rows: list[dict[str, Any]]) -> str:
             y = (r.get("fidelity") or {}).get("latent_sqnr_db")
             label = "latent SQNR vs FP (dB)"
         if y is not None:
-            pts.append((r["avg_weight_bits"], float(y), r["name"]))
+            pts.append((_x(r, swept), float(y), r["name"]))
     if not pts:
         return "<p>no data</p>"
     w, h, pad = 560, 300, 50
@@ -141,7 +176,7 @@ def _pareto_svg(rows: list[dict[str, Any]]) -> str:
     ymin = min(0.0, min(p[1] for p in pts))
 
     def sx(x: float) -> float:
-        return pad + (x - 2) / 14 * (w - 2 * pad)
+        return pad + (x - x_lo) / (x_hi - x_lo) * (w - 2 * pad)
 
     def sy(y: float) -> float:
         return h - pad - (y - ymin) / (ymax - ymin) * (h - 2 * pad)
@@ -149,11 +184,12 @@ def _pareto_svg(rows: list[dict[str, Any]]) -> str:
     items = [
         f"<line x1='{pad}' y1='{h - pad}' x2='{w - pad}' y2='{h - pad}' stroke='#444'/>",
         f"<line x1='{pad}' y1='{pad}' x2='{pad}' y2='{h - pad}' stroke='#444'/>",
-        f"<text x='{w / 2}' y='{h - 10}' text-anchor='middle' font-size='12'>average weight bits</text>",
+        f"<text x='{w / 2}' y='{h - 10}' text-anchor='middle' font-size='12'>{html.escape(x_label)}</text>",
         f"<text x='12' y='{pad - 14}' font-size='12'>{html.escape(label)}</text>",
     ]
-    for b in (2, 4, 6, 8, 10, 12, 14, 16):
-        items.append(f"<text x='{sx(b):.0f}' y='{h - pad + 16}' text-anchor='middle' font-size='10'>{b}</text>")
+    ticks = (2, 4, 6, 8, 10, 12, 14, 16) if swept == "avg_weight_bits" else (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+    for b in ticks:
+        items.append(f"<text x='{sx(b):.0f}' y='{h - pad + 16}' text-anchor='middle' font-size='10'>{b:g}</text>")
     for x, y, name in pts:
         color = "#1f77b4" if name.startswith("mixed") else ("#444" if name == "fp" else "#d62728")
         items.append(f"<circle cx='{sx(x):.1f}' cy='{sy(y):.1f}' r='5' fill='{color}'/>")
@@ -183,9 +219,11 @@ def _bitmap_svg(layers: list[str], rows: list[dict[str, Any]]) -> str:
 
 
 def _render(data: dict[str, Any]) -> str:
+    swept = data.get("swept", "avg_weight_bits")
     head = (
         "<tr><th>bundle</th><th>avg W bits</th><th>avg A bits</th><th>content acc.</th><th>held-out</th>"
-        "<th>pairs</th><th>latent SQNR dB</th><th>stored / FP16</th><th>resident / FP16</th><th>ms/step</th></tr>"
+        "<th>pairs</th><th>latent SQNR dB</th><th>stored / FP16</th><th>resident / FP16</th><th>ms/step</th>"
+        "<th>compute fraction</th><th>attention density</th></tr>"
     )
     body = []
     for r in data["rows"]:
@@ -203,15 +241,19 @@ def _render(data: dict[str, Any]) -> str:
             f"<td class=num>{fmt(f.get('latent_sqnr_db'), '.1f')}</td>"
             f"<td class=num>{fmt(r.get('size_ratio_vs_fp16'))}</td>"
             f"<td class=num>{fmt(r.get('resident_ratio_vs_fp16'))}</td>"
-            f"<td class=num>{fmt(r.get('ms_per_step'), '.1f')}</td></tr>"
+            f"<td class=num>{fmt(r.get('ms_per_step'), '.1f')}</td>"
+            f"<td class=num>{fmt(r.get('cache_compute_fraction'))}</td>"
+            f"<td class=num>{fmt(r.get('attention_density'))}</td></tr>"
         )
     return (
         "<!doctype html><html><head><meta charset=utf-8>"
         f"<title>diffkiln sweep: {html.escape(data['target'])}</title><style>{STYLE}</style></head><body>"
-        f"<h1>Mixed-precision sweep: {html.escape(data['target'])}</h1>"
+        f"<h1>Sweep: {html.escape(data['target'])}</h1>"
         f"<p>{data['eval_prompts']} evaluation prompts, same seeds for every bundle and for FP. Blue: mixed "
-        "plans (ILP from measured sensitivities); red: uniform references. Integer runtime, not simulated.</p>"
-        f"<h2>Average weight bits against quality</h2>{_pareto_svg(data['rows'])}"
+        "plans (ILP from measured sensitivities); red: the other bundles; compute fraction and attention "
+        "density as the bundles ran. Integer runtime, not simulated.</p>"
+        f"<h2>{html.escape(_AXES[swept][0].split(' (')[0].capitalize())} against quality</h2>"
+        f"{_pareto_svg(data['rows'], swept)}"
         f"<h2>All bundles</h2><table>{head}{''.join(body)}</table>"
         f"<h2>Per-layer weight bits</h2>{_bitmap_svg(data['layers'], data['rows'])}</body></html>"
     )

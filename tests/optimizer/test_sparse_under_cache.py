@@ -6,7 +6,9 @@ architecture (1,088 tokens per attention layer)."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -77,3 +79,32 @@ def test_the_sparse_recipe_is_validated_under_the_cache_searched_before_it(
     schedule = CacheSchedule.from_dict(manifest["cache"])
     assert manifest["plan"]["recipe"] == "sparse" and not all(schedule.compute)
     assert manifest["sparsity"]["search"]["under_cache_schedule"] == schedule.pattern
+
+
+def test_sweeps_search_each_bundles_masks_under_its_own_schedule(
+    folder: Path, calibration: Path, tmp_path: Path
+) -> None:
+    from diffkiln.api import W8A8Config, build_cache_sweep, build_sparse_sweep
+
+    def record(bundle: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+        manifest = json.loads((bundle / "manifest.json").read_text())
+        return manifest["cache"], manifest["sparsity"]["search"]
+
+    # A cache sweep of a W8A8 build with masks: each bundle's masks searched under its own schedule.
+    config = replace(_config(tmp_path / "cache-sweep", calibration), recipe=W8A8Config(), sparse=SPARSE)
+    build = build_cache_sweep(str(folder), config, (0.6,))
+    assert set(build.bundles) == {"uncached", "cache-0.6"}
+    cache, search = record(build.bundles["uncached"])
+    assert cache == {} and search["under_cache_schedule"] is None
+    cache, search = record(build.bundles["cache-0.6"])
+    schedule = CacheSchedule.from_dict(cache)
+    assert schedule.compute_fraction <= 0.6 + 1e-9 and search["under_cache_schedule"] == schedule.pattern
+    # An attention sweep of a W8A8 build with a cache: the schedule searched once, in every bundle
+    # (the dense one too), each density's masks searched under it.
+    build = build_sparse_sweep(str(folder), replace(config, out=tmp_path / "attn-sweep", sparse=None, cache=CACHE),
+                               (0.5,))  # fmt: skip
+    assert set(build.bundles) == {"dense", "sparse-0.5"}
+    dense = json.loads((build.bundles["dense"] / "manifest.json").read_text())["cache"]
+    cache, search = record(build.bundles["sparse-0.5"])
+    assert cache == dense and not all(CacheSchedule.from_dict(cache).compute)
+    assert search["under_cache_schedule"] == CacheSchedule.from_dict(cache).pattern

@@ -4,7 +4,6 @@ manifest, the runtime's hooks, the CLI."""
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ import torch
 
 from diffkiln.api import CacheConfig, OptimizeConfig, W8A8Config, optimize
 from diffkiln.core.cache_schedule import CacheSchedule
-from diffkiln.core.errors import BundleError, InvalidInputError
+from diffkiln.core.errors import BundleError
 from diffkiln.core.plan import Plan
 from diffkiln.runtime import load
 
@@ -153,13 +152,6 @@ def test_cache_sweep_builds_one_bundle_per_budget_from_one_calibration(tmp_path:
     with pytest.raises(Exception, match=r"compute fractions in \(0, 1\]"):
         build_cache_sweep("shapes-dit", config, (0.5, 1.5))
 
-    # Masks beside a swept cache would be searched without each bundle's schedule: refused, not dropped.
-    from diffkiln.api import SparseConfig, build_sparse_sweep
-
-    with pytest.raises(InvalidInputError, match="--sweep-cache sweeps cache schedules alone"):
-        build_cache_sweep("shapes-dit", replace(config, sparse=SparseConfig()), (0.5,))
-    with pytest.raises(InvalidInputError, match="--sweep-attn sweeps attention masks alone"):
-        build_sparse_sweep("shapes-dit", replace(config, cache=CacheConfig()), (0.5,))
 
 
 def test_mixed_recipe_composes_with_a_cache(tmp_path: Path) -> None:

@@ -166,5 +166,11 @@ def test_sweep_attn_builds_one_bundle_per_density_and_evaluates_them(folder: Pat
         manifest = json.loads((tmp_path / "s" / name / "manifest.json").read_text())
         densities[name] = SparsePlan.from_dict(manifest["sparsity"]).density
     assert densities["sparse-0.6"] <= 0.6 + 1e-9 and densities["sparse-0.4"] <= 0.4 + 1e-9
-    rows = json.loads((tmp_path / "s" / "sweep.json").read_text())
-    assert {"sparse-0.6", "sparse-0.4"} <= {r["name"] for r in rows["rows"]}
+    data = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    rows = {r["name"]: r for r in data["rows"]}
+    assert {"sparse-0.6", "sparse-0.4"} <= set(rows)
+    # The density the kernels measured, which the Pareto plot puts on its x axis.
+    assert data["swept"] == "attention_density"
+    for name, planned in densities.items():
+        assert rows[name]["attention_density"] == pytest.approx(planned, abs=0.02), (name, rows[name])
+    assert "attention density (kept attention FLOPs" in (tmp_path / "s" / "sweep.html").read_text()

@@ -103,11 +103,11 @@ def _dynamic_shapes(component: Component, batch_only: bool = False) -> tuple[tup
     from torch.export import Dim
 
     tensors = list(component.example.values())
-    batch = tensors[0].shape[0] if tensors and tensors[0].dim() else None
+    batched = {0, *batch_inputs(component.example)} if tensors and tensors[0].dim() else set()
     spec: list[Any] = []
-    for t in tensors:
+    for i, t in enumerate(tensors):
         if batch_only or component.kind == ComponentKind.TEXT_ENCODER:
-            dims = [0] if t.dim() and t.shape[0] == batch else []
+            dims = [0] if i in batched else []
         else:
             dims = list(range(t.dim()))
         spec.append({d: Dim.AUTO for d in dims} or None)

@@ -112,3 +112,31 @@ def test_inputs_that_share_the_batch_export_with_one_dynamic_batch(tmp_path: Pat
         with torch.no_grad():
             ref = module(**feeds).numpy()
         np.testing.assert_allclose(_run(path, feeds), ref, rtol=1e-4, atol=1e-5)
+
+
+class _ProjectOut(nn.Module):
+    """PixArt's last step: the output projection, then ``squeeze(1)`` of the token axis (a no-op
+    unless there is one token), and a ``squeeze`` of a size-1 axis that does go."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 4)
+
+    def forward(self, hidden: torch.Tensor, scale: torch.Tensor, return_dict: bool = True) -> torch.Tensor:
+        return self.proj(hidden).squeeze(1) * scale.squeeze(1)[:, None]
+
+
+def test_squeeze_of_a_dynamic_axis_keeps_it(tmp_path: Path) -> None:
+    module = _ProjectOut().eval()
+    call = {"hidden": torch.randn(1, 6, 8), "scale": torch.randn(1, 1, 4)}
+    path, entry = _export(module, call, tmp_path)
+    # Declared Dim.AUTO, the size-1 axis of ``scale`` made the export fail (``True != False``).
+    assert entry["dynamic_axes"] == {"hidden": [0, 1, 2], "scale": [0, 2]}, entry
+    # torchlib's Squeeze of the symbolic token axis fails in onnxruntime at every size but 1.
+    for batch, tokens in [(1, 6), (2, 9), (3, 16)]:
+        feeds = {"hidden": torch.randn(batch, tokens, 8), "scale": torch.randn(batch, 1, 4)}
+        with torch.no_grad():
+            ref = module(**feeds).numpy()
+        got = _run(path, feeds)
+        assert got.shape == ref.shape == (batch, tokens, 4)
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)

@@ -441,7 +441,7 @@ MATRIX: dict[str, MatrixEntry] = {
             {"height": 48, "width": 32, "num_frames": 4, "decode_chunk_size": 4},
             "image-to-video",
         ),
-        MatrixEntry("stable-audio", stable_audio, {"audio_end_in_s": 1.0}, {"audio_end_in_s": 2.0}, "audio"),
+        MatrixEntry("stable-audio", stable_audio, {"audio_end_in_s": 1.0}, {"audio_end_in_s": 0.5}, "audio"),
         MatrixEntry(
             "hunyuan-dit",
             hunyuan_dit,

@@ -77,11 +77,15 @@ MIN_CALL_SQNR_DB = 20.0
 # floor (test_timestep_aware_ranges_lift_the_unets).
 STEP_RANGE_BOUND = {"tiny-sdxl": 17.5, "svd": 17.5}
 
-# Denoisers whose graph with every axis dynamic fails at a second size (position tables fixed at the
-# recorded size: PixArt's and AuraFlow's patch embeddings, CogVideoX's buffer, LTX's rotary grid;
-# Stable Audio's export does not convert): exported with a dynamic batch, the wider attempt's failure
-# in the manifest. Every other class is dynamic in every axis the check varied.
-BATCH_ONLY_ONNX = {"tiny-pixart", "ltx", "aura-flow", "cogvideox", "stable-audio"}
+# Denoisers whose graph traced at the recorded size fails at another: a position table stored for
+# the configured size, computed from the input's size elsewhere (PixArt's and AuraFlow's patch
+# embeddings). Traced at the second shape, they are dynamic in size as well (the exporter's second
+# attempt, the first one's failure in the manifest).
+TRACED_AT_SECOND_SHAPE_ONNX = {"tiny-pixart", "aura-flow"}
+# Denoisers dynamic in the batch only, both wider attempts' failures in the manifest: LTX fixes its
+# latent size as int arguments; CogVideoX's position table is written through ``.data``, which
+# torch.export refuses. Every other class is dynamic in every axis the check varied.
+BATCH_ONLY_ONNX = {"ltx", "cogvideox"}
 
 
 def _call_kwargs(name: str) -> dict[str, Any]:
@@ -195,10 +199,13 @@ def test_onnx_denoiser_runs_at_two_shapes(name: str, bundles: dict[str, Path], t
     # A second shape: declared dynamic only after running there.
     print(f"{name}: dynamic axes {entry['dynamic_axes']}, wider attempts failed: {entry.get('wider_axes_failed')}")
     assert entry["dynamic"] and entry["check"]["ok"] and entry["check"]["sqnr_db"] >= MIN_CALL_SQNR_DB
+    failed = entry.get("wider_axes_failed", [])
     if name in BATCH_ONLY_ONNX:
-        assert entry["wider_axes_failed"] and all(axes in ([], [0]) for axes in entry["dynamic_axes"].values())
+        assert len(failed) == 2 and all(axes in ([], [0]) for axes in entry["dynamic_axes"].values())
+    elif name in TRACED_AT_SECOND_SHAPE_ONNX:
+        assert len(failed) == 1 and set(next(iter(entry["dynamic_axes"].values()))) > {0}, entry["dynamic_axes"]
     else:
-        assert "wider_axes_failed" not in entry, entry["wider_axes_failed"]
+        assert not failed, failed
 
 
 @pytest.mark.parametrize("name", sorted(STEP_RANGE_BOUND))

@@ -8,6 +8,13 @@ with the repeat count at ``dim``: ``[F, 1, 1, 1]`` against ``[B, 1, S, D]``. The
 where the batch equals the frame count (or is 1) and fails in onnxruntime at every other shape, so
 such a denoiser lost its dynamic axes. This translation puts the count on the unsqueezed axis, as
 torchlib already does for a constant ``repeats``.
+
+``squeeze.dim`` and ``squeeze.dims`` on an axis that is not statically 1: torch squeezes an axis
+only where its size is 1, and torch.export traces a dynamic axis as never 1 (its 0/1
+specialization), so ``x.squeeze(1)`` on a symbolic token axis is a no-op in the program. torchlib
+emits an ONNX ``Squeeze`` there, which onnxruntime refuses for any size but 1: PixArt's output
+projection (``hidden_states.squeeze(1)``) failed at every token count. This translation squeezes
+the axes whose size is 1 in the traced program and passes the others through.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from typing import Any
 import torch
 from onnxscript import opset20 as op
 
-__all__ = ["ATEN_FIXES", "repeat_interleave_self_int"]
+__all__ = ["ATEN_FIXES", "repeat_interleave_self_int", "squeeze_dim", "squeeze_dims"]
 
 
 def _ints(values: list[int]) -> Any:
@@ -44,7 +51,23 @@ def repeat_interleave_self_int(self: Any, repeats: Any, dim: int | None = None, 
     return op.Reshape(tiled, op.Concat(*shape, axis=0))
 
 
+def squeeze_dims(self: Any, dim: list[int]) -> Any:
+    """``x.squeeze(dims)`` as the traced program computes it: only the axes of size 1 go."""
+    if self.shape is None:  # no traced shape: torchlib's translation
+        return op.Squeeze(self, _ints(list(dim)))
+    rank = len(self.shape)
+    axes = [d % rank for d in dim if rank and self.shape[d % rank] == 1]
+    return op.Squeeze(self, _ints(axes)) if axes else op.Identity(self)
+
+
+def squeeze_dim(self: Any, dim: int) -> Any:
+    """``x.squeeze(dim)``: :func:`squeeze_dims` of one axis."""
+    return squeeze_dims(self, [dim])
+
+
 ATEN_FIXES: dict[Callable[..., Any], Callable[..., Any]] = {
     torch.ops.aten.repeat_interleave.self_int: repeat_interleave_self_int,
+    torch.ops.aten.squeeze.dim: squeeze_dim,
+    torch.ops.aten.squeeze.dims: squeeze_dims,
 }
 """aten overload -> corrected onnxscript translation (``custom_translation_table`` entries)."""

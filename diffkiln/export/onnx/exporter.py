@@ -28,13 +28,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from diffkiln.core.arguments import bind_call
 from diffkiln.core.atomic import atomic_directory, file_table
 from diffkiln.core.cache_schedule import CacheMechanism, CacheSchedule
 from diffkiln.core.errors import BundleError
 from diffkiln.core.schema import MANIFEST_NAME, ONNX_FORMAT, ONNX_VERSION, LoadedBundle
-from diffkiln.export.onnx.aten_fixes import ATEN_FIXES
 from diffkiln.export.onnx.cache_graphs import CACHED_FILE, check_reuse, reuse_component, schedule_entry
-from diffkiln.export.onnx.check import bundle_call, capture_call, flatten_call, run_check, second_shape
+from diffkiln.export.onnx.check import bundle_call, capture_call, run_check, second_shape
 from diffkiln.export.onnx.components import (
     Component,
     ComponentKind,
@@ -42,12 +42,11 @@ from diffkiln.export.onnx.components import (
     batch_inputs,
     flatten_kwargs,
     record_components,
-    repeated_batch,
 )
 from diffkiln.export.onnx.config import MAX_OPSET, MIN_OPSET, OnnxCompute, OnnxExportConfig
 from diffkiln.export.onnx.modules import OnnxExportError, OnnxQLinear, export_module_for
-from diffkiln.export.onnx.ops import TRANSLATIONS
-from diffkiln.export.onnx.write import error_summary, finish_model, io_spec, save_model
+from diffkiln.export.onnx.program import export_component
+from diffkiln.export.onnx.write import error_summary
 from diffkiln.nn import QConv, QLinear
 from diffkiln.nn.cache import CacheStepTracer
 
@@ -95,115 +94,6 @@ def _swap_quantized_layers(
     return sub_byte, kept
 
 
-def _dynamic_shapes(component: Component, batch_only: bool = False) -> tuple[tuple[Any, ...]]:
-    """The axes to export as ``Dim.AUTO`` (dynamic where the model allows, static where it
-    constrains them: channels a weight fixes, a position table): every axis of every input, but a
-    text encoder's token axis; with ``batch_only``, the batch axis of the inputs that share the
-    main input's batch. Which axes really vary is established by running the graph at a second shape."""
-    from torch.export import Dim
-
-    tensors = list(component.example.values())
-    batched = {0, *batch_inputs(component.example)} if tensors and tensors[0].dim() else set()
-    spec: list[Any] = []
-    for i, t in enumerate(tensors):
-        if batch_only or component.kind == ComponentKind.TEXT_ENCODER:
-            dims = [0] if i in batched else []
-        else:
-            dims = list(range(t.dim()))
-        spec.append({d: Dim.AUTO for d in dims} or None)
-    return (tuple(spec),)  # the wrappers take ``*tensors``: one tuple argument
-
-
-TRACE_BATCH = 3
-"""The batch a dynamic export traces at where the recorded call's batch is 1. torch.export
-specializes an example axis of size 1 and guards relations on it (FLUX's rotary reshape became
-``(8 // batch) * 2``), so a batch-1 trace runs at batch 1 only. Not the check's batch
-(:func:`diffkiln.export.onnx.check.bundle_call` at 2), so the check runs at a batch the trace did not see."""
-
-
-def _trace_example(example: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The example a dynamic export traces: the recorded one, its batch of 1 repeated to :data:`TRACE_BATCH`."""
-    first = next(iter(example.values()), None)
-    if first is None or not first.dim() or first.shape[0] != 1:
-        return example
-    return repeated_batch(example, TRACE_BATCH)
-
-
-def _export_program(
-    component: Component, opset: int, dynamic: bool, batch_only: bool = False
-) -> tuple[Any, str | None]:
-    """torch.onnx.export with dynamic axes (:func:`_dynamic_shapes`); on failure, again with the
-    recorded shapes."""
-    kwargs: dict[str, Any] = {
-        "input_names": list(component.example),
-        "dynamo": True,
-        "opset_version": opset,
-        "custom_translation_table": {**TRANSLATIONS, **ATEN_FIXES},
-        "verbose": False,
-        # finish_model optimizes the graph (GraphOptimizePass: the exporter's optimizer, minus its
-        # rules whose matching is quadratic in the graph's size).
-        "optimize": False,
-    }
-    module = component.module.eval()
-
-    def fresh(example: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        # A failed dynamic attempt leaves dynamic-dimension marks on its input tensors.
-        return tuple(t.clone() for t in example.values())
-
-    with torch.no_grad():
-        if dynamic:
-            try:
-                shapes = _dynamic_shapes(component, batch_only)
-                traced = fresh(_trace_example(component.example))
-                return torch.onnx.export(module, traced, dynamic_shapes=shapes, **kwargs), None
-            except Exception as exc:  # torch.export raises many types; the reason goes to the manifest
-                reason = f"{type(exc).__name__}: {error_summary(exc)}"
-                log.warning("%s: dynamic axes failed (%s); exporting the recorded shapes", component.name, reason)
-        else:
-            reason = "dynamic axes not requested"
-        return torch.onnx.export(module, fresh(component.example), **kwargs), reason
-
-
-def _wrapper_prefix(module: Any) -> str | None:
-    """``"<attribute>."`` of the model an export wrapper holds (its only child module), or None."""
-    children = [name for name, _ in module.named_children()]
-    return f"{children[0]}." if len(children) == 1 else None
-
-
-def _export_component(
-    component: Component,
-    path: Path,
-    config: OnnxExportConfig,
-    sub_byte: set[str],
-    float16: bool = True,
-    batch_only: bool = False,
-) -> dict[str, Any]:
-    program, static_reason = _export_program(component, config.opset, config.dynamic, batch_only)
-    if program is None:
-        raise RuntimeError("torch.onnx.export returned no program")
-    model = finish_model(program, sub_byte, config.opset, float16, _wrapper_prefix(component.module))
-    save_model(model, path)
-    entry: dict[str, Any] = {
-        "kind": component.kind,
-        "file": path.name,
-        "inputs": io_spec(model.graph.inputs),
-        "outputs": io_spec(model.graph.outputs),
-        "options": component.options,
-        "output_fields": [list(f) for f in component.outputs],
-        "output_class": component.output_class,
-        "call_order": component.call_order,
-        # What the graph really takes: Dim.AUTO may still have fixed an axis the model constrains.
-        "dynamic_axes": {
-            i["name"]: [axis for axis, d in enumerate(i["shape"] or []) if isinstance(d, str)]
-            for i in io_spec(model.graph.inputs)
-        },
-    }
-    entry["dynamic"] = any(entry["dynamic_axes"].values())
-    if static_reason is not None:
-        entry["static_reason"] = static_reason
-    return entry
-
-
 def _copy_pipeline_files(bundle: Path, tmp: Path, components: list[Component], manifest: dict[str, Any]) -> None:
     """Tokenizers, scheduler and model_index.json as they are; model components' configs only."""
     shutil.copy2(bundle / "model_index.json", tmp / "model_index.json")
@@ -221,29 +111,68 @@ def _copy_pipeline_files(bundle: Path, tmp: Path, components: list[Component], m
 def _checked_denoiser(
     component: Component, file: Path, config: OnnxExportConfig, names: set[str], bundle: LoadedBundle
 ) -> dict[str, Any]:
-    """Export the denoiser; a graph exported with dynamic axes is run at a second shape first
-    (:mod:`diffkiln.export.onnx.check`). Every axis dynamic is tried first, checked at another batch
-    and size; then the batch axis alone, checked at another batch; then the recorded shapes."""
-    pipe, manifest = bundle.pipeline, bundle.manifest
+    """Export the denoiser; a graph exported with dynamic axes is run at another shape first
+    (:mod:`diffkiln.export.onnx.check`). The exports of :data:`DYNAMIC_ATTEMPTS` in order, until one
+    passes; then the recorded shapes."""
     failures: list[str] = []
-    for batch_only in (False, True) if config.dynamic else ():
-        entry = _export_component(component, file, config, names, batch_only=batch_only)
-        if not entry["dynamic"]:
-            failures.append(entry.get("static_reason", "no axis stayed dynamic"))
+    calls: dict[bool, dict[str, torch.Tensor] | str] = {}
+    for attempt, swapped, batch_only in DYNAMIC_ATTEMPTS if config.dynamic else ():
+        if batch_only not in calls:
+            calls[batch_only] = _second_call(component, config, bundle, batch_only)
+        second = calls[batch_only]
+        if isinstance(second, str):  # the pipeline does not run there, or fixes that size in the graph
+            failures.append(f"{attempt}: {second}")
             continue
-        overrides = {} if batch_only else second_shape(pipe, manifest, dict(config.check_call_kwargs))
+        traced, checked = (second, component.example) if swapped else (component.example, second)
+        exported = dataclasses.replace(component, example=traced)
         try:
-            call = bundle_call(pipe, manifest, config.prompt, batch=2, overrides=overrides)
-            tensors = flatten_call(bundle.denoiser, *capture_call(pipe, bundle.denoiser, call))
-            check = run_check(file, list(component.example), component.module, tensors)
-        except Exception as exc:  # the pipeline may not run at another size: then that axis is static
-            check = {"ok": False, "shapes": overrides, "sqnr_db": None, "error": f"{type(exc).__name__}: {exc}"[:300]}
-        if check["ok"]:
-            return _verified(entry, component, tensors, check, failures)
-        failures.append(f"{'batch' if batch_only else 'every'} axis dynamic failed at a second shape: {check['error']}")
+            entry = export_component(exported, file, config, names, batch_only=batch_only, fallback=False)
+        except Exception as exc:  # torch.export raises many types; the reason goes to the manifest
+            failures.append(f"{attempt}: {type(exc).__name__}: {error_summary(exc)}")
+            continue
+        check = run_check(file, list(component.example), component.module, checked) if entry["dynamic"] else None
+        if check is not None and check["ok"]:
+            return _verified(entry, exported, checked, check, failures)
+        failures.append(f"{attempt}: {check['error'] if check else 'no axis stayed dynamic'}")
         log.warning("%s: %s", component.name, failures[-1])
-    static = _export_component(component, file, dataclasses.replace(config, dynamic=False), names)
+    static = export_component(component, file, dataclasses.replace(config, dynamic=False), names)
     return {**static, "static_reason": "; ".join(failures) or "dynamic axes not requested"}
+
+
+DYNAMIC_ATTEMPTS = (
+    ("every axis dynamic", False, False),
+    ("every axis dynamic, traced at the second shape", True, False),
+    ("the batch axis dynamic", False, True),
+)
+"""The dynamic exports of the denoiser, tried in order: (what, traced at the second shape and
+checked at the recorded call, batch axis only). The others are traced at the recorded call and
+checked at the second shape (another batch and, but for the batch-only one, another size).
+
+Tracing at the second shape is for a model that takes a shortcut at the size it was configured
+for: PixArt's patch embedding adds its stored position table where ``height == sample_size`` and
+computes one from the input's size elsewhere. A trace at the configured size records the table as
+a constant, and the graph fails at every other size; a trace at another size records the general
+path, and the check at the recorded call proves it gives the stored table's result there."""
+
+
+def _second_call(
+    component: Component, config: OnnxExportConfig, bundle: LoadedBundle, batch_only: bool
+) -> dict[str, torch.Tensor] | str:
+    """The denoiser's input tensors in the bundle's call at batch 2 and, unless ``batch_only``, the
+    second size (:func:`~diffkiln.export.onnx.check.second_shape`); or why there is none: the call
+    failed, or it changes options the graph fixes (LTX's ``height`` and ``width`` are ints)."""
+    pipe, manifest = bundle.pipeline, bundle.manifest
+    overrides = {} if batch_only else second_shape(pipe, manifest, dict(config.check_call_kwargs))
+    try:
+        call = bundle_call(pipe, manifest, config.prompt, batch=2, overrides=overrides)
+        tensors, options = flatten_kwargs(bind_call(bundle.denoiser, *capture_call(pipe, bundle.denoiser, call)))
+    except Exception as exc:  # a pipeline raises its own types at a size it does not take
+        return f"the call at a second shape failed: {type(exc).__name__}: {exc}"[:400]
+    changed = {k: (component.options.get(k), options.get(k)) for k in {*options, *component.options}
+               if options.get(k) != component.options.get(k)}  # fmt: skip
+    if changed:
+        return f"the graph fixes options that change at the second shape (recorded, second): {changed}"
+    return tensors
 
 
 def _verified(
@@ -304,7 +233,7 @@ def export_onnx(bundle: LoadedBundle, config: OnnxExportConfig) -> Path:
             vae = component.kind == ComponentKind.VAE_DECODER
             file = tmp / ("vae_decoder.onnx" if vae else f"{component.name}.onnx")
             try:
-                entries[component.name] = _export_component(component, file, config, set())
+                entries[component.name] = export_component(component, file, config, set())
             except Exception as exc:  # torch.export raises many types; the reason goes to the manifest
                 skipped[component.name] = f"{type(exc).__name__}: {error_summary(exc)}"
                 log.warning("%s is not exported: %s", component.name, skipped[component.name])
@@ -359,12 +288,12 @@ def _denoiser_graphs(
         entry = _checked_denoiser(fill, tmp / "denoiser.onnx", config, sub_byte, bundle)
         n_values = len(reuse.example) - len(component.example)
         file = tmp / CACHED_FILE
-        reuse_entry = _export_component(reuse, file, config, sub_byte, batch_only=True)
+        reuse_entry = export_component(reuse, file, config, sub_byte, batch_only=True)
         check = check_reuse(file, reuse, reuse_entry)
         if not check["ok"] and reuse_entry["dynamic"]:
             log.warning("%s: the reuse graph failed with a dynamic batch (%s); exporting the recorded shapes",
                         component.name, check["error"])  # fmt: skip
-            reuse_entry = _export_component(reuse, file, dataclasses.replace(config, dynamic=False), sub_byte)
+            reuse_entry = export_component(reuse, file, dataclasses.replace(config, dynamic=False), sub_byte)
             check = check_reuse(file, reuse, reuse_entry)
         if not check["ok"]:
             raise OnnxExportError(
@@ -403,7 +332,7 @@ def export_module_onnx(
     wrapper = _Denoiser(module, list(tensors), options, batch_inputs(tensors))
     component = Component(path.stem, ComponentKind.DENOISER, wrapper, tensors, options)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return _export_component(component, path, config, sub_byte, float16)
+    return export_component(component, path, config, sub_byte, float16)
 
 
 def export_denoiser_onnx(bundle: LoadedBundle, config: OnnxExportConfig) -> Path:

@@ -41,7 +41,6 @@ def finish_model(program: Any, sub_byte: set[str], opset: int, float16: bool = T
         DropShapeInfoPass,
         Float16InitializersPass,
         GraphOptimizePass,
-        NoopSqueezePass,
         ShortNodeNamesPass,
         StripNamePrefixPass,
         SubByteInitializersPass,
@@ -52,7 +51,6 @@ def finish_model(program: Any, sub_byte: set[str], opset: int, float16: bool = T
         GraphOptimizePass(),
         ClearMetadataAndDocStringPass(),
         ClearValueMetadataPass(),
-        NoopSqueezePass(),
     ]
     if sub_byte and opset >= 21:
         passes.append(SubByteInitializersPass(sub_byte))

@@ -5,7 +5,6 @@ from diffkiln.export.onnx.passes.clear_value_metadata import ClearValueMetadataP
 from diffkiln.export.onnx.passes.drop_shape_info import DropShapeInfoPass
 from diffkiln.export.onnx.passes.float16_initializers import Float16InitializersPass
 from diffkiln.export.onnx.passes.graph_optimize import GraphOptimizePass
-from diffkiln.export.onnx.passes.noop_squeeze import NoopSqueezePass
 from diffkiln.export.onnx.passes.short_node_names import ShortNodeNamesPass
 from diffkiln.export.onnx.passes.strip_name_prefix import StripNamePrefixPass
 from diffkiln.export.onnx.passes.sub_byte_initializers import SubByteInitializersPass
@@ -15,7 +14,6 @@ __all__ = [
     "DropShapeInfoPass",
     "Float16InitializersPass",
     "GraphOptimizePass",
-    "NoopSqueezePass",
     "ShortNodeNamesPass",
     "StripNamePrefixPass",
     "SubByteInitializersPass",

@@ -1,0 +1,143 @@
+"""One model component to one ONNX file: ``torch.onnx.export(dynamo=True)`` with dynamic axes
+(``Dim.AUTO``), the custom-op and aten translations, then :func:`~diffkiln.export.onnx.write.finish_model`.
+
+Which axes the graph really takes is established by its caller, which runs the graph at a second
+shape (:mod:`diffkiln.export.onnx.check`); this module only exports and describes the file.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffkiln.export.onnx.aten_fixes import ATEN_FIXES
+from diffkiln.export.onnx.components import Component, ComponentKind, batch_inputs, repeated_batch
+from diffkiln.export.onnx.config import OnnxExportConfig
+from diffkiln.export.onnx.ops import TRANSLATIONS
+from diffkiln.export.onnx.write import error_summary, finish_model, io_spec, save_model
+
+__all__ = ["TRACE_BATCH", "dynamic_shapes", "export_component", "export_program", "trace_example"]
+
+log = logging.getLogger(__name__)
+
+
+def dynamic_shapes(component: Component, batch_only: bool = False) -> tuple[tuple[Any, ...]]:
+    """The axes to export as ``Dim.AUTO`` (dynamic where the model allows, static where it
+    constrains them: channels a weight fixes, a position table): every axis of every input, but a
+    text encoder's token axis and an axis of size 1; with ``batch_only``, the batch axis of the
+    inputs that share the main input's batch. Which axes really vary is established by running the
+    graph at a second shape.
+
+    A size-1 axis would be specialized to 1 anyway (torch.export's 0/1 specialization); declared
+    ``Dim.AUTO``, it makes the decomposition pass re-evaluate a guard on it to the opposite of its
+    hint (``AssertionError: True != False``) wherever the model squeezes or broadcasts it: Stable
+    Audio's global states, ``(batch, 1, dim)``, failed the whole export. The batch axis is exempt:
+    the trace repeats a batch of 1 (:data:`TRACE_BATCH`)."""
+    from torch.export import Dim
+
+    tensors = list(component.example.values())
+    batched = {0, *batch_inputs(component.example)} if tensors and tensors[0].dim() else set()
+    spec: list[Any] = []
+    for i, t in enumerate(tensors):
+        if batch_only or component.kind == ComponentKind.TEXT_ENCODER:
+            dims = [0] if i in batched else []
+        else:
+            dims = [d for d in range(t.dim()) if t.shape[d] != 1 or (d == 0 and i in batched)]
+        spec.append({d: Dim.AUTO for d in dims} or None)
+    return (tuple(spec),)  # the wrappers take ``*tensors``: one tuple argument
+
+
+TRACE_BATCH = 3
+"""The batch a dynamic export traces at where the recorded call's batch is 1. torch.export
+specializes an example axis of size 1 and guards relations on it (FLUX's rotary reshape became
+``(8 // batch) * 2``), so a batch-1 trace runs at batch 1 only. Not the check's batch
+(:func:`diffkiln.export.onnx.check.bundle_call` at 2), so the check runs at a batch the trace did not see."""
+
+
+def trace_example(example: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The example a dynamic export traces: the recorded one, its batch of 1 repeated to :data:`TRACE_BATCH`."""
+    first = next(iter(example.values()), None)
+    if first is None or not first.dim() or first.shape[0] != 1:
+        return example
+    return repeated_batch(example, TRACE_BATCH)
+
+
+def export_program(
+    component: Component, opset: int, dynamic: bool, batch_only: bool = False, fallback: bool = True
+) -> tuple[Any, str | None]:
+    """torch.onnx.export with dynamic axes (:func:`dynamic_shapes`); on failure, again with the
+    recorded shapes (with ``fallback``; else the failure is raised)."""
+    kwargs: dict[str, Any] = {
+        "input_names": list(component.example),
+        "dynamo": True,
+        "opset_version": opset,
+        "custom_translation_table": {**TRANSLATIONS, **ATEN_FIXES},
+        "verbose": False,
+        # finish_model optimizes the graph (GraphOptimizePass: the exporter's optimizer, minus its
+        # rules whose matching is quadratic in the graph's size).
+        "optimize": False,
+    }
+    module = component.module.eval()
+
+    def fresh(example: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        # A failed dynamic attempt leaves dynamic-dimension marks on its input tensors.
+        return tuple(t.clone() for t in example.values())
+
+    with torch.no_grad():
+        if dynamic:
+            try:
+                shapes = dynamic_shapes(component, batch_only)
+                traced = fresh(trace_example(component.example))
+                return torch.onnx.export(module, traced, dynamic_shapes=shapes, **kwargs), None
+            except Exception as exc:  # torch.export raises many types; the reason goes to the manifest
+                if not fallback:
+                    raise
+                reason = f"{type(exc).__name__}: {error_summary(exc)}"
+                log.warning("%s: dynamic axes failed (%s); exporting the recorded shapes", component.name, reason)
+        else:
+            reason = "dynamic axes not requested"
+        return torch.onnx.export(module, fresh(component.example), **kwargs), reason
+
+
+def wrapper_prefix(module: Any) -> str | None:
+    """``"<attribute>."`` of the model an export wrapper holds (its only child module), or None."""
+    children = [name for name, _ in module.named_children()]
+    return f"{children[0]}." if len(children) == 1 else None
+
+
+def export_component(
+    component: Component,
+    path: Path,
+    config: OnnxExportConfig,
+    sub_byte: set[str],
+    float16: bool = True,
+    batch_only: bool = False,
+    fallback: bool = True,
+) -> dict[str, Any]:
+    program, static_reason = export_program(component, config.opset, config.dynamic, batch_only, fallback)
+    if program is None:
+        raise RuntimeError("torch.onnx.export returned no program")
+    model = finish_model(program, sub_byte, config.opset, float16, wrapper_prefix(component.module))
+    save_model(model, path)
+    entry: dict[str, Any] = {
+        "kind": component.kind,
+        "file": path.name,
+        "inputs": io_spec(model.graph.inputs),
+        "outputs": io_spec(model.graph.outputs),
+        "options": component.options,
+        "output_fields": [list(f) for f in component.outputs],
+        "output_class": component.output_class,
+        "call_order": component.call_order,
+        # What the graph really takes: Dim.AUTO may still have fixed an axis the model constrains.
+        "dynamic_axes": {
+            i["name"]: [axis for axis, d in enumerate(i["shape"] or []) if isinstance(d, str)]
+            for i in io_spec(model.graph.inputs)
+        },
+    }
+    entry["dynamic"] = any(entry["dynamic_axes"].values())
+    if static_reason is not None:
+        entry["static_reason"] = static_reason
+    return entry

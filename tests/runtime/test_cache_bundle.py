@@ -153,7 +153,6 @@ def test_cache_sweep_builds_one_bundle_per_budget_from_one_calibration(tmp_path:
         build_cache_sweep("shapes-dit", config, (0.5, 1.5))
 
 
-
 def test_mixed_recipe_composes_with_a_cache(tmp_path: Path) -> None:
     from diffkiln.cli import main
 

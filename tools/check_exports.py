@@ -4,7 +4,7 @@ against the torch runtime.
 For each architecture: calibrate (4 prompts, 4 steps), plan W8A8 static, write the bundle, then
 
 * ``export --format onnx`` (all components, dynamic axes where the model allows): records the
-  export time, which components got dynamic axes, the ONNX sizes, and the latent SQNR of the
+  export time, each component's dynamic axes, the ONNX sizes, and the latent SQNR of the
   onnxruntime pipeline against the torch bundle (same prompt and seed, ``--steps`` steps) plus
   the denoiser's per-call SQNR on the torch run's recorded inputs;
 * ``export --format mindiesd``: records whether it wrote, and what it widened.
@@ -62,8 +62,11 @@ def _check(name: str, work: Path, steps: int) -> dict[str, Any]:
     out = convert(bundle, OnnxExportConfig(work / "onnx", overwrite=True))
     row["onnx_export_s"] = round(time.perf_counter() - t0, 1)
     manifest = json.loads((out / "manifest.json").read_text())
-    row["components"] = {k: {"dynamic": v["dynamic"], "mb": round((out / v["file"]).stat().st_size / 1e6, 3)}
-                         for k, v in manifest["components"].items()}  # fmt: skip
+    row["components"] = {
+        k: {"dynamic_axes": {n: a for n, a in v["dynamic_axes"].items() if a},
+            "mb": round((out / v["file"]).stat().st_size / 1e6, 3)}
+        for k, v in manifest["components"].items()
+    }  # fmt: skip
     torch_pipe = load(bundle, "cpu")
     ort_pipe = load(out, "cpu", backend="onnxruntime")
     denoiser = manifest["pipeline"]["denoiser"]
@@ -85,7 +88,13 @@ def _check(name: str, work: Path, steps: int) -> dict[str, Any]:
     row["denoiser_call_sqnr_db_min"] = round(min(per_call), 1)
     md = convert(bundle, MindieExportConfig(work / "mindiesd", overwrite=True))
     meta = json.loads((md / "diffkiln_export.json").read_text())
-    row["mindiesd"] = {"algo": meta["algo"], "widened": len(meta["widened"]), "bos_layers": len(meta["bos"])}
+    row["mindiesd"] = {
+        "model_quant_type": meta["model_quant_type"],
+        "quantized_on_target": len(meta["quantized_on_target"]),
+        "float_on_target": len(meta["float_on_target"]),
+        "widened": len(meta["widened"]),
+        "bos_rows_not_applied": len(meta["bos_rows_not_applied"]),
+    }
     return row
 
 

@@ -19,7 +19,7 @@ from diffkiln.export.onnx.config import OnnxExportConfig
 from diffkiln.export.onnx.ops import TRANSLATIONS
 from diffkiln.export.onnx.write import error_summary, finish_model, io_spec, save_model
 
-__all__ = ["TRACE_BATCH", "dynamic_shapes", "export_component", "export_program", "trace_example"]
+__all__ = ["TRACE_BATCH", "dynamic_shapes", "export_component", "export_program", "pin_inputs", "trace_example"]
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,25 @@ def wrapper_prefix(module: Any) -> str | None:
     return f"{children[0]}." if len(children) == 1 else None
 
 
+def pin_inputs(program: Any) -> None:
+    """Write into the graph's input shapes each axis torch.export pinned to one value.
+
+    ``Dim.AUTO`` over an axis the model fixes (a VAE's latent channels, read by a convolution of
+    fixed width) can leave a symbol whose range is one value (``VR[4, 4]``) where a plain size
+    would say the same. torch.onnx names it as a symbolic input axis, so the manifest listed the
+    channels among the dynamic axes and a wrong size failed deep in onnxruntime; pinned, the graph
+    says what it takes and the onnxruntime backend names a wrong size at the input."""
+    import onnx_ir as ir
+
+    exported = getattr(program, "exported_program", None)
+    if exported is None:
+        return
+    pinned = {str(s): int(r.lower) for s, r in exported.range_constraints.items() if r.lower == r.upper}
+    for value in program.model.graph.inputs:
+        if value.shape is not None and any(not isinstance(d, int) and str(d) in pinned for d in value.shape):
+            value.shape = ir.Shape([d if isinstance(d, int) else pinned.get(str(d), d) for d in value.shape])
+
+
 def export_component(
     component: Component,
     path: Path,
@@ -117,9 +136,14 @@ def export_component(
     batch_only: bool = False,
     fallback: bool = True,
 ) -> dict[str, Any]:
+    """Export ``component`` to ``path`` (:func:`export_program`, :func:`pin_inputs`, the passes of
+    :func:`~diffkiln.export.onnx.write.finish_model`, the full checker) and return its manifest
+    entry: inputs and outputs, options, output layout, and ``dynamic_axes`` (the input axes the
+    graph leaves symbolic), ``dynamic``, and ``static_reason`` where the dynamic export failed."""
     program, static_reason = export_program(component, config.opset, config.dynamic, batch_only, fallback)
     if program is None:
         raise RuntimeError("torch.onnx.export returned no program")
+    pin_inputs(program)
     model = finish_model(program, sub_byte, config.opset, float16, wrapper_prefix(component.module))
     save_model(model, path)
     entry: dict[str, Any] = {

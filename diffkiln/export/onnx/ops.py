@@ -39,6 +39,15 @@ def _fake_quant(x: Tensor, a_scale: Tensor, a_zp: Tensor) -> Tensor:
     return (q - zp) * a_scale
 
 
+def _linear_out(x: Tensor, w_t: Tensor) -> Tensor:
+    """An empty tensor of a linear op's output shape (the custom ops' fake kernels). Checks the
+    input features against the weight's, as ``torch.matmul`` does: torch.export then knows the
+    feature axis is fixed (without it, a dynamic export left that axis a free symbol, and the
+    manifest an axis no size but the weight's can take)."""
+    torch._check(x.shape[-1] == w_t.shape[0], lambda: f"input features {x.shape[-1]}, the weight takes {w_t.shape[0]}")
+    return x.new_empty(*x.shape[:-1], w_t.shape[1])
+
+
 @torch.library.custom_op("diffkiln::qdq_linear", mutates_args=())
 def qdq_linear(x: Tensor, w_t: Tensor, w_scale: Tensor, bias: Tensor, a_scale: Tensor, a_zp: Tensor) -> Tensor:
     """Static W8A8 linear: fake-quantized x against int8 (K, N) weights with per-column scales."""
@@ -47,7 +56,7 @@ def qdq_linear(x: Tensor, w_t: Tensor, w_scale: Tensor, bias: Tensor, a_scale: T
 
 @qdq_linear.register_fake
 def _(x: Tensor, w_t: Tensor, w_scale: Tensor, bias: Tensor, a_scale: Tensor, a_zp: Tensor) -> Tensor:
-    return x.new_empty(*x.shape[:-1], w_t.shape[1])
+    return _linear_out(x, w_t)
 
 
 @torch.library.custom_op("diffkiln::wo_linear", mutates_args=())
@@ -58,7 +67,7 @@ def wo_linear(x: Tensor, w_t: Tensor, w_scale: Tensor, bias: Tensor) -> Tensor:
 
 @wo_linear.register_fake
 def _(x: Tensor, w_t: Tensor, w_scale: Tensor, bias: Tensor) -> Tensor:
-    return x.new_empty(*x.shape[:-1], w_t.shape[1])
+    return _linear_out(x, w_t)
 
 
 _CONV = {3: torch.nn.functional.conv1d, 4: torch.nn.functional.conv2d, 5: torch.nn.functional.conv3d}
@@ -138,6 +147,7 @@ def matmulnbits(x: Tensor, b: Tensor, scales: Tensor, k: int, n: int, bits: int,
     off the QDQ grid.
     """
     if torch.onnx.is_in_onnx_export():
+        torch._check(x.shape[-1] == k, lambda: f"input features {x.shape[-1]}, the weight takes {k}")
         attrs: dict[str, Any] = {"K": k, "N": n, "bits": bits, "block_size": block_size, "accuracy_level": 0}
         return torch.onnx.ops.symbolic(
             "com.microsoft::MatMulNBits", (x, b, scales), attrs, dtype=x.dtype, shape=(*x.shape[:-1], n), version=1
@@ -160,7 +170,7 @@ def int_linear(x: Tensor, w_t: Tensor, out_scale: Tensor, bias: Tensor, a_scale:
 
 @int_linear.register_fake
 def _(x: Tensor, w_t: Tensor, out_scale: Tensor, bias: Tensor, a_scale: Tensor, a_zp: Tensor) -> Tensor:
-    return x.new_empty(*x.shape[:-1], w_t.shape[1])
+    return _linear_out(x, w_t)
 
 
 @torch.library.custom_op("diffkiln::int_conv", mutates_args=())

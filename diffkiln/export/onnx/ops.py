@@ -85,9 +85,16 @@ def _per_out(scale: Tensor, w: Tensor) -> Tensor:
 
 
 def _conv_out_like(x: Tensor, w: Tensor, stride: list[int], padding: list[int], dilation: list[int]) -> Tensor:
-    """An empty tensor of the convolution's output shape (the custom ops' fake kernels)."""
-    wf = torch.empty(w.shape, dtype=x.dtype, device="meta")
-    return _convnd(x.to("meta"), wf, None, stride, padding, dilation).to(x.device)
+    """An empty tensor of the convolution's output shape (the custom ops' fake kernels), from the
+    sizes alone. Checks the input channels against the weight's, as a convolution does, so that
+    torch.export pins that axis. A meta convolution gave the same shape at several times the cost
+    of a dynamic export's symbolic reasoning (its memory-format checks on every stride)."""
+    torch._check(x.shape[1] == w.shape[1], lambda: f"input channels {x.shape[1]}, the weight takes {w.shape[1]}")
+    spatial = [
+        (size + 2 * pad - dil * (k - 1) - 1) // st + 1
+        for size, k, st, pad, dil in zip(x.shape[2:], w.shape[2:], stride, padding, dilation, strict=True)
+    ]
+    return x.new_empty((x.shape[0], w.shape[0], *spatial))
 
 
 @torch.library.custom_op("diffkiln::qdq_conv", mutates_args=())

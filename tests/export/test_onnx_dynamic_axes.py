@@ -117,6 +117,35 @@ def test_inputs_that_share_the_batch_export_with_one_dynamic_batch(tmp_path: Pat
         np.testing.assert_allclose(_run(path, feeds), ref, rtol=1e-4, atol=1e-5)
 
 
+class _PositionTable(nn.Module):
+    """CogVideoX's patch embedding away from its configured size: a table of text slots then one
+    row per token, built as zeros and filled through ``.data`` by a rank-2 ``copy_`` that broadcasts
+    into the rank-3 slice."""
+
+    text_len = 3
+
+    def forward(self, hidden: torch.Tensor, return_dict: bool = True) -> torch.Tensor:
+        tokens = hidden.shape[1]
+        rows = torch.sin(torch.arange(tokens, dtype=torch.float32)[:, None] * torch.arange(1, 9)[None, :] * 0.1)
+        table = hidden.new_zeros(1, self.text_len + tokens, 8)
+        table.data[:, self.text_len :].copy_(rows)
+        return hidden + table[:, self.text_len :]
+
+
+def test_a_table_written_through_data_is_computed_in_the_graph(tmp_path: Path) -> None:
+    module = _PositionTable().eval()
+    path, entry = _export(module, {"hidden": torch.randn(1, 5, 8)}, tmp_path)
+    # Without DataAsDetach, torch.export lifted the written table as a constant (a fake tensor) and
+    # failed; without the copy translation, torchlib's CastLike kept the rank-2 shape and the graph
+    # failed ONNX shape inference.
+    assert "static_reason" not in entry and entry["dynamic_axes"] == {"hidden": [0, 1]}, entry
+    for batch, tokens in [(1, 5), (2, 7), (3, 12)]:
+        feeds = {"hidden": torch.randn(batch, tokens, 8)}
+        with torch.no_grad():
+            ref = module(**feeds).numpy()
+        np.testing.assert_allclose(_run(path, feeds), ref, rtol=1e-6, atol=1e-6)
+
+
 class _ProjectOut(nn.Module):
     """PixArt's last step: the output projection, then ``squeeze(1)`` of the token axis (a no-op
     unless there is one token), and a ``squeeze`` of a size-1 axis that does go."""

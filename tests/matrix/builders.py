@@ -111,8 +111,8 @@ def cogvideox(scratch: Path) -> CogVideoXPipeline:
         max_text_seq_length=32,
     )
     # An 8x VAE: at 32x32 pixels and 9 frames the latent grid is the transformer's own (4x4x3), where
-    # its positional table is a buffer (at other sizes it is rebuilt in forward, which torch.export
-    # cannot trace).
+    # its positional table is a buffer; at other sizes forward rebuilds it (written through
+    # ``.data``), the path the ONNX export's second trace takes.
     vae = AutoencoderKLCogVideoX(
         down_block_types=("CogVideoXDownBlock3D",) * 4,
         up_block_types=("CogVideoXUpBlock3D",) * 4,

@@ -78,14 +78,14 @@ MIN_CALL_SQNR_DB = 20.0
 STEP_RANGE_BOUND = {"tiny-sdxl": 17.5, "svd": 17.5}
 
 # Denoisers whose graph traced at the recorded size fails at another: a position table stored for
-# the configured size, computed from the input's size elsewhere (PixArt's and AuraFlow's patch
-# embeddings). Traced at the second shape, they are dynamic in size as well (the exporter's second
-# attempt, the first one's failure in the manifest).
-TRACED_AT_SECOND_SHAPE_ONNX = {"tiny-pixart", "aura-flow"}
+# the configured size, computed from the input's size elsewhere (PixArt's, AuraFlow's and
+# CogVideoX's patch embeddings; CogVideoX writes its table through ``.data``). Traced at the second
+# shape, they are dynamic in size as well (the exporter's second attempt, the first one's failure
+# in the manifest).
+TRACED_AT_SECOND_SHAPE_ONNX = {"tiny-pixart", "aura-flow", "cogvideox"}
 # Denoisers dynamic in the batch only, both wider attempts' failures in the manifest: LTX fixes its
-# latent size as int arguments; CogVideoX's position table is written through ``.data``, which
-# torch.export refuses. Every other class is dynamic in every axis the check varied.
-BATCH_ONLY_ONNX = {"ltx", "cogvideox"}
+# latent size as int arguments. Every other class is dynamic in every axis the check varied.
+BATCH_ONLY_ONNX = {"ltx"}
 
 
 def _call_kwargs(name: str) -> dict[str, Any]:

@@ -15,6 +15,13 @@ specialization), so ``x.squeeze(1)`` on a symbolic token axis is a no-op in the 
 emits an ONNX ``Squeeze`` there, which onnxruntime refuses for any size but 1: PixArt's output
 projection (``hidden_states.squeeze(1)``) failed at every token count. This translation squeezes
 the axes whose size is 1 in the traced program and passes the others through.
+
+``copy`` with a ``src`` that broadcasts: ``dst.copy_(src)`` fills ``dst`` with ``src`` broadcast to
+``dst``'s shape, and functionalization turns it into ``aten.copy(dst, src)``, whose result has
+``dst``'s shape. torchlib translates it as ``CastLike(src, dst)``, which keeps ``src``'s shape: a
+rank-2 table copied into a rank-3 slice (CogVideoX's position table, rebuilt at a size other than
+the configured one) gave a graph that fails ONNX shape inference. This translation expands the
+cast ``src`` to ``dst``'s shape where the traced shapes differ.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from typing import Any
 import torch
 from onnxscript import opset20 as op
 
-__all__ = ["ATEN_FIXES", "repeat_interleave_self_int", "squeeze_dim", "squeeze_dims"]
+__all__ = ["ATEN_FIXES", "copy_default", "repeat_interleave_self_int", "squeeze_dim", "squeeze_dims"]
 
 
 def _ints(values: list[int]) -> Any:
@@ -65,7 +72,17 @@ def squeeze_dim(self: Any, dim: int) -> Any:
     return squeeze_dims(self, [dim])
 
 
+def copy_default(self: Any, src: Any, non_blocking: bool = False) -> Any:
+    """``aten.copy(dst, src)``: ``src`` cast to ``dst``'s type and broadcast to its shape."""
+    del non_blocking  # no meaning in a graph
+    cast = op.CastLike(src, self)
+    if self.shape is not None and src.shape is not None and list(self.shape) == list(src.shape):
+        return cast
+    return op.Expand(cast, op.Shape(self))
+
+
 ATEN_FIXES: dict[Callable[..., Any], Callable[..., Any]] = {
+    torch.ops.aten.copy.default: copy_default,
     torch.ops.aten.repeat_interleave.self_int: repeat_interleave_self_int,
     torch.ops.aten.squeeze.dim: squeeze_dim,
     torch.ops.aten.squeeze.dims: squeeze_dims,

@@ -17,6 +17,7 @@ from diffkiln.export.onnx.aten_fixes import ATEN_FIXES
 from diffkiln.export.onnx.components import Component, ComponentKind, batch_inputs, repeated_batch
 from diffkiln.export.onnx.config import OnnxExportConfig
 from diffkiln.export.onnx.ops import TRANSLATIONS
+from diffkiln.export.onnx.trace_modes import DataAsDetach
 from diffkiln.export.onnx.write import error_summary, finish_model, io_spec, save_model
 
 __all__ = ["TRACE_BATCH", "dynamic_shapes", "export_component", "export_program", "pin_inputs", "trace_example"]
@@ -86,7 +87,8 @@ def export_program(
         # A failed dynamic attempt leaves dynamic-dimension marks on its input tensors.
         return tuple(t.clone() for t in example.values())
 
-    with torch.no_grad():
+    # DataAsDetach: a write through ``tensor.data`` (CogVideoX's position table) stays in the graph.
+    with torch.no_grad(), DataAsDetach():
         if dynamic:
             try:
                 shapes = dynamic_shapes(component, batch_only)

@@ -424,7 +424,7 @@ MATRIX: dict[str, MatrixEntry] = {
             "cogvideox",
             cogvideox,
             {"height": 32, "width": 32, "num_frames": 9, **_T5},
-            {"height": 64, "width": 32, "num_frames": 9, **_T5},
+            {"height": 64, "width": 48, "num_frames": 13, **_T5},
             "video",
         ),
         MatrixEntry(

@@ -8,6 +8,7 @@ shapes the export never saw, against the module in torch.
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -18,8 +19,10 @@ from torch import nn
 
 import diffkiln.api as dk
 from diffkiln.core.metrics import sqnr_db
+from diffkiln.core.plan import ActMode, ActSpec, LayerPlan, WeightSpec
 from diffkiln.export.onnx import OnnxCompute, OnnxExportConfig, export_module_onnx
 from diffkiln.nn import QLinear
+from diffkiln.nn.freeze import freeze_layer, layer_meta
 
 
 def _run(path: Path, feeds: dict[str, torch.Tensor]) -> np.ndarray:
@@ -228,3 +231,44 @@ def test_a_quantized_linear_fixes_its_input_features(compute: OnnxCompute, tmp_p
     with torch.no_grad():
         ref = quantized(**feeds).numpy()
     assert sqnr_db(ref, _run(path, feeds)) >= 30.0
+
+
+class _TextProjection(nn.Module):
+    """A cross-attention key projection on the text states: a runtime QLinear with BOS rows."""
+
+    def __init__(self, q: QLinear) -> None:
+        super().__init__()
+        self.to_k = q
+
+    def forward(self, text: torch.Tensor, return_dict: bool = True) -> torch.Tensor:
+        return self.to_k(text)
+
+
+@pytest.mark.parametrize("positions", [(0,), (0, 1), (2,)], ids=["bos", "prefix", "elsewhere"])
+def test_bos_rows_apply_at_the_text_length_and_only_there_at_any_length(
+    positions: tuple[int, ...], tmp_path: Path
+) -> None:
+    torch.manual_seed(0)
+    text_len, linear = 5, nn.Linear(8, 6)
+    act = ActSpec(bits=8, mode=ActMode.STATIC, scale=6.0 / 255, zero_point=0)
+    lp = LayerPlan("to_k", "linear", WeightSpec(8), act, bos_positions=positions)
+    text_rows = torch.randn(text_len, 8)
+    text_rows[list(positions)] *= 40.0  # the BOS outlier a static grid clips
+    q = QLinear(freeze_layer(linear, lp, SimpleNamespace(text_rows=text_rows)), layer_meta(linear, lp))  # type: ignore[arg-type]
+    module = _TextProjection(q).eval()
+    path, entry = _export(module, {"text": torch.randn(1, text_len, 8)}, tmp_path)
+    # Comparing the symbolic length with text_len in Python made torch.export pin it to text_len.
+    assert entry["dynamic_axes"] == {"text": [0, 1]}, entry
+    for batch, tokens in [(1, text_len), (3, text_len), (2, 3), (2, 9)]:
+        feeds = {"text": torch.randn(batch, tokens, 8)}
+        if tokens == text_len:
+            feeds["text"][:, list(positions)] = text_rows[list(positions)]
+        with torch.no_grad():
+            ref = module(**feeds)
+        got = torch.from_numpy(_run(path, feeds))
+        assert sqnr_db(ref, got) >= 40.0, (batch, tokens)
+        rows = got[:, list(positions)]
+        bos = q.bos_rows.float().expand(batch, -1, -1)
+        # The rows the runtime substitutes at the text length (the FP outputs of the outlier), and
+        # the quantized layer's own outputs at any other length.
+        assert torch.allclose(rows, bos, atol=1e-5) == (tokens == text_len), (batch, tokens)

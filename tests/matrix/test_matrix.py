@@ -89,10 +89,13 @@ BATCH_ONLY_ONNX = {"ltx"}
 
 
 # The built-in tiny models' second shape for the ONNX check (the exporter's default doubles height
-# and width): height unlike width, so that a graph with the two axes swapped fails; Wan's frames too.
+# and width): height unlike width, so that a graph with the two axes swapped fails; Wan's frames,
+# and the padded T5 length where the pipeline takes one.
 BUILTIN_SECOND = {
-    **{name: {"height": 48, "width": 64} for name in BUILTIN if name != "tiny-wan"},
-    "tiny-wan": {"height": 32, "width": 48, "num_frames": 9},
+    name: {"height": 48, "width": 64}
+    | ({"num_frames": 9, "height": 32, "width": 48} if name == "tiny-wan" else {})
+    | ({"max_sequence_length": 24} if "max_sequence_length" in kwargs else {})
+    for name, kwargs in BUILTIN.items()
 }
 
 

@@ -142,13 +142,35 @@ class OnnxQLinear(nn.Module):
             out = ops.int_linear(xin, self.w_t, self.out_scale, self.bias, self.a_scale, self.a_zp)
         else:
             out = ops.qdq_linear(xin, self.w_t, self.w_scale, self.bias, self.a_scale, self.a_zp)
-        if self.bos_rows is None or x.dim() != 3 or x.shape[1] != self.text_len:
+        if self.bos_rows is None or x.dim() != 3:
+            return out
+        if isinstance(x.shape[1], torch.SymInt):
+            return self._bos_at_any_length(out, x.shape[1])
+        if x.shape[1] != self.text_len:
             return out
         if self.bos_prefix:
             rows = self.bos_rows.expand(out.shape[0], -1, -1)
             return torch.cat([rows, out[:, self.bos_prefix :]], dim=1)
         assert self.bos_keep is not None  # set with bos_rows when the positions are no prefix
         return out * self.bos_keep + self.bos_rows
+
+    def _bos_at_any_length(self, out: torch.Tensor, tokens: int) -> torch.Tensor:
+        """The BOS rows where the token axis is symbolic (a dynamic export): applied where the
+        call's length is the calibrated text length, as the runtime's layer does, decided in the
+        graph. Comparing the symbolic length in Python would make torch.export guard on it: traced
+        at the text length, the graph took that length only; traced at another, it never applied
+        the rows, also at the text length."""
+        assert self.bos_rows is not None
+        pos = torch.arange(tokens, device=out.device)
+        is_text = (pos[-1:] == self.text_len - 1)[:, None]  # (1, 1): the last position is the text's last
+        if self.bos_prefix:
+            keep = (pos >= self.bos_prefix)[:, None]
+            rows = self.bos_rows[0][pos.clamp(max=self.bos_prefix - 1)]
+        else:
+            assert self.bos_keep is not None
+            at = pos.clamp(max=self.text_len - 1)  # any index where the length is not the text's
+            keep, rows = self.bos_keep[at] > 0, self.bos_rows[at]
+        return torch.where(keep | ~is_text, out, rows.to(out.dtype))
 
 
 class OnnxQConv(nn.Module):

@@ -87,8 +87,8 @@ def _per_out(scale: Tensor, w: Tensor) -> Tensor:
 def _conv_out_like(x: Tensor, w: Tensor, stride: list[int], padding: list[int], dilation: list[int]) -> Tensor:
     """An empty tensor of the convolution's output shape (the custom ops' fake kernels), from the
     sizes alone. Checks the input channels against the weight's, as a convolution does, so that
-    torch.export pins that axis. A meta convolution gave the same shape at several times the cost
-    of a dynamic export's symbolic reasoning (its memory-format checks on every stride)."""
+    torch.export pins that axis. A meta convolution gives the same shape, but its memory-format
+    checks reason symbolically about every stride of a dynamic export."""
     torch._check(x.shape[1] == w.shape[1], lambda: f"input channels {x.shape[1]}, the weight takes {w.shape[1]}")
     spatial = [
         (size + 2 * pad - dil * (k - 1) - 1) // st + 1

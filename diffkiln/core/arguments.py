@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["ARG_SEPARATOR", "bind_call", "feed_array", "flatten_arguments", "unflatten_arguments"]
+__all__ = ["ARG_SEPARATOR", "bind_call", "feed_array", "flatten_arguments", "json_form", "unflatten_arguments"]
 
 ARG_SEPARATOR = "__"
 """Joins a dict argument's name and key (``added_cond_kwargs__text_embeds``), or a tuple argument's
@@ -70,6 +70,17 @@ def feed_array(value: torch.Tensor, dtype: str) -> np.ndarray:
     types get float32."""
     name = dtype[len("tensor(") : -1] if dtype.startswith("tensor(") else dtype
     return value.detach().cpu().numpy().astype(_NUMPY_DTYPES.get(name, np.float32), copy=False)
+
+
+def json_form(value: Any) -> Any:
+    """A call argument as a JSON manifest holds it: tuples as lists, at any depth. An option
+    recorded from a call compares equal to the same call's argument only in this form (LTX's
+    ``rope_interpolation_scale`` is a tuple in the call, a list in the manifest)."""
+    if isinstance(value, (tuple, list)):
+        return [json_form(v) for v in value]
+    if isinstance(value, dict):
+        return {k: json_form(v) for k, v in value.items()}
+    return value
 
 
 def bind_call(module: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from diffkiln.core.arguments import feed_array, flatten_arguments
+from diffkiln.core.arguments import feed_array, flatten_arguments, json_form
 from diffkiln.core.cache_schedule import CacheMechanism, CacheSchedule, CacheScheduleError
 from diffkiln.core.confine import confined_file
 from diffkiln.core.errors import BundleError
@@ -27,6 +27,7 @@ from diffkiln.core.onnx_manifest_schema import validate_onnx_manifest
 from diffkiln.core.schema import BUNDLE_FORMAT, MANIFEST_NAME, ONNX_FORMAT, ONNX_VERSION, read_json, verify_files
 from diffkiln.core.tokenizer_print import check_tokenizer_prints
 from diffkiln.nn.cache import CacheRun, apply_cache_schedule
+from diffkiln.runtime.onnxruntime_configs import component_config, meta_model
 from diffkiln.runtime.onnxruntime_session import open_session, session_options
 
 __all__ = [
@@ -194,9 +195,12 @@ class OrtComponent(nn.Module):
 
     def feeds_of_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
         """The ONNX feeds of a torch-style call (``return_dict`` already removed): positionals
-        named, dict arguments flattened, non-tensor arguments checked against the export."""
+        named, dict arguments flattened, int arguments the graph takes as inputs (LTX's latent
+        ``height``) as int64 scalars, other non-tensor arguments checked against the export."""
         kwargs = {**kwargs, **self.name_positionals(args, kwargs)}
         tensors, rest = flatten_arguments(kwargs)
+        for key in [k for k, v in rest.items() if k in self.inputs and isinstance(v, int) and not isinstance(v, bool)]:
+            tensors[key] = torch.tensor(rest.pop(key), dtype=torch.int64)
         self._check_options(rest)
         return {k: v for k, v in tensors.items() if k in self.inputs}
 
@@ -214,7 +218,7 @@ class OrtComponent(nn.Module):
             empty = isinstance(value, dict) and all(v is None for v in value.values())
             if value is None or empty or key == "return_dict":
                 continue
-            if key not in self.entry["options"] or self.entry["options"][key] != value:
+            if key not in self.entry["options"] or self.entry["options"][key] != json_form(value):
                 raise ValueError(
                     f"{self.component_name}: argument {key}={value!r} differs from the exported call "
                     f"(options {self.entry['options']}); re-export calling it that way"
@@ -288,11 +292,22 @@ class OrtTextEncoder(OrtComponent):
 
 
 class OrtVaeDecoder(OrtComponent):
-    """The VAE as far as text-to-image needs it: ``decode(latents, return_dict=True)``."""
+    """The VAE as far as text-to-image needs it: ``decode(latents, return_dict=True)``. Other
+    arguments are named by the torch class's own ``decode`` (LTX's VAE takes ``decode(z, temb)``)
+    and must be None: the graph is ``decode(latents)`` as exported."""
 
-    def decode(self, z: torch.Tensor, return_dict: bool = True, generator: Any = None) -> Any:
+    def decode(self, z: torch.Tensor, *args: Any, return_dict: bool = True, **kwargs: Any) -> Any:
+        import inspect
+
         from diffusers.models.autoencoders.vae import DecoderOutput
 
+        skeleton = self.__dict__.get("_skeleton")
+        if args and skeleton is not None:
+            params = [p for p in inspect.signature(skeleton.decode).parameters if p not in ("z", "self")]
+            kwargs = {**dict(zip(params, args, strict=False)), **kwargs}
+        given = {k: v for k, v in kwargs.items() if v is not None and k != "generator"}
+        if given or (args and skeleton is None):
+            raise ValueError(f"{self.component_name}: the exported decode takes the latents only, not {sorted(given)}")
         (sample,) = self.run({"latents": z})[:1]
         return DecoderOutput(sample=sample) if return_dict else (sample,)
 
@@ -315,34 +330,6 @@ def _check_inputs(entry: dict[str, Any], graph_inputs: list[Any]) -> None:
         if len(shape) != len(dims) or any(isinstance(a, int) != isinstance(d, int) or (isinstance(a, int) and a != d)
                                           for a, d in zip(shape, dims, strict=True)):  # fmt: skip
             raise BundleError(f"{file}: the manifest gives input {spec['name']!r} the shape {shape}, the graph {dims}")
-
-
-def _component_config(folder: Path, name: str, kind: str) -> Any:
-    from diffusers.configuration_utils import FrozenDict
-
-    path = confined_file(folder, f"{name}/config.json", f"the {name} component's config")
-    if kind == "text_encoder":
-        from transformers import AutoConfig
-
-        return AutoConfig.from_pretrained(folder / name, local_files_only=True)
-    return FrozenDict(read_json(path))
-
-
-def _meta_denoiser(folder: Path, name: str, config: Any) -> nn.Module:
-    """The denoiser's class (from its ``model_index.json`` entry) built from its config on the meta
-    device (no memory)."""
-    from diffkiln.core.errors import InvalidInputError
-    from diffkiln.core.pipelines import resolve_component_class
-
-    entry = read_json(folder / "model_index.json").get(name)
-    library = entry[0] if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str) else "diffusers"
-    try:
-        cls: Any = resolve_component_class(library, str(config["_class_name"]))
-    except InvalidInputError as exc:
-        raise BundleError(f"cannot build the denoiser: {exc}") from None
-    with torch.device("meta"):
-        module: nn.Module = cls.from_config(dict(config))
-    return module
 
 
 _CLASSES: dict[str, type[OrtComponent]] = {
@@ -393,10 +380,10 @@ def load_onnx_pipeline(folder: Path, device: torch.device, optimize: bool = Fals
             kind = entry["kind"]
             if kind not in _CLASSES:
                 raise BundleError(f"component {name}: unknown kind {kind!r}; valid: {sorted(_CLASSES)}")
-            config = _component_config(folder, name, kind)
+            config = component_config(folder, name, kind)
             component: OrtComponent = _CLASSES[kind](folder, name, entry, config, providers, optimize)
-            if kind == "denoiser":
-                component.attach_skeleton(_meta_denoiser(folder, name, config))
+            if kind in ("denoiser", "vae_decoder"):  # diffusers models: pipelines read their attributes
+                component.attach_skeleton(meta_model(folder, name, config))
             overrides[name] = component
         pipe = assemble_pipeline(folder, overrides)
     except BundleError:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
-from diffkiln.core.arguments import feed_array, flatten_arguments, unflatten_arguments
+from diffkiln.core.arguments import feed_array, flatten_arguments, json_form, unflatten_arguments
 
 
 def test_dicts_and_tuples_of_tensors_round_trip() -> None:
@@ -25,3 +27,10 @@ def test_dicts_and_tuples_of_tensors_round_trip() -> None:
 )
 def test_feeds_take_the_graph_input_type(onnx_type: str, dtype: str) -> None:
     assert str(feed_array(torch.tensor([1, 0]), onnx_type).dtype) == dtype
+
+
+def test_an_option_compares_equal_to_its_manifest_form() -> None:
+    # LTX passes rope_interpolation_scale as a tuple; the ONNX manifest stores it as JSON (a list).
+    call = {"rope_interpolation_scale": (0.16, 4, 4), "nested": {"a": ((1, 2), [3])}, "n": 3, "s": "x"}
+    stored = json.loads(json.dumps(call))
+    assert call != stored and json_form(call) == stored

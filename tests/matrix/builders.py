@@ -431,7 +431,7 @@ MATRIX: dict[str, MatrixEntry] = {
             "ltx",
             ltx,
             {"height": 32, "width": 32, "num_frames": 9, "max_sequence_length": 16},
-            {"height": 64, "width": 32, "num_frames": 9, "max_sequence_length": 16},
+            {"height": 64, "width": 96, "num_frames": 13, "max_sequence_length": 16},
             "video",
         ),
         MatrixEntry(

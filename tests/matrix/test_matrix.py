@@ -18,7 +18,6 @@ import pytest
 import torch
 
 from diffkiln.api import OptimizeConfig, W8A8Config, convert, optimize
-from diffkiln.core.arguments import feed_array
 from diffkiln.core.hooks import recording_calls
 from diffkiln.core.metrics import sqnr_db
 from diffkiln.export.onnx import OnnxExportConfig
@@ -83,9 +82,9 @@ STEP_RANGE_BOUND = {"tiny-sdxl": 17.5, "svd": 17.5}
 # shape, they are dynamic in size as well (the exporter's second attempt, the first one's failure
 # in the manifest).
 TRACED_AT_SECOND_SHAPE_ONNX = {"tiny-pixart", "aura-flow", "cogvideox"}
-# Denoisers dynamic in the batch only, both wider attempts' failures in the manifest: LTX fixes its
-# latent size as int arguments. Every other class is dynamic in every axis the check varied.
-BATCH_ONLY_ONNX = {"ltx"}
+# Every other class is dynamic in every axis the check varied at the first attempt; LTX passes its
+# latent size as int arguments, which its graph takes as int64 inputs.
+INT_INPUTS_ONNX = {"ltx": {"height", "width", "num_frames"}}
 
 
 # The built-in tiny models' second shape for the ONNX check (the exporter's default doubles height
@@ -185,7 +184,7 @@ def test_every_stage_on_the_denoiser_class(name: str, folders: dict[str, Path], 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_onnx_denoiser_runs_at_two_shapes(name: str, bundles: dict[str, Path], tmp_path: Path) -> None:
-    import onnxruntime as ort
+    from diffkiln.runtime.onnxruntime_backend import OrtDenoiser
 
     second = MATRIX[name].second_call_kwargs if name in MATRIX else BUILTIN_SECOND.get(name)
     config = OnnxExportConfig(
@@ -199,11 +198,10 @@ def test_onnx_denoiser_runs_at_two_shapes(name: str, bundles: dict[str, Path], t
     with recording_calls("matrix.onnx", den) as calls, torch.no_grad():
         pipe(**bundle_call(pipe, pipe.diffkiln_manifest, config.prompt))
     args, kwargs = calls[-1]
-    feeds = flatten_call(den, args, kwargs)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(str(out / "denoiser.onnx"), options, providers=["CPUExecutionProvider"])
-    got = session.run(None, {i.name: feed_array(feeds[i.name], i.type) for i in session.get_inputs()})[0]
+    # Called as the pipeline called the torch denoiser, through the runtime's onnxruntime stand-in:
+    # it names and flattens the arguments, and feeds the int arguments the graph takes (LTX's size).
+    ort_den = OrtDenoiser(out, "denoiser", entry, None, ["CPUExecutionProvider"], optimize=False)
+    got = ort_den(*args, **{**kwargs, "return_dict": False})[0]
     with torch.no_grad():
         ref = den(*args, **{**kwargs, "return_dict": False})[0]
     assert sqnr_db(ref, got) >= MIN_CALL_SQNR_DB, name
@@ -211,12 +209,30 @@ def test_onnx_denoiser_runs_at_two_shapes(name: str, bundles: dict[str, Path], t
     print(f"{name}: dynamic axes {entry['dynamic_axes']}, wider attempts failed: {entry.get('wider_axes_failed')}")
     assert entry["dynamic"] and entry["check"]["ok"] and entry["check"]["sqnr_db"] >= MIN_CALL_SQNR_DB
     failed = entry.get("wider_axes_failed", [])
-    if name in BATCH_ONLY_ONNX:
-        assert len(failed) == 2 and all(axes in ([], [0]) for axes in entry["dynamic_axes"].values())
-    elif name in TRACED_AT_SECOND_SHAPE_ONNX:
+    if name in TRACED_AT_SECOND_SHAPE_ONNX:
         assert len(failed) == 1 and set(next(iter(entry["dynamic_axes"].values()))) > {0}, entry["dynamic_axes"]
     else:
         assert not failed, failed
+    # The graph's inputs that are no tensor of the call: its int arguments, taken as int64 scalars.
+    graph_ints = {i["name"] for i in entry["inputs"]} - set(flatten_call(den, args, kwargs))
+    assert graph_ints == INT_INPUTS_ONNX.get(name, set()), entry["inputs"]
+    assert all(i["dtype"] == "int64" and i["shape"] == [] for i in entry["inputs"] if i["name"] in graph_ints)
+
+
+def test_ltx_onnx_pipeline_runs_at_a_size_no_export_or_check_saw(bundles: dict[str, Path], tmp_path: Path) -> None:
+    from diffkiln.runtime.onnxruntime_backend import load_onnx_pipeline
+
+    second = MATRIX["ltx"].second_call_kwargs or {}
+    out = convert(bundles["ltx"], OnnxExportConfig(tmp_path / "onnx", progress=False,
+                                                  check_call_kwargs=tuple(second.items())))  # fmt: skip
+    # The pipeline assembles (it reads the VAE's compression ratios from the stand-in's skeleton)
+    # and feeds the latent size to the graph as ints.
+    ort_pipe, pipe = load_onnx_pipeline(out, torch.device("cpu")), load_pipeline(str(bundles["ltx"]))
+    call = {**MATRIX["ltx"].call_kwargs, "height": 96, "width": 64, "num_frames": 17, "num_inference_steps": 2}
+    call.update(prompt="a red circle", output_type="latent")
+    latents = [p(**call, generator=torch.Generator().manual_seed(0)).frames for p in (ort_pipe, pipe)]
+    assert latents[0].shape == latents[1].shape, [x.shape for x in latents]
+    assert sqnr_db(latents[1], latents[0]) >= 40.0
 
 
 @pytest.mark.parametrize("name", sorted(STEP_RANGE_BOUND))

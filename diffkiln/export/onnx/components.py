@@ -13,6 +13,7 @@ sampler call.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ __all__ = [
     "record_components",
     "repeated_batch",
     "tie_batch",
+    "with_int_inputs",
 ]
 
 
@@ -58,6 +60,9 @@ class Component:
         outputs: the output layout: ``[field, count]`` pairs (count None for a single tensor).
         output_class: ``module:qualname`` of the output object to rebuild, or None for a tensor.
         call_order: the torch module's forward parameters in order (to name positional arguments).
+        int_inputs: int arguments of the call taken as graph inputs (int64 scalars) instead of
+            options, in ``example`` as 0-d int64 tensors: LTX's latent ``height``, ``width`` and
+            ``num_frames``, which change with the video's size (:func:`with_int_inputs`).
     """
 
     name: str
@@ -68,6 +73,7 @@ class Component:
     outputs: list[tuple[str, int | None]] = field(default_factory=list)
     output_class: str | None = None
     call_order: list[str] = field(default_factory=list)
+    int_inputs: tuple[str, ...] = ()
 
 
 def _plain(value: Any) -> bool:
@@ -150,16 +156,36 @@ class _Positional(nn.Module):
 
 
 class _Denoiser(_Positional):
-    """The denoiser called with flattened keyword tensors, returning its output tensor."""
+    """The denoiser called with flattened keyword tensors, returning its output tensor; the inputs
+    named in ``int_inputs`` are passed to it as ints (a 0-d tensor in eager, an int, symbolic under
+    torch.export, in a trace)."""
 
-    def __init__(self, denoiser: nn.Module, names: list[str], options: dict[str, Any], tied: Sequence[int] = ()):
+    def __init__(self, denoiser: nn.Module, names: list[str], options: dict[str, Any], tied: Sequence[int] = (),
+                 int_inputs: Sequence[str] = ()):  # fmt: skip
         super().__init__(names, tied)
         self.denoiser = denoiser
         self.options = {k: v for k, v in options.items() if k != "return_dict"}
+        self.int_inputs = tuple(int_inputs)
 
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
-        out = self.denoiser(**unflatten_arguments(self.named(tensors)), **self.options, return_dict=False)
+        named: dict[str, Any] = self.named(tensors)
+        for key in self.int_inputs:
+            if isinstance(named[key], torch.Tensor):
+                named[key] = int(named[key])
+        out = self.denoiser(**unflatten_arguments(named), **self.options, return_dict=False)
         return out[0] if isinstance(out, tuple) else out
+
+
+def with_int_inputs(component: Component, names: Sequence[str]) -> Component | None:
+    """``component`` taking the int options ``names`` as graph inputs (:attr:`Component.int_inputs`),
+    or None where its module is not the plain denoiser wrapper (a cache schedule's fill graph)."""
+    module = component.module
+    if not isinstance(module, _Denoiser) or not names:
+        return None
+    example = {**component.example, **{n: torch.tensor(component.options[n], dtype=torch.int64) for n in names}}
+    options = {k: v for k, v in component.options.items() if k not in names}
+    wrapper = _Denoiser(module.denoiser, list(example), options, module.tied, names)
+    return dataclasses.replace(component, module=wrapper, example=example, options=options, int_inputs=tuple(names))
 
 
 def _output_layout(output: Any) -> tuple[list[tuple[str, int | None]], str | None]:

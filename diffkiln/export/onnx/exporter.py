@@ -42,6 +42,7 @@ from diffkiln.export.onnx.components import (
     batch_inputs,
     flatten_kwargs,
     record_components,
+    with_int_inputs,
 )
 from diffkiln.export.onnx.config import MAX_OPSET, MIN_OPSET, OnnxCompute, OnnxExportConfig
 from diffkiln.export.onnx.modules import OnnxExportError, OnnxQLinear, export_module_for
@@ -115,7 +116,7 @@ def _checked_denoiser(
     (:mod:`diffkiln.export.onnx.check`). The exports of :data:`DYNAMIC_ATTEMPTS` in order, until one
     passes; then the recorded shapes."""
     failures: list[str] = []
-    calls: dict[bool, dict[str, torch.Tensor] | str] = {}
+    calls: dict[bool, tuple[Component, dict[str, torch.Tensor]] | str] = {}
     for attempt, swapped, batch_only in DYNAMIC_ATTEMPTS if config.dynamic else ():
         if batch_only not in calls:
             calls[batch_only] = _second_call(component, config, bundle, batch_only)
@@ -123,14 +124,16 @@ def _checked_denoiser(
         if isinstance(second, str):  # the pipeline does not run there, or fixes that size in the graph
             failures.append(f"{attempt}: {second}")
             continue
-        traced, checked = (second, component.example) if swapped else (component.example, second)
-        exported = dataclasses.replace(component, example=traced)
+        base, tensors = second
+        traced, checked = (tensors, base.example) if swapped else (base.example, tensors)
+        exported = dataclasses.replace(base, example=traced)
         try:
             entry = export_component(exported, file, config, names, batch_only=batch_only, fallback=False)
+            _check_int_inputs(entry, base.int_inputs)
         except Exception as exc:  # torch.export raises many types; the reason goes to the manifest
             failures.append(f"{attempt}: {type(exc).__name__}: {error_summary(exc)}")
             continue
-        check = run_check(file, list(component.example), component.module, checked) if entry["dynamic"] else None
+        check = run_check(file, list(base.example), base.module, checked) if entry["dynamic"] else None
         if check is not None and check["ok"]:
             return _verified(entry, exported, checked, check, failures)
         failures.append(f"{attempt}: {check['error'] if check else 'no axis stayed dynamic'}")
@@ -157,10 +160,15 @@ path, and the check at the recorded call proves it gives the stored table's resu
 
 def _second_call(
     component: Component, config: OnnxExportConfig, bundle: LoadedBundle, batch_only: bool
-) -> dict[str, torch.Tensor] | str:
-    """The denoiser's input tensors in the bundle's call at batch 2 and, unless ``batch_only``, the
-    second size (:func:`~diffkiln.export.onnx.check.second_shape`); or why there is none: the call
-    failed, or it changes options the graph fixes (LTX's ``height`` and ``width`` are ints)."""
+) -> tuple[Component, dict[str, torch.Tensor]] | str:
+    """The component to export and its input tensors in the bundle's call at batch 2 and, unless
+    ``batch_only``, the second size (:func:`~diffkiln.export.onnx.check.second_shape`); or why there
+    is none: the call failed, or it changes options the graph would fix.
+
+    Int options that change at the second size (LTX's latent ``height``, ``width`` and
+    ``num_frames``) become graph inputs (:func:`~diffkiln.export.onnx.components.with_int_inputs`);
+    any other changed option (a string, a float, a bool) cannot, and neither can an int in a batch-only
+    attempt, whose graph is to take the recorded size only."""
     pipe, manifest = bundle.pipeline, bundle.manifest
     overrides = {} if batch_only else second_shape(pipe, manifest, dict(config.check_call_kwargs))
     try:
@@ -170,9 +178,25 @@ def _second_call(
         return f"the call at a second shape failed: {type(exc).__name__}: {exc}"[:400]
     changed = {k: (component.options.get(k), options.get(k)) for k in {*options, *component.options}
                if options.get(k) != component.options.get(k)}  # fmt: skip
-    if changed:
+    if not changed:
+        return component, tensors
+    ints = not batch_only and all(map(_is_int, changed.values()))
+    promoted = with_int_inputs(component, sorted(changed)) if ints else None
+    if promoted is None:
         return f"the graph fixes options that change at the second shape (recorded, second): {changed}"
-    return tensors
+    return promoted, {**tensors, **{k: torch.tensor(options[k], dtype=torch.int64) for k in promoted.int_inputs}}
+
+
+def _is_int(pair: tuple[Any, Any]) -> bool:
+    """Both values of a (recorded, second) pair are ints (not bools)."""
+    return all(isinstance(v, int) and not isinstance(v, bool) for v in pair)
+
+
+def _check_int_inputs(entry: dict[str, Any], int_inputs: tuple[str, ...]) -> None:
+    """Raise where the graph does not take every int input: torch.export fixed it to the traced value."""
+    fixed = sorted(set(int_inputs) - {i["name"] for i in entry["inputs"]})
+    if fixed:
+        raise ValueError(f"the trace fixed the int arguments {fixed} to their traced values")
 
 
 def _verified(

@@ -36,13 +36,17 @@ def dynamic_shapes(component: Component, batch_only: bool = False) -> tuple[tupl
     ``Dim.AUTO``, it makes the decomposition pass re-evaluate a guard on it to the opposite of its
     hint (``AssertionError: True != False``) wherever the model squeezes or broadcasts it: Stable
     Audio's global states, ``(batch, 1, dim)``, failed the whole export. The batch axis is exempt:
-    the trace repeats a batch of 1 (:data:`TRACE_BATCH`)."""
+    the trace repeats a batch of 1 (:data:`TRACE_BATCH`). An int input
+    (:attr:`~diffkiln.export.onnx.components.Component.int_inputs`) is ``Dim.AUTO`` itself."""
     from torch.export import Dim
 
     tensors = list(component.example.values())
     batched = {0, *batch_inputs(component.example)} if tensors and tensors[0].dim() else set()
     spec: list[Any] = []
-    for i, t in enumerate(tensors):
+    for i, (name, t) in enumerate(component.example.items()):
+        if name in component.int_inputs:
+            spec.append(Dim.AUTO)
+            continue
         if batch_only or component.kind == ComponentKind.TEXT_ENCODER:
             dims = [0] if i in batched else []
         else:
@@ -83,9 +87,10 @@ def export_program(
     }
     module = component.module.eval()
 
-    def fresh(example: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        # A failed dynamic attempt leaves dynamic-dimension marks on its input tensors.
-        return tuple(t.clone() for t in example.values())
+    def fresh(example: dict[str, torch.Tensor]) -> tuple[Any, ...]:
+        # A failed dynamic attempt leaves dynamic-dimension marks on its input tensors. Int inputs
+        # are traced as ints: torch.export makes them symbols, torch.onnx int64 scalar inputs.
+        return tuple(int(t) if n in component.int_inputs else t.clone() for n, t in example.items())
 
     # DataAsDetach: a write through ``tensor.data`` (CogVideoX's position table) stays in the graph.
     with torch.no_grad(), DataAsDetach():

@@ -301,13 +301,17 @@ class OrtVaeDecoder(OrtComponent):
 
         from diffusers.models.autoencoders.vae import DecoderOutput
 
-        skeleton = self.__dict__.get("_skeleton")
-        if args and skeleton is not None:
-            params = [p for p in inspect.signature(skeleton.decode).parameters if p not in ("z", "self")]
+        if args:
+            skeleton = self.__dict__.get("_skeleton")
+            params = list(inspect.signature(skeleton.decode).parameters)[1:] if skeleton is not None else []
+            if len(args) > len(params):
+                raise TypeError(f"{self.component_name}: decode takes {len(params)} arguments after the latents")
             kwargs = {**dict(zip(params, args, strict=False)), **kwargs}
-        given = {k: v for k, v in kwargs.items() if v is not None and k != "generator"}
-        if given or (args and skeleton is None):
-            raise ValueError(f"{self.component_name}: the exported decode takes the latents only, not {sorted(given)}")
+        return_dict = kwargs.pop("return_dict", return_dict)
+        kwargs.pop("generator", None)  # decoding draws no noise
+        given = sorted(k for k, v in kwargs.items() if v is not None)
+        if given:
+            raise ValueError(f"{self.component_name}: the exported decode takes the latents only, not {given}")
         (sample,) = self.run({"latents": z})[:1]
         return DecoderOutput(sample=sample) if return_dict else (sample,)
 

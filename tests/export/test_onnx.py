@@ -103,6 +103,23 @@ def test_onnxruntime_pipeline_runs_the_whole_loop(unet_bundle: Path, unet_onnx: 
     assert images[0].size == (64, 64)
 
 
+def test_the_vae_stand_in_takes_decode_as_the_torch_vae_does(unet_bundle: Path, unet_onnx: Path) -> None:
+    ort_vae = load(unet_onnx, "cpu", backend="onnxruntime").vae
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    keyword = ort_vae.decode(z, return_dict=False)[0]
+    # Positionals named by the torch class's decode (AutoencoderKL: z, return_dict, generator).
+    assert isinstance(ort_vae.decode(z, False), tuple) and torch.equal(ort_vae.decode(z, False)[0], keyword)
+    assert torch.equal(ort_vae.decode(z, generator=torch.Generator()).sample, keyword)
+    assert ort_vae.use_tiling is False  # an attribute of the torch class, read from its meta skeleton
+    with pytest.raises(ValueError, match="takes the latents only"):
+        ort_vae.decode(z, temb=torch.ones(1))
+    with pytest.raises(TypeError, match="decode takes 2 arguments after the latents"):
+        ort_vae.decode(z, False, None, 3)
+    with torch.no_grad():
+        ref = load(unet_bundle, "cpu").vae.decode(z, return_dict=False)[0]
+    assert sqnr_db(ref.numpy(), keyword.numpy()) >= 60.0
+
+
 def test_onnx_export_folder_is_verified(unet_bundle: Path, unet_onnx: Path, tmp_path: Path) -> None:
     with pytest.raises(BundleError, match="is a bundle, not an ONNX export"):
         load(unet_bundle, "cpu", backend="onnxruntime")

@@ -11,7 +11,15 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["ARG_SEPARATOR", "bind_call", "feed_array", "flatten_arguments", "json_form", "unflatten_arguments"]
+__all__ = [
+    "ARG_SEPARATOR",
+    "bind_call",
+    "feed_array",
+    "flatten_arguments",
+    "is_int_argument",
+    "json_form",
+    "unflatten_arguments",
+]
 
 ARG_SEPARATOR = "__"
 """Joins a dict argument's name and key (``added_cond_kwargs__text_embeds``), or a tuple argument's
@@ -70,6 +78,11 @@ def feed_array(value: torch.Tensor, dtype: str) -> np.ndarray:
     types get float32."""
     name = dtype[len("tensor(") : -1] if dtype.startswith("tensor(") else dtype
     return value.detach().cpu().numpy().astype(_NUMPY_DTYPES.get(name, np.float32), copy=False)
+
+
+def is_int_argument(value: Any) -> bool:
+    """An int call argument (not a bool): what an ONNX graph may take as an int64 scalar input."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def json_form(value: Any) -> Any:

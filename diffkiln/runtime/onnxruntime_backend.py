@@ -11,6 +11,7 @@ with ``return_dict=False``), so the scheduler loop and the caller's code are unc
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from diffkiln.core.arguments import feed_array, flatten_arguments, json_form
+from diffkiln.core.arguments import feed_array, flatten_arguments, is_int_argument, json_form
 from diffkiln.core.cache_schedule import CacheMechanism, CacheSchedule, CacheScheduleError
 from diffkiln.core.confine import confined_file
 from diffkiln.core.errors import BundleError
@@ -199,7 +200,7 @@ class OrtComponent(nn.Module):
         ``height``) as int64 scalars, other non-tensor arguments checked against the export."""
         kwargs = {**kwargs, **self.name_positionals(args, kwargs)}
         tensors, rest = flatten_arguments(kwargs)
-        for key in [k for k, v in rest.items() if k in self.inputs and isinstance(v, int) and not isinstance(v, bool)]:
+        for key in [k for k, v in rest.items() if k in self.inputs and is_int_argument(v)]:
             tensors[key] = torch.tensor(rest.pop(key), dtype=torch.int64)
         self._check_options(rest)
         return {k: v for k, v in tensors.items() if k in self.inputs}
@@ -297,8 +298,6 @@ class OrtVaeDecoder(OrtComponent):
     and must be None: the graph is ``decode(latents)`` as exported."""
 
     def decode(self, z: torch.Tensor, *args: Any, return_dict: bool = True, **kwargs: Any) -> Any:
-        import inspect
-
         from diffusers.models.autoencoders.vae import DecoderOutput
 
         if args:

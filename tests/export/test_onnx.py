@@ -108,7 +108,8 @@ def test_the_vae_stand_in_takes_decode_as_the_torch_vae_does(unet_bundle: Path, 
     z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     keyword = ort_vae.decode(z, return_dict=False)[0]
     # Positionals named by the torch class's decode (AutoencoderKL: z, return_dict, generator).
-    assert isinstance(ort_vae.decode(z, False), tuple) and torch.equal(ort_vae.decode(z, False)[0], keyword)
+    positional = ort_vae.decode(z, False)
+    assert isinstance(positional, tuple) and torch.equal(positional[0], keyword)
     assert torch.equal(ort_vae.decode(z, generator=torch.Generator()).sample, keyword)
     assert ort_vae.use_tiling is False  # an attribute of the torch class, read from its meta skeleton
     with pytest.raises(ValueError, match="takes the latents only"):

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from diffkiln.core.arguments import bind_call
+from diffkiln.core.arguments import bind_call, is_int_argument
 from diffkiln.core.atomic import atomic_directory, file_table
 from diffkiln.core.cache_schedule import CacheMechanism, CacheSchedule
 from diffkiln.core.errors import BundleError
@@ -180,16 +180,11 @@ def _second_call(
                if options.get(k) != component.options.get(k)}  # fmt: skip
     if not changed:
         return component, tensors
-    ints = not batch_only and all(map(_is_int, changed.values()))
+    ints = not batch_only and all(is_int_argument(v) for pair in changed.values() for v in pair)
     promoted = with_int_inputs(component, sorted(changed)) if ints else None
     if promoted is None:
         return f"the graph fixes options that change at the second shape (recorded, second): {changed}"
     return promoted, {**tensors, **{k: torch.tensor(options[k], dtype=torch.int64) for k in promoted.int_inputs}}
-
-
-def _is_int(pair: tuple[Any, Any]) -> bool:
-    """Both values of a (recorded, second) pair are ints (not bools)."""
-    return all(isinstance(v, int) and not isinstance(v, bool) for v in pair)
 
 
 def _check_int_inputs(entry: dict[str, Any], int_inputs: tuple[str, ...]) -> None:

@@ -4,7 +4,8 @@ and no field is unknown.
 
 What the loader acts on: each component's ``kind``, ``file``, graph ``inputs`` (name, element type,
 shape with symbolic axes as names), ``call_order`` (to name positional arguments), ``options`` (the
-non-tensor arguments the export was called with), ``output_fields`` and ``output_class`` (to rebuild
+non-tensor arguments the export was called with), ``own_tensors`` (the safetensors file of the
+torch module's own top-level tensors), ``output_fields`` and ``output_class`` (to rebuild
 a ``ModelOutput`` from the graph's outputs; the class must be named ``module:qualname`` inside
 transformers or diffusers), and the cache graph's ``file`` and ``cache_values``. Every file named is
 a listed file. Informational fields (``bundle``, ``kept_fp``, checks, reasons) are typed loosely.
@@ -63,6 +64,9 @@ class GraphEntry(_Strict):
     unverified_axes: dict[Name, list[int]] = Field(default_factory=dict)
     wider_axes_failed: list[str] = Field(default_factory=list)
     cache_outputs: Annotated[int, Field(ge=0, le=4096)] | None = None
+    own_tensors: Name | None = None
+    """A listed safetensors file of the torch module's own top-level buffers and parameters, for
+    the loader's skeleton (LTX's VAE ``latents_mean``); each must be one the skeleton has, in its shape."""
 
     @model_validator(mode="after")
     def _consistent(self) -> GraphEntry:
@@ -131,6 +135,8 @@ class OnnxManifest(_Strict):
         for where, entry in graphs:
             if entry.file not in self.files:
                 raise ValueError(f"{where}.file {entry.file!r} is not a listed file")
+            if entry.own_tensors is not None and entry.own_tensors not in self.files:
+                raise ValueError(f"{where}.own_tensors {entry.own_tensors!r} is not a listed file")
         kinds = [e.kind for e in self.components.values()]
         if kinds.count("denoiser") > 1:
             raise ValueError("more than one component is a denoiser")

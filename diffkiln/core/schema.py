@@ -53,8 +53,9 @@ wrote from a loaded bundle, which keeps the config) as a model with missing weig
 code to import. docs/bundle-format.md, "Opened by plain diffusers"."""
 ONNX_FORMAT = "diffkiln.onnx"
 """The manifest format of an ONNX export folder (docs/onnx-export.md)."""
-ONNX_VERSION = 2
-"""2: a block-range cache schedule exports its reuse graph (``cache_graph``)."""
+ONNX_VERSION = 3
+"""2: a block-range cache schedule exports its reuse graph (``cache_graph``); 3: a component's own
+top-level tensors, for the loader's skeleton (``own_tensors``)."""
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _REQUIRED_KEYS = ("format", "version", "source", "pipeline", "quant", "bos", "sparsity", "cache", "files")
 

@@ -28,7 +28,7 @@ from diffkiln.core.onnx_manifest_schema import validate_onnx_manifest
 from diffkiln.core.schema import BUNDLE_FORMAT, MANIFEST_NAME, ONNX_FORMAT, ONNX_VERSION, read_json, verify_files
 from diffkiln.core.tokenizer_print import check_tokenizer_prints
 from diffkiln.nn.cache import CacheRun, apply_cache_schedule
-from diffkiln.runtime.onnxruntime_configs import component_config, meta_model
+from diffkiln.runtime.onnxruntime_configs import component_config, fill_own_tensors, meta_model
 from diffkiln.runtime.onnxruntime_session import open_session, session_options
 
 __all__ = [
@@ -386,7 +386,10 @@ def load_onnx_pipeline(folder: Path, device: torch.device, optimize: bool = Fals
             config = component_config(folder, name, kind)
             component: OrtComponent = _CLASSES[kind](folder, name, entry, config, providers, optimize)
             if kind in ("denoiser", "vae_decoder"):  # diffusers models: pipelines read their attributes
-                component.attach_skeleton(meta_model(folder, name, config))
+                skeleton = meta_model(folder, name, config)
+                if entry.get("own_tensors"):
+                    fill_own_tensors(skeleton, folder, entry["own_tensors"], name)
+                component.attach_skeleton(skeleton)
             overrides[name] = component
         pipe = assemble_pipeline(folder, overrides)
     except BundleError:

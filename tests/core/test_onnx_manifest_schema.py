@@ -20,7 +20,7 @@ _SHA = "0" * 64
 def _manifest() -> dict[str, Any]:
     return {
         "format": "diffkiln.onnx",
-        "version": 2,
+        "version": 3,
         "opset": 21,
         "compute": "qdq",
         "matmulnbits": False,
@@ -84,6 +84,10 @@ def _with_cache_graph(m: dict[str, Any]) -> None:
 
 def test_a_real_export_manifest_passes() -> None:
     parsed = validate_onnx_manifest(_manifest())
+    m = _manifest()
+    m["components"]["unet"]["own_tensors"] = "unet/own_tensors.safetensors"
+    m["files"]["unet/own_tensors.safetensors"] = {"sha256": _SHA, "bytes": 80}
+    assert validate_onnx_manifest(m).components["unet"].own_tensors == "unet/own_tensors.safetensors"
     assert parsed.components["text_encoder"].output_fields == [["last_hidden_state", None], ["pooler_output", None]]
     m = _manifest()
     _with_cache_graph(m)
@@ -138,6 +142,8 @@ BAD: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
     "dynamic axis of an unknown input": (_set(f"{UNET}/dynamic_axes/other", [0]), "not graph inputs"),
     "no graph inputs": (_set(f"{TE}/inputs", []), "inputs"),
     "component file not listed": (_set(f"{TE}/file", "../../etc/passwd"), "is not a listed file"),
+    "own tensors not listed": (_set(f"{UNET}/own_tensors", "../unet/weights.safetensors"), "own_tensors '../unet"),
+    "own tensors not a name": (_set(f"{UNET}/own_tensors", 3), "own_tensors"),
     "options not an object": (_set(f"{UNET}/options", [1]), "options"),
     "two denoisers": (_set(f"{TE}/kind", "denoiser"), "more than one component is a denoiser"),
     "pipeline.denoiser names a text encoder": (_set("pipeline/denoiser", "text_encoder"), "is a text_encoder"),

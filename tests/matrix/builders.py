@@ -160,6 +160,11 @@ def ltx(scratch: Path) -> LTXPipeline:
     )
     vae.use_framewise_encoding = False
     vae.use_framewise_decoding = False
+    # Real checkpoints hold per-channel statistics here (buffers, not config), which the pipeline
+    # reads to denormalize the latents before decoding.
+    with torch.no_grad():
+        vae.latents_mean.copy_(torch.linspace(-0.5, 0.5, 8))
+        vae.latents_std.copy_(torch.linspace(0.5, 2.0, 8))
     return LTXPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(),
         vae=vae,

@@ -225,14 +225,17 @@ def test_ltx_onnx_pipeline_runs_at_a_size_no_export_or_check_saw(bundles: dict[s
     second = MATRIX["ltx"].second_call_kwargs or {}
     out = convert(bundles["ltx"], OnnxExportConfig(tmp_path / "onnx", progress=False,
                                                   check_call_kwargs=tuple(second.items())))  # fmt: skip
-    # The pipeline assembles (it reads the VAE's compression ratios from the stand-in's skeleton)
-    # and feeds the latent size to the graph as ints.
+    # The pipeline assembles (it reads the VAE's compression ratios from the stand-in's skeleton),
+    # feeds the latent size to the graph as ints, and denormalizes with the VAE's latents_mean and
+    # latents_std, buffers the export writes beside the graph (own_tensors).
     ort_pipe, pipe = load_onnx_pipeline(out, torch.device("cpu")), load_pipeline(str(bundles["ltx"]))
+    for key in ("latents_mean", "latents_std"):
+        assert torch.equal(getattr(ort_pipe.vae, key), getattr(pipe.vae, key)), key
     call = {**MATRIX["ltx"].call_kwargs, "height": 96, "width": 64, "num_frames": 17, "num_inference_steps": 2}
-    call.update(prompt="a red circle", output_type="latent")
-    latents = [p(**call, generator=torch.Generator().manual_seed(0)).frames for p in (ort_pipe, pipe)]
-    assert latents[0].shape == latents[1].shape, [x.shape for x in latents]
-    assert sqnr_db(latents[1], latents[0]) >= 40.0
+    call.update(prompt="a red circle", output_type="pt")
+    frames = [p(**call, generator=torch.Generator().manual_seed(0)).frames for p in (ort_pipe, pipe)]
+    assert frames[0].shape == frames[1].shape == (1, 17, 3, 96, 64), [x.shape for x in frames]
+    assert sqnr_db(frames[1], frames[0]) >= 40.0
 
 
 @pytest.mark.parametrize("name", sorted(STEP_RANGE_BOUND))

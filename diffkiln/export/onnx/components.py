@@ -31,6 +31,7 @@ __all__ = [
     "ComponentKind",
     "batch_inputs",
     "flatten_kwargs",
+    "own_tensors",
     "record_components",
     "repeated_batch",
     "tie_batch",
@@ -74,6 +75,9 @@ class Component:
     output_class: str | None = None
     call_order: list[str] = field(default_factory=list)
     int_inputs: tuple[str, ...] = ()
+    own_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    """The torch module's own tensors (:func:`own_tensors`), written beside the graph for the
+    loader's skeleton."""
 
 
 def _plain(value: Any) -> bool:
@@ -234,6 +238,15 @@ class _VaeDecoder(_Positional):
         return self.vae.decode(self.named(tensors)["latents"], return_dict=False)[0]
 
 
+def own_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The buffers and parameters registered on ``module`` itself, not on a submodule: what a
+    pipeline reads off the component rather than through its forward (LTX's VAE
+    ``latents_mean``/``latents_std``, with which the pipeline denormalizes before decoding). The
+    graph does not carry them when the forward never reads them, and a meta skeleton has no data."""
+    own = dict(module.named_buffers(recurse=False)) | dict(module.named_parameters(recurse=False))
+    return {k: v.detach().contiguous() for k, v in own.items() if v is not None and v.device.type != "meta"}
+
+
 def _bound_kwargs(module: nn.Module, call: tuple[tuple[Any, ...], dict[str, Any]]) -> dict[str, Any]:
     """The call's arguments by name; a ``**kwargs`` parameter's entries are spread out (transformers
     5 text encoders take ``output_hidden_states`` through it)."""
@@ -295,6 +308,7 @@ def record_components(pipe: Any, denoiser_name: str, call: dict[str, Any]) -> li
             options,
             [("sample", None)],
             call_order=list(inspect.signature(denoiser.forward).parameters),
+            own_tensors=own_tensors(denoiser),
         )
     )
     for name, encoder in encoders.items():
@@ -320,6 +334,14 @@ def record_components(pipe: Any, denoiser_name: str, call: dict[str, Any]) -> li
         latents = record["vae"][0][0][0]
         decoder = _VaeDecoder(vae)
         components.append(
-            Component(vae_name, ComponentKind.VAE_DECODER, decoder, {"latents": latents}, {}, [("sample", None)])
+            Component(
+                vae_name,
+                ComponentKind.VAE_DECODER,
+                decoder,
+                {"latents": latents},
+                {},
+                [("sample", None)],
+                own_tensors=own_tensors(vae),
+            )
         )
     return components

@@ -9,7 +9,8 @@ exports with ``torch.onnx.export(dynamo=True)`` and the custom-op translations o
 :mod:`diffkiln.export.onnx.passes` and ``onnx.checker.check_model(full_check=True)``.
 
 The output folder holds ``denoiser.onnx``, ``<text encoder>.onnx``, ``vae_decoder.onnx``, the
-pipeline's tokenizers, scheduler and component configs (no weights), and ``manifest.json`` (format
+pipeline's tokenizers, scheduler and component configs (no weights; a component's own top-level
+tensors, such as LTX's VAE ``latents_mean``, in ``<component>/own_tensors.safetensors``), and ``manifest.json`` (format
 ``diffkiln.onnx``; files with sizes and sha256), written atomically (nothing half-written).
 A bundle's cache schedule goes with it: a ``whole`` schedule runs on ``denoiser.onnx``; a block-range
 one adds ``denoiser_cached.onnx`` (:mod:`diffkiln.export.onnx.cache_graphs`).
@@ -47,7 +48,7 @@ from diffkiln.export.onnx.components import (
 from diffkiln.export.onnx.config import MAX_OPSET, MIN_OPSET, OnnxCompute, OnnxExportConfig
 from diffkiln.export.onnx.modules import OnnxExportError, OnnxQLinear, export_module_for
 from diffkiln.export.onnx.program import export_component
-from diffkiln.export.onnx.write import error_summary
+from diffkiln.export.onnx.write import error_summary, save_own_tensors
 from diffkiln.nn import QConv, QLinear
 from diffkiln.nn.cache import CacheStepTracer
 
@@ -258,6 +259,10 @@ def export_onnx(bundle: LoadedBundle, config: OnnxExportConfig) -> Path:
                 log.warning("%s is not exported: %s", component.name, skipped[component.name])
                 file.unlink(missing_ok=True)
         _copy_pipeline_files(bundle.path, tmp, [c for c in components if c.name in entries], manifest)
+        for component in components:
+            own = save_own_tensors(tmp, component.name, component.own_tensors) if component.name in entries else None
+            if own is not None:
+                entries[component.name]["own_tensors"] = own
         onnx_manifest = {
             "format": ONNX_FORMAT,
             "version": ONNX_VERSION,

@@ -6,9 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["error_summary", "finish_model", "io_spec", "save_model"]
+__all__ = ["OWN_TENSORS_FILE", "error_summary", "finish_model", "io_spec", "save_model", "save_own_tensors"]
 
 _EXTERNAL_DATA_BYTES = 1 << 31  # protobuf's 2 GB limit on one file
+OWN_TENSORS_FILE = "own_tensors.safetensors"
 
 
 def error_summary(exc: BaseException) -> str:
@@ -74,3 +75,15 @@ def save_model(model: Any, path: Path) -> None:
     else:
         ir.save(model, path)
     onnx.checker.check_model(str(path), full_check=True)
+
+
+def save_own_tensors(folder: Path, name: str, tensors: dict[str, Any]) -> str | None:
+    """Write a component's own tensors (:func:`~diffkiln.export.onnx.components.own_tensors`) to
+    ``<name>/own_tensors.safetensors`` under ``folder``; return that relative path (None for none)."""
+    from safetensors.torch import save_file
+
+    if not tensors:
+        return None
+    relative = f"{name}/{OWN_TENSORS_FILE}"
+    save_file(tensors, str(folder / relative))
+    return relative

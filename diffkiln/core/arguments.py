@@ -16,6 +16,7 @@ __all__ = [
     "bind_call",
     "feed_array",
     "flatten_arguments",
+    "is_generator",
     "is_int_argument",
     "json_form",
     "unflatten_arguments",
@@ -78,6 +79,14 @@ def feed_array(value: torch.Tensor, dtype: str) -> np.ndarray:
     types get float32."""
     name = dtype[len("tensor(") : -1] if dtype.startswith("tensor(") else dtype
     return value.detach().cpu().numpy().astype(_NUMPY_DTYPES.get(name, np.float32), copy=False)
+
+
+def is_generator(value: Any) -> bool:
+    """A random generator, or a non-empty list of them (a pipeline's per-sample ``generator``):
+    an argument no graph takes (a VAE's ``decode`` draws no noise from it)."""
+    if isinstance(value, (list, tuple)):
+        return bool(value) and all(isinstance(v, torch.Generator) for v in value)
+    return isinstance(value, torch.Generator)
 
 
 def is_int_argument(value: Any) -> bool:

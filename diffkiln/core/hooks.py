@@ -1,11 +1,14 @@
 """Named, removable forward hooks, always removed by a context manager.
 
 Like diffusers' ``HookRegistry``: every hook has a name, ``remove(name)`` takes one away, and
-leaving the ``with`` block removes all of them, even when the body raises.
+leaving the ``with`` block removes all of them, even when the body raises. A method other than
+``forward`` (a VAE's ``decode``) takes a pre-hook as an instance attribute that wraps the class's
+method; removing the hook deletes the attribute.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -13,7 +16,15 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["HookRegistry", "layer_input", "output_sample", "recording_calls", "replace_layer_input", "scoped_hooks"]
+__all__ = [
+    "HookRegistry",
+    "layer_input",
+    "output_sample",
+    "recording_calls",
+    "recording_method_calls",
+    "replace_layer_input",
+    "scoped_hooks",
+]
 
 
 def layer_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -41,11 +52,23 @@ def replace_layer_input(
     return args, {**kwargs, "input": x}
 
 
+class _MethodHandle:
+    """Removes a method pre-hook: deletes the wrapping instance attribute, so that the class's
+    method answers again."""
+
+    def __init__(self, obj: Any, method: str, wrapper: Callable[..., Any]):
+        self.obj, self.method, self.wrapper = obj, method, wrapper
+
+    def remove(self) -> None:
+        if vars(self.obj).get(self.method) is self.wrapper:
+            del vars(self.obj)[self.method]
+
+
 class HookRegistry:
-    """Forward (pre-)hooks on modules, keyed by a unique name."""
+    """Forward (pre-)hooks on modules and pre-hooks on their other methods, keyed by a unique name."""
 
     def __init__(self) -> None:
-        self._handles: dict[str, torch.utils.hooks.RemovableHandle] = {}
+        self._handles: dict[str, torch.utils.hooks.RemovableHandle | _MethodHandle] = {}
 
     def add_forward_hook(self, name: str, module: nn.Module, fn: Callable[..., Any], always_call: bool = False) -> None:
         """Register ``fn(module, args, kwargs, output)`` on ``module`` under ``name``.
@@ -67,6 +90,31 @@ class HookRegistry:
         """
         self._check_free(name)
         self._handles[name] = module.register_forward_pre_hook(fn, with_kwargs=True)
+
+    def add_method_pre_hook(self, name: str, obj: Any, method: str, fn: Callable[..., Any]) -> None:
+        """Call ``fn(obj, args, kwargs)`` before each call of ``obj.<method>`` (a method of its
+        class, not ``forward``: a VAE's ``decode``), under ``name``. The wrapper keeps the
+        method's name, docstring and signature.
+
+        Raises:
+            ValueError: the name is taken, ``method`` is not a method of the object's class, or the
+                object already holds an attribute of that name (another wrapper).
+        """
+        self._check_free(name)
+        unbound = getattr(type(obj), method, None)
+        if not callable(unbound) or method == "forward":
+            raise ValueError(f"{type(obj).__name__}.{method} is not a method to hook here (forward: a forward hook)")
+        if method in vars(obj):
+            raise ValueError(f"{type(obj).__name__} instance already holds its own {method!r}; remove that hook first")
+        bound = getattr(obj, method)
+
+        @functools.wraps(bound)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            fn(obj, args, kwargs)
+            return bound(*args, **kwargs)
+
+        vars(obj)[method] = wrapper
+        self._handles[name] = _MethodHandle(obj, method, wrapper)
 
     def _check_free(self, name: str) -> None:
         if name in self._handles:
@@ -130,4 +178,18 @@ def recording_calls(name: str, module: nn.Module) -> Iterator[list[tuple[tuple[A
 
     with scoped_hooks() as hooks:
         hooks.add_forward_pre_hook(name, module, record)
+        yield calls
+
+
+@contextmanager
+def recording_method_calls(name: str, obj: Any, method: str) -> Iterator[list[tuple[tuple[Any, ...], dict[str, Any]]]]:
+    """As :func:`recording_calls`, for a method other than ``forward`` (a VAE's ``decode``, whose
+    arguments, such as SVD's ``num_frames`` or LTX's decode timestep, its decoder submodule never sees)."""
+    calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+
+    def record(_obj: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        calls.append((_detached_copy(args), _detached_copy(kwargs)))
+
+    with scoped_hooks() as hooks:
+        hooks.add_method_pre_hook(name, obj, method, record)
         yield calls

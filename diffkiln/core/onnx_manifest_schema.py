@@ -4,7 +4,8 @@ and no field is unknown.
 
 What the loader acts on: each component's ``kind``, ``file``, graph ``inputs`` (name, element type,
 shape with symbolic axes as names), ``call_order`` (to name positional arguments), ``options`` (the
-non-tensor arguments the export was called with), ``own_tensors`` (the safetensors file of the
+non-tensor arguments the export was called with), a VAE's ``encoder`` graph and its
+``distribution_fields``, ``own_tensors`` (the safetensors file of the
 torch module's own top-level tensors), ``output_fields`` and ``output_class`` (to rebuild
 a ``ModelOutput`` from the graph's outputs; the class must be named ``module:qualname`` inside
 transformers or diffusers), and the cache graph's ``file`` and ``cache_values``. Every file named is
@@ -48,7 +49,7 @@ class ValueSpec(_Strict):
 class GraphEntry(_Strict):
     """An exported graph's entry: what the loader needs to feed it and read it back."""
 
-    kind: Literal["denoiser", "text_encoder", "vae_decoder"]
+    kind: Literal["denoiser", "text_encoder", "vae_decoder", "vae_encoder"]
     file: Name
     inputs: Annotated[list[ValueSpec], Field(min_length=1, max_length=256)]
     outputs: Annotated[list[ValueSpec], Field(min_length=1, max_length=256)]
@@ -64,6 +65,11 @@ class GraphEntry(_Strict):
     unverified_axes: dict[Name, list[int]] = Field(default_factory=dict)
     wider_axes_failed: list[str] = Field(default_factory=list)
     cache_outputs: Annotated[int, Field(ge=0, le=4096)] | None = None
+    distribution_fields: list[Identifier] = Field(default_factory=list)
+    """Output fields the loader rebuilds as a ``DiagonalGaussianDistribution`` of the graph's
+    tensor (a VAE's ``latent_dist``)."""
+    encoder: GraphEntry | None = None
+    """A VAE's ``encode`` graph (kind ``vae_encoder``), beside its decoder."""
     own_tensors: Name | None = None
     """A listed safetensors file of the torch module's own top-level buffers and parameters, for
     the loader's skeleton (LTX's VAE ``latents_mean``); each must be one the skeleton has, in its shape."""
@@ -80,6 +86,11 @@ class GraphEntry(_Strict):
             raise ValueError("call_order names a parameter twice")
         if not all(isinstance(name, str) and not isinstance(count, str) for name, count in self.output_fields):
             raise ValueError("an output field is [name, count or null]")
+        unknown = sorted(set(self.distribution_fields) - {str(name) for name, _ in self.output_fields})
+        if unknown:
+            raise ValueError(f"distribution_fields names {unknown}, which are not output fields")
+        if self.encoder is not None and (self.kind != "vae_decoder" or self.encoder.kind != "vae_encoder"):
+            raise ValueError("only a vae_decoder entry holds an encoder, and it is of kind vae_encoder")
         width = sum(1 if count is None else int(count) for _, count in self.output_fields)
         if self.output_fields and width > len(self.outputs):
             raise ValueError(f"output_fields take {width} graph outputs, the graph has {len(self.outputs)}")
@@ -132,12 +143,15 @@ class OnnxManifest(_Strict):
         graphs = [(f"components.{n}", e) for n, e in self.components.items()]
         if self.cache_graph is not None:
             graphs.append(("cache_graph", self.cache_graph))
+        graphs += [(f"{where}.encoder", e.encoder) for where, e in graphs if e.encoder is not None]
         for where, entry in graphs:
             if entry.file not in self.files:
                 raise ValueError(f"{where}.file {entry.file!r} is not a listed file")
             if entry.own_tensors is not None and entry.own_tensors not in self.files:
                 raise ValueError(f"{where}.own_tensors {entry.own_tensors!r} is not a listed file")
         kinds = [e.kind for e in self.components.values()]
+        if "vae_encoder" in kinds:
+            raise ValueError("a vae_encoder graph is a vae_decoder entry's encoder, not a component")
         if kinds.count("denoiser") > 1:
             raise ValueError("more than one component is a denoiser")
         named = self.components.get(self.pipeline.denoiser)
@@ -154,3 +168,6 @@ def validate_onnx_manifest(manifest: Any, source: str = "manifest.json") -> Onnx
         BundleError: naming the first offending field (dotted path) and the rule.
     """
     return checked_against(OnnxManifest, manifest, source)
+
+
+GraphEntry.model_rebuild()

@@ -142,6 +142,21 @@ BAD: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
     "dynamic axis of an unknown input": (_set(f"{UNET}/dynamic_axes/other", [0]), "not graph inputs"),
     "no graph inputs": (_set(f"{TE}/inputs", []), "inputs"),
     "component file not listed": (_set(f"{TE}/file", "../../etc/passwd"), "is not a listed file"),
+    "an encoder on a denoiser": (
+        lambda m: m["components"]["unet"].update(encoder={**m["components"]["text_encoder"], "kind": "vae_encoder"}),
+        "only a vae_decoder entry holds an encoder",
+    ),
+    "an encoder graph as a component": (_set(f"{TE}/kind", "vae_encoder"), "is a vae_decoder entry's encoder"),
+    "a distribution field that is no output": (
+        _set(f"{TE}/distribution_fields", ["latent_dist"]),
+        "distribution_fields names ['latent_dist']",
+    ),
+    "an encoder file not listed": (
+        lambda m: m["components"]["text_encoder"].update(
+            kind="vae_decoder", encoder={**m["components"]["text_encoder"], "kind": "vae_encoder", "file": "x.onnx"}
+        ),
+        "components.text_encoder.encoder.file 'x.onnx' is not a listed file",
+    ),
     "own tensors not listed": (_set(f"{UNET}/own_tensors", "../unet/weights.safetensors"), "own_tensors '../unet"),
     "own tensors not a name": (_set(f"{UNET}/own_tensors", 3), "own_tensors"),
     "options not an object": (_set(f"{UNET}/options", [1]), "options"),

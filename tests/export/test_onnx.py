@@ -112,10 +112,16 @@ def test_the_vae_stand_in_takes_decode_as_the_torch_vae_does(unet_bundle: Path, 
     assert isinstance(positional, tuple) and torch.equal(positional[0], keyword)
     assert torch.equal(ort_vae.decode(z, generator=torch.Generator()).sample, keyword)
     assert ort_vae.use_tiling is False  # an attribute of the torch class, read from its meta skeleton
-    with pytest.raises(ValueError, match="takes the latents only"):
+    # A tensor the exported decode never took is refused, not dropped; so is another option value.
+    with pytest.raises(ValueError, match=r"the exported decode takes \['latents'\], not \['temb'\]"):
         ort_vae.decode(z, temb=torch.ones(1))
-    with pytest.raises(TypeError, match="decode takes 2 arguments after the latents"):
+    with pytest.raises(ValueError, match="argument scale=2 differs from the exported call"):
+        ort_vae.decode(z, scale=2)
+    with pytest.raises(TypeError, match="decode takes 2 arguments after the first"):
         ort_vae.decode(z, False, None, 3)
+    # A text-to-image call encodes no image: no encode graph, and a message that says so.
+    with pytest.raises(NotImplementedError, match="holds no encode graph"):
+        ort_vae.encode(torch.zeros(1, 3, 64, 64))
     with torch.no_grad():
         ref = load(unet_bundle, "cpu").vae.decode(z, return_dict=False)[0]
     assert sqnr_db(ref.numpy(), keyword.numpy()) >= 60.0

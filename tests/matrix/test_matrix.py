@@ -253,3 +253,37 @@ def test_timestep_aware_ranges_lift_the_unets(name: str, folders: dict[str, Path
     values = _per_call_sqnr(name, fp_pipe, q_pipe, q_pipe.diffkiln_manifest["pipeline"]["denoiser"])
     print(f"{name} (timestep-aware): per-call SQNR {values} dB")
     assert min(values) >= MIN_CALL_SQNR_DB, values
+
+
+def test_svd_onnx_pipeline_encodes_and_decodes_chunks_no_export_saw(bundles: dict[str, Path], tmp_path: Path) -> None:
+    """Image to video from an ONNX folder: the VAE's encode graph (the conditioning image), and its
+    decode taking SVD's per-chunk ``num_frames`` as an int64 input, at chunk sizes and a size the
+    export never saw."""
+    import inspect
+
+    import PIL.Image
+
+    from diffkiln.runtime.onnxruntime_backend import load_onnx_pipeline
+
+    out = convert(bundles["svd"], OnnxExportConfig(tmp_path / "onnx", progress=False))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert not manifest["skipped_components"], manifest["skipped_components"]
+    vae = manifest["components"]["vae"]
+    assert {"name": "num_frames", "dtype": "int64", "shape": []} in vae["inputs"]
+    assert vae["encoder"]["kind"] == "vae_encoder" and vae["encoder"]["distribution_fields"] == ["latent_dist"]
+    ort_pipe, pipe = load_onnx_pipeline(out, torch.device("cpu")), load_pipeline(str(bundles["svd"]))
+    # The pipeline passes num_frames only where vae.forward names it, as the torch class's does.
+    assert "num_frames" in inspect.signature(ort_pipe.vae.forward).parameters
+    gen = torch.Generator().manual_seed(0)
+    image, z = torch.rand(1, 3, 48, 64, generator=gen) * 2 - 1, torch.randn(3, 4, 6, 8, generator=gen)
+    with torch.no_grad():
+        mode = (ort_pipe.vae.encode(image).latent_dist.mode(), pipe.vae.encode(image).latent_dist.mode())
+        frames = (ort_pipe.vae.decode(z, num_frames=3).sample, pipe.vae.decode(z, num_frames=3).sample)
+    assert sqnr_db(mode[1], mode[0]) >= 60.0 and sqnr_db(frames[1], frames[0]) >= 60.0
+    call = {**MATRIX["svd"].call_kwargs, "height": 48, "width": 64, "num_frames": 5, "decode_chunk_size": 2}
+    pixels = (torch.rand(48, 64, 3, generator=gen) * 255).to(torch.uint8).numpy()
+    call.update(image=PIL.Image.fromarray(pixels), num_inference_steps=2, output_type="pt")
+    videos = [p(**call, generator=torch.Generator().manual_seed(0)).frames for p in (ort_pipe, pipe)]
+    assert videos[0].shape == videos[1].shape == (1, 5, 3, 48, 64), [v.shape for v in videos]
+    print("svd frames SQNR", sqnr_db(videos[1], videos[0]))
+    assert sqnr_db(videos[1], videos[0]) >= 30.0

@@ -6,8 +6,8 @@ sampler call.
 * each text encoder: called as the pipeline calls it, its output (a transformers ``ModelOutput``)
   flattened to tensors in field order; the field layout is recorded so the onnxruntime backend
   rebuilds the same output object;
-* the VAE decoder: ``vae.decode(latents)``, recorded at the input of ``post_quant_conv`` (or of
-  the decoder when the VAE has none), which is what ``decode`` receives.
+* the VAE: ``vae.decode`` as the pipeline called it, recorded by a named pre-hook on the method
+  (:mod:`diffkiln.export.onnx.vae_components`), and ``vae.encode`` where the call encoded.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from diffkiln.core.arguments import flatten_arguments, unflatten_arguments
-from diffkiln.core.hooks import recording_calls
+from diffkiln.core.hooks import recording_calls, recording_method_calls
 from diffkiln.core.pipelines import is_autoencoder
 
 __all__ = [
@@ -45,6 +45,8 @@ class ComponentKind:
     DENOISER = "denoiser"
     TEXT_ENCODER = "text_encoder"
     VAE_DECODER = "vae_decoder"
+    VAE_ENCODER = "vae_encoder"
+    """The VAE's ``encode``, exported beside its decoder (the ``encoder`` of its manifest entry)."""
 
 
 @dataclass
@@ -78,6 +80,9 @@ class Component:
     own_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     """The torch module's own tensors (:func:`own_tensors`), written beside the graph for the
     loader's skeleton."""
+    distribution_fields: tuple[str, ...] = ()
+    """Output fields that are a ``DiagonalGaussianDistribution`` (a VAE's ``latent_dist``), in
+    the graph as its parameters (the mean and log-variance, concatenated)."""
 
 
 def _plain(value: Any) -> bool:
@@ -227,17 +232,6 @@ class _TextEncoder(_Positional):
         return tuple(flat)
 
 
-class _VaeDecoder(_Positional):
-    """``vae.decode(latents)`` as a module."""
-
-    def __init__(self, vae: Any):
-        super().__init__(["latents"])
-        self.vae = vae
-
-    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(self.named(tensors)["latents"], return_dict=False)[0]
-
-
 def own_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     """The buffers and parameters registered on ``module`` itself, not on a submodule: what a
     pipeline reads off the component rather than through its forward (LTX's VAE
@@ -259,16 +253,6 @@ def _bound_kwargs(module: nn.Module, call: tuple[tuple[Any, ...], dict[str, Any]
     return bound
 
 
-def _vae_entry(vae: Any) -> nn.Module | None:
-    """The submodule whose input is what ``vae.decode(z)`` receives (an AutoencoderKL-style VAE:
-    a post-quantization convolution, else the decoder), or None for a VAE of another form."""
-    post = getattr(vae, "post_quant_conv", None)
-    if isinstance(post, nn.Module) and getattr(vae.config, "use_post_quant_conv", True):
-        return post
-    decoder = getattr(vae, "decoder", None)
-    return decoder if isinstance(decoder, nn.Module) else None
-
-
 def record_components(pipe: Any, denoiser_name: str, call: dict[str, Any]) -> list[Component]:
     """Run ``pipe(**call)`` once and record every model component's inputs.
 
@@ -279,13 +263,15 @@ def record_components(pipe: Any, denoiser_name: str, call: dict[str, Any]) -> li
 
     Returns:
         The denoiser, each transformers encoder the call used (text encoders, image encoders), and
-        the VAE decoder (the autoencoder whose decoder ran), in that order.
+        the VAE decoder (the first autoencoder whose ``decode`` the call ran), in that order.
     """
     from transformers import PreTrainedModel
 
+    # vae_components builds on this module's Component: imported here, not at the top.
+    from diffkiln.export.onnx.vae_components import vae_component
+
     encoders = {name: comp for name, comp in pipe.components.items() if isinstance(comp, PreTrainedModel)}
-    vaes = {n: c for n, c in pipe.components.items() if is_autoencoder(c) and _vae_entry(c) is not None}
-    vae_name, vae = next(iter(vaes.items()), (None, None))
+    vaes = {n: c for n, c in pipe.components.items() if isinstance(c, nn.Module) and is_autoencoder(c)}
     denoiser = getattr(pipe, denoiser_name)
     pipe.set_progress_bar_config(disable=True)
     with contextlib.ExitStack() as stack, torch.no_grad():
@@ -293,9 +279,11 @@ def record_components(pipe: Any, denoiser_name: str, call: dict[str, Any]) -> li
             name: stack.enter_context(recording_calls(f"diffkiln.onnx.{name}", m)) for name, m in encoders.items()
         }
         record[denoiser_name] = stack.enter_context(recording_calls("diffkiln.onnx.denoiser", denoiser))
-        entry = _vae_entry(vae) if vae is not None else None
-        if entry is not None:
-            record["vae"] = stack.enter_context(recording_calls("diffkiln.onnx.vae", entry))
+        coding = {
+            (name, method): stack.enter_context(recording_method_calls(f"diffkiln.onnx.{name}.{method}", vae, method))
+            for name, vae in vaes.items()
+            for method in ("decode", "encode")
+        }
         pipe(**call)
     components: list[Component] = []
     tensors, options = flatten_kwargs(_bound_kwargs(denoiser, record[denoiser_name][0]))
@@ -330,18 +318,12 @@ def record_components(pipe: Any, denoiser_name: str, call: dict[str, Any]) -> li
                 call_order=list(inspect.signature(encoder.forward).parameters),
             )
         )
-    if vae is not None and vae_name is not None and record.get("vae"):
-        latents = record["vae"][0][0][0]
-        decoder = _VaeDecoder(vae)
-        components.append(
-            Component(
-                vae_name,
-                ComponentKind.VAE_DECODER,
-                decoder,
-                {"latents": latents},
-                {},
-                [("sample", None)],
-                own_tensors=own_tensors(vae),
-            )
-        )
+    # The autoencoder the call decoded with; its encode too where the call encoded (an image to
+    # video or image to image pipeline encodes its conditioning image).
+    decoded = next((name for (name, method), calls in coding.items() if method == "decode" and calls), None)
+    if decoded is not None:
+        vae = vaes[decoded]
+        components.append(vae_component(decoded, vae, "decode", coding[decoded, "decode"][0], own_tensors(vae)))
+        if coding[decoded, "encode"]:
+            components.append(vae_component(decoded, vae, "encode", coding[decoded, "encode"][0]))
     return components

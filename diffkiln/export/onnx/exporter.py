@@ -8,7 +8,8 @@ exports with ``torch.onnx.export(dynamo=True)`` and the custom-op translations o
 :mod:`diffkiln.export.onnx.ops`. The graphs then go through the onnx-ir passes of
 :mod:`diffkiln.export.onnx.passes` and ``onnx.checker.check_model(full_check=True)``.
 
-The output folder holds ``denoiser.onnx``, ``<text encoder>.onnx``, ``vae_decoder.onnx``, the
+The output folder holds ``denoiser.onnx``, ``<text encoder>.onnx``, ``vae_decoder.onnx`` (and
+``vae_encoder.onnx`` where the pipeline's call encoded an image), the
 pipeline's tokenizers, scheduler and component configs (no weights; a component's own top-level
 tensors, such as LTX's VAE ``latents_mean``, in ``<component>/own_tensors.safetensors``), and ``manifest.json`` (format
 ``diffkiln.onnx``; files with sizes and sha256), written atomically (nothing half-written).
@@ -65,6 +66,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+_VAE_FILES = {ComponentKind.VAE_DECODER: "vae_decoder.onnx", ComponentKind.VAE_ENCODER: "vae_encoder.onnx"}
 
 
 def _swap_quantized_layers(
@@ -250,14 +253,21 @@ def export_onnx(bundle: LoadedBundle, config: OnnxExportConfig) -> Path:
             if component.kind == ComponentKind.DENOISER:
                 entries[component.name], cache_graph = _denoiser_graphs(component, tmp, config, sub_byte, bundle)
                 continue
-            vae = component.kind == ComponentKind.VAE_DECODER
-            file = tmp / ("vae_decoder.onnx" if vae else f"{component.name}.onnx")
+            file = tmp / _VAE_FILES.get(component.kind, f"{component.name}.onnx")
+            # A VAE's encode goes into its decoder's entry (one stand-in answers both methods).
+            encoder = component.kind == ComponentKind.VAE_ENCODER
+            key = f"{component.name}.encode" if encoder else component.name
             try:
-                entries[component.name] = export_component(component, file, config, set())
+                entry = export_component(component, file, config, set())
             except Exception as exc:  # torch.export raises many types; the reason goes to the manifest
-                skipped[component.name] = f"{type(exc).__name__}: {error_summary(exc)}"
-                log.warning("%s is not exported: %s", component.name, skipped[component.name])
+                skipped[key] = f"{type(exc).__name__}: {error_summary(exc)}"
+                log.warning("%s is not exported: %s", key, skipped[key])
                 file.unlink(missing_ok=True)
+                continue
+            if encoder and component.name in entries:
+                entries[component.name]["encoder"] = entry
+            elif not encoder:
+                entries[component.name] = entry
         _copy_pipeline_files(bundle.path, tmp, [c for c in components if c.name in entries], manifest)
         for component in components:
             own = save_own_tensors(tmp, component.name, component.own_tensors) if component.name in entries else None

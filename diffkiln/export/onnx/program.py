@@ -168,6 +168,12 @@ def export_component(
             for i in io_spec(model.graph.inputs)
         },
     }
+    # An int input the trace fixed to its example value is no graph input: the call must repeat
+    # that value, which the runtime checks as it checks any option.
+    fixed = [n for n in component.int_inputs if n not in {i["name"] for i in entry["inputs"]}]
+    entry["options"] = {**component.options, **{n: int(component.example[n]) for n in fixed}}
+    if component.distribution_fields:
+        entry["distribution_fields"] = list(component.distribution_fields)
     entry["dynamic"] = any(entry["dynamic_axes"].values())
     if static_reason is not None:
         entry["static_reason"] = static_reason

@@ -1,0 +1,117 @@
+"""A pipeline's VAE as export-ready modules, from the ``decode`` and ``encode`` calls the
+pipeline made (recorded by a named pre-hook on each method).
+
+* ``decode``: its first argument is the graph input ``latents``; its other tensors are inputs by
+  name (LTX's decode timestep); its ints are int64 inputs (SVD's ``num_frames``: the frames of one
+  decoded chunk, which the pipeline sets per chunk); a generator is left out (a decode draws no
+  noise from it); other JSON-able arguments are fixed options.
+* ``encode``: its first argument is the graph input ``sample``, the others as for ``decode``. Its
+  output (``AutoencoderKLOutput``) is flattened field by field; a ``DiagonalGaussianDistribution``
+  field (``latent_dist``) goes into the graph as its parameters, from which the onnxruntime backend
+  rebuilds the distribution, so that the pipeline samples it, or takes its mode, in torch.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from diffkiln.core.arguments import is_generator, is_int_argument, unflatten_arguments
+from diffkiln.export.onnx.components import (
+    Component,
+    ComponentKind,
+    _output_layout,
+    _Positional,
+    batch_inputs,
+    flatten_kwargs,
+)
+
+__all__ = ["FIRST_INPUT", "vae_component"]
+
+FIRST_INPUT = {"decode": "latents", "encode": "sample"}
+"""The graph input that takes each method's first argument, whatever the class names it."""
+
+
+def _field_tensor(name: str, value: Any) -> torch.Tensor:
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, DiagonalGaussianDistribution):
+        return value.parameters
+    raise ValueError(f"encode's output field {name!r} is a {type(value).__name__}, not a tensor or a "
+                     "DiagonalGaussianDistribution: no ONNX output form")  # fmt: skip
+
+
+class _VaeMethod(_Positional):
+    """``vae.<method>(first, **other arguments)`` as a module: the first input positionally, the
+    other tensors by name, the ``int_inputs`` as ints (symbolic in a trace), ``options`` fixed.
+    ``decode`` returns its sample; ``encode`` its output's fields as tensors (:func:`_field_tensor`)."""
+
+    def __init__(self, vae: Any, method: str, names: list[str], options: dict[str, Any],
+                 tied: Sequence[int] = (), int_inputs: Sequence[str] = ()):  # fmt: skip
+        super().__init__(names, tied)
+        self.vae = vae
+        self.method = method
+        self.options = options
+        self.int_inputs = tuple(int_inputs)
+
+    def forward(self, *tensors: torch.Tensor) -> Any:
+        named: dict[str, Any] = self.named(tensors)
+        for key in self.int_inputs:
+            if isinstance(named[key], torch.Tensor):
+                named[key] = int(named[key])
+        first = named.pop(FIRST_INPUT[self.method])
+        call = getattr(self.vae, self.method)
+        if self.method == "decode":
+            return call(first, **unflatten_arguments(named), **self.options, return_dict=False)[0]
+        output = call(first, **unflatten_arguments(named), **self.options)
+        return tuple(_field_tensor(k, v) for k, v in output.items())
+
+
+def vae_component(name: str, vae: Any, method: str, call: tuple[tuple[Any, ...], dict[str, Any]],
+                  own_tensors: dict[str, torch.Tensor] | None = None) -> Component:  # fmt: skip
+    """The component of one recorded ``vae.decode`` or ``vae.encode`` call (see the module docstring).
+
+    Raises:
+        ValueError: an argument or an ``encode`` output field has no ONNX form (the message names it).
+    """
+    signature = inspect.signature(getattr(vae, method))
+    bound = dict(signature.bind_partial(*call[0], **call[1]).arguments)
+    first = bound.pop(next(iter(signature.parameters)))
+    rest = {k: v for k, v in bound.items() if k != "return_dict" and not is_generator(v)}
+    tensors, options = flatten_kwargs(rest)
+    ints = [k for k, v in options.items() if is_int_argument(v)]
+    head = {FIRST_INPUT[method]: first, **tensors}
+    example = {**head, **{k: torch.tensor(options.pop(k), dtype=torch.int64) for k in ints}}
+    module = _VaeMethod(vae, method, list(example), options, batch_inputs(head), ints)
+    distributions: tuple[str, ...] = ()
+    if method == "decode":
+        layout: list[tuple[str, int | None]] = [("sample", None)]
+        output_class = None
+    else:
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        with torch.no_grad():
+            output = getattr(vae, method)(first, **unflatten_arguments(tensors), **options)
+        for key, value in output.items():
+            _field_tensor(key, value)  # refuse an output with no ONNX form before the export
+        output_class = _output_layout(output)[1]
+        layout = [(str(k), None) for k in output]
+        distributions = tuple(str(k) for k, v in output.items() if isinstance(v, DiagonalGaussianDistribution))
+    return Component(
+        name,
+        ComponentKind.VAE_DECODER if method == "decode" else ComponentKind.VAE_ENCODER,
+        module,
+        example,
+        options,
+        layout,
+        output_class,
+        call_order=list(signature.parameters),
+        int_inputs=tuple(ints),
+        own_tensors=own_tensors or {},
+        distribution_fields=distributions,
+    )

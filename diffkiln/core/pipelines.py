@@ -188,7 +188,9 @@ def model_weight_hash(modules: Mapping[str, nn.Module]) -> str:
     for comp_name in sorted(modules):
         for name, t in modules[comp_name].state_dict().items():
             h.update(f"{comp_name}.{name}:{tuple(t.shape)}:{t.dtype}".encode())
-            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            # reshape(-1): a 0-d tensor (LTX's timestep-conditioned VAE holds a 0-d scale) has no
+            # byte view; the bytes of every other tensor are unchanged by it.
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

@@ -5,6 +5,7 @@ extra outputs and the reuse graph that leaves the reused blocks out."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -25,19 +26,38 @@ def _latents(pipe: object) -> torch.Tensor:
                 max_sequence_length=32, generator=torch.Generator().manual_seed(0)).images  # fmt: skip
 
 
+class _Exports(dict[tuple[str, str], tuple[Path, Path]]):
+    """(model, mechanism) -> (bundle, its ONNX export), each built once, on first use."""
+
+    def __init__(self, root: Path):
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, key: tuple[str, str]) -> tuple[Path, Path]:
+        model, mechanism = key
+        where = self.root / f"{model}-{mechanism}"
+        cache = CacheConfig(budget=0.5 if mechanism == "whole" else 0.7, mechanisms=(mechanism,), validate_samples=2,
+                            refine=0)  # fmt: skip
+        bundle = optimize(model, OptimizeConfig(out=where / "b", recipe=W8A8Config(), cache=cache, calib_size=2,
+                                                steps=STEPS, progress=False, cache_dir=where / "c"))  # fmt: skip
+        self[key] = (Path(bundle), convert(bundle, OnnxExportConfig(where / "onnx", progress=False)))
+        return self[key]
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory: pytest.TempPathFactory) -> _Exports:
+    return _Exports(tmp_path_factory.mktemp("cache-exports"))
+
+
 @pytest.mark.parametrize(
     ("model", "mechanism"), [("shapes-dit", "whole"), ("shapes-dit", "residual"), ("shapes-unet", "deep")]
 )
 def test_onnx_folder_follows_the_bundles_schedule_as_the_torch_runtime_does(
-    tmp_path: Path, model: str, mechanism: str
+    exports: _Exports, model: str, mechanism: str
 ) -> None:
-    cache = CacheConfig(budget=0.5 if mechanism == "whole" else 0.7, mechanisms=(mechanism,), validate_samples=2,
-                        refine=0)  # fmt: skip
-    bundle = optimize(model, OptimizeConfig(out=tmp_path / "b", recipe=W8A8Config(), cache=cache, calib_size=2,
-                                            steps=STEPS, progress=False, cache_dir=tmp_path / "c"))  # fmt: skip
+    bundle, out = exports[model, mechanism]
     schedule = CacheSchedule.from_dict(json.loads((Path(bundle) / "manifest.json").read_text())["cache"])
     assert schedule.mechanism.value == mechanism and not all(schedule.compute)
-    out = convert(bundle, OnnxExportConfig(tmp_path / "onnx", progress=False))
     manifest = json.loads((out / "manifest.json").read_text())
     assert CacheSchedule.from_dict(manifest["cache"]) == schedule
     ort_pipe = load(out, "cpu", backend="onnxruntime")
@@ -65,15 +85,11 @@ def test_onnx_folder_follows_the_bundles_schedule_as_the_torch_runtime_does(
     assert sqnr_db(plain.numpy(), got.numpy()) < 60.0  # the schedule changed the result: it ran
 
 
-def test_a_block_range_schedule_without_its_reuse_graph_is_refused(tmp_path: Path) -> None:
+def test_a_block_range_schedule_without_its_reuse_graph_is_refused(exports: _Exports, tmp_path: Path) -> None:
     from diffkiln.core.errors import BundleError
-    from diffkiln.runtime.onnxruntime_backend import read_onnx_manifest
+    from diffkiln.runtime.onnxruntime_backend import load_onnx_pipeline, read_onnx_manifest
 
-    cache = CacheConfig(budget=0.7, mechanisms=("residual",), validate_samples=2, refine=0)
-    bundle = optimize("shapes-dit", OptimizeConfig(out=tmp_path / "b", recipe=W8A8Config(), cache=cache, calib_size=2,
-                                                   steps=STEPS, progress=False, cache_dir=tmp_path / "c"))  # fmt: skip
-    out = convert(bundle, OnnxExportConfig(tmp_path / "onnx", progress=False, components=False))
-    from diffkiln.runtime.onnxruntime_backend import load_onnx_pipeline
+    out = Path(shutil.copytree(exports["shapes-dit", "residual"][1], tmp_path / "onnx"))
 
     manifest = read_onnx_manifest(out)
     original = manifest["cache_graph"]

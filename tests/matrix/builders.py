@@ -152,7 +152,9 @@ def ltx(scratch: Path) -> LTXPipeline:
         decoder_inject_noise=(False,) * 5,
         upsample_residual=(False,) * 4,
         upsample_factor=(1,) * 4,
-        timestep_conditioning=False,
+        # As LTX 0.9.1 and later: the decoder takes the decode timestep (a tensor argument of
+        # decode), scaled by a 0-d parameter.
+        timestep_conditioning=True,
         patch_size=1,
         patch_size_t=1,
         encoder_causal=True,

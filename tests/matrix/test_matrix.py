@@ -228,11 +228,14 @@ def test_ltx_onnx_pipeline_runs_at_a_size_no_export_or_check_saw(bundles: dict[s
     # The pipeline assembles (it reads the VAE's compression ratios from the stand-in's skeleton),
     # feeds the latent size to the graph as ints, and denormalizes with the VAE's latents_mean and
     # latents_std, buffers the export writes beside the graph (own_tensors).
+    # Its timestep-conditioned VAE decodes with the pipeline's decode timestep: a tensor input.
+    vae = json.loads((out / "manifest.json").read_text())["components"]["vae"]
+    assert [i["name"] for i in vae["inputs"]] == ["latents", "temb"], vae["inputs"]
     ort_pipe, pipe = load_onnx_pipeline(out, torch.device("cpu")), load_pipeline(str(bundles["ltx"]))
     for key in ("latents_mean", "latents_std"):
         assert torch.equal(getattr(ort_pipe.vae, key), getattr(pipe.vae, key)), key
     call = {**MATRIX["ltx"].call_kwargs, "height": 96, "width": 64, "num_frames": 17, "num_inference_steps": 2}
-    call.update(prompt="a red circle", output_type="pt")
+    call.update(prompt="a red circle", output_type="pt", decode_timestep=0.05, decode_noise_scale=0.025)
     frames = [p(**call, generator=torch.Generator().manual_seed(0)).frames for p in (ort_pipe, pipe)]
     assert frames[0].shape == frames[1].shape == (1, 17, 3, 96, 64), [x.shape for x in frames]
     assert sqnr_db(frames[1], frames[0]) >= 40.0

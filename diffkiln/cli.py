@@ -74,7 +74,6 @@ def _cmd_generate(a: argparse.Namespace) -> int:
 
     prompts = list(a.prompt) + (read_prompts(a.prompts) if a.prompts else [])
     config = GenerateConfig(a.steps, a.guidance, a.seed, a.batch_size, not a.no_progress, _call_kwargs(a), a.denoiser)
-    check_results_folder(Path(a.out))
     target = resolve_target(a.target)
     pipe = load_pipeline(target, a.device)
     result = generate(pipe, prompts, config, target, samples=a.samples)
@@ -84,6 +83,21 @@ def _cmd_generate(a: argparse.Namespace) -> int:
     settings = f"steps={result.steps}, guidance={result.guidance}, seed={result.seed}"
     print(f"wrote {len(paths)} file(s) to {a.out} ({settings})")
     return 0
+
+
+def _report_out(a: argparse.Namespace) -> Path:
+    return Path(a.out) if a.out else Path("out") / f"report-{Path(a.target).name}"
+
+
+def _check_early(a: argparse.Namespace) -> None:
+    """What is wrong with the arguments alone, answered before the slow imports and any model
+    load: a device this machine lacks, a results folder that is a file."""
+    from diffkiln.core.devices import resolve_device
+
+    if getattr(a, "device", None):
+        resolve_device(a.device)
+    if a.command in ("generate", "report"):
+        check_results_folder(Path(a.out) if a.command == "generate" else _report_out(a))
 
 
 def _cmd_report(a: argparse.Namespace) -> int:
@@ -107,7 +121,7 @@ def _cmd_report(a: argparse.Namespace) -> int:
         call_kwargs=_call_kwargs(a),
     )
     old_report = read_report(a.fail_on_regression) if a.fail_on_regression else None
-    json_path, html_path = report(a.target, config, a.out or Path("out") / f"report-{Path(a.target).name}")
+    json_path, html_path = report(a.target, config, _report_out(a))
     data = json.loads(json_path.read_text())
     print(f"evaluated on {data['settings']['prompts_source']}")
     line = format_quality(data)
@@ -329,6 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command != "models":
             from diffkiln.core.threads import set_threads
 
+            _check_early(args)
             _quiet_warnings()
             set_threads(args.threads)
         return _cmd_models() if args.command == "models" else _COMMANDS[args.command](args)

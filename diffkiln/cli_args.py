@@ -15,6 +15,7 @@ from diffkiln import __version__
 from diffkiln.cli_values import (
     bounded,
     call_arg,
+    device_name,
     float_list,
     int_list,
     non_negative_float,
@@ -102,7 +103,8 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=non_negative_float, help="classifier-free guidance scale (default: the model's)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="base seed; sample i uses seed+i (default 0)")
     p.add_argument("--batch-size", type=positive_int, default=50, help="samples per pipeline call (default 50)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    p.add_argument("--device", type=device_name, default="cpu",
+                   help="auto, cpu, cuda (cuda:N) or npu (default cpu; auto: NPU, else GPU, else CPU)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     _add_call_args(p)
 

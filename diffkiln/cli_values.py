@@ -12,6 +12,7 @@ from typing import Any
 __all__ = [
     "bounded",
     "call_arg",
+    "device_name",
     "float_list",
     "int_list",
     "non_negative_float",
@@ -34,6 +35,15 @@ def bounded(cast: Callable[[str], Any], lower: float, strict: bool, what: str) -
         return value
 
     return parse
+
+
+def device_name(text: str) -> str:
+    """An argparse type: ``auto``, ``cpu``, ``cuda``, ``npu``, or one with an index (``cuda:1``). Whether the
+    machine has that device is checked once torch is imported (:func:`diffkiln.core.devices.resolve_device`)."""
+    kind, colon, index = text.partition(":")
+    if kind not in ("auto", "cpu", "cuda", "npu") or (colon and (kind == "auto" or not index.isdigit())):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; valid: auto, cpu, cuda, npu (cuda:1: a second GPU)")
+    return text
 
 
 positive_int = bounded(int, 0, True, "a positive integer")

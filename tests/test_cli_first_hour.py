@@ -105,6 +105,7 @@ def test_a_bundle_without_its_manifest(bundle: Path, tmp_path: Path) -> None:
         (["generate", "{bundle}", "--prompt", "x", "--out", "{tmp}/a_file"], 2, "is an existing file; give a folder"),
         (["report", "{bundle}", "--out", "{tmp}/a_file"], 2, "is an existing file; give a folder"),
         (["generate", "{bundle}", "--prompt", "x", "--device", "tpu", "--out", "{tmp}/g"], 2, "unknown device 'tpu'"),
+        (["report", "{bundle}", "--device", "cuda:one", "--out", "{tmp}/r"], 2, "unknown device 'cuda:one'"),
         (["--threads", "0", "inspect", "{bundle}"], 2, "must be a positive integer"),
         (["optimize", "shapes-unet", "--recipe", "mixed", "--weight-bits", "4", "--out", "{tmp}/m"], 2,
          "--weight-bits does not apply to --recipe mixed; its options: --act-candidates, --avg-act-bits, "
@@ -113,7 +114,8 @@ def test_a_bundle_without_its_manifest(bundle: Path, tmp_path: Path) -> None:
           "--calib-size", "2", "--steps", "2", "--no-progress"], 2, "smallest feasible average is"),
         (["inspect", "{tmp}/a_file"], 2, "is not a bundle directory"),
     ],
-    ids=["opset", "cuda-on-cpu-torch", "generate-out-file", "report-out-file", "unknown-device", "threads-0",
+    ids=["opset", "cuda-on-cpu-torch", "generate-out-file", "report-out-file", "unknown-device", "device-index",
+         "threads-0",
          "mixed-weight-bits", "infeasible-budget-before-search", "inspect-a-file"],
 )  # fmt: skip
 def test_bad_arguments_are_one_line(bundle: Path, tmp_path: Path, args: list[str], status: int, message: str) -> None:

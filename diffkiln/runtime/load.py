@@ -10,7 +10,6 @@ assigned from the bundle.
 
 from __future__ import annotations
 
-import importlib
 import os
 from enum import Enum
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 
 from diffkiln.core.cache_schedule import CacheSchedule, CacheScheduleError
+from diffkiln.core.devices import resolve_device
 from diffkiln.core.errors import BundleError, InvalidInputError
 from diffkiln.core.sparse_plan import SparsePlan, SparsePlanError
 from diffkiln.kernels.sparse_attention import SparseKernel
@@ -29,44 +29,12 @@ from diffkiln.runtime.parallel import ParallelConfig, apply_parallel
 from diffkiln.runtime.reader import open_bundle
 from diffkiln.runtime.save import bundle_pipeline_class
 
-__all__ = ["Backend", "is_bundle", "load", "resolve_device"]
+__all__ = ["Backend", "is_bundle", "load", "resolve_device"]  # resolve_device: from diffkiln.core.devices
 
 
 def is_bundle(path: str | os.PathLike[str]) -> bool:
     """True when ``path`` is a directory holding a diffkiln manifest (not yet verified)."""
     return (Path(path) / "manifest.json").is_file()
-
-
-def resolve_device(device: str) -> torch.device:
-    """Map "auto" | "cpu" | "cuda" | "npu" (or "cuda:1", ...) to a torch device.
-
-    "auto" prefers an Ascend NPU (when torch_npu is installed and sees one), then CUDA, then CPU.
-
-    Raises:
-        InvalidInputError: an unknown device name, or a device this machine does not have (a
-            ``ValueError``).
-    """
-    if device == "auto":
-        try:
-            importlib.import_module("torch_npu")
-            if torch.npu.is_available():  # type: ignore[attr-defined]
-                return torch.device("npu")
-        except ImportError:
-            pass
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    kind = device.split(":")[0]
-    if kind not in ("cpu", "cuda", "npu"):
-        raise InvalidInputError(f"unknown device {device!r}; valid: auto, cpu, cuda, npu")
-    if kind == "cuda" and not torch.cuda.is_available():
-        why = ("this torch is a CPU-only build" if torch.version.cuda is None
-               else "torch sees no CUDA device (driver, or CUDA_VISIBLE_DEVICES)")  # fmt: skip
-        raise InvalidInputError(f"device 'cuda' requested but {why}; use --device cpu or auto")
-    if kind == "npu":
-        try:
-            importlib.import_module("torch_npu")
-        except ImportError:
-            raise InvalidInputError("device 'npu' needs torch_npu; install diffkiln[npu] on an Ascend host") from None
-    return torch.device(device)
 
 
 class Backend(str, Enum):

@@ -182,21 +182,36 @@ def test_every_stage_on_the_denoiser_class(name: str, folders: dict[str, Path], 
     assert all(plan[n]["weight"] is None for n in inputs | outputs)
 
 
+# Exported whole (text encoders and VAE too), for the pipeline tests below; the others denoiser only.
+WHOLE_PIPELINE_ONNX = {"ltx", "svd"}
+
+
+@pytest.fixture(scope="module")
+def onnx_folders(bundles: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Each class's ONNX export, checked at its second call; built once, on first use."""
+    root = tmp_path_factory.mktemp("matrix-onnx")
+
+    def export(name: str) -> Path:
+        second = MATRIX[name].second_call_kwargs if name in MATRIX else BUILTIN_SECOND.get(name)
+        config = OnnxExportConfig(root / name, components=name in WHOLE_PIPELINE_ONNX, progress=False,
+                                  check_call_kwargs=tuple((second or {}).items()))  # fmt: skip
+        return convert(bundles[name], config)
+
+    return _Lazy(export)
+
+
 @pytest.mark.parametrize("name", NAMES)
-def test_onnx_denoiser_runs_at_two_shapes(name: str, bundles: dict[str, Path], tmp_path: Path) -> None:
+def test_onnx_denoiser_runs_at_two_shapes(name: str, bundles: dict[str, Path], onnx_folders: dict[str, Path]) -> None:
     from diffkiln.runtime.onnxruntime_backend import OrtDenoiser
 
-    second = MATRIX[name].second_call_kwargs if name in MATRIX else BUILTIN_SECOND.get(name)
-    config = OnnxExportConfig(
-        tmp_path / "onnx", components=False, progress=False, check_call_kwargs=tuple((second or {}).items())
-    )
-    out = convert(bundles[name], config)
-    entry = next(v for v in json.loads((out / "manifest.json").read_text())["components"].values())
+    out = onnx_folders[name]
+    manifest = json.loads((out / "manifest.json").read_text())
+    entry = manifest["components"][manifest["pipeline"]["denoiser"]]
     # The recorded shape (the export's own sampler call): the graph against the bundle's torch denoiser.
     pipe = load_pipeline(str(bundles[name]))
     den = getattr(pipe, pipe.diffkiln_manifest["pipeline"]["denoiser"])
     with recording_calls("matrix.onnx", den) as calls, torch.no_grad():
-        pipe(**bundle_call(pipe, pipe.diffkiln_manifest, config.prompt))
+        pipe(**bundle_call(pipe, pipe.diffkiln_manifest, OnnxExportConfig.prompt))
     args, kwargs = calls[-1]
     # Called as the pipeline called the torch denoiser, through the runtime's onnxruntime stand-in:
     # it names and flattens the arguments, and feeds the int arguments the graph takes (LTX's size).
@@ -219,12 +234,11 @@ def test_onnx_denoiser_runs_at_two_shapes(name: str, bundles: dict[str, Path], t
     assert all(i["dtype"] == "int64" and i["shape"] == [] for i in entry["inputs"] if i["name"] in graph_ints)
 
 
-def test_ltx_onnx_pipeline_runs_at_a_size_no_export_or_check_saw(bundles: dict[str, Path], tmp_path: Path) -> None:
+def test_ltx_onnx_pipeline_runs_at_a_size_no_export_or_check_saw(bundles: dict[str, Path],
+                                                                 onnx_folders: dict[str, Path]) -> None:  # fmt: skip
     from diffkiln.runtime.onnxruntime_backend import load_onnx_pipeline
 
-    second = MATRIX["ltx"].second_call_kwargs or {}
-    out = convert(bundles["ltx"], OnnxExportConfig(tmp_path / "onnx", progress=False,
-                                                  check_call_kwargs=tuple(second.items())))  # fmt: skip
+    out = onnx_folders["ltx"]
     # The pipeline assembles (it reads the VAE's compression ratios from the stand-in's skeleton),
     # feeds the latent size to the graph as ints, and denormalizes with the VAE's latents_mean and
     # latents_std, buffers the export writes beside the graph (own_tensors).
@@ -258,7 +272,8 @@ def test_timestep_aware_ranges_lift_the_unets(name: str, folders: dict[str, Path
     assert min(values) >= MIN_CALL_SQNR_DB, values
 
 
-def test_svd_onnx_pipeline_encodes_and_decodes_chunks_no_export_saw(bundles: dict[str, Path], tmp_path: Path) -> None:
+def test_svd_onnx_pipeline_encodes_and_decodes_chunks_no_export_saw(bundles: dict[str, Path],
+                                                                    onnx_folders: dict[str, Path]) -> None:  # fmt: skip
     """Image to video from an ONNX folder: the VAE's encode graph (the conditioning image), and its
     decode taking SVD's per-chunk ``num_frames`` as an int64 input, at chunk sizes and a size the
     export never saw."""
@@ -268,7 +283,7 @@ def test_svd_onnx_pipeline_encodes_and_decodes_chunks_no_export_saw(bundles: dic
 
     from diffkiln.runtime.onnxruntime_backend import load_onnx_pipeline
 
-    out = convert(bundles["svd"], OnnxExportConfig(tmp_path / "onnx", progress=False))
+    out = onnx_folders["svd"]
     manifest = json.loads((out / "manifest.json").read_text())
     assert not manifest["skipped_components"], manifest["skipped_components"]
     vae = manifest["components"]["vae"]

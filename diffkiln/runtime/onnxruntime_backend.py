@@ -3,9 +3,11 @@ components run in onnxruntime.
 
 The folder is what ``diffkiln export BUNDLE --format onnx`` writes. Its manifest is checked
 (format, version, every file's size and sha256) before anything is used. The pipeline is the
-bundle's own diffusers class; its text encoders, denoiser and VAE decoder are stand-ins that feed
-onnxruntime sessions and return what the torch modules return (``ModelOutput`` objects, tuples
-with ``return_dict=False``), so the scheduler loop and the caller's code are unchanged.
+bundle's own diffusers class; its text encoders, denoiser and VAE (``decode``, and ``encode``
+where exported: :mod:`~diffkiln.runtime.onnxruntime_vae`) are stand-ins
+(:mod:`~diffkiln.runtime.onnxruntime_component`) that feed onnxruntime sessions and return what
+the torch modules return (``ModelOutput`` objects, tuples with ``return_dict=False``), so the
+scheduler loop and the caller's code are unchanged.
 """
 
 from __future__ import annotations

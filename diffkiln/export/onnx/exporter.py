@@ -9,9 +9,9 @@ exports with ``torch.onnx.export(dynamo=True)`` and the custom-op translations o
 :mod:`diffkiln.export.onnx.passes` and ``onnx.checker.check_model(full_check=True)``.
 
 The output folder holds ``denoiser.onnx``, ``<text encoder>.onnx``, ``vae_decoder.onnx`` (and
-``vae_encoder.onnx`` where the pipeline's call encoded an image), the
-pipeline's tokenizers, scheduler and component configs (no weights; a component's own top-level
-tensors, such as LTX's VAE ``latents_mean``, in ``<component>/own_tensors.safetensors``), and ``manifest.json`` (format
+``vae_encoder.onnx`` where the pipeline's call encoded an image), the pipeline's tokenizers,
+scheduler and component configs (no weights; a component's own top-level tensors, such as LTX's
+VAE ``latents_mean``, in ``<component>/own_tensors.safetensors``), and ``manifest.json`` (format
 ``diffkiln.onnx``; files with sizes and sha256), written atomically (nothing half-written).
 A bundle's cache schedule goes with it: a ``whole`` schedule runs on ``denoiser.onnx``; a block-range
 one adds ``denoiser_cached.onnx`` (:mod:`diffkiln.export.onnx.cache_graphs`).
@@ -253,9 +253,12 @@ def export_onnx(bundle: LoadedBundle, config: OnnxExportConfig) -> Path:
             if component.kind == ComponentKind.DENOISER:
                 entries[component.name], cache_graph = _denoiser_graphs(component, tmp, config, sub_byte, bundle)
                 continue
-            file = tmp / _VAE_FILES.get(component.kind, f"{component.name}.onnx")
-            # A VAE's encode goes into its decoder's entry (one stand-in answers both methods).
+            # A VAE's encode goes into its decoder's entry (one stand-in answers both methods), so
+            # it is exported only where its decoder was.
             encoder = component.kind == ComponentKind.VAE_ENCODER
+            if encoder and component.name not in entries:
+                continue
+            file = tmp / _VAE_FILES.get(component.kind, f"{component.name}.onnx")
             key = f"{component.name}.encode" if encoder else component.name
             try:
                 entry = export_component(component, file, config, set())
@@ -264,9 +267,9 @@ def export_onnx(bundle: LoadedBundle, config: OnnxExportConfig) -> Path:
                 log.warning("%s is not exported: %s", key, skipped[key])
                 file.unlink(missing_ok=True)
                 continue
-            if encoder and component.name in entries:
+            if encoder:
                 entries[component.name]["encoder"] = entry
-            elif not encoder:
+            else:
                 entries[component.name] = entry
         _copy_pipeline_files(bundle.path, tmp, [c for c in components if c.name in entries], manifest)
         for component in components:

@@ -159,13 +159,24 @@ class OrtComponent(nn.Module):
     def feeds_of_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
         """The ONNX feeds of a torch-style call (``return_dict`` already removed): positionals
         named, dict arguments flattened, int arguments the graph takes as inputs (LTX's latent
-        ``height``) as int64 scalars, other non-tensor arguments checked against the export."""
+        ``height``) as int64 scalars, other non-tensor arguments checked against the export.
+
+        Raises:
+            ValueError: a tensor argument the graph does not take (the export was called without
+                it, so the graph would compute without it), or an option that differs.
+        """
         kwargs = {**kwargs, **self.name_positionals(args, kwargs)}
         tensors, rest = flatten_arguments(kwargs)
         for key in [k for k, v in rest.items() if k in self.inputs and is_int_argument(v)]:
             tensors[key] = torch.tensor(rest.pop(key), dtype=torch.int64)
+        extra = sorted(set(tensors) - set(self.inputs))
+        if extra:
+            raise ValueError(
+                f"{self.component_name}: the exported graph takes {sorted(self.inputs)}, not {extra}; "
+                "re-export calling it with them"
+            )
         self._check_options(rest)
-        return {k: v for k, v in tensors.items() if k in self.inputs}
+        return tensors
 
     def name_positionals(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
         """Positional arguments named after the torch module's forward parameters."""

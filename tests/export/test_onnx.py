@@ -76,6 +76,9 @@ def test_denoiser_text_encoder_and_vae_match_the_torch_runtime(unet_bundle: Path
     with torch.no_grad():
         ref1 = pipe.unet(args[0][:1], args[1], **one)[0]
     assert sqnr_db(ref1.numpy(), ort_pipe.unet(args[0][:1], args[1], **one)[0].numpy()) >= 35.0
+    # A tensor the export was called without is refused, not dropped: the graph would ignore it.
+    with pytest.raises(ValueError, match=r"not \['timestep_cond'\]; re-export calling it with them"):
+        ort_pipe.unet(*args, **{**kwargs, "timestep_cond": torch.zeros(2, 4)})
     ids = pipe.tokenizer(["a blue square"], padding="max_length", max_length=pipe.tokenizer.model_max_length,
                          return_tensors="pt").input_ids  # fmt: skip
     with torch.no_grad():
@@ -113,7 +116,7 @@ def test_the_vae_stand_in_takes_decode_as_the_torch_vae_does(unet_bundle: Path, 
     assert torch.equal(ort_vae.decode(z, generator=torch.Generator()).sample, keyword)
     assert ort_vae.use_tiling is False  # an attribute of the torch class, read from its meta skeleton
     # A tensor the exported decode never took is refused, not dropped; so is another option value.
-    with pytest.raises(ValueError, match=r"the exported decode takes \['latents'\], not \['temb'\]"):
+    with pytest.raises(ValueError, match=r"the exported graph takes \['latents'\], not \['temb'\]"):
         ort_vae.decode(z, temb=torch.ones(1))
     with pytest.raises(ValueError, match="argument scale=2 differs from the exported call"):
         ort_vae.decode(z, scale=2)

@@ -70,6 +70,8 @@ class GraphEntry(_Strict):
     tensor (a VAE's ``latent_dist``)."""
     encoder: GraphEntry | None = None
     """A VAE's ``encode`` graph (kind ``vae_encoder``), beside its decoder."""
+    encoder_skipped: Annotated[str, Field(max_length=2000)] | None = None
+    """Why a VAE's ``encode``, which the recorded call did not use, was not exported."""
     own_tensors: Name | None = None
     """A listed safetensors file of the torch module's own top-level buffers and parameters, for
     the loader's skeleton (LTX's VAE ``latents_mean``); each must be one the skeleton has, in its shape."""

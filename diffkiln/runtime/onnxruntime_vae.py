@@ -47,10 +47,10 @@ class OrtVaeDecoder(OrtComponent):
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
         if self.encode_graph is None:
+            why = self.entry.get("encoder_skipped") or "it predates encode graphs: re-export the bundle"
             raise NotImplementedError(
-                f"{self.component_name}: this ONNX export holds no encode graph (the call it was exported from "
-                "encoded no image); export the bundle with a call that encodes one (an image-to-image or "
-                "image-to-video pipeline does), or run the pipeline with the torch runtime"
+                f"{self.component_name}: this ONNX export holds no encode graph ({why}); "
+                "run the pipeline with the torch runtime"
             )
         feeds, return_dict = _feeds(self.encode_graph, "encode", args, {"return_dict": return_dict, **kwargs})
         outputs = self.encode_graph.run({"sample": x, **feeds})

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +38,9 @@ __all__ = [
     "tie_batch",
     "with_int_inputs",
 ]
+
+
+log = logging.getLogger(__name__)
 
 
 class ComponentKind:
@@ -80,6 +84,9 @@ class Component:
     own_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     """The torch module's own tensors (:func:`own_tensors`), written beside the graph for the
     loader's skeleton."""
+    optional: bool = False
+    """Not used by the recorded call (a text-to-image call's VAE ``encode``): an export failure
+    leaves it out, with the reason in the manifest, instead of refusing the folder."""
     distribution_fields: tuple[str, ...] = ()
     """Output fields that are a ``DiagonalGaussianDistribution`` (a VAE's ``latent_dist``), in
     the graph as its parameters (the mean and log-variance, concatenated)."""
@@ -262,13 +269,14 @@ def record_components(pipe: Any, denoiser_name: str, call: dict[str, Any]) -> li
         call: the full pipeline-call arguments (a short, decoded call).
 
     Returns:
-        The denoiser, each transformers encoder the call used (text encoders, image encoders), and
-        the VAE decoder (the first autoencoder whose ``decode`` the call ran), in that order.
+        The denoiser, each transformers encoder the call used (text encoders, image encoders), the
+        VAE decoder (the first autoencoder whose ``decode`` the call ran) and its encoder, in that
+        order.
     """
     from transformers import PreTrainedModel
 
     # vae_components builds on this module's Component: imported here, not at the top.
-    from diffkiln.export.onnx.vae_components import vae_component
+    from diffkiln.export.onnx.vae_components import encode_call_from_decode, vae_component
 
     encoders = {name: comp for name, comp in pipe.components.items() if isinstance(comp, PreTrainedModel)}
     vaes = {n: c for n, c in pipe.components.items() if isinstance(c, nn.Module) and is_autoencoder(c)}
@@ -318,12 +326,20 @@ def record_components(pipe: Any, denoiser_name: str, call: dict[str, Any]) -> li
                 call_order=list(inspect.signature(encoder.forward).parameters),
             )
         )
-    # The autoencoder the call decoded with; its encode too where the call encoded (an image to
-    # video or image to image pipeline encodes its conditioning image).
+    # The autoencoder the call decoded with, and its encode: as the call encoded (an image to video
+    # or image to image pipeline encodes its conditioning image), else on what it decoded.
     decoded = next((name for (name, method), calls in coding.items() if method == "decode" and calls), None)
     if decoded is not None:
         vae = vaes[decoded]
         components.append(vae_component(decoded, vae, "decode", coding[decoded, "decode"][0], own_tensors(vae)))
-        if coding[decoded, "encode"]:
-            components.append(vae_component(decoded, vae, "encode", coding[decoded, "encode"][0]))
+        recorded = coding[decoded, "encode"]
+        try:
+            encoding = recorded[0] if recorded else encode_call_from_decode(vae, coding[decoded, "decode"][0])
+            encode = vae_component(decoded, vae, "encode", encoding)
+        except Exception as exc:  # a VAE's encode raises its own types; only a recorded one is needed
+            if recorded:
+                raise
+            log.warning("%s.encode is not exported: %s: %s", decoded, type(exc).__name__, exc)
+        else:
+            components.append(dataclasses.replace(encode, optional=not recorded))
     return components

@@ -263,9 +263,13 @@ def export_onnx(bundle: LoadedBundle, config: OnnxExportConfig) -> Path:
             try:
                 entry = export_component(component, file, config, set())
             except Exception as exc:  # torch.export raises many types; the reason goes to the manifest
-                skipped[key] = f"{type(exc).__name__}: {error_summary(exc)}"
-                log.warning("%s is not exported: %s", key, skipped[key])
+                reason = f"{type(exc).__name__}: {error_summary(exc)}"
+                log.warning("%s is not exported: %s", key, reason)
                 file.unlink(missing_ok=True)
+                if component.optional:  # the recorded call never used it: the folder stays loadable
+                    entries[component.name]["encoder_skipped"] = reason
+                else:
+                    skipped[key] = reason
                 continue
             if encoder:
                 entries[component.name]["encoder"] = entry

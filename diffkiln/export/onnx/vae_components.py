@@ -5,7 +5,10 @@ pipeline made (recorded by a named pre-hook on each method).
   name (LTX's decode timestep); its ints are int64 inputs (SVD's ``num_frames``: the frames of one
   decoded chunk, which the pipeline sets per chunk); a generator is left out (a decode draws no
   noise from it); other JSON-able arguments are fixed options.
-* ``encode``: its first argument is the graph input ``sample``, the others as for ``decode``. Its
+* ``encode``: its first argument is the graph input ``sample``, the others as for ``decode``. A
+  call that encoded nothing (text to image) gets one on what its ``decode`` returned
+  (:func:`encode_call_from_decode`), so that an image-to-image pipeline built from the same
+  components (``from_pipe``) runs from the folder too, as optimum's exports hold a VAE encoder. Its
   output (``AutoencoderKLOutput``) is flattened field by field; a ``DiagonalGaussianDistribution``
   field (``latent_dist``) goes into the graph as its parameters, from which the onnxruntime backend
   rebuilds the distribution, so that the pipeline samples it, or takes its mode, in torch.
@@ -29,7 +32,7 @@ from diffkiln.export.onnx.components import (
     flatten_kwargs,
 )
 
-__all__ = ["FIRST_INPUT", "vae_component"]
+__all__ = ["FIRST_INPUT", "encode_call_from_decode", "vae_component"]
 
 FIRST_INPUT = {"decode": "latents", "encode": "sample"}
 """The graph input that takes each method's first argument, whatever the class names it."""
@@ -115,3 +118,16 @@ def vae_component(name: str, vae: Any, method: str, call: tuple[tuple[Any, ...],
         own_tensors=own_tensors or {},
         distribution_fields=distributions,
     )
+
+
+def encode_call_from_decode(
+    vae: Any, decode_call: tuple[tuple[Any, ...], dict[str, Any]]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """An ``encode`` call on one sample of what the recorded ``decode`` call returned: an image (a
+    video, an audio clip) of the size and layout this VAE produces, which is what an image-to-image
+    pipeline built from the same components encodes."""
+    args, kwargs = decode_call
+    with torch.no_grad():
+        out = vae.decode(*args, **{**kwargs, "return_dict": False})
+    sample = out[0] if isinstance(out, tuple) else out.sample
+    return (sample[:1].clone(),), {}

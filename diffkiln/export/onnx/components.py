@@ -84,6 +84,8 @@ class Component:
     own_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     """The torch module's own tensors (:func:`own_tensors`), written beside the graph for the
     loader's skeleton."""
+    encoder_skipped: str | None = None
+    """A VAE decoder's: why its ``encode``, which the recorded call did not use, has no graph."""
     optional: bool = False
     """Not used by the recorded call (a text-to-image call's VAE ``encode``): an export failure
     leaves it out, with the reason in the manifest, instead of refusing the folder."""
@@ -331,7 +333,8 @@ def record_components(pipe: Any, denoiser_name: str, call: dict[str, Any]) -> li
     decoded = next((name for (name, method), calls in coding.items() if method == "decode" and calls), None)
     if decoded is not None:
         vae = vaes[decoded]
-        components.append(vae_component(decoded, vae, "decode", coding[decoded, "decode"][0], own_tensors(vae)))
+        decode = vae_component(decoded, vae, "decode", coding[decoded, "decode"][0], own_tensors(vae))
+        components.append(decode)
         recorded = coding[decoded, "encode"]
         try:
             encoding = recorded[0] if recorded else encode_call_from_decode(vae, coding[decoded, "decode"][0])
@@ -339,7 +342,8 @@ def record_components(pipe: Any, denoiser_name: str, call: dict[str, Any]) -> li
         except Exception as exc:  # a VAE's encode raises its own types; only a recorded one is needed
             if recorded:
                 raise
-            log.warning("%s.encode is not exported: %s: %s", decoded, type(exc).__name__, exc)
+            decode.encoder_skipped = f"{type(exc).__name__}: {str(exc)[:300]}"
+            log.warning("%s.encode is not exported: %s", decoded, decode.encoder_skipped)
         else:
             components.append(dataclasses.replace(encode, optional=not recorded))
     return components

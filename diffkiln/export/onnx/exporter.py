@@ -275,6 +275,8 @@ def export_onnx(bundle: LoadedBundle, config: OnnxExportConfig) -> Path:
                 entries[component.name]["encoder"] = entry
             else:
                 entries[component.name] = entry
+                if component.encoder_skipped:
+                    entry["encoder_skipped"] = component.encoder_skipped
         _copy_pipeline_files(bundle.path, tmp, [c for c in components if c.name in entries], manifest)
         for component in components:
             own = save_own_tensors(tmp, component.name, component.own_tensors) if component.name in entries else None

@@ -162,6 +162,17 @@ def _detached_copy(x: Any) -> Any:
     return x
 
 
+def _recorder(
+    calls: list[tuple[tuple[Any, ...], dict[str, Any]]],
+) -> Callable[[Any, tuple[Any, ...], dict[str, Any]], None]:
+    """A pre-hook that appends each call's ``(args, kwargs)``, as detached copies, to ``calls``."""
+
+    def record(_owner: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        calls.append((_detached_copy(args), _detached_copy(kwargs)))
+
+    return record
+
+
 @contextmanager
 def recording_calls(name: str, module: nn.Module) -> Iterator[list[tuple[tuple[Any, ...], dict[str, Any]]]]:
     """Within the block, every call of ``module`` appends ``(args, kwargs)`` (detached copies) to
@@ -172,12 +183,8 @@ def recording_calls(name: str, module: nn.Module) -> Iterator[list[tuple[tuple[A
         module: the module whose calls are recorded (e.g. a denoiser, to replay its inputs).
     """
     calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
-
-    def record(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        calls.append((_detached_copy(args), _detached_copy(kwargs)))
-
     with scoped_hooks() as hooks:
-        hooks.add_forward_pre_hook(name, module, record)
+        hooks.add_forward_pre_hook(name, module, _recorder(calls))
         yield calls
 
 
@@ -186,10 +193,6 @@ def recording_method_calls(name: str, obj: Any, method: str) -> Iterator[list[tu
     """As :func:`recording_calls`, for a method other than ``forward`` (a VAE's ``decode``, whose
     arguments, such as SVD's ``num_frames`` or LTX's decode timestep, its decoder submodule never sees)."""
     calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
-
-    def record(_obj: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        calls.append((_detached_copy(args), _detached_copy(kwargs)))
-
     with scoped_hooks() as hooks:
-        hooks.add_method_pre_hook(name, obj, method, record)
+        hooks.add_method_pre_hook(name, obj, method, _recorder(calls))
         yield calls

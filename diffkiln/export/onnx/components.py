@@ -37,6 +37,7 @@ __all__ = [
     "repeated_batch",
     "tie_batch",
     "with_int_inputs",
+    "with_ints",
 ]
 
 
@@ -186,12 +187,15 @@ class _Denoiser(_Positional):
         self.int_inputs = tuple(int_inputs)
 
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
-        named: dict[str, Any] = self.named(tensors)
-        for key in self.int_inputs:
-            if isinstance(named[key], torch.Tensor):
-                named[key] = int(named[key])
+        named = with_ints(self.named(tensors), self.int_inputs)
         out = self.denoiser(**unflatten_arguments(named), **self.options, return_dict=False)
         return out[0] if isinstance(out, tuple) else out
+
+
+def with_ints(named: dict[str, Any], int_inputs: Sequence[str]) -> dict[str, Any]:
+    """``named`` with each of ``int_inputs`` passed as an int: a 0-d tensor in eager becomes its
+    value; under torch.export it already is an int (a symbol)."""
+    return {k: int(v) if k in int_inputs and isinstance(v, torch.Tensor) else v for k, v in named.items()}
 
 
 def with_int_inputs(component: Component, names: Sequence[str]) -> Component | None:

@@ -30,6 +30,7 @@ from diffkiln.export.onnx.components import (
     _Positional,
     batch_inputs,
     flatten_kwargs,
+    with_ints,
 )
 
 __all__ = ["FIRST_INPUT", "encode_call_from_decode", "vae_component"]
@@ -63,10 +64,7 @@ class _VaeMethod(_Positional):
         self.int_inputs = tuple(int_inputs)
 
     def forward(self, *tensors: torch.Tensor) -> Any:
-        named: dict[str, Any] = self.named(tensors)
-        for key in self.int_inputs:
-            if isinstance(named[key], torch.Tensor):
-                named[key] = int(named[key])
+        named = with_ints(self.named(tensors), self.int_inputs)
         first = named.pop(FIRST_INPUT[self.method])
         call = getattr(self.vae, self.method)
         if self.method == "decode":

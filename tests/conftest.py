@@ -42,6 +42,27 @@ LONG_MODULES_FIRST = (
     "tests/optimizer/test_distributed_validation.py",
 )
 
+# Modules that share a costly session fixture run as one work unit, on one worker, which builds it
+# once (each worker is its own session): tests/export/conftest.py's ``unet_onnx``, a whole-pipeline
+# ONNX export with dynamic axes.
+SHARED_WORK_UNITS = {"tests/export/test_onnx_cli.py": "tests/export/test_onnx.py"}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
+    """Under ``--dist loadscope``, a scheduler that maps each module of :data:`SHARED_WORK_UNITS`
+    to its partner's work unit; other modes keep xdist's own (None)."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedFixtureScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            scope = super()._split_scope(nodeid)
+            return SHARED_WORK_UNITS.get(scope, scope)
+
+    return SharedFixtureScheduling(config, log)
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Skip tests marked ``gpu`` when no CUDA device is present (CI never has one), and tests marked

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from diffkiln.calibrate import CalibrationConfig, calibrate
 from diffkiln.generation import load_pipeline
+from tests.two_ranks import start_two
 
 pytestmark = pytest.mark.skipif(os.environ.get("DIFFKILN_NO_SPAWN") == "1", reason="no process spawning here")
 
@@ -45,12 +46,10 @@ def _rank(rank: int, store: str, target: str, cache: str) -> None:
 
 @pytest.mark.parametrize("target", ["shapes-dit", "tiny-sd15"])
 def test_two_ranks_give_the_single_process_statistics(target: str, tmp_path: Path) -> None:
-    import torch.multiprocessing as mp
 
     torch.set_num_threads(1)
     calibrate(load_pipeline(target), _config(tmp_path / "one"))
-    mp.start_processes(_rank, args=(str(tmp_path / "store"), target, str(tmp_path / "two")), nprocs=2, join=True,
-                       start_method="spawn")  # fmt: skip
+    start_two(_rank, (str(tmp_path / "store"), target, str(tmp_path / "two")))
     (one,) = (tmp_path / "one").glob("calib-*.safetensors")
     (two,) = (tmp_path / "two").glob("calib-*.safetensors")  # rank 0 alone wrote the cache
     assert one.name == two.name

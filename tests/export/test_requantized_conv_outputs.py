@@ -42,7 +42,9 @@ def rq_bundle(shapes_pipelines, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 @pytest.fixture(scope="module")
 def rq_onnx(rq_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return convert(rq_bundle, OnnxExportConfig(tmp_path_factory.mktemp("rq-onnx") / "o"))
+    # Static shapes: one trace per graph and no second-shape check; the tests run the recorded
+    # call's shapes (dynamic axes are tests/export/test_onnx.py's).
+    return convert(rq_bundle, OnnxExportConfig(tmp_path_factory.mktemp("rq-onnx") / "o", dynamic=False))
 
 
 def test_calibration_records_conv_outputs_and_the_plan_gives_them_a_grid(shapes_pipelines) -> None:

@@ -1,6 +1,6 @@
-"""The mixed recipe's sensitivity search sharded over two gloo processes: the plan is identical to
-one process's, only rank 0 writes the bundle, a rank that dies fails the run naming it, and a
-re-run reuses the trials the dead run finished. Spawns processes: skipped where that is not
+"""The mixed recipe's sensitivity search sharded over two gloo processes: a rank that dies fails
+the run naming it and leaves no bundle, and a re-run reuses the trials the dead run finished,
+computes the rest sharded and gives one process's plan. Spawns processes: skipped where that is not
 possible (``DIFFKILN_NO_SPAWN=1``)."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from diffkiln.api import MixedConfig, OptimizeConfig, optimize, sensitivity
+from tests.two_ranks import start_two
 
 pytestmark = pytest.mark.skipif(os.environ.get("DIFFKILN_NO_SPAWN") == "1", reason="no process spawning here")
 
@@ -55,11 +56,9 @@ def _rank(rank: int, store: str, out: str, cache: str, die_after: int) -> None:
 
 
 def _spawn(tmp: Path, out: Path, cache: Path, die_after: int = 0) -> None:
-    import torch.multiprocessing as mp
 
     store = tmp / f"store-{out.name}-{die_after}"
-    mp.start_processes(_rank, args=(str(store), str(out), str(cache), die_after), nprocs=2, join=True,
-                       start_method="spawn")  # fmt: skip
+    start_two(_rank, (str(store), str(out), str(cache), die_after))
 
 
 def _plan(bundle: Path) -> dict:
@@ -67,24 +66,19 @@ def _plan(bundle: Path) -> dict:
     return plan
 
 
-def test_a_sharded_search_gives_the_single_process_plan(tmp_path: Path) -> None:
-    torch.set_num_threads(1)
-    single = optimize(TARGET, _config(tmp_path / "single", tmp_path / "cache-single"))
-    _spawn(tmp_path, tmp_path / "two", tmp_path / "cache-two")
-    assert _plan(tmp_path / "two" / "bundle") == _plan(single)
-    tables = [json.loads((tmp_path / "two" / f"table-{r}.json").read_text()) for r in range(2)]
-    assert tables == [{"reused": 0, "ranks": 2}] * 2
-    shards = sorted(p.name.rsplit(".", 2)[-2] for p in (tmp_path / "cache-two" / "sensitivity").glob("*.jsonl"))
-    assert shards == ["shard-0", "shard-1"]  # each rank wrote its own results
-
-
-def test_a_dead_rank_fails_the_run_and_a_rerun_reuses_its_trials(tmp_path: Path) -> None:
+def test_a_dead_rank_fails_the_run_and_the_rerun_gives_the_single_process_plan(tmp_path: Path) -> None:
     from torch.multiprocessing import ProcessExitedException
 
+    torch.set_num_threads(1)
+    single = optimize(TARGET, _config(tmp_path / "single", tmp_path / "cache-single"))
     with pytest.raises(ProcessExitedException, match="process 1 terminated with exit code 3"):
         _spawn(tmp_path, tmp_path / "dead", tmp_path / "cache", die_after=3)
     assert not (tmp_path / "dead" / "bundle").exists()  # nothing half-written
+    shards = sorted(p.name.rsplit(".", 2)[-2] for p in (tmp_path / "cache" / "sensitivity").glob("*.jsonl"))
+    assert shards == ["shard-0", "shard-1"]  # each rank wrote its own results, the dead one its first trials
+    # The rerun reuses the trials the dead run finished, computes the rest sharded, and gives the
+    # plan of one process.
     _spawn(tmp_path, tmp_path / "rerun", tmp_path / "cache")
     tables = [json.loads((tmp_path / "rerun" / f"table-{r}.json").read_text()) for r in range(2)]
-    assert tables[0] == tables[1] and tables[0]["reused"] >= 3, tables
-    assert (tmp_path / "rerun" / "bundle" / "manifest.json").is_file()
+    assert tables[0] == tables[1] and tables[0]["reused"] >= 3 and tables[0]["ranks"] == 2, tables
+    assert _plan(tmp_path / "rerun" / "bundle") == _plan(single)

@@ -15,6 +15,7 @@ import torch
 
 from diffkiln.api import CacheConfig, OptimizeConfig, SparseConfig, optimize
 from diffkiln.zoo.shapes_video_model import VIDEO_TEXT_LENGTH, assemble_shapes_video
+from tests.two_ranks import start_two
 
 pytestmark = pytest.mark.skipif(os.environ.get("DIFFKILN_NO_SPAWN") == "1", reason="no process spawning here")
 
@@ -74,14 +75,13 @@ def _section(bundle: Path, recipe: str) -> dict:
 
 @pytest.mark.parametrize("recipe", ["cache", "sparse"])
 def test_sharded_validations_give_the_single_process_plan(recipe: str, tmp_path: Path) -> None:
-    import torch.multiprocessing as mp
 
     torch.set_num_threads(1)
     target = _target(recipe, tmp_path)
     single = optimize(target, _config(recipe, tmp_path / "single", tmp_path / "cache-single"))
     out = tmp_path / "two"
     args = (str(tmp_path / "store"), recipe, target, str(out), str(tmp_path / "cache-two"))
-    mp.start_processes(_rank, args=args, nprocs=2, join=True, start_method="spawn")
+    start_two(_rank, args)
     assert _section(out / "bundle", recipe) == _section(single, recipe)
     shares = [json.loads((out / f"share-{r}.json").read_text()) for r in range(2)]
     # Every map was dealt over both ranks (sparse: the proposals' integer programs, then the

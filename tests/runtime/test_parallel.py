@@ -18,6 +18,7 @@ from diffkiln.core.metrics import sqnr_db
 from diffkiln.optimizer import W8A8Config
 from diffkiln.runtime import ParallelConfig, load
 from tests.runtime_e2e_helpers import build_bundle
+from tests.two_ranks import start_two
 
 pytestmark = pytest.mark.skipif(os.environ.get("DIFFKILN_NO_SPAWN") == "1", reason="no process spawning here")
 
@@ -58,10 +59,9 @@ def _rank(rank: int, bundle: str, store: str, out: str, config: dict[str, Any], 
 
 def _run_two(bundle: Path, tmp_path: Path, config: dict[str, Any], calls: list[Call]) -> list[tuple[list, list]]:
     """Per call: (the two ranks' latents, their counts)."""
-    import torch.multiprocessing as mp
 
     args = (str(bundle), str(tmp_path / "store"), str(tmp_path), config, calls)
-    mp.start_processes(_rank, args=args, nprocs=2, join=True, start_method="spawn")
+    start_two(_rank, args)
     return [
         ([torch.load(tmp_path / f"rank{r}-{i}.pt", weights_only=True) for r in range(2)],
          [json.loads((tmp_path / f"rank{r}-{i}.json").read_text()) for r in range(2)])

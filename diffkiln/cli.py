@@ -91,11 +91,18 @@ def _report_out(a: argparse.Namespace) -> Path:
 
 def _check_early(a: argparse.Namespace) -> None:
     """What is wrong with the arguments alone, answered before the slow imports and any model
-    load: a device this machine lacks, a results folder that is a file."""
+    load: a device this machine lacks, a TARGET that is no built-in name and no folder, a
+    diffusers folder with a component or weights file missing, a results folder that is a file."""
     from diffkiln.core.devices import resolve_device
+    from diffkiln.core.pipeline_folder import check_pipeline_folder
+    from diffkiln.zoo.registry import resolve_target
 
     if getattr(a, "device", None):
         resolve_device(a.device)
+    if getattr(a, "target", None) is not None:
+        target = resolve_target(a.target, build=False)
+        if target.builtin is None and not target.bundle:  # a user's diffusers folder: checked as its load will
+            check_pipeline_folder(target.path)
     if a.command in ("generate", "report"):
         check_results_folder(Path(a.out) if a.command == "generate" else _report_out(a))
 

@@ -127,3 +127,28 @@ def test_empty_prompt_file_and_folder_without_index(tmp_path: Path) -> None:
     assert r.returncode == 2 and "holds no prompt" in r.stderr and "Traceback" not in r.stderr
     r = _run("generate", str(tmp_path), "--prompt", "x")
     assert r.returncode == 2 and "no model_index.json" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_wrong_target_is_answered_before_the_slow_imports(tmp_path: Path) -> None:
+    """An unknown name, a missing folder, a folder that is no pipeline and one whose listed
+    component is missing: each refused before diffusers is imported (about a second), and a
+    random-weight built-in model is not built to check its name."""
+    (tmp_path / "pipe").mkdir()
+    index = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}
+    (tmp_path / "pipe" / "model_index.json").write_text(json.dumps(index))
+    argvs = [["generate", "no-such-model", "--prompt", "x"], ["report", str(tmp_path / "missing")],
+             ["optimize", str(tmp_path), "--out", str(tmp_path / "b")],
+             ["generate", str(tmp_path / "pipe"), "--prompt", "x", "--out", str(tmp_path / "g")],
+             ["generate", "tiny-flux", "--prompt", "x", "--out", str(tmp_path / "a_file")]]  # fmt: skip
+    (tmp_path / "a_file").write_text("mine\n")
+    code = (
+        "import sys; from diffkiln.cli import main; "
+        f"codes = [main(a) for a in {argvs!r}]; print(codes, 'diffusers' in sys.modules)"
+    )
+    env = {"DIFFKILN_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+    assert r.stdout.strip() == "[2, 2, 2, 2, 2] False", r.stdout + r.stderr
+    for message in ("unknown model: 'no-such-model'", "folder not found", "has no model_index.json",
+                    "lists the component 'unet' (UNet2DConditionModel) in model_index.json but has no"):  # fmt: skip
+        assert message in r.stderr, r.stderr
+    assert "a_file is an existing file" in r.stderr and not (tmp_path / "cache").exists()

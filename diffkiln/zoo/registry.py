@@ -251,12 +251,14 @@ def _refuse_bundle_without_manifest(path: Path) -> None:
         )
 
 
-def resolve_target(target: str | os.PathLike[str]) -> ResolvedTarget:
+def resolve_target(target: str | os.PathLike[str], build: bool = True) -> ResolvedTarget:
     """Resolve a built-in model name or a local diffusers folder.
 
     Args:
         target: a name from ``diffkiln models``, a path to a folder with model_index.json, or a
             diffkiln bundle directory.
+        build: build a random-weight built-in model's folder where the cache lacks it. False only
+            checks the name (the CLI's early check): ``path`` may then not exist yet.
 
     Raises:
         ModelNotFoundError: neither a built-in name nor a diffusers folder; the message lists the
@@ -266,6 +268,8 @@ def resolve_target(target: str | os.PathLike[str]) -> ResolvedTarget:
     text = os.fspath(target)
     if text in BUILTIN_MODELS:
         model = BUILTIN_MODELS[text]
+        if not build and model.random_weights:
+            return ResolvedTarget(text, model.path, model)
         model.materialize()
         if not (model.path / "model_index.json").is_file():
             raise ModelNotFoundError(

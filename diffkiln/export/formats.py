@@ -17,7 +17,7 @@ from diffkiln.core.configs import config_from_options
 from diffkiln.core.errors import InvalidInputError
 from diffkiln.core.schema import LoadedBundle
 from diffkiln.export.mindiesd import MindieExportConfig, export_mindiesd
-from diffkiln.export.onnx import OnnxExportConfig, export_onnx
+from diffkiln.export.onnx import OnnxExportConfig
 
 __all__ = ["FormatFn", "convert_bundle", "format_config_from_options", "format_names", "register_format"]
 
@@ -80,5 +80,13 @@ def convert_bundle(bundle: LoadedBundle, config: Any) -> Path:
     return entry.fn(bundle, config)
 
 
-register_format("onnx", OnnxExportConfig)(export_onnx)
+def _export_onnx(bundle: LoadedBundle, config: OnnxExportConfig) -> Path:
+    """The ONNX format: :func:`~diffkiln.export.onnx.exporter.export_onnx`, imported when an export
+    runs (it brings onnxscript and torch.onnx)."""
+    from diffkiln.export.onnx.exporter import export_onnx
+
+    return export_onnx(bundle, config)
+
+
+register_format("onnx", OnnxExportConfig)(_export_onnx)
 register_format("mindiesd", MindieExportConfig)(export_mindiesd)

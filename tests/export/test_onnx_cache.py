@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -18,7 +19,6 @@ from diffkiln.export.onnx import OnnxExportConfig
 from diffkiln.runtime import load
 
 STEPS = 6
-DYNAMIC = {("shapes-dit", "residual")}
 
 
 def _latents(pipe: object) -> torch.Tensor:
@@ -41,9 +41,9 @@ class _Exports(dict[tuple[str, str], tuple[Path, Path]]):
                             refine=0)  # fmt: skip
         bundle = optimize(model, OptimizeConfig(out=where / "b", recipe=W8A8Config(), cache=cache, calib_size=2,
                                                 steps=STEPS, progress=False, cache_dir=where / "c"))  # fmt: skip
-        # Dynamic axes on the DiT's block-range export (its fill and reuse graphs too); the others
-        # static: one trace per graph, at the shapes these tests run.
-        config = OnnxExportConfig(where / "onnx", progress=False, dynamic=key in DYNAMIC)
+        # Static: one trace per graph, at the shapes these tests run (dynamic fill and reuse graphs:
+        # test_int_sized_denoiser_follows_a_block_range_schedule_at_a_size_no_export_saw).
+        config = OnnxExportConfig(where / "onnx", progress=False, dynamic=False)
         self[key] = (Path(bundle), convert(bundle, config))
         return self[key]
 
@@ -107,3 +107,36 @@ def test_a_block_range_schedule_without_its_reuse_graph_is_refused(exports: _Exp
     (out / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="reuse graph"):
         load_onnx_pipeline(out, torch.device("cpu"))
+
+
+def test_int_sized_denoiser_follows_a_block_range_schedule_at_a_size_no_export_saw(tmp_path: Path) -> None:
+    """LTX passes its latent ``height``, ``width`` and ``num_frames`` to the transformer as ints.
+    The fill graph keeps its cached outputs with those as int64 inputs, and the reuse graph takes
+    them too, dynamic where the fill graph is: the folder follows the schedule at another size."""
+    from tests.matrix.builders import MATRIX, build
+
+    entry = MATRIX["ltx"]
+    cache = CacheConfig(budget=0.7, mechanisms=("residual",), validate_samples=2, refine=0)
+    bundle = optimize(str(build("ltx", tmp_path / "ltx")), OptimizeConfig(
+        out=tmp_path / "b", recipe=W8A8Config(), cache=cache, calib_size=2, steps=STEPS, progress=False,
+        call_kwargs=tuple(entry.call_kwargs.items()), cache_dir=tmp_path / "c"))  # fmt: skip
+    out = convert(bundle, OnnxExportConfig(tmp_path / "onnx", progress=False,
+                                           check_call_kwargs=tuple(entry.second_call_kwargs.items())))  # fmt: skip
+    manifest = json.loads((out / "manifest.json").read_text())
+    fill, reuse = manifest["components"]["transformer"], manifest["cache_graph"]
+    ints = {"height", "width", "num_frames"}
+    for graph in (fill, reuse):
+        assert ints <= {i["name"] for i in graph["inputs"]} and graph["dynamic_axes"]["hidden_states"] == [0, 1]
+    assert len(fill["outputs"]) == 1 + fill["cache_outputs"] and reuse["check"]["ok"]
+    call = {**entry.call_kwargs, "height": 96, "width": 64, "num_frames": 17}  # neither the export's nor its check's
+
+    def latents(pipe: Any) -> torch.Tensor:
+        pipe.set_progress_bar_config(disable=True)
+        return pipe("a red circle", num_inference_steps=STEPS, output_type="latent", **call,
+                    generator=torch.Generator().manual_seed(0)).frames  # fmt: skip
+
+    ort_pipe = load(out, "cpu", backend="onnxruntime")
+    got = latents(ort_pipe)
+    schedule = CacheSchedule.from_dict(manifest["cache"])
+    assert ort_pipe.diffkiln_cache.evaluated == schedule.block_evaluations() and not all(schedule.compute)
+    assert sqnr_db(latents(load(bundle, "cpu")).numpy(), got.numpy()) > 15.0

@@ -16,6 +16,7 @@ branch and feeds them (extrapolated where the schedule says) to the reuse graph.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +24,24 @@ import torch
 
 from diffkiln.core.cache_schedule import CacheSchedule
 from diffkiln.export.onnx.check import run_check
-from diffkiln.export.onnx.components import Component, _Denoiser, batch_inputs, repeated_batch, tie_batch
+from diffkiln.export.onnx.components import (
+    Component,
+    _Denoiser,
+    batch_inputs,
+    repeated_batch,
+    tie_batch,
+    with_ints,
+)
 from diffkiln.nn.cache import CacheStepTracer
 
-__all__ = ["CACHED_FILE", "CacheFillDenoiser", "CacheReuseDenoiser", "reuse_component"]
+__all__ = [
+    "CACHED_FILE",
+    "CacheFillDenoiser",
+    "CacheReuseDenoiser",
+    "fill_component",
+    "reuse_component",
+    "reuse_inputs",
+]
 
 CACHED_FILE = "denoiser_cached.onnx"
 """The reuse graph's file in an ONNX export folder."""
@@ -38,12 +53,15 @@ class CacheFillDenoiser(_Denoiser):
     tracer: CacheStepTracer
 
     def __init__(self, inner: _Denoiser, tracer: CacheStepTracer) -> None:
-        super().__init__(inner.denoiser, inner.names, inner.options, inner.tied)
+        super().__init__(inner.denoiser, inner.names, inner.options, inner.tied, inner.int_inputs)
         self.__dict__["tracer"] = tracer  # plain state, not a submodule
 
     def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
         out, values = self.tracer.fill(lambda: _Denoiser.forward(self, *tensors))
         return (out, *values)
+
+    def taking_ints(self, names: list[str], options: dict[str, Any], int_inputs: Sequence[str]) -> _Denoiser:
+        return CacheFillDenoiser(super().taking_ints(names, options, int_inputs), self.tracer)
 
 
 class CacheReuseDenoiser(_Denoiser):
@@ -52,7 +70,7 @@ class CacheReuseDenoiser(_Denoiser):
     tracer: CacheStepTracer
 
     def __init__(self, inner: _Denoiser, tracer: CacheStepTracer, n_cache: int, tied: tuple[int, ...]) -> None:
-        super().__init__(inner.denoiser, [*inner.names, *cache_names(n_cache)], inner.options, tied)
+        super().__init__(inner.denoiser, [*inner.names, *cache_names(n_cache)], inner.options, tied, inner.int_inputs)
         self.__dict__["tracer"] = tracer
         self.n_main = len(inner.names)
 
@@ -62,8 +80,8 @@ class CacheReuseDenoiser(_Denoiser):
         names = self.names[: self.n_main]
 
         def call() -> torch.Tensor:
-            out = self.denoiser(**_unflattened(dict(zip(names, main, strict=True))), **self.options,
-                                return_dict=False)  # fmt: skip
+            named = with_ints(dict(zip(names, main, strict=True)), self.int_inputs)
+            out = self.denoiser(**_unflattened(named), **self.options, return_dict=False)
             return out[0] if isinstance(out, tuple) else out
 
         result: torch.Tensor = self.tracer.reuse(call, values)
@@ -81,27 +99,42 @@ def cache_names(n: int) -> list[str]:
     return [f"cache_{k}" for k in range(n)]
 
 
-def reuse_component(component: Component, tracer: CacheStepTracer) -> tuple[Component, Component]:
-    """(the fill component, the reuse component) of the denoiser component, with example inputs:
-    the reuse graph's cached values come from the fill wrapper run on the recorded inputs."""
+def fill_component(component: Component, tracer: CacheStepTracer) -> Component:
+    """The denoiser component as the fill graph: its output, then the values to cache."""
     inner = component.module
     assert isinstance(inner, _Denoiser)
-    fill = dataclasses.replace(component, module=CacheFillDenoiser(inner, tracer))
+    return dataclasses.replace(component, module=CacheFillDenoiser(inner, tracer))
+
+
+def reuse_inputs(fill: CacheFillDenoiser, example: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The reuse graph's inputs for the fill graph's ``example``: those, then the values the fill
+    wrapper caches from them."""
     with torch.no_grad():
-        _, *values = fill.module(*component.example.values())
-    example = {**component.example, **dict(zip(cache_names(len(values)), values, strict=True))}
+        _, *values = fill(*example.values())
+    return {**example, **dict(zip(cache_names(len(values)), values, strict=True))}
+
+
+def reuse_component(fill: Component) -> Component:
+    """The reuse graph's component for the fill component (:func:`fill_component`; its int inputs
+    too), with example inputs: the fill's, then the values it caches from them."""
+    module = fill.module
+    assert isinstance(module, CacheFillDenoiser)
+    example = reuse_inputs(module, fill.example)
     # The cached values that carry the batch share it too.
-    reuse = CacheReuseDenoiser(inner, tracer, len(values), batch_inputs(example))
-    return fill, dataclasses.replace(component, module=reuse, example=example)
+    reuse = CacheReuseDenoiser(module, module.tracer, len(example) - len(fill.example), batch_inputs(example))
+    return dataclasses.replace(fill, module=reuse, example=example)
 
 
-def check_reuse(path: Path, component: Component, entry: dict[str, Any]) -> dict[str, Any]:
-    """Run the exported reuse graph in onnxruntime against the torch wrapper: at the recorded shapes,
-    and at twice the batch when the graph's batch axis is dynamic."""
+def check_reuse(
+    path: Path, component: Component, entry: dict[str, Any], other: dict[str, torch.Tensor] | None = None
+) -> dict[str, Any]:
+    """Run the exported reuse graph in onnxruntime against the torch wrapper: at its example and,
+    where the graph is dynamic, at ``other`` (the fill graph's other checked call, with its cached
+    values) or else at twice the batch."""
     names = list(component.example)
     check = run_check(path, names, component.module, component.example)
     if check["ok"] and entry.get("dynamic"):
-        check = run_check(path, names, component.module, repeated_batch(component.example, 2))
+        check = run_check(path, names, component.module, other or repeated_batch(component.example, 2))
     return check
 
 

@@ -191,6 +191,11 @@ class _Denoiser(_Positional):
         out = self.denoiser(**unflatten_arguments(named), **self.options, return_dict=False)
         return out[0] if isinstance(out, tuple) else out
 
+    def taking_ints(self, names: list[str], options: dict[str, Any], int_inputs: Sequence[str]) -> _Denoiser:
+        """This wrapper with the inputs ``names`` (``int_inputs`` among them) and ``options``; a
+        subclass returns its own kind (a cache schedule's fill graph keeps its extra outputs)."""
+        return _Denoiser(self.denoiser, names, options, self.tied, int_inputs)
+
 
 def with_ints(named: dict[str, Any], int_inputs: Sequence[str]) -> dict[str, Any]:
     """``named`` with each of ``int_inputs`` passed as an int: a 0-d tensor in eager becomes its
@@ -200,13 +205,13 @@ def with_ints(named: dict[str, Any], int_inputs: Sequence[str]) -> dict[str, Any
 
 def with_int_inputs(component: Component, names: Sequence[str]) -> Component | None:
     """``component`` taking the int options ``names`` as graph inputs (:attr:`Component.int_inputs`),
-    or None where its module is not the plain denoiser wrapper (a cache schedule's fill graph)."""
+    or None where its module is no denoiser wrapper (:meth:`_Denoiser.taking_ints`)."""
     module = component.module
     if not isinstance(module, _Denoiser) or not names:
         return None
     example = {**component.example, **{n: torch.tensor(component.options[n], dtype=torch.int64) for n in names}}
     options = {k: v for k, v in component.options.items() if k not in names}
-    wrapper = _Denoiser(module.denoiser, list(example), options, module.tied, names)
+    wrapper = module.taking_ints(list(example), options, names)
     return dataclasses.replace(component, module=wrapper, example=example, options=options, int_inputs=tuple(names))
 
 

@@ -35,7 +35,15 @@ from diffkiln.core.atomic import atomic_directory, file_table
 from diffkiln.core.cache_schedule import CacheMechanism, CacheSchedule
 from diffkiln.core.errors import BundleError
 from diffkiln.core.schema import MANIFEST_NAME, ONNX_FORMAT, ONNX_VERSION, LoadedBundle
-from diffkiln.export.onnx.cache_graphs import CACHED_FILE, check_reuse, reuse_component, schedule_entry
+from diffkiln.export.onnx.cache_graphs import (
+    CACHED_FILE,
+    CacheFillDenoiser,
+    check_reuse,
+    fill_component,
+    reuse_component,
+    reuse_inputs,
+    schedule_entry,
+)
 from diffkiln.export.onnx.check import bundle_call, capture_call, run_check, second_shape
 from diffkiln.export.onnx.components import (
     Component,
@@ -115,10 +123,14 @@ def _copy_pipeline_files(bundle: Path, tmp: Path, components: list[Component], m
 
 def _checked_denoiser(
     component: Component, file: Path, config: OnnxExportConfig, names: set[str], bundle: LoadedBundle
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], Component, dict[str, torch.Tensor] | None]:
     """Export the denoiser; a graph exported with dynamic axes is run at another shape first
     (:mod:`diffkiln.export.onnx.check`). The exports of :data:`DYNAMIC_ATTEMPTS` in order, until one
-    passes; then the recorded shapes."""
+    passes; then the recorded shapes.
+
+    Returns:
+        (the manifest entry, the component as exported (its int inputs, traced example), the
+        inputs of the check's other call; None for a static graph)."""
     failures: list[str] = []
     calls: dict[bool, tuple[Component, dict[str, torch.Tensor]] | str] = {}
     for attempt, swapped, batch_only in DYNAMIC_ATTEMPTS if config.dynamic else ():
@@ -139,11 +151,11 @@ def _checked_denoiser(
             continue
         check = run_check(file, list(base.example), base.module, checked) if entry["dynamic"] else None
         if check is not None and check["ok"]:
-            return _verified(entry, exported, checked, check, failures)
+            return _verified(entry, exported, checked, check, failures), exported, checked
         failures.append(f"{attempt}: {check['error'] if check else 'no axis stayed dynamic'}")
         log.warning("%s: %s", component.name, failures[-1])
     static = export_component(component, file, dataclasses.replace(config, dynamic=False), names)
-    return {**static, "static_reason": "; ".join(failures) or "dynamic axes not requested"}
+    return {**static, "static_reason": "; ".join(failures) or "dynamic axes not requested"}, component, None
 
 
 DYNAMIC_ATTEMPTS = (
@@ -324,18 +336,27 @@ def _denoiser_graphs(
     cache = bundle.manifest.get("cache") or {}
     schedule = CacheSchedule.from_dict(cache) if cache else None
     if schedule is None or schedule.mechanism is CacheMechanism.WHOLE:
-        return _checked_denoiser(component, tmp / "denoiser.onnx", config, sub_byte, bundle), None
+        return _checked_denoiser(component, tmp / "denoiser.onnx", config, sub_byte, bundle)[0], None
     tracer = CacheStepTracer(bundle.denoiser, schedule)
     try:
-        fill, reuse = reuse_component(component, tracer)
-        entry = _checked_denoiser(fill, tmp / "denoiser.onnx", config, sub_byte, bundle)
-        n_values = len(reuse.example) - len(component.example)
-        file = tmp / CACHED_FILE
-        reuse_entry = export_component(reuse, file, config, sub_byte, batch_only=True)
-        check = check_reuse(file, reuse, reuse_entry)
+        entry, fill, other = _checked_denoiser(fill_component(component, tracer), tmp / "denoiser.onnx", config,
+                                               sub_byte, bundle)  # fmt: skip
+        # The reuse graph takes what the fill graph takes (LTX's latent sizes as int inputs), dynamic
+        # where the fill graph is, and is checked at the fill's two calls.
+        reuse, file = reuse_component(fill), tmp / CACHED_FILE
+        n_values = len(reuse.example) - len(fill.example)
+        batch_only = not any(a for axes in entry["dynamic_axes"].values() for a in axes)
+        reuse_config = dataclasses.replace(config, dynamic=bool(entry["dynamic"]))
+        reuse_entry = export_component(reuse, file, reuse_config, sub_byte, batch_only=batch_only)
+        assert isinstance(fill.module, CacheFillDenoiser)
+        second = reuse_inputs(fill.module, other) if other is not None else None
+        check = check_reuse(file, reuse, reuse_entry, second)
+        if second is not None and check["ok"] and reuse_entry["dynamic"]:
+            reuse_entry = _verified(reuse_entry, reuse, second, check, [])
         if not check["ok"] and reuse_entry["dynamic"]:
-            log.warning("%s: the reuse graph failed with a dynamic batch (%s); exporting the recorded shapes",
+            log.warning("%s: the dynamic reuse graph failed (%s); exporting the recorded shapes",
                         component.name, check["error"])  # fmt: skip
+            reuse = reuse_component(fill_component(component, tracer))
             reuse_entry = export_component(reuse, file, dataclasses.replace(config, dynamic=False), sub_byte)
             check = check_reuse(file, reuse, reuse_entry)
         if not check["ok"]:

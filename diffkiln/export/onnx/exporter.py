@@ -354,11 +354,16 @@ def _denoiser_graphs(
         if second is not None and check["ok"] and reuse_entry["dynamic"]:
             reuse_entry = _verified(reuse_entry, reuse, second, check, [])
         if not check["ok"] and reuse_entry["dynamic"]:
-            log.warning("%s: the dynamic reuse graph failed (%s); exporting the recorded shapes",
-                        component.name, check["error"])  # fmt: skip
+            # Then with the batch axis alone dynamic, then at the recorded shapes (as before the fill
+            # graph's axes were followed): the graph is named in the log, and the check decides.
+            log.warning("%s: the dynamic reuse graph failed (%s)", component.name, check["error"])
             reuse = reuse_component(fill_component(component, tracer))
-            reuse_entry = export_component(reuse, file, dataclasses.replace(config, dynamic=False), sub_byte)
-            check = check_reuse(file, reuse, reuse_entry)
+            for dynamic in (True, False)[1 if batch_only else 0 :]:
+                reuse_entry = export_component(reuse, file, dataclasses.replace(config, dynamic=dynamic), sub_byte,
+                                               batch_only=True)  # fmt: skip
+                check = check_reuse(file, reuse, reuse_entry)
+                if check["ok"]:
+                    break
         if not check["ok"]:
             raise OnnxExportError(
                 f"the cache schedule's reuse graph does not match the torch runtime: {check['error']}"

@@ -66,8 +66,12 @@ class GraphEntry(_Strict):
     wider_axes_failed: list[str] = Field(default_factory=list)
     cache_outputs: Annotated[int, Field(ge=0, le=4096)] | None = None
     distribution_fields: list[Identifier] = Field(default_factory=list)
-    """Output fields the loader rebuilds as a ``DiagonalGaussianDistribution`` of the graph's
-    tensor (a VAE's ``latent_dist``)."""
+    """Output fields the loader rebuilds as a latent distribution of the graph's tensor (a VAE's
+    ``latent_dist``), of class ``distribution_class``."""
+    distribution_class: Literal["DiagonalGaussianDistribution", "OobleckDiagonalGaussianDistribution"] = (
+        "DiagonalGaussianDistribution"
+    )
+    """Which of :data:`diffkiln.core.vae_distributions.DISTRIBUTIONS` (no other class is built)."""
     encoder: GraphEntry | None = None
     """A VAE's ``encode`` graph (kind ``vae_encoder``), beside its decoder."""
     encoder_skipped: Annotated[str, Field(max_length=2000)] | None = None

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from diffkiln.core.arguments import is_generator
+from diffkiln.core.vae_distributions import rebuild_distribution
 from diffkiln.runtime.onnxruntime_component import OrtComponent
 
 __all__ = ["OrtVaeDecoder"]
@@ -24,8 +25,8 @@ class OrtVaeDecoder(OrtComponent):
     ``latents`` or ``sample``; the others are fed as the export recorded them: tensors and ints the
     graph takes (LTX's decode timestep, SVD's ``num_frames``), other values equal to the recorded
     options. A tensor the graph does not take is refused, not dropped. ``encode`` answers the
-    exported output class, its ``latent_dist`` a ``DiagonalGaussianDistribution`` rebuilt from the
-    graph's parameters, so the pipeline samples it or takes its mode in torch.
+    exported output class, its ``latent_dist`` the manifest's ``distribution_class`` rebuilt from
+    the graph's parameters, so the pipeline samples it or takes its mode in torch.
     """
 
     def __init__(self, folder: Path, name: str, entry: dict[str, Any], config: Any, providers: list[str],
@@ -44,8 +45,6 @@ class OrtVaeDecoder(OrtComponent):
         return DecoderOutput(sample=sample) if return_dict else (sample,)
 
     def encode(self, x: torch.Tensor, *args: Any, return_dict: bool = True, **kwargs: Any) -> Any:
-        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-
         if self.encode_graph is None:
             why = self.entry.get("encoder_skipped") or "it predates encode graphs: re-export the bundle"
             raise NotImplementedError(
@@ -56,8 +55,9 @@ class OrtVaeDecoder(OrtComponent):
         outputs = self.encode_graph.run({"sample": x, **feeds})
         entry = self.encode_graph.entry
         distributions = set(entry.get("distribution_fields") or [])
+        kind = entry.get("distribution_class", "DiagonalGaussianDistribution")
         fields = {
-            str(name): DiagonalGaussianDistribution(t) if name in distributions else t
+            str(name): rebuild_distribution(kind, t) if name in distributions else t
             for (name, _), t in zip(entry["output_fields"], outputs, strict=False)
         }
         if not return_dict:

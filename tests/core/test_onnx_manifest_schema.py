@@ -151,6 +151,10 @@ BAD: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
         _set(f"{TE}/distribution_fields", ["latent_dist"]),
         "distribution_fields names ['latent_dist']",
     ),
+    "a distribution class outside the two the loader builds": (
+        _set(f"{TE}/distribution_class", "os:system"),
+        "distribution_class",
+    ),
     "an encoder file not listed": (
         lambda m: m["components"]["text_encoder"].update(
             kind="vae_decoder", encoder={**m["components"]["text_encoder"], "kind": "vae_encoder", "file": "x.onnx"}

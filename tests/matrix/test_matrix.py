@@ -183,7 +183,7 @@ def test_every_stage_on_the_denoiser_class(name: str, folders: dict[str, Path], 
 
 
 # Exported whole (text encoders and VAE too), for the pipeline tests below; the others denoiser only.
-WHOLE_PIPELINE_ONNX = {"ltx", "svd"}
+WHOLE_PIPELINE_ONNX = {"ltx", "svd", "stable-audio"}
 
 
 @pytest.fixture(scope="module")
@@ -305,3 +305,28 @@ def test_svd_onnx_pipeline_encodes_and_decodes_chunks_no_export_saw(bundles: dic
     assert videos[0].shape == videos[1].shape == (1, 5, 3, 48, 64), [v.shape for v in videos]
     print("svd frames SQNR", sqnr_db(videos[1], videos[0]))
     assert sqnr_db(videos[1], videos[0]) >= 30.0
+
+
+def test_stable_audio_onnx_pipeline_encodes_audio_with_its_oobleck_distribution(
+    bundles: dict[str, Path], onnx_folders: dict[str, Path]
+) -> None:
+    """Audio to audio from an ONNX folder exported from a text-to-audio call: the Oobleck VAE's
+    encode graph (on what the export's call decoded), its distribution rebuilt by class name."""
+    from diffkiln.runtime.onnxruntime_backend import load_onnx_pipeline
+
+    out = onnx_folders["stable-audio"]
+    vae = json.loads((out / "manifest.json").read_text())["components"]["vae"]
+    encoder = vae["encoder"]
+    assert encoder["distribution_class"] == "OobleckDiagonalGaussianDistribution", vae.get("encoder_skipped")
+    assert encoder["distribution_fields"] == ["latent_dist"]
+    ort_pipe, pipe = load_onnx_pipeline(out, torch.device("cpu")), load_pipeline(str(bundles["stable-audio"]))
+    rate = pipe.vae.sampling_rate
+    audio = torch.randn(1, 2, rate, generator=torch.Generator().manual_seed(0)) * 0.1
+    with torch.no_grad():
+        dists = [p.vae.encode(audio).latent_dist for p in (ort_pipe, pipe)]
+    assert type(dists[0]) is type(dists[1])
+    assert sqnr_db(dists[1].mean, dists[0].mean) >= 60.0 and sqnr_db(dists[1].std, dists[0].std) >= 60.0
+    call = {**MATRIX["stable-audio"].call_kwargs, "num_inference_steps": 2, "output_type": "pt",
+            "initial_audio_waveforms": audio, "initial_audio_sampling_rate": rate}  # fmt: skip
+    audios = [p("a drum", **call, generator=torch.Generator().manual_seed(0)).audios for p in (ort_pipe, pipe)]
+    assert audios[0].shape == audios[1].shape and sqnr_db(audios[1], audios[0]) >= 30.0

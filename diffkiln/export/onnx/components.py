@@ -91,8 +91,10 @@ class Component:
     """Not used by the recorded call (a text-to-image call's VAE ``encode``): an export failure
     leaves it out, with the reason in the manifest, instead of refusing the folder."""
     distribution_fields: tuple[str, ...] = ()
-    """Output fields that are a ``DiagonalGaussianDistribution`` (a VAE's ``latent_dist``), in
-    the graph as its parameters (the mean and log-variance, concatenated)."""
+    """Output fields that are a latent distribution (a VAE's ``latent_dist``), in the graph as its
+    parameters (the mean and a second statistic, concatenated)."""
+    distribution_class: str | None = None
+    """The class of those fields, a key of :data:`diffkiln.core.vae_distributions.DISTRIBUTIONS`."""
 
 
 def _plain(value: Any) -> bool:

@@ -174,6 +174,7 @@ def export_component(
     entry["options"] = {**component.options, **{n: int(component.example[n]) for n in fixed}}
     if component.distribution_fields:
         entry["distribution_fields"] = list(component.distribution_fields)
+        entry["distribution_class"] = component.distribution_class
     entry["dynamic"] = any(entry["dynamic_axes"].values())
     if static_reason is not None:
         entry["static_reason"] = static_reason

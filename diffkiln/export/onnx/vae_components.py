@@ -9,9 +9,10 @@ pipeline made (recorded by a named pre-hook on each method).
   call that encoded nothing (text to image) gets one on what its ``decode`` returned
   (:func:`encode_call_from_decode`), so that an image-to-image pipeline built from the same
   components (``from_pipe``) runs from the folder too, as optimum's exports hold a VAE encoder. Its
-  output (``AutoencoderKLOutput``) is flattened field by field; a ``DiagonalGaussianDistribution``
-  field (``latent_dist``) goes into the graph as its parameters, from which the onnxruntime backend
-  rebuilds the distribution, so that the pipeline samples it, or takes its mode, in torch.
+  output (``AutoencoderKLOutput``) is flattened field by field; a distribution field
+  (``latent_dist``: a ``DiagonalGaussianDistribution``, or Stable Audio's Oobleck one,
+  :mod:`diffkiln.core.vae_distributions`) goes into the graph as its parameters, from which the
+  onnxruntime backend rebuilds it, so that the pipeline samples it, or takes its mode, in torch.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 
 from diffkiln.core.arguments import is_generator, is_int_argument, unflatten_arguments
+from diffkiln.core.vae_distributions import DISTRIBUTIONS, distribution_name
 from diffkiln.export.onnx.components import (
     Component,
     ComponentKind,
@@ -40,14 +42,13 @@ FIRST_INPUT = {"decode": "latents", "encode": "sample"}
 
 
 def _field_tensor(name: str, value: Any) -> torch.Tensor:
-    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-
     if isinstance(value, torch.Tensor):
         return value
-    if isinstance(value, DiagonalGaussianDistribution):
-        return value.parameters
-    raise ValueError(f"encode's output field {name!r} is a {type(value).__name__}, not a tensor or a "
-                     "DiagonalGaussianDistribution: no ONNX output form")  # fmt: skip
+    if distribution_name(value) is not None:
+        parameters: torch.Tensor = value.parameters
+        return parameters
+    raise ValueError(f"encode's output field {name!r} is a {type(value).__name__}, not a tensor or one of the "
+                     f"distributions {sorted(DISTRIBUTIONS)}: no ONNX output form")  # fmt: skip
 
 
 class _VaeMethod(_Positional):
@@ -90,19 +91,22 @@ def vae_component(name: str, vae: Any, method: str, call: tuple[tuple[Any, ...],
     example = {**head, **{k: torch.tensor(options.pop(k), dtype=torch.int64) for k in ints}}
     module = _VaeMethod(vae, method, list(example), options, batch_inputs(head), ints)
     distributions: tuple[str, ...] = ()
+    distribution_class: str | None = None
     if method == "decode":
         layout: list[tuple[str, int | None]] = [("sample", None)]
         output_class = None
     else:
-        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-
         with torch.no_grad():
             output = getattr(vae, method)(first, **unflatten_arguments(tensors), **options)
         for key, value in output.items():
             _field_tensor(key, value)  # refuse an output with no ONNX form before the export
         output_class = _output_layout(output)[1]
         layout = [(str(k), None) for k in output]
-        distributions = tuple(str(k) for k, v in output.items() if isinstance(v, DiagonalGaussianDistribution))
+        classes = {str(k): distribution_name(v) for k, v in output.items()}
+        distributions = tuple(k for k, c in classes.items() if c is not None)
+        if len({classes[k] for k in distributions}) > 1:
+            raise ValueError(f"encode returns distributions of several classes ({classes}): the manifest names one")
+        distribution_class = classes[distributions[0]] if distributions else None
     return Component(
         name,
         ComponentKind.VAE_DECODER if method == "decode" else ComponentKind.VAE_ENCODER,
@@ -115,6 +119,7 @@ def vae_component(name: str, vae: Any, method: str, call: tuple[tuple[Any, ...],
         int_inputs=tuple(ints),
         own_tensors=own_tensors or {},
         distribution_fields=distributions,
+        distribution_class=distribution_class,
     )
 
 

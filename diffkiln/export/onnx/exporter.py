@@ -354,8 +354,8 @@ def _denoiser_graphs(
         if second is not None and check["ok"] and reuse_entry["dynamic"]:
             reuse_entry = _verified(reuse_entry, reuse, second, check, [])
         if not check["ok"] and reuse_entry["dynamic"]:
-            # Then with the batch axis alone dynamic, then at the recorded shapes (as before the fill
-            # graph's axes were followed): the graph is named in the log, and the check decides.
+            # Then the batch axis alone, then the recorded shapes, with the recorded call's options
+            # (its ints fixed): at another size such a reuse graph refuses the input, by name.
             log.warning("%s: the dynamic reuse graph failed (%s)", component.name, check["error"])
             reuse = reuse_component(fill_component(component, tracer))
             for dynamic in (True, False)[1 if batch_only else 0 :]:

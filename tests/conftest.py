@@ -30,16 +30,12 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # collection order: a long module taken last would leave the other worker idle until it ends.
 LONG_MODULES_FIRST = (
     "tests/matrix/test_matrix.py",
-    "tests/test_cli_first_hour.py",
     "tests/export/test_onnx_cache.py",
+    "tests/test_cli_first_hour.py",
     "tests/runtime/test_sparse_bundle.py",
-    "tests/runtime/test_parallel.py",
     "tests/export/test_onnx.py",
-    "tests/test_readme_walk.py",
-    "tests/optimizer/test_distributed_search.py",
     "tests/optimizer/test_sparse_under_cache.py",
-    "tests/runtime/test_compile_graph.py",
-    "tests/optimizer/test_distributed_validation.py",
+    "tests/test_readme_walk.py",
 )
 
 # Modules that share a costly session fixture run as one work unit, on one worker, which builds it

@@ -378,9 +378,11 @@ def export_module_onnx(
 ) -> dict[str, Any]:
     """Export a bare module, float or quantized in memory (``diffkiln.quantize_``), to one ONNX file.
 
-    Its diffkiln integer modules become their QDQ (or integer) stand-ins, as in a bundle's export;
-    ``module`` is changed in place (export a copy to keep it). For denoisers outside a pipeline, e.g.
-    benchmarks of full-size architectures.
+    Its diffkiln integer modules become their QDQ (or integer) stand-ins, as in a bundle's export,
+    and its old-style weight norms are folded into their weights
+    (:func:`~diffkiln.export.onnx.program.fold_weight_norms`): ``module`` is changed in place
+    (export a copy to keep it). For denoisers outside a pipeline, e.g. benchmarks of full-size
+    architectures.
 
     Args:
         module: the model.

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from diffkiln.export.onnx.aten_fixes import ATEN_FIXES
 from diffkiln.export.onnx.components import Component, ComponentKind, batch_inputs, repeated_batch
@@ -134,6 +135,24 @@ def pin_inputs(program: Any) -> None:
             value.shape = ir.Shape([d if isinstance(d, int) else pinned.get(str(d), d) for d in value.shape])
 
 
+def fold_weight_norms(module: nn.Module) -> list[str]:
+    """Fold each old-style weight norm in ``module`` (``torch.nn.utils.weight_norm``: a forward
+    pre-hook that sets ``weight`` from ``weight_g`` and ``weight_v`` at every call, as Stable
+    Audio's Oobleck VAE has) into a plain parameter, in place; returns the weights folded.
+
+    torch.export does not follow the hook's attribute assignment (it warns, naming every weight);
+    folded, each weight is one initializer holding the values the hook computes."""
+    from torch.nn.utils import remove_weight_norm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    folded = []
+    for name, sub in module.named_modules():
+        for hook in [h for h in sub._forward_pre_hooks.values() if isinstance(h, WeightNorm)]:
+            remove_weight_norm(sub, hook.name)
+            folded.append(f"{name}.{hook.name}")
+    return folded
+
+
 def export_component(
     component: Component,
     path: Path,
@@ -147,6 +166,7 @@ def export_component(
     :func:`~diffkiln.export.onnx.write.finish_model`, the full checker) and return its manifest
     entry: inputs and outputs, options, output layout, and ``dynamic_axes`` (the input axes the
     graph leaves symbolic), ``dynamic``, and ``static_reason`` where the dynamic export failed."""
+    fold_weight_norms(component.module)
     program, static_reason = export_program(component, config.opset, config.dynamic, batch_only, fallback)
     if program is None:
         raise RuntimeError("torch.onnx.export returned no program")

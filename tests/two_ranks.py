@@ -5,6 +5,8 @@ test, on a machine whose cores the other test worker is using too. multiprocessi
 imports :data:`PRELOAD` once, when the first run of this test process starts it, and forks each
 child from that loaded state. The children still begin clean: the server is a fresh process that
 only imported modules, so no test's state (threads, process groups, patched objects) reaches them.
+Nor does a test's change to the environment: children see the environment the server started
+with, so a rank's settings go in its arguments.
 """
 
 from __future__ import annotations

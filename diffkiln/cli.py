@@ -76,7 +76,7 @@ def _cmd_generate(a: argparse.Namespace) -> int:
     config = GenerateConfig(a.steps, a.guidance, a.seed, a.batch_size, not a.no_progress, _call_kwargs(a), a.denoiser)
     target = resolve_target(a.target)
     pipe = load_pipeline(target, a.device)
-    result = generate(pipe, prompts, config, target, samples=a.samples)
+    result = generate(pipe, prompts, config, target, samples=a.samples, images=a.image, mask_images=a.mask_image)
     paths = save_outputs(result, a.out)
     for p in paths:
         print(p)

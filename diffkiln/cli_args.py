@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from diffkiln import __version__
+from diffkiln.cli_recipe_args import add_cache_args, add_mixed_args
 from diffkiln.cli_values import (
-    bounded,
     call_arg,
     device_name,
     float_list,
@@ -140,54 +140,6 @@ def _add_layer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--smooth-alpha", type=float, help="smoothing strength in (0, 1) (default 0.5)")
 
 
-def _add_mixed_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--avg-weight-bits", type=float, metavar="BITS",
-                   help="mixed: the average weight bits over all quantizable parameters, FP layers counting 16 "
-                   "(default 4)")  # fmt: skip
-    p.add_argument(
-        "--avg-act-bits",
-        type=float,
-        metavar="BITS",
-        help="mixed: the average activation bits (default: 8-bit activations on every quantized layer)",
-    )
-    p.add_argument(
-        "--weight-candidates",
-        type=int_list,
-        metavar="LIST",
-        help="mixed: weight bit-widths to choose from, among 2,3,4,8,16 (16 = FP; default 2,4,8,16)",
-    )
-    p.add_argument(
-        "--act-candidates",
-        type=int_list,
-        metavar="LIST",
-        help="mixed: activation bit-widths with --avg-act-bits, 16 = weight-only (default 8,16)",
-    )
-    p.add_argument("--weight-group-size", type=positive_int, metavar="G",
-                   help="mixed: store 4-, 3- and 2-bit weights in two-level groups of G inputs (a power of two, "
-                   "e.g. 64; default: per channel)")  # fmt: skip
-    p.add_argument("--weight-budget", choices=["stored", "codes"],
-                   help="mixed: what --avg-weight-bits averages: stored bits per weight, scales included (default), "
-                   "or code bits only (MixDQ's count)")  # fmt: skip
-    p.add_argument(
-        "--content-layers",
-        action="append",
-        metavar="GLOB",
-        help="mixed: force layers into the content group (scored by final outputs; repeatable)",
-    )
-    p.add_argument(
-        "--quality-layers",
-        action="append",
-        metavar="GLOB",
-        help="mixed: force layers into the quality group (scored by denoiser-output SQNR; repeatable)",
-    )
-    p.add_argument("--sensitivity-prompts", type=positive_int, help="mixed: samples each sensitivity trial runs (4)")
-    p.add_argument("--select-prompts", type=positive_int, help="mixed: samples per candidate plan (32)")
-    p.add_argument("--workers", type=positive_int, help="mixed: processes for the sensitivity trials (default 1)")
-    p.add_argument("--latency-budget", type=bounded(float, 0.0, True, "a positive number of milliseconds"),
-                   metavar="MS", help="mixed: bound the summed per-call latency of the searched layers, from a "
-                   "table measured per layer on this machine's CPU")  # fmt: skip
-
-
 def _add_optimize(sub: Any) -> None:
     o = sub.add_parser(
         "optimize",
@@ -224,7 +176,7 @@ def _add_optimize(sub: Any) -> None:
                    help="w8a8: round each integer convolution's output onto a calibrated int8 grid, as onnxruntime's "
                    "quantize_static does, so that onnxruntime runs the convolutions as int8 QLinearConv, at the cost "
                    "of one more rounding per convolution")  # fmt: skip
-    _add_mixed_args(o)
+    add_mixed_args(o)
     o.add_argument("--float-storage", choices=["lossless", "float16"],
                    help="how the bundle stores weight scales, biases, BOS rows and FP layers (default: lossless for "
                    "w8a8, float16 for mixed)")  # fmt: skip
@@ -233,7 +185,7 @@ def _add_optimize(sub: Any) -> None:
                    "references under --out, evaluate them and write sweep.json and sweep.html")  # fmt: skip
     o.add_argument("--sweep-eval-size", type=positive_int, default=50,
                    help="--sweep / --sweep-cache / --sweep-attn: prompts per set (default 50)")  # fmt: skip
-    _add_cache_args(o)
+    add_cache_args(o)
     o.add_argument("--attn-density", type=float, metavar="FRACTION",
                    help="search block-sparse attention masks per layer, step group and head that keep this fraction "
                    "of the long attention layers' FLOPs, e.g. 0.35; with --recipe sparse alone (float weights) or "
@@ -357,41 +309,6 @@ def _add_export(sub: Any) -> None:
     e.add_argument("--no-progress", action="store_const", const=False, help="hide the progress bar")
 
 
-def _add_cache_args(o: argparse.ArgumentParser) -> None:
-    """The cache-schedule options: the cache recipe's own, or composed with w8a8 / mixed."""
-    o.add_argument("--cache-budget", type=float, metavar="FRACTION",
-                   help="search a cache schedule (which steps reuse the last computed step's blocks) that runs this "
-                   "fraction of the denoiser's block evaluations, e.g. 0.5; with --recipe cache alone (float weights) "
-                   "or composed with w8a8 / mixed")  # fmt: skip
-    o.add_argument(
-        "--cache-speedup",
-        type=float,
-        metavar="X",
-        help="the same as --cache-budget 1/X (2: half the block evaluations)",
-    )
-    o.add_argument(
-        "--cache-mechanisms",
-        type=lambda v: tuple(v.split(",")),
-        metavar="LIST",
-        help="mechanisms to search among: whole (reuse the denoiser output), residual (skip a range of a "
-        "block list, add back its residual), deep (reuse the deep blocks' outputs); default all",
-    )
-    o.add_argument("--cache-periodic", action="store_const", const=True,
-                   help="only schedules that compute every step before a start step, then every k-th one (the form "
-                   "MindIE-SD's CacheConfig takes; implied by --target mindiesd)")  # fmt: skip
-    o.add_argument("--cache-retain", type=float, metavar="FRACTION",
-                   help="always compute this fraction of the first steps (MagCache's retention ratio, e.g. 0.2); "
-                   "default 0: the search proposes schedules with and without and keeps the best measured")  # fmt: skip
-    o.add_argument("--cache-refine", type=int, metavar="N",
-                   help="after validation, try up to N single-step moves of the best schedule's computing steps, "
-                   "kept when the measured latent score improves; default 0 (the score sees a few calibration "
-                   "samples, and the moves can trade judged content for it)")  # fmt: skip
-    o.add_argument("--sweep-cache", type=float_list, metavar="LIST",
-                   help="build one bundle per cache budget (e.g. 0.35,0.5,0.7) under --out, evaluate them against FP "
-                   "and write sweep.json and sweep.html (the Pareto front); with --attn-density, each bundle's "
-                   "masks searched under its own schedule")  # fmt: skip
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``diffkiln`` argument parser."""
     parser = argparse.ArgumentParser(
@@ -422,6 +339,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a prompt (repeatable)")
     g.add_argument("--prompts", type=Path, metavar="FILE", help="file with one prompt per line ('#' comments)")
     g.add_argument("--samples", type=positive_int, help="for pipelines without text: how many samples")
+    g.add_argument("--image", action="append", default=[], metavar="FILE",
+                   help="an input image for a pipeline that starts from one (image-to-image, inpainting, "
+                   "image-to-video): one for every sample, or one per prompt (repeatable); without it such a "
+                   "pipeline gets seeded synthetic images")  # fmt: skip
+    g.add_argument("--mask-image", action="append", default=[], metavar="FILE",
+                   help="an inpainting pipeline's mask, white where it repaints: one for every sample, or one per "
+                   "prompt (repeatable; with --image)")  # fmt: skip
     g.add_argument("--out", type=Path, default=Path("out/generate"), help="output folder (default out/generate)")
     _add_sampling_args(g)
     _add_report(sub)
@@ -436,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("target", metavar="MODEL", help="built-in model name or diffusers folder")
     _add_calibration_args(s)
     _add_layer_args(s)
-    _add_mixed_args(s)
+    add_mixed_args(s)
     s.add_argument("--out", type=Path, default=None, help="output folder (default out/sensitivity-<model>)")
     s.add_argument("--top", type=non_negative_int, default=20, help="table rows to print, most sensitive first (20)")
     _add_export(sub)

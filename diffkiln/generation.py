@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from diffkiln.calibrate.sources import CallSource, PromptSource, batch_kwargs, source_for
+from diffkiln.calibrate.sources import CallSource, PromptSource, batch_kwargs, image_size, source_for
 from diffkiln.core.errors import InvalidInputError
 from diffkiln.core.hooks import scoped_hooks
 from diffkiln.core.pipeline_folder import check_pipeline_folder
@@ -187,14 +187,19 @@ def read_prompts(path: str | os.PathLike[str]) -> list[str]:
     return prompts
 
 
-def _source(pipe: Any, prompts: Sequence[str], samples: int | None, seed: int, call_kwargs: dict[str, Any]) -> Any:
+_ImageFiles = tuple[Sequence[str | Path], Sequence[str | Path]]
+"""A user's input image files and mask files."""
+
+
+def _source(
+    pipe: Any, prompts: Sequence[str], samples: int | None, seed: int, call_kwargs: dict[str, Any], files: _ImageFiles
+) -> Any:
     blank = [i for i, p in enumerate(prompts) if not p.strip()]
     if blank:
         raise InvalidInputError(f"prompt(s) at position {blank} are empty; every prompt needs text")
     takes_text = "prompt" in call_parameters(pipe)
-    count = len(prompts) if takes_text and prompts else (samples or len(prompts) or 1)
-    source = source_for(pipe, prompts or ["."], count, seed, (int(call_kwargs.get("height", 64)),
-                                                              int(call_kwargs.get("width", 64))))  # fmt: skip
+    count = len(prompts) if takes_text and prompts else (samples or len(files[0]) or len(prompts) or 1)
+    source = source_for(pipe, prompts or ["."], count, seed, image_size(pipe, call_kwargs), *files)
     if isinstance(source, PromptSource) and not prompts:
         raise InvalidInputError("no prompts given; pass --prompt TEXT or --prompts FILE")
     return source
@@ -221,6 +226,8 @@ def generate(
     measure: bool = False,
     samples: int | None = None,
     source: CallSource | None = None,
+    images: Sequence[str | Path] = (),
+    mask_images: Sequence[str | Path] = (),
 ) -> GenerationResult:
     """Generate one sample per prompt (or ``samples`` samples for pipelines without text).
 
@@ -232,12 +239,16 @@ def generate(
         measure: also record, in ``extras``, the final latents (``latents``), the denoiser's time
             per call (``denoiser_ms_per_step``, median), their sum (``denoiser_loop_ms``) and the peak
             memory (``peak_bytes``). Default False.
-        samples: how many samples for pipelines without text; None: one per prompt (or 1).
+        samples: how many samples for pipelines without text; None: one per prompt (or per image, or 1).
         source: the per-sample inputs; None: from the pipeline's signature.
+        images: input image files for a pipeline that starts from an image (image-to-image,
+            inpainting, image-to-video): one for every sample, or one per sample. None given: such
+            a pipeline gets seeded synthetic images (:func:`diffkiln.calibrate.source_for`).
+        mask_images: an inpainting pipeline's masks (white repaints, black keeps), with ``images``.
 
     Raises:
-        InvalidInputError: a text pipeline without prompts, an empty prompt, or a call argument
-            the pipeline does not take.
+        InvalidInputError: a text pipeline without prompts, an empty prompt, a call argument the
+            pipeline does not take, or image files that do not fit it.
     """
     steps, guidance = config.resolved(target)
     cache_run = getattr(pipe, "diffkiln_cache", None)
@@ -247,7 +258,7 @@ def generate(
     elif sparse_run is not None and config.steps is None:
         steps = sparse_run.plan.steps  # so are its sparse-attention masks
     call_kwargs = {**(target.call_kwargs if target else {}), **dict(config.call_kwargs)}
-    source = source or _source(pipe, prompts, samples, config.seed, call_kwargs)
+    source = source or _source(pipe, prompts, samples, config.seed, call_kwargs, (images, mask_images))
     n = len(source)
     labels = [s.get("prompt", f"sample {i}") if isinstance(s.get("prompt"), str) else f"sample {i}"
               for i, s in ((i, source.sample(i)) for i in range(n))]  # fmt: skip
@@ -271,17 +282,22 @@ def generate(
             chunk = [source.sample(i) for i in range(start, min(start + config.batch_size, n))]
             gens = [torch.Generator(device="cpu").manual_seed(config.seed + start + i) for i in range(len(chunk))]
 
+            last: list[torch.Tensor] = []
+
             def on_step(_p: Any, i: int, _t: Any, kwargs: dict[str, Any], size: int = len(chunk)) -> dict[str, Any]:
                 bar.update(size)
-                if measure and i == steps - 1 and isinstance(kwargs.get("latents"), torch.Tensor):
-                    latents.append(kwargs["latents"].detach().float().cpu())
+                # The last step's, whatever its index: an image-to-image call runs only its strength's share.
+                if measure and isinstance(kwargs.get("latents"), torch.Tensor):
+                    last[:] = [kwargs["latents"].detach().float().cpu()]
                 return kwargs
 
             with torch.no_grad():
                 out = pipe(**batch_kwargs(pipe, chunk), generator=gens, **common, **step_callback_kwargs(pipe, on_step))
+            latents.extend(last)
             media = pipeline_media(out)
             kind = media.kind
             arrays.extend(media.items())
+    bar.total = bar.n  # an image-to-image call runs only its strength's share of the steps
     bar.close()
     result = GenerationResult(labels, [], steps, guidance, config.seed, type(pipe.scheduler).__name__,
                               time.perf_counter() - t0)  # fmt: skip

@@ -7,12 +7,15 @@ from diffkiln.calibrate.run import ModuleInputs, calibrate, pipeline_call_kwargs
 from diffkiln.calibrate.sources import (
     CallSource,
     ClassLabelSource,
+    FileImageSource,
     ImageSource,
     PromptSource,
     UnconditionalSource,
     batch_kwargs,
+    image_size,
     source_for,
     source_from_description,
+    takes_images,
 )
 from diffkiln.calibrate.stats import CalibrationStats, LayerStats
 
@@ -24,6 +27,7 @@ __all__ = [
     "CallSource",
     "ClassLabelSource",
     "DataflowGraph",
+    "FileImageSource",
     "ImageSource",
     "LayerFlow",
     "LayerStats",
@@ -32,8 +36,10 @@ __all__ = [
     "UnconditionalSource",
     "batch_kwargs",
     "calibrate",
+    "image_size",
     "pipeline_call_kwargs",
     "source_for",
     "source_from_description",
+    "takes_images",
     "trace_dataflow",
 ]

@@ -32,7 +32,7 @@ from diffkiln.calibrate.config import CalibrationConfig
 from diffkiln.calibrate.dataflow import DataflowGraph, bind_call, trace_dataflow
 from diffkiln.calibrate.prompts import PROBE_PROMPTS
 from diffkiln.calibrate.recorder import Recorder, recording
-from diffkiln.calibrate.sources import CallSource, PromptSource, batch_kwargs, source_for
+from diffkiln.calibrate.sources import CallSource, PromptSource, batch_kwargs, image_size, source_for
 from diffkiln.calibrate.stats import CalibrationStats
 from diffkiln.calibrate.token_grids import find_token_grids
 from diffkiln.core.distributed import all_gather_objects, rank_world
@@ -90,11 +90,6 @@ def pipeline_call_kwargs(pipe: Any, config: CalibrationConfig, output_type: str 
     if config.guidance is not None:
         defaults["guidance_scale"] = config.guidance
     return {**accepted_call_kwargs(pipe, defaults), **accepted_call_kwargs(pipe, dict(config.call_kwargs), strict=True)}
-
-
-def _size_hint(config: CalibrationConfig) -> tuple[int, int]:
-    kw = dict(config.call_kwargs)
-    return int(kw.get("height", 64)), int(kw.get("width", 64))
 
 
 def _verified_positions(rows: torch.Tensor, probes: torch.Tensor | None) -> list[int]:
@@ -305,7 +300,8 @@ def calibrate(
         raise InvalidInputError("a pipeline is calibrated from its own calls; pass a source, not inputs")
     if config is None:
         raise InvalidInputError("calibrating a pipeline needs a CalibrationConfig (prompts or samples)")
-    source = source or source_for(target, config.prompts, config.count, config.seed, _size_hint(config))
+    size = image_size(target, dict(config.call_kwargs))
+    source = source or source_for(target, config.prompts, config.count, config.seed, size)
     model_hash = pipeline_weight_hash(target)
     key_data = {"model": model_hash, **config.key_fields(), "source": source.describe()}
     key = hashlib.sha256(json.dumps(key_data, sort_keys=True, default=str).encode()).hexdigest()[:32]

@@ -1,9 +1,11 @@
-"""Where a pipeline's per-sample inputs come from: prompts, images, class labels, or nothing.
+"""Where a pipeline's per-sample inputs come from: prompts, images (and masks), class labels, or nothing.
 
 Calibration and the report call a pipeline with whatever it takes, found from its ``__call__``
-signature: a text-to-image or text-to-audio pipeline gets prompts; an image-to-video pipeline
-(whose ``image`` has no default) gets seeded synthetic images (and prompts too, if it takes them);
-a class-conditional one gets class labels; an unconditional one gets nothing but a batch size.
+signature: a text-to-image or text-to-audio pipeline gets prompts; a pipeline that transforms or
+animates an image (its ``image`` has no default, or it also takes a ``strength`` or a ``mask_image``:
+image-to-video, image-to-image, inpainting) gets seeded synthetic images, with masks where it takes
+them (and prompts too, if it takes them); a class-conditional one gets class labels; an
+unconditional one gets nothing but a batch size.
 A source is pluggable: any object with ``kind``, ``describe()`` and ``sample(i)`` works, e.g. a
 user's own images.
 
@@ -13,25 +15,30 @@ mixed recipe's trials and in reports.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
 from diffkiln.core.errors import InvalidInputError
-from diffkiln.core.pipelines import call_parameters
+from diffkiln.core.pipelines import call_parameters, denoiser_candidates
 
 __all__ = [
     "CallSource",
     "ClassLabelSource",
+    "FileImageSource",
     "ImageSource",
     "PromptSource",
     "UnconditionalSource",
     "batch_kwargs",
+    "image_size",
     "source_for",
     "source_from_description",
+    "takes_images",
 ]
 
 
@@ -57,7 +64,7 @@ class PromptSource:
     """Text prompts (and, for image-conditioned pipelines that also take text, synthetic images)."""
 
     prompts: tuple[str, ...]
-    images: ImageSource | None = None
+    images: ImageSource | FileImageSource | None = None
     kind: str = "prompt"
 
     def __post_init__(self) -> None:
@@ -81,13 +88,22 @@ class PromptSource:
 @dataclass(frozen=True)
 class ImageSource:
     """Seeded synthetic RGB images (soft colour fields with a few shapes), for image-conditioned
-    pipelines. Users with their own images pass a source of their own."""
+    pipelines, and for inpainting pipelines a mask each. Users with their own images pass a source
+    of their own."""
 
     count: int
+    """How many samples."""
     seed: int = 0
+    """Seed of the images and masks."""
     height: int = 64
+    """Image height in pixels."""
     width: int = 64
+    """Image width in pixels."""
     kind: str = "image"
+    """The source's kind, recorded in its description."""
+    masks: bool = False
+    """Also give each sample a ``mask_image``: a white (repaint) ellipse or rectangle on black,
+    covering from about an eighth to two thirds of the image."""
 
     def __len__(self) -> int:
         return self.count
@@ -104,10 +120,93 @@ class ImageSource:
             cy, cx, r = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(0.1, 0.3) * min(h, w)
             mask = (np.mgrid[0:h, 0:w][0] - cy) ** 2 + (np.mgrid[0:h, 0:w][1] - cx) ** 2 < r * r
             img[mask] = rng.uniform(0, 1, 3)
-        return {"image": Image.fromarray((img * 255).astype(np.uint8))}
+        out: dict[str, Any] = {"image": Image.fromarray((img * 255).astype(np.uint8))}
+        if self.masks:  # drawn after the image, so the images are those of a source without masks
+            out["mask_image"] = Image.fromarray(_repaint_mask(rng, h, w))  # uint8 (h, w): mode L
+        return out
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "count": self.count, "seed": self.seed, "height": self.height, "width": self.width}
+        d = {"kind": self.kind, "count": self.count, "seed": self.seed, "height": self.height, "width": self.width}
+        # Only where set: the descriptions (and calibration cache keys) of mask-free sources stay as they were.
+        return {**d, "masks": True} if self.masks else d
+
+
+@dataclass(frozen=True)
+class FileImageSource:
+    """A user's own input images, and for inpainting pipelines their masks, read from files.
+
+    Sample ``i`` takes image ``i`` (and mask ``i``) when there is one per sample, else the single
+    one given. Every file is checked when the source is made; its description records each
+    file's sha256, so a calibration cache or a bundle's record follows the files' contents.
+    """
+
+    count: int
+    """How many samples."""
+    images: tuple[str, ...]
+    """Image files (RGB is taken): one for every sample, or one per sample."""
+    masks: tuple[str, ...] = ()
+    """Mask files, read as greyscale (white repaints, black keeps): none, one, or one per sample."""
+    kind: str = "image_files"
+    """The source's kind, recorded in its description."""
+
+    def __post_init__(self) -> None:
+        if not self.images:
+            raise InvalidInputError("no input image given; give an image file for the pipeline to start from")
+        for what, paths in (("image", self.images), ("mask", self.masks)):
+            if len(paths) not in (0, 1, self.count) or (what == "image" and not paths):
+                raise InvalidInputError(
+                    f"{len(paths)} {what} files for {self.count} samples; give one {what} for all samples, "
+                    f"or one per sample"
+                )
+            for path in paths:
+                _open_image(path, what).close()
+
+    def __len__(self) -> int:
+        return self.count
+
+    def sample(self, index: int) -> dict[str, Any]:
+        out: dict[str, Any] = {"image": _read(self.images, index, "image", "RGB")}
+        if self.masks:
+            out["mask_image"] = _read(self.masks, index, "mask", "L")
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        digests = [hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in (*self.images, *self.masks)]
+        return {"kind": self.kind, "count": self.count, "images": list(self.images), "masks": list(self.masks),
+                "sha256": digests}  # fmt: skip
+
+
+def _open_image(path: str, what: str) -> Any:
+    """The opened image file, or InvalidInputError naming it."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not Path(path).is_file():
+        raise InvalidInputError(f"{what} file {path!r} does not exist; give an image file (PNG, JPEG, ...)")
+    try:
+        image = Image.open(path)
+        image.load()
+    except (UnidentifiedImageError, OSError) as exc:
+        raise InvalidInputError(
+            f"{what} file {path!r} is not a readable image ({exc}); give a PNG, JPEG, ..."
+        ) from None
+    return image
+
+
+def _read(paths: tuple[str, ...], index: int, what: str, mode: str) -> Any:
+    with _open_image(paths[index % len(paths)], what) as image:
+        return image.convert(mode)
+
+
+def _repaint_mask(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """A uint8 (h, w) mask, 255 where the pipeline repaints: an ellipse or a rectangle."""
+    cy, cx = rng.uniform(0.3, 0.7) * h, rng.uniform(0.3, 0.7) * w
+    ry, rx = rng.uniform(0.2, 0.4) * h, rng.uniform(0.2, 0.4) * w
+    yy, xx = np.mgrid[0:h, 0:w]
+    if rng.uniform() < 0.5:
+        inside = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1
+    else:
+        inside = (np.abs(yy - cy) < ry) & (np.abs(xx - cx) < rx)
+    return np.where(inside, 255, 0).astype(np.uint8)
 
 
 @dataclass(frozen=True)
@@ -151,35 +250,101 @@ def _required(params: dict[str, inspect.Parameter], name: str) -> bool:
     return p is not None and p.default is inspect.Parameter.empty
 
 
-def source_for(pipe: Any, prompts: Sequence[str], count: int, seed: int = 0, size: tuple[int, int] = (64, 64)) -> Any:
+def takes_images(params: dict[str, inspect.Parameter]) -> bool:
+    """Whether a pipeline call with these parameters needs an input image: its ``image`` has no
+    default, or the call also takes what only an input image gives meaning to (a ``strength`` of
+    the change to it, or a ``mask_image`` over it)."""
+    return "image" in params and (_required(params, "image") or "strength" in params or "mask_image" in params)
+
+
+def image_size(pipe: Any, call_kwargs: dict[str, Any] | None = None) -> tuple[int, int]:
+    """(height, width) of synthetic input images: the call's ``height`` and ``width`` where given,
+    else the pipeline's own default output size (its default sample size times its VAE's scale
+    factor, as diffusers pipelines compute it), else 64 x 64.
+
+    An image-to-image pipeline without ``height``/``width`` arguments works at its input image's
+    size, so a real checkpoint is calibrated at the size it was trained at.
+    """
+    kw = call_kwargs or {}
+    if kw.get("height") is not None and kw.get("width") is not None:
+        return int(kw["height"]), int(kw["width"])
+    factor = getattr(pipe, "vae_scale_factor", None)
+    sample = getattr(pipe, "default_sample_size", None)
+    if not isinstance(sample, int):
+        sizes = [getattr(getattr(m, "config", None), "sample_size", None) for m in denoiser_candidates(pipe).values()]
+        sample = next((s for s in sizes if isinstance(s, int)), None)
+    if isinstance(factor, int) and isinstance(sample, int):
+        return sample * factor, sample * factor
+    return 64, 64
+
+
+def source_for(
+    pipe: Any,
+    prompts: Sequence[str],
+    count: int,
+    seed: int = 0,
+    size: tuple[int, int] | None = None,
+    images: Sequence[str | Path] = (),
+    masks: Sequence[str | Path] = (),
+) -> Any:
     """The source a pipeline takes, from its ``__call__`` signature.
 
     Args:
         pipe: the pipeline.
         prompts: prompts for pipelines that take text (repeated or cut to ``count``).
         count: how many samples.
-        seed: seed of synthetic images and class labels. Default 0.
-        size: (height, width) of synthetic images. Default (64, 64).
+        seed: seed of synthetic images, masks and class labels. Default 0.
+        size: (height, width) of synthetic images. Default None: :func:`image_size` of the pipeline.
+        images: the user's own input image files (:class:`FileImageSource`); none: synthetic
+            images where the pipeline needs them (:func:`takes_images`).
+        masks: the user's own inpainting mask files, with ``images``.
 
     Raises:
-        InvalidInputError: ``count`` is not positive, or a text pipeline gets no prompt.
+        InvalidInputError: ``count`` is not positive, a text pipeline gets no prompt, or the
+            image files do not fit the pipeline (it takes no image or no mask, it needs a mask
+            and none is given, a file is missing or no image, or their number fits no count).
     """
     if count <= 0:
         raise InvalidInputError(f"the number of samples must be positive, got {count}")
     params = call_parameters(pipe)
-    images = ImageSource(count, seed, *size) if "image" in params and (_required(params, "image")) else None
+    image_source: ImageSource | FileImageSource | None = None
+    if images or masks:
+        image_source = _file_source(type(pipe).__name__, params, count, images, masks)
+    elif takes_images(params):
+        image_source = ImageSource(count, seed, *(size or image_size(pipe)), masks="mask_image" in params)
+    images_given = image_source
     if "prompt" in params:
         if not prompts:
             raise InvalidInputError(f"{type(pipe).__name__} takes prompts; give at least one")
         chosen = tuple(prompts[i % len(prompts)] for i in range(count))
-        return PromptSource(chosen, images)
-    if images is not None:
-        return images
+        return PromptSource(chosen, images_given)
+    if images_given is not None:
+        return images_given
     if "class_labels" in params:
         id2label = getattr(pipe, "labels", None) or getattr(getattr(pipe, "config", None), "id2label", None)
         classes = len(id2label) if id2label else 1000
         return ClassLabelSource(count, classes, seed)
     return UnconditionalSource(count)
+
+
+def _file_source(
+    name: str,
+    params: dict[str, inspect.Parameter],
+    count: int,
+    images: Sequence[str | Path],
+    masks: Sequence[str | Path],
+) -> FileImageSource:
+    if "image" not in params:
+        raise InvalidInputError(f"{name} takes no input image; leave the image files (--image) out")
+    if masks and "mask_image" not in params:
+        raise InvalidInputError(f"{name} takes no mask; leave the mask files (--mask-image) out")
+    if "mask_image" in params and not masks:
+        raise InvalidInputError(
+            f"{name} repaints under a mask: give a mask file too (--mask-image FILE: white repaints, black keeps)"
+        )
+    if not images:
+        raise InvalidInputError("a mask needs the image it covers; give the image files (--image FILE) too")
+    return FileImageSource(count, tuple(map(str, images)), tuple(map(str, masks)))
 
 
 def batch_kwargs(pipe: Any, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -204,7 +369,13 @@ def source_from_description(d: dict[str, Any]) -> Any:
         images = source_from_description(d["images"]) if d.get("images") else None
         return PromptSource(tuple(d["prompts"]), images)
     if kind == "image":
-        return ImageSource(int(d["count"]), int(d["seed"]), int(d["height"]), int(d["width"]))
+        size = int(d["height"]), int(d["width"])
+        return ImageSource(int(d["count"]), int(d["seed"]), *size, masks=bool(d.get("masks")))
+    if kind == "image_files":
+        source = FileImageSource(int(d["count"]), tuple(d["images"]), tuple(d.get("masks", ())))
+        if source.describe()["sha256"] != d.get("sha256"):
+            raise InvalidInputError(f"the image files {source.images + source.masks} changed since they were recorded")
+        return source
     if kind == "class_labels":
         return ClassLabelSource(int(d["count"]), int(d["classes"]), int(d["seed"]))
     if kind == "unconditional":

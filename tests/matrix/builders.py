@@ -50,7 +50,7 @@ from transformers import BertConfig, BertModel, BertTokenizer, CLIPVisionConfig,
 
 from diffkiln.zoo.architectures.components import WORDS, clip_encoder, clip_tokenizer, t5_encoder, t5_tokenizer
 
-__all__ = ["MATRIX", "MatrixEntry"]
+__all__ = ["MATRIX", "Lazy", "MatrixEntry", "build"]
 
 
 @dataclass(frozen=True)
@@ -486,3 +486,15 @@ def build(name: str, folder: Path, seed: int = 0) -> Path:
         pipe = MATRIX[name].build(folder.parent / f"{folder.name}-scratch")
     pipe.save_pretrained(folder)
     return folder
+
+
+class Lazy(dict[str, Path]):
+    """Folders built on first use, so a selection of the tests builds only its own classes."""
+
+    def __init__(self, make: Callable[[str], Path]):
+        super().__init__()
+        self.make = make
+
+    def __missing__(self, name: str) -> Path:
+        self[name] = self.make(name)
+        return self[name]

@@ -9,7 +9,6 @@ onnxruntime at its recorded shape and, where it is declared dynamic, at a second
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from diffkiln.export.onnx.check import bundle_call, flatten_call
 from diffkiln.generation import load_pipeline
 from diffkiln.nn import QConv, QLinear
 from diffkiln.zoo.catalog import TINY_CATALOG
-from tests.matrix.builders import MATRIX, build
+from tests.matrix.builders import MATRIX, Lazy, build
 
 # The built-in tiny architectures (their builders live in the zoo), as folders like any other.
 BUILTIN = {e.name: dict(e.call_kwargs) for e in TINY_CATALOG}
@@ -123,31 +122,19 @@ def _per_call_sqnr(name: str, fp_pipe: Any, q_pipe: Any, den_name: str) -> list[
     return values
 
 
-class _Lazy(dict[str, Path]):
-    """Built on first use, so a selection of the tests builds only its own classes."""
-
-    def __init__(self, make: Callable[[str], Path]):
-        super().__init__()
-        self.make = make
-
-    def __missing__(self, name: str) -> Path:
-        self[name] = self.make(name)
-        return self[name]
-
-
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from diffkiln.zoo.registry import resolve_target
 
     root = tmp_path_factory.mktemp("matrix")
-    return _Lazy(lambda n: resolve_target(n).path if n in BUILTIN else build(n, root / n))
+    return Lazy(lambda n: resolve_target(n).path if n in BUILTIN else build(n, root / n))
 
 
 @pytest.fixture(scope="module")
 def bundles(folders: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("matrix-bundles")
     config = OptimizeConfig(out=root, calib_size=2, steps=2, progress=False)
-    return _Lazy(
+    return Lazy(
         lambda n: optimize(str(folders[n]), replace(config, out=root / n, call_kwargs=tuple(_call_kwargs(n).items())))
     )
 
@@ -197,7 +184,7 @@ def onnx_folders(bundles: dict[str, Path], tmp_path_factory: pytest.TempPathFact
                                   check_call_kwargs=tuple((second or {}).items()))  # fmt: skip
         return convert(bundles[name], config)
 
-    return _Lazy(export)
+    return Lazy(export)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -1,0 +1,125 @@
+"""Which inputs a pipeline gets, from its call signature: images and masks for the classes that
+start from an image, at the size the pipeline works at, or the user's own files."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import diffusers
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffkiln.calibrate import (
+    FileImageSource,
+    ImageSource,
+    PromptSource,
+    image_size,
+    source_for,
+    source_from_description,
+    takes_images,
+)
+from diffkiln.core.errors import InvalidInputError
+from diffkiln.zoo.registry import resolve_target
+
+# diffusers' own classes: (needs an input image, takes a mask). Their ``image`` defaults to None
+# except where it is required (SVD, Wan and CogVideoX image-to-video).
+EXPECTED = {
+    "StableDiffusionPipeline": (False, False),
+    "FluxPipeline": (False, False),
+    "StableDiffusionImg2ImgPipeline": (True, False),
+    "StableDiffusionXLImg2ImgPipeline": (True, False),
+    "StableDiffusion3Img2ImgPipeline": (True, False),
+    "FluxImg2ImgPipeline": (True, False),
+    "StableDiffusionInpaintPipeline": (True, True),
+    "StableDiffusionXLInpaintPipeline": (True, True),
+    "FluxFillPipeline": (True, True),
+    "StableVideoDiffusionPipeline": (True, False),
+    "WanImageToVideoPipeline": (True, False),
+    "CogVideoXImageToVideoPipeline": (True, False),
+    # An optional reference or control image: given by the user, never made up.
+    "FluxKontextPipeline": (False, False),
+    "StableDiffusionControlNetPipeline": (False, False),
+}
+
+
+@pytest.mark.parametrize("cls", sorted(EXPECTED))
+def test_the_classes_that_start_from_an_image_are_found_from_their_signature(cls: str) -> None:
+    params = dict(inspect.signature(getattr(diffusers, cls).__call__).parameters)
+    assert (takes_images(params), "mask_image" in params) == EXPECTED[cls]
+
+
+def test_synthetic_images_come_at_the_size_the_pipeline_works_at() -> None:
+    pipe = diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(resolve_target("tiny-sd15").path)
+    # No height/width argument: the UNet's sample size times the VAE's scale factor, as diffusers computes it.
+    natural = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    assert image_size(pipe) == (natural, natural) != (64, 64)
+    assert image_size(pipe, {"height": 48, "width": 80}) == (48, 80)
+    assert image_size(object()) == (64, 64)
+    source = source_for(pipe, ["a red circle"], 3, seed=1)
+    assert isinstance(source, PromptSource) and isinstance(source.images, ImageSource)
+    assert source.sample(2)["image"].size == (natural, natural) and "mask_image" not in source.sample(2)
+
+
+def test_masks_are_seeded_binary_regions_that_leave_the_images_unchanged() -> None:
+    plain, masked = ImageSource(4, seed=3, height=40, width=56), ImageSource(4, seed=3, height=40, width=56, masks=True)
+    fractions = []
+    for i in range(4):
+        a, b = plain.sample(i), masked.sample(i)
+        assert np.array_equal(np.asarray(a["image"]), np.asarray(b["image"]))
+        mask = np.asarray(b["mask_image"])
+        assert mask.shape == (40, 56) and set(np.unique(mask)) <= {0, 255}
+        assert np.array_equal(mask, np.asarray(masked.sample(i)["mask_image"]))  # deterministic
+        fractions.append(float((mask == 255).mean()))
+    assert all(0.1 <= f <= 0.7 for f in fractions) and len(set(fractions)) == 4, fractions
+    # A source without masks describes itself as before (calibration cache keys stay valid).
+    assert "masks" not in plain.describe() and masked.describe()["masks"] is True
+    again = source_from_description(masked.describe())
+    assert again == masked
+
+
+def _png(path: Path, value: int, mode: str = "RGB") -> Path:
+    shape = (24, 24, 3) if mode == "RGB" else (24, 24)
+    Image.fromarray(np.full(shape, value, np.uint8)).save(path)
+    return path
+
+
+def test_a_users_files_are_checked_cycled_and_recorded_by_content(tmp_path: Path) -> None:
+    a, b = _png(tmp_path / "a.png", 10), _png(tmp_path / "b.png", 200)
+    mask = _png(tmp_path / "m.png", 255, "L")
+    source = FileImageSource(2, (str(a), str(b)), (str(mask),))
+    assert [np.asarray(source.sample(i)["image"])[0, 0, 0] for i in range(2)] == [10, 200]
+    assert source.sample(1)["mask_image"].mode == "L"
+    recorded = source.describe()
+    assert source_from_description(recorded) == source
+    _png(b, 90)  # the file changed since it was recorded
+    with pytest.raises(InvalidInputError, match="changed since"):
+        source_from_description(recorded)
+    (tmp_path / "note.txt").write_text("not an image")
+    for images, masks, message in [
+        ((str(a), str(b)), (), "2 image files for 3 samples"),
+        ((str(tmp_path / "gone.png"),), (), "does not exist"),
+        ((str(tmp_path / "note.txt"),), (), "not a readable image"),
+        ((str(a),), (str(mask), str(mask)), "2 mask files for 3 samples"),
+    ]:
+        with pytest.raises(InvalidInputError, match=message):
+            FileImageSource(3, images, masks)
+
+
+def test_files_that_do_not_fit_the_pipeline_are_refused_naming_the_fix(tmp_path: Path) -> None:
+    a, mask = _png(tmp_path / "a.png", 10), _png(tmp_path / "m.png", 255, "L")
+    folder = resolve_target("tiny-sd15").path
+    text = diffusers.StableDiffusionPipeline.from_pretrained(folder)
+    inpaint = diffusers.StableDiffusionInpaintPipeline.from_pretrained(folder)
+    img2img = diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(folder)
+    with pytest.raises(InvalidInputError, match=r"StableDiffusionPipeline takes no input image.*--image"):
+        source_for(text, ["x"], 1, images=[a])
+    with pytest.raises(InvalidInputError, match=r"repaints under a mask.*--mask-image"):
+        source_for(inpaint, ["x"], 1, images=[a])
+    with pytest.raises(InvalidInputError, match="takes no mask"):
+        source_for(img2img, ["x"], 1, images=[a], masks=[mask])
+    with pytest.raises(InvalidInputError, match="needs the image it covers"):
+        source_for(inpaint, ["x"], 1, masks=[mask])
+    given = source_for(inpaint, ["x", "y"], 2, images=[a], masks=[mask])
+    assert isinstance(given.images, FileImageSource) and set(given.sample(1)) == {"prompt", "image", "mask_image"}

@@ -115,6 +115,11 @@ def _add_calibration_args(p: argparse.ArgumentParser) -> None:
     cal.add_argument("--calib-size", type=positive_int, default=32, help="calibration samples (default 32)")
     p.add_argument("--steps", type=positive_int, help="sampler steps for calibration (default: the model's)")
     p.add_argument("--guidance", type=non_negative_float, help="guidance for calibration (default: the model's)")
+    p.add_argument("--calib-image", action="append", default=[], type=Path, metavar="FILE",
+                   help="an input image to calibrate a pipeline that starts from one on (image-to-image, inpainting, "
+                   "image-to-video; repeatable, taken in turn); default: seeded synthetic images")  # fmt: skip
+    p.add_argument("--calib-mask-image", action="append", default=[], type=Path, metavar="FILE",
+                   help="an inpainting pipeline's mask, white where it repaints (repeatable, with --calib-image)")
     p.add_argument("--cache-dir", type=Path, help="calibration cache (default $DIFFKILN_CACHE or ~/.cache/diffkiln)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="calibration seed (default 0)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")

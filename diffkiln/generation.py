@@ -271,6 +271,7 @@ def generate(
     arrays: list[np.ndarray] = []
     kind = "images"
     latents: list[torch.Tensor] = []
+    last: list[torch.Tensor] = []  # the current call's latest step latents
     denoiser = find_denoiser(pipe, _denoiser_name(pipe, config))
     timer = _DenoiserTimer(denoiser, getattr(pipe, "device", torch.device("cpu"))) if measure else None
     peak = PeakMemory(getattr(pipe, "device", torch.device("cpu"))) if measure else None
@@ -282,8 +283,6 @@ def generate(
             chunk = [source.sample(i) for i in range(start, min(start + config.batch_size, n))]
             gens = [torch.Generator(device="cpu").manual_seed(config.seed + start + i) for i in range(len(chunk))]
 
-            last: list[torch.Tensor] = []
-
             def on_step(_p: Any, i: int, _t: Any, kwargs: dict[str, Any], size: int = len(chunk)) -> dict[str, Any]:
                 bar.update(size)
                 # The last step's, whatever its index: an image-to-image call runs only its strength's share.
@@ -294,6 +293,7 @@ def generate(
             with torch.no_grad():
                 out = pipe(**batch_kwargs(pipe, chunk), generator=gens, **common, **step_callback_kwargs(pipe, on_step))
             latents.extend(last)
+            last.clear()
             media = pipeline_media(out)
             kind = media.kind
             arrays.extend(media.items())

@@ -57,6 +57,11 @@ class OptimizeConfig:
         calib_prompts: a prompts file; None uses ``calib_size`` default prompts. Default None.
         calib_size: how many samples to calibrate on (default prompts, or images / seeds for
             pipelines without text). Default 32.
+        calib_images: input image files to calibrate a pipeline that starts from an image on
+            (image-to-image, inpainting, image-to-video), taken in turn; none: seeded synthetic
+            images. Default none.
+        calib_mask_images: an inpainting pipeline's mask files (white repaints), with
+            ``calib_images``. Default none.
         steps: sampler steps for calibration; None takes the model's default.
         guidance: guidance scale for calibration; None takes the model's default.
         call_kwargs: pipeline-call arguments for every call, as (name, value) pairs (height,
@@ -83,6 +88,8 @@ class OptimizeConfig:
     recipe: Any = field(default_factory=W8A8Config)
     calib_prompts: Path | None = None
     calib_size: int = 32
+    calib_images: tuple[Path, ...] = ()
+    calib_mask_images: tuple[Path, ...] = ()
     steps: int | None = None
     guidance: float | None = None
     call_kwargs: tuple[tuple[str, Any], ...] = ()
@@ -199,6 +206,8 @@ def prepare(target: str | os.PathLike[str], config: OptimizeConfig) -> Prepared:
         cache_stats=config.wants_cache,
         attention_stats=config.wants_sparse,
         attention_block=config.sparse_config.block if config.sparse_config is not None else 64,
+        images=tuple(map(str, config.calib_images)),
+        mask_images=tuple(map(str, config.calib_mask_images)),
     )
     t1 = time.perf_counter()
     stats = calibrate(pipe, cal_cfg)

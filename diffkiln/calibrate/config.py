@@ -58,6 +58,10 @@ class CalibrationConfig:
             layer, step, head and block pair, for the first batch: the attention mass and the error
             of dropping the block; :mod:`diffkiln.calibrate.attention_stats`). Default False.
         attention_block: tokens per block of those statistics. Default 64.
+        images: the user's own input image files for a pipeline that starts from an image
+            (:class:`diffkiln.calibrate.sources.FileImageSource`, taken in turn); none: seeded
+            synthetic images where the pipeline needs them. Default none.
+        mask_images: an inpainting pipeline's own mask files, with ``images``. Default none.
     """
 
     prompts: tuple[str, ...] = ()
@@ -75,6 +79,8 @@ class CalibrationConfig:
     cache_stats: bool = False
     attention_stats: bool = False
     attention_block: int = 64
+    images: tuple[str, ...] = ()
+    mask_images: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if any(not p.strip() for p in self.prompts):
@@ -111,6 +117,8 @@ class CalibrationConfig:
         kw = {k: v for k, v in d.items() if k in names}  # recorded extras (the source, evidence) are not settings
         kw["prompts"] = tuple(kw["prompts"])
         kw["call_kwargs"] = tuple(kw.get("call_kwargs", {}).items())
+        for name in ("images", "mask_images"):
+            kw[name] = tuple(kw.get(name, ()))
         return cls(**kw, cache_dir=cache_dir, progress=progress)
 
     def key_fields(self) -> dict[str, Any]:
@@ -120,5 +128,9 @@ class CalibrationConfig:
         d.pop("progress")
         d["prompts"] = list(self.prompts)
         d["call_kwargs"] = dict(self.call_kwargs)
+        for name in ("images", "mask_images"):  # only where given: other keys stay as they were
+            d[name] = list(d[name])
+            if not d[name]:
+                d.pop(name)
         d["version"] = STATS_VERSION
         return d

@@ -301,7 +301,9 @@ def calibrate(
     if config is None:
         raise InvalidInputError("calibrating a pipeline needs a CalibrationConfig (prompts or samples)")
     size = image_size(target, dict(config.call_kwargs))
-    source = source or source_for(target, config.prompts, config.count, config.seed, size)
+    source = source or source_for(
+        target, config.prompts, config.count, config.seed, size, config.images, config.mask_images
+    )
     model_hash = pipeline_weight_hash(target)
     key_data = {"model": model_hash, **config.key_fields(), "source": source.describe()}
     key = hashlib.sha256(json.dumps(key_data, sort_keys=True, default=str).encode()).hexdigest()[:32]

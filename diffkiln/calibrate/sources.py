@@ -135,17 +135,17 @@ class ImageSource:
 class FileImageSource:
     """A user's own input images, and for inpainting pipelines their masks, read from files.
 
-    Sample ``i`` takes image ``i`` (and mask ``i``) when there is one per sample, else the single
-    one given. Every file is checked when the source is made; its description records each
-    file's sha256, so a calibration cache or a bundle's record follows the files' contents.
+    Sample ``i`` takes image ``i`` (and mask ``i``), cycling through the files when there are
+    fewer than samples. Every file is checked when the source is made; its description records
+    each file's sha256, so a calibration cache or a bundle's record follows the files' contents.
     """
 
     count: int
     """How many samples."""
     images: tuple[str, ...]
-    """Image files (RGB is taken): one for every sample, or one per sample."""
+    """Image files (RGB is taken): at most one per sample, cycled."""
     masks: tuple[str, ...] = ()
-    """Mask files, read as greyscale (white repaints, black keeps): none, one, or one per sample."""
+    """Mask files, read as greyscale (white repaints, black keeps): at most one per sample, cycled."""
     kind: str = "image_files"
     """The source's kind, recorded in its description."""
 
@@ -153,10 +153,10 @@ class FileImageSource:
         if not self.images:
             raise InvalidInputError("no input image given; give an image file for the pipeline to start from")
         for what, paths in (("image", self.images), ("mask", self.masks)):
-            if len(paths) not in (0, 1, self.count) or (what == "image" and not paths):
+            if len(paths) > self.count:
                 raise InvalidInputError(
-                    f"{len(paths)} {what} files for {self.count} samples; give one {what} for all samples, "
-                    f"or one per sample"
+                    f"{len(paths)} {what} files for {self.count} samples; give at most one {what} per sample "
+                    f"(they are taken in turn), or more samples"
                 )
             for path in paths:
                 _open_image(path, what).close()

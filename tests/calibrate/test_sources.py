@@ -97,11 +97,15 @@ def test_a_users_files_are_checked_cycled_and_recorded_by_content(tmp_path: Path
     with pytest.raises(InvalidInputError, match="changed since"):
         source_from_description(recorded)
     (tmp_path / "note.txt").write_text("not an image")
+    # Fewer files than samples are taken in turn.
+    three = FileImageSource(3, (str(a), str(b)), (str(mask),))
+    assert [np.asarray(three.sample(i)["image"])[0, 0, 0] for i in range(3)] == [10, 90, 10]
     for images, masks, message in [
-        ((str(a), str(b)), (), "2 image files for 3 samples"),
+        ((str(a),) * 4, (), "4 image files for 3 samples"),
+        ((), (), "no input image given"),
         ((str(tmp_path / "gone.png"),), (), "does not exist"),
         ((str(tmp_path / "note.txt"),), (), "not a readable image"),
-        ((str(a),), (str(mask), str(mask)), "2 mask files for 3 samples"),
+        ((str(a),), (str(mask),) * 4, "4 mask files for 3 samples"),
     ]:
         with pytest.raises(InvalidInputError, match=message):
             FileImageSource(3, images, masks)

@@ -153,3 +153,23 @@ def test_generate_takes_the_users_image_and_mask_from_the_command_line(
     assert err == ["error: StableDiffusionInpaintPipeline repaints under a mask: give a mask file too "
                    "(--mask-image FILE: white repaints, black keeps)"], err  # fmt: skip
     assert not (tmp_path / "p").exists()
+
+
+def test_optimize_calibrates_on_the_users_images_and_the_search_replays_them(tmp_path: Path) -> None:
+    from diffkiln.calibrate import source_from_description
+    from diffkiln.cli import main
+
+    folder = _build("sd15-inpaint-9ch", tmp_path / "folder")
+    a, b, mask = _images(tmp_path)
+    out = tmp_path / "cached"
+    # The cache recipe replays the calibration's own calls to validate its schedules.
+    args = ["optimize", str(folder), "--recipe", "cache", "--cache-budget", "0.5", "--calib-size", "3", "--steps", "4"]
+    args += ["--calib-image", str(a), "--calib-image", str(b), "--calib-mask-image", str(mask), "--no-progress"]
+    assert main([*args, "--out", str(out)]) == 0
+    recorded = json.loads((out / "manifest.json").read_text())["plan"]["notes"]["calibration"]["source"]["images"]
+    assert recorded["kind"] == "image_files" and recorded["images"] == [str(a), str(b)], recorded
+    assert recorded["masks"] == [str(mask)] and len(recorded["sha256"]) == 3
+    replayed = source_from_description(recorded)
+    assert np.array_equal(np.asarray(replayed.sample(2)["image"]), np.asarray(Image.open(a).convert("RGB")))
+    pipe = load_pipeline(str(out))
+    assert type(pipe).__name__ == "StableDiffusionInpaintPipeline" and pipe.diffkiln_cache is not None

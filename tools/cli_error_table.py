@@ -33,6 +33,14 @@ CASES: list[tuple[str, list[str]]] = [
     ("zero evaluation prompts", ["report", "shapes-unet", "--eval-size", "0"]),
     ("a malformed --call-arg", ["generate", "shapes-unet", "--prompt", "x", "--call-arg", "height"]),
     ("a --call-arg the pipeline does not take", ["generate", "shapes-dit", "--prompt", "x", "--call-arg", "fps=3"]),
+    (
+        "--image for a pipeline that starts from none",
+        ["generate", "shapes-unet", "--prompt", "x", "--image", "{t}/a_file"],
+    ),
+    (
+        "--calib-image for a pipeline that starts from none",
+        ["optimize", "shapes-unet", "--calib-image", "{t}/a_file", "--out", "{t}/ci"],
+    ),
     ("--out is an existing file (generate)", ["generate", "{b}", "--prompt", "x", "--out", "{t}/a_file"]),
     ("--out is an existing file (report)", ["report", "{b}", "--out", "{t}/a_file"]),
     ("--out is an existing file (sensitivity)", ["sensitivity", "shapes-unet", "--out", "{t}/a_file"]),

@@ -335,15 +335,18 @@ def _file_source(
     masks: Sequence[str | Path],
 ) -> FileImageSource:
     if "image" not in params:
-        raise InvalidInputError(f"{name} takes no input image; leave the image files (--image) out")
+        raise InvalidInputError(f"{name} takes no input image; leave out the image files (--image, --calib-image)")
     if masks and "mask_image" not in params:
-        raise InvalidInputError(f"{name} takes no mask; leave the mask files (--mask-image) out")
+        raise InvalidInputError(f"{name} takes no mask; leave out the mask files (--mask-image, --calib-mask-image)")
     if "mask_image" in params and not masks:
         raise InvalidInputError(
-            f"{name} repaints under a mask: give a mask file too (--mask-image FILE: white repaints, black keeps)"
+            f"{name} repaints under a mask: give a mask file too (--mask-image or --calib-mask-image FILE: "
+            "white repaints, black keeps)"
         )
     if not images:
-        raise InvalidInputError("a mask needs the image it covers; give the image files (--image FILE) too")
+        raise InvalidInputError(
+            "a mask needs the image it covers; give the image files (--image or --calib-image FILE) too"
+        )
     return FileImageSource(count, tuple(map(str, images)), tuple(map(str, masks)))
 
 

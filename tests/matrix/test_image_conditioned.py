@@ -151,7 +151,7 @@ def test_generate_takes_the_users_image_and_mask_from_the_command_line(
     assert main([*args, "--out", str(tmp_path / "p")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: StableDiffusionInpaintPipeline repaints under a mask: give a mask file too "
-                   "(--mask-image FILE: white repaints, black keeps)"], err  # fmt: skip
+                   "(--mask-image or --calib-mask-image FILE: white repaints, black keeps)"], err  # fmt: skip
     assert not (tmp_path / "p").exists()
 
 

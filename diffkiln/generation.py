@@ -24,7 +24,14 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from diffkiln.calibrate.sources import CallSource, PromptSource, batch_kwargs, image_size, source_for
+from diffkiln.calibrate.sources import (
+    CallSource,
+    PromptSource,
+    batch_kwargs,
+    image_size,
+    missing_image_hint,
+    source_for,
+)
 from diffkiln.core.errors import InvalidInputError
 from diffkiln.core.hooks import scoped_hooks
 from diffkiln.core.pipeline_folder import check_pipeline_folder
@@ -290,7 +297,7 @@ def generate(
                     last[:] = [kwargs["latents"].detach().float().cpu()]
                 return kwargs
 
-            with torch.no_grad():
+            with torch.no_grad(), missing_image_hint(pipe, chunk):
                 out = pipe(**batch_kwargs(pipe, chunk), generator=gens, **common, **step_callback_kwargs(pipe, on_step))
             latents.extend(last)
             last.clear()

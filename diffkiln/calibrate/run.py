@@ -32,7 +32,14 @@ from diffkiln.calibrate.config import CalibrationConfig
 from diffkiln.calibrate.dataflow import DataflowGraph, bind_call, trace_dataflow
 from diffkiln.calibrate.prompts import PROBE_PROMPTS
 from diffkiln.calibrate.recorder import Recorder, recording
-from diffkiln.calibrate.sources import CallSource, PromptSource, batch_kwargs, image_size, source_for
+from diffkiln.calibrate.sources import (
+    CallSource,
+    PromptSource,
+    batch_kwargs,
+    image_size,
+    missing_image_hint,
+    source_for,
+)
 from diffkiln.calibrate.stats import CalibrationStats
 from diffkiln.calibrate.token_grids import find_token_grids
 from diffkiln.core.distributed import all_gather_objects, rank_world
@@ -128,7 +135,8 @@ def _run_pipeline(pipe: Any, source: CallSource, config: CalibrationConfig, mode
 
     def call(samples: list[dict[str, Any]], first_seed: int, **extra: Any) -> Any:
         gens = [torch.Generator().manual_seed(first_seed + i) for i in range(len(samples))]
-        return pipe(**batch_kwargs(pipe, samples), generator=gens, **{**common, **extra})
+        with missing_image_hint(pipe, samples):
+            return pipe(**batch_kwargs(pipe, samples), generator=gens, **{**common, **extra})
 
     first_batch = [source.sample(i) for i in range(min(config.batch_size, n))]
     if config.denoiser is not None:
@@ -180,6 +188,7 @@ def _run_pipeline(pipe: Any, source: CallSource, config: CalibrationConfig, mode
             for first_batch_only in (cache_rec, attn_rec):
                 if first_batch_only is not None:
                     first_batch_only.active = False  # the first batch is enough for the proxies
+    bar.total = bar.n  # an image-to-image call runs only its strength's share of the steps
     bar.close()
     timesteps = getattr(getattr(pipe, "scheduler", None), "timesteps", None)
     steps_run = len(timesteps) if timesteps is not None else config.steps

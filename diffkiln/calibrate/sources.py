@@ -15,16 +15,17 @@ mixed recipe's trials and in reports.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from diffkiln.core.errors import InvalidInputError
+from diffkiln.core.errors import DiffkilnError, InvalidInputError
 from diffkiln.core.pipelines import call_parameters, denoiser_candidates
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "UnconditionalSource",
     "batch_kwargs",
     "image_size",
+    "missing_image_hint",
     "source_for",
     "source_from_description",
     "takes_images",
@@ -348,6 +350,26 @@ def _file_source(
             "a mask needs the image it covers; give the image files (--image or --calib-image FILE) too"
         )
     return FileImageSource(count, tuple(map(str, images)), tuple(map(str, masks)))
+
+
+@contextlib.contextmanager
+def missing_image_hint(pipe: Any, samples: Sequence[dict[str, Any]]) -> Iterator[None]:
+    """Around a pipeline call on ``samples``: where it fails on a pipeline that takes an ``image``
+    none of them holds (a ControlNet's control image, an edit's reference: the signature cannot
+    tell that one is needed), the error says which image to give.
+
+    Raises:
+        InvalidInputError: that failure, with the pipeline's own message and the fix.
+    """
+    try:
+        yield
+    except (TypeError, ValueError, AttributeError) as exc:
+        if isinstance(exc, DiffkilnError) or "image" not in call_parameters(pipe) or any("image" in s for s in samples):
+            raise
+        raise InvalidInputError(
+            f"{type(pipe).__name__} failed without an input image ({exc}); if it needs one (a control, "
+            "reference or starting image), give it: --calib-image FILE to optimize, --image FILE to generate"
+        ) from exc
 
 
 def batch_kwargs(pipe: Any, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -173,3 +174,33 @@ def test_optimize_calibrates_on_the_users_images_and_the_search_replays_them(tmp
     assert np.array_equal(np.asarray(replayed.sample(2)["image"]), np.asarray(Image.open(a).convert("RGB")))
     pipe = load_pipeline(str(out))
     assert type(pipe).__name__ == "StableDiffusionInpaintPipeline" and pipe.diffkiln_cache is not None
+
+
+def test_a_controlnet_asks_for_its_control_image_then_runs_on_it(tmp_path: Path) -> None:
+    from diffkiln.core.errors import InvalidInputError
+
+    base = diffusers.StableDiffusionPipeline.from_pretrained(resolve_target("tiny-sd15").path)
+    torch.manual_seed(0)
+    controlnet = diffusers.ControlNetModel.from_unet(base.unet, conditioning_embedding_out_channels=(8, 16))
+    with torch.no_grad():  # its zero convolutions, as trained ones are not: the control image reaches the UNet
+        for p in controlnet.parameters():
+            if not p.any():
+                p.normal_(0.0, 0.5)
+    parts = {k: base.components[k] for k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")}
+    extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    pipe = diffusers.StableDiffusionControlNetPipeline(**parts, controlnet=controlnet, **extra)
+    pipe.save_pretrained(tmp_path / "folder")
+    a, b, _ = _images(tmp_path)
+    config = OptimizeConfig(out=tmp_path / "bundle", calib_size=2, steps=2, progress=False)
+    # Its control image is optional in the signature: none is made up, and the failure names the fix.
+    with pytest.raises(InvalidInputError, match=r"failed without an input image .*--calib-image FILE"):
+        optimize(str(tmp_path / "folder"), config)
+    assert not (tmp_path / "bundle").exists()
+    bundle = optimize(str(tmp_path / "folder"), replace(config, calib_images=(a,)))
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["plan"]["denoiser"] == "unet"  # the ControlNet runs beside it, in float
+    fp, q = load_pipeline(str(tmp_path / "folder")), load_pipeline(str(tmp_path / "bundle"))
+    fp_a, q_a = _latents(fp, "controlnet", a, None), _latents(q, "controlnet", a, None)
+    assert sqnr_db(fp_a, q_a) >= MIN_LATENT_SQNR_DB, sqnr_db(fp_a, q_a)
+    # The control image reaches the UNet (33 dB between the two images; untouched zero convolutions: identical).
+    assert sqnr_db(fp_a, _latents(fp, "controlnet", b, None)) < 45.0

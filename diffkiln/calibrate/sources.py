@@ -304,7 +304,7 @@ def source_for(
     Raises:
         InvalidInputError: ``count`` is not positive, a text pipeline gets no prompt, or the
             image files do not fit the pipeline (it takes no image or no mask, it needs a mask
-            and none is given, a file is missing or no image, or their number fits no count).
+            and none is given, a file is missing or no image, or more files than samples).
     """
     if count <= 0:
         raise InvalidInputError(f"the number of samples must be positive, got {count}")
@@ -314,14 +314,13 @@ def source_for(
         image_source = _file_source(type(pipe).__name__, params, count, images, masks)
     elif takes_images(params):
         image_source = ImageSource(count, seed, *(size or image_size(pipe)), masks="mask_image" in params)
-    images_given = image_source
     if "prompt" in params:
         if not prompts:
             raise InvalidInputError(f"{type(pipe).__name__} takes prompts; give at least one")
         chosen = tuple(prompts[i % len(prompts)] for i in range(count))
-        return PromptSource(chosen, images_given)
-    if images_given is not None:
-        return images_given
+        return PromptSource(chosen, image_source)
+    if image_source is not None:
+        return image_source
     if "class_labels" in params:
         id2label = getattr(pipe, "labels", None) or getattr(getattr(pipe, "config", None), "id2label", None)
         classes = len(id2label) if id2label else 1000
@@ -381,22 +380,30 @@ def batch_kwargs(pipe: Any, samples: Sequence[dict[str, Any]]) -> dict[str, Any]
     return {k: [s[k] for s in samples] for k in samples[0]}
 
 
-def source_from_description(d: dict[str, Any]) -> Any:
+def source_from_description(d: dict[str, Any], files: bool = False) -> Any:
     """Re-create a built-in source from its :meth:`CallSource.describe` output (recorded in
     calibration statistics).
 
+    Args:
+        d: the description.
+        files: re-open the image files a :class:`FileImageSource` names. Only for descriptions
+            this machine's calibration wrote (its statistics); a bundle is untrusted input, and
+            the paths its record names are outside it. Default False.
+
     Raises:
         InvalidInputError: a source kind diffkiln does not define (a user's own source must be
-            passed again).
+            passed again), image files without ``files``, or image files that changed.
     """
     kind = d.get("kind")
     if kind == "prompt":
-        images = source_from_description(d["images"]) if d.get("images") else None
+        images = source_from_description(d["images"], files) if d.get("images") else None
         return PromptSource(tuple(d["prompts"]), images)
     if kind == "image":
         size = int(d["height"]), int(d["width"])
         return ImageSource(int(d["count"]), int(d["seed"]), *size, masks=bool(d.get("masks")))
     if kind == "image_files":
+        if not files:
+            raise InvalidInputError("the record names the user's own image files, which are not re-opened from it")
         source = FileImageSource(int(d["count"]), tuple(d["images"]), tuple(d.get("masks", ())))
         if source.describe()["sha256"] != d.get("sha256"):
             raise InvalidInputError(f"the image files {source.images + source.masks} changed since they were recorded")

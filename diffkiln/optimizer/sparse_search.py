@@ -357,7 +357,7 @@ def validation_samples(stats: CalibrationStats, samples: int) -> dict[str, int]:
         ``first`` (the first sample's index), ``samples`` (how many) and ``unseen`` (how many of
         them the attention statistics did not see).
     """
-    total = len(source_from_description(stats.settings["source"]))
+    total = len(source_from_description(stats.settings["source"], files=True))
     batch = min(int(stats.settings.get("batch_size", total)), total)
     first = max(0, min(batch, total - samples))
     count = min(samples, total - first)

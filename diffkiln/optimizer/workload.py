@@ -69,7 +69,7 @@ class CalibrationCalls:
         if "source" not in settings:
             raise InvalidInputError("the calibration statistics record no pipeline inputs; calibrate a pipeline")
         config = CalibrationConfig.from_key_fields(settings)
-        source = source_from_description(settings["source"])
+        source = source_from_description(settings["source"], files=True)  # this calibration's own record
         if not 0 <= first < len(source):
             raise InvalidInputError(f"calibration sample {first} does not exist: the calibration has {len(source)}")
         picked = [source.sample(i) for i in range(first, min(first + samples, len(source)))]

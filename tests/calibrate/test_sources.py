@@ -92,10 +92,13 @@ def test_a_users_files_are_checked_cycled_and_recorded_by_content(tmp_path: Path
     assert [np.asarray(source.sample(i)["image"])[0, 0, 0] for i in range(2)] == [10, 200]
     assert source.sample(1)["mask_image"].mode == "L"
     recorded = source.describe()
-    assert source_from_description(recorded) == source
+    assert source_from_description(recorded, files=True) == source
+    # A bundle's record is untrusted: the files it names are outside it, and not opened from it.
+    with pytest.raises(InvalidInputError, match="not re-opened"):
+        source_from_description({"kind": "prompt", "prompts": ["x"], "images": recorded})
     _png(b, 90)  # the file changed since it was recorded
     with pytest.raises(InvalidInputError, match="changed since"):
-        source_from_description(recorded)
+        source_from_description(recorded, files=True)
     (tmp_path / "note.txt").write_text("not an image")
     # Fewer files than samples are taken in turn.
     three = FileImageSource(3, (str(a), str(b)), (str(mask),))

@@ -170,7 +170,7 @@ def test_optimize_calibrates_on_the_users_images_and_the_search_replays_them(tmp
     recorded = json.loads((out / "manifest.json").read_text())["plan"]["notes"]["calibration"]["source"]["images"]
     assert recorded["kind"] == "image_files" and recorded["images"] == [str(a), str(b)], recorded
     assert recorded["masks"] == [str(mask)] and len(recorded["sha256"]) == 3
-    replayed = source_from_description(recorded)
+    replayed = source_from_description(recorded, files=True)
     assert np.array_equal(np.asarray(replayed.sample(2)["image"]), np.asarray(Image.open(a).convert("RGB")))
     pipe = load_pipeline(str(out))
     assert type(pipe).__name__ == "StableDiffusionInpaintPipeline" and pipe.diffkiln_cache is not None

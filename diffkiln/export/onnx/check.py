@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from diffkiln.calibrate.dataflow import bind_call
-from diffkiln.calibrate.sources import batch_kwargs, source_for, source_from_description
+from diffkiln.calibrate.sources import batch_kwargs, image_size, source_for, source_from_description
 from diffkiln.core.arguments import feed_array, flatten_arguments
 from diffkiln.core.hooks import scoped_hooks
 from diffkiln.core.metrics import sqnr_db
@@ -46,15 +46,15 @@ def bundle_call(
     then ``overrides``.
     """
     calibration = _calibration(manifest)
-    try:
+    given = {**dict(calibration.get("call_kwargs", {})), **dict(overrides or {})}
+    try:  # never the user's image files a bundle names: they are outside it
         source = source_from_description(calibration["source"])
     except (KeyError, ValueError):
-        source = source_for(pipe, [prompt], batch)
+        source = source_for(pipe, [prompt], batch, size=image_size(pipe, given))
     samples = [source.sample(i % len(source)) for i in range(batch)]
     defaults: dict[str, Any] = {"num_inference_steps": 2, "output_type": "np"}
     if calibration.get("guidance") is not None:
         defaults["guidance_scale"] = calibration["guidance"]
-    given = {**dict(calibration.get("call_kwargs", {})), **dict(overrides or {})}
     return {
         **batch_kwargs(pipe, samples),
         **accepted_call_kwargs(pipe, defaults),

@@ -35,8 +35,8 @@ ALLOWED: dict[str, set[str]] = {
     "cli": {"core", "kernels", "nn", "calibrate", "optimizer", "export", "runtime", "zoo", "api", "report"},
 }
 # Top-level modules and the part they belong to.
-TOP_LEVEL = {"__init__": "api", "api": "api", "generation": "api", "cli": "cli", "cli_args": "cli", "cli_values": "cli",
-             "__main__": "cli"}  # fmt: skip
+TOP_LEVEL = {"__init__": "api", "api": "api", "generation": "api", "outputs": "api", "cli": "cli", "cli_args": "cli",
+             "cli_recipe_args": "cli", "cli_values": "cli", "__main__": "cli"}  # fmt: skip
 
 
 def _part(module: str) -> str | None:

@@ -1,9 +1,11 @@
 """Pipelines that start from an input image: image-to-image and inpainting classes built tiny.
 
-Their ``image`` (and ``mask_image``) defaults to None, so they used to be calibrated without one
-and failed in the pipeline's own preprocessing. Each class is optimized from its folder with no
-argument but its own, its bundle loads as the same class, and a call on a user's image (and mask)
-gives what the FP pipeline gives on it, within a threshold set from measurement.
+Their ``image`` (and ``mask_image``) defaults to None: only the ``strength`` or the ``mask_image``
+beside it says that a call needs one (without one, the pipeline's own preprocessing fails). Each
+class is optimized from its folder with no argument but its own, its bundle loads as the same
+class, and a call on a user's image (and mask) gives what the FP pipeline gives on it, within a
+threshold set from measurement. A ControlNet, whose control image nothing in the signature marks
+as needed, is calibrated on the user's image.
 """
 
 from __future__ import annotations

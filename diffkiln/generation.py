@@ -26,7 +26,6 @@ from diffkiln.calibrate.sources import (
     CallSource,
     PromptSource,
     batch_kwargs,
-    image_size,
     missing_image_hint,
     source_for,
 )
@@ -205,7 +204,7 @@ def _source(
         raise InvalidInputError(f"prompt(s) at position {blank} are empty; every prompt needs text")
     takes_text = "prompt" in call_parameters(pipe)
     count = len(prompts) if takes_text and prompts else (samples or len(files[0]) or len(prompts) or 1)
-    source = source_for(pipe, prompts or ["."], count, seed, image_size(pipe, call_kwargs), *files)
+    source = source_for(pipe, prompts or ["."], count, seed, call_kwargs, *files)
     if isinstance(source, PromptSource) and not prompts:
         raise InvalidInputError("no prompts given; pass --prompt TEXT or --prompts FILE")
     return source

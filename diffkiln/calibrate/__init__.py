@@ -11,11 +11,13 @@ from diffkiln.calibrate.sources import (
     ImageSource,
     PromptSource,
     UnconditionalSource,
+    VideoSource,
     batch_kwargs,
     image_size,
     source_for,
     source_from_description,
     takes_images,
+    takes_video,
 )
 from diffkiln.calibrate.stats import CalibrationStats, LayerStats
 
@@ -34,6 +36,7 @@ __all__ = [
     "ModuleInputs",
     "PromptSource",
     "UnconditionalSource",
+    "VideoSource",
     "batch_kwargs",
     "calibrate",
     "image_size",
@@ -41,5 +44,6 @@ __all__ = [
     "source_for",
     "source_from_description",
     "takes_images",
+    "takes_video",
     "trace_dataflow",
 ]

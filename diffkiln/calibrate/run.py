@@ -36,7 +36,6 @@ from diffkiln.calibrate.sources import (
     CallSource,
     PromptSource,
     batch_kwargs,
-    image_size,
     missing_image_hint,
     source_for,
 )
@@ -309,9 +308,8 @@ def calibrate(
         raise InvalidInputError("a pipeline is calibrated from its own calls; pass a source, not inputs")
     if config is None:
         raise InvalidInputError("calibrating a pipeline needs a CalibrationConfig (prompts or samples)")
-    size = image_size(target, dict(config.call_kwargs))
     source = source or source_for(
-        target, config.prompts, config.count, config.seed, size, config.images, config.mask_images
+        target, config.prompts, config.count, config.seed, dict(config.call_kwargs), config.images, config.mask_images
     )
     model_hash = pipeline_weight_hash(target)
     key_data = {"model": model_hash, **config.key_fields(), "source": source.describe()}

@@ -1,10 +1,12 @@
-"""Where a pipeline's per-sample inputs come from: prompts, images (and masks), class labels, or nothing.
+"""Where a pipeline's per-sample inputs come from: prompts, images (and masks), clips, class labels,
+or nothing.
 
 Calibration and the report call a pipeline with whatever it takes, found from its ``__call__``
 signature: a text-to-image or text-to-audio pipeline gets prompts; a pipeline that transforms or
 animates an image (its ``image`` has no default, or it also takes a ``strength`` or a ``mask_image``:
 image-to-video, image-to-image, inpainting) gets seeded synthetic images, with masks where it takes
-them (and prompts too, if it takes them); a class-conditional one gets class labels; an
+them, and one that transforms a clip (``video`` with no default, or with a ``strength``) seeded
+synthetic clips (and prompts too, if it takes them); a class-conditional one gets class labels; an
 unconditional one gets nothing but a batch size.
 A source is pluggable: any object with ``kind``, ``describe()`` and ``sample(i)`` works, e.g. a
 user's own images.
@@ -16,15 +18,13 @@ mixed recipe's trials and in reports.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import inspect
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
-
+from diffkiln.calibrate.media_sources import FileImageSource, ImageSource, MediaSource, VideoSource
 from diffkiln.core.errors import DiffkilnError, InvalidInputError
 from diffkiln.core.pipelines import call_parameters, denoiser_candidates
 
@@ -35,12 +35,14 @@ __all__ = [
     "ImageSource",
     "PromptSource",
     "UnconditionalSource",
+    "VideoSource",
     "batch_kwargs",
     "image_size",
     "missing_image_hint",
     "source_for",
     "source_from_description",
     "takes_images",
+    "takes_video",
 ]
 
 
@@ -63,10 +65,10 @@ class CallSource(Protocol):
 
 @dataclass(frozen=True)
 class PromptSource:
-    """Text prompts (and, for image-conditioned pipelines that also take text, synthetic images)."""
+    """Text prompts (and, for pipelines that start from an image or a clip and also take text, those)."""
 
     prompts: tuple[str, ...]
-    images: ImageSource | FileImageSource | None = None
+    images: MediaSource | None = None
     kind: str = "prompt"
 
     def __post_init__(self) -> None:
@@ -85,130 +87,6 @@ class PromptSource:
     def describe(self) -> dict[str, Any]:
         images = self.images.describe() if self.images else None
         return {"kind": self.kind, "prompts": list(self.prompts), "images": images}
-
-
-@dataclass(frozen=True)
-class ImageSource:
-    """Seeded synthetic RGB images (soft colour fields with a few shapes), for image-conditioned
-    pipelines, and for inpainting pipelines a mask each. Users with their own images pass a source
-    of their own."""
-
-    count: int
-    """How many samples."""
-    seed: int = 0
-    """Seed of the images and masks."""
-    height: int = 64
-    """Image height in pixels."""
-    width: int = 64
-    """Image width in pixels."""
-    kind: str = "image"
-    """The source's kind, recorded in its description."""
-    masks: bool = False
-    """Also give each sample a ``mask_image``: a white (repaint) ellipse or rectangle on black,
-    covering from about an eighth to two thirds of the image."""
-
-    def __len__(self) -> int:
-        return self.count
-
-    def sample(self, index: int) -> dict[str, Any]:
-        from PIL import Image
-
-        rng = np.random.default_rng(self.seed * 100_003 + index)
-        h, w = self.height, self.width
-        yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
-        base = rng.uniform(0, 1, 3)[None, None] + rng.uniform(-0.5, 0.5, 3)[None, None] * (yy + xx)[..., None]
-        img = np.clip(base, 0, 1)
-        for _ in range(int(rng.integers(1, 4))):
-            cy, cx, r = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(0.1, 0.3) * min(h, w)
-            mask = (np.mgrid[0:h, 0:w][0] - cy) ** 2 + (np.mgrid[0:h, 0:w][1] - cx) ** 2 < r * r
-            img[mask] = rng.uniform(0, 1, 3)
-        out: dict[str, Any] = {"image": Image.fromarray((img * 255).astype(np.uint8))}
-        if self.masks:  # drawn after the image, so the images are those of a source without masks
-            out["mask_image"] = Image.fromarray(_repaint_mask(rng, h, w))  # uint8 (h, w): mode L
-        return out
-
-    def describe(self) -> dict[str, Any]:
-        d = {"kind": self.kind, "count": self.count, "seed": self.seed, "height": self.height, "width": self.width}
-        # Only where set: the descriptions (and calibration cache keys) of mask-free sources stay as they were.
-        return {**d, "masks": True} if self.masks else d
-
-
-@dataclass(frozen=True)
-class FileImageSource:
-    """A user's own input images, and for inpainting pipelines their masks, read from files.
-
-    Sample ``i`` takes image ``i`` (and mask ``i``), cycling through the files when there are
-    fewer than samples. Every file is checked when the source is made; its description records
-    each file's sha256, so a calibration cache or a bundle's record follows the files' contents.
-    """
-
-    count: int
-    """How many samples."""
-    images: tuple[str, ...]
-    """Image files (RGB is taken): at most one per sample, cycled."""
-    masks: tuple[str, ...] = ()
-    """Mask files, read as greyscale (white repaints, black keeps): at most one per sample, cycled."""
-    kind: str = "image_files"
-    """The source's kind, recorded in its description."""
-
-    def __post_init__(self) -> None:
-        if not self.images:
-            raise InvalidInputError("no input image given; give an image file for the pipeline to start from")
-        for what, paths in (("image", self.images), ("mask", self.masks)):
-            if len(paths) > self.count:
-                raise InvalidInputError(
-                    f"{len(paths)} {what} files for {self.count} samples; give at most one {what} per sample "
-                    f"(they are taken in turn), or more samples"
-                )
-            for path in paths:
-                _open_image(path, what).close()
-
-    def __len__(self) -> int:
-        return self.count
-
-    def sample(self, index: int) -> dict[str, Any]:
-        out: dict[str, Any] = {"image": _read(self.images, index, "image", "RGB")}
-        if self.masks:
-            out["mask_image"] = _read(self.masks, index, "mask", "L")
-        return out
-
-    def describe(self) -> dict[str, Any]:
-        digests = [hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in (*self.images, *self.masks)]
-        return {"kind": self.kind, "count": self.count, "images": list(self.images), "masks": list(self.masks),
-                "sha256": digests}  # fmt: skip
-
-
-def _open_image(path: str, what: str) -> Any:
-    """The opened image file, or InvalidInputError naming it."""
-    from PIL import Image, UnidentifiedImageError
-
-    if not Path(path).is_file():
-        raise InvalidInputError(f"{what} file {path!r} does not exist; give an image file (PNG, JPEG, ...)")
-    try:
-        image = Image.open(path)
-        image.load()
-    except (UnidentifiedImageError, OSError) as exc:
-        raise InvalidInputError(
-            f"{what} file {path!r} is not a readable image ({exc}); give a PNG, JPEG, ..."
-        ) from None
-    return image
-
-
-def _read(paths: tuple[str, ...], index: int, what: str, mode: str) -> Any:
-    with _open_image(paths[index % len(paths)], what) as image:
-        return image.convert(mode)
-
-
-def _repaint_mask(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """A uint8 (h, w) mask, 255 where the pipeline repaints: an ellipse or a rectangle."""
-    cy, cx = rng.uniform(0.3, 0.7) * h, rng.uniform(0.3, 0.7) * w
-    ry, rx = rng.uniform(0.2, 0.4) * h, rng.uniform(0.2, 0.4) * w
-    yy, xx = np.mgrid[0:h, 0:w]
-    if rng.uniform() < 0.5:
-        inside = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1
-    else:
-        inside = (np.abs(yy - cy) < ry) & (np.abs(xx - cx) < rx)
-    return np.where(inside, 255, 0).astype(np.uint8)
 
 
 @dataclass(frozen=True)
@@ -259,7 +137,13 @@ def takes_images(params: dict[str, inspect.Parameter]) -> bool:
     return "image" in params and (_required(params, "image") or "strength" in params or "mask_image" in params)
 
 
-def image_size(pipe: Any, call_kwargs: dict[str, Any] | None = None) -> tuple[int, int]:
+def takes_video(params: dict[str, inspect.Parameter]) -> bool:
+    """Whether a pipeline call with these parameters needs an input clip: its ``video`` has no
+    default, or comes with a ``strength`` of the change to it (video-to-video)."""
+    return "video" in params and (_required(params, "video") or "strength" in params)
+
+
+def image_size(pipe: Any, call_kwargs: Mapping[str, Any] | None = None) -> tuple[int, int]:
     """(height, width) of synthetic input images: the call's ``height`` and ``width`` where given,
     else the pipeline's own default output size (its default sample size times its VAE's scale
     factor, as diffusers pipelines compute it), else 64 x 64.
@@ -285,7 +169,7 @@ def source_for(
     prompts: Sequence[str],
     count: int,
     seed: int = 0,
-    size: tuple[int, int] | None = None,
+    call_kwargs: Mapping[str, Any] | None = None,
     images: Sequence[str | Path] = (),
     masks: Sequence[str | Path] = (),
 ) -> Any:
@@ -295,8 +179,9 @@ def source_for(
         pipe: the pipeline.
         prompts: prompts for pipelines that take text (repeated or cut to ``count``).
         count: how many samples.
-        seed: seed of synthetic images, masks and class labels. Default 0.
-        size: (height, width) of synthetic images. Default None: :func:`image_size` of the pipeline.
+        seed: seed of synthetic images, clips, masks and class labels. Default 0.
+        call_kwargs: the calls' own arguments: synthetic images and clips come at
+            :func:`image_size`, clips with ``num_frames`` frames where given (else 9). Default none.
         images: the user's own input image files (:class:`FileImageSource`); none: synthetic
             images where the pipeline needs them (:func:`takes_images`).
         masks: the user's own inpainting mask files, with ``images``.
@@ -309,11 +194,15 @@ def source_for(
     if count <= 0:
         raise InvalidInputError(f"the number of samples must be positive, got {count}")
     params = call_parameters(pipe)
-    image_source: ImageSource | FileImageSource | None = None
+    size = image_size(pipe, call_kwargs)
+    image_source: MediaSource | None = None
     if images or masks:
         image_source = _file_source(type(pipe).__name__, params, count, images, masks)
+    elif takes_video(params):
+        frames = int((call_kwargs or {}).get("num_frames") or 9)
+        image_source = VideoSource(count, seed, *size, frames=frames)
     elif takes_images(params):
-        image_source = ImageSource(count, seed, *(size or image_size(pipe)), masks="mask_image" in params)
+        image_source = ImageSource(count, seed, *size, masks="mask_image" in params)
     if "prompt" in params:
         if not prompts:
             raise InvalidInputError(f"{type(pipe).__name__} takes prompts; give at least one")
@@ -401,6 +290,9 @@ def source_from_description(d: dict[str, Any], files: bool = False) -> Any:
     if kind == "image":
         size = int(d["height"]), int(d["width"])
         return ImageSource(int(d["count"]), int(d["seed"]), *size, masks=bool(d.get("masks")))
+    if kind == "video":
+        size = int(d["height"]), int(d["width"])
+        return VideoSource(int(d["count"]), int(d["seed"]), *size, frames=int(d["frames"]))
     if kind == "image_files":
         if not files:
             raise InvalidInputError("the record names the user's own image files, which are not re-opened from it")

@@ -302,11 +302,11 @@ def _one_call(pipe: Any, result: Any, config: GenerateConfig, target: ResolvedTa
     """The full arguments of one FP call on the first evaluation sample (latent output)."""
     import torch
 
-    from diffkiln.calibrate.sources import batch_kwargs, image_size, source_for
+    from diffkiln.calibrate.sources import batch_kwargs, source_for
     from diffkiln.core.pipelines import accepted_call_kwargs
 
     given = {**target.call_kwargs, **dict(config.call_kwargs)}
-    source = source_for(pipe, result.prompts, 1, config.seed, image_size(pipe, given))
+    source = source_for(pipe, result.prompts, 1, config.seed, given)
     defaults = {"num_inference_steps": result.steps, "guidance_scale": result.guidance, "output_type": "latent"}
     return {
         **batch_kwargs(pipe, [source.sample(0)]),

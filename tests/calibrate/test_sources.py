@@ -4,6 +4,7 @@ start from an image, at the size the pipeline works at, or the user's own files.
 from __future__ import annotations
 
 import inspect
+import itertools
 from pathlib import Path
 
 import diffusers
@@ -15,10 +16,12 @@ from diffkiln.calibrate import (
     FileImageSource,
     ImageSource,
     PromptSource,
+    VideoSource,
     image_size,
     source_for,
     source_from_description,
     takes_images,
+    takes_video,
 )
 from diffkiln.core.errors import InvalidInputError
 from diffkiln.zoo.registry import resolve_target
@@ -44,10 +47,35 @@ EXPECTED = {
 }
 
 
+# diffusers' own classes that take a ``video``: whether the call needs an input clip.
+EXPECTED_VIDEO = {
+    "CogVideoXPipeline": False,
+    "WanPipeline": False,
+    "CogVideoXVideoToVideoPipeline": True,
+    "WanVideoToVideoPipeline": True,
+    "VideoToVideoSDPipeline": True,
+    "LTXConditionPipeline": True,
+}
+
+
 @pytest.mark.parametrize("cls", sorted(EXPECTED))
 def test_the_classes_that_start_from_an_image_are_found_from_their_signature(cls: str) -> None:
     params = dict(inspect.signature(getattr(diffusers, cls).__call__).parameters)
     assert (takes_images(params), "mask_image" in params) == EXPECTED[cls]
+
+
+@pytest.mark.parametrize("cls", sorted(EXPECTED_VIDEO))
+def test_the_classes_that_start_from_a_clip_are_found_from_their_signature(cls: str) -> None:
+    assert takes_video(dict(inspect.signature(getattr(diffusers, cls).__call__).parameters)) == EXPECTED_VIDEO[cls]
+
+
+def test_synthetic_clips_are_seeded_and_move() -> None:
+    clips = VideoSource(2, seed=4, height=24, width=32, frames=5)
+    frames = [np.asarray(f) for f in clips.sample(1)["video"]]
+    assert len(frames) == 5 and frames[0].shape == (24, 32, 3)
+    assert all(not np.array_equal(a, b) for a, b in itertools.pairwise(frames))  # it moves
+    assert np.array_equal(frames[2], np.asarray(clips.sample(1)["video"][2]))  # deterministic
+    assert source_from_description(clips.describe()) == clips
 
 
 def test_synthetic_images_come_at_the_size_the_pipeline_works_at() -> None:

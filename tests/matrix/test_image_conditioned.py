@@ -206,3 +206,34 @@ def test_a_controlnet_asks_for_its_control_image_then_runs_on_it(tmp_path: Path)
     assert sqnr_db(fp_a, q_a) >= MIN_LATENT_SQNR_DB, sqnr_db(fp_a, q_a)
     # The control image reaches the UNet (33 dB between the two images; untouched zero convolutions: identical).
     assert sqnr_db(fp_a, _latents(fp, "controlnet", b, None)) < 45.0
+
+
+def test_a_video_to_video_class_is_calibrated_on_seeded_clips_and_runs_from_its_bundle(tmp_path: Path) -> None:
+    from diffkiln.calibrate import PromptSource, VideoSource
+    from tests.matrix.builders import build
+
+    # CogVideoX's video-to-video class on the matrix's tiny CogVideoX: its ``video`` defaults to None
+    # and comes with a ``strength``; it takes no num_frames (the clip's length is its own).
+    pipe = diffusers.CogVideoXVideoToVideoPipeline.from_pretrained(build("cogvideox", tmp_path / "t2v"))
+    pipe.save_pretrained(tmp_path / "folder")
+    call = {"height": 32, "width": 32, **T5}
+    config = OptimizeConfig(out=tmp_path / "bundle", calib_size=2, steps=2, progress=False,
+                            call_kwargs=tuple(call.items()))  # fmt: skip
+    manifest = json.loads((optimize(str(tmp_path / "folder"), config) / "manifest.json").read_text())
+    recorded = manifest["plan"]["notes"]["calibration"]["source"]["images"]
+    assert recorded == {"kind": "video", "count": 2, "seed": 0, "height": 32, "width": 32, "frames": 9}, recorded
+    fp, q = load_pipeline(str(tmp_path / "folder")), load_pipeline(str(tmp_path / "bundle"))
+    assert type(q).__name__ == "CogVideoXVideoToVideoPipeline"
+    gen = GenerateConfig(steps=3, progress=False, call_kwargs=tuple(call.items()))
+
+    def final(pipe: Any, clip_seed: int) -> torch.Tensor:
+        clips = VideoSource(1, clip_seed, 32, 32)
+        source = PromptSource(("a red circle",), clips)
+        return generate(pipe, [], gen, measure=True, source=source).extras["latents"].float()
+
+    fp_a, q_a = final(fp, 0), final(q, 0)
+    sqnr = sqnr_db(fp_a, q_a)
+    other = sqnr_db(fp_a, final(fp, 1))
+    print(f"cogvideox video-to-video: bundle against FP {sqnr:.1f} dB, another clip {other:.1f} dB")
+    assert sqnr >= MIN_LATENT_SQNR_DB, sqnr
+    assert other < sqnr  # another clip moves the result more than quantization does (33 against 9 dB)

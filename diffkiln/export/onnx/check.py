@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from diffkiln.calibrate.dataflow import bind_call
-from diffkiln.calibrate.sources import batch_kwargs, image_size, source_for, source_from_description
+from diffkiln.calibrate.sources import batch_kwargs, source_for, source_from_description
 from diffkiln.core.arguments import feed_array, flatten_arguments
 from diffkiln.core.hooks import scoped_hooks
 from diffkiln.core.metrics import sqnr_db
@@ -50,7 +50,7 @@ def bundle_call(
     try:  # never the user's image files a bundle names: they are outside it
         source = source_from_description(calibration["source"])
     except (KeyError, ValueError):
-        source = source_for(pipe, [prompt], batch, size=image_size(pipe, given))
+        source = source_for(pipe, [prompt], batch, call_kwargs=given)
     samples = [source.sample(i % len(source)) for i in range(batch)]
     defaults: dict[str, Any] = {"num_inference_steps": 2, "output_type": "np"}
     if calibration.get("guidance") is not None:

@@ -1,0 +1,176 @@
+"""Input images, masks and clips for pipelines that start from them: seeded synthetic ones, or
+the user's own files (the per-sample sources of :mod:`diffkiln.calibrate.sources`)."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from diffkiln.core.errors import InvalidInputError
+
+__all__ = ["FileImageSource", "ImageSource", "MediaSource", "VideoSource"]
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """Seeded synthetic RGB images (soft colour fields with a few shapes), for image-conditioned
+    pipelines, and for inpainting pipelines a mask each. Users with their own images pass a source
+    of their own."""
+
+    count: int
+    """How many samples."""
+    seed: int = 0
+    """Seed of the images and masks."""
+    height: int = 64
+    """Image height in pixels."""
+    width: int = 64
+    """Image width in pixels."""
+    kind: str = "image"
+    """The source's kind, recorded in its description."""
+    masks: bool = False
+    """Also give each sample a ``mask_image``: a white (repaint) ellipse or rectangle on black,
+    covering from about an eighth to two thirds of the image."""
+
+    def __len__(self) -> int:
+        return self.count
+
+    def sample(self, index: int) -> dict[str, Any]:
+        from PIL import Image
+
+        rng = np.random.default_rng(self.seed * 100_003 + index)
+        h, w = self.height, self.width
+        yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+        base = rng.uniform(0, 1, 3)[None, None] + rng.uniform(-0.5, 0.5, 3)[None, None] * (yy + xx)[..., None]
+        img = np.clip(base, 0, 1)
+        for _ in range(int(rng.integers(1, 4))):
+            cy, cx, r = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(0.1, 0.3) * min(h, w)
+            mask = (np.mgrid[0:h, 0:w][0] - cy) ** 2 + (np.mgrid[0:h, 0:w][1] - cx) ** 2 < r * r
+            img[mask] = rng.uniform(0, 1, 3)
+        out: dict[str, Any] = {"image": Image.fromarray((img * 255).astype(np.uint8))}
+        if self.masks:  # drawn after the image, so the images are those of a source without masks
+            out["mask_image"] = Image.fromarray(_repaint_mask(rng, h, w))  # uint8 (h, w): mode L
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        d = {"kind": self.kind, "count": self.count, "seed": self.seed, "height": self.height, "width": self.width}
+        # Only where set: the descriptions (and calibration cache keys) of mask-free sources stay as they were.
+        return {**d, "masks": True} if self.masks else d
+
+
+@dataclass(frozen=True)
+class FileImageSource:
+    """A user's own input images, and for inpainting pipelines their masks, read from files.
+
+    Sample ``i`` takes image ``i`` (and mask ``i``), cycling through the files when there are
+    fewer than samples. Every file is checked when the source is made; its description records
+    each file's sha256, so a calibration cache or a bundle's record follows the files' contents.
+    """
+
+    count: int
+    """How many samples."""
+    images: tuple[str, ...]
+    """Image files (RGB is taken): at most one per sample, cycled."""
+    masks: tuple[str, ...] = ()
+    """Mask files, read as greyscale (white repaints, black keeps): at most one per sample, cycled."""
+    kind: str = "image_files"
+    """The source's kind, recorded in its description."""
+
+    def __post_init__(self) -> None:
+        if not self.images:
+            raise InvalidInputError("no input image given; give an image file for the pipeline to start from")
+        for what, paths in (("image", self.images), ("mask", self.masks)):
+            if len(paths) > self.count:
+                raise InvalidInputError(
+                    f"{len(paths)} {what} files for {self.count} samples; give at most one {what} per sample "
+                    f"(they are taken in turn), or more samples"
+                )
+            for path in paths:
+                _open_image(path, what).close()
+
+    def __len__(self) -> int:
+        return self.count
+
+    def sample(self, index: int) -> dict[str, Any]:
+        out: dict[str, Any] = {"image": _read(self.images, index, "image", "RGB")}
+        if self.masks:
+            out["mask_image"] = _read(self.masks, index, "mask", "L")
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        digests = [hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in (*self.images, *self.masks)]
+        return {"kind": self.kind, "count": self.count, "images": list(self.images), "masks": list(self.masks),
+                "sha256": digests}  # fmt: skip
+
+
+def _open_image(path: str, what: str) -> Any:
+    """The opened image file, or InvalidInputError naming it."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not Path(path).is_file():
+        raise InvalidInputError(f"{what} file {path!r} does not exist; give an image file (PNG, JPEG, ...)")
+    try:
+        image = Image.open(path)
+        image.load()
+    except (UnidentifiedImageError, OSError) as exc:
+        raise InvalidInputError(
+            f"{what} file {path!r} is not a readable image ({exc}); give a PNG, JPEG, ..."
+        ) from None
+    return image
+
+
+def _read(paths: tuple[str, ...], index: int, what: str, mode: str) -> Any:
+    with _open_image(paths[index % len(paths)], what) as image:
+        return image.convert(mode)
+
+
+def _repaint_mask(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """A uint8 (h, w) mask, 255 where the pipeline repaints: an ellipse or a rectangle."""
+    cy, cx = rng.uniform(0.3, 0.7) * h, rng.uniform(0.3, 0.7) * w
+    ry, rx = rng.uniform(0.2, 0.4) * h, rng.uniform(0.2, 0.4) * w
+    yy, xx = np.mgrid[0:h, 0:w]
+    if rng.uniform() < 0.5:
+        inside = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1
+    else:
+        inside = (np.abs(yy - cy) < ry) & (np.abs(xx - cx) < rx)
+    return np.where(inside, 255, 0).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class VideoSource:
+    """Seeded synthetic clips for video-to-video pipelines: an :class:`ImageSource` image whose
+    content slides sideways by a few pixels per frame, so consecutive frames differ as motion."""
+
+    count: int
+    """How many samples."""
+    seed: int = 0
+    """Seed of the clips."""
+    height: int = 64
+    """Frame height in pixels."""
+    width: int = 64
+    """Frame width in pixels."""
+    frames: int = 9
+    """Frames per clip (9 fits the 4k+1 and 8k+1 frame counts of the causal video VAEs)."""
+    kind: str = "video"
+    """The source's kind, recorded in its description."""
+
+    def __len__(self) -> int:
+        return self.count
+
+    def sample(self, index: int) -> dict[str, Any]:
+        from PIL import Image
+
+        first = np.asarray(ImageSource(self.count, self.seed, self.height, self.width).sample(index)["image"])
+        step = max(1, self.width // 16)
+        return {"video": [Image.fromarray(np.roll(first, t * step, axis=1)) for t in range(self.frames)]}
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "count": self.count, "seed": self.seed, "height": self.height,
+                "width": self.width, "frames": self.frames}  # fmt: skip
+
+
+MediaSource = ImageSource | FileImageSource | VideoSource
+"""What a :class:`~diffkiln.calibrate.sources.PromptSource` adds to each prompt's sample."""

@@ -76,7 +76,8 @@ def _cmd_generate(a: argparse.Namespace) -> int:
     config = GenerateConfig(a.steps, a.guidance, a.seed, a.batch_size, not a.no_progress, _call_kwargs(a), a.denoiser)
     target = resolve_target(a.target)
     pipe = load_pipeline(target, a.device)
-    result = generate(pipe, prompts, config, target, samples=a.samples, images=a.image, mask_images=a.mask_image)
+    media = {"images": a.image, "mask_images": a.mask_image, "videos": a.video}
+    result = generate(pipe, prompts, config, target, samples=a.samples, **media)
     paths = save_outputs(result, a.out)
     for p in paths:
         print(p)
@@ -180,6 +181,7 @@ def _optimize_config(a: argparse.Namespace, recipe: Any, out: Path, cache: Any =
         calib_size=a.calib_size,
         calib_images=tuple(a.calib_image),
         calib_mask_images=tuple(a.calib_mask_image),
+        calib_videos=tuple(a.calib_video),
         steps=a.steps,
         guidance=a.guidance,
         call_kwargs=_call_kwargs(a),

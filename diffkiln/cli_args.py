@@ -120,6 +120,9 @@ def _add_calibration_args(p: argparse.ArgumentParser) -> None:
                    "image-to-video; repeatable, taken in turn); default: seeded synthetic images")  # fmt: skip
     p.add_argument("--calib-mask-image", action="append", default=[], type=Path, metavar="FILE",
                    help="an inpainting pipeline's mask, white where it repaints (repeatable, with --calib-image)")
+    p.add_argument("--calib-video", action="append", default=[], type=Path, metavar="CLIP",
+                   help="an input clip to calibrate a video-to-video pipeline on: an animated GIF/WebP or a folder "
+                   "of frames (repeatable, taken in turn); default: seeded synthetic clips")  # fmt: skip
     p.add_argument("--cache-dir", type=Path, help="calibration cache (default $DIFFKILN_CACHE or ~/.cache/diffkiln)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="calibration seed (default 0)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -348,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an input image for a pipeline that starts from one (image-to-image, inpainting, "
                    "image-to-video): one for every sample, or one per prompt (repeatable); without it such a "
                    "pipeline gets seeded synthetic images")  # fmt: skip
+    g.add_argument("--video", action="append", default=[], metavar="CLIP",
+                   help="an input clip for a video-to-video pipeline: an animated GIF/WebP or a folder of frames; "
+                   "one for every sample, or one per prompt (repeatable); without it, synthetic clips")  # fmt: skip
     g.add_argument("--mask-image", action="append", default=[], metavar="FILE",
                    help="an inpainting pipeline's mask, white where it repaints: one for every sample, or one per "
                    "prompt (repeatable; with --image)")  # fmt: skip

@@ -192,18 +192,18 @@ def read_prompts(path: str | os.PathLike[str]) -> list[str]:
     return prompts
 
 
-_ImageFiles = tuple[Sequence[str | Path], Sequence[str | Path]]
-"""A user's input image files and mask files."""
+_MediaFiles = tuple[Sequence[str | Path], Sequence[str | Path], Sequence[str | Path]]
+"""A user's input image files, mask files and clips."""
 
 
 def _source(
-    pipe: Any, prompts: Sequence[str], samples: int | None, seed: int, call_kwargs: dict[str, Any], files: _ImageFiles
+    pipe: Any, prompts: Sequence[str], samples: int | None, seed: int, call_kwargs: dict[str, Any], files: _MediaFiles
 ) -> Any:
     blank = [i for i, p in enumerate(prompts) if not p.strip()]
     if blank:
         raise InvalidInputError(f"prompt(s) at position {blank} are empty; every prompt needs text")
     takes_text = "prompt" in call_parameters(pipe)
-    count = len(prompts) if takes_text and prompts else (samples or len(files[0]) or len(prompts) or 1)
+    count = len(prompts) if takes_text and prompts else (samples or len(files[0]) or len(files[2]) or len(prompts) or 1)
     source = source_for(pipe, prompts or ["."], count, seed, call_kwargs, *files)
     if isinstance(source, PromptSource) and not prompts:
         raise InvalidInputError("no prompts given; pass --prompt TEXT or --prompts FILE")
@@ -233,6 +233,7 @@ def generate(
     source: CallSource | None = None,
     images: Sequence[str | Path] = (),
     mask_images: Sequence[str | Path] = (),
+    videos: Sequence[str | Path] = (),
 ) -> GenerationResult:
     """Generate one sample per prompt (or ``samples`` samples for pipelines without text).
 
@@ -250,6 +251,8 @@ def generate(
             inpainting, image-to-video): one for every sample, or one per sample. None given: such
             a pipeline gets seeded synthetic images (:func:`diffkiln.calibrate.source_for`).
         mask_images: an inpainting pipeline's masks (white repaints, black keeps), with ``images``.
+        videos: input clips (animated images or folders of frames) for a video-to-video pipeline,
+            taken in turn. None given: such a pipeline gets seeded synthetic clips.
 
     Raises:
         InvalidInputError: a text pipeline without prompts, an empty prompt, a call argument the
@@ -263,7 +266,7 @@ def generate(
     elif sparse_run is not None and config.steps is None:
         steps = sparse_run.plan.steps  # so are its sparse-attention masks
     call_kwargs = {**(target.call_kwargs if target else {}), **dict(config.call_kwargs)}
-    source = source or _source(pipe, prompts, samples, config.seed, call_kwargs, (images, mask_images))
+    source = source or _source(pipe, prompts, samples, config.seed, call_kwargs, (images, mask_images, videos))
     n = len(source)
     labels = [s.get("prompt", f"sample {i}") if isinstance(s.get("prompt"), str) else f"sample {i}"
               for i, s in ((i, source.sample(i)) for i in range(n))]  # fmt: skip

@@ -38,6 +38,10 @@ CASES: list[tuple[str, list[str]]] = [
         ["generate", "shapes-unet", "--prompt", "x", "--image", "{t}/a_file"],
     ),
     (
+        "--video for a pipeline that starts from no clip",
+        ["generate", "shapes-unet", "--prompt", "x", "--video", "{t}/a_file"],
+    ),
+    (
         "--calib-image for a pipeline that starts from none",
         ["optimize", "shapes-unet", "--calib-image", "{t}/a_file", "--out", "{t}/ci"],
     ),

@@ -62,6 +62,8 @@ class OptimizeConfig:
             images. Default none.
         calib_mask_images: an inpainting pipeline's mask files (white repaints), with
             ``calib_images``. Default none.
+        calib_videos: input clips (animated images or folders of frames) to calibrate a
+            video-to-video pipeline on, taken in turn; none: seeded synthetic clips. Default none.
         steps: sampler steps for calibration; None takes the model's default.
         guidance: guidance scale for calibration; None takes the model's default.
         call_kwargs: pipeline-call arguments for every call, as (name, value) pairs (height,
@@ -90,6 +92,7 @@ class OptimizeConfig:
     calib_size: int = 32
     calib_images: tuple[Path, ...] = ()
     calib_mask_images: tuple[Path, ...] = ()
+    calib_videos: tuple[Path, ...] = ()
     steps: int | None = None
     guidance: float | None = None
     call_kwargs: tuple[tuple[str, Any], ...] = ()
@@ -208,6 +211,7 @@ def prepare(target: str | os.PathLike[str], config: OptimizeConfig) -> Prepared:
         attention_block=config.sparse_config.block if config.sparse_config is not None else 64,
         images=tuple(map(str, config.calib_images)),
         mask_images=tuple(map(str, config.calib_mask_images)),
+        videos=tuple(map(str, config.calib_videos)),
     )
     t1 = time.perf_counter()
     stats = calibrate(pipe, cal_cfg)

@@ -62,6 +62,8 @@ class CalibrationConfig:
             (:class:`diffkiln.calibrate.sources.FileImageSource`, taken in turn); none: seeded
             synthetic images where the pipeline needs them. Default none.
         mask_images: an inpainting pipeline's own mask files, with ``images``. Default none.
+        videos: the user's own input clips for a video-to-video pipeline (animated images or
+            folders of frames, taken in turn); none: seeded synthetic clips. Default none.
     """
 
     prompts: tuple[str, ...] = ()
@@ -81,6 +83,7 @@ class CalibrationConfig:
     attention_block: int = 64
     images: tuple[str, ...] = ()
     mask_images: tuple[str, ...] = ()
+    videos: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if any(not p.strip() for p in self.prompts):
@@ -117,7 +120,7 @@ class CalibrationConfig:
         kw = {k: v for k, v in d.items() if k in names}  # recorded extras (the source, evidence) are not settings
         kw["prompts"] = tuple(kw["prompts"])
         kw["call_kwargs"] = tuple(kw.get("call_kwargs", {}).items())
-        for name in ("images", "mask_images"):
+        for name in ("images", "mask_images", "videos"):
             kw[name] = tuple(kw.get(name, ()))
         return cls(**kw, cache_dir=cache_dir, progress=progress)
 
@@ -128,7 +131,7 @@ class CalibrationConfig:
         d.pop("progress")
         d["prompts"] = list(self.prompts)
         d["call_kwargs"] = dict(self.call_kwargs)
-        for name in ("images", "mask_images"):  # only where given: other keys stay as they were
+        for name in ("images", "mask_images", "videos"):  # only where given: other keys stay as they were
             d[name] = list(d[name])
             if not d[name]:
                 d.pop(name)

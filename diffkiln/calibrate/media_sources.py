@@ -12,7 +12,7 @@ import numpy as np
 
 from diffkiln.core.errors import InvalidInputError
 
-__all__ = ["FileImageSource", "ImageSource", "MediaSource", "VideoSource"]
+__all__ = ["FileImageSource", "FileVideoSource", "ImageSource", "MediaSource", "VideoSource"]
 
 
 @dataclass(frozen=True)
@@ -106,12 +106,71 @@ class FileImageSource:
                 "sha256": digests}  # fmt: skip
 
 
+@dataclass(frozen=True)
+class FileVideoSource:
+    """A user's own input clips for video-to-video pipelines, read from files: each an animated
+    image (GIF, WebP, APNG) or a folder of frames (image files, in name order).
+
+    Sample ``i`` takes clip ``i``, cycling through them when there are fewer than samples. Every
+    clip is read when the source is made; its description records each clip's sha256 (of its
+    frame files, for a folder).
+    """
+
+    count: int
+    """How many samples."""
+    clips: tuple[str, ...]
+    """Clip files or frame folders: at most one per sample, cycled."""
+    kind: str = "video_files"
+    """The source's kind, recorded in its description."""
+
+    def __post_init__(self) -> None:
+        if not self.clips:
+            raise InvalidInputError("no input clip given; give a clip for the pipeline to start from")
+        if len(self.clips) > self.count:
+            raise InvalidInputError(
+                f"{len(self.clips)} clips for {self.count} samples; give at most one clip per sample "
+                "(they are taken in turn), or more samples"
+            )
+        for clip in self.clips:
+            _clip_frames(clip)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def sample(self, index: int) -> dict[str, Any]:
+        return {"video": _clip_frames(self.clips[index % len(self.clips)])}
+
+    def describe(self) -> dict[str, Any]:
+        digests = []
+        for clip in self.clips:
+            files = _frame_files(clip) if Path(clip).is_dir() else [Path(clip)]
+            digests.append(hashlib.sha256(b"".join(hashlib.sha256(f.read_bytes()).digest() for f in files)).hexdigest())
+        return {"kind": self.kind, "count": self.count, "clips": list(self.clips), "sha256": digests}
+
+
+def _frame_files(folder: str) -> list[Path]:
+    return sorted(p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def _clip_frames(clip: str) -> list[Any]:
+    """A clip's frames as RGB images, or InvalidInputError naming what is wrong."""
+    from PIL import ImageSequence
+
+    if Path(clip).is_dir():
+        files = _frame_files(clip)
+        if not files:
+            raise InvalidInputError(f"clip folder {clip!r} holds no frame; give a folder of image files")
+        return [_read((str(f),), 0, "frame", "RGB") for f in files]
+    with _open_image(clip, "clip") as image:
+        return [frame.convert("RGB") for frame in ImageSequence.Iterator(image)]
+
+
 def _open_image(path: str, what: str) -> Any:
     """The opened image file, or InvalidInputError naming it."""
     from PIL import Image, UnidentifiedImageError
 
     if not Path(path).is_file():
-        raise InvalidInputError(f"{what} file {path!r} does not exist; give an image file (PNG, JPEG, ...)")
+        raise InvalidInputError(f"{what} file {path!r} does not exist; give an image file (PNG, JPEG, GIF, ...)")
     try:
         image = Image.open(path)
         image.load()
@@ -172,5 +231,5 @@ class VideoSource:
                 "width": self.width, "frames": self.frames}  # fmt: skip
 
 
-MediaSource = ImageSource | FileImageSource | VideoSource
+MediaSource = ImageSource | FileImageSource | VideoSource | FileVideoSource
 """What a :class:`~diffkiln.calibrate.sources.PromptSource` adds to each prompt's sample."""

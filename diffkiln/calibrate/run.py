@@ -309,7 +309,14 @@ def calibrate(
     if config is None:
         raise InvalidInputError("calibrating a pipeline needs a CalibrationConfig (prompts or samples)")
     source = source or source_for(
-        target, config.prompts, config.count, config.seed, dict(config.call_kwargs), config.images, config.mask_images
+        target,
+        config.prompts,
+        config.count,
+        config.seed,
+        dict(config.call_kwargs),
+        config.images,
+        config.mask_images,
+        config.videos,
     )
     model_hash = pipeline_weight_hash(target)
     key_data = {"model": model_hash, **config.key_fields(), "source": source.describe()}

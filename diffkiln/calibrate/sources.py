@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from diffkiln.calibrate.media_sources import FileImageSource, ImageSource, MediaSource, VideoSource
+from diffkiln.calibrate.media_sources import FileImageSource, FileVideoSource, ImageSource, MediaSource, VideoSource
 from diffkiln.core.errors import DiffkilnError, InvalidInputError
 from diffkiln.core.pipelines import call_parameters, denoiser_candidates
 
@@ -32,6 +32,7 @@ __all__ = [
     "CallSource",
     "ClassLabelSource",
     "FileImageSource",
+    "FileVideoSource",
     "ImageSource",
     "PromptSource",
     "UnconditionalSource",
@@ -172,6 +173,7 @@ def source_for(
     call_kwargs: Mapping[str, Any] | None = None,
     images: Sequence[str | Path] = (),
     masks: Sequence[str | Path] = (),
+    videos: Sequence[str | Path] = (),
 ) -> Any:
     """The source a pipeline takes, from its ``__call__`` signature.
 
@@ -185,18 +187,29 @@ def source_for(
         images: the user's own input image files (:class:`FileImageSource`); none: synthetic
             images where the pipeline needs them (:func:`takes_images`).
         masks: the user's own inpainting mask files, with ``images``.
+        videos: the user's own input clips (:class:`FileVideoSource`: animated images or
+            folders of frames); none: synthetic clips where the pipeline needs them
+            (:func:`takes_video`).
 
     Raises:
         InvalidInputError: ``count`` is not positive, a text pipeline gets no prompt, or the
-            image files do not fit the pipeline (it takes no image or no mask, it needs a mask
-            and none is given, a file is missing or no image, or more files than samples).
+            files do not fit the pipeline (it takes no image, mask or clip, it needs a mask and
+            none is given, a file is missing or no image, or more files than samples).
     """
     if count <= 0:
         raise InvalidInputError(f"the number of samples must be positive, got {count}")
     params = call_parameters(pipe)
     size = image_size(pipe, call_kwargs)
     image_source: MediaSource | None = None
-    if images or masks:
+    if videos:
+        if "video" not in params or images or masks:
+            raise InvalidInputError(
+                f"{type(pipe).__name__} takes no input clip; leave out the clips (--video, --calib-video)"
+                if "video" not in params
+                else "give either clips or images, not both"
+            )
+        image_source = FileVideoSource(count, tuple(map(str, videos)))
+    elif images or masks:
         image_source = _file_source(type(pipe).__name__, params, count, images, masks)
     elif takes_video(params):
         frames = int((call_kwargs or {}).get("num_frames") or 9)
@@ -293,6 +306,13 @@ def source_from_description(d: dict[str, Any], files: bool = False) -> Any:
     if kind == "video":
         size = int(d["height"]), int(d["width"])
         return VideoSource(int(d["count"]), int(d["seed"]), *size, frames=int(d["frames"]))
+    if kind == "video_files":
+        if not files:
+            raise InvalidInputError("the record names the user's own clips, which are not re-opened from it")
+        clips = FileVideoSource(int(d["count"]), tuple(d["clips"]))
+        if clips.describe()["sha256"] != d.get("sha256"):
+            raise InvalidInputError(f"the clips {clips.clips} changed since they were recorded")
+        return clips
     if kind == "image_files":
         if not files:
             raise InvalidInputError("the record names the user's own image files, which are not re-opened from it")

@@ -14,6 +14,7 @@ from PIL import Image
 
 from diffkiln.calibrate import (
     FileImageSource,
+    FileVideoSource,
     ImageSource,
     PromptSource,
     VideoSource,
@@ -158,3 +159,29 @@ def test_files_that_do_not_fit_the_pipeline_are_refused_naming_the_fix(tmp_path:
         source_for(inpaint, ["x"], 1, masks=[mask])
     given = source_for(inpaint, ["x", "y"], 2, images=[a], masks=[mask])
     assert isinstance(given.images, FileImageSource) and set(given.sample(1)) == {"prompt", "image", "mask_image"}
+
+
+def test_a_users_clips_are_read_from_animated_images_or_frame_folders(tmp_path: Path) -> None:
+    frames = [Image.fromarray(np.full((16, 24, 3), 30 * t, np.uint8)) for t in range(5)]
+    gif = tmp_path / "clip.gif"
+    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for t, frame in enumerate(frames[:3]):
+        frame.save(folder / f"{t:03d}.png")
+    clips = FileVideoSource(3, (str(gif), str(folder)))
+    from_gif, from_folder = clips.sample(0)["video"], clips.sample(1)["video"]
+    assert len(from_gif) == 5 and len(from_folder) == 3 and clips.sample(2)["video"][4].size == (24, 16)
+    assert [int(np.asarray(f)[0, 0, 0]) for f in from_folder] == [0, 30, 60]
+    recorded = clips.describe()
+    assert source_from_description(recorded, files=True) == clips
+    with pytest.raises(InvalidInputError, match="not re-opened"):
+        source_from_description(recorded)
+    frames[4].save(folder / "003.png")  # a frame added since the clip was recorded
+    with pytest.raises(InvalidInputError, match="changed since"):
+        source_from_description(recorded, files=True)
+    (tmp_path / "empty").mkdir()
+    for given, message in [((str(gif),) * 4, "4 clips for 3 samples"), ((str(tmp_path / "empty"),), "holds no frame"),
+                           ((str(tmp_path / "gone.gif"),), "does not exist")]:  # fmt: skip
+        with pytest.raises(InvalidInputError, match=message):
+            FileVideoSource(3, given)

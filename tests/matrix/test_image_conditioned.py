@@ -237,3 +237,18 @@ def test_a_video_to_video_class_is_calibrated_on_seeded_clips_and_runs_from_its_
     print(f"cogvideox video-to-video: bundle against FP {sqnr:.1f} dB, another clip {other:.1f} dB")
     assert sqnr >= MIN_LATENT_SQNR_DB, sqnr
     assert other < sqnr  # another clip moves the result more than quantization does (33 against 9 dB)
+
+    # The user's own clip (an animated GIF), to calibrate on and to generate from, on the command line.
+    from diffkiln.cli import main
+
+    frames = VideoSource(1, 7, 32, 32).sample(0)["video"]
+    gif = tmp_path / "clip.gif"
+    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    sizes = [a for k, v in call.items() for a in ("--call-arg", f"{k}={v}")]
+    args = ["optimize", str(tmp_path / "folder"), "--calib-size", "2", "--steps", "2", "--calib-video", str(gif)]
+    assert main([*args, *sizes, "--no-progress", "--out", str(tmp_path / "own")]) == 0
+    recorded = json.loads((tmp_path / "own" / "manifest.json").read_text())["plan"]["notes"]["calibration"]
+    assert recorded["source"]["images"]["kind"] == "video_files" and recorded["videos"] == [str(gif)]
+    args = ["generate", str(tmp_path / "own"), "--prompt", "a red circle", "--video", str(gif), "--steps", "2"]
+    assert main([*args, *sizes, "--no-progress", "--out", str(tmp_path / "gen")]) == 0
+    assert sorted(p.suffix for p in (tmp_path / "gen").iterdir()) == [".gif", ".png"]

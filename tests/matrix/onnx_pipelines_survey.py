@@ -1,7 +1,8 @@
-"""Each class of the test matrix exported whole to ONNX, loaded with the onnxruntime backend and run
-to its decoded output, against the torch bundle: ``python -m tests.matrix.onnx_pipelines_survey
-[NAME ...]`` (about 5 minutes on two cores). Not a test: the suite runs this for LTX and SVD only
-(test_matrix.py); this measures every class, for the docs."""
+"""Each class of the test matrix, and each image-to-image and inpainting class
+(test_image_conditioned.py), exported whole to ONNX, loaded with the onnxruntime backend and run to
+its decoded output, against the torch bundle: ``python -m tests.matrix.onnx_pipelines_survey
+[NAME ...]`` (about 7 minutes on two cores). Not a test: the suite runs this for LTX, SVD, Stable
+Audio and the 9-channel inpainting UNet only; this measures every class, for the docs."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from diffkiln.generation import load_pipeline
 from diffkiln.runtime.onnxruntime_backend import load_onnx_pipeline
 from diffkiln.zoo.registry import resolve_target
 from tests.matrix.builders import build
+from tests.matrix.test_image_conditioned import CALL_KWARGS, CLASSES, build_image_class
 from tests.matrix.test_matrix import BUILTIN, NAMES, _call_kwargs
 
 
@@ -33,9 +35,13 @@ def _output(pipe: Any, call: dict[str, Any]) -> torch.Tensor:
 
 def survey(name: str, root: Path) -> str:
     """One class: export whole, run both pipelines for 2 steps on the export's own call; one line."""
-    folder = resolve_target(name).path if name in BUILTIN else build(name, root / name)
+    if name in CLASSES:
+        folder, call_kwargs = build_image_class(name, root / name), CALL_KWARGS.get(name, {})
+    else:
+        folder = resolve_target(name).path if name in BUILTIN else build(name, root / name)
+        call_kwargs = _call_kwargs(name)
     config = OptimizeConfig(out=root / f"{name}-b", calib_size=2, steps=2, progress=False,
-                            call_kwargs=tuple(_call_kwargs(name).items()))  # fmt: skip
+                            call_kwargs=tuple(call_kwargs.items()))  # fmt: skip
     bundle = optimize(str(folder), config)
     out = convert(bundle, OnnxExportConfig(root / f"{name}-onnx", progress=False))
     manifest = json.loads((out / "manifest.json").read_text())
@@ -55,7 +61,7 @@ def survey(name: str, root: Path) -> str:
 
 def main(names: list[str]) -> None:
     root = Path(tempfile.mkdtemp(prefix="onnx-survey-"))
-    for name in names or NAMES:
+    for name in names or [*NAMES, *sorted(CLASSES)]:
         start = time.perf_counter()
         try:
             line = survey(name, root)

@@ -42,12 +42,14 @@ CLASSES: dict[str, tuple[str, str, dict[str, int]]] = {
     "flux-fill": ("tiny-flux", "FluxFillPipeline", {"in_channels": 48, "out_channels": 16}),
 }
 T5 = {"max_sequence_length": TINY_T5_LENGTH}
-CALL_KWARGS = {"sd3-img2img": T5, "flux-fill": T5}
+# FLUX Fill's default size is 1024 px of a full VAE (256 px of the tiny one): 32 px, as the others.
+CALL_KWARGS = {"sd3-img2img": T5, "flux-fill": {**T5, "height": 32, "width": 32}}
 # Bundle against FP on the same image, mask and seed: measured 26-62 dB on the final latents.
 MIN_LATENT_SQNR_DB = 18.0
 
 
-def _build(name: str, out: Path) -> Path:
+def build_image_class(name: str, out: Path) -> Path:
+    """The class ``name`` of :data:`CLASSES`, saved as a diffusers folder at ``out``."""
     base, cls, changes = CLASSES[name]
     pipe = getattr(diffusers, cls).from_pretrained(resolve_target(base).path)
     if changes:
@@ -77,7 +79,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("image-conditioned")
 
     def make(name: str) -> Path:
-        folder = _build(name, root / name / "folder")
+        folder = build_image_class(name, root / name / "folder")
         config = OptimizeConfig(out=root / name / "bundle", calib_size=2, steps=2, progress=False,
                                 call_kwargs=tuple(CALL_KWARGS.get(name, {}).items()))  # fmt: skip
         optimize(str(folder), config)
@@ -162,7 +164,7 @@ def test_optimize_calibrates_on_the_users_images_and_the_search_replays_them(tmp
     from diffkiln.calibrate import source_from_description
     from diffkiln.cli import main
 
-    folder = _build("sd15-inpaint-9ch", tmp_path / "folder")
+    folder = build_image_class("sd15-inpaint-9ch", tmp_path / "folder")
     a, b, mask = _images(tmp_path)
     out = tmp_path / "cached"
     # The cache recipe replays the calibration's own calls to validate its schedules.

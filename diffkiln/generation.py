@@ -39,7 +39,7 @@ from diffkiln.core.pipelines import (
     pipeline_media,
     step_callback_kwargs,
 )
-from diffkiln.outputs import frame_strip, save_outputs
+from diffkiln.outputs import frame_strip, input_picture, save_outputs
 from diffkiln.zoo.registry import ResolvedTarget, resolve_target
 
 __all__ = [
@@ -112,6 +112,8 @@ class GenerationResult:
         videos: every frame of each clip, for video pipelines.
         audios: each sample's waveform (channels, samples) in [-1, 1], for audio pipelines.
         sample_rate: the audio's sampling rate, when the pipeline records one.
+        inputs: each sample's input image (a clip's first frame), its mask shown in red
+            (:func:`diffkiln.outputs.input_picture`); empty for pipelines that start from none.
     """
 
     prompts: list[str]
@@ -125,6 +127,7 @@ class GenerationResult:
     videos: list[list[Image.Image]] | None = None
     audios: list[np.ndarray] | None = None
     sample_rate: int | None = None
+    inputs: list[Image.Image] = field(default_factory=list)
 
 
 def _quiet_libraries() -> None:
@@ -268,8 +271,9 @@ def generate(
     call_kwargs = {**(target.call_kwargs if target else {}), **dict(config.call_kwargs)}
     source = source or _source(pipe, prompts, samples, config.seed, call_kwargs, (images, mask_images, videos))
     n = len(source)
-    labels = [s.get("prompt", f"sample {i}") if isinstance(s.get("prompt"), str) else f"sample {i}"
-              for i, s in ((i, source.sample(i)) for i in range(n))]  # fmt: skip
+    given = [source.sample(i) for i in range(n)]
+    labels = [s["prompt"] if isinstance(s.get("prompt"), str) else f"sample {i}" for i, s in enumerate(given)]
+    inputs = [picture for picture in map(input_picture, given) if picture is not None]
     common = {
         **accepted_call_kwargs(pipe, {"num_inference_steps": steps, "guidance_scale": guidance, "output_type": "np"}),
         **accepted_call_kwargs(pipe, call_kwargs, strict=True),
@@ -308,7 +312,7 @@ def generate(
     bar.total = bar.n  # an image-to-image call runs only its strength's share of the steps
     bar.close()
     result = GenerationResult(labels, [], steps, guidance, config.seed, type(pipe.scheduler).__name__,
-                              time.perf_counter() - t0)  # fmt: skip
+                              time.perf_counter() - t0, inputs=inputs)  # fmt: skip
     if kind == "audios":
         result.audios = [np.clip(a, -1.0, 1.0) for a in arrays]
         result.sample_rate = _sample_rate(pipe)

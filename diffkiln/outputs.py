@@ -7,7 +7,7 @@ import os
 import re
 import wave
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -15,7 +15,7 @@ from PIL import Image
 if TYPE_CHECKING:
     from diffkiln.generation import GenerationResult
 
-__all__ = ["frame_strip", "save_outputs"]
+__all__ = ["frame_strip", "input_picture", "save_outputs"]
 
 
 def _slug(text: str, limit: int = 48) -> str:
@@ -76,3 +76,22 @@ def save_outputs(result: GenerationResult, out_dir: str | os.PathLike[str]) -> l
             result.images[i].save(path)
         paths.append(path)
     return paths
+
+
+def input_picture(sample: dict[str, Any]) -> Image.Image | None:
+    """What a sample starts from, to show beside what it gave: its ``image`` (a ``video``'s first
+    frame) in RGB, with a ``mask_image``'s repainted region tinted red; None for a sample with
+    neither."""
+    image = sample.get("image")
+    if image is None and isinstance(sample.get("video"), list) and sample["video"]:
+        image = sample["video"][0]
+    if not isinstance(image, Image.Image):
+        return None
+    picture = image.convert("RGB")
+    mask = sample.get("mask_image")
+    if isinstance(mask, Image.Image):
+        repaint = np.asarray(mask.convert("L").resize(picture.size)) > 127
+        pixels = np.asarray(picture).astype(np.float32)
+        pixels[repaint] = 0.5 * pixels[repaint] + 0.5 * np.array([230.0, 30.0, 30.0])
+        picture = Image.fromarray(pixels.round().astype(np.uint8))
+    return picture

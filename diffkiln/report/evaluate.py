@@ -103,6 +103,8 @@ class Report:
     """(label, waveform) per generated audio sample."""
     baseline_audio: list[tuple[str, Any]] = field(default_factory=list)
     sample_rate: int = 44100
+    inputs: list[tuple[str, Any]] = field(default_factory=list)
+    """(label, picture) of what each sample started from (image-to-image, inpainting, video-to-video)."""
 
 
 def _calibration_notes(pipe: Any) -> dict[str, Any]:
@@ -183,7 +185,8 @@ def build_report(target: str | os.PathLike[str] | ResolvedTarget, config: Report
         data["quality"] = quality(judged)
     if attention is not None:
         data["attention"] = attention
-    rep = Report(data=data, images=judged, sample_rate=result.sample_rate or 44100)
+    rep = Report(data=data, images=judged, sample_rate=result.sample_rate or 44100,
+                 inputs=list(zip(result.prompts, result.inputs, strict=False)))  # fmt: skip
     rep.audio = list(zip(result.prompts, result.audios or [], strict=False))
     if resolved.bundle:
         base_result, rep.baseline_images, data["per_layer_sqnr_db"] = _compare_with_baseline(

@@ -248,6 +248,10 @@ def render_html(rep: Report) -> str:
         parts += _bundle_sections(rep)
     if rep.audio:
         parts.append("<h2>Audio</h2>" + audio_cells(rep.audio, rep.sample_rate))
+    if rep.inputs:
+        cells = "".join(f"<div class=cell><img src='{image_data_uri(p)}' alt='{html.escape(label)}'>"
+                        f"<div>{html.escape(label)}</div></div>" for label, p in rep.inputs[:48])  # fmt: skip
+        parts.append(f"<h2>Inputs (the region an inpainting mask repaints in red)</h2><div class=grid>{cells}</div>")
     parts.append(
         "<h2>Images</h2><p class=legend><span style='background:#2a2'>judged correct</span>"
         "<span style='background:#d22'>judge's miss</span><span style='background:#999'>not judged</span></p>"

@@ -254,3 +254,21 @@ def test_a_video_to_video_class_is_calibrated_on_seeded_clips_and_runs_from_its_
     args = ["generate", str(tmp_path / "own"), "--prompt", "a red circle", "--video", str(gif), "--steps", "2"]
     assert main([*args, *sizes, "--no-progress", "--out", str(tmp_path / "gen")]) == 0
     assert sorted(p.suffix for p in (tmp_path / "gen").iterdir()) == [".gif", ".png"]
+
+
+def test_the_report_shows_what_each_sample_started_from(built: dict[str, Path], tmp_path: Path) -> None:
+    from diffkiln.cli import main
+    from diffkiln.outputs import input_picture
+
+    bundle = built["sd15-inpaint-9ch"] / "bundle"
+    args = ["report", str(bundle), "--eval-size", "2", "--steps", "2", "--no-bos-comparison", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "r")]) == 0
+    page = (tmp_path / "r" / "report.html").read_text()
+    assert page.count("<h2>Inputs (the region an inpainting mask repaints in red)</h2>") == 1
+    # The picture: the image, tinted red where the mask repaints and untouched elsewhere.
+    a, _, mask = _images(tmp_path)
+    picture = np.asarray(input_picture({"image": Image.open(a), "mask_image": Image.open(mask)})).astype(int)
+    original = np.asarray(Image.open(a).convert("RGB")).astype(int)
+    assert np.array_equal(picture[:, :16], original[:, :16])
+    assert np.array_equal(picture[:, 16:], np.round((original[:, 16:] + [230, 30, 30]) / 2).astype(int))
+    assert input_picture({"prompt": "x"}) is None

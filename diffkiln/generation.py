@@ -26,7 +26,7 @@ from diffkiln.calibrate.sources import (
     CallSource,
     PromptSource,
     batch_kwargs,
-    missing_image_hint,
+    pipeline_call_hints,
     source_for,
 )
 from diffkiln.core.errors import InvalidInputError
@@ -302,7 +302,7 @@ def generate(
                     last[:] = [kwargs["latents"].detach().float().cpu()]
                 return kwargs
 
-            with torch.no_grad(), missing_image_hint(pipe, chunk):
+            with torch.no_grad(), pipeline_call_hints(pipe, chunk, steps, common):
                 out = pipe(**batch_kwargs(pipe, chunk), generator=gens, **common, **step_callback_kwargs(pipe, on_step))
             latents.extend(last)
             last.clear()

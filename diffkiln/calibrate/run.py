@@ -36,7 +36,7 @@ from diffkiln.calibrate.sources import (
     CallSource,
     PromptSource,
     batch_kwargs,
-    missing_image_hint,
+    pipeline_call_hints,
     source_for,
 )
 from diffkiln.calibrate.stats import CalibrationStats
@@ -134,8 +134,9 @@ def _run_pipeline(pipe: Any, source: CallSource, config: CalibrationConfig, mode
 
     def call(samples: list[dict[str, Any]], first_seed: int, **extra: Any) -> Any:
         gens = [torch.Generator().manual_seed(first_seed + i) for i in range(len(samples))]
-        with missing_image_hint(pipe, samples):
-            return pipe(**batch_kwargs(pipe, samples), generator=gens, **{**common, **extra})
+        kwargs = {**common, **extra}
+        with pipeline_call_hints(pipe, samples, int(kwargs.get("num_inference_steps", config.steps)), kwargs):
+            return pipe(**batch_kwargs(pipe, samples), generator=gens, **kwargs)
 
     first_batch = [source.sample(i) for i in range(min(config.batch_size, n))]
     if config.denoiser is not None:
@@ -143,7 +144,9 @@ def _run_pipeline(pipe: Any, source: CallSource, config: CalibrationConfig, mode
     else:
 
         def short(steps: int) -> Any:
-            return call(first_batch[:1], config.seed, **accepted_call_kwargs(pipe, {"num_inference_steps": steps}))
+            # Every step, whatever the strength of an image-to-image call: the counts must grow with the steps.
+            probe = {"num_inference_steps": steps, "strength": 1.0}
+            return call(first_batch[:1], config.seed, **accepted_call_kwargs(pipe, probe))
 
         choice = denoiser_by_calls(pipe, short)
     denoiser = choice.module
@@ -197,7 +200,9 @@ def _run_pipeline(pipe: Any, source: CallSource, config: CalibrationConfig, mode
         if attn_rec is not None:
 
             def noise_only(seed: int) -> Any:  # the same conditioning, other initial noise
-                return call(first_batch[:1], seed, **accepted_call_kwargs(pipe, {"num_inference_steps": 2}))
+                return call(
+                    first_batch[:1], seed, **accepted_call_kwargs(pipe, {"num_inference_steps": 2, "strength": 1.0})
+                )
 
             attention = attn_rec.finish(steps_run, find_token_grids(denoiser, noise_only))
     if world > 1:  # every rank takes in every rank's batches; rank 0's proxies

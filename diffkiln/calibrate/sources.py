@@ -39,7 +39,7 @@ __all__ = [
     "VideoSource",
     "batch_kwargs",
     "image_size",
-    "missing_image_hint",
+    "pipeline_call_hints",
     "source_for",
     "source_from_description",
     "takes_images",
@@ -254,23 +254,43 @@ def _file_source(
 
 
 @contextlib.contextmanager
-def missing_image_hint(pipe: Any, samples: Sequence[dict[str, Any]]) -> Iterator[None]:
-    """Around a pipeline call on ``samples``: where it fails on a pipeline that takes an ``image``
-    none of them holds (a ControlNet's control image, an edit's reference: the signature cannot
-    tell that one is needed), the error says which image to give.
+def pipeline_call_hints(
+    pipe: Any, samples: Sequence[dict[str, Any]], steps: int, call_kwargs: Mapping[str, Any]
+) -> Iterator[None]:
+    """Around a pipeline call on ``samples`` with ``steps`` steps and ``call_kwargs``: a failure
+    with a cause the signature cannot rule out beforehand is re-raised naming it and the fix:
+
+    * an ``image`` (or ``control_image``) the pipeline takes and none of the samples holds (a
+      ControlNet's control image, an edit's reference: nothing in the signature says one is needed);
+    * a ``strength`` (image-to-image) that leaves fewer than one of the steps to run (diffusers
+      starts at step ``steps - int(steps * strength)``, and fails on an empty schedule).
 
     Raises:
         InvalidInputError: that failure, with the pipeline's own message and the fix.
     """
     try:
         yield
-    except (TypeError, ValueError, AttributeError) as exc:
-        if isinstance(exc, DiffkilnError) or "image" not in call_parameters(pipe) or any("image" in s for s in samples):
+    except (TypeError, ValueError, AttributeError, RuntimeError, IndexError) as exc:
+        if isinstance(exc, DiffkilnError):
             raise
-        raise InvalidInputError(
-            f"{type(pipe).__name__} failed without an input image ({exc}); if it needs one (a control, "
-            "reference or starting image), give it: --calib-image FILE to optimize, --image FILE to generate"
-        ) from exc
+        name, params = type(pipe).__name__, call_parameters(pipe)
+        strength = call_kwargs.get("strength", params["strength"].default if "strength" in params else None)
+        if isinstance(strength, int | float) and steps * strength < 1:
+            raise InvalidInputError(
+                f"{name} failed ({exc}): at strength {strength}, {steps} steps leave none to run; give more "
+                "steps (--steps) or a higher strength (--call-arg strength=...)"
+            ) from exc
+        missing = [k for k in ("image", "control_image") if k in params and not any(k in s for s in samples)]
+        if missing and not isinstance(exc, RuntimeError):
+            fix = (
+                "if it needs one (a control, reference or starting image), give it: --calib-image FILE to "
+                "optimize, --image FILE to generate"
+                if missing[0] == "image"
+                else "diffkiln makes up no control image: calibrate through the Python API with a source whose "
+                "samples hold one (calibrate(pipe, config, source=...))"
+            )
+            raise InvalidInputError(f"{name} failed without an input {missing[0]} ({exc}); {fix}") from exc
+        raise
 
 
 def batch_kwargs(pipe: Any, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -180,9 +180,8 @@ def test_optimize_calibrates_on_the_users_images_and_the_search_replays_them(tmp
     assert type(pipe).__name__ == "StableDiffusionInpaintPipeline" and pipe.diffkiln_cache is not None
 
 
-def test_a_controlnet_asks_for_its_control_image_then_runs_on_it(tmp_path: Path) -> None:
-    from diffkiln.core.errors import InvalidInputError
-
+def _controlnet_pipeline(cls: str) -> Any:
+    """A tiny SD ControlNet pipeline of class ``cls``: the ControlNet copied from the UNet."""
     base = diffusers.StableDiffusionPipeline.from_pretrained(resolve_target("tiny-sd15").path)
     torch.manual_seed(0)
     controlnet = diffusers.ControlNetModel.from_unet(base.unet, conditioning_embedding_out_channels=(8, 16))
@@ -192,8 +191,50 @@ def test_a_controlnet_asks_for_its_control_image_then_runs_on_it(tmp_path: Path)
                 p.normal_(0.0, 0.5)
     parts = {k: base.components[k] for k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")}
     extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
-    pipe = diffusers.StableDiffusionControlNetPipeline(**parts, controlnet=controlnet, **extra)
-    pipe.save_pretrained(tmp_path / "folder")
+    return getattr(diffusers, cls)(**parts, controlnet=controlnet, **extra)
+
+
+def test_a_strength_that_leaves_no_step_is_named_and_the_denoiser_probe_runs_every_step(tmp_path: Path) -> None:
+    from diffkiln.core.errors import InvalidInputError
+
+    # SDXL image-to-image starts at strength 0.3: 2 steps run none of them (diffusers fails on it).
+    sdxl = diffusers.StableDiffusionXLImg2ImgPipeline.from_pretrained(resolve_target("tiny-sdxl").path)
+    sdxl.save_pretrained(tmp_path / "sdxl")
+    config = OptimizeConfig(out=tmp_path / "b", calib_size=2, steps=2, progress=False)
+    with pytest.raises(InvalidInputError, match=r"at strength 0.3, 2 steps leave none to run; give more steps"):
+        optimize(str(tmp_path / "sdxl"), config)
+    assert not (tmp_path / "b").exists()
+    assert optimize(str(tmp_path / "sdxl"), replace(config, steps=4)).is_dir()
+    # A ControlNet image-to-image pipeline has two candidates, told apart by their calls at 2 and
+    # 3 steps: at strength 0.5 both would run 1 step; the probe runs them at strength 1. Its control
+    # image is the user's to give (a source of their own: the API takes any).
+    from diffkiln.calibrate import CalibrationConfig, calibrate
+
+    a, b, _ = _images(tmp_path)
+
+    class Controlled:
+        kind = "controlled"
+
+        def __len__(self) -> int:
+            return 2
+
+        def sample(self, index: int) -> dict[str, Any]:
+            return {"prompt": "a red circle", "image": Image.open(a), "control_image": Image.open(b)}
+
+        def describe(self) -> dict[str, Any]:
+            return {"kind": self.kind}
+
+    cn = _controlnet_pipeline("StableDiffusionControlNetImg2ImgPipeline")
+    cal = CalibrationConfig(("a red circle",), steps=4, progress=False, call_kwargs=(("strength", 0.5),))
+    with pytest.raises(InvalidInputError, match=r"without an input control_image .* source=\.\.\."):
+        calibrate(cn, cal)
+    assert calibrate(cn, cal, source=Controlled()).denoiser == "unet"
+
+
+def test_a_controlnet_asks_for_its_control_image_then_runs_on_it(tmp_path: Path) -> None:
+    from diffkiln.core.errors import InvalidInputError
+
+    _controlnet_pipeline("StableDiffusionControlNetPipeline").save_pretrained(tmp_path / "folder")
     a, b, _ = _images(tmp_path)
     config = OptimizeConfig(out=tmp_path / "bundle", calib_size=2, steps=2, progress=False)
     # Its control image is optional in the signature: none is made up, and the failure names the fix.

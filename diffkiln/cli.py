@@ -69,6 +69,7 @@ def _cmd_models() -> int:
 
 
 def _cmd_generate(a: argparse.Namespace) -> int:
+    from diffkiln.api import InputFiles
     from diffkiln.generation import GenerateConfig, generate, load_pipeline, read_prompts, save_outputs
     from diffkiln.zoo.registry import resolve_target
 
@@ -76,8 +77,8 @@ def _cmd_generate(a: argparse.Namespace) -> int:
     config = GenerateConfig(a.steps, a.guidance, a.seed, a.batch_size, not a.no_progress, _call_kwargs(a), a.denoiser)
     target = resolve_target(a.target)
     pipe = load_pipeline(target, a.device)
-    media = {"images": a.image, "mask_images": a.mask_image, "videos": a.video}
-    result = generate(pipe, prompts, config, target, samples=a.samples, **media)
+    inputs = InputFiles.of(a.image, a.mask_image, a.control_image, a.video)
+    result = generate(pipe, prompts, config, target, samples=a.samples, inputs=inputs)
     paths = save_outputs(result, a.out)
     for p in paths:
         print(p)
@@ -170,7 +171,7 @@ def _cache_options(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def _optimize_config(a: argparse.Namespace, recipe: Any, out: Path, cache: Any = None, sparse: Any = None) -> Any:
-    from diffkiln.api import FloatStorage, OptimizeConfig
+    from diffkiln.api import FloatStorage, InputFiles, OptimizeConfig
 
     return OptimizeConfig(
         out=out,
@@ -179,9 +180,7 @@ def _optimize_config(a: argparse.Namespace, recipe: Any, out: Path, cache: Any =
         sparse=sparse,
         calib_prompts=a.calib_prompts,
         calib_size=a.calib_size,
-        calib_images=tuple(a.calib_image),
-        calib_mask_images=tuple(a.calib_mask_image),
-        calib_videos=tuple(a.calib_video),
+        calib_inputs=InputFiles.of(a.calib_image, a.calib_mask_image, a.calib_control_image, a.calib_video),
         steps=a.steps,
         guidance=a.guidance,
         call_kwargs=_call_kwargs(a),

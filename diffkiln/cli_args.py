@@ -120,6 +120,9 @@ def _add_calibration_args(p: argparse.ArgumentParser) -> None:
                    "image-to-video; repeatable, taken in turn); default: seeded synthetic images")  # fmt: skip
     p.add_argument("--calib-mask-image", action="append", default=[], type=Path, metavar="FILE",
                    help="an inpainting pipeline's mask, white where it repaints (repeatable, with --calib-image)")
+    p.add_argument("--calib-control-image", action="append", default=[], type=Path, metavar="FILE",
+                   help="a ControlNet image-to-image or inpainting pipeline's control image (repeatable, with "
+                   "--calib-image)")  # fmt: skip
     p.add_argument("--calib-video", action="append", default=[], type=Path, metavar="CLIP",
                    help="an input clip to calibrate a video-to-video pipeline on: an animated GIF/WebP or a folder "
                    "of frames (repeatable, taken in turn); default: seeded synthetic clips")  # fmt: skip
@@ -357,6 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mask-image", action="append", default=[], metavar="FILE",
                    help="an inpainting pipeline's mask, white where it repaints: one for every sample, or one per "
                    "prompt (repeatable; with --image)")  # fmt: skip
+    g.add_argument("--control-image", action="append", default=[], metavar="FILE",
+                   help="a ControlNet image-to-image or inpainting pipeline's control image (its control_image; "
+                   "repeatable, with --image)")  # fmt: skip
     g.add_argument("--out", type=Path, default=Path("out/generate"), help="output folder (default out/generate)")
     _add_sampling_args(g)
     _add_report(sub)

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from diffkiln.calibrate.sources import (
     CallSource,
+    InputFiles,
     PromptSource,
     batch_kwargs,
     pipeline_call_hints,
@@ -195,19 +196,19 @@ def read_prompts(path: str | os.PathLike[str]) -> list[str]:
     return prompts
 
 
-_MediaFiles = tuple[Sequence[str | Path], Sequence[str | Path], Sequence[str | Path]]
-"""A user's input image files, mask files and clips."""
-
-
 def _source(
-    pipe: Any, prompts: Sequence[str], samples: int | None, seed: int, call_kwargs: dict[str, Any], files: _MediaFiles
+    pipe: Any, prompts: Sequence[str], samples: int | None, seed: int, call_kwargs: dict[str, Any], files: InputFiles
 ) -> Any:
     blank = [i for i, p in enumerate(prompts) if not p.strip()]
     if blank:
         raise InvalidInputError(f"prompt(s) at position {blank} are empty; every prompt needs text")
     takes_text = "prompt" in call_parameters(pipe)
-    count = len(prompts) if takes_text and prompts else (samples or len(files[0]) or len(files[2]) or len(prompts) or 1)
-    source = source_for(pipe, prompts or ["."], count, seed, call_kwargs, *files)
+    count = (
+        len(prompts)
+        if takes_text and prompts
+        else (samples or len(files.images) or len(files.videos) or len(prompts) or 1)
+    )
+    source = source_for(pipe, prompts or ["."], count, seed, call_kwargs, files)
     if isinstance(source, PromptSource) and not prompts:
         raise InvalidInputError("no prompts given; pass --prompt TEXT or --prompts FILE")
     return source
@@ -234,9 +235,7 @@ def generate(
     measure: bool = False,
     samples: int | None = None,
     source: CallSource | None = None,
-    images: Sequence[str | Path] = (),
-    mask_images: Sequence[str | Path] = (),
-    videos: Sequence[str | Path] = (),
+    inputs: InputFiles | None = None,
 ) -> GenerationResult:
     """Generate one sample per prompt (or ``samples`` samples for pipelines without text).
 
@@ -250,12 +249,9 @@ def generate(
             memory (``peak_bytes``). Default False.
         samples: how many samples for pipelines without text; None: one per prompt (or per image, or 1).
         source: the per-sample inputs; None: from the pipeline's signature.
-        images: input image files for a pipeline that starts from an image (image-to-image,
-            inpainting, image-to-video): one for every sample, or one per sample. None given: such
-            a pipeline gets seeded synthetic images (:func:`diffkiln.calibrate.source_for`).
-        mask_images: an inpainting pipeline's masks (white repaints, black keeps), with ``images``.
-        videos: input clips (animated images or folders of frames) for a video-to-video pipeline,
-            taken in turn. None given: such a pipeline gets seeded synthetic clips.
+        inputs: the user's own input images, masks, control images or clips for a pipeline that
+            starts from an image or a clip, taken in turn (:class:`diffkiln.calibrate.InputFiles`).
+            None: such a pipeline gets seeded synthetic ones (:func:`diffkiln.calibrate.source_for`).
 
     Raises:
         InvalidInputError: a text pipeline without prompts, an empty prompt, a call argument the
@@ -269,11 +265,11 @@ def generate(
     elif sparse_run is not None and config.steps is None:
         steps = sparse_run.plan.steps  # so are its sparse-attention masks
     call_kwargs = {**(target.call_kwargs if target else {}), **dict(config.call_kwargs)}
-    source = source or _source(pipe, prompts, samples, config.seed, call_kwargs, (images, mask_images, videos))
+    source = source or _source(pipe, prompts, samples, config.seed, call_kwargs, inputs or InputFiles())
     n = len(source)
     given = [source.sample(i) for i in range(n)]
     labels = [s["prompt"] if isinstance(s.get("prompt"), str) else f"sample {i}" for i, s in enumerate(given)]
-    inputs = [picture for picture in map(input_picture, given) if picture is not None]
+    pictures = [picture for picture in map(input_picture, given) if picture is not None]
     common = {
         **accepted_call_kwargs(pipe, {"num_inference_steps": steps, "guidance_scale": guidance, "output_type": "np"}),
         **accepted_call_kwargs(pipe, call_kwargs, strict=True),
@@ -312,7 +308,7 @@ def generate(
     bar.total = bar.n  # an image-to-image call runs only its strength's share of the steps
     bar.close()
     result = GenerationResult(labels, [], steps, guidance, config.seed, type(pipe.scheduler).__name__,
-                              time.perf_counter() - t0, inputs=inputs)  # fmt: skip
+                              time.perf_counter() - t0, inputs=pictures)  # fmt: skip
     if kind == "audios":
         result.audios = [np.clip(a, -1.0, 1.0) for a in arrays]
         result.sample_rate = _sample_rate(pipe)

@@ -22,7 +22,7 @@ from typing import Any
 
 from diffkiln.api.optimize import OptimizeConfig, Prepared, optimize, prepare, sensitivity
 from diffkiln.api.sweep import SweepBuild, SweepConfig, build_cache_sweep, build_sparse_sweep, build_sweep
-from diffkiln.calibrate import CalibrationConfig, CalibrationStats, calibrate
+from diffkiln.calibrate import CalibrationConfig, CalibrationStats, InputFiles, calibrate
 from diffkiln.core.plan import Plan
 from diffkiln.export import ExportConfig, FloatStorage, convert_bundle, export_bundle
 from diffkiln.nn import apply_plan
@@ -35,6 +35,7 @@ __all__ = [
     "CalibrationStats",
     "ExportConfig",
     "FloatStorage",
+    "InputFiles",
     "MixedConfig",
     "OptimizeConfig",
     "Plan",

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from diffkiln.calibrate import CalibrationConfig, CalibrationStats, calibrate
+from diffkiln.calibrate import CalibrationConfig, CalibrationStats, InputFiles, calibrate
 from diffkiln.calibrate.prompts import generic_prompts
 from diffkiln.core.atomic import check_output_folder
 from diffkiln.core.distributed import barrier, init_distributed, rank_world
@@ -57,13 +57,10 @@ class OptimizeConfig:
         calib_prompts: a prompts file; None uses ``calib_size`` default prompts. Default None.
         calib_size: how many samples to calibrate on (default prompts, or images / seeds for
             pipelines without text). Default 32.
-        calib_images: input image files to calibrate a pipeline that starts from an image on
-            (image-to-image, inpainting, image-to-video), taken in turn; none: seeded synthetic
-            images. Default none.
-        calib_mask_images: an inpainting pipeline's mask files (white repaints), with
-            ``calib_images``. Default none.
-        calib_videos: input clips (animated images or folders of frames) to calibrate a
-            video-to-video pipeline on, taken in turn; none: seeded synthetic clips. Default none.
+        calib_inputs: the user's own input images, masks, control images or clips to calibrate a
+            pipeline that starts from an image or a clip on (image-to-image, inpainting,
+            ControlNet, image- and video-to-video), taken in turn (:class:`InputFiles`); empty:
+            seeded synthetic images and clips. Default empty.
         steps: sampler steps for calibration; None takes the model's default.
         guidance: guidance scale for calibration; None takes the model's default.
         call_kwargs: pipeline-call arguments for every call, as (name, value) pairs (height,
@@ -90,9 +87,7 @@ class OptimizeConfig:
     recipe: Any = field(default_factory=W8A8Config)
     calib_prompts: Path | None = None
     calib_size: int = 32
-    calib_images: tuple[Path, ...] = ()
-    calib_mask_images: tuple[Path, ...] = ()
-    calib_videos: tuple[Path, ...] = ()
+    calib_inputs: InputFiles = field(default_factory=InputFiles)
     steps: int | None = None
     guidance: float | None = None
     call_kwargs: tuple[tuple[str, Any], ...] = ()
@@ -209,9 +204,7 @@ def prepare(target: str | os.PathLike[str], config: OptimizeConfig) -> Prepared:
         cache_stats=config.wants_cache,
         attention_stats=config.wants_sparse,
         attention_block=config.sparse_config.block if config.sparse_config is not None else 64,
-        images=tuple(map(str, config.calib_images)),
-        mask_images=tuple(map(str, config.calib_mask_images)),
-        videos=tuple(map(str, config.calib_videos)),
+        inputs=config.calib_inputs,
     )
     t1 = time.perf_counter()
     stats = calibrate(pipe, cal_cfg)

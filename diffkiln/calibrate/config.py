@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from diffkiln.calibrate.media_sources import InputFiles
 from diffkiln.core.errors import InvalidInputError
 
 __all__ = ["STATS_VERSION", "CalibrationConfig"]
@@ -58,12 +59,9 @@ class CalibrationConfig:
             layer, step, head and block pair, for the first batch: the attention mass and the error
             of dropping the block; :mod:`diffkiln.calibrate.attention_stats`). Default False.
         attention_block: tokens per block of those statistics. Default 64.
-        images: the user's own input image files for a pipeline that starts from an image
-            (:class:`diffkiln.calibrate.sources.FileImageSource`, taken in turn); none: seeded
-            synthetic images where the pipeline needs them. Default none.
-        mask_images: an inpainting pipeline's own mask files, with ``images``. Default none.
-        videos: the user's own input clips for a video-to-video pipeline (animated images or
-            folders of frames, taken in turn); none: seeded synthetic clips. Default none.
+        inputs: the user's own input images, masks, control images or clips, for a pipeline
+            that starts from an image or a clip (:class:`~diffkiln.calibrate.media_sources.InputFiles`);
+            empty: seeded synthetic images and clips where the pipeline needs them. Default empty.
     """
 
     prompts: tuple[str, ...] = ()
@@ -81,9 +79,7 @@ class CalibrationConfig:
     cache_stats: bool = False
     attention_stats: bool = False
     attention_block: int = 64
-    images: tuple[str, ...] = ()
-    mask_images: tuple[str, ...] = ()
-    videos: tuple[str, ...] = ()
+    inputs: InputFiles = field(default_factory=InputFiles)
 
     def __post_init__(self) -> None:
         if any(not p.strip() for p in self.prompts):
@@ -120,8 +116,7 @@ class CalibrationConfig:
         kw = {k: v for k, v in d.items() if k in names}  # recorded extras (the source, evidence) are not settings
         kw["prompts"] = tuple(kw["prompts"])
         kw["call_kwargs"] = tuple(kw.get("call_kwargs", {}).items())
-        for name in ("images", "mask_images", "videos"):
-            kw[name] = tuple(kw.get(name, ()))
+        kw["inputs"] = InputFiles.of(**kw.get("inputs", {}))
         return cls(**kw, cache_dir=cache_dir, progress=progress)
 
     def key_fields(self) -> dict[str, Any]:
@@ -131,9 +126,8 @@ class CalibrationConfig:
         d.pop("progress")
         d["prompts"] = list(self.prompts)
         d["call_kwargs"] = dict(self.call_kwargs)
-        for name in ("images", "mask_images", "videos"):  # only where given: other keys stay as they were
-            d[name] = list(d[name])
-            if not d[name]:
-                d.pop(name)
+        d.pop("inputs")
+        if self.inputs:  # only where given: the keys of other calibrations stay as they were
+            d["inputs"] = self.inputs.to_dict()
         d["version"] = STATS_VERSION
         return d

@@ -12,7 +12,36 @@ import numpy as np
 
 from diffkiln.core.errors import InvalidInputError
 
-__all__ = ["FileImageSource", "FileVideoSource", "ImageSource", "MediaSource", "VideoSource"]
+__all__ = ["FileImageSource", "FileVideoSource", "ImageSource", "InputFiles", "MediaSource", "VideoSource"]
+
+
+@dataclass(frozen=True)
+class InputFiles:
+    """The user's own per-sample input files, each list taken in turn (at most one per sample):
+    what a pipeline that starts from an image or a clip starts from. Empty: seeded synthetic
+    images and clips where the pipeline needs them."""
+
+    images: tuple[str, ...] = ()
+    """Input images (image-to-image, inpainting, image-to-video; a ControlNet's control image)."""
+    masks: tuple[str, ...] = ()
+    """Inpainting masks, white where the pipeline repaints, with ``images``."""
+    controls: tuple[str, ...] = ()
+    """Control images of a ControlNet image-to-image or inpainting call (``control_image``), with ``images``."""
+    videos: tuple[str, ...] = ()
+    """Input clips of a video-to-video call: animated GIF/WebP/APNG files or folders of frames."""
+
+    @classmethod
+    def of(cls, images: Any = (), masks: Any = (), controls: Any = (), videos: Any = ()) -> InputFiles:
+        """From any sequences of paths (``str`` or ``Path``)."""
+        return cls(*(tuple(map(str, paths)) for paths in (images, masks, controls, videos)))
+
+    def __bool__(self) -> bool:
+        return any((self.images, self.masks, self.controls, self.videos))
+
+    def to_dict(self) -> dict[str, list[str]]:
+        """The lists given, by field (JSON-ready; a record and a cache key's input)."""
+        return {k: list(v) for k, v in (("images", self.images), ("masks", self.masks),
+                                         ("controls", self.controls), ("videos", self.videos)) if v}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -76,13 +105,15 @@ class FileImageSource:
     """Image files (RGB is taken): at most one per sample, cycled."""
     masks: tuple[str, ...] = ()
     """Mask files, read as greyscale (white repaints, black keeps): at most one per sample, cycled."""
+    controls: tuple[str, ...] = ()
+    """Control image files (``control_image``, RGB): at most one per sample, cycled."""
     kind: str = "image_files"
     """The source's kind, recorded in its description."""
 
     def __post_init__(self) -> None:
         if not self.images:
             raise InvalidInputError("no input image given; give an image file for the pipeline to start from")
-        for what, paths in (("image", self.images), ("mask", self.masks)):
+        for what, paths in (("image", self.images), ("mask", self.masks), ("control image", self.controls)):
             if len(paths) > self.count:
                 raise InvalidInputError(
                     f"{len(paths)} {what} files for {self.count} samples; give at most one {what} per sample "
@@ -98,12 +129,15 @@ class FileImageSource:
         out: dict[str, Any] = {"image": _read(self.images, index, "image", "RGB")}
         if self.masks:
             out["mask_image"] = _read(self.masks, index, "mask", "L")
+        if self.controls:
+            out["control_image"] = _read(self.controls, index, "control image", "RGB")
         return out
 
     def describe(self) -> dict[str, Any]:
-        digests = [hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in (*self.images, *self.masks)]
+        files = (*self.images, *self.masks, *self.controls)
+        digests = [hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in files]
         return {"kind": self.kind, "count": self.count, "images": list(self.images), "masks": list(self.masks),
-                "sha256": digests}  # fmt: skip
+                "controls": list(self.controls), "sha256": digests}  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -319,9 +319,7 @@ def calibrate(
         config.count,
         config.seed,
         dict(config.call_kwargs),
-        config.images,
-        config.mask_images,
-        config.videos,
+        config.inputs,
     )
     model_hash = pipeline_weight_hash(target)
     key_data = {"model": model_hash, **config.key_fields(), "source": source.describe()}

@@ -21,10 +21,16 @@ import contextlib
 import inspect
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
-from diffkiln.calibrate.media_sources import FileImageSource, FileVideoSource, ImageSource, MediaSource, VideoSource
+from diffkiln.calibrate.media_sources import (
+    FileImageSource,
+    FileVideoSource,
+    ImageSource,
+    InputFiles,
+    MediaSource,
+    VideoSource,
+)
 from diffkiln.core.errors import DiffkilnError, InvalidInputError
 from diffkiln.core.pipelines import call_parameters, denoiser_candidates
 
@@ -34,6 +40,7 @@ __all__ = [
     "FileImageSource",
     "FileVideoSource",
     "ImageSource",
+    "InputFiles",
     "PromptSource",
     "UnconditionalSource",
     "VideoSource",
@@ -171,9 +178,7 @@ def source_for(
     count: int,
     seed: int = 0,
     call_kwargs: Mapping[str, Any] | None = None,
-    images: Sequence[str | Path] = (),
-    masks: Sequence[str | Path] = (),
-    videos: Sequence[str | Path] = (),
+    inputs: InputFiles | None = None,
 ) -> Any:
     """The source a pipeline takes, from its ``__call__`` signature.
 
@@ -184,33 +189,23 @@ def source_for(
         seed: seed of synthetic images, clips, masks and class labels. Default 0.
         call_kwargs: the calls' own arguments: synthetic images and clips come at
             :func:`image_size`, clips with ``num_frames`` frames where given (else 9). Default none.
-        images: the user's own input image files (:class:`FileImageSource`); none: synthetic
-            images where the pipeline needs them (:func:`takes_images`).
-        masks: the user's own inpainting mask files, with ``images``.
-        videos: the user's own input clips (:class:`FileVideoSource`: animated images or
-            folders of frames); none: synthetic clips where the pipeline needs them
-            (:func:`takes_video`).
+        inputs: the user's own input files (:class:`FileImageSource`, :class:`FileVideoSource`);
+            none: synthetic images or clips where the pipeline needs them (:func:`takes_images`,
+            :func:`takes_video`). Default None.
 
     Raises:
         InvalidInputError: ``count`` is not positive, a text pipeline gets no prompt, or the
-            files do not fit the pipeline (it takes no image, mask or clip, it needs a mask and
-            none is given, a file is missing or no image, or more files than samples).
+            files do not fit the pipeline (it takes no image, mask, control image or clip, it needs
+            a mask or a control image and none is given, a file is missing or no image, or more
+            files than samples).
     """
     if count <= 0:
         raise InvalidInputError(f"the number of samples must be positive, got {count}")
     params = call_parameters(pipe)
     size = image_size(pipe, call_kwargs)
     image_source: MediaSource | None = None
-    if videos:
-        if "video" not in params or images or masks:
-            raise InvalidInputError(
-                f"{type(pipe).__name__} takes no input clip; leave out the clips (--video, --calib-video)"
-                if "video" not in params
-                else "give either clips or images, not both"
-            )
-        image_source = FileVideoSource(count, tuple(map(str, videos)))
-    elif images or masks:
-        image_source = _file_source(type(pipe).__name__, params, count, images, masks)
+    if inputs:
+        image_source = _file_source(type(pipe).__name__, params, count, inputs)
     elif takes_video(params):
         frames = int((call_kwargs or {}).get("num_frames") or 9)
         image_source = VideoSource(count, seed, *size, frames=frames)
@@ -230,27 +225,36 @@ def source_for(
     return UnconditionalSource(count)
 
 
-def _file_source(
-    name: str,
-    params: dict[str, inspect.Parameter],
-    count: int,
-    images: Sequence[str | Path],
-    masks: Sequence[str | Path],
-) -> FileImageSource:
-    if "image" not in params:
-        raise InvalidInputError(f"{name} takes no input image; leave out the image files (--image, --calib-image)")
-    if masks and "mask_image" not in params:
-        raise InvalidInputError(f"{name} takes no mask; leave out the mask files (--mask-image, --calib-mask-image)")
-    if "mask_image" in params and not masks:
+def _file_source(name: str, params: dict[str, inspect.Parameter], count: int, inputs: InputFiles) -> MediaSource:
+    if inputs.videos:
+        if "video" not in params:
+            raise InvalidInputError(f"{name} takes no input clip; leave out the clips (--video, --calib-video)")
+        if inputs.images or inputs.masks or inputs.controls:
+            raise InvalidInputError("give either clips or images, not both")
+        return FileVideoSource(count, inputs.videos)
+    refused = [(inputs.images, "image", "input image", "image files (--image, --calib-image)"),
+               (inputs.masks, "mask_image", "mask", "mask files (--mask-image, --calib-mask-image)"),
+               (inputs.controls, "control_image", "control image",
+                "control image files (--control-image, --calib-control-image)")]  # fmt: skip
+    for given, param, what, flags in refused:
+        if given and param not in params:
+            raise InvalidInputError(f"{name} takes no {what}; leave out the {flags}")
+    if not inputs.images:
+        raise InvalidInputError(
+            "a mask or a control image needs the image it goes with; give the image files "
+            "(--image or --calib-image FILE) too"
+        )
+    if "mask_image" in params and not inputs.masks:
         raise InvalidInputError(
             f"{name} repaints under a mask: give a mask file too (--mask-image or --calib-mask-image FILE: "
             "white repaints, black keeps)"
         )
-    if not images:
+    if "control_image" in params and not inputs.controls:
         raise InvalidInputError(
-            "a mask needs the image it covers; give the image files (--image or --calib-image FILE) too"
+            f"{name} is steered by a control image: give a control image file too (--control-image or "
+            "--calib-control-image FILE)"
         )
-    return FileImageSource(count, tuple(map(str, images)), tuple(map(str, masks)))
+    return FileImageSource(count, inputs.images, inputs.masks, inputs.controls)
 
 
 @contextlib.contextmanager
@@ -286,8 +290,8 @@ def pipeline_call_hints(
                 "if it needs one (a control, reference or starting image), give it: --calib-image FILE to "
                 "optimize, --image FILE to generate"
                 if missing[0] == "image"
-                else "diffkiln makes up no control image: calibrate through the Python API with a source whose "
-                "samples hold one (calibrate(pipe, config, source=...))"
+                else "diffkiln makes up no control image: give it with --calib-control-image FILE to optimize, "
+                "--control-image FILE to generate"
             )
             raise InvalidInputError(f"{name} failed without an input {missing[0]} ({exc}); {fix}") from exc
         raise
@@ -336,9 +340,10 @@ def source_from_description(d: dict[str, Any], files: bool = False) -> Any:
     if kind == "image_files":
         if not files:
             raise InvalidInputError("the record names the user's own image files, which are not re-opened from it")
-        source = FileImageSource(int(d["count"]), tuple(d["images"]), tuple(d.get("masks", ())))
+        source = FileImageSource(int(d["count"]), tuple(d["images"]), tuple(d["masks"]), tuple(d["controls"]))
         if source.describe()["sha256"] != d.get("sha256"):
-            raise InvalidInputError(f"the image files {source.images + source.masks} changed since they were recorded")
+            named = source.images + source.masks + source.controls
+            raise InvalidInputError(f"the image files {named} changed since they were recorded")
         return source
     if kind == "class_labels":
         return ClassLabelSource(int(d["count"]), int(d["classes"]), int(d["seed"]))

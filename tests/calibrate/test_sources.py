@@ -16,6 +16,7 @@ from diffkiln.calibrate import (
     FileImageSource,
     FileVideoSource,
     ImageSource,
+    InputFiles,
     PromptSource,
     VideoSource,
     image_size,
@@ -150,14 +151,16 @@ def test_files_that_do_not_fit_the_pipeline_are_refused_naming_the_fix(tmp_path:
     inpaint = diffusers.StableDiffusionInpaintPipeline.from_pretrained(folder)
     img2img = diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(folder)
     with pytest.raises(InvalidInputError, match=r"StableDiffusionPipeline takes no input image.*--image"):
-        source_for(text, ["x"], 1, images=[a])
+        source_for(text, ["x"], 1, inputs=InputFiles.of([a]))
     with pytest.raises(InvalidInputError, match=r"repaints under a mask.*--mask-image"):
-        source_for(inpaint, ["x"], 1, images=[a])
+        source_for(inpaint, ["x"], 1, inputs=InputFiles.of([a]))
     with pytest.raises(InvalidInputError, match="takes no mask"):
-        source_for(img2img, ["x"], 1, images=[a], masks=[mask])
-    with pytest.raises(InvalidInputError, match="needs the image it covers"):
-        source_for(inpaint, ["x"], 1, masks=[mask])
-    given = source_for(inpaint, ["x", "y"], 2, images=[a], masks=[mask])
+        source_for(img2img, ["x"], 1, inputs=InputFiles.of([a], [mask]))
+    with pytest.raises(InvalidInputError, match="needs the image it goes with"):
+        source_for(inpaint, ["x"], 1, inputs=InputFiles.of(masks=[mask]))
+    with pytest.raises(InvalidInputError, match=r"takes no control image; leave out .*--control-image"):
+        source_for(inpaint, ["x"], 1, inputs=InputFiles.of([a], [mask], [a]))
+    given = source_for(inpaint, ["x", "y"], 2, inputs=InputFiles.of([a], [mask]))
     assert isinstance(given.images, FileImageSource) and set(given.sample(1)) == {"prompt", "image", "mask_image"}
 
 

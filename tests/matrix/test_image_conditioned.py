@@ -22,7 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffkiln.api import OptimizeConfig, optimize
+from diffkiln.api import InputFiles, OptimizeConfig, optimize
 from diffkiln.core.metrics import sqnr_db
 from diffkiln.export.onnx import OnnxExportConfig
 from diffkiln.generation import GenerateConfig, generate, load_pipeline
@@ -90,8 +90,8 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def _latents(pipe: Any, name: str, image: Path, mask: Path | None) -> torch.Tensor:
     config = GenerateConfig(steps=3, guidance=4.0, progress=False, call_kwargs=tuple(CALL_KWARGS.get(name, {}).items()))
-    masks = [mask] if mask is not None else []
-    result = generate(pipe, ["a red circle"], config, measure=True, images=[image], mask_images=masks)
+    inputs = InputFiles.of([image], [mask] if mask is not None else [])
+    result = generate(pipe, ["a red circle"], config, measure=True, inputs=inputs)
     return result.extras["latents"].float()
 
 
@@ -150,7 +150,7 @@ def test_generate_takes_the_users_image_and_mask_from_the_command_line(
     assert [p.name for p in written] == ["0000_a-red-circle.png", "0001_a-blue-square.png"]
     # Each prompt took its own image: the same call through the API on the second image gives the second file.
     config = GenerateConfig(steps=2, seed=1, progress=False)
-    again = generate(load_pipeline(bundle), ["a blue square"], config, images=[b], mask_images=[mask]).images[0]
+    again = generate(load_pipeline(bundle), ["a blue square"], config, inputs=InputFiles.of([b], [mask])).images[0]
     assert np.array_equal(np.asarray(again), np.asarray(Image.open(written[1]).convert("RGB")))
     capsys.readouterr()
     assert main([*args, "--out", str(tmp_path / "p")]) == 2
@@ -207,28 +207,21 @@ def test_a_strength_that_leaves_no_step_is_named_and_the_denoiser_probe_runs_eve
     assert optimize(str(tmp_path / "sdxl"), replace(config, steps=4)).is_dir()
     # A ControlNet image-to-image pipeline has two candidates, told apart by their calls at 2 and
     # 3 steps: at strength 0.5 both would run 1 step; the probe runs them at strength 1. Its control
-    # image is the user's to give (a source of their own: the API takes any).
-    from diffkiln.calibrate import CalibrationConfig, calibrate
+    # image is the user's to give: none is made up, and the failure names the option.
+    from diffkiln.cli import main
 
+    _controlnet_pipeline("StableDiffusionControlNetImg2ImgPipeline").save_pretrained(tmp_path / "cn")
     a, b, _ = _images(tmp_path)
-
-    class Controlled:
-        kind = "controlled"
-
-        def __len__(self) -> int:
-            return 2
-
-        def sample(self, index: int) -> dict[str, Any]:
-            return {"prompt": "a red circle", "image": Image.open(a), "control_image": Image.open(b)}
-
-        def describe(self) -> dict[str, Any]:
-            return {"kind": self.kind}
-
-    cn = _controlnet_pipeline("StableDiffusionControlNetImg2ImgPipeline")
-    cal = CalibrationConfig(("a red circle",), steps=4, progress=False, call_kwargs=(("strength", 0.5),))
-    with pytest.raises(InvalidInputError, match=r"without an input control_image .* source=\.\.\."):
-        calibrate(cn, cal)
-    assert calibrate(cn, cal, source=Controlled()).denoiser == "unet"
+    args = ["optimize", str(tmp_path / "cn"), "--calib-size", "2", "--steps", "4", "--call-arg", "strength=0.5"]
+    args += ["--no-progress", "--out", str(tmp_path / "cn-b")]
+    config = replace(config, out=tmp_path / "cn-b", steps=4, call_kwargs=(("strength", 0.5),))
+    with pytest.raises(InvalidInputError, match=r"without an input control_image .* --calib-control-image FILE"):
+        optimize(str(tmp_path / "cn"), config)
+    assert main([*args, "--calib-image", str(a), "--calib-control-image", str(b)]) == 0
+    manifest = json.loads((tmp_path / "cn-b" / "manifest.json").read_text())
+    assert manifest["plan"]["denoiser"] == "unet"
+    recorded = manifest["plan"]["notes"]["calibration"]["source"]["images"]
+    assert recorded["images"] == [str(a)] and recorded["controls"] == [str(b)], recorded
 
 
 def test_a_controlnet_asks_for_its_control_image_then_runs_on_it(tmp_path: Path) -> None:
@@ -241,7 +234,7 @@ def test_a_controlnet_asks_for_its_control_image_then_runs_on_it(tmp_path: Path)
     with pytest.raises(InvalidInputError, match=r"failed without an input image .*--calib-image FILE"):
         optimize(str(tmp_path / "folder"), config)
     assert not (tmp_path / "bundle").exists()
-    bundle = optimize(str(tmp_path / "folder"), replace(config, calib_images=(a,)))
+    bundle = optimize(str(tmp_path / "folder"), replace(config, calib_inputs=InputFiles.of([a])))
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["plan"]["denoiser"] == "unet"  # the ControlNet runs beside it, in float
     fp, q = load_pipeline(str(tmp_path / "folder")), load_pipeline(str(tmp_path / "bundle"))
@@ -291,7 +284,7 @@ def test_a_video_to_video_class_is_calibrated_on_seeded_clips_and_runs_from_its_
     args = ["optimize", str(tmp_path / "folder"), "--calib-size", "2", "--steps", "2", "--calib-video", str(gif)]
     assert main([*args, *sizes, "--no-progress", "--out", str(tmp_path / "own")]) == 0
     recorded = json.loads((tmp_path / "own" / "manifest.json").read_text())["plan"]["notes"]["calibration"]
-    assert recorded["source"]["images"]["kind"] == "video_files" and recorded["videos"] == [str(gif)]
+    assert recorded["source"]["images"]["kind"] == "video_files" and recorded["inputs"] == {"videos": [str(gif)]}
     args = ["generate", str(tmp_path / "own"), "--prompt", "a red circle", "--video", str(gif), "--steps", "2"]
     assert main([*args, *sizes, "--no-progress", "--out", str(tmp_path / "gen")]) == 0
     assert sorted(p.suffix for p in (tmp_path / "gen").iterdir()) == [".gif", ".png"]

@@ -114,7 +114,8 @@ class GenerationResult:
         audios: each sample's waveform (channels, samples) in [-1, 1], for audio pipelines.
         sample_rate: the audio's sampling rate, when the pipeline records one.
         inputs: each sample's input image (a clip's first frame), its mask shown in red
-            (:func:`diffkiln.outputs.input_picture`); empty for pipelines that start from none.
+            (:func:`diffkiln.outputs.input_picture`), at most 256 px a side; empty for pipelines
+            that start from none.
     """
 
     prompts: list[str]
@@ -267,9 +268,15 @@ def generate(
     call_kwargs = {**(target.call_kwargs if target else {}), **dict(config.call_kwargs)}
     source = source or _source(pipe, prompts, samples, config.seed, call_kwargs, inputs or InputFiles())
     n = len(source)
-    given = [source.sample(i) for i in range(n)]
-    labels = [s["prompt"] if isinstance(s.get("prompt"), str) else f"sample {i}" for i, s in enumerate(given)]
-    pictures = [picture for picture in map(input_picture, given) if picture is not None]
+    labels: list[str] = []
+    pictures: list[Image.Image] = []  # thumbnails, so that a long run holds no full-size copies
+    for i in range(n):
+        sample = source.sample(i)
+        labels.append(sample["prompt"] if isinstance(sample.get("prompt"), str) else f"sample {i}")
+        picture = input_picture(sample)
+        if picture is not None:
+            picture.thumbnail((256, 256))
+            pictures.append(picture)
     common = {
         **accepted_call_kwargs(pipe, {"num_inference_steps": steps, "guidance_scale": guidance, "output_type": "np"}),
         **accepted_call_kwargs(pipe, call_kwargs, strict=True),

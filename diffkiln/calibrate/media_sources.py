@@ -92,7 +92,7 @@ class ImageSource:
 
 @dataclass(frozen=True)
 class FileImageSource:
-    """A user's own input images, and for inpainting pipelines their masks, read from files.
+    """A user's own input images, and their inpainting masks or ControlNet control images, read from files.
 
     Sample ``i`` takes image ``i`` (and mask ``i``), cycling through the files when there are
     fewer than samples. Every file is checked when the source is made; its description records

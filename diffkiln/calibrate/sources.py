@@ -312,13 +312,13 @@ def source_from_description(d: dict[str, Any], files: bool = False) -> Any:
 
     Args:
         d: the description.
-        files: re-open the image files a :class:`FileImageSource` names. Only for descriptions
+        files: re-open the files a :class:`FileImageSource` or :class:`FileVideoSource` names. Only for descriptions
             this machine's calibration wrote (its statistics); a bundle is untrusted input, and
             the paths its record names are outside it. Default False.
 
     Raises:
         InvalidInputError: a source kind diffkiln does not define (a user's own source must be
-            passed again), image files without ``files``, or image files that changed.
+            passed again), the user's files without ``files``, or files that changed.
     """
     kind = d.get("kind")
     if kind == "prompt":

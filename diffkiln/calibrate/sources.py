@@ -312,9 +312,9 @@ def source_from_description(d: dict[str, Any], files: bool = False) -> Any:
 
     Args:
         d: the description.
-        files: re-open the files a :class:`FileImageSource` or :class:`FileVideoSource` names. Only for descriptions
-            this machine's calibration wrote (its statistics); a bundle is untrusted input, and
-            the paths its record names are outside it. Default False.
+        files: re-open the files a :class:`FileImageSource` or :class:`FileVideoSource` names.
+            Only for descriptions this machine's calibration wrote (its statistics); a bundle is
+            untrusted input, and the paths its record names are outside it. Default False.
 
     Raises:
         InvalidInputError: a source kind diffkiln does not define (a user's own source must be
@@ -330,20 +330,18 @@ def source_from_description(d: dict[str, Any], files: bool = False) -> Any:
     if kind == "video":
         size = int(d["height"]), int(d["width"])
         return VideoSource(int(d["count"]), int(d["seed"]), *size, frames=int(d["frames"]))
-    if kind == "video_files":
+    if kind in ("image_files", "video_files"):
         if not files:
-            raise InvalidInputError("the record names the user's own clips, which are not re-opened from it")
-        clips = FileVideoSource(int(d["count"]), tuple(d["clips"]))
-        if clips.describe()["sha256"] != d.get("sha256"):
-            raise InvalidInputError(f"the clips {clips.clips} changed since they were recorded")
-        return clips
-    if kind == "image_files":
-        if not files:
-            raise InvalidInputError("the record names the user's own image files, which are not re-opened from it")
-        source = FileImageSource(int(d["count"]), tuple(d["images"]), tuple(d["masks"]), tuple(d["controls"]))
+            raise InvalidInputError("the record names the user's own files, which are not re-opened from it")
+        count = int(d["count"])
+        source: FileImageSource | FileVideoSource = (
+            FileVideoSource(count, tuple(d["clips"]))
+            if kind == "video_files"
+            else FileImageSource(count, tuple(d["images"]), tuple(d["masks"]), tuple(d["controls"]))
+        )
         if source.describe()["sha256"] != d.get("sha256"):
-            named = source.images + source.masks + source.controls
-            raise InvalidInputError(f"the image files {named} changed since they were recorded")
+            named = [p for key in ("images", "masks", "controls", "clips") for p in d.get(key, ())]
+            raise InvalidInputError(f"the files {named} changed since they were recorded")
         return source
     if kind == "class_labels":
         return ClassLabelSource(int(d["count"]), int(d["classes"]), int(d["seed"]))

@@ -37,7 +37,7 @@ class _Exports(dict[tuple[str, str], tuple[Path, Path]]):
     def __missing__(self, key: tuple[str, str]) -> tuple[Path, Path]:
         model, mechanism = key
         where = self.root / f"{model}-{mechanism}"
-        cache = CacheConfig(budget=0.5 if mechanism == "whole" else 0.7, mechanisms=(mechanism,), validate_samples=2,
+        cache = CacheConfig(budget=0.5 if mechanism == "whole" else 0.7, mechanisms=(mechanism,), validate_samples=1,
                             refine=0)  # fmt: skip
         bundle = optimize(model, OptimizeConfig(out=where / "b", recipe=W8A8Config(), cache=cache, calib_size=2,
                                                 steps=STEPS, progress=False, cache_dir=where / "c"))  # fmt: skip
@@ -116,7 +116,7 @@ def test_int_sized_denoiser_follows_a_block_range_schedule_at_a_size_no_export_s
     from tests.matrix.builders import MATRIX, build
 
     entry = MATRIX["ltx"]
-    cache = CacheConfig(budget=0.7, mechanisms=("residual",), validate_samples=2, refine=0)
+    cache = CacheConfig(budget=0.7, mechanisms=("residual",), validate_samples=1, refine=0)
     bundle = optimize(str(build("ltx", tmp_path / "ltx")), OptimizeConfig(
         out=tmp_path / "b", recipe=W8A8Config(), cache=cache, calib_size=2, steps=STEPS, progress=False,
         call_kwargs=tuple(entry.call_kwargs.items()), cache_dir=tmp_path / "c"))  # fmt: skip

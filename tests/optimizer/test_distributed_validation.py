@@ -26,9 +26,9 @@ VIDEO_KW = (("height", 64), ("width", 64), ("num_frames", 16), ("max_sequence_le
 
 def _config(recipe: str, out: Path, cache: Path) -> OptimizeConfig:
     if recipe == "cache":
-        return OptimizeConfig(out=out, recipe=CacheConfig(budget=0.5, validate_samples=2, refine=0), calib_size=2,
+        return OptimizeConfig(out=out, recipe=CacheConfig(budget=0.5, validate_samples=1, refine=0), calib_size=2,
                               steps=6, progress=False, cache_dir=cache)  # fmt: skip
-    return OptimizeConfig(out=out, recipe=SparseConfig(density=0.5, validate_samples=2), calib_size=2, steps=3,
+    return OptimizeConfig(out=out, recipe=SparseConfig(density=0.5, validate_samples=1), calib_size=2, steps=3,
                           call_kwargs=VIDEO_KW, progress=False, cache_dir=cache)  # fmt: skip
 
 

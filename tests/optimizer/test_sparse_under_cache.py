@@ -23,8 +23,8 @@ from diffkiln.optimizer.workload import output_tensor
 from tests.runtime_e2e_helpers import VIDEO_KW, random_video_folder
 
 KW = VIDEO_KW
-SPARSE = SparseConfig(density=0.5, validate_samples=2)
-CACHE = CacheConfig(budget=0.6, validate_samples=2, refine=0)
+SPARSE = SparseConfig(density=0.5, validate_samples=1)
+CACHE = CacheConfig(budget=0.6, validate_samples=1, refine=0)
 
 
 @pytest.fixture(scope="module")

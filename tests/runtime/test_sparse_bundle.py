@@ -28,7 +28,7 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def sparse_bundle(folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One float-weight sparse bundle at density 0.5, shared by the ONNX and report tests."""
     root = tmp_path_factory.mktemp("sparse")
-    config = OptimizeConfig(out=root / "b", recipe=SparseConfig(density=0.5), calib_size=2, steps=4,
+    config = OptimizeConfig(out=root / "b", recipe=SparseConfig(density=0.5, validate_samples=1), calib_size=2, steps=4,
                             call_kwargs=KW, progress=False, cache_dir=root / "c")  # fmt: skip
     return optimize(str(folder), config)
 
@@ -41,7 +41,7 @@ def _latents(pipe: object) -> torch.Tensor:
 
 @pytest.mark.parametrize("recipe", ["sparse", "w8a8+sparse"])
 def test_masks_go_from_the_search_into_the_bundle_and_run(folder: Path, tmp_path: Path, recipe: str) -> None:
-    sparse = SparseConfig(density=0.35)
+    sparse = SparseConfig(density=0.35, validate_samples=1)
     config = OptimizeConfig(out=tmp_path / "b", recipe=sparse if recipe == "sparse" else W8A8Config(),
                             sparse=None if recipe == "sparse" else sparse, calib_size=2, steps=4, call_kwargs=KW,
                             progress=False, cache_dir=tmp_path / "c")  # fmt: skip
@@ -64,8 +64,8 @@ def test_masks_and_a_cache_schedule_in_one_w8a8_bundle(folder: Path, tmp_path: P
     """What ``--recipe w8a8 --attn-density 0.35 --cache-budget 0.6`` builds: both searches in one
     bundle; a reusing step skips its blocks' attention, and every step that runs a masked layer runs
     it masked."""
-    config = OptimizeConfig(out=tmp_path / "b", recipe=W8A8Config(), sparse=SparseConfig(density=0.35),
-                            cache=CacheConfig(budget=0.6, validate_samples=2, refine=0), calib_size=2, steps=4,
+    config = OptimizeConfig(out=tmp_path / "b", recipe=W8A8Config(), sparse=SparseConfig(density=0.35, validate_samples=1),
+                            cache=CacheConfig(budget=0.6, validate_samples=1, refine=0), calib_size=2, steps=4,
                             call_kwargs=KW, progress=False, cache_dir=tmp_path / "c")  # fmt: skip
     bundle = optimize(str(folder), config)
     manifest = json.loads((bundle / "manifest.json").read_text())

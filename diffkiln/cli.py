@@ -74,7 +74,8 @@ def _cmd_generate(a: argparse.Namespace) -> int:
     from diffkiln.zoo.registry import resolve_target
 
     prompts = list(a.prompt) + (read_prompts(a.prompts) if a.prompts else [])
-    config = GenerateConfig(a.steps, a.guidance, a.seed, a.batch_size, not a.no_progress, _call_kwargs(a), a.denoiser)
+    config = GenerateConfig(a.steps, a.guidance, a.seed, a.batch_size, not a.no_progress, _call_kwargs(a), a.denoiser,
+                            vae_tiling=a.vae_tiling)  # fmt: skip
     target = resolve_target(a.target)
     pipe = load_pipeline(target, a.device)
     inputs = InputFiles.of(a.image, a.mask_image, a.control_image, a.video)
@@ -128,6 +129,7 @@ def _cmd_report(a: argparse.Namespace) -> int:
         force_baseline=a.force_baseline,
         bos_comparison=not a.no_bos_comparison,
         call_kwargs=_call_kwargs(a),
+        vae_tiling=a.vae_tiling,
     )
     old_report = read_report(a.fail_on_regression) if a.fail_on_regression else None
     json_path, html_path = report(a.target, config, _report_out(a))
@@ -228,7 +230,7 @@ def _cmd_optimize(a: argparse.Namespace) -> int:
             raise InvalidInputError("give --sweep-cache or --sweep-attn, not both")
         build = (build_cache_sweep(a.target, config, tuple(a.sweep_cache)) if a.sweep_cache
                  else build_sparse_sweep(a.target, config, tuple(a.sweep_attn)))  # fmt: skip
-        json_path, html_path = evaluate_sweep(build, a.sweep_eval_size, not a.no_progress)
+        json_path, html_path = evaluate_sweep(build, a.sweep_eval_size, not a.no_progress, a.vae_tiling)
         print("\n".join(format_sweep_rows(json.loads(json_path.read_text()))))
         print(f"wrote {json_path} and {html_path}")
         return 0
@@ -236,7 +238,8 @@ def _cmd_optimize(a: argparse.Namespace) -> int:
         from diffkiln.report.sweep import evaluate_sweep, format_sweep_rows
 
         json_path, html_path = evaluate_sweep(
-            build_sweep(a.target, config, SweepConfig(budgets=tuple(a.sweep))), a.sweep_eval_size, not a.no_progress
+            build_sweep(a.target, config, SweepConfig(budgets=tuple(a.sweep))), a.sweep_eval_size, not a.no_progress,
+            a.vae_tiling,
         )
         print("\n".join(format_sweep_rows(json.loads(json_path.read_text()))))
         print(f"wrote {json_path} and {html_path}")

@@ -106,7 +106,14 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", type=device_name, default="cpu",
                    help="auto, cpu, cuda (cuda:N) or npu (default cpu; auto: NPU, else GPU, else CPU)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _add_vae_tiling(p, "")
     _add_call_args(p)
+
+
+def _add_vae_tiling(p: argparse.ArgumentParser, where: str) -> None:
+    p.add_argument("--vae-tiling", action="store_true",
+                   help=f"decode in tiles{where}: turn on the VAE's tiled decoding (enable_tiling()); needed by a VAE "
+                   "that decodes only in tiles (Allegro's), and saves memory on large images and clips")  # fmt: skip
 
 
 def _add_calibration_args(p: argparse.ArgumentParser) -> None:
@@ -196,6 +203,7 @@ def _add_optimize(sub: Any) -> None:
                    "references under --out, evaluate them and write sweep.json and sweep.html")  # fmt: skip
     o.add_argument("--sweep-eval-size", type=positive_int, default=50,
                    help="--sweep / --sweep-cache / --sweep-attn: prompts per set (default 50)")  # fmt: skip
+    _add_vae_tiling(o, " in the sweep's evaluation")
     add_cache_args(o)
     o.add_argument("--attn-density", type=float, metavar="FRACTION",
                    help="search block-sparse attention masks per layer, step group and head that keep this fraction "

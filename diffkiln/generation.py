@@ -47,6 +47,7 @@ __all__ = [
     "GenerateConfig",
     "GenerationResult",
     "PeakMemory",
+    "enable_vae_tiling",
     "frame_strip",
     "generate",
     "load_pipeline",
@@ -74,6 +75,9 @@ class GenerateConfig:
         denoiser: the pipeline component timed as denoiser; None finds it. Default None.
         label: what the progress bar calls the run (a report says ``evaluation: bundle``).
             Default ``"denoising"``.
+        vae_tiling: decode in tiles: turn on tiled decoding (``enable_tiling()``) in every pipeline
+            component that offers it (diffusers' autoencoders) before sampling. Needed by a VAE that
+            decodes only in tiles (Allegro's); saves memory on large images and clips. Default False.
     """
 
     steps: int | None = None
@@ -84,6 +88,7 @@ class GenerateConfig:
     call_kwargs: tuple[tuple[str, Any], ...] = ()
     denoiser: str | None = None
     label: str = "denoising"
+    vae_tiling: bool = False
 
     def __post_init__(self) -> None:
         if self.steps is not None and self.steps <= 0:
@@ -223,6 +228,22 @@ def _sample_rate(pipe: Any) -> int | None:
     return None
 
 
+def enable_vae_tiling(pipe: Any) -> list[str]:
+    """Turn on tiled decoding in every component of ``pipe`` that offers it (diffusers'
+    autoencoders: ``enable_tiling()``); returns their names.
+
+    Raises:
+        InvalidInputError: no component offers tiled decoding.
+    """
+    names = [n for n, c in getattr(pipe, "components", {}).items() if callable(getattr(c, "enable_tiling", None))]
+    if not names:
+        raise InvalidInputError(f"{type(pipe).__name__} has no component with tiled decoding (enable_tiling()); "
+                                "leave out --vae-tiling")  # fmt: skip
+    for name in names:
+        pipe.components[name].enable_tiling()
+    return names
+
+
 def _denoiser_name(pipe: Any, config: GenerateConfig) -> str | None:
     manifest = getattr(pipe, "diffkiln_manifest", None)
     return config.denoiser or (manifest["pipeline"]["denoiser"] if manifest else None)
@@ -281,6 +302,8 @@ def generate(
         **accepted_call_kwargs(pipe, {"num_inference_steps": steps, "guidance_scale": guidance, "output_type": "np"}),
         **accepted_call_kwargs(pipe, call_kwargs, strict=True),
     }
+    if config.vae_tiling:
+        enable_vae_tiling(pipe)
     pipe.set_progress_bar_config(disable=True)
     bar = tqdm(total=steps * n, desc=config.label, unit="sample-step", disable=not config.progress)
     arrays: list[np.ndarray] = []

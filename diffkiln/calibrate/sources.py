@@ -21,8 +21,9 @@ import contextlib
 import inspect
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
+from diffkiln.calibrate.call_failures import pipeline_failure
 from diffkiln.calibrate.media_sources import (
     FileImageSource,
     FileVideoSource,
@@ -269,14 +270,18 @@ def pipeline_call_hints(
     * a ``strength`` (image-to-image) that leaves fewer than one of the steps to run (diffusers
       starts at step ``steps - int(steps * strength)``, and fails on an empty schedule).
 
+    Any other failure in the pipeline's own code is named with the component that raised
+    (:func:`~diffkiln.calibrate.call_failures.pipeline_failure`); one in diffkiln's code stays as it is.
+
     Raises:
-        InvalidInputError: that failure, with the pipeline's own message and the fix.
+        InvalidInputError: one of the failures above, with the pipeline's own message and the fix.
+        PipelineCallError: another failure in the pipeline's own code.
     """
     try:
         yield
-    except (TypeError, ValueError, AttributeError, RuntimeError, IndexError) as exc:
-        if isinstance(exc, DiffkilnError):
-            raise
+    except Exception as exc:
+        if isinstance(exc, DiffkilnError) or not isinstance(exc, _HINTED):
+            _raise_named(pipe, exc, call_kwargs)
         name, params = type(pipe).__name__, call_parameters(pipe)
         strength = call_kwargs.get("strength", params["strength"].default if "strength" in params else None)
         if isinstance(strength, int | float) and steps * strength < 1:
@@ -294,7 +299,18 @@ def pipeline_call_hints(
                 "--control-image FILE to generate"
             )
             raise InvalidInputError(f"{name} failed without an input {missing[0]} ({exc}); {fix}") from exc
-        raise
+        _raise_named(pipe, exc, call_kwargs)
+
+
+_HINTED = (TypeError, ValueError, AttributeError, RuntimeError, IndexError)
+"""The failure types a missing input or an empty schedule raise in diffusers."""
+
+
+def _raise_named(pipe: Any, exc: Exception, call_kwargs: Mapping[str, Any]) -> NoReturn:
+    failure = pipeline_failure(pipe, exc, call_kwargs)
+    if failure is None:
+        raise exc
+    raise failure from exc
 
 
 def batch_kwargs(pipe: Any, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -13,6 +13,7 @@ __all__ = [
     "ModelNotFoundError",
     "NonFiniteError",
     "OutputPathError",
+    "PipelineCallError",
     "exit_status",
 ]
 
@@ -42,6 +43,12 @@ class OutputPathError(BundleError, InvalidInputError):
     """A path given as a bundle or an output cannot be used as one: not a bundle directory, or an
     output that exists (without ``--overwrite``, or holding files diffkiln did not write). A usage
     error, and a :class:`BundleError` for code that catches those."""
+
+
+class PipelineCallError(DiffkilnError, RuntimeError):
+    """The pipeline's own code failed during a call diffkiln made (diffkiln's hooks and kernels
+    raise their own errors): names the component that raised, its error, and the fix where one is
+    known. A failure (exit status 1): the model's code, not an argument diffkiln could check."""
 
 
 def exit_status(exc: DiffkilnError) -> int:

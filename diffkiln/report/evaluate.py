@@ -64,6 +64,8 @@ class ReportConfig:
             BOS-awareness in memory (from the cached calibration) and report both. Default True.
         call_kwargs: pipeline-call arguments for every call, as (name, value) pairs; they override
             the built-in model's and, for a bundle, those it was calibrated with. Default none.
+        vae_tiling: decode in tiles, the bundle and its FP baseline alike
+            (:attr:`diffkiln.generation.GenerateConfig.vae_tiling`). Default False.
     """
 
     eval_size: int = 200
@@ -79,6 +81,7 @@ class ReportConfig:
     force_baseline: bool = False
     bos_comparison: bool = True
     call_kwargs: tuple[tuple[str, Any], ...] = ()
+    vae_tiling: bool = False
 
     def __post_init__(self) -> None:
         if self.eval_size <= 0:
@@ -89,7 +92,7 @@ class ReportConfig:
     def generate_config(self) -> GenerateConfig:
         """The sampling settings as a GenerateConfig."""
         return GenerateConfig(self.steps, self.guidance, self.seed, self.batch_size, self.progress, self.call_kwargs,
-                              label="evaluation")  # fmt: skip
+                              label="evaluation", vae_tiling=self.vae_tiling)  # fmt: skip
 
 
 @dataclass

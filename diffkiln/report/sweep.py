@@ -66,7 +66,8 @@ def _x(row: dict[str, Any], key: str) -> float:
     return float(value) if value is not None else (16.0 if key == "avg_weight_bits" else 1.0)
 
 
-def evaluate_sweep(build: SweepBuild, eval_size: int = 50, progress: bool = True) -> tuple[Path, Path]:
+def evaluate_sweep(build: SweepBuild, eval_size: int = 50, progress: bool = True,
+                   vae_tiling: bool = False) -> tuple[Path, Path]:  # fmt: skip
     """Measure every bundle of a sweep against FP on the same samples and seeds, and write
     ``sweep.json`` and ``sweep.html`` into the sweep's folder.
 
@@ -75,6 +76,7 @@ def evaluate_sweep(build: SweepBuild, eval_size: int = 50, progress: bool = True
         eval_size: evaluation prompts per set (judged built-in models; others: the calibration
             prompts). Default 50.
         progress: show progress bars. Default True.
+        vae_tiling: decode in tiles (:attr:`diffkiln.generation.GenerateConfig.vae_tiling`). Default False.
 
     Returns:
         (sweep.json, sweep.html).
@@ -90,7 +92,7 @@ def evaluate_sweep(build: SweepBuild, eval_size: int = 50, progress: bool = True
     # schedules and sparse masks are searched for them.
     recorded = prep.stats.settings.get("call_kwargs") or {}
     gen_cfg = GenerateConfig(steps=prep.stats.settings.get("steps"), progress=progress,
-                             call_kwargs=tuple(recorded.items()))  # fmt: skip
+                             call_kwargs=tuple(recorded.items()), vae_tiling=vae_tiling)  # fmt: skip
     fp = generate(prep.pipe, prompts, gen_cfg, prep.resolved, measure=True)
     rows: list[dict[str, Any]] = []
     if judge_kind.scores:

@@ -64,7 +64,8 @@ def test_masks_and_a_cache_schedule_in_one_w8a8_bundle(folder: Path, tmp_path: P
     """What ``--recipe w8a8 --attn-density 0.35 --cache-budget 0.6`` builds: both searches in one
     bundle; a reusing step skips its blocks' attention, and every step that runs a masked layer runs
     it masked."""
-    config = OptimizeConfig(out=tmp_path / "b", recipe=W8A8Config(), sparse=SparseConfig(density=0.35, validate_samples=1),
+    sparse = SparseConfig(density=0.35, validate_samples=1)
+    config = OptimizeConfig(out=tmp_path / "b", recipe=W8A8Config(), sparse=sparse,
                             cache=CacheConfig(budget=0.6, validate_samples=1, refine=0), calib_size=2, steps=4,
                             call_kwargs=KW, progress=False, cache_dir=tmp_path / "c")  # fmt: skip
     bundle = optimize(str(folder), config)

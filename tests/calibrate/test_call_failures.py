@@ -1,0 +1,68 @@
+"""A failure inside a pipeline call is named with the component that raised when it is the model's
+own code, and left as it is when it is diffkiln's (a bug to report with its traceback)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from diffkiln.calibrate.sources import pipeline_call_hints
+from diffkiln.core.errors import InvalidInputError, PipelineCallError
+from diffkiln.core.metrics import sqnr_db
+from diffkiln.zoo.architectures.components import tiny_vae
+
+
+class _Pipe:
+    """The parts of a diffusers pipeline the attribution reads: its components."""
+
+    def __init__(self, **components: Any):
+        self.components = components
+
+    def __call__(self, fn: Any) -> Any:
+        return fn()
+
+
+def _call(pipe: _Pipe, fn: Any) -> Any:
+    with pipeline_call_hints(pipe, [{"prompt": "x"}], 2, {"num_inference_steps": 2, "height": 32}):
+        return pipe(fn)
+
+
+def test_the_models_own_failure_names_the_component_and_the_function() -> None:
+    vae = tiny_vae()
+    pipe = _Pipe(vae=vae, scheduler=object())
+    wrong = torch.zeros(1, 5, 32, 32)  # 5 channels into a 3-channel encoder: diffusers' code raises
+    with pytest.raises(PipelineCallError) as info:
+        _call(pipe, lambda: vae.encode(wrong))
+    message = str(info.value)
+    # The innermost frame in the model's own code whose ``self`` is one of the pipeline's modules.
+    assert message.startswith("_Pipe failed in its vae (Encoder.forward): RuntimeError: "), message
+    assert "--vae-tiling" in message  # an autoencoder with tiled decoding off: the one fix known
+    assert isinstance(info.value.__cause__, RuntimeError)
+
+
+def test_a_component_without_tiling_gets_the_call_arguments_to_check() -> None:
+    linear = torch.nn.Linear(4, 4)
+    pipe = _Pipe(transformer=linear)
+    with pytest.raises(PipelineCallError) as info:
+        _call(pipe, lambda: linear(torch.zeros(2, 3)))
+    message = str(info.value)
+    assert "failed in its transformer (Linear.forward)" in message and "--vae-tiling" not in message
+    assert "the call arguments diffkiln passed (height, num_inference_steps)" in message
+
+
+def test_diffkilns_own_failure_and_typed_errors_stay_as_they_are() -> None:
+    pipe = _Pipe(transformer=torch.nn.Linear(4, 4))
+    # sqnr_db is diffkiln's: the shape error inside it is raised as it is, with its traceback.
+    with pytest.raises(ValueError, match="shapes differ") as info:
+        _call(pipe, lambda: sqnr_db(torch.ones(2), torch.ones(3)))
+    assert not isinstance(info.value, PipelineCallError)
+    for error in (InvalidInputError("named"), OSError(28, "No space left on device"), MemoryError()):
+
+        def fail(e: BaseException = error) -> None:
+            raise e
+
+        with pytest.raises(type(error)) as caught:
+            _call(pipe, fail)
+        assert caught.value is error

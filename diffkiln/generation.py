@@ -22,11 +22,11 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from diffkiln.calibrate.pipeline_calls import call_pipeline
 from diffkiln.calibrate.sources import (
     CallSource,
     InputFiles,
     PromptSource,
-    batch_kwargs,
     pipeline_call_hints,
     source_for,
 )
@@ -321,15 +321,23 @@ def generate(
             chunk = [source.sample(i) for i in range(start, min(start + config.batch_size, n))]
             gens = [torch.Generator(device="cpu").manual_seed(config.seed + start + i) for i in range(len(chunk))]
 
-            def on_step(_p: Any, i: int, _t: Any, kwargs: dict[str, Any], size: int = len(chunk)) -> dict[str, Any]:
-                bar.update(size)
+            size = [len(chunk)]  # samples in the running call (one, for a pipeline that takes one input per call)
+
+            def on_step(_p: Any, i: int, _t: Any, kwargs: dict[str, Any], size: list[int] = size) -> dict[str, Any]:
+                bar.update(size[0])
                 # The last step's, whatever its index: an image-to-image call runs only its strength's share.
                 if measure and isinstance(kwargs.get("latents"), torch.Tensor):
                     last[:] = [kwargs["latents"].detach().float().cpu()]
                 return kwargs
 
+            def before_each(count: int, size: list[int] = size) -> None:
+                size[0] = count
+                latents.extend(last)  # the previous call's final latents, when one call per sample runs
+                last.clear()
+
             with torch.no_grad(), pipeline_call_hints(pipe, chunk, steps, common):
-                out = pipe(**batch_kwargs(pipe, chunk), generator=gens, **common, **step_callback_kwargs(pipe, on_step))
+                kwargs = {**common, **step_callback_kwargs(pipe, on_step)}
+                out = call_pipeline(pipe, chunk, gens, kwargs, before_each)
             latents.extend(last)
             last.clear()
             media = pipeline_media(out)

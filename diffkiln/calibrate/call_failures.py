@@ -10,6 +10,7 @@ pipeline's modules (a component or a module inside one), matched by identity.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
@@ -99,7 +100,12 @@ def pipeline_failure(pipe: Any, exc: BaseException, call_kwargs: Mapping[str, An
     if len(message) > _MESSAGE_CHARS:
         message = message[:_MESSAGE_CHARS] + " ..."
     comp = found[1] if found else None
-    if comp is not None and callable(getattr(comp, "enable_tiling", None)) and not getattr(comp, "use_tiling", False):
+    missing = getattr(exc, "name", None) if isinstance(exc, NameError) else None
+    if missing and importlib.util.find_spec(missing) is None:
+        # A module-level optional import that did not happen (diffusers imports ftfy only when it
+        # is installed, and some pipelines call it regardless).
+        fix = f"the pipeline's code uses the package {missing!r}, which is not installed here: pip install {missing}"
+    elif comp is not None and callable(getattr(comp, "enable_tiling", None)) and not getattr(comp, "use_tiling", False):
         fix = ("if it decodes only in tiles, turn its tiled decoding on: --vae-tiling (generate, report; optimize for "
                "its sweep's evaluation), GenerateConfig(vae_tiling=True) in Python")  # fmt: skip
     else:

@@ -30,12 +30,12 @@ from diffkiln.calibrate.blocks import find_blocks
 from diffkiln.calibrate.cache_stats import CacheRecorder, cache_recording
 from diffkiln.calibrate.config import CalibrationConfig
 from diffkiln.calibrate.dataflow import DataflowGraph, bind_call, trace_dataflow
+from diffkiln.calibrate.pipeline_calls import call_pipeline
 from diffkiln.calibrate.prompts import PROBE_PROMPTS
 from diffkiln.calibrate.recorder import Recorder, recording
 from diffkiln.calibrate.sources import (
     CallSource,
     PromptSource,
-    batch_kwargs,
     pipeline_call_hints,
     source_for,
 )
@@ -132,11 +132,11 @@ def _run_pipeline(pipe: Any, source: CallSource, config: CalibrationConfig, mode
     pipe.set_progress_bar_config(disable=True)
     n = len(source)
 
-    def call(samples: list[dict[str, Any]], first_seed: int, **extra: Any) -> Any:
+    def call(samples: list[dict[str, Any]], first_seed: int, before_each: Any = None, **extra: Any) -> Any:
         gens = [torch.Generator().manual_seed(first_seed + i) for i in range(len(samples))]
         kwargs = {**common, **extra}
         with pipeline_call_hints(pipe, samples, int(kwargs.get("num_inference_steps", config.steps)), kwargs):
-            return pipe(**batch_kwargs(pipe, samples), generator=gens, **kwargs)
+            return call_pipeline(pipe, samples, gens, kwargs, before_each)
 
     first_batch = [source.sample(i) for i in range(min(config.batch_size, n))]
     if config.denoiser is not None:
@@ -182,11 +182,16 @@ def _run_pipeline(pipe: Any, source: CallSource, config: CalibrationConfig, mode
             samples = [source.sample(i) for i in range(start, min(start + config.batch_size, n))]
             rec.start_call(start // config.batch_size)
 
-            def on_step(_p: Any, _i: int, _t: Any, kw: dict[str, Any], size: int = len(samples)) -> dict[str, Any]:
-                bar.update(size)
+            size = [len(samples)]  # samples in the running call (one, for a pipeline that takes one input per call)
+
+            def on_step(_p: Any, _i: int, _t: Any, kw: dict[str, Any], size: list[int] = size) -> dict[str, Any]:
+                bar.update(size[0])
                 return kw
 
-            call(samples, config.seed + start, **step_callback_kwargs(pipe, on_step))
+            def before_each(count: int, size: list[int] = size) -> None:
+                size[0] = count
+
+            call(samples, config.seed + start, before_each, **step_callback_kwargs(pipe, on_step))
             for first_batch_only in (cache_rec, attn_rec):
                 if first_batch_only is not None:
                     first_batch_only.active = False  # the first batch is enough for the proxies

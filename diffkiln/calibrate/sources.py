@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn, Protocol
@@ -36,6 +37,7 @@ from diffkiln.core.errors import DiffkilnError, InvalidInputError
 from diffkiln.core.pipelines import call_parameters, denoiser_candidates
 
 __all__ = [
+    "MEDIA_ARGUMENTS",
     "CallSource",
     "ClassLabelSource",
     "FileImageSource",
@@ -48,9 +50,11 @@ __all__ = [
     "batch_kwargs",
     "image_size",
     "pipeline_call_hints",
+    "remember_one_input_per_call",
     "source_for",
     "source_from_description",
     "takes_images",
+    "takes_one_input_per_call",
     "takes_video",
 ]
 
@@ -313,12 +317,39 @@ def _raise_named(pipe: Any, exc: Exception, call_kwargs: Mapping[str, Any]) -> N
     raise failure from exc
 
 
-def batch_kwargs(pipe: Any, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+MEDIA_ARGUMENTS = ("image", "video", "mask_image", "control_image")
+"""The per-sample call arguments that hold an input image or clip."""
+
+_ONE_PER_CALL: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def takes_one_input_per_call(pipe: Any) -> bool:
+    """Whether ``pipe`` was found to take one input image or clip per call, not a list
+    (:func:`diffkiln.calibrate.pipeline_calls.call_pipeline` finds it, and records it here)."""
+    try:
+        return pipe in _ONE_PER_CALL
+    except TypeError:  # not weak-referenceable: never recorded
+        return False
+
+
+def remember_one_input_per_call(pipe: Any) -> None:
+    """Record that ``pipe`` takes one input image or clip per call (:func:`takes_one_input_per_call`)."""
+    with contextlib.suppress(TypeError):  # not weak-referenceable: its calls keep trying lists first
+        _ONE_PER_CALL.add(pipe)
+
+
+def batch_kwargs(pipe: Any, samples: Sequence[dict[str, Any]], own_media: bool = False) -> dict[str, Any]:
     """One pipeline call's arguments for several samples: each argument as a list, or, for a
-    pipeline without per-sample inputs, its batch size."""
+    pipeline without per-sample inputs, its batch size. For one sample of a pipeline that takes one
+    input per call (:func:`takes_one_input_per_call`), the sample's own arguments; with
+    ``own_media``, one sample's images and clips as they are (not lists of one) for any pipeline."""
     if not samples or not samples[0]:
         params = call_parameters(pipe)
         return {"batch_size": len(samples)} if "batch_size" in params else {}
+    if len(samples) == 1 and takes_one_input_per_call(pipe):
+        return dict(samples[0])
+    if len(samples) == 1 and own_media:
+        return {k: v if k in MEDIA_ARGUMENTS else [v] for k, v in samples[0].items()}
     return {k: [s[k] for s in samples] for k in samples[0]}
 
 

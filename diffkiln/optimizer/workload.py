@@ -22,8 +22,9 @@ import torch
 from torch import nn
 
 from diffkiln.calibrate.config import CalibrationConfig
+from diffkiln.calibrate.pipeline_calls import call_pipeline
 from diffkiln.calibrate.run import ModuleInputs, pipeline_call_kwargs
-from diffkiln.calibrate.sources import batch_kwargs, source_from_description
+from diffkiln.calibrate.sources import source_from_description
 from diffkiln.calibrate.stats import CalibrationStats
 from diffkiln.core.errors import InvalidInputError
 from diffkiln.core.hooks import output_sample, recording_calls, scoped_hooks
@@ -81,7 +82,7 @@ class CalibrationCalls:
         """One pipeline call on every sample, seeded as calibration seeded it; returns its output."""
         gens = [torch.Generator().manual_seed(self.seed + i) for i in range(len(self.samples))]
         with torch.no_grad():
-            return pipe(**batch_kwargs(pipe, self.samples), generator=gens, **self.common)
+            return call_pipeline(pipe, self.samples, gens, self.common)
 
 
 @dataclass

@@ -66,3 +66,25 @@ def test_diffkilns_own_failure_and_typed_errors_stay_as_they_are() -> None:
         with pytest.raises(type(error)) as caught:
             _call(pipe, fail)
         assert caught.value is error
+
+
+def test_a_name_a_missing_package_leaves_undefined_names_the_package() -> None:
+    pipe = _Pipe(transformer=torch.nn.Linear(4, 4))
+
+    def uses_a_missing_package() -> None:
+        raise NameError("name 'not_installed_pkg_xyz' is not defined", name="not_installed_pkg_xyz")
+
+    with pytest.raises(PipelineCallError, match="uses the package 'not_installed_pkg_xyz', which is not installed"):
+        _call(pipe, uses_a_missing_package)
+
+
+def test_outputs_of_calls_on_consecutive_samples_join_along_the_batch() -> None:
+    from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
+
+    from diffkiln.calibrate.pipeline_calls import joined_output
+
+    parts = [StableDiffusionPipelineOutput(images=torch.full((1, 3), float(i)), nsfw_content_detected=None)
+             for i in range(3)]  # fmt: skip
+    joined = joined_output(parts)
+    assert type(joined) is StableDiffusionPipelineOutput and torch.equal(joined.images[:, 0], torch.arange(3.0))
+    assert joined_output([([1], "x"), ([2], "x")]) == ([1, 2], "x")

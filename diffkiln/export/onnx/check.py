@@ -56,7 +56,8 @@ def bundle_call(
     if calibration.get("guidance") is not None:
         defaults["guidance_scale"] = calibration["guidance"]
     return {
-        **batch_kwargs(pipe, samples),
+        # One sample's image as it is: some pipelines take no list of images (Wan image-to-video).
+        **batch_kwargs(pipe, samples, own_media=True),
         **accepted_call_kwargs(pipe, defaults),
         **accepted_call_kwargs(pipe, given, strict=True),
         "generator": [torch.Generator().manual_seed(i) for i in range(batch)],

@@ -2,8 +2,8 @@
 for a pipeline that takes one input image or clip per call, one call per sample.
 
 Some pipelines refuse a list where others batch it: ``WanImageToVideoPipeline`` checks that
-``image`` is one tensor or PIL image, ``VideoToVideoSDPipeline`` takes one clip. Nothing in the
-signature says so (both annotate the argument with diffusers' union that includes lists), so the
+``image`` is one tensor or PIL image. Nothing in the signature says so (it annotates the argument
+with diffusers' union that includes lists), so the
 call with an image or a clip is tried with them as lists; where it fails, the first sample fails
 in a list of one too, and runs with its own arguments (one image, not a list of one), the
 pipeline is remembered as taking one per call, and the rest of the samples are called one by
@@ -30,7 +30,6 @@ from diffkiln.calibrate.sources import (
 __all__ = ["call_pipeline", "joined_output"]
 
 log = logging.getLogger(__name__)
-
 
 
 def call_pipeline(pipe: Any, samples: Sequence[dict[str, Any]], generators: Sequence[torch.Generator],
@@ -68,12 +67,13 @@ def call_pipeline(pipe: Any, samples: Sequence[dict[str, Any]], generators: Sequ
             # The list is the cause only where the first sample fails in a list of one and runs
             # with its own arguments (an image-to-image call at a strength that leaves no step
             # fails with two samples and runs with one, listed or not: its failure stands).
-            try:
-                run(samples[:1], generators[:1])
-            except Exception:
-                pass
-            else:
-                raise exc from None
+            if len(samples) > 1:  # (one sample: that call is the one that just failed)
+                try:
+                    run(samples[:1], generators[:1])
+                except Exception:
+                    pass
+                else:
+                    raise exc from None
             # Its own failure, if the sample fails this way too (or a hook's stop: calibration
             # stops a call at the denoiser's first step); remembered only once it ran.
             first = one(samples[0], generators[0])

@@ -50,7 +50,7 @@ from transformers import BertConfig, BertModel, BertTokenizer, CLIPVisionConfig,
 
 from diffkiln.zoo.architectures.components import WORDS, clip_encoder, clip_tokenizer, t5_encoder, t5_tokenizer
 
-__all__ = ["MATRIX", "Lazy", "MatrixEntry", "build"]
+__all__ = ["MATRIX", "Lazy", "MatrixEntry", "build", "save_built"]
 
 
 @dataclass(frozen=True)
@@ -479,11 +479,17 @@ MATRIX: dict[str, MatrixEntry] = {
 
 def build(name: str, folder: Path, seed: int = 0) -> Path:
     """Build ``name`` with ``seed`` and save it as a diffusers folder at ``folder`` (once)."""
+    return save_built(MATRIX[name].build, folder, seed)
+
+
+def save_built(make: Callable[[Path], Any], folder: Path, seed: int = 0) -> Path:
+    """``make(scratch)`` with ``seed`` (the caller's random state left as it was), saved as a
+    diffusers folder at ``folder`` (once)."""
     if (folder / "model_index.json").is_file():
         return folder
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        pipe = MATRIX[name].build(folder.parent / f"{folder.name}-scratch")
+        pipe = make(folder.parent / f"{folder.name}-scratch")
     pipe.save_pretrained(folder)
     return folder
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline, WanTransformer3DModel
 from PIL import Image
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
@@ -19,6 +18,7 @@ from diffkiln.calibrate.sources import takes_one_input_per_call
 from diffkiln.generation import GenerateConfig, generate, load_pipeline
 from diffkiln.report import ReportConfig, report
 from diffkiln.zoo.architectures.components import t5_encoder, t5_tokenizer
+from tests.matrix.builders import save_built
 
 CALL = {"height": 32, "width": 32, "num_frames": 9, "max_sequence_length": 16}
 # Final latents of the W8A8 bundle against FP on the same images and seeds: measured 38.6 dB.
@@ -45,11 +45,7 @@ def _wan_i2v(scratch: Path) -> WanImageToVideoPipeline:
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("wan-i2v")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        _wan_i2v(root / "scratch").save_pretrained(root / "pipe")
-    return root / "pipe"
+    return save_built(_wan_i2v, tmp_path_factory.mktemp("wan-i2v") / "pipe")
 
 
 def _image(seed: int) -> Image.Image:

@@ -8,13 +8,13 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from diffusers import AllegroPipeline, AllegroTransformer3DModel, AutoencoderKLAllegro, EulerAncestralDiscreteScheduler
 
 from diffkiln.api import OptimizeConfig, optimize
 from diffkiln.cli import main
 from diffkiln.report import ReportConfig, report
 from diffkiln.zoo.architectures.components import t5_encoder, t5_tokenizer
+from tests.matrix.builders import save_built
 
 CALL = {"height": 32, "width": 32, "num_frames": 9, "max_sequence_length": 16, "clean_caption": False}
 # Latents of the W8A8 bundle against FP, same prompts and seeds: measured 47.4 dB.
@@ -37,12 +37,10 @@ def _allegro(scratch: Path) -> AllegroPipeline:
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("allegro")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        _allegro(root / "scratch").save_pretrained(root / "pipe")
+    folder = save_built(_allegro, root / "pipe")
     # Calibration samples latents: it never decodes, tiles or not.
     config = OptimizeConfig(out=root / "b", calib_size=2, steps=2, progress=False, call_kwargs=tuple(CALL.items()))
-    return optimize(str(root / "pipe"), config)
+    return optimize(str(folder), config)
 
 
 def test_without_tiling_the_vae_is_named_with_the_option(bundle: Path, tmp_path: Path,

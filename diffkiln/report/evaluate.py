@@ -314,11 +314,13 @@ def _one_call(pipe: Any, result: Any, config: GenerateConfig, target: ResolvedTa
     given = {**target.call_kwargs, **dict(config.call_kwargs)}
     source = source_for(pipe, result.prompts, 1, config.seed, given)
     defaults = {"num_inference_steps": result.steps, "guidance_scale": result.guidance, "output_type": "latent"}
+    # One sample as a one-sample call takes it: its image or clip, and one generator, not lists of
+    # one (a pipeline may refuse the first; VideoToVideoSD encodes one frame per listed generator).
     return {
-        **batch_kwargs(pipe, [source.sample(0)]),
+        **batch_kwargs(pipe, [source.sample(0)], own_media=True),
         **accepted_call_kwargs(pipe, defaults),
         **accepted_call_kwargs(pipe, given, strict=True),
-        "generator": [torch.Generator().manual_seed(config.seed)],
+        "generator": torch.Generator().manual_seed(config.seed),
     }
 
 

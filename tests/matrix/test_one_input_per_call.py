@@ -1,6 +1,8 @@
 """A pipeline that takes one input image per call (WanImageToVideoPipeline refuses a list of
 images; nothing in its signature says so): calibration, generation and the report call it once
-per sample, with each sample's own image, and join the outputs in order."""
+per sample, with each sample's own image, and join the outputs in order. VideoToVideoSDPipeline
+encodes only one frame per generator when given a list of them: it runs the same way, with one
+generator per call."""
 
 from __future__ import annotations
 
@@ -9,7 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline, WanTransformer3DModel
+from diffusers import (
+    AutoencoderKLWan,
+    FlowMatchEulerDiscreteScheduler,
+    VideoToVideoSDPipeline,
+    WanImageToVideoPipeline,
+    WanTransformer3DModel,
+)
 from PIL import Image
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
@@ -18,11 +26,13 @@ from diffkiln.calibrate.sources import takes_one_input_per_call
 from diffkiln.generation import GenerateConfig, generate, load_pipeline
 from diffkiln.report import ReportConfig, report
 from diffkiln.zoo.architectures.components import t5_encoder, t5_tokenizer
-from tests.matrix.builders import save_built
+from tests.matrix.builders import save_built, text_to_video_sd
 
 CALL = {"height": 32, "width": 32, "num_frames": 9, "max_sequence_length": 16}
 # Final latents of the W8A8 bundle against FP on the same images and seeds: measured 38.6 dB.
 MIN_LATENT_SQNR_DB = 25.0
+# The video-to-video bundle's final latents against FP on the same clips: measured 23.3 dB.
+MIN_V2V_LATENT_SQNR_DB = 15.0
 
 
 def _wan_i2v(scratch: Path) -> WanImageToVideoPipeline:
@@ -79,3 +89,18 @@ def test_a_bundle_is_calibrated_generated_and_measured_against_fp(folder: Path, 
     data = json.loads(json_path.read_text())
     print(f"wan image-to-video W8A8: latent SQNR {data['fidelity']['latent_sqnr_db']:.1f} dB")
     assert data["fidelity"]["latent_sqnr_db"] >= MIN_LATENT_SQNR_DB
+
+
+def _video_to_video(scratch: Path) -> VideoToVideoSDPipeline:
+    """ModelScope video-to-video: the matrix's tiny UNet3D text-to-video components."""
+    return VideoToVideoSDPipeline(**text_to_video_sd(scratch).components)
+
+
+def test_a_video_to_video_pipeline_is_calibrated_and_measured_on_its_clips(tmp_path: Path) -> None:
+    folder = save_built(_video_to_video, tmp_path / "v2v")
+    bundle = optimize(str(folder), OptimizeConfig(out=tmp_path / "b", calib_size=2, steps=4, progress=False))
+    json_path, _ = report(bundle, ReportConfig(eval_size=2, steps=4, progress=False), tmp_path / "r")
+    sqnr = json.loads(json_path.read_text())["fidelity"]["latent_sqnr_db"]
+    print(f"video-to-video SD W8A8: latent SQNR {sqnr:.1f} dB")
+    # UNet3D at random weights (the matrix's text-to-video-sd: 23.7 and 24.6 dB per call).
+    assert sqnr >= MIN_V2V_LATENT_SQNR_DB

@@ -60,7 +60,9 @@ def bundle_call(
         **batch_kwargs(pipe, samples, own_media=True),
         **accepted_call_kwargs(pipe, defaults),
         **accepted_call_kwargs(pipe, given, strict=True),
-        "generator": [torch.Generator().manual_seed(i) for i in range(batch)],
+        # One generator for one sample, not a list of one (VideoToVideoSD encodes one frame per listed generator).
+        "generator": [torch.Generator().manual_seed(i) for i in range(batch)] if batch > 1
+        else torch.Generator().manual_seed(0),
     }
 
 

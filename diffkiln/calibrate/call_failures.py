@@ -61,7 +61,7 @@ def _raised_by_diffkiln(frames: list[Any]) -> bool:
 def _is_library(frame: Any) -> bool:
     """torch's and the standard library's frames, which act for whoever called them."""
     name = frame.f_globals.get("__name__", "")
-    return name.split(".")[0] in {"torch", "contextlib", "functools", "typing", "inspect", "abc"}
+    return name.split(".")[0] in {"torch", "contextlib", "functools"}
 
 
 def _component(pipe: Any, frames: list[Any]) -> tuple[str, Any, str] | None:

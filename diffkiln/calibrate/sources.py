@@ -340,14 +340,11 @@ def remember_one_input_per_call(pipe: Any) -> None:
 
 def batch_kwargs(pipe: Any, samples: Sequence[dict[str, Any]], own_media: bool = False) -> dict[str, Any]:
     """One pipeline call's arguments for several samples: each argument as a list, or, for a
-    pipeline without per-sample inputs, its batch size. For one sample of a pipeline that takes one
-    input per call (:func:`takes_one_input_per_call`), the sample's own arguments; with
-    ``own_media``, one sample's images and clips as they are (not lists of one) for any pipeline."""
+    pipeline without per-sample inputs, its batch size. With ``own_media``, one sample's images and
+    clips as they are, not lists of one (a pipeline that takes one input per call refuses those)."""
     if not samples or not samples[0]:
         params = call_parameters(pipe)
         return {"batch_size": len(samples)} if "batch_size" in params else {}
-    if len(samples) == 1 and takes_one_input_per_call(pipe):
-        return dict(samples[0])
     if len(samples) == 1 and own_media:
         return {k: v if k in MEDIA_ARGUMENTS else [v] for k, v in samples[0].items()}
     return {k: [s[k] for s in samples] for k in samples[0]}

@@ -315,6 +315,7 @@ def generate(
     peak = PeakMemory(getattr(pipe, "device", torch.device("cpu"))) if measure else None
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:
+        stack.enter_context(bar)  # closed on a failure too, so that an error line starts a line of its own
         if timer is not None:
             stack.enter_context(timer.hooks())
         for start in range(0, n, config.batch_size):
@@ -343,8 +344,7 @@ def generate(
             media = pipeline_media(out)
             kind = media.kind
             arrays.extend(media.items())
-    bar.total = bar.n  # an image-to-image call runs only its strength's share of the steps
-    bar.close()
+        bar.total = bar.n  # an image-to-image call runs only its strength's share of the steps
     result = GenerationResult(labels, [], steps, guidance, config.seed, type(pipe.scheduler).__name__,
                               time.perf_counter() - t0, inputs=pictures)  # fmt: skip
     if kind == "audios":

@@ -113,10 +113,13 @@ def test_a_bundle_without_its_manifest(bundle: Path, tmp_path: Path) -> None:
         (["optimize", "shapes-unet", "--recipe", "mixed", "--avg-weight-bits", "2", "--out", "{tmp}/m",
           "--calib-size", "2", "--steps", "2", "--no-progress"], 2, "smallest feasible average is"),
         (["inspect", "{tmp}/a_file"], 2, "is not a bundle directory"),
+        # The pipeline's own check, after the progress bar has started: the error starts its own line.
+        (["generate", "{bundle}", "--prompt", "x", "--call-arg", "height=7", "--call-arg", "width=7", "--out",
+          "{tmp}/g"], 1, "StableDiffusionPipeline failed: ValueError: `height` and `width` have to be divisible by 8"),
     ],
     ids=["opset", "cuda-on-cpu-torch", "generate-out-file", "report-out-file", "unknown-device", "device-index",
          "threads-0",
-         "mixed-weight-bits", "infeasible-budget-before-search", "inspect-a-file"],
+         "mixed-weight-bits", "infeasible-budget-before-search", "inspect-a-file", "pipeline-refuses-a-call"],
 )  # fmt: skip
 def test_bad_arguments_are_one_line(bundle: Path, tmp_path: Path, args: list[str], status: int, message: str) -> None:
     if "cuda-on-cpu-torch" in str(args) and _cuda():

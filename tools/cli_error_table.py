@@ -34,6 +34,10 @@ CASES: list[tuple[str, list[str]]] = [
     ("a malformed --call-arg", ["generate", "shapes-unet", "--prompt", "x", "--call-arg", "height"]),
     ("a --call-arg the pipeline does not take", ["generate", "shapes-dit", "--prompt", "x", "--call-arg", "fps=3"]),
     (
+        "a call argument the pipeline's own checks refuse",
+        ["generate", "shapes-unet", "--prompt", "x", "--call-arg", "height=7", "--call-arg", "width=7"],
+    ),
+    (
         "--image for a pipeline that starts from none",
         ["generate", "shapes-unet", "--prompt", "x", "--image", "{t}/a_file"],
     ),

@@ -173,6 +173,7 @@ def _run_pipeline(pipe: Any, source: CallSource, config: CalibrationConfig, mode
     total = sum(min(config.batch_size, n - b) for b in mine)
     bar = tqdm(total=total * config.steps, desc="calibration", unit="sample-step", disable=not config.progress)
     with (
+        bar,  # closed on a failure too, so that an error line starts a line of its own
         recording(denoiser, rec),
         _maybe_cache_recording(denoiser, cache_rec),
         _maybe_attention_recording(denoiser, attn_rec),
@@ -195,8 +196,7 @@ def _run_pipeline(pipe: Any, source: CallSource, config: CalibrationConfig, mode
             for first_batch_only in (cache_rec, attn_rec):
                 if first_batch_only is not None:
                     first_batch_only.active = False  # the first batch is enough for the proxies
-    bar.total = bar.n  # an image-to-image call runs only its strength's share of the steps
-    bar.close()
+        bar.total = bar.n  # an image-to-image call runs only its strength's share of the steps
     timesteps = getattr(getattr(pipe, "scheduler", None), "timesteps", None)
     steps_run = len(timesteps) if timesteps is not None else config.steps
     cache, attention = None, None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import closing, contextmanager, nullcontext
 from typing import Any, TypeVar
 
 import torch
@@ -95,11 +95,15 @@ def sharded_map(fn: Callable[[T], R], items: Sequence[T], progress: Any = None) 
     Args:
         fn: the work per item.
         items: the items.
-        progress: wraps this rank's share for display (e.g. a ``tqdm`` partial), or None.
+        progress: wraps this rank's share for display (e.g. a ``tqdm`` partial), or None; closed
+            when the work ends or fails.
     """
     rank, world = rank_world()
     share = range(rank, len(items), world)
-    mine = {i: fn(items[i]) for i in (progress(share) if progress is not None else share)}
+    shown = progress(share) if progress is not None else share
+    # Closed on a failure too: a bar left open runs into the error line the CLI prints.
+    with closing(shown) if hasattr(shown, "close") else nullcontext():
+        mine = {i: fn(items[i]) for i in shown}
     if world == 1:
         return [mine[i] for i in range(len(items))]
     merged: dict[int, R] = {}

@@ -114,27 +114,28 @@ def _write_denoiser(
     quant_layers: dict[str, Any] = {}
     quantized_params: set[str] = set()
     quantized = [lp for lp in plan.layers if lp.quantized]
-    for lp in tqdm(quantized, desc="freeze: packing weights", unit="layer", disable=not progress):
-        module = layers[lp.name]
-        frozen = freeze_layer(module, lp, stats.layers.get(lp.name))
-        for suffix, t in frozen.items():
-            if suffix in _FLOAT_SUFFIXES:
-                t = _stored_float(t, storage)  # the runtime casts it back to float32
-            tensors[f"{lp.name}::{suffix}"] = t.contiguous()
-        quantized_params.update(f"{lp.name}.{p}" for p, _ in module.named_parameters(recurse=False))
-        quant_layers[lp.name] = {
-            "bits": lp.weight.bits if lp.weight else 16,
-            "granularity": lp.weight.granularity if lp.weight else None,
-            # None: one scale per output channel; else two-level groups of this many inputs.
-            "group_size": lp.weight.group_size if lp.weight else None,
-            "symmetric": lp.weight.symmetric if lp.weight else None,
-            "packed": bool(lp.weight and lp.weight.bits in PACKABLE_BITS),
-            "scale_dtype": lp.weight.scale_dtype if lp.weight else None,
-            "act": {"bits": lp.act.bits, "mode": lp.act.mode.value} if lp.act else None,
-            "tensors": sorted(f"{lp.name}::{s}" for s in frozen),
-            "meta": layer_meta(module, lp),
-            "bos_positions": list(lp.bos_positions),
-        }
+    with tqdm(quantized, desc="freeze: packing weights", unit="layer", disable=not progress) as bar:
+        for lp in bar:
+            module = layers[lp.name]
+            frozen = freeze_layer(module, lp, stats.layers.get(lp.name))
+            for suffix, t in frozen.items():
+                if suffix in _FLOAT_SUFFIXES:
+                    t = _stored_float(t, storage)  # the runtime casts it back to float32
+                tensors[f"{lp.name}::{suffix}"] = t.contiguous()
+            quantized_params.update(f"{lp.name}.{p}" for p, _ in module.named_parameters(recurse=False))
+            quant_layers[lp.name] = {
+                "bits": lp.weight.bits if lp.weight else 16,
+                "granularity": lp.weight.granularity if lp.weight else None,
+                # None: one scale per output channel; else two-level groups of this many inputs.
+                "group_size": lp.weight.group_size if lp.weight else None,
+                "symmetric": lp.weight.symmetric if lp.weight else None,
+                "packed": bool(lp.weight and lp.weight.bits in PACKABLE_BITS),
+                "scale_dtype": lp.weight.scale_dtype if lp.weight else None,
+                "act": {"bits": lp.act.bits, "mode": lp.act.mode.value} if lp.act else None,
+                "tensors": sorted(f"{lp.name}::{s}" for s in frozen),
+                "meta": layer_meta(module, lp),
+                "bos_positions": list(lp.bos_positions),
+            }
     # Everything else of the denoiser: FP layers, norms, embeddings, and the buffers its
     # constructor does not rebuild exactly (the runtime rebuilds and checks the derived ones).
     derived = find_derived_buffers(denoiser)

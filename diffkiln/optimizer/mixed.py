@@ -234,19 +234,20 @@ def search_mixed(model: Any, stats: CalibrationStats, config: MixedConfig, conte
     measured: list[dict[str, Any]] = []
     plans: list[Plan] = []
     scores: list[np.ndarray] = []
-    bar = tqdm(allocations, desc="mixed search: measuring plans", unit="plan", disable=not context.progress)
-    for avgs, wbits, abits in bar:
-        plan = dataclasses.replace(base, recipe="mixed", layers=_mixed_layers(base, wbits, abits, config.group_size))
-        scores.append(_measure_plan(model, plan, stats, workload))
-        plans.append(plan)
-        measured.append({
-            "group_avg_bits": {g: round(a, 3) for g, a in avgs.items()},
-            "avg_weight_bits": round(plan.avg_weight_bits, 3),
-            "avg_stored_weight_bits": round(plan.avg_stored_weight_bits, 3),
-            "avg_act_bits": round(plan.avg_act_bits, 3),
-            "score": round(float(np.mean(scores[-1])), 5),
-            "score_per_sample": [round(float(v), 5) for v in scores[-1]],
-        })  # fmt: skip
+    with tqdm(allocations, desc="mixed search: measuring plans", unit="plan", disable=not context.progress) as bar:
+        for avgs, wbits, abits in bar:
+            layers = _mixed_layers(base, wbits, abits, config.group_size)
+            plan = dataclasses.replace(base, recipe="mixed", layers=layers)
+            scores.append(_measure_plan(model, plan, stats, workload))
+            plans.append(plan)
+            measured.append({
+                "group_avg_bits": {g: round(a, 3) for g, a in avgs.items()},
+                "avg_weight_bits": round(plan.avg_weight_bits, 3),
+                "avg_stored_weight_bits": round(plan.avg_stored_weight_bits, 3),
+                "avg_act_bits": round(plan.avg_act_bits, 3),
+                "score": round(float(np.mean(scores[-1])), 5),
+                "score_per_sample": [round(float(v), 5) for v in scores[-1]],
+            })  # fmt: skip
     chosen = select_candidate(scores, config.select_confidence)
     notes = {
         **base.notes,

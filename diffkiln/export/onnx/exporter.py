@@ -258,8 +258,8 @@ def export_onnx(bundle: LoadedBundle, config: OnnxExportConfig) -> Path:
     entries: dict[str, Any] = {}
     skipped: dict[str, str] = {}
     cache_graph: dict[str, Any] | None = None
-    with atomic_directory(Path(config.out), config.overwrite) as tmp:
-        bar = tqdm(components, desc="exporting to ONNX", unit="component", disable=not config.progress)
+    bar = tqdm(components, desc="exporting to ONNX", unit="component", disable=not config.progress)
+    with atomic_directory(Path(config.out), config.overwrite) as tmp, bar:  # bar: closed on a failure too
         for component in bar:
             bar.set_postfix_str(component.name)
             if component.kind == ComponentKind.DENOISER:

@@ -7,6 +7,7 @@ import html
 import io
 import json
 import math
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from PIL import Image
@@ -90,25 +91,32 @@ _SET_TITLES = {
 }
 
 
-def bar_chart(values: dict[str, float], unit: str, good: float) -> str:
-    """A horizontal SVG bar chart (inline, no scripts); bars under ``good`` are drawn red."""
+def bar_chart(values: Mapping[str, float | None], unit: str, good: float) -> str:
+    """A horizontal SVG bar chart (inline, no scripts); bars under ``good`` are drawn red.
+
+    An infinite value, or None (report.json's stand-in for one: JSON has no infinity), is an exact
+    layer: drawn at 99 and labelled ``exact``. NaN (a non-finite output) is drawn empty and labelled
+    ``not finite``.
+    """
     if not values:
         return "<p>no data</p>"
     # An exact layer has infinite SQNR; draw it at 99 dB so the scale stays readable.
-    finite = {k: (v if math.isfinite(v) else 99.0) for k, v in values.items()}
-    top = max(max(finite.values()), 1.0)
+    shown = {k: 99.0 if v is None or v == math.inf else 0.0 if math.isnan(v) else v for k, v in values.items()}
+    top = max(max(shown.values()), 1.0)
     row, label_w, bar_w = 14, 420, 360
     rows = []
-    for i, (name, v) in enumerate(finite.items()):
+    for i, (name, v) in enumerate(shown.items()):
+        raw = values[name]
         w = max(1.0, bar_w * max(v, 0.0) / top)
         color = "#2a2" if v >= good else "#d22"
         y = i * row
+        text = "exact" if raw is None or raw == math.inf else "not finite" if math.isnan(raw) else f"{v:.1f} {unit}"
         rows.append(
             f"<text x='{label_w - 6}' y='{y + 10}' text-anchor='end' font-size='10'>{html.escape(name)}</text>"
             f"<rect x='{label_w}' y='{y + 2}' width='{w:.1f}' height='{row - 4}' fill='{color}'/>"
-            f"<text x='{label_w + w + 4:.1f}' y='{y + 10}' font-size='10'>{v:.1f} {unit}</text>"
+            f"<text x='{label_w + w + 4:.1f}' y='{y + 10}' font-size='10'>{text}</text>"
         )
-    height = row * len(finite) + 4
+    height = row * len(shown) + 4
     return f"<svg width='{label_w + bar_w + 80}' height='{height}'>{''.join(rows)}</svg>"
 
 

@@ -81,9 +81,10 @@ def build_denoiser(bundle: Path, manifest: dict[str, Any]) -> nn.Module:
     derived = quant.get("derived_buffers", {})
     try:
         config = cls.load_config(bundle / pipe_info["denoiser"])
-        # Parameters on meta (they come from the bundle); buffers real when the constructor's tables
-        # are used instead of stored ones.
-        with real_buffers_meta_params() if derived else torch.device("meta"):
+        # Parameters on meta (they come from the bundle); buffers real, and so are the tensors a
+        # constructor keeps as plain attributes (Lumina2's and QwenImage's rotary tables): no file
+        # holds those, the constructor is their only source, as in diffusers' own loading.
+        with real_buffers_meta_params():
             denoiser = cls.from_config(config)
     except Exception as exc:  # diffusers raises many types on a bad config (OSError, ValueError...)
         raise BundleError(f"cannot build the {cls.__name__} from {config_file}: {type(exc).__name__}: {exc}") from None

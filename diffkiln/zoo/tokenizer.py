@@ -1,4 +1,5 @@
-"""Build a CLIP byte-level BPE tokenizer from a word list, offline.
+"""Build tokenizers from a word list, offline: CLIP's byte-level BPE, T5's unigram, and a
+word-level stand-in for the decoder language models' (Gemma, Llama, GLM, Qwen).
 
 Real CLIP vocabularies cannot be downloaded here, so the built-in models use our own: the 512
 byte-level base symbols of CLIP's BPE (every byte, bare and word-final), merges that assemble
@@ -13,9 +14,9 @@ from collections.abc import Iterable
 from itertools import pairwise
 from pathlib import Path
 
-from transformers import CLIPTokenizer, T5Tokenizer
+from transformers import CLIPTokenizer, PreTrainedTokenizerFast, T5Tokenizer
 
-__all__ = ["BOS_TOKEN", "EOS_TOKEN", "build_clip_tokenizer", "build_t5_tokenizer"]
+__all__ = ["BOS_TOKEN", "EOS_TOKEN", "build_clip_tokenizer", "build_t5_tokenizer", "build_word_tokenizer"]
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -118,3 +119,27 @@ def build_t5_tokenizer(words: Iterable[str], out_dir: str | Path, max_length: in
     tok = T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=max_length)
     tok.save_pretrained(out)
     return tok
+
+
+def build_word_tokenizer(words: Iterable[str], max_length: int) -> PreTrainedTokenizerFast:
+    """A fast word-level tokenizer that stands in for a decoder language model's (Gemma, Llama,
+    GLM, Qwen): ``<pad>`` is id 0, every text starts with ``<bos>`` (as theirs do, so an empty
+    negative prompt is one token, never none), each word is one token, other text splits into
+    single characters or ``<unk>``. Saved with ``save_pretrained`` as ``tokenizer.json``.
+
+    Args:
+        words: lower-case words, each one token.
+        max_length: ``model_max_length``.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    specials = ["<pad>", "<unk>", "<bos>", "<eos>"]
+    chars = list("abcdefghijklmnopqrstuvwxyz0123456789.,:;!?'\"()-_<>|/")
+    vocab = {t: i for i, t in enumerate(dict.fromkeys([*specials, *sorted(set(words)), *chars]))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", vocab["<bos>"])]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>",
+                                   eos_token="<eos>", model_max_length=max_length)  # fmt: skip

@@ -1,8 +1,9 @@
 """Shared tiny components of the random-weight architecture pipelines: text encoders, tokenizers, VAE.
 
-The tokenizers are made by diffkiln (byte-level BPE for CLIP, unigram for T5/UMT5) from a small
-word list, so no tokenizer file is ever downloaded. Any text still tokenizes: words outside the
-list fall back to bytes (CLIP) or letters (T5).
+The tokenizers are made by diffkiln (byte-level BPE for CLIP, unigram for T5/UMT5, word-level for
+the decoder language models) from a small word list, so no tokenizer file is ever downloaded. Any
+text still tokenizes: words outside the list fall back to bytes (CLIP) or letters (T5, the
+others).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from transformers import (
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
+    PreTrainedTokenizerFast,
     T5EncoderModel,
     T5Tokenizer,
     UMT5EncoderModel,
@@ -21,13 +23,14 @@ from transformers import (
 
 from diffkiln.zoo.catalog import TINY_IMAGE_SIZE, TINY_T5_LENGTH
 from diffkiln.zoo.shapes_models import build_t5_encoder, build_text_encoder
-from diffkiln.zoo.tokenizer import build_clip_tokenizer, build_t5_tokenizer
+from diffkiln.zoo.tokenizer import build_clip_tokenizer, build_t5_tokenizer, build_word_tokenizer
 
 __all__ = [
     "CLIP_MAX_LENGTH",
     "WORDS",
     "clip_encoder",
     "clip_tokenizer",
+    "lm_tokenizer",
     "t5_encoder",
     "t5_tokenizer",
     "tiny_vae",
@@ -65,6 +68,16 @@ def t5_tokenizer(out_dir: str | Path) -> T5Tokenizer:
         out_dir: folder to write the tokenizer into.
     """
     return build_t5_tokenizer(WORDS, out_dir, TINY_T5_LENGTH)
+
+
+def lm_tokenizer(max_length: int = 512) -> PreTrainedTokenizerFast:
+    """The tiny pipelines' stand-in for a decoder language model's tokenizer (Gemma, Llama, GLM,
+    Qwen): word-level, BOS first, ``<pad>`` id 0.
+
+    Args:
+        max_length: ``model_max_length``. Default 512.
+    """
+    return build_word_tokenizer(WORDS, max_length)
 
 
 def clip_encoder(

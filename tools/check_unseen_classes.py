@@ -1,14 +1,18 @@
-"""Six denoiser classes built outside the test matrix, each with shapes and call arguments of its
+"""Ten denoiser classes built outside the test matrix, each with shapes and call arguments of its
 own, run through `diffkiln optimize FOLDER` with `--call-arg` options only, as a user would.
 
 For each: build the tiny pipeline (random weights, seed 1) and save it as a diffusers folder; run
 the CLI in a fresh process; then load the bundle and the folder and compare the bundle's denoiser
 with the FP one on every sampler call of a held-out prompt (per-call SQNR; issue 20's bar: 20 dB).
-Last, `diffkiln report BUNDLE` in a fresh process, which decodes: the final latents' SQNR against
+Then `diffkiln report BUNDLE` in a fresh process, which decodes: the final latents' SQNR against
 FP. Allegro's VAE decodes only in tiles: its report runs with `--vae-tiling`, and once without, to
-record the one-line error that names the option.
-Four of the six classes are not in the test matrix at all (Allegro, Mochi, AnimateDiff,
-PixArt-Sigma); the other two (HunyuanDiT, Stable Audio) are built at other widths and depths.
+record the one-line error that names the option. Last, `diffkiln export BUNDLE --format onnx
+--denoiser-only`: the graph's dynamic axes and its check against the torch runtime, or the error.
+Eight of the ten classes are in no test matrix entry (Allegro, Mochi, AnimateDiff, PixArt-Sigma,
+HunyuanVideo, CogView4; Lumina2 and QwenImage only in tests/matrix/test_constructor_tensors.py, at
+other widths); the other two (HunyuanDiT, Stable Audio) are built at other widths and depths. The
+decoder language models' tokenizers (Llama, GLM, Gemma 2, Qwen2.5-VL) are diffkiln's word-level
+stand-in (`lm_tokenizer`).
 
 Usage:
     python tools/check_unseen_classes.py --work /tmp/unseen --out tools/results/unseen_classes.json
@@ -32,30 +36,62 @@ from diffusers import (
     AnimateDiffPipeline,
     AutoencoderKL,
     AutoencoderKLAllegro,
+    AutoencoderKLHunyuanVideo,
     AutoencoderKLMochi,
+    AutoencoderKLQwenImage,
     AutoencoderOobleck,
+    CogView4Pipeline,
+    CogView4Transformer2DModel,
     DDIMScheduler,
     EDMDPMSolverMultistepScheduler,
     FlowMatchEulerDiscreteScheduler,
     HunyuanDiT2DModel,
     HunyuanDiTPipeline,
+    HunyuanVideoPipeline,
+    HunyuanVideoTransformer3DModel,
+    Lumina2Pipeline,
+    Lumina2Transformer2DModel,
     MochiPipeline,
     MochiTransformer3DModel,
     MotionAdapter,
     PixArtSigmaPipeline,
     PixArtTransformer2DModel,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
     StableAudioDiTModel,
     StableAudioPipeline,
     UNet2DConditionModel,
 )
 from diffusers.pipelines.stable_audio import StableAudioProjectionModel
-from transformers import BertConfig, BertModel, BertTokenizer
+from transformers import (
+    BertConfig,
+    BertModel,
+    BertTokenizer,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
+    Gemma2Config,
+    Gemma2Model,
+    GlmConfig,
+    GlmModel,
+    LlamaConfig,
+    LlamaModel,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+)
 
 from diffkiln.calibrate import batch_kwargs, source_for
 from diffkiln.core.hooks import recording_calls
 from diffkiln.core.metrics import sqnr_db
 from diffkiln.generation import load_pipeline
-from diffkiln.zoo.architectures.components import WORDS, clip_encoder, clip_tokenizer, t5_encoder, t5_tokenizer
+from diffkiln.zoo.architectures.components import (
+    WORDS,
+    clip_encoder,
+    clip_tokenizer,
+    lm_tokenizer,
+    t5_encoder,
+    t5_tokenizer,
+)
 
 MIN_CALL_SQNR_DB = 20.0
 TILED_VAE = {"allegro"}
@@ -261,6 +297,170 @@ def pixart_sigma(scratch: Path) -> Any:
     )
 
 
+def hunyuan_video(scratch: Path) -> Any:
+    tok = lm_tokenizer()
+    transformer = HunyuanVideoTransformer3DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=10,
+        num_layers=2,
+        num_single_layers=2,
+        num_refiner_layers=1,
+        patch_size=1,
+        patch_size_t=1,
+        guidance_embeds=True,
+        text_embed_dim=16,
+        pooled_projection_dim=8,
+        rope_axes_dim=(2, 4, 4),
+    )
+    vae = AutoencoderKLHunyuanVideo(
+        latent_channels=4,
+        down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+        up_block_types=("HunyuanVideoUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        norm_num_groups=4,
+        spatial_compression_ratio=8,
+        temporal_compression_ratio=4,
+    )
+    llama = LlamaModel(
+        LlamaConfig(
+            hidden_size=16,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=3,
+            vocab_size=len(tok),
+            pad_token_id=0,
+            bos_token_id=2,
+            eos_token_id=3,
+        )
+    )
+    # The pipeline pads CLIP prompts to 77 tokens: a CLIP tokenizer and encoder of that length.
+    clip_tok = clip_tokenizer(scratch / "clip")
+    clip_tok.model_max_length = 77
+    clip_tok.save_pretrained(scratch / "clip77")
+    clip_tok = CLIPTokenizer.from_pretrained(scratch / "clip77")
+    clip = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(clip_tok),
+            hidden_size=8,
+            intermediate_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            bos_token_id=clip_tok.bos_token_id,
+            eos_token_id=clip_tok.eos_token_id,
+            pad_token_id=clip_tok.pad_token_id,
+        )
+    )
+    return HunyuanVideoPipeline(
+        transformer=transformer,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        text_encoder=llama,
+        tokenizer=tok,
+        text_encoder_2=clip,
+        tokenizer_2=clip_tok,
+    )
+
+
+def cogview4(scratch: Path) -> Any:
+    tok = lm_tokenizer()
+    transformer = CogView4Transformer2DModel(
+        patch_size=2,
+        in_channels=4,
+        num_layers=2,
+        attention_head_dim=4,
+        num_attention_heads=4,
+        out_channels=4,
+        text_embed_dim=32,
+        time_embed_dim=8,
+        condition_dim=4,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        base_shift=0.25, max_shift=0.75, base_image_seq_len=256, use_dynamic_shifting=True, time_shift_type="linear"
+    )
+    glm = GlmModel(
+        GlmConfig(
+            hidden_size=32,
+            intermediate_size=8,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            head_dim=8,
+            vocab_size=len(tok),
+            pad_token_id=0,
+        )
+    )
+    return CogView4Pipeline(tokenizer=tok, text_encoder=glm, vae=_vae(levels=2), transformer=transformer,
+                            scheduler=scheduler)  # fmt: skip
+
+
+def lumina2(scratch: Path) -> Any:
+    tok = lm_tokenizer()
+    transformer = Lumina2Transformer2DModel(
+        sample_size=4,
+        patch_size=2,
+        in_channels=4,
+        hidden_size=24,
+        num_layers=3,
+        num_attention_heads=3,
+        num_kv_heads=1,
+        multiple_of=16,
+        axes_dim_rope=[4, 2, 2],
+        cap_feat_dim=8,
+    )
+    gemma = Gemma2Model(
+        Gemma2Config(
+            head_dim=4,
+            hidden_size=8,
+            intermediate_size=37,
+            num_attention_heads=2,
+            num_hidden_layers=2,
+            num_key_value_heads=2,
+            vocab_size=len(tok),
+            pad_token_id=0,
+            attn_implementation="eager",
+        )
+    )
+    return Lumina2Pipeline(transformer=transformer, vae=_vae(levels=2), scheduler=FlowMatchEulerDiscreteScheduler(),
+                           text_encoder=gemma, tokenizer=tok)  # fmt: skip
+
+
+def qwenimage(scratch: Path) -> Any:
+    tok = lm_tokenizer()
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=16,
+        out_channels=4,
+        num_layers=3,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        axes_dims_rope=(8, 4, 4),
+    )
+    vae = AutoencoderKLQwenImage(
+        base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1, temperal_downsample=[False, True],
+        latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
+    )  # fmt: skip
+    n = len(tok)  # the vision tokens' ids follow the words'
+    text = {
+        "hidden_size": 16,
+        "intermediate_size": 16,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "rope_theta": 1e6,
+        "vocab_size": n + 4,
+        "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+    }
+    vision = {"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 16}
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, hidden_size=16, vocab_size=n + 4,
+                              vision_start_token_id=n, vision_end_token_id=n + 1, vision_token_id=n + 2)  # fmt: skip
+    return QwenImagePipeline(transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(),
+                             text_encoder=Qwen2_5_VLForConditionalGeneration(config), tokenizer=tok)  # fmt: skip
+
+
 CLASSES: dict[str, tuple[Callable[[Path], Any], dict[str, Any]]] = {
     "hunyuan-dit": (hunyuan, {"height": 64, "width": 48, "use_resolution_binning": False}),
     "allegro": (
@@ -274,6 +474,10 @@ CLASSES: dict[str, tuple[Callable[[Path], Any], dict[str, Any]]] = {
         pixart_sigma,
         {"height": 48, "width": 32, "max_sequence_length": 32, "clean_caption": False, "use_resolution_binning": False},
     ),
+    "hunyuan-video": (hunyuan_video, {"height": 32, "width": 16, "num_frames": 5, "max_sequence_length": 16}),
+    "cogview4": (cogview4, {"height": 32, "width": 48, "max_sequence_length": 16}),
+    "lumina2": (lumina2, {"height": 32, "width": 32, "max_sequence_length": 32}),
+    "qwenimage": (qwenimage, {"height": 48, "width": 32, "max_sequence_length": 16}),
 }
 
 
@@ -311,10 +515,29 @@ def _report(bundle: Path, out: Path, tiled: bool) -> dict[str, Any]:
     return {"rc": 0, "latent_sqnr_db": round(fidelity["latent_sqnr_db"], 1)}
 
 
+def _onnx(bundle: Path, out: Path) -> dict[str, Any]:
+    """``diffkiln export BUNDLE --format onnx --denoiser-only`` in a fresh process: the denoiser
+    graph's axes and its check against the torch runtime, or the one-line error."""
+    cmd = [sys.executable, "-m", "diffkiln.cli", "export", str(bundle), "--format", "onnx", "--denoiser-only",
+           "--out", str(out), "--overwrite", "--no-progress"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+        return {"rc": proc.returncode, "error": errors or proc.stderr.strip().splitlines()[-3:]}
+    manifest = json.loads((out / "manifest.json").read_text())
+    entry = manifest["components"][manifest["pipeline"]["denoiser"]]
+    return {
+        "rc": 0,
+        "dynamic_axes": entry["dynamic_axes"] if entry["dynamic"] else None,
+        "static_reason": entry.get("static_reason", "")[:200] or None,
+        "check_sqnr_db": entry["check"]["sqnr_db"],
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, required=True, help="folder for the pipelines and bundles")
-    ap.add_argument("--only", help="comma-separated class names (default: all six)")
+    ap.add_argument("--only", help="comma-separated class names (default: all)")
     ap.add_argument("--out", type=Path, help="write the rows as JSON here")
     a = ap.parse_args()
     rows = []
@@ -364,6 +587,7 @@ def main() -> None:
             row["report"] = _report(bundle, a.work / f"{name}-report", tiled)
             if tiled:
                 row["report_without_vae_tiling"] = _report(bundle, a.work / f"{name}-report-untiled", False)
+            row["onnx"] = _onnx(bundle, a.work / f"{name}-onnx")
             row["ok"] = min(row["per_call_sqnr_db"]) >= MIN_CALL_SQNR_DB and row["report"]["rc"] == 0
         else:
             row["error"] = proc.stderr.strip().splitlines()[-3:]

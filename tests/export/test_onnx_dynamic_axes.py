@@ -272,3 +272,58 @@ def test_bos_rows_apply_at_the_text_length_and_only_there_at_any_length(
         # The rows the runtime substitutes at the text length (the FP outputs of the outlier), and
         # the quantized layer's own outputs at any other length.
         assert torch.allclose(rows, bos, atol=1e-5) == (tokens == text_len), (batch, tokens)
+
+
+class _ComplexRotary(nn.Module):
+    """A rotary table kept as complex numbers, as QwenImage and Lumina2 keep theirs: split per axis
+    (``split_with_sizes``), one row per token picked, the parts joined, broadcast over the batch
+    (``unsqueeze``, ``expand``), multiplied into the states viewed as complex pairs. torch.onnx has
+    no complex translation for the layout ops among these: the export failed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        angles = torch.arange(64, dtype=torch.float32)[:, None] * torch.linspace(0.01, 1.0, 6)[None, :]
+        self.freqs = torch.polar(torch.ones_like(angles), angles)  # a plain attribute, as theirs
+
+    def forward(self, hidden: torch.Tensor, return_dict: bool = True) -> torch.Tensor:
+        batch, tokens, width = hidden.shape
+        first, second = self.freqs.split([4, 2], dim=1)
+        table = torch.cat([first[:tokens], second[1 : tokens + 1]], dim=-1)
+        table = table.unsqueeze(0).expand(batch, -1, -1)
+        pairs = torch.view_as_complex(hidden.reshape(batch, tokens, width // 2, 2))
+        return torch.view_as_real(pairs * table).flatten(2)
+
+
+def test_a_complex_rotary_table_exports_and_runs_at_other_shapes(tmp_path: Path) -> None:
+    module = _ComplexRotary().eval()
+    path, entry = _export(module, {"hidden": torch.randn(1, 5, 12)}, tmp_path)
+    assert {0, 1} <= set(entry["dynamic_axes"]["hidden"]), entry["dynamic_axes"]
+    for batch, tokens in [(1, 5), (2, 9), (3, 17)]:
+        feeds = {"hidden": torch.randn(batch, tokens, 12)}
+        with torch.no_grad():
+            ref = module(**feeds).numpy()
+        np.testing.assert_allclose(_run(path, feeds), ref, rtol=1e-5, atol=1e-5)
+
+
+class _TextLengthMask(nn.Module):
+    """HunyuanVideo's key mask: all False, then True up to each sample's text length
+    (``masked_fill`` on a boolean tensor), chosen between two masks by ``torch.where``.
+    onnxruntime has no boolean ``Where``: the graph did not load."""
+
+    def forward(self, text: torch.Tensor, lengths: torch.Tensor, return_dict: bool = True) -> torch.Tensor:
+        batch, tokens, _ = text.shape
+        mask = torch.zeros(batch, tokens, dtype=torch.bool)
+        positions = torch.arange(tokens)[None, :]
+        mask = mask.masked_fill(positions < lengths[:, None], True)
+        mask = torch.where(lengths[:, None] > 0, mask, torch.ones_like(mask))
+        return (text * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+
+
+def test_boolean_masks_run_in_onnxruntime(tmp_path: Path) -> None:
+    module = _TextLengthMask().eval()
+    path, _ = _export(module, {"text": torch.randn(1, 6, 4), "lengths": torch.tensor([3])}, tmp_path)
+    for lengths in ([3], [1, 6], [0, 2, 5]):
+        feeds = {"text": torch.randn(len(lengths), 6, 4), "lengths": torch.tensor(lengths)}
+        with torch.no_grad():
+            ref = module(**feeds).numpy()
+        np.testing.assert_allclose(_run(path, feeds), ref, rtol=1e-6, atol=1e-6)

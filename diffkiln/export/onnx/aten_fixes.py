@@ -22,6 +22,12 @@ the axes whose size is 1 in the traced program and passes the others through.
 rank-2 table copied into a rank-3 slice (CogVideoX's position table, rebuilt at a size other than
 the configured one) gave a graph that fails ONNX shape inference. This translation expands the
 cast ``src`` to ``dst``'s shape where the traced shapes differ.
+
+``where.self`` and ``masked_fill`` on boolean tensors: torchlib emits ONNX ``Where`` on bool values,
+which onnxruntime's CPU provider has no kernel for (``NOT_IMPLEMENTED: Could not find an
+implementation for Where``): HunyuanVideo's attention mask (``mask.masked_fill(indices, False)``)
+gave a denoiser graph that onnxruntime cannot load. These translations compute a boolean choice
+with logic ops, ``(c and x) or (not c and y)``, and leave every other type to ``Where``.
 """
 
 from __future__ import annotations
@@ -29,10 +35,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import onnx_ir as ir
 import torch
 from onnxscript import opset20 as op
 
-__all__ = ["ATEN_FIXES", "copy_default", "repeat_interleave_self_int", "squeeze_dim", "squeeze_dims"]
+__all__ = [
+    "ATEN_FIXES",
+    "copy_default",
+    "masked_fill",
+    "repeat_interleave_self_int",
+    "squeeze_dim",
+    "squeeze_dims",
+    "where_self",
+]
 
 
 def _ints(values: list[int]) -> Any:
@@ -81,10 +96,31 @@ def copy_default(self: Any, src: Any, non_blocking: bool = False) -> Any:
     return op.Expand(cast, op.Shape(self))
 
 
+def _choose(condition: Any, chosen: Any, other: Any) -> Any:
+    """``Where(condition, chosen, other)``; for boolean values with logic ops (onnxruntime has no
+    boolean ``Where``)."""
+    if other.dtype == ir.DataType.BOOL:
+        return op.Or(op.And(condition, chosen), op.And(op.Not(condition), other))
+    return op.Where(condition, chosen, other)
+
+
+def where_self(condition: Any, self: Any, other: Any) -> Any:
+    """``torch.where(condition, self, other)`` (the exporter has promoted both to one type)."""
+    return _choose(condition, op.CastLike(self, other), other)
+
+
+def masked_fill(self: Any, mask: Any, value: Any) -> Any:
+    """``self.masked_fill(mask, value)``: ``value`` where ``mask``, else ``self``."""
+    return _choose(mask, op.CastLike(value, self), self)
+
+
 ATEN_FIXES: dict[Callable[..., Any], Callable[..., Any]] = {
     torch.ops.aten.copy.default: copy_default,
     torch.ops.aten.repeat_interleave.self_int: repeat_interleave_self_int,
     torch.ops.aten.squeeze.dim: squeeze_dim,
     torch.ops.aten.squeeze.dims: squeeze_dims,
+    torch.ops.aten.where.self: where_self,
+    torch.ops.aten.masked_fill.Scalar: masked_fill,
+    torch.ops.aten.masked_fill.Tensor: masked_fill,
 }
 """aten overload -> corrected onnxscript translation (``custom_translation_table`` entries)."""

@@ -154,8 +154,24 @@ def _checked_denoiser(
             return _verified(entry, exported, checked, check, failures), exported, checked
         failures.append(f"{attempt}: {check['error'] if check else 'no axis stayed dynamic'}")
         log.warning("%s: %s", component.name, failures[-1])
-    static = export_component(component, file, dataclasses.replace(config, dynamic=False), names)
-    return {**static, "static_reason": "; ".join(failures) or "dynamic axes not requested"}, component, None
+    try:
+        static = export_component(component, file, dataclasses.replace(config, dynamic=False), names)
+    except Exception as exc:  # torch.export and torch.onnx raise many types
+        raise OnnxExportError(_not_exported(component, f"{type(exc).__name__}: {error_summary(exc)}")) from None
+    # Run once at the recorded call: a graph onnxruntime cannot load or run is refused, not written.
+    check = run_check(file, list(component.example), component.module, component.example)
+    if not check["ok"]:
+        raise OnnxExportError(_not_exported(component, f"onnxruntime at the recorded call: {check['error']}"))
+    reason = "; ".join(failures) or "dynamic axes not requested"
+    return {**static, "static_reason": reason, "check": check}, component, None
+
+
+def _not_exported(component: Component, reason: str) -> str:
+    """The one-line refusal of a denoiser that has no ONNX graph."""
+    children = list(component.module.children())  # the export wrapper holds the model
+    model = type(children[0] if len(children) == 1 else component.module).__name__
+    return (f"the {component.name} ({model}) does not export to ONNX: {reason}; the bundle itself runs in the "
+            "torch runtime (diffkiln generate BUNDLE, load_pipeline)")  # fmt: skip
 
 
 DYNAMIC_ATTEMPTS = (

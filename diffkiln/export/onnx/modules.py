@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from diffkiln.core.errors import DiffkilnError
 from diffkiln.export.onnx import ops
 from diffkiln.export.onnx.nbits import to_matmulnbits
 from diffkiln.nn import QConv, QConv1d, QLinear
@@ -16,8 +17,8 @@ from diffkiln.nn import QConv, QConv1d, QLinear
 __all__ = ["OnnxExportError", "OnnxQConv", "OnnxQLinear", "export_module_for"]
 
 
-class OnnxExportError(ValueError):
-    """A layer cannot be expressed in ONNX; the message names the layer and the reason."""
+class OnnxExportError(DiffkilnError, ValueError):
+    """A bundle cannot be expressed in ONNX; the message names the layer or component and the reason."""
 
 
 def _check_exportable(name: str, q: QLinear | QConv) -> None:

@@ -8,6 +8,7 @@ shape (:mod:`diffkiln.export.onnx.check`); this module only exports and describe
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from diffkiln.export.onnx.aten_fixes import ATEN_FIXES
+from diffkiln.export.onnx.complex_layout import computes_in_complex, lower_complex_layout
 from diffkiln.export.onnx.components import Component, ComponentKind, batch_inputs, repeated_batch
 from diffkiln.export.onnx.config import OnnxExportConfig
 from diffkiln.export.onnx.ops import TRANSLATIONS
@@ -98,8 +100,7 @@ def export_program(
         if dynamic:
             try:
                 shapes = dynamic_shapes(component, batch_only)
-                traced = fresh(trace_example(component.example))
-                return torch.onnx.export(module, traced, dynamic_shapes=shapes, **kwargs), None
+                return _to_onnx(module, lambda: fresh(trace_example(component.example)), shapes, kwargs), None
             except Exception as exc:  # torch.export raises many types; the reason goes to the manifest
                 if not fallback:
                     raise
@@ -107,7 +108,24 @@ def export_program(
                 log.warning("%s: dynamic axes failed (%s); exporting the recorded shapes", component.name, reason)
         else:
             reason = "dynamic axes not requested"
-        return torch.onnx.export(module, fresh(component.example), **kwargs), reason
+        return _to_onnx(module, lambda: fresh(component.example), None, kwargs), reason
+
+
+def _to_onnx(module: nn.Module, example: Callable[[], tuple[Any, ...]], shapes: Any, kwargs: dict[str, Any]) -> Any:
+    """``torch.onnx.export``; where it fails on a complex tensor through a layout op it cannot
+    translate (a complex rotary table), again from our own ``torch.export`` capture with those ops
+    rewritten on the real view (:mod:`diffkiln.export.onnx.complex_layout`). ``example`` gives
+    fresh inputs for each try."""
+    try:
+        return torch.onnx.export(module, example(), dynamic_shapes=shapes, **kwargs)
+    except Exception as exc:  # torch.onnx raises many types; only the complex failure is retried
+        if not computes_in_complex(exc):
+            raise
+    args = example()
+    program = torch.export.export(module, args, dynamic_shapes=shapes, strict=False)
+    rewritten = lower_complex_layout(program.graph_module)
+    log.info("complex tensors: %d layout op(s) rewritten on their real view", rewritten)
+    return torch.onnx.export(program, args, **kwargs)
 
 
 def wrapper_prefix(module: Any) -> str | None:

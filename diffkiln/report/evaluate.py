@@ -111,9 +111,12 @@ class Report:
 
 
 def _calibration_notes(pipe: Any) -> dict[str, Any]:
-    """The calibration settings a bundle's plan recorded (empty for anything else)."""
+    """The calibration settings a bundle's plan recorded, or those an ONNX export copied from its
+    bundle (empty for anything else)."""
     manifest = getattr(pipe, "diffkiln_manifest", None) or {}
-    notes = manifest.get("plan", {}).get("notes", {}).get("calibration", {})
+    notes = manifest.get("plan", {}).get("notes", {}).get("calibration")
+    if notes is None:  # an ONNX export: its bundle's record
+        notes = manifest.get("bundle", {}).get("calibration", {})
     return notes if isinstance(notes, dict) else {}
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -34,6 +35,7 @@ from diffkiln.core.hooks import recording_calls
 from diffkiln.core.metrics import sqnr_db
 from diffkiln.export.onnx import OnnxExportConfig
 from diffkiln.generation import load_pipeline
+from diffkiln.report.evaluate import _bundle_call_kwargs, _recorded_prompts
 from diffkiln.zoo.architectures.components import lm_tokenizer
 from tests.matrix.builders import save_built
 
@@ -134,8 +136,15 @@ def test_the_runtime_takes_constructor_tensors_from_the_constructor(name: str, b
 
 def test_a_complex_rotary_table_exports_to_onnx(built: dict[str, Any], tmp_path: Path) -> None:
     out = convert(built["qwenimage"][1], OnnxExportConfig(tmp_path / "onnx", components=False, progress=False))
-    entry = json.loads((out / "manifest.json").read_text())["components"]["transformer"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    entry = manifest["components"]["transformer"]
     # Static: the call's ``img_shapes`` (the latent grid per sample) is a Python option the graph
     # fixes. Run once at the recorded call against the bundle's torch denoiser.
     print(f"qwenimage ONNX: {entry['check']}; static because {entry.get('static_reason', '')[:200]}")
     assert entry["check"]["ok"] and entry["check"]["sqnr_db"] >= 60.0
+    # The bundle's calibration call arguments and prompts travel with the export: a report on the
+    # folder samples at the user's size, on prompts of the model's domain, as one on the bundle.
+    onnx_pipe = SimpleNamespace(diffkiln_manifest=manifest)
+    assert dict(_bundle_call_kwargs(onnx_pipe)) == CLASSES["qwenimage"][1]
+    prompts = _recorded_prompts(onnx_pipe)
+    assert prompts is not None and len(prompts) == 4 and prompts == manifest["bundle"]["calibration"]["prompts"]

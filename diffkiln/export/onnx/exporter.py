@@ -166,6 +166,14 @@ def _checked_denoiser(
     return {**static, "static_reason": reason, "check": check}, component, None
 
 
+def _calibration_record(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The bundle's calibration prompts and call arguments, so that a report on the ONNX folder
+    samples as one on the bundle does (a user folder's size, frames, prompts of its domain)."""
+    notes = manifest.get("plan", {}).get("notes", {}).get("calibration", {})
+    notes = notes if isinstance(notes, dict) else {}
+    return {k: notes[k] for k in ("prompts", "call_kwargs") if k in notes}
+
+
 def _not_exported(component: Component, reason: str) -> str:
     """The one-line refusal of a denoiser that has no ONNX graph."""
     children = list(component.module.children())  # the export wrapper holds the model
@@ -320,7 +328,11 @@ def export_onnx(bundle: LoadedBundle, config: OnnxExportConfig) -> Path:
             "components": entries,
             "skipped_components": skipped,
             "kept_fp": kept,
-            "bundle": {"source": manifest["source"], "recipe": manifest["quant"]["recipe"]},
+            "bundle": {
+                "source": manifest["source"],
+                "recipe": manifest["quant"]["recipe"],
+                "calibration": _calibration_record(manifest),
+            },
             "cache": manifest.get("cache") or {},
             "cache_graph": cache_graph,
             "sparsity_not_exported": _sparsity_note(manifest),

@@ -98,7 +98,7 @@ TILED_VAE = {"allegro"}
 """Classes whose VAE decodes only in tiles (``enable_tiling()``; diffusers raises otherwise)."""
 
 
-def _vae(latent: int = 4, levels: int = 2) -> AutoencoderKL:
+def _vae(latent: int = 4, levels: int = 2, **extra: Any) -> AutoencoderKL:
     return AutoencoderKL(
         block_out_channels=(8,) * (levels - 1) + (16,),
         latent_channels=latent,
@@ -107,6 +107,7 @@ def _vae(latent: int = 4, levels: int = 2) -> AutoencoderKL:
         up_block_types=("UpDecoderBlock2D",) * levels,
         layers_per_block=1,
         sample_size=32,
+        **extra,
     )
 
 
@@ -423,7 +424,9 @@ def lumina2(scratch: Path) -> Any:
             attn_implementation="eager",
         )
     )
-    return Lumina2Pipeline(transformer=transformer, vae=_vae(levels=2), scheduler=FlowMatchEulerDiscreteScheduler(),
+    # Lumina2's pipeline shifts the latents by the VAE's shift_factor before decoding (as FLUX's).
+    vae = _vae(levels=2, shift_factor=0.0609, scaling_factor=1.5035)
+    return Lumina2Pipeline(transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(),
                            text_encoder=gemma, tokenizer=tok)  # fmt: skip
 
 

@@ -107,7 +107,8 @@ def pipeline_failure(pipe: Any, exc: BaseException, call_kwargs: Mapping[str, An
         fix = f"the pipeline's code uses the package {missing!r}, which is not installed here: pip install {missing}"
     elif comp is not None and callable(getattr(comp, "enable_tiling", None)) and not getattr(comp, "use_tiling", False):
         fix = ("if it decodes only in tiles, turn its tiled decoding on: --vae-tiling (generate, report; optimize for "
-               "its sweep's evaluation), GenerateConfig(vae_tiling=True) in Python")  # fmt: skip
+               "its sweep's evaluation), GenerateConfig(vae_tiling=True) in Python; ONNX export: "
+               "--denoiser-only")  # fmt: skip
     else:
         passed = ", ".join(sorted(call_kwargs))
         fix = (f"this is the pipeline's own code; check the call arguments diffkiln passed ({passed}) against the "

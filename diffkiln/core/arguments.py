@@ -24,24 +24,43 @@ __all__ = [
 
 ARG_SEPARATOR = "__"
 """Joins a dict argument's name and key (``added_cond_kwargs__text_embeds``), or a tuple argument's
-name and index (``image_rotary_emb__0``), into one input name."""
+name and index (``image_rotary_emb__0``), into one input name; nested containers, each level."""
+
+
+def _tensor_tree(value: Any) -> bool:
+    """A tensor, or a non-empty dict (string keys), tuple or list whose leaves are all tensors."""
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, dict):
+        return bool(value) and all(isinstance(k, str) and _tensor_tree(v) for k, v in value.items())
+    if isinstance(value, (tuple, list)):
+        return bool(value) and all(_tensor_tree(v) for v in value)
+    return False
+
+
+def _flatten_into(out: dict[str, torch.Tensor], name: str, value: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        out[name] = value
+        return
+    items = value.items() if isinstance(value, dict) else enumerate(value)
+    for key, item in items:
+        _flatten_into(out, f"{name}{ARG_SEPARATOR}{key}", item)
 
 
 def flatten_arguments(kwargs: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Split call arguments into tensors and the rest; the exporter names ONNX inputs the same way.
 
     A dict of tensors becomes ``name__key`` entries and a tuple or list of tensors (HunyuanDiT's
-    rotary tables) ``name__0``, ``name__1``, ...; an empty dict, tuple or list goes with the rest.
+    rotary tables) ``name__0``, ``name__1``, ...; nested ones each level in turn (Allegro's
+    ``((freqs_t, freqs_h, freqs_w), (grid_t, grid_h, grid_w))``, each ``freqs`` a pair:
+    ``image_rotary_emb__0__1__0``). A container with anything but tensors at its leaves, and an
+    empty one, goes with the rest.
     """
     tensors: dict[str, torch.Tensor] = {}
     rest: dict[str, Any] = {}
     for key, value in kwargs.items():
-        if isinstance(value, torch.Tensor):
-            tensors[key] = value
-        elif isinstance(value, dict) and value and all(isinstance(v, torch.Tensor) for v in value.values()):
-            tensors.update({f"{key}{ARG_SEPARATOR}{k}": v for k, v in value.items()})
-        elif isinstance(value, (tuple, list)) and value and all(isinstance(v, torch.Tensor) for v in value):
-            tensors.update({f"{key}{ARG_SEPARATOR}{i}": v for i, v in enumerate(value)})
+        if _tensor_tree(value):
+            _flatten_into(tensors, key, value)
         else:
             rest[key] = value
     return tensors, rest
@@ -49,17 +68,22 @@ def flatten_arguments(kwargs: dict[str, Any]) -> tuple[dict[str, torch.Tensor], 
 
 def unflatten_arguments(flat: dict[str, Any]) -> dict[str, Any]:
     """Inverse of :func:`flatten_arguments` for tensors: ``a__b`` keys become ``{"a": {"b": ...}}``,
-    and ``a__0 .. a__n`` keys (every index from 0) the tuple ``a``."""
+    and ``a__0 .. a__n`` keys (every index from 0) the tuple ``a``, at every level."""
     out: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {}
     for key, value in flat.items():
         outer, sep, inner = key.partition(ARG_SEPARATOR)
         if sep:
-            out.setdefault(outer, {})[inner] = value
+            if outer not in nested:
+                out[outer] = None  # its place among the arguments
+                nested[outer] = {}
+            nested[outer][inner] = value
         else:
             out[key] = value
-    for key, value in out.items():
-        if isinstance(value, dict) and sorted(value) == [str(i) for i in range(len(value))]:
-            out[key] = tuple(value[str(i)] for i in range(len(value)))
+    for key, entries in nested.items():
+        tree = unflatten_arguments(entries)
+        indices = [str(i) for i in range(len(tree))]
+        out[key] = tuple(tree[i] for i in indices) if set(tree) == set(indices) else tree
     return out
 
 

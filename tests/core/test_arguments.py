@@ -21,6 +21,25 @@ def test_dicts_and_tuples_of_tensors_round_trip() -> None:
     assert back["added"] == {"text_embeds": ids}
 
 
+def test_nested_containers_of_tensors_round_trip_level_by_level() -> None:
+    # Allegro's rotary argument: ((freqs_t, freqs_h, freqs_w), (grid_t, grid_h, grid_w)), each freqs
+    # a (cos, sin) pair; and a tuple of more than ten, whose indices do not sort as strings.
+    freqs = tuple((torch.randn(3, 4), torch.randn(3, 4)) for _ in range(3))
+    grids = tuple(torch.arange(6).reshape(1, 6) + i for i in range(3))
+    many = tuple(torch.full((1,), float(i)) for i in range(12))
+    mixed = (torch.ones(1), None)  # not all tensors: one option, left whole
+    tensors, rest = flatten_arguments({"image_rotary_emb": (freqs, grids), "many": many, "mixed": mixed})
+    assert list(tensors)[:3] == ["image_rotary_emb__0__0__0", "image_rotary_emb__0__0__1", "image_rotary_emb__0__1__0"]
+    assert "image_rotary_emb__1__2" in tensors and "many__11" in tensors and rest == {"mixed": mixed}
+    back = unflatten_arguments(tensors)
+    assert list(back) == ["image_rotary_emb", "many"]
+    rebuilt = back["image_rotary_emb"]
+    assert isinstance(rebuilt, tuple) and len(rebuilt) == 2 and all(isinstance(p, tuple) for p in rebuilt[0])
+    assert all(a is b for pair, orig in zip(rebuilt[0], freqs, strict=True) for a, b in zip(pair, orig, strict=True))
+    assert all(a is b for a, b in zip(rebuilt[1], grids, strict=True))
+    assert [float(t) for t in back["many"]] == [float(i) for i in range(12)]
+
+
 @pytest.mark.parametrize(
     ("onnx_type", "dtype"),
     [("tensor(bool)", "bool"), ("int64", "int64"), ("tensor(int32)", "int32"), ("float16", "float16"), ("", "float32")],

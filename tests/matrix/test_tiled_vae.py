@@ -65,3 +65,18 @@ def test_with_tiling_the_bundle_generates_and_is_measured_against_fp(bundle: Pat
     fidelity = json.loads(json_path.read_text())["fidelity"]
     print(f"allegro W8A8: latent SQNR {fidelity['latent_sqnr_db']:.1f} dB")
     assert fidelity["latent_sqnr_db"] >= MIN_LATENT_SQNR_DB
+
+
+def test_onnx_export_of_the_denoiser_decodes_nothing(bundle: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+    # The whole pipeline: the export's recorded call decodes, untiled: one line, naming the way out.
+    assert main(["export", str(bundle), "--out", str(tmp_path / "all"), "--no-progress"]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "AutoencoderKLAllegro._decode" in errors[0] and "--denoiser-only" in errors[0]
+    assert not (tmp_path / "all").exists()
+    # The denoiser alone: recorded from a call that stops at the latents.
+    argv = ["export", str(bundle), "--denoiser-only", "--out", str(tmp_path / "den"), "--no-progress"]
+    assert main(argv) == 0
+    entry = json.loads((tmp_path / "den" / "manifest.json").read_text())["components"]["transformer"]
+    print(f"allegro ONNX denoiser: dynamic axes {entry['dynamic_axes']}, check {entry['check']}")
+    assert entry["check"]["ok"] and entry["check"]["sqnr_db"] >= 60.0

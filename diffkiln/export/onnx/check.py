@@ -10,6 +10,7 @@ recorded shapes, and the manifest says why.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,13 +20,24 @@ import torch
 from torch import nn
 
 from diffkiln.calibrate.dataflow import bind_call
-from diffkiln.calibrate.sources import batch_kwargs, source_for, source_from_description
+from diffkiln.calibrate.sources import batch_kwargs, pipeline_call_hints, source_for, source_from_description
 from diffkiln.core.arguments import feed_array, flatten_arguments
+from diffkiln.core.errors import DiffkilnError
 from diffkiln.core.hooks import scoped_hooks
 from diffkiln.core.metrics import sqnr_db
 from diffkiln.core.pipelines import accepted_call_kwargs, call_parameters
 
-__all__ = ["MIN_CHECK_SQNR_DB", "bundle_call", "capture_call", "flatten_call", "run_check", "second_shape"]
+__all__ = [
+    "MIN_CHECK_SQNR_DB",
+    "bundle_call",
+    "capture_call",
+    "flatten_call",
+    "recorded_components",
+    "run_check",
+    "second_shape",
+]
+
+log = logging.getLogger(__name__)
 
 MIN_CHECK_SQNR_DB = 20.0
 """The least SQNR of the graph's output against torch at the second shape (the same QDQ
@@ -64,6 +76,29 @@ def bundle_call(
         "generator": [torch.Generator().manual_seed(i) for i in range(batch)] if batch > 1
         else torch.Generator().manual_seed(0),
     }
+
+
+def recorded_components(pipe: Any, manifest: Mapping[str, Any], prompt: str, denoiser_only: bool) -> list[Any]:
+    """The components of one short call of the bundle's pipeline (:func:`bundle_call`), recorded
+    (:func:`~diffkiln.export.onnx.components.record_components`): the denoiser first.
+
+    With ``denoiser_only`` the call stops at the latents where the pipeline allows it: nothing is
+    decoded that is not exported (Allegro's VAE decodes only in tiles). A failure of the pipeline's
+    own code is one line naming the component that raised.
+    """
+    from diffkiln.export.onnx.components import record_components
+
+    call = bundle_call(pipe, manifest, prompt)
+    denoiser = manifest["pipeline"]["denoiser"]
+    with pipeline_call_hints(pipe, [call], int(call.get("num_inference_steps", 2)), call):
+        if denoiser_only and "output_type" in call:
+            try:
+                return record_components(pipe, denoiser, {**call, "output_type": "latent"})
+            except DiffkilnError:  # the recorded call cannot be exported: decoding would not change that
+                raise
+            except Exception:  # the pipeline's own failure without decoding (no latent output): decoded
+                log.debug("%s: no latent output; recording the decoded call", type(pipe).__name__)
+        return record_components(pipe, denoiser, call)
 
 
 class _Captured(Exception):

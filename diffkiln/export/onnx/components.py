@@ -26,6 +26,7 @@ from torch import nn
 from diffkiln.core.arguments import flatten_arguments, unflatten_arguments
 from diffkiln.core.hooks import recording_calls, recording_method_calls
 from diffkiln.core.pipelines import is_autoencoder
+from diffkiln.export.onnx.modules import OnnxExportError
 
 __all__ = [
     "Component",
@@ -112,7 +113,7 @@ def flatten_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dic
     names them) and JSON-able options (fixed in the graph); Nones and empty containers are left out.
 
     Raises:
-        ValueError: an argument is neither tensors nor a plain option (it would be silently
+        OnnxExportError: an argument is neither tensors nor a plain option (it would be silently
             dropped from the graph, which then computes something else); the message names it.
     """
     tensors, rest = flatten_arguments(kwargs)
@@ -121,7 +122,7 @@ def flatten_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dic
         if value is not None and _plain(value):
             options[key] = value
         elif value is not None and not (isinstance(value, (dict, tuple, list)) and not value):
-            raise ValueError(
+            raise OnnxExportError(
                 f"argument {key!r} ({type(value).__name__}) is neither tensors nor a plain option and has "
                 "no ONNX input form; export a call without it"
             )

@@ -44,14 +44,13 @@ from diffkiln.export.onnx.cache_graphs import (
     reuse_inputs,
     schedule_entry,
 )
-from diffkiln.export.onnx.check import bundle_call, capture_call, run_check, second_shape
+from diffkiln.export.onnx.check import bundle_call, capture_call, recorded_components, run_check, second_shape
 from diffkiln.export.onnx.components import (
     Component,
     ComponentKind,
     _Denoiser,
     batch_inputs,
     flatten_kwargs,
-    record_components,
     with_int_inputs,
 )
 from diffkiln.export.onnx.config import MAX_OPSET, MIN_OPSET, OnnxCompute, OnnxExportConfig
@@ -276,7 +275,7 @@ def export_onnx(bundle: LoadedBundle, config: OnnxExportConfig) -> Path:
     sub_byte, kept = _swap_quantized_layers(
         denoiser, config.keep_fp, config.compute == OnnxCompute.INTEGER, config.matmulnbits
     )
-    components = record_components(pipe, denoiser_name, bundle_call(pipe, manifest, config.prompt))
+    components = recorded_components(pipe, manifest, config.prompt, not config.components)
     if not config.components:
         components = components[:1]
     entries: dict[str, Any] = {}

@@ -174,6 +174,20 @@ def denoiser_by_calls(pipe: Any, run: Callable[[int], Any]) -> DenoiserChoice:
         )
     calls = ", ".join(f"{n} {counts[2][n]} -> {counts[3][n]}" for n in sorted(candidates))
     evidence = f"the model called at every sampler step (calls at 2 -> 3 steps: {calls})"
+    # Another model the sampler loop runs: one that also grows with the steps (a ControlNet), or
+    # one of the denoiser's own class called at all (an expert for other noise levels, as Wan
+    # 2.2's transformer_2, which runs only below a boundary step). A bundle quantizes one denoiser.
+    others = sorted(n for n in candidates if n != chosen and (growth[n] > 0 or (
+        type(candidates[n]) is type(candidates[chosen]) and counts[2][n] + counts[3][n] > 0)))  # fmt: skip
+    if others:
+        evidence += f"; also run in the sampler loop, kept in floating point: {', '.join(others)}"
+    experts = [n for n in others if type(candidates[n]) is type(candidates[chosen])]
+    if experts:
+        log.warning(
+            "%s runs %s and %s at different sampler steps (experts for different noise levels): this bundle "
+            "quantizes %s only, and %s stays in floating point", type(pipe).__name__, chosen, " and ".join(experts),
+            chosen, " and ".join(experts),
+        )  # fmt: skip
     return DenoiserChoice(chosen, candidates[chosen], evidence)
 
 

@@ -220,6 +220,9 @@ def test_a_strength_that_leaves_no_step_is_named_and_the_denoiser_probe_runs_eve
     assert main([*args, "--calib-image", str(a), "--calib-control-image", str(b)]) == 0
     manifest = json.loads((tmp_path / "cn-b" / "manifest.json").read_text())
     assert manifest["plan"]["denoiser"] == "unet"
+    # The ControlNet also runs at every step, in floating point, and the record says so.
+    evidence = manifest["plan"]["notes"]["calibration"]["denoiser_evidence"]
+    assert evidence.endswith("also run in the sampler loop, kept in floating point: controlnet"), evidence
     recorded = manifest["plan"]["notes"]["calibration"]["source"]["images"]
     assert recorded["images"] == [str(a)] and recorded["controls"] == [str(b)], recorded
 

@@ -105,6 +105,12 @@ def pipeline_failure(pipe: Any, exc: BaseException, call_kwargs: Mapping[str, An
         # A module-level optional import that did not happen (diffusers imports ftfy only when it
         # is installed, and some pipelines call it regardless).
         fix = f"the pipeline's code uses the package {missing!r}, which is not installed here: pip install {missing}"
+    elif comp is None and isinstance(exc, TypeError) and "required positional argument" in message:
+        # The call never started: the pipeline requires an input diffkiln makes no sample of.
+        fix = ("diffkiln makes a pipeline's prompts, input images or clips, masks and class labels from its "
+               "signature, and passes plain values given with --call-arg KEY=VALUE; a tensor input (another "
+               "pipeline's output, as the image embeddings Kandinsky 2.2's decoder takes from its prior) is not "
+               "supported")  # fmt: skip
     elif comp is not None and callable(getattr(comp, "enable_tiling", None)) and not getattr(comp, "use_tiling", False):
         fix = ("if it decodes only in tiles, turn its tiled decoding on: --vae-tiling (generate, report; optimize for "
                "its sweep's evaluation), GenerateConfig(vae_tiling=True) in Python; ONNX export: "

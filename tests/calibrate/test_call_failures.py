@@ -88,3 +88,32 @@ def test_outputs_of_calls_on_consecutive_samples_join_along_the_batch() -> None:
     joined = joined_output(parts)
     assert type(joined) is StableDiffusionPipelineOutput and torch.equal(joined.images[:, 0], torch.arange(3.0))
     assert joined_output([([1], "x"), ([2], "x")]) == ([1, 2], "x")
+
+
+def test_a_required_input_diffkiln_cannot_make_is_named(tmp_path: Any) -> None:
+    # Kandinsky 2.2's decoder takes image embeddings from its prior pipeline: tensors, no prompt.
+    from diffusers import DDIMScheduler, KandinskyV22Pipeline, UNet2DConditionModel, VQModel
+
+    from diffkiln.api import OptimizeConfig, optimize
+
+    unet = UNet2DConditionModel(
+        in_channels=4, out_channels=8, addition_embed_type="image", encoder_hid_dim=32,
+        encoder_hid_dim_type="image_proj", layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn", cross_attention_dim=32, attention_head_dim=4,
+        resnet_time_scale_shift="scale_shift", norm_num_groups=8,
+    )  # fmt: skip
+    movq = VQModel(
+        block_out_channels=[32, 64], down_block_types=["DownEncoderBlock2D", "AttnDownEncoderBlock2D"],
+        up_block_types=["AttnUpDecoderBlock2D", "UpDecoderBlock2D"], latent_channels=4, layers_per_block=1,
+        norm_num_groups=8, norm_type="spatial", num_vq_embeddings=12, vq_embed_dim=4,
+    )  # fmt: skip
+    KandinskyV22Pipeline(unet=unet, scheduler=DDIMScheduler(), movq=movq).save_pretrained(tmp_path / "kd")
+    config = OptimizeConfig(out=tmp_path / "b", calib_size=2, steps=2, progress=False)
+    with pytest.raises(PipelineCallError) as info:
+        optimize(str(tmp_path / "kd"), config)
+    message = str(info.value)
+    assert "missing 2 required positional arguments: 'image_embeds' and 'negative_image_embeds'" in message
+    assert "a tensor input (another pipeline's output" in message and "is not supported" in message
+    assert not (tmp_path / "b").exists()

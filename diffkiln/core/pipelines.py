@@ -184,8 +184,8 @@ def denoiser_by_calls(pipe: Any, run: Callable[[int], Any]) -> DenoiserChoice:
     experts = [n for n in others if type(candidates[n]) is type(candidates[chosen])]
     if experts:
         log.warning(
-            "%s runs %s and %s at different sampler steps (experts for different noise levels): this bundle "
-            "quantizes %s only, and %s stays in floating point", type(pipe).__name__, chosen, " and ".join(experts),
+            "%s's sampler also runs %s, of the denoiser's class (an expert for other noise levels, as Wan 2.2's): "
+            "this bundle quantizes %s only; %s stays in floating point", type(pipe).__name__, " and ".join(experts),
             chosen, " and ".join(experts),
         )  # fmt: skip
     return DenoiserChoice(chosen, candidates[chosen], evidence)

@@ -36,10 +36,10 @@ def test_the_expert_left_in_floating_point_is_named(tmp_path: Path, capsys: pyte
     for key, value in (("height", 16), ("width", 16), ("num_frames", 5), ("max_sequence_length", 32)):
         args += ["--call-arg", f"{key}={value}"]
     assert main(args) == 0
-    warned = [line for line in capsys.readouterr().err.splitlines() if "different sampler steps" in line]
+    warned = [line for line in capsys.readouterr().err.splitlines() if "of the denoiser's class" in line]
     assert warned == [
-        "warning: WanPipeline runs transformer and transformer_2 at different sampler steps (experts for different "
-        "noise levels): this bundle quantizes transformer only, and transformer_2 stays in floating point"
+        "warning: WanPipeline's sampler also runs transformer_2, of the denoiser's class (an expert for other noise "
+        "levels, as Wan 2.2's): this bundle quantizes transformer only; transformer_2 stays in floating point"
     ], warned
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert manifest["plan"]["denoiser"] == "transformer"

@@ -62,6 +62,7 @@ def summarize(bundle: str | os.PathLike[str]) -> dict[str, Any]:
         "source": manifest["source"],
         "pipeline": manifest["pipeline"]["class"] or "(a bare module)",
         "denoiser": manifest["pipeline"]["denoiser_class"],
+        "denoiser_evidence": _denoiser_evidence(manifest),
         "components": manifest["pipeline"]["components"],
         "layers_by_bits": dict(bits),
         "smoothed_layers": sum(
@@ -82,6 +83,14 @@ def summarize(bundle: str | os.PathLike[str]) -> dict[str, Any]:
         "cache": _cache_summary(manifest.get("cache") or {}),
         "sparse": _sparse_summary(manifest.get("sparsity") or {}),
     }
+
+
+def _denoiser_evidence(manifest: dict[str, Any]) -> str | None:
+    """How calibration found the denoiser, and the other models of the sampler loop it left in
+    floating point (a ControlNet, a second expert), as the plan recorded it; None if it did not."""
+    calibration = manifest.get("plan", {}).get("notes", {}).get("calibration", {})
+    evidence = calibration.get("denoiser_evidence") if isinstance(calibration, dict) else None
+    return evidence if isinstance(evidence, str) else None
 
 
 def _sparse_summary(sparsity: dict[str, Any]) -> dict[str, Any] | None:
@@ -139,6 +148,7 @@ def format_summary(summary: dict[str, Any], bundle: str | os.PathLike[str]) -> l
         f"bundle   {bundle}  (format v{summary['version']}, recipe {summary['recipe']})",
         f"source   {summary['source']}",
         f"pipeline {summary['pipeline']}  denoiser={summary['denoiser']}",
+        *([f"found    {summary['denoiser_evidence']}"] if summary.get("denoiser_evidence") else []),
         f"components {', '.join(summary['components'])}",
         f"layers   {counts}  (avg weight bits {summary['avg_weight_bits']:.2f}, avg act bits "
         f"{summary['avg_act_bits']:.2f}; SmoothQuant on {summary['smoothed_layers']}{requant})",

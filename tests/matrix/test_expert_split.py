@@ -45,3 +45,8 @@ def test_the_expert_left_in_floating_point_is_named(tmp_path: Path, capsys: pyte
     assert manifest["plan"]["denoiser"] == "transformer"
     evidence = manifest["plan"]["notes"]["calibration"]["denoiser_evidence"]
     assert evidence.endswith("also run in the sampler loop, kept in floating point: transformer_2"), evidence
+    # Said again wherever the bundle is inspected, also when calibration came from the cache.
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "b")]) == 0
+    found = [line for line in capsys.readouterr().out.splitlines() if line.startswith("found    ")]
+    assert found == [f"found    {evidence}"], found

@@ -12,6 +12,7 @@ from typing import Any
 
 from diffkiln.calibrate import CalibrationConfig, CalibrationStats, calibrate, source_from_description
 from diffkiln.core.configs import config_from_dict
+from diffkiln.core.plan import calibration_record
 from diffkiln.nn import apply_plan
 from diffkiln.optimizer import SearchContext, W8A8Config, make_plan
 from diffkiln.zoo.registry import default_cache_dir
@@ -45,7 +46,7 @@ def w8a8_variants(base: Any, manifest: dict[str, Any], source_id: str) -> Varian
             says so, for the report to show).
     """
     notes = manifest["plan"].get("notes", {})
-    calibration = dict(notes.get("calibration", {}))
+    calibration = calibration_record(manifest)
     if "recipe_config" not in notes or "source" not in calibration or manifest["quant"]["recipe"] != "w8a8":
         raise ValueError("the bundle records no W8A8 settings of this version; rebuild it to compare")
     source = source_from_description(calibration.pop("source"))

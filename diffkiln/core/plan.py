@@ -7,6 +7,7 @@ optimizer writes it, export reads it. It holds no tensors and no code. See docs/
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
@@ -25,6 +26,7 @@ __all__ = [
     "Plan",
     "PlanError",
     "WeightSpec",
+    "calibration_record",
 ]
 
 PLAN_FORMAT = "diffkiln.plan"
@@ -355,3 +357,12 @@ class Plan:
             return cls.from_dict(json.loads(text))
         except json.JSONDecodeError as exc:
             raise PlanError(f"plan is not valid JSON: {exc}") from exc
+
+
+def calibration_record(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """What a bundle manifest's plan recorded of its calibration (``plan.notes.calibration``: call
+    arguments, prompts, source, how the denoiser was found), or ``{}`` where it recorded none."""
+    plan = manifest.get("plan")
+    notes = plan.get("notes") if isinstance(plan, Mapping) else None
+    record = notes.get("calibration") if isinstance(notes, Mapping) else None
+    return dict(record) if isinstance(record, Mapping) else {}

@@ -20,6 +20,7 @@ from typing import Any
 
 from diffkiln.core.atomic import check_results_folder
 from diffkiln.core.errors import InvalidInputError
+from diffkiln.core.plan import calibration_record
 from diffkiln.core.toolchain import toolchain_versions
 from diffkiln.generation import GenerateConfig, generate, load_pipeline
 from diffkiln.report.judging import JudgedImage, judge_all, prompt_list, prompt_source, quality
@@ -114,10 +115,10 @@ def _calibration_notes(pipe: Any) -> dict[str, Any]:
     """The calibration settings a bundle's plan recorded, or those an ONNX export copied from its
     bundle (empty for anything else)."""
     manifest = getattr(pipe, "diffkiln_manifest", None) or {}
-    notes = manifest.get("plan", {}).get("notes", {}).get("calibration")
-    if notes is None:  # an ONNX export: its bundle's record
-        notes = manifest.get("bundle", {}).get("calibration", {})
-    return notes if isinstance(notes, dict) else {}
+    if "plan" in manifest:
+        return calibration_record(manifest)
+    copied = manifest.get("bundle", {}).get("calibration")  # an ONNX export: its bundle's record
+    return copied if isinstance(copied, dict) else {}
 
 
 def _bundle_call_kwargs(pipe: Any) -> tuple[tuple[str, Any], ...]:

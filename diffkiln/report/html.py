@@ -100,17 +100,20 @@ def bar_chart(values: Mapping[str, float | None], unit: str, good: float) -> str
     """
     if not values:
         return "<p>no data</p>"
-    # An exact layer has infinite SQNR; draw it at 99 dB so the scale stays readable.
-    shown = {k: 99.0 if v is None or v == math.inf else 0.0 if math.isnan(v) else v for k, v in values.items()}
-    top = max(max(shown.values()), 1.0)
+
+    def drawn(v: float | None) -> tuple[float, str]:
+        if v is None or v == math.inf:  # an exact layer: at 99 dB, so the scale stays readable
+            return 99.0, "exact"
+        return (0.0, "not finite") if math.isnan(v) else (v, f"{v:.1f} {unit}")
+
+    shown = {k: drawn(v) for k, v in values.items()}
+    top = max(max(v for v, _ in shown.values()), 1.0)
     row, label_w, bar_w = 14, 420, 360
     rows = []
-    for i, (name, v) in enumerate(shown.items()):
-        raw = values[name]
+    for i, (name, (v, text)) in enumerate(shown.items()):
         w = max(1.0, bar_w * max(v, 0.0) / top)
         color = "#2a2" if v >= good else "#d22"
         y = i * row
-        text = "exact" if raw is None or raw == math.inf else "not finite" if math.isnan(raw) else f"{v:.1f} {unit}"
         rows.append(
             f"<text x='{label_w - 6}' y='{y + 10}' text-anchor='end' font-size='10'>{html.escape(name)}</text>"
             f"<rect x='{label_w}' y='{y + 2}' width='{w:.1f}' height='{row - 4}' fill='{color}'/>"

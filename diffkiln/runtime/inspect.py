@@ -11,6 +11,7 @@ from typing import Any
 
 from safetensors import safe_open
 
+from diffkiln.core.plan import calibration_record
 from diffkiln.core.schema import read_manifest, verify_files
 
 __all__ = ["denoiser_sizes", "format_summary", "summarize"]
@@ -88,8 +89,7 @@ def summarize(bundle: str | os.PathLike[str]) -> dict[str, Any]:
 def _denoiser_evidence(manifest: dict[str, Any]) -> str | None:
     """How calibration found the denoiser, and the other models of the sampler loop it left in
     floating point (a ControlNet, a second expert), as the plan recorded it; None if it did not."""
-    calibration = manifest.get("plan", {}).get("notes", {}).get("calibration", {})
-    evidence = calibration.get("denoiser_evidence") if isinstance(calibration, dict) else None
+    evidence = calibration_record(manifest).get("denoiser_evidence")
     return evidence if isinstance(evidence, str) else None
 
 

@@ -26,6 +26,7 @@ from diffkiln.core.errors import DiffkilnError
 from diffkiln.core.hooks import scoped_hooks
 from diffkiln.core.metrics import sqnr_db
 from diffkiln.core.pipelines import accepted_call_kwargs, call_parameters
+from diffkiln.core.plan import calibration_record
 
 __all__ = [
     "MIN_CHECK_SQNR_DB",
@@ -44,10 +45,6 @@ MIN_CHECK_SQNR_DB = 20.0
 arithmetic: measured 35-60 dB; a wrong broadcast or stale positional table gives 0 dB or less)."""
 
 
-def _calibration(manifest: Mapping[str, Any]) -> dict[str, Any]:
-    return dict(manifest.get("plan", {}).get("notes", {}).get("calibration", {}))
-
-
 def bundle_call(
     pipe: Any, manifest: Mapping[str, Any], prompt: str, batch: int = 1, overrides: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -57,7 +54,7 @@ def bundle_call(
     the pipeline's signature with ``prompt``; the call arguments are those it was calibrated with,
     then ``overrides``.
     """
-    calibration = _calibration(manifest)
+    calibration = calibration_record(manifest)
     given = {**dict(calibration.get("call_kwargs", {})), **dict(overrides or {})}
     try:  # never the user's image files a bundle names: they are outside it
         source = source_from_description(calibration["source"])
@@ -144,7 +141,7 @@ def second_shape(pipe: Any, manifest: Mapping[str, Any], given: Mapping[str, Any
     (diffusers' standard size arguments)."""
     if given:
         return dict(given)
-    recorded = dict(_calibration(manifest).get("call_kwargs", {}))
+    recorded = dict(calibration_record(manifest).get("call_kwargs", {}))
     params = call_parameters(pipe)
     default = _default_size(pipe, manifest)
     height, width = recorded.get("height", default), recorded.get("width", default)

@@ -34,6 +34,7 @@ from diffkiln.core.arguments import bind_call, is_int_argument
 from diffkiln.core.atomic import atomic_directory, file_table
 from diffkiln.core.cache_schedule import CacheMechanism, CacheSchedule
 from diffkiln.core.errors import BundleError
+from diffkiln.core.plan import calibration_record
 from diffkiln.core.schema import MANIFEST_NAME, ONNX_FORMAT, ONNX_VERSION, LoadedBundle
 from diffkiln.export.onnx.cache_graphs import (
     CACHED_FILE,
@@ -165,14 +166,6 @@ def _checked_denoiser(
     return {**static, "static_reason": reason, "check": check}, component, None
 
 
-def _calibration_record(manifest: dict[str, Any]) -> dict[str, Any]:
-    """The bundle's calibration prompts and call arguments, so that a report on the ONNX folder
-    samples as one on the bundle does (a user folder's size, frames, prompts of its domain)."""
-    notes = manifest.get("plan", {}).get("notes", {}).get("calibration", {})
-    notes = notes if isinstance(notes, dict) else {}
-    return {k: notes[k] for k in ("prompts", "call_kwargs") if k in notes}
-
-
 def _not_exported(component: Component, reason: str) -> str:
     """The one-line refusal of a denoiser that has no ONNX graph."""
     children = list(component.module.children())  # the export wrapper holds the model
@@ -180,6 +173,9 @@ def _not_exported(component: Component, reason: str) -> str:
     return (f"the {component.name} ({model}) does not export to ONNX: {reason}; the bundle itself runs in the "
             "torch runtime (diffkiln generate BUNDLE, load_pipeline)")  # fmt: skip
 
+
+_COPIED_CALIBRATION = ("prompts", "call_kwargs")
+"""What an ONNX manifest copies of its bundle's calibration record."""
 
 DYNAMIC_ATTEMPTS = (
     ("every axis dynamic", False, False),
@@ -330,7 +326,9 @@ def export_onnx(bundle: LoadedBundle, config: OnnxExportConfig) -> Path:
             "bundle": {
                 "source": manifest["source"],
                 "recipe": manifest["quant"]["recipe"],
-                "calibration": _calibration_record(manifest),
+                # So that a report on the folder samples as one on the bundle does (a user folder's
+                # size and frames, prompts of its domain).
+                "calibration": {k: v for k, v in calibration_record(manifest).items() if k in _COPIED_CALIBRATION},
             },
             "cache": manifest.get("cache") or {},
             "cache_graph": cache_graph,

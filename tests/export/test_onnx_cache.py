@@ -17,6 +17,7 @@ from diffkiln.core.cache_schedule import CacheSchedule
 from diffkiln.core.metrics import sqnr_db
 from diffkiln.export.onnx import OnnxExportConfig
 from diffkiln.runtime import load
+from tests.tiers import tiered
 
 STEPS = 6
 
@@ -53,9 +54,12 @@ def exports(tmp_path_factory: pytest.TempPathFactory) -> _Exports:
     return _Exports(tmp_path_factory.mktemp("cache-exports"))
 
 
-@pytest.mark.parametrize(
-    ("model", "mechanism"), [("shapes-dit", "whole"), ("shapes-dit", "residual"), ("shapes-unet", "deep")]
-)
+# CI: output reuse, and a UNet's block range; a DiT's residual range (dynamic, on LTX, below) in
+# ``make test-slow``.
+CASES = [("shapes-dit", "whole"), ("shapes-dit", "residual"), ("shapes-unet", "deep")]
+
+
+@pytest.mark.parametrize(("model", "mechanism"), tiered(CASES, slow=[("shapes-dit", "residual")]))
 def test_onnx_folder_follows_the_bundles_schedule_as_the_torch_runtime_does(
     exports: _Exports, model: str, mechanism: str
 ) -> None:

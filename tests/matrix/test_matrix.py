@@ -25,6 +25,7 @@ from diffkiln.generation import load_pipeline
 from diffkiln.nn import QConv, QLinear
 from diffkiln.zoo.catalog import TINY_CATALOG
 from tests.matrix.builders import MATRIX, Lazy, build
+from tests.tiers import tiered
 
 # The built-in tiny architectures (their builders live in the zoo), as folders like any other.
 BUILTIN = {e.name: dict(e.call_kwargs) for e in TINY_CATALOG}
@@ -187,7 +188,14 @@ def onnx_folders(bundles: dict[str, Path], tmp_path_factory: pytest.TempPathFact
     return Lazy(export)
 
 
-@pytest.mark.parametrize("name", NAMES)
+# CI exports one class per ONNX mechanism: UNet convolutions (tiny-sd15), joint attention with
+# rotary tables (tiny-flux, tiny-sd3), video (cogvideox, latte, tiny-wan; ltx with int inputs), the
+# whole image-to-video and audio pipelines (svd, stable-audio) and class labels (dit). The other
+# classes' exports, each another half-minute of tracing, run in ``make test-slow``.
+ONNX_SLOW_TIER = ("text-to-video-sd", "tiny-sdxl", "aura-flow", "hunyuan-dit", "tiny-pixart", "ddpm")
+
+
+@pytest.mark.parametrize("name", tiered(NAMES, ONNX_SLOW_TIER))
 def test_onnx_denoiser_runs_at_two_shapes(name: str, bundles: dict[str, Path], onnx_folders: dict[str, Path]) -> None:
     from diffkiln.runtime.onnxruntime_backend import OrtDenoiser
 

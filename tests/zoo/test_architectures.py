@@ -20,6 +20,7 @@ from diffkiln.core.metrics import sqnr_db
 from diffkiln.generation import GenerateConfig, generate, load_pipeline
 from diffkiln.zoo.architectures import FULL_SIZE_DENOISERS, TINY_ARCHITECTURES, build_full_denoiser
 from diffkiln.zoo.registry import resolve_target
+from tests.tiers import tiered
 
 PROMPTS = ["a red car on a street", "a dog running on the beach"]
 
@@ -92,7 +93,8 @@ def test_full_size_configs_match_published_sizes(name: str) -> None:
     assert abs(millions - _PUBLISHED_M[name]) / _PUBLISHED_M[name] < 0.02, f"{name}: {millions:.0f}M"
 
 
-@pytest.mark.parametrize("name", sorted(TINY_ARCHITECTURES))
+# tiny-sd15 stands for the UNets in CI; tiny-sdxl's search (its added conditioning) in make test-slow.
+@pytest.mark.parametrize("name", tiered(sorted(TINY_ARCHITECTURES), ["tiny-sdxl"]))
 def test_mixed_bundle_end_to_end(name: str, tmp_path: Path) -> None:
     from diffkiln.optimizer import MixedConfig
     from diffkiln.runtime.inspect import summarize

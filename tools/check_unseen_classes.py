@@ -61,6 +61,8 @@ from diffusers import (
     StableAudioDiTModel,
     StableAudioPipeline,
     UNet2DConditionModel,
+    ZImagePipeline,
+    ZImageTransformer2DModel,
 )
 from diffusers.pipelines.stable_audio import StableAudioProjectionModel
 from transformers import (
@@ -78,6 +80,8 @@ from transformers import (
     LlamaModel,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
+    Qwen3Config,
+    Qwen3Model,
 )
 
 from diffkiln.calibrate import batch_kwargs, source_for
@@ -464,6 +468,34 @@ def qwenimage(scratch: Path) -> Any:
                              text_encoder=Qwen2_5_VLForConditionalGeneration(config), tokenizer=tok)  # fmt: skip
 
 
+def zimage(scratch: Path) -> Any:
+    """Z-Image: latents and text passed to the transformer as lists, one tensor per sample, each
+    prompt's text of its own length; the Qwen3 encoder reads the prompt through a chat template."""
+    tok = lm_tokenizer()
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,),
+        all_f_patch_size=(1,),
+        in_channels=16,
+        dim=48,
+        n_layers=3,
+        n_refiner_layers=1,
+        n_heads=3,
+        n_kv_heads=3,
+        cap_feat_dim=24,
+        axes_dims=[8, 4, 4],
+        axes_lens=[256, 32, 32],
+    )
+    with torch.no_grad():  # left uninitialized (torch.empty) by the constructor
+        transformer.x_pad_token.normal_()
+        transformer.cap_pad_token.normal_()
+    config = Qwen3Config(hidden_size=24, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, head_dim=12, vocab_size=len(tok), pad_token_id=0)  # fmt: skip
+    vae = _vae(latent=16, levels=2, shift_factor=0.1159, scaling_factor=0.3611)
+    return ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=Qwen3Model(config),
+                          tokenizer=tok, transformer=transformer)  # fmt: skip
+
+
 CLASSES: dict[str, tuple[Callable[[Path], Any], dict[str, Any]]] = {
     "hunyuan-dit": (hunyuan, {"height": 64, "width": 48, "use_resolution_binning": False}),
     "allegro": (
@@ -481,7 +513,13 @@ CLASSES: dict[str, tuple[Callable[[Path], Any], dict[str, Any]]] = {
     "cogview4": (cogview4, {"height": 32, "width": 48, "max_sequence_length": 16}),
     "lumina2": (lumina2, {"height": 32, "width": 32, "max_sequence_length": 32}),
     "qwenimage": (qwenimage, {"height": 48, "width": 32, "max_sequence_length": 16}),
+    "zimage": (zimage, {"height": 32, "width": 48, "max_sequence_length": 24}),
 }
+
+
+def _flat(out: Any) -> torch.Tensor:
+    """A denoiser's output as one tensor (Z-Image returns a list, one tensor per sample)."""
+    return torch.cat([t.flatten() for t in out]) if isinstance(out, (list, tuple)) else out
 
 
 def _per_call(folder: Path, bundle: Path, call_kwargs: dict[str, Any]) -> list[float]:
@@ -502,7 +540,8 @@ def _per_call(folder: Path, bundle: Path, call_kwargs: dict[str, Any]) -> list[f
     for args, kwargs in calls:
         kwargs = {**kwargs, "return_dict": False}
         with torch.no_grad():
-            out.append(round(float(sqnr_db(fp_den(*args, **kwargs)[0], q_den(*args, **kwargs)[0])), 1))
+            ref, got = (_flat(den(*args, **kwargs)[0]) for den in (fp_den, q_den))
+            out.append(round(float(sqnr_db(ref, got)), 1))
     return out
 
 
@@ -597,8 +636,12 @@ def main() -> None:
             row["ok"] = False
         rows.append(row)
         print(json.dumps(row), flush=True)
-    if a.out:
-        a.out.write_text(json.dumps(rows, indent=2) + "\n")
+    if a.out:  # the rows of other classes, from an earlier run, are kept
+        ran = {r["class"] for r in rows}
+        kept = [r for r in json.loads(a.out.read_text()) if r["class"] not in ran] if a.out.is_file() else []
+        order = list(CLASSES)
+        merged = sorted([*kept, *rows], key=lambda r: order.index(r["class"]) if r["class"] in order else len(order))
+        a.out.write_text(json.dumps(merged, indent=2) + "\n")
     print(f"{sum(r['ok'] for r in rows)} of {len(rows)} classes within {MIN_CALL_SQNR_DB} dB on every call")
 
 

@@ -42,11 +42,26 @@ from diffkiln.core.arguments import bind_call
 from diffkiln.core.hooks import layer_input, scoped_hooks
 from diffkiln.core.layers import find_quantizable_layers, layer_kind
 
-__all__ = ["AttentionFlow", "DataflowGraph", "LayerFlow", "bind_call", "trace_dataflow"]
+__all__ = [
+    "AttentionFlow",
+    "DataflowGraph",
+    "LayerFlow",
+    "bind_call",
+    "input_shape",
+    "nan_padded",
+    "sequence_tensor",
+    "trace_dataflow",
+]
 
 _Tag = tuple[frozenset[str], frozenset[str]]
 _EMPTY: _Tag = (frozenset(), frozenset())
 _INPLACE_EXTRA = ("__setitem__", "copy_", "index_put_", "masked_fill_", "scatter_")
+# Functions whose other tensor arguments lend only a dtype, device or shape: the output carries the
+# data of the first argument alone (Z-Image casts its timestep embedding ``t.type_as(x)``; that
+# makes no adaptive-norm layer a reader of the latent), or of no argument at all.
+_FIRST_ARGUMENT_DATA = ("type_as", "expand_as", "view_as", "reshape_as", "to")
+_NO_DATA = ("zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like", "new_zeros",
+            "new_ones", "new_empty", "new_full")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -149,15 +164,53 @@ class DataflowGraph:
         return cls(d["main_input"], dict(d["inputs"]), d["timestep_input"], layers, attentions, notes)
 
 
-def _named_tensors(bound: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """Every tensor argument by name; tensors inside dicts as ``parent.key``."""
-    out: dict[str, torch.Tensor] = {}
+def _named_inputs(bound: Mapping[str, Any]) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+    """Every tensor argument by name: a tensor; a list or tuple of tensors, as one input (Z-Image
+    takes its latents and its text embeddings as lists, one tensor per sample); tensors inside
+    dicts as ``parent.key``."""
+    out: dict[str, torch.Tensor | list[torch.Tensor]] = {}
     for name, value in bound.items():
         if isinstance(value, torch.Tensor):
             out[name] = value
+        elif isinstance(value, (list, tuple)) and value and all(isinstance(v, torch.Tensor) for v in value):
+            out[name] = list(value)
         elif isinstance(value, Mapping):
             out.update({f"{name}.{k}": v for k, v in value.items() if isinstance(v, torch.Tensor)})
     return out
+
+
+def input_shape(value: torch.Tensor | list[torch.Tensor]) -> list[int]:
+    """An input's shape as the graph records it: a tensor's own; a list of per-sample tensors of
+    one rank as ``[len(list), *shape of the first]`` (the list is the batch)."""
+    if isinstance(value, torch.Tensor):
+        return list(value.shape)
+    return [len(value), *value[0].shape] if len({v.dim() for v in value}) == 1 else [len(value)]
+
+
+def sequence_tensor(value: Any) -> torch.Tensor | None:
+    """A token-sequence input as one (batch, length, width) tensor: the tensor itself, or a list of
+    per-sample (length, width) tensors stacked, the shorter ones padded with NaN (Z-Image drops each
+    prompt's padding, so lengths differ: NaN marks a position that sample does not have). None for
+    anything else."""
+    if isinstance(value, torch.Tensor):
+        return value if value.dim() == 3 else None
+    rows = list(value) if isinstance(value, (list, tuple)) else []
+    matrices = rows and all(isinstance(v, torch.Tensor) and v.dim() == 2 for v in rows)
+    if matrices and len({v.shape[1] for v in rows}) == 1:
+        return nan_padded([v.unsqueeze(0) for v in rows])
+    return None
+
+
+def nan_padded(parts: list[torch.Tensor]) -> torch.Tensor:
+    """(batch, length, width) tensors joined over the batch, each padded with NaN to the longest."""
+    longest = max(p.shape[1] for p in parts)
+    padded = [
+        torch.cat([p.float(), p.new_full((p.shape[0], longest - p.shape[1], p.shape[2]), float("nan"))], 1)
+        if p.shape[1] < longest
+        else p
+        for p in parts
+    ]
+    return torch.cat(padded)
 
 
 def _function_name(func: Any) -> str:
@@ -214,13 +267,15 @@ class _Tracer(TorchFunctionMode):
         tensors = [t for t in flat if isinstance(t, torch.Tensor)]
         self._note_reads(func, tensors)
         out = func(*args, **kwargs)
-        if not tensors:
+        name = getattr(func, "__name__", "")
+        if name in _FIRST_ARGUMENT_DATA:
+            tensors = tensors[:1]
+        if not tensors or name in _NO_DATA:
             return out
         tags = [self.tag(t) for t in tensors]
         self._note_meetings(tags)
         deps = frozenset().union(*(d for d, _ in tags))
         sources = frozenset().union(*(s for _, s in tags))
-        name = getattr(func, "__name__", "")
         if name == "scaled_dot_product_attention":
             sources = frozenset({self._attention(args, kwargs)})
         targets = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
@@ -266,9 +321,9 @@ class _Tracer(TorchFunctionMode):
             self.tags[out] = (self.layer_in.get(name, _EMPTY)[0], frozenset({f"layer:{name}"}))
 
 
-def _timestep_input(named: Mapping[str, torch.Tensor], main: str) -> str:
-    for name, t in named.items():
-        if name != main and "." not in name and t.dim() <= 1:
+def _timestep_input(named: Mapping[str, torch.Tensor | list[torch.Tensor]], main: str) -> str:
+    for name, value in named.items():
+        if name != main and "." not in name and isinstance(value, torch.Tensor) and value.dim() <= 1:
             return name
     return ""
 
@@ -286,7 +341,7 @@ def trace_dataflow(denoiser: nn.Module, args: tuple[Any, ...], kwargs: Mapping[s
     """
     layers = find_quantizable_layers(denoiser)
     bound = bind_call(denoiser, args, kwargs)
-    named = _named_tensors(bound)
+    named = _named_inputs(bound)
     if not named:
         raise ValueError(f"{type(denoiser).__name__} was called without a tensor argument; nothing to trace")
     main = next(iter(named))
@@ -303,8 +358,9 @@ def trace_dataflow(denoiser: nn.Module, args: tuple[Any, ...], kwargs: Mapping[s
             hooks.add_forward_pre_hook(f"diffkiln.dataflow.pre.{name}", module, pre)
             hooks.add_forward_hook(f"diffkiln.dataflow.post.{name}", module, post)
         with tracer, torch.no_grad():
-            for name, t in named.items():
-                tracer.tags[t] = (frozenset({f"input:{name}"}), frozenset({f"input:{name}"}))
+            for name, value in named.items():
+                for t in [value] if isinstance(value, torch.Tensor) else value:
+                    tracer.tags[t] = (frozenset({f"input:{name}"}), frozenset({f"input:{name}"}))
             out = denoiser(*args, **kwargs)
     outputs = [o for o in tree_flatten(out if isinstance(out, tuple) else getattr(out, "sample", out))[0]]
     first = next((o for o in outputs if isinstance(o, torch.Tensor)), None)
@@ -326,7 +382,7 @@ def trace_dataflow(denoiser: nn.Module, args: tuple[Any, ...], kwargs: Mapping[s
         )
     return DataflowGraph(
         main_input=main,
-        inputs={n: list(t.shape) for n, t in named.items()},
+        inputs={n: input_shape(value) for n, value in named.items()},
         timestep_input=_timestep_input(named, main),
         layers=flows,
         attentions=tuple(tracer.attentions),

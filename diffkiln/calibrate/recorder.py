@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffkiln.calibrate.dataflow import DataflowGraph, bind_call
+from diffkiln.calibrate.dataflow import DataflowGraph, bind_call, nan_padded, sequence_tensor
 from diffkiln.calibrate.stats import LayerStats
 from diffkiln.core.errors import NonFiniteError
 from diffkiln.core.hooks import layer_input, scoped_hooks
@@ -111,8 +111,8 @@ class Recorder:
             self.timesteps.append(t if t is not None else float(self.step))
         if self.step == 0:
             for name in self.graph.sequence_inputs:
-                value = bound.get(name)
-                if isinstance(value, torch.Tensor) and value.dim() == 3:
+                value = sequence_tensor(bound.get(name))
+                if value is not None:
                     self.sequences.setdefault(name, []).append((self._tag(), value.detach().float().cpu()))
 
     def on_layer(self, name: str, kind: str, x: torch.Tensor, out: torch.Tensor | None = None) -> None:
@@ -200,7 +200,7 @@ class Recorder:
 
     def sequence_tensors(self) -> dict[str, torch.Tensor]:
         """Each sequence input's step-0 values over every call, in batch order."""
-        return {k: torch.cat([v for _, v in entries]) for k, entries in self.sequences.items()}
+        return {k: nan_padded([v for _, v in entries]) for k, entries in self.sequences.items()}
 
     def finish(self) -> dict[str, LayerStats]:
         """The accumulated statistics, one LayerStats per layer that ran."""

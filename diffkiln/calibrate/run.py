@@ -29,7 +29,7 @@ from diffkiln.calibrate.attention_stats import AttentionRecorder, attention_reco
 from diffkiln.calibrate.blocks import find_blocks
 from diffkiln.calibrate.cache_stats import CacheRecorder, cache_recording
 from diffkiln.calibrate.config import CalibrationConfig
-from diffkiln.calibrate.dataflow import DataflowGraph, bind_call, trace_dataflow
+from diffkiln.calibrate.dataflow import DataflowGraph, bind_call, nan_padded, sequence_tensor, trace_dataflow
 from diffkiln.calibrate.pipeline_calls import call_pipeline
 from diffkiln.calibrate.prompts import PROBE_PROMPTS
 from diffkiln.calibrate.recorder import Recorder, recording
@@ -100,15 +100,24 @@ def pipeline_call_kwargs(pipe: Any, config: CalibrationConfig, output_type: str 
 
 def _verified_positions(rows: torch.Tensor, probes: torch.Tensor | None) -> list[int]:
     """Positions whose row is the same in every calibration row and every probe row, in an input
-    that does vary with the prompt elsewhere (text; not a prompt-independent conditioning row)."""
-    if rows.numel() == 0 or probes is None or probes.shape[1:] != rows.shape[1:]:
+    that does vary with the prompt elsewhere (text; not a prompt-independent conditioning row).
+    A NaN row is a position its sample does not have (per-sample sequences of other lengths): a
+    position counts where the full-length probe rows all have it, compared over the rows that do."""
+    if rows.numel() == 0 or probes is None or probes.shape[2:] != rows.shape[2:]:
         return []
-    allrows = torch.cat([rows, probes]).float()
-    spread = (allrows.amax(0) - allrows.amin(0)).abs().amax(-1)
-    scale = float(allrows.abs().amax()) or 1.0
-    if float(spread.max()) <= _REL_TOL * scale:
+    allrows = nan_padded([rows.float(), probes.float()])
+    present = ~allrows.isnan().any(-1)  # (row, position)
+    full = present[rows.shape[0] :].all(1)  # the probe prompts' rows (not a shorter negative prompt's)
+    if not bool(full.any()):
+        return []
+    covered = present[rows.shape[0] :][full].all(0) & present[: rows.shape[0]].any(0)
+    high = torch.where(present.unsqueeze(-1), allrows, -torch.inf).amax(0)
+    low = torch.where(present.unsqueeze(-1), allrows, torch.inf).amin(0)
+    spread = torch.where(present.sum(0) > 1, (high - low).abs().amax(-1), 0.0)
+    tol = _REL_TOL * (float(allrows.nan_to_num(0.0).abs().amax()) or 1.0)
+    if float(spread.max()) <= tol:
         return []  # nothing varies with the prompt: not a text sequence
-    return [i for i, v in enumerate(spread.tolist()) if v <= _REL_TOL * scale]
+    return [i for i, (v, ok) in enumerate(zip(spread.tolist(), covered.tolist(), strict=True)) if ok and v <= tol]
 
 
 def _bos(graph: DataflowGraph, sequences: dict[str, torch.Tensor], probes: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -157,9 +166,8 @@ def _run_pipeline(pipe: Any, source: CallSource, config: CalibrationConfig, mode
         probe_samples = [{**first_batch[0], "prompt": p} for p in PROBE_PROMPTS]
         pargs, pkwargs = _capture_first_call(denoiser, lambda: call(probe_samples, config.seed))
         bound = bind_call(denoiser, pargs, pkwargs)
-        probes = {
-            k: bound[k].detach().float().cpu() for k in graph.sequence_inputs if isinstance(bound.get(k), torch.Tensor)
-        }
+        stacked = {k: sequence_tensor(bound.get(k)) for k in graph.sequence_inputs}
+        probes = {k: t.detach().float().cpu() for k, t in stacked.items() if t is not None}
     rank, world = rank_world()
     rec = Recorder(graph, config.samples_per_step, config.seed)
     # The cache and attention proxies come from the first batch, which rank 0 runs.

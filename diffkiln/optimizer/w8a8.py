@@ -168,7 +168,7 @@ def fp_reasons(
 
 
 def _bos_summary(stats: CalibrationStats, positions: list[int]) -> dict[str, Any]:
-    emb = stats.text_embeds.float()
+    emb = stats.text_embeds.float().nan_to_num(0.0)  # NaN: a position a shorter sample lacks
     if emb.dim() != 3 or not positions:
         return {}
     absmax = emb.abs().amax(dim=(0, 2))

@@ -1,4 +1,4 @@
-"""Ten denoiser classes built outside the test matrix, each with shapes and call arguments of its
+"""Eleven denoiser classes built outside the test matrix, each with shapes and call arguments of its
 own, run through `diffkiln optimize FOLDER` with `--call-arg` options only, as a user would.
 
 For each: build the tiny pipeline (random weights, seed 1) and save it as a diffusers folder; run
@@ -8,11 +8,12 @@ Then `diffkiln report BUNDLE` in a fresh process, which decodes: the final laten
 FP. Allegro's VAE decodes only in tiles: its report runs with `--vae-tiling`, and once without, to
 record the one-line error that names the option. Last, `diffkiln export BUNDLE --format onnx
 --denoiser-only`: the graph's dynamic axes and its check against the torch runtime, or the error.
-Eight of the ten classes are in no test matrix entry (Allegro, Mochi, AnimateDiff, PixArt-Sigma,
-HunyuanVideo, CogView4; Lumina2 and QwenImage only in tests/matrix/test_constructor_tensors.py, at
-other widths); the other two (HunyuanDiT, Stable Audio) are built at other widths and depths. The
-decoder language models' tokenizers (Llama, GLM, Gemma 2, Qwen2.5-VL) are diffkiln's word-level
-stand-in (`lm_tokenizer`).
+Nine of the eleven classes are in no test matrix entry (Allegro, Mochi, AnimateDiff, PixArt-Sigma,
+HunyuanVideo, CogView4; Lumina2 and QwenImage only in tests/matrix/test_constructor_tensors.py,
+Z-Image only in tests/matrix/test_list_inputs.py, at other widths); the other two (HunyuanDiT,
+Stable Audio) are built at other widths and depths. The decoder language models' tokenizers
+(Llama, GLM, Gemma 2, Qwen2.5-VL, Qwen3) are diffkiln's word-level stand-in (`lm_tokenizer`).
+``--only`` runs some classes; ``--out`` keeps the other classes' rows of an earlier run.
 
 Usage:
     python tools/check_unseen_classes.py --work /tmp/unseen --out tools/results/unseen_classes.json
@@ -473,19 +474,9 @@ def zimage(scratch: Path) -> Any:
     prompt's text of its own length; the Qwen3 encoder reads the prompt through a chat template."""
     tok = lm_tokenizer()
     tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
-    transformer = ZImageTransformer2DModel(
-        all_patch_size=(2,),
-        all_f_patch_size=(1,),
-        in_channels=16,
-        dim=48,
-        n_layers=3,
-        n_refiner_layers=1,
-        n_heads=3,
-        n_kv_heads=3,
-        cap_feat_dim=24,
-        axes_dims=[8, 4, 4],
-        axes_lens=[256, 32, 32],
-    )
+    transformer = ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=48,
+                                           n_layers=3, n_refiner_layers=1, n_heads=3, n_kv_heads=3, cap_feat_dim=24,
+                                           axes_dims=[8, 4, 4], axes_lens=[256, 32, 32])  # fmt: skip
     with torch.no_grad():  # left uninitialized (torch.empty) by the constructor
         transformer.x_pad_token.normal_()
         transformer.cap_pad_token.normal_()

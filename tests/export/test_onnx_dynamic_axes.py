@@ -305,6 +305,40 @@ def test_a_complex_rotary_table_exports_and_runs_at_other_shapes(tmp_path: Path)
         np.testing.assert_allclose(_run(path, feeds), ref, rtol=1e-5, atol=1e-5)
 
 
+class _PaddedComplexRotary(nn.Module):
+    """Z-Image's rotary tables: complex rows picked per sample (each sample its own length),
+    batched with ``pad_sequence`` (zero padding), padded again with ``F.pad``, and masked with
+    ``where``. torch.onnx has no complex translation for any of these."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        angles = torch.arange(64, dtype=torch.float32)[:, None] * torch.linspace(0.01, 1.0, 3)[None, :]
+        self.freqs = torch.polar(torch.ones_like(angles), angles)
+
+    def forward(self, hidden: torch.Tensor, return_dict: bool = True) -> torch.Tensor:
+        batch, tokens, width = hidden.shape
+        tables = [self.freqs[i : tokens] for i in range(batch)]  # sample i: tokens - i rows
+        table = nn.utils.rnn.pad_sequence(tables, batch_first=True, padding_value=0.0)
+        table = nn.functional.pad(table, (0, 0, 0, 1))[:, :tokens]
+        keep = torch.arange(tokens)[None, :, None] < (tokens - torch.arange(batch))[:, None, None]
+        table = torch.where(keep, table, torch.zeros_like(table))
+        pairs = torch.view_as_complex(hidden.reshape(batch, tokens, width // 2, 2))
+        return torch.view_as_real(pairs * table).flatten(2)
+
+
+def test_padded_and_masked_complex_tables_export_and_run(tmp_path: Path) -> None:
+    module = _PaddedComplexRotary().eval()
+    path, entry = _export(module, {"hidden": torch.randn(2, 5, 6)}, tmp_path)
+    # A table per sample: the trace fixes the batch, and the graph and its record say so (the
+    # retry's program named the fixed axis "2", a symbol the record took for a dynamic axis).
+    assert entry["inputs"][0]["shape"][0] == 2 and entry["dynamic_axes"]["hidden"][:1] == [1], entry
+    for tokens in (5, 9, 17):
+        feeds = {"hidden": torch.randn(2, tokens, 6)}
+        with torch.no_grad():
+            ref = module(**feeds).numpy()
+        np.testing.assert_allclose(_run(path, feeds), ref, rtol=1e-5, atol=1e-5)
+
+
 class _TextLengthMask(nn.Module):
     """HunyuanVideo's key mask: all False, then True up to each sample's text length
     (``masked_fill`` on a boolean tensor), chosen between two masks by ``torch.where``.

@@ -122,7 +122,9 @@ def _to_onnx(module: nn.Module, example: Callable[[], tuple[Any, ...]], shapes: 
         if not computes_in_complex(exc):
             raise
     args = example()
-    program = torch.export.export(module, args, dynamic_shapes=shapes, strict=False)
+    # Decomposed first: composite ops (Z-Image's pad_sequence, zeros_like) decompose into layout
+    # ops and factories on complex tensors, which the pass must see.
+    program = torch.export.export(module, args, dynamic_shapes=shapes, strict=False).run_decompositions()
     rewritten = lower_complex_layout(program.graph_module)
     log.info("complex tensors: %d layout op(s) rewritten on their real view", rewritten)
     return torch.onnx.export(program, args, **kwargs)
@@ -149,8 +151,14 @@ def pin_inputs(program: Any) -> None:
         return
     pinned = {str(s): int(r.lower) for s, r in exported.range_constraints.items() if r.lower == r.upper}
     for value in program.model.graph.inputs:
-        if value.shape is not None and any(not isinstance(d, int) and str(d) in pinned for d in value.shape):
-            value.shape = ir.Shape([d if isinstance(d, int) else pinned.get(str(d), d) for d in value.shape])
+        if value.shape is None:
+            continue
+        # A "symbol" named by a number is a size the trace fixed (a program exported again after
+        # its decompositions, as the complex-tensor retry does, names a specialized axis "2").
+        dims = [d if isinstance(d, int) else int(str(d)) if str(d).isdigit() else pinned.get(str(d), d)
+                for d in value.shape]  # fmt: skip
+        if dims != list(value.shape):
+            value.shape = ir.Shape(dims)
 
 
 def fold_weight_norms(module: nn.Module) -> list[str]:

@@ -1,4 +1,4 @@
-"""Eleven denoiser classes built outside the test matrix, each with shapes and call arguments of its
+"""Thirteen denoiser classes built outside the test matrix, each with shapes and call arguments of its
 own, run through `diffkiln optimize FOLDER` with `--call-arg` options only, as a user would.
 
 For each: build the tiny pipeline (random weights, seed 1) and save it as a diffusers folder; run
@@ -8,11 +8,13 @@ Then `diffkiln report BUNDLE` in a fresh process, which decodes: the final laten
 FP. Allegro's VAE decodes only in tiles: its report runs with `--vae-tiling`, and once without, to
 record the one-line error that names the option. Last, `diffkiln export BUNDLE --format onnx
 --denoiser-only`: the graph's dynamic axes and its check against the torch runtime, or the error.
-Nine of the eleven classes are in no test matrix entry (Allegro, Mochi, AnimateDiff, PixArt-Sigma,
-HunyuanVideo, CogView4; Lumina2 and QwenImage only in tests/matrix/test_constructor_tensors.py,
-Z-Image only in tests/matrix/test_list_inputs.py, at other widths); the other two (HunyuanDiT,
-Stable Audio) are built at other widths and depths. The decoder language models' tokenizers
-(Llama, GLM, Gemma 2, Qwen2.5-VL, Qwen3) are diffkiln's word-level stand-in (`lm_tokenizer`).
+Eleven of the thirteen classes are in no test matrix entry (Allegro, Mochi, AnimateDiff,
+PixArt-Sigma, HunyuanVideo, CogView4, SANA; Lumina2 and QwenImage only in
+tests/matrix/test_constructor_tensors.py, Z-Image only in tests/matrix/test_list_inputs.py,
+HiDream only in tests/matrix/test_stacked_sequences.py, at other widths); the other two
+(HunyuanDiT, Stable Audio) are built at other widths and depths. The decoder language models'
+tokenizers (Llama, GLM, Gemma 2, Qwen2.5-VL, Qwen3) are diffkiln's word-level stand-in
+(`lm_tokenizer`).
 ``--only`` runs some classes; ``--out`` keeps the other classes' rows of an earlier run.
 
 Usage:
@@ -35,6 +37,7 @@ from diffusers import (
     AllegroPipeline,
     AllegroTransformer3DModel,
     AnimateDiffPipeline,
+    AutoencoderDC,
     AutoencoderKL,
     AutoencoderKLAllegro,
     AutoencoderKLHunyuanVideo,
@@ -46,6 +49,8 @@ from diffusers import (
     DDIMScheduler,
     EDMDPMSolverMultistepScheduler,
     FlowMatchEulerDiscreteScheduler,
+    HiDreamImagePipeline,
+    HiDreamImageTransformer2DModel,
     HunyuanDiT2DModel,
     HunyuanDiTPipeline,
     HunyuanVideoPipeline,
@@ -59,6 +64,8 @@ from diffusers import (
     PixArtTransformer2DModel,
     QwenImagePipeline,
     QwenImageTransformer2DModel,
+    SanaPipeline,
+    SanaTransformer2DModel,
     StableAudioDiTModel,
     StableAudioPipeline,
     UNet2DConditionModel,
@@ -78,6 +85,7 @@ from transformers import (
     GlmConfig,
     GlmModel,
     LlamaConfig,
+    LlamaForCausalLM,
     LlamaModel,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
@@ -487,6 +495,50 @@ def zimage(scratch: Path) -> Any:
                           tokenizer=tok, transformer=transformer)  # fmt: skip
 
 
+def sana(scratch: Path) -> Any:
+    """SANA: ReLU linear self-attention, a Mix-FFN with a depthwise convolution, a deep-compression
+    autoencoder, a Gemma 2 encoder read with a long instruction prefix."""
+    tok = lm_tokenizer()
+    transformer = SanaTransformer2DModel(patch_size=1, in_channels=4, out_channels=4, num_layers=2,
+                                         num_attention_heads=2, attention_head_dim=8, num_cross_attention_heads=2,
+                                         cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=16,
+                                         sample_size=32)  # fmt: skip
+    vae = AutoencoderDC(in_channels=3, latent_channels=4, attention_head_dim=2,
+                        encoder_block_types=("ResBlock", "EfficientViTBlock"),
+                        decoder_block_types=("ResBlock", "EfficientViTBlock"), encoder_block_out_channels=(8, 8),
+                        decoder_block_out_channels=(8, 8), encoder_qkv_multiscales=((), (5,)),
+                        decoder_qkv_multiscales=((), (5,)), encoder_layers_per_block=(1, 1),
+                        decoder_layers_per_block=[1, 1], downsample_block_type="conv",
+                        upsample_block_type="interpolate", decoder_norm_types="rms_norm", decoder_act_fns="silu",
+                        scaling_factor=0.41407)  # fmt: skip
+    gemma = Gemma2Model(Gemma2Config(head_dim=8, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                                     num_hidden_layers=2, num_key_value_heads=2, vocab_size=len(tok), pad_token_id=0,
+                                     attn_implementation="eager"))  # fmt: skip
+    return SanaPipeline(tokenizer=tok, text_encoder=gemma, vae=vae, transformer=transformer,
+                        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))  # fmt: skip
+
+
+def hidream(scratch: Path) -> Any:
+    """HiDream-I1: two CLIPs (pooled), T5, and a Llama read at two hidden layers stacked in front
+    of the batch; a double- and single-stream DiT whose feed-forwards route tokens to experts."""
+    tok, tok_2, tok_3, tok_4 = (clip_tokenizer(scratch / "clip"), clip_tokenizer(scratch / "clip2"),
+                                t5_tokenizer(scratch / "t5"), lm_tokenizer(128))  # fmt: skip
+    transformer = HiDreamImageTransformer2DModel(patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                                 num_single_layers=2, attention_head_dim=8, num_attention_heads=3,
+                                                 caption_channels=[32, 24], text_emb_dim=48, num_routed_experts=4,
+                                                 num_activated_experts=2, axes_dims_rope=(4, 2, 2),
+                                                 max_resolution=(32, 32), llama_layers=(0, 2))  # fmt: skip
+    llama = LlamaForCausalLM(LlamaConfig(hidden_size=24, intermediate_size=32, num_hidden_layers=3,
+                                         num_attention_heads=2, num_key_value_heads=1, vocab_size=len(tok_4),
+                                         pad_token_id=0))  # fmt: skip
+    vae = _vae(latent=4, levels=2, shift_factor=0.1159, scaling_factor=0.3611)
+    return HiDreamImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, transformer=transformer,
+                                text_encoder=clip_encoder(tok, 32, 24), tokenizer=tok,
+                                text_encoder_2=clip_encoder(tok_2, 32, 24), tokenizer_2=tok_2,
+                                text_encoder_3=t5_encoder(tok_3, 32), tokenizer_3=tok_3, text_encoder_4=llama,
+                                tokenizer_4=tok_4)  # fmt: skip
+
+
 CLASSES: dict[str, tuple[Callable[[Path], Any], dict[str, Any]]] = {
     "hunyuan-dit": (hunyuan, {"height": 64, "width": 48, "use_resolution_binning": False}),
     "allegro": (
@@ -505,6 +557,9 @@ CLASSES: dict[str, tuple[Callable[[Path], Any], dict[str, Any]]] = {
     "lumina2": (lumina2, {"height": 32, "width": 32, "max_sequence_length": 32}),
     "qwenimage": (qwenimage, {"height": 48, "width": 32, "max_sequence_length": 16}),
     "zimage": (zimage, {"height": 32, "width": 48, "max_sequence_length": 24}),
+    # Without binning: the pipeline maps any size to its 1024 px aspect-ratio bins.
+    "sana": (sana, {"height": 64, "width": 32, "max_sequence_length": 16, "use_resolution_binning": False}),
+    "hidream": (hidream, {"height": 32, "width": 48, "max_sequence_length": 16}),
 }
 
 

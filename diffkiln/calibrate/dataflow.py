@@ -46,6 +46,7 @@ __all__ = [
     "AttentionFlow",
     "DataflowGraph",
     "LayerFlow",
+    "batch_size",
     "bind_call",
     "input_shape",
     "nan_padded",
@@ -127,8 +128,15 @@ class DataflowGraph:
 
     @property
     def sequence_inputs(self) -> list[str]:
-        """Inputs other than the main one that are token sequences: (batch, length, width)."""
-        return [n for n, s in self.inputs.items() if n != self.main_input and len(s) == 3]
+        """Inputs other than the main one that are token sequences: (batch, length, width), or
+        several hidden layers of one encoder stacked in front, (layers, batch, length, width) with
+        the main input's batch second (HiDream's Llama states)."""
+        batch = (self.inputs.get(self.main_input) or [0])[0]
+        return [
+            n
+            for n, s in self.inputs.items()
+            if n != self.main_input and (len(s) == 3 or (len(s) == 4 and s[1] == batch != s[0]))
+        ]
 
     def consumers(self, layer: str) -> set[str]:
         """The layers whose input ``layer`` feeds directly."""
@@ -179,6 +187,13 @@ def _named_inputs(bound: Mapping[str, Any]) -> dict[str, torch.Tensor | list[tor
     return out
 
 
+def batch_size(value: Any) -> int:
+    """The batch of a main input: a tensor's first size, or a per-sample list's length."""
+    if isinstance(value, torch.Tensor):
+        return int(value.shape[0]) if value.dim() else 0
+    return len(value) if isinstance(value, (list, tuple)) else 0
+
+
 def input_shape(value: torch.Tensor | list[torch.Tensor]) -> list[int]:
     """An input's shape as the graph records it: a tensor's own; a list of per-sample tensors of
     one rank as ``[len(list), *shape of the first]`` (the list is the batch)."""
@@ -187,12 +202,15 @@ def input_shape(value: torch.Tensor | list[torch.Tensor]) -> list[int]:
     return [len(value), *value[0].shape] if len({v.dim() for v in value}) == 1 else [len(value)]
 
 
-def sequence_tensor(value: Any) -> torch.Tensor | None:
-    """A token-sequence input as one (batch, length, width) tensor: the tensor itself, or a list of
-    per-sample (length, width) tensors stacked, the shorter ones padded with NaN (Z-Image drops each
-    prompt's padding, so lengths differ: NaN marks a position that sample does not have). None for
-    anything else."""
+def sequence_tensor(value: Any, batch: int = 0) -> torch.Tensor | None:
+    """A token-sequence input as one (batch, length, width) tensor: a 3-D tensor itself; stacked
+    layers (layers, ``batch``, length, width) with each layer's rows side by side in the width (a
+    position is the same token in every layer); a list of per-sample (length, width) tensors
+    stacked, the shorter ones padded with NaN (Z-Image drops each prompt's padding, so lengths
+    differ: NaN marks a position that sample does not have). None for anything else."""
     if isinstance(value, torch.Tensor):
+        if value.dim() == 4 and value.shape[1] == batch != value.shape[0]:
+            return value.permute(1, 2, 0, 3).flatten(2)
         return value if value.dim() == 3 else None
     rows = list(value) if isinstance(value, (list, tuple)) else []
     matrices = rows and all(isinstance(v, torch.Tensor) and v.dim() == 2 for v in rows)

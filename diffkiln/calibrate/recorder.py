@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffkiln.calibrate.dataflow import DataflowGraph, bind_call, nan_padded, sequence_tensor
+from diffkiln.calibrate.dataflow import DataflowGraph, batch_size, bind_call, nan_padded, sequence_tensor
 from diffkiln.calibrate.stats import LayerStats
 from diffkiln.core.errors import NonFiniteError
 from diffkiln.core.hooks import layer_input, scoped_hooks
@@ -110,8 +110,9 @@ class Recorder:
         if len(self.timesteps) <= self.step:
             self.timesteps.append(t if t is not None else float(self.step))
         if self.step == 0:
+            batch = batch_size(bound.get(self.graph.main_input))
             for name in self.graph.sequence_inputs:
-                value = sequence_tensor(bound.get(name))
+                value = sequence_tensor(bound.get(name), batch)
                 if value is not None:
                     self.sequences.setdefault(name, []).append((self._tag(), value.detach().float().cpu()))
 

@@ -29,7 +29,14 @@ from diffkiln.calibrate.attention_stats import AttentionRecorder, attention_reco
 from diffkiln.calibrate.blocks import find_blocks
 from diffkiln.calibrate.cache_stats import CacheRecorder, cache_recording
 from diffkiln.calibrate.config import CalibrationConfig
-from diffkiln.calibrate.dataflow import DataflowGraph, bind_call, nan_padded, sequence_tensor, trace_dataflow
+from diffkiln.calibrate.dataflow import (
+    DataflowGraph,
+    batch_size,
+    bind_call,
+    nan_padded,
+    sequence_tensor,
+    trace_dataflow,
+)
 from diffkiln.calibrate.pipeline_calls import call_pipeline
 from diffkiln.calibrate.prompts import PROBE_PROMPTS
 from diffkiln.calibrate.recorder import Recorder, recording
@@ -166,7 +173,8 @@ def _run_pipeline(pipe: Any, source: CallSource, config: CalibrationConfig, mode
         probe_samples = [{**first_batch[0], "prompt": p} for p in PROBE_PROMPTS]
         pargs, pkwargs = _capture_first_call(denoiser, lambda: call(probe_samples, config.seed))
         bound = bind_call(denoiser, pargs, pkwargs)
-        stacked = {k: sequence_tensor(bound.get(k)) for k in graph.sequence_inputs}
+        batch = batch_size(bound.get(graph.main_input))
+        stacked = {k: sequence_tensor(bound.get(k), batch) for k in graph.sequence_inputs}
         probes = {k: t.detach().float().cpu() for k, t in stacked.items() if t is not None}
     rank, world = rank_world()
     rec = Recorder(graph, config.samples_per_step, config.seed)

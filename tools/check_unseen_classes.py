@@ -559,7 +559,9 @@ CLASSES: dict[str, tuple[Callable[[Path], Any], dict[str, Any]]] = {
     "zimage": (zimage, {"height": 32, "width": 48, "max_sequence_length": 24}),
     # Without binning: the pipeline maps any size to its 1024 px aspect-ratio bins.
     "sana": (sana, {"height": 64, "width": 32, "max_sequence_length": 16, "use_resolution_binning": False}),
-    "hidream": (hidream, {"height": 32, "width": 48, "max_sequence_length": 16}),
+    # HiDream's pipeline rescales every size to its default area (256 px square with this VAE); a
+    # non-square one is padded to max_resolution's patch count, which this toy keeps small.
+    "hidream": (hidream, {"height": 32, "width": 32, "max_sequence_length": 16}),
 }
 
 

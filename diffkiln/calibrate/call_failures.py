@@ -51,11 +51,17 @@ def _raised_by_diffkiln(frames: list[Any]) -> bool:
     start = next((i for i, f in enumerate(outer) if not _in_diffkiln(f)), len(outer))
     inside = outer[start:][::-1]
     for frame in inside:
-        if _in_diffkiln(frame):
+        if _in_diffkiln(frame) and not _passes_through(frame):
             return True
-        if not _is_library(frame):
+        if not _is_library(frame) and not _in_diffkiln(frame):
             return False
     return False
+
+
+def _passes_through(frame: Any) -> bool:
+    """A torch-function mode's frame (the data-flow tracer's): it only forwards the model's own
+    call, so a failure there is the model's, as one in torch's frames is."""
+    return frame.f_code.co_name == "__torch_function__"
 
 
 def _is_library(frame: Any) -> bool:

@@ -167,7 +167,10 @@ def _run_pipeline(pipe: Any, source: CallSource, config: CalibrationConfig, mode
         choice = denoiser_by_calls(pipe, short)
     denoiser = choice.module
     args, kwargs = _capture_first_call(denoiser, lambda: call(first_batch, config.seed))
-    graph = trace_dataflow(denoiser, args, kwargs)
+    # The capture stops before the denoiser runs: its first run is the trace's, which names a
+    # failure in the model's code (a size the model cannot take) as a pipeline call does.
+    with pipeline_call_hints(pipe, first_batch, config.steps or 0, common):
+        graph = trace_dataflow(denoiser, args, kwargs)
     probes: dict[str, torch.Tensor] = {}
     if config.bos_probe and isinstance(source, PromptSource) and graph.sequence_inputs:
         probe_samples = [{**first_batch[0], "prompt": p} for p in PROBE_PROMPTS]

@@ -52,6 +52,31 @@ def test_a_component_without_tiling_gets_the_call_arguments_to_check() -> None:
     assert "the call arguments diffkiln passed (height, num_inference_steps)" in message
 
 
+class _SizedBlock(torch.nn.Module):
+    """A model that takes only sizes up to 16 tokens (HiDream pads its patches to a fixed count)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 4)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        padded = torch.zeros(16, 4)
+        padded[: hidden_states.shape[0]] = self.proj(hidden_states)
+        return padded
+
+
+def test_the_models_failure_under_the_data_flow_trace_is_the_models() -> None:
+    from diffkiln.calibrate.dataflow import trace_dataflow
+
+    block = _SizedBlock()
+    pipe = _Pipe(transformer=block)
+    # The trace runs the model under a torch-function mode: its frame forwards the model's own call
+    # and must not make the failure diffkiln's (a traceback instead of the one line naming it).
+    with pytest.raises(PipelineCallError) as info:
+        _call(pipe, lambda: trace_dataflow(block, (torch.zeros(20, 4),), {}))
+    assert "failed in its transformer (_SizedBlock.forward)" in str(info.value), str(info.value)
+
+
 def test_diffkilns_own_failure_and_typed_errors_stay_as_they_are() -> None:
     pipe = _Pipe(transformer=torch.nn.Linear(4, 4))
     # sqnr_db is diffkiln's: the shape error inside it is raised as it is, with its traceback.

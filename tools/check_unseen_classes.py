@@ -523,11 +523,12 @@ def hidream(scratch: Path) -> Any:
     of the batch; a double- and single-stream DiT whose feed-forwards route tokens to experts."""
     tok, tok_2, tok_3, tok_4 = (clip_tokenizer(scratch / "clip"), clip_tokenizer(scratch / "clip2"),
                                 t5_tokenizer(scratch / "t5"), lm_tokenizer(128))  # fmt: skip
-    transformer = HiDreamImageTransformer2DModel(patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+    # One Llama layer per block (double and single stream), as HiDream-I1's 48 for its 16 + 32.
+    transformer = HiDreamImageTransformer2DModel(patch_size=2, in_channels=4, out_channels=4, num_layers=1,
                                                  num_single_layers=2, attention_head_dim=8, num_attention_heads=3,
                                                  caption_channels=[32, 24], text_emb_dim=48, num_routed_experts=4,
                                                  num_activated_experts=2, axes_dims_rope=(4, 2, 2),
-                                                 max_resolution=(32, 32), llama_layers=(0, 2))  # fmt: skip
+                                                 max_resolution=(32, 32), llama_layers=(0, 2, 1))  # fmt: skip
     llama = LlamaForCausalLM(LlamaConfig(hidden_size=24, intermediate_size=32, num_hidden_layers=3,
                                          num_attention_heads=2, num_key_value_heads=1, vocab_size=len(tok_4),
                                          pad_token_id=0))  # fmt: skip

@@ -306,9 +306,10 @@ def test_a_complex_rotary_table_exports_and_runs_at_other_shapes(tmp_path: Path)
 
 
 class _PaddedComplexRotary(nn.Module):
-    """Z-Image's rotary tables: complex rows picked per sample (each sample its own length),
-    batched with ``pad_sequence`` (zero padding), padded again with ``F.pad``, and masked with
-    ``where``. torch.onnx has no complex translation for any of these."""
+    """Z-Image's rotary tables: complex rows picked per sample by int32 ids (each sample its own
+    length), batched with ``pad_sequence`` (zero padding), padded again with ``F.pad``, and masked
+    with ``where``. torch.onnx has no complex translation for any of these, and ONNX's ``GatherND``
+    takes int64 indices only."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -317,7 +318,8 @@ class _PaddedComplexRotary(nn.Module):
 
     def forward(self, hidden: torch.Tensor, return_dict: bool = True) -> torch.Tensor:
         batch, tokens, width = hidden.shape
-        tables = [self.freqs[i : tokens] for i in range(batch)]  # sample i: tokens - i rows
+        ids = torch.arange(tokens, dtype=torch.int32)  # int32 position ids, as Z-Image's
+        tables = [self.freqs[ids[i:]] for i in range(batch)]  # sample i: tokens - i rows
         table = nn.utils.rnn.pad_sequence(tables, batch_first=True, padding_value=0.0)
         table = nn.functional.pad(table, (0, 0, 0, 1))[:, :tokens]
         keep = torch.arange(tokens)[None, :, None] < (tokens - torch.arange(batch))[:, None, None]

@@ -164,6 +164,26 @@ _SPECIAL: dict[Any, Callable[[fx.Graph, fx.Node], bool]] = {
 """Ops whose complex operand is not the first argument: rewritten by their own function."""
 
 
+def _int64_indices(graph: fx.Graph, node: fx.Node) -> None:
+    """``index`` on a complex tensor with int32 indices (Z-Image's position ids): the indices as
+    int64, which ONNX's ``GatherND`` requires (torchlib passes int32 through, and the graph then
+    fails shape inference)."""
+    indices = node.args[1] if len(node.args) > 1 else None
+    if not isinstance(indices, (list, tuple)):
+        return
+    cast = []
+    for index in indices:
+        value = index.meta.get("val") if isinstance(index, fx.Node) else None
+        if isinstance(value, torch.Tensor) and value.dtype == torch.int32:
+            with graph.inserting_before(node):
+                wide = graph.call_function(aten._to_copy.default, (index,), {"dtype": torch.int64})
+            wide.meta["val"] = value.to(torch.int64)
+            cast.append(wide)
+        else:
+            cast.append(index)
+    node.args = (node.args[0], cast, *node.args[2:])
+
+
 def lower_complex_layout(module: fx.GraphModule) -> int:
     """Rewrite each op of :data:`LAYOUT_OPS` on a complex tensor in ``module``'s graph as the op on
     its real view, then ``view_as_complex``; returns how many were rewritten."""
@@ -182,6 +202,8 @@ def lower_complex_layout(module: fx.GraphModule) -> int:
         if node.target not in LAYOUT_OPS or not sources or len(sources) != len(listed):
             continue
         rank = sources[0].meta["val"].dim()
+        if node.target is aten.index.Tensor:
+            _int64_indices(graph, node)
         with graph.inserting_before(node):
             reals = [_real_view(graph, source) for source in sources]
             head = reals if isinstance(first, (list, tuple)) else reals[0]

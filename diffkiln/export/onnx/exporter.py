@@ -206,9 +206,15 @@ def _second_call(
     attempt, whose graph is to take the recorded size only."""
     pipe, manifest = bundle.pipeline, bundle.manifest
     overrides = {} if batch_only else second_shape(pipe, manifest, dict(config.check_call_kwargs))
+    recorded = set(component.example) - set(component.int_inputs)
     try:
-        call = bundle_call(pipe, manifest, config.prompt, batch=2, overrides=overrides)
-        tensors, options = flatten_kwargs(bind_call(bundle.denoiser, *capture_call(pipe, bundle.denoiser, call)))
+        for batch in (2, 1):
+            call = bundle_call(pipe, manifest, config.prompt, batch=batch, overrides=overrides)
+            tensors, options = flatten_kwargs(bind_call(bundle.denoiser, *capture_call(pipe, bundle.denoiser, call)))
+            # A denoiser taking per-sample lists (Z-Image) has an input per sample: another batch
+            # is another graph, so the second shape keeps the recorded batch and varies the size.
+            if set(tensors) == recorded or batch_only:
+                break
     except Exception as exc:  # a pipeline raises its own types at a size it does not take
         return f"the call at a second shape failed: {type(exc).__name__}: {exc}"[:400]
     changed = {k: (component.options.get(k), options.get(k)) for k in {*options, *component.options}

@@ -30,14 +30,12 @@ from diffusers import (
 from transformers import Gemma2Config, Gemma2Model, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from diffkiln.api import OptimizeConfig, convert, optimize
-from diffkiln.calibrate import batch_kwargs, source_for
-from diffkiln.core.hooks import recording_calls
-from diffkiln.core.metrics import sqnr_db
 from diffkiln.export.onnx import OnnxExportConfig
 from diffkiln.generation import load_pipeline
 from diffkiln.report.evaluate import _bundle_call_kwargs, _recorded_prompts
 from diffkiln.zoo.architectures.components import lm_tokenizer
 from tests.matrix.builders import save_built
+from tests.matrix.per_call import per_call_sqnr
 
 # Per-call SQNR of the W8A8 denoiser against FP on a held-out prompt's sampler calls: measured
 # 26.5 to 34.3 dB (Lumina2) and 57.9 to 60.3 dB (QwenImage). The matrix's bar (issue 20).
@@ -119,19 +117,9 @@ def test_the_runtime_takes_constructor_tensors_from_the_constructor(name: str, b
         assert not t.is_meta, key
         assert torch.equal(t, fp_tables[key]), key
     # The bundle's denoiser on the FP sampler's own calls (a prompt calibration did not see).
-    source = source_for(fp, ["a green tree beside a small house"], 1)
-    fp.set_progress_bar_config(disable=True)
-    with recording_calls("test.record", fp.transformer) as calls, torch.no_grad():
-        fp(**batch_kwargs(fp, [source.sample(0)]), **CLASSES[name][1], num_inference_steps=2, output_type="latent",
-           generator=torch.Generator().manual_seed(3))  # fmt: skip
-    values = []
-    for args, kwargs in calls:
-        with torch.no_grad():
-            ref = fp.transformer(*args, **{**kwargs, "return_dict": False})[0]
-            got = q.transformer(*args, **{**kwargs, "return_dict": False})[0]
-        values.append(round(sqnr_db(ref, got), 1))
+    values = per_call_sqnr(fp, q, CLASSES[name][1], steps=2, seed=3)
     print(f"{name}: per-call SQNR {values} dB")
-    assert calls and min(values) >= MIN_CALL_SQNR_DB, values
+    assert min(values) >= MIN_CALL_SQNR_DB, values
 
 
 def test_a_complex_rotary_table_exports_to_onnx(built: dict[str, Any], tmp_path: Path) -> None:

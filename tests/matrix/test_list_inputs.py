@@ -10,23 +10,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
-from torch import nn
 from transformers import Qwen3Config, Qwen3Model
 
 from diffkiln.api import OptimizeConfig, convert, optimize
-from diffkiln.calibrate import CalibrationConfig, batch_kwargs, calibrate, source_for
+from diffkiln.calibrate import CalibrationConfig, calibrate
 from diffkiln.calibrate.dataflow import trace_dataflow
 from diffkiln.core.hooks import recording_calls
-from diffkiln.core.metrics import sqnr_db
 from diffkiln.export.onnx import OnnxExportConfig
 from diffkiln.generation import load_pipeline
 from diffkiln.zoo.architectures.components import lm_tokenizer
 from tests.matrix.builders import save_built
+from tests.matrix.per_call import per_call_sqnr
 
 CALL = {"height": 32, "width": 32, "max_sequence_length": 16}
 # Per-call SQNR of the W8A8 denoiser against FP on a held-out prompt: measured 30.4 to 34.6 dB.
@@ -60,10 +58,6 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     folder = save_built(_zimage, root / "zimage")
     config = OptimizeConfig(out=root / "b", calib_size=4, steps=3, progress=False, call_kwargs=tuple(CALL.items()))
     return folder, optimize(str(folder), config)
-
-
-def _flat(out: Any) -> torch.Tensor:
-    return torch.cat([t.flatten() for t in out]) if isinstance(out, (list, tuple)) else out
 
 
 def test_the_latent_list_is_the_main_input_and_the_text_list_a_sequence(built: tuple[Path, Path]) -> None:
@@ -100,20 +94,9 @@ def test_the_bos_row_of_ragged_text_is_verified(built: tuple[Path, Path]) -> Non
 
 def test_the_bundle_follows_the_fp_denoiser_call_by_call(built: tuple[Path, Path]) -> None:
     folder, bundle = built
-    fp, q = load_pipeline(str(folder)), load_pipeline(str(bundle))
-    source = source_for(fp, ["a green tree beside a small house"], 1)
-    fp.set_progress_bar_config(disable=True)
-    with recording_calls("test.record", fp.transformer) as calls, torch.no_grad():
-        fp(**batch_kwargs(fp, [source.sample(0)]), **CALL, num_inference_steps=3, output_type="latent",
-           generator=torch.Generator().manual_seed(7))  # fmt: skip
-    values = []
-    for args, kwargs in calls:
-        with torch.no_grad():
-            ref = _flat(fp.transformer(*args, **{**kwargs, "return_dict": False})[0])
-            got = _flat(q.transformer(*args, **{**kwargs, "return_dict": False})[0])
-        values.append(round(sqnr_db(ref, got), 1))
+    values = per_call_sqnr(load_pipeline(str(folder)), load_pipeline(str(bundle)), CALL, steps=3)
     print(f"zimage: per-call SQNR {values} dB")
-    assert isinstance(q.transformer, nn.Module) and calls and min(values) >= MIN_CALL_SQNR_DB, values
+    assert min(values) >= MIN_CALL_SQNR_DB, values
 
 
 @pytest.mark.slow  # CI runs the same rewrites on a toy (tests/export/test_onnx_dynamic_axes.py)

@@ -12,18 +12,15 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, HiDreamImagePipeline
 from diffusers import HiDreamImageTransformer2DModel as HiDreamTransformer
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from diffkiln.api import OptimizeConfig, optimize
-from diffkiln.calibrate import batch_kwargs, source_for
-from diffkiln.core.hooks import recording_calls
-from diffkiln.core.metrics import sqnr_db
 from diffkiln.generation import load_pipeline
 from diffkiln.zoo.architectures.components import clip_encoder, clip_tokenizer, lm_tokenizer, t5_encoder, t5_tokenizer
 from tests.matrix.builders import save_built
+from tests.matrix.per_call import per_call_sqnr
 
 CALL = {"height": 32, "width": 32, "max_sequence_length": 16}
 # Per-call SQNR of the W8A8 denoiser against FP on a held-out prompt: measured 52.4 to 52.5 dB.
@@ -73,17 +70,6 @@ def test_the_llama_layers_bos_row_reaches_their_projections(built: tuple[Path, P
 
 def test_the_bundle_follows_the_fp_denoiser_call_by_call(built: tuple[Path, Path]) -> None:
     folder, bundle = built
-    fp, q = load_pipeline(str(folder)), load_pipeline(str(bundle))
-    source = source_for(fp, ["a green tree beside a small house"], 1)
-    fp.set_progress_bar_config(disable=True)
-    with recording_calls("test.record", fp.transformer) as calls, torch.no_grad():
-        fp(**batch_kwargs(fp, [source.sample(0)]), **CALL, num_inference_steps=2, output_type="latent",
-           generator=torch.Generator().manual_seed(7))  # fmt: skip
-    values = []
-    for args, kwargs in calls:
-        with torch.no_grad():
-            ref = fp.transformer(*args, **{**kwargs, "return_dict": False})[0]
-            got = q.transformer(*args, **{**kwargs, "return_dict": False})[0]
-        values.append(round(sqnr_db(ref, got), 1))
+    values = per_call_sqnr(load_pipeline(str(folder)), load_pipeline(str(bundle)), CALL)
     print(f"hidream: per-call SQNR {values} dB")
-    assert calls and min(values) >= MIN_CALL_SQNR_DB, values
+    assert min(values) >= MIN_CALL_SQNR_DB, values

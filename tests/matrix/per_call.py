@@ -1,0 +1,38 @@
+"""The bundle's denoiser against the FP one, call by call, on the FP sampler's own inputs."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from diffkiln.calibrate import batch_kwargs, source_for
+from diffkiln.core.hooks import recording_calls
+from diffkiln.core.metrics import sqnr_db
+
+HELD_OUT_PROMPT = "a green tree beside a small house"
+"""A prompt no calibration set holds."""
+
+
+def _flat(out: Any) -> torch.Tensor:
+    """A denoiser's output as one tensor (Z-Image returns a list, one tensor per sample)."""
+    return torch.cat([t.flatten() for t in out]) if isinstance(out, (list, tuple)) else out
+
+
+def per_call_sqnr(fp: Any, q: Any, call: Mapping[str, Any], steps: int = 2, seed: int = 7) -> list[float]:
+    """Per-call SQNR (dB, rounded to 0.1) of ``q``'s transformer against ``fp``'s, on every call of
+    an FP run of ``steps`` steps on the held-out prompt with ``call``'s arguments."""
+    source = source_for(fp, [HELD_OUT_PROMPT], 1)
+    fp.set_progress_bar_config(disable=True)
+    with recording_calls("test.record", fp.transformer) as calls, torch.no_grad():
+        fp(**batch_kwargs(fp, [source.sample(0)]), **call, num_inference_steps=steps, output_type="latent",
+           generator=torch.Generator().manual_seed(seed))  # fmt: skip
+    assert calls, "the run never called the transformer"
+    values = []
+    for args, kwargs in calls:
+        with torch.no_grad():
+            ref = _flat(fp.transformer(*args, **{**kwargs, "return_dict": False})[0])
+            got = _flat(q.transformer(*args, **{**kwargs, "return_dict": False})[0])
+        values.append(round(sqnr_db(ref, got), 1))
+    return values

@@ -1,4 +1,4 @@
-"""Thirteen denoiser classes built outside the test matrix, each with shapes and call arguments of its
+"""Fourteen denoiser classes built outside the test matrix, each with shapes and call arguments of its
 own, run through `diffkiln optimize FOLDER` with `--call-arg` options only, as a user would.
 
 For each: build the tiny pipeline (random weights, seed 1) and save it as a diffusers folder; run
@@ -8,8 +8,8 @@ Then `diffkiln report BUNDLE` in a fresh process, which decodes: the final laten
 FP. Allegro's VAE decodes only in tiles: its report runs with `--vae-tiling`, and once without, to
 record the one-line error that names the option. Last, `diffkiln export BUNDLE --format onnx
 --denoiser-only`: the graph's dynamic axes and its check against the torch runtime, or the error.
-Eleven of the thirteen classes are in no test matrix entry (Allegro, Mochi, AnimateDiff,
-PixArt-Sigma, HunyuanVideo, CogView4, SANA; Lumina2 and QwenImage only in
+Twelve of the fourteen classes are in no test matrix entry (Allegro, Mochi, AnimateDiff,
+PixArt-Sigma, HunyuanVideo, CogView4, SANA, Chroma; Lumina2 and QwenImage only in
 tests/matrix/test_constructor_tensors.py, Z-Image only in tests/matrix/test_list_inputs.py,
 HiDream only in tests/matrix/test_stacked_sequences.py, at other widths); the other two
 (HunyuanDiT, Stable Audio) are built at other widths and depths. The decoder language models'
@@ -44,6 +44,8 @@ from diffusers import (
     AutoencoderKLMochi,
     AutoencoderKLQwenImage,
     AutoencoderOobleck,
+    ChromaPipeline,
+    ChromaTransformer2DModel,
     CogView4Pipeline,
     CogView4Transformer2DModel,
     DDIMScheduler,
@@ -540,6 +542,20 @@ def hidream(scratch: Path) -> Any:
                                 tokenizer_4=tok_4)  # fmt: skip
 
 
+def chroma(scratch: Path) -> Any:
+    """Chroma: FLUX's blocks with their modulations made by one MLP from the timestep alone (the
+    distilled guidance layer), T5 only, the negative prompt run as a call of its own."""
+    tok = t5_tokenizer(scratch / "t5")
+    transformer = ChromaTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2,
+                                           attention_head_dim=8, num_attention_heads=3, joint_attention_dim=32,
+                                           axes_dims_rope=(4, 2, 2), approximator_num_channels=8,
+                                           approximator_hidden_dim=32, approximator_layers=2)  # fmt: skip
+    vae = _vae(latent=4, levels=2, shift_factor=0.1159, scaling_factor=0.3611, use_quant_conv=False,
+               use_post_quant_conv=False)  # fmt: skip
+    return ChromaPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=t5_encoder(tok, 32),
+                          tokenizer=tok, transformer=transformer)  # fmt: skip
+
+
 CLASSES: dict[str, tuple[Callable[[Path], Any], dict[str, Any]]] = {
     "hunyuan-dit": (hunyuan, {"height": 64, "width": 48, "use_resolution_binning": False}),
     "allegro": (
@@ -563,6 +579,7 @@ CLASSES: dict[str, tuple[Callable[[Path], Any], dict[str, Any]]] = {
     # HiDream's pipeline rescales every size to its default area (256 px square with this VAE); a
     # non-square one is padded to max_resolution's patch count, which this toy keeps small.
     "hidream": (hidream, {"height": 32, "width": 32, "max_sequence_length": 16}),
+    "chroma": (chroma, {"height": 32, "width": 48, "max_sequence_length": 16}),
 }
 
 

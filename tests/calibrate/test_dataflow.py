@@ -1,0 +1,73 @@
+"""The data-flow trace on toy denoisers: which inputs it finds and what the tags carry."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from diffkiln.calibrate.dataflow import sequence_tensor, trace_dataflow
+
+
+class _Modulated(nn.Module):
+    """A latent projected in, a timestep embedding cast to the latent's dtype (``type_as``), a
+    zero tensor shaped like the latent, and a modulation layer reading the embedding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj_in = nn.Linear(4, 4)
+        self.time = nn.Linear(1, 4)
+        self.modulation = nn.Linear(4, 4)
+        self.bias_of_zeros = nn.Linear(4, 4)
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        emb = self.time(timestep[:, None]).type_as(sample)
+        zeros = torch.zeros_like(sample)
+        return self.proj_in(sample) * self.modulation(emb)[:, None] + self.bias_of_zeros(zeros)
+
+
+def test_arguments_lending_only_a_dtype_or_shape_carry_no_data() -> None:
+    graph = trace_dataflow(_Modulated(), (torch.randn(2, 3, 4), torch.tensor([1.0, 2.0])), {})
+    assert graph.main_input == "sample" and graph.timestep_input == "timestep"
+    assert graph.layers["proj_in"].sources == ("input:sample",)
+    # The cast takes its dtype from the latent, not its values: the modulation reads the timestep only.
+    assert graph.layers["modulation"].deps == ("timestep",), graph.layers["modulation"]
+    # A zero tensor shaped like the latent holds none of it.
+    assert graph.layers["bias_of_zeros"].deps == (), graph.layers["bias_of_zeros"]
+
+
+class _PerSample(nn.Module):
+    """Latents and text as lists, one tensor per sample (Z-Image's form); text of per-sample length."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj_in = nn.Linear(4, 4)
+        self.text = nn.Linear(3, 4)
+
+    def forward(self, x: list[torch.Tensor], t: torch.Tensor, cap: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [self.proj_in(xi) + self.text(ci).mean(0) * t[i] for i, (xi, ci) in enumerate(zip(x, cap, strict=True))]
+
+
+def test_a_list_of_per_sample_tensors_is_one_input() -> None:
+    x, cap = [torch.randn(5, 4), torch.randn(5, 4)], [torch.randn(6, 3), torch.randn(2, 3)]
+    graph = trace_dataflow(_PerSample(), (x, torch.tensor([0.5, 0.5]), cap), {})
+    # Counted as inputs, the lists make the latent the main input (it was the timestep, the first
+    # plain tensor); shapes are [samples, *first sample's].
+    assert graph.main_input == "x" and graph.timestep_input == "t"
+    assert graph.inputs == {"x": [2, 5, 4], "t": [2], "cap": [2, 6, 3]}
+    assert graph.sequence_inputs == ["cap"]
+    assert graph.layers["proj_in"].sources == ("input:x",) and graph.layers["text"].deps == ("cap",)
+
+
+def test_sequence_forms_stack_to_batch_length_width() -> None:
+    plain = torch.randn(2, 5, 8)
+    assert sequence_tensor(plain) is plain
+    # Encoder layers stacked in front of the batch: each position's rows of all layers side by side.
+    stacked = torch.randn(3, 2, 5, 8)
+    joined = sequence_tensor(stacked, batch=2)
+    assert joined is not None and joined.shape == (2, 5, 24)
+    assert torch.equal(joined[1, 4, 8:16], stacked[1, 1, 4])
+    assert sequence_tensor(stacked, batch=3) is None  # the batch is not the second axis
+    # Per-sample lengths: NaN where a sample has no position.
+    ragged = sequence_tensor([torch.randn(4, 8), torch.randn(1, 8)])
+    assert ragged is not None and ragged.shape == (2, 4, 8)
+    assert torch.isnan(ragged[1, 1:]).all() and not torch.isnan(ragged[0]).any()

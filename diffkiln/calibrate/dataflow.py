@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
@@ -48,7 +49,6 @@ __all__ = [
     "LayerFlow",
     "batch_size",
     "bind_call",
-    "input_shape",
     "nan_padded",
     "sequence_tensor",
     "trace_dataflow",
@@ -132,11 +132,7 @@ class DataflowGraph:
         several hidden layers of one encoder stacked in front, (layers, batch, length, width) with
         the main input's batch second (HiDream's Llama states)."""
         batch = (self.inputs.get(self.main_input) or [0])[0]
-        return [
-            n
-            for n, s in self.inputs.items()
-            if n != self.main_input and (len(s) == 3 or (len(s) == 4 and s[1] == batch != s[0]))
-        ]
+        return [n for n, s in self.inputs.items() if n != self.main_input and (len(s) == 3 or _stacked(s, batch))]
 
     def consumers(self, layer: str) -> set[str]:
         """The layers whose input ``layer`` feeds directly."""
@@ -187,6 +183,11 @@ def _named_inputs(bound: Mapping[str, Any]) -> dict[str, torch.Tensor | list[tor
     return out
 
 
+def _stacked(shape: Any, batch: int) -> bool:
+    """Whether a 4-D shape is encoder layers stacked in front of the batch: (layers, batch, ...)."""
+    return len(shape) == 4 and shape[1] == batch != shape[0]
+
+
 def batch_size(value: Any) -> int:
     """The batch of a main input: a tensor's first size, or a per-sample list's length."""
     if isinstance(value, torch.Tensor):
@@ -194,7 +195,7 @@ def batch_size(value: Any) -> int:
     return len(value) if isinstance(value, (list, tuple)) else 0
 
 
-def input_shape(value: torch.Tensor | list[torch.Tensor]) -> list[int]:
+def _input_shape(value: torch.Tensor | list[torch.Tensor]) -> list[int]:
     """An input's shape as the graph records it: a tensor's own; a list of per-sample tensors of
     one rank as ``[len(list), *shape of the first]`` (the list is the batch)."""
     if isinstance(value, torch.Tensor):
@@ -209,7 +210,7 @@ def sequence_tensor(value: Any, batch: int = 0) -> torch.Tensor | None:
     stacked, the shorter ones padded with NaN (Z-Image drops each prompt's padding, so lengths
     differ: NaN marks a position that sample does not have). None for anything else."""
     if isinstance(value, torch.Tensor):
-        if value.dim() == 4 and value.shape[1] == batch != value.shape[0]:
+        if _stacked(value.shape, batch):
             return value.permute(1, 2, 0, 3).flatten(2)
         return value if value.dim() == 3 else None
     rows = list(value) if isinstance(value, (list, tuple)) else []
@@ -220,15 +221,10 @@ def sequence_tensor(value: Any, batch: int = 0) -> torch.Tensor | None:
 
 
 def nan_padded(parts: list[torch.Tensor]) -> torch.Tensor:
-    """(batch, length, width) tensors joined over the batch, each padded with NaN to the longest."""
+    """(batch, length, width) tensors joined over the batch as float32, each padded with NaN to
+    the longest."""
     longest = max(p.shape[1] for p in parts)
-    padded = [
-        torch.cat([p.float(), p.new_full((p.shape[0], longest - p.shape[1], p.shape[2]), float("nan"))], 1)
-        if p.shape[1] < longest
-        else p
-        for p in parts
-    ]
-    return torch.cat(padded)
+    return torch.cat([F.pad(p.float(), (0, 0, 0, longest - p.shape[1]), value=float("nan")) for p in parts])
 
 
 def _function_name(func: Any) -> str:
@@ -400,7 +396,7 @@ def trace_dataflow(denoiser: nn.Module, args: tuple[Any, ...], kwargs: Mapping[s
         )
     return DataflowGraph(
         main_input=main,
-        inputs={n: input_shape(value) for n, value in named.items()},
+        inputs={n: _input_shape(value) for n, value in named.items()},
         timestep_input=_timestep_input(named, main),
         layers=flows,
         attentions=tuple(tracer.attentions),

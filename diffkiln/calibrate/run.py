@@ -112,7 +112,7 @@ def _verified_positions(rows: torch.Tensor, probes: torch.Tensor | None) -> list
     position counts where the full-length probe rows all have it, compared over the rows that do."""
     if rows.numel() == 0 or probes is None or probes.shape[2:] != rows.shape[2:]:
         return []
-    allrows = nan_padded([rows.float(), probes.float()])
+    allrows = nan_padded([rows, probes])
     present = ~allrows.isnan().any(-1)  # (row, position)
     full = present[rows.shape[0] :].all(1)  # the probe prompts' rows (not a shorter negative prompt's)
     if not bool(full.any()):

@@ -50,7 +50,7 @@ from transformers import BertConfig, BertModel, BertTokenizer, CLIPVisionConfig,
 
 from diffkiln.zoo.architectures.components import WORDS, clip_encoder, clip_tokenizer, t5_encoder, t5_tokenizer
 
-__all__ = ["MATRIX", "Lazy", "MatrixEntry", "build", "save_built"]
+__all__ = ["MATRIX", "Lazy", "MatrixEntry", "build", "optimized", "save_built"]
 
 
 @dataclass(frozen=True)
@@ -492,6 +492,19 @@ def save_built(make: Callable[[Path], Any], folder: Path, seed: int = 0) -> Path
         pipe = make(folder.parent / f"{folder.name}-scratch")
     pipe.save_pretrained(folder)
     return folder
+
+
+def optimized(
+    make: Callable[[Path], Any], root: Path, call: dict[str, Any], calib_size: int, steps: int
+) -> tuple[Path, Path]:
+    """``make``'s pipeline saved under ``root`` (:func:`save_built`) and its W8A8 bundle, built with
+    the call arguments ``call``: (folder, bundle)."""
+    from diffkiln.api import OptimizeConfig, optimize
+
+    folder = save_built(make, root / "folder")
+    config = OptimizeConfig(out=root / "bundle", calib_size=calib_size, steps=steps, progress=False,
+                            call_kwargs=tuple(call.items()))  # fmt: skip
+    return folder, optimize(str(folder), config)
 
 
 class Lazy(dict[str, Path]):

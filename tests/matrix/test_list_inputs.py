@@ -16,14 +16,14 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
 from transformers import Qwen3Config, Qwen3Model
 
-from diffkiln.api import OptimizeConfig, convert, optimize
+from diffkiln.api import convert
 from diffkiln.calibrate import CalibrationConfig, calibrate
 from diffkiln.calibrate.dataflow import trace_dataflow
 from diffkiln.core.hooks import recording_calls
 from diffkiln.export.onnx import OnnxExportConfig
 from diffkiln.generation import load_pipeline
 from diffkiln.zoo.architectures.components import lm_tokenizer
-from tests.matrix.builders import save_built
+from tests.matrix.builders import optimized
 from tests.matrix.per_call import per_call_sqnr
 
 CALL = {"height": 32, "width": 32, "max_sequence_length": 16}
@@ -54,10 +54,7 @@ def _zimage(_scratch: Path) -> ZImagePipeline:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("list-inputs")
-    folder = save_built(_zimage, root / "zimage")
-    config = OptimizeConfig(out=root / "b", calib_size=4, steps=3, progress=False, call_kwargs=tuple(CALL.items()))
-    return folder, optimize(str(folder), config)
+    return optimized(_zimage, tmp_path_factory.mktemp("list-inputs"), CALL, calib_size=4, steps=3)
 
 
 def test_the_latent_list_is_the_main_input_and_the_text_list_a_sequence(built: tuple[Path, Path]) -> None:

@@ -16,10 +16,9 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, HiDreamIma
 from diffusers import HiDreamImageTransformer2DModel as HiDreamTransformer
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from diffkiln.api import OptimizeConfig, optimize
 from diffkiln.generation import load_pipeline
 from diffkiln.zoo.architectures.components import clip_encoder, clip_tokenizer, lm_tokenizer, t5_encoder, t5_tokenizer
-from tests.matrix.builders import save_built
+from tests.matrix.builders import optimized
 from tests.matrix.per_call import per_call_sqnr
 
 CALL = {"height": 32, "width": 32, "max_sequence_length": 16}
@@ -53,10 +52,7 @@ def _hidream(scratch: Path) -> HiDreamImagePipeline:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("stacked")
-    folder = save_built(_hidream, root / "hidream")
-    config = OptimizeConfig(out=root / "b", calib_size=2, steps=2, progress=False, call_kwargs=tuple(CALL.items()))
-    return folder, optimize(str(folder), config)
+    return optimized(_hidream, tmp_path_factory.mktemp("stacked"), CALL, calib_size=2, steps=2)
 
 
 def test_the_llama_layers_bos_row_reaches_their_projections(built: tuple[Path, Path]) -> None:

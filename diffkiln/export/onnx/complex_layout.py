@@ -7,14 +7,14 @@ ONNX has no complex type; torch.onnx carries a complex tensor as a real one with
 layout ops (``cat``, ``slice``, ``view``, ``permute``), but not for others: ``split_with_sizes``,
 ``unsqueeze``, ``expand``, ``select``, ``index``, ``where``, the padding of ``pad_sequence`` and
 ``constant_pad_nd``, and the factories ``new_full``, ``full_like``, ``full``. An export that meets
-one fails ("no decompositions registered for the complex-valued input"). This pass, on the ExportedProgram,
-rewrites each such op on a complex tensor as the same op on its real view (``view_as_real``: the
-trailing axis of 2 added; dims made non-negative, sizes extended by that axis) followed by
-``view_as_complex``. Values are unchanged: a layout op moves whole complex numbers, and a
+one fails ("no decompositions registered for the complex-valued input"). This pass, on the
+ExportedProgram, rewrites each such op on a complex tensor as the same op on its real view
+(``view_as_real``: the trailing axis of 2 added; dims made non-negative, sizes extended by that
+axis) followed by ``view_as_complex``. Values are unchanged: a layout op moves whole complex numbers, and a
 padding or a fill is taken only at zero, which is zero in both parts of the real view.
 
     requires: an ExportedProgram's graph, each node's ``meta["val"]`` set (torch.export's).
-    ensures:  no op of :data:`LAYOUT_OPS` takes a complex tensor.
+    ensures:  no op of :data:`LAYOUT_OPS` takes a complex tensor, and no ``where`` or ``full`` gives one.
 """
 
 from __future__ import annotations
@@ -220,11 +220,9 @@ def lower_complex_layout(module: fx.GraphModule) -> int:
                 item.meta["val"] = moved.meta["val"][user.args[1]]
                 user.replace_all_uses_with(_view_as_complex(graph, item, user.meta["val"]))
                 graph.erase_node(user)
+            graph.erase_node(node)
         else:
             _replace(graph, node, moved)
-            count += 1
-            continue
-        graph.erase_node(node)
         count += 1
     graph.lint()
     module.recompile()

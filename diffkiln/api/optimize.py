@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from diffkiln.calibrate.prompts import generic_prompts
 from diffkiln.core.atomic import check_output_folder
 from diffkiln.core.distributed import barrier, init_distributed, rank_world
 from diffkiln.core.errors import InvalidInputError
+from diffkiln.core.plan import Plan
 from diffkiln.export import ExportConfig, FloatStorage, export_bundle
 from diffkiln.generation import load_pipeline, read_prompts
 from diffkiln.optimizer import (
@@ -44,6 +46,8 @@ from diffkiln.optimizer import (
 from diffkiln.zoo.registry import ResolvedTarget, default_cache_dir, resolve_target
 
 __all__ = ["OptimizeConfig", "Prepared", "optimize", "prepare", "sensitivity"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -148,12 +152,14 @@ class Prepared:
         pipe: the FP pipeline.
         stats: its calibration statistics.
         metrics: load and calibration timings and settings.
+        calibration: the calibration's settings (an expert is calibrated with the same ones).
     """
 
     resolved: ResolvedTarget
     pipe: Any
     stats: CalibrationStats
     metrics: dict[str, Any]
+    calibration: CalibrationConfig | None = None
 
     def context(self, config: OptimizeConfig) -> SearchContext:
         """The search context of this model: its id, the cache, and a reload for worker processes."""
@@ -217,7 +223,7 @@ def prepare(target: str | os.PathLike[str], config: OptimizeConfig) -> Prepared:
         "calibration_guidance": guidance,
         "denoiser": stats.denoiser,
     }
-    return Prepared(resolved, pipe, stats, metrics)
+    return Prepared(resolved, pipe, stats, metrics, cal_cfg)
 
 
 def optimize(target: str | os.PathLike[str], config: OptimizeConfig) -> Path:
@@ -251,6 +257,7 @@ def optimize(target: str | os.PathLike[str], config: OptimizeConfig) -> Path:
     if config.sparse is not None:
         masks = search_sparse(prep.pipe, prep.stats, config.sparse, config.progress, plan.cache)
         plan = dataclasses.replace(plan, sparse=masks)
+    experts = _expert_plans(prep, plan, config, context)
     metrics = {
         **prep.metrics,
         "deploy_target": config.deploy_target,
@@ -261,8 +268,38 @@ def optimize(target: str | os.PathLike[str], config: OptimizeConfig) -> Path:
     export_cfg = ExportConfig(Path(config.out), config.overwrite, config.resolved_float_storage(), config.progress)
     if world > 1:
         metrics["ranks"] = world
-    out = export_bundle(prep.pipe, plan, prep.stats, export_cfg, metrics) if rank == 0 else Path(config.out)
+    if experts:
+        metrics["expert_quantized_layers"] = {e.denoiser: sum(lp.quantized for lp in e.layers) for e, _ in experts}
+    out = export_bundle(prep.pipe, plan, prep.stats, export_cfg, metrics, experts) if rank == 0 else Path(config.out)
     barrier()  # the other ranks return once rank 0 has written the bundle
+    return out
+
+
+def _expert_plans(
+    prep: Prepared, plan: Plan, config: OptimizeConfig, context: SearchContext
+) -> list[tuple[Plan, CalibrationStats]]:
+    """A plan for each expert of the denoiser's class the sampler also runs (Wan 2.2's
+    ``transformer_2``), each from a calibration of its own with the same settings: an expert sees
+    other noise levels, so its ranges and sensitivities are its own. Quantization only: a cache
+    schedule or sparse masks stay the denoiser's, and a plan that quantizes nothing (the cache or
+    sparse recipe alone) leaves the experts in floating point."""
+    if not prep.stats.experts or prep.calibration is None:
+        return []
+    if not any(lp.quantized for lp in plan.layers):
+        log.warning("the %s recipe quantizes no layer: the experts %s stay in floating point",
+                    plan.recipe, ", ".join(prep.stats.experts))  # fmt: skip
+        return []
+    if plan.cache is not None or plan.sparse is not None or config.wants_cache or config.wants_sparse:
+        log.warning("the cache schedule and sparse-attention masks apply to %s; its experts %s run every step "
+                    "in full, with dense attention", plan.denoiser, ", ".join(prep.stats.experts))  # fmt: skip
+    context = dataclasses.replace(context, cache_schedule=None)
+    out = []
+    for name in prep.stats.experts:
+        stats = calibrate(prep.pipe, dataclasses.replace(prep.calibration, denoiser=name))
+        evidence = f"an expert of {plan.denoiser}'s class that the sampler runs at other steps; calibrated on its own"
+        stats = dataclasses.replace(stats, settings={**stats.settings, "denoiser_evidence": evidence})
+        expert = make_plan(prep.pipe, stats, config.resolved_recipe(), context)
+        out.append((dataclasses.replace(expert, cache=None, sparse=None), stats))
     return out
 
 

@@ -42,13 +42,15 @@ def w8a8_variants(base: Any, manifest: dict[str, Any], source_id: str) -> Varian
     """A builder of variants of the W8A8 bundle described by ``manifest``, on the FP pipeline ``base``.
 
     Raises:
-        ValueError: the bundle is not W8A8 or records no settings of this version (the message
-            says so, for the report to show).
+        ValueError: the bundle is not W8A8, records no settings of this version, or quantizes
+            experts beside its denoiser (the message says so, for the report to show).
     """
     notes = manifest["plan"].get("notes", {})
     calibration = calibration_record(manifest)
     if "recipe_config" not in notes or "source" not in calibration or manifest["quant"]["recipe"] != "w8a8":
         raise ValueError("the bundle records no W8A8 settings of this version; rebuild it to compare")
+    if manifest.get("experts"):  # a variant quantizes one denoiser: beside the bundle's experts it would not compare
+        raise ValueError("the bundle quantizes experts beside its denoiser; the variants rebuild the denoiser alone")
     source = source_from_description(calibration.pop("source"))
     cal = CalibrationConfig.from_key_fields(calibration, cache_dir=default_cache_dir())
     stats = calibrate(base, cal, source=source)

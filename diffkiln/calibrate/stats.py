@@ -135,6 +135,13 @@ class CalibrationStats:
     attention: AttentionStats | None = None
 
     @property
+    def experts(self) -> tuple[str, ...]:
+        """Components of the denoiser's class the sampler also ran, for other noise levels (Wan 2.2's
+        ``transformer_2``): each is calibrated and quantized on its own. Empty where the denoiser
+        was named, or no such component ran."""
+        return tuple(self.settings.get("experts") or ())
+
+    @property
     def text_embeds(self) -> torch.Tensor:
         """The first sequence input's rows (for summaries), or an empty tensor."""
         return next(iter(self.sequences.values()), torch.zeros(0))

@@ -122,6 +122,16 @@ class PipelineInfo(_Strict):
     components: list[Identifier] = Field(default_factory=list)
 
 
+class ExpertEntry(_Strict):
+    """An ``experts`` entry: a quantized component of the denoiser's class that the sampler runs at
+    other steps (Wan 2.2's ``transformer_2``), with its own weights file and plan."""
+
+    denoiser_class: Identifier
+    quant: Quant
+    plan: dict[str, Any] = Field(default_factory=dict)
+    bos: dict[str, Any] = Field(default_factory=dict)
+
+
 class TokenizerPrint(_Strict):
     """A tokenizer's fingerprint (:mod:`diffkiln.core.tokenizer_print`)."""
 
@@ -134,7 +144,7 @@ class Manifest(_Strict):
     """A bundle's ``manifest.json``."""
 
     format: Literal["diffkiln.bundle"]
-    version: Annotated[int, Field(ge=1, le=8)]
+    version: Annotated[int, Field(ge=1, le=9)]
     kind: Literal["pipeline", "module"] = "pipeline"
     source: dict[str, Any]
     pipeline: PipelineInfo
@@ -146,6 +156,7 @@ class Manifest(_Strict):
     toolchain: dict[str, Any] = Field(default_factory=dict)
     build_metrics: dict[str, Any] = Field(default_factory=dict)
     tokenizers: dict[Identifier, TokenizerPrint] = Field(default_factory=dict)
+    experts: dict[Identifier, ExpertEntry] = Field(default_factory=dict)
     files: dict[Name, FileEntry]
 
     @model_validator(mode="after")
@@ -156,11 +167,19 @@ class Manifest(_Strict):
             raise ValueError("sparse-attention masks need bundle version 8")
         if self.cache and self.version < 7:
             raise ValueError("a cache schedule needs bundle version 7")
-        if self.plan:  # informational, but tools (``diffkiln inspect``) read it: it must parse
-            try:
-                Plan.from_dict(self.plan)
-            except PlanError as exc:
-                raise ValueError(f"plan: {exc}") from None
+        if self.experts and self.version < 9:
+            raise ValueError("quantized experts need bundle version 9")
+        for name, expert in self.experts.items():
+            if name == self.pipeline.denoiser or self.kind != "pipeline" or name not in self.pipeline.components:
+                raise ValueError(f"experts.{name}: not a component of the pipeline besides its denoiser")
+            if expert.quant.weights_file not in self.files:
+                raise ValueError(f"experts.{name}.quant.weights_file {expert.quant.weights_file!r} is not listed")
+        for where, plan in [("plan", self.plan), *((f"experts.{n}.plan", e.plan) for n, e in self.experts.items())]:
+            if plan:  # informational, but tools (``diffkiln inspect``) read it: it must parse
+                try:
+                    Plan.from_dict(plan)
+                except PlanError as exc:
+                    raise ValueError(f"{where}: {exc}") from None
         return self
 
 

@@ -89,11 +89,15 @@ class DenoiserChoice:
         name: the component's name in the pipeline (``""`` for a bare module).
         module: the denoiser.
         evidence: one line saying how it was found.
+        experts: other components of the denoiser's own class that the sampler loop also runs (an
+            expert for other noise levels, as Wan 2.2's ``transformer_2`` below its boundary step);
+            each is calibrated and quantized on its own. Empty unless the choice was made by calls.
     """
 
     name: str
     module: nn.Module
     evidence: str
+    experts: tuple[str, ...] = ()
 
 
 def choose_denoiser(pipe: Any, name: str | None = None) -> DenoiserChoice:
@@ -176,19 +180,17 @@ def denoiser_by_calls(pipe: Any, run: Callable[[int], Any]) -> DenoiserChoice:
     evidence = f"the model called at every sampler step (calls at 2 -> 3 steps: {calls})"
     # Another model the sampler loop runs: one that also grows with the steps (a ControlNet), or
     # one of the denoiser's own class called at all (an expert for other noise levels, as Wan
-    # 2.2's transformer_2, which runs only below a boundary step). A bundle quantizes one denoiser.
+    # 2.2's transformer_2, which runs only below a boundary step). Experts are quantized too, each
+    # from its own calibration; the others stay in floating point.
     others = sorted(n for n in candidates if n != chosen and (growth[n] > 0 or (
         type(candidates[n]) is type(candidates[chosen]) and counts[2][n] + counts[3][n] > 0)))  # fmt: skip
-    if others:
-        evidence += f"; also run in the sampler loop, kept in floating point: {', '.join(others)}"
-    experts = [n for n in others if type(candidates[n]) is type(candidates[chosen])]
+    experts = tuple(n for n in others if type(candidates[n]) is type(candidates[chosen]))
     if experts:
-        log.warning(
-            "%s's sampler also runs %s, of the denoiser's class (an expert for other noise levels, as Wan 2.2's): "
-            "this bundle quantizes %s only; %s stays in floating point", type(pipe).__name__, " and ".join(experts),
-            chosen, " and ".join(experts),
-        )  # fmt: skip
-    return DenoiserChoice(chosen, candidates[chosen], evidence)
+        evidence += f"; experts of its class run in the sampler loop too, each quantized: {', '.join(experts)}"
+    floating = [n for n in others if n not in experts]
+    if floating:
+        evidence += f"; also run in the sampler loop, kept in floating point: {', '.join(floating)}"
+    return DenoiserChoice(chosen, candidates[chosen], evidence, experts)
 
 
 def find_denoiser(pipe: Any, name: str | None = None) -> nn.Module:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +34,12 @@ __all__ = [
 ]
 
 BUNDLE_FORMAT = "diffkiln.bundle"
-BUNDLE_VERSION = 8
+BUNDLE_VERSION = 9
 """2 adds packed 4-/2-bit and weight-only layers, 3 adds packed 3-bit layers, 4 adds derived buffers
 (rebuilt by the runtime, not stored), 5 adds requantized convolution outputs (``output_scale``), 6
 adds module bundles (``kind: "module"``) and 1-D / 3-D convolutions, 7 adds the cache schedule
-(``cache``), 8 the sparse-attention masks (``sparsity``); this runtime reads 1 to 8.
+(``cache``), 8 the sparse-attention masks (``sparsity``), 9 quantized experts beside the denoiser
+(``experts``: Wan 2.2's ``transformer_2``); this runtime reads 1 to 9.
 Exports write the lowest version that describes the bundle, so bundles without those features stay
 readable by older runtimes."""
 MANIFEST_NAME = "manifest.json"
@@ -171,9 +172,11 @@ class LoadedBundle:
         manifest: its verified manifest.
         denoiser: the denoiser with its integer modules.
         pipeline: the diffusers pipeline around it, or None for a module bundle.
+        experts: the quantized experts beside the denoiser (``manifest["experts"]``), by component name.
     """
 
     path: Path
     manifest: dict[str, Any]
     denoiser: Any
     pipeline: Any = None
+    experts: dict[str, Any] = field(default_factory=dict)

@@ -8,6 +8,7 @@ Layout (see docs/bundle-format.md)::
     BUNDLE/<denoiser>/quantized.safetensors  int8 and packed int4/int2 weights, scales, activation
                                              params, BOS rows, and the FP tensors of the rest (but
                                              the buffers its constructor rebuilds exactly)
+    BUNDLE/<expert>/...                      the same for each quantized expert (Wan 2.2's transformer_2)
     BUNDLE/<component>/...                   text encoders, VAE, tokenizers, scheduler (save_pretrained)
 
 Written atomically: everything goes to a temporary sibling directory that is renamed into place
@@ -17,6 +18,7 @@ last, so an interrupted export leaves nothing that loads.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -29,6 +31,7 @@ from tqdm.auto import tqdm
 
 from diffkiln.calibrate.stats import CalibrationStats
 from diffkiln.core.atomic import atomic_directory, file_table
+from diffkiln.core.errors import InvalidInputError
 from diffkiln.core.layers import find_quantizable_layers
 from diffkiln.core.packing import PACKABLE_BITS
 from diffkiln.core.pipelines import find_denoiser
@@ -157,11 +160,29 @@ def _write_denoiser(
     }
 
 
-def _format_version(plan: Plan, derived_buffers: dict[str, Any], module: bool) -> int:
-    """The lowest bundle format version that describes the bundle: 8 with sparse-attention masks, 7
-    with a cache schedule, 6 for a
+def _quant_section(plan: Plan, quant: dict[str, Any], storage: FloatStorage) -> dict[str, Any]:
+    """A denoiser's ``quant`` section: its recipe, weights file, layers and average bits."""
+    return {
+        "recipe": plan.recipe,
+        "weights_file": quant["weights_file"],
+        "layers": quant["layers"],
+        "fp_layers": quant["fp_layers"],
+        "derived_buffers": quant["derived_buffers"],
+        "avg_weight_bits": plan.avg_weight_bits,
+        "avg_stored_weight_bits": _stored_bits_or_none(plan),
+        "avg_act_bits": plan.avg_act_bits,
+        "simulated": False,
+        "float_storage": storage.value,
+    }
+
+
+def _format_version(plan: Plan, derived_buffers: dict[str, Any], module: bool, experts: bool = False) -> int:
+    """The lowest bundle format version that describes the bundle: 9 with quantized experts, 8 with
+    sparse-attention masks, 7 with a cache schedule, 6 for a
     module bundle or 1-D/3-D convolutions, 5 with requantized outputs, 4 with derived buffers, 3
     with 3-bit layers, else 2."""
+    if experts:
+        return 9
     if plan.sparse is not None:
         return 8
     if plan.cache is not None:
@@ -182,6 +203,7 @@ def export_bundle(
     stats: CalibrationStats,
     config: ExportConfig,
     build_metrics: dict[str, Any] | None = None,
+    experts: Sequence[tuple[Plan, CalibrationStats]] = (),
 ) -> Path:
     """Write the bundle for ``pipe`` quantised by ``plan``.
 
@@ -193,6 +215,9 @@ def export_bundle(
         stats: the calibration statistics the plan was made from (for BOS rows).
         config: destination and overwrite policy.
         build_metrics: figures measured while building, recorded in the manifest.
+        experts: for each other component of the denoiser's class that the sampler runs (Wan 2.2's
+            ``transformer_2``), its plan (``plan.denoiser`` names it) and the calibration it was
+            made from; stored quantized as the denoiser is (bundle version 9). Default none.
 
     Returns:
         The bundle directory.
@@ -204,16 +229,31 @@ def export_bundle(
     module = isinstance(model, nn.Module)
     with atomic_directory(out, config.overwrite) as tmp:
         denoiser_name, quant = _write_denoiser(model, plan, stats, tmp, config.float_storage, config.progress)
+        expert_sections: dict[str, Any] = {}
+        for expert_plan, expert_stats in experts:
+            if module or not expert_plan.denoiser or expert_plan.denoiser == denoiser_name:
+                raise InvalidInputError(f"an expert's plan must name a pipeline component besides the denoiser "
+                                        f"{denoiser_name!r}; it names {expert_plan.denoiser!r}")
+            name, expert_quant = _write_denoiser(model, expert_plan, expert_stats, tmp, config.float_storage,
+                                                 config.progress)  # fmt: skip
+            expert_sections[name] = {
+                "denoiser_class": expert_quant["denoiser_class"],
+                "quant": _quant_section(expert_plan, expert_quant, config.float_storage),
+                "plan": expert_plan.to_dict(),
+                "bos": {"positions": list(expert_plan.bos_positions), **expert_plan.notes.get("bos", {})},
+            }
         if not module:
             for name, comp in model.components.items():
-                if comp is None or name == denoiser_name or not hasattr(comp, "save_pretrained"):
+                if comp is None or name == denoiser_name or name in expert_sections:
+                    continue
+                if not hasattr(comp, "save_pretrained"):
                     continue
                 comp.save_pretrained(tmp / name)
             model.save_config(tmp)  # model_index.json
         files = file_table(tmp)
-        manifest = {
+        manifest: dict[str, Any] = {
             "format": BUNDLE_FORMAT,
-            "version": _format_version(plan, quant["derived_buffers"], module),
+            "version": _format_version(plan, quant["derived_buffers"], module, bool(expert_sections)),
             "kind": "module" if module else "pipeline",
             "source": plan.source,
             "pipeline": {
@@ -222,18 +262,7 @@ def export_bundle(
                 "denoiser_class": quant["denoiser_class"],
                 "components": [] if module else sorted(n for n, c in model.components.items() if c is not None),
             },
-            "quant": {
-                "recipe": plan.recipe,
-                "weights_file": quant["weights_file"],
-                "layers": quant["layers"],
-                "fp_layers": quant["fp_layers"],
-                "derived_buffers": quant["derived_buffers"],
-                "avg_weight_bits": plan.avg_weight_bits,
-                "avg_stored_weight_bits": _stored_bits_or_none(plan),
-                "avg_act_bits": plan.avg_act_bits,
-                "simulated": False,
-                "float_storage": config.float_storage.value,
-            },
+            "quant": _quant_section(plan, quant, config.float_storage),
             "bos": {"positions": list(plan.bos_positions), **plan.notes.get("bos", {})},
             "plan": plan.to_dict(),
             "sparsity": plan.sparse.to_dict() if plan.sparse is not None else {},
@@ -243,6 +272,8 @@ def export_bundle(
             "tokenizers": {} if module else tokenizer_prints(model.components),
             "files": files,
         }
+        if expert_sections:  # only then: a bundle without experts stays readable by older runtimes
+            manifest["experts"] = expert_sections
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, default=_json_default) + "\n")
     return out
 

@@ -13,6 +13,7 @@ from safetensors import safe_open
 
 from diffkiln.core.plan import calibration_record
 from diffkiln.core.schema import read_manifest, verify_files
+from diffkiln.runtime.reader import quantized_components
 
 __all__ = ["denoiser_sizes", "format_summary", "summarize"]
 
@@ -20,16 +21,22 @@ _BYTES = {"I8": 1, "U8": 1, "I32": 4, "I64": 8, "F32": 4, "F16": 2, "BF16": 2, "
 
 
 def denoiser_sizes(bundle: Path, manifest: dict[str, Any]) -> tuple[int, int]:
-    """(stored denoiser bytes, the same denoiser's FP16 bytes).
+    """(stored bytes, FP16 bytes) of the denoiser and its quantized experts together.
 
-    Stored bytes count every tensor the denoiser keeps (int8 and packed weights, scales, BOS rows, FP
+    Stored bytes count every tensor they keep (int8 and packed weights, scales, BOS rows, FP
     tensors); the FP16 figure counts 2 bytes per element of the original float model: quantized
     weights and biases at their float shapes, every FP tensor, and the derived buffers an FP16
     checkpoint holds (persistent ones; the bundle rebuilds them instead of storing them).
     """
+    sizes = [_component_sizes(bundle, quant) for _, quant in quantized_components(manifest).values()]
+    return sum(s for s, _ in sizes), sum(f for _, f in sizes)
+
+
+def _component_sizes(bundle: Path, quant: dict[str, Any]) -> tuple[int, int]:
+    """(stored bytes, FP16 bytes) of one quantized component (see :func:`denoiser_sizes`)."""
     stored = fp16 = 0
-    layers = manifest["quant"]["layers"]
-    with safe_open(str(bundle / manifest["quant"]["weights_file"]), "pt") as f:
+    layers = quant["layers"]
+    with safe_open(str(bundle / quant["weights_file"]), "pt") as f:
         for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
             sl = f.get_slice(key)
             stored += math.prod(sl.get_shape()) * _BYTES.get(sl.get_dtype(), 4)
@@ -38,10 +45,27 @@ def denoiser_sizes(bundle: Path, manifest: dict[str, Any]) -> tuple[int, int]:
                 fp16 += math.prod(sl.get_shape()) * 2
             elif suffix == "weight_packed":  # the float weight's shape is in the layer's meta
                 fp16 += math.prod(layers[layer]["meta"]["weight_shape"]) * 2
-    for record in manifest["quant"].get("derived_buffers", {}).values():  # format version 4
+    for record in quant.get("derived_buffers", {}).values():  # format version 4
         if record["persistent"]:
             fp16 += math.prod(record["shape"]) * 2
     return stored, fp16
+
+
+def _layers_by_bits(quant: dict[str, Any]) -> dict[str, int]:
+    bits = Counter(f"W{info['bits']}A{info['act']['bits'] if info['act'] else 16}" for info in quant["layers"].values())
+    bits["FP"] = len(quant["fp_layers"])
+    return dict(bits)
+
+
+def _experts(bundle: Path, manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each quantized expert in brief: its layers by bit-width, average bits and sizes."""
+    out = {}
+    for name, entry in (manifest.get("experts") or {}).items():
+        stored, fp16 = _component_sizes(bundle, entry["quant"])
+        out[name] = {"class": entry["denoiser_class"], "layers_by_bits": _layers_by_bits(entry["quant"]),
+                     "avg_weight_bits": entry["quant"]["avg_weight_bits"],
+                     "avg_act_bits": entry["quant"]["avg_act_bits"], "bytes": stored, "fp16_bytes": fp16}  # fmt: skip
+    return out
 
 
 def summarize(bundle: str | os.PathLike[str]) -> dict[str, Any]:
@@ -54,9 +78,7 @@ def summarize(bundle: str | os.PathLike[str]) -> dict[str, Any]:
     manifest = read_manifest(path)
     verify_files(path, manifest)
     quant = manifest["quant"]
-    bits = Counter(f"W{info['bits']}A{info['act']['bits'] if info['act'] else 16}" for info in quant["layers"].values())
-    bits["FP"] = len(quant["fp_layers"])
-    stored, fp16 = denoiser_sizes(path, manifest)
+    stored, fp16 = _component_sizes(path, quant)
     return {
         "version": manifest["version"],
         "recipe": quant["recipe"],
@@ -65,7 +87,7 @@ def summarize(bundle: str | os.PathLike[str]) -> dict[str, Any]:
         "denoiser": manifest["pipeline"]["denoiser_class"],
         "denoiser_evidence": _denoiser_evidence(manifest),
         "components": manifest["pipeline"]["components"],
-        "layers_by_bits": dict(bits),
+        "layers_by_bits": _layers_by_bits(quant),
         "smoothed_layers": sum(
             any(t.endswith("::smooth_inv") for t in info.get("tensors", [])) for info in quant["layers"].values()
         ),
@@ -83,12 +105,14 @@ def summarize(bundle: str | os.PathLike[str]) -> dict[str, Any]:
         "build_metrics": manifest.get("build_metrics", {}),
         "cache": _cache_summary(manifest.get("cache") or {}),
         "sparse": _sparse_summary(manifest.get("sparsity") or {}),
+        "experts": _experts(path, manifest),
     }
 
 
 def _denoiser_evidence(manifest: dict[str, Any]) -> str | None:
-    """How calibration found the denoiser, and the other models of the sampler loop it left in
-    floating point (a ControlNet, a second expert), as the plan recorded it; None if it did not."""
+    """How calibration found the denoiser, and the other models of the sampler loop: experts of its
+    class (quantized too) and the ones left in floating point (a ControlNet), as the plan recorded
+    it; None if it did not."""
     evidence = calibration_record(manifest).get("denoiser_evidence")
     return evidence if isinstance(evidence, str) else None
 
@@ -155,6 +179,12 @@ def format_summary(summary: dict[str, Any], bundle: str | os.PathLike[str]) -> l
         f"sizes    denoiser {summary['denoiser_bytes'] / 1e6:.2f} MB stored (FP16 equivalent "
         f"{summary['denoiser_fp16_bytes'] / 1e6:.2f} MB, {ratio:.2f}x); bundle {summary['bundle_bytes'] / 1e6:.2f} MB",
     ]
+    for name, expert in summary.get("experts", {}).items():
+        bits = ", ".join(f"{k}: {v}" for k, v in expert["layers_by_bits"].items())
+        lines.append(
+            f"expert   {name} ({expert['class']}): {bits} (avg weight bits {expert['avg_weight_bits']:.2f}); "
+            f"{expert['bytes'] / 1e6:.2f} MB stored (FP16 equivalent {expert['fp16_bytes'] / 1e6:.2f} MB)"
+        )
     if summary["derived_buffers"]:
         lines.append(f"derived  {', '.join(summary['derived_buffers'])} (rebuilt from the config at load, not stored)")
     lines.append(f"bos      positions {bos['positions']}{bos_values}")

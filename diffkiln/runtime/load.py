@@ -86,10 +86,12 @@ def load(
         A diffusers pipeline (the class recorded in the bundle, whose ``save_pretrained`` writes a
         bundle: :mod:`diffkiln.runtime.save`); call it as usual with prompt,
         num_inference_steps, guidance_scale and generator. Its ``diffkiln_manifest`` attribute
-        holds the verified manifest; ``diffkiln_cache`` the applied schedule's run state and counts
-        (:class:`~diffkiln.nn.cache.CacheRun`), or None; ``diffkiln_sparse`` the applied masks' run
-        state with the density measured as they ran (:class:`~diffkiln.nn.sparse_attention.SparseRun`),
-        or None; ``diffkiln_parallel`` the split and whole calls (:class:`~diffkiln.runtime.parallel.ParallelRun`),
+        holds the verified manifest; ``diffkiln_experts`` the quantized experts beside the
+        denoiser (Wan 2.2's ``transformer_2``) by name, or an empty dict; ``diffkiln_cache`` the
+        applied schedule's run state and counts (:class:`~diffkiln.nn.cache.CacheRun`), or None;
+        ``diffkiln_sparse`` the applied masks' run state with the density measured as they ran
+        (:class:`~diffkiln.nn.sparse_attention.SparseRun`), or None; ``diffkiln_parallel`` the
+        split and whole calls (:class:`~diffkiln.runtime.parallel.ParallelRun`),
         or None.
 
     Raises:
@@ -141,6 +143,7 @@ def load(
     pipe.__class__ = bundle_pipeline_class(type(pipe))
     pipe.diffkiln_source = path
     pipe.diffkiln_denoiser = loaded.denoiser
+    pipe.diffkiln_experts = loaded.experts
     pipe.diffkiln_cache = None
     if cache and manifest.get("cache"):
         try:

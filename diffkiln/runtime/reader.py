@@ -25,7 +25,7 @@ from diffkiln.core.tokenizer_print import check_tokenizer_prints
 from diffkiln.nn.swap import replace_layers
 from diffkiln.nn.validate import check_float_tensor, check_layers
 
-__all__ = ["build_denoiser", "load_into", "open_bundle"]
+__all__ = ["build_denoiser", "load_into", "open_bundle", "quantized_components"]
 
 
 def _set_tensor(root: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -51,36 +51,50 @@ def _set_tensor(root: nn.Module, name: str, value: torch.Tensor) -> None:
         module._buffers[attr] = value
 
 
-def _denoiser_class(bundle: Path, pipe_info: dict[str, Any]) -> Any:
-    """The denoiser's class: from its ``model_index.json`` entry (diffusers, or a diffusers
+def _denoiser_class(bundle: Path, component: str, class_name: str) -> Any:
+    """A quantized component's class: from its ``model_index.json`` entry (diffusers, or a diffusers
     pipeline module such as ``stable_audio``), else diffusers' top level."""
     library = "diffusers"
     index_path = bundle / "model_index.json"
     if index_path.is_file():
-        entry = read_json(index_path).get(pipe_info["denoiser"])
+        entry = read_json(index_path).get(component)
         if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str):
             library = entry[0]
     try:
-        return resolve_component_class(library, str(pipe_info["denoiser_class"]))
+        return resolve_component_class(library, class_name)
     except InvalidInputError as exc:
-        raise BundleError(f"cannot build the denoiser: {exc}") from None
+        raise BundleError(f"cannot build the {component}: {exc}") from None
 
 
-def build_denoiser(bundle: Path, manifest: dict[str, Any]) -> nn.Module:
-    """The bundle's denoiser with its integer layers, built on the meta device and filled from the
-    weights file (the manifest must already be verified).
+def quantized_components(manifest: dict[str, Any]) -> dict[str, tuple[str, dict[str, Any]]]:
+    """The bundle's quantized components: the denoiser first, then its experts (bundle version 9),
+    each as (class name, ``quant`` section), by component name."""
+    pipe_info = manifest["pipeline"]
+    out = {str(pipe_info["denoiser"]): (str(pipe_info["denoiser_class"]), manifest["quant"])}
+    for name, entry in (manifest.get("experts") or {}).items():
+        out[str(name)] = (str(entry["denoiser_class"]), entry["quant"])
+    return out
+
+
+def build_denoiser(bundle: Path, manifest: dict[str, Any], component: str | None = None) -> nn.Module:
+    """The bundle's denoiser (or the expert ``component``) with its integer layers, built on the
+    meta device and filled from its weights file (the manifest must already be verified).
 
     Raises:
-        BundleError: the weights file and the manifest disagree, or a tensor is missing.
+        BundleError: the weights file and the manifest disagree, a tensor is missing, or
+            ``component`` is not a quantized component of the bundle.
     """
-
-    pipe_info, quant = manifest["pipeline"], manifest["quant"]
-    cls = _denoiser_class(bundle, pipe_info)
-    config_file = f"{pipe_info.get('denoiser')}/config.json"
-    confined_file(bundle, config_file, "pipeline.denoiser's config")
+    components = quantized_components(manifest)
+    name = component or str(manifest["pipeline"]["denoiser"])
+    if name not in components:
+        raise BundleError(f"{name!r} is not a quantized component of this bundle; it has {sorted(components)}")
+    class_name, quant = components[name]
+    cls = _denoiser_class(bundle, name, class_name)
+    config_file = f"{name}/config.json"
+    confined_file(bundle, config_file, f"{name}'s config")
     derived = quant.get("derived_buffers", {})
     try:
-        config = cls.load_config(bundle / pipe_info["denoiser"])
+        config = cls.load_config(bundle / name)
         # Parameters on meta (they come from the bundle); buffers real, and so are the tensors a
         # constructor keeps as plain attributes (Lumina2's and QwenImage's rotary tables): no file
         # holds those, the constructor is their only source, as in diffusers' own loading.
@@ -93,8 +107,8 @@ def build_denoiser(bundle: Path, manifest: dict[str, Any]) -> nn.Module:
         if name not in derived and not buf.is_meta:  # from the bundle: on meta until filled, missing is an error
             module_name, _, attr = name.rpartition(".")
             denoiser.get_submodule(module_name)._buffers[attr] = torch.empty_like(buf, device="meta")
-    per_layer, fp = _read_tensors(bundle, manifest)
-    metas = {name: info["meta"] for name, info in quant["layers"].items()}
+    per_layer, fp = _read_tensors(bundle, manifest, quant)
+    metas = {layer: info["meta"] for layer, info in quant["layers"].items()}
     check_layers(denoiser, per_layer, metas)
     try:
         replace_layers(denoiser, per_layer, metas)
@@ -109,10 +123,9 @@ def build_denoiser(bundle: Path, manifest: dict[str, Any]) -> nn.Module:
 
 
 def _read_tensors(
-    bundle: Path, manifest: dict[str, Any]
+    bundle: Path, manifest: dict[str, Any], quant: dict[str, Any]
 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
-    """(per quantized layer: its tensors by suffix; FP tensors by parameter name)."""
-    quant = manifest["quant"]
+    """(per quantized layer of ``quant``'s component: its tensors by suffix; FP tensors by parameter name)."""
     if quant.get("weights_file") not in manifest["files"]:
         raise BundleError(f"quant.weights_file {quant.get('weights_file')!r} is not a file the manifest lists")
     path = confined_file(bundle, quant["weights_file"], "quant.weights_file")
@@ -151,7 +164,7 @@ def load_into(model: nn.Module, bundle: str | os.PathLike[str]) -> nn.Module:
     path = Path(bundle)
     manifest = read_manifest(path)
     verify_files(path, manifest)
-    per_layer, fp = _read_tensors(path, manifest)
+    per_layer, fp = _read_tensors(path, manifest, manifest["quant"])
     metas = {name: info["meta"] for name, info in manifest["quant"]["layers"].items()}
     layers = find_quantizable_layers(model)
     for name, meta in metas.items():
@@ -192,13 +205,15 @@ def open_bundle(bundle: str | os.PathLike[str]) -> LoadedBundle:
     verify_files(path, manifest)
     if manifest.get("kind") == "module":
         raise BundleError(f"{path} holds a bare module; put it into your model with diffkiln.runtime.load_into")
-    denoiser = build_denoiser(path, manifest)
+    built = {name: build_denoiser(path, manifest, name) for name in quantized_components(manifest)}
+    denoiser_name = str(manifest["pipeline"]["denoiser"])
     try:
-        pipe = assemble_pipeline(path, {manifest["pipeline"]["denoiser"]: denoiser})
+        pipe = assemble_pipeline(path, built)
     except InvalidInputError as exc:
         raise BundleError(f"cannot assemble the pipeline: {exc}") from None
     except Exception as exc:
         raise BundleError(f"cannot assemble the pipeline from {path}: {type(exc).__name__}: {exc}") from None
     check_tokenizer_prints(pipe.components, manifest.get("tokenizers") or {}, str(path))
     pipe.diffkiln_manifest = manifest
-    return LoadedBundle(path, manifest, denoiser, pipe)
+    experts = {name: module for name, module in built.items() if name != denoiser_name}
+    return LoadedBundle(path, manifest, built[denoiser_name], pipe, experts)

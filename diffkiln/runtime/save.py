@@ -5,8 +5,9 @@ bundle, not a diffusers folder diffusers would misread.
 bundle's diffusers class with the same name, whose only change is ``save_pretrained``. It writes,
 atomically (:mod:`diffkiln.core.atomic`):
 
-* the denoiser exactly as the bundle it was loaded from holds it (its config and the weights file
-  of integer codes and scales, copied after the source is verified again: same plan, same bits);
+* the denoiser (and its quantized experts) exactly as the bundle it was loaded from holds it (its
+  config and the weights file of integer codes and scales, copied after the source is verified
+  again: same plan, same bits);
 * every other component as the pipeline holds it now, through its own ``save_pretrained``
   (safetensors only): a swapped scheduler or text encoder is saved as swapped;
 * ``model_index.json`` from the pipeline, and the source's manifest with a new ``files`` table and
@@ -53,20 +54,24 @@ def save_bundle(pipe: Any, folder: str | os.PathLike[str], overwrite: bool = Tru
     out = Path(folder)
     if out.resolve() == source.resolve():
         raise BundleError(f"{out} is the bundle this pipeline was loaded from; save to another folder")
-    name = manifest["pipeline"]["denoiser"]
-    if getattr(pipe, name, None) is not pipe.diffkiln_denoiser:
-        raise BundleError(
-            f"the pipeline's {name} is no longer the bundle's quantized denoiser; a bundle holds only the denoiser "
-            "diffkiln compiled. Save the float pipeline with diffusers, or compile it again with diffkiln optimize"
-        )
+    quantized = {manifest["pipeline"]["denoiser"]: pipe.diffkiln_denoiser, **getattr(pipe, "diffkiln_experts", {})}
+    for name, module in quantized.items():
+        if getattr(pipe, name, None) is not module:
+            role = "denoiser" if module is pipe.diffkiln_denoiser else "expert"
+            raise BundleError(
+                f"the pipeline's {name} is no longer the bundle's quantized {role}; a bundle holds only the "
+                "components diffkiln compiled. Save the float pipeline with diffusers, or compile it again with "
+                "diffkiln optimize"
+            )
     try:
         verify_files(source, manifest)
     except BundleError as exc:
         raise BundleError(f"the bundle this pipeline was loaded from ({source}) changed since: {exc}") from None
     with atomic_directory(out, overwrite) as tmp:
-        shutil.copytree(source / name, tmp / name)
+        for name in quantized:
+            shutil.copytree(source / name, tmp / name)
         for key, component in pipe.components.items():
-            if key == name or component is None or not hasattr(component, "save_pretrained"):
+            if key in quantized or component is None or not hasattr(component, "save_pretrained"):
                 continue
             component.save_pretrained(tmp / key, safe_serialization=True)
         pipe.save_config(tmp)  # model_index.json

@@ -68,7 +68,7 @@ def _get(root: Any, path: tuple[Any, ...]) -> Any:
 def _mutate_manifest(manifest: dict[str, Any], rng: random.Random) -> str:
     paths = [p for p in _paths(manifest) if p[0] != "files"] or [("format",)]
     # Favour the parts the loader acts on: layer metadata and the pipeline section.
-    weighted = [p for p in paths if p[0] in ("quant", "pipeline", "version", "cache", "sparsity")]
+    weighted = [p for p in paths if p[0] in ("quant", "pipeline", "version", "cache", "sparsity", "experts")]
     path = rng.choice(weighted if weighted and rng.random() < 0.8 else paths)
     parent, key = _get(manifest, path[:-1]), path[-1]
     action = rng.random()
@@ -166,8 +166,9 @@ def mutate(source: Path, dest: Path, rng: random.Random) -> FuzzCase:
     weights = manifest.get("quant", {}).get("weights_file")  # ONNX exports have none
     if kind < 0.45 or (weights is None and kind < 0.85):
         description = _mutate_manifest(manifest, rng)
-    elif kind < 0.85:
-        rel = manifest["quant"]["weights_file"]
+    elif kind < 0.85:  # the denoiser's weights file, or a quantized expert's
+        sections = [manifest["quant"], *(e.get("quant", {}) for e in (manifest.get("experts") or {}).values())]
+        rel = rng.choice([q["weights_file"] for q in sections if isinstance(q.get("weights_file"), str)])
         tensors = load_file(str(dest / rel))
         description = _mutate_tensor(tensors, rng)
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(dest / rel))

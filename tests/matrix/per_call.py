@@ -20,19 +20,22 @@ def _flat(out: Any) -> torch.Tensor:
     return torch.cat([t.flatten() for t in out]) if isinstance(out, (list, tuple)) else out
 
 
-def per_call_sqnr(fp: Any, q: Any, call: Mapping[str, Any], steps: int = 2, seed: int = 7) -> list[float]:
-    """Per-call SQNR (dB, rounded to 0.1) of ``q``'s transformer against ``fp``'s, on every call of
-    an FP run of ``steps`` steps on the held-out prompt with ``call``'s arguments."""
+def per_call_sqnr(
+    fp: Any, q: Any, call: Mapping[str, Any], steps: int = 2, seed: int = 7, component: str = "transformer"
+) -> list[float]:
+    """Per-call SQNR (dB, rounded to 0.1) of ``q``'s ``component`` against ``fp``'s, on every call of
+    it in an FP run of ``steps`` steps on the held-out prompt with ``call``'s arguments."""
     source = source_for(fp, [HELD_OUT_PROMPT], 1)
     fp.set_progress_bar_config(disable=True)
-    with recording_calls("test.record", fp.transformer) as calls, torch.no_grad():
+    fp_model, q_model = getattr(fp, component), getattr(q, component)
+    with recording_calls("test.record", fp_model) as calls, torch.no_grad():
         fp(**batch_kwargs(fp, [source.sample(0)]), **call, num_inference_steps=steps, output_type="latent",
            generator=torch.Generator().manual_seed(seed))  # fmt: skip
-    assert calls, "the run never called the transformer"
+    assert calls, f"the run never called the {component}"
     values = []
     for args, kwargs in calls:
         with torch.no_grad():
-            ref = _flat(fp.transformer(*args, **{**kwargs, "return_dict": False})[0])
-            got = _flat(q.transformer(*args, **{**kwargs, "return_dict": False})[0])
+            ref = _flat(fp_model(*args, **{**kwargs, "return_dict": False})[0])
+            got = _flat(q_model(*args, **{**kwargs, "return_dict": False})[0])
         values.append(round(sqnr_db(ref, got), 1))
     return values

@@ -119,10 +119,12 @@ class CacheGraphEntry(GraphEntry):
 
 
 class OnnxPipelineInfo(_Strict):
-    """The ``pipeline`` section: the pipeline class and its denoiser component."""
+    """The ``pipeline`` section: the pipeline class, its denoiser component and (version 4) the
+    experts of the denoiser's class the sampler runs at other steps, each a graph of its own."""
 
     class_name: Identifier | None = Field(default=None, alias="class")
     denoiser: Identifier
+    experts: Annotated[list[Identifier], Field(max_length=8)] = Field(default_factory=list)
 
 
 class OnnxManifest(_Strict):
@@ -158,11 +160,20 @@ class OnnxManifest(_Strict):
         kinds = [e.kind for e in self.components.values()]
         if "vae_encoder" in kinds:
             raise ValueError("a vae_encoder graph is a vae_decoder entry's encoder, not a component")
-        if kinds.count("denoiser") > 1:
-            raise ValueError("more than one component is a denoiser")
-        named = self.components.get(self.pipeline.denoiser)
-        if named is not None and named.kind != "denoiser":
-            raise ValueError(f"pipeline.denoiser {self.pipeline.denoiser!r} is a {named.kind} component")
+        experts = self.pipeline.experts
+        if experts and self.version < 4:
+            raise ValueError("experts need ONNX export version 4")
+        if self.pipeline.denoiser in experts or len(set(experts)) != len(experts):
+            raise ValueError("pipeline.experts repeats a component or names the denoiser")
+        if kinds.count("denoiser") > 1 + len(experts):
+            raise ValueError("more components are denoisers than the denoiser and its experts")
+        for name in [self.pipeline.denoiser, *experts]:
+            named = self.components.get(name)
+            if named is not None and named.kind != "denoiser":
+                raise ValueError(f"pipeline: {name!r} is a {named.kind} component, not a denoiser")
+        missing = [e for e in experts if e not in self.components]
+        if missing:
+            raise ValueError(f"pipeline.experts {missing} have no graph")
         return self
 
 

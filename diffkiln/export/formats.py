@@ -76,13 +76,6 @@ def convert_bundle(bundle: LoadedBundle, config: Any) -> Path:
     if entry is None:
         valid = ", ".join(sorted(t.__name__ for t in _BY_TYPE))
         raise InvalidInputError(f"no export format for a {type(config).__name__}; valid config types: {valid}")
-    if bundle.experts:  # each format writes one denoiser; a sampler without its experts is not the model
-        denoiser = bundle.manifest["pipeline"]["denoiser"]
-        raise InvalidInputError(
-            f"the {entry.name} export writes one denoiser, and this bundle quantizes {denoiser} and its experts "
-            f"{', '.join(sorted(bundle.experts))} (a sampler that switches models by step, as Wan 2.2's); run it "
-            "with diffkiln's torch runtime, or build a bundle of one denoiser with --denoiser"
-        )
     check_output_folder(Path(config.out), bool(config.overwrite))  # refused before the export's work
     return entry.fn(bundle, config)
 

@@ -176,6 +176,8 @@ def load(
                 "sparse=False, or use ParallelConfig(cfg=True)"
             )
         pipe.diffkiln_parallel = apply_parallel(denoiser, parallel, target)
+        for expert in loaded.experts.values():  # Wan 2.2's transformer_2 runs its steps over the ranks too
+            apply_parallel(expert, parallel, target, pipe.diffkiln_parallel)
         if parallel.context_degree > 1 and sparse_run is not None:
             sparse_run.head_share = (pipe.diffkiln_parallel.rank, parallel.ulysses_degree)
     return pipe

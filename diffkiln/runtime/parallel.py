@@ -152,17 +152,20 @@ class _CfgHook(ModelHook):
         self.run = run
         self.shares: list[int] = []  # per call in flight: this rank's rows (0: run whole)
         self.context = DenoisingContext()
-        # Branch mode: the call names seen at step 0 (those calls run as before, and show the
-        # pattern), each branch's step-0 output (the shape of the later ones), and this step's
-        # first-branch output, which the other rank fills in after the second branch's call.
+        # Branch mode: the call names seen at the first step this model runs in a pipeline call
+        # (step 0; an expert's first step, as Wan 2.2's transformer_2's below its boundary): those
+        # calls run as before and show the pattern. Then each branch's first-step output (the shape
+        # of the later ones), and this step's first-branch output, which the other rank fills in
+        # after the second branch's call.
         self.step0: list[str] = []
         self.templates: dict[str, Any] = {}
         self.first_output: Any = None
         self.last_step: int | None = None
+        self.first_step: int | None = None
 
     def reset_state(self, module: nn.Module) -> nn.Module:
-        """Forget the learnt branch pattern (the next pipeline call learns it again at step 0)."""
-        self.step0, self.templates, self.first_output, self.last_step = [], {}, None, None
+        """Forget the learnt branch pattern (the next pipeline call learns it again at its first step)."""
+        self.step0, self.templates, self.first_output, self.last_step, self.first_step = [], {}, None, None, None
         return module
 
     def _pair(self) -> tuple[str, str] | None:
@@ -174,15 +177,15 @@ class _CfgHook(ModelHook):
 
     def _branch_mode(self) -> bool:
         pair = self._pair()
-        return pair is not None and self.context.name in pair and self.context.step not in (None, 0)
+        return pair is not None and self.context.name in pair and self.context.step not in (None, self.first_step)
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         forward: Any = self.fn_ref.original_forward  # set by the registry for a hook with new_forward
         name, step = self.context.name, self.context.step
-        if name and step == 0 and self.last_step != 0:  # a new pipeline call
-            self.step0, self.templates, self.first_output = [], {}, None
+        if name and step is not None and (self.last_step is None or step < self.last_step):  # a new pipeline call
+            self.step0, self.templates, self.first_output, self.first_step = [], {}, None, step
         if name and step is not None:
-            if step == 0:
+            if step == self.first_step:
                 self.step0.append(name)
             self.last_step = step
         if not self._branch_mode():
@@ -230,7 +233,7 @@ class _CfgHook(ModelHook):
         share = self.shares.pop()
         if share > 0:
             output = _gather_checked(output, share, self.run.world)
-        if share >= 0 and self.context.name and self.context.step == 0:
+        if share >= 0 and self.context.name and self.context.step == self.first_step:
             self.templates[self.context.name] = output  # the whole call's output: later ones' shape
         return output
 
@@ -253,9 +256,18 @@ def _placeholder(template: Any) -> Any:
     return replace(template, **{first: empty})
 
 
-def apply_parallel(denoiser: nn.Module, config: ParallelConfig, device: torch.device) -> ParallelRun:
+def apply_parallel(
+    denoiser: nn.Module, config: ParallelConfig, device: torch.device, run: ParallelRun | None = None
+) -> ParallelRun:
     """Register the ``config``'s hooks on ``denoiser`` (see the module docstring); the process group
     comes from :func:`diffkiln.core.distributed.init_distributed`.
+
+    Args:
+        denoiser: the model to run over the ranks.
+        config: how.
+        device: this rank's device.
+        run: the run state to count in, shared by the denoiser and its experts (Wan 2.2's
+            ``transformer_2``); None starts one.
 
     Returns:
         The run state, counting split and whole calls.
@@ -265,7 +277,7 @@ def apply_parallel(denoiser: nn.Module, config: ParallelConfig, device: torch.de
             that is not the world size.
     """
     rank, world = init_distributed(device)
-    run = ParallelRun(config, rank, world)
+    run = run or ParallelRun(config, rank, world)
     if config.context_degree > 1:
         _apply_context_parallel(denoiser, config, rank, world, device)
     elif config.cfg and world > 1:

@@ -108,6 +108,14 @@ def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
     return change
 
 
+def _experts(names: list[str]) -> Callable[[dict[str, Any]], None]:
+    def change(m: dict[str, Any]) -> None:
+        m["version"] = 4
+        m["pipeline"]["experts"] = names
+
+    return change
+
+
 TE = "components/text_encoder"
 UNET = "components/unet"
 BAD: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
@@ -164,8 +172,12 @@ BAD: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
     "own tensors not listed": (_set(f"{UNET}/own_tensors", "../unet/weights.safetensors"), "own_tensors '../unet"),
     "own tensors not a name": (_set(f"{UNET}/own_tensors", 3), "own_tensors"),
     "options not an object": (_set(f"{UNET}/options", [1]), "options"),
-    "two denoisers": (_set(f"{TE}/kind", "denoiser"), "more than one component is a denoiser"),
+    "two denoisers": (_set(f"{TE}/kind", "denoiser"), "more components are denoisers than the denoiser and its"),
     "pipeline.denoiser names a text encoder": (_set("pipeline/denoiser", "text_encoder"), "is a text_encoder"),
+    "experts before version 4": (_set("pipeline/experts", ["unet_2"]), "experts need ONNX export version 4"),
+    "an expert without a graph": (_experts(["unet_2"]), "pipeline.experts ['unet_2'] have no graph"),
+    "an expert that is a text encoder": (_experts(["text_encoder"]), "'text_encoder' is a text_encoder component"),
+    "the denoiser as its own expert": (_experts(["unet"]), "names the denoiser"),
     "file entry with a short sha256": (_set("files/model_index.json/sha256", "abc"), "sha256"),
     "dynamic as an integer": (_set(f"{UNET}/dynamic", 1), "dynamic"),
 }

@@ -482,6 +482,25 @@ def build(name: str, folder: Path, seed: int = 0) -> Path:
     return save_built(MATRIX[name].build, folder, seed)
 
 
+def wan22_experts(scratch: Path) -> Any:
+    """Tiny Wan with a second expert, as Wan 2.2's ``transformer_2``: the first's weights perturbed,
+    the boundary at 0.6 (with 4 steps: two on each expert)."""
+    import copy
+
+    from diffusers import WanPipeline
+
+    from diffkiln.zoo.architectures.video import tiny_wan
+
+    base = tiny_wan(scratch)
+    expert = copy.deepcopy(base.transformer)
+    with torch.no_grad():
+        for p in expert.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return WanPipeline(tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae,
+                       transformer=base.transformer, scheduler=base.scheduler, transformer_2=expert,
+                       boundary_ratio=0.6)  # fmt: skip
+
+
 def save_built(make: Callable[[Path], Any], folder: Path, seed: int = 0) -> Path:
     """``make(scratch)`` with ``seed`` (the caller's random state left as it was), saved as a
     diffusers folder at ``folder`` (once)."""

@@ -30,8 +30,8 @@ def _latents(pipe: Any, guidance: float, prompts: list[str], **call: Any) -> tor
     pipe.set_progress_bar_config(disable=True)
     gens = [torch.Generator().manual_seed(7 + i) for i in range(len(prompts))]
     with torch.no_grad():
-        out = pipe(prompts, num_inference_steps=STEPS, guidance_scale=guidance, generator=gens,
-                   output_type="latent", **call)  # fmt: skip
+        out = pipe(prompts, guidance_scale=guidance, generator=gens, output_type="latent",
+                   **{"num_inference_steps": STEPS, **call})  # fmt: skip
     return out.frames if hasattr(out, "frames") else out.images
 
 
@@ -128,6 +128,34 @@ def test_cfg_parallel_gives_each_branch_call_to_one_rank(wan_bundle: Path, tmp_p
     [((a, b), counts)] = _run_two(wan_bundle, tmp_path, {"cfg": True}, [(5.0, PROMPTS[:1], WAN_CALL)])
     assert torch.equal(a, b) and torch.equal(a, reference)  # each branch computed as in one process
     assert counts == [{"split": 0, "whole": 2, "rows": 0, "world": 2, "branch": 2 * (STEPS - 1)}] * 2
+
+
+WAN22_CALL = {"height": 16, "width": 16, "num_frames": 5, "max_sequence_length": 32}
+
+
+@pytest.fixture(scope="module")
+def experts_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Wan 2.2's two experts, both quantized (tests/matrix/test_expert_split.py)."""
+    from tests.matrix.builders import optimized, wan22_experts
+
+    return optimized(wan22_experts, tmp_path_factory.mktemp("parallel-wan22"), WAN22_CALL, calib_size=2, steps=4)[1]
+
+
+@pytest.mark.parametrize("mode", ["cfg", "ulysses"])
+def test_both_experts_run_over_the_ranks(experts_bundle: Path, tmp_path: Path, mode: str) -> None:
+    # With 4 steps and boundary 0.6, steps 0-1 run transformer and steps 2-3 transformer_2, each
+    # once per guidance branch: CFG parallel gives each branch call to one rank from each expert's
+    # own first step on (2 branch calls per expert); Ulysses splits every call's sequence.
+    call = {**WAN22_CALL, "num_inference_steps": 4}
+    reference = _latents(load(experts_bundle, device="cpu"), 5.0, PROMPTS[:1], **call)
+    config = {"cfg": True} if mode == "cfg" else {"cfg": False, "ulysses_degree": 2}
+    [((a, b), counts)] = _run_two(experts_bundle, tmp_path, config, [(5.0, PROMPTS[:1], call)])
+    assert torch.equal(a, b)
+    if mode == "cfg":
+        assert torch.equal(a, reference)  # each branch computed as in one process
+        assert counts == [{"split": 0, "whole": 4, "rows": 0, "world": 2, "branch": 4}] * 2
+    else:
+        assert sqnr_db(reference.numpy(), a.numpy()) >= 40.0
 
 
 VIDEO_CALL = {"height": 64, "width": 64, "num_frames": 16, "max_sequence_length": 24}

@@ -8,6 +8,9 @@ Writes, into ``out`` (atomically; every file mode 0o640, the folder 0o750, as Mi
   being ``model_quant_type`` lower-cased (the weight file name MindIE-SD derives from it); with
   ``ranks``, one pair per rank, ``..._{algo}_{rank}.*``, which MindIE-SD picks by
   ``dist.get_rank()`` when the description name ends in a rank;
+* for each quantized expert beside the denoiser (Wan 2.2's ``transformer_2``), the same pair and
+  its ``config.json`` in a folder named after it: ``quantize(pipe.transformer_2, "OUT/transformer_2/
+  quant_model_description_w8a8.json")``;
 * ``config.json`` (the denoiser's) and ``diffkiln_export.json``: what runs quantized on MindIE-SD
   and what does not, what was widened, the float dtype the files are made for, file checksums;
 * ``mindiesd_cache_config.json``: the bundle's cache schedule as MindIE-SD's ``CacheConfig`` fields,
@@ -30,13 +33,14 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
 from diffkiln.core.atomic import atomic_directory, file_table
 from diffkiln.core.cache_schedule import CacheSchedule
@@ -139,6 +143,93 @@ def _write(tmp: Path, algo: str, tensors: dict[str, torch.Tensor], description: 
         (tmp / f"quant_model_description_{algo}{suffix}.json").write_text(text)
 
 
+@dataclass
+class _Encoded:
+    """One model's layers as MindIE-SD's files hold them, and what the export notes about them."""
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    description: dict[str, str] = field(default_factory=dict)
+    kinds: set[str] = field(default_factory=set)
+    quantized: dict[str, str] = field(default_factory=dict)
+    float_on_target: dict[str, str] = field(default_factory=dict)
+    widened: dict[str, str] = field(default_factory=dict)
+    kept: dict[str, str] = field(default_factory=dict)
+    bos: list[str] = field(default_factory=list)
+    share: float = 0.0
+    """The fraction of the quantized weights MindIE-SD runs in float (the convolutions')."""
+
+    def meta(self) -> dict[str, Any]:
+        """The metadata entries (``diffkiln_export.json``) of this model."""
+        return {"quantized_on_target": self.quantized, "float_on_target": self.float_on_target,
+                "quantized_weight_fraction_float_on_target": round(self.share, 4),
+                "bos_rows_not_applied": self.bos, "widened": self.widened, "kept_fp": self.kept}  # fmt: skip
+
+
+def _encode_model(denoiser: nn.Module, dtype: torch.dtype, keep_fp: bool) -> _Encoded:
+    """Every layer of ``denoiser``: Linear layers encoded, convolutions and the rest FLOAT.
+
+    Raises:
+        MindieExportError: a Linear layer the format cannot hold, without ``keep_fp``.
+    """
+    out = _Encoded()
+    q_params = {"total": 0, "float_on_target": 0}
+    for name, module in denoiser.named_modules():
+        if not isinstance(module, (QLinear, QConv)):
+            continue
+        q_params["total"] += module.in_flat * module.weight_shape[0]
+        if isinstance(module, QConv):
+            out.float_on_target[name] = f"{type(module).__name__[1:]}: MindIE-SD quantizes nn.Linear only"
+            q_params["float_on_target"] += module.in_flat * module.weight_shape[0]
+            layer = _float_layer_tensors(name, module, dtype)
+            out.tensors.update(layer)
+            out.description.update({k: "FLOAT" for k in layer})
+            continue
+        try:
+            enc = encode_linear(name, module, dtype)
+        except MindieExportError as exc:
+            if not keep_fp:
+                raise
+            out.kept[name] = str(exc).split(": ", 1)[-1]
+            log.warning("writing %s as FLOAT: %s", name, out.kept[name])
+            layer = _float_layer_tensors(name, module, dtype)
+            out.tensors.update(layer)
+            out.description.update({k: "FLOAT" for k in layer})
+            continue
+        out.tensors.update(enc.tensors)
+        out.description.update(enc.description)
+        out.kinds.add(enc.kind)
+        out.quantized[name] = enc.kind
+        if (note := _widened(module)) is not None:
+            out.widened[name] = note
+        if module.bos_rows is not None:
+            out.bos.append(name)
+    q_names = {n for n, m in denoiser.named_modules() if isinstance(m, (QLinear, QConv))}
+    for key, t in [*denoiser.named_parameters(), *denoiser.named_buffers()]:
+        if key.rpartition(".")[0] in q_names:
+            continue
+        out.tensors[key] = t.detach().to(dtype) if t.is_floating_point() else t.detach()
+        out.description[key] = "FLOAT"
+    out.share = q_params["float_on_target"] / max(q_params["total"], 1)
+    if out.float_on_target:
+        log.warning(
+            "%d quantized layers (%.0f%% of the bundle's quantized weights) are convolutions, which MindIE-SD "
+            "runs in float: %s. Build with `diffkiln optimize --target mindiesd` so the plan (and its report) "
+            "is what MindIE-SD runs.", len(out.float_on_target), 100 * out.share,
+            ", ".join(sorted(out.float_on_target)[:8]),
+        )  # fmt: skip
+    if out.bos:
+        log.warning("%d layers have BOS rows, which MindIE-SD does not apply (it quantizes those rows too)",
+                    len(out.bos))  # fmt: skip
+    return out
+
+
+def _write_config(source: Path, dest: Path) -> None:
+    """A denoiser's diffusers config, without the bundle's guard against plain diffusers."""
+    config = read_json(source)
+    config.pop("quantization_config", None)
+    dest.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def export_mindiesd(bundle: LoadedBundle, config: MindieExportConfig) -> Path:
     """Write a loaded bundle's denoiser in the msModelSlim / MindIE-SD format (see the module docstring).
 
@@ -149,63 +240,15 @@ def export_mindiesd(bundle: LoadedBundle, config: MindieExportConfig) -> Path:
         BundleError: ``out`` exists without ``overwrite``.
         MindieExportError: a Linear layer the format cannot hold, without ``keep_fp``.
     """
-    path, manifest, denoiser = bundle.path, bundle.manifest, bundle.denoiser
+    path, manifest = bundle.path, bundle.manifest
     dtype = getattr(torch, config.dtype.value)
-    tensors: dict[str, torch.Tensor] = {}
-    description: dict[str, str] = {}
-    widened: dict[str, str] = {}
-    kept: dict[str, str] = {}
-    float_on_target: dict[str, str] = {}
-    bos: list[str] = []
-    kinds: set[str] = set()
-    q_params = {"total": 0, "float_on_target": 0}
-    quantized: dict[str, str] = {}
-    for name, module in denoiser.named_modules():
-        if not isinstance(module, (QLinear, QConv)):
-            continue
-        q_params["total"] += module.in_flat * module.weight_shape[0]
-        if isinstance(module, QConv):
-            float_on_target[name] = f"{type(module).__name__[1:]}: MindIE-SD quantizes nn.Linear only"
-            q_params["float_on_target"] += module.in_flat * module.weight_shape[0]
-            layer = _float_layer_tensors(name, module, dtype)
-            tensors.update(layer)
-            description.update({k: "FLOAT" for k in layer})
-            continue
-        try:
-            enc = encode_linear(name, module, dtype)
-        except MindieExportError as exc:
-            if not config.keep_fp:
-                raise
-            kept[name] = str(exc).split(": ", 1)[-1]
-            log.warning("writing %s as FLOAT: %s", name, kept[name])
-            layer = _float_layer_tensors(name, module, dtype)
-            tensors.update(layer)
-            description.update({k: "FLOAT" for k in layer})
-            continue
-        tensors.update(enc.tensors)
-        description.update(enc.description)
-        kinds.add(enc.kind)
-        quantized[name] = enc.kind
-        if (note := _widened(module)) is not None:
-            widened[name] = note
-        if module.bos_rows is not None:
-            bos.append(name)
-    q_names = {n for n, m in denoiser.named_modules() if isinstance(m, (QLinear, QConv))}
-    for key, t in [*denoiser.named_parameters(), *denoiser.named_buffers()]:
-        if key.rpartition(".")[0] in q_names:
-            continue
-        tensors[key] = t.detach().to(dtype) if t.is_floating_point() else t.detach()
-        description[key] = "FLOAT"
-    share = q_params["float_on_target"] / max(q_params["total"], 1)
-    if float_on_target:
-        log.warning(
-            "%d quantized layers (%.0f%% of the bundle's quantized weights) are convolutions, which MindIE-SD "
-            "runs in float: %s. Build with `diffkiln optimize --target mindiesd` so the plan (and its report) "
-            "is what MindIE-SD runs.", len(float_on_target), 100 * share, ", ".join(sorted(float_on_target)[:8]),
-        )  # fmt: skip
-    if bos:
-        log.warning("%d layers have BOS rows, which MindIE-SD does not apply (it quantizes those rows too)", len(bos))
-    algo = _model_quant_type(kinds).lower()
+    denoiser_name = manifest["pipeline"]["denoiser"]
+    # The experts of the denoiser's class (Wan 2.2's transformer_2): MindIE-SD's ``quantize`` takes
+    # one model and its description, so each gets its own pair, in a folder named after it.
+    encoded = {name: _encode_model(model, dtype, config.keep_fp)
+               for name, model in {denoiser_name: bundle.denoiser, **bundle.experts}.items()}  # fmt: skip
+    main = encoded[denoiser_name]
+    algo = _model_quant_type(main.kinds).lower()
     cache_meta: dict[str, Any] | None = None
     cache_config: dict[str, Any] | None = None
     if manifest.get("cache"):
@@ -216,28 +259,29 @@ def export_mindiesd(bundle: LoadedBundle, config: MindieExportConfig) -> Path:
     sparse_config, sparse_tensors = (mindiesd_sparse_export(SparsePlan.from_dict(manifest["sparsity"]))
                                      if manifest.get("sparsity") else (None, {}))  # fmt: skip
     with atomic_directory(Path(config.out), config.overwrite) as tmp:
-        _write(tmp, algo, tensors, description, config.ranks)
+        _write(tmp, algo, main.tensors, main.description, config.ranks)
         if sparse_config is not None:
             (tmp / SPARSE_CONFIG_FILE).write_text(json.dumps(sparse_config, indent=2) + "\n")
             save_file(sparse_tensors, str(tmp / SPARSE_MASKS_FILE))
-        denoiser_config = read_json(path / manifest["pipeline"]["denoiser"] / "config.json")
-        denoiser_config.pop("quantization_config", None)  # the bundle's guard against plain diffusers
-        (tmp / "config.json").write_text(json.dumps(denoiser_config, indent=2, sort_keys=True) + "\n")
+        _write_config(path / denoiser_name / "config.json", tmp / "config.json")
+        experts: dict[str, Any] = {}
+        for name in sorted(bundle.experts):
+            enc, folder = encoded[name], tmp / name
+            folder.mkdir()
+            expert_algo = _model_quant_type(enc.kinds).lower()
+            _write(folder, expert_algo, enc.tensors, enc.description, config.ranks)
+            _write_config(path / name / "config.json", folder / "config.json")
+            experts[name] = {"folder": name, "model_quant_type": expert_algo.upper(), **enc.meta()}
         if cache_config is not None:
             (tmp / CACHE_CONFIG_FILE).write_text(json.dumps(cache_config, indent=2) + "\n")
         meta: dict[str, Any] = {
             "format": "diffkiln.mindiesd",
-            "version": 3,
+            "version": 4 if experts else 3,  # 4: experts, each in its own folder
             "model_quant_type": algo.upper(),
             "denoiser_class": manifest["pipeline"]["denoiser_class"],
             "dtype": config.dtype.value,
             "ranks": config.ranks,
-            "quantized_on_target": quantized,
-            "float_on_target": float_on_target,
-            "quantized_weight_fraction_float_on_target": round(share, 4),
-            "bos_rows_not_applied": bos,
-            "widened": widened,
-            "kept_fp": kept,
+            **main.meta(),
             "requires_original_checkpoint": True,
             "cache": cache_meta,
             "sparse_attention": None if sparse_config is None else {
@@ -245,9 +289,11 @@ def export_mindiesd(bundle: LoadedBundle, config: MindieExportConfig) -> Path:
                                                     "masked_density_at_128")},
             "bundle": {"source": manifest["source"], "recipe": manifest["quant"]["recipe"]},
         }  # fmt: skip
+        if experts:
+            meta["experts"] = experts
         meta["files"] = file_table(tmp)
         (tmp / "diffkiln_export.json").write_text(json.dumps(meta, indent=2) + "\n")
-        for f in tmp.iterdir():
-            f.chmod(FILE_MODE)
+        for f in tmp.rglob("*"):
+            f.chmod(_DIR_MODE if f.is_dir() else FILE_MODE)
         tmp.chmod(_DIR_MODE)
     return Path(config.out)

@@ -77,7 +77,8 @@ def bundle_call(
 
 def recorded_components(pipe: Any, manifest: Mapping[str, Any], prompt: str, denoiser_only: bool) -> list[Any]:
     """The components of one short call of the bundle's pipeline (:func:`bundle_call`), recorded
-    (:func:`~diffkiln.export.onnx.components.record_components`): the denoiser first.
+    (:func:`~diffkiln.export.onnx.components.record_components`): the denoiser first, then its
+    quantized experts (a bundle's ``experts``).
 
     With ``denoiser_only`` the call stops at the latents where the pipeline allows it: nothing is
     decoded that is not exported (Allegro's VAE decodes only in tiles). A failure of the pipeline's
@@ -86,16 +87,16 @@ def recorded_components(pipe: Any, manifest: Mapping[str, Any], prompt: str, den
     from diffkiln.export.onnx.components import record_components
 
     call = bundle_call(pipe, manifest, prompt)
-    denoiser = manifest["pipeline"]["denoiser"]
+    denoiser, experts = manifest["pipeline"]["denoiser"], sorted(manifest.get("experts") or {})
     with pipeline_call_hints(pipe, [call], int(call.get("num_inference_steps", 2)), call):
         if denoiser_only and "output_type" in call:
             try:
-                return record_components(pipe, denoiser, {**call, "output_type": "latent"})
+                return record_components(pipe, denoiser, {**call, "output_type": "latent"}, experts)
             except DiffkilnError:  # the recorded call cannot be exported: decoding would not change that
                 raise
             except Exception:  # the pipeline's own failure without decoding (no latent output): decoded
                 log.debug("%s: no latent output; recording the decoded call", type(pipe).__name__)
-        return record_components(pipe, denoiser, call)
+        return record_components(pipe, denoiser, call, experts)
 
 
 class _Captured(Exception):

@@ -274,18 +274,40 @@ def _bound_kwargs(module: nn.Module, call: tuple[tuple[Any, ...], dict[str, Any]
     return bound
 
 
-def record_components(pipe: Any, denoiser_name: str, call: dict[str, Any]) -> list[Component]:
+def _denoiser_component(name: str, denoiser: nn.Module, call: tuple[tuple[Any, ...], dict[str, Any]]) -> Component:
+    """The denoiser (or an expert of its class) as one recorded call gave it its inputs."""
+    tensors, options = flatten_kwargs(_bound_kwargs(denoiser, call))
+    return Component(
+        name,
+        ComponentKind.DENOISER,
+        _Denoiser(denoiser, list(tensors), options, batch_inputs(tensors)),
+        tensors,
+        options,
+        [("sample", None)],
+        call_order=list(inspect.signature(denoiser.forward).parameters),
+        own_tensors=own_tensors(denoiser),
+    )
+
+
+def record_components(
+    pipe: Any, denoiser_name: str, call: dict[str, Any], experts: Sequence[str] = ()
+) -> list[Component]:
     """Run ``pipe(**call)`` once and record every model component's inputs.
 
     Args:
         pipe: the loaded pipeline.
         denoiser_name: the pipeline component that is the denoiser.
         call: the full pipeline-call arguments (a short, decoded call).
+        experts: components of the denoiser's class that the sampler runs at other steps (Wan
+            2.2's ``transformer_2``). Default none.
 
     Returns:
-        The denoiser, each transformers encoder the call used (text encoders, image encoders), the
-        VAE decoder (the first autoencoder whose ``decode`` the call ran) and its encoder, in that
-        order.
+        The denoiser, its experts, each transformers encoder the call used (text encoders, image
+        encoders), the VAE decoder (the first autoencoder whose ``decode`` the call ran) and its
+        encoder, in that order.
+
+    Raises:
+        OnnxExportError: the call never ran an expert (too few steps to reach its noise levels).
     """
     from transformers import PreTrainedModel
 
@@ -301,26 +323,19 @@ def record_components(pipe: Any, denoiser_name: str, call: dict[str, Any]) -> li
             name: stack.enter_context(recording_calls(f"diffkiln.onnx.{name}", m)) for name, m in encoders.items()
         }
         record[denoiser_name] = stack.enter_context(recording_calls("diffkiln.onnx.denoiser", denoiser))
+        for name in experts:
+            record[name] = stack.enter_context(recording_calls(f"diffkiln.onnx.{name}", getattr(pipe, name)))
         coding = {
             (name, method): stack.enter_context(recording_method_calls(f"diffkiln.onnx.{name}.{method}", vae, method))
             for name, vae in vaes.items()
             for method in ("decode", "encode")
         }
         pipe(**call)
-    components: list[Component] = []
-    tensors, options = flatten_kwargs(_bound_kwargs(denoiser, record[denoiser_name][0]))
-    components.append(
-        Component(
-            denoiser_name,
-            ComponentKind.DENOISER,
-            _Denoiser(denoiser, list(tensors), options, batch_inputs(tensors)),
-            tensors,
-            options,
-            [("sample", None)],
-            call_order=list(inspect.signature(denoiser.forward).parameters),
-            own_tensors=own_tensors(denoiser),
-        )
-    )
+    components = [_denoiser_component(denoiser_name, denoiser, record[denoiser_name][0])]
+    for name in experts:
+        if not record[name]:
+            raise OnnxExportError(f"the recorded call never ran the expert {name}: give the export call more steps")
+        components.append(_denoiser_component(name, getattr(pipe, name), record[name][0]))
     for name, encoder in encoders.items():
         if not record[name]:
             continue

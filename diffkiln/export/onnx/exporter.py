@@ -26,11 +26,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from diffkiln.core.arguments import bind_call, is_int_argument
 from diffkiln.core.atomic import atomic_directory, file_table
 from diffkiln.core.cache_schedule import CacheMechanism, CacheSchedule
 from diffkiln.core.errors import BundleError
@@ -45,14 +43,14 @@ from diffkiln.export.onnx.cache_graphs import (
     reuse_inputs,
     schedule_entry,
 )
-from diffkiln.export.onnx.check import bundle_call, capture_call, recorded_components, run_check, second_shape
+from diffkiln.export.onnx.check import recorded_components
+from diffkiln.export.onnx.checked_export import checked_denoiser, verified_entry
 from diffkiln.export.onnx.components import (
     Component,
     ComponentKind,
     _Denoiser,
     batch_inputs,
     flatten_kwargs,
-    with_int_inputs,
 )
 from diffkiln.export.onnx.config import MAX_OPSET, MIN_OPSET, OnnxCompute, OnnxExportConfig
 from diffkiln.export.onnx.modules import OnnxExportError, OnnxQLinear, export_module_for
@@ -74,6 +72,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+_VERSION_WITHOUT_EXPERTS = 3
+"""The ONNX export version a folder without experts is written as (ONNX_VERSION 4 added them)."""
 
 _VAE_FILES = {ComponentKind.VAE_DECODER: "vae_decoder.onnx", ComponentKind.VAE_ENCODER: "vae_encoder.onnx"}
 
@@ -121,137 +122,8 @@ def _copy_pipeline_files(bundle: Path, tmp: Path, components: list[Component], m
             shutil.copytree(sub, tmp / sub.name)
 
 
-def _checked_denoiser(
-    component: Component, file: Path, config: OnnxExportConfig, names: set[str], bundle: LoadedBundle
-) -> tuple[dict[str, Any], Component, dict[str, torch.Tensor] | None]:
-    """Export the denoiser; a graph exported with dynamic axes is run at another shape first
-    (:mod:`diffkiln.export.onnx.check`). The exports of :data:`DYNAMIC_ATTEMPTS` in order, until one
-    passes; then the recorded shapes.
-
-    Returns:
-        (the manifest entry, the component as exported (its int inputs, traced example), the
-        inputs of the check's other call; None for a static graph)."""
-    failures: list[str] = []
-    calls: dict[bool, tuple[Component, dict[str, torch.Tensor]] | str] = {}
-    for attempt, swapped, batch_only in DYNAMIC_ATTEMPTS if config.dynamic else ():
-        if batch_only not in calls:
-            calls[batch_only] = _second_call(component, config, bundle, batch_only)
-        second = calls[batch_only]
-        if isinstance(second, str):  # the pipeline does not run there, or fixes that size in the graph
-            failures.append(f"{attempt}: {second}")
-            continue
-        base, tensors = second
-        traced, checked = (tensors, base.example) if swapped else (base.example, tensors)
-        exported = dataclasses.replace(base, example=traced)
-        try:
-            entry = export_component(exported, file, config, names, batch_only=batch_only, fallback=False)
-            _check_int_inputs(entry, base.int_inputs)
-        except Exception as exc:  # torch.export raises many types; the reason goes to the manifest
-            failures.append(f"{attempt}: {type(exc).__name__}: {error_summary(exc)}")
-            continue
-        check = run_check(file, list(base.example), base.module, checked) if entry["dynamic"] else None
-        if check is not None and check["ok"]:
-            return _verified(entry, exported, checked, check, failures), exported, checked
-        failures.append(f"{attempt}: {check['error'] if check else 'no axis stayed dynamic'}")
-        log.warning("%s: %s", component.name, failures[-1])
-    try:
-        static = export_component(component, file, dataclasses.replace(config, dynamic=False), names)
-    except Exception as exc:  # torch.export and torch.onnx raise many types
-        raise OnnxExportError(_not_exported(component, f"{type(exc).__name__}: {error_summary(exc)}")) from None
-    # Run once at the recorded call: a graph onnxruntime cannot load or run is refused, not written.
-    check = run_check(file, list(component.example), component.module, component.example)
-    if not check["ok"]:
-        raise OnnxExportError(_not_exported(component, f"onnxruntime at the recorded call: {check['error']}"))
-    reason = "; ".join(failures) or "dynamic axes not requested"
-    return {**static, "static_reason": reason, "check": check}, component, None
-
-
-def _not_exported(component: Component, reason: str) -> str:
-    """The one-line refusal of a denoiser that has no ONNX graph."""
-    children = list(component.module.children())  # the export wrapper holds the model
-    model = type(children[0] if len(children) == 1 else component.module).__name__
-    return (f"the {component.name} ({model}) does not export to ONNX: {reason}; the bundle itself runs in the "
-            "torch runtime (diffkiln generate BUNDLE, load_pipeline)")  # fmt: skip
-
-
 _COPIED_CALIBRATION = ("prompts", "call_kwargs")
 """What an ONNX manifest copies of its bundle's calibration record."""
-
-DYNAMIC_ATTEMPTS = (
-    ("every axis dynamic", False, False),
-    ("every axis dynamic, traced at the second shape", True, False),
-    ("the batch axis dynamic", False, True),
-)
-"""The dynamic exports of the denoiser, tried in order: (what, traced at the second shape and
-checked at the recorded call, batch axis only). The others are traced at the recorded call and
-checked at the second shape (another batch and, but for the batch-only one, another size).
-
-Tracing at the second shape is for a model that takes a shortcut at the size it was configured
-for: PixArt's patch embedding adds its stored position table where ``height == sample_size`` and
-computes one from the input's size elsewhere. A trace at the configured size records the table as
-a constant, and the graph fails at every other size; a trace at another size records the general
-path, and the check at the recorded call proves it gives the stored table's result there."""
-
-
-def _second_call(
-    component: Component, config: OnnxExportConfig, bundle: LoadedBundle, batch_only: bool
-) -> tuple[Component, dict[str, torch.Tensor]] | str:
-    """The component to export and its input tensors in the bundle's call at batch 2 and, unless
-    ``batch_only``, the second size (:func:`~diffkiln.export.onnx.check.second_shape`); or why there
-    is none: the call failed, or it changes options the graph would fix.
-
-    Int options that change at the second size (LTX's latent ``height``, ``width`` and
-    ``num_frames``) become graph inputs (:func:`~diffkiln.export.onnx.components.with_int_inputs`);
-    any other changed option (a string, a float, a bool) cannot, and neither can an int in a batch-only
-    attempt, whose graph is to take the recorded size only."""
-    pipe, manifest = bundle.pipeline, bundle.manifest
-    overrides = {} if batch_only else second_shape(pipe, manifest, dict(config.check_call_kwargs))
-    recorded = set(component.example) - set(component.int_inputs)
-    try:
-        for batch in (2, 1):
-            call = bundle_call(pipe, manifest, config.prompt, batch=batch, overrides=overrides)
-            tensors, options = flatten_kwargs(bind_call(bundle.denoiser, *capture_call(pipe, bundle.denoiser, call)))
-            # A denoiser taking per-sample lists (Z-Image) has an input per sample: another batch
-            # is another graph, so the second shape keeps the recorded batch and varies the size.
-            if set(tensors) == recorded or batch_only:
-                break
-    except Exception as exc:  # a pipeline raises its own types at a size it does not take
-        return f"the call at a second shape failed: {type(exc).__name__}: {exc}"[:400]
-    changed = {k: (component.options.get(k), options.get(k)) for k in {*options, *component.options}
-               if options.get(k) != component.options.get(k)}  # fmt: skip
-    if not changed:
-        return component, tensors
-    ints = not batch_only and all(is_int_argument(v) for pair in changed.values() for v in pair)
-    promoted = with_int_inputs(component, sorted(changed)) if ints else None
-    if promoted is None:
-        return f"the graph fixes options that change at the second shape (recorded, second): {changed}"
-    return promoted, {**tensors, **{k: torch.tensor(options[k], dtype=torch.int64) for k in promoted.int_inputs}}
-
-
-def _check_int_inputs(entry: dict[str, Any], int_inputs: tuple[str, ...]) -> None:
-    """Raise where the graph does not take every int input: torch.export fixed it to the traced value."""
-    fixed = sorted(set(int_inputs) - {i["name"] for i in entry["inputs"]})
-    if fixed:
-        raise ValueError(f"the trace fixed the int arguments {fixed} to their traced values")
-
-
-def _verified(
-    entry: dict[str, Any], component: Component, tensors: dict[str, Any], check: dict[str, Any], failures: list[str]
-) -> dict[str, Any]:
-    """The entry with only the symbolic axes the check really varied declared dynamic (the others
-    listed as unverified), and the check's result."""
-    varied = {
-        n: [a for a, (x, y) in enumerate(zip(component.example[n].shape, tensors[n].shape, strict=True)) if x != y]
-        for n in component.example
-    }
-    dynamic = {n: [a for a in axes if a in varied.get(n, [])] for n, axes in entry["dynamic_axes"].items()}
-    unverified = {n: [a for a in axes if a not in dynamic[n]] for n, axes in entry["dynamic_axes"].items()}
-    out = {**entry, "dynamic_axes": dynamic, "dynamic": any(dynamic.values()), "check": check,
-           "unverified_axes": {n: a for n, a in unverified.items() if a}}  # fmt: skip
-    if failures:
-        out["wider_axes_failed"] = failures
-    return out
-
 
 def export_onnx(bundle: LoadedBundle, config: OnnxExportConfig) -> Path:
     """Export a loaded bundle to ONNX (see the module docstring).
@@ -272,14 +144,18 @@ def export_onnx(bundle: LoadedBundle, config: OnnxExportConfig) -> Path:
     if pipe is None:
         raise BundleError("an ONNX export needs a pipeline bundle; this bundle holds a bare module")
     denoiser_name = manifest["pipeline"]["denoiser"]
-    denoiser = bundle.denoiser
-    # Fail on an inexpressible layer before the (slow) recording call.
-    sub_byte, kept = _swap_quantized_layers(
-        denoiser, config.keep_fp, config.compute == OnnxCompute.INTEGER, config.matmulnbits
-    )
+    # Fail on an inexpressible layer before the (slow) recording call. The experts of the
+    # denoiser's class (Wan 2.2's transformer_2) are graphs of their own, exported as it is.
+    sub_byte: dict[str, set[str]] = {}
+    kept: dict[str, str] = {}
+    for name, model in {denoiser_name: bundle.denoiser, **bundle.experts}.items():
+        sub_byte[name], kept_here = _swap_quantized_layers(
+            model, config.keep_fp, config.compute == OnnxCompute.INTEGER, config.matmulnbits
+        )
+        kept.update({(layer if name == denoiser_name else f"{name}.{layer}"): r for layer, r in kept_here.items()})
     components = recorded_components(pipe, manifest, config.prompt, not config.components)
     if not config.components:
-        components = components[:1]
+        components = [c for c in components if c.kind == ComponentKind.DENOISER]
     entries: dict[str, Any] = {}
     skipped: dict[str, str] = {}
     cache_graph: dict[str, Any] | None = None
@@ -287,8 +163,14 @@ def export_onnx(bundle: LoadedBundle, config: OnnxExportConfig) -> Path:
     with atomic_directory(Path(config.out), config.overwrite) as tmp, bar:  # bar: closed on a failure too
         for component in bar:
             bar.set_postfix_str(component.name)
-            if component.kind == ComponentKind.DENOISER:
-                entries[component.name], cache_graph = _denoiser_graphs(component, tmp, config, sub_byte, bundle)
+            if component.name == denoiser_name:
+                entries[component.name], cache_graph = _denoiser_graphs(
+                    component, tmp, config, sub_byte[denoiser_name], bundle
+                )
+                continue
+            if component.kind == ComponentKind.DENOISER:  # an expert: the cache schedule is the denoiser's
+                file = tmp / f"{component.name}.onnx"
+                entries[component.name] = checked_denoiser(component, file, config, sub_byte[component.name], bundle)[0]
                 continue
             # A VAE's encode goes into its decoder's entry (one stand-in answers both methods), so
             # it is exported only where its decoder was.
@@ -321,11 +203,16 @@ def export_onnx(bundle: LoadedBundle, config: OnnxExportConfig) -> Path:
                 entries[component.name]["own_tensors"] = own
         onnx_manifest = {
             "format": ONNX_FORMAT,
-            "version": ONNX_VERSION,
+            # Version 4 only with experts: a folder without them stays readable by version-3 runtimes.
+            "version": ONNX_VERSION if bundle.experts else _VERSION_WITHOUT_EXPERTS,
             "opset": config.opset,
             "compute": config.compute.value,
             "matmulnbits": config.matmulnbits,
-            "pipeline": {"class": manifest["pipeline"]["class"], "denoiser": denoiser_name},
+            "pipeline": {
+                "class": manifest["pipeline"]["class"],
+                "denoiser": denoiser_name,
+                **({"experts": sorted(bundle.experts)} if bundle.experts else {}),
+            },
             "components": entries,
             "skipped_components": skipped,
             "kept_fp": kept,
@@ -367,10 +254,10 @@ def _denoiser_graphs(
     cache = bundle.manifest.get("cache") or {}
     schedule = CacheSchedule.from_dict(cache) if cache else None
     if schedule is None or schedule.mechanism is CacheMechanism.WHOLE:
-        return _checked_denoiser(component, tmp / "denoiser.onnx", config, sub_byte, bundle)[0], None
+        return checked_denoiser(component, tmp / "denoiser.onnx", config, sub_byte, bundle)[0], None
     tracer = CacheStepTracer(bundle.denoiser, schedule)
     try:
-        entry, fill, other = _checked_denoiser(fill_component(component, tracer), tmp / "denoiser.onnx", config,
+        entry, fill, other = checked_denoiser(fill_component(component, tracer), tmp / "denoiser.onnx", config,
                                                sub_byte, bundle)  # fmt: skip
         # The reuse graph takes what the fill graph takes (LTX's latent sizes as int inputs), dynamic
         # where the fill graph is, and is checked at the fill's two calls.
@@ -383,7 +270,7 @@ def _denoiser_graphs(
         second = reuse_inputs(fill.module, other) if other is not None else None
         check = check_reuse(file, reuse, reuse_entry, second)
         if second is not None and check["ok"] and reuse_entry["dynamic"]:
-            reuse_entry = _verified(reuse_entry, reuse, second, check, [])
+            reuse_entry = verified_entry(reuse_entry, reuse, second, check, [])
         if not check["ok"] and reuse_entry["dynamic"]:
             # Then the batch axis alone, then the recorded shapes, with the recorded call's options
             # (its ints fixed): at another size such a reuse graph refuses the input, by name.

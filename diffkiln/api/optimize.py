@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -46,8 +45,6 @@ from diffkiln.optimizer import (
 from diffkiln.zoo.registry import ResolvedTarget, default_cache_dir, resolve_target
 
 __all__ = ["OptimizeConfig", "Prepared", "optimize", "prepare", "sensitivity"]
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -280,26 +277,17 @@ def _expert_plans(
 ) -> list[tuple[Plan, CalibrationStats]]:
     """A plan for each expert of the denoiser's class the sampler also runs (Wan 2.2's
     ``transformer_2``), each from a calibration of its own with the same settings: an expert sees
-    other noise levels, so its ranges and sensitivities are its own. Quantization only: a cache
-    schedule or sparse masks stay the denoiser's, and a plan that quantizes nothing (the cache or
-    sparse recipe alone) leaves the experts in floating point."""
+    other noise levels, so its ranges and sensitivities are its own. (Calibration refuses a cache
+    schedule or sparse masks for a denoiser with experts: it runs at only some of the steps.)"""
     if not prep.stats.experts or prep.calibration is None:
         return []
-    if not any(lp.quantized for lp in plan.layers):
-        log.warning("the %s recipe quantizes no layer: the experts %s stay in floating point",
-                    plan.recipe, ", ".join(prep.stats.experts))  # fmt: skip
-        return []
-    if plan.cache is not None or plan.sparse is not None or config.wants_cache or config.wants_sparse:
-        log.warning("the cache schedule and sparse-attention masks apply to %s; its experts %s run every step "
-                    "in full, with dense attention", plan.denoiser, ", ".join(prep.stats.experts))  # fmt: skip
-    context = dataclasses.replace(context, cache_schedule=None)
     out = []
     for name in prep.stats.experts:
         stats = calibrate(prep.pipe, dataclasses.replace(prep.calibration, denoiser=name))
         evidence = f"an expert of {plan.denoiser}'s class that the sampler runs at other steps; calibrated on its own"
         stats = dataclasses.replace(stats, settings={**stats.settings, "denoiser_evidence": evidence})
         expert = make_plan(prep.pipe, stats, config.resolved_recipe(), context)
-        out.append((dataclasses.replace(expert, cache=None, sparse=None), stats))
+        out.append((expert, stats))
     return out
 
 

@@ -165,6 +165,12 @@ def _run_pipeline(pipe: Any, source: CallSource, config: CalibrationConfig, mode
             return call(first_batch[:1], config.seed, **accepted_call_kwargs(pipe, probe))
 
         choice = denoiser_by_calls(pipe, short)
+    if choice.experts and (config.cache_stats or config.attention_stats):
+        raise InvalidInputError(
+            f"{choice.name} runs only some of the sampler steps and {', '.join(choice.experts)} the others (an expert "
+            "split, as Wan 2.2's); cache schedules and sparse masks are searched for a denoiser that runs at every "
+            "step: build without --cache-budget and --attn-density"
+        )
     denoiser = choice.module
     args, kwargs = _capture_first_call(denoiser, lambda: call(first_batch, config.seed))
     # The capture stops before the denoiser runs: its first run is the trace's, which names a

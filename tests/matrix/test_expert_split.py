@@ -194,3 +194,17 @@ def test_a_hostile_expert_is_refused_at_load(built: tuple[Path, Path], tmp_path:
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match=match):
         load(bundle, device="cpu")
+
+
+def test_a_cache_schedule_for_a_denoiser_with_experts_is_refused_up_front(
+    built: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The denoiser runs at only some of the steps: a schedule over its calls would skip the wrong ones.
+    args = ["optimize", str(built[0]), "--cache-budget", "0.6", "--calib-size", "2", "--steps", str(STEPS),
+            "--no-progress", "--out", str(tmp_path / "b"), "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    for key, value in CALL.items():
+        args += ["--call-arg", f"{key}={value}"]
+    assert main(args) != 0
+    err = capsys.readouterr().err
+    assert "transformer runs only some of the sampler steps and transformer_2 the others" in err, err
+    assert not (tmp_path / "b").exists()

@@ -654,11 +654,14 @@ def _onnx(bundle: Path, out: Path) -> dict[str, Any]:
         return {"rc": proc.returncode, "error": errors or proc.stderr.strip().splitlines()[-3:]}
     manifest = json.loads((out / "manifest.json").read_text())
     entry = manifest["components"][manifest["pipeline"]["denoiser"]]
+    experts = manifest["pipeline"].get("experts", [])
     return {
         "rc": 0,
         "dynamic_axes": entry["dynamic_axes"] if entry["dynamic"] else None,
         "static_reason": entry.get("static_reason", "")[:200] or None,
         "check_sqnr_db": entry["check"]["sqnr_db"],
+        **({"expert_check_sqnr_db": {e: manifest["components"][e]["check"]["sqnr_db"] for e in experts}}
+           if experts else {}),
     }
 
 

@@ -205,12 +205,13 @@ def check_same_model(base: Any, pipeline: dict[str, Any], weight_hash: str | Non
 
 
 def onnx_denoiser_sizes(folder: Path, manifest: dict[str, Any], base: Any) -> tuple[int, int]:
-    """(bytes of an ONNX export's denoiser graphs, the FP baseline denoiser's FP16 bytes)."""
-    name = manifest["pipeline"]["denoiser"]
-    files = {manifest["components"][name]["file"]}
+    """(bytes of an ONNX export's denoiser graphs, the FP baseline denoiser's FP16 bytes), its
+    experts' (Wan 2.2's ``transformer_2``) included in both."""
+    names = [manifest["pipeline"]["denoiser"], *manifest["pipeline"].get("experts", [])]
+    files = {manifest["components"][name]["file"] for name in names}
     if manifest.get("cache_graph"):
         files.add(str(manifest["cache_graph"].get("file", "")))
     stored = sum((folder / f).stat().st_size for f in files if f and (folder / f).is_file())
-    denoiser = getattr(base, name)
-    fp16 = 2 * sum(t.numel() for t in [*denoiser.parameters(), *denoiser.buffers()])
+    models = [getattr(base, name) for name in names]
+    fp16 = 2 * sum(t.numel() for m in models for t in [*m.parameters(), *m.buffers()])
     return stored, fp16

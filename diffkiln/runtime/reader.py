@@ -103,9 +103,9 @@ def build_denoiser(bundle: Path, manifest: dict[str, Any], component: str | None
     except Exception as exc:  # diffusers raises many types on a bad config (OSError, ValueError...)
         raise BundleError(f"cannot build the {cls.__name__} from {config_file}: {type(exc).__name__}: {exc}") from None
     check_derived_buffers(denoiser, derived)
-    for name, buf in list(denoiser.named_buffers()):
-        if name not in derived and not buf.is_meta:  # from the bundle: on meta until filled, missing is an error
-            module_name, _, attr = name.rpartition(".")
+    for buffer, buf in list(denoiser.named_buffers()):
+        if buffer not in derived and not buf.is_meta:  # from the bundle: on meta until filled, missing is an error
+            module_name, _, attr = buffer.rpartition(".")
             denoiser.get_submodule(module_name)._buffers[attr] = torch.empty_like(buf, device="meta")
     per_layer, fp = _read_tensors(bundle, manifest, quant)
     metas = {layer: info["meta"] for layer, info in quant["layers"].items()}

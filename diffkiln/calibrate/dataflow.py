@@ -114,7 +114,9 @@ class DataflowGraph:
         main_input: the forward parameter taken as the latent input (its first tensor argument).
         inputs: every tensor input by name (``parent.key`` inside dict arguments): its shape.
         timestep_input: the input taken as the timestep (the first 0-D/1-D tensor after the main
-            input), or "" when none.
+            input; where there is none, the first 2-D one whose values reach a sine or cosine
+            before any layer, as a per-token timestep does (Wan 2.2 TI2V's), on its way to the
+            sinusoidal embedding), or "" when none.
         layers: every quantizable layer's flow, by name, in module order.
         attentions: the attention calls, in call order.
     """
@@ -254,6 +256,7 @@ class _Tracer(TorchFunctionMode):
         self.owner = {id(p): name for name, m in layers.items() for p in m.parameters(recurse=False)}
         self.reads: dict[str, set[str]] = {}
         self.attentions: list[AttentionFlow] = []
+        self.sinusoid: set[str] = set()  # inputs whose values reach sin/cos before any layer
 
     def tag(self, t: torch.Tensor) -> _Tag:
         return self.tags.get(t, _EMPTY)
@@ -290,6 +293,8 @@ class _Tracer(TorchFunctionMode):
         self._note_meetings(tags)
         deps = frozenset().union(*(d for d, _ in tags))
         sources = frozenset().union(*(s for _, s in tags))
+        if name in ("sin", "cos") and not any(x.startswith("layer:") for x in sources):
+            self.sinusoid.update(d[6:] for d in deps)
         if name == "scaled_dot_product_attention":
             sources = frozenset({self._attention(args, kwargs)})
         targets = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
@@ -335,9 +340,14 @@ class _Tracer(TorchFunctionMode):
             self.tags[out] = (self.layer_in.get(name, _EMPTY)[0], frozenset({f"layer:{name}"}))
 
 
-def _timestep_input(named: Mapping[str, torch.Tensor | list[torch.Tensor]], main: str) -> str:
-    for name, value in named.items():
-        if name != main and "." not in name and isinstance(value, torch.Tensor) and value.dim() <= 1:
+def _timestep_input(named: Mapping[str, torch.Tensor | list[torch.Tensor]], main: str, sinusoid: set[str]) -> str:
+    """See :attr:`DataflowGraph.timestep_input`."""
+    candidates = [(n, v) for n, v in named.items() if n != main and "." not in n and isinstance(v, torch.Tensor)]
+    for name, value in candidates:
+        if value.dim() <= 1:
+            return name
+    for name, value in candidates:
+        if value.dim() == 2 and name in sinusoid:
             return name
     return ""
 
@@ -397,7 +407,7 @@ def trace_dataflow(denoiser: nn.Module, args: tuple[Any, ...], kwargs: Mapping[s
     return DataflowGraph(
         main_input=main,
         inputs={n: _input_shape(value) for n, value in named.items()},
-        timestep_input=_timestep_input(named, main),
+        timestep_input=_timestep_input(named, main, tracer.sinusoid),
         layers=flows,
         attentions=tuple(tracer.attentions),
     )

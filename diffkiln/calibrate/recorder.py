@@ -26,8 +26,9 @@ __all__ = ["Recorder", "recording"]
 
 
 def _timestep_value(value: Any) -> float | None:
+    """A call's noise level: its largest timestep (as :class:`diffkiln.nn.timestep.StepSelector` reads it)."""
     if isinstance(value, torch.Tensor) and value.numel() > 0:
-        return float(value.detach().flatten()[0])
+        return float(value.detach().amax())
     if isinstance(value, (int, float)):
         return float(value)
     return None

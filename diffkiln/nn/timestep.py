@@ -57,7 +57,9 @@ class StepSelector:
         table = self._on_device.get(device)
         if table is None:
             table = self._on_device.setdefault(device, self.timesteps.to(device))
-        self.index_tensor = torch.argmin((table - timestep.flatten()[0].to(torch.float32)).abs())
+        # The call's noise level is its largest timestep: a per-token timestep (Wan 2.2 TI2V's
+        # expand_timesteps) holds 0 for the clean conditioning frame's tokens, which come first.
+        self.index_tensor = torch.argmin((table - timestep.amax().to(torch.float32)).abs())
         self._index = None  # read from index_tensor when a kernel needs it on the host
 
     def __call__(self, _module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

@@ -71,3 +71,30 @@ def test_sequence_forms_stack_to_batch_length_width() -> None:
     ragged = sequence_tensor([torch.randn(4, 8), torch.randn(1, 8)])
     assert ragged is not None and ragged.shape == (2, 4, 8)
     assert torch.isnan(ragged[1, 1:]).all() and not torch.isnan(ragged[0]).any()
+
+
+class _TokenTimesteps(nn.Module):
+    """A 2-D mask and a per-token timestep (Wan 2.2 TI2V's), both (batch, tokens): only the
+    timestep goes through a sinusoidal embedding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj_in = nn.Linear(4, 4)
+        self.time = nn.Linear(2, 4)
+
+    def forward(self, sample: torch.Tensor, mask: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        if timestep.dim() == 1:  # one per sample: the same for each token
+            timestep = timestep[:, None].expand(-1, sample.shape[1])
+        angles = timestep[..., None] * torch.tensor([1.0, 0.5])
+        emb = self.time(torch.cat([torch.sin(angles), torch.cos(angles)], -1)[..., :2])
+        return self.proj_in(sample) * mask[..., None] + emb
+
+
+def test_a_per_token_timestep_is_the_2d_input_reaching_a_sinusoid() -> None:
+    sample, mask = torch.randn(2, 3, 4), torch.ones(2, 3)
+    timestep = torch.tensor([[0.0, 700.0, 700.0], [0.0, 700.0, 700.0]])  # the clean first frame at 0
+    graph = trace_dataflow(_TokenTimesteps(), (sample, mask, timestep), {})
+    assert graph.timestep_input == "timestep"
+    # A 1-D timestep is still taken first: no 2-D input stands in for it.
+    graph = trace_dataflow(_TokenTimesteps(), (sample, mask, torch.tensor([700.0, 700.0])), {})
+    assert graph.timestep_input == "timestep"

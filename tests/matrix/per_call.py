@@ -29,8 +29,9 @@ def per_call_sqnr(
     fp.set_progress_bar_config(disable=True)
     fp_model, q_model = getattr(fp, component), getattr(q, component)
     with recording_calls("test.record", fp_model) as calls, torch.no_grad():
-        fp(**batch_kwargs(fp, [source.sample(0)]), **call, num_inference_steps=steps, output_type="latent",
-           generator=torch.Generator().manual_seed(seed))  # fmt: skip
+        # own_media: one image as it is (Wan image-to-video takes no list of images)
+        fp(**batch_kwargs(fp, [source.sample(0)], own_media=True), **call, num_inference_steps=steps,
+           output_type="latent", generator=torch.Generator().manual_seed(seed))  # fmt: skip
     assert calls, f"the run never called the {component}"
     values = []
     for args, kwargs in calls:

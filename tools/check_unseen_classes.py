@@ -1,4 +1,4 @@
-"""Fourteen denoiser classes built outside the test matrix, and Wan 2.2's two-expert sampler, each
+"""Fifteen denoiser classes built outside the test matrix, and Wan 2.2's two-expert sampler, each
 with shapes and call arguments of its own, run through `diffkiln optimize FOLDER` with
 `--call-arg` options only, as a user would.
 
@@ -10,14 +10,14 @@ Then `diffkiln report BUNDLE` in a fresh process, which decodes: the final laten
 FP. Allegro's VAE decodes only in tiles: its report runs with `--vae-tiling`, and once without, to
 record the one-line error that names the option. Last, `diffkiln export BUNDLE --format onnx
 --denoiser-only`: the graph's dynamic axes and its check against the torch runtime, or the error.
-Twelve of the fourteen classes are in no test matrix entry (Allegro, Mochi, AnimateDiff,
-PixArt-Sigma, HunyuanVideo, CogView4, SANA, Chroma; Lumina2 and QwenImage only in
+Thirteen of the fifteen classes are in no test matrix entry (Allegro, Mochi, AnimateDiff,
+PixArt-Sigma, HunyuanVideo, CogView4, SANA, Chroma, FLUX.2 [klein]; Lumina2 and QwenImage only in
 tests/matrix/test_constructor_tensors.py, Z-Image only in tests/matrix/test_list_inputs.py,
 HiDream only in tests/matrix/test_stacked_sequences.py, at other widths); the other two
 (HunyuanDiT, Stable Audio) are built at other widths and depths. ``wan22`` is Wan2.2-T2V-A14B's
 layout: two transformers of one config, initialised independently, the second below 0.875 of the
-timesteps (tests/matrix/test_expert_split.py has a perturbed copy at 0.6). The decoder language models'
-tokenizers (Llama, GLM, Gemma 2, Qwen2.5-VL, Qwen3) are diffkiln's word-level stand-in
+timesteps (tests/matrix/test_expert_split.py has a perturbed copy at 0.6). The decoder language
+models' tokenizers (Llama, GLM, Gemma 2, Qwen2.5-VL, Qwen3) are diffkiln's word-level stand-in
 (`lm_tokenizer`).
 ``--only`` runs some classes; ``--out`` keeps the other classes' rows of an earlier run.
 
@@ -44,6 +44,7 @@ from diffusers import (
     AutoencoderDC,
     AutoencoderKL,
     AutoencoderKLAllegro,
+    AutoencoderKLFlux2,
     AutoencoderKLHunyuanVideo,
     AutoencoderKLMochi,
     AutoencoderKLQwenImage,
@@ -55,6 +56,8 @@ from diffusers import (
     DDIMScheduler,
     EDMDPMSolverMultistepScheduler,
     FlowMatchEulerDiscreteScheduler,
+    Flux2KleinPipeline,
+    Flux2Transformer2DModel,
     HiDreamImagePipeline,
     HiDreamImageTransformer2DModel,
     HunyuanDiT2DModel,
@@ -98,6 +101,7 @@ from transformers import (
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen3Config,
+    Qwen3ForCausalLM,
     Qwen3Model,
 )
 
@@ -563,6 +567,26 @@ def chroma(scratch: Path) -> Any:
                           tokenizer=tok, transformer=transformer)  # fmt: skip
 
 
+def flux2_klein(scratch: Path) -> Any:
+    """FLUX.2 [klein]: FLUX.2's transformer (shared modulation for all double- and single-stream
+    blocks, four rotary axes, no guidance embedding when not distilled), its patchifying VAE, and a
+    Qwen3 read at three hidden layers stacked into the text width."""
+    tok = lm_tokenizer()
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    transformer = Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=3 * 24,
+                                          timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4),
+                                          guidance_embeds=False)  # fmt: skip
+    vae = AutoencoderKLFlux2(block_out_channels=(16, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                             up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
+                             norm_num_groups=8, sample_size=32, patch_size=(2, 2))  # fmt: skip
+    config = Qwen3Config(hidden_size=24, intermediate_size=32, num_hidden_layers=4, num_attention_heads=2,
+                         num_key_value_heads=2, head_dim=12, vocab_size=len(tok))  # fmt: skip
+    return Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, tokenizer=tok,
+                              text_encoder=Qwen3ForCausalLM(config), transformer=transformer,
+                              is_distilled=False)  # fmt: skip
+
+
 def wan22(scratch: Path) -> Any:
     """Wan 2.2 text-to-video as A14B is laid out: a high-noise and a low-noise transformer of one
     config, initialised independently, switched at boundary_ratio 0.875 (its released value)."""
@@ -598,6 +622,9 @@ CLASSES: dict[str, tuple[Callable[[Path], Any], dict[str, Any]]] = {
     # non-square one is padded to max_resolution's patch count, which this toy keeps small.
     "hidream": (hidream, {"height": 32, "width": 32, "max_sequence_length": 16}),
     "chroma": (chroma, {"height": 32, "width": 48, "max_sequence_length": 16}),
+    # The Qwen3 layers FLUX.2 [klein] stacks (9, 18, 27 in the released model, which has 36).
+    "flux2-klein": (flux2_klein, {"height": 32, "width": 48, "max_sequence_length": 16,
+                                  "text_encoder_out_layers": [1, 2, 3]}),
     # guidance_scale_2: the low-noise expert's own guidance, as Wan 2.2's pipeline takes it.
     "wan22": (wan22, {"height": 16, "width": 32, "num_frames": 5, "max_sequence_length": 16, "guidance_scale_2": 3.0}),
 }

@@ -1,4 +1,4 @@
-"""Fifteen denoiser classes built outside the test matrix, and Wan 2.2's two-expert sampler, each
+"""Sixteen denoiser classes built outside the test matrix, and Wan 2.2's two-expert sampler, each
 with shapes and call arguments of its own, run through `diffkiln optimize FOLDER` with
 `--call-arg` options only, as a user would.
 
@@ -10,15 +10,15 @@ Then `diffkiln report BUNDLE` in a fresh process, which decodes: the final laten
 FP. Allegro's VAE decodes only in tiles: its report runs with `--vae-tiling`, and once without, to
 record the one-line error that names the option. Last, `diffkiln export BUNDLE --format onnx
 --denoiser-only`: the graph's dynamic axes and its check against the torch runtime, or the error.
-Thirteen of the fifteen classes are in no test matrix entry (Allegro, Mochi, AnimateDiff,
-PixArt-Sigma, HunyuanVideo, CogView4, SANA, Chroma, FLUX.2 [klein]; Lumina2 and QwenImage only in
-tests/matrix/test_constructor_tensors.py, Z-Image only in tests/matrix/test_list_inputs.py,
-HiDream only in tests/matrix/test_stacked_sequences.py, at other widths); the other two
-(HunyuanDiT, Stable Audio) are built at other widths and depths. ``wan22`` is Wan2.2-T2V-A14B's
-layout: two transformers of one config, initialised independently, the second below 0.875 of the
-timesteps (tests/matrix/test_expert_split.py has a perturbed copy at 0.6). The decoder language
-models' tokenizers (Llama, GLM, Gemma 2, Qwen2.5-VL, Qwen3) are diffkiln's word-level stand-in
-(`lm_tokenizer`).
+Fourteen of the sixteen classes are in no test matrix entry (Allegro, Mochi, AnimateDiff,
+PixArt-Sigma, HunyuanVideo, CogView4, SANA, Chroma, FLUX.2 [klein], SkyReels-V2 diffusion forcing;
+Lumina2 and QwenImage only in tests/matrix/test_constructor_tensors.py, Z-Image only in
+tests/matrix/test_list_inputs.py, HiDream only in tests/matrix/test_stacked_sequences.py, at other
+widths); the other two (HunyuanDiT, Stable Audio) are built at other widths and depths. ``wan22``
+is Wan2.2-T2V-A14B's layout: two transformers of one config, initialised independently, the second
+below 0.875 of the timesteps (tests/matrix/test_expert_split.py has a perturbed copy at 0.6). The
+decoder language models' tokenizers (Llama, GLM, Gemma 2, Qwen2.5-VL, Qwen3) are diffkiln's
+word-level stand-in (`lm_tokenizer`).
 ``--only`` runs some classes; ``--out`` keeps the other classes' rows of an earlier run.
 
 Usage:
@@ -48,6 +48,7 @@ from diffusers import (
     AutoencoderKLHunyuanVideo,
     AutoencoderKLMochi,
     AutoencoderKLQwenImage,
+    AutoencoderKLWan,
     AutoencoderOobleck,
     ChromaPipeline,
     ChromaTransformer2DModel,
@@ -75,9 +76,12 @@ from diffusers import (
     QwenImageTransformer2DModel,
     SanaPipeline,
     SanaTransformer2DModel,
+    SkyReelsV2DiffusionForcingPipeline,
+    SkyReelsV2Transformer3DModel,
     StableAudioDiTModel,
     StableAudioPipeline,
     UNet2DConditionModel,
+    UniPCMultistepScheduler,
     WanPipeline,
     WanTransformer3DModel,
     ZImagePipeline,
@@ -587,6 +591,21 @@ def flux2_klein(scratch: Path) -> Any:
                               is_distilled=False)  # fmt: skip
 
 
+def skyreels_df(scratch: Path) -> Any:
+    """SkyReels-V2 diffusion forcing: a Wan-style transformer whose timestep is one per latent frame,
+    frames at different noise levels in one call (``ar_step`` > 0: asynchronous, later frames
+    noisier), with UniPC on flow sigmas."""
+    tok = t5_tokenizer(scratch / "tokenizer")
+    transformer = SkyReelsV2Transformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                               in_channels=16, out_channels=16, text_dim=32, freq_dim=32, ffn_dim=32,
+                                               num_layers=2, rope_max_seq_len=32)  # fmt: skip
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])  # fmt: skip
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=8.0)
+    return SkyReelsV2DiffusionForcingPipeline(tokenizer=tok, text_encoder=t5_encoder(tok, 32, umt5=True), vae=vae,
+                                              transformer=transformer, scheduler=scheduler)  # fmt: skip
+
+
 def wan22(scratch: Path) -> Any:
     """Wan 2.2 text-to-video as A14B is laid out: a high-noise and a low-noise transformer of one
     config, initialised independently, switched at boundary_ratio 0.875 (its released value)."""
@@ -625,6 +644,8 @@ CLASSES: dict[str, tuple[Callable[[Path], Any], dict[str, Any]]] = {
     # The Qwen3 layers FLUX.2 [klein] stacks (9, 18, 27 in the released model, which has 36).
     "flux2-klein": (flux2_klein, {"height": 32, "width": 48, "max_sequence_length": 16,
                                   "text_encoder_out_layers": [1, 2, 3]}),
+    "skyreels-df": (skyreels_df, {"height": 16, "width": 16, "num_frames": 9, "max_sequence_length": 16, "ar_step": 1,
+                                  "causal_block_size": 1}),
     # guidance_scale_2: the low-noise expert's own guidance, as Wan 2.2's pipeline takes it.
     "wan22": (wan22, {"height": 16, "width": 32, "num_frames": 5, "max_sequence_length": 16, "guidance_scale_2": 3.0}),
 }

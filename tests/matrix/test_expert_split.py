@@ -36,6 +36,9 @@ STEPS = 4  # with boundary_ratio 0.6: two steps on transformer, two on transform
 # Per-call SQNR of each W8A8 expert against its FP self on a held-out prompt: measured 29.9 to 39.0
 # dB (transformer) and 39.4 to 39.9 dB (transformer_2).
 MIN_CALL_SQNR_DB = 20.0
+# The mixed recipe at 6 average weight bits (2- to 8-bit layers): measured 22.4 to 23.4 dB
+# (transformer) and 13.9 to 14.4 dB (transformer_2, more of its layers at 2 bits).
+MIN_MIXED_CALL_SQNR_DB = 10.0
 # MindIE-SD's float16 layers (the loader contract) against diffkiln's float32 runtime, per call:
 # measured 53.9 to 61.0 dB over both experts. A wrong layout or cast measures below 15 dB.
 MIN_MINDIESD_SQNR_DB = 40.0
@@ -208,3 +211,21 @@ def test_a_cache_schedule_for_a_denoiser_with_experts_is_refused_up_front(
     err = capsys.readouterr().err
     assert "transformer runs only some of the sampler steps and transformer_2 the others" in err, err
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.slow
+def test_the_mixed_recipe_allocates_each_expert_on_its_own(built: tuple[Path, Path], tmp_path: Path) -> None:
+    from diffkiln.api import OptimizeConfig, optimize
+    from diffkiln.optimizer import MixedConfig
+
+    config = OptimizeConfig(out=tmp_path / "b", recipe=MixedConfig(avg_weight_bits=6.0), calib_size=2, steps=STEPS,
+                            progress=False, call_kwargs=tuple(CALL.items()), cache_dir=tmp_path / "c")  # fmt: skip
+    bundle = optimize(str(built[0]), config)
+    manifest = _manifest((built[0], bundle))
+    for quant in (manifest["quant"], manifest["experts"]["transformer_2"]["quant"]):
+        assert quant["recipe"] == "mixed" and quant["avg_weight_bits"] <= 6.0 + 1e-6
+        assert {info["bits"] for info in quant["layers"].values()} & {2, 3, 4}  # packed low-bit layers in each
+    fp, q = load_pipeline(str(built[0])), load(bundle, device="cpu")
+    for component in ("transformer", "transformer_2"):
+        sqnr = per_call_sqnr(fp, q, CALL, steps=STEPS, component=component)
+        assert min(sqnr) >= MIN_MIXED_CALL_SQNR_DB, (component, sqnr)

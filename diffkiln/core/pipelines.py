@@ -177,7 +177,6 @@ def denoiser_by_calls(pipe: Any, run: Callable[[int], Any]) -> DenoiserChoice:
             f"none of {sorted(candidates)} is called once more per extra sampler step; name it with --denoiser"
         )
     calls = ", ".join(f"{n} {counts[2][n]} -> {counts[3][n]}" for n in sorted(candidates))
-    evidence = f"the model called at every sampler step (calls at 2 -> 3 steps: {calls})"
     # Another model the sampler loop runs: one that also grows with the steps (a ControlNet), or
     # one of the denoiser's own class called at all (an expert for other noise levels, as Wan
     # 2.2's transformer_2, which runs only below a boundary step). Experts are quantized too, each
@@ -185,6 +184,10 @@ def denoiser_by_calls(pipe: Any, run: Callable[[int], Any]) -> DenoiserChoice:
     others = sorted(n for n in candidates if n != chosen and (growth[n] > 0 or (
         type(candidates[n]) is type(candidates[chosen]) and counts[2][n] + counts[3][n] > 0)))  # fmt: skip
     experts = tuple(n for n in others if type(candidates[n]) is type(candidates[chosen]))
+    # An expert split (Wan 2.2) calls each expert at only some of the steps: the denoiser is the one
+    # whose calls grow most.
+    who = "whose calls grow most with the sampler's steps" if experts else "called at every sampler step"
+    evidence = f"the model {who} (calls at 2 -> 3 steps: {calls})"
     if experts:
         evidence += f"; experts of its class run in the sampler loop too, each quantized: {', '.join(experts)}"
     floating = [n for n in others if n not in experts]

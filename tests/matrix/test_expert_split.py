@@ -66,6 +66,7 @@ def test_both_experts_are_quantized_each_from_its_own_calibration(built: tuple[P
     assert expert["denoiser_class"] == manifest["pipeline"]["denoiser_class"]
     assert set(expert["quant"]["layers"]) == set(manifest["quant"]["layers"]) and manifest["quant"]["layers"]
     evidence = manifest["plan"]["notes"]["calibration"]["denoiser_evidence"]
+    assert evidence.startswith("the model whose calls grow most with the sampler's steps"), evidence
     assert evidence.endswith("experts of its class run in the sampler loop too, each quantized: transformer_2")
     # Own calibration: the expert's activation scales are not the first expert's.
     main_t = load_file(str(built[1] / manifest["quant"]["weights_file"]))

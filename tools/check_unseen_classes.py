@@ -16,7 +16,8 @@ Lumina2 and QwenImage only in tests/matrix/test_constructor_tensors.py, Z-Image 
 tests/matrix/test_list_inputs.py, HiDream only in tests/matrix/test_stacked_sequences.py, at other
 widths); the other two (HunyuanDiT, Stable Audio) are built at other widths and depths. ``wan22``
 is Wan2.2-T2V-A14B's layout: two transformers of one config, initialised independently, the second
-below 0.875 of the timesteps (tests/matrix/test_expert_split.py has a perturbed copy at 0.6). The
+below 0.875 of the timesteps (tests/matrix/test_expert_split.py has a perturbed copy at 0.6);
+``wan22-i2v`` is Wan2.2-I2V-A14B's, with an input image and the boundary at 0.9. The
 decoder language models' tokenizers (Llama, GLM, Gemma 2, Qwen2.5-VL, Qwen3) are diffkiln's
 word-level stand-in (`lm_tokenizer`).
 ``--only`` runs some classes; ``--out`` keeps the other classes' rows of an earlier run.
@@ -82,6 +83,7 @@ from diffusers import (
     StableAudioPipeline,
     UNet2DConditionModel,
     UniPCMultistepScheduler,
+    WanImageToVideoPipeline,
     WanPipeline,
     WanTransformer3DModel,
     ZImagePipeline,
@@ -617,6 +619,23 @@ def wan22(scratch: Path) -> Any:
                        boundary_ratio=0.875)  # fmt: skip
 
 
+def wan22_i2v(scratch: Path) -> Any:
+    """Wan 2.2 image-to-video as I2V-A14B is laid out: two experts of one config taking the noise,
+    the first-frame mask and the image's latents (36 channels), no image encoder, switched at
+    boundary ratio 0.9."""
+    tok = t5_tokenizer(scratch / "tokenizer")
+    experts = [WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                     in_channels=36, out_channels=16, text_dim=32, freq_dim=32, ffn_dim=32,
+                                     num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                     rope_max_seq_len=32) for _ in range(2)]  # fmt: skip
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])  # fmt: skip
+    return WanImageToVideoPipeline(tokenizer=tok, text_encoder=t5_encoder(tok, 32, umt5=True), vae=vae,
+                                   scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0), image_processor=None,
+                                   image_encoder=None, transformer=experts[0], transformer_2=experts[1],
+                                   boundary_ratio=0.9)  # fmt: skip
+
+
 CLASSES: dict[str, tuple[Callable[[Path], Any], dict[str, Any]]] = {
     "hunyuan-dit": (hunyuan, {"height": 64, "width": 48, "use_resolution_binning": False}),
     "allegro": (
@@ -648,6 +667,7 @@ CLASSES: dict[str, tuple[Callable[[Path], Any], dict[str, Any]]] = {
                                   "causal_block_size": 1}),
     # guidance_scale_2: the low-noise expert's own guidance, as Wan 2.2's pipeline takes it.
     "wan22": (wan22, {"height": 16, "width": 32, "num_frames": 5, "max_sequence_length": 16, "guidance_scale_2": 3.0}),
+    "wan22-i2v": (wan22_i2v, {"height": 16, "width": 16, "num_frames": 5, "max_sequence_length": 16}),
 }
 
 
@@ -664,7 +684,7 @@ def _per_call(folder: Path, bundle: Path, call_kwargs: dict[str, Any], name: str
     fp.set_progress_bar_config(disable=True)
     with recording_calls("check.record", fp_den) as calls, torch.no_grad():
         fp(
-            **batch_kwargs(fp, [source.sample(0)]),
+            **batch_kwargs(fp, [source.sample(0)], own_media=True),  # one image as it is (Wan image-to-video)
             **call_kwargs,
             num_inference_steps=3,
             output_type="latent",

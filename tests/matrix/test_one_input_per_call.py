@@ -21,8 +21,9 @@ from diffusers import (
 from PIL import Image
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from diffkiln.api import OptimizeConfig, optimize
+from diffkiln.api import OptimizeConfig, convert, optimize
 from diffkiln.calibrate.sources import takes_one_input_per_call
+from diffkiln.export.onnx import OnnxExportConfig
 from diffkiln.generation import GenerateConfig, generate, load_pipeline
 from diffkiln.report import ReportConfig, report
 from diffkiln.zoo.architectures.components import t5_encoder, t5_tokenizer
@@ -89,6 +90,11 @@ def test_a_bundle_is_calibrated_generated_and_measured_against_fp(folder: Path, 
     data = json.loads(json_path.read_text())
     print(f"wan image-to-video W8A8: latent SQNR {data['fidelity']['latent_sqnr_db']:.1f} dB")
     assert data["fidelity"]["latent_sqnr_db"] >= MIN_LATENT_SQNR_DB
+    # The ONNX check's second shape: two images in one call are refused, so the size alone varies.
+    out = convert(bundle, OnnxExportConfig(tmp_path / "onnx", components=False, progress=False))
+    entry = json.loads((out / "manifest.json").read_text())["components"]["transformer"]
+    assert entry["dynamic"] and entry["dynamic_axes"]["hidden_states"] == [3, 4], entry["dynamic_axes"]
+    assert 0 in entry["unverified_axes"]["hidden_states"] and entry["check"]["ok"], entry
 
 
 def _video_to_video(scratch: Path) -> VideoToVideoSDPipeline:

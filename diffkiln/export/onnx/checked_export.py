@@ -109,16 +109,24 @@ def _second_call(
     model = getattr(pipe, component.name)  # the denoiser, or an expert of its class
     overrides = {} if batch_only else second_shape(pipe, manifest, dict(config.check_call_kwargs))
     recorded = set(component.example) - set(component.int_inputs)
-    try:
-        for batch in (2, 1):
+    found: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None
+    failed = ""
+    for batch in (2, 1):
+        try:
             call = bundle_call(pipe, manifest, config.prompt, batch=batch, overrides=overrides)
-            tensors, options = flatten_kwargs(bind_call(model, *capture_call(pipe, model, call)))
-            # A denoiser taking per-sample lists (Z-Image) has an input per sample: another batch
-            # is another graph, so the second shape keeps the recorded batch and varies the size.
-            if set(tensors) == recorded or batch_only:
-                break
-    except Exception as exc:  # a pipeline raises its own types at a size it does not take
-        return f"the call at a second shape failed: {type(exc).__name__}: {exc}"[:400]
+            found = flatten_kwargs(bind_call(model, *capture_call(pipe, model, call)))
+        except Exception as exc:  # a pipeline raises its own types at a size it does not take
+            # Then at batch 1: a pipeline that takes one image per call (Wan image-to-video)
+            # refuses two, and the size alone can still vary.
+            failed = failed or f"{type(exc).__name__}: {exc}"
+            continue
+        # A denoiser taking per-sample lists (Z-Image) has an input per sample: another batch
+        # is another graph, so the second shape keeps the recorded batch and varies the size.
+        if set(found[0]) == recorded or batch_only:
+            break
+    if found is None:
+        return f"the call at a second shape failed: {failed}"[:400]
+    tensors, options = found
     changed = {k: (component.options.get(k), options.get(k)) for k in {*options, *component.options}
                if options.get(k) != component.options.get(k)}  # fmt: skip
     if not changed:

@@ -40,12 +40,13 @@ def text_layers(graph: DataflowGraph) -> set[str]:
     return {n for n, f in graph.layers.items() if f.deps and set(f.deps) <= seq and len(f.input_shape) == 3}
 
 
-def _non_finite(layer: str, where: str, step: int, values: torch.Tensor) -> str:
+def _non_finite(layer: str, where: str, step: int, values: torch.Tensor, component: str = "") -> str:
     nan, inf = int(torch.isnan(values).sum()), int(torch.isinf(values).sum())
     finite = values[torch.isfinite(values)]
     peak = f"{float(finite.abs().max()):.3g}" if finite.numel() else "none"
+    of = f" of {component}" if component else ""  # which expert, where a sampler runs several (Wan 2.2)
     return (
-        f"calibration: layer {layer}'s {where} at step {step} holds {nan} NaN and {inf} infinite values (largest "
+        f"calibration{of}: layer {layer}'s {where} at step {step} holds {nan} NaN and {inf} infinite values (largest "
         f"finite magnitude {peak}): the model overflows float32 there. Check that layer's weights and the layers "
         "feeding it (a checkpoint loaded in the wrong dtype or scale), or the pipeline's inputs"
     )
@@ -59,10 +60,12 @@ class Recorder:
             that read text).
         samples_per_step: activation values kept per (layer, step).
         seed: sampling seed.
+        component: the pipeline component recorded, named in errors ("" for a bare module).
     """
 
-    def __init__(self, graph: DataflowGraph, samples_per_step: int, seed: int) -> None:
+    def __init__(self, graph: DataflowGraph, samples_per_step: int, seed: int, component: str = "") -> None:
         self.graph = graph
+        self.component = component
         self.samples = samples_per_step
         self.seed = seed
         self.gen = torch.Generator()
@@ -140,7 +143,7 @@ class Recorder:
                 a["rows"] = (tag, x[0].cpu().clone())  # the first call's: the earliest tag
         mn, mx = float(flat.min()), float(flat.max())
         if not (math.isfinite(mn) and math.isfinite(mx)):
-            raise NonFiniteError(_non_finite(name, "input", t, flat))
+            raise NonFiniteError(_non_finite(name, "input", t, flat, self.component))
         cab = x.abs().amax(dim=dims).cpu()
         a["min"][t] = min(mn, a["min"].get(t, mn))
         a["max"][t] = max(mx, a["max"].get(t, mx))
@@ -151,7 +154,7 @@ class Recorder:
             oidx = torch.randint(0, y.numel(), (self.samples,), generator=self.out_gen)
             omn, omx = float(y.min()), float(y.max())
             if not (math.isfinite(omn) and math.isfinite(omx)):
-                raise NonFiniteError(_non_finite(name, "output", t, y))
+                raise NonFiniteError(_non_finite(name, "output", t, y, self.component))
             a["out_min"][t] = min(omn, a["out_min"].get(t, omn))
             a["out_max"][t] = max(omx, a["out_max"].get(t, omx))
             a["out_samples"].setdefault(t, []).append((tag, y[oidx.to(y.device)].cpu()))

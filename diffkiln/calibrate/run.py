@@ -186,7 +186,7 @@ def _run_pipeline(pipe: Any, source: CallSource, config: CalibrationConfig, mode
         stacked = {k: sequence_tensor(bound.get(k), batch) for k in graph.sequence_inputs}
         probes = {k: t.detach().float().cpu() for k, t in stacked.items() if t is not None}
     rank, world = rank_world()
-    rec = Recorder(graph, config.samples_per_step, config.seed)
+    rec = Recorder(graph, config.samples_per_step, config.seed, choice.name)
     # The cache and attention proxies come from the first batch, which rank 0 runs.
     cache_rec = CacheRecorder(find_blocks(denoiser, args, kwargs), config.seed) if config.cache_stats else None
     attn_rec = AttentionRecorder(config.attention_block) if config.attention_stats else None

@@ -276,15 +276,17 @@ def _expert_plans(
     prep: Prepared, plan: Plan, config: OptimizeConfig, context: SearchContext
 ) -> list[tuple[Plan, CalibrationStats]]:
     """A plan for each expert of the denoiser's class the sampler also runs (Wan 2.2's
-    ``transformer_2``), each from a calibration of its own with the same settings: an expert sees
-    other noise levels, so its ranges and sensitivities are its own. (Calibration refuses a cache
+    ``transformer_2``), each from statistics of its own with the same settings: an expert sees
+    other noise levels, so its ranges and sensitivities are its own. The denoiser's calibration run
+    recorded them and cached each as its own (:func:`diffkiln.calibrate.calibrate`), so this reads
+    them back. (Calibration refuses a cache
     schedule or sparse masks for a denoiser with experts: it runs at only some of the steps.)"""
     if not prep.stats.experts or prep.calibration is None:
         return []
     out = []
     for name in prep.stats.experts:
         stats = calibrate(prep.pipe, dataclasses.replace(prep.calibration, denoiser=name))
-        evidence = f"an expert of {plan.denoiser}'s class that the sampler runs at other steps; calibrated on its own"
+        evidence = f"an expert of {plan.denoiser}'s class that the sampler runs at other steps (statistics of its own)"
         stats = dataclasses.replace(stats, settings={**stats.settings, "denoiser_evidence": evidence})
         expert = make_plan(prep.pipe, stats, config.resolved_recipe(), context)
         out.append((expert, stats))

@@ -18,7 +18,9 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -52,6 +54,7 @@ from diffkiln.core.distributed import all_gather_objects, rank_world
 from diffkiln.core.errors import InvalidInputError
 from diffkiln.core.hooks import scoped_hooks
 from diffkiln.core.pipelines import (
+    DenoiserChoice,
     accepted_call_kwargs,
     choose_denoiser,
     denoiser_by_calls,
@@ -143,7 +146,46 @@ def _bos(graph: DataflowGraph, sequences: dict[str, torch.Tensor], probes: dict[
     return out
 
 
-def _run_pipeline(pipe: Any, source: CallSource, config: CalibrationConfig, model_hash: str) -> CalibrationStats:
+@dataclass
+class _Subject:
+    """One model recorded in a pipeline run: the denoiser, or an expert of its class."""
+
+    choice: DenoiserChoice
+    graph: DataflowGraph
+    probes: dict[str, torch.Tensor]
+    rec: Recorder
+    config: CalibrationConfig  # the settings its statistics record (an expert's name its own denoiser)
+
+
+def _subject(
+    choice: DenoiserChoice, config: CalibrationConfig, source: CallSource, first_batch: list[dict[str, Any]],
+    call: Callable[..., Any], hints: Callable[[], Any],
+) -> tuple[_Subject, tuple[Any, ...], dict[str, Any]]:
+    """Trace ``choice``'s model at its first call and set up its recorder (and BOS probes); also
+    that first call's arguments."""
+    module = choice.module
+    args, kwargs = _capture_first_call(module, lambda: call(first_batch, config.seed))
+    # The capture stops before the model runs: its first run is the trace's, which names a
+    # failure in the model's code (a size the model cannot take) as a pipeline call does.
+    with hints():
+        graph = trace_dataflow(module, args, kwargs)
+    probes: dict[str, torch.Tensor] = {}
+    if config.bos_probe and isinstance(source, PromptSource) and graph.sequence_inputs:
+        probe_samples = [{**first_batch[0], "prompt": p} for p in PROBE_PROMPTS]
+        pargs, pkwargs = _capture_first_call(module, lambda: call(probe_samples, config.seed))
+        bound = bind_call(module, pargs, pkwargs)
+        batch = batch_size(bound.get(graph.main_input))
+        stacked = {k: sequence_tensor(bound.get(k), batch) for k in graph.sequence_inputs}
+        probes = {k: t.detach().float().cpu() for k, t in stacked.items() if t is not None}
+    rec = Recorder(graph, config.samples_per_step, config.seed, choice.name)
+    return _Subject(choice, graph, probes, rec, config), args, kwargs
+
+
+def _run_pipeline(
+    pipe: Any, source: CallSource, config: CalibrationConfig, model_hash: str
+) -> list[CalibrationStats]:
+    """The denoiser's statistics and, where the sampler runs experts of its class (Wan 2.2's
+    ``transformer_2``), each expert's, recorded in the same calls (as each would be alone)."""
     common = pipeline_call_kwargs(pipe, config)
     pipe.set_progress_bar_config(disable=True)
     n = len(source)
@@ -172,21 +214,16 @@ def _run_pipeline(pipe: Any, source: CallSource, config: CalibrationConfig, mode
             "step: build without --cache-budget and --attn-density"
         )
     denoiser = choice.module
-    args, kwargs = _capture_first_call(denoiser, lambda: call(first_batch, config.seed))
-    # The capture stops before the denoiser runs: its first run is the trace's, which names a
-    # failure in the model's code (a size the model cannot take) as a pipeline call does.
-    with pipeline_call_hints(pipe, first_batch, config.steps or 0, common):
-        graph = trace_dataflow(denoiser, args, kwargs)
-    probes: dict[str, torch.Tensor] = {}
-    if config.bos_probe and isinstance(source, PromptSource) and graph.sequence_inputs:
-        probe_samples = [{**first_batch[0], "prompt": p} for p in PROBE_PROMPTS]
-        pargs, pkwargs = _capture_first_call(denoiser, lambda: call(probe_samples, config.seed))
-        bound = bind_call(denoiser, pargs, pkwargs)
-        batch = batch_size(bound.get(graph.main_input))
-        stacked = {k: sequence_tensor(bound.get(k), batch) for k in graph.sequence_inputs}
-        probes = {k: t.detach().float().cpu() for k, t in stacked.items() if t is not None}
+
+    def hints() -> Any:
+        return pipeline_call_hints(pipe, first_batch, config.steps or 0, common)
+
+    main, args, kwargs = _subject(choice, config, source, first_batch, call, hints)
+    subjects = [main] + [
+        _subject(choose_denoiser(pipe, name), replace(config, denoiser=name), source, first_batch, call, hints)[0]
+        for name in choice.experts
+    ]
     rank, world = rank_world()
-    rec = Recorder(graph, config.samples_per_step, config.seed, choice.name)
     # The cache and attention proxies come from the first batch, which rank 0 runs.
     cache_rec = CacheRecorder(find_blocks(denoiser, args, kwargs), config.seed) if config.cache_stats else None
     attn_rec = AttentionRecorder(config.attention_block) if config.attention_stats else None
@@ -199,14 +236,17 @@ def _run_pipeline(pipe: Any, source: CallSource, config: CalibrationConfig, mode
     bar = tqdm(total=total * config.steps, desc="calibration", unit="sample-step", disable=not config.progress)
     with (
         bar,  # closed on a failure too, so that an error line starts a line of its own
-        recording(denoiser, rec),
+        ExitStack() as recordings,
         _maybe_cache_recording(denoiser, cache_rec),
         _maybe_attention_recording(denoiser, attn_rec),
         torch.no_grad(),
     ):
+        for subject in subjects:
+            recordings.enter_context(recording(subject.choice.module, subject.rec))
         for start in mine:
             samples = [source.sample(i) for i in range(start, min(start + config.batch_size, n))]
-            rec.start_call(start // config.batch_size)
+            for subject in subjects:
+                subject.rec.start_call(start // config.batch_size)
 
             size = [len(samples)]  # samples in the running call (one, for a pipeline that takes one input per call)
 
@@ -236,26 +276,31 @@ def _run_pipeline(pipe: Any, source: CallSource, config: CalibrationConfig, mode
 
             attention = attn_rec.finish(steps_run, find_token_grids(denoiser, noise_only))
     if world > 1:  # every rank takes in every rank's batches; rank 0's proxies
-        gathered = all_gather_objects((rec.state(), cache, attention))
-        rec.merge([g[0] for g in gathered])
+        gathered = all_gather_objects(([sub.rec.state() for sub in subjects], cache, attention))
+        for i, subject in enumerate(subjects):
+            subject.rec.merge([g[0][i] for g in gathered])
         cache, attention = gathered[0][1], gathered[0][2]
-    if rec.calls == 0:
-        name = choice.name or "the denoiser"
-        raise InvalidInputError(f"the sampler never called {name}; name the denoiser with --denoiser")
-    sequences = rec.sequence_tensors()
-    return CalibrationStats(
-        layers=rec.finish(),
-        timesteps=rec.timesteps,
-        model_hash=model_hash,
-        settings={**config.key_fields(), "source": source.describe(), "denoiser_evidence": choice.evidence,
-                  "experts": list(choice.experts)},
-        sequences=sequences,
-        graph=graph,
-        bos=_bos(graph, sequences, probes),
-        denoiser=choice.name,
-        cache=cache,
-        attention=attention,
-    )
+    out = []
+    for subject in subjects:
+        if subject.rec.calls == 0:
+            name = subject.choice.name or "the denoiser"
+            raise InvalidInputError(f"the sampler never called {name}; name the denoiser with --denoiser")
+        sequences = subject.rec.sequence_tensors()
+        main_one = subject is main
+        out.append(CalibrationStats(
+            layers=subject.rec.finish(),
+            timesteps=subject.rec.timesteps,
+            model_hash=model_hash,
+            settings={**subject.config.key_fields(), "source": source.describe(),
+                      "denoiser_evidence": subject.choice.evidence, "experts": list(subject.choice.experts)},
+            sequences=sequences,
+            graph=subject.graph,
+            bos=_bos(subject.graph, sequences, subject.probes),
+            denoiser=subject.choice.name,
+            cache=cache if main_one else None,
+            attention=attention if main_one else None,
+        ))  # fmt: skip
+    return out
 
 
 @contextmanager
@@ -353,14 +398,26 @@ def calibrate(
         config.inputs,
     )
     model_hash = pipeline_weight_hash(target)
-    key_data = {"model": model_hash, **config.key_fields(), "source": source.describe()}
-    key = hashlib.sha256(json.dumps(key_data, sort_keys=True, default=str).encode()).hexdigest()[:32]
-    cache_path = config.cache_dir / f"calib-{key}.safetensors" if config.cache_dir else None
+    cache_path = _cache_path(config, model_hash, source)
     # Under torch.distributed the ranks agree: all read the cache, or all run (each its share of
     # the batches) and rank 0 writes it.
     if cache_path is not None and all(all_gather_objects(cache_path.is_file())):
         return CalibrationStats.load(cache_path)
-    stats = _run_pipeline(target, source, config, model_hash)
-    if cache_path is not None and rank_world()[0] == 0:
-        stats.save(cache_path)
+    recorded = _run_pipeline(target, source, config, model_hash)
+    stats = recorded[0]
+    if config.cache_dir is not None and rank_world()[0] == 0:
+        # The experts recorded in the same run are cached as a calibration of each alone would be:
+        # ``calibrate`` with ``denoiser=`` an expert then reads them instead of running again.
+        for one in recorded:
+            path = _cache_path(replace(config, denoiser=one.denoiser) if one is not stats else config, model_hash,
+                               source)  # fmt: skip
+            if path is not None:
+                one.save(path)
     return stats
+
+
+def _cache_path(config: CalibrationConfig, model_hash: str, source: CallSource) -> Path | None:
+    """Where the statistics of ``config`` on these weights and inputs are cached; None without a cache."""
+    key_data = {"model": model_hash, **config.key_fields(), "source": source.describe()}
+    key = hashlib.sha256(json.dumps(key_data, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    return config.cache_dir / f"calib-{key}.safetensors" if config.cache_dir else None

@@ -1,9 +1,10 @@
 """A pipeline whose sampler runs two models of one class at different steps: Wan 2.2's experts,
 ``transformer`` above a boundary timestep and ``transformer_2`` below it. Both are quantized, each
-from a calibration of its own (an expert sees only its own noise levels), stored side by side in
-one bundle (format version 9), loaded, saved and inspected together. The ONNX export writes a
-graph per expert, which the onnxruntime backend runs; the MindIE-SD export a description and
-weights file per expert, which MindIE-SD's loader (re-implemented from its source) takes."""
+from statistics of its own (an expert sees only its own noise levels; one calibration run records
+both), stored side by side in one bundle (format version 9), loaded, saved and inspected together.
+The ONNX export writes a graph per expert, which the onnxruntime backend runs; the MindIE-SD export
+a description and weights file per expert, which MindIE-SD's loader (re-implemented from its
+source) takes."""
 
 from __future__ import annotations
 
@@ -230,3 +231,28 @@ def test_the_mixed_recipe_allocates_each_expert_on_its_own(built: tuple[Path, Pa
     for component in ("transformer", "transformer_2"):
         sqnr = per_call_sqnr(fp, q, CALL, steps=STEPS, component=component)
         assert min(sqnr) >= MIN_MIXED_CALL_SQNR_DB, (component, sqnr)
+
+
+def test_the_experts_are_recorded_in_the_denoisers_calibration_run(built: tuple[Path, Path], tmp_path: Path) -> None:
+    # One pipeline run records every expert, and caches each as a calibration of it alone would be:
+    # the expert's own calibration then reads that file, and equals a run of its own.
+    from dataclasses import replace
+
+    from diffkiln.calibrate import CalibrationConfig, calibrate
+
+    pipe = load_pipeline(str(built[0]))
+    config = CalibrationConfig(("a red fox", "a blue bird"), steps=STEPS, call_kwargs=tuple(CALL.items()),
+                               cache_dir=tmp_path / "joint", progress=False)  # fmt: skip
+    stats = calibrate(pipe, config)
+    assert stats.denoiser == "transformer" and stats.experts == ("transformer_2",)
+    assert len(list((tmp_path / "joint").glob("calib-*.safetensors"))) == 2
+    cached = calibrate(pipe, replace(config, denoiser="transformer_2"))
+    assert len(list((tmp_path / "joint").glob("calib-*.safetensors"))) == 2  # read, not recomputed
+    alone = calibrate(pipe, replace(config, denoiser="transformer_2", cache_dir=tmp_path / "alone"))
+    assert cached.denoiser == alone.denoiser == "transformer_2" and cached.settings == alone.settings
+    assert cached.timesteps == alone.timesteps and set(cached.layers) == set(alone.layers)
+    for name, layer in alone.layers.items():
+        assert torch.equal(cached.layers[name].samples, layer.samples), name
+        assert torch.equal(cached.layers[name].channel_absmax, layer.channel_absmax), name
+    # The expert's steps are its own: those below the boundary (0.6 of 1000).
+    assert max(alone.timesteps) < 600 <= min(stats.timesteps), (stats.timesteps, alone.timesteps)

@@ -95,7 +95,10 @@ def _add_call_args(p: argparse.ArgumentParser) -> None:
         "audio_end_in_s=2.0 (VALUE is JSON, else text; repeatable)",
     )
     p.add_argument("--call-args", type=Path, metavar="FILE.json", help="pipeline-call arguments as a JSON object")
-    p.add_argument("--denoiser", metavar="NAME", help="the pipeline component to use as denoiser (default: found)")
+    p.add_argument("--denoiser", metavar="NAME",
+                   help="the pipeline component to use as denoiser (default: found; with experts of its class that "
+                        "the sampler runs at other steps, as Wan 2.2's transformer_2, all are quantized, while a "
+                        "named one is quantized alone)")  # fmt: skip
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:

@@ -67,7 +67,9 @@ class OptimizeConfig:
         call_kwargs: pipeline-call arguments for every call, as (name, value) pairs (height,
             width, num_frames, max_sequence_length, ...); they override a built-in model's own.
             Default none.
-        denoiser: the pipeline component to quantize; None finds it. Default None.
+        denoiser: the pipeline component to quantize; None finds it, with the experts of its class
+            that the sampler runs at other steps (Wan 2.2's ``transformer_2``), each quantized
+            too; a named one is quantized alone. Default None.
         deploy_target: a runtime the plan must be executable on as a whole (``"mindiesd"``: Linear
             layers only, no BOS rows; :data:`diffkiln.optimizer.TARGETS`), so the bundle and its
             report are the deployed model. None: diffkiln's runtimes. Default None.

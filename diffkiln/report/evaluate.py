@@ -290,6 +290,11 @@ def _compare_with_baseline(
         "avg_act_bits": manifest["quant"]["avg_act_bits"],
         "recipe": manifest["quant"]["recipe"],
         "simulated": manifest["quant"].get("simulated", False),
+        # Wan 2.2's transformer_2: quantized beside the denoiser, counted in the sizes above.
+        "experts": {
+            name: {"avg_weight_bits": e["quant"]["avg_weight_bits"], "avg_act_bits": e["quant"]["avg_act_bits"]}
+            for name, e in (manifest.get("experts") or {}).items()
+        },
     }
     data["bos"] = manifest["bos"]
     if cache_counts is not None:

@@ -149,13 +149,15 @@ def _bundle_sections(rep: Report) -> list[str]:
             if "image_psnr_db" in f
             else [("audio SNR vs FP (dB)", f.get("audio_snr_db"))]
         ),
-        ("denoiser bytes (stored)", sz["denoiser_bytes"]),
+        ("denoiser bytes (stored; its experts too)" if d["plan"].get("experts") else "denoiser bytes (stored)",
+         sz["denoiser_bytes"]),
         ("denoiser bytes (FP16)", sz["denoiser_fp16_bytes"]),
         ("stored / FP16", sz["denoiser_ratio_vs_fp16"]),
         ("bundle bytes", sz["bundle_bytes"]),
         ("denoiser ms/step: bundle / FP", f"{d['latency']['ms_per_step']:.2f} / {b['latency']['ms_per_step']:.2f}"),
         ("peak memory bytes: bundle / FP", f"{d['memory']['peak_bytes']} / {b['memory']['peak_bytes']}"),
         ("avg weight bits / act bits", _bits(d["plan"])),
+        *[(f"expert {name}: avg weight bits / act bits", _bits(e)) for name, e in d["plan"].get("experts", {}).items()],
         ("integer kernels (not simulated)", not d["plan"]["simulated"]),
         ("device", d["device"]),
     ]

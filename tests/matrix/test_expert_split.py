@@ -28,6 +28,7 @@ from diffkiln.export.mindiesd import MindieExportConfig
 from diffkiln.generation import load_pipeline
 from diffkiln.nn.qmodules import QLinear
 from diffkiln.runtime import load
+from diffkiln.runtime.inspect import denoiser_sizes
 from tests.export.mindiesd_contract import quantize
 from tests.matrix.builders import optimized, wan22_experts
 from tests.matrix.per_call import per_call_sqnr
@@ -256,3 +257,17 @@ def test_the_experts_are_recorded_in_the_denoisers_calibration_run(built: tuple[
         assert torch.equal(cached.layers[name].channel_absmax, layer.channel_absmax), name
     # The expert's steps are its own: those below the boundary (0.6 of 1000).
     assert max(alone.timesteps) < 600 <= min(stats.timesteps), (stats.timesteps, alone.timesteps)
+
+
+def test_the_report_counts_the_experts(built: tuple[Path, Path], tmp_path: Path) -> None:
+    from diffkiln.report import ReportConfig, report
+
+    json_path, html_path = report(built[1], ReportConfig(eval_size=2, steps=STEPS, progress=False), tmp_path / "r")
+    data = json.loads(json_path.read_text())
+    assert set(data["plan"]["experts"]) == {"transformer_2"}
+    # Both experts' weights: stored and FP16 bytes of the two, as diffkiln inspect adds them.
+    manifest = _manifest(built)
+    sizes = [denoiser_sizes(built[1], {**manifest, "experts": {}}), denoiser_sizes(built[1], manifest)]
+    assert data["size"]["denoiser_bytes"] == sizes[1][0] > sizes[0][0]
+    assert "expert transformer_2: avg weight bits / act bits" in html_path.read_text()
+    assert data["fidelity"]["latent_sqnr_db"] >= MIN_CALL_SQNR_DB

@@ -281,8 +281,8 @@ def _expert_plans(
     ``transformer_2``), each from statistics of its own with the same settings: an expert sees
     other noise levels, so its ranges and sensitivities are its own. The denoiser's calibration run
     recorded them and cached each as its own (:func:`diffkiln.calibrate.calibrate`), so this reads
-    them back. (Calibration refuses a cache
-    schedule or sparse masks for a denoiser with experts: it runs at only some of the steps.)"""
+    them back. (Calibration refuses a cache schedule or sparse masks for a denoiser with experts:
+    it runs at only some of the steps.)"""
     if not prep.stats.experts or prep.calibration is None:
         return []
     out = []

@@ -403,16 +403,15 @@ def calibrate(
     # the batches) and rank 0 writes it.
     if cache_path is not None and all(all_gather_objects(cache_path.is_file())):
         return CalibrationStats.load(cache_path)
-    recorded = _run_pipeline(target, source, config, model_hash)
-    stats = recorded[0]
-    if config.cache_dir is not None and rank_world()[0] == 0:
+    stats, *experts = _run_pipeline(target, source, config, model_hash)
+    if cache_path is not None and rank_world()[0] == 0:
+        stats.save(cache_path)
         # The experts recorded in the same run are cached as a calibration of each alone would be:
         # ``calibrate`` with ``denoiser=`` an expert then reads them instead of running again.
-        for one in recorded:
-            path = _cache_path(replace(config, denoiser=one.denoiser) if one is not stats else config, model_hash,
-                               source)  # fmt: skip
+        for expert in experts:
+            path = _cache_path(replace(config, denoiser=expert.denoiser), model_hash, source)
             if path is not None:
-                one.save(path)
+                expert.save(path)
     return stats
 
 

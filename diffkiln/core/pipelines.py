@@ -180,7 +180,7 @@ def denoiser_by_calls(pipe: Any, run: Callable[[int], Any]) -> DenoiserChoice:
     # Another model the sampler loop runs: one that also grows with the steps (a ControlNet), or
     # one of the denoiser's own class called at all (an expert for other noise levels, as Wan
     # 2.2's transformer_2, which runs only below a boundary step). Experts are quantized too, each
-    # from its own calibration; the others stay in floating point.
+    # from statistics of its own; the others stay in floating point.
     others = sorted(n for n in candidates if n != chosen and (growth[n] > 0 or (
         type(candidates[n]) is type(candidates[chosen]) and counts[2][n] + counts[3][n] > 0)))  # fmt: skip
     experts = tuple(n for n in others if type(candidates[n]) is type(candidates[chosen]))

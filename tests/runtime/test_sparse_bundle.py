@@ -154,6 +154,10 @@ def test_report_measures_the_density_as_the_kernels_ran(sparse_bundle: Path, tmp
     assert "Sparse attention (block-sparse kernel)" in page and page.count("<svg") >= len(att["pictures"]) > 0
 
 
+# Slow tier: CI runs the sweep machinery in test_cli_optimize.py (mixed), test_cache_bundle.py
+# (cache) and test_sparse_under_cache.py (masks under each bundle's schedule); this is the
+# attention sweep from the command line, with its evaluation (a minute and more on two cores).
+@pytest.mark.slow
 def test_sweep_attn_builds_one_bundle_per_density_and_evaluates_them(folder: Path, tmp_path: Path) -> None:
     from diffkiln.cli import main
 

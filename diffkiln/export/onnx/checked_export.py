@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from diffkiln.core.arguments import bind_call, is_int_argument
+from diffkiln.core.pipelines import call_parameters
 from diffkiln.core.schema import LoadedBundle
 from diffkiln.export.onnx.check import bundle_call, capture_call, run_check, second_shape
 from diffkiln.export.onnx.components import Component, flatten_kwargs, with_int_inputs
@@ -21,6 +22,9 @@ from diffkiln.export.onnx.program import export_component
 from diffkiln.export.onnx.write import error_summary
 
 __all__ = ["DYNAMIC_ATTEMPTS", "checked_denoiser", "verified_entry"]
+
+_PER_PROMPT = ("num_videos_per_prompt", "num_images_per_prompt", "num_waveforms_per_prompt")
+"""diffusers' call arguments that make several samples of one prompt (and one input image)."""
 
 log = logging.getLogger(__name__)
 
@@ -109,15 +113,21 @@ def _second_call(
     model = getattr(pipe, component.name)  # the denoiser, or an expert of its class
     overrides = {} if batch_only else second_shape(pipe, manifest, dict(config.check_call_kwargs))
     recorded = set(component.example) - set(component.int_inputs)
+    # Two samples; else one sample made twice (a pipeline that takes one image per call, as Wan
+    # image-to-video, refuses two: diffusers' per-prompt count still doubles the batch); else one.
+    per_prompt = next((p for p in _PER_PROMPT if p in call_parameters(pipe)), None)
+    attempts = [(2, {}), *([(1, {per_prompt: 2})] if per_prompt else []), (1, {})]
     found: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None
     failed = ""
-    for batch in (2, 1):
+    for batch, twice in attempts:
         try:
-            call = bundle_call(pipe, manifest, config.prompt, batch=batch, overrides=overrides)
-            found = flatten_kwargs(bind_call(model, *capture_call(pipe, model, call)))
+            call = bundle_call(pipe, manifest, config.prompt, batch=batch, overrides={**overrides, **twice})
+            args, kwargs = capture_call(pipe, model, call)
+            if twice:  # the model must take what the pipeline made (diffusers' Wan 2.1 image-to-video
+                with torch.no_grad():  # repeats the text, not its image tokens, per video)
+                    model(*args, **kwargs)
+            found = flatten_kwargs(bind_call(model, args, kwargs))
         except Exception as exc:  # a pipeline raises its own types at a size it does not take
-            # Then at batch 1: a pipeline that takes one image per call (Wan image-to-video)
-            # refuses two, and the size alone can still vary.
             failed = failed or f"{type(exc).__name__}: {exc}"
             continue
         # A denoiser taking per-sample lists (Z-Image) has an input per sample: another batch

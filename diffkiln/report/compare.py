@@ -76,7 +76,9 @@ def fidelity(reference: GenerationResult, test: GenerationResult) -> dict[str, f
     return out
 
 
-def per_layer_sqnr(fp_pipe: Any, q_pipe: Any, call: dict[str, Any], denoiser: str | None = None) -> dict[str, float]:
+def per_layer_sqnr(
+    fp_pipe: Any, q_pipe: Any, call: dict[str, Any], denoiser: str | None = None, at_call: int | None = None
+) -> dict[str, float]:
     """Isolated SQNR of each quantized layer: its output on the FP model's own input, at the middle step.
 
     The FP pipeline runs one generation; each quantized layer of ``q_pipe`` then receives exactly
@@ -86,7 +88,9 @@ def per_layer_sqnr(fp_pipe: Any, q_pipe: Any, call: dict[str, Any], denoiser: st
         fp_pipe: the FP pipeline.
         q_pipe: the bundle's pipeline.
         call: the full arguments of the one FP pipeline call (one sample, steps, call arguments).
-        denoiser: the denoiser component's name; None finds it.
+        denoiser: the denoiser component's name (or a quantized expert's); None finds it.
+        at_call: which of the model's calls to take; None: the middle step's (an expert, which
+            runs at only some of the steps, takes its first: 0).
     """
     fp_den, q_den = find_denoiser(fp_pipe, denoiser), find_denoiser(q_pipe, denoiser)
     q_modules = dict(q_den.named_modules())
@@ -94,7 +98,7 @@ def per_layer_sqnr(fp_pipe: Any, q_pipe: Any, call: dict[str, Any], denoiser: st
     names = [n for n, m in q_modules.items() if isinstance(m, (QLinear, QConv)) and n in fp_modules]
     captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     calls = {"n": 0}
-    target_call = int(call.get("num_inference_steps", 2)) // 2
+    target_call = int(call.get("num_inference_steps", 2)) // 2 if at_call is None else at_call
 
     def count(*_a: Any) -> None:
         calls["n"] += 1

@@ -308,6 +308,9 @@ def _compare_with_baseline(
         data["cache"]["quality_cached"] = data.get("quality")
     call = _one_call(base, result, gen_cfg, base_target)
     layer_sqnr = per_layer_sqnr(base, pipe, call, manifest["pipeline"]["denoiser"])
+    if manifest.get("experts"):  # each at its first call: it runs at only some of the steps
+        data["experts_per_layer_sqnr_db"] = {name: per_layer_sqnr(base, pipe, call, name, at_call=0)
+                                             for name in sorted(manifest["experts"])}  # fmt: skip
     if config.bos_comparison and manifest["bos"].get("positions"):
         data["bos_comparison"] = _bos_comparison(base, base_target, manifest, base_result, gen_cfg, judge_kind, data)
     return base_result, base_judged, layer_sqnr

@@ -216,6 +216,9 @@ def _bundle_sections(rep: Report) -> list[str]:
         out += cache_html(d["cache"], _fmt, _table)
     out.append("<h2>Per-layer SQNR (isolated: each layer fed its FP input, middle step)</h2>")
     out.append(bar_chart(d.get("per_layer_sqnr_db", {}), "dB", good=20.0))
+    for name, sqnr in d.get("experts_per_layer_sqnr_db", {}).items():
+        out.append(f"<h2>Per-layer SQNR of the expert {html.escape(name)} (isolated, its first call)</h2>")
+        out.append(bar_chart(sqnr, "dB", good=20.0))
     if rep.baseline_audio:
         out.append("<h2>FP audio, same prompts and seeds</h2>" + audio_cells(rep.baseline_audio, rep.sample_rate))
     if rep.baseline_images:

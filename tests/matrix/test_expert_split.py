@@ -44,6 +44,9 @@ MIN_MIXED_CALL_SQNR_DB = 10.0
 # MindIE-SD's float16 layers (the loader contract) against diffkiln's float32 runtime, per call:
 # measured 53.9 to 61.0 dB over both experts. A wrong layout or cast measures below 15 dB.
 MIN_MINDIESD_SQNR_DB = 40.0
+# Each quantized layer of the expert on its FP input at its first call (report, isolated): measured
+# 15.0 dB (blocks.0.ffn.net.2, the post-GELU down projection) to 52.0 dB.
+MIN_LAYER_SQNR_DB = 10.0
 # The ONNX graphs against the torch bundle: the same QDQ arithmetic, measured 130 to 134 dB.
 MIN_GRAPH_SQNR_DB = 60.0
 
@@ -269,5 +272,11 @@ def test_the_report_counts_the_experts(built: tuple[Path, Path], tmp_path: Path)
     manifest = _manifest(built)
     sizes = [denoiser_sizes(built[1], {**manifest, "experts": {}}), denoiser_sizes(built[1], manifest)]
     assert data["size"]["denoiser_bytes"] == sizes[1][0] > sizes[0][0]
-    assert "expert transformer_2: avg weight bits / act bits" in html_path.read_text()
+    page = html_path.read_text()
+    assert "expert transformer_2: avg weight bits / act bits" in page
+    # The expert's layers, each fed its FP input at the expert's first call (all quantized layers).
+    expert_layers = data["experts_per_layer_sqnr_db"]["transformer_2"]
+    assert set(expert_layers) == set(manifest["experts"]["transformer_2"]["quant"]["layers"])
+    assert min(expert_layers.values()) >= MIN_LAYER_SQNR_DB, expert_layers
+    assert "Per-layer SQNR of the expert transformer_2" in page
     assert data["fidelity"]["latent_sqnr_db"] >= MIN_CALL_SQNR_DB

@@ -676,9 +676,8 @@ def _flat(out: Any) -> torch.Tensor:
     return torch.cat([t.flatten() for t in out]) if isinstance(out, (list, tuple)) else out
 
 
-def _per_call(folder: Path, bundle: Path, call_kwargs: dict[str, Any], name: str) -> list[float]:
-    """Per-call SQNR of the bundle's quantized component ``name`` against the FP one."""
-    fp, q = load_pipeline(str(folder)), load_pipeline(str(bundle))
+def _per_call(fp: Any, q: Any, call_kwargs: dict[str, Any], name: str) -> list[float]:
+    """Per-call SQNR of the bundle's quantized component ``name`` (of ``q``) against the FP one."""
     fp_den, q_den = getattr(fp, name), getattr(q, name)
     source = source_for(fp, ["a green tree beside a small house"], 1)
     fp.set_progress_bar_config(disable=True)
@@ -775,15 +774,16 @@ def main() -> None:
         }
         if proc.returncode == 0:
             manifest = json.loads((bundle / "manifest.json").read_text())
+            fp, q = load_pipeline(str(folder)), load_pipeline(str(bundle))
             row.update(
                 pipeline=manifest["pipeline"]["class"],
                 denoiser=manifest["pipeline"]["denoiser_class"],
                 quantized_layers=len(manifest["quant"]["layers"]),
                 fp_layers={n: r.split(":")[0] for n, r in manifest["quant"]["fp_layers"].items()},
-                per_call_sqnr_db=_per_call(folder, bundle, call_kwargs, manifest["pipeline"]["denoiser"]),
+                per_call_sqnr_db=_per_call(fp, q, call_kwargs, manifest["pipeline"]["denoiser"]),
             )
             if experts := sorted(manifest.get("experts") or {}):
-                row["expert_per_call_sqnr_db"] = {e: _per_call(folder, bundle, call_kwargs, e) for e in experts}
+                row["expert_per_call_sqnr_db"] = {e: _per_call(fp, q, call_kwargs, e) for e in experts}
             tiled = name in TILED_VAE
             row["report"] = _report(bundle, a.work / f"{name}-report", tiled)
             if tiled:

@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 def checked_denoiser(
     component: Component, file: Path, config: OnnxExportConfig, names: set[str], bundle: LoadedBundle
 ) -> tuple[dict[str, Any], Component, dict[str, torch.Tensor] | None]:
-    """Export the denoiser (or an expert of its class); a graph exported with dynamic axes is run at another shape first
-    (:mod:`diffkiln.export.onnx.check`). The exports of :data:`DYNAMIC_ATTEMPTS` in order, until one
+    """Export the denoiser (or an expert of its class); a graph exported with dynamic axes is run at
+    another shape first (:mod:`diffkiln.export.onnx.check`). The exports of :data:`DYNAMIC_ATTEMPTS` in order, until one
     passes; then the recorded shapes.
 
     Returns:

@@ -24,7 +24,7 @@ from diffkiln.calibrate.blocks import BlockLayout
 from diffkiln.core.arguments import bind_call
 from diffkiln.core.cache_schedule import CacheMechanism
 from diffkiln.core.errors import InvalidInputError
-from diffkiln.core.hooks import output_sample, scoped_hooks
+from diffkiln.core.hooks import output_tensors, scoped_hooks
 
 __all__ = ["CacheCandidate", "CacheRecorder", "CacheStats", "cache_recording"]
 
@@ -182,7 +182,7 @@ def cache_recording(denoiser: nn.Module, recorder: CacheRecorder) -> Iterator[Ca
 
     def end(_m: nn.Module, _a: tuple[Any, ...], _k: dict[str, Any], out: Any) -> None:
         if recorder.current is not None:
-            recorder.keep("out", [output_sample(out)])
+            recorder.keep("out", output_tensors(out))  # every prediction (LTX-2: video and audio)
             recorder.calls.append(recorder.current)
         recorder.current = None
 

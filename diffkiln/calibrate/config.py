@@ -12,7 +12,7 @@ from diffkiln.core.errors import InvalidInputError
 
 __all__ = ["STATS_VERSION", "CalibrationConfig"]
 
-STATS_VERSION = 6
+STATS_VERSION = 7
 """4 added the traced data flow, the verified BOS positions and the sequence inputs by name; 5 draws
 each batch's value samples from generators seeded by the batch (so ranks that run different
 batches merge into one process's statistics); 6 records the experts of the denoiser's class that the

@@ -12,11 +12,15 @@ denoiser call (the sampler's first, recorded during calibration) is replayed und
 Every torch function unites its arguments' tags into its outputs; a quantizable layer's output
 starts afresh as ``layer:<name>``. From that:
 
-* a layer reading ``input:<main>`` is an **input projection** (the main input is the forward's
-  first tensor argument: the latent for every diffusers denoiser);
-* a layer whose output reaches the denoiser's output directly is an **output projection**;
-* a layer whose input derives from conditioning only (no main input) and whose output feeds other
-  layers before it ever meets main-input data is a **conditioning embedder** (timestep and text
+* the **latents** are the inputs the model denoises: the forward's first tensor argument (the
+  latent for every diffusers denoiser), and for each of the call's further outputs the first
+  input of its shape (a model that denoises several latents jointly returns a prediction for each:
+  LTX-2's audio latent beside its video latent);
+* a layer reading a latent input directly is an **input projection**;
+* a layer whose output reaches a prediction (the first output, or one of a latent's shape)
+  directly is an **output projection**;
+* a layer whose input derives from conditioning only (no latent) and whose output feeds other
+  layers before it ever meets latent data is a **conditioning embedder** (timestep and text
   embedders; adaptive-norm modulation layers, whose outputs meet the latent, are not);
 * a layer whose ``weight``/``bias`` a torch function touches outside the layer's own forward (a
   parent reading ``.weight.dtype``, or computing with the weight itself) is **read by its
@@ -33,14 +37,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakTensorKeyDictionary
 
+from diffkiln.calibrate.sequence_forms import batch_size, nan_padded, sequence_tensor, stacked_layers
 from diffkiln.core.arguments import bind_call
-from diffkiln.core.hooks import layer_input, scoped_hooks
+from diffkiln.core.hooks import layer_input, output_tensors, scoped_hooks
 from diffkiln.core.layers import find_quantizable_layers, layer_kind
 
 __all__ = [
@@ -77,7 +81,8 @@ class LayerFlow:
         sources: what feeds its input directly (``input:``, ``layer:``, ``attention:`` tags).
         input_group: layers reading the very same input tensor share this number.
         feeds_output: its output reaches the denoiser's output with no quantizable layer between.
-        meets_main: its output meets main-input data before passing another quantizable layer.
+        meets_latent: its output meets latent data (:attr:`DataflowGraph.latent_inputs`) before
+            passing another quantizable layer.
         reads: torch functions that used its weight or bias outside its own forward.
         input_shape: the shape of its first input in the traced call.
     """
@@ -89,7 +94,7 @@ class LayerFlow:
     sources: tuple[str, ...] = ()
     input_group: int = -1
     feeds_output: bool = False
-    meets_main: bool = False
+    meets_latent: bool = False
     reads: tuple[str, ...] = ()
     input_shape: tuple[int, ...] = ()
 
@@ -119,6 +124,9 @@ class DataflowGraph:
             sinusoidal embedding), or "" when none.
         layers: every quantizable layer's flow, by name, in module order.
         attentions: the attention calls, in call order.
+        notes: free-form facts recorded beside the graph.
+        latent_inputs: the inputs the model denoises, the main input first (see the module
+            docstring); empty is read as the main input alone.
     """
 
     main_input: str
@@ -127,14 +135,21 @@ class DataflowGraph:
     layers: dict[str, LayerFlow]
     attentions: tuple[AttentionFlow, ...] = ()
     notes: dict[str, Any] = field(default_factory=dict)
+    latent_inputs: tuple[str, ...] = ()
+
+    @property
+    def latents(self) -> tuple[str, ...]:
+        """The latent inputs' names, the main input first."""
+        return self.latent_inputs or (self.main_input,)
 
     @property
     def sequence_inputs(self) -> list[str]:
-        """Inputs other than the main one that are token sequences: (batch, length, width), or
+        """Inputs other than the latents that are token sequences: (batch, length, width), or
         several hidden layers of one encoder stacked in front, (layers, batch, length, width) with
         the main input's batch second (HiDream's Llama states)."""
         batch = (self.inputs.get(self.main_input) or [0])[0]
-        return [n for n, s in self.inputs.items() if n != self.main_input and (len(s) == 3 or _stacked(s, batch))]
+        others = [(n, s) for n, s in self.inputs.items() if n not in self.latents]
+        return [n for n, s in others if len(s) == 3 or stacked_layers(s, batch)]
 
     def consumers(self, layer: str) -> set[str]:
         """The layers whose input ``layer`` feeds directly."""
@@ -155,6 +170,7 @@ class DataflowGraph:
             "layers": {n: asdict(f) for n, f in self.layers.items()},
             "attentions": [asdict(a) for a in self.attentions],
             "notes": self.notes,
+            "latent_inputs": list(self.latent_inputs),
         }
 
     @classmethod
@@ -167,7 +183,8 @@ class DataflowGraph:
         layers = {n: LayerFlow(**tuples(f)) for n, f in d["layers"].items()}
         attentions = tuple(AttentionFlow(**tuples(a)) for a in d["attentions"])
         notes = dict(d.get("notes", {}))
-        return cls(d["main_input"], dict(d["inputs"]), d["timestep_input"], layers, attentions, notes)
+        latents = tuple(d.get("latent_inputs", ()))
+        return cls(d["main_input"], dict(d["inputs"]), d["timestep_input"], layers, attentions, notes, latents)
 
 
 def _named_inputs(bound: Mapping[str, Any]) -> dict[str, torch.Tensor | list[torch.Tensor]]:
@@ -185,48 +202,12 @@ def _named_inputs(bound: Mapping[str, Any]) -> dict[str, torch.Tensor | list[tor
     return out
 
 
-def _stacked(shape: Any, batch: int) -> bool:
-    """Whether a 4-D shape is encoder layers stacked in front of the batch: (layers, batch, ...)."""
-    return len(shape) == 4 and shape[1] == batch != shape[0]
-
-
-def batch_size(value: Any) -> int:
-    """The batch of a main input: a tensor's first size, or a per-sample list's length."""
-    if isinstance(value, torch.Tensor):
-        return int(value.shape[0]) if value.dim() else 0
-    return len(value) if isinstance(value, (list, tuple)) else 0
-
-
 def _input_shape(value: torch.Tensor | list[torch.Tensor]) -> list[int]:
     """An input's shape as the graph records it: a tensor's own; a list of per-sample tensors of
     one rank as ``[len(list), *shape of the first]`` (the list is the batch)."""
     if isinstance(value, torch.Tensor):
         return list(value.shape)
     return [len(value), *value[0].shape] if len({v.dim() for v in value}) == 1 else [len(value)]
-
-
-def sequence_tensor(value: Any, batch: int = 0) -> torch.Tensor | None:
-    """A token-sequence input as one (batch, length, width) tensor: a 3-D tensor itself; stacked
-    layers (layers, ``batch``, length, width) with each layer's rows side by side in the width (a
-    position is the same token in every layer); a list of per-sample (length, width) tensors
-    stacked, the shorter ones padded with NaN (Z-Image drops each prompt's padding, so lengths
-    differ: NaN marks a position that sample does not have). None for anything else."""
-    if isinstance(value, torch.Tensor):
-        if _stacked(value.shape, batch):
-            return value.permute(1, 2, 0, 3).flatten(2)
-        return value if value.dim() == 3 else None
-    rows = list(value) if isinstance(value, (list, tuple)) else []
-    matrices = rows and all(isinstance(v, torch.Tensor) and v.dim() == 2 for v in rows)
-    if matrices and len({v.shape[1] for v in rows}) == 1:
-        return nan_padded([v.unsqueeze(0) for v in rows])
-    return None
-
-
-def nan_padded(parts: list[torch.Tensor]) -> torch.Tensor:
-    """(batch, length, width) tensors joined over the batch as float32, each padded with NaN to
-    the longest."""
-    longest = max(p.shape[1] for p in parts)
-    return torch.cat([F.pad(p.float(), (0, 0, 0, longest - p.shape[1]), value=float("nan")) for p in parts])
 
 
 def _function_name(func: Any) -> str:
@@ -242,16 +223,17 @@ def _function_name(func: Any) -> str:
 class _Tracer(TorchFunctionMode):
     """Propagates (deps, sources) tags through every torch function of one call."""
 
-    def __init__(self, main: str, layers: Mapping[str, nn.Module]) -> None:
+    def __init__(self, layers: Mapping[str, nn.Module]) -> None:
         super().__init__()
         self.tags: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
-        self.main = f"input:{main}"
         self.layer_in: dict[str, _Tag] = {}
         self.calls: dict[str, int] = {}
         self.groups: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
         self.group_of: dict[str, int] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
-        self.met: set[str] = set()
+        # Layer -> the inputs whose data its output met before passing another layer. Kept for every
+        # input: which of them are latents is known only from the call's outputs.
+        self.met: dict[str, set[str]] = {}
         self.stack: list[str] = []
         self.owner = {id(p): name for name, m in layers.items() for p in m.parameters(recurse=False)}
         self.reads: dict[str, set[str]] = {}
@@ -269,14 +251,16 @@ class _Tracer(TorchFunctionMode):
                 self.reads.setdefault(owner, set()).add(_function_name(func))
 
     def _note_meetings(self, tags: list[_Tag]) -> None:
-        if not any(self.main in deps for deps, _ in tags):
+        if len(tags) < 2:
             return
+        present = frozenset().union(*(deps for deps, _ in tags))
         for deps, sources in tags:
-            if self.main in deps:
+            missing = present - deps
+            if not missing:
                 continue
             for s in sources:
-                if s.startswith("layer:") and self.main not in self.layer_in.get(s[6:], _EMPTY)[0]:
-                    self.met.add(s[6:])
+                if s.startswith("layer:") and (new := missing - self.layer_in.get(s[6:], _EMPTY)[0]):
+                    self.met.setdefault(s[6:], set()).update(new)
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -352,6 +336,26 @@ def _timestep_input(named: Mapping[str, torch.Tensor | list[torch.Tensor]], main
     return ""
 
 
+def _shape(value: torch.Tensor | list[torch.Tensor]) -> tuple[int, ...]:
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else ()
+
+
+def _latents_beside(
+    named: Mapping[str, torch.Tensor | list[torch.Tensor]], main: str, further: list[torch.Tensor]
+) -> list[str]:
+    """The inputs other than ``main`` denoised beside it: for each further output (the prediction
+    a jointly denoising model returns for each of its latents), the first input of its shape in
+    the forward's order (latents come before the conditioning that could share a shape)."""
+    out: list[str] = []
+    for o in further:
+        shape = tuple(o.shape) if o.dim() >= 2 else None
+        free = [n for n in named if n not in (main, *out) and "." not in n]
+        first = next((n for n in free if _shape(named[n]) == shape), None)
+        if first is not None:
+            out.append(first)
+    return out
+
+
 def trace_dataflow(denoiser: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> DataflowGraph:
     """Replay one denoiser call and trace its data flow (see the module docstring).
 
@@ -369,7 +373,7 @@ def trace_dataflow(denoiser: nn.Module, args: tuple[Any, ...], kwargs: Mapping[s
     if not named:
         raise ValueError(f"{type(denoiser).__name__} was called without a tensor argument; nothing to trace")
     main = next(iter(named))
-    tracer = _Tracer(main, layers)
+    tracer = _Tracer(layers)
     with scoped_hooks() as hooks:
         for name, module in layers.items():
 
@@ -386,9 +390,11 @@ def trace_dataflow(denoiser: nn.Module, args: tuple[Any, ...], kwargs: Mapping[s
                 for t in [value] if isinstance(value, torch.Tensor) else value:
                     tracer.tags[t] = (frozenset({f"input:{name}"}), frozenset({f"input:{name}"}))
             out = denoiser(*args, **kwargs)
-    outputs = [o for o in tree_flatten(out if isinstance(out, tuple) else getattr(out, "sample", out))[0]]
-    first = next((o for o in outputs if isinstance(o, torch.Tensor)), None)
-    out_sources = tracer.tag(first)[1] if first is not None else frozenset()
+    outputs = output_tensors(out)
+    latents = (main, *_latents_beside(named, main, outputs[1:]))
+    predictions = outputs[:1] + [o for o in outputs[1:] if any(tuple(o.shape) == _shape(named[n]) for n in latents)]
+    out_sources = frozenset().union(*(tracer.tag(o)[1] for o in predictions))
+    latent_tags = {f"input:{n}" for n in latents}
     flows = {}
     for name, module in layers.items():
         deps, sources = tracer.layer_in.get(name, _EMPTY)
@@ -400,7 +406,7 @@ def trace_dataflow(denoiser: nn.Module, args: tuple[Any, ...], kwargs: Mapping[s
             sources=tuple(sorted(sources)),
             input_group=tracer.group_of.get(name, -1),
             feeds_output=f"layer:{name}" in out_sources,
-            meets_main=name in tracer.met,
+            meets_latent=bool(tracer.met.get(name, set()) & latent_tags),
             reads=tuple(sorted(tracer.reads.get(name, ()))),
             input_shape=tracer.shapes.get(name, ()),
         )
@@ -410,4 +416,5 @@ def trace_dataflow(denoiser: nn.Module, args: tuple[Any, ...], kwargs: Mapping[s
         timestep_input=_timestep_input(named, main, tracer.sinusoid),
         layers=flows,
         attentions=tuple(tracer.attentions),
+        latent_inputs=latents,
     )

@@ -8,6 +8,7 @@ method; removing the hook deletes the attribute.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,7 +20,9 @@ from torch import nn
 __all__ = [
     "HookRegistry",
     "layer_input",
+    "map_output_tensors",
     "output_sample",
+    "output_tensors",
     "recording_calls",
     "recording_method_calls",
     "replace_layer_input",
@@ -41,6 +44,33 @@ def output_sample(out: Any) -> torch.Tensor:
     if isinstance(out, (tuple, list)):
         return out[0]
     return out.sample if hasattr(out, "sample") else next(iter(out.values()))
+
+
+def output_tensors(out: Any) -> list[torch.Tensor]:
+    """Every tensor of a denoiser call's output, in order: the tensor itself, the entries of a tuple
+    or list (nested: Z-Image's per-sample list), or an output object's fields (LTX-2 returns a
+    prediction for its video latent and one for its audio latent)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for v in out for t in output_tensors(v)]
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in output_tensors(v)]
+    return []
+
+
+def map_output_tensors(out: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``out`` (as :func:`output_tensors` reads it) with each tensor replaced by ``fn(tensor)``, in
+    the same structure; other values are kept."""
+    if isinstance(out, torch.Tensor):
+        return fn(out)
+    if isinstance(out, (tuple, list)):
+        return type(out)(map_output_tensors(v, fn) for v in out)
+    if isinstance(out, dict) and hasattr(out, "__dataclass_fields__"):  # a diffusers/transformers output
+        return dataclasses.replace(out, **{k: map_output_tensors(v, fn) for k, v in out.items()})  # type: ignore[type-var]
+    if isinstance(out, dict):
+        return type(out)({k: map_output_tensors(v, fn) for k, v in out.items()})
+    return out
 
 
 def replace_layer_input(

@@ -22,7 +22,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -31,6 +31,7 @@ from diffusers.hooks.hooks import StateManager
 from torch import nn
 
 from diffkiln.core.cache_schedule import CacheMechanism, CacheSchedule, CacheScheduleError
+from diffkiln.core.hooks import map_output_tensors, output_tensors
 
 __all__ = [
     "CacheRun",
@@ -140,14 +141,11 @@ def _remember(branch: _Branch, step: int, values: list[torch.Tensor]) -> None:
     branch.history = [*branch.history[-1:], (step, values)]
 
 
-def _first_tensor(out: Any) -> tuple[torch.Tensor, Any]:
-    """The denoiser output's sample and a function of a new sample giving the same kind of output."""
-    if isinstance(out, torch.Tensor):
-        return out, lambda t: t
-    if isinstance(out, tuple):
-        return out[0], lambda t: (t, *out[1:])
-    key = next(iter(out.keys()))
-    return out[key], lambda t: replace(out, **{key: t})
+def _rebuilt(template: Any, values: list[torch.Tensor]) -> Any:
+    """An output of ``template``'s kind holding ``values``, one per tensor of it in order (every
+    prediction: a model denoising several latents, as LTX-2, reuses each)."""
+    it = iter(values)
+    return map_output_tensors(template, lambda _t: next(it))
 
 
 class _Skipping(ModelHook):
@@ -195,15 +193,14 @@ class _DenoiserHook(_Skipping):
                 run.evaluated += len(schedule.blocks) - (0 if compute else schedule.end - schedule.start)
                 return self._original(*args, **kwargs)
             if schedule.mechanism is CacheMechanism.WHOLE and not compute:
-                _, rebuild = _first_tensor(branch.outputs[-1])
-                return rebuild(_extrapolated(branch.history, step, schedule.extrapolate)[0])
+                return _rebuilt(branch.outputs[-1], _extrapolated(branch.history, step, schedule.extrapolate))
             out = self._original(*args, **kwargs)
             if schedule.mechanism is CacheMechanism.WHOLE:
                 # Every block ran inside this call; 'whole' needs no block hooks (so it also runs on a
                 # denoiser without torch blocks, e.g. an onnxruntime session).
                 run.evaluated += len(schedule.blocks)
                 branch.outputs[-1] = out
-                _remember(branch, step, [_first_tensor(out)[0]])
+                _remember(branch, step, output_tensors(out))
             return out
         finally:
             run.current = None

@@ -79,7 +79,7 @@ def structural_roles(denoiser: nn.Module, graph: DataflowGraph | None) -> dict[s
             out[name] = RoleFinding(StructuralRole.UNSUPPORTED, why)
     if graph is None:
         return out
-    main = graph.main_input
+    latents = graph.latents
     for name, flow in graph.layers.items():
         if name in out:
             continue
@@ -92,15 +92,16 @@ def structural_roles(denoiser: nn.Module, graph: DataflowGraph | None) -> dict[s
             )
         elif flow.calls == 0:
             out[name] = RoleFinding(StructuralRole.UNUSED, "never ran in the traced denoiser call")
-        elif f"input:{main}" in flow.sources:
+        elif read := [n for n in latents if f"input:{n}" in flow.sources]:
             out[name] = RoleFinding(
-                StructuralRole.INPUT_PROJECTION, f"reads the latent input '{main}' with no quantizable layer between"
+                StructuralRole.INPUT_PROJECTION,
+                f"reads the latent input '{read[0]}' with no quantizable layer between",
             )
         elif flow.feeds_output:
             out[name] = RoleFinding(
                 StructuralRole.OUTPUT_PROJECTION, "writes the denoiser's output with no quantizable layer between"
             )
-        elif flow.deps and main not in flow.deps and not flow.meets_main:
+        elif flow.deps and not set(latents) & set(flow.deps) and not flow.meets_latent:
             fed = sorted(graph.consumers(name))
             out[name] = RoleFinding(
                 StructuralRole.CONDITIONING,
@@ -132,13 +133,13 @@ def _text_meets_image(graph: DataflowGraph) -> set[str]:
 
 def _feed_forward_pairs(graph: DataflowGraph) -> set[str]:
     out: set[str] = set()
-    main = graph.main_input
+    latents = set(graph.latents)
     for name, flow in graph.layers.items():
         feeders = _layer_sources(flow.sources)
         if flow.kind != "linear" or len(feeders) != 1 or len(flow.sources) != 1:
             continue
         first = graph.layers.get(feeders[0])
-        if first is None or first.kind != "linear" or main not in first.deps:
+        if first is None or first.kind != "linear" or not latents & set(first.deps):
             continue
         if graph.consumers(first.name) == {name} and not first.feeds_output:
             out.update({first.name, name})

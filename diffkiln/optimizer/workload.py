@@ -27,7 +27,7 @@ from diffkiln.calibrate.run import ModuleInputs, pipeline_call_kwargs
 from diffkiln.calibrate.sources import source_from_description
 from diffkiln.calibrate.stats import CalibrationStats
 from diffkiln.core.errors import InvalidInputError
-from diffkiln.core.hooks import output_sample, recording_calls, scoped_hooks
+from diffkiln.core.hooks import output_sample, output_tensors, recording_calls, scoped_hooks
 from diffkiln.core.metrics import sqnr_db, ssim
 from diffkiln.core.pipelines import find_denoiser, pipeline_media
 
@@ -39,6 +39,10 @@ Call = tuple[tuple[Any, ...], dict[str, Any]]
 def output_tensor(out: Any) -> torch.Tensor:
     """A denoiser output as one detached float tensor (:func:`diffkiln.core.hooks.output_sample`)."""
     return output_sample(out).detach().float()
+
+
+def _predictions(out: Any) -> torch.Tensor:
+    return torch.cat([t.detach().float().flatten() for t in output_tensors(out)])
 
 
 @dataclass(frozen=True)
@@ -108,10 +112,12 @@ class Workload:
         raise NotImplementedError
 
     def replay(self, denoiser: nn.Module | None = None) -> list[torch.Tensor]:
-        """The recorded calls run again on ``denoiser`` (default: the workload's own)."""
+        """The recorded calls run again on ``denoiser`` (default: the workload's own): each call's
+        output tensors flattened into one (every prediction of a model that denoises several
+        latents, as LTX-2's video and audio, counts)."""
         den = denoiser or self.denoiser
         with torch.no_grad():
-            return [output_tensor(den(*a, **k)) for a, k in self.calls]
+            return [_predictions(den(*a, **k)) for a, k in self.calls]
 
     def replay_sqnr(self, denoiser: nn.Module | None = None) -> float:
         """SQNR (dB) of the replayed calls' outputs against the FP ones, pooled."""

@@ -43,7 +43,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
 from diffkiln.core.distributed import init_distributed
-from diffkiln.core.hooks import output_sample
+from diffkiln.core.hooks import map_output_tensors, output_sample, output_tensors
 from diffkiln.nn.cache import DenoisingContext
 
 __all__ = ["CFG_HOOK", "ParallelConfig", "ParallelRun", "apply_parallel", "remove_parallel"]
@@ -206,8 +206,10 @@ class _CfgHook(ModelHook):
             raise RuntimeError(f"CFG parallel: a {pair[1]!r} call came without the {pair[0]!r} call before it")
         # The first branch's output is rank 0's, the second's rank 1's: each rank sends its own,
         # into the other's placeholder (the pipeline holds the first one until both are back).
-        dist.broadcast(output_sample(first), src=0)
-        dist.broadcast(output_sample(out), src=1)
+        for tensor in output_tensors(first):
+            dist.broadcast(tensor, src=0)
+        for tensor in output_tensors(out):
+            dist.broadcast(tensor, src=1)
         self.first_output = None
         return out
 
@@ -245,15 +247,10 @@ def _gather_checked(output: Any, share: int, world: int) -> Any:
 
 
 def _placeholder(template: Any) -> Any:
-    """An output of ``template``'s structure (a tuple, or a diffusers output) whose sample is an
-    empty tensor of its shape, filled in place by the broadcast after the second branch's call."""
-    empty = torch.empty_like(output_sample(template))
-    if isinstance(template, tuple):
-        return (empty, *template[1:])
-    if isinstance(template, torch.Tensor):
-        return empty
-    first = next(iter(template.keys()))
-    return replace(template, **{first: empty})
+    """An output of ``template``'s structure (a tuple, or a diffusers output) with every tensor an
+    empty one of its shape (each prediction of a model denoising several latents, as LTX-2's video
+    and audio), filled in place by the broadcasts after the second branch's call."""
+    return map_output_tensors(template, torch.empty_like)
 
 
 def apply_parallel(

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from diffkiln.calibrate.dataflow import sequence_tensor, trace_dataflow
+from diffkiln.optimizer.roles import StructuralRole, structural_roles
 
 
 class _Modulated(nn.Module):
@@ -98,3 +99,45 @@ def test_a_per_token_timestep_is_the_2d_input_reaching_a_sinusoid() -> None:
     # A 1-D timestep is still taken first: no 2-D input stands in for it.
     graph = trace_dataflow(_TokenTimesteps(), (sample, mask, torch.tensor([700.0, 700.0])), {})
     assert graph.timestep_input == "timestep"
+
+
+class _JointLatents(nn.Module):
+    """Two latents denoised together (LTX-2's video and audio): each projected in, attending itself,
+    cross-attending the other stream after a text cross-attention, projected out; a prediction for
+    each, of that latent's shape. The text is as wide and as long as the audio latent's width would
+    allow a mix-up: only the outputs tell which is denoised."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.video_in, self.audio_in = nn.Linear(4, 8), nn.Linear(6, 8)
+        self.audio_q, self.audio_k, self.audio_v = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.text_embed, self.text_kv = nn.Linear(6, 8), nn.Linear(8, 8)
+        self.video_out, self.audio_out = nn.Linear(8, 4), nn.Linear(8, 6)
+
+    def forward(
+        self, video: torch.Tensor, audio: torch.Tensor, text: torch.Tensor, t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        v, a, c = self.video_in(video), self.audio_in(audio), self.text_embed(text)
+        q, k, val = self.audio_q(a), self.audio_k(a), self.audio_v(a)
+        a = a + torch.nn.functional.scaled_dot_product_attention(q, k, val)
+        a = a + torch.nn.functional.scaled_dot_product_attention(a, self.text_kv(c), self.text_kv(c))
+        v = v + torch.nn.functional.scaled_dot_product_attention(v, a, a) * t[:, None, None]
+        return self.video_out(v), self.audio_out(a)
+
+
+def test_every_latent_with_a_prediction_of_its_shape_is_denoised() -> None:
+    graph = trace_dataflow(_JointLatents(), (torch.randn(2, 5, 4), torch.randn(2, 3, 6), torch.randn(2, 3, 6),
+                                             torch.tensor([0.5, 0.5])), {})  # fmt: skip
+    assert graph.main_input == "video" and graph.latents == ("video", "audio")
+    # The audio latent is no token sequence (no BOS handling); the text is.
+    assert graph.sequence_inputs == ["text"]
+    roles = {n: f.role for n, f in structural_roles(_JointLatents(), graph).items()}
+    assert roles == {
+        "video_in": StructuralRole.INPUT_PROJECTION,
+        "audio_in": StructuralRole.INPUT_PROJECTION,
+        "text_embed": StructuralRole.CONDITIONING,
+        "video_out": StructuralRole.OUTPUT_PROJECTION,
+        "audio_out": StructuralRole.OUTPUT_PROJECTION,
+    }, roles  # the audio stream's own attention is quantized like the video stream's
+    # The text's key/value projection reads the text alone and meets the audio latent's data at once.
+    assert graph.layers["text_kv"].deps == ("text",) and graph.layers["text_kv"].meets_latent

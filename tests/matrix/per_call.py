@@ -21,10 +21,17 @@ def _flat(out: Any) -> torch.Tensor:
 
 
 def per_call_sqnr(
-    fp: Any, q: Any, call: Mapping[str, Any], steps: int = 2, seed: int = 7, component: str = "transformer"
+    fp: Any,
+    q: Any,
+    call: Mapping[str, Any],
+    steps: int = 2,
+    seed: int = 7,
+    component: str = "transformer",
+    output: int = 0,
 ) -> list[float]:
     """Per-call SQNR (dB, rounded to 0.1) of ``q``'s ``component`` against ``fp``'s, on every call of
-    it in an FP run of ``steps`` steps on the held-out prompt with ``call``'s arguments."""
+    it in an FP run of ``steps`` steps on the held-out prompt with ``call``'s arguments; of the
+    call's ``output``-th output (LTX-2's 1: its audio prediction)."""
     source = source_for(fp, [HELD_OUT_PROMPT], 1)
     fp.set_progress_bar_config(disable=True)
     fp_model, q_model = getattr(fp, component), getattr(q, component)
@@ -36,7 +43,7 @@ def per_call_sqnr(
     values = []
     for args, kwargs in calls:
         with torch.no_grad():
-            ref = _flat(fp_model(*args, **{**kwargs, "return_dict": False})[0])
-            got = _flat(q_model(*args, **{**kwargs, "return_dict": False})[0])
+            ref = _flat(fp_model(*args, **{**kwargs, "return_dict": False})[output])
+            got = _flat(q_model(*args, **{**kwargs, "return_dict": False})[output])
         values.append(round(sqnr_db(ref, got), 1))
     return values

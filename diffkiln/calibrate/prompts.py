@@ -47,10 +47,12 @@ _PROBE_WORDS = (
     "red green blue yellow dog cat horse bird tree river mountain city street house window book",
     "small tall old young night morning sun moon snow rain field flower garden bridge road train",
 )
-PROBE_PROMPTS: tuple[str, ...] = tuple(" ".join(words.split() * 40) for words in _PROBE_WORDS)
-"""Two long prompts of different words, longer than any text encoder's window: in them every text
-position holds a real token, so a position that stays the same in both is prompt-invariant
-whatever the prompt's length (padding is not)."""
+PROBE_PROMPTS: tuple[str, ...] = tuple(" ".join(words.split() * 250) for words in _PROBE_WORDS)
+"""Two long prompts of different words (4000 each), longer than any text encoder's window: in them
+every text position holds a real token, so a position that stays the same in both is
+prompt-invariant whatever the prompt's length (padding is not). HunyuanVideo 1.5 reads 1000 tokens
+after its 108-token template, LTX-2 1024: a probe that ends inside the window leaves padding in
+both probes, identical, and taken for BOS rows."""
 
 
 def generic_prompts(n: int) -> list[str]:

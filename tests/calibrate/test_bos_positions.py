@@ -37,3 +37,15 @@ def test_padding_is_never_prompt_invariant(name: str, tmp_path: Path) -> None:
     unverified = calibrate(pipe, CalibrationConfig(("a cat", "a dog"), steps=2, progress=False, bos_probe=False,
                                                    call_kwargs=config.call_kwargs))  # fmt: skip
     assert unverified.invariant_positions() == []
+
+
+def test_a_window_longer_than_640_tokens_leaves_its_padding_variant(tmp_path: Path) -> None:
+    # HunyuanVideo 1.5 reads 1000 text tokens, LTX-2 1024. Probes of 640 words ended inside such a
+    # window: both probes padded from there on, identically, and every padded position was taken for
+    # a BOS row (stored per text-reading layer).
+    name = "tiny-wan"
+    call = (*TINY_ARCHITECTURES[name].call_kwargs, ("max_sequence_length", 1024))
+    config = CalibrationConfig(("a cat", "a dog"), steps=1, progress=False, call_kwargs=call)
+    stats = calibrate(build_tiny_pipeline(name, tmp_path / "scratch"), config)
+    assert next(iter(stats.bos.values()))["evidence"].startswith("rows identical")
+    assert stats.invariant_positions() == []

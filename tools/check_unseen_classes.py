@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 from unseen_image_classes import IMAGE_CLASSES
-from unseen_video_classes import TILED_VAE, VIDEO_CLASSES
+from unseen_video_classes import ONE_CLIP_PER_DECODE, TILED_VAE, VIDEO_CLASSES
 
 from diffkiln.calibrate import batch_kwargs, source_for
 from diffkiln.core.hooks import recording_calls
@@ -81,10 +81,11 @@ def _per_call(fp: Any, q: Any, call_kwargs: dict[str, Any], name: str) -> list[l
     return out
 
 
-def _report(bundle: Path, out: Path, tiled: bool) -> dict[str, Any]:
+def _report(bundle: Path, out: Path, tiled: bool, one_per_call: bool = False) -> dict[str, Any]:
     """``diffkiln report`` on ``bundle`` in a fresh process: its latent SQNR, or its error line."""
     cmd = [sys.executable, "-m", "diffkiln.cli", "report", str(bundle), "--eval-size", "2", "--steps", "4",
-           "--out", str(out), "--no-progress", *(["--vae-tiling"] if tiled else [])]  # fmt: skip
+           "--out", str(out), "--no-progress", *(["--vae-tiling"] if tiled else []),
+           *(["--batch-size", "1"] if one_per_call else [])]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
@@ -173,10 +174,12 @@ def main() -> None:
                 row["expert_per_call_sqnr_db"] = {e: _per_call(fp, q, call_kwargs, e)[0] for e in experts}
             if len(outputs) > 1:  # a prediction per jointly denoised latent (LTX-2's audio)
                 row["further_outputs_per_call_sqnr_db"] = outputs[1:]
-            tiled = name in TILED_VAE
-            row["report"] = _report(bundle, a.work / f"{name}-report", tiled)
+            tiled, single = name in TILED_VAE, name in ONE_CLIP_PER_DECODE
+            row["report"] = _report(bundle, a.work / f"{name}-report", tiled, single)
             if tiled:
                 row["report_without_vae_tiling"] = _report(bundle, a.work / f"{name}-report-untiled", False)
+            if single:  # the error line that names the option
+                row["report_two_per_call"] = _report(bundle, a.work / f"{name}-report-two", tiled)
             row["onnx"] = _onnx(bundle, a.work / f"{name}-onnx")
             calls = [*row["per_call_sqnr_db"], *(v for e in row.get("expert_per_call_sqnr_db", {}).values() for v in e),
                      *(v for o in outputs[1:] for v in o)]  # fmt: skip

@@ -14,12 +14,17 @@ from diffusers import (
     AnimateDiffPipeline,
     AutoencoderKLAllegro,
     AutoencoderKLHunyuanVideo,
+    AutoencoderKLHunyuanVideo15,
     AutoencoderKLMochi,
     AutoencoderKLWan,
     DDIMScheduler,
     FlowMatchEulerDiscreteScheduler,
+    HunyuanVideo15Pipeline,
+    HunyuanVideo15Transformer3DModel,
     HunyuanVideoPipeline,
     HunyuanVideoTransformer3DModel,
+    Kandinsky5T2VPipeline,
+    Kandinsky5Transformer3DModel,
     MochiPipeline,
     MochiTransformer3DModel,
     MotionAdapter,
@@ -31,12 +36,20 @@ from diffusers import (
     WanPipeline,
     WanTransformer3DModel,
 )
+from diffusers.guiders import ClassifierFreeGuidance
 from transformers import (
+    ByT5Tokenizer,
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTokenizer,
     LlamaConfig,
     LlamaModel,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLTextConfig,
+    Qwen2_5_VLTextModel,
+    T5Config,
+    T5EncoderModel,
 )
 from unseen_image_classes import tiny_kl_vae
 
@@ -52,6 +65,22 @@ from diffkiln.zoo.architectures.video import tiny_wan
 
 TILED_VAE = {"allegro"}
 """Classes whose VAE decodes only in tiles (``enable_tiling()``; diffusers raises otherwise)."""
+ONE_CLIP_PER_DECODE = {"hunyuan-video-1.5"}
+"""Classes whose VAE decodes one clip per call (HunyuanVideo 1.5's fails on two in diffusers 0.42,
+in plain diffusers too): their report runs with ``--batch-size 1``."""
+
+
+def clip77(scratch: Path, width: int) -> tuple[CLIPTokenizer, CLIPTextModel]:
+    """A CLIP tokenizer and text encoder of 77 positions, ``width`` wide: HunyuanVideo's and
+    Kandinsky 5's pipelines pad CLIP prompts to 77 tokens."""
+    tok = clip_tokenizer(scratch / "clip")
+    tok.model_max_length = 77
+    tok.save_pretrained(scratch / "clip77")
+    tok = CLIPTokenizer.from_pretrained(scratch / "clip77")
+    config = CLIPTextConfig(vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+                            num_attention_heads=2, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
+                            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)  # fmt: skip
+    return tok, CLIPTextModel(config)
 
 
 def allegro(scratch: Path) -> Any:
@@ -179,24 +208,7 @@ def hunyuan_video(scratch: Path) -> Any:
             eos_token_id=3,
         )
     )
-    # The pipeline pads CLIP prompts to 77 tokens: a CLIP tokenizer and encoder of that length.
-    clip_tok = clip_tokenizer(scratch / "clip")
-    clip_tok.model_max_length = 77
-    clip_tok.save_pretrained(scratch / "clip77")
-    clip_tok = CLIPTokenizer.from_pretrained(scratch / "clip77")
-    clip = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(clip_tok),
-            hidden_size=8,
-            intermediate_size=16,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=77,
-            bos_token_id=clip_tok.bos_token_id,
-            eos_token_id=clip_tok.eos_token_id,
-            pad_token_id=clip_tok.pad_token_id,
-        )
-    )
+    clip_tok, clip = clip77(scratch, 8)
     return HunyuanVideoPipeline(
         transformer=transformer,
         vae=vae,
@@ -251,6 +263,60 @@ def wan22_i2v(scratch: Path) -> Any:
                                    boundary_ratio=0.9)  # fmt: skip
 
 
+def hunyuan_video15(scratch: Path) -> Any:
+    """HunyuanVideo 1.5: a Qwen2.5-VL text model read past its 108-token template (the word-level
+    stand-in renders the system prompt as 108 words) and a ByT5 for quoted glyph text, a guider
+    component running classifier-free guidance (diffusers' guiders), image-conditioning channels
+    in the latent input (zero for text-to-video) and its own VAE."""
+    tok = lm_tokenizer(2048)
+    tok.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ 'the ' * 108 }}{% else %}{{ m['content'] }}"
+        "{% endif %}{% endfor %}{% if add_generation_prompt %} to{% endif %}"
+    )
+    transformer = HunyuanVideo15Transformer3DModel(in_channels=9, out_channels=4, num_attention_heads=2,
+                                                   attention_head_dim=8, num_layers=2, num_refiner_layers=1,
+                                                   mlp_ratio=2.0, patch_size=1, patch_size_t=1, text_embed_dim=16,
+                                                   text_embed_2_dim=32, image_embed_dim=12, rope_axes_dim=(2, 2, 4),
+                                                   target_size=16, task_type="t2v")  # fmt: skip
+    vae = AutoencoderKLHunyuanVideo15(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 16),
+                                      layers_per_block=1, spatial_compression_ratio=4, temporal_compression_ratio=2,
+                                      downsample_match_channel=False, upsample_match_channel=False)  # fmt: skip
+    rope = {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"}
+    qwen = Qwen2_5_VLTextModel(Qwen2_5_VLTextConfig(hidden_size=16, intermediate_size=16, num_hidden_layers=2,
+                                                    num_attention_heads=2, num_key_value_heads=2, vocab_size=len(tok),
+                                                    rope_scaling=rope, rope_theta=1e6))  # fmt: skip
+    byt5 = T5EncoderModel(T5Config(vocab_size=384, d_model=32, d_kv=8, d_ff=32, num_layers=2, num_heads=4))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=7.0)
+    return HunyuanVideo15Pipeline(transformer=transformer, vae=vae, scheduler=scheduler, text_encoder=qwen,
+                                  text_encoder_2=byt5, tokenizer=tok, tokenizer_2=ByT5Tokenizer(),
+                                  guider=ClassifierFreeGuidance(guidance_scale=6.0))  # fmt: skip
+
+
+def kandinsky5(scratch: Path) -> Any:
+    """Kandinsky 5 text-to-video: a Qwen2.5-VL read past its 128-token template (the word-level
+    stand-in splits the template into exactly 128 tokens with its BOS), its text packed without
+    padding (``cu_seqlens``: each prompt's own length), a pooled CLIP vector, HunyuanVideo's VAE."""
+    tok = lm_tokenizer()
+    clip_tok, clip = clip77(scratch, 32)
+    rope = {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"}
+    text = {"hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "num_key_value_heads": 2, "rope_scaling": rope, "rope_theta": 1e6, "vocab_size": len(tok)}  # fmt: skip
+    vision = {"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 16}
+    qwen = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision, hidden_size=16,
+                                                               vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                                                               eos_token_id=tok.eos_token_id))  # fmt: skip
+    vae = AutoencoderKLHunyuanVideo(in_channels=3, out_channels=3, spatial_compression_ratio=8,
+                                    temporal_compression_ratio=4, latent_channels=4, block_out_channels=(8, 8, 8, 8),
+                                    layers_per_block=1, norm_num_groups=4)  # fmt: skip
+    transformer = Kandinsky5Transformer3DModel(in_visual_dim=4, in_text_dim=16, in_text_dim2=32, time_dim=32,
+                                               out_visual_dim=4, patch_size=(1, 2, 2), model_dim=48, ff_dim=128,
+                                               num_text_blocks=1, num_visual_blocks=2, axes_dims=(8, 8, 8),
+                                               visual_cond=False)  # fmt: skip
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=7.0)
+    return Kandinsky5T2VPipeline(transformer=transformer, vae=vae, scheduler=scheduler, text_encoder=qwen,
+                                 tokenizer=tok, text_encoder_2=clip, tokenizer_2=clip_tok)  # fmt: skip
+
+
 VIDEO_CLASSES: dict[str, tuple[Callable[[Path], Any], dict[str, Any]]] = {
     "allegro": (
         allegro,
@@ -266,5 +332,7 @@ VIDEO_CLASSES: dict[str, tuple[Callable[[Path], Any], dict[str, Any]]] = {
     # guidance_scale_2: the low-noise expert's own guidance, as Wan 2.2's pipeline takes it.
     "wan22": (wan22, {"height": 16, "width": 32, "num_frames": 5, "max_sequence_length": 16, "guidance_scale_2": 3.0}),
     "wan22-i2v": (wan22_i2v, {"height": 16, "width": 16, "num_frames": 5, "max_sequence_length": 16}),
+    "hunyuan-video-1.5": (hunyuan_video15, {"height": 16, "width": 16, "num_frames": 9}),
+    "kandinsky5": (kandinsky5, {"height": 32, "width": 32, "num_frames": 5, "max_sequence_length": 16}),
     "ltx2": (tiny_ltx2, {"height": 32, "width": 32, "num_frames": 5, "frame_rate": 25.0, "max_sequence_length": 16}),
 }

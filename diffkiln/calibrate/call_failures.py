@@ -90,10 +90,13 @@ def _component(pipe: Any, frames: list[Any]) -> tuple[str, Any, str] | None:
     return None
 
 
-def pipeline_failure(pipe: Any, exc: BaseException, call_kwargs: Mapping[str, Any]) -> PipelineCallError | None:
-    """The typed error for ``exc``, raised inside a call of ``pipe`` with ``call_kwargs``, or None
-    where it is to stay as it is: diffkiln's own errors and code, the system's (``OSError``: the CLI
-    names those), and memory exhaustion (whose message says what it is)."""
+def pipeline_failure(
+    pipe: Any, exc: BaseException, call_kwargs: Mapping[str, Any], samples: int = 1
+) -> PipelineCallError | None:
+    """The typed error for ``exc``, raised inside a call of ``pipe`` on ``samples`` samples with
+    ``call_kwargs``, or None where it is to stay as it is: diffkiln's own errors and code, the
+    system's (``OSError``: the CLI names those), and memory exhaustion (whose message says what it
+    is)."""
     if isinstance(exc, (DiffkilnError, OSError, MemoryError, torch.OutOfMemoryError)) or not isinstance(exc, Exception):
         return None
     frames = _frames(exc.__traceback__)
@@ -121,6 +124,9 @@ def pipeline_failure(pipe: Any, exc: BaseException, call_kwargs: Mapping[str, An
         fix = ("if it decodes only in tiles, turn its tiled decoding on: --vae-tiling (generate, report; optimize for "
                "its sweep's evaluation), GenerateConfig(vae_tiling=True) in Python; ONNX export: "
                "--denoiser-only")  # fmt: skip
+        if samples > 1:  # HunyuanVideo 1.5's VAE (diffusers 0.42) decodes one clip per call only
+            fix += (f"; if it fails only on several samples at once (this call had {samples}), decode one per call: "
+                    "--batch-size 1 (generate, report), GenerateConfig(batch_size=1) in Python")  # fmt: skip
     else:
         passed = ", ".join(sorted(call_kwargs))
         fix = (f"this is the pipeline's own code; check the call arguments diffkiln passed ({passed}) against the "

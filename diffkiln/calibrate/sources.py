@@ -285,7 +285,7 @@ def pipeline_call_hints(
         yield
     except Exception as exc:
         if isinstance(exc, DiffkilnError) or not isinstance(exc, _HINTED):
-            _raise_named(pipe, exc, call_kwargs)
+            _raise_named(pipe, exc, call_kwargs, len(samples))
         name, params = type(pipe).__name__, call_parameters(pipe)
         strength = call_kwargs.get("strength", params["strength"].default if "strength" in params else None)
         if isinstance(strength, int | float) and steps * strength < 1:
@@ -303,15 +303,15 @@ def pipeline_call_hints(
                 "--control-image FILE to generate"
             )
             raise InvalidInputError(f"{name} failed without an input {missing[0]} ({exc}); {fix}") from exc
-        _raise_named(pipe, exc, call_kwargs)
+        _raise_named(pipe, exc, call_kwargs, len(samples))
 
 
 _HINTED = (TypeError, ValueError, AttributeError, RuntimeError, IndexError)
 """The failure types a missing input or an empty schedule raise in diffusers."""
 
 
-def _raise_named(pipe: Any, exc: Exception, call_kwargs: Mapping[str, Any]) -> NoReturn:
-    failure = pipeline_failure(pipe, exc, call_kwargs)
+def _raise_named(pipe: Any, exc: Exception, call_kwargs: Mapping[str, Any], samples: int) -> NoReturn:
+    failure = pipeline_failure(pipe, exc, call_kwargs, samples)
     if failure is None:
         raise exc
     raise failure from exc

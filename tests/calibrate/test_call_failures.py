@@ -24,8 +24,8 @@ class _Pipe:
         return fn()
 
 
-def _call(pipe: _Pipe, fn: Any) -> Any:
-    with pipeline_call_hints(pipe, [{"prompt": "x"}], 2, {"num_inference_steps": 2, "height": 32}):
+def _call(pipe: _Pipe, fn: Any, samples: int = 1) -> Any:
+    with pipeline_call_hints(pipe, [{"prompt": "x"}] * samples, 2, {"num_inference_steps": 2, "height": 32}):
         return pipe(fn)
 
 
@@ -39,7 +39,15 @@ def test_the_models_own_failure_names_the_component_and_the_function() -> None:
     # The innermost frame in the model's own code whose ``self`` is one of the pipeline's modules.
     assert message.startswith("_Pipe failed in its vae (Encoder.forward): RuntimeError: "), message
     assert "--vae-tiling" in message  # an autoencoder with tiled decoding off: the one fix known
+    assert "--batch-size 1" not in message  # one sample in the call
     assert isinstance(info.value.__cause__, RuntimeError)
+
+
+def test_an_autoencoder_failing_on_several_samples_gets_one_per_call_as_a_fix() -> None:
+    # HunyuanVideo 1.5's VAE (diffusers 0.42) fails on a batch of two clips, not on one.
+    vae = tiny_vae()
+    with pytest.raises(PipelineCallError, match=r"this call had 2\), decode one per call: --batch-size 1"):
+        _call(_Pipe(vae=vae), lambda: vae.encode(torch.zeros(2, 5, 32, 32)), samples=2)
 
 
 def test_a_component_without_tiling_gets_the_call_arguments_to_check() -> None:

@@ -117,3 +117,25 @@ def test_without_readable_rules_the_pass_runs_the_full_optimizer(
     monkeypatch.setattr(module, "single_output_rules", lambda: None)
     ours = GraphOptimizePass()(_copy(exported)).model
     assert _ops(ours) == _ops(_torch_optimized(_copy(exported)))
+
+
+class _SplitBySize(nn.Module):
+    """``torch.split`` by a chunk size read from a dynamic axis (LTX-2 splits so): a SplitToSequence
+    whose split is a 0-D value the graph computes. onnxscript's folding of it fails (it reads the
+    value it does not have); so did every dynamic LTX-2 export."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = torch.split(x, x.shape[1] // 2, dim=1)
+        return torch.cat([parts[1], parts[0]], dim=1) * 2
+
+
+def test_a_node_the_folding_cannot_take_leaves_a_complete_graph() -> None:
+    model = _SplitBySize().eval()
+    axes = ({0: torch.export.Dim("batch", max=64), 1: torch.export.Dim.DYNAMIC},)
+    program = torch.onnx.export(model, (torch.randn(2, 8, 4),), dynamo=True, optimize=False, dynamic_shapes=axes,
+                                input_names=["x"])  # fmt: skip
+    ours = GraphOptimizePass()(program.model).model
+    assert "SplitToSequence" in [op for _, op, _ in _ops(ours)]
+    for shape in ((1, 6, 4), (3, 10, 4)):  # both dynamic axes still run, as torch computes them
+        x = torch.randn(*shape)
+        np.testing.assert_array_equal(_run(ours, x.numpy()), model(x).numpy())

@@ -114,7 +114,10 @@ class CacheRecorder:
         self.layout = layout
         self.calls: list[dict[str, torch.Tensor]] = []
         self.current: dict[str, torch.Tensor] | None = None
-        self._index: dict[str, torch.Tensor] = {}
+        # One subsample per element count, shared by every key of that count: a residual is ``out.e
+        # - in.s`` element by element, so both streams need the same positions; and calls of another
+        # size (LTX-2's batched guidance call beside its single ones) get positions of their own.
+        self._index: dict[int, torch.Tensor] = {}
         self._gen = torch.Generator().manual_seed(seed)
         self.active = True
         self.stream_list = {i: bl for bl in layout.lists if bl.residual_capable for i in range(bl.start, bl.end)}
@@ -124,11 +127,11 @@ class CacheRecorder:
         if self.current is None:
             return
         flat = torch.cat([t.detach().reshape(-1).float().cpu() for t in tensors])
-        if key not in self._index:
-            n = flat.numel()
+        n = flat.numel()
+        if n not in self._index:
             pick = torch.randperm(n, generator=self._gen)[:SUBSAMPLE].sort().values
-            self._index[key] = pick if n > SUBSAMPLE else torch.arange(n)
-        self.current[key] = flat[self._index[key]]
+            self._index[n] = pick if n > SUBSAMPLE else torch.arange(n)
+        self.current[key] = flat[self._index[n]]
 
     def finish(self, steps: int) -> CacheStats:
         """The proxies over ``steps`` sampler steps.

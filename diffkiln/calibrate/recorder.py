@@ -138,7 +138,7 @@ class Recorder:
             # position's row varies across prompts, and the rows themselves (for BOS rows).
             a["pos"].setdefault(t, []).append((tag, (idx // x.shape[2]) % x.shape[1]))
             spread = (x.amax(0) - x.amin(0)).abs().amax(-1).cpu()
-            a["spread"] = spread if a["spread"] is None else torch.maximum(a["spread"], spread)
+            a["spread"] = _longest_max(a["spread"], spread)
             if a["rows"] is None or tag < a["rows"][0]:
                 a["rows"] = (tag, x[0].cpu().clone())  # the first call's: the earliest tag
         mn, mx = float(flat.min()), float(flat.max())
@@ -186,7 +186,7 @@ class Recorder:
                     for t, packed in a[key].items():
                         m[key].setdefault(t, []).extend(_unpack(packed))
                 if a["spread"] is not None:
-                    m["spread"] = a["spread"] if m["spread"] is None else torch.maximum(m["spread"], a["spread"])
+                    m["spread"] = _longest_max(m["spread"], a["spread"])
                 if a["rows"] is not None and (m["rows"] is None or a["rows"][0] < m["rows"][0]):
                     m["rows"] = a["rows"]
         for m in merged.values():
@@ -241,6 +241,15 @@ class Recorder:
                 out_samples=torch.stack(out_samples) if out_samples else empty,
             )
         return out
+
+
+def _longest_max(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
+    """Elementwise maximum of two per-position spreads, the longer one's tail kept: a pipeline that
+    pads each batch's text to its longest prompt only (Kandinsky 5) gives calls of other lengths."""
+    if a is None:
+        return b
+    short, long = (a, b) if a.numel() <= b.numel() else (b, a)
+    return torch.cat([torch.maximum(short, long[: short.numel()]), long[short.numel() :]])
 
 
 def _accumulator(kind: str) -> dict[str, Any]:

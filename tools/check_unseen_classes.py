@@ -1,24 +1,30 @@
-"""Sixteen denoiser classes built outside the test matrix, and Wan 2.2's two-expert sampler, each
+"""Nineteen denoiser classes built outside the test matrix, and Wan 2.2's two-expert sampler, each
 with shapes and call arguments of its own, run through `diffkiln optimize FOLDER` with
-`--call-arg` options only, as a user would.
+`--call-arg` options only, as a user would. The builders are in tools/unseen_image_classes.py and
+tools/unseen_video_classes.py.
 
 For each: build the tiny pipeline (random weights, seed 1) and save it as a diffusers folder; run
 the CLI in a fresh process; then load the bundle and the folder and compare the bundle's denoiser
 with the FP one on every sampler call of a held-out prompt (per-call SQNR; issue 20's bar: 20 dB),
-and each quantized expert beside it on its own calls.
+each of a call's predictions apart (LTX-2's video and audio), and each quantized expert beside it
+on its own calls.
 Then `diffkiln report BUNDLE` in a fresh process, which decodes: the final latents' SQNR against
-FP. Allegro's VAE decodes only in tiles: its report runs with `--vae-tiling`, and once without, to
-record the one-line error that names the option. Last, `diffkiln export BUNDLE --format onnx
---denoiser-only`: the graph's dynamic axes and its check against the torch runtime, or the error.
-Fourteen of the sixteen classes are in no test matrix entry (Allegro, Mochi, AnimateDiff,
-PixArt-Sigma, HunyuanVideo, CogView4, SANA, Chroma, FLUX.2 [klein], SkyReels-V2 diffusion forcing;
-Lumina2 and QwenImage only in tests/matrix/test_constructor_tensors.py, Z-Image only in
-tests/matrix/test_list_inputs.py, HiDream only in tests/matrix/test_stacked_sequences.py, at other
-widths); the other two (HunyuanDiT, Stable Audio) are built at other widths and depths. ``wan22``
+FP (the frames' PSNR where the pipeline gives no step callback). Allegro's VAE decodes only in
+tiles: its report runs with `--vae-tiling`, and once without, to record the one-line error that
+names the option; HunyuanVideo 1.5's decodes one clip per call: `--batch-size 1`, and once with
+two. Last, `diffkiln export BUNDLE --format onnx --denoiser-only`: the graph's dynamic axes and
+its check against the torch runtime, or the error.
+Sixteen of the nineteen classes are in no test matrix entry (Allegro, Mochi, AnimateDiff,
+PixArt-Sigma, HunyuanVideo, HunyuanVideo 1.5, Kandinsky 5, CogView4, SANA, Chroma, FLUX.2 [klein],
+SkyReels-V2 diffusion forcing; Lumina2 and QwenImage only in
+tests/matrix/test_constructor_tensors.py, Z-Image only in tests/matrix/test_list_inputs.py,
+HiDream only in tests/matrix/test_stacked_sequences.py, at other widths); LTX-2 is the builder of
+tests/matrix/test_joint_latents.py (``diffkiln.zoo.architectures.audio_video``); the other two
+(HunyuanDiT, Stable Audio) are built at other widths and depths. ``wan22``
 is Wan2.2-T2V-A14B's layout: two transformers of one config, initialised independently, the second
 below 0.875 of the timesteps (tests/matrix/test_expert_split.py has a perturbed copy at 0.6);
 ``wan22-i2v`` is Wan2.2-I2V-A14B's, with an input image and the boundary at 0.9. The
-decoder language models' tokenizers (Llama, GLM, Gemma 2, Qwen2.5-VL, Qwen3) are diffkiln's
+decoder language models' tokenizers (Llama, GLM, Gemma 2 and 3, Qwen2.5-VL, Qwen3) are diffkiln's
 word-level stand-in (`lm_tokenizer`).
 ``--only`` runs some classes; ``--out`` keeps the other classes' rows of an earlier run.
 

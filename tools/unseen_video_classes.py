@@ -292,10 +292,21 @@ def hunyuan_video15(scratch: Path) -> Any:
                                   guider=ClassifierFreeGuidance(guidance_scale=6.0))  # fmt: skip
 
 
+def _unzeroed(model: torch.nn.Module) -> None:
+    """Random values (std 0.02) in every weight the constructor leaves at zero, as training leaves
+    none: Kandinsky 5 zero-initialises its modulations (adaLN-zero), whose gates then silence every
+    block, and a quantized block would change nothing measurable."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("weight") and not param.any():
+                param.normal_(0.0, 0.02)
+
+
 def kandinsky5(scratch: Path) -> Any:
     """Kandinsky 5 text-to-video: a Qwen2.5-VL read past its 128-token template (the word-level
-    stand-in splits the template into exactly 128 tokens with its BOS), its text packed without
-    padding (``cu_seqlens``: each prompt's own length), a pooled CLIP vector, HunyuanVideo's VAE."""
+    stand-in splits the template into exactly 128 tokens with its BOS), its text padded per batch
+    to the longest prompt (``cu_seqlens``: each prompt's own length), a pooled CLIP vector,
+    HunyuanVideo's VAE; its zero-initialised modulations given random values."""
     tok = lm_tokenizer()
     clip_tok, clip = clip77(scratch, 32)
     rope = {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"}
@@ -312,6 +323,7 @@ def kandinsky5(scratch: Path) -> Any:
                                                out_visual_dim=4, patch_size=(1, 2, 2), model_dim=48, ff_dim=128,
                                                num_text_blocks=1, num_visual_blocks=2, axes_dims=(8, 8, 8),
                                                visual_cond=False)  # fmt: skip
+    _unzeroed(transformer)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=7.0)
     return Kandinsky5T2VPipeline(transformer=transformer, vae=vae, scheduler=scheduler, text_encoder=qwen,
                                  tokenizer=tok, text_encoder_2=clip, tokenizer_2=clip_tok)  # fmt: skip

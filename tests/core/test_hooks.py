@@ -6,9 +6,16 @@ import inspect
 
 import pytest
 import torch
+from diffusers.models.modeling_outputs import AutoencoderKLOutput, Transformer2DModelOutput
 from torch import nn
 
-from diffkiln.core.hooks import HookRegistry, recording_method_calls, scoped_hooks
+from diffkiln.core.hooks import (
+    HookRegistry,
+    map_output_tensors,
+    output_tensors,
+    recording_method_calls,
+    scoped_hooks,
+)
 
 
 class _Vae(nn.Module):
@@ -46,3 +53,17 @@ def test_a_method_hook_refuses_forward_a_taken_name_or_a_second_wrapper() -> Non
     registry.add_method_pre_hook("c", vae, "decode", lambda *a: None)
     registry.remove("c")
     assert "decode" not in vars(vae) and registry.names == []
+
+
+def test_every_output_tensor_is_read_and_replaced_in_its_structure() -> None:
+    video, audio, mask = torch.randn(2, 4), torch.randn(2, 3), torch.ones(2)
+    # LTX-2's tuple of two predictions, Z-Image's per-sample list inside a tuple, an output object.
+    for out, n in (((video, audio), 2), (([video, audio], None), 2), (Transformer2DModelOutput(sample=video), 1),
+                   (video, 1), ({"a": video, "b": [audio, mask]}, 3)):  # fmt: skip
+        got = output_tensors(out)
+        assert len(got) == n and got[0] is video, out
+        doubled = map_output_tensors(out, lambda t: t * 2)
+        assert type(doubled) is type(out)
+        assert all(torch.equal(a * 2, b) for a, b in zip(got, output_tensors(doubled), strict=True))
+    assert map_output_tensors((video, None, "x"), torch.zeros_like)[1:] == (None, "x")  # other values kept
+    assert isinstance(map_output_tensors(AutoencoderKLOutput(latent_dist=video), torch.zeros_like), AutoencoderKLOutput)

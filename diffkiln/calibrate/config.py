@@ -16,7 +16,9 @@ STATS_VERSION = 7
 """4 added the traced data flow, the verified BOS positions and the sequence inputs by name; 5 draws
 each batch's value samples from generators seeded by the batch (so ranks that run different
 batches merge into one process's statistics); 6 records the experts of the denoiser's class that the
-sampler also runs (``settings["experts"]``), which ``optimize`` quantizes too."""
+sampler also runs (``settings["experts"]``), which ``optimize`` quantizes too; 7 records every latent
+the denoiser denoises (``latent_inputs``), verifies BOS rows with longer probes, and subsamples the
+cache search's tensors by element count."""
 
 
 def _json_ready(value: Any, what: str) -> Any:

@@ -363,3 +363,42 @@ def test_boolean_masks_run_in_onnxruntime(tmp_path: Path) -> None:
         with torch.no_grad():
             ref = module(**feeds).numpy()
         np.testing.assert_allclose(_run(path, feeds), ref, rtol=1e-6, atol=1e-6)
+
+
+class _PatchBounds(nn.Module):
+    """LTX-2's rotary positions: patch coordinates as ``[start, end)`` pairs in a last axis of 2,
+    halved by ``chunk(2)`` and squeezed to their midpoints, then transposed against the tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, hidden: torch.Tensor, coords: torch.Tensor, return_dict: bool = True) -> torch.Tensor:
+        start, end = coords.chunk(2, dim=-1)
+        mid = ((start + end) / 2.0).squeeze(-1)  # (batch, 3, tokens)
+        freqs = (mid.transpose(1, 2).unsqueeze(-1) * torch.arange(1, 3).float()).flatten(2)[..., :4]
+        h = self.proj(hidden).unflatten(2, (2, -1)) * freqs.cos().unsqueeze(2)
+        return h.transpose(1, 2).flatten(1, 2)
+
+
+def test_only_the_varied_axes_dynamic_keeps_a_fixed_axis_the_model_splits(tmp_path: Path) -> None:
+    # With every axis dynamic, the pair axis became a symbol: the chunk's halves a computed size
+    # and their squeeze a no-op in the graph (the traced program squeezed), so a Transpose met a
+    # tensor of another rank in onnxruntime. The checked export's third attempt makes dynamic only
+    # the axes its second call varied (here the tokens) and the batch.
+    from diffkiln.export.onnx.components import Component, ComponentKind, batch_inputs, flatten_kwargs
+    from diffkiln.export.onnx.exporter import _Denoiser
+    from diffkiln.export.onnx.program import export_component
+
+    module = _PatchBounds().eval()
+    tensors, options = flatten_kwargs({"hidden": torch.randn(1, 6, 8), "coords": torch.rand(1, 3, 6, 2)})
+    component = Component("m", ComponentKind.DENOISER, _Denoiser(module, list(tensors), options,
+                                                                 batch_inputs(tensors)), tensors, options)  # fmt: skip
+    entry = export_component(component, tmp_path / "m.onnx", OnnxExportConfig(tmp_path, progress=False), set(),
+                             float16=False, varied={"hidden": [1], "coords": [2]})  # fmt: skip
+    assert entry["dynamic_axes"] == {"hidden": [0, 1], "coords": [0, 2]}, entry
+    for batch, tokens in [(1, 6), (2, 10)]:
+        feeds = {"hidden": torch.randn(batch, tokens, 8), "coords": torch.rand(batch, 3, tokens, 2)}
+        with torch.no_grad():
+            ref = module(**feeds).numpy()
+        np.testing.assert_allclose(_run(tmp_path / "m.onnx", feeds), ref, rtol=1e-5, atol=1e-5)

@@ -21,7 +21,7 @@ from diffkiln.export.onnx.modules import OnnxExportError
 from diffkiln.export.onnx.program import export_component
 from diffkiln.export.onnx.write import error_summary
 
-__all__ = ["DYNAMIC_ATTEMPTS", "checked_denoiser", "verified_entry"]
+__all__ = ["DYNAMIC_ATTEMPTS", "checked_denoiser", "varied_axes", "verified_entry"]
 
 _PER_PROMPT = ("num_videos_per_prompt", "num_images_per_prompt", "num_waveforms_per_prompt")
 """diffusers' call arguments that make several samples of one prompt (and one input image)."""
@@ -41,7 +41,7 @@ def checked_denoiser(
         inputs of the check's other call; None for a static graph)."""
     failures: list[str] = []
     calls: dict[bool, tuple[Component, dict[str, torch.Tensor]] | str] = {}
-    for attempt, swapped, batch_only in DYNAMIC_ATTEMPTS if config.dynamic else ():
+    for attempt, swapped, batch_only, varied_only in DYNAMIC_ATTEMPTS if config.dynamic else ():
         if batch_only not in calls:
             calls[batch_only] = _second_call(component, config, bundle, batch_only)
         second = calls[batch_only]
@@ -51,8 +51,10 @@ def checked_denoiser(
         base, tensors = second
         traced, checked = (tensors, base.example) if swapped else (base.example, tensors)
         exported = dataclasses.replace(base, example=traced)
+        varied = varied_axes(base, tensors) if varied_only else None
         try:
-            entry = export_component(exported, file, config, names, batch_only=batch_only, fallback=False)
+            entry = export_component(exported, file, config, names, batch_only=batch_only, fallback=False,
+                                     varied=varied)  # fmt: skip
             _check_int_inputs(entry, base.int_inputs)
         except Exception as exc:  # torch.export raises many types; the reason goes to the manifest
             failures.append(f"{attempt}: {type(exc).__name__}: {error_summary(exc)}")
@@ -83,13 +85,20 @@ def _not_exported(component: Component, reason: str) -> str:
 
 
 DYNAMIC_ATTEMPTS = (
-    ("every axis dynamic", False, False),
-    ("every axis dynamic, traced at the second shape", True, False),
-    ("the batch axis dynamic", False, True),
+    ("every axis dynamic", False, False, False),
+    ("every axis dynamic, traced at the second shape", True, False, False),
+    ("the axes the second shape varies dynamic", False, False, True),
+    ("the batch axis dynamic", False, True, False),
 )
 """The dynamic exports of the denoiser, tried in order: (what, traced at the second shape and
-checked at the recorded call, batch axis only). The others are traced at the recorded call and
-checked at the second shape (another batch and, but for the batch-only one, another size).
+checked at the recorded call, batch axis only, only the axes the second shape varies). The others
+are traced at the recorded call and checked at the second shape (another batch and, but for the
+batch-only one, another size).
+
+Only the varied axes: an axis of fixed size the model splits and squeezes (LTX-2's patch
+coordinates, ``[start, end)`` in a last axis of 2, halved by ``chunk(2)`` and squeezed) traced
+as a symbol gave a graph whose ranks onnxruntime found wrong at another size; left at its size,
+the latent and text axes around it stay dynamic.
 
 Tracing at the second shape is for a model that takes a shortcut at the size it was configured
 for: PixArt's patch embedding adds its stored position table where ``height == sample_size`` and
@@ -155,15 +164,20 @@ def _check_int_inputs(entry: dict[str, Any], int_inputs: tuple[str, ...]) -> Non
         raise ValueError(f"the trace fixed the int arguments {fixed} to their traced values")
 
 
+def varied_axes(component: Component, tensors: dict[str, Any]) -> dict[str, list[int]]:
+    """Per input, the axes whose size differs between the recorded call and ``tensors``."""
+    return {
+        n: [a for a, (x, y) in enumerate(zip(component.example[n].shape, tensors[n].shape, strict=True)) if x != y]
+        for n in component.example
+    }
+
+
 def verified_entry(
     entry: dict[str, Any], component: Component, tensors: dict[str, Any], check: dict[str, Any], failures: list[str]
 ) -> dict[str, Any]:
     """The entry with only the symbolic axes the check really varied declared dynamic (the others
     listed as unverified), and the check's result."""
-    varied = {
-        n: [a for a, (x, y) in enumerate(zip(component.example[n].shape, tensors[n].shape, strict=True)) if x != y]
-        for n in component.example
-    }
+    varied = varied_axes(component, tensors)
     dynamic = {n: [a for a in axes if a in varied.get(n, [])] for n, axes in entry["dynamic_axes"].items()}
     unverified = {n: [a for a in axes if a not in dynamic[n]] for n, axes in entry["dynamic_axes"].items()}
     out = {**entry, "dynamic_axes": dynamic, "dynamic": any(dynamic.values()), "check": check,

@@ -8,7 +8,7 @@ shape (:mod:`diffkiln.export.onnx.check`); this module only exports and describe
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +28,15 @@ __all__ = ["TRACE_BATCH", "dynamic_shapes", "export_component", "export_program"
 log = logging.getLogger(__name__)
 
 
-def dynamic_shapes(component: Component, batch_only: bool = False) -> tuple[tuple[Any, ...]]:
+def dynamic_shapes(
+    component: Component, batch_only: bool = False, varied: Mapping[str, Sequence[int]] | None = None
+) -> tuple[tuple[Any, ...]]:
     """The axes to export as ``Dim.AUTO`` (dynamic where the model allows, static where it
     constrains them: channels a weight fixes, a position table): every axis of every input, but a
     text encoder's token axis and an axis of size 1; with ``batch_only``, the batch axis of the
     inputs that share the main input's batch. Which axes really vary is established by running the
-    graph at a second shape.
+    graph at a second shape; ``varied`` (per input, the axes a second shape changes) limits the
+    dynamic axes to those and the batch axis.
 
     A size-1 axis would be specialized to 1 anyway (torch.export's 0/1 specialization); declared
     ``Dim.AUTO``, it makes the decomposition pass re-evaluate a guard on it to the opposite of its
@@ -54,6 +57,8 @@ def dynamic_shapes(component: Component, batch_only: bool = False) -> tuple[tupl
             dims = [0] if i in batched else []
         else:
             dims = [d for d in range(t.dim()) if t.shape[d] != 1 or (d == 0 and i in batched)]
+            if varied is not None:
+                dims = [d for d in dims if d in varied.get(name, ()) or (d == 0 and i in batched)]
         spec.append({d: Dim.AUTO for d in dims} or None)
     return (tuple(spec),)  # the wrappers take ``*tensors``: one tuple argument
 
@@ -74,10 +79,16 @@ def trace_example(example: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def export_program(
-    component: Component, opset: int, dynamic: bool, batch_only: bool = False, fallback: bool = True
+    component: Component,
+    opset: int,
+    dynamic: bool,
+    batch_only: bool = False,
+    fallback: bool = True,
+    varied: Mapping[str, Sequence[int]] | None = None,
 ) -> tuple[Any, str | None]:
-    """torch.onnx.export with dynamic axes (:func:`dynamic_shapes`); on failure, again with the
-    recorded shapes (with ``fallback``; else the failure is raised)."""
+    """torch.onnx.export with dynamic axes (:func:`dynamic_shapes`, ``batch_only`` and ``varied`` as
+    there); on failure, again with the recorded shapes (with ``fallback``; else the failure is
+    raised)."""
     kwargs: dict[str, Any] = {
         "input_names": list(component.example),
         "dynamo": True,
@@ -99,7 +110,7 @@ def export_program(
     with torch.no_grad(), DataAsDetach():
         if dynamic:
             try:
-                shapes = dynamic_shapes(component, batch_only)
+                shapes = dynamic_shapes(component, batch_only, varied)
                 return _to_onnx(module, lambda: fresh(trace_example(component.example)), shapes, kwargs), None
             except Exception as exc:  # torch.export raises many types; the reason goes to the manifest
                 if not fallback:
@@ -187,13 +198,14 @@ def export_component(
     float16: bool = True,
     batch_only: bool = False,
     fallback: bool = True,
+    varied: Mapping[str, Sequence[int]] | None = None,
 ) -> dict[str, Any]:
     """Export ``component`` to ``path`` (:func:`export_program`, :func:`pin_inputs`, the passes of
     :func:`~diffkiln.export.onnx.write.finish_model`, the full checker) and return its manifest
     entry: inputs and outputs, options, output layout, and ``dynamic_axes`` (the input axes the
     graph leaves symbolic), ``dynamic``, and ``static_reason`` where the dynamic export failed."""
     fold_weight_norms(component.module)
-    program, static_reason = export_program(component, config.opset, config.dynamic, batch_only, fallback)
+    program, static_reason = export_program(component, config.opset, config.dynamic, batch_only, fallback, varied)
     if program is None:
         raise RuntimeError("torch.onnx.export returned no program")
     pin_inputs(program)

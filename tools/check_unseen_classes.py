@@ -1,4 +1,4 @@
-"""Nineteen denoiser classes built outside the test matrix, and Wan 2.2's two-expert sampler, each
+"""Twenty-one denoiser classes built outside the test matrix, and Wan 2.2's two-expert sampler, each
 with shapes and call arguments of its own, run through `diffkiln optimize FOLDER` with
 `--call-arg` options only, as a user would. The builders are in tools/unseen_image_classes.py and
 tools/unseen_video_classes.py.
@@ -14,9 +14,9 @@ tiles: its report runs with `--vae-tiling`, and once without, to record the one-
 names the option; HunyuanVideo 1.5's decodes one clip per call: `--batch-size 1`, and once with
 two. Last, `diffkiln export BUNDLE --format onnx --denoiser-only`: the graph's dynamic axes and
 its check against the torch runtime, or the error.
-Sixteen of the nineteen classes are in no test matrix entry (Allegro, Mochi, AnimateDiff,
-PixArt-Sigma, HunyuanVideo, HunyuanVideo 1.5, Kandinsky 5, CogView4, SANA, Chroma, FLUX.2 [klein],
-SkyReels-V2 diffusion forcing; Lumina2 and QwenImage only in
+Eighteen of the twenty-one classes are in no test matrix entry (Allegro, Mochi, AnimateDiff,
+PixArt-Sigma, HunyuanVideo, HunyuanVideo 1.5, Kandinsky 5, SANA-Video, Helios, CogView4, SANA,
+Chroma, FLUX.2 [klein], SkyReels-V2 diffusion forcing; Lumina2 and QwenImage only in
 tests/matrix/test_constructor_tensors.py, Z-Image only in tests/matrix/test_list_inputs.py,
 HiDream only in tests/matrix/test_stacked_sequences.py, at other widths); LTX-2 is the builder of
 tests/matrix/test_joint_latents.py (``diffkiln.zoo.architectures.audio_video``); the other two

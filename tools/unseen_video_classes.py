@@ -18,7 +18,11 @@ from diffusers import (
     AutoencoderKLMochi,
     AutoencoderKLWan,
     DDIMScheduler,
+    DPMSolverMultistepScheduler,
     FlowMatchEulerDiscreteScheduler,
+    HeliosPipeline,
+    HeliosScheduler,
+    HeliosTransformer3DModel,
     HunyuanVideo15Pipeline,
     HunyuanVideo15Transformer3DModel,
     HunyuanVideoPipeline,
@@ -28,6 +32,8 @@ from diffusers import (
     MochiPipeline,
     MochiTransformer3DModel,
     MotionAdapter,
+    SanaVideoPipeline,
+    SanaVideoTransformer3DModel,
     SkyReelsV2DiffusionForcingPipeline,
     SkyReelsV2Transformer3DModel,
     UNet2DConditionModel,
@@ -42,6 +48,8 @@ from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTokenizer,
+    Gemma2Config,
+    Gemma2Model,
     LlamaConfig,
     LlamaModel,
     Qwen2_5_VLConfig,
@@ -329,6 +337,44 @@ def kandinsky5(scratch: Path) -> Any:
                                  tokenizer=tok, text_encoder_2=clip, tokenizer_2=clip_tok)  # fmt: skip
 
 
+def sana_video(scratch: Path) -> Any:
+    """SANA-Video: SANA's linear-attention DiT over video (3-D rotary positions), Wan's VAE, a Gemma 2
+    encoder read with SANA's instruction prefix, DPM-Solver++."""
+    tok = lm_tokenizer()
+    transformer = SanaVideoTransformer3DModel(in_channels=16, out_channels=16, num_attention_heads=2,
+                                              attention_head_dim=12, num_layers=2, num_cross_attention_heads=2,
+                                              cross_attention_head_dim=12, cross_attention_dim=24, caption_channels=16,
+                                              mlp_ratio=2.5, attention_bias=False, sample_size=8, patch_size=(1, 2, 2),
+                                              norm_elementwise_affine=False, qk_norm="rms_norm_across_heads",
+                                              rope_max_seq_len=32)  # fmt: skip
+    gemma = Gemma2Model(Gemma2Config(head_dim=8, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                                     num_hidden_layers=2, num_key_value_heads=2, vocab_size=len(tok), pad_token_id=0,
+                                     attn_implementation="eager"))  # fmt: skip
+    return SanaVideoPipeline(tokenizer=tok, text_encoder=gemma, vae=_wan_vae(), transformer=transformer,
+                             scheduler=DPMSolverMultistepScheduler())  # fmt: skip
+
+
+def helios(scratch: Path) -> Any:
+    """Helios: a Wan-style transformer that generates a long clip chunk by chunk, each chunk's calls
+    conditioned on the latents of the chunks before it (multi-term memory patches), with its own
+    scheduler."""
+    tok = t5_tokenizer(scratch / "tokenizer")
+    transformer = HeliosTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                           in_channels=16, out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32,
+                                           num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                           rope_dim=(4, 4, 4), has_multi_term_memory_patch=True,
+                                           guidance_cross_attn=True, zero_history_timestep=True,
+                                           is_amplify_history=False)  # fmt: skip
+    scheduler = HeliosScheduler(stage_range=[0, 1], stages=1, use_dynamic_shifting=True)
+    return HeliosPipeline(tokenizer=tok, text_encoder=t5_encoder(tok, 32), vae=_wan_vae(), transformer=transformer,
+                          scheduler=scheduler)  # fmt: skip
+
+
+def _wan_vae() -> AutoencoderKLWan:
+    return AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                            temperal_downsample=[False, True, True])  # fmt: skip
+
+
 VIDEO_CLASSES: dict[str, tuple[Callable[[Path], Any], dict[str, Any]]] = {
     "allegro": (
         allegro,
@@ -346,5 +392,10 @@ VIDEO_CLASSES: dict[str, tuple[Callable[[Path], Any], dict[str, Any]]] = {
     "wan22-i2v": (wan22_i2v, {"height": 16, "width": 16, "num_frames": 5, "max_sequence_length": 16}),
     "hunyuan-video-1.5": (hunyuan_video15, {"height": 16, "width": 16, "num_frames": 9}),
     "kandinsky5": (kandinsky5, {"height": 32, "width": 32, "num_frames": 5, "max_sequence_length": 16}),
+    "sana-video": (
+        sana_video,
+        {"height": 32, "width": 32, "frames": 9, "max_sequence_length": 16, "use_resolution_binning": False},
+    ),
+    "helios": (helios, {"height": 16, "width": 16, "num_frames": 9, "max_sequence_length": 16}),
     "ltx2": (tiny_ltx2, {"height": 32, "width": 32, "num_frames": 5, "frame_rate": 25.0, "max_sequence_length": 16}),
 }

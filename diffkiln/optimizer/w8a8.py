@@ -10,6 +10,7 @@ that have no integer kernel, always. ``include``/``exclude`` globs override the 
 from __future__ import annotations
 
 import fnmatch
+import logging
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -124,6 +125,21 @@ class W8A8Config:
         if self.smooth_min_outlier_ratio < 1.0:
             raise InvalidInputError(f"smooth_min_outlier_ratio must be >= 1, got {self.smooth_min_outlier_ratio}")
         check_layer_kinds(self.layer_kinds)
+
+
+log = logging.getLogger(__name__)
+
+WIDE_STEP_RANGE = 16.0
+"""A layer whose largest input magnitude at one sampler step is this many times that at another
+loses four of its eight bits at the quieter step under one static range for all steps."""
+
+
+def _step_range_ratio(st: LayerStats) -> float:
+    """The largest over the smallest of the layer's per-step input magnitudes."""
+    per_step = st.channel_absmax.amax(dim=1) if st.channel_absmax.dim() == 2 else st.channel_absmax
+    if per_step.numel() < 2:
+        return 1.0
+    return float(per_step.max() / per_step.min().clamp_min(torch.finfo(torch.float32).tiny))
 
 
 def _matches(name: str, globs: tuple[str, ...]) -> bool:
@@ -283,6 +299,7 @@ def plan_w8a8(model: Any, stats: CalibrationStats, config: W8A8Config, context: 
             "them in FP with --exclude"
         )
     out: list[LayerPlan] = []
+    wide: list[str] = []  # layers whose ranges differ widely between steps, under one static range
     for name, module in layers.items():
         kind = layer_kind(module) or ""
         weight_t = _weight(module)
@@ -304,10 +321,18 @@ def plan_w8a8(model: Any, stats: CalibrationStats, config: W8A8Config, context: 
         alpha = config.smooth_alpha if smooth else None
         factors = smoothing_factors(act_absmax, weight_t, alpha) if alpha is not None else None
         act = _act_spec(st, config, factors, rows, stats.timesteps)
+        if act.mode is ActMode.STATIC and not act.step_scales and _step_range_ratio(st) >= WIDE_STEP_RANGE:
+            wide.append(name)
         weight = WeightSpec(bits=config.weight_bits, scale_dtype=_layer_scale_dtype(module, config, factors))
         output = _output_spec(name, st, config.clip) if kind != "linear" and config.requantize_conv_outputs else None
         out.append(LayerPlan(name, kind, weight, act, rows, "", params, alpha, n_out, output))
     bos = sorted({p for lp in out for p in lp.bos_positions})
+    if wide:
+        log.warning(
+            "%d layer(s) see input ranges at least %.0fx apart between sampler steps (e.g. %s) under one static "
+            "range; --timestep-aware gives each step its own (W8A8Config(timestep_aware=True))",
+            len(wide), WIDE_STEP_RANGE, ", ".join(wide[:3]),
+        )  # fmt: skip
     return Plan(
         recipe="w8a8",
         source={"id": context.source_id, "weight_hash": stats.model_hash},
@@ -325,6 +350,7 @@ def plan_w8a8(model: Any, stats: CalibrationStats, config: W8A8Config, context: 
             "recipe_config": config_to_dict(config),
             "calibration": stats.settings,
             "bos": _bos_summary(stats, stats.invariant_positions()),
+            "wide_step_ranges": wide,
         },
         denoiser=stats.denoiser,
     )

@@ -29,6 +29,7 @@ from diffkiln.export.onnx.components import (
     _Denoiser,
     batch_inputs,
     repeated_batch,
+    the_prediction,
     tie_batch,
     with_ints,
 )
@@ -81,8 +82,8 @@ class CacheReuseDenoiser(_Denoiser):
 
         def call() -> torch.Tensor:
             named = with_ints(dict(zip(names, main, strict=True)), self.int_inputs)
-            out = self.denoiser(**_unflattened(named), **self.options, return_dict=False)
-            return out[0] if isinstance(out, tuple) else out
+            out: torch.Tensor = the_prediction(self.denoiser(**_unflattened(named), **self.options, return_dict=False))
+            return out
 
         result: torch.Tensor = self.tracer.reuse(call, values)
         return result

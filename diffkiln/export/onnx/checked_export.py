@@ -56,6 +56,8 @@ def checked_denoiser(
             entry = export_component(exported, file, config, names, batch_only=batch_only, fallback=False,
                                      varied=varied)  # fmt: skip
             _check_int_inputs(entry, base.int_inputs)
+        except OnnxExportError as exc:  # a refusal of diffkiln's own holds at any shape
+            raise OnnxExportError(_not_exported(component, str(exc))) from None
         except Exception as exc:  # torch.export raises many types; the reason goes to the manifest
             failures.append(f"{attempt}: {type(exc).__name__}: {error_summary(exc)}")
             continue

@@ -191,13 +191,31 @@ class _Denoiser(_Positional):
 
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
         named = with_ints(self.named(tensors), self.int_inputs)
-        out = self.denoiser(**unflatten_arguments(named), **self.options, return_dict=False)
-        return out[0] if isinstance(out, tuple) else out
+        return the_prediction(self.denoiser(**unflatten_arguments(named), **self.options, return_dict=False))
 
     def taking_ints(self, names: list[str], options: dict[str, Any], int_inputs: Sequence[str]) -> _Denoiser:
         """This wrapper with the inputs ``names`` (``int_inputs`` among them) and ``options``; a
         subclass returns its own kind (a cache schedule's fill graph keeps its extra outputs)."""
         return _Denoiser(self.denoiser, names, options, self.tied, int_inputs)
+
+
+def the_prediction(out: Any) -> Any:
+    """A denoiser call's one prediction (``return_dict=False``: the tuple's only entry; Z-Image's is a
+    list of per-sample tensors).
+
+    Raises:
+        OnnxExportError: the call returns several (LTX-2 predicts its video latent and its audio
+            latent): a graph of the first alone would leave the pipeline without the others.
+    """
+    if not isinstance(out, tuple):
+        return out
+    found = [o for o in out if o is not None]
+    if len(found) > 1:
+        raise OnnxExportError(
+            f"the denoiser returns {len(found)} predictions (one per latent it denoises, as LTX-2's video and "
+            "audio); the ONNX export writes a denoiser graph of one output"
+        )
+    return out[0]
 
 
 def with_ints(named: dict[str, Any], int_inputs: Sequence[str]) -> dict[str, Any]:

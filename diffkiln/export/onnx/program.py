@@ -19,6 +19,7 @@ from diffkiln.export.onnx.aten_fixes import ATEN_FIXES
 from diffkiln.export.onnx.complex_layout import computes_in_complex, lower_complex_layout
 from diffkiln.export.onnx.components import Component, ComponentKind, batch_inputs, repeated_batch
 from diffkiln.export.onnx.config import OnnxExportConfig
+from diffkiln.export.onnx.modules import OnnxExportError
 from diffkiln.export.onnx.ops import TRANSLATIONS
 from diffkiln.export.onnx.trace_modes import DataAsDetach
 from diffkiln.export.onnx.write import error_summary, finish_model, io_spec, save_model
@@ -113,7 +114,7 @@ def export_program(
                 shapes = dynamic_shapes(component, batch_only, varied)
                 return _to_onnx(module, lambda: fresh(trace_example(component.example)), shapes, kwargs), None
             except Exception as exc:  # torch.export raises many types; the reason goes to the manifest
-                if not fallback:
+                if not fallback or isinstance(exc, OnnxExportError):  # a refusal holds at any shape
                     raise
                 reason = f"{type(exc).__name__}: {error_summary(exc)}"
                 log.warning("%s: dynamic axes failed (%s); exporting the recorded shapes", component.name, reason)
@@ -122,7 +123,29 @@ def export_program(
         return _to_onnx(module, lambda: fresh(component.example), None, kwargs), reason
 
 
+def _refusal(exc: BaseException) -> OnnxExportError | None:
+    """diffkiln's own refusal (raised from the traced model's wrapper) among the causes of an
+    exporter error, which torch.export wraps in its own types."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OnnxExportError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def _to_onnx(module: nn.Module, example: Callable[[], tuple[Any, ...]], shapes: Any, kwargs: dict[str, Any]) -> Any:
+    """:func:`_traced`, with a refusal of diffkiln's own raised as it is, whatever wrapped it."""
+    try:
+        return _traced(module, example, shapes, kwargs)
+    except Exception as exc:  # torch.export wraps what the traced code raises
+        refusal = _refusal(exc)
+        if refusal is None:
+            raise
+        raise refusal from None
+
+
+def _traced(module: nn.Module, example: Callable[[], tuple[Any, ...]], shapes: Any, kwargs: dict[str, Any]) -> Any:
     """``torch.onnx.export``; where it fails on a complex tensor through a layout op it cannot
     translate (a complex rotary table), again from our own ``torch.export`` capture with those ops
     rewritten on the real view (:mod:`diffkiln.export.onnx.complex_layout`). ``example`` gives

@@ -31,6 +31,8 @@ from diffkiln.optimizer.roles import RoleFinding, structural_roles
 
 __all__ = ["SmoothMode", "W8A8Config", "fp_reasons", "plan_w8a8", "stats_denoiser"]
 
+log = logging.getLogger(__name__)
+
 
 class SmoothMode(str, Enum):
     """Which Linear layers get SmoothQuant input-channel smoothing."""
@@ -127,8 +129,6 @@ class W8A8Config:
         check_layer_kinds(self.layer_kinds)
 
 
-log = logging.getLogger(__name__)
-
 WIDE_STEP_RANGE = 16.0
 """A layer whose largest input magnitude at one sampler step is this many times that at another
 loses four of its eight bits at the quieter step under one static range for all steps."""
@@ -136,7 +136,7 @@ loses four of its eight bits at the quieter step under one static range for all 
 
 def _step_range_ratio(st: LayerStats) -> float:
     """The largest over the smallest of the layer's per-step input magnitudes."""
-    per_step = st.channel_absmax.amax(dim=1) if st.channel_absmax.dim() == 2 else st.channel_absmax
+    per_step = st.channel_absmax.amax(dim=1)  # (T, C) -> (T,)
     if per_step.numel() < 2:
         return 1.0
     return float(per_step.max() / per_step.min().clamp_min(torch.finfo(torch.float32).tiny))

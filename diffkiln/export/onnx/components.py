@@ -199,9 +199,17 @@ class _Denoiser(_Positional):
         return _Denoiser(self.denoiser, names, options, self.tied, int_inputs)
 
 
+def _holds_tensors(value: Any) -> bool:
+    """A tensor, or a non-empty list of them (per-sample predictions)."""
+    if isinstance(value, list):
+        return bool(value) and all(isinstance(t, torch.Tensor) for t in value)
+    return isinstance(value, torch.Tensor)
+
+
 def the_prediction(out: Any) -> Any:
-    """A denoiser call's one prediction (``return_dict=False``: the tuple's only entry; Z-Image's is a
-    list of per-sample tensors).
+    """A denoiser call's one prediction (``return_dict=False``: the tuple's first entry; Z-Image's is
+    a list of per-sample tensors). Entries that hold no tensor (None, FLUX.2's key-value cache
+    object) are no predictions.
 
     Raises:
         OnnxExportError: the call returns several (LTX-2 predicts its video latent and its audio
@@ -209,7 +217,7 @@ def the_prediction(out: Any) -> Any:
     """
     if not isinstance(out, tuple):
         return out
-    found = [o for o in out if o is not None]
+    found = [o for o in out if _holds_tensors(o)]
     if len(found) > 1:
         raise OnnxExportError(
             f"the denoiser returns {len(found)} predictions (one per latent it denoises, as LTX-2's video and "

@@ -8,7 +8,8 @@ non-tensor arguments the export was called with), a VAE's ``encoder`` graph and 
 ``distribution_fields``, ``own_tensors`` (the safetensors file of the
 torch module's own top-level tensors), ``output_fields`` and ``output_class`` (to rebuild
 a ``ModelOutput`` from the graph's outputs; the class must be named ``module:qualname`` inside
-transformers or diffusers), and the cache graph's ``file`` and ``cache_values``. Every file named is
+transformers or diffusers; a denoiser's several predictions, version 5), a denoiser's ``variants``
+(a graph per form of its calls, version 5), and the cache graph's ``file`` and ``cache_values``. Every file named is
 a listed file. Informational fields (``bundle``, ``kept_fp``, checks, reasons) are typed loosely.
 :func:`validate_onnx_manifest` raises a BundleError naming the field and the rule.
 """
@@ -79,6 +80,10 @@ class GraphEntry(_Strict):
     own_tensors: Name | None = None
     """A listed safetensors file of the torch module's own top-level buffers and parameters, for
     the loader's skeleton (LTX's VAE ``latents_mean``); each must be one the skeleton has, in its shape."""
+    variants: Annotated[list[GraphEntry], Field(max_length=8)] = Field(default_factory=list)
+    """A denoiser's graphs for the further forms of its calls (other fixed ``options``: LTX-2's
+    ``isolate_modalities=True``), each a denoiser entry of the same outputs, without variants or
+    cached values of its own."""
 
     @model_validator(mode="after")
     def _consistent(self) -> GraphEntry:
@@ -97,6 +102,14 @@ class GraphEntry(_Strict):
             raise ValueError(f"distribution_fields names {unknown}, which are not output fields")
         if self.encoder is not None and (self.kind != "vae_decoder" or self.encoder.kind != "vae_encoder"):
             raise ValueError("only a vae_decoder entry holds an encoder, and it is of kind vae_encoder")
+        for variant in self.variants:
+            if self.kind != "denoiser" or variant.kind != "denoiser" or variant.variants or variant.cache_outputs:
+                raise ValueError("only a denoiser entry holds variants, each a denoiser entry without variants or "
+                                 "cached values")  # fmt: skip
+            if variant.output_fields != self.output_fields:
+                raise ValueError("a variant's output_fields differ from its denoiser's")
+        if self.variants and self.cache_outputs:
+            raise ValueError("a denoiser with variants has no cache graph pair (cache_outputs)")
         width = sum(1 if count is None else int(count) for _, count in self.output_fields)
         if self.output_fields and width > len(self.outputs):
             raise ValueError(f"output_fields take {width} graph outputs, the graph has {len(self.outputs)}")
@@ -152,6 +165,7 @@ class OnnxManifest(_Strict):
         if self.cache_graph is not None:
             graphs.append(("cache_graph", self.cache_graph))
         graphs += [(f"{where}.encoder", e.encoder) for where, e in graphs if e.encoder is not None]
+        graphs += [(f"{where}.variants.{k}", v) for where, e in graphs for k, v in enumerate(e.variants)]
         for where, entry in graphs:
             if entry.file not in self.files:
                 raise ValueError(f"{where}.file {entry.file!r} is not a listed file")
@@ -160,6 +174,9 @@ class OnnxManifest(_Strict):
         kinds = [e.kind for e in self.components.values()]
         if "vae_encoder" in kinds:
             raise ValueError("a vae_encoder graph is a vae_decoder entry's encoder, not a component")
+        several = any(e.variants or len(e.output_fields) > 1 for e in self.components.values() if e.kind == "denoiser")
+        if several and self.version < 5:
+            raise ValueError("a denoiser's variants or several predictions need ONNX export version 5")
         experts = self.pipeline.experts
         if experts and self.version < 4:
             raise ValueError("experts need ONNX export version 4")

@@ -54,11 +54,13 @@ wrote from a loaded bundle, which keeps the config) as a model with missing weig
 code to import. docs/bundle-format.md, "Opened by plain diffusers"."""
 ONNX_FORMAT = "diffkiln.onnx"
 """The manifest format of an ONNX export folder (docs/onnx-export.md)."""
-ONNX_VERSION = 4
+ONNX_VERSION = 5
 """2: a block-range cache schedule exports its reuse graph (``cache_graph``); 3: a component's own
 top-level tensors, for the loader's skeleton (``own_tensors``); 4: experts of the denoiser's class
-(``pipeline.experts``, Wan 2.2's ``transformer_2``), each a graph of its own. A folder without
-experts is written as version 3, readable by older runtimes."""
+(``pipeline.experts``, Wan 2.2's ``transformer_2``), each a graph of its own; 5: a denoiser's
+several predictions (``output_fields``, LTX-2's video and audio) and a graph per form of its calls
+(``variants``). A folder is written as the oldest version that holds it (3 without experts),
+readable by older runtimes."""
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _REQUIRED_KEYS = ("format", "version", "source", "pipeline", "quant", "bos", "sparsity", "cache", "files")
 

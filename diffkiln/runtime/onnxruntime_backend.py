@@ -72,13 +72,54 @@ def read_onnx_manifest(folder: Path) -> dict[str, Any]:
 
 
 class OrtDenoiser(OrtComponent):
-    """The denoiser: ``forward(sample, timestep, encoder_hidden_states, ..., return_dict=True)``.
+    """The denoiser: ``forward(sample, timestep, encoder_hidden_states, ..., return_dict=True)``,
+    returning its prediction, or each of several (the manifest's ``output_fields``: LTX-2's
+    ``sample`` and ``audio_sample``) in the torch class's output object or, with
+    ``return_dict=False``, a tuple. A call runs the graph whose fixed options it has: the
+    denoiser's, or one of its ``variants`` (LTX-2's modality-isolation call).
 
     With a block-range cache schedule (:meth:`follow_cache`), a computing step runs the fill graph
     and keeps its extra outputs; a reusing step runs the reuse graph on them.
     """
 
     cache_run: CacheRun | None = None
+
+    def __init__(self, folder: Path, name: str, entry: dict[str, Any], config: Any, providers: list[str],
+                 optimize: bool):  # fmt: skip
+        super().__init__(folder, name, entry, config, providers, optimize)
+        self.fields = [str(field) for field, count in entry["output_fields"] if count is None] or ["sample"]
+        self.variants = [
+            OrtComponent(folder, f"{name} (variant {k})", variant, config, providers, optimize)
+            for k, variant in enumerate(entry.get("variants") or [], 1)
+        ]
+        for graph in [self, *self.variants]:
+            expected = len(self.fields) + int(graph.entry.get("cache_outputs") or 0)
+            if len(self.fields) != len(entry["output_fields"]) or len(graph.session.get_outputs()) != expected:
+                raise BundleError(
+                    f"{graph.entry.get('file')}: the manifest gives the denoiser {len(entry['output_fields'])} output "
+                    f"fields and {graph.entry.get('cache_outputs') or 0} cached values, one tensor each; the graph has "
+                    f"{len(graph.session.get_outputs())} outputs"
+                )
+
+    def _graph_for(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[OrtComponent, dict[str, torch.Tensor]]:
+        """The graph that takes this call (the denoiser's, else the variant whose options it has)
+        and its feeds; one whose inputs are the call's tensors before one the call lacks some for.
+
+        Raises:
+            ValueError: no graph takes the call (the denoiser's own reason, and how many variants).
+        """
+        tensors, rest = self.split_call(args, kwargs)
+        taken: list[tuple[OrtComponent, dict[str, torch.Tensor]]] = []
+        reason = ""
+        for graph in [self, *self.variants]:
+            try:
+                taken.append((graph, graph.feeds_of(tensors, rest)))
+            except ValueError as exc:
+                reason = reason or str(exc)
+        if not taken:
+            variants = f"; nor does any of its {len(self.variants)} variants take the call" if self.variants else ""
+            raise ValueError(reason + variants)
+        return next(((g, f) for g, f in taken if set(f) == set(g.inputs)), taken[0])
 
     def follow_cache(self, reuse: OrtComponent, values: list[str], run: CacheRun) -> None:
         """Run ``run``'s schedule with the reuse graph ``reuse``, which takes the denoiser's inputs
@@ -87,32 +128,40 @@ class OrtDenoiser(OrtComponent):
         self.cache_values = values
         self.cache_run = run
 
-    def _sample(self, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
-        run = self.cache_run
+    def _predictions(self, graph: OrtComponent, feeds: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        run, count = self.cache_run, len(self.fields)
+        if graph is not self:  # a variant: never with a block-range schedule (the export refuses both)
+            return graph.run(feeds)[:count]
         computes = run.step_computes if run is not None else None
         if run is None or computes is None:
-            return self.run(feeds)[0]
+            return self.run(feeds)[:count]
         if computes:
-            sample, *values = self.run(feeds)
-            run.store(values)
-            return sample
+            outputs = self.run(feeds)
+            run.store(outputs[count:])
+            return outputs[:count]
         cached = dict(zip(self.cache_values, run.cached(), strict=True))
-        return self.reuse_graph.run({**feeds, **cached})[0]
+        return self.reuse_graph.run({**feeds, **cached})[:count]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
         return_dict = kwargs.pop("return_dict", True)
-        feeds = self.feeds_of_call(args, kwargs)
+        graph, feeds = self._graph_for(args, kwargs)
         # A scalar timestep where the export took one per batch row (or the reverse).
         for key, value in feeds.items():
-            shape = self.inputs[key]["shape"]
+            shape = graph.inputs[key]["shape"]
             if shape is not None and len(shape) == 1 and value.dim() == 0:
                 feeds[key] = value.reshape(1).expand(next(iter(feeds.values())).shape[0])
             elif shape == [] and value.dim() == 1:
                 feeds[key] = value[0]
-        sample = self._sample(feeds)
-        return Transformer2DModelOutput(sample=sample) if return_dict else (sample,)
+        predictions = self._predictions(graph, feeds)
+        if not return_dict:
+            return tuple(predictions)
+        if len(predictions) == 1:
+            return Transformer2DModelOutput(sample=predictions[0])
+        # Several predictions without a recorded class: the torch module returned a tuple.
+        cls = self.output_class
+        return cls(**dict(zip(self.fields, predictions, strict=True))) if cls is not None else tuple(predictions)
 
 
 class OrtTextEncoder(OrtComponent):
@@ -186,9 +235,12 @@ def load_onnx_pipeline(folder: Path, device: torch.device, optimize: bool = Fals
             if kind not in _CLASSES:
                 raise BundleError(f"component {name}: unknown kind {kind!r}; valid: {sorted(_CLASSES)}")
             config = component_config(folder, name, kind)
+            # diffusers models: pipelines read their attributes. The skeleton comes first: building
+            # it imports the model's module, where its output class lives (LTX-2's
+            # AudioVisualModelOutput), which the component resolves.
+            skeleton = meta_model(folder, name, config) if kind in ("denoiser", "vae_decoder") else None
             component: OrtComponent = _CLASSES[kind](folder, name, entry, config, providers, optimize)
-            if kind in ("denoiser", "vae_decoder"):  # diffusers models: pipelines read their attributes
-                skeleton = meta_model(folder, name, config)
+            if skeleton is not None:
                 if entry.get("own_tensors"):
                     fill_own_tensors(skeleton, folder, entry["own_tensors"], name)
                 component.attach_skeleton(skeleton)

@@ -165,8 +165,21 @@ class OrtComponent(nn.Module):
             ValueError: a tensor argument the graph does not take (the export was called without
                 it, so the graph would compute without it), or an option that differs.
         """
-        kwargs = {**kwargs, **self.name_positionals(args, kwargs)}
-        tensors, rest = flatten_arguments(kwargs)
+        return self.feeds_of(*self.split_call(args, kwargs))
+
+    def split_call(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """A torch-style call's flattened tensors and its other arguments, positionals named."""
+        return flatten_arguments({**kwargs, **self.name_positionals(args, kwargs)})
+
+    def feeds_of(self, tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """This graph's feeds of a call split by :meth:`split_call` (see :meth:`feeds_of_call`).
+
+        Raises:
+            ValueError: as :meth:`feeds_of_call`.
+        """
+        tensors, rest = dict(tensors), dict(rest)
         for key in [k for k, v in rest.items() if k in self.inputs and is_int_argument(v)]:
             tensors[key] = torch.tensor(rest.pop(key), dtype=torch.int64)
         extra = sorted(set(tensors) - set(self.inputs))

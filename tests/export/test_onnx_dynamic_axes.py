@@ -402,25 +402,3 @@ def test_only_the_varied_axes_dynamic_keeps_a_fixed_axis_the_model_splits(tmp_pa
         with torch.no_grad():
             ref = module(**feeds).numpy()
         np.testing.assert_allclose(_run(tmp_path / "m.onnx", feeds), ref, rtol=1e-5, atol=1e-5)
-
-
-class _TwoLatents(nn.Module):
-    """A prediction for each of two latents (LTX-2's video and audio)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.video, self.audio = nn.Linear(4, 4), nn.Linear(3, 3)
-
-    def forward(self, hidden_states: torch.Tensor, audio_hidden_states: torch.Tensor,
-                return_dict: bool = True) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        return self.video(hidden_states), self.audio(audio_hidden_states)
-
-
-def test_a_denoiser_with_several_predictions_is_refused_naming_them(tmp_path: Path) -> None:
-    # The graph held the first prediction alone: LTX-2's audio prediction was dropped, and its
-    # onnxruntime pipeline, which unpacks two, could not run.
-    from diffkiln.export.onnx import OnnxExportError
-
-    call = {"hidden_states": torch.randn(1, 6, 4), "audio_hidden_states": torch.randn(1, 5, 3)}
-    with pytest.raises(OnnxExportError, match="returns 2 predictions"):
-        _export(_TwoLatents().eval(), call, tmp_path)

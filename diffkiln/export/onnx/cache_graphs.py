@@ -28,6 +28,7 @@ from diffkiln.export.onnx.components import (
     Component,
     _Denoiser,
     batch_inputs,
+    compared_outputs,
     repeated_batch,
     the_prediction,
     tie_batch,
@@ -49,7 +50,7 @@ CACHED_FILE = "denoiser_cached.onnx"
 
 
 class CacheFillDenoiser(_Denoiser):
-    """The denoiser as a computing step: returns (output, *values to cache)."""
+    """The denoiser as a computing step: returns (its predictions, *values to cache)."""
 
     tracer: CacheStepTracer
 
@@ -57,9 +58,9 @@ class CacheFillDenoiser(_Denoiser):
         super().__init__(inner.denoiser, inner.names, inner.options, inner.tied, inner.int_inputs)
         self.__dict__["tracer"] = tracer  # plain state, not a submodule
 
-    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out, values = self.tracer.fill(lambda: _Denoiser.forward(self, *tensors))
-        return (out, *values)
+        return (*(out if isinstance(out, tuple) else (out,)), *values)
 
     def taking_ints(self, names: list[str], options: dict[str, Any], int_inputs: Sequence[str]) -> _Denoiser:
         return CacheFillDenoiser(super().taking_ints(names, options, int_inputs), self.tracer)
@@ -75,18 +76,16 @@ class CacheReuseDenoiser(_Denoiser):
         self.__dict__["tracer"] = tracer
         self.n_main = len(inner.names)
 
-    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+    def forward(self, *tensors: torch.Tensor) -> Any:
         main, values = tensors[: self.n_main], list(tensors[self.n_main :])
         tie_batch(tensors, self.tied)
         names = self.names[: self.n_main]
 
-        def call() -> torch.Tensor:
+        def call() -> Any:
             named = with_ints(dict(zip(names, main, strict=True)), self.int_inputs)
-            out: torch.Tensor = the_prediction(self.denoiser(**_unflattened(named), **self.options, return_dict=False))
-            return out
+            return the_prediction(self.denoiser(**_unflattened(named), **self.options, return_dict=False))
 
-        result: torch.Tensor = self.tracer.reuse(call, values)
-        return result
+        return self.tracer.reuse(call, values)
 
 
 def _unflattened(named: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -111,7 +110,7 @@ def reuse_inputs(fill: CacheFillDenoiser, example: dict[str, torch.Tensor]) -> d
     """The reuse graph's inputs for the fill graph's ``example``: those, then the values the fill
     wrapper caches from them."""
     with torch.no_grad():
-        _, *values = fill(*example.values())
+        _, values = fill.tracer.fill(lambda: _Denoiser.forward(fill, *example.values()))
     return {**example, **dict(zip(cache_names(len(values)), values, strict=True))}
 
 
@@ -133,9 +132,10 @@ def check_reuse(
     where the graph is dynamic, at ``other`` (the fill graph's other checked call, with its cached
     values) or else at twice the batch."""
     names = list(component.example)
-    check = run_check(path, names, component.module, component.example)
+    check = run_check(path, names, component.module, component.example, compared_outputs(component))
     if check["ok"] and entry.get("dynamic"):
-        check = run_check(path, names, component.module, other or repeated_batch(component.example, 2))
+        other = other or repeated_batch(component.example, 2)
+        check = run_check(path, names, component.module, other, compared_outputs(component))
     return check
 
 

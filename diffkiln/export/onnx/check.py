@@ -11,7 +11,7 @@ recorded shapes, and the manifest says why.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -105,15 +105,20 @@ class _Captured(Exception):
         self.args, self.kwargs = args, kwargs
 
 
-def capture_call(pipe: Any, denoiser: nn.Module, call: Mapping[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """The inputs of the denoiser's first call in ``pipe(**call)`` (the pipeline stops there).
+def capture_call(
+    pipe: Any, denoiser: nn.Module, call: Mapping[str, Any], matches: Callable[..., bool] | None = None
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The inputs of the denoiser's first call in ``pipe(**call)`` (the pipeline stops there), or
+    its first call for which ``matches(args, kwargs)`` holds (a call form's:
+    :func:`~diffkiln.export.onnx.components.call_matcher`).
 
     Raises:
-        RuntimeError: the call never reached the denoiser.
+        RuntimeError: the call never reached the denoiser (or no call matched).
     """
 
     def stop(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        raise _Captured(args, dict(kwargs))
+        if matches is None or matches(args, kwargs):
+            raise _Captured(args, dict(kwargs))
 
     with scoped_hooks() as hooks, torch.no_grad():
         hooks.add_forward_pre_hook("diffkiln.onnx.capture", denoiser, stop)
@@ -122,7 +127,7 @@ def capture_call(pipe: Any, denoiser: nn.Module, call: Mapping[str, Any]) -> tup
             pipe(**call)
         except _Captured as cap:
             return cap.args, cap.kwargs
-    raise RuntimeError("the pipeline call never reached the denoiser")
+    raise RuntimeError("the pipeline call never reached the denoiser" + ("" if matches is None else " in this form"))
 
 
 def _default_size(pipe: Any, manifest: Mapping[str, Any]) -> int | None:
@@ -151,11 +156,16 @@ def second_shape(pipe: Any, manifest: Mapping[str, Any], given: Mapping[str, Any
     return {}
 
 
-def run_check(path: Path, names: list[str], module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-    """Run the graph at ``path`` on ``tensors`` and compare with ``module`` (the export wrapper) in torch.
+def run_check(
+    path: Path, names: list[str], module: nn.Module, tensors: Mapping[str, torch.Tensor], outputs: int = 1
+) -> dict[str, Any]:
+    """Run the graph at ``path`` on ``tensors`` and compare its first ``outputs`` outputs (a
+    denoiser's predictions: :func:`~diffkiln.export.onnx.components.compared_outputs`) with
+    ``module`` (the export wrapper) in torch.
 
     Returns:
-        ``{"ok": bool, "shapes": {input: shape}, "sqnr_db": float | None, "error": str | None}``.
+        ``{"ok": bool, "shapes": {input: shape}, "sqnr_db": float | None, "error": str | None}``,
+        the SQNR the least over the compared outputs.
     """
     import onnxruntime as ort
 
@@ -169,18 +179,28 @@ def run_check(path: Path, names: list[str], module: nn.Module, tensors: Mapping[
         # The graph as written, as the onnxruntime backend runs it by default.
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        got = session.run(None, {s.name: feed_array(tensors[s.name], s.type) for s in session.get_inputs()})[0]
+        got = session.run(None, {s.name: feed_array(tensors[s.name], s.type) for s in session.get_inputs()})
     except Exception as exc:  # onnxruntime raises its own exception types for failed runs
         return {"ok": False, "shapes": shapes, "sqnr_db": None, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
     with torch.no_grad():
         ref = module(*(tensors[n] for n in names))
-    ref_np = (ref[0] if isinstance(ref, (tuple, list)) else ref).detach().float().numpy()
-    if ref_np.shape != got.shape:
-        return {"ok": False, "shapes": shapes, "sqnr_db": None, "error": f"output {got.shape}, torch {ref_np.shape}"}
-    db = float(sqnr_db(ref_np, np.asarray(got)))
-    ok = bool(np.isfinite(got).all()) and db >= MIN_CHECK_SQNR_DB
-    error = None if ok else f"SQNR {db:.1f} dB against torch, below {MIN_CHECK_SQNR_DB} dB"
-    return {"ok": ok, "shapes": shapes, "sqnr_db": round(min(db, 999.0), 2), "error": error}
+    refs = list(ref) if isinstance(ref, (tuple, list)) else [ref]
+    if len(got) < outputs or len(refs) < outputs:
+        return {"ok": False, "shapes": shapes, "sqnr_db": None,
+                "error": f"{len(got)} graph outputs, {len(refs)} in torch; {outputs} compared"}  # fmt: skip
+    worst = float("inf")
+    for i in range(outputs):
+        ref_np, out = refs[i].detach().float().numpy(), np.asarray(got[i])
+        if ref_np.shape != out.shape:
+            return {"ok": False, "shapes": shapes, "sqnr_db": None,
+                    "error": f"output {i}: {out.shape}, torch {ref_np.shape}"}  # fmt: skip
+        if not np.isfinite(out).all():
+            return {"ok": False, "shapes": shapes, "sqnr_db": None, "error": f"output {i} is not finite"}
+        worst = min(worst, float(sqnr_db(ref_np, out)))
+    ok = worst >= MIN_CHECK_SQNR_DB
+    which = "" if outputs == 1 else f" (the least of {outputs} outputs)"
+    error = None if ok else f"SQNR {worst:.1f} dB against torch{which}, below {MIN_CHECK_SQNR_DB} dB"
+    return {"ok": ok, "shapes": shapes, "sqnr_db": round(min(worst, 999.0), 2), "error": error}
 
 
 def flatten_call(module: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, torch.Tensor]:

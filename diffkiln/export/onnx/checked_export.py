@@ -15,7 +15,7 @@ from diffkiln.core.arguments import bind_call, is_int_argument
 from diffkiln.core.pipelines import call_parameters
 from diffkiln.core.schema import LoadedBundle
 from diffkiln.export.onnx.check import bundle_call, capture_call, run_check, second_shape
-from diffkiln.export.onnx.components import Component, flatten_kwargs, with_int_inputs
+from diffkiln.export.onnx.components import Component, call_matcher, compared_outputs, flatten_kwargs, with_int_inputs
 from diffkiln.export.onnx.config import OnnxExportConfig
 from diffkiln.export.onnx.modules import OnnxExportError
 from diffkiln.export.onnx.program import export_component
@@ -61,7 +61,8 @@ def checked_denoiser(
         except Exception as exc:  # torch.export raises many types; the reason goes to the manifest
             failures.append(f"{attempt}: {type(exc).__name__}: {error_summary(exc)}")
             continue
-        check = run_check(file, list(base.example), base.module, checked) if entry["dynamic"] else None
+        check = (run_check(file, list(base.example), base.module, checked, compared_outputs(base))
+                 if entry["dynamic"] else None)  # fmt: skip
         if check is not None and check["ok"]:
             return verified_entry(entry, exported, checked, check, failures), exported, checked
         failures.append(f"{attempt}: {check['error'] if check else 'no axis stayed dynamic'}")
@@ -71,7 +72,7 @@ def checked_denoiser(
     except Exception as exc:  # torch.export and torch.onnx raise many types
         raise OnnxExportError(_not_exported(component, f"{type(exc).__name__}: {error_summary(exc)}")) from None
     # Run once at the recorded call: a graph onnxruntime cannot load or run is refused, not written.
-    check = run_check(file, list(component.example), component.module, component.example)
+    check = run_check(file, list(component.example), component.module, component.example, compared_outputs(component))
     if not check["ok"]:
         raise OnnxExportError(_not_exported(component, f"onnxruntime at the recorded call: {check['error']}"))
     reason = "; ".join(failures) or "dynamic axes not requested"
@@ -133,7 +134,7 @@ def _second_call(
     for batch, twice in attempts:
         try:
             call = bundle_call(pipe, manifest, config.prompt, batch=batch, overrides={**overrides, **twice})
-            args, kwargs = capture_call(pipe, model, call)
+            args, kwargs = capture_call(pipe, model, call, call_matcher(component, model))
             if twice:  # the model must take what the pipeline made (diffusers' Wan 2.1 image-to-video
                 with torch.no_grad():  # repeats the text, not its image tokens, per video)
                     model(*args, **kwargs)

@@ -2,7 +2,8 @@
 sampler call.
 
 * the denoiser: called with keyword tensors (dict arguments such as SDXL's ``added_cond_kwargs``
-  are flattened to ``name__key`` inputs), returning its output tensor;
+  are flattened to ``name__key`` inputs), returning its prediction (or each of several, as LTX-2's
+  video and audio latents, with the torch output class's fields recorded);
 * each text encoder: called as the pipeline calls it, its output (a transformers ``ModelOutput``)
   flattened to tensors in field order; the field layout is recorded so the onnxruntime backend
   rebuilds the same output object;
@@ -16,22 +17,25 @@ import contextlib
 import dataclasses
 import inspect
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from diffkiln.core.arguments import flatten_arguments, unflatten_arguments
-from diffkiln.core.hooks import recording_calls, recording_method_calls
+from diffkiln.core.arguments import bind_call, flatten_arguments, unflatten_arguments
+from diffkiln.core.hooks import recording_calls, recording_method_calls, scoped_hooks
 from diffkiln.core.pipelines import is_autoencoder
+from diffkiln.export.onnx.denoiser_calls import call_forms, form_matcher, prediction_layout, the_prediction
 from diffkiln.export.onnx.modules import OnnxExportError
 
 __all__ = [
     "Component",
     "ComponentKind",
     "batch_inputs",
+    "call_matcher",
+    "compared_outputs",
     "flatten_kwargs",
     "own_tensors",
     "record_components",
@@ -96,6 +100,13 @@ class Component:
     parameters (the mean and a second statistic, concatenated)."""
     distribution_class: str | None = None
     """The class of those fields, a key of :data:`diffkiln.core.vae_distributions.DISTRIBUTIONS`."""
+    variants: list[Component] = field(default_factory=list)
+    """A denoiser's: the first call of each further form of its calls in the recorded sampler run
+    (other options: LTX-2's ``isolate_modalities=True``), each exported as a graph of its own."""
+    form_keys: tuple[str, ...] = ()
+    """A denoiser's with variants: the options whose values tell its call forms apart."""
+    form_tensors: tuple[str, ...] | None = None
+    """A denoiser's with variants that pass other tensors: the flattened tensors of this form."""
 
 
 def _plain(value: Any) -> bool:
@@ -178,7 +189,8 @@ class _Positional(nn.Module):
 
 
 class _Denoiser(_Positional):
-    """The denoiser called with flattened keyword tensors, returning its output tensor; the inputs
+    """The denoiser called with flattened keyword tensors, returning its prediction (a tuple of
+    them where it makes several: :func:`the_prediction`); the inputs
     named in ``int_inputs`` are passed to it as ints (a 0-d tensor in eager, an int, symbolic under
     torch.export, in a trace)."""
 
@@ -189,7 +201,7 @@ class _Denoiser(_Positional):
         self.options = {k: v for k, v in options.items() if k != "return_dict"}
         self.int_inputs = tuple(int_inputs)
 
-    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+    def forward(self, *tensors: torch.Tensor) -> Any:
         named = with_ints(self.named(tensors), self.int_inputs)
         return the_prediction(self.denoiser(**unflatten_arguments(named), **self.options, return_dict=False))
 
@@ -199,31 +211,10 @@ class _Denoiser(_Positional):
         return _Denoiser(self.denoiser, names, options, self.tied, int_inputs)
 
 
-def _holds_tensors(value: Any) -> bool:
-    """A tensor, or a non-empty list of them (per-sample predictions)."""
-    if isinstance(value, list):
-        return bool(value) and all(isinstance(t, torch.Tensor) for t in value)
-    return isinstance(value, torch.Tensor)
-
-
-def the_prediction(out: Any) -> Any:
-    """A denoiser call's one prediction (``return_dict=False``: the tuple's first entry; Z-Image's is
-    a list of per-sample tensors). Entries that hold no tensor (None, FLUX.2's key-value cache
-    object) are no predictions.
-
-    Raises:
-        OnnxExportError: the call returns several (LTX-2 predicts its video latent and its audio
-            latent): a graph of the first alone would leave the pipeline without the others.
-    """
-    if not isinstance(out, tuple):
-        return out
-    found = [o for o in out if _holds_tensors(o)]
-    if len(found) > 1:
-        raise OnnxExportError(
-            f"the denoiser returns {len(found)} predictions (one per latent it denoises, as LTX-2's video and "
-            "audio); the ONNX export writes a denoiser graph of one output"
-        )
-    return out[0]
+def compared_outputs(component: Component) -> int:
+    """How many leading graph outputs the export's check compares with torch: a denoiser's
+    predictions, each of them; another component's first output."""
+    return len(component.outputs) if component.kind == ComponentKind.DENOISER and component.outputs else 1
 
 
 def with_ints(named: dict[str, Any], int_inputs: Sequence[str]) -> dict[str, Any]:
@@ -288,31 +279,57 @@ def own_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous() for k, v in own.items() if v is not None and v.device.type != "meta"}
 
 
-def _bound_kwargs(module: nn.Module, call: tuple[tuple[Any, ...], dict[str, Any]]) -> dict[str, Any]:
-    """The call's arguments by name; a ``**kwargs`` parameter's entries are spread out (transformers
-    5 text encoders take ``output_hidden_states`` through it)."""
-    args, kwargs = call
-    signature = inspect.signature(module.forward)
-    bound = dict(signature.bind_partial(*args, **kwargs).arguments)
-    for name, param in signature.parameters.items():
-        if param.kind is inspect.Parameter.VAR_KEYWORD and isinstance(bound.get(name), dict):
-            bound.update(bound.pop(name))
-    return bound
+def _denoiser_component(
+    name: str, denoiser: nn.Module, calls: Sequence[tuple[tuple[Any, ...], dict[str, Any]]], out: Any
+) -> Component:
+    """The denoiser (or an expert of its class) as its first recorded call gave it its inputs and
+    returned ``out`` (its output layout: :func:`~diffkiln.export.onnx.denoiser_calls.prediction_layout`),
+    with a variant for the first call of each further form among ``calls``
+    (:func:`~diffkiln.export.onnx.denoiser_calls.call_forms`)."""
+    flat = [flatten_kwargs(bind_call(denoiser, *call)) for call in calls]
+    chosen, keys, tensors_differ = call_forms([(list(tensors), options) for tensors, options in flat])
+    layout, output_class = prediction_layout(denoiser, calls[0], out)
+
+    def component(i: int) -> Component:
+        tensors, options = flat[i]
+        return Component(
+            name,
+            ComponentKind.DENOISER,
+            _Denoiser(denoiser, list(tensors), options, batch_inputs(tensors)),
+            tensors,
+            options,
+            list(layout),
+            output_class,
+            call_order=list(inspect.signature(denoiser.forward).parameters),
+            own_tensors=own_tensors(denoiser),
+            form_keys=keys,
+            form_tensors=tuple(tensors) if tensors_differ else None,
+        )
+
+    return dataclasses.replace(component(chosen[0]), variants=[component(i) for i in chosen[1:]])
 
 
-def _denoiser_component(name: str, denoiser: nn.Module, call: tuple[tuple[Any, ...], dict[str, Any]]) -> Component:
-    """The denoiser (or an expert of its class) as one recorded call gave it its inputs."""
-    tensors, options = flatten_kwargs(_bound_kwargs(denoiser, call))
-    return Component(
-        name,
-        ComponentKind.DENOISER,
-        _Denoiser(denoiser, list(tensors), options, batch_inputs(tensors)),
-        tensors,
-        options,
-        [("sample", None)],
-        call_order=list(inspect.signature(denoiser.forward).parameters),
-        own_tensors=own_tensors(denoiser),
-    )
+def call_matcher(component: Component, module: nn.Module) -> Any:
+    """A test that a call of ``module`` ``(args, kwargs)`` has ``component``'s form, where the
+    denoiser's calls take several (:attr:`Component.variants`); None where any call does."""
+    if not component.form_keys and component.form_tensors is None:
+        return None
+    return form_matcher(module, component.form_keys, component.options, component.form_tensors)
+
+
+@contextlib.contextmanager
+def _first_output(name: str, module: nn.Module) -> Iterator[list[Any]]:
+    """Within the block, the yielded list gets ``module``'s first output (through a named forward
+    hook, removed on exit): a denoiser's, for its layout (:func:`prediction_layout`)."""
+    outputs: list[Any] = []
+
+    def keep(_m: nn.Module, _args: Any, _kwargs: Any, out: Any) -> None:
+        if not outputs:
+            outputs.append(out)
+
+    with scoped_hooks() as hooks:
+        hooks.add_forward_hook(name, module, keep)
+        yield outputs
 
 
 def record_components(
@@ -351,21 +368,25 @@ def record_components(
         record[denoiser_name] = stack.enter_context(recording_calls("diffkiln.onnx.denoiser", denoiser))
         for name in experts:
             record[name] = stack.enter_context(recording_calls(f"diffkiln.onnx.{name}", getattr(pipe, name)))
+        outputs = {
+            name: stack.enter_context(_first_output(f"diffkiln.onnx.{name}.output", getattr(pipe, name)))
+            for name in (denoiser_name, *experts)
+        }
         coding = {
             (name, method): stack.enter_context(recording_method_calls(f"diffkiln.onnx.{name}.{method}", vae, method))
             for name, vae in vaes.items()
             for method in ("decode", "encode")
         }
         pipe(**call)
-    components = [_denoiser_component(denoiser_name, denoiser, record[denoiser_name][0])]
+    components = [_denoiser_component(denoiser_name, denoiser, record[denoiser_name], outputs[denoiser_name][0])]
     for name in experts:
         if not record[name]:
             raise OnnxExportError(f"the recorded call never ran the expert {name}: give the export call more steps")
-        components.append(_denoiser_component(name, getattr(pipe, name), record[name][0]))
+        components.append(_denoiser_component(name, getattr(pipe, name), record[name], outputs[name][0]))
     for name, encoder in encoders.items():
         if not record[name]:
             continue
-        tensors, options = flatten_kwargs(_bound_kwargs(encoder, record[name][0]))
+        tensors, options = flatten_kwargs(bind_call(encoder, *record[name][0]))
         with torch.no_grad():
             output = encoder(**tensors, **options)
         layout, output_class = _output_layout(output)

@@ -74,7 +74,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _VERSION_WITHOUT_EXPERTS = 3
-"""The ONNX export version a folder without experts is written as (ONNX_VERSION 4 added them)."""
+"""The ONNX export version a folder without experts is written as (version 4 added them)."""
+_VERSION_WITH_EXPERTS = 4
+"""The version a folder with experts and one call form of one prediction is written as."""
 
 _VAE_FILES = {ComponentKind.VAE_DECODER: "vae_decoder.onnx", ComponentKind.VAE_ENCODER: "vae_encoder.onnx"}
 
@@ -170,7 +172,9 @@ def export_onnx(bundle: LoadedBundle, config: OnnxExportConfig) -> Path:
                 continue
             if component.kind == ComponentKind.DENOISER:  # an expert: the cache schedule is the denoiser's
                 file = tmp / f"{component.name}.onnx"
-                entries[component.name] = checked_denoiser(component, file, config, sub_byte[component.name], bundle)[0]
+                entry = checked_denoiser(component, file, config, sub_byte[component.name], bundle)[0]
+                entries[component.name] = _with_variants(entry, component, file, config, sub_byte[component.name],
+                                                         bundle)  # fmt: skip
                 continue
             # A VAE's encode goes into its decoder's entry (one stand-in answers both methods), so
             # it is exported only where its decoder was.
@@ -204,7 +208,7 @@ def export_onnx(bundle: LoadedBundle, config: OnnxExportConfig) -> Path:
         onnx_manifest = {
             "format": ONNX_FORMAT,
             # Version 4 only with experts: a folder without them stays readable by version-3 runtimes.
-            "version": ONNX_VERSION if bundle.experts else _VERSION_WITHOUT_EXPERTS,
+            "version": _version(entries, bool(bundle.experts)),
             "opset": config.opset,
             "compute": config.compute.value,
             "matmulnbits": config.matmulnbits,
@@ -254,7 +258,14 @@ def _denoiser_graphs(
     cache = bundle.manifest.get("cache") or {}
     schedule = CacheSchedule.from_dict(cache) if cache else None
     if schedule is None or schedule.mechanism is CacheMechanism.WHOLE:
-        return checked_denoiser(component, tmp / "denoiser.onnx", config, sub_byte, bundle)[0], None
+        entry = checked_denoiser(component, tmp / "denoiser.onnx", config, sub_byte, bundle)[0]
+        return _with_variants(entry, component, tmp / "denoiser.onnx", config, sub_byte, bundle), None
+    if component.variants:
+        raise OnnxExportError(
+            f"the sampler calls the {component.name} in {1 + len(component.variants)} forms (options "
+            f"{list(component.form_keys)}), and a '{schedule.mechanism.value}' cache schedule's graph pair follows "
+            "one; export a bundle optimized without a cache schedule, or run this one in the torch runtime"
+        )
     tracer = CacheStepTracer(bundle.denoiser, schedule)
     try:
         entry, fill, other = checked_denoiser(fill_component(component, tracer), tmp / "denoiser.onnx", config,
@@ -289,6 +300,30 @@ def _denoiser_graphs(
     finally:
         tracer.remove()
     return {**entry, "cache_outputs": n_values}, schedule_entry(schedule, {**reuse_entry, "check": check}, n_values)
+
+
+def _version(entries: dict[str, Any], experts: bool) -> int:
+    """The oldest manifest version that holds what the folder holds, so older runtimes read it."""
+    if any(e.get("variants") or len(e.get("output_fields") or []) > 1 for e in entries.values()
+           if e.get("kind") == ComponentKind.DENOISER):  # fmt: skip
+        return ONNX_VERSION
+    return _VERSION_WITH_EXPERTS if experts else _VERSION_WITHOUT_EXPERTS
+
+
+def _with_variants(
+    entry: dict[str, Any], component: Component, file: Path, config: OnnxExportConfig, names: set[str],
+    bundle: LoadedBundle,
+) -> dict[str, Any]:
+    """``entry`` with a checked graph per variant of the denoiser's calls
+    (:attr:`~diffkiln.export.onnx.components.Component.variants`), written beside ``file`` as
+    ``<stem>_variant_<k>.onnx``."""
+    if not component.variants:
+        return entry
+    variants = [
+        checked_denoiser(variant, file.with_name(f"{file.stem}_variant_{k}.onnx"), config, names, bundle)[0]
+        for k, variant in enumerate(component.variants, 1)
+    ]
+    return {**entry, "variants": variants}
 
 
 def export_module_onnx(

@@ -174,9 +174,6 @@ class OnnxManifest(_Strict):
         kinds = [e.kind for e in self.components.values()]
         if "vae_encoder" in kinds:
             raise ValueError("a vae_encoder graph is a vae_decoder entry's encoder, not a component")
-        several = any(e.variants or len(e.output_fields) > 1 for e in self.components.values() if e.kind == "denoiser")
-        if several and self.version < 5:
-            raise ValueError("a denoiser's variants or several predictions need ONNX export version 5")
         experts = self.pipeline.experts
         if experts and self.version < 4:
             raise ValueError("experts need ONNX export version 4")
@@ -191,6 +188,9 @@ class OnnxManifest(_Strict):
         missing = [e for e in experts if e not in self.components]
         if missing:
             raise ValueError(f"pipeline.experts {missing} have no graph")
+        several = any(e.variants or len(e.output_fields) > 1 for e in self.components.values() if e.kind == "denoiser")
+        if several and self.version < 5:
+            raise ValueError("a denoiser's variants or several predictions need ONNX export version 5")
         return self
 
 

@@ -178,6 +178,25 @@ BAD: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
     "an expert without a graph": (_experts(["unet_2"]), "pipeline.experts ['unet_2'] have no graph"),
     "an expert that is a text encoder": (_experts(["text_encoder"]), "'text_encoder' is a text_encoder component"),
     "the denoiser as its own expert": (_experts(["unet"]), "names the denoiser"),
+    "several predictions before version 5": (
+        lambda m: m["components"]["unet"].update(output_fields=[["sample", None], ["audio_sample", None]],
+                                                 outputs=[m["components"]["unet"]["outputs"][0]] * 2),
+        "several predictions need ONNX export version 5",
+    ),
+    "variants before version 5": (
+        lambda m: m["components"]["unet"].update(variants=[dict(m["components"]["unet"])]),
+        "variants or several predictions need ONNX export version 5",
+    ),
+    "a variant of a text encoder": (
+        lambda m: m.update(version=5) or m["components"]["text_encoder"].update(
+            variants=[dict(m["components"]["unet"])]),
+        "only a denoiser entry holds variants",
+    ),
+    "a variant file not listed": (
+        lambda m: m.update(version=5) or m["components"]["unet"].update(
+            variants=[{**m["components"]["unet"], "file": "../v.onnx"}]),
+        "components.unet.variants.0.file '../v.onnx' is not a listed file",
+    ),
     "file entry with a short sha256": (_set("files/model_index.json/sha256", "abc"), "sha256"),
     "dynamic as an integer": (_set(f"{UNET}/dynamic", 1), "dynamic"),
 }

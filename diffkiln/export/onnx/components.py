@@ -17,7 +17,7 @@ import contextlib
 import dataclasses
 import inspect
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -309,7 +309,7 @@ def _denoiser_component(
     return dataclasses.replace(component(chosen[0]), variants=[component(i) for i in chosen[1:]])
 
 
-def call_matcher(component: Component, module: nn.Module) -> Any:
+def call_matcher(component: Component, module: nn.Module) -> Callable[[tuple[Any, ...], dict[str, Any]], bool] | None:
     """A test that a call of ``module`` ``(args, kwargs)`` has ``component``'s form, where the
     denoiser's calls take several (:attr:`Component.variants`); None where any call does."""
     if not component.form_keys and component.form_tensors is None:

@@ -15,6 +15,7 @@ ONNX graphs must follow besides their inputs.
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffkiln.core.arguments import bind_call, json_form
+from diffkiln.core.arguments import bind_call, flatten_arguments, json_form
 from diffkiln.export.onnx.modules import OnnxExportError
 
 __all__ = [
@@ -93,7 +94,7 @@ def prediction_layout(
     """
     if len(_prediction_entries(_values(out))) <= 1:
         return [("sample", None)], None
-    if isinstance(out, tuple) and "return_dict" in _parameters(denoiser):
+    if isinstance(out, tuple) and "return_dict" in inspect.signature(denoiser.forward).parameters:
         with torch.no_grad():
             out = denoiser(**{**bind_call(denoiser, *call), "return_dict": True})
     fields = [(str(k), v) for k, v in out.items()] if isinstance(out, dict) else list(enumerate(_values(out)))
@@ -102,12 +103,6 @@ def prediction_layout(
         cls = type(out)
         return [(str(name), None) for name, _ in found], f"{cls.__module__}:{cls.__qualname__}"
     return [("sample" if i == 0 else f"sample_{i}", None) for i in range(len(found))], None
-
-
-def _parameters(module: nn.Module) -> set[str]:
-    import inspect
-
-    return set(inspect.signature(module.forward).parameters)
 
 
 @dataclass(frozen=True)
@@ -155,8 +150,6 @@ def form_matcher(
     """A test of a call of ``module`` ``(args, kwargs)``: it has the form whose ``options`` (those
     of ``keys``) and, where given, flattened ``tensors`` these are; to find that form's call at
     another shape."""
-    from diffkiln.core.arguments import flatten_arguments
-
     wanted = {k: _option(options.get(k)) for k in keys}
 
     def matches(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:

@@ -215,7 +215,8 @@ def test_bad_opset_is_rejected(tmp_path: Path) -> None:
         OnnxExportConfig(tmp_path, opset=11)
 
 
-@pytest.mark.parametrize("opset", [21, 25], ids=["opset21-int4", "opset25-int2"])
+# CI: INT4 initializers (opset 21); INT2 (opset 25) in ``make test-slow``, another bundle and export.
+@pytest.mark.parametrize("opset", [21, pytest.param(25, marks=pytest.mark.slow)], ids=["opset21-int4", "opset25-int2"])
 def test_packed_layers_become_sub_byte_initializers(random_shapes_pipelines, tmp_path: Path, opset: int) -> None:
     from onnx import numpy_helper
 

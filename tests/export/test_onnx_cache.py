@@ -97,7 +97,7 @@ def test_a_block_range_schedule_without_its_reuse_graph_is_refused(exports: _Exp
     from diffkiln.core.errors import BundleError
     from diffkiln.runtime.onnxruntime_backend import load_onnx_pipeline, read_onnx_manifest
 
-    out = Path(shutil.copytree(exports["shapes-dit", "residual"][1], tmp_path / "onnx"))
+    out = Path(shutil.copytree(exports["shapes-unet", "deep"][1], tmp_path / "onnx"))  # built for the test above
 
     manifest = read_onnx_manifest(out)
     original = manifest["cache_graph"]

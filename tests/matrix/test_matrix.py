@@ -189,10 +189,12 @@ def onnx_folders(bundles: dict[str, Path], tmp_path_factory: pytest.TempPathFact
 
 
 # CI exports one class per ONNX mechanism: UNet convolutions (tiny-sd15), joint attention with
-# rotary tables (tiny-flux, tiny-sd3), video (cogvideox, latte, tiny-wan; ltx with int inputs), the
-# whole image-to-video and audio pipelines (svd, stable-audio) and class labels (dit). The other
-# classes' exports, each another half-minute of tracing, run in ``make test-slow``.
-ONNX_SLOW_TIER = ("text-to-video-sd", "tiny-sdxl", "aura-flow", "hunyuan-dit", "tiny-pixart", "ddpm")
+# rotary tables (tiny-flux, tiny-sd3), video (cogvideox, latte, tiny-wan; ltx with int inputs), a
+# whole pipeline with its VAE (ltx, stable-audio; a VAE encode graph: the inpainting folder of
+# tests/matrix/test_image_conditioned.py) and class labels (dit). The other classes' exports, each
+# another half-minute of tracing (SVD's whole image-to-video pipeline a minute), run in
+# ``make test-slow``.
+ONNX_SLOW_TIER = ("text-to-video-sd", "tiny-sdxl", "aura-flow", "hunyuan-dit", "tiny-pixart", "ddpm", "svd")
 
 
 @pytest.mark.parametrize("name", tiered(NAMES, ONNX_SLOW_TIER))
@@ -267,6 +269,7 @@ def test_timestep_aware_ranges_lift_the_unets(name: str, folders: dict[str, Path
     assert min(values) >= MIN_CALL_SQNR_DB, values
 
 
+@pytest.mark.slow  # SVD's whole-pipeline export (ONNX_SLOW_TIER)
 def test_svd_onnx_pipeline_encodes_and_decodes_chunks_no_export_saw(bundles: dict[str, Path],
                                                                     onnx_folders: dict[str, Path]) -> None:  # fmt: skip
     """Image to video from an ONNX folder: the VAE's encode graph (the conditioning image), and its

@@ -81,6 +81,9 @@ def test_the_sparse_recipe_is_validated_under_the_cache_searched_before_it(
     assert manifest["sparsity"]["search"]["under_cache_schedule"] == schedule.pattern
 
 
+# Four bundles built: the sweep builders composing the two searches as the recipe above does (its
+# composition runs in CI); in ``make test-slow``.
+@pytest.mark.slow
 def test_sweeps_search_each_bundles_masks_under_its_own_schedule(
     folder: Path, calibration: Path, tmp_path: Path
 ) -> None:

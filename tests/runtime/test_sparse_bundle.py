@@ -39,7 +39,9 @@ def _latents(pipe: object) -> torch.Tensor:
                 generator=torch.Generator().manual_seed(0), **dict(KW)).frames  # fmt: skip
 
 
-@pytest.mark.parametrize("recipe", ["sparse", "w8a8+sparse"])
+# CI: masks beside W8A8 layers; the sparse recipe alone (the same search and hooks, float layers)
+# in ``make test-slow``.
+@pytest.mark.parametrize("recipe", [pytest.param("sparse", marks=pytest.mark.slow), "w8a8+sparse"])
 def test_masks_go_from_the_search_into_the_bundle_and_run(folder: Path, tmp_path: Path, recipe: str) -> None:
     sparse = SparseConfig(density=0.35, validate_samples=1)
     config = OptimizeConfig(out=tmp_path / "b", recipe=sparse if recipe == "sparse" else W8A8Config(),

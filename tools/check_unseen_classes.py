@@ -120,6 +120,11 @@ def _onnx(bundle: Path, out: Path) -> dict[str, Any]:
         "dynamic_axes": entry["dynamic_axes"] if entry["dynamic"] else None,
         "static_reason": entry.get("static_reason", "")[:200] or None,
         "check_sqnr_db": entry["check"]["sqnr_db"],
+        # Several predictions (LTX-2's video and audio), and a graph per further form of the calls.
+        **({"outputs": [f for f, _ in entry["output_fields"]]} if len(entry["output_fields"]) > 1 else {}),
+        **({"variants": [{"options": {k: v for k, v in variant["options"].items() if entry["options"].get(k) != v},
+                          "check_sqnr_db": variant["check"]["sqnr_db"]} for variant in entry["variants"]]}
+           if entry.get("variants") else {}),
         **(
             {"expert_check_sqnr_db": {e: manifest["components"][e]["check"]["sqnr_db"] for e in experts}}
             if experts

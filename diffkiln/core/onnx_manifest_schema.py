@@ -191,6 +191,9 @@ class OnnxManifest(_Strict):
         several = any(e.variants or len(e.output_fields) > 1 for e in self.components.values() if e.kind == "denoiser")
         if several and self.version < 5:
             raise ValueError("a denoiser's variants or several predictions need ONNX export version 5")
+        denoiser = self.components.get(self.pipeline.denoiser)
+        if self.cache_graph is not None and denoiser is not None and denoiser.variants:
+            raise ValueError("a cache graph pair follows one call form; the denoiser has variants")
         return self
 
 

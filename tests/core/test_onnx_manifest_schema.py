@@ -213,6 +213,10 @@ def test_a_bad_field_is_refused_with_its_name(case: str) -> None:
 
 
 CACHE_BAD: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
+    "a cache graph beside variants": (
+        lambda m: m.update(version=5) or m["components"]["unet"].update(variants=[dict(m["components"]["unet"])]),
+        "a cache graph pair follows one call form",
+    ),
     "cache value not a graph input": (_set("cache_graph/cache_values", ["nope"]), "are not inputs of the reuse graph"),
     "reuse graph file not listed": (_set("cache_graph/file", "../elsewhere.onnx"), "cache_graph.file"),
     "cache graph without its mechanism": (lambda m: m["cache_graph"].pop("mechanism"), "mechanism"),

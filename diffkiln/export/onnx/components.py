@@ -287,7 +287,9 @@ def _denoiser_component(
     with a variant for the first call of each further form among ``calls``
     (:func:`~diffkiln.export.onnx.denoiser_calls.call_forms`)."""
     flat = [flatten_kwargs(bind_call(denoiser, *call)) for call in calls]
-    chosen, keys, tensors_differ = call_forms([(list(tensors), options) for tensors, options in flat])
+    # ``return_dict`` changes what the torch module returns, not what it computes: no form of its own.
+    forms = [(list(tensors), {k: v for k, v in options.items() if k != "return_dict"}) for tensors, options in flat]
+    chosen, keys, tensors_differ = call_forms(forms)
     layout, output_class = prediction_layout(denoiser, calls[0], out)
 
     def component(i: int) -> Component:

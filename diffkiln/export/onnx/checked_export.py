@@ -30,18 +30,22 @@ log = logging.getLogger(__name__)
 
 
 def checked_denoiser(
-    component: Component, file: Path, config: OnnxExportConfig, names: set[str], bundle: LoadedBundle
+    component: Component, file: Path, config: OnnxExportConfig, names: set[str], bundle: LoadedBundle,
+    first: str | None = None,
 ) -> tuple[dict[str, Any], Component, dict[str, torch.Tensor] | None]:
     """Export the denoiser (or an expert of its class); a graph exported with dynamic axes is run at
     another shape first (:mod:`diffkiln.export.onnx.check`). The exports of :data:`DYNAMIC_ATTEMPTS` in order, until one
-    passes; then the recorded shapes.
+    passes (``first``, the attempt that passed for another graph of the same model, before the
+    others; the entry's ``check`` names the one that passed); then the recorded shapes.
 
     Returns:
         (the manifest entry, the component as exported (its int inputs, traced example), the
         inputs of the check's other call; None for a static graph)."""
     failures: list[str] = []
     calls: dict[bool, tuple[Component, dict[str, torch.Tensor]] | str] = {}
-    for attempt, swapped, batch_only, varied_only in DYNAMIC_ATTEMPTS if config.dynamic else ():
+    # The attempt that passed for another graph of the same model first (a call form's variant).
+    attempts = sorted(DYNAMIC_ATTEMPTS, key=lambda a: a[0] != first)
+    for attempt, swapped, batch_only, varied_only in attempts if config.dynamic else ():
         if batch_only not in calls:
             calls[batch_only] = _second_call(component, config, bundle, batch_only)
         second = calls[batch_only]
@@ -64,7 +68,7 @@ def checked_denoiser(
         check = (run_check(file, list(base.example), base.module, checked, compared_outputs(base))
                  if entry["dynamic"] else None)  # fmt: skip
         if check is not None and check["ok"]:
-            return verified_entry(entry, exported, checked, check, failures), exported, checked
+            return verified_entry(entry, exported, checked, {**check, "attempt": attempt}, failures), exported, checked
         failures.append(f"{attempt}: {check['error'] if check else 'no axis stayed dynamic'}")
         log.warning("%s: %s", component.name, failures[-1])
     try:

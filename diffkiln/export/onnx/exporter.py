@@ -319,8 +319,10 @@ def _with_variants(
     ``<stem>_variant_<k>.onnx``."""
     if not component.variants:
         return entry
+    # The model is the same: the dynamic attempt that passed for its first form is tried first.
+    first = (entry.get("check") or {}).get("attempt") if entry.get("dynamic") else None
     variants = [
-        checked_denoiser(variant, file.with_name(f"{file.stem}_variant_{k}.onnx"), config, names, bundle)[0]
+        checked_denoiser(variant, file.with_name(f"{file.stem}_variant_{k}.onnx"), config, names, bundle, first)[0]
         for k, variant in enumerate(component.variants, 1)
     ]
     return {**entry, "variants": variants}

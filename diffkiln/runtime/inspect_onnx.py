@@ -30,6 +30,8 @@ def summarize_onnx(folder: str | os.PathLike[str]) -> dict[str, Any]:
             "bytes": (path / entry["file"]).stat().st_size,
             "dynamic_axes": entry.get("dynamic_axes") or {},
             "check_sqnr_db": check.get("sqnr_db"),
+            "outputs": [field for field, _ in entry["output_fields"]] if entry["kind"] == "denoiser" else [],
+            "variants": [_variant(path, entry, variant) for variant in entry.get("variants") or []],
         }
     return {
         "kind": "onnx",
@@ -50,6 +52,18 @@ def summarize_onnx(folder: str | os.PathLike[str]) -> dict[str, Any]:
     }
 
 
+def _variant(path: Path, entry: dict[str, Any], variant: dict[str, Any]) -> dict[str, Any]:
+    """A denoiser's graph for a further form of its calls: its file, the options that tell its
+    calls apart from the first form's, and its export check."""
+    options = {**{k: None for k in entry["options"]}, **variant["options"]}
+    return {
+        "file": variant["file"],
+        "bytes": (path / variant["file"]).stat().st_size,
+        "options": {k: v for k, v in options.items() if entry["options"].get(k) != v},
+        "check_sqnr_db": (variant.get("check") or {}).get("sqnr_db"),
+    }
+
+
 def format_onnx_summary(summary: dict[str, Any], folder: str | os.PathLike[str]) -> list[str]:
     """The lines ``diffkiln inspect`` prints for a :func:`summarize_onnx` result."""
     lines = [
@@ -62,6 +76,14 @@ def format_onnx_summary(summary: dict[str, Any], folder: str | os.PathLike[str])
         check = f"; export check {g['check_sqnr_db']:.1f} dB vs torch" if g["check_sqnr_db"] is not None else ""
         dynamic = ", ".join(f"{k}{v}" for k, v in g["dynamic_axes"].items() if v) or "static"
         lines.append(f"graph    {name} ({g['kind']}): {g['file']} {g['bytes'] / 1e6:.2f} MB; dynamic {dynamic}{check}")
+        if len(g["outputs"]) > 1:
+            lines.append(f"outputs  {name}: {', '.join(g['outputs'])} (a prediction each)")
+        for variant in g["variants"]:
+            calls = ", ".join(f"{key}={value!r}" for key, value in variant["options"].items())
+            db = variant["check_sqnr_db"]
+            check = f"; export check {db:.1f} dB vs torch" if db is not None else ""
+            lines.append(f"variant  {name}: {variant['file']} {variant['bytes'] / 1e6:.2f} MB; for its calls with "
+                         f"{calls}{check}")  # fmt: skip
     for name, reason in summary["skipped_components"].items():
         lines.append(f"skipped  {name}: {reason}")
     if summary["kept_fp"]:

@@ -109,6 +109,7 @@ def test_the_onnx_pipeline_returns_both_latents_through_every_call_form(built: t
     # options: the spatio-temporal and modality-isolation guidance calls had no graph.
     from diffkiln.export.onnx import OnnxExportConfig, export_onnx
     from diffkiln.runtime import open_bundle
+    from diffkiln.runtime.inspect_onnx import format_onnx_summary, summarize_onnx
 
     out = export_onnx(open_bundle(built[1]), OnnxExportConfig(tmp_path / "onnx", progress=False))
     entry = json.loads((out / "manifest.json").read_text())["components"]["transformer"]
@@ -122,6 +123,9 @@ def test_the_onnx_pipeline_returns_both_latents_through_every_call_form(built: t
     assert len(entry["wider_axes_failed"]) == 2, entry["wider_axes_failed"]
     assert all(v["check"]["attempt"] == entry["check"]["attempt"] and not v.get("wider_axes_failed")
                for v in entry["variants"])  # fmt: skip
+    lines = format_onnx_summary(summarize_onnx(out), out)  # what ``diffkiln inspect`` prints
+    assert "outputs  transformer: sample, audio_sample (a prediction each)" in lines, lines
+    assert any(line.startswith("variant  transformer:") and "isolate_modalities=True" in line for line in lines)
     reference, got = _latents(load(built[1]), DEFAULT_GUIDANCE), _latents(load(out, backend="onnxruntime"),
                                                                           DEFAULT_GUIDANCE)  # fmt: skip
     for latent, name in enumerate(("video", "audio")):

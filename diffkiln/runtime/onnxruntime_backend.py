@@ -113,13 +113,17 @@ class OrtDenoiser(OrtComponent):
         reason = ""
         for graph in [self, *self.variants]:
             try:
-                taken.append((graph, graph.feeds_of(tensors, rest)))
+                feeds = graph.feeds_of(tensors, rest)
             except ValueError as exc:
                 reason = reason or str(exc)
+                continue
+            if set(feeds) == set(graph.inputs):  # every input given: no later graph is a better fit
+                return graph, feeds
+            taken.append((graph, feeds))
         if not taken:
             variants = f"; nor does any of its {len(self.variants)} variants take the call" if self.variants else ""
             raise ValueError(reason + variants)
-        return next(((g, f) for g, f in taken if set(f) == set(g.inputs)), taken[0])
+        return taken[0]
 
     def follow_cache(self, reuse: OrtComponent, values: list[str], run: CacheRun) -> None:
         """Run ``run``'s schedule with the reuse graph ``reuse``, which takes the denoiser's inputs
